@@ -1,0 +1,4 @@
+//! Benchmark scenarios shared by the criterion benches and the `dmaplane bench` harness, so both
+//! measure exactly the same work.
+
+pub mod sgl;

@@ -1,0 +1,140 @@
+//! What every fabric exporter shares: memory in a window, the [`Export`] that runs the revoke
+//! protocol over it, and the grants that let importers' devices reach the window.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::addr::{AddrList, AddrSpace, DmaRange};
+use crate::negotiate::{Accept, Offer};
+use crate::revoke::{
+    AccessGrant, AttachError, Attachment, AttachmentId, Export, Importer, RevokeReport,
+};
+use crate::sync::{Mutex, lock};
+
+use super::{DeviceId, Fabric, FabricError, WindowHandle};
+
+/// Granule of every fabric list: one 4 KiB page.
+pub const FABRIC_GRANULE: u64 = 4096;
+
+#[derive(Debug)]
+pub(crate) struct WindowExport {
+    pub(crate) export: Export,
+    pub(crate) fabric: Fabric,
+    pub(crate) owner: DeviceId,
+    host: bool,
+    window: Mutex<WindowHandle>,
+    /// Which device each attachment's grant is for, to re-grant after a move.
+    devices: Mutex<HashMap<AttachmentId, DeviceId>>,
+}
+
+impl WindowExport {
+    pub(crate) fn new(
+        fabric: &Fabric,
+        owner: DeviceId,
+        name: &str,
+        size: u64,
+        host: bool,
+    ) -> Result<WindowExport, FabricError> {
+        let window = fabric.map_new(owner, size, host)?;
+        Ok(WindowExport {
+            export: Export::new(name),
+            fabric: fabric.clone(),
+            owner,
+            host,
+            window: Mutex::new(window),
+            devices: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub(crate) fn window(&self) -> WindowHandle {
+        lock(&self.window).clone()
+    }
+
+    /// The list for `space` over the current window.
+    pub(crate) fn list(&self, offer: &Offer) -> Result<AddrList, AttachError> {
+        let w = self.window();
+        let start = match offer.space {
+            AddrSpace::CpuPhys | AddrSpace::PciBus { .. } | AddrSpace::Iova { .. } => w.base(),
+            AddrSpace::ProcessVa => w.memory().process_va(),
+            AddrSpace::DeviceVa { .. } | AddrSpace::DmaBuf { .. } => 0,
+        };
+        AddrList::single(
+            offer.space,
+            offer.hints,
+            FABRIC_GRANULE,
+            DmaRange::new(start, w.len()),
+        )
+        .map_err(|e| AttachError::Exporter {
+            export: self.export.name().to_string(),
+            what: e.to_string(),
+        })
+    }
+
+    pub(crate) fn attach(
+        &self,
+        importer: Arc<dyn Importer>,
+        device: DeviceId,
+        offers: &[Offer],
+        accepts: &[Accept],
+    ) -> Result<Attachment, AttachError> {
+        let att = self.export.attach(importer, offers, accepts, |n| {
+            let list = self.list(&n.offer)?;
+            let access = n.offer.hints.access & accepts[n.accept_index].access;
+            let grant: Box<dyn AccessGrant> =
+                Box::new(self.fabric.grant(&self.window(), device, access));
+            Ok((list, Some(grant)))
+        })?;
+        lock(&self.devices).insert(att.id(), device);
+        Ok(att)
+    }
+
+    pub(crate) fn revoke(&self, deadline: Duration) -> RevokeReport {
+        let report = self.export.revoke(deadline);
+        lock(&self.devices).clear();
+        report
+    }
+
+    /// Move the memory to a new window: invalidate everyone, copy the bytes, unmap the old
+    /// window, and give dynamic importers new lists (epoch + 1).
+    pub(crate) fn relocate(&self, deadline: Duration) -> Result<RevokeReport, AttachError> {
+        let report = self.export.begin_move(deadline);
+        let old = self.window();
+        let exporter_err = |what: String| AttachError::Exporter {
+            export: self.export.name().to_string(),
+            what,
+        };
+        let new = self
+            .fabric
+            .map_new(self.owner, old.len(), self.host)
+            .map_err(|e| exporter_err(e.to_string()))?;
+        let len = usize::try_from(old.len()).map_err(|e| exporter_err(e.to_string()))?;
+        new.memory().copy_from(0, old.memory(), 0, len);
+        self.fabric.unmap(&old);
+        *lock(&self.window) = new.clone();
+        let devices = lock(&self.devices).clone();
+        self.export.finish_move(|id, old_list| {
+            let offer = Offer {
+                space: old_list.space(),
+                hints: old_list.hints(),
+            };
+            let list = self.list(&offer)?;
+            let grant: Option<Box<dyn AccessGrant>> = devices.get(&id).map(|d| {
+                Box::new(self.fabric.grant(&new, *d, offer.hints.access)) as Box<dyn AccessGrant>
+            });
+            Ok((list, grant))
+        })?;
+        Ok(report)
+    }
+}
+
+impl Drop for WindowExport {
+    /// Revoke before the memory goes: no importer may touch it after this.
+    fn drop(&mut self) {
+        if !self.export.is_revoked() && self.export.attachments() > 0 {
+            let report = self.export.revoke(crate::revoke::DROP_REVOKE_DEADLINE);
+            tracing::info!(%report, "exporter dropped: revoked first");
+        }
+        self.fabric.unmap(&self.window());
+    }
+}

@@ -1,0 +1,84 @@
+//! Per-device fault counters: what an IOMMU fault log or AER would show on real hardware.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::sync::atomic::{AtomicU64, Ordering};
+
+/// Why the fabric refused a DMA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultKind {
+    /// No window at the address (never mapped, or unmapped by a revoke).
+    Unmapped,
+    /// The access runs past the end of its window.
+    OutOfBounds,
+    /// The device holds no grant on the window (never granted, or fenced off).
+    NoGrant,
+    /// The grant lacks the right (read or write) the access needs.
+    AccessDenied,
+    /// The window's memory is revoked.
+    Revoked,
+}
+
+impl fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FaultKind::Unmapped => "no window mapped at this address",
+            FaultKind::OutOfBounds => "access runs past the end of the window",
+            FaultKind::NoGrant => "device has no grant on this window",
+            FaultKind::AccessDenied => "grant does not allow this access",
+            FaultKind::Revoked => "window is revoked",
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct FaultCounters {
+    unmapped: AtomicU64,
+    out_of_bounds: AtomicU64,
+    no_grant: AtomicU64,
+    access_denied: AtomicU64,
+    revoked: AtomicU64,
+}
+
+impl FaultCounters {
+    pub(crate) fn count(&self, kind: FaultKind) {
+        let c = match kind {
+            FaultKind::Unmapped => &self.unmapped,
+            FaultKind::OutOfBounds => &self.out_of_bounds,
+            FaultKind::NoGrant => &self.no_grant,
+            FaultKind::AccessDenied => &self.access_denied,
+            FaultKind::Revoked => &self.revoked,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> Faults {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Faults {
+            unmapped: g(&self.unmapped),
+            out_of_bounds: g(&self.out_of_bounds),
+            no_grant: g(&self.no_grant),
+            access_denied: g(&self.access_denied),
+            revoked: g(&self.revoked),
+        }
+    }
+}
+
+/// A snapshot of one device's fault counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Faults {
+    pub unmapped: u64,
+    pub out_of_bounds: u64,
+    pub no_grant: u64,
+    pub access_denied: u64,
+    pub revoked: u64,
+}
+
+impl Faults {
+    pub fn total(&self) -> u64 {
+        self.unmapped + self.out_of_bounds + self.no_grant + self.access_denied + self.revoked
+    }
+}

@@ -1,0 +1,198 @@
+//! Real memory behind fabric windows: the only `unsafe` in the fabric.
+//!
+//! Host arenas are memfd-backed (so the same pages can later be handed to udmabuf or registered
+//! by virtual address); device BARs are anonymous `MAP_NORESERVE` mappings, so a 64 GiB BAR costs
+//! only the pages that are touched.
+//!
+//! Concurrent DMA to the same bytes is the user's race, exactly as on hardware: the fabric
+//! serialises each access against revokes, not against other accesses. Copies go through raw
+//! pointers, never through `&`/`&mut` references to the shared bytes.
+
+use std::ffi::c_void;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
+
+use rustix::fs::{MemfdFlags, SealFlags};
+use rustix::mm::{MapFlags, ProtFlags};
+
+/// A mapping of `len` bytes that lives as long as this value.
+#[derive(Debug)]
+pub struct Memory {
+    ptr: NonNull<u8>,
+    len: usize,
+    fd: Option<OwnedFd>,
+}
+
+// SAFETY: `Memory` owns a private mapping; the raw pointer is only dereferenced through the
+// bounds-checked copy functions below, whose callers (fabric windows) serialise accesses against
+// unmapping. Byte-level races between concurrent DMAs to the same bytes are documented as the
+// user's race, as on hardware.
+unsafe impl Send for Memory {}
+// SAFETY: as above; no method hands out references into the mapping.
+unsafe impl Sync for Memory {}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("size 0 is not a valid {what} size")]
+    ZeroSize { what: &'static str },
+    #[error("size {size:#x} does not fit this machine's address space")]
+    TooLarge { size: u64 },
+    #[error("{op} failed for a {size:#x}-byte {what}: {source}")]
+    Os {
+        op: &'static str,
+        what: &'static str,
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Memory {
+    /// Host memory: a memfd of `size` bytes, sealed against shrinking, mapped shared.
+    pub fn memfd(name: &str, size: u64) -> Result<Memory, MemoryError> {
+        let what = "host arena";
+        let len = checked_len(size, what)?;
+        let os = |op, e: rustix::io::Errno| MemoryError::Os {
+            op,
+            what,
+            size,
+            source: e.into(),
+        };
+        let fd = rustix::fs::memfd_create(
+            format!("dmaplane:{name}"),
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )
+        .map_err(|e| os("memfd_create", e))?;
+        rustix::fs::ftruncate(&fd, size).map_err(|e| os("ftruncate", e))?;
+        rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK).map_err(|e| os("F_ADD_SEALS", e))?;
+        // SAFETY: a fresh shared mapping of a file we own, at an address the kernel picks; it
+        // aliases no Rust object.
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                &fd,
+                0,
+            )
+        }
+        .map_err(|e| os("mmap", e))?;
+        Ok(Memory {
+            ptr: nonnull(ptr),
+            len,
+            fd: Some(fd),
+        })
+    }
+
+    /// Device memory behind a BAR: anonymous, not reserved up front.
+    pub fn anonymous(size: u64) -> Result<Memory, MemoryError> {
+        let what = "BAR";
+        let len = checked_len(size, what)?;
+        // SAFETY: a fresh private anonymous mapping at an address the kernel picks.
+        let ptr = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
+            )
+        }
+        .map_err(|e| MemoryError::Os {
+            op: "mmap",
+            what,
+            size,
+            source: e.into(),
+        })?;
+        Ok(Memory {
+            ptr: nonnull(ptr),
+            len,
+            fd: None,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The mapping's address in this process (what `ibv_reg_mr` or `cuMemHostRegister` take).
+    pub fn process_va(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+
+    /// The memfd behind a host arena.
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.fd.as_ref().map(|f| f.as_fd())
+    }
+
+    fn check(&self, off: u64, len: usize) -> Option<usize> {
+        let off = usize::try_from(off).ok()?;
+        (off.checked_add(len)? <= self.len).then_some(off)
+    }
+
+    /// Copy `src` into the memory at `off`; false when out of bounds (nothing written).
+    pub fn write(&self, off: u64, src: &[u8]) -> bool {
+        let Some(off) = self.check(off, src.len()) else {
+            return false;
+        };
+        // SAFETY: `off + src.len() <= self.len` was checked, the mapping is live for `self`'s
+        // lifetime, and `src` cannot alias the mapping (no references into it exist).
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(off), src.len())
+        };
+        true
+    }
+
+    /// Copy from the memory at `off` into `dst`; false when out of bounds (nothing read).
+    pub fn read(&self, off: u64, dst: &mut [u8]) -> bool {
+        let Some(off) = self.check(off, dst.len()) else {
+            return false;
+        };
+        // SAFETY: bounds checked as in `write`; `dst` is a unique borrow outside the mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), dst.as_mut_ptr(), dst.len())
+        };
+        true
+    }
+
+    /// Copy `len` bytes from `src` at `src_off` to `self` at `dst_off` (the two may be the same
+    /// memory, and the ranges may overlap); false when either side is out of bounds.
+    pub fn copy_from(&self, dst_off: u64, src: &Memory, src_off: u64, len: usize) -> bool {
+        let (Some(d), Some(s)) = (self.check(dst_off, len), src.check(src_off, len)) else {
+            return false;
+        };
+        // SAFETY: both ranges are in bounds of live mappings; `copy` (memmove) tolerates overlap.
+        unsafe { std::ptr::copy(src.ptr.as_ptr().add(s), self.ptr.as_ptr().add(d), len) };
+        true
+    }
+}
+
+impl Drop for Memory {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly the mapping created in the constructor, and no pointer
+        // into it outlives `self` (the fabric holds windows by `Arc<Memory>`).
+        if let Err(e) = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast::<c_void>(), self.len) }
+        {
+            tracing::error!(error = %e, "munmap of fabric memory failed");
+        }
+    }
+}
+
+fn checked_len(size: u64, what: &'static str) -> Result<usize, MemoryError> {
+    if size == 0 {
+        return Err(MemoryError::ZeroSize { what });
+    }
+    usize::try_from(size)
+        .ok()
+        .filter(|l| *l <= isize::MAX as usize)
+        .ok_or(MemoryError::TooLarge { size })
+}
+
+fn nonnull(p: *mut c_void) -> NonNull<u8> {
+    // mmap never returns null on success (MAP_FIXED is not used); dangling is unreachable.
+    NonNull::new(p.cast::<u8>()).unwrap_or(NonNull::dangling())
+}

@@ -1,0 +1,479 @@
+//! The simulated PCIe fabric: a bus address space of windows backed by real memory.
+//!
+//! Every DMA names the device that issues it. The fabric checks, in order: a window is mapped at
+//! the address, the access is in its bounds, the device holds a grant on the window, the grant
+//! allows the access, and the window is not revoked. A violation is counted against the issuing
+//! device (the IOMMU-fault / AER analogue) and touches no memory.
+//!
+//! Each access holds its window's state lock for reading while it copies; revoking a grant or a
+//! window takes it for writing. So once [`Grant::revoke`] or [`Fabric::unmap`] returns, no access
+//! through it is under way and none can start: this is what lets the revoke protocol promise
+//! that nothing lands after the ack. Concurrent DMA to the same bytes is the user's race, as on
+//! hardware.
+
+mod bar;
+mod export;
+mod fault;
+mod host;
+mod memory;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+pub use bar::DeviceBar;
+pub use export::FABRIC_GRANULE;
+pub use fault::{FaultKind, Faults};
+pub use host::HostMemory;
+pub use memory::{Memory, MemoryError};
+
+use crate::hints::{Access, Route};
+use crate::revoke::AccessGrant;
+use crate::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::sync::{Mutex, RwLock, lock, read, write};
+use crate::topology::Topology;
+use fault::FaultCounters;
+
+/// A device on the fabric (a bus master and/or the owner of windows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct DeviceId(pub u32);
+
+/// Where the first window is placed: above 4 GiB, like a 64-bit BAR.
+const BUS_BASE: u64 = 0x10_0000_0000;
+/// Windows are placed at this alignment (and 1 GiB for large ones) so page-size selection sees
+/// realistic alignment.
+const WINDOW_ALIGN: u64 = 2 << 20;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FabricError {
+    #[error("unknown fabric device {0:?}")]
+    UnknownDevice(DeviceId),
+    #[error("no device named {name:?} on the fabric (known: {known})")]
+    UnknownDeviceName { name: String, known: String },
+    #[error("window size {size:#x} for {owner}: {why}")]
+    BadWindow {
+        owner: String,
+        size: u64,
+        why: String,
+    },
+    #[error("bus address space exhausted placing a {size:#x}-byte window")]
+    AddressSpaceFull { size: u64 },
+    #[error("memory for {owner}: {source}")]
+    Memory {
+        owner: String,
+        #[source]
+        source: Arc<MemoryError>,
+    },
+}
+
+/// A DMA the fabric refused. Counted against `device`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("DMA {dir} by {device_name} at {addr:#x} (+{len:#x}) faulted: {kind}")]
+pub struct DmaFault {
+    pub device: DeviceId,
+    pub device_name: String,
+    pub dir: &'static str,
+    pub addr: u64,
+    pub len: u64,
+    pub kind: FaultKind,
+}
+
+#[derive(Debug)]
+struct DeviceEntry {
+    name: String,
+    faults: FaultCounters,
+}
+
+#[derive(Debug)]
+struct WindowState {
+    revoked: bool,
+    grants: Vec<(u64, DeviceId, Access)>,
+}
+
+#[derive(Debug)]
+struct Window {
+    base: u64,
+    len: u64,
+    owner: DeviceId,
+    mem: Arc<Memory>,
+    state: RwLock<WindowState>,
+}
+
+impl Window {
+    fn contains(&self, addr: u64, len: u64) -> bool {
+        addr >= self.base
+            && addr
+                .checked_add(len)
+                .is_some_and(|e| e <= self.base + self.len)
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    topology: Option<Arc<Topology>>,
+    devices: RwLock<Vec<Arc<DeviceEntry>>>,
+    windows: RwLock<BTreeMap<u64, Arc<Window>>>,
+    next_base: Mutex<u64>,
+    next_grant: AtomicU64,
+}
+
+/// The simulated fabric. Cheap to clone; clones share everything.
+#[derive(Debug, Clone)]
+pub struct Fabric {
+    inner: Arc<Inner>,
+}
+
+impl Default for Fabric {
+    fn default() -> Self {
+        Fabric::new()
+    }
+}
+
+/// A mapped window; dropping it does not unmap (the exporter calls [`Fabric::unmap`]).
+#[derive(Debug, Clone)]
+pub struct WindowHandle {
+    window: Arc<Window>,
+}
+
+impl WindowHandle {
+    pub fn base(&self) -> u64 {
+        self.window.base
+    }
+    pub fn len(&self) -> u64 {
+        self.window.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.window.len == 0
+    }
+    pub fn owner(&self) -> DeviceId {
+        self.window.owner
+    }
+    pub fn memory(&self) -> &Memory {
+        &self.window.mem
+    }
+}
+
+/// One device's right to access one window. [`AccessGrant::revoke`] removes it and waits for
+/// accesses under way; dropping the grant revokes it too.
+#[derive(Debug)]
+pub struct Grant {
+    window: Arc<Window>,
+    id: u64,
+    device: DeviceId,
+}
+
+impl Grant {
+    pub fn device(&self) -> DeviceId {
+        self.device
+    }
+}
+
+impl AccessGrant for Grant {
+    fn revoke(&self) {
+        // The write lock waits for every DMA holding the read side: after this, none can land.
+        write(&self.window.state).grants.retain(|g| g.0 != self.id);
+    }
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        self.revoke();
+    }
+}
+
+impl Fabric {
+    /// An empty fabric with no topology: every route is `Local`.
+    pub fn new() -> Fabric {
+        Fabric::build(None)
+    }
+
+    /// A fabric whose devices are the topology's devices (same names, same order).
+    pub fn with_topology(topology: Topology) -> Fabric {
+        let names: Vec<String> = topology.devices().iter().map(|d| d.id.clone()).collect();
+        let f = Fabric::build(Some(Arc::new(topology)));
+        for n in names {
+            f.add_device(&n);
+        }
+        f
+    }
+
+    fn build(topology: Option<Arc<Topology>>) -> Fabric {
+        Fabric {
+            inner: Arc::new(Inner {
+                topology,
+                devices: RwLock::new(Vec::new()),
+                windows: RwLock::new(BTreeMap::new()),
+                next_base: Mutex::new(BUS_BASE),
+                next_grant: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    pub fn topology(&self) -> Option<&Topology> {
+        self.inner.topology.as_deref()
+    }
+
+    /// Register a device (a bus master); its fault counters start at zero.
+    pub fn add_device(&self, name: &str) -> DeviceId {
+        let mut devs = write(&self.inner.devices);
+        let id = DeviceId(devs.len() as u32);
+        devs.push(Arc::new(DeviceEntry {
+            name: name.to_string(),
+            faults: FaultCounters::default(),
+        }));
+        id
+    }
+
+    pub fn device(&self, name: &str) -> Result<DeviceId, FabricError> {
+        let devs = read(&self.inner.devices);
+        match devs.iter().position(|d| d.name == name) {
+            Some(i) => Ok(DeviceId(i as u32)),
+            None => Err(FabricError::UnknownDeviceName {
+                name: name.to_string(),
+                known: devs
+                    .iter()
+                    .map(|d| d.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+
+    fn entry(&self, dev: DeviceId) -> Result<Arc<DeviceEntry>, FabricError> {
+        read(&self.inner.devices)
+            .get(dev.0 as usize)
+            .cloned()
+            .ok_or(FabricError::UnknownDevice(dev))
+    }
+
+    pub fn device_name(&self, dev: DeviceId) -> String {
+        self.entry(dev)
+            .map(|e| e.name.clone())
+            .unwrap_or_else(|_| format!("device#{}", dev.0))
+    }
+
+    /// The P2P route between two devices, from the topology (`Local` without one).
+    pub fn route(&self, a: DeviceId, b: DeviceId) -> Route {
+        let Some(topo) = self.topology() else {
+            return Route::Local;
+        };
+        let (na, nb) = (self.device_name(a), self.device_name(b));
+        match (topo.device_id(&na), topo.device_id(&nb)) {
+            (Ok(ta), Ok(tb)) => topo.route(ta, tb),
+            // A device outside the topology (added by hand) has no known P2P path.
+            _ => Route::NotSupported,
+        }
+    }
+
+    /// Faults counted against a device so far.
+    pub fn faults(&self, dev: DeviceId) -> Faults {
+        self.entry(dev)
+            .map(|e| e.faults.snapshot())
+            .unwrap_or_default()
+    }
+
+    /// Map `mem` as a window owned by `owner` at a fresh bus address.
+    pub fn map(&self, owner: DeviceId, mem: Memory) -> Result<WindowHandle, FabricError> {
+        let owner_name = self.entry(owner)?.name.clone();
+        let len = mem.len() as u64;
+        let align = if len >= 1 << 30 {
+            1 << 30
+        } else {
+            WINDOW_ALIGN
+        };
+        let base = {
+            let mut next = lock(&self.inner.next_base);
+            let base = next
+                .checked_next_multiple_of(align)
+                .ok_or(FabricError::AddressSpaceFull { size: len })?;
+            *next = base
+                .checked_add(len)
+                .ok_or(FabricError::AddressSpaceFull { size: len })?;
+            base
+        };
+        let window = Arc::new(Window {
+            base,
+            len,
+            owner,
+            mem: Arc::new(mem),
+            state: RwLock::new(WindowState {
+                revoked: false,
+                grants: Vec::new(),
+            }),
+        });
+        write(&self.inner.windows).insert(base, window.clone());
+        tracing::debug!(owner = %owner_name, base, len, "window mapped");
+        Ok(WindowHandle { window })
+    }
+
+    /// Allocate host memory (memfd) or BAR memory (anonymous) and map it.
+    pub fn map_new(
+        &self,
+        owner: DeviceId,
+        size: u64,
+        host: bool,
+    ) -> Result<WindowHandle, FabricError> {
+        let name = self.device_name(owner);
+        let mem = if host {
+            Memory::memfd(&name, size)
+        } else {
+            Memory::anonymous(size)
+        }
+        .map_err(|e| FabricError::Memory {
+            owner: name,
+            source: Arc::new(e),
+        })?;
+        self.map(owner, mem)
+    }
+
+    /// Give `device` access to a window.
+    pub fn grant(&self, window: &WindowHandle, device: DeviceId, access: Access) -> Grant {
+        let id = self.inner.next_grant.fetch_add(1, Ordering::Relaxed);
+        write(&window.window.state)
+            .grants
+            .push((id, device, access));
+        Grant {
+            window: window.window.clone(),
+            id,
+            device,
+        }
+    }
+
+    /// Mark a window revoked (every later access faults) and remove it from the address space.
+    /// Waits for accesses under way.
+    pub fn unmap(&self, window: &WindowHandle) {
+        {
+            let mut st = write(&window.window.state);
+            st.revoked = true;
+            st.grants.clear();
+        }
+        write(&self.inner.windows).remove(&window.window.base);
+    }
+
+    fn find(&self, addr: u64) -> Option<Arc<Window>> {
+        let windows = read(&self.inner.windows);
+        windows
+            .range(..=addr)
+            .next_back()
+            .map(|(_, w)| w.clone())
+            .filter(|w| addr < w.base + w.len)
+    }
+
+    /// Run `f` on the window holding `[addr, addr+len)` with its state read-locked, after every
+    /// check passed; otherwise count and return the fault.
+    fn access<R>(
+        &self,
+        dev: DeviceId,
+        dir: &'static str,
+        addr: u64,
+        len: u64,
+        need: Access,
+        f: impl FnOnce(&Window, &WindowState) -> R,
+    ) -> Result<R, DmaFault> {
+        let checked: Result<(), FaultKind> = match self.find(addr) {
+            None => Err(FaultKind::Unmapped),
+            Some(w) if !w.contains(addr, len) => Err(FaultKind::OutOfBounds),
+            Some(w) => {
+                let st = read(&w.state);
+                if st.revoked {
+                    Err(FaultKind::Revoked)
+                } else {
+                    match st.grants.iter().find(|g| g.1 == dev) {
+                        None => Err(FaultKind::NoGrant),
+                        Some(g) if !g.2.contains(need) => Err(FaultKind::AccessDenied),
+                        Some(_) => return Ok(f(&w, &st)),
+                    }
+                }
+            }
+        };
+        let kind = checked.err().unwrap_or(FaultKind::Unmapped);
+        Err(self.fault(dev, dir, addr, len, kind))
+    }
+
+    fn fault(
+        &self,
+        dev: DeviceId,
+        dir: &'static str,
+        addr: u64,
+        len: u64,
+        kind: FaultKind,
+    ) -> DmaFault {
+        let entry = self.entry(dev);
+        if let Ok(e) = &entry {
+            e.faults.count(kind);
+        }
+        let device_name = entry.map(|e| e.name.clone()).unwrap_or_default();
+        tracing::trace!(%device_name, dir, addr, len, ?kind, "DMA fault");
+        DmaFault {
+            device: dev,
+            device_name,
+            dir,
+            addr,
+            len,
+            kind,
+        }
+    }
+
+    /// `dev` writes `data` at bus address `addr`.
+    pub fn dma_write(&self, dev: DeviceId, addr: u64, data: &[u8]) -> Result<(), DmaFault> {
+        self.access(
+            dev,
+            "write",
+            addr,
+            data.len() as u64,
+            Access::WRITE,
+            |w, _| w.mem.write(addr - w.base, data),
+        )
+        .map(|_| ())
+    }
+
+    /// `dev` reads `buf.len()` bytes at bus address `addr`.
+    pub fn dma_read(&self, dev: DeviceId, addr: u64, buf: &mut [u8]) -> Result<(), DmaFault> {
+        self.access(dev, "read", addr, buf.len() as u64, Access::READ, |w, _| {
+            w.mem.read(addr - w.base, buf)
+        })
+        .map(|_| ())
+    }
+
+    /// `dev` copies `len` bytes from `src` to `dst` (a copy engine, or a NIC moving data between
+    /// two windows): both windows are checked and held for the duration of the copy.
+    pub fn dma_copy(&self, dev: DeviceId, src: u64, dst: u64, len: u64) -> Result<(), DmaFault> {
+        let n = usize::try_from(len).unwrap_or(usize::MAX);
+        self.access(dev, "read", src, len, Access::READ, |sw, st| {
+            if sw.contains(dst, len) {
+                // Same window: its lock is already held, so check the write grant in place.
+                if st
+                    .grants
+                    .iter()
+                    .any(|g| g.1 == dev && g.2.contains(Access::WRITE))
+                {
+                    sw.mem.copy_from(dst - sw.base, &sw.mem, src - sw.base, n);
+                    return Ok(());
+                }
+                return Err(self.fault(dev, "write", dst, len, FaultKind::AccessDenied));
+            }
+            self.access(dev, "write", dst, len, Access::WRITE, |dw, _| {
+                dw.mem.copy_from(dst - dw.base, &sw.mem, src - sw.base, n);
+            })
+        })?
+    }
+
+    /// CPU access to a window by its owner (the exporter's own view of its memory), bypassing
+    /// grants but not revocation.
+    pub fn cpu_write(&self, window: &WindowHandle, off: u64, data: &[u8]) -> bool {
+        let st = read(&window.window.state);
+        !st.revoked && window.window.mem.write(off, data)
+    }
+
+    pub fn cpu_read(&self, window: &WindowHandle, off: u64, buf: &mut [u8]) -> bool {
+        let st = read(&window.window.state);
+        !st.revoked && window.window.mem.read(off, buf)
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "device#{}", self.0)
+    }
+}

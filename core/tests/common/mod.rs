@@ -1,0 +1,96 @@
+//! Test importers shared by the revoke tests and the loom models.
+#![allow(dead_code, clippy::unwrap_used)]
+
+#[cfg(loom)]
+use loom::sync::Mutex;
+#[cfg(not(loom))]
+use std::sync::Mutex;
+
+use dmaplane_core::fence::Fence;
+use dmaplane_core::revoke::{Importer, ImporterKind, Invalidation};
+
+#[derive(Debug, Default)]
+struct State {
+    invalidated: bool,
+    idle: bool,
+    fence: Option<Fence>,
+    invalidations: u32,
+}
+
+/// An importer whose DMA loop runs elsewhere. Honest: it stops before its next DMA and signals
+/// once idle. Lying: it ignores invalidations and never signals.
+#[derive(Debug)]
+pub struct TestImporter {
+    name: String,
+    kind: ImporterKind,
+    lying: bool,
+    state: Mutex<State>,
+}
+
+impl TestImporter {
+    pub fn new(name: &str, kind: ImporterKind, lying: bool) -> TestImporter {
+        TestImporter {
+            name: name.into(),
+            kind,
+            lying,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// Called by the DMA loop before each DMA: false once it must stop (then it is idle).
+    pub fn may_dma(&self) -> bool {
+        let mut s = self.state.lock().unwrap();
+        if self.lying || !s.invalidated {
+            return true;
+        }
+        s.idle = true;
+        if let Some(f) = s.fence.take() {
+            f.signal();
+        }
+        false
+    }
+
+    /// The DMA loop finished on its own.
+    pub fn finished(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.idle = true;
+        if !self.lying
+            && let Some(f) = s.fence.take()
+        {
+            f.signal();
+        }
+    }
+
+    /// A dynamic importer maps again after a move: reset.
+    pub fn resume(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.invalidated = false;
+        s.idle = false;
+    }
+
+    pub fn invalidations(&self) -> u32 {
+        self.state.lock().unwrap().invalidations
+    }
+}
+
+impl Importer for TestImporter {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn kind(&self) -> ImporterKind {
+        self.kind
+    }
+    fn invalidate(&self, inv: Invalidation) {
+        let mut s = self.state.lock().unwrap();
+        s.invalidations += 1;
+        if self.lying {
+            return;
+        }
+        s.invalidated = true;
+        if s.idle {
+            inv.fence.signal();
+        } else {
+            s.fence = Some(inv.fence);
+        }
+    }
+}

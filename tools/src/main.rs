@@ -1,0 +1,50 @@
+//! `dmaplane`: peer-to-peer, zero-copy data movement — inspect, benchmark, stress.
+
+mod bench;
+mod topo;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dmaplane",
+    version,
+    about = "Peer-to-peer, zero-copy DMA between NICs, GPUs, storage and host memory"
+)]
+struct Cli {
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Show the PCIe tree and the P2P route between every pair of devices.
+    Topo(topo::TopoArgs),
+    /// Benchmarks, each reported against a reference measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        which: bench::BenchCmd,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DMAPLANE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let res = match &cli.cmd {
+        Cmd::Topo(args) => topo::run(args, cli.json),
+        Cmd::Bench { which } => bench::run(which, cli.json),
+    };
+    if let Err(e) = res {
+        eprintln!("dmaplane: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,111 @@
+//! The `dmaplane` binary, end to end.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn dmaplane(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dmaplane"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn topologies() -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../topologies");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn topo_json_for_every_shipped_file_has_a_symmetric_route_matrix() {
+    for f in topologies() {
+        let (ok, out, err) = dmaplane(&["topo", "--json", "--topology", f.to_str().unwrap()]);
+        assert!(ok, "{}: {err}", f.display());
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let routes = v["routes"].as_array().unwrap();
+        assert!(!routes.is_empty());
+        for r in routes {
+            let (a, b, route) = (&r["a"], &r["b"], &r["route"]);
+            let back = routes.iter().find(|x| &x["a"] == b && &x["b"] == a);
+            if let Some(back) = back {
+                assert_eq!(&back["route"], route);
+            }
+        }
+    }
+}
+
+#[test]
+fn builtin_testbed_has_every_route() {
+    let (ok, out, err) = dmaplane(&["topo", "--json"]);
+    assert!(ok, "{err}");
+    for route in ["bus-addr", "thru-host-bridge", "not-supported"] {
+        assert!(out.contains(route), "built-in testbed lacks {route}");
+    }
+    let (ok, human, _) = dmaplane(&["topo"]);
+    assert!(ok);
+    assert!(human.contains("bus-addr"));
+}
+
+#[test]
+fn topo_rejects_a_broken_file_naming_file_line_and_field() {
+    let dir = std::env::temp_dir().join(format!("dmaplane-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("broken.toml");
+    std::fs::write(
+        &f,
+        "[[host_bridge]]\nid = \"hb0\"\nnuma = 0\np2p_allowed = true\n\n[[root_port]]\nid = \"rp0\"\nparent = \"hb9\"\n",
+    )
+    .unwrap();
+    let (ok, _, err) = dmaplane(&["topo", "--topology", f.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("broken.toml:8"), "{err}");
+    assert!(err.contains("parent"), "{err}");
+    assert!(err.contains("hb9"), "{err}");
+    let (ok, _, err) = dmaplane(&["topo", "--topology", "/nonexistent/x.toml"]);
+    assert!(!ok);
+    assert!(err.contains("/nonexistent/x.toml"), "{err}");
+}
+
+#[test]
+fn bench_sgl_json_has_the_promised_fields() {
+    let (ok, out, err) = dmaplane(&[
+        "bench",
+        "sgl",
+        "--json",
+        "--iters",
+        "1",
+        "--scenario",
+        "bar-1g-contiguous",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let row = &v.as_array().unwrap()[0];
+    for k in [
+        "scenario",
+        "addrlist_ns",
+        "sgtable_ns",
+        "addrlist_bytes",
+        "sgtable_bytes",
+        "addrlist_entries",
+        "sgtable_entries",
+    ] {
+        assert!(!row[k].is_null(), "missing {k}: {row}");
+    }
+    assert_eq!(row["addrlist_entries"], 1);
+    let (ok, _, err) = dmaplane(&["bench", "sgl", "--scenario", "nope"]);
+    assert!(!ok);
+    assert!(
+        err.contains("\"nope\"") && err.contains("bar-1g-contiguous"),
+        "{err}"
+    );
+}
