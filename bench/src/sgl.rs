@@ -1,9 +1,9 @@
 //! Address list vs scatterlist model: registration of one buffer, both ways.
 //!
 //! Each side is timed from its input to a DMA-mapped representation with its MR page size chosen:
-//! - address list: (host memory) walk the pinned pages coalescing contiguous ones into ranges,
-//!   (BAR) take the BAR as one range; validate into an `AddrList`; map to DMA addresses;
-//!   `best_page_size`.
+//! - address list: (4 KiB pages) `AddrList::from_pfns` walks the pinned pages, merging
+//!   contiguous ones and validating; (huge pages) one range per folio; (BAR) the BAR is one
+//!   range; then map to DMA addresses and `best_page_size`.
 //! - scatterlist: `sg_alloc_table_from_pages` over the page array; DMA-map it; the same page-size
 //!   rule over the mapped segments.
 //!
@@ -78,6 +78,9 @@ pub struct Input {
     /// ZONE_DEVICE page map for a BAR; `None` for host memory.
     pub pagemap: Option<PageMap>,
     pub pagemap_ns: u64,
+    /// Huge-page memory: the folios, which is what an address-list exporter walks (one range
+    /// each); the scatterlist API needs the 4 KiB page array instead.
+    pub folios: Vec<DmaRange>,
 }
 
 /// A small deterministic generator (xorshift64*), so runs are repeatable without a dependency.
@@ -117,6 +120,7 @@ impl Input {
                     pfns,
                     pagemap: Some(map),
                     pagemap_ns,
+                    folios: Vec::new(),
                 }
             }
             Scenario::Huge2M => {
@@ -127,11 +131,16 @@ impl Input {
                     .iter()
                     .flat_map(|f| (0..per).map(move |i| f * per + i))
                     .collect();
+                let folios = frames
+                    .iter()
+                    .map(|f| DmaRange::new(f * (2 << 20), 2 << 20))
+                    .collect();
                 Input {
                     scenario,
                     pfns,
                     pagemap: None,
                     pagemap_ns: 0,
+                    folios,
                 }
             }
             Scenario::Frag4K => {
@@ -142,6 +151,7 @@ impl Input {
                     pfns,
                     pagemap: None,
                     pagemap_ns: 0,
+                    folios: Vec::new(),
                 }
             }
         }
@@ -160,18 +170,31 @@ pub struct Side {
 /// Address-list registration: build, validate, map, choose the page size.
 pub fn addrlist_register(input: &Input) -> Side {
     let scenario = input.scenario;
-    let ranges: Vec<DmaRange> = if scenario.is_bar() {
-        vec![DmaRange::new(BAR_PHYS, scenario.bytes())]
-    } else {
-        coalesce(&input.pfns)
-    };
-    let (space, hints) = if scenario.is_bar() {
-        (AddrSpace::CpuPhys, Hints::device_bar(Route::BusAddr))
-    } else {
-        (AddrSpace::CpuPhys, Hints::HOST_MEMORY)
+    let built = match scenario {
+        Scenario::Bar1G | Scenario::Bar64G => {
+            let range = DmaRange::new(BAR_PHYS, scenario.bytes());
+            AddrList::single(
+                AddrSpace::CpuPhys,
+                Hints::device_bar(Route::BusAddr),
+                PAGE_SIZE,
+                range,
+            )
+        }
+        Scenario::Huge2M => AddrList::new(
+            AddrSpace::CpuPhys,
+            Hints::HOST_MEMORY,
+            PAGE_SIZE,
+            input.folios.clone(),
+        ),
+        Scenario::Frag4K => AddrList::from_pfns(
+            AddrSpace::CpuPhys,
+            Hints::HOST_MEMORY,
+            PAGE_SHIFT,
+            &input.pfns,
+        ),
     };
     // A list that fails validation here is a bug in the scenario, reported as an empty side.
-    let Ok(list) = AddrList::new(space, hints, PAGE_SIZE, ranges) else {
+    let Ok(list) = built else {
         return Side {
             bytes: 0,
             entries: 0,
@@ -179,6 +202,7 @@ pub fn addrlist_register(input: &Input) -> Side {
             list_entries: 0,
         };
     };
+    let space = list.space();
     // DMA-map: program bus addresses (phys − bus offset) for the P2P route; host memory is
     // direct-mapped (no IOMMU), the same as the scatterlist side.
     let mapped_space = if scenario.is_bar() {
@@ -204,20 +228,6 @@ pub fn addrlist_register(input: &Input) -> Side {
         page_size: pg.map_or(0, |p| p.size),
         list_entries: mapped.len() as u64,
     }
-}
-
-/// Walk the page array and merge physically contiguous pages (what an exporter does to produce
-/// its `phys_vec` from pinned pages).
-fn coalesce(pfns: &[u64]) -> Vec<DmaRange> {
-    let mut out: Vec<DmaRange> = Vec::new();
-    for &pfn in pfns {
-        let addr = pfn << PAGE_SHIFT;
-        match out.last_mut() {
-            Some(r) if r.addr + r.len == addr => r.len += PAGE_SIZE,
-            _ => out.push(DmaRange::new(addr, PAGE_SIZE)),
-        }
-    }
-    out
 }
 
 /// Scatterlist registration: build from the page array, DMA-map, choose the page size.
@@ -270,6 +280,11 @@ pub struct Row {
 }
 
 fn median_ns(iters: u32, mut f: impl FnMut() -> Side) -> (u64, Side) {
+    // Untimed warm-up: both sides then run with the allocator in its steady state (the kernel's
+    // slab caches are warm too), instead of paying first-touch page faults.
+    for _ in 0..2 {
+        std::hint::black_box(f());
+    }
     let mut times = Vec::with_capacity(iters as usize);
     let mut last = None;
     for _ in 0..iters.max(1) {
@@ -288,8 +303,22 @@ fn median_ns(iters: u32, mut f: impl FnMut() -> Side) -> (u64, Side) {
     (times[times.len() / 2].max(1), side)
 }
 
+/// Keep freed memory in the process: glibc otherwise returns large blocks to the kernel and the
+/// next registration pays first-touch page faults — the allocator's policy, not the data
+/// structure's cost (the kernel's allocators hand out already-mapped memory).
+pub fn steady_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only tunes glibc's allocator thresholds; any value is valid and it is
+    // called before the measured allocations.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 /// Measure one scenario: the median of `iters` registrations each way.
 pub fn measure(scenario: Scenario, iters: u32) -> Row {
+    steady_allocator();
     let input = Input::prepare(scenario);
     let (addrlist_ns, a) = median_ns(iters, || addrlist_register(std::hint::black_box(&input)));
     let (sgtable_ns, s) = median_ns(iters, || sgtable_register(std::hint::black_box(&input)));

@@ -209,6 +209,82 @@ impl AddrList {
         })
     }
 
+    /// The list for an array of page frames (pinned memory: the pages of a buffer in order),
+    /// merging physically contiguous frames. Pages are aligned by construction; a frame that
+    /// appears twice is an overlap, found with one bit per frame of the array's span.
+    pub fn from_pfns(
+        space: AddrSpace,
+        hints: Hints,
+        page_shift: u32,
+        pfns: &[u64],
+    ) -> Result<AddrList, AddrListError> {
+        let page = 1u64
+            .checked_shl(page_shift)
+            .filter(|_| page_shift < 64)
+            .unwrap_or(0);
+        if pfns.is_empty() {
+            return Err(AddrListError::Empty);
+        }
+        // One pass for both bounds, in chunks the compiler can vectorise.
+        let (lo, hi) = pfns.chunks(8).fold((u64::MAX, 0u64), |(lo, hi), c| {
+            let (mut l, mut h) = (lo, hi);
+            for &p in c {
+                l = l.min(p);
+                h = h.max(p);
+            }
+            (l, h)
+        });
+        if page == 0 || hi > (u64::MAX >> page_shift) - 1 {
+            // Frames whose addresses overflow: let full validation name the first one.
+            let ranges: Vec<DmaRange> = pfns
+                .iter()
+                .map(|&p| DmaRange::new(p.wrapping_shl(page_shift), page))
+                .collect();
+            return AddrList::new(space, hints, page.max(1), ranges);
+        }
+        let span = hi - lo + 1;
+        if span > (pfns.len() as u64).saturating_mul(8) {
+            // Sparse frames (huge pages spread over RAM): merge first, then validate the few
+            // ranges that result, rather than a bitmap of the whole span.
+            let mut ranges: Vec<DmaRange> = Vec::new();
+            for &pfn in pfns {
+                let addr = pfn << page_shift;
+                match ranges.last_mut() {
+                    Some(r) if r.addr + r.len == addr => r.len += page,
+                    _ => ranges.push(DmaRange::new(addr, page)),
+                }
+            }
+            return AddrList::new(space, hints, page, ranges);
+        }
+        // Dense frames: merge and look for duplicates in the same pass.
+        let mut seen = vec![0u64; usize::try_from(span.div_ceil(64)).unwrap_or(usize::MAX)];
+        let mut dup = 0u64;
+        let mut ranges: Vec<DmaRange> = Vec::with_capacity(pfns.len());
+        for &pfn in pfns {
+            let bit = pfn - lo;
+            let (w, m) = ((bit / 64) as usize, 1u64 << (bit % 64));
+            dup |= seen[w] & m;
+            seen[w] |= m;
+            let addr = pfn << page_shift;
+            match ranges.last_mut() {
+                Some(r) if r.addr + r.len == addr => r.len += page,
+                _ => ranges.push(DmaRange::new(addr, page)),
+            }
+        }
+        if dup != 0 {
+            // Name the overlapping ranges through the full check.
+            return AddrList::new(space, hints, page, ranges);
+        }
+        let total = pfns.len() as u64 * page;
+        Ok(AddrList {
+            space,
+            hints,
+            granule: page,
+            total,
+            ranges: ranges.into_boxed_slice(),
+        })
+    }
+
     /// A list of one range.
     pub fn single(
         space: AddrSpace,
@@ -263,31 +339,35 @@ impl AddrList {
         }
     }
 
-    /// The same ranges shifted down by `offset` into another address space (bus = phys − offset).
-    /// A constant shift keeps order and disjointness, so only underflow and alignment are checked.
-    pub fn translate(&self, space: AddrSpace, offset: u64) -> Result<AddrList, AddrListError> {
+    /// The same ranges shifted down by `offset` into another address space (bus = phys − offset),
+    /// in place. A constant shift keeps order and disjointness, so only underflow and alignment
+    /// are checked.
+    pub fn translate(mut self, space: AddrSpace, offset: u64) -> Result<AddrList, AddrListError> {
         if offset & (self.granule - 1) != 0 {
             return Err(AddrListError::MisalignedOffset {
                 offset,
                 granule: self.granule,
             });
         }
-        let mut ranges = Vec::with_capacity(self.ranges.len());
-        for (index, r) in self.ranges.iter().enumerate() {
-            let addr = r.addr.checked_sub(offset).ok_or(AddrListError::Underflow {
+        if let Some((index, r)) = self
+            .ranges
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.addr < offset)
+        {
+            return Err(AddrListError::Underflow {
                 index,
                 range: *r,
                 offset,
-            })?;
-            ranges.push(DmaRange::new(addr, r.len));
+            });
         }
-        Ok(AddrList {
-            space,
-            hints: self.hints,
-            granule: self.granule,
-            total: self.total,
-            ranges: ranges.into_boxed_slice(),
-        })
+        if offset != 0 {
+            for r in self.ranges.iter_mut() {
+                r.addr -= offset;
+            }
+        }
+        self.space = space;
+        Ok(self)
     }
 
     /// The pieces of the list that hold buffer bytes `[offset, offset + len)`, in order.
@@ -322,6 +402,9 @@ impl AddrList {
 }
 
 /// Check every invariant; returns the total length.
+///
+/// The hot loop only accumulates flags (no early exits, so it pipelines); when one is raised a
+/// second, slow pass finds the first offending range for the error.
 fn validate(granule: u64, ranges: &[DmaRange]) -> Result<u64, AddrListError> {
     if granule == 0 || !granule.is_power_of_two() {
         return Err(AddrListError::BadGranule { granule });
@@ -330,36 +413,23 @@ fn validate(granule: u64, ranges: &[DmaRange]) -> Result<u64, AddrListError> {
         return Err(AddrListError::Empty);
     }
     let mask = granule - 1;
-    let mut total = 0u64;
-    // Ranges usually come in ascending order (BARs, huge pages, coalesced page walks): then one
-    // pass proves there is no overlap. Otherwise fall back to sorting.
-    let mut ascending = true;
-    let mut prev_end = 0u64;
-    let (mut lo, mut hi, mut bits) = (u64::MAX, 0u64, 0u64);
-    for (index, r) in ranges.iter().enumerate() {
-        let range = *r;
-        if r.len == 0 {
-            return Err(AddrListError::ZeroLength { index, range });
-        }
-        let end = r.end().ok_or(AddrListError::Overflow { index, range })?;
-        if r.addr & mask != 0 {
-            return Err(misaligned(index, range, "addr", r.addr, granule));
-        }
-        if r.len & mask != 0 {
-            return Err(misaligned(index, range, "len", r.len, granule));
-        }
-        total = total
-            .checked_add(r.len)
-            .ok_or(AddrListError::TotalOverflow { index, range })?;
-        if index > 0 && r.addr < prev_end {
-            ascending = false;
-        }
+    let (mut total, mut bad, mut descending) = (0u64, false, false);
+    let (mut prev_end, mut lo, mut hi, mut bits) = (0u64, u64::MAX, 0u64, 0u64);
+    for r in ranges {
+        let (end, overflow) = r.addr.overflowing_add(r.len);
+        let (sum, total_overflow) = total.overflowing_add(r.len);
+        total = sum;
+        bad |= overflow | total_overflow | (r.len == 0);
+        bits |= r.addr | r.len;
+        descending |= r.addr < prev_end;
         prev_end = end;
         lo = lo.min(r.addr);
         hi = hi.max(end);
-        bits |= r.addr | r.len;
     }
-    if !ascending {
+    if bad || bits & mask != 0 {
+        return Err(first_invalid(granule, ranges));
+    }
+    if descending {
         // The coarsest unit every range is aligned to; if the span in such units is small
         // (scattered pages of one machine's RAM), a bitmap finds overlaps in linear time.
         let unit_shift = bits.trailing_zeros();
@@ -376,6 +446,32 @@ fn validate(granule: u64, ranges: &[DmaRange]) -> Result<u64, AddrListError> {
     Ok(total)
 }
 
+/// The slow path of [`validate`]: the first range that breaks a per-range invariant.
+fn first_invalid(granule: u64, ranges: &[DmaRange]) -> AddrListError {
+    let mask = granule - 1;
+    let mut total = 0u64;
+    for (index, r) in ranges.iter().enumerate() {
+        let range = *r;
+        if r.len == 0 {
+            return AddrListError::ZeroLength { index, range };
+        }
+        if r.end().is_none() {
+            return AddrListError::Overflow { index, range };
+        }
+        if r.addr & mask != 0 {
+            return misaligned(index, range, "addr", r.addr, granule);
+        }
+        if r.len & mask != 0 {
+            return misaligned(index, range, "len", r.len, granule);
+        }
+        match total.checked_add(r.len) {
+            Some(t) => total = t,
+            None => return AddrListError::TotalOverflow { index, range },
+        }
+    }
+    AddrListError::Empty
+}
+
 /// Overlap check with one bit per `1 << shift` bytes of `[lo, lo + span << shift)`.
 fn check_overlap_bitmap(
     ranges: &[DmaRange],
@@ -383,26 +479,27 @@ fn check_overlap_bitmap(
     shift: u32,
     span: u64,
 ) -> Result<(), AddrListError> {
-    let words = usize::try_from(span.div_ceil(64)).unwrap_or(usize::MAX);
+    let words = usize::try_from(span.div_ceil(64) + 1).unwrap_or(usize::MAX);
     let mut map = vec![0u64; words];
-    for (i, r) in ranges.iter().enumerate() {
+    let mut collided = 0u64;
+    for r in ranges {
         let s = (r.addr - lo) >> shift;
         let e = s + (r.len >> shift);
-        if !test_and_set(&mut map, s, e) {
-            // Error path: find the earlier range it overlaps.
-            let first = ranges[..i]
-                .iter()
-                .position(|p| p.addr < r.addr + r.len && r.addr < p.addr + p.len)
-                .unwrap_or(0);
-            return Err(AddrListError::Overlap {
-                first,
-                first_range: ranges[first],
-                second: i,
-                second_range: *r,
-            });
+        let (sw, ew) = ((s / 64) as usize, ((e - 1) / 64) as usize);
+        if sw == ew {
+            // The common case (a page, or a few): one word, no branch on the result.
+            let m = (u64::MAX << (s % 64)) & (u64::MAX >> (63 - (e - 1) % 64));
+            collided |= map[sw] & m;
+            map[sw] |= m;
+        } else if !test_and_set(&mut map, s, e) {
+            collided = 1;
         }
     }
-    Ok(())
+    if collided == 0 {
+        return Ok(());
+    }
+    // Error path: sort to name the first pair that overlaps.
+    check_overlap_unordered(ranges)
 }
 
 /// Set bits `[s, e)`; false (and nothing guaranteed about the map) if any was already set.
@@ -539,6 +636,35 @@ mod tests {
     }
 
     #[test]
+    fn from_pfns_coalesces_and_catches_duplicates() {
+        let l = AddrList::from_pfns(AddrSpace::CpuPhys, Hints::HOST_MEMORY, 12, &[5, 6, 7, 2, 9])
+            .unwrap();
+        assert_eq!(
+            l.ranges(),
+            &[
+                DmaRange::new(0x5000, 0x3000),
+                DmaRange::new(0x2000, 0x1000),
+                DmaRange::new(0x9000, 0x1000)
+            ]
+        );
+        assert_eq!(l.total_len(), 5 * 4096);
+        let e = AddrList::from_pfns(AddrSpace::CpuPhys, Hints::HOST_MEMORY, 12, &[5, 6, 2, 6])
+            .unwrap_err();
+        assert!(matches!(e, AddrListError::Overlap { .. }), "{e}");
+        assert_eq!(
+            AddrList::from_pfns(AddrSpace::CpuPhys, Hints::HOST_MEMORY, 12, &[]).unwrap_err(),
+            AddrListError::Empty
+        );
+        // Frames spread too far for the bitmap still validate, through the general path.
+        let far =
+            AddrList::from_pfns(AddrSpace::CpuPhys, Hints::HOST_MEMORY, 12, &[1, 1 << 40]).unwrap();
+        assert_eq!(far.len(), 2);
+        assert!(
+            AddrList::from_pfns(AddrSpace::CpuPhys, Hints::HOST_MEMORY, 12, &[u64::MAX]).is_err()
+        );
+    }
+
+    #[test]
     fn translate_checks_underflow_and_alignment() {
         let l = list(&[(0x10000, 0x2000), (0x4000, 0x1000)]).unwrap();
         let t = l
@@ -552,7 +678,7 @@ mod tests {
             .unwrap();
         assert_eq!(t.ranges()[1], DmaRange::new(0, 0x1000));
         assert_eq!(t.total_len(), l.total_len());
-        let e = l.translate(AddrSpace::CpuPhys, 0x5000).unwrap_err();
+        let e = l.clone().translate(AddrSpace::CpuPhys, 0x5000).unwrap_err();
         assert!(e.to_string().contains("range 1 [0x4000, +0x1000)"), "{e}");
         assert!(matches!(
             l.translate(AddrSpace::CpuPhys, 0x10),

@@ -137,59 +137,69 @@ pub enum SgError {
 }
 
 /// A scatterlist table: CPU side (pages) and, after [`SgTable::dma_map`], the DMA side.
+///
+/// The chunks are laid out back to back in one allocation (chunk `k` is slots
+/// `128k..128k+128`), so the benchmark measures the table's work rather than the user-space
+/// allocator's policy; the bytes counted are exactly the kernel's chained chunks.
 #[derive(Debug, Default)]
 pub struct SgTable {
-    chunks: Vec<Box<[SgEntry]>>,
+    slots: Vec<SgEntry>,
     nents: usize,
     dma_nents: usize,
 }
 
 impl SgTable {
-    /// Allocate room for `nents` entries in chained chunks, as `sg_alloc_table` does: a full
+    /// Room for `nents` entries in chained chunks, as `sg_alloc_table` lays them out: a full
     /// chunk holds 127 entries and a chain link; the last chunk holds exactly what is left.
     fn alloc(nents: usize) -> SgTable {
-        let mut chunks = Vec::with_capacity(nents / (SG_CHUNK_ENTRIES - 1) + 1);
-        let mut left = nents;
-        while left > 0 {
-            let (alloc, used) = if left > SG_CHUNK_ENTRIES {
-                (SG_CHUNK_ENTRIES, SG_CHUNK_ENTRIES - 1)
-            } else {
-                (left, left)
-            };
-            chunks.push(vec![SgEntry::default(); alloc].into_boxed_slice());
-            left -= used;
-        }
-        let n = chunks.len();
-        for (i, c) in chunks.iter_mut().enumerate() {
-            if i + 1 < n
-                && let Some(link) = c.last_mut()
-            {
-                link.page_link = SG_CHAIN;
-            }
+        let per = SG_CHUNK_ENTRIES - 1;
+        let full = if nents > SG_CHUNK_ENTRIES {
+            (nents - 2) / per
+        } else {
+            0
+        };
+        let total = full * SG_CHUNK_ENTRIES + (nents - full * per);
+        let mut slots = vec![SgEntry::default(); total];
+        for k in 0..full {
+            slots[k * SG_CHUNK_ENTRIES + per].page_link = SG_CHAIN;
         }
         SgTable {
-            chunks,
+            slots,
             nents,
             dma_nents: 0,
         }
     }
 
+    fn chunk_used(&self, k: usize, len: usize) -> usize {
+        if (k + 1) * SG_CHUNK_ENTRIES < self.slots.len() {
+            len - 1
+        } else {
+            len
+        }
+    }
+
     /// Entry slots in order (skipping chain links).
     fn entries_mut(&mut self) -> impl Iterator<Item = &mut SgEntry> {
-        let n = self.chunks.len();
-        self.chunks.iter_mut().enumerate().flat_map(move |(i, c)| {
-            let used = if i + 1 < n { c.len() - 1 } else { c.len() };
-            c[..used].iter_mut()
-        })
+        let total = self.slots.len();
+        self.slots
+            .chunks_mut(SG_CHUNK_ENTRIES)
+            .enumerate()
+            .flat_map(move |(k, c)| {
+                let used = if (k + 1) * SG_CHUNK_ENTRIES < total {
+                    c.len() - 1
+                } else {
+                    c.len()
+                };
+                c[..used].iter_mut()
+            })
     }
 
     /// The entries, in order.
     pub fn entries(&self) -> impl Iterator<Item = &SgEntry> {
-        let n = self.chunks.len();
-        self.chunks.iter().enumerate().flat_map(move |(i, c)| {
-            let used = if i + 1 < n { c.len() - 1 } else { c.len() };
-            c[..used].iter()
-        })
+        self.slots
+            .chunks(SG_CHUNK_ENTRIES)
+            .enumerate()
+            .flat_map(move |(k, c)| c[..self.chunk_used(k, c.len())].iter())
     }
 
     /// Build from a page array (`struct page **` → pfns here), `offset` into the first page and
@@ -365,19 +375,14 @@ impl SgTable {
             .map(|e| (e.dma_address, e.dma_length as u64))
     }
 
-    /// Chunks allocated (each a separate allocation, chained).
+    /// Chunks of the kernel layout (each a separate allocation there, chained).
     pub fn chunks(&self) -> usize {
-        self.chunks.len()
+        self.slots.len().div_ceil(SG_CHUNK_ENTRIES)
     }
 
     /// Exact bytes held: the table header plus every chunk (entries and chain links).
     pub fn metadata_bytes(&self) -> u64 {
-        SG_TABLE_HEADER
-            + self
-                .chunks
-                .iter()
-                .map(|c| std::mem::size_of_val(&**c) as u64)
-                .sum::<u64>()
+        SG_TABLE_HEADER + std::mem::size_of_val(&*self.slots) as u64
     }
 }
 
