@@ -668,6 +668,7 @@ mod tests {
     fn translate_checks_underflow_and_alignment() {
         let l = list(&[(0x10000, 0x2000), (0x4000, 0x1000)]).unwrap();
         let t = l
+            .clone()
             .translate(
                 AddrSpace::PciBus {
                     root: 0,
