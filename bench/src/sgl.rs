@@ -167,6 +167,15 @@ pub struct Side {
     pub list_entries: u64,
 }
 
+impl Side {
+    const EMPTY: Side = Side {
+        bytes: 0,
+        entries: 0,
+        page_size: 0,
+        list_entries: 0,
+    };
+}
+
 /// Address-list registration: build, validate, map, choose the page size.
 pub fn addrlist_register(input: &Input) -> Side {
     let scenario = input.scenario;
@@ -195,12 +204,7 @@ pub fn addrlist_register(input: &Input) -> Side {
     };
     // A list that fails validation here is a bug in the scenario, reported as an empty side.
     let Ok(list) = built else {
-        return Side {
-            bytes: 0,
-            entries: 0,
-            page_size: 0,
-            list_entries: 0,
-        };
+        return Side::EMPTY;
     };
     let space = list.space();
     // DMA-map: program bus addresses (phys − bus offset) for the P2P route; host memory is
@@ -214,12 +218,7 @@ pub fn addrlist_register(input: &Input) -> Side {
         space
     };
     let Ok(mapped) = list.translate(mapped_space, BUS_OFFSET) else {
-        return Side {
-            bytes: 0,
-            entries: 0,
-            page_size: 0,
-            list_entries: 0,
-        };
+        return Side::EMPTY;
     };
     let pg = best_page_size(&mapped, 0, MLX5_PGSZ_BITMAP);
     Side {
@@ -234,12 +233,7 @@ pub fn addrlist_register(input: &Input) -> Side {
 pub fn sgtable_register(input: &Input) -> Side {
     let length = input.pfns.len() as u64 * PAGE_SIZE;
     let Ok(mut table) = SgTable::from_pages(&input.pfns, 0, length, u64::MAX) else {
-        return Side {
-            bytes: 0,
-            entries: 0,
-            page_size: 0,
-            list_entries: 0,
-        };
+        return Side::EMPTY;
     };
     let segs = table.dma_map(DmaMapper::Direct {
         bus_offset: BUS_OFFSET,
@@ -294,12 +288,7 @@ fn median_ns(iters: u32, mut f: impl FnMut() -> Side) -> (u64, Side) {
         last = Some(side);
     }
     times.sort_unstable();
-    let side = last.unwrap_or(Side {
-        bytes: 0,
-        entries: 0,
-        page_size: 0,
-        list_entries: 0,
-    });
+    let side = last.unwrap_or(Side::EMPTY);
     (times[times.len() / 2].max(1), side)
 }
 

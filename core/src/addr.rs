@@ -242,37 +242,33 @@ impl AddrList {
                 .collect();
             return AddrList::new(space, hints, page.max(1), ranges);
         }
+        // Dense frames (scattered 4 KiB pages): look for duplicates with one bit per frame in the
+        // same pass that merges. Sparse frames (huge pages spread over RAM): merge only, then
+        // validate the few ranges that result instead of a bitmap of the whole span.
         let span = hi - lo + 1;
-        if span > (pfns.len() as u64).saturating_mul(8) {
-            // Sparse frames (huge pages spread over RAM): merge first, then validate the few
-            // ranges that result, rather than a bitmap of the whole span.
-            let mut ranges: Vec<DmaRange> = Vec::new();
-            for &pfn in pfns {
-                let addr = pfn << page_shift;
-                match ranges.last_mut() {
-                    Some(r) if r.addr + r.len == addr => r.len += page,
-                    _ => ranges.push(DmaRange::new(addr, page)),
-                }
-            }
-            return AddrList::new(space, hints, page, ranges);
-        }
-        // Dense frames: merge and look for duplicates in the same pass.
-        let mut seen = vec![0u64; usize::try_from(span.div_ceil(64)).unwrap_or(usize::MAX)];
+        let dense = span <= (pfns.len() as u64).saturating_mul(8);
+        let mut seen = if dense {
+            vec![0u64; usize::try_from(span.div_ceil(64)).unwrap_or(usize::MAX)]
+        } else {
+            Vec::new()
+        };
         let mut dup = 0u64;
-        let mut ranges: Vec<DmaRange> = Vec::with_capacity(pfns.len());
+        let mut ranges: Vec<DmaRange> = Vec::with_capacity(if dense { pfns.len() } else { 0 });
         for &pfn in pfns {
-            let bit = pfn - lo;
-            let (w, m) = ((bit / 64) as usize, 1u64 << (bit % 64));
-            dup |= seen[w] & m;
-            seen[w] |= m;
+            if dense {
+                let bit = pfn - lo;
+                let (w, m) = ((bit / 64) as usize, 1u64 << (bit % 64));
+                dup |= seen[w] & m;
+                seen[w] |= m;
+            }
             let addr = pfn << page_shift;
             match ranges.last_mut() {
                 Some(r) if r.addr + r.len == addr => r.len += page,
                 _ => ranges.push(DmaRange::new(addr, page)),
             }
         }
-        if dup != 0 {
-            // Name the overlapping ranges through the full check.
+        if !dense || dup != 0 {
+            // Full validation: the sparse case's overlap check, or naming the duplicate.
             return AddrList::new(space, hints, page, ranges);
         }
         let total = pfns.len() as u64 * page;
@@ -469,6 +465,7 @@ fn first_invalid(granule: u64, ranges: &[DmaRange]) -> AddrListError {
             None => return AddrListError::TotalOverflow { index, range },
         }
     }
+    // Unreachable: `validate` calls this only when one of the checks above fails somewhere.
     AddrListError::Empty
 }
 
@@ -479,7 +476,7 @@ fn check_overlap_bitmap(
     shift: u32,
     span: u64,
 ) -> Result<(), AddrListError> {
-    let words = usize::try_from(span.div_ceil(64) + 1).unwrap_or(usize::MAX);
+    let words = usize::try_from(span.div_ceil(64)).unwrap_or(usize::MAX);
     let mut map = vec![0u64; words];
     let mut collided = 0u64;
     for r in ranges {
@@ -738,6 +735,23 @@ mod tests {
                 prop_assert_eq!(l.total_len(), ranges.iter().map(|r| r.1).sum::<u64>());
                 prop_assert_eq!(l.metadata_bytes() as usize,
                     std::mem::size_of::<AddrList>() + 16 * ranges.len());
+            }
+        }
+
+        /// `from_pfns` (dense bitmap and sparse paths) accepts exactly what per-page validation
+        /// accepts, and covers the same bytes.
+        #[test]
+        fn from_pfns_matches_per_page_validation(raw in proptest::collection::vec(0u64..40, 1..40), spread in 1u64..2000) {
+            let pfns: Vec<u64> = raw.iter().map(|p| p * spread).collect();
+            let pages: Vec<(u64, u64)> = pfns.iter().map(|p| (p << 12, 4096)).collect();
+            let fast = AddrList::from_pfns(AddrSpace::CpuPhys, Hints::HOST_MEMORY, 12, &pfns);
+            let full = list(&pages);
+            prop_assert_eq!(fast.is_ok(), full.is_ok(), "{:?}: {:?} vs {:?}", pfns, fast, full);
+            if let (Ok(f), Ok(_)) = (fast, full) {
+                prop_assert_eq!(f.total_len(), 4096 * pfns.len() as u64);
+                let mut bytes: Vec<u64> = f.ranges().iter().flat_map(|r| (r.addr..r.addr + r.len).step_by(4096)).collect();
+                bytes.dedup();
+                prop_assert_eq!(bytes, pages.iter().map(|p| p.0).collect::<Vec<_>>());
             }
         }
 

@@ -136,6 +136,16 @@ pub enum SgError {
     },
 }
 
+/// Entries used in chunk `k` of `len` slots, of `total` slots in all: every chunk but the last
+/// gives its final slot to the chain link.
+fn chunk_used(k: usize, len: usize, total: usize) -> usize {
+    if (k + 1) * SG_CHUNK_ENTRIES < total {
+        len - 1
+    } else {
+        len
+    }
+}
+
 /// A scatterlist table: CPU side (pages) and, after [`SgTable::dma_map`], the DMA side.
 ///
 /// The chunks are laid out back to back in one allocation (chunk `k` is slots
@@ -170,14 +180,6 @@ impl SgTable {
         }
     }
 
-    fn chunk_used(&self, k: usize, len: usize) -> usize {
-        if (k + 1) * SG_CHUNK_ENTRIES < self.slots.len() {
-            len - 1
-        } else {
-            len
-        }
-    }
-
     /// Entry slots in order (skipping chain links).
     fn entries_mut(&mut self) -> impl Iterator<Item = &mut SgEntry> {
         let total = self.slots.len();
@@ -185,21 +187,18 @@ impl SgTable {
             .chunks_mut(SG_CHUNK_ENTRIES)
             .enumerate()
             .flat_map(move |(k, c)| {
-                let used = if (k + 1) * SG_CHUNK_ENTRIES < total {
-                    c.len() - 1
-                } else {
-                    c.len()
-                };
+                let used = chunk_used(k, c.len(), total);
                 c[..used].iter_mut()
             })
     }
 
     /// The entries, in order.
     pub fn entries(&self) -> impl Iterator<Item = &SgEntry> {
+        let total = self.slots.len();
         self.slots
             .chunks(SG_CHUNK_ENTRIES)
             .enumerate()
-            .flat_map(move |(k, c)| c[..self.chunk_used(k, c.len())].iter())
+            .flat_map(move |(k, c)| c[..chunk_used(k, c.len(), total)].iter())
     }
 
     /// Build from a page array (`struct page **` → pfns here), `offset` into the first page and
