@@ -1,0 +1,146 @@
+//! What a backend provides: raw verbs objects, nothing more.
+//!
+//! The revoke/quiesce logic, key checks against revoked regions, leases and completion
+//! bookkeeping live above this layer ([`crate::device`], [`crate::quiesce`]) and run unchanged on
+//! every backend. A backend only has to behave like verbs: keys, bounds and access enforced by
+//! the "hardware", the RC state machine ([`crate::qp::check_modify`]), completions in order per
+//! queue, and `ERR` flushing every outstanding request with [`WcStatus::WrFlushErr`].
+//!
+//! [`WcStatus::WrFlushErr`]: crate::wc::WcStatus::WrFlushErr
+
+use std::fmt;
+use std::os::fd::BorrowedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dmaplane_core::{Accept, AddrList};
+use serde::Serialize;
+
+use crate::access::MrAccess;
+use crate::error::Result;
+use crate::qp::{QpAttr, QpCaps, QpState, RemoteQp};
+use crate::wc::Completion;
+use crate::wr::{RecvWr, SendWr};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    Sim,
+    Verbs,
+}
+
+/// Whether the provider registers dma-buf MRs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "support", rename_all = "kebab-case")]
+pub enum DmaBufMr {
+    Supported,
+    /// The provider answered EOPNOTSUPP (Soft-RoCE does) or something else; why.
+    Unsupported {
+        why: String,
+    },
+    /// Not probed yet.
+    Unknown,
+}
+
+/// What a device tells about itself (for `doctor`, negotiation and page-size selection).
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub kind: BackendKind,
+    /// Firmware / provider / node GUID text, as available.
+    pub description: String,
+    pub port: u8,
+    /// `ACTIVE`, `DOWN`, ...
+    pub port_state: String,
+    pub gid: [u8; 16],
+    pub lid: u16,
+    pub max_mr_size: u64,
+    /// Supported MR page sizes (bit n = 2^n bytes).
+    pub page_size_cap: u64,
+    pub max_qp_wr: u32,
+    pub max_sge: u32,
+    pub dmabuf_mr: DmaBufMr,
+}
+
+/// A registration request: the list to map at `iova`, and the dma-buf it lives in when the
+/// list's space is [`dmaplane_core::AddrSpace::DmaBuf`].
+#[derive(Debug, Clone, Copy)]
+pub struct MrRequest<'a> {
+    pub list: &'a AddrList,
+    pub iova: u64,
+    pub access: MrAccess,
+    pub dmabuf_fd: Option<BorrowedFd<'a>>,
+}
+
+/// How the MR's translation is laid out (the `ib_umem_find_best_pgsz` choice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Translation {
+    pub page_size: u64,
+    pub entries: u64,
+}
+
+/// An asynchronous event (`ibv_get_async_event`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AsyncEvent {
+    /// `IBV_EVENT_*` name, e.g. `QP_FATAL`, `QP_ACCESS_ERR`, `SQ_DRAINED`, `PORT_ERR`.
+    pub kind: String,
+    /// The QP number for QP events.
+    pub qpn: Option<u32>,
+    pub detail: String,
+}
+
+pub trait DeviceBackend: Send + Sync + fmt::Debug {
+    fn info(&self) -> DeviceInfo;
+    /// What registrations this device can consume, best first.
+    fn accepts(&self) -> Vec<Accept>;
+    fn alloc_pd(&self) -> Result<Arc<dyn PdBackend>>;
+    fn create_cq(&self, depth: u32) -> Result<Arc<dyn CqBackend>>;
+    /// Next pending asynchronous event, without blocking.
+    fn poll_async_event(&self) -> Option<AsyncEvent>;
+    /// The fabric device this NIC issues DMA as (simulator only).
+    fn fabric_device(&self) -> Option<dmaplane_core::fabric::DeviceId> {
+        None
+    }
+}
+
+pub trait PdBackend: Send + Sync + fmt::Debug {
+    fn reg_mr(&self, req: &MrRequest<'_>) -> Result<Arc<dyn MrBackend>>;
+    fn create_qp(
+        &self,
+        send_cq: &Arc<dyn CqBackend>,
+        recv_cq: &Arc<dyn CqBackend>,
+        caps: QpCaps,
+    ) -> Result<Arc<dyn QpBackend>>;
+}
+
+pub trait MrBackend: Send + Sync + fmt::Debug {
+    fn lkey(&self) -> u32;
+    fn rkey(&self) -> u32;
+    fn iova(&self) -> u64;
+    fn len(&self) -> u64;
+    fn access(&self) -> MrAccess;
+    fn translation(&self) -> Translation;
+    /// Kill the translation: from return on, every local or remote access through this MR's
+    /// keys fails (remote ones with a remote-access error). Waits for accesses under way.
+    /// The keys are not reused until the MR is dropped. Idempotent.
+    fn zap(&self) -> Result<()>;
+}
+
+pub trait QpBackend: Send + Sync + fmt::Debug {
+    fn qpn(&self) -> u32;
+    fn state(&self) -> QpState;
+    /// This end as a peer needs it for `INIT → RTR` (our QPN, GID, LID and first send PSN).
+    fn endpoint(&self) -> RemoteQp;
+    /// `ibv_modify_qp`; must apply [`crate::qp::check_modify`].
+    fn modify(&self, attr: &QpAttr) -> Result<()>;
+    /// `ibv_post_send`: all or nothing for the batch.
+    fn post_send(&self, wrs: &[SendWr]) -> Result<()>;
+    fn post_recv(&self, wrs: &[RecvWr]) -> Result<()>;
+}
+
+pub trait CqBackend: Send + Sync + fmt::Debug {
+    /// Append up to `max` completions to `out`; returns how many.
+    fn poll(&self, out: &mut Vec<Completion>, max: usize) -> Result<usize>;
+    /// Block until a completion is available or `timeout` passes; true when one is.
+    fn wait(&self, timeout: Duration) -> Result<bool>;
+}

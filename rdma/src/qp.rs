@@ -1,0 +1,382 @@
+//! Queue-pair states, attributes and the verbs modify rules (RC), shared by every backend.
+//!
+//! The rules are the IB spec's table for `ibv_modify_qp` on an RC queue pair: which transitions
+//! exist, and which attributes each one requires. A backend calls [`check_modify`] before it
+//! touches anything, so an illegal transition or a missing attribute is the same error on the
+//! simulator and on real hardware.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::access::MrAccess;
+use crate::error::RdmaError;
+
+/// `enum ibv_qp_state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum QpState {
+    Reset,
+    Init,
+    /// Ready to receive.
+    Rtr,
+    /// Ready to send.
+    Rts,
+    /// Send queue drain: work already started completes, nothing new starts.
+    Sqd,
+    /// Send queue error (UC/UD only in the spec; kept for completeness).
+    Sqe,
+    /// Error: everything outstanding completes as flushed.
+    Err,
+}
+
+impl QpState {
+    /// The numeric value of `enum ibv_qp_state`.
+    pub const fn ibv(self) -> u32 {
+        match self {
+            QpState::Reset => 0,
+            QpState::Init => 1,
+            QpState::Rtr => 2,
+            QpState::Rts => 3,
+            QpState::Sqd => 4,
+            QpState::Sqe => 5,
+            QpState::Err => 6,
+        }
+    }
+
+    /// Receives may be posted (and will be consumed) in this state.
+    pub const fn can_post_recv(self) -> bool {
+        !matches!(self, QpState::Reset)
+    }
+
+    /// Sends may be posted in this state (in SQD they queue without starting; in ERR they
+    /// complete at once as flushed).
+    pub const fn can_post_send(self) -> bool {
+        matches!(
+            self,
+            QpState::Rts | QpState::Sqd | QpState::Sqe | QpState::Err
+        )
+    }
+}
+
+impl fmt::Display for QpState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            QpState::Reset => "RESET",
+            QpState::Init => "INIT",
+            QpState::Rtr => "RTR",
+            QpState::Rts => "RTS",
+            QpState::Sqd => "SQD",
+            QpState::Sqe => "SQE",
+            QpState::Err => "ERR",
+        })
+    }
+}
+
+/// The remote end of a connected QP: what `INIT → RTR` needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteQp {
+    pub qpn: u32,
+    /// RoCE GID of the remote port (the simulator derives one from the fabric device).
+    pub gid: [u8; 16],
+    pub lid: u16,
+    /// The remote's first receive PSN (our `rq_psn` is the remote's `sq_psn`).
+    pub psn: u32,
+}
+
+/// Path MTU (`enum ibv_mtu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mtu {
+    Mtu256,
+    Mtu512,
+    Mtu1024,
+    Mtu2048,
+    Mtu4096,
+}
+
+impl Mtu {
+    pub const fn bytes(self) -> u32 {
+        match self {
+            Mtu::Mtu256 => 256,
+            Mtu::Mtu512 => 512,
+            Mtu::Mtu1024 => 1024,
+            Mtu::Mtu2048 => 2048,
+            Mtu::Mtu4096 => 4096,
+        }
+    }
+
+    pub const fn ibv(self) -> u32 {
+        match self {
+            Mtu::Mtu256 => 1,
+            Mtu::Mtu512 => 2,
+            Mtu::Mtu1024 => 3,
+            Mtu::Mtu2048 => 4,
+            Mtu::Mtu4096 => 5,
+        }
+    }
+}
+
+/// Attributes for one `modify`; `None` means "not in the mask".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QpAttr {
+    pub state: Option<QpState>,
+    pub port: Option<u8>,
+    pub pkey_index: Option<u16>,
+    /// Remote operations the QP allows as a responder.
+    pub access: Option<MrAccess>,
+    pub path_mtu: Option<Mtu>,
+    pub dest: Option<RemoteQp>,
+    pub rq_psn: Option<u32>,
+    pub sq_psn: Option<u32>,
+    pub max_dest_rd_atomic: Option<u8>,
+    pub min_rnr_timer: Option<u8>,
+    pub timeout: Option<u8>,
+    pub retry_cnt: Option<u8>,
+    pub rnr_retry: Option<u8>,
+    pub max_rd_atomic: Option<u8>,
+    /// SQD only: ask for an async "drained" event.
+    pub en_sqd_async_notify: Option<bool>,
+}
+
+impl QpAttr {
+    /// `RESET → INIT` with the usual attributes.
+    pub fn init(port: u8, access: MrAccess) -> QpAttr {
+        QpAttr {
+            state: Some(QpState::Init),
+            port: Some(port),
+            pkey_index: Some(0),
+            access: Some(access),
+            ..QpAttr::default()
+        }
+    }
+
+    /// `INIT → RTR` towards `dest`.
+    pub fn rtr(dest: RemoteQp, mtu: Mtu) -> QpAttr {
+        QpAttr {
+            state: Some(QpState::Rtr),
+            path_mtu: Some(mtu),
+            rq_psn: Some(dest.psn),
+            dest: Some(dest),
+            max_dest_rd_atomic: Some(16),
+            min_rnr_timer: Some(12),
+            ..QpAttr::default()
+        }
+    }
+
+    /// `RTR → RTS` with our first send PSN.
+    pub fn rts(sq_psn: u32) -> QpAttr {
+        QpAttr {
+            state: Some(QpState::Rts),
+            sq_psn: Some(sq_psn),
+            timeout: Some(14),
+            retry_cnt: Some(7),
+            rnr_retry: Some(7),
+            max_rd_atomic: Some(16),
+            ..QpAttr::default()
+        }
+    }
+
+    /// Only a state change (`RTS → SQD`, `SQD → RTS`, `* → ERR`, `* → RESET`).
+    pub fn to(state: QpState) -> QpAttr {
+        QpAttr {
+            state: Some(state),
+            ..QpAttr::default()
+        }
+    }
+
+    fn has(&self, name: &str) -> bool {
+        match name {
+            "port" => self.port.is_some(),
+            "pkey_index" => self.pkey_index.is_some(),
+            "access" => self.access.is_some(),
+            "path_mtu" => self.path_mtu.is_some(),
+            "dest" => self.dest.is_some(),
+            "rq_psn" => self.rq_psn.is_some(),
+            "sq_psn" => self.sq_psn.is_some(),
+            "max_dest_rd_atomic" => self.max_dest_rd_atomic.is_some(),
+            "min_rnr_timer" => self.min_rnr_timer.is_some(),
+            "timeout" => self.timeout.is_some(),
+            "retry_cnt" => self.retry_cnt.is_some(),
+            "rnr_retry" => self.rnr_retry.is_some(),
+            "max_rd_atomic" => self.max_rd_atomic.is_some(),
+            _ => false,
+        }
+    }
+}
+
+/// Required attributes per transition (IB spec, RC).
+fn required(from: QpState, to: QpState) -> Option<&'static [&'static str]> {
+    use QpState::*;
+    Some(match (from, to) {
+        (_, Reset) | (_, Err) => &[],
+        (Reset, Init) => &["port", "pkey_index", "access"],
+        (Init, Init) => &[],
+        (Init, Rtr) => &[
+            "path_mtu",
+            "dest",
+            "rq_psn",
+            "max_dest_rd_atomic",
+            "min_rnr_timer",
+        ],
+        (Rtr, Rts) => &[
+            "sq_psn",
+            "timeout",
+            "retry_cnt",
+            "rnr_retry",
+            "max_rd_atomic",
+        ],
+        (Rts, Rts) | (Rts, Sqd) | (Sqd, Sqd) | (Sqd, Rts) | (Sqe, Rts) => &[],
+        _ => return None,
+    })
+}
+
+/// Check `attr` against the modify rules for a QP in `from`. Returns the target state.
+pub fn check_modify(qpn: u32, from: QpState, attr: &QpAttr) -> Result<QpState, RdmaError> {
+    let to = attr.state.unwrap_or(from);
+    let Some(req) = required(from, to) else {
+        return Err(RdmaError::IllegalTransition { qpn, from, to });
+    };
+    if let Some(missing) = req.iter().find(|a| !attr.has(a)) {
+        return Err(RdmaError::MissingAttr {
+            qpn,
+            from,
+            to,
+            attr: missing,
+        });
+    }
+    if let Some(a) = attr.access {
+        a.validate().map_err(|why| RdmaError::InvalidAttr {
+            qpn,
+            attr: "access",
+            value: a.to_string(),
+            why,
+        })?;
+    }
+    if let Some(p) = attr.port
+        && p == 0
+    {
+        return Err(RdmaError::InvalidAttr {
+            qpn,
+            attr: "port",
+            value: "0".into(),
+            why: "ports are numbered from 1",
+        });
+    }
+    Ok(to)
+}
+
+/// Queue sizes asked for at creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QpCaps {
+    pub max_send_wr: u32,
+    pub max_recv_wr: u32,
+    pub max_send_sge: u32,
+    pub max_recv_sge: u32,
+}
+
+impl Default for QpCaps {
+    fn default() -> Self {
+        QpCaps {
+            max_send_wr: 256,
+            max_recv_wr: 256,
+            max_send_sge: crate::wr::MAX_SGE as u32,
+            max_recv_sge: crate::wr::MAX_SGE as u32,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use QpState::*;
+
+    const ALL: [QpState; 7] = [Reset, Init, Rtr, Rts, Sqd, Sqe, Err];
+
+    fn full(to: QpState) -> QpAttr {
+        let mut a = QpAttr::init(1, MrAccess::ALL);
+        let r = QpAttr::rtr(
+            RemoteQp {
+                qpn: 9,
+                gid: [0; 16],
+                lid: 0,
+                psn: 1,
+            },
+            Mtu::Mtu4096,
+        );
+        let s = QpAttr::rts(5);
+        a.path_mtu = r.path_mtu;
+        a.dest = r.dest;
+        a.rq_psn = r.rq_psn;
+        a.max_dest_rd_atomic = r.max_dest_rd_atomic;
+        a.min_rnr_timer = r.min_rnr_timer;
+        a.sq_psn = s.sq_psn;
+        a.timeout = s.timeout;
+        a.retry_cnt = s.retry_cnt;
+        a.rnr_retry = s.rnr_retry;
+        a.max_rd_atomic = s.max_rd_atomic;
+        a.state = Some(to);
+        a
+    }
+
+    #[test]
+    fn legal_transitions_are_exactly_the_spec_table() {
+        let legal = [
+            (Reset, Init),
+            (Init, Init),
+            (Init, Rtr),
+            (Rtr, Rts),
+            (Rts, Rts),
+            (Rts, Sqd),
+            (Sqd, Sqd),
+            (Sqd, Rts),
+            (Sqe, Rts),
+        ];
+        for from in ALL {
+            for to in ALL {
+                let ok = to == Reset || to == Err || legal.contains(&(from, to));
+                let got = check_modify(7, from, &full(to));
+                assert_eq!(got.is_ok(), ok, "{from} -> {to}: {got:?}");
+                if !ok {
+                    assert_eq!(
+                        got.unwrap_err().to_string(),
+                        format!("QP 0x7: illegal transition {from} -> {to}")
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn missing_attribute_is_named() {
+        let mut a = QpAttr::rtr(
+            RemoteQp {
+                qpn: 1,
+                gid: [0; 16],
+                lid: 0,
+                psn: 0,
+            },
+            Mtu::Mtu1024,
+        );
+        a.dest = None;
+        let e = check_modify(3, Init, &a).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "QP 0x3: INIT -> RTR needs attribute `dest` (not in the mask)"
+        );
+        let e = check_modify(3, Rtr, &QpAttr::to(Rts)).unwrap_err();
+        assert!(e.to_string().contains("`sq_psn`"), "{e}");
+    }
+
+    #[test]
+    fn bad_access_and_port_rejected() {
+        let mut a = QpAttr::init(1, MrAccess::REMOTE_WRITE);
+        let e = check_modify(1, Reset, &a).unwrap_err();
+        assert!(
+            e.to_string().contains("REMOTE_WRITE requires LOCAL_WRITE"),
+            "{e}"
+        );
+        a = QpAttr::init(0, MrAccess::ALL);
+        let e = check_modify(1, Reset, &a).unwrap_err();
+        assert!(e.to_string().contains("port"), "{e}");
+    }
+}
