@@ -118,6 +118,9 @@ pub trait MrBackend: Send + Sync + fmt::Debug {
     fn rkey(&self) -> u32;
     fn iova(&self) -> u64;
     fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     fn access(&self) -> MrAccess;
     fn translation(&self) -> Translation;
     /// Kill the translation: from return on, every local or remote access through this MR's
@@ -136,9 +139,17 @@ pub trait QpBackend: Send + Sync + fmt::Debug {
     /// `ibv_post_send`: all or nothing for the batch.
     fn post_send(&self, wrs: &[SendWr]) -> Result<()>;
     fn post_recv(&self, wrs: &[RecvWr]) -> Result<()>;
+    /// Call `f` once no request of this QP is executing and none can start (the QP is in ERR,
+    /// or in SQD with the drain done): at once if that holds now, else from whatever sees it
+    /// happen, never under a QP lock. Returns false when the backend cannot tell (then the
+    /// caller waits for every outstanding completion instead, which is always safe).
+    fn on_quiesced(&self, f: Box<dyn FnOnce() + Send>) -> bool {
+        drop(f);
+        false
+    }
 }
 
-pub trait CqBackend: Send + Sync + fmt::Debug {
+pub trait CqBackend: std::any::Any + Send + Sync + fmt::Debug {
     /// Append up to `max` completions to `out`; returns how many.
     fn poll(&self, out: &mut Vec<Completion>, max: usize) -> Result<usize>;
     /// Block until a completion is available or `timeout` passes; true when one is.

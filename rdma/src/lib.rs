@@ -7,14 +7,27 @@
 
 pub mod access;
 pub mod backend;
+pub mod device;
 pub mod error;
+pub mod lease;
+pub mod oob;
 pub mod qp;
+pub mod quiesce;
+pub mod sim;
+mod sync;
+mod timer;
+#[cfg(feature = "verbs")]
+pub mod verbs;
 pub mod wc;
 pub mod wr;
 
 pub use access::MrAccess;
 pub use backend::{BackendKind, DeviceInfo, DmaBufMr};
+pub use device::{Cq, Device, Mr, Pd, Qp};
 pub use error::{RdmaError, Result};
+pub use lease::{ControlLink, ControlMsg, RemoteMr};
 pub use qp::{Mtu, QpAttr, QpCaps, QpState, RemoteQp};
+pub use quiesce::{ImportOptions, QuiescePolicy, QuiesceStats, RdmaImporter};
+pub use sim::{SimNetwork, SimNic};
 pub use wc::{Completion, WcOpcode, WcStatus};
 pub use wr::{MAX_SGE, RecvWr, RemoteAddr, SendOp, SendWr, SgList, Sge};

@@ -1,7 +1,9 @@
 //! `dmaplane`: peer-to-peer, zero-copy data movement — inspect, benchmark, stress.
 
 mod bench;
+mod stress;
 mod topo;
+mod verbs_stress;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +30,11 @@ enum Cmd {
         #[command(subcommand)]
         which: bench::BenchCmd,
     },
+    /// Stress tests that must end with nothing lost and nothing written after a revoke.
+    Stress {
+        #[command(subcommand)]
+        which: stress::StressCmd,
+    },
 }
 
 fn main() {
@@ -42,6 +49,7 @@ fn main() {
     let res = match &cli.cmd {
         Cmd::Topo(args) => topo::run(args, cli.json),
         Cmd::Bench { which } => bench::run(which, cli.json),
+        Cmd::Stress { which } => stress::run(which, cli.json),
     };
     if let Err(e) = res {
         eprintln!("dmaplane: {e:#}");

@@ -109,3 +109,49 @@ fn bench_sgl_json_has_the_promised_fields() {
         "{err}"
     );
 }
+
+#[test]
+fn stress_revoke_sim_loses_nothing_and_nothing_lands_after_the_ack() {
+    for quiesce in ["flush", "drain"] {
+        let (ok, out, err) = dmaplane(&[
+            "stress",
+            "revoke",
+            "--backend",
+            "sim",
+            "--qps",
+            "4",
+            "--depth",
+            "16",
+            "--revokes",
+            "10",
+            "--seconds",
+            "0.2",
+            "--quiesce",
+            quiesce,
+            "--json",
+        ]);
+        assert!(ok, "{quiesce}: {out}\n{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["lost"], 0, "{out}");
+        assert_eq!(v["post_ack_accesses"], 0, "{out}");
+        assert_eq!(v["corrupt"], 0, "{out}");
+        assert_eq!(v["revokes"], 10, "{out}");
+        assert!(v["bytes_verified"].as_u64().unwrap() > 0, "{out}");
+        let p = v["posted"].as_u64().unwrap();
+        let done = ["completed_ok", "flushed", "failed"]
+            .iter()
+            .map(|k| v[k].as_u64().unwrap())
+            .sum::<u64>();
+        assert_eq!(p, done, "{out}");
+    }
+}
+
+#[test]
+fn stress_rejects_bad_arguments_naming_the_field() {
+    let (ok, _, err) = dmaplane(&["stress", "revoke", "--qps", "0"]);
+    assert!(!ok);
+    assert!(err.contains("--qps"), "{err}");
+    let (ok, _, err) = dmaplane(&["stress", "revoke", "--backend", "verbs", "--revokes", "1"]);
+    assert!(!ok);
+    assert!(err.contains("verbs"), "{err}");
+}

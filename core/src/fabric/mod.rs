@@ -459,6 +459,41 @@ impl Fabric {
         })?
     }
 
+    /// `src_dev` reads `len` bytes at `src` and `dst_dev` writes them at `dst` — an RDMA
+    /// transfer between two NICs' views of the fabric (requester reads, responder writes, or
+    /// the reverse for RDMA READ). Each side is checked against its own device's grant; both
+    /// windows are held for the duration of the copy.
+    pub fn dma_transfer(
+        &self,
+        src_dev: DeviceId,
+        src: u64,
+        dst_dev: DeviceId,
+        dst: u64,
+        len: u64,
+    ) -> Result<(), DmaFault> {
+        if src_dev == dst_dev {
+            return self.dma_copy(src_dev, src, dst, len);
+        }
+        let n = usize::try_from(len).unwrap_or(usize::MAX);
+        self.access(src_dev, "read", src, len, Access::READ, |sw, st| {
+            if sw.contains(dst, len) {
+                // Same window (loopback): its lock is held, check the writer's grant in place.
+                if st
+                    .grants
+                    .iter()
+                    .any(|g| g.1 == dst_dev && g.2.contains(Access::WRITE))
+                {
+                    sw.mem.copy_from(dst - sw.base, &sw.mem, src - sw.base, n);
+                    return Ok(());
+                }
+                return Err(self.fault(dst_dev, "write", dst, len, FaultKind::NoGrant));
+            }
+            self.access(dst_dev, "write", dst, len, Access::WRITE, |dw, _| {
+                dw.mem.copy_from(dst - dw.base, &sw.mem, src - sw.base, n);
+            })
+        })?
+    }
+
     /// CPU access to a window by its owner (the exporter's own view of its memory), bypassing
     /// grants but not revocation.
     pub fn cpu_write(&self, window: &WindowHandle, off: u64, data: &[u8]) -> bool {

@@ -1,0 +1,90 @@
+//! Two simulated hosts on the built-in topology: host A is socket 0 (`mem0`, `nic0`), host B is
+//! socket 1 (`mem1`, `nic1`). Shared by `demo`, `stress revoke --backend sim` and `bench rdma`.
+
+use std::sync::Arc;
+
+use dmaplane_core::fabric::{DeviceId, Fabric, HostMemory};
+use dmaplane_core::topology::builtin;
+use dmaplane_rdma::{Cq, Device, ImportOptions, Mr, MrAccess, Pd, Qp, QpCaps, Result, SimNetwork};
+
+/// One simulated host: its memory device, its NIC, a PD and one CQ.
+#[derive(Debug)]
+pub struct Host {
+    pub mem: DeviceId,
+    pub nic_dev: DeviceId,
+    pub dev: Device,
+    pub pd: Pd,
+    pub cq: Cq,
+}
+
+#[derive(Debug)]
+pub struct World {
+    pub fabric: Fabric,
+    pub net: SimNetwork,
+    pub a: Host,
+    pub b: Host,
+}
+
+fn host(net: &SimNetwork, mem: &str, nic: &str, cq_depth: u32) -> Result<Host> {
+    let sim = net.nic(nic)?;
+    let nic_dev = sim.device_id();
+    let dev = Device::new(sim);
+    let pd = dev.alloc_pd()?;
+    let cq = dev.create_cq(cq_depth)?;
+    let mem = net
+        .fabric()
+        .device(mem)
+        .map_err(|e| dmaplane_rdma::RdmaError::NoDevice { why: e.to_string() })?;
+    Ok(Host {
+        mem,
+        nic_dev,
+        dev,
+        pd,
+        cq,
+    })
+}
+
+impl World {
+    pub fn new(cq_depth: u32) -> Result<World> {
+        let fabric = Fabric::with_topology(builtin::testbed());
+        let net = SimNetwork::new(&fabric);
+        let a = host(&net, "mem0", "nic0", cq_depth)?;
+        let b = host(&net, "mem1", "nic1", cq_depth)?;
+        Ok(World { fabric, net, a, b })
+    }
+
+    /// `n` connected QP pairs between A and B.
+    pub fn connect(&self, n: usize, caps: QpCaps) -> Result<Vec<(Qp, Qp)>> {
+        (0..n)
+            .map(|_| {
+                let qa = self.a.pd.create_qp(&self.a.cq, &self.a.cq, caps)?;
+                let qb = self.b.pd.create_qp(&self.b.cq, &self.b.cq, caps)?;
+                qa.connect(qb.endpoint(), MrAccess::ALL)?;
+                qb.connect(qa.endpoint(), MrAccess::ALL)?;
+                Ok((qa, qb))
+            })
+            .collect()
+    }
+}
+
+impl Host {
+    /// Host memory of this host, exported and imported by this host's NIC.
+    pub fn memory(&self, fabric: &Fabric, name: &str, size: u64) -> Result<HostMemory> {
+        HostMemory::new(fabric, self.mem, name, size).map_err(|e| {
+            dmaplane_rdma::RdmaError::InvalidRegistration {
+                field: "size",
+                value: size.to_string(),
+                why: e.to_string(),
+            }
+        })
+    }
+
+    pub fn import(&self, mem: &HostMemory, name: &str, opts: ImportOptions) -> Result<Mr> {
+        let nic = self.nic_dev;
+        self.pd
+            .import(name, opts, None, |i, acc| mem.attach(i, nic, acc))
+    }
+}
+
+/// Shared so the revoker can hand the traffic thread a new target.
+pub type Shared<T> = Arc<std::sync::Mutex<T>>;

@@ -1,0 +1,588 @@
+//! The safe API: device, protection domain, memory region, completion queue, queue pair — one
+//! set of types over every backend. Every post is checked against the regions' revoke state and
+//! recorded, every completion is matched back to its request, so the quiesce logic in
+//! [`crate::quiesce`] knows exactly what is in flight where.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use dmaplane_core::{AddrList, Attachment};
+
+use crate::access::MrAccess;
+use crate::backend::{
+    AsyncEvent, CqBackend, DeviceBackend, DeviceInfo, MrBackend, MrRequest, PdBackend, QpBackend,
+    Translation,
+};
+use crate::error::{RdmaError, Result};
+use crate::lease::{Holder, LocalLink, RemoteMr};
+use crate::qp::{Mtu, QpAttr, QpCaps, QpState, RemoteQp};
+use crate::quiesce::Tracker;
+use crate::sync::{lock, read, write};
+use crate::wc::Completion;
+use crate::wr::{MAX_SGE, RecvWr, SendWr, Sge};
+
+/// An RDMA device of any backend.
+#[derive(Debug, Clone)]
+pub struct Device {
+    pub(crate) backend: Arc<dyn DeviceBackend>,
+    pub(crate) tracker: Arc<Tracker>,
+}
+
+impl Device {
+    pub fn new(backend: Arc<dyn DeviceBackend>) -> Device {
+        let info = backend.info();
+        Device {
+            tracker: Tracker::new(info.name.clone(), info.gid),
+            backend,
+        }
+    }
+
+    pub fn info(&self) -> DeviceInfo {
+        self.backend.info()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.tracker.name
+    }
+
+    pub fn backend(&self) -> &Arc<dyn DeviceBackend> {
+        &self.backend
+    }
+
+    pub fn alloc_pd(&self) -> Result<Pd> {
+        Ok(Pd {
+            backend: self.backend.alloc_pd()?,
+            dev: self.clone(),
+        })
+    }
+
+    pub fn create_cq(&self, depth: u32) -> Result<Cq> {
+        Ok(Cq {
+            backend: self.backend.create_cq(depth)?,
+            tracker: self.tracker.clone(),
+            scratch: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Drain the asynchronous events seen so far.
+    pub fn async_events(&self) -> Vec<AsyncEvent> {
+        std::iter::from_fn(|| self.backend.poll_async_event()).collect()
+    }
+
+    /// Counters of the quiesce machinery.
+    pub fn stats(&self) -> crate::quiesce::QuiesceStats {
+        self.tracker.stats()
+    }
+
+    /// Give `holder` a lease on `mr` (both simulated or in one process): the holder may post
+    /// one-sided operations to it until the owner revokes, and acknowledges revokes in-process.
+    pub fn lease(&self, mr: &Mr, holder: &Device) -> Arc<RemoteMr> {
+        let remote = Arc::new(RemoteMr {
+            owner: self.tracker.gid,
+            owner_name: self.tracker.name.clone(),
+            addr: mr.iova(),
+            len: mr.len(),
+            rkey: mr.rkey(),
+            access: mr.access(),
+            revoked: AtomicU64::new(0),
+            link: Arc::new(LocalLink {
+                peer: Arc::downgrade(&self.tracker),
+                name: self.tracker.name.clone(),
+            }),
+        });
+        holder.tracker.add_remote(remote.clone());
+        lock(&mr.shared.holders).push(Holder {
+            gid: holder.tracker.gid,
+            link: Arc::new(LocalLink {
+                peer: Arc::downgrade(&holder.tracker),
+                name: holder.tracker.name.clone(),
+            }),
+        });
+        remote
+    }
+}
+
+/// A protection domain.
+#[derive(Debug, Clone)]
+pub struct Pd {
+    pub(crate) backend: Arc<dyn PdBackend>,
+    pub(crate) dev: Device,
+}
+
+impl Pd {
+    pub fn device(&self) -> &Device {
+        &self.dev
+    }
+
+    /// Register memory that no exporter governs (the caller owns it for the MR's lifetime).
+    pub fn reg_mr(&self, list: &AddrList, access: MrAccess) -> Result<Mr> {
+        let iova = list.ranges().first().map_or(0, |r| r.addr);
+        let backend = self.backend.reg_mr(&MrRequest {
+            list,
+            iova,
+            access,
+            dmabuf_fd: None,
+        })?;
+        Ok(Mr::from_backend(self, backend, access, None))
+    }
+
+    pub fn create_qp(&self, send_cq: &Cq, recv_cq: &Cq, caps: QpCaps) -> Result<Qp> {
+        let backend = self
+            .backend
+            .create_qp(&send_cq.backend, &recv_cq.backend, caps)?;
+        let qpn = backend.qpn();
+        let shared = Arc::new(QpShared {
+            qpn,
+            backend,
+            tracker: self.dev.tracker.clone(),
+            track: Mutex::new(Track {
+                send: Ring::new(caps.max_send_wr),
+                recv: Ring::new(caps.max_recv_wr),
+                conn: None,
+                recover_pending: false,
+                scratch_send: Vec::new(),
+                scratch_recv: Vec::new(),
+            }),
+        });
+        write(&self.dev.tracker.qps).insert(qpn, Arc::downgrade(&shared));
+        Ok(Qp { shared })
+    }
+}
+
+/// What one registration knows beyond the backend object.
+pub(crate) struct MrShared {
+    pub(crate) backend: RwLock<Arc<dyn MrBackend>>,
+    /// Keys of the current registration (they change when a dynamic importer re-registers).
+    pub(crate) lkey: AtomicU64,
+    /// 0 while usable; epoch + 1 once invalidated.
+    pub(crate) revoked: AtomicU64,
+    pub(crate) access: MrAccess,
+    pub(crate) holders: Mutex<Vec<Holder>>,
+    pub(crate) attachment: Mutex<Option<Attachment>>,
+    pub(crate) import: Option<crate::quiesce::ImportInfo>,
+}
+
+impl std::fmt::Debug for MrShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MrShared")
+            .field("lkey", &self.lkey)
+            .field("revoked", &self.revoked)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A registered memory region.
+#[derive(Debug, Clone)]
+pub struct Mr {
+    pub(crate) shared: Arc<MrShared>,
+}
+
+impl Mr {
+    pub(crate) fn from_backend(
+        pd: &Pd,
+        backend: Arc<dyn MrBackend>,
+        access: MrAccess,
+        import: Option<crate::quiesce::ImportInfo>,
+    ) -> Mr {
+        let key = backend.lkey();
+        let shared = Arc::new(MrShared {
+            lkey: AtomicU64::new(u64::from(key)),
+            backend: RwLock::new(backend),
+            revoked: AtomicU64::new(0),
+            access,
+            holders: Mutex::new(Vec::new()),
+            attachment: Mutex::new(None),
+            import,
+        });
+        pd.dev.tracker.add_mr(key, &shared);
+        Mr { shared }
+    }
+
+    fn b(&self) -> Arc<dyn MrBackend> {
+        read(&self.shared.backend).clone()
+    }
+
+    pub fn lkey(&self) -> u32 {
+        self.b().lkey()
+    }
+    pub fn rkey(&self) -> u32 {
+        self.b().rkey()
+    }
+    pub fn iova(&self) -> u64 {
+        self.b().iova()
+    }
+    pub fn len(&self) -> u64 {
+        self.b().len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn access(&self) -> MrAccess {
+        self.shared.access
+    }
+    pub fn translation(&self) -> Translation {
+        self.b().translation()
+    }
+    /// The epoch it was revoked at, if it was.
+    pub fn revoked_at(&self) -> Option<u64> {
+        match self.shared.revoked.load(Ordering::Acquire) {
+            0 => None,
+            e => Some(e - 1),
+        }
+    }
+
+    /// How the registration was negotiated (for imported regions).
+    pub fn negotiation(&self) -> Option<String> {
+        self.shared.import.as_ref().map(|i| i.summary.clone())
+    }
+
+    /// A scatter/gather element `len` bytes at `offset` into the region.
+    pub fn sge(&self, offset: u64, len: u32) -> Sge {
+        let b = self.b();
+        Sge {
+            addr: b.iova().wrapping_add(offset),
+            length: len,
+            lkey: b.lkey(),
+        }
+    }
+}
+
+/// The request ring of one queue: user wr_ids and the keys each request references, indexed by
+/// sequence number (which is what the backend sees as wr_id).
+#[derive(Debug)]
+pub(crate) struct Ring {
+    pub(crate) slots: Vec<Slot>,
+    pub(crate) posted: u64,
+    pub(crate) done: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Slot {
+    pub(crate) wr_id: u64,
+    pub(crate) lkeys: [u32; MAX_SGE],
+    pub(crate) nkeys: u8,
+    /// The remote rkey of a one-sided request (0 = none).
+    pub(crate) rkey: u32,
+    pub(crate) one_sided: bool,
+}
+
+impl Slot {
+    pub(crate) fn uses_lkey(&self, key: u32) -> bool {
+        self.lkeys[..usize::from(self.nkeys)].contains(&key)
+    }
+}
+
+impl Ring {
+    fn new(cap: u32) -> Ring {
+        Ring {
+            slots: vec![Slot::default(); cap.max(1) as usize],
+            posted: 0,
+            done: 0,
+        }
+    }
+    pub(crate) fn outstanding(&self) -> u64 {
+        self.posted - self.done
+    }
+    pub(crate) fn slot(&self, seq: u64) -> &Slot {
+        &self.slots[(seq % self.slots.len() as u64) as usize]
+    }
+    fn slot_mut(&mut self, seq: u64) -> &mut Slot {
+        let n = self.slots.len() as u64;
+        &mut self.slots[(seq % n) as usize]
+    }
+    /// Outstanding sequence numbers.
+    pub(crate) fn live(&self) -> std::ops::Range<u64> {
+        self.done..self.posted
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Conn {
+    pub(crate) port: u8,
+    pub(crate) access: MrAccess,
+    pub(crate) dest: RemoteQp,
+    pub(crate) mtu: Mtu,
+}
+
+#[derive(Debug)]
+pub(crate) struct Track {
+    pub(crate) send: Ring,
+    pub(crate) recv: Ring,
+    pub(crate) conn: Option<Conn>,
+    /// Return to RTS once every outstanding completion is reaped.
+    pub(crate) recover_pending: bool,
+    scratch_send: Vec<SendWr>,
+    scratch_recv: Vec<RecvWr>,
+}
+
+#[derive(Debug)]
+pub(crate) struct QpShared {
+    pub(crate) qpn: u32,
+    pub(crate) backend: Arc<dyn QpBackend>,
+    pub(crate) tracker: Arc<Tracker>,
+    pub(crate) track: Mutex<Track>,
+}
+
+/// A reliable-connected queue pair.
+#[derive(Debug, Clone)]
+pub struct Qp {
+    pub(crate) shared: Arc<QpShared>,
+}
+
+impl Drop for QpShared {
+    fn drop(&mut self) {
+        write(&self.tracker.qps).remove(&self.qpn);
+    }
+}
+
+impl Qp {
+    pub fn qpn(&self) -> u32 {
+        self.shared.qpn
+    }
+
+    pub fn state(&self) -> QpState {
+        self.shared.backend.state()
+    }
+
+    /// This end, for the peer's `connect`.
+    pub fn endpoint(&self) -> RemoteQp {
+        self.shared.backend.endpoint()
+    }
+
+    /// Raw `modify`, with the verbs rules.
+    pub fn modify(&self, attr: &QpAttr) -> Result<()> {
+        self.shared.backend.modify(attr)
+    }
+
+    /// RESET → INIT → RTR → RTS towards `dest`, remembering the attributes for recovery.
+    pub fn connect(&self, dest: RemoteQp, access: MrAccess) -> Result<()> {
+        let conn = Conn {
+            port: 1,
+            access,
+            dest,
+            mtu: Mtu::Mtu4096,
+        };
+        self.shared.bring_up(&conn)?;
+        lock(&self.shared.track).conn = Some(conn);
+        Ok(())
+    }
+
+    /// Requests posted and not yet completed: (send, recv).
+    pub fn outstanding(&self) -> (u64, u64) {
+        let t = lock(&self.shared.track);
+        (t.send.outstanding(), t.recv.outstanding())
+    }
+
+    /// Post send requests, all or none. Local keys, bounds and rights are checked here (a
+    /// precise error instead of a protection-error completion), as are leases on remote keys;
+    /// a request touching a revoked region fails with [`RdmaError::Revoked`].
+    pub fn post_send(&self, wrs: &[SendWr]) -> Result<()> {
+        let s = &self.shared;
+        let mut t = lock(&s.track);
+        let state = s.backend.state();
+        if !state.can_post_send() {
+            return Err(RdmaError::WrongState {
+                qpn: s.qpn,
+                state,
+                op: "send",
+            });
+        }
+        if t.send.outstanding() + wrs.len() as u64 > t.send.slots.len() as u64 {
+            return Err(RdmaError::QueueFull {
+                qpn: s.qpn,
+                queue: "send",
+                depth: t.send.slots.len() as u32,
+            });
+        }
+        let dest = t.conn.map(|c| c.dest.gid);
+        let mut out = std::mem::take(&mut t.scratch_send);
+        out.clear();
+        let mut seq = t.send.posted;
+        for wr in wrs {
+            let what = || {
+                format!(
+                    "QP {:#x} work request {} ({})",
+                    s.qpn,
+                    wr.wr_id,
+                    wr.op.name()
+                )
+            };
+            let need = if wr.op.writes_local() {
+                MrAccess::LOCAL_WRITE
+            } else {
+                MrAccess::NONE
+            };
+            let mut slot = Slot {
+                wr_id: wr.wr_id,
+                ..Slot::default()
+            };
+            for (i, sge) in wr.sg.as_slice().iter().enumerate() {
+                if let Err(e) = s.tracker.check_local(sge, need, &what) {
+                    t.scratch_send = out;
+                    return Err(e);
+                }
+                slot.lkeys[i] = sge.lkey;
+            }
+            slot.nkeys = wr.sg.as_slice().len() as u8;
+            if wr.op.is_one_sided() {
+                let rneed = if wr.op.writes_local() {
+                    MrAccess::REMOTE_READ
+                } else {
+                    MrAccess::REMOTE_WRITE
+                };
+                if let Some(gid) = dest
+                    && let Err(e) =
+                        s.tracker
+                            .check_remote(gid, wr.remote, wr.sg.total(), rneed, &what)
+                {
+                    t.scratch_send = out;
+                    return Err(e);
+                }
+                slot.rkey = wr.remote.rkey;
+                slot.one_sided = true;
+            }
+            *t.send.slot_mut(seq) = slot;
+            let mut b = *wr;
+            b.wr_id = seq;
+            out.push(b);
+            seq += 1;
+        }
+        let r = s.backend.post_send(&out);
+        if r.is_ok() {
+            t.send.posted = seq;
+        }
+        t.scratch_send = out;
+        r
+    }
+
+    pub fn post_recv(&self, wrs: &[RecvWr]) -> Result<()> {
+        let s = &self.shared;
+        let mut t = lock(&s.track);
+        if t.recv.outstanding() + wrs.len() as u64 > t.recv.slots.len() as u64 {
+            return Err(RdmaError::QueueFull {
+                qpn: s.qpn,
+                queue: "recv",
+                depth: t.recv.slots.len() as u32,
+            });
+        }
+        let mut out = std::mem::take(&mut t.scratch_recv);
+        out.clear();
+        let mut seq = t.recv.posted;
+        for wr in wrs {
+            let what = || format!("QP {:#x} receive {}", s.qpn, wr.wr_id);
+            let mut slot = Slot {
+                wr_id: wr.wr_id,
+                ..Slot::default()
+            };
+            for (i, sge) in wr.sg.as_slice().iter().enumerate() {
+                if let Err(e) = s.tracker.check_local(sge, MrAccess::LOCAL_WRITE, &what) {
+                    t.scratch_recv = out;
+                    return Err(e);
+                }
+                slot.lkeys[i] = sge.lkey;
+            }
+            slot.nkeys = wr.sg.as_slice().len() as u8;
+            *t.recv.slot_mut(seq) = slot;
+            let mut b = *wr;
+            b.wr_id = seq;
+            out.push(b);
+            seq += 1;
+        }
+        let r = s.backend.post_recv(&out);
+        if r.is_ok() {
+            t.recv.posted = seq;
+        }
+        t.scratch_recv = out;
+        r
+    }
+}
+
+impl QpShared {
+    pub(crate) fn bring_up(&self, c: &Conn) -> Result<()> {
+        let b = &self.backend;
+        if b.state() != QpState::Reset {
+            b.modify(&QpAttr::to(QpState::Reset))?;
+        }
+        b.modify(&QpAttr::init(c.port, c.access))?;
+        b.modify(&QpAttr::rtr(c.dest, c.mtu))?;
+        b.modify(&QpAttr::rts(b.endpoint().psn))
+    }
+
+    /// Back to RTS after a flush once every outstanding completion is reaped.
+    pub(crate) fn try_recover(&self, t: &mut Track) {
+        if !t.recover_pending || t.send.outstanding() != 0 || t.recv.outstanding() != 0 {
+            return;
+        }
+        let state = self.backend.state();
+        let r = match (state, t.conn) {
+            (QpState::Err, Some(c)) => self.bring_up(&c),
+            (QpState::Sqd, _) => self.backend.modify(&QpAttr::to(QpState::Rts)),
+            _ => Ok(()),
+        };
+        t.recover_pending = false;
+        match r {
+            Ok(()) => tracing::debug!(qpn = self.qpn, "recovered to RTS"),
+            Err(e) => tracing::warn!(qpn = self.qpn, error = %e, "recovery failed"),
+        }
+    }
+}
+
+/// A completion queue.
+#[derive(Debug)]
+pub struct Cq {
+    pub(crate) backend: Arc<dyn CqBackend>,
+    pub(crate) tracker: Arc<Tracker>,
+    scratch: Mutex<Vec<Completion>>,
+}
+
+impl Cq {
+    /// Append up to `max` completions to `out`, with the caller's wr_ids. Also advances any
+    /// quiesce waiting on these completions and recovers flushed queue pairs.
+    pub fn poll(&self, out: &mut Vec<Completion>, max: usize) -> Result<usize> {
+        let mut raw = lock(&self.scratch);
+        raw.clear();
+        let n = self.backend.poll(&mut raw, max)?;
+        let mut cur: Option<(u32, Arc<QpShared>)> = None;
+        for wc in raw.iter() {
+            let qp = match &cur {
+                Some((q, s)) if *q == wc.qp_num => s.clone(),
+                _ => match read(&self.tracker.qps)
+                    .get(&wc.qp_num)
+                    .and_then(Weak::upgrade)
+                {
+                    Some(s) => {
+                        cur = Some((wc.qp_num, s.clone()));
+                        s
+                    }
+                    None => {
+                        out.push(*wc);
+                        continue;
+                    }
+                },
+            };
+            let mut t = lock(&qp.track);
+            let ring = if wc.is_send() {
+                &mut t.send
+            } else {
+                &mut t.recv
+            };
+            let seq = wc.wr_id;
+            let mut user = *wc;
+            user.wr_id = ring.slot(seq).wr_id;
+            // Completions are in order per queue: everything up to `seq` is done.
+            ring.done = ring.done.max(seq + 1);
+            out.push(user);
+            self.tracker.completions_reaped(&qp, &mut t);
+        }
+        Ok(n)
+    }
+
+    pub fn wait(&self, timeout: Duration) -> Result<bool> {
+        self.backend.wait(timeout)
+    }
+}
+
+/// Registrations by key, for the post-time checks.
+pub(crate) type MrMap = HashMap<u32, Weak<MrShared>>;

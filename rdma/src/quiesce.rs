@@ -1,0 +1,713 @@
+//! Revoke by quiescing — the importer side of the contract in `dmaplane_core::revoke`, written
+//! once for every backend.
+//!
+//! When an exporter invalidates memory an MR maps ([`RdmaImporter::invalidate`], which never
+//! blocks):
+//! 1. the MR is marked revoked: every later post that names its key fails at once with
+//!    [`RdmaError::Revoked`] carrying the epoch (posts check under the QP's lock, and the scan in
+//!    step 3 takes the same lock, so no post slips between the mark and the scan);
+//! 2. every peer holding a lease on its rkey is sent `LeaseRevoke`; each stops posting to it,
+//!    quiesces its own requests that target it, and answers `LeaseAck`. A peer that has not
+//!    answered by the cut-off (three quarters of the way to the exporter's deadline) is cut off:
+//!    the zap goes ahead and its later accesses fail at the NIC with remote-access errors;
+//! 3. every local QP with outstanding requests that use the MR is quiesced by the attachment's
+//!    [`QuiescePolicy`]: `Flush` moves it to ERR (what has not started completes as flushed;
+//!    only DMA already under way finishes); `Drain` moves it to SQD so what was posted before
+//!    completes, up to a deadline after which it is flushed;
+//! 4. once every QP is quiescent (the backend says so, or every outstanding completion has been
+//!    reaped) and every lease is settled, the MR's translation is zapped and the fence is
+//!    signalled. Drained QPs go back to RTS; flushed ones do when `recover` was asked for, as
+//!    soon as their flushed completions are reaped. Every posted request gets exactly one
+//!    completion.
+
+use std::collections::HashMap;
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use dmaplane_core::{
+    AddrSpace, AttachError, Attachment, Importer, ImporterKind, Invalidation, SpaceKind,
+};
+use serde::Serialize;
+
+use crate::access::MrAccess;
+use crate::backend::MrRequest;
+use crate::device::{Mr, MrMap, MrShared, Pd, QpShared, Track};
+use crate::error::{RdmaError, Result};
+use crate::lease::{ControlMsg, RemoteMr};
+use crate::qp::{QpAttr, QpState};
+use crate::sync::{lock, read, write};
+use crate::timer::Timer;
+use crate::wr::{RemoteAddr, Sge};
+
+/// How an attachment's queue pairs are quiesced on revoke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "policy", rename_all = "kebab-case")]
+pub enum QuiescePolicy {
+    /// Move affected QPs to ERR at once.
+    Flush,
+    /// Move them to SQD and let what was posted finish, up to `deadline`; then flush.
+    Drain { deadline: Duration },
+}
+
+/// Options for [`Pd::import`].
+#[derive(Debug, Clone, Copy)]
+pub struct ImportOptions {
+    pub access: MrAccess,
+    pub kind: ImporterKind,
+    pub policy: QuiescePolicy,
+    /// Bring flushed QPs back to RTS once their completions are reaped.
+    pub recover: bool,
+}
+
+impl Default for ImportOptions {
+    fn default() -> Self {
+        ImportOptions {
+            access: MrAccess::ALL,
+            kind: ImporterKind::Pinned,
+            policy: QuiescePolicy::Flush,
+            recover: true,
+        }
+    }
+}
+
+/// How an imported MR came to be.
+#[derive(Debug, Clone)]
+pub(crate) struct ImportInfo {
+    pub(crate) summary: String,
+    pub(crate) opts: ImportOptions,
+}
+
+/// Counters of the quiesce machinery, per device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct QuiesceStats {
+    pub invalidations: u64,
+    pub qps_flushed: u64,
+    pub qps_drained: u64,
+    pub drains_timed_out: u64,
+    pub leases_revoked: u64,
+    pub lease_acks: u64,
+    pub holders_cut_off: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    invalidations: AtomicU64,
+    qps_flushed: AtomicU64,
+    qps_drained: AtomicU64,
+    drains_timed_out: AtomicU64,
+    leases_revoked: AtomicU64,
+    lease_acks: AtomicU64,
+    holders_cut_off: AtomicU64,
+}
+
+/// A countdown: runs its finish once every registered condition is met. Starts with one token
+/// held by the setup, so it cannot finish before everything is registered.
+pub(crate) struct Pending {
+    remaining: AtomicUsize,
+    finish: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Pending {
+    fn new(finish: impl FnOnce() + Send + 'static) -> Arc<Pending> {
+        Arc::new(Pending {
+            remaining: AtomicUsize::new(1),
+            finish: Mutex::new(Some(Box::new(finish))),
+        })
+    }
+    fn add(&self, n: usize) {
+        self.remaining.fetch_add(n, Ordering::SeqCst);
+    }
+    pub(crate) fn done_one(&self) {
+        if self.remaining.fetch_sub(1, Ordering::SeqCst) == 1
+            && let Some(f) = lock(&self.finish).take()
+        {
+            f();
+        }
+    }
+}
+
+/// A wait on completions, for backends that cannot report quiescence themselves.
+struct SeqWait {
+    qpn: u32,
+    send: u64,
+    recv: u64,
+    latch: Arc<Pending>,
+}
+
+struct LeaseWait {
+    waiting: Vec<[u8; 16]>,
+    latch: Arc<Pending>,
+}
+
+/// Leases this device holds, by (owner GID, rkey).
+type Leases = HashMap<([u8; 16], u32), Arc<RemoteMr>>;
+
+/// Per-device bookkeeping: registrations, queue pairs, leases held, quiesces in progress.
+pub(crate) struct Tracker {
+    pub(crate) name: String,
+    pub(crate) gid: [u8; 16],
+    pub(crate) mrs: RwLock<MrMap>,
+    pub(crate) qps: RwLock<HashMap<u32, Weak<QpShared>>>,
+    remotes: RwLock<Leases>,
+    seq_waits: Mutex<Vec<SeqWait>>,
+    n_seq_waits: AtomicUsize,
+    lease_waits: Mutex<HashMap<(u32, u64), LeaseWait>>,
+    timer: Timer,
+    counters: Counters,
+    me: Weak<Tracker>,
+}
+
+impl std::fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracker")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Tracker {
+    pub(crate) fn new(name: String, gid: [u8; 16]) -> Arc<Tracker> {
+        Arc::new_cyclic(|me| Tracker {
+            name,
+            gid,
+            mrs: RwLock::new(HashMap::new()),
+            qps: RwLock::new(HashMap::new()),
+            remotes: RwLock::new(HashMap::new()),
+            seq_waits: Mutex::new(Vec::new()),
+            n_seq_waits: AtomicUsize::new(0),
+            lease_waits: Mutex::new(HashMap::new()),
+            timer: Timer::default(),
+            counters: Counters::default(),
+            me: me.clone(),
+        })
+    }
+
+    pub(crate) fn stats(&self) -> QuiesceStats {
+        let c = &self.counters;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        QuiesceStats {
+            invalidations: g(&c.invalidations),
+            qps_flushed: g(&c.qps_flushed),
+            qps_drained: g(&c.qps_drained),
+            drains_timed_out: g(&c.drains_timed_out),
+            leases_revoked: g(&c.leases_revoked),
+            lease_acks: g(&c.lease_acks),
+            holders_cut_off: g(&c.holders_cut_off),
+        }
+    }
+
+    pub(crate) fn add_mr(&self, key: u32, mr: &Arc<MrShared>) {
+        let mut m = write(&self.mrs);
+        m.retain(|_, w| w.strong_count() > 0);
+        m.insert(key, Arc::downgrade(mr));
+    }
+
+    pub(crate) fn add_remote(&self, r: Arc<RemoteMr>) {
+        write(&self.remotes).insert((r.owner, r.rkey), r);
+    }
+
+    /// Post-time check of a local scatter/gather element.
+    pub(crate) fn check_local(
+        &self,
+        sge: &Sge,
+        need: MrAccess,
+        what: &dyn Fn() -> String,
+    ) -> Result<()> {
+        let mr = read(&self.mrs).get(&sge.lkey).and_then(Weak::upgrade);
+        let Some(mr) = mr else {
+            return Err(RdmaError::BadKey {
+                what: what(),
+                key_kind: "lkey",
+                key: sge.lkey,
+            });
+        };
+        let rev = mr.revoked.load(Ordering::Acquire);
+        if rev != 0 {
+            return Err(RdmaError::Revoked {
+                what: format!("{}: MR {:#x}", what(), sge.lkey),
+                epoch: rev - 1,
+                why: "its exporter invalidated the memory".into(),
+            });
+        }
+        let b = read(&mr.backend);
+        let (start, len) = (b.iova(), b.len());
+        let end = sge.addr.checked_add(u64::from(sge.length));
+        if sge.addr < start || end.is_none_or(|e| e > start + len) {
+            return Err(RdmaError::OutOfBounds {
+                what: what(),
+                key: sge.lkey,
+                addr: sge.addr,
+                len: u64::from(sge.length),
+                start,
+                mr_len: len,
+            });
+        }
+        if !mr.access.contains(need) {
+            return Err(RdmaError::AccessDenied {
+                what: what(),
+                key: sge.lkey,
+                have: mr.access,
+                need,
+            });
+        }
+        Ok(())
+    }
+
+    /// Post-time check of a one-sided target against the lease we hold on it, if any.
+    pub(crate) fn check_remote(
+        &self,
+        owner: [u8; 16],
+        remote: RemoteAddr,
+        len: u64,
+        need: MrAccess,
+        what: &dyn Fn() -> String,
+    ) -> Result<()> {
+        let r = read(&self.remotes).get(&(owner, remote.rkey)).cloned();
+        let Some(r) = r else { return Ok(()) };
+        let rev = r.revoked.load(Ordering::Acquire);
+        if rev != 0 {
+            return Err(RdmaError::Revoked {
+                what: format!(
+                    "{}: remote MR {:#x} of {}",
+                    what(),
+                    remote.rkey,
+                    r.owner_name
+                ),
+                epoch: rev - 1,
+                why: "its owner withdrew the lease".into(),
+            });
+        }
+        let end = remote.addr.checked_add(len);
+        if remote.addr < r.addr || end.is_none_or(|e| e > r.addr + r.len) {
+            return Err(RdmaError::OutOfBounds {
+                what: what(),
+                key: remote.rkey,
+                addr: remote.addr,
+                len,
+                start: r.addr,
+                mr_len: r.len,
+            });
+        }
+        if !r.access.contains(need) {
+            return Err(RdmaError::AccessDenied {
+                what: what(),
+                key: remote.rkey,
+                have: r.access,
+                need,
+            });
+        }
+        Ok(())
+    }
+
+    fn live_qps(&self) -> Vec<Arc<QpShared>> {
+        read(&self.qps).values().filter_map(Weak::upgrade).collect()
+    }
+
+    /// Register "QP quiescent" as one condition of `latch`.
+    fn wait_quiescent(&self, qp: &Arc<QpShared>, send: u64, recv: u64, latch: &Arc<Pending>) {
+        latch.add(1);
+        let l = latch.clone();
+        if qp.backend.on_quiesced(Box::new(move || l.done_one())) {
+            return;
+        }
+        lock(&self.seq_waits).push(SeqWait {
+            qpn: qp.qpn,
+            send,
+            recv,
+            latch: latch.clone(),
+        });
+        self.n_seq_waits.fetch_add(1, Ordering::SeqCst);
+        // The completions may all be in already.
+        let mut t = lock(&qp.track);
+        self.completions_reaped(qp, &mut t);
+    }
+
+    /// Called with the QP's track lock held after completions were matched.
+    pub(crate) fn completions_reaped(&self, qp: &QpShared, t: &mut Track) {
+        if self.n_seq_waits.load(Ordering::SeqCst) > 0 {
+            let mut done = Vec::new();
+            {
+                let mut w = lock(&self.seq_waits);
+                w.retain(|s| {
+                    let hit = s.qpn == qp.qpn && t.send.done >= s.send && t.recv.done >= s.recv;
+                    if hit {
+                        done.push(s.latch.clone());
+                    }
+                    !hit
+                });
+                self.n_seq_waits.store(w.len(), Ordering::SeqCst);
+            }
+            done.iter().for_each(|l| l.done_one());
+        }
+        qp.try_recover(t);
+    }
+
+    /// Step 1–4 for one MR (see the module docs).
+    fn quiesce_mr(&self, mr: &Arc<MrShared>, inv: &Invalidation, opts: ImportOptions) {
+        bump(&self.counters.invalidations, 1);
+        mr.revoked.store(inv.epoch + 1, Ordering::SeqCst);
+        let (lkey, rkey) = {
+            let b = read(&mr.backend);
+            (b.lkey(), b.rkey())
+        };
+        let fence = inv.fence.clone();
+        let zap_mr = mr.clone();
+        let name = self.name.clone();
+        let latch = Pending::new(move || {
+            if let Err(e) = read(&zap_mr.backend).zap() {
+                tracing::error!(device = %name, error = %e, "zap failed");
+            }
+            fence.signal();
+        });
+        // Step 2: leases.
+        let holders = lock(&mr.holders).clone();
+        if !holders.is_empty() {
+            bump(&self.counters.leases_revoked, holders.len() as u64);
+            latch.add(holders.len());
+            lock(&self.lease_waits).insert(
+                (rkey, inv.epoch),
+                LeaseWait {
+                    waiting: holders.iter().map(|h| h.gid).collect(),
+                    latch: latch.clone(),
+                },
+            );
+            let now = Instant::now();
+            let cut = now + inv.fence.deadline().saturating_duration_since(now) * 3 / 4;
+            let me = self.me.clone();
+            let epoch = inv.epoch;
+            self.timer.at(cut, move || {
+                if let Some(t) = me.upgrade() {
+                    t.cut_off(rkey, epoch);
+                }
+            });
+            let flush = opts.policy == QuiescePolicy::Flush;
+            for h in &holders {
+                let msg = ControlMsg::LeaseRevoke {
+                    owner: self.gid,
+                    rkey,
+                    epoch: inv.epoch,
+                    flush,
+                };
+                if let Err(e) = h.link.send(msg) {
+                    tracing::warn!(device = %self.name, peer = %h.link.peer(), error = %e, "lease revoke not delivered");
+                    self.settle_lease(rkey, inv.epoch, h.gid, false);
+                }
+            }
+        }
+        // Step 3: local queue pairs using the MR.
+        for qp in self.live_qps() {
+            let (send, recv, uses) = {
+                let mut t = lock(&qp.track);
+                let uses = t.send.live().any(|s| t.send.slot(s).uses_lkey(lkey))
+                    || t.recv.live().any(|s| t.recv.slot(s).uses_lkey(lkey));
+                if uses && opts.recover {
+                    t.recover_pending = true;
+                }
+                (t.send.posted, t.recv.posted, uses)
+            };
+            if !uses {
+                continue;
+            }
+            self.apply_policy(&qp, opts.policy);
+            self.wait_quiescent(&qp, send, recv, &latch);
+        }
+        latch.done_one();
+    }
+
+    fn apply_policy(&self, qp: &Arc<QpShared>, policy: QuiescePolicy) {
+        let r = match policy {
+            QuiescePolicy::Flush => {
+                bump(&self.counters.qps_flushed, 1);
+                qp.backend.modify(&QpAttr::to(QpState::Err))
+            }
+            QuiescePolicy::Drain { deadline } => {
+                bump(&self.counters.qps_drained, 1);
+                let r = if qp.backend.state() == QpState::Rts {
+                    qp.backend.modify(&QpAttr::to(QpState::Sqd))
+                } else {
+                    Ok(())
+                };
+                lock(&qp.track).recover_pending = true;
+                let weak = Arc::downgrade(qp);
+                let me = self.me.clone();
+                self.timer.at(Instant::now() + deadline, move || {
+                    let (Some(qp), Some(t)) = (weak.upgrade(), me.upgrade()) else {
+                        return;
+                    };
+                    if qp.backend.state() == QpState::Sqd {
+                        let busy = lock(&qp.track).send.outstanding() > 0;
+                        if busy {
+                            bump(&t.counters.drains_timed_out, 1);
+                            tracing::warn!(device = %t.name, qpn = qp.qpn, "drain deadline passed: flushing");
+                            if let Err(e) = qp.backend.modify(&QpAttr::to(QpState::Err)) {
+                                tracing::error!(qpn = qp.qpn, error = %e, "flush after drain failed");
+                            }
+                        }
+                    }
+                });
+                r
+            }
+        };
+        if let Err(e) = r {
+            // A QP already in ERR or RESET is quiescent as it is.
+            tracing::debug!(device = %self.name, qpn = qp.qpn, error = %e, "quiesce modify");
+        }
+    }
+
+    /// The holder side of `LeaseRevoke`, and the owner side of `LeaseAck`.
+    pub(crate) fn on_control(&self, msg: ControlMsg) {
+        match msg {
+            ControlMsg::LeaseRevoke {
+                owner,
+                rkey,
+                epoch,
+                flush,
+            } => {
+                // The entry stays (marked) so a post racing with this revoke still sees it.
+                let Some(remote) = read(&self.remotes).get(&(owner, rkey)).cloned() else {
+                    tracing::debug!(device = %self.name, rkey, "revoke of a lease we do not hold");
+                    return;
+                };
+                remote.revoked.store(epoch + 1, Ordering::SeqCst);
+                let me = self.gid;
+                let r2 = remote.clone();
+                let latch = Pending::new(move || {
+                    let ack = ControlMsg::LeaseAck {
+                        holder: me,
+                        rkey,
+                        epoch,
+                    };
+                    if let Err(e) = r2.link.send(ack) {
+                        tracing::warn!(error = %e, "lease ack not delivered");
+                    }
+                });
+                for qp in self.live_qps() {
+                    let (send, uses) = {
+                        let mut t = lock(&qp.track);
+                        let to_owner = t.conn.is_some_and(|c| c.dest.gid == owner);
+                        let uses = to_owner
+                            && t.send.live().any(|s| {
+                                let sl = t.send.slot(s);
+                                sl.one_sided && sl.rkey == rkey
+                            });
+                        if uses && flush {
+                            t.recover_pending = true;
+                        }
+                        (t.send.posted, uses)
+                    };
+                    if !uses {
+                        continue;
+                    }
+                    if flush {
+                        self.apply_policy(&qp, QuiescePolicy::Flush);
+                        self.wait_quiescent(&qp, send, 0, &latch);
+                    } else {
+                        // Drain: other traffic on the QP goes on; wait for ours to complete.
+                        latch.add(1);
+                        lock(&self.seq_waits).push(SeqWait {
+                            qpn: qp.qpn,
+                            send,
+                            recv: 0,
+                            latch: latch.clone(),
+                        });
+                        self.n_seq_waits.fetch_add(1, Ordering::SeqCst);
+                        let mut t = lock(&qp.track);
+                        self.completions_reaped(&qp, &mut t);
+                    }
+                }
+                latch.done_one();
+            }
+            ControlMsg::LeaseAck {
+                holder,
+                rkey,
+                epoch,
+            } => {
+                bump(&self.counters.lease_acks, 1);
+                self.settle_lease(rkey, epoch, holder, true);
+            }
+        }
+    }
+
+    fn settle_lease(&self, rkey: u32, epoch: u64, holder: [u8; 16], _acked: bool) {
+        let latch = {
+            let mut w = lock(&self.lease_waits);
+            let Some(lw) = w.get_mut(&(rkey, epoch)) else {
+                return;
+            };
+            let Some(i) = lw.waiting.iter().position(|g| *g == holder) else {
+                return;
+            };
+            lw.waiting.swap_remove(i);
+            let l = lw.latch.clone();
+            if lw.waiting.is_empty() {
+                w.remove(&(rkey, epoch));
+            }
+            l
+        };
+        latch.done_one();
+    }
+
+    /// The lease deadline passed: whoever has not acknowledged is cut off.
+    fn cut_off(&self, rkey: u32, epoch: u64) {
+        let Some(lw) = lock(&self.lease_waits).remove(&(rkey, epoch)) else {
+            return;
+        };
+        for g in &lw.waiting {
+            bump(&self.counters.holders_cut_off, 1);
+            tracing::warn!(device = %self.name, rkey, holder = ?g, "lease holder did not acknowledge: cut off");
+            lw.latch.done_one();
+        }
+    }
+}
+
+/// The core [`Importer`] for one imported MR.
+pub struct RdmaImporter {
+    name: String,
+    opts: ImportOptions,
+    tracker: Weak<Tracker>,
+    mr: Mutex<Weak<MrShared>>,
+}
+
+impl std::fmt::Debug for RdmaImporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RdmaImporter")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Importer for RdmaImporter {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn kind(&self) -> ImporterKind {
+        self.opts.kind
+    }
+    fn invalidate(&self, inv: Invalidation) {
+        let mr = lock(&self.mr).upgrade();
+        match (self.tracker.upgrade(), mr) {
+            (Some(t), Some(mr)) => t.quiesce_mr(&mr, &inv, self.opts),
+            // Nothing registered (yet, or any more): nothing can touch the memory.
+            _ => inv.fence.signal(),
+        }
+    }
+}
+
+impl Pd {
+    /// Import exported memory as an MR. `attach` attaches the given importer to the exporter
+    /// with these accepts (e.g. `|i, a| host.attach(i, nic_device, a)`). When the provider
+    /// refuses the negotiated space (EOPNOTSUPP for dma-buf MRs), that space is dropped from the
+    /// accepts and the next offer is negotiated; [`Mr::negotiation`] says what happened.
+    pub fn import<F>(
+        &self,
+        name: &str,
+        opts: ImportOptions,
+        dmabuf_fd: Option<BorrowedFd<'_>>,
+        mut attach: F,
+    ) -> Result<Mr>
+    where
+        F: FnMut(Arc<dyn Importer>, &[dmaplane_core::Accept]) -> Result<Attachment, AttachError>,
+    {
+        let need = opts.access.needs();
+        let mut accepts: Vec<_> = self
+            .dev
+            .backend
+            .accepts()
+            .into_iter()
+            .map(|mut a| {
+                a.access = need;
+                a
+            })
+            .collect();
+        let mut notes: Vec<String> = Vec::new();
+        loop {
+            let importer = Arc::new(RdmaImporter {
+                name: format!("{}/{name}", self.dev.name()),
+                opts,
+                tracker: Arc::downgrade(&self.dev.tracker),
+                mr: Mutex::new(Weak::new()),
+            });
+            let att = attach(importer.clone(), &accepts)?;
+            let map = att.map()?;
+            let space = map.list.space();
+            let iova = map.list.ranges().first().map_or(0, |r| r.addr);
+            let fd = match space {
+                AddrSpace::DmaBuf { .. } => dmabuf_fd,
+                _ => None,
+            };
+            let req = MrRequest {
+                list: &map.list,
+                iova,
+                access: opts.access,
+                dmabuf_fd: fd,
+            };
+            match self.backend.reg_mr(&req) {
+                Ok(b) => {
+                    let mut summary = att.negotiated().summary();
+                    for n in &notes {
+                        summary.push_str("; ");
+                        summary.push_str(n);
+                    }
+                    let mr =
+                        Mr::from_backend(self, b, opts.access, Some(ImportInfo { summary, opts }));
+                    *lock(&importer.mr) = Arc::downgrade(&mr.shared);
+                    // A revoke that raced with the registration found no MR to quiesce.
+                    if let Err(e) = att.check(map.epoch) {
+                        let _ = read(&mr.shared.backend).zap();
+                        return Err(e.into());
+                    }
+                    *lock(&mr.shared.attachment) = Some(att);
+                    return Ok(mr);
+                }
+                Err(RdmaError::Unsupported { op, why, .. }) if accepts.len() > 1 => {
+                    let kind: SpaceKind = space.kind();
+                    notes.push(format!("{op} refused ({why}): fell back from {kind:?}"));
+                    tracing::info!(device = %self.dev.name(), ?kind, %why, "registration refused: renegotiating");
+                    accepts.retain(|a| a.space != kind);
+                    drop(att);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Mr {
+    /// After a move: a dynamic importer maps the new list and registers it (new keys, leases
+    /// must be handed out again). Returns the new epoch; fails if the export is revoked.
+    pub fn refresh(&self, pd: &Pd) -> Result<u64> {
+        let att_guard = lock(&self.shared.attachment);
+        let Some(att) = att_guard.as_ref() else {
+            return Err(RdmaError::InvalidRegistration {
+                field: "mr",
+                value: format!("{:#x}", self.lkey()),
+                why: "not an imported region".into(),
+            });
+        };
+        let map = att.map()?;
+        let opts = self
+            .shared
+            .import
+            .as_ref()
+            .map(|i| i.opts)
+            .unwrap_or_default();
+        let iova = map.list.ranges().first().map_or(0, |r| r.addr);
+        let b = pd.backend.reg_mr(&MrRequest {
+            list: &map.list,
+            iova,
+            access: opts.access,
+            dmabuf_fd: None,
+        })?;
+        pd.dev.tracker.add_mr(b.lkey(), &self.shared);
+        *write(&self.shared.backend) = b;
+        lock(&self.shared.holders).clear();
+        self.shared.revoked.store(0, Ordering::SeqCst);
+        Ok(map.epoch)
+    }
+}

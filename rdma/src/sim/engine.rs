@@ -1,0 +1,403 @@
+//! The NIC's engine: one thread per simulated NIC that takes work requests from queue pairs whose
+//! doorbell rang, checks them as hardware does, and moves the bytes with fabric DMA.
+//!
+//! The requester's engine also plays the responder (the wire is instant): it checks the remote
+//! key, bounds, rights and QP state on the peer NIC and issues the peer-side DMA as the peer
+//! NIC's fabric device, so each side is held to its own grants.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use dmaplane_core::fabric::{DeviceId, DmaFault};
+
+use crate::access::MrAccess;
+use crate::qp::QpState;
+use crate::wc::{WcOpcode, WcStatus};
+use crate::wr::{SendOp, SendWr, Sge};
+
+use super::mr::{MrFault, SimMr};
+use super::qp::{QpInner, SimQp, opcode_of};
+use super::{NicShared, lock};
+
+/// Requests one QP may run before the engine moves on to the next (fairness).
+const QP_BUDGET: usize = 32;
+/// Idle spins before the engine parks.
+const SPINS: u32 = 2000;
+
+#[derive(Debug, Default)]
+pub(crate) struct Engine {
+    ready: Mutex<VecDeque<Arc<SimQp>>>,
+    cv: Condvar,
+    parked: AtomicBool,
+    stop: AtomicBool,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Engine {
+    pub(crate) fn ring(&self, qp: Arc<SimQp>) {
+        lock(&self.ready).push_back(qp);
+        if self.parked.load(Ordering::SeqCst) {
+            self.cv.notify_one();
+        }
+    }
+
+    pub(crate) fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.cv.notify_all();
+        if let Some(t) = lock(&self.thread).take()
+            && t.thread().id() != std::thread::current().id()
+        {
+            let _ = t.join();
+        }
+    }
+}
+
+pub(crate) fn start(nic: &Arc<NicShared>) {
+    let weak = Arc::downgrade(nic);
+    let name = format!("sim-nic-{}", nic.name);
+    let handle = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || run(weak))
+        .ok();
+    if handle.is_none() {
+        tracing::error!(nic = %nic.name, "could not start the NIC engine thread");
+    }
+    *lock(&nic.engine.thread) = handle;
+}
+
+fn run(weak: Weak<NicShared>) {
+    let mut scratch = Scratch::default();
+    let mut idle = 0u32;
+    loop {
+        let Some(nic) = weak.upgrade() else { return };
+        let e = &nic.engine;
+        if e.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let next = lock(&e.ready).pop_front();
+        match next {
+            Some(qp) => {
+                idle = 0;
+                if process(&qp, &mut scratch) {
+                    e.ring(qp);
+                }
+            }
+            None if idle < SPINS => {
+                idle += 1;
+                std::hint::spin_loop();
+                if idle.is_multiple_of(64) {
+                    std::thread::yield_now();
+                }
+            }
+            None => {
+                let mut ready = lock(&e.ready);
+                e.parked.store(true, Ordering::SeqCst);
+                while ready.is_empty() && !e.stop.load(Ordering::SeqCst) {
+                    ready = match e.cv.wait_timeout(ready, Duration::from_millis(50)) {
+                        Ok((g, _)) => g,
+                        Err(p) => p.into_inner().0,
+                    };
+                }
+                e.parked.store(false, Ordering::SeqCst);
+                idle = 0;
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Scratch {
+    src: Vec<(u64, u64)>,
+    dst: Vec<(u64, u64)>,
+}
+
+/// Run up to [`QP_BUDGET`] requests of `qp`. True when it should go back on the ready list.
+fn process(qp: &Arc<SimQp>, scratch: &mut Scratch) -> bool {
+    for _ in 0..QP_BUDGET {
+        let (wr, peer) = {
+            let mut inner = lock(&qp.inner);
+            match take(qp, &mut inner) {
+                Some(x) => x,
+                None => {
+                    inner.queued = false;
+                    return false;
+                }
+            }
+        };
+        let outcome = execute(qp, &wr, &peer, scratch);
+        let mut inner = lock(&qp.inner);
+        inner.busy = false;
+        let (status, byte_len) = outcome;
+        if wr.signaled || !status.is_ok() {
+            let wc = qp.wc(wr.wr_id, status, opcode_of(wr.op), byte_len, None);
+            qp.send_cq.push(&[wc]);
+        }
+        if !status.is_ok() && inner.state != QpState::Err {
+            tracing::debug!(nic = %qp.nic.name, qpn = qp.qpn, wr_id = wr.wr_id, %status, "request failed: QP to ERR");
+            qp.set_state(&mut inner, QpState::Err);
+        }
+        if inner.state == QpState::Err {
+            qp.flush(&mut inner);
+        }
+        if inner.state == QpState::Sqd && inner.sqd_budget == 0 {
+            qp.nic
+                .event("SQ_DRAINED", Some(qp.qpn), "send queue drained".into());
+        }
+        let waiters = inner.take_waiters();
+        drop(inner);
+        waiters.into_iter().for_each(|f| f());
+    }
+    let mut inner = lock(&qp.inner);
+    let more = !inner.sq.is_empty()
+        && match inner.state {
+            QpState::Rts => true,
+            QpState::Sqd => inner.sqd_budget > 0,
+            _ => false,
+        };
+    inner.queued = more;
+    more
+}
+
+/// Take the next request that may start, marking the QP busy.
+fn take(qp: &SimQp, inner: &mut QpInner) -> Option<(SendWr, Weak<SimQp>)> {
+    match inner.state {
+        QpState::Rts => {}
+        QpState::Sqd if inner.sqd_budget > 0 => inner.sqd_budget -= 1,
+        QpState::Err => {
+            qp.flush(inner);
+            return None;
+        }
+        _ => return None,
+    }
+    let wr = inner.sq.pop_front()?;
+    inner.busy = true;
+    if inner.peer.strong_count() == 0
+        && let Some(dest) = inner.dest
+    {
+        inner.peer = qp.resolve_peer(&dest);
+    }
+    Some((wr, inner.peer.clone()))
+}
+
+type Outcome = (WcStatus, u32);
+
+fn local_mr(qp: &SimQp, sge: &Sge) -> Result<Arc<SimMr>, WcStatus> {
+    match qp.nic.mr(sge.lkey) {
+        Some(mr) if mr.pd == qp.pd => Ok(mr),
+        _ => Err(WcStatus::LocProtErr),
+    }
+}
+
+/// Responder-side key check; a violation also moves the responder QP to ERR, as on hardware.
+fn remote_mr(
+    peer: &SimQp,
+    rkey: u32,
+    addr: u64,
+    len: u64,
+    need: MrAccess,
+) -> Result<Arc<SimMr>, WcStatus> {
+    let qp_allows = lock(&peer.inner).access.contains(need);
+    let fault = match peer.nic.mr(rkey) {
+        None => Some(MrFault::Key),
+        Some(mr) if mr.pd != peer.pd => Some(MrFault::Pd),
+        Some(_) if !qp_allows => Some(MrFault::Access),
+        Some(mr) => match mr.check(addr, len, need) {
+            Ok(()) => return Ok(mr),
+            Err(f) => Some(f),
+        },
+    };
+    if let Some(f) = fault {
+        peer.nic.event(
+            "QP_ACCESS_ERR",
+            Some(peer.qpn),
+            format!("rkey {rkey:#x} [{addr:#x}, +{len:#x}) refused: {f:?}"),
+        );
+        let mut inner = lock(&peer.inner);
+        if inner.state != QpState::Err {
+            peer.to_error(&mut inner);
+        }
+    }
+    Err(WcStatus::RemAccessErr)
+}
+
+fn peer_ready(peer: &Weak<SimQp>) -> Result<Arc<SimQp>, WcStatus> {
+    let p = peer.upgrade().ok_or(WcStatus::RetryExcErr)?;
+    match p.fast_state() {
+        QpState::Rtr | QpState::Rts | QpState::Sqd => Ok(p),
+        _ => Err(WcStatus::RetryExcErr),
+    }
+}
+
+fn execute(qp: &SimQp, wr: &SendWr, peer: &Weak<SimQp>, s: &mut Scratch) -> Outcome {
+    match run_wr(qp, wr, peer, s) {
+        Ok(n) => (WcStatus::Success, n),
+        Err(st) => (st, 0),
+    }
+}
+
+fn run_wr(qp: &SimQp, wr: &SendWr, peer: &Weak<SimQp>, s: &mut Scratch) -> Result<u32, WcStatus> {
+    let total = wr.sg.total();
+    let total32 = u32::try_from(total).map_err(|_| WcStatus::LocLenErr)?;
+    let local_need = if wr.op.writes_local() {
+        MrAccess::LOCAL_WRITE
+    } else {
+        MrAccess::NONE
+    };
+    let peer = peer_ready(peer)?;
+    match wr.op {
+        SendOp::RdmaWrite | SendOp::RdmaWriteWithImm(_) | SendOp::RdmaRead => {
+            let read = matches!(wr.op, SendOp::RdmaRead);
+            let need = if read {
+                MrAccess::REMOTE_READ
+            } else {
+                MrAccess::REMOTE_WRITE
+            };
+            let rmr = remote_mr(&peer, wr.remote.rkey, wr.remote.addr, total, need)?;
+            if let SendOp::RdmaWriteWithImm(_) = wr.op
+                && lock(&peer.inner).rq.is_empty()
+            {
+                return Err(WcStatus::RnrRetryExcErr);
+            }
+            let mut raddr = wr.remote.addr;
+            for sge in wr.sg.as_slice() {
+                let lmr = local_mr(qp, sge)?;
+                let len = u64::from(sge.length);
+                s.src.clear();
+                s.dst.clear();
+                let l = lmr.with_segments(sge.addr, len, local_need, |it| {
+                    s.src.extend(it);
+                    rmr.with_segments(raddr, len, need, |rit| {
+                        s.dst.extend(rit);
+                        if read {
+                            copy(qp, (peer.nic.dev, qp.nic.dev), &s.dst, &s.src)
+                        } else {
+                            copy(qp, (qp.nic.dev, peer.nic.dev), &s.src, &s.dst)
+                        }
+                    })
+                });
+                match l {
+                    Err(_) => return Err(WcStatus::LocProtErr),
+                    Ok(Err(_)) => return Err(WcStatus::RemAccessErr),
+                    Ok(Ok(r)) => r?,
+                }
+                raddr += len;
+            }
+            if let SendOp::RdmaWriteWithImm(imm) = wr.op {
+                let mut pin = lock(&peer.inner);
+                if let Some(rwr) = pin.rq.pop_front() {
+                    let wc = peer.wc(
+                        rwr.wr_id,
+                        WcStatus::Success,
+                        WcOpcode::RecvRdmaWithImm,
+                        total32,
+                        Some(imm),
+                    );
+                    peer.recv_cq.push(&[wc]);
+                }
+            }
+            Ok(total32)
+        }
+        SendOp::Send | SendOp::SendWithImm(_) => {
+            let imm = match wr.op {
+                SendOp::SendWithImm(i) => Some(i),
+                _ => None,
+            };
+            // Hold the responder's lock for the copy: its flush cannot overtake this receive.
+            let mut pin = lock(&peer.inner);
+            if pin.state == QpState::Err {
+                return Err(WcStatus::RetryExcErr);
+            }
+            let Some(rwr) = pin.rq.pop_front() else {
+                return Err(WcStatus::RnrRetryExcErr);
+            };
+            let recv_fail = |pin: &mut QpInner, st: WcStatus| {
+                let wc = peer.wc(rwr.wr_id, st, WcOpcode::Recv, 0, None);
+                peer.recv_cq.push(&[wc]);
+                peer.set_state(pin, QpState::Err);
+                peer.flush(pin);
+            };
+            if total > rwr.sg.total() {
+                recv_fail(&mut pin, WcStatus::LocLenErr);
+                return Err(WcStatus::RemInvReqErr);
+            }
+            // Gather the source segments, then the receive buffer's.
+            s.src.clear();
+            for sge in wr.sg.as_slice() {
+                let lmr = local_mr(qp, sge)?;
+                lmr.with_segments(sge.addr, u64::from(sge.length), MrAccess::NONE, |it| {
+                    s.src.extend(it)
+                })
+                .map_err(|_| WcStatus::LocProtErr)?;
+            }
+            s.dst.clear();
+            let mut left = total;
+            for sge in rwr.sg.as_slice() {
+                if left == 0 {
+                    break;
+                }
+                let n = left.min(u64::from(sge.length));
+                let ok = peer.nic.mr(sge.lkey).filter(|m| m.pd == peer.pd).map(|m| {
+                    m.with_segments(sge.addr, n, MrAccess::LOCAL_WRITE, |it| s.dst.extend(it))
+                });
+                if !matches!(ok, Some(Ok(()))) {
+                    recv_fail(&mut pin, WcStatus::LocProtErr);
+                    return Err(WcStatus::RemOpErr);
+                }
+                left -= n;
+            }
+            // Receive buffers are the responder's; the translation was checked above and the
+            // fabric checks the grants again during the copy.
+            let (src, dst) = (std::mem::take(&mut s.src), std::mem::take(&mut s.dst));
+            let r = copy(qp, (qp.nic.dev, peer.nic.dev), &src, &dst);
+            s.src = src;
+            s.dst = dst;
+            if let Err(st) = r {
+                recv_fail(&mut pin, WcStatus::LocProtErr);
+                return Err(st);
+            }
+            let wc = peer.wc(rwr.wr_id, WcStatus::Success, WcOpcode::Recv, total32, imm);
+            peer.recv_cq.push(&[wc]);
+            Ok(total32)
+        }
+    }
+}
+
+/// Copy `src` segments (read by `devs.0`) into `dst` segments (written by `devs.1`).
+fn copy(
+    qp: &SimQp,
+    devs: (DeviceId, DeviceId),
+    src: &[(u64, u64)],
+    dst: &[(u64, u64)],
+) -> Result<(), WcStatus> {
+    let fabric = &qp.nic.fabric;
+    let (mut i, mut j) = (0, 0);
+    let (mut so, mut d_o) = (0u64, 0u64);
+    while i < src.len() && j < dst.len() {
+        let (sa, sl) = src[i];
+        let (da, dl) = dst[j];
+        let n = (sl - so).min(dl - d_o);
+        fabric
+            .dma_transfer(devs.0, sa + so, devs.1, da + d_o, n)
+            .map_err(|f: DmaFault| {
+                if f.device == qp.nic.dev {
+                    WcStatus::LocProtErr
+                } else {
+                    WcStatus::RemAccessErr
+                }
+            })?;
+        so += n;
+        d_o += n;
+        if so == sl {
+            i += 1;
+            so = 0;
+        }
+        if d_o == dl {
+            j += 1;
+            d_o = 0;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! The simulated RC NIC: verbs objects on the core fabric, an engine thread per NIC that moves
+//! real bytes with fabric DMA (bus addresses, so a NIC can target a GPU BAR window), and the
+//! hardware's checks — keys, bounds, access rights, PD, QP state — with verbs status codes.
+
+mod cq;
+mod engine;
+mod mr;
+mod qp;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+
+use dmaplane_core::fabric::{DeviceId, Fabric};
+use dmaplane_core::pgsz::MLX5_PGSZ_BITMAP;
+use dmaplane_core::{Accept, Access, SpaceKind};
+
+use crate::backend::{
+    AsyncEvent, BackendKind, CqBackend, DeviceBackend, DeviceInfo, DmaBufMr, MrBackend, MrRequest,
+    PdBackend, QpBackend,
+};
+use crate::error::{RdmaError, Result};
+use crate::qp::QpCaps;
+
+pub(crate) use cq::SimCq;
+pub(crate) use mr::SimMr;
+pub(crate) use qp::SimQp;
+
+pub(crate) use crate::sync::{lock, read, write};
+
+/// Most work requests per queue.
+pub const SIM_MAX_QP_WR: u32 = 1 << 15;
+
+/// The wire between simulated NICs: finds a NIC by GID for `INIT → RTR`.
+#[derive(Debug, Clone)]
+pub struct SimNetwork {
+    fabric: Fabric,
+    nics: Arc<RwLock<HashMap<[u8; 16], Weak<NicShared>>>>,
+}
+
+impl SimNetwork {
+    pub fn new(fabric: &Fabric) -> SimNetwork {
+        SimNetwork {
+            fabric: fabric.clone(),
+            nics: Arc::new(RwLock::new(HashMap::new())),
+        }
+    }
+
+    pub fn fabric(&self) -> &Fabric {
+        &self.fabric
+    }
+
+    /// A NIC that issues DMA as fabric device `name` (it must exist on the fabric, e.g. a NIC of
+    /// the topology, or one added with `Fabric::add_device`).
+    pub fn nic(&self, name: &str) -> Result<Arc<SimNic>> {
+        let dev = self
+            .fabric
+            .device(name)
+            .map_err(|e| RdmaError::NoDevice { why: e.to_string() })?;
+        // RoCEv2-style IPv4-mapped GID: ::ffff:10.<dev>.
+        let mut gid = [0u8; 16];
+        gid[10] = 0xff;
+        gid[11] = 0xff;
+        gid[12] = 10;
+        gid[13..16].copy_from_slice(&dev.0.to_be_bytes()[1..]);
+        let shared = Arc::new(NicShared {
+            fabric: self.fabric.clone(),
+            network: self.clone(),
+            dev,
+            name: name.to_string(),
+            gid,
+            next_key: AtomicU32::new(0x100),
+            next_qpn: AtomicU32::new(0x11),
+            next_pd: AtomicU32::new(1),
+            mrs: RwLock::new(HashMap::new()),
+            qps: RwLock::new(HashMap::new()),
+            events: Mutex::new(VecDeque::new()),
+            engine: engine::Engine::default(),
+        });
+        write(&self.nics).insert(gid, Arc::downgrade(&shared));
+        engine::start(&shared);
+        Ok(Arc::new(SimNic { shared }))
+    }
+
+    pub(crate) fn find(&self, gid: &[u8; 16]) -> Option<Arc<NicShared>> {
+        read(&self.nics).get(gid).and_then(Weak::upgrade)
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct NicShared {
+    pub(crate) fabric: Fabric,
+    network: SimNetwork,
+    pub(crate) dev: DeviceId,
+    pub(crate) name: String,
+    pub(crate) gid: [u8; 16],
+    next_key: AtomicU32,
+    next_qpn: AtomicU32,
+    next_pd: AtomicU32,
+    /// lkey = rkey; keys are never reused while the NIC lives.
+    pub(crate) mrs: RwLock<HashMap<u32, Weak<SimMr>>>,
+    pub(crate) qps: RwLock<HashMap<u32, Weak<SimQp>>>,
+    events: Mutex<VecDeque<AsyncEvent>>,
+    pub(crate) engine: engine::Engine,
+}
+
+impl NicShared {
+    pub(crate) fn event(&self, kind: &str, qpn: Option<u32>, detail: String) {
+        tracing::warn!(nic = %self.name, kind, ?qpn, %detail, "async event");
+        lock(&self.events).push_back(AsyncEvent {
+            kind: kind.into(),
+            qpn,
+            detail,
+        });
+    }
+
+    pub(crate) fn mr(&self, key: u32) -> Option<Arc<SimMr>> {
+        read(&self.mrs).get(&key).and_then(Weak::upgrade)
+    }
+}
+
+/// A simulated RC NIC; implements [`DeviceBackend`].
+#[derive(Debug)]
+pub struct SimNic {
+    shared: Arc<NicShared>,
+}
+
+impl SimNic {
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    pub fn device_id(&self) -> DeviceId {
+        self.shared.dev
+    }
+}
+
+impl Drop for SimNic {
+    fn drop(&mut self) {
+        self.shared.engine.stop();
+        write(&self.shared.network.nics).remove(&self.shared.gid);
+    }
+}
+
+impl DeviceBackend for SimNic {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            name: self.shared.name.clone(),
+            kind: BackendKind::Sim,
+            description: format!("simulated RC NIC on fabric {}", self.shared.dev),
+            port: 1,
+            port_state: "ACTIVE".into(),
+            gid: self.shared.gid,
+            lid: 0,
+            max_mr_size: u64::MAX,
+            page_size_cap: MLX5_PGSZ_BITMAP,
+            max_qp_wr: SIM_MAX_QP_WR,
+            max_sge: crate::wr::MAX_SGE as u32,
+            dmabuf_mr: DmaBufMr::Unsupported {
+                why: "the simulator registers fabric bus addresses, not dma-buf fds".into(),
+            },
+        }
+    }
+
+    fn accepts(&self) -> Vec<Accept> {
+        [SpaceKind::PciBus, SpaceKind::CpuPhys, SpaceKind::Iova]
+            .into_iter()
+            .map(|s| Accept::new(s, Access::READ_WRITE).with_mmio())
+            .collect()
+    }
+
+    fn alloc_pd(&self) -> Result<Arc<dyn PdBackend>> {
+        Ok(Arc::new(SimPd {
+            nic: self.shared.clone(),
+            pdn: self.shared.next_pd.fetch_add(1, Ordering::Relaxed),
+        }))
+    }
+
+    fn create_cq(&self, depth: u32) -> Result<Arc<dyn CqBackend>> {
+        if depth == 0 || depth > 1 << 22 {
+            return Err(RdmaError::InvalidAttr {
+                qpn: 0,
+                attr: "cq depth",
+                value: depth.to_string(),
+                why: "must be 1..=4194304",
+            });
+        }
+        Ok(Arc::new(SimCq::new(depth)))
+    }
+
+    fn poll_async_event(&self) -> Option<AsyncEvent> {
+        lock(&self.shared.events).pop_front()
+    }
+
+    fn fabric_device(&self) -> Option<DeviceId> {
+        Some(self.shared.dev)
+    }
+}
+
+#[derive(Debug)]
+struct SimPd {
+    nic: Arc<NicShared>,
+    pdn: u32,
+}
+
+impl PdBackend for SimPd {
+    fn reg_mr(&self, req: &MrRequest<'_>) -> Result<Arc<dyn MrBackend>> {
+        let key = self.nic.next_key.fetch_add(1, Ordering::Relaxed);
+        let mr = Arc::new(SimMr::new(key, self.pdn, req.list, req.iova, req.access)?);
+        write(&self.nic.mrs).insert(key, Arc::downgrade(&mr));
+        tracing::debug!(nic = %self.nic.name, key, translation = ?mr.translation(), "MR registered");
+        Ok(mr)
+    }
+
+    fn create_qp(
+        &self,
+        send_cq: &Arc<dyn CqBackend>,
+        recv_cq: &Arc<dyn CqBackend>,
+        caps: QpCaps,
+    ) -> Result<Arc<dyn QpBackend>> {
+        let qpn = self.nic.next_qpn.fetch_add(1, Ordering::Relaxed) & 0xff_ffff;
+        let qp = SimQp::new(
+            self.nic.clone(),
+            self.pdn,
+            qpn,
+            as_sim(send_cq, "send_cq")?,
+            as_sim(recv_cq, "recv_cq")?,
+            caps,
+        )?;
+        write(&self.nic.qps).insert(qpn, Arc::downgrade(&qp));
+        Ok(Arc::new(qp))
+    }
+}
+
+fn as_sim(cq: &Arc<dyn CqBackend>, what: &'static str) -> Result<Arc<SimCq>> {
+    // Backends do not mix: a simulated QP needs simulated CQs.
+    let any: Arc<dyn std::any::Any + Send + Sync> = cq.clone();
+    any.downcast::<SimCq>().map_err(|_| RdmaError::InvalidAttr {
+        qpn: 0,
+        attr: what,
+        value: "a CQ of another backend".into(),
+        why: "a simulated QP needs simulated CQs",
+    })
+}

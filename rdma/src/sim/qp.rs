@@ -1,0 +1,383 @@
+//! Simulated RC queue pair: the state machine, the queues, and flushing.
+//!
+//! Ordering rule: completions of one queue are pushed in order, always under the QP lock. The
+//! engine marks the QP `busy` while it executes a request outside the lock; a flush that finds
+//! the QP busy is left to the engine, which flushes right after pushing that request's
+//! completion — so a flushed completion never overtakes an earlier request's.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use crate::access::MrAccess;
+use crate::backend::QpBackend;
+use crate::error::{RdmaError, Result};
+use crate::qp::{QpAttr, QpCaps, QpState, RemoteQp, check_modify};
+use crate::wc::{Completion, WcOpcode, WcStatus};
+use crate::wr::{RecvWr, SendOp, SendWr};
+
+use super::{NicShared, SimCq, lock};
+
+pub(crate) struct QpInner {
+    pub(crate) state: QpState,
+    pub(crate) access: MrAccess,
+    pub(crate) dest: Option<RemoteQp>,
+    pub(crate) peer: Weak<SimQp>,
+    pub(crate) sq: VecDeque<SendWr>,
+    pub(crate) rq: VecDeque<RecvWr>,
+    /// The engine is executing a request taken from `sq`.
+    pub(crate) busy: bool,
+    /// On the engine's ready list.
+    pub(crate) queued: bool,
+    /// In SQD: requests posted before the drain that may still start.
+    pub(crate) sqd_budget: usize,
+    /// Called once nothing executes and nothing can start ([`QpBackend::on_quiesced`]).
+    pub(crate) quiesce_waiters: Vec<Box<dyn FnOnce() + Send>>,
+}
+
+impl std::fmt::Debug for QpInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QpInner")
+            .field("state", &self.state)
+            .field("sq", &self.sq.len())
+            .field("rq", &self.rq.len())
+            .field("busy", &self.busy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl QpInner {
+    pub(crate) fn quiesced(&self) -> bool {
+        !self.busy
+            && match self.state {
+                QpState::Err | QpState::Reset => true,
+                QpState::Sqd => self.sqd_budget == 0,
+                _ => false,
+            }
+    }
+
+    /// The waiters to call (after the lock is released) when the QP is quiescent now.
+    pub(crate) fn take_waiters(&mut self) -> Vec<Box<dyn FnOnce() + Send>> {
+        if self.quiesced() && !self.quiesce_waiters.is_empty() {
+            std::mem::take(&mut self.quiesce_waiters)
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct SimQp {
+    pub(crate) qpn: u32,
+    pub(crate) nic: Arc<NicShared>,
+    pub(crate) pd: u32,
+    pub(crate) send_cq: Arc<SimCq>,
+    pub(crate) recv_cq: Arc<SimCq>,
+    caps: QpCaps,
+    sq_psn: u32,
+    state: AtomicU8,
+    pub(crate) inner: Mutex<QpInner>,
+}
+
+pub(crate) fn opcode_of(op: SendOp) -> WcOpcode {
+    match op {
+        SendOp::Send | SendOp::SendWithImm(_) => WcOpcode::Send,
+        SendOp::RdmaWrite | SendOp::RdmaWriteWithImm(_) => WcOpcode::RdmaWrite,
+        SendOp::RdmaRead => WcOpcode::RdmaRead,
+    }
+}
+
+impl SimQp {
+    pub(crate) fn new(
+        nic: Arc<NicShared>,
+        pd: u32,
+        qpn: u32,
+        send_cq: Arc<SimCq>,
+        recv_cq: Arc<SimCq>,
+        caps: QpCaps,
+    ) -> Result<Arc<SimQp>> {
+        let bad = |attr: &'static str, value: u32, why: &'static str| RdmaError::InvalidAttr {
+            qpn,
+            attr,
+            value: value.to_string(),
+            why,
+        };
+        if caps.max_send_wr == 0 || caps.max_send_wr > super::SIM_MAX_QP_WR {
+            return Err(bad("max_send_wr", caps.max_send_wr, "must be 1..=32768"));
+        }
+        if caps.max_recv_wr > super::SIM_MAX_QP_WR {
+            return Err(bad(
+                "max_recv_wr",
+                caps.max_recv_wr,
+                "must be at most 32768",
+            ));
+        }
+        for (n, v) in [
+            ("max_send_sge", caps.max_send_sge),
+            ("max_recv_sge", caps.max_recv_sge),
+        ] {
+            if v as usize > crate::wr::MAX_SGE {
+                return Err(bad(n, v, "more scatter/gather entries than the device has"));
+            }
+        }
+        Ok(Arc::new(SimQp {
+            qpn,
+            pd,
+            sq_psn: qpn.wrapping_mul(2_654_435_761) & 0xff_ffff,
+            send_cq,
+            recv_cq,
+            caps,
+            state: AtomicU8::new(QpState::Reset as u8),
+            inner: Mutex::new(QpInner {
+                state: QpState::Reset,
+                access: MrAccess::NONE,
+                dest: None,
+                peer: Weak::new(),
+                sq: VecDeque::with_capacity(caps.max_send_wr as usize),
+                rq: VecDeque::with_capacity(caps.max_recv_wr as usize),
+                busy: false,
+                queued: false,
+                sqd_budget: 0,
+                quiesce_waiters: Vec::new(),
+            }),
+            nic,
+        }))
+    }
+
+    /// The state without taking the lock (for the responder's readiness check).
+    pub(crate) fn fast_state(&self) -> QpState {
+        match self.state.load(Ordering::Acquire) {
+            0 => QpState::Reset,
+            1 => QpState::Init,
+            2 => QpState::Rtr,
+            3 => QpState::Rts,
+            4 => QpState::Sqd,
+            5 => QpState::Sqe,
+            _ => QpState::Err,
+        }
+    }
+
+    pub(crate) fn set_state(&self, inner: &mut QpInner, s: QpState) {
+        inner.state = s;
+        self.state.store(s as u8, Ordering::Release);
+    }
+
+    /// Move to ERR (under the lock) and flush unless the engine is mid-request.
+    pub(crate) fn to_error(&self, inner: &mut QpInner) {
+        self.set_state(inner, QpState::Err);
+        if !inner.busy {
+            self.flush(inner);
+        }
+    }
+
+    /// Complete everything queued as flushed, sends then receives, each in order.
+    pub(crate) fn flush(&self, inner: &mut QpInner) {
+        if !inner.sq.is_empty() {
+            let wcs: Vec<Completion> = inner
+                .sq
+                .drain(..)
+                .map(|wr| self.wc(wr.wr_id, WcStatus::WrFlushErr, opcode_of(wr.op), 0, None))
+                .collect();
+            self.send_cq.push(&wcs);
+        }
+        if !inner.rq.is_empty() {
+            let wcs: Vec<Completion> = inner
+                .rq
+                .drain(..)
+                .map(|wr| self.wc(wr.wr_id, WcStatus::WrFlushErr, WcOpcode::Recv, 0, None))
+                .collect();
+            self.recv_cq.push(&wcs);
+        }
+    }
+
+    pub(crate) fn wc(
+        &self,
+        wr_id: u64,
+        status: WcStatus,
+        opcode: WcOpcode,
+        byte_len: u32,
+        imm: Option<u32>,
+    ) -> Completion {
+        Completion {
+            wr_id,
+            status,
+            opcode,
+            byte_len,
+            imm,
+            qp_num: self.qpn,
+            vendor_err: 0,
+        }
+    }
+
+    fn doorbell(self: &Arc<Self>, inner: &mut QpInner) {
+        let runnable = match inner.state {
+            QpState::Rts => true,
+            QpState::Sqd => inner.sqd_budget > 0,
+            _ => false,
+        };
+        if runnable && !inner.queued && !inner.busy && !inner.sq.is_empty() {
+            inner.queued = true;
+            self.nic.engine.ring(self.clone());
+        }
+    }
+
+    pub(crate) fn resolve_peer(&self, dest: &RemoteQp) -> Weak<SimQp> {
+        self.nic
+            .network
+            .find(&dest.gid)
+            .and_then(|nic| super::read(&nic.qps).get(&dest.qpn).cloned())
+            .unwrap_or_default()
+    }
+}
+
+/// Wrapper so `post_send` can ring the doorbell with an `Arc<SimQp>`.
+impl QpBackend for Arc<SimQp> {
+    fn qpn(&self) -> u32 {
+        self.qpn
+    }
+
+    fn state(&self) -> QpState {
+        lock(&self.inner).state
+    }
+
+    fn endpoint(&self) -> RemoteQp {
+        RemoteQp {
+            qpn: self.qpn,
+            gid: self.nic.gid,
+            lid: 0,
+            psn: self.sq_psn,
+        }
+    }
+
+    fn modify(&self, attr: &QpAttr) -> Result<()> {
+        let mut inner = lock(&self.inner);
+        let from = inner.state;
+        let to = check_modify(self.qpn, from, attr)?;
+        if let Some(a) = attr.access {
+            inner.access = a;
+        }
+        if let Some(dest) = attr.dest {
+            inner.peer = self.resolve_peer(&dest);
+            inner.dest = Some(dest);
+        }
+        match to {
+            QpState::Reset => {
+                // RESET discards the queues without completions, as verbs does.
+                inner.sq.clear();
+                inner.rq.clear();
+                inner.dest = None;
+                inner.peer = Weak::new();
+                self.set_state(&mut inner, to);
+            }
+            QpState::Err => self.to_error(&mut inner),
+            QpState::Sqd => {
+                if from != QpState::Sqd {
+                    inner.sqd_budget = inner.sq.len();
+                }
+                self.set_state(&mut inner, to);
+                if inner.sqd_budget == 0 && !inner.busy {
+                    self.nic
+                        .event("SQ_DRAINED", Some(self.qpn), "nothing in flight".into());
+                }
+            }
+            _ => self.set_state(&mut inner, to),
+        }
+        tracing::trace!(nic = %self.nic.name, qpn = self.qpn, %from, %to, "modify");
+        self.doorbell(&mut inner);
+        let waiters = inner.take_waiters();
+        drop(inner);
+        waiters.into_iter().for_each(|f| f());
+        Ok(())
+    }
+
+    fn post_send(&self, wrs: &[SendWr]) -> Result<()> {
+        let mut inner = lock(&self.inner);
+        if !inner.state.can_post_send() {
+            return Err(RdmaError::WrongState {
+                qpn: self.qpn,
+                state: inner.state,
+                op: "send",
+            });
+        }
+        for wr in wrs {
+            let n = wr.sg.as_slice().len();
+            if n > self.caps.max_send_sge as usize {
+                return Err(RdmaError::TooManySge {
+                    qpn: self.qpn,
+                    wr_id: wr.wr_id,
+                    n,
+                    max: self.caps.max_send_sge as usize,
+                });
+            }
+            if wr.sg.total() > u64::from(u32::MAX) {
+                return Err(RdmaError::BadWorkRequest {
+                    qpn: self.qpn,
+                    wr_id: wr.wr_id,
+                    op: wr.op.name(),
+                    what: format!("a length of at most 4 GiB - 1 (got {})", wr.sg.total()),
+                });
+            }
+        }
+        if inner.sq.len() + wrs.len() > self.caps.max_send_wr as usize {
+            return Err(RdmaError::QueueFull {
+                qpn: self.qpn,
+                queue: "send",
+                depth: self.caps.max_send_wr,
+            });
+        }
+        inner.sq.extend(wrs.iter().copied());
+        if inner.state == QpState::Err {
+            if !inner.busy {
+                self.flush(&mut inner);
+            }
+        } else {
+            self.doorbell(&mut inner);
+        }
+        Ok(())
+    }
+
+    fn post_recv(&self, wrs: &[RecvWr]) -> Result<()> {
+        let mut inner = lock(&self.inner);
+        if !inner.state.can_post_recv() {
+            return Err(RdmaError::WrongState {
+                qpn: self.qpn,
+                state: inner.state,
+                op: "recv",
+            });
+        }
+        for wr in wrs {
+            let n = wr.sg.as_slice().len();
+            if n > self.caps.max_recv_sge as usize {
+                return Err(RdmaError::TooManySge {
+                    qpn: self.qpn,
+                    wr_id: wr.wr_id,
+                    n,
+                    max: self.caps.max_recv_sge as usize,
+                });
+            }
+        }
+        if inner.rq.len() + wrs.len() > self.caps.max_recv_wr as usize {
+            return Err(RdmaError::QueueFull {
+                qpn: self.qpn,
+                queue: "recv",
+                depth: self.caps.max_recv_wr,
+            });
+        }
+        inner.rq.extend(wrs.iter().copied());
+        if inner.state == QpState::Err && !inner.busy {
+            self.flush(&mut inner);
+        }
+        Ok(())
+    }
+
+    fn on_quiesced(&self, f: Box<dyn FnOnce() + Send>) -> bool {
+        let mut inner = lock(&self.inner);
+        if inner.quiesced() {
+            drop(inner);
+            f();
+        } else {
+            inner.quiesce_waiters.push(f);
+        }
+        true
+    }
+}

@@ -1,0 +1,226 @@
+//! The simulated NIC end to end: real bytes through the fabric, precise errors for bad input,
+//! and revoke by quiescing.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dmaplane_core::fabric::{Fabric, HostMemory};
+use dmaplane_core::topology::builtin;
+use dmaplane_core::{AddrList, AddrSpace, DmaRange, Exporter, Hints};
+use dmaplane_rdma::*;
+
+struct Side {
+    mem: dmaplane_core::fabric::DeviceId,
+    nic: dmaplane_core::fabric::DeviceId,
+    dev: Device,
+    pd: Pd,
+    cq: Cq,
+}
+
+fn side(net: &SimNetwork, mem: &str, nic: &str) -> Side {
+    let sim = net.nic(nic).unwrap();
+    let nic = sim.device_id();
+    let dev = Device::new(sim);
+    let pd = dev.alloc_pd().unwrap();
+    let cq = dev.create_cq(4096).unwrap();
+    Side {
+        mem: net.fabric().device(mem).unwrap(),
+        nic,
+        dev,
+        pd,
+        cq,
+    }
+}
+
+fn import(s: &Side, m: &HostMemory, opts: ImportOptions) -> Mr {
+    s.pd.import("buf", opts, None, |i, a| m.attach(i, s.nic, a))
+        .unwrap()
+}
+
+fn wait_one(cq: &Cq) -> Completion {
+    let mut v = Vec::new();
+    for _ in 0..10_000 {
+        cq.poll(&mut v, 1).unwrap();
+        if let Some(c) = v.pop() {
+            return c;
+        }
+        cq.wait(Duration::from_millis(1)).unwrap();
+    }
+    panic!("no completion");
+}
+
+fn setup() -> (Fabric, Side, Side, Qp, Qp) {
+    let fabric = Fabric::with_topology(builtin::testbed());
+    let net = SimNetwork::new(&fabric);
+    let a = side(&net, "mem0", "nic0");
+    let b = side(&net, "mem1", "nic1");
+    let qa = a.pd.create_qp(&a.cq, &a.cq, QpCaps::default()).unwrap();
+    let qb = b.pd.create_qp(&b.cq, &b.cq, QpCaps::default()).unwrap();
+    qa.connect(qb.endpoint(), MrAccess::ALL).unwrap();
+    qb.connect(qa.endpoint(), MrAccess::ALL).unwrap();
+    (fabric, a, b, qa, qb)
+}
+
+#[test]
+fn write_read_send_move_real_bytes() {
+    let (fabric, a, b, qa, qb) = setup();
+    let ma = HostMemory::new(&fabric, a.mem, "a", 1 << 20).unwrap();
+    let mb = HostMemory::new(&fabric, b.mem, "b", 1 << 20).unwrap();
+    let ra = import(&a, &ma, ImportOptions::default());
+    let rb = import(&b, &mb, ImportOptions::default());
+    let remote = b.dev.lease(&rb, &a.dev);
+    let data: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
+    assert!(ma.write(0, &data));
+    qa.post_send(&[SendWr::write(1, ra.sge(0, 65536), remote.at(4096))])
+        .unwrap();
+    let c = wait_one(&a.cq);
+    assert_eq!(
+        (c.wr_id, c.status, c.byte_len),
+        (1, WcStatus::Success, 65536)
+    );
+    let mut got = vec![0; 65536];
+    assert!(mb.read(4096, &mut got));
+    assert_eq!(got, data);
+    // READ it back into another place of A.
+    qa.post_send(&[SendWr::read(2, ra.sge(1 << 19, 65536), remote.at(4096))])
+        .unwrap();
+    assert_eq!(wait_one(&a.cq).status, WcStatus::Success);
+    assert!(ma.read(1 << 19, &mut got));
+    assert_eq!(got, data);
+    // SEND with immediate into a posted receive.
+    qb.post_recv(&[RecvWr::new(9, rb.sge(0, 4096))]).unwrap();
+    qa.post_send(&[SendWr::send(3, ra.sge(0, 100)).with_imm(77)])
+        .unwrap();
+    assert_eq!(wait_one(&a.cq).status, WcStatus::Success);
+    let r = wait_one(&b.cq);
+    assert_eq!(
+        (r.wr_id, r.opcode, r.byte_len, r.imm),
+        (9, WcOpcode::Recv, 100, Some(77))
+    );
+    assert!(mb.read(0, &mut got[..100]));
+    assert_eq!(&got[..100], &data[..100]);
+    assert_eq!(
+        fabric.faults(a.nic).total() + fabric.faults(b.nic).total(),
+        0
+    );
+}
+
+#[test]
+fn bad_input_gets_precise_errors() {
+    let (fabric, a, b, qa, _qb) = setup();
+    let ma = HostMemory::new(&fabric, a.mem, "a", 1 << 16).unwrap();
+    let mb = HostMemory::new(&fabric, b.mem, "b", 1 << 16).unwrap();
+    let ra = import(&a, &ma, ImportOptions::default());
+    let ro = import(
+        &b,
+        &mb,
+        ImportOptions {
+            access: MrAccess::REMOTE_READ,
+            ..ImportOptions::default()
+        },
+    );
+    let remote = b.dev.lease(&ro, &a.dev);
+    // Wrong key.
+    let mut sge = ra.sge(0, 8);
+    sge.lkey ^= 0xdead;
+    let e = qa
+        .post_send(&[SendWr::write(1, sge, remote.at(0))])
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RdmaError::BadKey {
+                key_kind: "lkey",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("no memory region with lkey"), "{e}");
+    // Out of bounds, local and remote.
+    let e = qa
+        .post_send(&[SendWr::write(1, ra.sge(65530, 8), remote.at(0))])
+        .unwrap_err();
+    assert!(e.to_string().contains("is outside MR"), "{e}");
+    let e = qa
+        .post_send(&[SendWr::read(1, ra.sge(0, 8), remote.at(65530))])
+        .unwrap_err();
+    assert!(matches!(e, RdmaError::OutOfBounds { .. }), "{e}");
+    // Missing access right: the remote region is read-only.
+    let e = qa
+        .post_send(&[SendWr::write(1, ra.sge(0, 8), remote.at(0))])
+        .unwrap_err();
+    assert!(e.to_string().contains("needs remote-write"), "{e}");
+    // Illegal transition and post in the wrong state.
+    let q = a.pd.create_qp(&a.cq, &a.cq, QpCaps::default()).unwrap();
+    let e = q.modify(&QpAttr::to(QpState::Rts)).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("QP {:#x}: illegal transition RESET -> RTS", q.qpn())
+    );
+    let e = q.post_send(&[SendWr::send(1, ra.sge(0, 8))]).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("QP {:#x}: cannot post send in state RESET", q.qpn())
+    );
+    // Registration of a list the NIC cannot use.
+    let l = AddrList::new(
+        AddrSpace::ProcessVa,
+        Hints::HOST_MEMORY,
+        4096,
+        vec![DmaRange::new(0x1000, 0x1000)],
+    )
+    .unwrap();
+    let e = a.pd.reg_mr(&l, MrAccess::ALL).unwrap_err();
+    assert!(e.to_string().contains("list.space"), "{e}");
+    // Nothing reached the fabric.
+    assert_eq!(fabric.faults(a.nic).total(), 0);
+}
+
+#[test]
+fn revoke_flushes_in_flight_work_and_fails_new_posts() {
+    let (fabric, a, b, qa, _qb) = setup();
+    let ma = HostMemory::new(&fabric, a.mem, "a", 1 << 22).unwrap();
+    let mb = HostMemory::new(&fabric, b.mem, "b", 1 << 22).unwrap();
+    let ra = import(&a, &ma, ImportOptions::default());
+    let rb = import(&b, &mb, ImportOptions::default());
+    let remote = b.dev.lease(&rb, &a.dev);
+    let wrs: Vec<SendWr> = (0..200)
+        .map(|i| SendWr::write(i, ra.sge(i * 16384, 16384), remote.at(i * 16384)))
+        .collect();
+    qa.post_send(&wrs).unwrap();
+    let report = mb.revoke(Duration::from_secs(1));
+    assert!(report.is_clean(), "{report}");
+    // New posts naming the revoked rkey fail at once, with the epoch.
+    let e = qa
+        .post_send(&[SendWr::write(999, ra.sge(0, 8), remote.at(0))])
+        .unwrap_err();
+    assert!(matches!(e, RdmaError::Revoked { epoch: 0, .. }), "{e}");
+    // Every posted request completes exactly once: successes, then flushes.
+    let mut seen = vec![0u32; 200];
+    let mut v = Vec::new();
+    while seen.iter().sum::<u32>() < 200 {
+        let c = wait_one(&a.cq);
+        assert!(
+            matches!(c.status, WcStatus::Success | WcStatus::WrFlushErr),
+            "{c:?}"
+        );
+        seen[c.wr_id as usize] += 1;
+        v.push(c.status);
+    }
+    assert!(seen.iter().all(|&n| n == 1));
+    // Flushes only after the successes (in order), and nothing touched memory after the ack.
+    let first_flush = v
+        .iter()
+        .position(|s| *s == WcStatus::WrFlushErr)
+        .unwrap_or(v.len());
+    assert!(v[first_flush..].iter().all(|s| *s == WcStatus::WrFlushErr));
+    let f = fabric.faults(a.nic);
+    assert_eq!(f.revoked + f.no_grant + f.unmapped, 0);
+    assert_eq!(a.dev.stats().qps_flushed, 1);
+    assert_eq!(b.dev.stats().lease_acks, 1);
+    // Recovery: once the flushes are reaped the QP is back in RTS.
+    assert_eq!(qa.state(), QpState::Rts);
+    let _ = Arc::strong_count(&remote);
+}

@@ -1,0 +1,131 @@
+#!/bin/sh
+# The guest script of the qemu testbed (busybox sh). run.sh packs it as /testbed/guest.sh; /init
+# runs it once rxe0 is up and prints the result line from its exit status.
+#
+# Every check is one `step NAME COMMAND [ARGS...]` line. A step passes when its command exits 0.
+# All steps run, even after a failure; the failed ones are reported by name:
+#   DMAPLANE-TESTBED-RESULT: fail rc-pingpong, dmabuf
+#
+# Host binaries given to run.sh are in /testbed/bin (on PATH) under the names run.sh was given
+# (NAME=PATH). Extra steps files given to run.sh (--steps FILE) are in /testbed/steps.d/ and are
+# sourced at the hook below, after the built-in steps; they may define shell functions and call
+# `step` exactly as this file does.
+#
+# COMMAND is run under `timeout -s KILL $STEP_TIMEOUT` (seconds, default 300) unless it is a shell
+# function of this file, which then bounds its own commands.
+
+# shellcheck disable=SC2317 # the helpers below are called through `step`
+STEP_TIMEOUT="${STEP_TIMEOUT:-300}"
+export RUST_BACKTRACE=1
+FAILED=""
+NSTEPS=0
+
+step() {
+	_step_name="$1"
+	shift
+	NSTEPS=$((NSTEPS + 1))
+	echo "== step $_step_name: begin: $*"
+	_step_t0=$(date +%s)
+	case "$(type "$1" 2>/dev/null)" in
+	*function*) "$@" ;;
+	*) timeout -s KILL "$STEP_TIMEOUT" "$@" ;;
+	esac
+	_step_rc=$?
+	_step_t=$(($(date +%s) - _step_t0))
+	if [ "$_step_rc" = 0 ]; then
+		echo "== step $_step_name: ok (${_step_t}s)"
+	else
+		echo "== step $_step_name: FAIL (exit $_step_rc after ${_step_t}s)"
+		FAILED="${FAILED:+$FAILED, }$_step_name"
+	fi
+}
+
+# --- helpers ---------------------------------------------------------------------------------
+
+# rxe0 exists and its port is ACTIVE.
+rxe_active() {
+	out="$(timeout -s KILL 60 ibv_devinfo -d rxe0)" || return 1
+	echo "$out"
+	echo "$out" | grep -q 'state:[[:space:]]*PORT_ACTIVE'
+}
+
+# Is a TCP port (decimal) listening? (/proc/net/tcp*, no netstat needed)
+tcp_listening() {
+	hex=$(printf '%04X' "$1")
+	cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk -v p=":$hex" '$2 ~ p"$" && $4 == "0A" { f = 1 } END { exit !f }'
+}
+
+# The GID index of rxe0's RoCE v2 entry for the IPv4 address (the link-local IPv6 entry at
+# index 0 does not resolve for loopback QPs: modify QP to RTR fails).
+rxe_ipv4_gid() {
+	for g in /sys/class/infiniband/rxe0/ports/1/gids/*; do
+		i=${g##*/}
+		case "$(cat "$g")" in
+		0000:0000:0000:0000:0000:ffff:*)
+			[ "$(cat "/sys/class/infiniband/rxe0/ports/1/gid_attrs/types/$i" 2>/dev/null)" = "RoCE v2" ] &&
+				echo "$i" && return 0
+			;;
+		esac
+	done
+	return 1
+}
+
+# ibv_rc_pingpong server and client (two processes) over rxe0: 1000 x 4 KiB each way.
+rc_pingpong() {
+	gid=$(rxe_ipv4_gid) || {
+		echo "rc_pingpong: rxe0 has no RoCE v2 GID for an IPv4 address"
+		return 1
+	}
+	args="-d rxe0 -g $gid -n 1000 -s 4096 -p 18515"
+	# shellcheck disable=SC2086
+	timeout -s KILL 120 ibv_rc_pingpong $args >/tmp/pingpong-server.log 2>&1 &
+	server=$!
+	i=0
+	until tcp_listening 18515; do
+		i=$((i + 1))
+		if [ "$i" -gt 100 ] || ! kill -0 "$server" 2>/dev/null; then
+			echo "rc_pingpong: the server never listened"
+			cat /tmp/pingpong-server.log
+			kill -KILL "$server" 2>/dev/null
+			return 1
+		fi
+		sleep 0.1
+	done
+	# shellcheck disable=SC2086
+	timeout -s KILL 120 ibv_rc_pingpong $args localhost
+	client_rc=$?
+	wait "$server"
+	server_rc=$?
+	sed 's/^/server: /' /tmp/pingpong-server.log
+	[ "$client_rc" = 0 ] && [ "$server_rc" = 0 ]
+}
+
+# --- built-in steps --------------------------------------------------------------------------
+
+step rxe0-active rxe_active
+step rc-pingpong rc_pingpong
+# The real dma-buf exporters (udmabuf, dma-heap): absence of the devices is a failure here.
+step dmabuf env DMAPLANE_REQUIRE_DMABUF=1 core-dmabuf --test-threads=2
+# The command-line tool runs in the guest (host-built, dynamically linked).
+step dmaplane-topo dmaplane topo
+
+# --- hook: extra steps passed in by the host ---------------------------------------------------
+# run.sh --steps FILE (repeatable) puts FILE here; e.g. a file with the lines
+#   step rdma-verbs env DMAPLANE_REQUIRE_VERBS=1 rdma-verbs --test-threads=1
+#   step stress-revoke dmaplane stress revoke --backend verbs
+# (with run.sh given rdma-verbs=PATH and dmaplane=PATH) adds those two checks.
+for f in /testbed/steps.d/*; do
+	[ -f "$f" ] || continue
+	echo "== steps file ${f##*/}"
+	# shellcheck disable=SC1090
+	. "$f"
+done
+
+# --- report ----------------------------------------------------------------------------------
+if [ -n "$FAILED" ]; then
+	echo "$FAILED" >/tmp/testbed-failed
+	echo "== $NSTEPS step(s), failed: $FAILED"
+	exit 1
+fi
+echo "== $NSTEPS step(s), all passed"
+exit 0

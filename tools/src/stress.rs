@@ -1,0 +1,153 @@
+//! `dmaplane stress revoke`.
+
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use dmaplane_bench::stress::{StressConfig, StressReport, run_sim};
+use dmaplane_rdma::QuiescePolicy;
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Debug, Subcommand)]
+pub enum StressCmd {
+    /// RDMA WRITE traffic while the exporter revokes and re-exports its memory.
+    Revoke(RevokeArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    Sim,
+    Verbs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Policy {
+    Flush,
+    Drain,
+}
+
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    #[arg(long, value_enum, default_value = "sim")]
+    backend: Backend,
+    /// Queue pairs.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    qps: u32,
+    /// Outstanding work requests per queue pair.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=32768))]
+    depth: u32,
+    /// Bytes per work request.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=(64 << 20)))]
+    size: u32,
+    /// Revoke/re-export cycles.
+    #[arg(long, default_value_t = 100)]
+    revokes: u64,
+    /// Run at least this long.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// Seed for the revoke schedule.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// How queue pairs are quiesced.
+    #[arg(long, value_enum, default_value = "flush")]
+    quiesce: Policy,
+    /// Drain deadline and exporter deadline, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    deadline_ms: u64,
+    /// RDMA device (verbs backend).
+    #[arg(long)]
+    device: Option<String>,
+}
+
+pub fn run(cmd: &StressCmd, json: bool) -> Result<()> {
+    let StressCmd::Revoke(a) = cmd;
+    if !(a.seconds.is_finite() && a.seconds >= 0.0) {
+        bail!("--seconds must be a non-negative number, got {}", a.seconds);
+    }
+    let slots = u64::from(a.qps) * u64::from(a.depth) * u64::from(a.size);
+    if slots > 8 << 30 {
+        bail!(
+            "--qps {} × --depth {} × --size {} = {} bytes of buffers: more than the 8 GiB limit",
+            a.qps,
+            a.depth,
+            a.size,
+            slots
+        );
+    }
+    let deadline = Duration::from_millis(a.deadline_ms);
+    let cfg = StressConfig {
+        qps: a.qps as usize,
+        depth: a.depth as usize,
+        size: a.size,
+        revokes: a.revokes,
+        seconds: a.seconds,
+        seed: a.seed,
+        policy: match a.quiesce {
+            Policy::Flush => QuiescePolicy::Flush,
+            Policy::Drain => QuiescePolicy::Drain { deadline },
+        },
+        deadline,
+    };
+    let bar = if json {
+        ProgressBar::hidden()
+    } else {
+        let b = ProgressBar::new(a.revokes);
+        b.set_style(
+            ProgressStyle::with_template("revokes {bar:40} {pos}/{len} [{elapsed_precise}]")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b
+    };
+    let report = match a.backend {
+        Backend::Sim => run_sim(&cfg, &|n| bar.set_position(n))?,
+        Backend::Verbs => {
+            crate::verbs_stress::run(&cfg, a.device.as_deref(), &|n| bar.set_position(n))?
+        }
+    };
+    bar.finish_and_clear();
+    print(&report, json)?;
+    if !report.is_clean() {
+        bail!(
+            "stress failed: {}",
+            report
+                .failures
+                .first()
+                .map_or("see the counts above", |s| s)
+        );
+    }
+    Ok(())
+}
+
+fn print(r: &StressReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+        return Ok(());
+    }
+    println!(
+        "stress revoke ({}): {} QPs × {} deep × {} B, {} revokes in {:.1} s",
+        r.backend, r.qps, r.depth, r.size, r.revokes, r.seconds
+    );
+    println!("  posted             {}", r.posted);
+    println!("  completed_ok       {}", r.completed_ok);
+    println!("  flushed            {}", r.flushed);
+    println!("  failed             {}", r.failed);
+    println!("  lost               {}", r.lost);
+    println!("  corrupt            {}", r.corrupt);
+    println!("  post_ack_accesses  {}", r.post_ack_accesses);
+    println!(
+        "  bytes_verified     {}",
+        crate::bench::bytes(r.bytes_verified)
+    );
+    println!(
+        "  posts refused      {} (target revoked or QP recovering)",
+        r.posts_refused
+    );
+    println!(
+        "  revoke_latency_us  p50 {:.0}  p99 {:.0}  max {:.0}",
+        r.revoke_latency_us.p50, r.revoke_latency_us.p99, r.revoke_latency_us.max
+    );
+    for f in r.failures.iter().take(10) {
+        println!("  ! {f}");
+    }
+    Ok(())
+}
