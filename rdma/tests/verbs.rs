@@ -47,7 +47,10 @@ fn device(test: &str) -> Option<Arc<VerbsDevice>> {
     match VerbsDevice::open(name.as_deref()) {
         Ok(d) => Some(d),
         Err(e) => {
-            assert!(!required(), "{REQUIRE_ENV}=1 but no RDMA device for {test}: {e}");
+            assert!(
+                !required(),
+                "{REQUIRE_ENV}=1 but no RDMA device for {test}: {e}"
+            );
             eprintln!("{test}: skipped: no RDMA device: {e}");
             None
         }
@@ -78,7 +81,9 @@ impl Buf {
     fn write(&self, off: usize, data: &[u8]) {
         assert!(off + data.len() <= self.len);
         // SAFETY: in bounds (checked); `data` is a separate allocation.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(off), data.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(off), data.len())
+        };
         fence(Ordering::SeqCst);
     }
 
@@ -189,9 +194,13 @@ impl Side {
 
     fn to_rts(&self, remote: &ConnInfo) {
         let mtu = self.dev.active_mtu();
-        self.qp.modify(&QpAttr::rtr(remote.remote_qp(), mtu)).unwrap();
+        self.qp
+            .modify(&QpAttr::rtr(remote.remote_qp(), mtu))
+            .unwrap();
         assert_eq!(self.qp.state(), QpState::Rtr);
-        self.qp.modify(&QpAttr::rts(self.qp.endpoint().psn)).unwrap();
+        self.qp
+            .modify(&QpAttr::rts(self.qp.endpoint().psn))
+            .unwrap();
         assert_eq!(self.qp.state(), QpState::Rts);
     }
 
@@ -225,7 +234,11 @@ fn wait_for(cq: &Arc<dyn CqBackend>, n: usize) -> Vec<Completion> {
     let mut got = Vec::new();
     while got.len() < n {
         let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "timed out: {} of {n} completions: {got:?}", got.len());
+        assert!(
+            !left.is_zero(),
+            "timed out: {} of {n} completions: {got:?}",
+            got.len()
+        );
         if cq.wait(left.min(Duration::from_secs(1))).unwrap() {
             cq.poll(&mut got, n - got.len()).unwrap();
         }
@@ -289,12 +302,26 @@ fn device_enumeration_and_info() {
     let names = list_devices().unwrap();
     assert!(names.iter().any(|n| n == dev.name()), "{names:?}");
     let info = dev.info();
-    eprintln!("{info:#?}\nGID index {} ({})", dev.gid_index(), dev.gid_source());
+    eprintln!(
+        "{info:#?}\nGID index {} ({})",
+        dev.gid_index(),
+        dev.gid_source()
+    );
     assert_eq!(info.name, dev.name());
     assert_eq!(info.port, 1);
-    assert_eq!(info.port_state, "ACTIVE", "port 1 of {} is not active", info.name);
-    assert!(info.max_mr_size > 0 && info.max_qp_wr > 0 && info.max_sge > 0, "{info:?}");
-    assert!(info.page_size_cap & 4096 != 0 || info.page_size_cap == 0, "{info:?}");
+    assert_eq!(
+        info.port_state, "ACTIVE",
+        "port 1 of {} is not active",
+        info.name
+    );
+    assert!(
+        info.max_mr_size > 0 && info.max_qp_wr > 0 && info.max_sge > 0,
+        "{info:?}"
+    );
+    assert!(
+        info.page_size_cap & 4096 != 0 || info.page_size_cap == 0,
+        "{info:?}"
+    );
     if dev.is_roce() {
         assert_ne!(info.gid, [0; 16], "RoCE port without a GID");
     }
@@ -308,7 +335,10 @@ fn device_enumeration_and_info() {
     let spaces: Vec<_> = dev.accepts().iter().map(|a| a.space).collect();
     assert_eq!(
         spaces,
-        [dmaplane_core::SpaceKind::DmaBuf, dmaplane_core::SpaceKind::ProcessVa]
+        [
+            dmaplane_core::SpaceKind::DmaBuf,
+            dmaplane_core::SpaceKind::ProcessVa
+        ]
     );
     // Nothing pending must not block.
     let t = Instant::now();
@@ -324,25 +354,75 @@ fn illegal_transitions_and_posting_in_the_wrong_state() {
     let side = Side::new(&dev, 4096);
     let qp = &side.qp;
     assert_eq!(qp.state(), QpState::Reset);
-    let e = qp.post_send(&[SendWr::send(1, side.sge(0, 8))]).unwrap_err();
-    assert!(matches!(e, RdmaError::WrongState { state: QpState::Reset, .. }), "{e}");
+    let e = qp
+        .post_send(&[SendWr::send(1, side.sge(0, 8))])
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RdmaError::WrongState {
+                state: QpState::Reset,
+                ..
+            }
+        ),
+        "{e}"
+    );
     let e = qp.post_recv(&[RecvWr::new(2, side.sge(0, 8))]).unwrap_err();
-    assert!(matches!(e, RdmaError::WrongState { state: QpState::Reset, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            RdmaError::WrongState {
+                state: QpState::Reset,
+                ..
+            }
+        ),
+        "{e}"
+    );
     let e = qp.modify(&QpAttr::rts(1)).unwrap_err();
     assert!(
-        matches!(e, RdmaError::IllegalTransition { from: QpState::Reset, to: QpState::Rts, .. }),
+        matches!(
+            e,
+            RdmaError::IllegalTransition {
+                from: QpState::Reset,
+                to: QpState::Rts,
+                ..
+            }
+        ),
         "{e}"
     );
     side.to_init();
     let e = qp.modify(&QpAttr::to(QpState::Rts)).unwrap_err();
-    assert!(matches!(e, RdmaError::IllegalTransition { from: QpState::Init, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            RdmaError::IllegalTransition {
+                from: QpState::Init,
+                ..
+            }
+        ),
+        "{e}"
+    );
     let mut rtr = QpAttr::rtr(side.qp.endpoint(), dev.active_mtu());
     rtr.dest = None;
     let e = qp.modify(&rtr).unwrap_err();
-    assert!(matches!(e, RdmaError::MissingAttr { attr: "dest", .. }), "{e}");
+    assert!(
+        matches!(e, RdmaError::MissingAttr { attr: "dest", .. }),
+        "{e}"
+    );
     // Receives may be posted in INIT, sends may not.
-    let e = qp.post_send(&[SendWr::send(3, side.sge(0, 8))]).unwrap_err();
-    assert!(matches!(e, RdmaError::WrongState { state: QpState::Init, .. }), "{e}");
+    let e = qp
+        .post_send(&[SendWr::send(3, side.sge(0, 8))])
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RdmaError::WrongState {
+                state: QpState::Init,
+                ..
+            }
+        ),
+        "{e}"
+    );
     qp.post_recv(&[RecvWr::new(4, side.sge(0, 8))]).unwrap();
     // The failed attempts changed nothing.
     assert_eq!(qp.state(), QpState::Init);
@@ -353,12 +433,17 @@ fn illegal_transitions_and_posting_in_the_wrong_state() {
         ..QpCaps::default()
     };
     let small = side.pd.create_qp(&side.cq, &side.cq, caps).unwrap();
-    small.modify(&QpAttr::init(dev.port(), MrAccess::ALL)).unwrap();
+    small
+        .modify(&QpAttr::init(dev.port(), MrAccess::ALL))
+        .unwrap();
     let two = SgList::from_slice(&[side.sge(0, 8), side.sge(8, 8)]).unwrap();
     let e = small
         .post_recv(&[RecvWr { wr_id: 5, sg: two }])
         .unwrap_err();
-    assert!(matches!(e, RdmaError::TooManySge { n: 2, max: 1, .. }), "{e}");
+    assert!(
+        matches!(e, RdmaError::TooManySge { n: 2, max: 1, .. }),
+        "{e}"
+    );
 }
 
 #[test]
@@ -417,11 +502,22 @@ fn multi_range_and_foreign_lists_are_refused() {
         })
         .unwrap_err();
     assert!(
-        matches!(e, RdmaError::InvalidRegistration { field: "list.ranges", .. }),
+        matches!(
+            e,
+            RdmaError::InvalidRegistration {
+                field: "list.ranges",
+                ..
+            }
+        ),
         "{e}"
     );
-    let phys = AddrList::single(AddrSpace::CpuPhys, Hints::HOST_MEMORY, 4096, DmaRange::new(0x1000, 4096))
-        .unwrap();
+    let phys = AddrList::single(
+        AddrSpace::CpuPhys,
+        Hints::HOST_MEMORY,
+        4096,
+        DmaRange::new(0x1000, 4096),
+    )
+    .unwrap();
     let e = pd
         .reg_mr(&MrRequest {
             list: &phys,
@@ -431,7 +527,13 @@ fn multi_range_and_foreign_lists_are_refused() {
         })
         .unwrap_err();
     assert!(
-        matches!(e, RdmaError::InvalidRegistration { field: "list.space", .. }),
+        matches!(
+            e,
+            RdmaError::InvalidRegistration {
+                field: "list.space",
+                ..
+            }
+        ),
         "{e}"
     );
 }
@@ -446,7 +548,10 @@ fn loopback_write_read_sqd_and_zap() {
     // WRITE a → b, READ it back into another place of a.
     let data = pattern(7, 100_000);
     a.buf.write(0, &data);
-    let c = a.run(SendWr::write(1, a.sge(0, data.len()), remote(&ib, 333)), WcOpcode::RdmaWrite);
+    let c = a.run(
+        SendWr::write(1, a.sge(0, data.len()), remote(&ib, 333)),
+        WcOpcode::RdmaWrite,
+    );
     assert_eq!(c.byte_len as usize, data.len().min(c.byte_len as usize));
     assert_eq!(b.buf.read(333, data.len()), data);
     let c = a.run(
@@ -474,30 +579,42 @@ fn loopback_write_read_sqd_and_zap() {
     }
     eprintln!("SQ_DRAINED event seen: {drained}");
     let s = a.qp.state();
-    assert!(matches!(s, QpState::Sqd | QpState::Rts), "after RTS -> SQD: {s}");
+    assert!(
+        matches!(s, QpState::Sqd | QpState::Rts),
+        "after RTS -> SQD: {s}"
+    );
     if s == QpState::Sqd {
         a.qp.modify(&QpAttr::to(QpState::Rts)).unwrap();
     }
     assert_eq!(a.qp.state(), QpState::Rts);
     let more = pattern(8, 5000);
     a.buf.write(0, &more);
-    a.run(SendWr::write(3, a.sge(0, more.len()), remote(&ib, 0)), WcOpcode::RdmaWrite);
+    a.run(
+        SendWr::write(3, a.sge(0, more.len()), remote(&ib, 0)),
+        WcOpcode::RdmaWrite,
+    );
     assert_eq!(b.buf.read(0, more.len()), more);
 
     // Zap b's MR: a's next WRITE through the old rkey is refused by the responder.
     b.mr.zap().unwrap();
     b.mr.zap().unwrap();
-    a.qp.post_send(&[SendWr::write(4, a.sge(0, 64), remote(&ib, 0))]).unwrap();
+    a.qp.post_send(&[SendWr::write(4, a.sge(0, 64), remote(&ib, 0))])
+        .unwrap();
     let c = a.completions(1)[0];
     assert_eq!(c.wr_id, 4);
     assert_eq!(c.status, WcStatus::RemAccessErr, "{c:?}");
-    assert_eq!(c.opcode, WcOpcode::RdmaWrite, "opcode from the backend's records: {c:?}");
+    assert_eq!(
+        c.opcode,
+        WcOpcode::RdmaWrite,
+        "opcode from the backend's records: {c:?}"
+    );
     assert_eq!(a.qp.state(), QpState::Err);
 }
 
 #[test]
 fn dmabuf_registration_on_a_provider_without_support_is_unsupported() {
-    let Some(dev) = device("dmabuf_registration_on_a_provider_without_support_is_unsupported") else {
+    let Some(dev) = device("dmabuf_registration_on_a_provider_without_support_is_unsupported")
+    else {
         return;
     };
     let udmabuf = match dmaplane_core::dmabuf::UdmaBuf::new("dmaplane-verbs-test", 64 * 1024) {
@@ -522,12 +639,18 @@ fn dmabuf_registration_on_a_provider_without_support_is_unsupported() {
         dmabuf_fd: Some(udmabuf.fd()),
     };
     match (pd.reg_mr(&req), dev.info().dmabuf_mr) {
-        (Err(RdmaError::Unsupported { op, why, .. }), DmaBufMr::Unsupported { .. } | DmaBufMr::Unknown) => {
+        (
+            Err(RdmaError::Unsupported { op, why, .. }),
+            DmaBufMr::Unsupported { .. } | DmaBufMr::Unknown,
+        ) => {
             assert_eq!(op, "ibv_reg_dmabuf_mr");
             assert!(why.contains("EOPNOTSUPP"), "{why}");
         }
         (Ok(mr), DmaBufMr::Supported | DmaBufMr::Unknown) => {
-            assert!(!dev.name().starts_with("rxe"), "rxe registered a dma-buf MR: {mr:?}");
+            assert!(
+                !dev.name().starts_with("rxe"),
+                "rxe registered a dma-buf MR: {mr:?}"
+            );
             assert_eq!(mr.len(), udmabuf.len());
         }
         (got, probed) => panic!("registration {got:?} disagrees with the probe {probed:?}"),
@@ -539,7 +662,16 @@ fn dmabuf_registration_on_a_provider_without_support_is_unsupported() {
             ..req
         })
         .unwrap_err();
-    assert!(matches!(e, RdmaError::InvalidRegistration { field: "dmabuf_fd", .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            RdmaError::InvalidRegistration {
+                field: "dmabuf_fd",
+                ..
+            }
+        ),
+        "{e}"
+    );
 }
 
 // --- two processes ------------------------------------------------------------------------------
@@ -550,9 +682,17 @@ enum Ctl {
     /// Peer: receives are posted and the QP is in RTS.
     Ready,
     /// Peer: check `[off, off + len)` of your buffer holds `pattern(seed, len)`.
-    Check { off: usize, len: usize, seed: u64 },
+    Check {
+        off: usize,
+        len: usize,
+        seed: u64,
+    },
     /// Peer: fill `[off, off + len)` with `pattern(seed, len)`.
-    Fill { off: usize, len: usize, seed: u64 },
+    Fill {
+        off: usize,
+        len: usize,
+        seed: u64,
+    },
     /// Peer: expect one receive completion: a SEND of `pattern(seed, len)` (with `imm`), or a
     /// WRITE_WITH_IMM whose data landed at `write_off`.
     ExpectRecv {
@@ -582,7 +722,13 @@ fn expect_ok(oob: &Oob) {
 fn spawn_peer(addr: std::net::SocketAddr) -> Child {
     let exe = std::env::current_exe().unwrap();
     Command::new(exe)
-        .args(["--exact", "helper_verbs_peer", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "helper_verbs_peer",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(ROLE_ENV, "peer")
         .env(OOB_ENV, addr.to_string())
         .stdin(Stdio::null())
@@ -604,7 +750,10 @@ fn finish_peer(child: Child) {
                 String::from_utf8_lossy(&out.stderr)
             );
             assert!(status.success(), "peer process failed ({status}):\n{text}");
-            assert!(text.contains("1 passed"), "the peer did not run its test:\n{text}");
+            assert!(
+                text.contains("1 passed"),
+                "the peer did not run its test:\n{text}"
+            );
             return;
         }
         if Instant::now() > deadline {
@@ -651,7 +800,10 @@ fn rc_between_two_processes() {
     };
 
     // RDMA WRITE of several sizes at unaligned offsets; the peer checks every byte.
-    for (i, &len) in [1usize, 7, 64, 1000, 4096, 4097, 65_536, 1 << 20].iter().enumerate() {
+    for (i, &len) in [1usize, 7, 64, 1000, 4096, 4097, 65_536, 1 << 20]
+        .iter()
+        .enumerate()
+    {
         let off = (i * 4099) % 4096;
         let seed = 1 + i as u64;
         me.buf.write(off, &pattern(seed, len));
@@ -665,7 +817,10 @@ fn rc_between_two_processes() {
     }
 
     // RDMA READ of several sizes: the peer fills, we read and check every byte.
-    for (i, &len) in [1usize, 13, 4096, 12_345, 300_000, 1 << 20].iter().enumerate() {
+    for (i, &len) in [1usize, 13, 4096, 12_345, 300_000, 1 << 20]
+        .iter()
+        .enumerate()
+    {
         let off = (i * 777) % 4096;
         let seed = 100 + i as u64;
         oob.send(&Ctl::Fill { off, len, seed }).unwrap();
@@ -678,13 +833,21 @@ fn rc_between_two_processes() {
         );
         assert_eq!(c.byte_len as usize, len);
         let got = me.buf.read(local, len);
-        assert_eq!(first_mismatch(&got, &pattern(seed, len)), None, "READ of {len} bytes");
+        assert_eq!(
+            first_mismatch(&got, &pattern(seed, len)),
+            None,
+            "READ of {len} bytes"
+        );
     }
 
     // SEND / RECV, SEND_WITH_IMM, and a SEND gathered from three SGEs.
-    for (k, (len, imm)) in [(3000usize, None), (1, Some(0xabcd_0123u32)), (RECV_SLOT, None)]
-        .into_iter()
-        .enumerate()
+    for (k, (len, imm)) in [
+        (3000usize, None),
+        (1, Some(0xabcd_0123u32)),
+        (RECV_SLOT, None),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let seed = 200 + k as u64;
         me.buf.write(0, &pattern(seed, len));
@@ -707,8 +870,12 @@ fn rc_between_two_processes() {
     me.buf.write(10_000, &data[..1000]);
     me.buf.write(50_000, &data[1000..5000]);
     me.buf.write(90_000, &data[5000..]);
-    let sg = SgList::from_slice(&[me.sge(10_000, 1000), me.sge(50_000, 4000), me.sge(90_000, 4000)])
-        .unwrap();
+    let sg = SgList::from_slice(&[
+        me.sge(10_000, 1000),
+        me.sge(50_000, 4000),
+        me.sge(90_000, 4000),
+    ])
+    .unwrap();
     oob.send(&Ctl::ExpectRecv {
         len: 9000,
         seed,
@@ -716,7 +883,10 @@ fn rc_between_two_processes() {
         write_off: None,
     })
     .unwrap();
-    me.run(SendWr::send(next(), me.sge(0, 0)).with_sg(sg), WcOpcode::Send);
+    me.run(
+        SendWr::send(next(), me.sge(0, 0)).with_sg(sg),
+        WcOpcode::Send,
+    );
     expect_ok(&oob);
 
     // RDMA WRITE_WITH_IMM: data lands in the peer's buffer and consumes one of its receives.
@@ -800,7 +970,9 @@ fn helper_verbs_peer() {
                     if c.opcode != want_op || c.is_send() {
                         return Err(format!("expected {want_op:?}: {c:?}"));
                     }
-                    if let Some(at_byte) = first_mismatch(&me.buf.read(at, len), &pattern(seed, len)) {
+                    if let Some(at_byte) =
+                        first_mismatch(&me.buf.read(at, len), &pattern(seed, len))
+                    {
                         return Err(format!("received data differs at byte {at_byte}: {c:?}"));
                     }
                     Ok(())
