@@ -240,7 +240,8 @@ fn wait_for(cq: &Arc<dyn CqBackend>, n: usize) -> Vec<Completion> {
             got.len()
         );
         if cq.wait(left.min(Duration::from_secs(1))).unwrap() {
-            cq.poll(&mut got, n - got.len()).unwrap();
+            let want = n - got.len();
+            cq.poll(&mut got, want).unwrap();
         }
     }
     got
