@@ -19,6 +19,7 @@ read -r -a CARGO_CMD <<<"${CARGO:-cargo}"
 # PATH as GUEST_NAME; guest/tests.sh (or a steps file) runs it.
 TEST_BINS=(
   "core-dmabuf dmaplane-core dmabuf"
+  "rdma-verbs dmaplane-rdma verbs --features verbs"
 )
 # Program binaries: "GUEST_NAME PACKAGE BIN_TARGET [CARGO ARGS...]".
 PROGRAM_BINS=(

@@ -21,13 +21,13 @@ pub(crate) const INSTALL_HINT: &str = "install libibverbs1 and ibverbs-providers
 pub(crate) fn check_library() -> Result<()> {
     static LOADED: OnceLock<Result<(), String>> = OnceLock::new();
     LOADED
-        .get_or_init(probe_library)
+        .get_or_init(|| probe_library(LIBIBVERBS))
         .clone()
         .map_err(|why| RdmaError::NoDevice { why })
 }
 
-fn probe_library() -> Result<(), String> {
-    let name = CString::new(LIBIBVERBS).map_err(|e| e.to_string())?;
+fn probe_library(soname: &str) -> Result<(), String> {
+    let name = CString::new(soname).map_err(|e| e.to_string())?;
     // SAFETY: `name` is a valid NUL-terminated string; RTLD_NOLOAD only looks the library up
     // among those already loaded (by the shim's constructor) and takes a reference we drop below.
     let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD) };
@@ -47,7 +47,7 @@ fn probe_library() -> Result<(), String> {
         unsafe { libc::dlclose(handle) };
         "it was not loadable when the program started".into()
     };
-    Err(format!("{LIBIBVERBS} not found: {INSTALL_HINT} ({detail})"))
+    Err(format!("{soname} not found: {INSTALL_HINT} ({detail})"))
 }
 
 fn dl_error() -> Option<String> {
@@ -151,6 +151,16 @@ mod tests {
         assert!(errno_text(libc::EINVAL).starts_with("EINVAL (22): "));
         assert_eq!(ret_errno(-22), 22);
         assert_eq!(ret_errno(22), 22);
+    }
+
+    #[test]
+    fn a_missing_library_is_named_with_what_to_install() {
+        let why = probe_library("libibverbs-dmaplane-missing.so.1").unwrap_err();
+        assert!(
+            why.starts_with("libibverbs-dmaplane-missing.so.1 not found: install libibverbs1"),
+            "{why}"
+        );
+        assert!(why.contains("cannot open shared object file"), "{why}");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //!
 //! | need | how |
 //! | --- | --- |
-//! | library missing ≠ "not supported" | `dlopen(RTLD_NOLOAD)` of `libibverbs.so.1` ([`ffi`]) |
+//! | library missing ≠ "not supported" | `dlopen(RTLD_NOLOAD)` of `libibverbs.so.1` |
 //! | port attributes, GID table with types | `ibv_query_port`, `ibv_query_gid_ex` (sideway's converters panic on unknown values) |
 //! | every `QpAttr` field, SQD and its async notify | `ibv_modify_qp` with a hand-built mask |
 //! | chains of send/receive requests with SGE lists | `ibv_post_send` / `ibv_post_recv` |

@@ -106,6 +106,7 @@ step rxe0-active rxe_active
 step rc-pingpong rc_pingpong
 # The real dma-buf exporters (udmabuf, dma-heap): absence of the devices is a failure here.
 step dmabuf env DMAPLANE_REQUIRE_DMABUF=1 core-dmabuf --test-threads=2
+step rdma-verbs env DMAPLANE_REQUIRE_RDMA=1 rdma-verbs --test-threads=2
 # The command-line tool runs in the guest (host-built, dynamically linked).
 step dmaplane-topo dmaplane topo
 
