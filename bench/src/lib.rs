@@ -1,7 +1,6 @@
 //! Benchmark scenarios shared by the criterion benches and the `dmaplane bench` harness, so both
 //! measure exactly the same work.
 
-pub mod rdma;
 pub mod sgl;
 pub mod stress;
 pub mod world;

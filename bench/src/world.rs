@@ -1,8 +1,6 @@
 //! Two simulated hosts on the built-in topology: host A is socket 0 (`mem0`, `nic0`), host B is
 //! socket 1 (`mem1`, `nic1`). Shared by `demo`, `stress revoke --backend sim` and `bench rdma`.
 
-use std::sync::Arc;
-
 use dmaplane_core::fabric::{DeviceId, Fabric, HostMemory};
 use dmaplane_core::topology::builtin;
 use dmaplane_rdma::{Cq, Device, ImportOptions, Mr, MrAccess, Pd, Qp, QpCaps, Result, SimNetwork};
@@ -85,6 +83,3 @@ impl Host {
             .import(name, opts, None, |i, acc| mem.attach(i, nic, acc))
     }
 }
-
-/// Shared so the revoker can hand the traffic thread a new target.
-pub type Shared<T> = Arc<std::sync::Mutex<T>>;

@@ -380,15 +380,8 @@ impl Qp {
     /// a request touching a revoked region fails with [`RdmaError::Revoked`].
     pub fn post_send(&self, wrs: &[SendWr]) -> Result<()> {
         let s = &self.shared;
+        // The QP state is the backend's to check (on verbs reading it is a system call).
         let mut t = lock(&s.track);
-        let state = s.backend.state();
-        if !state.can_post_send() {
-            return Err(RdmaError::WrongState {
-                qpn: s.qpn,
-                state,
-                op: "send",
-            });
-        }
         if t.send.outstanding() + wrs.len() as u64 > t.send.slots.len() as u64 {
             return Err(RdmaError::QueueFull {
                 qpn: s.qpn,

@@ -396,7 +396,7 @@ impl Tracker {
                 };
                 if let Err(e) = h.link.send(msg) {
                     tracing::warn!(device = %self.name, peer = %h.link.peer(), error = %e, "lease revoke not delivered");
-                    self.settle_lease(rkey, inv.epoch, h.gid, false);
+                    self.settle_lease(rkey, inv.epoch, h.gid);
                 }
             }
         }
@@ -529,12 +529,12 @@ impl Tracker {
                 epoch,
             } => {
                 bump(&self.counters.lease_acks, 1);
-                self.settle_lease(rkey, epoch, holder, true);
+                self.settle_lease(rkey, epoch, holder);
             }
         }
     }
 
-    fn settle_lease(&self, rkey: u32, epoch: u64, holder: [u8; 16], _acked: bool) {
+    fn settle_lease(&self, rkey: u32, epoch: u64, holder: [u8; 16]) {
         let latch = {
             let mut w = lock(&self.lease_waits);
             let Some(lw) = w.get_mut(&(rkey, epoch)) else {

@@ -49,6 +49,25 @@ impl SgList {
     }
 }
 
+/// The first request in `reqs` (`(wr_id, its list)`) with more elements than the QP was
+/// created for — one check for every backend's post path.
+pub fn check_sge_limit<'a>(
+    qpn: u32,
+    max: u32,
+    reqs: impl IntoIterator<Item = (u64, &'a SgList)>,
+) -> crate::Result<()> {
+    let max = max as usize;
+    match reqs.into_iter().find(|(_, sg)| sg.as_slice().len() > max) {
+        Some((wr_id, sg)) => Err(crate::RdmaError::TooManySge {
+            qpn,
+            wr_id,
+            n: sg.as_slice().len(),
+            max,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// `enum ibv_wr_opcode` (the RC subset).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum SendOp {

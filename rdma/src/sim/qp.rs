@@ -14,7 +14,7 @@ use crate::backend::QpBackend;
 use crate::error::{RdmaError, Result};
 use crate::qp::{QpAttr, QpCaps, QpState, RemoteQp, check_modify};
 use crate::wc::{Completion, WcOpcode, WcStatus};
-use crate::wr::{RecvWr, SendOp, SendWr};
+use crate::wr::{RecvWr, SendOp, SendWr, check_sge_limit};
 
 use super::{NicShared, SimCq, lock};
 
@@ -299,16 +299,12 @@ impl QpBackend for Arc<SimQp> {
                 op: "send",
             });
         }
+        check_sge_limit(
+            self.qpn,
+            self.caps.max_send_sge,
+            wrs.iter().map(|w| (w.wr_id, &w.sg)),
+        )?;
         for wr in wrs {
-            let n = wr.sg.as_slice().len();
-            if n > self.caps.max_send_sge as usize {
-                return Err(RdmaError::TooManySge {
-                    qpn: self.qpn,
-                    wr_id: wr.wr_id,
-                    n,
-                    max: self.caps.max_send_sge as usize,
-                });
-            }
             if wr.sg.total() > u64::from(u32::MAX) {
                 return Err(RdmaError::BadWorkRequest {
                     qpn: self.qpn,
@@ -345,17 +341,11 @@ impl QpBackend for Arc<SimQp> {
                 op: "recv",
             });
         }
-        for wr in wrs {
-            let n = wr.sg.as_slice().len();
-            if n > self.caps.max_recv_sge as usize {
-                return Err(RdmaError::TooManySge {
-                    qpn: self.qpn,
-                    wr_id: wr.wr_id,
-                    n,
-                    max: self.caps.max_recv_sge as usize,
-                });
-            }
-        }
+        check_sge_limit(
+            self.qpn,
+            self.caps.max_recv_sge,
+            wrs.iter().map(|w| (w.wr_id, &w.sg)),
+        )?;
         if inner.rq.len() + wrs.len() > self.caps.max_recv_wr as usize {
             return Err(RdmaError::QueueFull {
                 qpn: self.qpn,

@@ -11,7 +11,7 @@ use crate::backend::{CqBackend, QpBackend};
 use crate::error::{RdmaError, Result};
 use crate::qp::{QpAttr, QpCaps, QpState, RemoteQp, check_modify};
 use crate::wc::WcOpcode;
-use crate::wr::{RecvWr, SendOp, SendWr, Sge};
+use crate::wr::{RecvWr, SendOp, SendWr, Sge, check_sge_limit};
 
 use super::cq::VerbsCq;
 use super::device::DevInner;
@@ -473,15 +473,11 @@ impl QpBackend for VerbsQp {
                 op: "post_send",
             });
         }
-        let max_sge = usize::try_from(self.caps.max_send_sge).unwrap_or(usize::MAX);
-        if let Some(wr) = wrs.iter().find(|w| w.sg.as_slice().len() > max_sge) {
-            return Err(RdmaError::TooManySge {
-                qpn: self.qpn,
-                wr_id: wr.wr_id,
-                n: wr.sg.as_slice().len(),
-                max: max_sge,
-            });
-        }
+        check_sge_limit(
+            self.qpn,
+            self.caps.max_send_sge,
+            wrs.iter().map(|w| (w.wr_id, &w.sg)),
+        )?;
         let mut sges = Vec::with_capacity(wrs.iter().map(|w| w.sg.as_slice().len()).sum());
         let spans: Vec<(usize, usize)> = wrs
             .iter()
@@ -575,15 +571,11 @@ impl QpBackend for VerbsQp {
                 op: "post_recv",
             });
         }
-        let max_sge = usize::try_from(self.caps.max_recv_sge).unwrap_or(usize::MAX);
-        if let Some(wr) = wrs.iter().find(|w| w.sg.as_slice().len() > max_sge) {
-            return Err(RdmaError::TooManySge {
-                qpn: self.qpn,
-                wr_id: wr.wr_id,
-                n: wr.sg.as_slice().len(),
-                max: max_sge,
-            });
-        }
+        check_sge_limit(
+            self.qpn,
+            self.caps.max_recv_sge,
+            wrs.iter().map(|w| (w.wr_id, &w.sg)),
+        )?;
         let mut sges = Vec::with_capacity(wrs.iter().map(|w| w.sg.as_slice().len()).sum());
         let spans: Vec<(usize, usize)> = wrs
             .iter()
