@@ -79,6 +79,9 @@ pub struct StressReport {
     pub posts_refused: u64,
     pub seconds: f64,
     pub failures: Vec<String>,
+    /// What the run found out on the way (device, negotiated registration, ...).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 impl StressReport {
@@ -101,10 +104,25 @@ struct Target {
 
 const POISON: u8 = 0xd5;
 
+/// The bytes a request with `tag` writes: a word per 8 bytes, unique to the tag and position,
+/// generated a word at a time so that filling and checking cost the data path little CPU (on a
+/// small machine it shares the cores with the NIC engines it is measuring).
 fn pattern(tag: u64, len: usize, buf: &mut Vec<u8>) {
     buf.clear();
-    let bytes = tag.to_le_bytes();
-    buf.extend((0..len).map(|i| bytes[i % 8] ^ (i / 8) as u8));
+    buf.resize(len, 0);
+    let mut chunks = buf.chunks_exact_mut(8);
+    let mut k = 0u64;
+    for c in &mut chunks {
+        c.copy_from_slice(&word(tag, k).to_le_bytes());
+        k += 1;
+    }
+    let rest = chunks.into_remainder();
+    let n = rest.len();
+    rest.copy_from_slice(&word(tag, k).to_le_bytes()[..n]);
+}
+
+fn word(tag: u64, k: u64) -> u64 {
+    tag ^ k.wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
 /// Simple deterministic generator for the revoke schedule.
@@ -195,6 +213,15 @@ pub fn run_sim(
             for epoch in 1..=cfg.revokes {
                 if stop.load(Ordering::Relaxed) {
                     break;
+                }
+                // Revoke under load: let the data path get requests in flight on the live target
+                // first (bounded, so a stalled data path cannot stall the schedule).
+                let since = Instant::now();
+                while outstanding_in(epoch - 1) == 0
+                    && since.elapsed() < Duration::from_millis(50)
+                    && !stop.load(Ordering::Relaxed)
+                {
+                    std::thread::sleep(Duration::from_micros(20));
                 }
                 let jitter = (next(&mut seed) % 1000) as f64 / 1000.0 * 2.0 * interval;
                 std::thread::sleep(Duration::from_secs_f64(jitter.min(0.05)));
@@ -419,6 +446,7 @@ pub fn run_sim(
             posts_refused: refused,
             seconds: start.elapsed().as_secs_f64(),
             failures: std::mem::take(&mut *failures.lock().unwrap_or_else(|p| p.into_inner())),
+            notes: Vec::new(),
         })
     })?;
     Ok(report)

@@ -165,7 +165,7 @@ fn udmabuf_maps_syncs_and_shares_pages_with_its_memfd() {
     assert_eq!(buf.process_va() % DMABUF_GRANULE, 0);
     roundtrip(&buf);
 
-    // The same pages: a write through the dma-buf mapping is in the memfd, and back.
+    // The same pages: a write through the CPU view is in the memfd, and back.
     let mut seen = vec![0u8; 4096];
     rustix::io::pread(buf.memfd(), &mut seen, 0).unwrap();
     assert_eq!(seen, pattern(1, 4096));

@@ -22,6 +22,15 @@ impl MrAccess {
         self.0
     }
 
+    /// From [`bits`](Self::bits) (e.g. received from a peer); `None` when unknown bits are set.
+    pub const fn from_bits(bits: u32) -> Option<MrAccess> {
+        if bits & !MrAccess::ALL.0 == 0 {
+            Some(MrAccess(bits))
+        } else {
+            None
+        }
+    }
+
     pub const fn contains(self, other: MrAccess) -> bool {
         self.0 & other.0 == other.0
     }

@@ -18,7 +18,7 @@ use crate::backend::{
 use crate::error::{RdmaError, Result};
 use crate::lease::{Holder, LocalLink, RemoteMr};
 use crate::qp::{Mtu, QpAttr, QpCaps, QpState, RemoteQp};
-use crate::quiesce::Tracker;
+use crate::quiesce::{Tracker, local_revoked, remote_revoked};
 use crate::sync::{lock, read, write};
 use crate::wc::Completion;
 use crate::wr::{MAX_SGE, RecvWr, SendWr, Sge};
@@ -358,11 +358,17 @@ impl Qp {
 
     /// RESET → INIT → RTR → RTS towards `dest`, remembering the attributes for recovery.
     pub fn connect(&self, dest: RemoteQp, access: MrAccess) -> Result<()> {
+        self.connect_mtu(dest, access, Mtu::Mtu4096)
+    }
+
+    /// [`connect`](Self::connect) with a path MTU (a real port's active MTU: RoCE on a
+    /// 1500-byte Ethernet runs 1024).
+    pub fn connect_mtu(&self, dest: RemoteQp, access: MrAccess, mtu: Mtu) -> Result<()> {
         let conn = Conn {
             port: 1,
             access,
             dest,
-            mtu: Mtu::Mtu4096,
+            mtu,
         };
         self.shared.bring_up(&conn)?;
         lock(&self.shared.track).conn = Some(conn);
@@ -378,21 +384,16 @@ impl Qp {
     /// Post send requests, all or none. Local keys, bounds and rights are checked here (a
     /// precise error instead of a protection-error completion), as are leases on remote keys;
     /// a request touching a revoked region fails with [`RdmaError::Revoked`].
+    ///
+    /// The checks run before the QP's lock is taken; under it, only the revoke marks of the
+    /// regions they found are read again. That keeps the lock — which a revoke's scan takes
+    /// too — held for a few hundred nanoseconds, not for the whole list's checks: a revoke
+    /// never waits for a long post, and still no post slips past its scan.
     pub fn post_send(&self, wrs: &[SendWr]) -> Result<()> {
         let s = &self.shared;
-        // The QP state is the backend's to check (on verbs reading it is a system call).
-        let mut t = lock(&s.track);
-        if t.send.outstanding() + wrs.len() as u64 > t.send.slots.len() as u64 {
-            return Err(RdmaError::QueueFull {
-                qpn: s.qpn,
-                queue: "send",
-                depth: t.send.slots.len() as u32,
-            });
-        }
-        let dest = t.conn.map(|c| c.dest.gid);
-        let mut out = std::mem::take(&mut t.scratch_send);
-        out.clear();
-        let mut seq = t.send.posted;
+        let dest = lock(&s.track).conn.map(|c| c.dest.gid);
+        let mut seen = Seen::default();
+        let mut slots = Vec::with_capacity(wrs.len());
         for wr in wrs {
             let what = || {
                 format!(
@@ -412,10 +413,7 @@ impl Qp {
                 ..Slot::default()
             };
             for (i, sge) in wr.sg.as_slice().iter().enumerate() {
-                if let Err(e) = s.tracker.check_local(sge, need, &what) {
-                    t.scratch_send = out;
-                    return Err(e);
-                }
+                seen.local(sge.lkey, s.tracker.check_local(sge, need, &what)?);
                 slot.lkeys[i] = sge.lkey;
             }
             slot.nkeys = wr.sg.as_slice().len() as u8;
@@ -426,25 +424,38 @@ impl Qp {
                     MrAccess::REMOTE_WRITE
                 };
                 if let Some(gid) = dest
-                    && let Err(e) =
+                    && let Some(r) =
                         s.tracker
-                            .check_remote(gid, wr.remote, wr.sg.total(), rneed, &what)
+                            .check_remote(gid, wr.remote, wr.sg.total(), rneed, &what)?
                 {
-                    t.scratch_send = out;
-                    return Err(e);
+                    seen.remote(r);
                 }
                 slot.rkey = wr.remote.rkey;
                 slot.one_sided = true;
             }
-            *t.send.slot_mut(seq) = slot;
+            slots.push(slot);
+        }
+        let mut t = lock(&s.track);
+        if t.send.outstanding() + wrs.len() as u64 > t.send.slots.len() as u64 {
+            return Err(RdmaError::QueueFull {
+                qpn: s.qpn,
+                queue: "send",
+                depth: t.send.slots.len() as u32,
+            });
+        }
+        seen.recheck(&|| format!("QP {:#x} send list", s.qpn))?;
+        let mut out = std::mem::take(&mut t.scratch_send);
+        out.clear();
+        let base = t.send.posted;
+        for (k, (wr, slot)) in wrs.iter().zip(&slots).enumerate() {
+            *t.send.slot_mut(base + k as u64) = *slot;
             let mut b = *wr;
-            b.wr_id = seq;
+            b.wr_id = base + k as u64;
             out.push(b);
-            seq += 1;
         }
         let r = s.backend.post_send(&out);
         if r.is_ok() {
-            t.send.posted = seq;
+            t.send.posted = base + wrs.len() as u64;
         }
         t.scratch_send = out;
         r
@@ -452,6 +463,22 @@ impl Qp {
 
     pub fn post_recv(&self, wrs: &[RecvWr]) -> Result<()> {
         let s = &self.shared;
+        let mut seen = Seen::default();
+        let mut slots = Vec::with_capacity(wrs.len());
+        for wr in wrs {
+            let what = || format!("QP {:#x} receive {}", s.qpn, wr.wr_id);
+            let mut slot = Slot {
+                wr_id: wr.wr_id,
+                ..Slot::default()
+            };
+            for (i, sge) in wr.sg.as_slice().iter().enumerate() {
+                let mr = s.tracker.check_local(sge, MrAccess::LOCAL_WRITE, &what)?;
+                seen.local(sge.lkey, mr);
+                slot.lkeys[i] = sge.lkey;
+            }
+            slot.nkeys = wr.sg.as_slice().len() as u8;
+            slots.push(slot);
+        }
         let mut t = lock(&s.track);
         if t.recv.outstanding() + wrs.len() as u64 > t.recv.slots.len() as u64 {
             return Err(RdmaError::QueueFull {
@@ -460,47 +487,77 @@ impl Qp {
                 depth: t.recv.slots.len() as u32,
             });
         }
+        seen.recheck(&|| format!("QP {:#x} receive list", s.qpn))?;
         let mut out = std::mem::take(&mut t.scratch_recv);
         out.clear();
-        let mut seq = t.recv.posted;
-        for wr in wrs {
-            let what = || format!("QP {:#x} receive {}", s.qpn, wr.wr_id);
-            let mut slot = Slot {
-                wr_id: wr.wr_id,
-                ..Slot::default()
-            };
-            for (i, sge) in wr.sg.as_slice().iter().enumerate() {
-                if let Err(e) = s.tracker.check_local(sge, MrAccess::LOCAL_WRITE, &what) {
-                    t.scratch_recv = out;
-                    return Err(e);
-                }
-                slot.lkeys[i] = sge.lkey;
-            }
-            slot.nkeys = wr.sg.as_slice().len() as u8;
-            *t.recv.slot_mut(seq) = slot;
+        let base = t.recv.posted;
+        for (k, (wr, slot)) in wrs.iter().zip(&slots).enumerate() {
+            *t.recv.slot_mut(base + k as u64) = *slot;
             let mut b = *wr;
-            b.wr_id = seq;
+            b.wr_id = base + k as u64;
             out.push(b);
-            seq += 1;
         }
         let r = s.backend.post_recv(&out);
         if r.is_ok() {
-            t.recv.posted = seq;
+            t.recv.posted = base + wrs.len() as u64;
         }
         t.scratch_recv = out;
         r
     }
 }
 
+/// The regions a post list touches, each once, for the re-check under the QP lock.
+#[derive(Default)]
+struct Seen {
+    local: Vec<(u32, Arc<MrShared>)>,
+    remote: Vec<Arc<RemoteMr>>,
+}
+
+impl Seen {
+    fn local(&mut self, key: u32, mr: Arc<MrShared>) {
+        if !self.local.iter().any(|(_, m)| Arc::ptr_eq(m, &mr)) {
+            self.local.push((key, mr));
+        }
+    }
+
+    fn remote(&mut self, r: Arc<RemoteMr>) {
+        if !self.remote.iter().any(|x| Arc::ptr_eq(x, &r)) {
+            self.remote.push(r);
+        }
+    }
+
+    /// Fails if a revoke marked any of them since it was checked.
+    fn recheck(&self, what: &dyn Fn() -> String) -> Result<()> {
+        for (key, mr) in &self.local {
+            local_revoked(mr, *key, what)?;
+        }
+        for r in &self.remote {
+            remote_revoked(r, what)?;
+        }
+        Ok(())
+    }
+}
+
 impl QpShared {
     pub(crate) fn bring_up(&self, c: &Conn) -> Result<()> {
+        self.bring_up_at(c, None)
+    }
+
+    /// RESET → RTS; `psns` (send, receive) resume a connection the peer still has.
+    fn bring_up_at(&self, c: &Conn, psns: Option<(u32, u32)>) -> Result<()> {
         let b = &self.backend;
         if b.state() != QpState::Reset {
             b.modify(&QpAttr::to(QpState::Reset))?;
         }
+        let mut rtr = QpAttr::rtr(c.dest, c.mtu);
+        let mut sq_psn = b.endpoint().psn;
+        if let Some((sq, rq)) = psns {
+            rtr.rq_psn = Some(rq);
+            sq_psn = sq;
+        }
         b.modify(&QpAttr::init(c.port, c.access))?;
-        b.modify(&QpAttr::rtr(c.dest, c.mtu))?;
-        b.modify(&QpAttr::rts(b.endpoint().psn))
+        b.modify(&rtr)?;
+        b.modify(&QpAttr::rts(sq_psn))
     }
 
     /// Back to RTS after a flush once every outstanding completion is reaped.
@@ -510,7 +567,8 @@ impl QpShared {
         }
         let state = self.backend.state();
         let r = match (state, t.conn) {
-            (QpState::Err, Some(c)) => self.bring_up(&c),
+            // Read before the reset, which forgets them.
+            (QpState::Err, Some(c)) => self.bring_up_at(&c, self.backend.next_psns()),
             (QpState::Sqd, _) => self.backend.modify(&QpAttr::to(QpState::Rts)),
             _ => Ok(()),
         };

@@ -116,3 +116,63 @@ pub(crate) struct Holder {
     pub(crate) gid: [u8; 16],
     pub(crate) link: Arc<dyn ControlLink>,
 }
+
+/// Leases over any [`ControlLink`] (another process, another host): the two halves
+/// [`Device::lease`] wires up in-process, for a link the caller provides.
+impl crate::device::Mr {
+    /// Owner side: make the device identified by `holder_gid` a holder of this region. A revoke
+    /// sends it `LeaseRevoke` over `link` and waits for its `LeaseAck` until the cut-off.
+    pub fn add_holder(&self, holder_gid: [u8; 16], link: Arc<dyn ControlLink>) {
+        crate::sync::lock(&self.shared.holders).push(Holder {
+            gid: holder_gid,
+            link,
+        });
+    }
+}
+
+impl crate::device::Device {
+    /// The identity leases are keyed by (the port GID).
+    pub fn gid(&self) -> [u8; 16] {
+        self.tracker.gid
+    }
+
+    /// Holder side: record a lease on a peer's region (`info` as the owner sent it). Posts that
+    /// target it are checked against it, a `LeaseRevoke` for it quiesces them, and the ack goes
+    /// back over `link`. A later lease on the same key from the same owner replaces this one.
+    /// `info` comes from the peer: a range that wraps around the address space is refused.
+    pub fn hold(
+        &self,
+        owner_gid: [u8; 16],
+        owner_name: &str,
+        info: crate::oob::RemoteMrInfo,
+        access: MrAccess,
+        link: Arc<dyn ControlLink>,
+    ) -> Result<Arc<RemoteMr>> {
+        if info.addr.checked_add(info.len).is_none() {
+            return Err(crate::RdmaError::InvalidRegistration {
+                field: "remote.len",
+                value: format!("{:#x} at {:#x}", info.len, info.addr),
+                why: format!("the lease from {owner_name} wraps around the address space"),
+            });
+        }
+        let remote = Arc::new(RemoteMr {
+            owner: owner_gid,
+            owner_name: owner_name.to_string(),
+            addr: info.addr,
+            len: info.len,
+            rkey: info.rkey,
+            access,
+            revoked: AtomicU64::new(0),
+            link,
+        });
+        self.tracker.add_remote(remote.clone());
+        Ok(remote)
+    }
+
+    /// Hand a control message that arrived from a peer to this device (what a link's receiver
+    /// does): `LeaseRevoke` quiesces what targets the lease and acks; `LeaseAck` settles a
+    /// revoke in progress. Unknown leases and stale epochs are ignored.
+    pub fn deliver(&self, msg: ControlMsg) {
+        self.tracker.on_control(msg);
+    }
+}

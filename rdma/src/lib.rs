@@ -4,12 +4,15 @@
 //! - [`backend`]: the raw objects a backend provides.
 //! - `sim`: the simulated RC NIC on the core fabric (always built).
 //! - `verbs`: real libibverbs through sideway (feature `verbs`).
+//! - [`lease`], [`lease_tcp`], [`oob`]: remote leases, in-process and over the out-of-band TCP
+//!   connection.
 
 pub mod access;
 pub mod backend;
 pub mod device;
 pub mod error;
 pub mod lease;
+pub mod lease_tcp;
 pub mod oob;
 pub mod qp;
 pub mod quiesce;
@@ -26,6 +29,7 @@ pub use backend::{BackendKind, DeviceInfo, DmaBufMr};
 pub use device::{Cq, Device, Mr, Pd, Qp};
 pub use error::{RdmaError, Result};
 pub use lease::{ControlLink, ControlMsg, RemoteMr};
+pub use lease_tcp::{LeaseLink, TcpLink};
 pub use qp::{Mtu, QpAttr, QpCaps, QpState, RemoteQp};
 pub use quiesce::{ImportOptions, QuiescePolicy, QuiesceStats, RdmaImporter};
 pub use sim::{SimNetwork, SimNic};

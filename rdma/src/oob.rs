@@ -223,6 +223,20 @@ impl Oob {
         self.peer
     }
 
+    /// Close both directions now, even while other owners of this connection still hold it:
+    /// the peer reads end-of-stream, later sends here fail.
+    pub fn shutdown(&self) -> Result<()> {
+        match self.stream.shutdown(std::net::Shutdown::Both) {
+            Ok(()) => Ok(()),
+            // Already closed by the peer: nothing left to close.
+            Err(e) if e.kind() == ErrorKind::NotConnected => Ok(()),
+            Err(e) => Err(RdmaError::io(
+                format!("closing the connection with {}", self.peer),
+                e,
+            )),
+        }
+    }
+
     /// Send one message (a JSON line).
     pub fn send<T: Serialize>(&self, msg: &T) -> Result<()> {
         let mut line = serde_json::to_vec(msg).map_err(|e| RdmaError::Connection {

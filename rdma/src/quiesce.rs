@@ -17,8 +17,14 @@
 //! 4. once every QP is quiescent (the backend says so, or every outstanding completion has been
 //!    reaped) and every lease is settled, the MR's translation is zapped and the fence is
 //!    signalled. Drained QPs go back to RTS; flushed ones do when `recover` was asked for, as
-//!    soon as their flushed completions are reaped. Every posted request gets exactly one
-//!    completion.
+//!    soon as their flushed completions are reaped (resuming their PSNs, which the peer's
+//!    responder kept). Every posted request gets exactly one completion.
+//!
+//! A remote holder that flushes cannot recall packets already on the wire: one may still reach
+//! the owner after the ack. It cannot land after the fence — the zap comes first and waits for
+//! accesses under way — but a multi-packet WRITE cut in the middle leaves the owner's responder
+//! mid-message, which breaks the connection; holders that write more than one packet at a time
+//! should be revoked with `Drain`.
 
 use std::collections::HashMap;
 use std::os::fd::BorrowedFd;
@@ -37,7 +43,7 @@ use crate::device::{Mr, MrMap, MrShared, Pd, QpShared, Track};
 use crate::error::{RdmaError, Result};
 use crate::lease::{ControlMsg, RemoteMr};
 use crate::qp::{QpAttr, QpState};
-use crate::sync::{lock, read, write};
+use crate::sync::{lock, read, try_lock, write};
 use crate::timer::Timer;
 use crate::wr::{RemoteAddr, Sge};
 
@@ -218,7 +224,7 @@ impl Tracker {
         sge: &Sge,
         need: MrAccess,
         what: &dyn Fn() -> String,
-    ) -> Result<()> {
+    ) -> Result<Arc<MrShared>> {
         let mr = read(&self.mrs).get(&sge.lkey).and_then(Weak::upgrade);
         let Some(mr) = mr else {
             return Err(RdmaError::BadKey {
@@ -227,14 +233,7 @@ impl Tracker {
                 key: sge.lkey,
             });
         };
-        let rev = mr.revoked.load(Ordering::Acquire);
-        if rev != 0 {
-            return Err(RdmaError::Revoked {
-                what: format!("{}: MR {:#x}", what(), sge.lkey),
-                epoch: rev - 1,
-                why: "its exporter invalidated the memory".into(),
-            });
-        }
+        local_revoked(&mr, sge.lkey, what)?;
         let b = read(&mr.backend);
         let (start, len) = (b.iova(), b.len());
         let end = sge.addr.checked_add(u64::from(sge.length));
@@ -256,7 +255,8 @@ impl Tracker {
                 need,
             });
         }
-        Ok(())
+        drop(b);
+        Ok(mr)
     }
 
     /// Post-time check of a one-sided target against the lease we hold on it, if any.
@@ -267,22 +267,10 @@ impl Tracker {
         len: u64,
         need: MrAccess,
         what: &dyn Fn() -> String,
-    ) -> Result<()> {
+    ) -> Result<Option<Arc<RemoteMr>>> {
         let r = read(&self.remotes).get(&(owner, remote.rkey)).cloned();
-        let Some(r) = r else { return Ok(()) };
-        let rev = r.revoked.load(Ordering::Acquire);
-        if rev != 0 {
-            return Err(RdmaError::Revoked {
-                what: format!(
-                    "{}: remote MR {:#x} of {}",
-                    what(),
-                    remote.rkey,
-                    r.owner_name
-                ),
-                epoch: rev - 1,
-                why: "its owner withdrew the lease".into(),
-            });
-        }
+        let Some(r) = r else { return Ok(None) };
+        remote_revoked(&r, what)?;
         let end = remote.addr.checked_add(len);
         if remote.addr < r.addr || end.is_none_or(|e| e > r.addr + r.len) {
             return Err(RdmaError::OutOfBounds {
@@ -302,11 +290,34 @@ impl Tracker {
                 need,
             });
         }
-        Ok(())
+        Ok(Some(r))
     }
 
     fn live_qps(&self) -> Vec<Arc<QpShared>> {
         read(&self.qps).values().filter_map(Weak::upgrade).collect()
+    }
+
+    /// The live QPs for which `f`, run under the QP's lock, returns something. QPs whose lock
+    /// is held right now (the data path posting or reaping) are looked at after the others:
+    /// by then it is free, and the revoke has not slept on it.
+    fn scan_qps<T>(&self, mut f: impl FnMut(&Track) -> Option<T>) -> Vec<(Arc<QpShared>, T)> {
+        let mut hits = Vec::new();
+        let mut busy = Vec::new();
+        for qp in self.live_qps() {
+            let seen = try_lock(&qp.track).map(|t| f(&t));
+            match seen {
+                Some(Some(x)) => hits.push((qp, x)),
+                Some(None) => {}
+                None => busy.push(qp),
+            }
+        }
+        for qp in busy {
+            let x = f(&lock(&qp.track));
+            if let Some(x) = x {
+                hits.push((qp, x));
+            }
+        }
+        hits
     }
 
     /// Register "QP quiescent" as one condition of `latch`.
@@ -395,29 +406,48 @@ impl Tracker {
                     flush,
                 };
                 if let Err(e) = h.link.send(msg) {
-                    tracing::warn!(device = %self.name, peer = %h.link.peer(), error = %e, "lease revoke not delivered");
+                    // It will never ack: cut off now rather than at the deadline.
+                    bump(&self.counters.holders_cut_off, 1);
+                    tracing::warn!(device = %self.name, peer = %h.link.peer(), error = %e, "lease revoke not delivered: holder cut off");
                     self.settle_lease(rkey, inv.epoch, h.gid);
                 }
             }
         }
         // Step 3: local queue pairs using the MR.
-        for qp in self.live_qps() {
-            let (send, recv, uses) = {
-                let mut t = lock(&qp.track);
-                let uses = t.send.live().any(|s| t.send.slot(s).uses_lkey(lkey))
-                    || t.recv.live().any(|s| t.recv.slot(s).uses_lkey(lkey));
-                if uses && opts.recover {
-                    t.recover_pending = true;
-                }
-                (t.send.posted, t.recv.posted, uses)
-            };
-            if !uses {
-                continue;
-            }
-            self.apply_policy(&qp, opts.policy);
-            self.wait_quiescent(&qp, send, recv, &latch);
+        let users = self.scan_qps(|t| {
+            let uses = t.send.live().any(|s| t.send.slot(s).uses_lkey(lkey))
+                || t.recv.live().any(|s| t.recv.slot(s).uses_lkey(lkey));
+            uses.then_some((t.send.posted, t.recv.posted))
+        });
+        for (qp, upto) in users {
+            self.quiesce_qp(&qp, opts.policy, upto, &latch, opts.recover);
         }
         latch.done_one();
+    }
+
+    /// Quiesce one QP whose requests up to `upto` (send, recv) may touch the region; count it
+    /// on `latch`, and arm the return to RTS when `recover`.
+    ///
+    /// Order matters: the waiter is registered before the modify, so a recovery racing with the
+    /// modify (the data path reaping the last flushed completion and bringing the QP back up)
+    /// cannot leave it waiting on a QP that is RTS again; and recovery is armed only after the
+    /// modify, so a reaper that runs before the modify lands does not consume it.
+    fn quiesce_qp(
+        &self,
+        qp: &Arc<QpShared>,
+        policy: QuiescePolicy,
+        upto: (u64, u64),
+        latch: &Arc<Pending>,
+        recover: bool,
+    ) {
+        self.wait_quiescent(qp, upto.0, upto.1, latch);
+        self.apply_policy(qp, policy);
+        if recover {
+            let mut t = lock(&qp.track);
+            t.recover_pending = true;
+            // Everything may be reaped already; then nobody else would come by.
+            qp.try_recover(&mut t);
+        }
     }
 
     fn apply_policy(&self, qp: &Arc<QpShared>, policy: QuiescePolicy) {
@@ -433,7 +463,6 @@ impl Tracker {
                 } else {
                     Ok(())
                 };
-                lock(&qp.track).recover_pending = true;
                 let weak = Arc::downgrade(qp);
                 let me = self.me.clone();
                 self.timer.at(Instant::now() + deadline, move || {
@@ -487,26 +516,18 @@ impl Tracker {
                         tracing::warn!(error = %e, "lease ack not delivered");
                     }
                 });
-                for qp in self.live_qps() {
-                    let (send, uses) = {
-                        let mut t = lock(&qp.track);
-                        let to_owner = t.conn.is_some_and(|c| c.dest.gid == owner);
-                        let uses = to_owner
-                            && t.send.live().any(|s| {
-                                let sl = t.send.slot(s);
-                                sl.one_sided && sl.rkey == rkey
-                            });
-                        if uses && flush {
-                            t.recover_pending = true;
-                        }
-                        (t.send.posted, uses)
-                    };
-                    if !uses {
-                        continue;
-                    }
+                let users = self.scan_qps(|t| {
+                    let to_owner = t.conn.is_some_and(|c| c.dest.gid == owner);
+                    let uses = to_owner
+                        && t.send.live().any(|s| {
+                            let sl = t.send.slot(s);
+                            sl.one_sided && sl.rkey == rkey
+                        });
+                    uses.then_some(t.send.posted)
+                });
+                for (qp, send) in users {
                     if flush {
-                        self.apply_policy(&qp, QuiescePolicy::Flush);
-                        self.wait_quiescent(&qp, send, 0, &latch);
+                        self.quiesce_qp(&qp, QuiescePolicy::Flush, (send, 0), &latch, true);
                     } else {
                         // Drain: other traffic on the QP goes on; wait for ours to complete.
                         latch.add(1);
@@ -709,5 +730,29 @@ impl Mr {
         lock(&self.shared.holders).clear();
         self.shared.revoked.store(0, Ordering::SeqCst);
         Ok(map.epoch)
+    }
+}
+
+/// [`RdmaError::Revoked`] when `mr` (named by `lkey`) has been invalidated.
+pub(crate) fn local_revoked(mr: &MrShared, lkey: u32, what: &dyn Fn() -> String) -> Result<()> {
+    match mr.revoked.load(Ordering::Acquire) {
+        0 => Ok(()),
+        rev => Err(RdmaError::Revoked {
+            what: format!("{}: MR {:#x}", what(), lkey),
+            epoch: rev - 1,
+            why: "its exporter invalidated the memory".into(),
+        }),
+    }
+}
+
+/// [`RdmaError::Revoked`] when the lease on `r` has been withdrawn.
+pub(crate) fn remote_revoked(r: &RemoteMr, what: &dyn Fn() -> String) -> Result<()> {
+    match r.revoked.load(Ordering::Acquire) {
+        0 => Ok(()),
+        rev => Err(RdmaError::Revoked {
+            what: format!("{}: remote MR {:#x} of {}", what(), r.rkey, r.owner_name),
+            epoch: rev - 1,
+            why: "its owner withdrew the lease".into(),
+        }),
     }
 }

@@ -55,6 +55,10 @@ impl Timer {
     pub(crate) fn at(&self, at: Instant, job: impl FnOnce() + Send + 'static) {
         let (m, cv) = &*self.inner;
         let mut st = lock(m);
+        // Wake the thread only when this deadline comes before the one it sleeps towards: a
+        // revoke arms a cut-off each time, and a needless wake-up is one more thread wanting a
+        // CPU in the middle of the revoke.
+        let earlier = st.heap.peek().is_none_or(|Reverse(e)| at < e.at);
         st.seq += 1;
         let seq = st.seq;
         st.heap.push(Reverse(Entry {
@@ -73,7 +77,9 @@ impl Timer {
                 tracing::error!("could not start the timer thread: deadlines will not fire");
             }
         }
-        cv.notify_one();
+        if earlier {
+            cv.notify_one();
+        }
     }
 }
 

@@ -1031,3 +1031,209 @@ fn helper_verbs_peer() {
         oob.send(&answer).unwrap();
     }
 }
+
+// --- dma-buf export through the safe layer ------------------------------------------------------
+
+/// `DMAPLANE_REQUIRE_DMABUF=1` (the testbed sets it) turns "no udmabuf" into a failure.
+fn udmabuf(test: &str, len: u64) -> Option<dmaplane_core::dmabuf::DmaBufMemory> {
+    match dmaplane_core::dmabuf::UdmaBuf::new(test, len) {
+        Ok(u) => Some(u.into_memory()),
+        Err(e) => {
+            assert!(
+                std::env::var("DMAPLANE_REQUIRE_DMABUF").as_deref() != Ok("1"),
+                "DMAPLANE_REQUIRE_DMABUF=1 but no udmabuf for {test}: {e}"
+            );
+            eprintln!("{test}: skipped: cannot create a udmabuf: {e}");
+            None
+        }
+    }
+}
+
+/// Poll `cq` until `n` completions arrived (or fail after `OP_TIMEOUT`).
+fn reap(cq: &dmaplane_rdma::Cq, n: usize) -> Vec<Completion> {
+    let deadline = Instant::now() + OP_TIMEOUT;
+    let mut got = Vec::new();
+    while got.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "timed out: {} of {n} completions: {got:?}",
+            got.len()
+        );
+        let want = n - got.len();
+        if cq.poll(&mut got, want).unwrap() == 0 {
+            cq.wait(Duration::from_millis(100)).unwrap();
+        }
+    }
+    got
+}
+
+/// udmabuf export → `Pd::import` → the provider refuses the dma-buf MR (rxe: EOPNOTSUPP) →
+/// negotiation falls back to the buffer's process mapping, and says so → RDMA WRITEs into it
+/// from a second context, every byte checked through the exporter's CPU view → revoke.
+#[test]
+fn udmabuf_import_falls_back_to_process_va_and_writes_land() {
+    use dmaplane_rdma::{Device, ImportOptions};
+    let test = "udmabuf_import_falls_back_to_process_va_and_writes_land";
+    let Some(vdev) = device(test) else {
+        return;
+    };
+    const LEN: u64 = 1 << 20;
+    let Some(mem) = udmabuf("verbs-import", LEN) else {
+        return;
+    };
+    let dmabuf_mr = vdev.info().dmabuf_mr;
+    let owner = Device::new(vdev);
+    let holder = Device::new(VerbsDevice::open(Some(owner.name())).unwrap());
+    let (opd, hpd) = (owner.alloc_pd().unwrap(), holder.alloc_pd().unwrap());
+    let (ocq, hcq) = (
+        owner.create_cq(256).unwrap(),
+        holder.create_cq(256).unwrap(),
+    );
+    let opts = ImportOptions {
+        access: MrAccess::ALL,
+        ..ImportOptions::default()
+    };
+    let mr = opd
+        .import("udmabuf", opts, Some(mem.fd()), |i, a| mem.attach(i, a))
+        .unwrap();
+    let how = mr.negotiation().unwrap();
+    eprintln!("negotiation: {how}");
+    match dmabuf_mr {
+        DmaBufMr::Supported => assert!(how.contains("dma-buf"), "{how}"),
+        DmaBufMr::Unsupported { .. } | DmaBufMr::Unknown => {
+            assert!(how.contains("ibv_reg_dmabuf_mr refused"), "{how}");
+            assert!(how.contains("EOPNOTSUPP"), "{how}");
+            assert!(how.contains("fell back from DmaBuf"), "{how}");
+            assert!(how.contains("took offer 1 (process-va"), "{how}");
+            assert_eq!(mr.iova(), mem.process_va(), "{how}");
+        }
+    }
+    assert_eq!(mr.len(), LEN);
+
+    // The holder's source buffer, registered by address.
+    let src = Buf::new(LEN as usize);
+    let src_mr = hpd.reg_mr(&src.list(), MrAccess::LOCAL_WRITE).unwrap();
+    let caps = QpCaps::default();
+    let hqp = hpd.create_qp(&hcq, &hcq, caps).unwrap();
+    let oqp = opd.create_qp(&ocq, &ocq, caps).unwrap();
+    hqp.connect(oqp.endpoint(), MrAccess::ALL).unwrap();
+    oqp.connect(hqp.endpoint(), MrAccess::ALL).unwrap();
+    let remote = owner.lease(&mr, &holder);
+
+    // Sizes across page and MTU boundaries, at unaligned offsets; then one batch of 32.
+    let mut wr_id = 0;
+    for (i, &len) in [1usize, 63, 4096, 4097, 65_536, 300_001].iter().enumerate() {
+        let off = (i * 4099 + 17) % 8192;
+        let data = pattern(500 + i as u64, len);
+        src.write(off, &data);
+        wr_id += 1;
+        let sge = src_mr.sge(off as u64, len as u32);
+        hqp.post_send(&[SendWr::write(wr_id, sge, remote.at(off as u64))])
+            .unwrap();
+        let c = reap(&hcq, 1)[0];
+        assert_eq!(
+            (c.wr_id, c.status, c.opcode),
+            (wr_id, WcStatus::Success, WcOpcode::RdmaWrite)
+        );
+        let mut got = vec![0u8; len];
+        mem.read(off as u64, &mut got).unwrap();
+        assert_eq!(first_mismatch(&got, &data), None, "WRITE of {len} at {off}");
+    }
+    let wrs: Vec<SendWr> = (0..32u64)
+        .map(|k| {
+            let off = k * 32 * 1024;
+            src.write(off as usize, &pattern(700 + k, 8192));
+            SendWr::write(1000 + k, src_mr.sge(off, 8192), remote.at(off + 100))
+        })
+        .collect();
+    hqp.post_send(&wrs).unwrap();
+    for c in reap(&hcq, 32) {
+        assert_eq!(c.status, WcStatus::Success, "{c:?}");
+    }
+    for k in 0..32u64 {
+        let mut got = vec![0u8; 8192];
+        mem.read(k * 32 * 1024 + 100, &mut got).unwrap();
+        assert_eq!(
+            first_mismatch(&got, &pattern(700 + k, 8192)),
+            None,
+            "batch {k}"
+        );
+    }
+
+    // Revoke with WRITEs outstanding (one packet each: a flushed multi-packet WRITE could leave
+    // the responder mid-message): the holder flushes its QP, reaps, acks; the MR is zapped;
+    // posts to it are refused with the epoch.
+    let mtu = owner_mtu(&owner);
+    let wrs: Vec<SendWr> = (0..16u64)
+        .map(|k| SendWr::write(2000 + k, src_mr.sge(k * 4096, mtu), remote.at(k * 4096)))
+        .collect();
+    hqp.post_send(&wrs).unwrap();
+    let (report, wcs) = std::thread::scope(|s| {
+        // Reap only once the revoke has begun, so the holder finds them outstanding.
+        let r = s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(200));
+            reap(&hcq, 16)
+        });
+        let report = mem.revoke(Duration::from_secs(20));
+        (report, r.join().unwrap())
+    });
+    assert!(report.is_clean(), "{report}");
+    for c in &wcs {
+        assert!(
+            matches!(c.status, WcStatus::Success | WcStatus::WrFlushErr),
+            "{c:?}"
+        );
+    }
+    assert_eq!(mr.revoked_at(), Some(0));
+    let e = hqp
+        .post_send(&[SendWr::write(9, src_mr.sge(0, 8), remote.at(0))])
+        .unwrap_err();
+    assert!(matches!(e, RdmaError::Revoked { epoch: 0, .. }), "{e}");
+    assert_eq!(owner.stats().lease_acks, 1);
+    assert_eq!(owner.stats().holders_cut_off, 0);
+    eprintln!("revoke took {} us", report.elapsed_us);
+    assert_eq!(holder.stats().qps_flushed, 1, "{:?}", holder.stats());
+
+    // A second export on the same connection: a QP that was flushed came back to RTS resuming
+    // its PSNs (the owner's responder kept expecting the next one), so the WRITE lands — had
+    // it started over, the responder would have acked it as a duplicate and dropped it.
+    let Some(mem2) = udmabuf("verbs-import-2", LEN) else {
+        return;
+    };
+    let mr2 = opd
+        .import("udmabuf-2", opts, Some(mem2.fd()), |i, a| mem2.attach(i, a))
+        .unwrap();
+    let remote2 = owner.lease(&mr2, &holder);
+    let deadline = Instant::now() + OP_TIMEOUT;
+    while hqp.state() != QpState::Rts {
+        assert!(Instant::now() < deadline, "QP stuck in {}", hqp.state());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for k in 0..4u64 {
+        let data = pattern(900 + k, 4096);
+        src.write(0, &data);
+        hqp.post_send(&[SendWr::write(
+            3000 + k,
+            src_mr.sge(0, 4096),
+            remote2.at(k * 8192),
+        )])
+        .unwrap();
+        let c = reap(&hcq, 1)[0];
+        assert_eq!((c.wr_id, c.status), (3000 + k, WcStatus::Success), "{c:?}");
+        let mut got = vec![0u8; 4096];
+        mem2.read(k * 8192, &mut got).unwrap();
+        assert_eq!(
+            first_mismatch(&got, &data),
+            None,
+            "WRITE {k} after recovery"
+        );
+    }
+}
+
+/// The largest one-packet WRITE on this device's port (its active MTU).
+fn owner_mtu(dev: &dmaplane_rdma::Device) -> u32 {
+    VerbsDevice::open(Some(dev.name()))
+        .unwrap()
+        .active_mtu()
+        .bytes()
+}

@@ -23,7 +23,7 @@ TEST_BINS=(
 )
 # Program binaries: "GUEST_NAME PACKAGE BIN_TARGET [CARGO ARGS...]".
 PROGRAM_BINS=(
-  "dmaplane dmaplane-tools dmaplane"
+  "dmaplane dmaplane-tools dmaplane --features verbs"
 )
 # Extra guest steps: every tests/testbed/steps.d/*.steps file, then $TESTBED_STEPS.
 STEPS=()

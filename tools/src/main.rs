@@ -1,6 +1,8 @@
 //! `dmaplane`: peer-to-peer, zero-copy data movement — inspect, benchmark, stress.
 
 mod bench;
+mod demo;
+mod doctor;
 mod stress;
 mod topo;
 mod verbs_stress;
@@ -23,6 +25,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Two simulated hosts: RDMA WRITE and READ with every byte verified, and a revoke mid-way.
+    Demo(demo::DemoArgs),
     /// Show the PCIe tree and the P2P route between every pair of devices.
     Topo(topo::TopoArgs),
     /// Benchmarks, each reported against a reference measured in the same run.
@@ -35,6 +39,8 @@ enum Cmd {
         #[command(subcommand)]
         which: stress::StressCmd,
     },
+    /// What this machine offers the data path (RDMA, dma-buf exporters, io_uring), and what to fix.
+    Doctor,
 }
 
 fn main() {
@@ -47,9 +53,11 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let res = match &cli.cmd {
+        Cmd::Demo(args) => demo::run(args, cli.json),
         Cmd::Topo(args) => topo::run(args, cli.json),
         Cmd::Bench { which } => bench::run(which, cli.json),
         Cmd::Stress { which } => stress::run(which, cli.json),
+        Cmd::Doctor => doctor::run(cli.json),
     };
     if let Err(e) = res {
         eprintln!("dmaplane: {e:#}");

@@ -54,7 +54,7 @@ pub struct RevokeArgs {
     /// Drain deadline and exporter deadline, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     deadline_ms: u64,
-    /// RDMA device (verbs backend).
+    /// RDMA device (verbs backend; default: the first libibverbs lists).
     #[arg(long)]
     device: Option<String>,
 }
@@ -146,6 +146,9 @@ fn print(r: &StressReport, json: bool) -> Result<()> {
         "  revoke_latency_us  p50 {:.0}  p99 {:.0}  max {:.0}",
         r.revoke_latency_us.p50, r.revoke_latency_us.p99, r.revoke_latency_us.max
     );
+    for n in &r.notes {
+        println!("  note: {n}");
+    }
     for f in r.failures.iter().take(10) {
         println!("  ! {f}");
     }

@@ -8,7 +8,8 @@
 //! [`Export`] that runs the revoke protocol for it. Offers, best first: the dma-buf itself
 //! (`AddrSpace::DmaBuf`, offsets `[0, len)`, for `ibv_reg_dmabuf_mr`-style kernel importers) and
 //! its mapping in this process (`AddrSpace::ProcessVa`, for importers that register by address —
-//! the fallback where the kernel importer has no dma-buf support, as Soft-RoCE).
+//! the fallback where the kernel importer has no dma-buf support, as Soft-RoCE). A udmabuf's
+//! mapping is of its memfd (the same pages, and pinnable); a dma-heap buffer's is of the dma-buf.
 //!
 //! Revoke is the core protocol: importers are invalidated and must quiesce (stop DMA, deregister)
 //! before the ack. The kernel has no dma-buf revoke ioctl yet, so a kernel importer that still
@@ -233,13 +234,25 @@ impl DmaBufMemory {
         fd: OwnedFd,
         len: usize,
     ) -> Result<DmaBufMemory, DmaBufError> {
+        Self::from_fd_mapping(name, kind, fd, None, len)
+    }
+
+    /// As [`from_fd`](Self::from_fd), with the CPU view mapped from `map_from` (a file sharing
+    /// the dma-buf's pages) instead of the dma-buf itself.
+    pub(crate) fn from_fd_mapping(
+        name: &str,
+        kind: DmaBufKind,
+        fd: OwnedFd,
+        map_from: Option<BorrowedFd<'_>>,
+        len: usize,
+    ) -> Result<DmaBufMemory, DmaBufError> {
         let what = format!("{kind} dma-buf {name}");
         let st = rustix::fs::fstat(&fd).map_err(|e| DmaBufError::os("fstat", &what, e, None))?;
         let id = DmaBufId {
             dev: st.st_dev,
             ino: st.st_ino,
         };
-        let map = ioctl::Mapping::new(fd.as_fd(), len)
+        let map = ioctl::Mapping::new(map_from.unwrap_or(fd.as_fd()), len)
             .map_err(|e| DmaBufError::os("mmap", &what, e, None))?;
         tracing::debug!(name, %kind, len, dev = id.dev, ino = id.ino, "dma-buf exported");
         Ok(DmaBufMemory {
@@ -281,7 +294,10 @@ impl DmaBufMemory {
         self.id
     }
 
-    /// The address of the CPU mapping in this process (page aligned).
+    /// The address of the CPU mapping in this process (page aligned): what the `ProcessVa` offer
+    /// lists. For a udmabuf it is a mapping of the memfd (the same pages), because the kernel
+    /// maps a udmabuf itself `VM_PFNMAP` (since 6.11), which `pin_user_pages` — and so
+    /// `ibv_reg_mr` — refuses with EFAULT.
     pub fn process_va(&self) -> u64 {
         self.map.addr()
     }

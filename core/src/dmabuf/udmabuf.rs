@@ -18,8 +18,8 @@ const CREATE_HINT: &str = "the size must be a multiple of the page size and at m
      module's size_limit_mb (default 64 MiB; /sys/module/udmabuf/parameters/size_limit_mb)";
 
 /// Host memory as a dma-buf through `/dev/udmabuf`: the pages of a memfd (`MFD_ALLOW_SEALING`,
-/// sealed with `F_SEAL_SHRINK`), exported by `UDMABUF_CREATE` with `UDMABUF_FLAGS_CLOEXEC`, and
-/// mapped shared read-write. Derefs to [`DmaBufMemory`] for everything else.
+/// sealed with `F_SEAL_SHRINK`), exported by `UDMABUF_CREATE` with `UDMABUF_FLAGS_CLOEXEC`; the
+/// memfd is mapped shared read-write as its CPU view. Derefs to [`DmaBufMemory`] for everything else.
 #[derive(Debug)]
 pub struct UdmaBuf {
     // Dropped first: revoke, unmap, close the dma-buf; then the memfd.
@@ -45,7 +45,9 @@ impl UdmaBuf {
             let hint = matches!(e, Errno::INVAL | Errno::TOOBIG).then_some(CREATE_HINT);
             DmaBufError::os("UDMABUF_CREATE", UDMABUF_PATH, e, hint)
         })?;
-        let mem = DmaBufMemory::from_fd(name, DmaBufKind::Udmabuf, fd, len)?;
+        // The CPU view maps the memfd: the same pages, and pinnable (see `process_va`).
+        let mem =
+            DmaBufMemory::from_fd_mapping(name, DmaBufKind::Udmabuf, fd, Some(memfd.as_fd()), len)?;
         Ok(UdmaBuf { mem, memfd })
     }
 

@@ -159,6 +159,12 @@ impl Memory {
         true
     }
 
+    /// Set every byte to `byte`.
+    pub fn fill(&self, byte: u8) {
+        // SAFETY: exactly the live mapping of `self.len` bytes; no references into it exist.
+        unsafe { std::ptr::write_bytes(self.ptr.as_ptr(), byte, self.len) };
+    }
+
     /// Copy `len` bytes from `src` at `src_off` to `self` at `dst_off` (the two may be the same
     /// memory, and the ranges may overlap); false when either side is out of bounds.
     pub fn copy_from(&self, dst_off: u64, src: &Memory, src_off: u64, len: usize) -> bool {

@@ -16,6 +16,7 @@ mod export;
 mod fault;
 mod host;
 mod memory;
+mod pool;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -29,11 +30,12 @@ pub use memory::{Memory, MemoryError};
 use crate::hints::{Access, Route};
 use crate::revoke::AccessGrant;
 use crate::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use crate::sync::{Mutex, RwLock, lock, read, write};
 use crate::topology::Topology;
 use fault::FaultCounters;
+use pool::Pool;
 
 /// A device on the fabric (a bus master and/or the owner of windows).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -98,6 +100,17 @@ struct Window {
     owner: DeviceId,
     mem: Arc<Memory>,
     state: RwLock<WindowState>,
+    /// Where the memory goes when the last handle is dropped.
+    pool: Weak<Pool>,
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        if let Some(p) = self.pool.upgrade() {
+            // The field drops right after this, leaving the pool the only owner.
+            p.put(self.mem.clone());
+        }
+    }
 }
 
 impl Window {
@@ -116,6 +129,7 @@ struct Inner {
     windows: RwLock<BTreeMap<u64, Arc<Window>>>,
     next_base: Mutex<u64>,
     next_grant: AtomicU64,
+    pool: Arc<Pool>,
 }
 
 /// The simulated fabric. Cheap to clone; clones share everything.
@@ -206,6 +220,7 @@ impl Fabric {
                 windows: RwLock::new(BTreeMap::new()),
                 next_base: Mutex::new(BUS_BASE),
                 next_grant: AtomicU64::new(1),
+                pool: Arc::new(Pool::default()),
             }),
         }
     }
@@ -301,6 +316,7 @@ impl Fabric {
                 revoked: false,
                 grants: Vec::new(),
             }),
+            pool: Arc::downgrade(&self.inner.pool),
         });
         write(&self.inner.windows).insert(base, window.clone());
         tracing::debug!(owner = %owner_name, base, len, "window mapped");
@@ -315,6 +331,13 @@ impl Fabric {
         host: bool,
     ) -> Result<WindowHandle, FabricError> {
         let name = self.device_name(owner);
+        let recycled = match usize::try_from(size) {
+            Ok(len) if host => self.inner.pool.take(len),
+            _ => None,
+        };
+        if let Some(mem) = recycled {
+            return self.map(owner, mem);
+        }
         let mem = if host {
             Memory::memfd(&name, size)
         } else {

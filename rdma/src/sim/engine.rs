@@ -15,7 +15,7 @@ use dmaplane_core::fabric::{DeviceId, DmaFault};
 
 use crate::access::MrAccess;
 use crate::qp::QpState;
-use crate::wc::{WcOpcode, WcStatus};
+use crate::wc::{Completion, WcOpcode, WcStatus};
 use crate::wr::{SendOp, SendWr, Sge};
 
 use super::mr::{MrFault, SimMr};
@@ -24,6 +24,8 @@ use super::{NicShared, lock};
 
 /// Requests one QP may run before the engine moves on to the next (fairness).
 const QP_BUDGET: usize = 32;
+/// Payload bytes after which a turn ends early.
+const TURN_BYTES: u64 = 64 << 10;
 /// Idle spins before the engine parks.
 const SPINS: u32 = 2000;
 
@@ -112,45 +114,72 @@ fn run(weak: Weak<NicShared>) {
 struct Scratch {
     src: Vec<(u64, u64)>,
     dst: Vec<(u64, u64)>,
+    /// The requests taken in one turn, and the completions they produce.
+    wrs: Vec<SendWr>,
+    wcs: Vec<Completion>,
 }
 
-/// Run up to [`QP_BUDGET`] requests of `qp`. True when it should go back on the ready list.
-fn process(qp: &Arc<SimQp>, scratch: &mut Scratch) -> bool {
-    for _ in 0..QP_BUDGET {
-        let (wr, peer) = {
-            let mut inner = lock(&qp.inner);
-            match take(qp, &mut inner) {
-                Some(x) => x,
-                None => {
-                    inner.queued = false;
-                    return false;
-                }
-            }
-        };
-        let outcome = execute(qp, &wr, &peer, scratch);
+/// Run up to [`QP_BUDGET`] requests of `qp` in one turn. True when it should go back on the
+/// ready list.
+///
+/// The turn's requests are taken under one lock and their completions pushed under one lock,
+/// so the data path pays the QP and CQ locks once per turn, not once per request. Between two
+/// requests the engine looks at the QP state: once it is in ERR, nothing more starts — the rest
+/// of the turn completes as flushed — so a flush waits for at most the one request under way.
+fn process(qp: &Arc<SimQp>, s: &mut Scratch) -> bool {
+    let peer = {
         let mut inner = lock(&qp.inner);
-        inner.busy = false;
-        let (status, byte_len) = outcome;
+        s.wrs.clear();
+        take(qp, &mut inner, &mut s.wrs);
+        if s.wrs.is_empty() {
+            inner.queued = false;
+            return false;
+        }
+        inner.busy = true;
+        inner.peer.clone()
+    };
+    s.wcs.clear();
+    let mut ran = 0;
+    let mut failed = false;
+    for i in 0..s.wrs.len() {
+        if !matches!(qp.fast_state(), QpState::Rts | QpState::Sqd) {
+            break;
+        }
+        let wr = s.wrs[i];
+        let (status, byte_len) = execute(qp, &wr, &peer, &mut s.src, &mut s.dst);
+        ran = i + 1;
         if wr.signaled || !status.is_ok() {
-            let wc = qp.wc(wr.wr_id, status, opcode_of(wr.op), byte_len, None);
-            qp.send_cq.push(&[wc]);
+            s.wcs
+                .push(qp.wc(wr.wr_id, status, opcode_of(wr.op), byte_len, None));
         }
-        if !status.is_ok() && inner.state != QpState::Err {
+        if !status.is_ok() {
             tracing::debug!(nic = %qp.nic.name, qpn = qp.qpn, wr_id = wr.wr_id, %status, "request failed: QP to ERR");
-            qp.set_state(&mut inner, QpState::Err);
+            failed = true;
+            break;
         }
-        if inner.state == QpState::Err {
-            qp.flush(&mut inner);
-        }
-        if inner.state == QpState::Sqd && inner.sqd_budget == 0 {
-            qp.nic
-                .event("SQ_DRAINED", Some(qp.qpn), "send queue drained".into());
-        }
-        let waiters = inner.take_waiters();
-        drop(inner);
-        waiters.into_iter().for_each(|f| f());
     }
     let mut inner = lock(&qp.inner);
+    inner.busy = false;
+    if failed && inner.state != QpState::Err {
+        qp.set_state(&mut inner, QpState::Err);
+    }
+    if inner.state == QpState::Err {
+        // Taken but not started: flushed, in order, before anything still queued.
+        for wr in &s.wrs[ran..] {
+            s.wcs
+                .push(qp.wc(wr.wr_id, WcStatus::WrFlushErr, opcode_of(wr.op), 0, None));
+        }
+    }
+    // (In RESET the rest is discarded without completions, as verbs does.)
+    qp.send_cq.push(&s.wcs);
+    if inner.state == QpState::Err {
+        qp.flush(&mut inner);
+    }
+    if inner.state == QpState::Sqd && inner.sqd_budget == 0 {
+        qp.nic
+            .event("SQ_DRAINED", Some(qp.qpn), "send queue drained".into());
+    }
+    let waiters = inner.take_waiters();
     let more = !inner.sq.is_empty()
         && match inner.state {
             QpState::Rts => true,
@@ -158,28 +187,48 @@ fn process(qp: &Arc<SimQp>, scratch: &mut Scratch) -> bool {
             _ => false,
         };
     inner.queued = more;
+    drop(inner);
+    waiters.into_iter().for_each(|f| f());
     more
 }
 
-/// Take the next request that may start, marking the QP busy.
-fn take(qp: &SimQp, inner: &mut QpInner) -> Option<(SendWr, Weak<SimQp>)> {
-    match inner.state {
-        QpState::Rts => {}
-        QpState::Sqd if inner.sqd_budget > 0 => inner.sqd_budget -= 1,
+/// Take the requests that may start this turn (all queued ones in RTS up to the budget; in SQD
+/// only those posted before the drain).
+fn take(qp: &SimQp, inner: &mut QpInner, out: &mut Vec<SendWr>) {
+    let n = match inner.state {
+        QpState::Rts => QP_BUDGET,
+        QpState::Sqd => {
+            let n = inner.sqd_budget.min(QP_BUDGET);
+            inner.sqd_budget -= n;
+            n
+        }
         QpState::Err => {
             qp.flush(inner);
-            return None;
+            return;
         }
-        _ => return None,
+        _ => return,
+    };
+    // Completions are pushed at the end of a turn: bound its bytes too, so a turn of large
+    // requests does not hold back the first one's completion.
+    let mut bytes = 0u64;
+    let mut k = 0;
+    for wr in inner.sq.iter().take(n) {
+        k += 1;
+        bytes += wr.sg.total();
+        if bytes >= TURN_BYTES {
+            break;
+        }
     }
-    let wr = inner.sq.pop_front()?;
-    inner.busy = true;
-    if inner.peer.strong_count() == 0
+    if inner.state == QpState::Sqd {
+        inner.sqd_budget += n - k;
+    }
+    out.extend(inner.sq.drain(..k));
+    if !out.is_empty()
+        && inner.peer.strong_count() == 0
         && let Some(dest) = inner.dest
     {
         inner.peer = qp.resolve_peer(&dest);
     }
-    Some((wr, inner.peer.clone()))
 }
 
 type Outcome = (WcStatus, u32);
@@ -231,14 +280,26 @@ fn peer_ready(peer: &Weak<SimQp>) -> Result<Arc<SimQp>, WcStatus> {
     }
 }
 
-fn execute(qp: &SimQp, wr: &SendWr, peer: &Weak<SimQp>, s: &mut Scratch) -> Outcome {
-    match run_wr(qp, wr, peer, s) {
+fn execute(
+    qp: &SimQp,
+    wr: &SendWr,
+    peer: &Weak<SimQp>,
+    src: &mut Vec<(u64, u64)>,
+    dst: &mut Vec<(u64, u64)>,
+) -> Outcome {
+    match run_wr(qp, wr, peer, &mut Segs { src, dst }) {
         Ok(n) => (WcStatus::Success, n),
         Err(st) => (st, 0),
     }
 }
 
-fn run_wr(qp: &SimQp, wr: &SendWr, peer: &Weak<SimQp>, s: &mut Scratch) -> Result<u32, WcStatus> {
+/// Segment lists reused between requests.
+struct Segs<'a> {
+    src: &'a mut Vec<(u64, u64)>,
+    dst: &'a mut Vec<(u64, u64)>,
+}
+
+fn run_wr(qp: &SimQp, wr: &SendWr, peer: &Weak<SimQp>, s: &mut Segs<'_>) -> Result<u32, WcStatus> {
     let total = wr.sg.total();
     let total32 = u32::try_from(total).map_err(|_| WcStatus::LocLenErr)?;
     let local_need = if wr.op.writes_local() {
@@ -272,9 +333,9 @@ fn run_wr(qp: &SimQp, wr: &SendWr, peer: &Weak<SimQp>, s: &mut Scratch) -> Resul
                     rmr.with_segments(raddr, len, need, |rit| {
                         s.dst.extend(rit);
                         if read {
-                            copy(qp, (peer.nic.dev, qp.nic.dev), &s.dst, &s.src)
+                            copy(qp, (peer.nic.dev, qp.nic.dev), s.dst, s.src)
                         } else {
-                            copy(qp, (qp.nic.dev, peer.nic.dev), &s.src, &s.dst)
+                            copy(qp, (qp.nic.dev, peer.nic.dev), s.src, s.dst)
                         }
                     })
                 });
@@ -350,10 +411,7 @@ fn run_wr(qp: &SimQp, wr: &SendWr, peer: &Weak<SimQp>, s: &mut Scratch) -> Resul
             }
             // Receive buffers are the responder's; the translation was checked above and the
             // fabric checks the grants again during the copy.
-            let (src, dst) = (std::mem::take(&mut s.src), std::mem::take(&mut s.dst));
-            let r = copy(qp, (qp.nic.dev, peer.nic.dev), &src, &dst);
-            s.src = src;
-            s.dst = dst;
+            let r = copy(qp, (qp.nic.dev, peer.nic.dev), s.src, s.dst);
             if let Err(st) = r {
                 recv_fail(&mut pin, WcStatus::LocProtErr);
                 return Err(st);

@@ -221,6 +221,15 @@ impl SimQp {
         }
     }
 
+    /// Have the engine flush the queues (state ERR) unless it is on them already.
+    fn ring_flush(self: &Arc<Self>, inner: &mut QpInner) {
+        let idle = inner.sq.is_empty() && inner.rq.is_empty();
+        if !(inner.queued || inner.busy || idle) {
+            inner.queued = true;
+            self.nic.engine.ring(self.clone());
+        }
+    }
+
     pub(crate) fn resolve_peer(&self, dest: &RemoteQp) -> Weak<SimQp> {
         self.nic
             .network
@@ -262,6 +271,10 @@ impl QpBackend for Arc<SimQp> {
         }
         match to {
             QpState::Reset => {
+                // What an ERR the engine has not got to yet flushed is still owed its completions.
+                if from == QpState::Err && !inner.busy {
+                    self.flush(&mut inner);
+                }
                 // RESET discards the queues without completions, as verbs does.
                 inner.sq.clear();
                 inner.rq.clear();
@@ -269,7 +282,13 @@ impl QpBackend for Arc<SimQp> {
                 inner.peer = Weak::new();
                 self.set_state(&mut inner, to);
             }
-            QpState::Err => self.to_error(&mut inner),
+            QpState::Err => {
+                // Nothing can start from here on; the engine completes what is queued as flushed
+                // on its next turn, after this returns — as a NIC flushes asynchronously. The
+                // caller (a revoke quiescing many QPs) does not pay for the completions.
+                self.set_state(&mut inner, QpState::Err);
+                self.ring_flush(&mut inner);
+            }
             QpState::Sqd => {
                 if from != QpState::Sqd {
                     inner.sqd_budget = inner.sq.len();

@@ -225,11 +225,7 @@ impl VerbsDevice {
         events::set_async_nonblocking(&ctx)
             .map_err(|e| backend("fcntl(async_fd, O_NONBLOCK)", e))?;
         let dmabuf_mr = probe_dmabuf(&ctx);
-        let link = match pattr.link_layer {
-            LINK_LAYER_ETHERNET => "Ethernet (RoCE)",
-            LINK_LAYER_INFINIBAND => "InfiniBand",
-            _ => "unspecified link layer",
-        };
+        let link = link_layer_name(pattr.link_layer);
         let description = format!(
             "libibverbs device {name}, fw {}, node GUID {guid}, vendor {:#x}:{:#x}, {link}, \
              GID index {gid_index} ({gid_why})",
@@ -336,6 +332,78 @@ impl DeviceBackend for VerbsDevice {
 
     fn poll_async_event(&self) -> Option<AsyncEvent> {
         events::poll(&self.inner)
+    }
+}
+
+/// One physical port, queried now (for `dmaplane doctor`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortSummary {
+    pub port: u8,
+    /// `ACTIVE`, `DOWN`, `INIT`, ...
+    pub state: &'static str,
+    /// `Ethernet (RoCE)`, `InfiniBand`, ...
+    pub link_layer: &'static str,
+    pub active_mtu: Mtu,
+    /// The GID this backend would pick on the port, its index, and why.
+    pub gid_index: u8,
+    pub gid: [u8; 16],
+    pub gid_source: String,
+}
+
+/// What a device says about itself beyond [`DeviceInfo`]: every port, not only [`PORT`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSummary {
+    /// `xxxx:xxxx:xxxx:xxxx`, as `ibv_devinfo` prints it.
+    pub node_guid: String,
+    pub firmware: String,
+    pub ports: Vec<PortSummary>,
+}
+
+impl VerbsDevice {
+    /// Node GUID, firmware and each physical port's state, link layer, MTU and GID, queried now.
+    pub fn summary(&self) -> Result<DeviceSummary> {
+        let ctx = &self.inner.ctx;
+        let attr = ctx.query_device().map_err(|e| {
+            let errno = match &e.0 {
+                sideway::ibverbs::device_context::QueryDeviceErrorKind::Ibverbs(io) => {
+                    io.raw_os_error().unwrap_or(0)
+                }
+                _ => 0,
+            };
+            self.inner.os_err("ibv_query_device", errno, "")
+        })?;
+        let ports = (1..=attr.phys_port_cnt())
+            .map(|port| {
+                let p = query_port(ctx, port).map_err(|e| {
+                    self.inner
+                        .os_err("ibv_query_port", e, format_args!("port {port}"))
+                })?;
+                let (gid_index, gid, gid_source) =
+                    choose_gid(ctx, port, p.gid_tbl_len, p.link_layer);
+                Ok(PortSummary {
+                    port,
+                    state: port_state_name(p.state),
+                    link_layer: link_layer_name(p.link_layer),
+                    active_mtu: mtu_from_ibv(p.active_mtu),
+                    gid_index,
+                    gid,
+                    gid_source,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(DeviceSummary {
+            node_guid: attr.node_guid().to_string(),
+            firmware: attr.firmware_version(),
+            ports,
+        })
+    }
+}
+
+fn link_layer_name(link_layer: u8) -> &'static str {
+    match link_layer {
+        LINK_LAYER_ETHERNET => "Ethernet (RoCE)",
+        LINK_LAYER_INFINIBAND => "InfiniBand",
+        _ => "unspecified link layer",
     }
 }
 
@@ -541,6 +609,11 @@ mod tests {
             Ok(d) => assert!(!d.name().is_empty()),
             Err(RdmaError::NoDevice { why }) => assert!(!why.is_empty()),
             Err(e) => panic!("unexpected error: {e}"),
+        }
+        if let Ok(d) = VerbsDevice::open(None) {
+            let s = d.summary().expect("a device that opened answers queries");
+            assert!(!s.ports.is_empty(), "{s:?}");
+            assert!(s.ports.iter().any(|p| p.port == PORT), "{s:?}");
         }
         match VerbsDevice::open(Some("no-such-device-0")) {
             Ok(_) => panic!("opened a device that does not exist"),

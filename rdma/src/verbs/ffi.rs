@@ -26,6 +26,16 @@ pub(crate) fn check_library() -> Result<()> {
         .map_err(|why| RdmaError::NoDevice { why })
 }
 
+/// `Ok` when libibverbs was loaded into this process; otherwise why not and what to install.
+/// Every other entry point folds this into [`RdmaError::NoDevice`]; `dmaplane doctor` needs to
+/// tell "library not installed" from "no device".
+pub fn library_status() -> std::result::Result<(), String> {
+    check_library().map_err(|e| match e {
+        RdmaError::NoDevice { why } => why,
+        other => other.to_string(),
+    })
+}
+
 fn probe_library(soname: &str) -> Result<(), String> {
     let name = CString::new(soname).map_err(|e| e.to_string())?;
     // SAFETY: `name` is a valid NUL-terminated string; RTLD_NOLOAD only looks the library up
@@ -167,11 +177,15 @@ mod tests {
     fn library_probe_never_panics() {
         // On a machine without rdma-core this is the "not found" message; with it, Ok.
         match check_library() {
-            Ok(()) => assert!(has_symbol("ibv_get_device_list")),
+            Ok(()) => {
+                assert!(has_symbol("ibv_get_device_list"));
+                assert_eq!(library_status(), Ok(()));
+            }
             Err(RdmaError::NoDevice { why }) => {
                 assert!(why.contains("libibverbs.so.1 not found"), "{why}");
                 assert!(why.contains(INSTALL_HINT), "{why}");
                 assert!(!has_symbol("ibv_get_device_list"));
+                assert_eq!(library_status(), Err(why));
             }
             Err(e) => panic!("unexpected error {e}"),
         }

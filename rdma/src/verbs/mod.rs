@@ -28,7 +28,8 @@ mod qp;
 mod track;
 
 pub use cq::VerbsCq;
-pub use device::{GID_INDEX_ENV, PORT, VerbsDevice, list_devices};
+pub use device::{DeviceSummary, GID_INDEX_ENV, PORT, PortSummary, VerbsDevice, list_devices};
+pub use ffi::library_status;
 pub use mr::{PAGE_SIZE, VerbsMr};
 pub use pd::VerbsPd;
 pub use qp::VerbsQp;

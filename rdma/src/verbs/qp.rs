@@ -166,6 +166,27 @@ impl VerbsQp {
         state_from_ibv(attr.qp_state)
     }
 
+    /// (next send PSN, next expected receive PSN) as the device reports them.
+    fn query_psns(&self) -> Option<(u32, u32)> {
+        // SAFETY: both are plain data (integers, unions of integers, nullable pointers).
+        let mut attr: sys::ibv_qp_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut init: sys::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
+        let mask = (sys::ibv_qp_attr_mask::IBV_QP_SQ_PSN.0 | sys::ibv_qp_attr_mask::IBV_QP_RQ_PSN.0)
+            as i32;
+        // SAFETY: the QP is live; `attr` and `init` are writable structs of the right types.
+        let ret = unsafe { sys::ibv_query_qp(self.raw(), &mut attr, mask, &mut init) };
+        if ret != 0 {
+            tracing::debug!(
+                qpn = self.qpn,
+                "ibv_query_qp(PSNs): {}",
+                ffi::errno_text(ffi::ret_errno(ret))
+            );
+            return None;
+        }
+        Some((attr.sq_psn & PSN_MASK, attr.rq_psn & PSN_MASK))
+    }
+
     /// The requested queue sizes.
     pub fn caps(&self) -> QpCaps {
         self.caps
@@ -427,6 +448,10 @@ impl QpBackend for VerbsQp {
             lid: self.dev.lid,
             psn: self.psn,
         }
+    }
+
+    fn next_psns(&self) -> Option<(u32, u32)> {
+        self.query_psns()
     }
 
     fn modify(&self, attr: &QpAttr) -> Result<()> {

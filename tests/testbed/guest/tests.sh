@@ -106,9 +106,16 @@ step rxe0-active rxe_active
 step rc-pingpong rc_pingpong
 # The real dma-buf exporters (udmabuf, dma-heap): absence of the devices is a failure here.
 step dmabuf env DMAPLANE_REQUIRE_DMABUF=1 core-dmabuf --test-threads=2
-step rdma-verbs env DMAPLANE_REQUIRE_RDMA=1 rdma-verbs --test-threads=2
+step rdma-verbs env DMAPLANE_REQUIRE_RDMA=1 DMAPLANE_REQUIRE_DMABUF=1 rdma-verbs --test-threads=2
 # The command-line tool runs in the guest (host-built, dynamically linked).
 step dmaplane-topo dmaplane topo
+# Revoke under load on rxe0: two contexts, RC WRITEs into udmabuf memory (dma-buf MR refused,
+# fallback to the process mapping), leases revoked and acked over TCP. The command exits non-zero
+# unless nothing was lost, nothing failed and nothing touched memory after an ack. Flushing needs
+# one-packet WRITEs (rxe0's path MTU is 1024); draining takes any size.
+step stress-revoke-verbs dmaplane stress revoke --backend verbs --qps 4 --depth 16 --size 1024 --revokes 20 --seconds 0
+step stress-revoke-verbs-drain dmaplane stress revoke --backend verbs --quiesce drain --deadline-ms 5000 --qps 4 --depth 16 --size 4096 --revokes 20 --seconds 0
+step dmaplane-doctor dmaplane doctor
 
 # --- hook: extra steps passed in by the host ---------------------------------------------------
 # run.sh --steps FILE (repeatable) puts FILE here; e.g. a file with the lines

@@ -1,0 +1,274 @@
+//! Leases between processes or hosts: the lease messages of [`crate::lease`] over the
+//! out-of-band TCP connection of [`crate::oob`].
+//!
+//! Each side wraps its end of one [`Oob`] connection in a [`LeaseLink`] bound to its [`Device`].
+//! The two swap a hello (device GID and name: the identities leases are keyed by); then a
+//! receiver thread on each side hands over what arrives:
+//! - a grant: the peer (owner) gave this device a lease on one of its regions
+//!   ([`LeaseLink::grant`]); it is recorded as a [`RemoteMr`] (posts to it are checked against
+//!   it) and queued for [`LeaseLink::next_grant`];
+//! - a [`ControlMsg`]: `LeaseRevoke` to a holder, `LeaseAck` to an owner, delivered to the
+//!   device's quiesce machinery exactly as the in-process link does.
+//!
+//! Messages are processed in the order they were sent, so a revoke never overtakes the grant it
+//! revokes. A holder that does not ack by the cut-off (its process hangs, its receiver stopped)
+//! is cut off by the owner as [`crate::quiesce`] describes: the region is zapped anyway and its
+//! later accesses fail at the NIC.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::access::MrAccess;
+use crate::device::{Device, Mr};
+use crate::error::{RdmaError, Result};
+use crate::lease::{ControlLink, ControlMsg, RemoteMr};
+use crate::oob::{Oob, RemoteMrInfo};
+use crate::sync::lock;
+
+/// How often the receiver looks at its stop flag while the connection is idle.
+const RX_POLL: Duration = Duration::from_millis(20);
+
+/// What travels on a lease connection (one JSON line each).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Wire {
+    Hello { gid: [u8; 16], name: String },
+    Grant { mr: RemoteMrInfo, access: u32 },
+    Control(ControlMsg),
+}
+
+/// Sends control messages to the peer of one lease connection.
+#[derive(Debug)]
+pub struct TcpLink {
+    oob: Arc<Oob>,
+    peer: String,
+}
+
+impl ControlLink for TcpLink {
+    fn send(&self, msg: ControlMsg) -> Result<()> {
+        self.oob.send(&Wire::Control(msg))
+    }
+    fn peer(&self) -> String {
+        self.peer.clone()
+    }
+}
+
+/// What the receiver thread shares with the link.
+#[derive(Debug, Default)]
+struct Rx {
+    stop: AtomicBool,
+    state: Mutex<RxState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct RxState {
+    grants: VecDeque<Arc<RemoteMr>>,
+    /// Why the receiver ended (the peer closed, a broken message, stopped).
+    ended: Option<String>,
+}
+
+/// One device's end of a lease connection: grants leases to the peer, receives the peer's
+/// grants and control messages.
+#[derive(Debug)]
+pub struct LeaseLink {
+    link: Arc<TcpLink>,
+    peer_gid: [u8; 16],
+    peer_name: String,
+    rx: Arc<Rx>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl LeaseLink {
+    /// Bind `dev` to the connection: swap hellos (waiting up to `timeout` for the peer's; both
+    /// sides call this at about the same time) and start the receiver.
+    pub fn open(dev: &Device, oob: Oob, timeout: Duration) -> Result<LeaseLink> {
+        let addr = oob.peer_addr();
+        oob.send(&Wire::Hello {
+            gid: dev.gid(),
+            name: dev.name().to_string(),
+        })?;
+        let (peer_gid, peer_name) = match oob.recv::<Wire>(timeout)? {
+            Wire::Hello { gid, name } => (gid, name),
+            other => {
+                return Err(RdmaError::Connection {
+                    what: format!("lease link with {addr}"),
+                    why: format!("expected a hello first, got {other:?}"),
+                });
+            }
+        };
+        let oob = Arc::new(oob);
+        let link = Arc::new(TcpLink {
+            oob: oob.clone(),
+            peer: format!("{peer_name} at {addr}"),
+        });
+        let rx = Arc::new(Rx::default());
+        let thread = {
+            let (dev, link, rx) = (dev.clone(), link.clone(), rx.clone());
+            let (owner_gid, owner_name) = (peer_gid, peer_name.clone());
+            std::thread::Builder::new()
+                .name(format!("lease-rx {addr}"))
+                .spawn(move || receive(&dev, &oob, &link, &rx, owner_gid, &owner_name))
+                .map_err(|e| RdmaError::io(format!("lease receiver thread for {addr}"), e))?
+        };
+        tracing::debug!(device = %dev.name(), peer = %link.peer, "lease link open");
+        Ok(LeaseLink {
+            link,
+            peer_gid,
+            peer_name,
+            rx,
+            thread: Some(thread),
+        })
+    }
+
+    /// The peer device's GID (its identity in leases).
+    pub fn peer_gid(&self) -> [u8; 16] {
+        self.peer_gid
+    }
+
+    pub fn peer_name(&self) -> &str {
+        &self.peer_name
+    }
+
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.link.oob.peer_addr()
+    }
+
+    /// The sending half, as a [`ControlLink`] (for [`Mr::add_holder`] / [`Device::hold`]).
+    pub fn control_link(&self) -> Arc<dyn ControlLink> {
+        self.link.clone()
+    }
+
+    /// Owner side: make the peer a holder of `mr` and send it the grant. Returns what was sent.
+    /// The peer is registered before the grant leaves, so a revoke racing with it still waits
+    /// for the peer's ack.
+    pub fn grant(&self, mr: &Mr) -> Result<RemoteMrInfo> {
+        if let Some(epoch) = mr.revoked_at() {
+            return Err(RdmaError::Revoked {
+                what: format!("lease on MR {:#x} for {}", mr.rkey(), self.link.peer),
+                epoch,
+                why: "the region was already revoked".into(),
+            });
+        }
+        let info = RemoteMrInfo {
+            addr: mr.iova(),
+            len: mr.len(),
+            rkey: mr.rkey(),
+        };
+        mr.add_holder(self.peer_gid, self.link.clone());
+        self.link.oob.send(&Wire::Grant {
+            mr: info,
+            access: mr.access().bits(),
+        })?;
+        Ok(info)
+    }
+
+    /// Holder side: the next lease the peer granted, waiting up to `timeout`.
+    pub fn next_grant(&self, timeout: Duration) -> Result<Arc<RemoteMr>> {
+        let deadline = Instant::now() + timeout;
+        let mut st = lock(&self.rx.state);
+        loop {
+            if let Some(r) = st.grants.pop_front() {
+                return Ok(r);
+            }
+            if let Some(why) = &st.ended {
+                return Err(RdmaError::Connection {
+                    what: format!("lease link with {}", self.link.peer),
+                    why: format!("no more grants: {why}"),
+                });
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(RdmaError::Timeout {
+                    what: format!("a lease grant from {}", self.link.peer),
+                    ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                });
+            }
+            st = self
+                .rx
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Holder side: a lease the peer granted, if one arrived.
+    pub fn try_grant(&self) -> Option<Arc<RemoteMr>> {
+        lock(&self.rx.state).grants.pop_front()
+    }
+
+    /// Why the receiver ended, if it did (the peer closed the connection, sent something that
+    /// is not a lease message, or [`stop_receiving`](Self::stop_receiving) was called).
+    pub fn ended(&self) -> Option<String> {
+        lock(&self.rx.state).ended.clone()
+    }
+
+    /// Stop handling what the peer sends while keeping the connection open: to the peer this
+    /// side now looks hung (its revokes are never acked). For fault injection and tests.
+    pub fn stop_receiving(&mut self) {
+        self.rx.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::error!(peer = %self.link.peer, "lease receiver panicked");
+        }
+    }
+}
+
+impl Drop for LeaseLink {
+    /// A dropped link is closed: the peer sees the end of the connection at once (an owner
+    /// then cuts this side off at its next revoke instead of waiting for the cut-off).
+    fn drop(&mut self) {
+        self.stop_receiving();
+        if let Err(e) = self.link.oob.shutdown() {
+            tracing::debug!(peer = %self.link.peer, error = %e, "closing the lease link");
+        }
+    }
+}
+
+/// The receiver thread: hand every message to the device until stopped or the connection ends.
+fn receive(
+    dev: &Device,
+    oob: &Oob,
+    link: &Arc<TcpLink>,
+    rx: &Rx,
+    owner_gid: [u8; 16],
+    owner_name: &str,
+) {
+    let ended = loop {
+        if rx.stop.load(Ordering::Acquire) {
+            break "stopped by this side".to_string();
+        }
+        match oob.recv::<Wire>(RX_POLL) {
+            Ok(Wire::Control(msg)) => dev.deliver(msg),
+            Ok(Wire::Grant { mr, access }) => {
+                let Some(access) = MrAccess::from_bits(access) else {
+                    tracing::warn!(peer = %link.peer, access, rkey = mr.rkey, "grant with unknown access bits ignored");
+                    continue;
+                };
+                match dev.hold(owner_gid, owner_name, mr, access, link.clone()) {
+                    Ok(remote) => {
+                        lock(&rx.state).grants.push_back(remote);
+                        rx.changed.notify_all();
+                    }
+                    Err(e) => tracing::warn!(peer = %link.peer, error = %e, "grant ignored"),
+                }
+            }
+            Ok(Wire::Hello { .. }) => {
+                tracing::debug!(peer = %link.peer, "repeated hello ignored");
+            }
+            Err(RdmaError::Timeout { .. }) => {}
+            Err(e) => break e.to_string(),
+        }
+    };
+    tracing::debug!(device = %dev.name(), peer = %link.peer, why = %ended, "lease receiver ended");
+    lock(&rx.state).ended = Some(ended);
+    rx.changed.notify_all();
+}

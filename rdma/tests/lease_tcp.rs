@@ -1,0 +1,317 @@
+//! Remote leases over a real TCP connection on 127.0.0.1, between two simulated NICs: the owner
+//! revokes, the holder is told over TCP, quiesces and acks over TCP; a holder that never acks
+//! is cut off, counted, and its later writes fail at the NIC without landing.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dmaplane_core::Exporter;
+use dmaplane_core::fabric::{Fabric, HostMemory};
+use dmaplane_core::topology::builtin;
+use dmaplane_rdma::oob::{Oob, OobListener};
+use dmaplane_rdma::*;
+
+const T: Duration = Duration::from_secs(10);
+
+struct Host {
+    mem: dmaplane_core::fabric::DeviceId,
+    nic: dmaplane_core::fabric::DeviceId,
+    dev: Device,
+    pd: Pd,
+    cq: Cq,
+}
+
+fn host(net: &SimNetwork, mem: &str, nic: &str) -> Host {
+    let sim = net.nic(nic).unwrap();
+    let nic = sim.device_id();
+    let dev = Device::new(sim);
+    Host {
+        mem: net.fabric().device(mem).unwrap(),
+        nic,
+        pd: dev.alloc_pd().unwrap(),
+        cq: dev.create_cq(4096).unwrap(),
+        dev,
+    }
+}
+
+fn import(h: &Host, m: &HostMemory) -> Mr {
+    h.pd.import("buf", ImportOptions::default(), None, |i, a| {
+        m.attach(i, h.nic, a)
+    })
+    .unwrap()
+}
+
+/// Holder (nic0) and owner (nic1), one connected QP pair, and a lease link each over TCP.
+struct Setup {
+    fabric: Fabric,
+    holder: Host,
+    owner: Host,
+    hqp: Qp,
+    _oqp: Qp,
+    hlink: LeaseLink,
+    olink: LeaseLink,
+}
+
+fn setup() -> Setup {
+    let fabric = Fabric::with_topology(builtin::testbed());
+    let net = SimNetwork::new(&fabric);
+    let holder = host(&net, "mem0", "nic0");
+    let owner = host(&net, "mem1", "nic1");
+    let hqp = holder
+        .pd
+        .create_qp(&holder.cq, &holder.cq, QpCaps::default())
+        .unwrap();
+    let oqp = owner
+        .pd
+        .create_qp(&owner.cq, &owner.cq, QpCaps::default())
+        .unwrap();
+    hqp.connect(oqp.endpoint(), MrAccess::ALL).unwrap();
+    oqp.connect(hqp.endpoint(), MrAccess::ALL).unwrap();
+    let listener = OobListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr();
+    // Both sides swap hellos at once, as two processes would.
+    let (olink, hlink) = std::thread::scope(|s| {
+        let hdev = holder.dev.clone();
+        let h = s.spawn(move || LeaseLink::open(&hdev, Oob::connect(addr, T).unwrap(), T));
+        let o = LeaseLink::open(&owner.dev, listener.accept(T).unwrap(), T).unwrap();
+        (o, h.join().unwrap().unwrap())
+    });
+    assert_eq!(olink.peer_gid(), holder.dev.gid());
+    assert_eq!(hlink.peer_gid(), owner.dev.gid());
+    assert_eq!(hlink.peer_name(), owner.dev.name());
+    Setup {
+        fabric,
+        holder,
+        owner,
+        hqp,
+        _oqp: oqp,
+        hlink,
+        olink,
+    }
+}
+
+/// Reap completions on `cq` until `n` arrived.
+fn reap(cq: &Cq, n: usize) -> Vec<Completion> {
+    let deadline = Instant::now() + T;
+    let mut got = Vec::new();
+    while got.len() < n {
+        assert!(Instant::now() < deadline, "{} of {n}: {got:?}", got.len());
+        let want = n - got.len();
+        if cq.poll(&mut got, want).unwrap() == 0 {
+            cq.wait(Duration::from_millis(1)).unwrap();
+        }
+    }
+    got
+}
+
+#[test]
+fn revoke_over_tcp_is_acked_after_the_holder_quiesces() {
+    let s = setup();
+    let src_mem = HostMemory::new(&s.fabric, s.holder.mem, "src", 1 << 22).unwrap();
+    let dst_mem = HostMemory::new(&s.fabric, s.owner.mem, "dst", 1 << 22).unwrap();
+    let src = import(&s.holder, &src_mem);
+    let dst = import(&s.owner, &dst_mem);
+    let sent = s.olink.grant(&dst).unwrap();
+    let remote = s.hlink.next_grant(T).unwrap();
+    assert_eq!(
+        (remote.addr(), remote.len(), remote.rkey()),
+        (sent.addr, sent.len, sent.rkey)
+    );
+    assert_eq!(remote.access(), dst.access());
+    assert!(s.hlink.try_grant().is_none());
+
+    // Traffic that lands, checked.
+    let data: Vec<u8> = (0..16384u32).map(|i| (i * 31 + 7) as u8).collect();
+    assert!(src_mem.write(0, &data));
+    s.hqp
+        .post_send(&[SendWr::write(1, src.sge(0, 16384), remote.at(8192))])
+        .unwrap();
+    assert_eq!(reap(&s.holder.cq, 1)[0].status, WcStatus::Success);
+    let mut got = vec![0u8; 16384];
+    assert!(dst_mem.read(8192, &mut got));
+    assert_eq!(got, data);
+
+    // In flight when the owner revokes: the LeaseRevoke crosses TCP, the holder flushes its QP,
+    // and its ack crosses back before the fence.
+    let wrs: Vec<SendWr> = (0..200)
+        .map(|i| SendWr::write(100 + i, src.sge(i * 16384, 16384), remote.at(i * 16384)))
+        .collect();
+    s.hqp.post_send(&wrs).unwrap();
+    let deadline = Duration::from_secs(4);
+    let (report, wcs) = std::thread::scope(|sc| {
+        let r = sc.spawn(|| dst_mem.revoke(deadline));
+        (r.join().unwrap(), reap(&s.holder.cq, 200))
+    });
+    assert!(report.is_clean(), "{report}");
+    // Acked, not cut off (the cut-off is at three quarters of the deadline).
+    assert!(
+        Duration::from_micros(report.elapsed_us) < deadline * 3 / 4,
+        "{report}"
+    );
+    let mut seen = [0u32; 200];
+    for c in &wcs {
+        assert!(
+            matches!(c.status, WcStatus::Success | WcStatus::WrFlushErr),
+            "{c:?}"
+        );
+        seen[(c.wr_id - 100) as usize] += 1;
+    }
+    assert!(seen.iter().all(|&n| n == 1), "every request exactly once");
+    let (o, h) = (s.owner.dev.stats(), s.holder.dev.stats());
+    assert_eq!(
+        (o.leases_revoked, o.lease_acks, o.holders_cut_off),
+        (1, 1, 0)
+    );
+    assert!(h.qps_flushed <= 1, "{h:?}");
+    assert!(remote.is_revoked());
+    assert_eq!(dst.revoked_at(), Some(0));
+    // New posts to the revoked lease fail at once, with the epoch.
+    let e = s
+        .hqp
+        .post_send(&[SendWr::write(9, src.sge(0, 8), remote.at(0))])
+        .unwrap_err();
+    assert!(matches!(e, RdmaError::Revoked { epoch: 0, .. }), "{e}");
+    // Nothing reached memory after its grant was gone.
+    let f = s.fabric.faults(s.holder.nic);
+    assert_eq!(f.revoked + f.no_grant + f.unmapped, 0, "{f:?}");
+
+    // A second export, granted over the same link, works as the first did.
+    let dst2_mem = HostMemory::new(&s.fabric, s.owner.mem, "dst2", 1 << 16).unwrap();
+    let dst2 = import(&s.owner, &dst2_mem);
+    s.olink.grant(&dst2).unwrap();
+    let remote2 = s.hlink.next_grant(T).unwrap();
+    assert_eq!(remote2.rkey(), dst2.rkey());
+    // The QP recovered after its flush: the write goes through.
+    s.hqp
+        .post_send(&[SendWr::write(2, src.sge(0, 4096), remote2.at(0))])
+        .unwrap();
+    assert_eq!(reap(&s.holder.cq, 1)[0].status, WcStatus::Success);
+    let mut got = vec![0u8; 4096];
+    assert!(dst2_mem.read(0, &mut got));
+    assert_eq!(got, data[..4096]);
+}
+
+#[test]
+fn a_holder_that_never_acks_is_cut_off_and_its_writes_never_land() {
+    let mut s = setup();
+    let src_mem = HostMemory::new(&s.fabric, s.holder.mem, "src", 1 << 16).unwrap();
+    let dst_mem = HostMemory::new(&s.fabric, s.owner.mem, "dst", 1 << 16).unwrap();
+    let src = import(&s.holder, &src_mem);
+    let dst = import(&s.owner, &dst_mem);
+    s.olink.grant(&dst).unwrap();
+    let remote = s.hlink.next_grant(T).unwrap();
+    // The holder hangs: the connection stays open, nothing it receives is handled.
+    s.hlink.stop_receiving();
+    assert!(s.hlink.ended().is_some());
+
+    let deadline = Duration::from_millis(400);
+    let report = dst_mem.revoke(deadline);
+    let took = Duration::from_micros(report.elapsed_us);
+    assert!(
+        took >= deadline * 3 / 4 - Duration::from_millis(5),
+        "{report}"
+    );
+    assert!(
+        took < deadline,
+        "the cut-off comes before the deadline: {report}"
+    );
+    let o = s.owner.dev.stats();
+    assert_eq!(
+        (o.leases_revoked, o.lease_acks, o.holders_cut_off),
+        (1, 0, 1)
+    );
+    // The holder never heard of the revoke, so it posts; the NIC refuses the zapped key.
+    assert!(!remote.is_revoked());
+    assert!(src_mem.write(0, &[0xab; 4096]));
+    s.hqp
+        .post_send(&[SendWr::write(7, src.sge(0, 4096), remote.at(0))])
+        .unwrap();
+    let c = reap(&s.holder.cq, 1)[0];
+    assert_eq!((c.wr_id, c.status), (7, WcStatus::RemAccessErr), "{c:?}");
+    let mut got = vec![0u8; 4096];
+    assert!(dst_mem.read(0, &mut got));
+    assert!(
+        got.iter().all(|&b| b != 0xab),
+        "a write landed after the cut-off"
+    );
+}
+
+#[test]
+fn a_holder_whose_connection_is_gone_is_cut_off() {
+    let s = setup();
+    let dst_mem = HostMemory::new(&s.fabric, s.owner.mem, "dst", 1 << 16).unwrap();
+    let dst = import(&s.owner, &dst_mem);
+    s.olink.grant(&dst).unwrap();
+    let _remote: Arc<RemoteMr> = s.hlink.next_grant(T).unwrap();
+    drop(s.hlink);
+    // The owner's receiver sees the close.
+    let t = Instant::now();
+    while s.olink.ended().is_none() {
+        assert!(t.elapsed() < T, "the owner never saw the close");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let report = dst_mem.revoke(Duration::from_millis(400));
+    assert_eq!(s.owner.dev.stats().holders_cut_off, 1, "{report}");
+    assert_eq!(s.owner.dev.stats().lease_acks, 0);
+    assert_eq!(dst.revoked_at(), Some(0));
+    // A grant to a revoked region is refused.
+    let e = s.olink.grant(&dst).unwrap_err();
+    assert!(matches!(e, RdmaError::Revoked { .. }), "{e}");
+}
+
+#[test]
+fn hello_must_come_first() {
+    let listener = OobListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr();
+    let t = std::thread::spawn(move || {
+        let o = Oob::connect(addr, T).unwrap();
+        o.send(&serde_json::json!({"control": "nonsense"})).unwrap();
+        // Keep the connection open until the other side has read it.
+        std::thread::sleep(Duration::from_millis(200));
+    });
+    let fabric = Fabric::with_topology(builtin::testbed());
+    let net = SimNetwork::new(&fabric);
+    let h = host(&net, "mem0", "nic0");
+    let e = LeaseLink::open(&h.dev, listener.accept(T).unwrap(), T).unwrap_err();
+    assert!(matches!(e, RdmaError::Connection { .. }), "{e}");
+    t.join().unwrap();
+}
+
+#[test]
+fn grants_a_peer_could_abuse_are_ignored() {
+    let listener = OobListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr();
+    let peer = std::thread::spawn(move || {
+        let o = Oob::connect(addr, T).unwrap();
+        o.send(&serde_json::json!({"hello": {"gid": vec![9u8; 16], "name": "rogue"}}))
+            .unwrap();
+        let _hello: serde_json::Value = o.recv(T).unwrap();
+        // Wraps around the address space; unknown access bits; then a good one.
+        let mr = |addr: u64, len: u64| serde_json::json!({"addr": addr, "len": len, "rkey": 5});
+        for (m, access) in [
+            (mr(u64::MAX - 10, 4096), 7),
+            (mr(0x1000, 4096), 0x80),
+            (mr(0x2000, 4096), 7),
+        ] {
+            o.send(&serde_json::json!({"grant": {"mr": m, "access": access}}))
+                .unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    });
+    let fabric = Fabric::with_topology(builtin::testbed());
+    let net = SimNetwork::new(&fabric);
+    let h = host(&net, "mem0", "nic0");
+    let link = LeaseLink::open(&h.dev, listener.accept(T).unwrap(), T).unwrap();
+    assert_eq!(link.peer_name(), "rogue");
+    let r = link.next_grant(T).unwrap();
+    assert_eq!(
+        (r.addr(), r.len(), r.access()),
+        (0x2000, 4096, MrAccess::ALL)
+    );
+    assert!(link.try_grant().is_none());
+    peer.join().unwrap();
+    // The peer closed: no more grants, and the link says why.
+    let e = link.next_grant(T).unwrap_err();
+    assert!(e.to_string().contains("no more grants"), "{e}");
+}

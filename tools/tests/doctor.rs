@@ -1,0 +1,115 @@
+//! `dmaplane doctor`, end to end. What this machine has is not assumed: only the schema, that
+//! every component is checked, and that every row that is not ok says why and what to do.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+const STATUSES: [&str; 4] = ["ok", "missing", "error", "unsupported"];
+const COMPONENTS: [&str; 4] = ["rdma", "udmabuf", "dma-heap", "io_uring"];
+
+fn dmaplane(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dmaplane"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn json_has_a_row_per_component_and_every_problem_has_a_fix() {
+    let (code, out, err) = dmaplane(&["doctor", "--json"]);
+    assert_eq!(code, Some(0), "doctor reports, it does not fail: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let kernel = v["kernel"].as_str().unwrap();
+    assert!(!kernel.is_empty());
+    let checks = v["checks"].as_array().unwrap();
+    for component in COMPONENTS {
+        assert!(
+            checks.iter().any(|c| c["component"] == component),
+            "no row for {component}: {out}"
+        );
+    }
+    for c in checks {
+        let component = c["component"].as_str().unwrap();
+        assert!(COMPONENTS.contains(&component), "{c}");
+        assert!(!c["name"].as_str().unwrap().is_empty(), "{c}");
+        assert!(!c["detail"].as_str().unwrap().is_empty(), "{c}");
+        let status = c["status"].as_str().unwrap();
+        assert!(STATUSES.contains(&status), "{c}");
+        if status == "ok" {
+            assert!(c["fix"].is_null(), "{c}");
+        } else {
+            let fix = c["fix"].as_str().unwrap_or_default();
+            assert!(!fix.trim().is_empty(), "a {status} row without a fix: {c}");
+        }
+    }
+}
+
+#[test]
+fn human_output_has_the_kernel_and_one_aligned_line_per_row() {
+    let (code, out, err) = dmaplane(&["doctor"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (_, json, _) = dmaplane(&["doctor", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let rows = v["checks"].as_array().unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("kernel  "), "{out}");
+    let header = lines
+        .iter()
+        .position(|l| l.starts_with("COMPONENT"))
+        .unwrap();
+    let body = &lines[header + 1..];
+    assert_eq!(body.len(), rows.len(), "one line a row:\n{out}");
+    let status_col = lines[header].find("STATUS").unwrap();
+    for (line, row) in body.iter().zip(rows) {
+        let status = row["status"].as_str().unwrap();
+        assert!(
+            line.starts_with(row["component"].as_str().unwrap()),
+            "{line}"
+        );
+        assert_eq!(
+            line.get(status_col..status_col + status.len()),
+            Some(status),
+            "{line}"
+        );
+        assert_eq!(
+            line.contains("; fix: "),
+            status != "ok",
+            "fix shown exactly when not ok: {line}"
+        );
+    }
+}
+
+#[test]
+fn a_malformed_flag_is_a_usage_error() {
+    let (code, _, err) = dmaplane(&["doctor", "--no-such-flag"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--no-such-flag"), "{err}");
+}
+
+/// Built without `verbs`, the RDMA row says so and how to rebuild.
+#[cfg(not(feature = "verbs"))]
+#[test]
+fn without_verbs_the_rdma_row_says_how_to_rebuild() {
+    let (_, out, _) = dmaplane(&["doctor", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rdma: Vec<_> = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["component"] == "rdma")
+        .collect();
+    assert_eq!(rdma.len(), 1, "{out}");
+    assert_eq!(rdma[0]["status"], "unsupported");
+    assert!(
+        rdma[0]["fix"]
+            .as_str()
+            .unwrap()
+            .contains("--features verbs"),
+        "{out}"
+    );
+}
