@@ -4,4 +4,5 @@
 pub mod rdma;
 pub mod sgl;
 pub mod stress;
+pub mod traffic;
 pub mod world;

@@ -142,9 +142,10 @@ pub trait QpBackend: Send + Sync + fmt::Debug {
     /// The PSNs this QP would use next, read from the device: (send, expected receive). A QP
     /// brought back from ERR resumes them, because the peer's responder kept its expected PSN:
     /// starting over at the first PSN would make the peer drop what follows as duplicates
-    /// (acked, never written). `None` where the backend has no PSNs to keep (the simulator).
-    fn next_psns(&self) -> Option<(u32, u32)> {
-        None
+    /// (acked, never written). `Ok(None)` where the backend has no PSNs to keep (the
+    /// simulator); an error when they could not be read — then the QP must not be recovered.
+    fn next_psns(&self) -> Result<Option<(u32, u32)>> {
+        Ok(None)
     }
     /// Call `f` once no request of this QP is executing and none can start (the QP is in ERR,
     /// or in SQD with the drain done): at once if that holds now, else from whatever sees it

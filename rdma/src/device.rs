@@ -562,13 +562,22 @@ impl QpShared {
 
     /// Back to RTS after a flush once every outstanding completion is reaped.
     pub(crate) fn try_recover(&self, t: &mut Track) {
-        if !t.recover_pending || t.send.outstanding() != 0 || t.recv.outstanding() != 0 {
+        if !t.recover_pending || t.send.outstanding() != 0 {
             return;
         }
         let state = self.backend.state();
+        // Out of SQD only the send queue must be done (receives stay posted across the
+        // drain); out of ERR every flushed receive must have been reaped too.
+        if state != QpState::Sqd && t.recv.outstanding() != 0 {
+            return;
+        }
         let r = match (state, t.conn) {
             // Read before the reset, which forgets them.
-            (QpState::Err, Some(c)) => self.bring_up_at(&c, self.backend.next_psns()),
+            // Without them the peer would drop what follows as duplicates: stay in ERR.
+            (QpState::Err, Some(c)) => match self.backend.next_psns() {
+                Ok(psns) => self.bring_up_at(&c, psns),
+                Err(e) => Err(e),
+            },
             (QpState::Sqd, _) => self.backend.modify(&QpAttr::to(QpState::Rts)),
             _ => Ok(()),
         };
@@ -599,19 +608,23 @@ impl Cq {
         for wc in raw.iter() {
             let qp = match &cur {
                 Some((q, s)) if *q == wc.qp_num => s.clone(),
-                _ => match read(&self.tracker.qps)
-                    .get(&wc.qp_num)
-                    .and_then(Weak::upgrade)
-                {
-                    Some(s) => {
-                        cur = Some((wc.qp_num, s.clone()));
-                        s
+                _ => {
+                    // Bound first: replacing `cur` may drop the last handle of a QP, whose
+                    // drop takes the map's write lock.
+                    let found = read(&self.tracker.qps)
+                        .get(&wc.qp_num)
+                        .and_then(Weak::upgrade);
+                    match found {
+                        Some(s) => {
+                            cur = Some((wc.qp_num, s.clone()));
+                            s
+                        }
+                        None => {
+                            out.push(*wc);
+                            continue;
+                        }
                     }
-                    None => {
-                        out.push(*wc);
-                        continue;
-                    }
-                },
+                }
             };
             let mut t = lock(&qp.track);
             let ring = if wc.is_send() {

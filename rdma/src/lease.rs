@@ -128,6 +128,14 @@ impl crate::device::Mr {
             link,
         });
     }
+
+    /// Owner side: undo the latest [`add_holder`](Self::add_holder) for `holder_gid`.
+    pub fn remove_holder(&self, holder_gid: [u8; 16]) {
+        let mut h = crate::sync::lock(&self.shared.holders);
+        if let Some(i) = h.iter().rposition(|x| x.gid == holder_gid) {
+            h.remove(i);
+        }
+    }
 }
 
 impl crate::device::Device {

@@ -162,6 +162,16 @@ impl LeaseLink {
             rkey: mr.rkey(),
         };
         mr.add_holder(self.peer_gid, self.link.clone());
+        // A revoke between the first look and the registration did not see this holder: do
+        // not grant what is about to be zapped.
+        if let Some(epoch) = mr.revoked_at() {
+            mr.remove_holder(self.peer_gid);
+            return Err(RdmaError::Revoked {
+                what: format!("lease on MR {:#x} for {}", mr.rkey(), self.link.peer),
+                epoch,
+                why: "the region was revoked while the grant was prepared".into(),
+            });
+        }
         self.link.oob.send(&Wire::Grant {
             mr: info,
             access: mr.access().bits(),
@@ -226,10 +236,11 @@ impl Drop for LeaseLink {
     /// A dropped link is closed: the peer sees the end of the connection at once (an owner
     /// then cuts this side off at its next revoke instead of waiting for the cut-off).
     fn drop(&mut self) {
-        self.stop_receiving();
+        // Close first: a receiver blocked in a send to a peer that stopped reading returns.
         if let Err(e) = self.link.oob.shutdown() {
             tracing::debug!(peer = %self.link.peer, error = %e, "closing the lease link");
         }
+        self.stop_receiving();
     }
 }
 
@@ -247,7 +258,19 @@ fn receive(
             break "stopped by this side".to_string();
         }
         match oob.recv::<Wire>(RX_POLL) {
-            Ok(Wire::Control(msg)) => dev.deliver(msg),
+            // Only messages about this link's peer: it may revoke its own leases and ack its
+            // own holds, not speak for a third device.
+            Ok(Wire::Control(msg)) => {
+                let from = match msg {
+                    ControlMsg::LeaseRevoke { owner, .. } => owner,
+                    ControlMsg::LeaseAck { holder, .. } => holder,
+                };
+                if from == owner_gid {
+                    dev.deliver(msg);
+                } else {
+                    tracing::warn!(peer = %link.peer, ?msg, "control message naming another device ignored");
+                }
+            }
             Ok(Wire::Grant { mr, access }) => {
                 let Some(access) = MrAccess::from_bits(access) else {
                     tracing::warn!(peer = %link.peer, access, rkey = mr.rkey, "grant with unknown access bits ignored");
@@ -269,6 +292,13 @@ fn receive(
         }
     };
     tracing::debug!(device = %dev.name(), peer = %link.peer, why = %ended, "lease receiver ended");
+    // Nobody reads this connection any more: close it, so the peer's next revoke fails to
+    // send and cuts this side off at once instead of waiting for an ack that cannot come.
+    if !rx.stop.load(Ordering::Acquire)
+        && let Err(e) = oob.shutdown()
+    {
+        tracing::debug!(peer = %link.peer, error = %e, "closing the lease link");
+    }
     lock(&rx.state).ended = Some(ended);
     rx.changed.notify_all();
 }

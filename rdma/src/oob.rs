@@ -30,6 +30,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{RdmaError, Result};
 use crate::qp::RemoteQp;
 
+/// Longest a send on the control connection may block.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest message accepted (a guard against a peer that never sends a newline).
 pub const MAX_MESSAGE: usize = 16 << 20;
 
@@ -211,6 +213,9 @@ impl Oob {
         let ctx = |e| RdmaError::io(format!("control connection with {peer}"), e);
         stream.set_nonblocking(false).map_err(ctx)?;
         stream.set_nodelay(true).map_err(ctx)?;
+        // A peer that stops reading must not block a sender forever (an ack is sent from the
+        // revoke path): a send that cannot finish in time fails, and the lease is cut off.
+        stream.set_write_timeout(Some(WRITE_TIMEOUT)).map_err(ctx)?;
         Ok(Oob {
             stream,
             peer,

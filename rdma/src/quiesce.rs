@@ -215,7 +215,16 @@ impl Tracker {
     }
 
     pub(crate) fn add_remote(&self, r: Arc<RemoteMr>) {
-        write(&self.remotes).insert((r.owner, r.rkey), r);
+        let old = write(&self.remotes).insert((r.owner, r.rkey), r.clone());
+        // A post that checked the lease being replaced must fail its re-check, not slip past
+        // a revoke that only marks the new one.
+        if let Some(old) = old
+            && !Arc::ptr_eq(&old, &r)
+        {
+            let _ = old
+                .revoked
+                .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst);
+        }
     }
 
     /// Post-time check of a local scatter/gather element.
@@ -442,7 +451,8 @@ impl Tracker {
     ) {
         self.wait_quiescent(qp, upto.0, upto.1, latch);
         self.apply_policy(qp, policy);
-        if recover {
+        // A drained QP always goes back to RTS (nothing was lost); a flushed one when asked.
+        if recover || matches!(policy, QuiescePolicy::Drain { .. }) {
             let mut t = lock(&qp.track);
             t.recover_pending = true;
             // Everything may be reaped already; then nobody else would come by.
@@ -469,15 +479,16 @@ impl Tracker {
                     let (Some(qp), Some(t)) = (weak.upgrade(), me.upgrade()) else {
                         return;
                     };
-                    if qp.backend.state() == QpState::Sqd {
-                        let busy = lock(&qp.track).send.outstanding() > 0;
-                        if busy {
-                            bump(&t.counters.drains_timed_out, 1);
-                            tracing::warn!(device = %t.name, qpn = qp.qpn, "drain deadline passed: flushing");
-                            if let Err(e) = qp.backend.modify(&QpAttr::to(QpState::Err)) {
-                                tracing::error!(qpn = qp.qpn, error = %e, "flush after drain failed");
-                            }
+                    // Under the track lock: a reaper cannot bring the QP back to RTS between
+                    // the look and the flush (which would put a recovered QP into ERR).
+                    let mut tr = lock(&qp.track);
+                    if qp.backend.state() == QpState::Sqd && tr.send.outstanding() > 0 {
+                        bump(&t.counters.drains_timed_out, 1);
+                        tracing::warn!(device = %t.name, qpn = qp.qpn, "drain deadline passed: flushing");
+                        if let Err(e) = qp.backend.modify(&QpAttr::to(QpState::Err)) {
+                            tracing::error!(qpn = qp.qpn, error = %e, "flush after drain failed");
                         }
+                        tr.recover_pending = true;
                     }
                 });
                 r
@@ -503,7 +514,12 @@ impl Tracker {
                     tracing::debug!(device = %self.name, rkey, "revoke of a lease we do not hold");
                     return;
                 };
-                remote.revoked.store(epoch + 1, Ordering::SeqCst);
+                // The epoch comes from the peer: one that cannot be stored is refused.
+                let Some(mark) = epoch.checked_add(1) else {
+                    tracing::warn!(device = %self.name, rkey, epoch, "lease revoke with an impossible epoch ignored");
+                    return;
+                };
+                remote.revoked.store(mark, Ordering::SeqCst);
                 let me = self.gid;
                 let r2 = remote.clone();
                 let latch = Pending::new(move || {
@@ -725,9 +741,15 @@ impl Mr {
             access: opts.access,
             dmabuf_fd: None,
         })?;
-        pd.dev.tracker.add_mr(b.lkey(), &self.shared);
+        let old_key = self.shared.lkey.load(Ordering::Acquire) as u32;
+        let new_key = b.lkey();
+        pd.dev.tracker.add_mr(new_key, &self.shared);
         *write(&self.shared.backend) = b;
         lock(&self.shared.holders).clear();
+        // The key changes before the mark clears: a post checked against the old key fails
+        // its re-check under the QP lock (the key no longer matches), never slips through.
+        self.shared.lkey.store(u64::from(new_key), Ordering::SeqCst);
+        write(&pd.dev.tracker.mrs).remove(&old_key);
         self.shared.revoked.store(0, Ordering::SeqCst);
         Ok(map.epoch)
     }
@@ -735,6 +757,14 @@ impl Mr {
 
 /// [`RdmaError::Revoked`] when `mr` (named by `lkey`) has been invalidated.
 pub(crate) fn local_revoked(mr: &MrShared, lkey: u32, what: &dyn Fn() -> String) -> Result<()> {
+    if mr.lkey.load(Ordering::Acquire) != u64::from(lkey) {
+        return Err(RdmaError::Revoked {
+            what: format!("{}: MR {:#x}", what(), lkey),
+            epoch: mr.revoked.load(Ordering::Acquire).saturating_sub(1),
+            why: "the region was re-registered after its memory moved: post with its new key"
+                .into(),
+        });
+    }
     match mr.revoked.load(Ordering::Acquire) {
         0 => Ok(()),
         rev => Err(RdmaError::Revoked {

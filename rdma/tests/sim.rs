@@ -224,3 +224,71 @@ fn revoke_flushes_in_flight_work_and_fails_new_posts() {
     assert_eq!(qa.state(), QpState::Rts);
     let _ = Arc::strong_count(&remote);
 }
+
+#[test]
+fn a_drained_qp_goes_back_to_rts_even_without_recover() {
+    let (fabric, a, _b, qa, _qb) = setup();
+    let ma = HostMemory::new(&fabric, a.mem, "a", 1 << 20).unwrap();
+    let mr = import(
+        &a,
+        &ma,
+        ImportOptions {
+            policy: QuiescePolicy::Drain {
+                deadline: Duration::from_secs(1),
+            },
+            recover: false,
+            ..ImportOptions::default()
+        },
+    );
+    // Receives reference the region: the revoke drains the QP through SQD.
+    qa.post_recv(&[RecvWr::new(1, mr.sge(0, 4096))]).unwrap();
+    let report = ma.revoke(Duration::from_secs(2));
+    assert!(report.is_clean(), "{report}");
+    let mut v = Vec::new();
+    for _ in 0..2000 {
+        a.cq.poll(&mut v, 16).unwrap();
+        if qa.state() == QpState::Rts {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(
+        qa.state(),
+        QpState::Rts,
+        "a drained QP must not stay in SQD"
+    );
+}
+
+#[test]
+fn the_old_key_of_a_refreshed_region_is_refused() {
+    let (fabric, a, b, qa, _qb) = setup();
+    let ma = HostMemory::new(&fabric, a.mem, "a", 1 << 20).unwrap();
+    let mb = HostMemory::new(&fabric, b.mem, "b", 1 << 20).unwrap();
+    let ra = import(
+        &a,
+        &ma,
+        ImportOptions {
+            kind: dmaplane_core::ImporterKind::Dynamic,
+            ..ImportOptions::default()
+        },
+    );
+    let rb = import(&b, &mb, ImportOptions::default());
+    let remote = b.dev.lease(&rb, &a.dev);
+    let old = ra.sge(0, 64);
+    assert!(ma.relocate(Duration::from_secs(1)).unwrap().is_clean());
+    ra.refresh(&a.pd).unwrap();
+    assert_ne!(ra.lkey(), old.lkey);
+    // A post still naming the old key must not pass (it would reach zapped memory).
+    let e = qa
+        .post_send(&[SendWr::write(7, old, remote.at(0))])
+        .unwrap_err();
+    assert!(
+        matches!(e, RdmaError::BadKey { .. } | RdmaError::Revoked { .. }),
+        "{e}"
+    );
+    // The new key works.
+    qa.post_send(&[SendWr::write(8, ra.sge(0, 64), remote.at(0))])
+        .unwrap();
+    let c = wait_one(&a.cq);
+    assert_eq!((c.wr_id, c.status), (8, WcStatus::Success));
+}

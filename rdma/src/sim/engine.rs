@@ -366,6 +366,15 @@ fn run_wr(qp: &SimQp, wr: &SendWr, peer: &Weak<SimQp>, s: &mut Segs<'_>) -> Resu
                 SendOp::SendWithImm(i) => Some(i),
                 _ => None,
             };
+            // The source first: a local fault must not consume the responder's receive.
+            s.src.clear();
+            for sge in wr.sg.as_slice() {
+                let lmr = local_mr(qp, sge)?;
+                lmr.with_segments(sge.addr, u64::from(sge.length), MrAccess::NONE, |it| {
+                    s.src.extend(it)
+                })
+                .map_err(|_| WcStatus::LocProtErr)?;
+            }
             // Hold the responder's lock for the copy: its flush cannot overtake this receive.
             let mut pin = lock(&peer.inner);
             if pin.state == QpState::Err {
@@ -377,21 +386,12 @@ fn run_wr(qp: &SimQp, wr: &SendWr, peer: &Weak<SimQp>, s: &mut Segs<'_>) -> Resu
             let recv_fail = |pin: &mut QpInner, st: WcStatus| {
                 let wc = peer.wc(rwr.wr_id, st, WcOpcode::Recv, 0, None);
                 peer.recv_cq.push(&[wc]);
-                peer.set_state(pin, QpState::Err);
-                peer.flush(pin);
+                // Its own engine may be mid-turn: then it flushes after that turn's completions.
+                peer.to_error(pin);
             };
             if total > rwr.sg.total() {
                 recv_fail(&mut pin, WcStatus::LocLenErr);
                 return Err(WcStatus::RemInvReqErr);
-            }
-            // Gather the source segments, then the receive buffer's.
-            s.src.clear();
-            for sge in wr.sg.as_slice() {
-                let lmr = local_mr(qp, sge)?;
-                lmr.with_segments(sge.addr, u64::from(sge.length), MrAccess::NONE, |it| {
-                    s.src.extend(it)
-                })
-                .map_err(|_| WcStatus::LocProtErr)?;
             }
             s.dst.clear();
             let mut left = total;

@@ -167,7 +167,7 @@ impl VerbsQp {
     }
 
     /// (next send PSN, next expected receive PSN) as the device reports them.
-    fn query_psns(&self) -> Option<(u32, u32)> {
+    fn query_psns(&self) -> Result<(u32, u32)> {
         // SAFETY: both are plain data (integers, unions of integers, nullable pointers).
         let mut attr: sys::ibv_qp_attr = unsafe { std::mem::zeroed() };
         // SAFETY: as above.
@@ -177,14 +177,13 @@ impl VerbsQp {
         // SAFETY: the QP is live; `attr` and `init` are writable structs of the right types.
         let ret = unsafe { sys::ibv_query_qp(self.raw(), &mut attr, mask, &mut init) };
         if ret != 0 {
-            tracing::debug!(
-                qpn = self.qpn,
-                "ibv_query_qp(PSNs): {}",
-                ffi::errno_text(ffi::ret_errno(ret))
-            );
-            return None;
+            return Err(RdmaError::Backend {
+                op: "ibv_query_qp (send/receive PSNs)",
+                device: self.dev.name.clone(),
+                why: ffi::errno_text(ffi::ret_errno(ret)),
+            });
         }
-        Some((attr.sq_psn & PSN_MASK, attr.rq_psn & PSN_MASK))
+        Ok((attr.sq_psn & PSN_MASK, attr.rq_psn & PSN_MASK))
     }
 
     /// The requested queue sizes.
@@ -450,8 +449,8 @@ impl QpBackend for VerbsQp {
         }
     }
 
-    fn next_psns(&self) -> Option<(u32, u32)> {
-        self.query_psns()
+    fn next_psns(&self) -> Result<Option<(u32, u32)>> {
+        self.query_psns().map(Some)
     }
 
     fn modify(&self, attr: &QpAttr) -> Result<()> {

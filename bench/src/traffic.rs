@@ -1,0 +1,521 @@
+//! The revoke stress's two halves, shared by every backend (the simulated NIC here, real verbs
+//! in the `dmaplane` tool): the exporter's loop that revokes, checks and re-exports, and the data
+//! path that keeps WRITEs in flight and verifies each one.
+//!
+//! How "after the ack" is checked: right after each ack the old memory is filled with a poison
+//! pattern; at the next revoke (and at the end) it must still be all poison. Any DMA that
+//! landed after the ack would have overwritten it.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use dmaplane_core::RevokeReport;
+use dmaplane_core::dmabuf::DmaBufMemory;
+use dmaplane_core::fabric::{HostMemory, WindowHandle};
+use dmaplane_rdma::{Completion, Cq, Mr, Qp, RdmaError, RemoteMr, SendWr, WcStatus};
+
+use crate::stress::StressConfig;
+
+pub const POISON: u8 = 0xd5;
+
+/// Memory the stress writes, verifies and poisons through the CPU.
+pub trait Bytes: Send + Sync + std::fmt::Debug {
+    fn read(&self, off: u64, buf: &mut [u8]) -> bool;
+    fn write(&self, off: u64, data: &[u8]) -> bool;
+    fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A window's memory, seen directly (a retired window stays readable after its unmap).
+impl Bytes for WindowHandle {
+    fn read(&self, off: u64, buf: &mut [u8]) -> bool {
+        self.memory().read(off, buf)
+    }
+    fn write(&self, off: u64, data: &[u8]) -> bool {
+        self.memory().write(off, data)
+    }
+    fn len(&self) -> u64 {
+        WindowHandle::len(self)
+    }
+}
+
+impl Bytes for HostMemory {
+    fn read(&self, off: u64, buf: &mut [u8]) -> bool {
+        HostMemory::read(self, off, buf)
+    }
+    fn write(&self, off: u64, data: &[u8]) -> bool {
+        HostMemory::write(self, off, data)
+    }
+    fn len(&self) -> u64 {
+        HostMemory::len(self)
+    }
+}
+
+/// udmabuf pages are ordinary cache-coherent host memory: the CPU view shows what the NIC
+/// wrote once the completion is seen.
+impl Bytes for DmaBufMemory {
+    fn read(&self, off: u64, buf: &mut [u8]) -> bool {
+        DmaBufMemory::read(self, off, buf).is_ok()
+    }
+    fn write(&self, off: u64, data: &[u8]) -> bool {
+        DmaBufMemory::write(self, off, data).is_ok()
+    }
+    fn len(&self) -> u64 {
+        DmaBufMemory::len(self)
+    }
+}
+
+/// The bytes a request with `tag` writes: a word per 8 bytes, unique to the tag and position,
+/// generated a word at a time so that filling and checking cost the data path little CPU (on a
+/// small machine it shares the cores with the NIC engines it is measuring).
+pub fn pattern(tag: u64, len: usize, buf: &mut Vec<u8>) {
+    buf.clear();
+    buf.resize(len, 0);
+    let mut chunks = buf.chunks_exact_mut(8);
+    let mut k = 0u64;
+    for c in &mut chunks {
+        c.copy_from_slice(&word(tag, k).to_le_bytes());
+        k += 1;
+    }
+    let rest = chunks.into_remainder();
+    let n = rest.len();
+    rest.copy_from_slice(&word(tag, k).to_le_bytes()[..n]);
+}
+
+fn word(tag: u64, k: u64) -> u64 {
+    tag ^ k.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// Deterministic generator for the revoke schedule.
+pub fn next(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+pub fn poison(mem: &dyn Bytes) -> bool {
+    let chunk = vec![POISON; 1 << 16];
+    let mut off = 0;
+    while off < mem.len() {
+        let n = (mem.len() - off).min(chunk.len() as u64) as usize;
+        if !mem.write(off, &chunk[..n]) {
+            return false;
+        }
+        off += n as u64;
+    }
+    true
+}
+
+/// Pages of `mem` that are no longer all poison (an unreadable page counts). Compared with
+/// `memcmp` against a poison page, 64 KiB per read: this runs on every revoke cycle, next to
+/// the traffic it must not starve.
+pub fn poison_damage(mem: &dyn Bytes) -> u64 {
+    const PAGE: usize = 4096;
+    let page = [POISON; PAGE];
+    let mut buf = vec![0u8; 16 * PAGE];
+    let (mut bad, mut off) = (0, 0);
+    while off < mem.len() {
+        let n = (mem.len() - off).min(buf.len() as u64) as usize;
+        if !mem.read(off, &mut buf[..n]) {
+            bad += n.div_ceil(PAGE) as u64;
+        } else {
+            bad += buf[..n]
+                .chunks(PAGE)
+                .filter(|c| **c != page[..c.len()])
+                .count() as u64;
+        }
+        off += n as u64;
+    }
+    bad
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the data path writes to in one epoch.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub epoch: u64,
+    pub remote: Arc<RemoteMr>,
+    pub mem: Arc<dyn Bytes>,
+}
+
+/// What both halves share while a run lasts.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// Requests outstanding per epoch, counted before the post so none slips past: the exporter
+    /// poisons an old epoch only once all of its writes were reaped and verified.
+    per_epoch: Mutex<BTreeMap<u64, u64>>,
+    /// Requests ever posted per epoch (the newest few), for "revoke under load".
+    posted: Mutex<BTreeMap<u64, u64>>,
+    pub stop: AtomicBool,
+    pub revokes_done: AtomicU64,
+    pub post_ack_poison: AtomicU64,
+    pub timed_out: AtomicU64,
+    pub latencies: Mutex<Vec<f64>>,
+    failures: Mutex<Vec<String>>,
+}
+
+impl Shared {
+    pub fn outstanding_in(&self, e: u64) -> u64 {
+        lock(&self.per_epoch).get(&e).copied().unwrap_or(0)
+    }
+
+    pub fn posted_in(&self, e: u64) -> u64 {
+        lock(&self.posted).get(&e).copied().unwrap_or(0)
+    }
+
+    fn count(&self, e: u64, delta: i64) {
+        let mut m = lock(&self.per_epoch);
+        let v = m.entry(e).or_insert(0);
+        *v = v.saturating_add_signed(delta);
+        if *v == 0 {
+            m.remove(&e);
+        }
+    }
+
+    fn count_posted(&self, e: u64, n: u64) {
+        let mut m = lock(&self.posted);
+        *m.entry(e).or_insert(0) += n;
+        while m.len() > 4 {
+            m.pop_first();
+        }
+    }
+
+    /// Record a failure (the first few are kept for the report).
+    pub fn fail(&self, s: String) {
+        let mut f = lock(&self.failures);
+        if f.len() < 20 {
+            f.push(s);
+        }
+    }
+
+    pub fn take_failures(&self) -> Vec<String> {
+        std::mem::take(&mut *lock(&self.failures))
+    }
+
+    pub fn take_latencies(&self) -> Vec<f64> {
+        std::mem::take(&mut *lock(&self.latencies))
+    }
+}
+
+/// One export as the exporter's loop sees it.
+pub trait Export {
+    fn epoch(&self) -> u64;
+    fn revoke(&self, deadline: Duration) -> RevokeReport;
+    /// The memory, kept after the export is gone for the poison check.
+    fn bytes(&self) -> Arc<dyn Bytes>;
+}
+
+/// The exporter: wait until traffic is in flight on the live export, revoke it at a random
+/// point, wait until the data path has reaped and verified all of its writes, check the
+/// previous epoch's poison and poison this one, re-export. `in_flight` is how many requests
+/// must have been posted to an export before it is revoked.
+pub fn exporter<E: Export>(
+    cfg: &StressConfig,
+    sh: &Shared,
+    first: E,
+    in_flight: u64,
+    random_point: Duration,
+    mut export: impl FnMut(u64) -> Result<E, String>,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Option<E> {
+    let mut seed = cfg.seed | 1;
+    let mut live = Some(first);
+    let mut retired: Option<Arc<dyn Bytes>> = None;
+    let interval = cfg.seconds.max(0.0) / cfg.revokes.max(1) as f64;
+    for epoch in 1..=cfg.revokes {
+        if sh.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let ex = live.take()?;
+        // Revoke under load: let the data path get requests in flight on this export first
+        // (bounded, so a stalled data path cannot stall the schedule).
+        let since = Instant::now();
+        while sh.posted_in(ex.epoch()) < in_flight
+            && since.elapsed() < Duration::from_secs(5)
+            && !sh.stop.load(Ordering::Relaxed)
+        {
+            std::thread::sleep(Duration::from_micros(20));
+        }
+        let jitter = (next(&mut seed) % 1000) as f64 / 1000.0 * 2.0 * interval;
+        let point = (next(&mut seed) % 1000) as f64 / 1000.0 * random_point.as_secs_f64();
+        std::thread::sleep(Duration::from_secs_f64(jitter.min(0.05) + point));
+        let report = ex.revoke(cfg.deadline);
+        lock(&sh.latencies).push(report.elapsed_us as f64);
+        if !report.is_clean() {
+            sh.timed_out.fetch_add(1, Ordering::Relaxed);
+            sh.fail(format!("revoke {epoch}: {report}"));
+        }
+        let since = Instant::now();
+        while sh.outstanding_in(ex.epoch()) > 0
+            && since.elapsed() < Duration::from_secs(10)
+            && !sh.stop.load(Ordering::Relaxed)
+        {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        // The previous epoch must still be all poison; then poison this one.
+        if let Some(old) = retired.take() {
+            sh.post_ack_poison
+                .fetch_add(poison_damage(&*old), Ordering::Relaxed);
+        }
+        let mem = ex.bytes();
+        if !poison(&*mem) {
+            sh.fail(format!("could not poison epoch {}", ex.epoch()));
+        }
+        retired = Some(mem);
+        drop(ex);
+        match export(epoch) {
+            Ok(e) => live = Some(e),
+            Err(e) => {
+                sh.fail(format!("re-export {epoch}: {e}"));
+                break;
+            }
+        }
+        sh.revokes_done.store(epoch, Ordering::Relaxed);
+        progress(epoch);
+    }
+    if let Some(old) = retired.take() {
+        sh.post_ack_poison
+            .fetch_add(poison_damage(&*old), Ordering::Relaxed);
+    }
+    live
+}
+
+/// What the data path counted.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counts {
+    pub posted: u64,
+    pub ok: u64,
+    pub flushed: u64,
+    pub failed: u64,
+    pub corrupt: u64,
+    pub bytes: u64,
+    pub refused: u64,
+    /// Completions with a remote-access error (a post-ack access the NIC refused).
+    pub rem_access: u64,
+    pub lost: u64,
+}
+
+/// The data path's fixed parts.
+#[derive(Debug)]
+pub struct DataPath<'a> {
+    pub cfg: &'a StressConfig,
+    pub qps: &'a [Qp],
+    pub cq: &'a Cq,
+    pub src: &'a Mr,
+    pub src_mem: &'a dyn Bytes,
+    /// How long to keep reaping after the last revoke before calling a request lost.
+    pub drain_limit: Duration,
+}
+
+impl DataPath<'_> {
+    /// Keep `depth` WRITEs outstanding on every QP against the current target (`refresh`
+    /// updates it), verify every success byte for byte, until the exporter is done
+    /// (`exporter_done`) and the minimum time has passed; then reap what is left.
+    pub fn run(
+        &self,
+        sh: &Shared,
+        mut current: Target,
+        mut refresh: impl FnMut(&mut Target),
+        exporter_done: &dyn Fn() -> bool,
+    ) -> Result<Counts, RdmaError> {
+        let cfg = self.cfg;
+        let slots = cfg.qps * cfg.depth;
+        let size = cfg.size as usize;
+        let mut c = Counts::default();
+        // Per slot: what was posted there (target and tag), None when free.
+        let mut inflight: Vec<Option<(Target, u64)>> = vec![None; slots];
+        let mut free: Vec<Vec<usize>> = (0..cfg.qps)
+            .map(|q| (0..cfg.depth).map(|d| q * cfg.depth + d).collect())
+            .collect();
+        let mut wcs: Vec<Completion> = Vec::with_capacity(1024);
+        let mut buf = Vec::with_capacity(size);
+        let mut got = vec![0u8; size];
+        let mut serial = 0u64;
+        let mut batch: Vec<SendWr> = Vec::with_capacity(cfg.depth);
+        let mut tags: Vec<u64> = Vec::with_capacity(cfg.depth);
+        let start = Instant::now();
+        let min_time = Duration::from_secs_f64(cfg.seconds.max(0.0));
+        let mut draining_since: Option<Instant> = None;
+        loop {
+            refresh(&mut current);
+            let stopping = exporter_done() && start.elapsed() >= min_time;
+            if stopping && draining_since.is_none() {
+                draining_since = Some(Instant::now());
+            }
+            let mut posted_now = 0u64;
+            for (q, qp) in self.qps.iter().enumerate() {
+                if stopping || free[q].is_empty() {
+                    continue;
+                }
+                batch.clear();
+                tags.clear();
+                for &slot in &free[q] {
+                    serial += 1;
+                    let tag = (current.epoch << 40) ^ serial;
+                    tags.push(tag);
+                    pattern(tag, size, &mut buf);
+                    let off = slot as u64 * u64::from(cfg.size);
+                    if !self.src_mem.write(off, &buf) {
+                        sh.fail(format!("could not fill source slot {slot}"));
+                    }
+                    batch.push(SendWr::write(
+                        slot as u64,
+                        self.src.sge(off, cfg.size),
+                        current.remote.at(off),
+                    ));
+                }
+                sh.count(current.epoch, batch.len() as i64);
+                let r = qp.post_send(&batch);
+                match r {
+                    Ok(()) => {
+                        let n = batch.len() as u64;
+                        c.posted += n;
+                        posted_now += n;
+                        sh.count_posted(current.epoch, n);
+                        for (wr, &tag) in batch.iter().zip(&tags) {
+                            inflight[wr.wr_id as usize] = Some((current.clone(), tag));
+                        }
+                        free[q].clear();
+                    }
+                    Err(e) => {
+                        sh.count(current.epoch, -(batch.len() as i64));
+                        match e {
+                            // The target was revoked, or the QP is still recovering from its
+                            // flush: expected while a revoke is under way.
+                            RdmaError::Revoked { .. } | RdmaError::WrongState { .. } => {
+                                c.refused += 1;
+                            }
+                            e => {
+                                sh.fail(format!("post on QP {:#x}: {e}", qp.qpn()));
+                                c.failed += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            wcs.clear();
+            self.cq.poll(&mut wcs, 1024)?;
+            for wc in &wcs {
+                let slot = wc.wr_id as usize;
+                let Some((target, tag)) = inflight.get_mut(slot).and_then(Option::take) else {
+                    sh.fail(format!("completion for unknown request {}", wc.wr_id));
+                    c.failed += 1;
+                    continue;
+                };
+                free[slot / cfg.depth].push(slot);
+                match wc.status {
+                    WcStatus::Success => {
+                        c.ok += 1;
+                        pattern(tag, size, &mut buf);
+                        let off = slot as u64 * u64::from(cfg.size);
+                        let read = target.mem.read(off, &mut got);
+                        if read && got == buf {
+                            c.bytes += u64::from(cfg.size);
+                        } else {
+                            c.corrupt += 1;
+                            let first = got.iter().zip(&buf).position(|(a, b)| a != b);
+                            sh.fail(format!(
+                                "slot {slot} epoch {} (current {}): bytes differ from byte \
+                                 {first:?} (read {read}, all poison {})",
+                                target.epoch,
+                                current.epoch,
+                                got.iter().all(|&b| b == POISON)
+                            ));
+                        }
+                    }
+                    WcStatus::WrFlushErr => c.flushed += 1,
+                    other => {
+                        c.failed += 1;
+                        if other == WcStatus::RemAccessErr {
+                            c.rem_access += 1;
+                        }
+                        sh.fail(format!(
+                            "QP {:#x} request {} (epoch {}): {other}",
+                            wc.qp_num, wc.wr_id, target.epoch
+                        ));
+                    }
+                }
+                sh.count(target.epoch, -1);
+            }
+            if wcs.is_empty() && posted_now == 0 {
+                // Nothing to do: wait for a completion instead of spinning a core away from
+                // the NIC engines and the exporter.
+                self.cq.wait(Duration::from_micros(500))?;
+            }
+            if let Some(since) = draining_since {
+                let outstanding = inflight.iter().filter(|x| x.is_some()).count();
+                if outstanding == 0 || since.elapsed() > self.drain_limit {
+                    break;
+                }
+            }
+        }
+        sh.stop.store(true, Ordering::Relaxed);
+        c.lost = inflight.iter().filter(|x| x.is_some()).count() as u64;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Buf(Mutex<Vec<u8>>);
+
+    impl Bytes for Buf {
+        fn read(&self, off: u64, buf: &mut [u8]) -> bool {
+            let v = lock(&self.0);
+            let o = off as usize;
+            match v.get(o..o + buf.len()) {
+                Some(s) => {
+                    buf.copy_from_slice(s);
+                    true
+                }
+                None => false,
+            }
+        }
+        fn write(&self, off: u64, data: &[u8]) -> bool {
+            let mut v = lock(&self.0);
+            let o = off as usize;
+            match v.get_mut(o..o + data.len()) {
+                Some(s) => {
+                    s.copy_from_slice(data);
+                    true
+                }
+                None => false,
+            }
+        }
+        fn len(&self) -> u64 {
+            lock(&self.0).len() as u64
+        }
+    }
+
+    #[test]
+    fn poison_damage_counts_every_touched_page_and_nothing_else() {
+        let m = Buf(Mutex::new(vec![0; 40 * 4096 + 100]));
+        assert!(poison(&m));
+        assert_eq!(poison_damage(&m), 0);
+        assert!(m.write(5 * 4096 + 17, &[1]));
+        assert!(m.write(40 * 4096 + 99, &[2]));
+        assert!(m.write(20 * 4096 - 1, &[3, 4]));
+        assert_eq!(poison_damage(&m), 4);
+    }
+
+    #[test]
+    fn patterns_differ_by_tag_and_position() {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        pattern(1, 4099, &mut a);
+        pattern(2, 4099, &mut b);
+        assert_eq!(a.len(), 4099);
+        assert!(a.chunks(8).zip(b.chunks(8)).all(|(x, y)| x != y));
+        assert!(a.chunks(8).zip(a.chunks(8).skip(1)).all(|(x, y)| x != y));
+    }
+}
