@@ -330,7 +330,15 @@ impl Tracker {
     }
 
     /// Register "QP quiescent" as one condition of `latch`.
-    fn wait_quiescent(&self, qp: &Arc<QpShared>, send: u64, recv: u64, latch: &Arc<Pending>) {
+    /// Called with the QP's track lock held (`t`).
+    fn wait_quiescent(
+        &self,
+        qp: &Arc<QpShared>,
+        t: &mut Track,
+        send: u64,
+        recv: u64,
+        latch: &Arc<Pending>,
+    ) {
         latch.add(1);
         let l = latch.clone();
         if qp.backend.on_quiesced(Box::new(move || l.done_one())) {
@@ -344,8 +352,7 @@ impl Tracker {
         });
         self.n_seq_waits.fetch_add(1, Ordering::SeqCst);
         // The completions may all be in already.
-        let mut t = lock(&qp.track);
-        self.completions_reaped(qp, &mut t);
+        self.completions_reaped(qp, t);
     }
 
     /// Called with the QP's track lock held after completions were matched.
@@ -437,10 +444,10 @@ impl Tracker {
     /// Quiesce one QP whose requests up to `upto` (send, recv) may touch the region; count it
     /// on `latch`, and arm the return to RTS when `recover`.
     ///
-    /// Order matters: the waiter is registered before the modify, so a recovery racing with the
-    /// modify (the data path reaping the last flushed completion and bringing the QP back up)
-    /// cannot leave it waiting on a QP that is RTS again; and recovery is armed only after the
-    /// modify, so a reaper that runs before the modify lands does not consume it.
+    /// All of it under the QP's track lock, which recovery (`bring_up`) holds too: the waiter,
+    /// the modify and the recovery arm cannot interleave with a QP on its way back to RTS (a
+    /// drain would otherwise find it in INIT or RTR, skip SQD and wait for ever). The waiter is
+    /// registered before the modify and recovery armed after it.
     fn quiesce_qp(
         &self,
         qp: &Arc<QpShared>,
@@ -449,11 +456,11 @@ impl Tracker {
         latch: &Arc<Pending>,
         recover: bool,
     ) {
-        self.wait_quiescent(qp, upto.0, upto.1, latch);
+        let mut t = lock(&qp.track);
+        self.wait_quiescent(qp, &mut t, upto.0, upto.1, latch);
         self.apply_policy(qp, policy);
         // A drained QP always goes back to RTS (nothing was lost); a flushed one when asked.
         if recover || matches!(policy, QuiescePolicy::Drain { .. }) {
-            let mut t = lock(&qp.track);
             t.recover_pending = true;
             // Everything may be reaped already; then nobody else would come by.
             qp.try_recover(&mut t);
