@@ -113,15 +113,37 @@ pub trait PdBackend: Send + Sync + fmt::Debug {
     ) -> Result<Arc<dyn QpBackend>>;
 }
 
+/// What a registration is known by: its keys, where it starts in the NIC's view, how long it
+/// is and what it allows. Fixed for the registration's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MrKeys {
+    pub lkey: u32,
+    pub rkey: u32,
+    pub iova: u64,
+    pub len: u64,
+    pub access: MrAccess,
+}
+
 pub trait MrBackend: Send + Sync + fmt::Debug {
-    fn lkey(&self) -> u32;
-    fn rkey(&self) -> u32;
-    fn iova(&self) -> u64;
-    fn len(&self) -> u64;
+    fn keys(&self) -> MrKeys;
+    fn lkey(&self) -> u32 {
+        self.keys().lkey
+    }
+    fn rkey(&self) -> u32 {
+        self.keys().rkey
+    }
+    fn iova(&self) -> u64 {
+        self.keys().iova
+    }
+    fn len(&self) -> u64 {
+        self.keys().len
+    }
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    fn access(&self) -> MrAccess;
+    fn access(&self) -> MrAccess {
+        self.keys().access
+    }
     fn translation(&self) -> Translation;
     /// Kill the translation: from return on, every local or remote access through this MR's
     /// keys fails (remote ones with a remote-access error). Waits for accesses under way.

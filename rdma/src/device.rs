@@ -204,17 +204,23 @@ impl Mr {
         read(&self.shared.backend).clone()
     }
 
+    /// Keys, start and length of the current registration (they change when a dynamic
+    /// importer re-registers).
+    pub fn keys(&self) -> crate::backend::MrKeys {
+        read(&self.shared.backend).keys()
+    }
+
     pub fn lkey(&self) -> u32 {
-        self.b().lkey()
+        self.keys().lkey
     }
     pub fn rkey(&self) -> u32 {
-        self.b().rkey()
+        self.keys().rkey
     }
     pub fn iova(&self) -> u64 {
-        self.b().iova()
+        self.keys().iova
     }
     pub fn len(&self) -> u64 {
-        self.b().len()
+        self.keys().len
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -240,11 +246,11 @@ impl Mr {
 
     /// A scatter/gather element `len` bytes at `offset` into the region.
     pub fn sge(&self, offset: u64, len: u32) -> Sge {
-        let b = self.b();
+        let k = self.keys();
         Sge {
-            addr: b.iova().wrapping_add(offset),
+            addr: k.iova.wrapping_add(offset),
             length: len,
-            lkey: b.lkey(),
+            lkey: k.lkey,
         }
     }
 }
@@ -439,7 +445,7 @@ impl Qp {
         if t.send.outstanding() + wrs.len() as u64 > t.send.slots.len() as u64 {
             return Err(RdmaError::QueueFull {
                 qpn: s.qpn,
-                queue: "send",
+                queue: crate::wr::Queue::Send.name(),
                 depth: t.send.slots.len() as u32,
             });
         }
@@ -483,7 +489,7 @@ impl Qp {
         if t.recv.outstanding() + wrs.len() as u64 > t.recv.slots.len() as u64 {
             return Err(RdmaError::QueueFull {
                 qpn: s.qpn,
-                queue: "recv",
+                queue: crate::wr::Queue::Recv.name(),
                 depth: t.recv.slots.len() as u32,
             });
         }

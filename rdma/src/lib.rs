@@ -25,7 +25,7 @@ pub mod wc;
 pub mod wr;
 
 pub use access::MrAccess;
-pub use backend::{BackendKind, DeviceInfo, DmaBufMr};
+pub use backend::{BackendKind, DeviceInfo, DmaBufMr, MrKeys};
 pub use device::{Cq, Device, Mr, Pd, Qp};
 pub use error::{RdmaError, Result};
 pub use lease::{ControlLink, ControlMsg, RemoteMr};

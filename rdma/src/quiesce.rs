@@ -243,8 +243,8 @@ impl Tracker {
             });
         };
         local_revoked(&mr, sge.lkey, what)?;
-        let b = read(&mr.backend);
-        let (start, len) = (b.iova(), b.len());
+        let k = read(&mr.backend).keys();
+        let (start, len) = (k.iova, k.len);
         let end = sge.addr.checked_add(u64::from(sge.length));
         if sge.addr < start || end.is_none_or(|e| e > start + len) {
             return Err(RdmaError::OutOfBounds {
@@ -264,7 +264,6 @@ impl Tracker {
                 need,
             });
         }
-        drop(b);
         Ok(mr)
     }
 

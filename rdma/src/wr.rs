@@ -49,9 +49,48 @@ impl SgList {
     }
 }
 
-/// The first request in `reqs` (`(wr_id, its list)`) with more elements than the QP was
-/// created for — one check for every backend's post path.
-pub fn check_sge_limit<'a>(
+/// Which queue of a QP a post goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queue {
+    Send,
+    Recv,
+}
+
+impl Queue {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Queue::Send => "send",
+            Queue::Recv => "recv",
+        }
+    }
+}
+
+/// What every backend's post path checks first, in this order: the QP's state accepts posts to
+/// `queue`, then no request in `reqs` (`(wr_id, its list)`) has more elements than the QP was
+/// created for (`max_sge`).
+pub fn check_post<'a>(
+    qpn: u32,
+    state: crate::qp::QpState,
+    queue: Queue,
+    max_sge: u32,
+    reqs: impl IntoIterator<Item = (u64, &'a SgList)>,
+) -> crate::Result<()> {
+    let open = match queue {
+        Queue::Send => state.can_post_send(),
+        Queue::Recv => state.can_post_recv(),
+    };
+    if !open {
+        return Err(crate::RdmaError::WrongState {
+            qpn,
+            state,
+            op: queue.name(),
+        });
+    }
+    check_sge_limit(qpn, max_sge, reqs)
+}
+
+/// The first request in `reqs` with more elements than the QP was created for.
+fn check_sge_limit<'a>(
     qpn: u32,
     max: u32,
     reqs: impl IntoIterator<Item = (u64, &'a SgList)>,

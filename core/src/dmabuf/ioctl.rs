@@ -4,11 +4,9 @@
 
 use std::ffi::c_void;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::ptr::NonNull;
 
 use rustix::io::Errno;
 use rustix::ioctl::{Ioctl, IoctlOutput, Opcode, Updater, opcode};
-use rustix::mm::{MapFlags, ProtFlags};
 
 /// `struct udmabuf_create` (include/uapi/linux/udmabuf.h).
 #[repr(C)]
@@ -135,86 +133,6 @@ pub(super) fn dma_buf_sync(buf: BorrowedFd<'_>, flags: u64) -> rustix::io::Resul
         match unsafe { rustix::ioctl::ioctl(buf, ioctl) } {
             Err(Errno::INTR) | Err(Errno::AGAIN) => continue,
             other => return other,
-        }
-    }
-}
-
-/// A shared read-write mapping of a whole dma-buf, unmapped on drop.
-#[derive(Debug)]
-pub(super) struct Mapping {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the mapping is owned by this value and only accessed through raw-pointer copies in
-// bounds-checked methods; no references into it are handed out. Concurrent accesses to the same
-// bytes (CPU against device DMA) are the user's race, bracketed by DMA_BUF_IOCTL_SYNC.
-unsafe impl Send for Mapping {}
-// SAFETY: as above: every method takes `&self` and copies through raw pointers.
-unsafe impl Sync for Mapping {}
-
-impl Mapping {
-    pub(super) fn new(fd: BorrowedFd<'_>, len: usize) -> rustix::io::Result<Mapping> {
-        // SAFETY: a fresh shared mapping of a dma-buf we hold open, at an address the kernel
-        // picks (no MAP_FIXED), so it aliases no Rust object.
-        let ptr = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED,
-                fd,
-                0,
-            )
-        }?;
-        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(Errno::NOMEM)?;
-        Ok(Mapping { ptr, len })
-    }
-
-    pub(super) fn addr(&self) -> u64 {
-        self.ptr.as_ptr() as u64
-    }
-
-    /// `off` as an index when `[off, off + n)` is inside the mapping.
-    fn check(&self, off: u64, n: usize) -> Option<usize> {
-        let off = usize::try_from(off).ok()?;
-        (off.checked_add(n)? <= self.len).then_some(off)
-    }
-
-    /// Copy `src` in at `off`; false (nothing written) when out of bounds.
-    pub(super) fn write(&self, off: u64, src: &[u8]) -> bool {
-        let Some(off) = self.check(off, src.len()) else {
-            return false;
-        };
-        // SAFETY: `off + src.len() <= len` was checked, the mapping lives as long as `self`, and
-        // `src` is a Rust slice, which cannot point into the mapping (no references into it
-        // exist).
-        unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(off), src.len())
-        };
-        true
-    }
-
-    /// Copy out from `off` into `dst`; false (nothing read) when out of bounds.
-    pub(super) fn read(&self, off: u64, dst: &mut [u8]) -> bool {
-        let Some(off) = self.check(off, dst.len()) else {
-            return false;
-        };
-        // SAFETY: bounds checked as in `write`; `dst` is a unique borrow outside the mapping.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), dst.as_mut_ptr(), dst.len())
-        };
-        true
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` are exactly the mapping made in `new`, and no pointer into it
-        // outlives `self` (only copies go in and out).
-        let r = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast::<c_void>(), self.len) };
-        if let Err(e) = r {
-            tracing::error!(error = %e, "munmap of a dma-buf failed");
         }
     }
 }

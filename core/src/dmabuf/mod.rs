@@ -35,6 +35,7 @@ use std::time::Duration;
 use rustix::io::Errno;
 
 use crate::addr::{AddrList, AddrSpace, DmaBufId, DmaRange};
+use crate::fabric::Memory;
 use crate::hints::Hints;
 use crate::negotiate::{Accept, Offer};
 use crate::revoke::{AttachError, Attachment, Export, Exporter, Importer, RevokeReport};
@@ -222,7 +223,8 @@ pub struct DmaBufMemory {
     id: DmaBufId,
     len: u64,
     // Field order is drop order: unmap, then close the dma-buf.
-    map: ioctl::Mapping,
+    /// A shared read-write mapping of the whole buffer (the fabric's memory type).
+    map: Memory,
     fd: OwnedFd,
 }
 
@@ -252,7 +254,7 @@ impl DmaBufMemory {
             dev: st.st_dev,
             ino: st.st_ino,
         };
-        let map = ioctl::Mapping::new(map_from.unwrap_or(fd.as_fd()), len)
+        let map = Memory::map_shared(map_from.unwrap_or(fd.as_fd()), len)
             .map_err(|e| DmaBufError::os("mmap", &what, e, None))?;
         tracing::debug!(name, %kind, len, dev = id.dev, ino = id.ino, "dma-buf exported");
         Ok(DmaBufMemory {
@@ -299,7 +301,7 @@ impl DmaBufMemory {
     /// maps a udmabuf itself `VM_PFNMAP` (since 6.11), which `pin_user_pages` — and so
     /// `ibv_reg_mr` — refuses with EFAULT.
     pub fn process_va(&self) -> u64 {
-        self.map.addr()
+        self.map.process_va()
     }
 
     fn out_of_bounds(&self, offset: u64, len: usize) -> DmaBufError {

@@ -65,23 +65,31 @@ impl Memory {
         .map_err(|e| os("memfd_create", e))?;
         rustix::fs::ftruncate(&fd, size).map_err(|e| os("ftruncate", e))?;
         rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK).map_err(|e| os("F_ADD_SEALS", e))?;
-        // SAFETY: a fresh shared mapping of a file we own, at an address the kernel picks; it
-        // aliases no Rust object.
+        let mut mem = Memory::map_shared(fd.as_fd(), len).map_err(|e| os("mmap", e))?;
+        mem.fd = Some(fd);
+        Ok(mem)
+    }
+
+    /// A shared mapping of `len` bytes of a file this value does not own (a dma-buf): the
+    /// caller keeps `fd` open as long as it needs to; the mapping lives as long as this value.
+    /// Errors are the raw errno, for callers that report them in their own terms.
+    pub fn map_shared(fd: BorrowedFd<'_>, len: usize) -> rustix::io::Result<Memory> {
+        // SAFETY: a fresh shared mapping of an open file, at an address the kernel picks (no
+        // MAP_FIXED), so it aliases no Rust object.
         let ptr = unsafe {
             rustix::mm::mmap(
                 std::ptr::null_mut(),
                 len,
                 ProtFlags::READ | ProtFlags::WRITE,
                 MapFlags::SHARED,
-                &fd,
+                fd,
                 0,
             )
-        }
-        .map_err(|e| os("mmap", e))?;
+        }?;
         Ok(Memory {
             ptr: nonnull(ptr),
             len,
-            fd: Some(fd),
+            fd: None,
         })
     }
 

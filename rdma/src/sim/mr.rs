@@ -7,7 +7,7 @@ use dmaplane_core::pgsz::{MLX5_PGSZ_BITMAP, best_page_size};
 use dmaplane_core::{AddrList, AddrSpace};
 
 use crate::access::MrAccess;
-use crate::backend::{MrBackend, Translation};
+use crate::backend::{MrBackend, MrKeys, Translation};
 use crate::error::{RdmaError, Result};
 
 use super::{read, write};
@@ -181,20 +181,15 @@ impl Iterator for Segments<'_> {
 }
 
 impl MrBackend for SimMr {
-    fn lkey(&self) -> u32 {
-        self.key
-    }
-    fn rkey(&self) -> u32 {
-        self.key
-    }
-    fn iova(&self) -> u64 {
-        self.iova
-    }
-    fn len(&self) -> u64 {
-        self.len
-    }
-    fn access(&self) -> MrAccess {
-        self.access
+    fn keys(&self) -> MrKeys {
+        // lkey = rkey on the simulated NIC.
+        MrKeys {
+            lkey: self.key,
+            rkey: self.key,
+            iova: self.iova,
+            len: self.len,
+            access: self.access,
+        }
     }
     fn translation(&self) -> Translation {
         let entries = read(&self.table).as_ref().map_or(0, |t| t.len() as u64);

@@ -14,7 +14,7 @@ use crate::backend::QpBackend;
 use crate::error::{RdmaError, Result};
 use crate::qp::{QpAttr, QpCaps, QpState, RemoteQp, check_modify};
 use crate::wc::{Completion, WcOpcode, WcStatus};
-use crate::wr::{RecvWr, SendOp, SendWr, check_sge_limit};
+use crate::wr::{Queue, RecvWr, SendOp, SendWr, check_post};
 
 use super::{NicShared, SimCq, lock};
 
@@ -311,15 +311,10 @@ impl QpBackend for Arc<SimQp> {
 
     fn post_send(&self, wrs: &[SendWr]) -> Result<()> {
         let mut inner = lock(&self.inner);
-        if !inner.state.can_post_send() {
-            return Err(RdmaError::WrongState {
-                qpn: self.qpn,
-                state: inner.state,
-                op: "send",
-            });
-        }
-        check_sge_limit(
+        check_post(
             self.qpn,
+            inner.state,
+            Queue::Send,
             self.caps.max_send_sge,
             wrs.iter().map(|w| (w.wr_id, &w.sg)),
         )?;
@@ -336,7 +331,7 @@ impl QpBackend for Arc<SimQp> {
         if inner.sq.len() + wrs.len() > self.caps.max_send_wr as usize {
             return Err(RdmaError::QueueFull {
                 qpn: self.qpn,
-                queue: "send",
+                queue: Queue::Send.name(),
                 depth: self.caps.max_send_wr,
             });
         }
@@ -353,22 +348,17 @@ impl QpBackend for Arc<SimQp> {
 
     fn post_recv(&self, wrs: &[RecvWr]) -> Result<()> {
         let mut inner = lock(&self.inner);
-        if !inner.state.can_post_recv() {
-            return Err(RdmaError::WrongState {
-                qpn: self.qpn,
-                state: inner.state,
-                op: "recv",
-            });
-        }
-        check_sge_limit(
+        check_post(
             self.qpn,
+            inner.state,
+            Queue::Recv,
             self.caps.max_recv_sge,
             wrs.iter().map(|w| (w.wr_id, &w.sg)),
         )?;
         if inner.rq.len() + wrs.len() > self.caps.max_recv_wr as usize {
             return Err(RdmaError::QueueFull {
                 qpn: self.qpn,
-                queue: "recv",
+                queue: Queue::Recv.name(),
                 depth: self.caps.max_recv_wr,
             });
         }

@@ -35,7 +35,7 @@ use rdma_mummy_sys as sys;
 use sideway::ibverbs::protection_domain::ProtectionDomain;
 
 use crate::access::MrAccess;
-use crate::backend::{MrBackend, MrRequest, Translation};
+use crate::backend::{MrBackend, MrKeys, MrRequest, Translation};
 use crate::error::{RdmaError, Result};
 
 use super::device::DevInner;
@@ -77,11 +77,7 @@ enum MrState {
 pub struct VerbsMr {
     dev: Arc<DevInner>,
     state: Mutex<MrState>,
-    lkey: u32,
-    rkey: u32,
-    iova: u64,
-    len: u64,
-    access: MrAccess,
+    keys: MrKeys,
     translation: Translation,
     /// `ibv_reg_mr` or `ibv_reg_dmabuf_mr`.
     op: &'static str,
@@ -207,11 +203,13 @@ impl VerbsMr {
         Ok(VerbsMr {
             dev: Arc::clone(dev),
             state: Mutex::new(MrState::Registered(RawMr(mr))),
-            lkey,
-            rkey,
-            iova: req.iova,
-            len,
-            access: req.access,
+            keys: MrKeys {
+                lkey,
+                rkey,
+                iova: req.iova,
+                len,
+                access: req.access,
+            },
             translation: Translation {
                 page_size: PAGE_SIZE,
                 entries: num_blocks(req.iova, len, PAGE_SIZE),
@@ -262,34 +260,15 @@ impl fmt::Debug for VerbsMr {
         f.debug_struct("VerbsMr")
             .field("device", &self.dev.name)
             .field("op", &self.op)
-            .field("lkey", &format_args!("{:#x}", self.lkey))
-            .field("rkey", &format_args!("{:#x}", self.rkey))
-            .field("iova", &format_args!("{:#x}", self.iova))
-            .field("len", &self.len)
+            .field("keys", &self.keys)
             .field("zapped", &self.is_zapped())
             .finish()
     }
 }
 
 impl MrBackend for VerbsMr {
-    fn lkey(&self) -> u32 {
-        self.lkey
-    }
-
-    fn rkey(&self) -> u32 {
-        self.rkey
-    }
-
-    fn iova(&self) -> u64 {
-        self.iova
-    }
-
-    fn len(&self) -> u64 {
-        self.len
-    }
-
-    fn access(&self) -> MrAccess {
-        self.access
+    fn keys(&self) -> MrKeys {
+        self.keys
     }
 
     fn translation(&self) -> Translation {
@@ -308,11 +287,11 @@ impl MrBackend for VerbsMr {
             return Err(self.dev.os_err(
                 "ibv_dereg_mr",
                 ffi::ret_errno(ret),
-                format_args!("zap of MR lkey {:#x}", self.lkey),
+                format_args!("zap of MR lkey {:#x}", self.keys.lkey),
             ));
         }
         *state = MrState::Zapped;
-        tracing::debug!(device = %self.dev.name, lkey = self.lkey, "MR zapped (deregistered)");
+        tracing::debug!(device = %self.dev.name, lkey = self.keys.lkey, "MR zapped (deregistered)");
         Ok(())
     }
 }
@@ -329,7 +308,7 @@ impl Drop for VerbsMr {
             if ret != 0 {
                 tracing::warn!(
                     device = %self.dev.name,
-                    lkey = self.lkey,
+                    lkey = self.keys.lkey,
                     "ibv_dereg_mr at drop failed: {}",
                     ffi::errno_text(ffi::ret_errno(ret))
                 );

@@ -11,7 +11,7 @@ use crate::backend::{CqBackend, QpBackend};
 use crate::error::{RdmaError, Result};
 use crate::qp::{QpAttr, QpCaps, QpState, RemoteQp, check_modify};
 use crate::wc::WcOpcode;
-use crate::wr::{RecvWr, SendOp, SendWr, Sge, check_sge_limit};
+use crate::wr::{Queue, RecvWr, SendOp, SendWr, Sge, check_post};
 
 use super::cq::VerbsCq;
 use super::device::DevInner;
@@ -357,9 +357,9 @@ impl VerbsQp {
             return RdmaError::QueueFull {
                 qpn: self.qpn,
                 queue: if op == "ibv_post_send" {
-                    "send"
+                    Queue::Send.name()
                 } else {
-                    "receive"
+                    Queue::Recv.name()
                 },
                 depth,
             };
@@ -489,16 +489,10 @@ impl QpBackend for VerbsQp {
         if wrs.is_empty() {
             return Ok(());
         }
-        let state = lock(&self.meta).state;
-        if !state.can_post_send() {
-            return Err(RdmaError::WrongState {
-                qpn: self.qpn,
-                state,
-                op: "post_send",
-            });
-        }
-        check_sge_limit(
+        check_post(
             self.qpn,
+            lock(&self.meta).state,
+            Queue::Send,
             self.caps.max_send_sge,
             wrs.iter().map(|w| (w.wr_id, &w.sg)),
         )?;
@@ -548,7 +542,7 @@ impl QpBackend for VerbsQp {
         if outstanding + wrs.len() > self.caps.max_send_wr as usize {
             return Err(RdmaError::QueueFull {
                 qpn: self.qpn,
-                queue: "send",
+                queue: Queue::Send.name(),
                 depth: self.caps.max_send_wr,
             });
         }
@@ -556,16 +550,7 @@ impl QpBackend for VerbsQp {
         // SAFETY: the QP is live; `raw` is a well-formed chain whose sg_list pointers point into
         // `sges`, and both vectors outlive the call (the provider copies the requests).
         let ret = unsafe { sys::ibv_post_send(self.raw(), base, &mut bad) };
-        let posted = if ret == 0 {
-            wrs.len()
-        } else if bad.is_null() {
-            0
-        } else {
-            // SAFETY: `bad` points into `raw` (the provider reports the failing element).
-            usize::try_from(unsafe { bad.offset_from(base) })
-                .unwrap_or(0)
-                .min(wrs.len())
-        };
+        let posted = posted_before(ret, bad, base, wrs.len());
         track
             .send
             .extend(wrs[..posted].iter().map(|w| (w.wr_id, wc_opcode(w.op))));
@@ -587,16 +572,10 @@ impl QpBackend for VerbsQp {
         if wrs.is_empty() {
             return Ok(());
         }
-        let state = lock(&self.meta).state;
-        if !state.can_post_recv() {
-            return Err(RdmaError::WrongState {
-                qpn: self.qpn,
-                state,
-                op: "post_recv",
-            });
-        }
-        check_sge_limit(
+        check_post(
             self.qpn,
+            lock(&self.meta).state,
+            Queue::Recv,
             self.caps.max_recv_sge,
             wrs.iter().map(|w| (w.wr_id, &w.sg)),
         )?;
@@ -625,23 +604,14 @@ impl QpBackend for VerbsQp {
         if track.recv.len() + wrs.len() > self.caps.max_recv_wr as usize {
             return Err(RdmaError::QueueFull {
                 qpn: self.qpn,
-                queue: "receive",
+                queue: Queue::Recv.name(),
                 depth: self.caps.max_recv_wr,
             });
         }
         let mut bad: *mut sys::ibv_recv_wr = std::ptr::null_mut();
         // SAFETY: the QP is live; `raw` is a well-formed chain into `sges`; both outlive the call.
         let ret = unsafe { sys::ibv_post_recv(self.raw(), base, &mut bad) };
-        let posted = if ret == 0 {
-            wrs.len()
-        } else if bad.is_null() {
-            0
-        } else {
-            // SAFETY: `bad` points into `raw`.
-            usize::try_from(unsafe { bad.offset_from(base) })
-                .unwrap_or(0)
-                .min(wrs.len())
-        };
+        let posted = posted_before(ret, bad, base, wrs.len());
         track.recv.extend(wrs[..posted].iter().map(|w| w.wr_id));
         drop(track);
         if ret != 0 {
@@ -656,6 +626,22 @@ impl QpBackend for VerbsQp {
         }
         Ok(())
     }
+}
+
+/// How many requests of a chain starting at `base` the provider took: all when `ret` is 0, else
+/// those before the one it reported in `bad` (none when it reported nothing).
+fn posted_before<T>(ret: i32, bad: *mut T, base: *mut T, n: usize) -> usize {
+    if ret == 0 {
+        return n;
+    }
+    if bad.is_null() {
+        return 0;
+    }
+    // SAFETY: a non-null `bad` is the element of the chain at `base` that the provider
+    // refused; both point into the same vector.
+    usize::try_from(unsafe { bad.offset_from(base) })
+        .unwrap_or(0)
+        .min(n)
 }
 
 impl Drop for VerbsQp {
