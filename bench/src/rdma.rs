@@ -13,6 +13,7 @@
 use std::time::{Duration, Instant};
 
 use dmaplane_core::ImporterKind;
+use dmaplane_core::cpu::Placement;
 use dmaplane_core::fabric::WindowHandle;
 use dmaplane_rdma::{
     Completion, ImportOptions, MrAccess, Qp, QpCaps, RdmaError, RemoteAddr, SendWr, WcStatus,
@@ -58,6 +59,8 @@ pub struct RevokeUnderLoad {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RdmaReport {
+    /// Where the NIC engines and the measuring thread ran.
+    pub placement: String,
     pub bandwidth: Vec<BwRow>,
     pub msg_rate: MsgRate,
     pub revoke: RevokeUnderLoad,
@@ -73,6 +76,9 @@ pub struct RdmaBenchConfig {
     pub rate_time: Duration,
     /// Revokes for the latency-under-load part (0 skips it).
     pub revokes: u64,
+    /// NIC engines on cores of their own, the measuring thread on the rest (None: wherever the
+    /// scheduler puts them).
+    pub placement: Option<Placement>,
 }
 
 impl Default for RdmaBenchConfig {
@@ -82,6 +88,7 @@ impl Default for RdmaBenchConfig {
             per_point: Duration::from_millis(300),
             rate_time: Duration::from_secs(1),
             revokes: 200,
+            placement: Placement::auto(),
         }
     }
 }
@@ -110,6 +117,23 @@ impl<F: Fn(&str) + Sync> Progress for F {
 }
 
 pub fn run(cfg: &RdmaBenchConfig, progress: &dyn Progress) -> Result<RdmaReport, RdmaError> {
+    // In a thread of its own, so that pinning it leaves the caller's thread as it was.
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("bench-rdma".into())
+            .spawn_scoped(s, || measure(cfg, progress))
+            .map_err(|e| RdmaError::io("starting the benchmark thread", e))?
+            .join()
+            .unwrap_or_else(|_| {
+                Err(RdmaError::Connection {
+                    what: "bench rdma".into(),
+                    why: "the benchmark thread panicked".into(),
+                })
+            })
+    })
+}
+
+fn measure(cfg: &RdmaBenchConfig, progress: &dyn Progress) -> Result<RdmaReport, RdmaError> {
     for &s in &cfg.sizes {
         if s == 0 || s > MAX_SIZE {
             return Err(RdmaError::InvalidRegistration {
@@ -121,7 +145,8 @@ pub fn run(cfg: &RdmaBenchConfig, progress: &dyn Progress) -> Result<RdmaReport,
     }
     let max = cfg.sizes.iter().copied().max().unwrap_or(64);
     let set = WORKING_SET.max(max * DEPTH as u64);
-    let w = World::new(4096)?;
+    let w = World::new(4096, cfg.placement.clone())?;
+    w.pin_host_thread();
     let caps = QpCaps {
         max_send_wr: RATE_DEPTH as u32,
         max_recv_wr: 1,
@@ -210,11 +235,13 @@ pub fn run(cfg: &RdmaBenchConfig, progress: &dyn Progress) -> Result<RdmaReport,
                 seed: 7,
                 policy: dmaplane_rdma::QuiescePolicy::Flush,
                 deadline: Duration::from_secs(1),
+                placement: cfg.placement.clone(),
             },
             &|_| {},
         )?)
     };
     Ok(RdmaReport {
+        placement: w.placement_note(),
         bandwidth,
         msg_rate,
         revoke: revoke_row(stress),
@@ -337,6 +364,7 @@ mod tests {
             per_point: Duration::from_millis(20),
             rate_time: Duration::from_millis(20),
             revokes: 3,
+            placement: Placement::auto(),
         };
         let r = run(&cfg, &|_: &str| {}).expect("bench runs");
         assert_eq!(r.bandwidth.len(), 3);

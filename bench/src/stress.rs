@@ -6,10 +6,11 @@
 //! backend; this file is the simulated setup. On top of the poison check there, every DMA the
 //! fabric refused because a grant was gone is counted (an honest importer never even tries).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use dmaplane_core::cpu::Placement;
 use dmaplane_core::fabric::HostMemory;
 use dmaplane_core::{Exporter, ImporterKind, RevokeReport};
 use dmaplane_rdma::{ImportOptions, Mr, MrAccess, Qp, QpCaps, QuiescePolicy, RdmaError};
@@ -29,6 +30,10 @@ pub struct StressConfig {
     pub policy: QuiescePolicy,
     /// Exporter's deadline per revoke.
     pub deadline: Duration,
+    /// Simulated backend: NIC engines on cores of their own, the host's threads (exporter and
+    /// data path, the latter at the lowest priority) on the rest. None leaves every thread to
+    /// the scheduler.
+    pub placement: Option<Placement>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -120,7 +125,7 @@ pub fn run_sim(
     let region = slots as u64 * u64::from(cfg.size);
     let region = region.next_multiple_of(4096).max(4096);
     let cq_depth = u32::try_from(slots * 2 + 64).unwrap_or(u32::MAX);
-    let w = World::new(cq_depth)?;
+    let w = World::new(cq_depth, cfg.placement.clone())?;
     let caps = QpCaps {
         max_send_wr: cfg.depth as u32,
         max_recv_wr: 1,
@@ -177,27 +182,55 @@ pub fn run_sim(
         src_mem: &src_mem,
         drain_limit: Duration::from_secs(10),
     };
+    let exporter_done = AtomicBool::new(false);
     let counts = std::thread::scope(|s| {
         let exp = std::thread::Builder::new()
             .name("stress-exporter".into())
             .spawn_scoped(s, || {
+                // Set however the exporter ends (a panic included): the data path stops on it.
+                let _done = SetOnDrop(&exporter_done);
+                w.pin_host_thread();
                 // Revoke at a random point once traffic flows to the live export (the jitter is
                 // drawn from --seconds / --revokes; by then every queue pair is full).
                 exporter(cfg, &sh, first, 1, Duration::ZERO, export, progress)
             })
             .map_err(|e| RdmaError::io("starting the exporter thread", e))?;
-        let counts = data.run(
-            &sh,
-            first_target,
-            |t| {
-                if let Some(c) = lock(&current).as_ref()
-                    && c.epoch != t.epoch
+        // The data path is the load: at the lowest priority, on the host's CPUs, it takes the
+        // CPU time the exporter leaves and never delays the revoke it loads.
+        let counts = std::thread::Builder::new()
+            .name("stress-data-path".into())
+            .spawn_scoped(s, || {
+                w.pin_host_thread();
+                if cfg.placement.is_some()
+                    && let Err(e) = dmaplane_core::cpu::background_current()
                 {
-                    *t = c.clone();
+                    tracing::warn!(error = %e, "data path left at normal priority");
                 }
-            },
-            &|| sh.revokes_done.load(Ordering::Relaxed) >= cfg.revokes || exp.is_finished(),
-        );
+                data.run(
+                    &sh,
+                    first_target,
+                    |t| {
+                        if let Some(c) = lock(&current).as_ref()
+                            && c.epoch != t.epoch
+                        {
+                            *t = c.clone();
+                        }
+                    },
+                    &|| {
+                        sh.revokes_done.load(Ordering::Relaxed) >= cfg.revokes
+                            || exporter_done.load(Ordering::Relaxed)
+                    },
+                )
+            })
+            .map_err(|e| RdmaError::io("starting the data path thread", e))
+            .and_then(|t| {
+                t.join().unwrap_or_else(|_| {
+                    Err(RdmaError::Connection {
+                        what: "stress data path".into(),
+                        why: "the thread panicked".into(),
+                    })
+                })
+            });
         sh.stop.store(true, Ordering::Relaxed);
         drop(exp.join());
         counts
@@ -231,8 +264,16 @@ pub fn run_sim(
         posts_refused: counts.refused,
         seconds: start.elapsed().as_secs_f64(),
         failures: sh.take_failures(),
-        notes: Vec::new(),
+        notes: vec![format!("placement: {}", w.placement_note())],
     })
+}
+
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

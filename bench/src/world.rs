@@ -1,6 +1,7 @@
 //! Two simulated hosts on the built-in topology: host A is socket 0 (`mem0`, `nic0`), host B is
 //! socket 1 (`mem1`, `nic1`). Shared by `demo`, `stress revoke --backend sim` and `bench rdma`.
 
+use dmaplane_core::cpu::{self, Placement};
 use dmaplane_core::fabric::{DeviceId, Fabric, HostMemory};
 use dmaplane_core::topology::builtin;
 use dmaplane_rdma::{Cq, Device, ImportOptions, Mr, MrAccess, Pd, Qp, QpCaps, Result, SimNetwork};
@@ -21,6 +22,8 @@ pub struct World {
     pub net: SimNetwork,
     pub a: Host,
     pub b: Host,
+    /// Where the NIC engines and the host threads run; None leaves it to the scheduler.
+    pub placement: Option<Placement>,
 }
 
 fn host(net: &SimNetwork, mem: &str, nic: &str, cq_depth: u32) -> Result<Host> {
@@ -43,12 +46,38 @@ fn host(net: &SimNetwork, mem: &str, nic: &str, cq_depth: u32) -> Result<Host> {
 }
 
 impl World {
-    pub fn new(cq_depth: u32) -> Result<World> {
+    /// With a `placement`, the NIC engines run on its engine CPUs and
+    /// [`World::pin_host_thread`] keeps the host's threads on the others.
+    pub fn new(cq_depth: u32, placement: Option<Placement>) -> Result<World> {
         let fabric = Fabric::with_topology(builtin::testbed());
-        let net = SimNetwork::new(&fabric);
+        let engines = placement.as_ref().map_or(&[][..], |p| &p.engines[..]);
+        let net = SimNetwork::new(&fabric).with_engine_cpus(engines);
         let a = host(&net, "mem0", "nic0", cq_depth)?;
         let b = host(&net, "mem1", "nic1", cq_depth)?;
-        Ok(World { fabric, net, a, b })
+        Ok(World {
+            fabric,
+            net,
+            a,
+            b,
+            placement,
+        })
+    }
+
+    /// Keep the calling thread off the NIC engines' CPUs (nothing without a placement).
+    pub fn pin_host_thread(&self) {
+        if let Some(p) = &self.placement
+            && let Err(e) = cpu::pin_current(&p.host)
+        {
+            tracing::warn!(error = %e, "host thread left unpinned");
+        }
+    }
+
+    /// How the run was placed, for reports.
+    pub fn placement_note(&self) -> String {
+        match &self.placement {
+            Some(p) => p.to_string(),
+            None => "threads left to the scheduler (NIC engines share cores with the host)".into(),
+        }
     }
 
     /// `n` connected QP pairs between A and B.

@@ -10,6 +10,7 @@
 //! - [`fabric`]: the simulated PCIe fabric with host-memory and BAR exporters.
 
 pub mod addr;
+pub mod cpu;
 pub mod dmabuf;
 pub mod fabric;
 pub mod fence;

@@ -169,13 +169,16 @@ pub trait QpBackend: Send + Sync + fmt::Debug {
     fn next_psns(&self) -> Result<Option<(u32, u32)>> {
         Ok(None)
     }
-    /// Call `f` once no request of this QP is executing and none can start (the QP is in ERR,
-    /// or in SQD with the drain done): at once if that holds now, else from whatever sees it
-    /// happen, never under a QP lock. Returns false when the backend cannot tell (then the
-    /// caller waits for every outstanding completion instead, which is always safe).
-    fn on_quiesced(&self, f: Box<dyn FnOnce() + Send>) -> bool {
+    /// Move to `to` (ERR to flush, SQD to drain; `None` keeps the state) and call `f` once no
+    /// request of this QP is executing and none can start (the QP is in ERR, or in SQD with the
+    /// drain done): at once if that holds now, else from whatever sees it happen, never under a
+    /// QP lock. One call, so a backend can do both under one lock of its own: a revoke does this
+    /// for every affected QP in turn. Returns the modify's result and whether `f` was taken;
+    /// false when the backend cannot tell (`f` is dropped uncalled, and the caller waits for
+    /// every outstanding completion instead, which is always safe).
+    fn quiesce(&self, to: Option<QpState>, f: Box<dyn FnOnce() + Send>) -> (Result<()>, bool) {
         drop(f);
-        false
+        (to.map_or(Ok(()), |s| self.modify(&QpAttr::to(s))), false)
     }
 }
 

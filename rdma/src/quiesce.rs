@@ -305,44 +305,33 @@ impl Tracker {
         read(&self.qps).values().filter_map(Weak::upgrade).collect()
     }
 
-    /// The live QPs for which `f`, run under the QP's lock, returns something. QPs whose lock
-    /// is held right now (the data path posting or reaping) are looked at after the others:
-    /// by then it is free, and the revoke has not slept on it.
-    fn scan_qps<T>(&self, mut f: impl FnMut(&Track) -> Option<T>) -> Vec<(Arc<QpShared>, T)> {
-        let mut hits = Vec::new();
+    /// Run `f` under each live QP's track lock. QPs whose lock is held right now (the data path
+    /// posting or reaping) are visited after the others: by then it is free, and the revoke has
+    /// not slept on it.
+    fn for_each_qp(&self, mut f: impl FnMut(&Arc<QpShared>, &mut Track)) {
         let mut busy = Vec::new();
         for qp in self.live_qps() {
-            let seen = try_lock(&qp.track).map(|t| f(&t));
-            match seen {
-                Some(Some(x)) => hits.push((qp, x)),
-                Some(None) => {}
-                None => busy.push(qp),
+            let visited = try_lock(&qp.track).map(|mut t| f(&qp, &mut t));
+            if visited.is_none() {
+                busy.push(qp);
             }
         }
         for qp in busy {
-            let x = f(&lock(&qp.track));
-            if let Some(x) = x {
-                hits.push((qp, x));
-            }
+            f(&qp, &mut lock(&qp.track));
         }
-        hits
     }
 
-    /// Register "QP quiescent" as one condition of `latch`.
-    /// Called with the QP's track lock held (`t`).
-    fn wait_quiescent(
+    /// Register "the completions of requests up to (`send`, `recv`) are reaped" as one
+    /// condition of `latch`. Called with the QP's track lock held (`t`).
+    fn wait_reaped(
         &self,
-        qp: &Arc<QpShared>,
+        qp: &QpShared,
         t: &mut Track,
         send: u64,
         recv: u64,
         latch: &Arc<Pending>,
     ) {
         latch.add(1);
-        let l = latch.clone();
-        if qp.backend.on_quiesced(Box::new(move || l.done_one())) {
-            return;
-        }
         lock(&self.seq_waits).push(SeqWait {
             qpn: qp.qpn,
             send,
@@ -429,81 +418,84 @@ impl Tracker {
             }
         }
         // Step 3: local queue pairs using the MR.
-        let users = self.scan_qps(|t| {
+        self.for_each_qp(|qp, t| {
             let uses = t.send.live().any(|s| t.send.slot(s).uses_lkey(lkey))
                 || t.recv.live().any(|s| t.recv.slot(s).uses_lkey(lkey));
-            uses.then_some((t.send.posted, t.recv.posted))
+            if uses {
+                self.quiesce_qp(qp, t, opts.policy, &latch, opts.recover);
+            }
         });
-        for (qp, upto) in users {
-            self.quiesce_qp(&qp, opts.policy, upto, &latch, opts.recover);
-        }
         latch.done_one();
     }
 
-    /// Quiesce one QP whose requests up to `upto` (send, recv) may touch the region; count it
-    /// on `latch`, and arm the return to RTS when `recover`.
+    /// Quiesce one QP whose outstanding requests may touch the region, count it on `latch`,
+    /// and arm the return to RTS when `recover`.
     ///
-    /// All of it under the QP's track lock, which recovery (`bring_up`) holds too: the waiter,
-    /// the modify and the recovery arm cannot interleave with a QP on its way back to RTS (a
-    /// drain would otherwise find it in INIT or RTR, skip SQD and wait for ever). The waiter is
-    /// registered before the modify and recovery armed after it.
+    /// All of it under the QP's track lock (`t`), which recovery (`bring_up`) holds too: the
+    /// waiter, the modify and the recovery arm cannot interleave with a QP on its way back to
+    /// RTS (a drain would otherwise find it in INIT or RTR, skip SQD and wait for ever), nor
+    /// with the data path matching completions. Recovery is armed after the modify.
     fn quiesce_qp(
         &self,
         qp: &Arc<QpShared>,
+        t: &mut Track,
         policy: QuiescePolicy,
-        upto: (u64, u64),
         latch: &Arc<Pending>,
         recover: bool,
     ) {
-        let mut t = lock(&qp.track);
-        self.wait_quiescent(qp, &mut t, upto.0, upto.1, latch);
-        self.apply_policy(qp, policy);
-        // A drained QP always goes back to RTS (nothing was lost); a flushed one when asked.
-        if recover || matches!(policy, QuiescePolicy::Drain { .. }) {
-            t.recover_pending = true;
-            // Everything may be reaped already; then nobody else would come by.
-            qp.try_recover(&mut t);
-        }
-    }
-
-    fn apply_policy(&self, qp: &Arc<QpShared>, policy: QuiescePolicy) {
-        let r = match policy {
+        let to = match policy {
             QuiescePolicy::Flush => {
                 bump(&self.counters.qps_flushed, 1);
-                qp.backend.modify(&QpAttr::to(QpState::Err))
+                Some(QpState::Err)
             }
             QuiescePolicy::Drain { deadline } => {
                 bump(&self.counters.qps_drained, 1);
-                let r = if qp.backend.state() == QpState::Rts {
-                    qp.backend.modify(&QpAttr::to(QpState::Sqd))
-                } else {
-                    Ok(())
-                };
-                let weak = Arc::downgrade(qp);
-                let me = self.me.clone();
-                self.timer.at(Instant::now() + deadline, move || {
-                    let (Some(qp), Some(t)) = (weak.upgrade(), me.upgrade()) else {
-                        return;
-                    };
-                    // Under the track lock: a reaper cannot bring the QP back to RTS between
-                    // the look and the flush (which would put a recovered QP into ERR).
-                    let mut tr = lock(&qp.track);
-                    if qp.backend.state() == QpState::Sqd && tr.send.outstanding() > 0 {
-                        bump(&t.counters.drains_timed_out, 1);
-                        tracing::warn!(device = %t.name, qpn = qp.qpn, "drain deadline passed: flushing");
-                        if let Err(e) = qp.backend.modify(&QpAttr::to(QpState::Err)) {
-                            tracing::error!(qpn = qp.qpn, error = %e, "flush after drain failed");
-                        }
-                        tr.recover_pending = true;
-                    }
-                });
-                r
+                self.arm_drain_deadline(qp, deadline);
+                // Only a QP in RTS moves to SQD; one already in SQD or ERR is on its way.
+                (qp.backend.state() == QpState::Rts).then_some(QpState::Sqd)
             }
         };
+        latch.add(1);
+        let l = latch.clone();
+        let (r, tells) = qp.backend.quiesce(to, Box::new(move || l.done_one()));
+        if !tells {
+            // The backend cannot say when nothing executes: wait for the completions of
+            // everything posted so far (the flush or drain produces them) instead.
+            self.wait_reaped(qp, t, t.send.posted, t.recv.posted, latch);
+            latch.done_one();
+        }
         if let Err(e) = r {
             // A QP already in ERR or RESET is quiescent as it is.
             tracing::debug!(device = %self.name, qpn = qp.qpn, error = %e, "quiesce modify");
         }
+        // A drained QP always goes back to RTS (nothing was lost); a flushed one when asked.
+        if recover || matches!(policy, QuiescePolicy::Drain { .. }) {
+            t.recover_pending = true;
+            // Everything may be reaped already; then nobody else would come by.
+            qp.try_recover(t);
+        }
+    }
+
+    /// At the drain deadline, a QP still draining is flushed.
+    fn arm_drain_deadline(&self, qp: &Arc<QpShared>, deadline: Duration) {
+        let weak = Arc::downgrade(qp);
+        let me = self.me.clone();
+        self.timer.at(Instant::now() + deadline, move || {
+            let (Some(qp), Some(t)) = (weak.upgrade(), me.upgrade()) else {
+                return;
+            };
+            // Under the track lock: a reaper cannot bring the QP back to RTS between the look
+            // and the flush (which would put a recovered QP into ERR).
+            let mut tr = lock(&qp.track);
+            if qp.backend.state() == QpState::Sqd && tr.send.outstanding() > 0 {
+                bump(&t.counters.drains_timed_out, 1);
+                tracing::warn!(device = %t.name, qpn = qp.qpn, "drain deadline passed: flushing");
+                if let Err(e) = qp.backend.modify(&QpAttr::to(QpState::Err)) {
+                    tracing::error!(qpn = qp.qpn, error = %e, "flush after drain failed");
+                }
+                tr.recover_pending = true;
+            }
+        });
     }
 
     /// The holder side of `LeaseRevoke`, and the owner side of `LeaseAck`.
@@ -538,32 +530,20 @@ impl Tracker {
                         tracing::warn!(error = %e, "lease ack not delivered");
                     }
                 });
-                let users = self.scan_qps(|t| {
+                self.for_each_qp(|qp, t| {
                     let to_owner = t.conn.is_some_and(|c| c.dest.gid == owner);
                     let uses = to_owner
                         && t.send.live().any(|s| {
                             let sl = t.send.slot(s);
                             sl.one_sided && sl.rkey == rkey
                         });
-                    uses.then_some(t.send.posted)
-                });
-                for (qp, send) in users {
-                    if flush {
-                        self.quiesce_qp(&qp, QuiescePolicy::Flush, (send, 0), &latch, true);
-                    } else {
+                    if uses && flush {
+                        self.quiesce_qp(qp, t, QuiescePolicy::Flush, &latch, true);
+                    } else if uses {
                         // Drain: other traffic on the QP goes on; wait for ours to complete.
-                        latch.add(1);
-                        lock(&self.seq_waits).push(SeqWait {
-                            qpn: qp.qpn,
-                            send,
-                            recv: 0,
-                            latch: latch.clone(),
-                        });
-                        self.n_seq_waits.fetch_add(1, Ordering::SeqCst);
-                        let mut t = lock(&qp.track);
-                        self.completions_reaped(&qp, &mut t);
+                        self.wait_reaped(qp, t, t.send.posted, 0, &latch);
                     }
-                }
+                });
                 latch.done_one();
             }
             ControlMsg::LeaseAck {

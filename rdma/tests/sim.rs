@@ -292,3 +292,40 @@ fn the_old_key_of_a_refreshed_region_is_refused() {
     let c = wait_one(&a.cq);
     assert_eq!((c.wr_id, c.status), (8, WcStatus::Success));
 }
+
+/// The CPUs a thread of this process named `name` may run on, from /proc.
+fn thread_cpus(name: &str) -> Option<String> {
+    for t in std::fs::read_dir("/proc/self/task").ok()? {
+        let dir = t.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+        if comm.trim() == name {
+            let status = std::fs::read_to_string(dir.join("status")).ok()?;
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| v.trim().to_string());
+        }
+    }
+    None
+}
+
+#[test]
+fn engines_run_on_the_cpus_they_were_given() {
+    let cpus = dmaplane_core::cpu::allowed().unwrap();
+    let last = *cpus.last().unwrap();
+    let fabric = Fabric::with_topology(builtin::testbed());
+    let net = SimNetwork::new(&fabric).with_engine_cpus(&[last]);
+    // A name no other test's NIC uses: the engine thread is `sim-nic-<name>`.
+    // (Thread names stop at 15 bytes: this one fits.)
+    fabric.add_device("nic-pin");
+    let _nic = net.nic("nic-pin").unwrap();
+    let mut seen = None;
+    for _ in 0..200 {
+        seen = thread_cpus("sim-nic-nic-pin");
+        if seen.as_deref() == Some(last.to_string().as_str()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(seen, Some(last.to_string()));
+}

@@ -32,6 +32,10 @@ pub enum BenchCmd {
         /// Revokes for the latency-under-load part (0 skips it).
         #[arg(long, default_value_t = 200)]
         revokes: u64,
+        /// Leave every thread to the scheduler. By default the simulated NICs' engines get a
+        /// core of their own (as a NIC's processors are its own) and the host's threads the rest.
+        #[arg(long)]
+        no_pin: bool,
     },
 }
 
@@ -42,7 +46,8 @@ pub fn run(cmd: &BenchCmd, json: bool) -> Result<()> {
             sizes,
             seconds,
             revokes,
-        } => rdma(sizes, *seconds, *revokes, json),
+            no_pin,
+        } => rdma(sizes, *seconds, *revokes, *no_pin, json),
     }
 }
 
@@ -83,7 +88,7 @@ fn sgl(iters: u32, names: &[String], json: bool) -> Result<()> {
     Ok(())
 }
 
-fn rdma(sizes: &[u64], seconds: f64, revokes: u64, json: bool) -> Result<()> {
+fn rdma(sizes: &[u64], seconds: f64, revokes: u64, no_pin: bool, json: bool) -> Result<()> {
     if !(seconds.is_finite() && seconds > 0.0 && seconds <= 60.0) {
         bail!("--seconds {seconds}: must be more than 0 and at most 60");
     }
@@ -93,6 +98,9 @@ fn rdma(sizes: &[u64], seconds: f64, revokes: u64, json: bool) -> Result<()> {
         revokes,
         ..RdmaBenchConfig::default()
     };
+    if no_pin {
+        cfg.placement = None;
+    }
     if !sizes.is_empty() {
         if let Some(bad) = sizes.iter().find(|&&s| s == 0 || s > MAX_SIZE) {
             bail!("--sizes: {bad} is not a message size (1 B to {MAX_SIZE} B)");
@@ -149,7 +157,8 @@ fn rdma(sizes: &[u64], seconds: f64, revokes: u64, json: bool) -> Result<()> {
     }
     println!(
         "\nsimulated NIC on the built-in testbed: host A (mem0, nic0) writes into host B (mem1, \
-         nic1); memcpy is this machine's, same sizes and working set, same run"
+         nic1); memcpy is this machine's, same sizes and working set, same run\nplacement: {}",
+        r.placement
     );
     Ok(())
 }

@@ -158,7 +158,7 @@ fn demo(size: u64, chunk: u64, revoke_after: u64) -> Result<DemoReport> {
     let chunks = size / chunk;
     let chunk32 = u32::try_from(chunk).context("--chunk must be below 4 GiB")?;
     let depth = u32::try_from(chunks.max(1)).unwrap_or(u32::MAX).min(4096);
-    let w = World::new(depth * 2 + 64)?;
+    let w = World::new(depth * 2 + 64, None)?;
     let caps = QpCaps {
         max_send_wr: depth,
         max_recv_wr: 1,

@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use dmaplane_bench::stress::{StressConfig, StressReport, run_sim};
+use dmaplane_core::cpu::Placement;
 use dmaplane_rdma::QuiescePolicy;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -57,6 +58,11 @@ pub struct RevokeArgs {
     /// RDMA device (verbs backend; default: the first libibverbs lists).
     #[arg(long)]
     device: Option<String>,
+    /// Simulated backend: leave every thread to the scheduler. By default the NICs' engines get
+    /// a core of their own (as a NIC's processors are its own), the exporter and the data path
+    /// the rest, and the data path (the load) runs at the lowest priority.
+    #[arg(long)]
+    no_pin: bool,
 }
 
 pub fn run(cmd: &StressCmd, json: bool) -> Result<()> {
@@ -87,6 +93,7 @@ pub fn run(cmd: &StressCmd, json: bool) -> Result<()> {
             Policy::Drain => QuiescePolicy::Drain { deadline },
         },
         deadline,
+        placement: if a.no_pin { None } else { Placement::auto() },
     };
     let bar = if json {
         ProgressBar::hidden()

@@ -60,9 +60,18 @@ impl Engine {
 pub(crate) fn start(nic: &Arc<NicShared>) {
     let weak = Arc::downgrade(nic);
     let name = format!("sim-nic-{}", nic.name);
+    let cpus = nic.engine_cpus.clone();
+    let nic_name = nic.name.clone();
     let handle = std::thread::Builder::new()
         .name(name)
-        .spawn(move || run(weak))
+        .spawn(move || {
+            if !cpus.is_empty()
+                && let Err(e) = dmaplane_core::cpu::pin_current(&cpus)
+            {
+                tracing::warn!(nic = %nic_name, error = %e, "engine left unpinned");
+            }
+            run(weak)
+        })
         .ok();
     if handle.is_none() {
         tracing::error!(nic = %nic.name, "could not start the NIC engine thread");

@@ -36,6 +36,7 @@ pub const SIM_MAX_QP_WR: u32 = 1 << 15;
 pub struct SimNetwork {
     fabric: Fabric,
     nics: Arc<RwLock<HashMap<[u8; 16], Weak<NicShared>>>>,
+    engine_cpus: Vec<usize>,
 }
 
 impl SimNetwork {
@@ -43,7 +44,17 @@ impl SimNetwork {
         SimNetwork {
             fabric: fabric.clone(),
             nics: Arc::new(RwLock::new(HashMap::new())),
+            engine_cpus: Vec::new(),
         }
+    }
+
+    /// Run the engines of NICs created from now on on these CPUs (see
+    /// [`dmaplane_core::cpu::Placement`]); empty leaves them to the scheduler. A NIC's engine
+    /// stands in for the NIC's own processors: on a small machine, sharing cores with the host's
+    /// threads makes it wait for them (and them for it) as no NIC does.
+    pub fn with_engine_cpus(mut self, cpus: &[usize]) -> SimNetwork {
+        self.engine_cpus = cpus.to_vec();
+        self
     }
 
     pub fn fabric(&self) -> &Fabric {
@@ -76,6 +87,7 @@ impl SimNetwork {
             qps: RwLock::new(HashMap::new()),
             events: Mutex::new(VecDeque::new()),
             engine: engine::Engine::default(),
+            engine_cpus: self.engine_cpus.clone(),
         });
         write(&self.nics).insert(gid, Arc::downgrade(&shared));
         engine::start(&shared);
@@ -102,6 +114,7 @@ pub(crate) struct NicShared {
     pub(crate) qps: RwLock<HashMap<u32, Weak<SimQp>>>,
     events: Mutex<VecDeque<AsyncEvent>>,
     pub(crate) engine: engine::Engine,
+    engine_cpus: Vec<usize>,
 }
 
 impl NicShared {

@@ -31,7 +31,7 @@ pub(crate) struct QpInner {
     pub(crate) queued: bool,
     /// In SQD: requests posted before the drain that may still start.
     pub(crate) sqd_budget: usize,
-    /// Called once nothing executes and nothing can start ([`QpBackend::on_quiesced`]).
+    /// Called once nothing executes and nothing can start ([`QpBackend::quiesce`]).
     pub(crate) quiesce_waiters: Vec<Box<dyn FnOnce() + Send>>,
 }
 
@@ -230,6 +230,55 @@ impl SimQp {
         }
     }
 
+    /// `modify` with the QP lock held (`inner`); the caller runs the quiesce waiters after
+    /// releasing it.
+    fn modify_locked(self: &Arc<Self>, inner: &mut QpInner, attr: &QpAttr) -> Result<()> {
+        let from = inner.state;
+        let to = check_modify(self.qpn, from, attr)?;
+        if let Some(a) = attr.access {
+            inner.access = a;
+        }
+        if let Some(dest) = attr.dest {
+            inner.peer = self.resolve_peer(&dest);
+            inner.dest = Some(dest);
+        }
+        match to {
+            QpState::Reset => {
+                // What an ERR the engine has not got to yet flushed is still owed its completions.
+                if from == QpState::Err && !inner.busy {
+                    self.flush(inner);
+                }
+                // RESET discards the queues without completions, as verbs does.
+                inner.sq.clear();
+                inner.rq.clear();
+                inner.dest = None;
+                inner.peer = Weak::new();
+                self.set_state(inner, to);
+            }
+            QpState::Err => {
+                // Nothing can start from here on; the engine completes what is queued as flushed
+                // on its next turn, after this returns — as a NIC flushes asynchronously. The
+                // caller (a revoke quiescing many QPs) does not pay for the completions.
+                self.set_state(inner, QpState::Err);
+                self.ring_flush(inner);
+            }
+            QpState::Sqd => {
+                if from != QpState::Sqd {
+                    inner.sqd_budget = inner.sq.len();
+                }
+                self.set_state(inner, to);
+                if inner.sqd_budget == 0 && !inner.busy {
+                    self.nic
+                        .event("SQ_DRAINED", Some(self.qpn), "nothing in flight".into());
+                }
+            }
+            _ => self.set_state(inner, to),
+        }
+        tracing::trace!(nic = %self.nic.name, qpn = self.qpn, %from, %to, "modify");
+        self.doorbell(inner);
+        Ok(())
+    }
+
     pub(crate) fn resolve_peer(&self, dest: &RemoteQp) -> Weak<SimQp> {
         self.nic
             .network
@@ -260,53 +309,11 @@ impl QpBackend for Arc<SimQp> {
 
     fn modify(&self, attr: &QpAttr) -> Result<()> {
         let mut inner = lock(&self.inner);
-        let from = inner.state;
-        let to = check_modify(self.qpn, from, attr)?;
-        if let Some(a) = attr.access {
-            inner.access = a;
-        }
-        if let Some(dest) = attr.dest {
-            inner.peer = self.resolve_peer(&dest);
-            inner.dest = Some(dest);
-        }
-        match to {
-            QpState::Reset => {
-                // What an ERR the engine has not got to yet flushed is still owed its completions.
-                if from == QpState::Err && !inner.busy {
-                    self.flush(&mut inner);
-                }
-                // RESET discards the queues without completions, as verbs does.
-                inner.sq.clear();
-                inner.rq.clear();
-                inner.dest = None;
-                inner.peer = Weak::new();
-                self.set_state(&mut inner, to);
-            }
-            QpState::Err => {
-                // Nothing can start from here on; the engine completes what is queued as flushed
-                // on its next turn, after this returns — as a NIC flushes asynchronously. The
-                // caller (a revoke quiescing many QPs) does not pay for the completions.
-                self.set_state(&mut inner, QpState::Err);
-                self.ring_flush(&mut inner);
-            }
-            QpState::Sqd => {
-                if from != QpState::Sqd {
-                    inner.sqd_budget = inner.sq.len();
-                }
-                self.set_state(&mut inner, to);
-                if inner.sqd_budget == 0 && !inner.busy {
-                    self.nic
-                        .event("SQ_DRAINED", Some(self.qpn), "nothing in flight".into());
-                }
-            }
-            _ => self.set_state(&mut inner, to),
-        }
-        tracing::trace!(nic = %self.nic.name, qpn = self.qpn, %from, %to, "modify");
-        self.doorbell(&mut inner);
+        let r = self.modify_locked(&mut inner, attr);
         let waiters = inner.take_waiters();
         drop(inner);
         waiters.into_iter().for_each(|f| f());
-        Ok(())
+        r
     }
 
     fn post_send(&self, wrs: &[SendWr]) -> Result<()> {
@@ -369,14 +376,13 @@ impl QpBackend for Arc<SimQp> {
         Ok(())
     }
 
-    fn on_quiesced(&self, f: Box<dyn FnOnce() + Send>) -> bool {
+    fn quiesce(&self, to: Option<QpState>, f: Box<dyn FnOnce() + Send>) -> (Result<()>, bool) {
         let mut inner = lock(&self.inner);
-        if inner.quiesced() {
-            drop(inner);
-            f();
-        } else {
-            inner.quiesce_waiters.push(f);
-        }
-        true
+        let r = to.map_or(Ok(()), |s| self.modify_locked(&mut inner, &QpAttr::to(s)));
+        inner.quiesce_waiters.push(f);
+        let waiters = inner.take_waiters();
+        drop(inner);
+        waiters.into_iter().for_each(|f| f());
+        (r, true)
     }
 }
