@@ -236,6 +236,7 @@ fn measure(cfg: &RdmaBenchConfig, progress: &dyn Progress) -> Result<RdmaReport,
                 policy: dmaplane_rdma::QuiescePolicy::Flush,
                 deadline: Duration::from_secs(1),
                 placement: cfg.placement.clone(),
+                exporter: crate::stress::ExporterKind::Host,
             },
             &|_| {},
         )?)
@@ -337,7 +338,13 @@ fn pump(
 /// memcpy bandwidth for `size`-byte copies cycling over a `set`-byte working set, between the
 /// very buffers the RDMA points use (same memory kind and pages, so the ratio isolates the NIC
 /// model's cost from the memory's).
-fn memcpy_bw(src: &WindowHandle, dst: &WindowHandle, size: u64, set: u64, dur: Duration) -> f64 {
+pub fn memcpy_bw(
+    src: &WindowHandle,
+    dst: &WindowHandle,
+    size: u64,
+    set: u64,
+    dur: Duration,
+) -> f64 {
     let n_bytes = size as usize;
     let slots = (set / size).max(1);
     let start = Instant::now();

@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dmaplane_core::cpu::Placement;
-use dmaplane_core::fabric::HostMemory;
+use dmaplane_core::fabric::{HostMemory, WindowHandle};
 use dmaplane_core::{Exporter, ImporterKind, RevokeReport};
+use dmaplane_gpu::{DeviceMemory, GpuError, Peer, SimGpu};
 use dmaplane_rdma::{ImportOptions, Mr, MrAccess, Qp, QpCaps, QuiescePolicy, RdmaError};
 use serde::Serialize;
 
@@ -34,6 +35,20 @@ pub struct StressConfig {
     /// data path, the latter at the lowest priority) on the rest. None leaves every thread to
     /// the scheduler.
     pub placement: Option<Placement>,
+    /// Whose memory is revoked: host memory (moved) or GPU memory (freed and re-allocated).
+    pub exporter: ExporterKind,
+}
+
+/// The exporter of the simulated stress's target memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExporterKind {
+    /// Host memory of host B (`mem1`), revoked and exported anew.
+    #[default]
+    Host,
+    /// Device memory of `gpu2` (below the same switch as host B's `nic1`), freed and
+    /// re-allocated: every free is a revoke.
+    Gpu,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -96,12 +111,24 @@ impl StressReport {
     }
 }
 
-/// One export of the simulated stress: host B's memory, imported by B's NIC, leased to A.
+/// One export of the simulated stress: host B's memory or GPU memory, imported by B's NIC,
+/// leased to A.
 struct SimExport {
     epoch: u64,
     // The registration goes before the memory, as an importer's teardown does.
     _mr: Mr,
-    mem: HostMemory,
+    mem: Exported,
+    /// The memory's window: it stays readable after the export is gone.
+    window: WindowHandle,
+}
+
+enum Exported {
+    Host(HostMemory),
+    /// Freed by the revoke; errors other than a timed-out free go to `errors`.
+    Gpu {
+        mem: Mutex<Option<DeviceMemory>>,
+        errors: Arc<Mutex<Vec<String>>>,
+    },
 }
 
 impl Export for SimExport {
@@ -109,11 +136,39 @@ impl Export for SimExport {
         self.epoch
     }
     fn revoke(&self, deadline: Duration) -> RevokeReport {
-        self.mem.revoke(deadline)
+        match &self.mem {
+            Exported::Host(mem) => mem.revoke(deadline),
+            Exported::Gpu { mem, errors } => {
+                let Some(mem) = lock(mem).take() else {
+                    lock(errors).push(format!("epoch {}: freed twice", self.epoch));
+                    return not_freed(self.epoch, deadline);
+                };
+                match mem.free(deadline) {
+                    Ok(report) => report,
+                    Err(GpuError::FreeTimedOut { report, .. }) => *report,
+                    Err(e) => {
+                        lock(errors).push(format!("epoch {}: {e}", self.epoch));
+                        not_freed(self.epoch, deadline)
+                    }
+                }
+            }
+        }
     }
     fn bytes(&self) -> Arc<dyn Bytes> {
-        // The window itself: it stays readable after the export is gone.
-        Arc::new(self.mem.window())
+        Arc::new(self.window.clone())
+    }
+}
+
+/// The report of a free that did not happen (its error is recorded as a failure).
+fn not_freed(epoch: u64, deadline: Duration) -> RevokeReport {
+    RevokeReport {
+        export: format!("stress-gpu-{epoch}"),
+        epoch,
+        reason: dmaplane_core::revoke::InvalidateReason::Revoke,
+        already_revoked: true,
+        importers: Vec::new(),
+        deadline_us: deadline.as_micros() as u64,
+        elapsed_us: 0,
     }
 }
 
@@ -142,20 +197,57 @@ pub fn run_sim(
         recover: true,
     };
     let current: Mutex<Option<Target>> = Mutex::new(None);
+    let gpu = match cfg.exporter {
+        ExporterKind::Host => None,
+        ExporterKind::Gpu => Some(
+            SimGpu::new(&w.fabric, "gpu2")
+                .map_err(|e| RdmaError::NoDevice { why: e.to_string() })?,
+        ),
+    };
+    let gpu_errors = Arc::new(Mutex::new(Vec::new()));
     let export = |epoch: u64| -> Result<SimExport, String> {
-        let mem =
-            w.b.memory(&w.fabric, &format!("stress-dst-{epoch}"), region)
-                .map_err(|e| e.to_string())?;
-        let mr = w.b.import(&mem, "dst", opts).map_err(|e| e.to_string())?;
+        let (mr, mem, window) = match &gpu {
+            None => {
+                let mem =
+                    w.b.memory(&w.fabric, &format!("stress-dst-{epoch}"), region)
+                        .map_err(|e| e.to_string())?;
+                let mr = w.b.import(&mem, "dst", opts).map_err(|e| e.to_string())?;
+                let window = mem.window();
+                (mr, Exported::Host(mem), window)
+            }
+            Some(g) => {
+                let mem = g
+                    .clone()
+                    .into_gpu()
+                    .alloc(&format!("stress-gpu-{epoch}"), region)
+                    .map_err(|e| e.to_string())?;
+                let window = mem
+                    .fabric_window()
+                    .ok_or("simulated GPU memory without a fabric window")?;
+                let nic = w.b.nic_dev;
+                let mr =
+                    w.b.pd
+                        .import("dst", opts, None, |i, a| {
+                            mem.attach(i, Peer::Fabric(nic), a)
+                        })
+                        .map_err(|e| e.to_string())?;
+                let mem = Exported::Gpu {
+                    mem: Mutex::new(Some(mem)),
+                    errors: gpu_errors.clone(),
+                };
+                (mr, mem, window)
+            }
+        };
         let remote = w.b.dev.lease(&mr, &w.a.dev);
         *lock(&current) = Some(Target {
             epoch,
             remote,
-            mem: Arc::new(mem.window()),
+            mem: Arc::new(window.clone()),
         });
         Ok(SimExport {
             epoch,
             mem,
+            window,
             _mr: mr,
         })
     };
@@ -243,8 +335,10 @@ pub fn run_sim(
     };
     let post_ack = faults(w.a.nic_dev)
         + faults(w.b.nic_dev)
+        + gpu.as_ref().map_or(0, |g| faults(g.device_id()))
         + sh.post_ack_poison.load(Ordering::Relaxed)
         + counts.rem_access;
+    let gpu_errors = std::mem::take(&mut *lock(&gpu_errors));
     Ok(StressReport {
         backend: "sim",
         qps: cfg.qps,
@@ -253,7 +347,7 @@ pub fn run_sim(
         posted: counts.posted,
         completed_ok: counts.ok,
         flushed: counts.flushed,
-        failed: counts.failed,
+        failed: counts.failed + gpu_errors.len() as u64,
         lost: counts.lost,
         corrupt: counts.corrupt,
         post_ack_accesses: post_ack,
@@ -263,8 +357,22 @@ pub fn run_sim(
         revokes_timed_out: sh.timed_out.load(Ordering::Relaxed),
         posts_refused: counts.refused,
         seconds: start.elapsed().as_secs_f64(),
-        failures: sh.take_failures(),
-        notes: vec![format!("placement: {}", w.placement_note())],
+        failures: {
+            let mut f = sh.take_failures();
+            f.extend(gpu_errors);
+            f
+        },
+        notes: {
+            let mut n = vec![format!("placement: {}", w.placement_note())];
+            if gpu.is_some() {
+                n.push(
+                    "exporter: gpu2 device memory (BAR1, below nic1's switch), freed and \
+                     re-allocated on every revoke"
+                        .into(),
+                );
+            }
+            n
+        },
     })
 }
 

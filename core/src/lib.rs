@@ -14,6 +14,7 @@ pub mod cpu;
 pub mod dmabuf;
 pub mod fabric;
 pub mod fence;
+pub mod gate;
 pub mod hints;
 pub mod negotiate;
 pub mod pgsz;
@@ -24,6 +25,7 @@ pub mod topology;
 
 pub use addr::{AddrList, AddrListError, AddrSpace, DmaBufId, DmaRange, SpaceKind};
 pub use fence::Fence;
+pub use gate::{Gate, Pass};
 pub use hints::{Access, Caching, Confidentiality, Hints, MemKind, Route, Snoop};
 pub use negotiate::{Accept, Negotiated, Offer, negotiate};
 pub use pgsz::{PageSize, best_page_size};

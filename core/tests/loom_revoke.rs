@@ -110,3 +110,68 @@ fn lying_dynamic_importer_move() {
 fn pinned_importer_move_is_final() {
     model(ImporterKind::Pinned, false, true);
 }
+
+/// A copy engine behind a [`dmaplane_core::Gate`]: its DMAs race the revoke, and none lands
+/// after the ack.
+#[test]
+fn gated_importer_revoke() {
+    use dmaplane_core::Gate;
+    use dmaplane_core::revoke::{Importer, Invalidation};
+
+    #[derive(Debug, Default)]
+    struct Engine(Gate);
+    impl Importer for Engine {
+        fn name(&self) -> &str {
+            "gpu0"
+        }
+        fn kind(&self) -> ImporterKind {
+            ImporterKind::Pinned
+        }
+        fn invalidate(&self, inv: Invalidation) {
+            self.0.close(inv.fence);
+        }
+    }
+
+    loom::model(|| {
+        let fabric = Fabric::new();
+        let host = fabric.add_device("mem0");
+        let gpu = fabric.add_device("gpu0");
+        let mem = HostMemory::new(&fabric, host, "buf", 4096).unwrap();
+        let engine = Arc::new(Engine::default());
+        let att = mem
+            .attach(
+                engine.clone(),
+                gpu,
+                &[Accept::new(SpaceKind::CpuPhys, Access::READ_WRITE)],
+            )
+            .unwrap();
+        let base = att.map().unwrap().list.ranges()[0].addr;
+        let window = mem.window();
+        let (f2, e2) = (fabric.clone(), engine.clone());
+        let dma = loom::thread::spawn(move || {
+            let mut landed = 0u32;
+            for i in 1..=DMAS {
+                let Some(_pass) = e2.0.enter() else { break };
+                f2.dma_write(gpu, base, &[i]).unwrap();
+                landed += 1;
+            }
+            landed
+        });
+        let report = mem.revoke(Duration::from_secs(1));
+        assert!(report.is_clean(), "{report}");
+        let at_ack = byte_of(&window);
+        let landed = dma.join().unwrap();
+        assert_eq!(at_ack, byte_of(&window), "a DMA landed after the ack");
+        assert_eq!(
+            at_ack, landed as u8,
+            "every admitted DMA landed before the ack"
+        );
+        assert_eq!(fabric.faults(gpu).total(), 0, "an honest gate never faults");
+    });
+}
+
+fn byte_of(w: &dmaplane_core::fabric::WindowHandle) -> u8 {
+    let mut b = [0u8];
+    w.memory().read(0, &mut b);
+    b[0]
+}

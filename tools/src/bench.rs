@@ -37,10 +37,25 @@ pub enum BenchCmd {
         #[arg(long)]
         no_pin: bool,
     },
+    /// Simulated GPU -> NIC -> NIC -> GPU throughput per PCIe route, direct vs staged, against
+    /// memcpy in the same run; on a CUDA machine also host<->device bandwidth from registered
+    /// host memory against PyTorch's pinned-memory copy.
+    P2p {
+        /// Bytes per transfer (a multiple of --chunk).
+        #[arg(long, default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(4096..=(4 << 30)))]
+        size: u64,
+        /// Bytes per RDMA WRITE.
+        #[arg(long, default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(4096..=(1 << 30)))]
+        chunk: u64,
+        /// Runs per row (the best is reported).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+        reps: u32,
+    },
 }
 
 pub fn run(cmd: &BenchCmd, json: bool) -> Result<()> {
     match cmd {
+        BenchCmd::P2p { size, chunk, reps } => crate::p2p_bench::run(*size, *chunk, *reps, json),
         BenchCmd::Sgl { iters, scenario } => sgl(*iters, scenario, json),
         BenchCmd::Rdma {
             sizes,

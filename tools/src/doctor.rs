@@ -54,7 +54,11 @@ pub struct Check {
 }
 
 impl Check {
-    fn ok(component: &'static str, name: impl Into<String>, detail: impl Into<String>) -> Check {
+    pub(crate) fn ok(
+        component: &'static str,
+        name: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> Check {
         Check {
             component,
             name: name.into(),
@@ -64,7 +68,7 @@ impl Check {
         }
     }
 
-    fn not_ok(
+    pub(crate) fn not_ok(
         component: &'static str,
         name: impl Into<String>,
         status: Status,
@@ -120,6 +124,7 @@ fn checks() -> Vec<Check> {
     out.push(udmabuf());
     out.push(dma_heap());
     out.push(io_uring());
+    crate::gpu_doctor::checks(&mut out);
     out
 }
 

@@ -3,6 +3,8 @@
 mod bench;
 mod demo;
 mod doctor;
+mod gpu_doctor;
+mod p2p_bench;
 mod stress;
 mod topo;
 mod verbs_stress;
@@ -25,7 +27,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Two simulated hosts: RDMA WRITE and READ with every byte verified, and a revoke mid-way.
+    /// GPU -> NIC -> NIC -> GPU over every PCIe route of the testbed, every byte verified, and a
+    /// GPU free (a revoke) under traffic.
     Demo(demo::DemoArgs),
     /// Show the PCIe tree and the P2P route between every pair of devices.
     Topo(topo::TopoArgs),

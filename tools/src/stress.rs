@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use dmaplane_bench::stress::{StressConfig, StressReport, run_sim};
+use dmaplane_bench::stress::{ExporterKind, StressConfig, StressReport, run_sim};
 use dmaplane_core::cpu::Placement;
 use dmaplane_rdma::QuiescePolicy;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -22,6 +22,15 @@ pub enum Backend {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Exporter {
+    /// Host memory, revoked and exported anew.
+    Host,
+    /// Simulated GPU memory (gpu2, below nic1's switch), freed and re-allocated: every free is
+    /// a revoke.
+    Gpu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Policy {
     Flush,
     Drain,
@@ -31,6 +40,9 @@ pub enum Policy {
 pub struct RevokeArgs {
     #[arg(long, value_enum, default_value = "sim")]
     backend: Backend,
+    /// Whose memory is revoked under the traffic (sim backend).
+    #[arg(long, value_enum, default_value = "host")]
+    exporter: Exporter,
     /// Queue pairs.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     qps: u32,
@@ -80,6 +92,13 @@ pub fn run(cmd: &StressCmd, json: bool) -> Result<()> {
             slots
         );
     }
+    if a.backend == Backend::Verbs && a.exporter == Exporter::Gpu {
+        bail!(
+            "--exporter gpu --backend verbs: the verbs stress exports host memory (udmabuf, \
+             dma-heap); GPU memory under verbs needs a CUDA GPU's dma-buf, which this stress does \
+             not drive yet: use --backend sim"
+        );
+    }
     let deadline = Duration::from_millis(a.deadline_ms);
     let cfg = StressConfig {
         qps: a.qps as usize,
@@ -94,6 +113,10 @@ pub fn run(cmd: &StressCmd, json: bool) -> Result<()> {
         },
         deadline,
         placement: if a.no_pin { None } else { Placement::auto() },
+        exporter: match a.exporter {
+            Exporter::Host => ExporterKind::Host,
+            Exporter::Gpu => ExporterKind::Gpu,
+        },
     };
     let bar = if json {
         ProgressBar::hidden()

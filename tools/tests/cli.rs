@@ -157,31 +157,37 @@ fn stress_rejects_bad_arguments_naming_the_field() {
 }
 
 #[test]
-fn demo_moves_every_byte_through_a_revoke() {
-    let (ok, out, err) = dmaplane(&["demo", "--json", "--size", "8388608", "--chunk", "262144"]);
+fn demo_moves_gpu_memory_over_every_route_through_a_free() {
+    let (ok, out, err) = dmaplane(&["demo", "--json", "--size", "4194304", "--chunk", "262144"]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["verified"], true);
-    assert_eq!(v["write"]["bytes_verified"], 8388608);
-    assert_eq!(v["read"]["bytes_verified"], 8388608);
-    let w = &v["write"];
-    assert_eq!(w["posted"], 32);
-    let done =
-        w["completed_before_revoke"].as_u64().unwrap() + w["flushed_by_revoke"].as_u64().unwrap();
-    assert_eq!(done, 32, "every WRITE completes exactly once: {w}");
-    assert_eq!(w["resent_after_revoke"], w["flushed_by_revoke"]);
-    let r = &v["revoke"];
-    assert_eq!(
-        r["epoch_now"].as_u64().unwrap(),
-        r["epoch_revoked"].as_u64().unwrap() + 1
-    );
-    assert!(r["lease_acks"].as_u64().unwrap() >= 1, "{r}");
-    assert_eq!(r["qp_state_after"], "RTS");
-    assert_ne!(r["rkey_before"], r["rkey_after"]);
-    assert!(
-        r["post_after_revoke"].as_str().unwrap().contains("revoked"),
-        "{r}"
-    );
+    assert_eq!(v["lost"], 0);
+    assert_eq!(v["post_ack_accesses"], 0);
+    let flows = v["flows"].as_array().unwrap();
+    let routes: Vec<_> = flows
+        .iter()
+        .map(|f| f["src"]["route"].as_str().unwrap())
+        .collect();
+    assert_eq!(routes, ["bus-addr", "thru-host-bridge", "not-supported"]);
+    let paths: Vec<_> = flows
+        .iter()
+        .map(|f| f["src"]["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["direct", "direct", "staged"]);
+    for f in flows {
+        assert_eq!(f["bytes_verified"], 4194304, "{f}");
+        let done = f["completed_ok"].as_u64().unwrap() + f["flushed"].as_u64().unwrap();
+        assert_eq!(
+            done,
+            f["posted"].as_u64().unwrap(),
+            "every WRITE completes once: {f}"
+        );
+    }
+    let free = &flows[0]["free"];
+    assert_eq!(free["after_completions"], 4);
+    assert_eq!(free["importers_quiesced"], 1);
+    assert_eq!(free["qp_state_after"], "RTS");
 }
 
 #[test]
@@ -189,7 +195,17 @@ fn demo_prints_a_human_summary() {
     let (ok, out, err) = dmaplane(&["demo", "--size", "1048576", "--chunk", "65536"]);
     assert!(ok, "{err}");
     assert!(out.contains("every byte verified"), "{out}");
-    assert!(out.contains("RDMA WRITE") && out.contains("RDMA READ") && out.contains("revoke"));
+    for want in [
+        "bus-addr",
+        "thru-host-bridge",
+        "not-supported",
+        "direct, zero-copy",
+        "staged through",
+        "GPU free",
+        "lost = 0, post_ack_accesses = 0",
+    ] {
+        assert!(out.contains(want), "{want}: {out}");
+    }
 }
 
 #[test]
@@ -206,41 +222,11 @@ fn demo_refuses_a_size_that_is_not_whole_chunks() {
         "65536",
         "--chunk",
         "4096",
-        "--revoke-after",
+        "--free-after",
         "16",
     ]);
     assert!(!ok);
-    assert!(err.contains("--revoke-after 16"), "{err}");
-}
-
-#[test]
-fn bench_rdma_reports_bandwidth_against_memcpy_and_the_message_rate() {
-    let (ok, out, err) = dmaplane(&[
-        "bench",
-        "rdma",
-        "--json",
-        "--sizes",
-        "64,65536",
-        "--seconds",
-        "0.05",
-        "--revokes",
-        "3",
-    ]);
-    assert!(ok, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let rows = v["bandwidth"].as_array().unwrap();
-    assert_eq!(rows.len(), 2);
-    for r in rows {
-        assert!(r["writes"].as_u64().unwrap() > 0, "{r}");
-        assert!(r["memcpy_gib_s"].as_f64().unwrap() > 0.0, "{r}");
-        let ratio = r["ratio"].as_f64().unwrap();
-        let want = r["rdma_gib_s"].as_f64().unwrap() / r["memcpy_gib_s"].as_f64().unwrap();
-        assert!((ratio - want).abs() < 1e-9, "{r}");
-    }
-    assert!(v["msg_rate"]["writes_per_s"].as_f64().unwrap() > 0.0);
-    assert_eq!(v["revoke"]["revokes"], 3);
-    assert_eq!(v["revoke"]["lost"], 0);
-    assert_eq!(v["revoke"]["post_ack_accesses"], 0);
+    assert!(err.contains("--free-after 16"), "{err}");
 }
 
 #[test]

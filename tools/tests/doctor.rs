@@ -5,7 +5,7 @@
 use std::process::Command;
 
 const STATUSES: [&str; 4] = ["ok", "missing", "error", "unsupported"];
-const COMPONENTS: [&str; 4] = ["rdma", "udmabuf", "dma-heap", "io_uring"];
+const COMPONENTS: [&str; 5] = ["rdma", "udmabuf", "dma-heap", "io_uring", "cuda"];
 
 fn dmaplane(args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_dmaplane"))
@@ -35,7 +35,10 @@ fn json_has_a_row_per_component_and_every_problem_has_a_fix() {
     }
     for c in checks {
         let component = c["component"].as_str().unwrap();
-        assert!(COMPONENTS.contains(&component), "{c}");
+        assert!(
+            COMPONENTS.contains(&component) || ["gpu", "p2p"].contains(&component),
+            "{c}"
+        );
         assert!(!c["name"].as_str().unwrap().is_empty(), "{c}");
         assert!(!c["detail"].as_str().unwrap().is_empty(), "{c}");
         let status = c["status"].as_str().unwrap();
@@ -112,4 +115,20 @@ fn without_verbs_the_rdma_row_says_how_to_rebuild() {
             .contains("--features verbs"),
         "{out}"
     );
+}
+
+#[test]
+fn without_cuda_the_gpu_part_is_one_line() {
+    let (code, out, err) = dmaplane(&["doctor"]);
+    assert_eq!(code, Some(0), "{err}");
+    let cuda: Vec<&str> = out.lines().filter(|l| l.starts_with("cuda")).collect();
+    assert_eq!(cuda.len(), 1, "{out}");
+    if cuda[0].contains("missing") {
+        assert!(cuda[0].contains("not available"), "{}", cuda[0]);
+        assert!(
+            !out.lines()
+                .any(|l| l.starts_with("gpu ") || l.starts_with("p2p ")),
+            "{out}"
+        );
+    }
 }
