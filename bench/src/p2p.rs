@@ -365,8 +365,7 @@ impl P2pWorld {
             .map(|n| n.id)
             .chain(self.gpus.iter().filter_map(|g| g.backend().fabric_device()))
         {
-            let f = self.fabric.faults(d);
-            n += f.revoked + f.no_grant + f.unmapped;
+            n += self.fabric.faults(d).after_revoke();
         }
         n
     }

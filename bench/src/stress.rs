@@ -329,10 +329,7 @@ pub fn run_sim(
     })?;
     // Every DMA the fabric refused because a grant or window was gone: an honest importer
     // never even tries one.
-    let faults = |d| {
-        let f = w.fabric.faults(d);
-        f.revoked + f.no_grant + f.unmapped
-    };
+    let faults = |d| w.fabric.faults(d).after_revoke();
     let post_ack = faults(w.a.nic_dev)
         + faults(w.b.nic_dev)
         + gpu.as_ref().map_or(0, |g| faults(g.device_id()))

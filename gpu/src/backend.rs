@@ -55,6 +55,9 @@ pub struct GpuInfo {
     pub dmabuf: DmaBufSupport,
 }
 
+/// The BAR that maps device memory for peers (NVIDIA's BAR1), on every backend.
+pub const BAR1_INDEX: u8 = 1;
+
 /// Who imports an allocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Peer {

@@ -78,6 +78,12 @@ pub struct Faults {
 }
 
 impl Faults {
+    /// Accesses to memory whose grant or window was already gone: what touching memory after
+    /// its revoke looks like. An honest importer never makes one.
+    pub fn after_revoke(&self) -> u64 {
+        self.revoked + self.no_grant + self.unmapped
+    }
+
     pub fn total(&self) -> u64 {
         self.unmapped + self.out_of_bounds + self.no_grant + self.access_denied + self.revoked
     }

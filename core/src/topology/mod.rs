@@ -17,6 +17,7 @@ pub mod builtin;
 #[cfg(feature = "hwloc")]
 pub mod discover;
 pub mod load;
+pub mod sysfs;
 
 use std::collections::HashMap;
 use std::fmt;

@@ -1,7 +1,8 @@
 //! The PCI side of a CUDA device: its address as sysfs spells it and its BAR1 aperture.
 
-/// The BAR through which peers reach device memory (NVIDIA's BAR1).
-pub(super) const BAR1_INDEX: usize = 1;
+use dmaplane_core::topology::sysfs::parse_resource;
+
+use crate::backend::BAR1_INDEX;
 
 /// `cuDeviceGetPCIBusId`'s `0000:3B:00.0` (or `00000000:3b:00.0`) as sysfs names the device:
 /// lower case `dddd:bb:dd.f`. `None` when it is not a PCI address.
@@ -20,26 +21,17 @@ pub(super) fn normalize_bus_id(raw: &str) -> Option<String> {
     Some(format!("{domain:04x}:{bus:02x}:{dev:02x}.{func:x}"))
 }
 
-/// Size of resource `index` from the text of a sysfs `resource` file (one `start end flags` line
-/// in hex per resource); `None` for an unused or unreadable line.
-pub(super) fn bar_size(resource: &str, index: usize) -> Option<u64> {
-    let line = resource.lines().nth(index)?;
-    let mut fields = line.split_whitespace().map(|f| {
-        let f = f.strip_prefix("0x").unwrap_or(f);
-        u64::from_str_radix(f, 16).ok()
-    });
-    let start = fields.next()??;
-    let end = fields.next()??;
-    if end == 0 || end < start {
-        return None;
-    }
-    (end - start).checked_add(1)
-}
-
 /// BAR1 of the PCI device `pci` (normalised address), from sysfs.
 pub(super) fn bar1_size(pci: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/sys/bus/pci/devices/{pci}/resource")).ok()?;
-    bar_size(&text, BAR1_INDEX)
+    bar1_of(&text)
+}
+
+fn bar1_of(resource: &str) -> Option<u64> {
+    parse_resource(resource)
+        .into_iter()
+        .find(|b| b.index == BAR1_INDEX)
+        .map(|b| b.size)
 }
 
 #[cfg(test)]
@@ -79,12 +71,12 @@ mod tests {
                     0x0000220000000000 0x0000221fffffffff 0x000000000014220c\n\
                     0x0000000000000000 0x0000000000000000 0x0000000000000000\n\
                     0x0000222000000000 0x0000222001ffffff 0x000000000014220c\n";
-        assert_eq!(bar_size(text, 0), Some(16 << 20));
-        assert_eq!(bar_size(text, BAR1_INDEX), Some(128 << 30));
-        assert_eq!(bar_size(text, 2), None);
-        assert_eq!(bar_size(text, 3), Some(32 << 20));
-        assert_eq!(bar_size(text, 9), None);
-        assert_eq!(bar_size("garbage here\n", 0), None);
-        assert_eq!(bar_size("0x10 0x0f 0x0\n", 0), None);
+        assert_eq!(bar1_of(text), Some(128 << 30));
+        let bars = parse_resource(text);
+        assert_eq!(bars.len(), 3, "{bars:?}");
+        assert_eq!(bar1_of(""), None);
+        assert_eq!(bar1_of("garbage here\n0x10 0x0f 0x200\n"), None);
+        // A BAR1 that is not memory (I/O ports) is no aperture.
+        assert_eq!(bar1_of("0x0 0x0 0x0\n0x1000 0x1fff 0x100\n"), None);
     }
 }

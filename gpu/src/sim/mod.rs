@@ -15,6 +15,7 @@ use dmaplane_core::fabric::{DeviceId, Fabric};
 use dmaplane_core::topology::DeviceKind;
 use dmaplane_core::{Accept, Access, AddrList, AddrSpace, SpaceKind};
 
+use crate::backend::BAR1_INDEX;
 use crate::backend::{AllocBackend, BackendKind, DmaBufSupport, GpuBackend, GpuInfo, Registration};
 use crate::device::Gpu;
 use crate::error::{GpuError, Result};
@@ -23,8 +24,6 @@ use alloc::SimAlloc;
 
 /// Device memory of a simulated GPU unless said otherwise (an 80 GiB part).
 pub const DEFAULT_MEMORY: u64 = 80 << 30;
-/// The BAR that maps device memory for peers (NVIDIA's BAR1).
-pub const BAR1_INDEX: u8 = 1;
 
 #[derive(Debug, Default)]
 struct State {
