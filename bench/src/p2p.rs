@@ -10,6 +10,7 @@
 
 use std::time::{Duration, Instant};
 
+use dmaplane_core::cpu::Placement;
 use dmaplane_core::fabric::{DeviceId, Fabric, HostMemory, WindowHandle};
 use dmaplane_core::topology::builtin;
 use dmaplane_core::{ImporterKind, Route};
@@ -53,6 +54,7 @@ pub struct P2pWorld {
     pub net: SimNetwork,
     nics: Vec<Nic>,
     gpus: Vec<Gpu>,
+    placement: Option<Placement>,
 }
 
 /// One transfer: device memory of `src_gpu`, sent by `src_nic`, received by `dst_nic` into
@@ -186,9 +188,13 @@ impl FlowReport {
 }
 
 impl P2pWorld {
-    pub fn new(cq_depth: u32) -> Result<P2pWorld> {
+    /// With a `placement`, the NIC engines run on its engine CPUs and
+    /// [`P2pWorld::pin_host_thread`] keeps the host's threads (and the GPUs' copy engines,
+    /// which copy in the caller's thread) on the others.
+    pub fn new(cq_depth: u32, placement: Option<Placement>) -> Result<P2pWorld> {
         let fabric = Fabric::with_topology(builtin::testbed());
-        let net = SimNetwork::new(&fabric);
+        let engines = placement.as_ref().map_or(&[][..], |p| &p.engines[..]);
+        let net = SimNetwork::new(&fabric).with_engine_cpus(engines);
         let gpus = SimGpu::all(&fabric)?;
         let mut nics = Vec::new();
         let names: Vec<String> = fabric
@@ -218,7 +224,18 @@ impl P2pWorld {
             net,
             nics,
             gpus,
+            placement,
         })
+    }
+
+    /// Keep the calling thread off the NIC engines' CPUs (nothing without a placement).
+    pub fn pin_host_thread(&self) {
+        crate::world::pin_host_thread(self.placement.as_ref());
+    }
+
+    /// How the run was placed, for reports.
+    pub fn placement_note(&self) -> String {
+        crate::world::placement_note(self.placement.as_ref())
     }
 
     fn nic(&self, name: &str) -> Result<&Nic> {
@@ -539,6 +556,7 @@ pub fn run_flow(w: &P2pWorld, flow: &Flow, o: &FlowOptions) -> Result<FlowReport
     let mut retired: Option<WindowHandle> = None;
     let mut wcs: Vec<Completion> = Vec::new();
     let due = Instant::now() + Duration::from_secs(60);
+    let mut idle = Idle::default();
     while landed < chunks {
         while outstanding < u64::from(o.depth) && next < chunks {
             post(&qa, &lease, next)?;
@@ -558,9 +576,10 @@ pub fn run_flow(w: &P2pWorld, flow: &Flow, o: &FlowOptions) -> Result<FlowReport
                     "{flow}: {outstanding} WRITE(s) still outstanding after 60 s"
                 ));
             }
-            sn.cq.wait(Duration::from_millis(10))?;
+            idle.wait(&sn.cq)?;
             continue;
         }
+        idle.reset();
         for wc in &wcs {
             outstanding -= 1;
             match wc.status {
@@ -583,7 +602,7 @@ pub fn run_flow(w: &P2pWorld, flow: &Flow, o: &FlowOptions) -> Result<FlowReport
                     if Instant::now() > due {
                         return fail(format!("{flow}: flushed WRITEs never completed"));
                     }
-                    sn.cq.wait(Duration::from_millis(10))?;
+                    idle.wait(&sn.cq)?;
                 }
                 for wc in &wcs {
                     outstanding -= 1;
@@ -654,6 +673,33 @@ pub fn run_flow(w: &P2pWorld, flow: &Flow, o: &FlowOptions) -> Result<FlowReport
         },
         free,
     })
+}
+
+/// Polls that found the completion queue empty. A poller spins first, as RDMA applications
+/// do (perftest's default), because a sleep-and-wake costs tens of microseconds per WRITE;
+/// then it blocks, so a stalled flow does not burn a core.
+#[derive(Debug, Default)]
+struct Idle(u32);
+
+impl Idle {
+    const SPINS: u32 = 4096;
+
+    fn wait(&mut self, cq: &Cq) -> Result<()> {
+        self.0 += 1;
+        if self.0 < Self::SPINS {
+            std::hint::spin_loop();
+            if self.0.is_multiple_of(64) {
+                std::thread::yield_now();
+            }
+            return Ok(());
+        }
+        cq.wait(Duration::from_millis(10))?;
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.0 = 0;
+    }
 }
 
 /// Free the receiving GPU's memory under traffic; returns the report (flush counts filled in
@@ -729,7 +775,7 @@ mod tests {
 
     #[test]
     fn every_route_moves_every_byte_on_the_path_it_must() -> Result<()> {
-        let w = P2pWorld::new(1024)?;
+        let w = P2pWorld::new(1024, None)?;
         for (route, flow) in testbed_flows() {
             let r = run_flow(&w, &flow, &opts(None, false))?;
             assert!(r.is_clean(), "{r:?}");
@@ -750,7 +796,7 @@ mod tests {
 
     #[test]
     fn a_free_under_traffic_loses_nothing_and_nothing_lands_after_it() -> Result<()> {
-        let w = P2pWorld::new(1024)?;
+        let w = P2pWorld::new(1024, None)?;
         let (_, flow) = &testbed_flows()[0];
         let r = run_flow(&w, flow, &opts(Some(4), false))?;
         assert!(r.is_clean(), "{r:?}");
@@ -767,7 +813,7 @@ mod tests {
 
     #[test]
     fn staging_can_be_forced_on_a_direct_route() -> Result<()> {
-        let w = P2pWorld::new(1024)?;
+        let w = P2pWorld::new(1024, None)?;
         let (_, flow) = &testbed_flows()[0];
         let r = run_flow(&w, flow, &opts(None, true))?;
         assert!(r.is_clean(), "{r:?}");
@@ -795,18 +841,85 @@ pub struct BenchRow {
 pub struct BenchReport {
     pub size: u64,
     pub chunk: u64,
+    /// The reference: `size` bytes memcpy'd in `chunk` pieces between fresh allocations of the
+    /// flow's GPUs, the source just written, on the NIC engines' CPUs — the state a flow's
+    /// buffers are in and the copies its NIC makes. Best of the run.
     pub memcpy_gib_s: f64,
+    /// memcpy repeated over the same two host buffers for 50 ms (cache-hot for sizes the
+    /// last-level cache holds). Shown for context, not the reference: a flow moves each byte once.
+    pub memcpy_hot_gib_s: f64,
+    /// Where the NIC engines and the host thread ran.
+    pub placement: String,
     pub rows: Vec<BenchRow>,
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
 
+/// The memcpy a flow is measured against: `size` bytes from fresh memory of the flow's source
+/// GPU to fresh memory of its receiving GPU, the source filled just before as `run_flow` fills
+/// it, copied in `chunk` pieces as the NIC moves them (one memcpy of 64 MiB would stream with
+/// non-temporal stores a 4 MiB WRITE never gets), on the NIC engines' CPUs. Bytes per second.
+fn memcpy_once(w: &P2pWorld, flow: &Flow, size: u64, chunk: u64) -> Result<f64> {
+    let src = w.gpu(&flow.src_gpu)?.alloc("memcpy-ref-src", size)?;
+    let dst = w.gpu(&flow.dst_gpu)?.alloc("memcpy-ref-dst", size)?;
+    let (Some(sw), Some(dw)) = (src.fabric_window(), dst.fabric_window()) else {
+        return fail("simulated memory without a window");
+    };
+    fill(&src)?;
+    let n = usize::try_from(size).map_err(|_| P2pError::Flow(format!("size {size} too large")))?;
+    let piece = usize::try_from(chunk).unwrap_or(n).max(1);
+    // On the CPUs the simulated NICs copy on: the flow's copy reads bytes the host thread just
+    // wrote from another core's cache, and so must the reference.
+    let engines = w.placement.as_ref().map(|p| p.engines.clone());
+    let secs = std::thread::scope(|s| {
+        s.spawn(|| {
+            if let Some(cpus) = &engines
+                && let Err(e) = dmaplane_core::cpu::pin_current(cpus)
+            {
+                tracing::warn!(error = %e, "memcpy reference left unpinned");
+            }
+            let t = Instant::now();
+            let mut off = 0;
+            while off < n {
+                let k = piece.min(n - off);
+                dw.memory()
+                    .copy_from(off as u64, sw.memory(), off as u64, k);
+                off += k;
+            }
+            t.elapsed().as_secs_f64()
+        })
+        .join()
+    })
+    .map_err(|_| P2pError::Flow("the memcpy reference thread panicked".into()))?;
+    Ok(size as f64 / secs.max(1e-9))
+}
+
 /// Simulated GPU→NIC→NIC→GPU throughput for each route, direct and staged, against memcpy of
 /// the same transfer size measured in the same run. Each figure is the best of `reps` runs.
-pub fn bench(size: u64, chunk: u64, reps: u32) -> Result<BenchReport> {
+pub fn bench(
+    size: u64,
+    chunk: u64,
+    reps: u32,
+    placement: Option<Placement>,
+) -> Result<BenchReport> {
+    // In a thread of its own, so pinning it to the host CPUs does not outlive the run.
+    std::thread::scope(|s| {
+        s.spawn(|| bench_pinned(size, chunk, reps, placement))
+            .join()
+            .unwrap_or_else(|_| fail("the benchmark thread panicked"))
+    })
+}
+
+fn bench_pinned(
+    size: u64,
+    chunk: u64,
+    reps: u32,
+    placement: Option<Placement>,
+) -> Result<BenchReport> {
     let chunks = size / chunk.max(1);
     let depth = u32::try_from(chunks.clamp(1, 64)).unwrap_or(64);
-    let w = P2pWorld::new(depth * 4 + 64)?;
+    let w = P2pWorld::new(depth * 4 + 64, placement)?;
+    w.pin_host_thread();
     let host = w.device("mem0")?;
     let mk = |n: &str| {
         HostMemory::new(&w.fabric, host, n, size)
@@ -816,7 +929,7 @@ pub fn bench(size: u64, chunk: u64, reps: u32) -> Result<BenchReport> {
     a.window().memory().fill(1);
     b.window().memory().fill(2);
     let mut rows = Vec::new();
-    let mut memcpy: f64 = 0.0;
+    let (mut memcpy, mut memcpy_hot): (f64, f64) = (0.0, 0.0);
     for (route, flow) in testbed_flows() {
         for staged in [false, true] {
             if staged && route == Route::NotSupported {
@@ -831,13 +944,14 @@ pub fn bench(size: u64, chunk: u64, reps: u32) -> Result<BenchReport> {
             };
             let mut best: Option<FlowReport> = None;
             for _ in 0..reps.max(1) {
-                // memcpy measured between the runs, so both see the same machine state.
-                memcpy = memcpy.max(crate::rdma::memcpy_bw(
+                // Both references measured between the runs, so they see the same machine state.
+                memcpy = memcpy.max(memcpy_once(&w, &flow, size, chunk)?);
+                memcpy_hot = memcpy_hot.max(crate::rdma::memcpy_bw(
                     &a.window(),
                     &b.window(),
                     size,
                     size,
-                    Duration::from_millis(100),
+                    Duration::from_millis(50),
                 ));
                 let r = run_flow(&w, &flow, &o)?;
                 if !r.is_clean() {
@@ -877,6 +991,8 @@ pub fn bench(size: u64, chunk: u64, reps: u32) -> Result<BenchReport> {
         size,
         chunk,
         memcpy_gib_s: memcpy / GIB,
+        memcpy_hot_gib_s: memcpy_hot / GIB,
+        placement: w.placement_note(),
         rows,
     })
 }

@@ -65,19 +65,12 @@ impl World {
 
     /// Keep the calling thread off the NIC engines' CPUs (nothing without a placement).
     pub fn pin_host_thread(&self) {
-        if let Some(p) = &self.placement
-            && let Err(e) = cpu::pin_current(&p.host)
-        {
-            tracing::warn!(error = %e, "host thread left unpinned");
-        }
+        pin_host_thread(self.placement.as_ref());
     }
 
     /// How the run was placed, for reports.
     pub fn placement_note(&self) -> String {
-        match &self.placement {
-            Some(p) => p.to_string(),
-            None => "threads left to the scheduler (NIC engines share cores with the host)".into(),
-        }
+        placement_note(self.placement.as_ref())
     }
 
     /// `n` connected QP pairs between A and B.
@@ -110,5 +103,22 @@ impl Host {
         let nic = self.nic_dev;
         self.pd
             .import(name, opts, None, |i, acc| mem.attach(i, nic, acc))
+    }
+}
+
+/// Keep the calling thread off the NIC engines' CPUs (nothing without a placement).
+pub(crate) fn pin_host_thread(placement: Option<&Placement>) {
+    if let Some(p) = placement
+        && let Err(e) = cpu::pin_current(&p.host)
+    {
+        tracing::warn!(error = %e, "host thread left unpinned");
+    }
+}
+
+/// How a run was placed, for reports.
+pub(crate) fn placement_note(placement: Option<&Placement>) -> String {
+    match placement {
+        Some(p) => p.to_string(),
+        None => "threads left to the scheduler (NIC engines share cores with the host)".into(),
     }
 }

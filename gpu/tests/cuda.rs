@@ -297,6 +297,37 @@ impl HostBuf {
     fn import(&self, gpu: &Gpu, name: &str) -> dmaplane_gpu::Result<PeerMemory> {
         gpu.import(name, ImporterKind::Pinned, |i, a| self.attach(i, a))
     }
+
+    /// Import `[off, off + len)` of the buffer as one range.
+    fn import_slice(
+        &self,
+        gpu: &Gpu,
+        name: &str,
+        off: u64,
+        len: u64,
+    ) -> dmaplane_gpu::Result<PeerMemory> {
+        let va = self.mem.process_va() + off;
+        gpu.import(name, ImporterKind::Pinned, |i, accepts| {
+            let offers = [Offer {
+                space: AddrSpace::ProcessVa,
+                hints: Hints::HOST_MEMORY,
+            }];
+            self.export.attach(i, &offers, accepts, |n| {
+                // Byte granule: the slices start and end mid-page.
+                let list = AddrList::new(
+                    n.offer.space,
+                    n.offer.hints,
+                    1,
+                    vec![DmaRange::new(va, len)],
+                )
+                .map_err(|e| AttachError::Exporter {
+                    export: self.export.name().to_string(),
+                    what: e.to_string(),
+                })?;
+                Ok((list, None))
+            })
+        })
+    }
 }
 
 /// An importer of device memory that signals its fence (or, lying, never does).
@@ -481,6 +512,55 @@ fn gpu_host_registration_and_copies_check_every_byte() {
     mem.free(SECOND).unwrap();
 }
 
+/// Imports of overlapping slices of one buffer: the second registers only the pages the first
+/// did not (the driver refuses any overlap), copies across the seam are cut at it, and the
+/// shared registration outlives the import that made it. The fake driver aborts on a copy that
+/// leaves one registration and on unregistering what is not registered.
+#[test]
+fn gpu_overlapping_imports_share_pages_and_register_only_the_gaps() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let mib: u64 = 1 << 20;
+    let host = HostBuf::new("overlap", 4 * mib);
+    let bytes = pattern((4 * mib) as usize, 9);
+    assert!(host.mem.write(0, &bytes));
+    let mem = gpu.alloc("overlap-dev", 3 * mib).unwrap();
+    // Unaligned ends: the slices' pages overlap by a page more than their bytes do.
+    let a = host
+        .import_slice(&gpu, "first", 100, 3 * mib - 200)
+        .unwrap();
+    let b = host
+        .import_slice(&gpu, "second", mib + 100, 3 * mib - 100)
+        .unwrap();
+    let check = |peer: &PeerMemory, off: u64| {
+        let n = peer.len();
+        gpu.copy(Loc::Peer(peer, 0), Loc::Mem(&mem, 0), n).unwrap();
+        let mut got = vec![0u8; n as usize];
+        mem.read(0, &mut got).unwrap();
+        assert_eq!(
+            first_mismatch(&got, &bytes[off as usize..(off + n) as usize]),
+            None,
+            "{}",
+            peer.name()
+        );
+    };
+    check(&a, 100);
+    check(&b, mib + 100);
+    // The first import's registration now serves only the second.
+    drop(a);
+    check(&b, mib + 100);
+    // Device to host across the seam, every byte checked in the buffer.
+    let dev = pattern((3 * mib) as usize, 77);
+    mem.write(0, &dev).unwrap();
+    gpu.copy(Loc::Mem(&mem, 0), Loc::Peer(&b, 0), b.len())
+        .unwrap();
+    let mut now = vec![0u8; (4 * mib) as usize];
+    assert!(host.mem.read(0, &mut now));
+    let landed = &now[(mib + 100) as usize..];
+    assert_eq!(first_mismatch(landed, &dev[..landed.len()]), None);
+    drop(b);
+    mem.free(SECOND).unwrap();
+}
+
 #[test]
 fn gpu_device_to_device_copy() {
     let Some(gpu) = gpu_or_skip() else { return };
@@ -506,6 +586,14 @@ fn gpu_device_to_device_copy() {
         None
     );
     assert!(got[77 + 65_539..].iter().all(|&x| x == 0));
+    // Overlapping source and destination (undefined for cuMemcpy) are refused.
+    let e = gpu
+        .copy(Loc::Mem(&a, 0), Loc::Mem(&a, 4096), 8192)
+        .unwrap_err();
+    assert!(
+        matches!(e, GpuError::Invalid { field: "dst", .. }) && e.to_string().contains("overlaps"),
+        "{e}"
+    );
     // The raw copy engine refuses addresses outside live allocations and registrations.
     let e = gpu.backend().copy(0x1000, 0x2000, 16).unwrap_err();
     assert!(matches!(e, GpuError::Invalid { field: "src", .. }), "{e}");

@@ -50,12 +50,20 @@ pub enum BenchCmd {
         /// Runs per row (the best is reported).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
         reps: u32,
+        /// Leave every thread to the scheduler (see `bench rdma --no-pin`).
+        #[arg(long)]
+        no_pin: bool,
     },
 }
 
 pub fn run(cmd: &BenchCmd, json: bool) -> Result<()> {
     match cmd {
-        BenchCmd::P2p { size, chunk, reps } => crate::p2p_bench::run(*size, *chunk, *reps, json),
+        BenchCmd::P2p {
+            size,
+            chunk,
+            reps,
+            no_pin,
+        } => crate::p2p_bench::run(*size, *chunk, *reps, *no_pin, json),
         BenchCmd::Sgl { iters, scenario } => sgl(*iters, scenario, json),
         BenchCmd::Rdma {
             sizes,

@@ -54,7 +54,7 @@ pub fn run(a: &DemoArgs, json: bool) -> Result<()> {
     }
     let start = std::time::Instant::now();
     let depth = u32::try_from(chunks.min(64)).unwrap_or(64);
-    let w = P2pWorld::new(depth * 4 + 64)?;
+    let w = P2pWorld::new(depth * 4 + 64, None)?;
     let mut flows = Vec::new();
     for (i, (_, flow)) in testbed_flows().into_iter().enumerate() {
         let o = FlowOptions {

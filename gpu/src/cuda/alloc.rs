@@ -88,8 +88,17 @@ impl CudaAlloc {
                      64 KiB GPU pages"
                 ),
             })?;
-        gpu.ctx.bind()?;
+        let bound = gpu.ctx.bind()?;
         let (base, dptr) = alloc_aligned(&gpu, name, size, span)?;
+        if let Err(e) = driver::set_sync_memops(base) {
+            // SAFETY: `base` was just returned by cuMemAlloc and nothing else holds it.
+            let _ = unsafe { result::free_sync(base) };
+            return Err(gpu.ctx.err_with(
+                "cuPointerSetAttribute",
+                format!("SYNC_MEMOPS on {name}"),
+                e,
+            ));
+        }
         let Some(range) = gpu.ranges.add(dptr, size) else {
             // Unreachable in practice: the driver returned a range that wraps.
             // SAFETY: `base` was just returned by cuMemAlloc and nothing else holds it.
@@ -100,6 +109,7 @@ impl CudaAlloc {
                 why: format!("{name} at {dptr:#x} wraps around the address space"),
             });
         };
+        drop(bound);
         tracing::debug!(gpu = %gpu.label(), alloc = name, size, span, dptr = format_args!("{dptr:#x}"), "allocated");
         Ok(CudaAlloc {
             name: name.to_string(),
@@ -147,7 +157,7 @@ impl CudaAlloc {
         if *phase != Phase::Live {
             return Err("the allocation is freed".into());
         }
-        self.gpu.ctx.bind().map_err(|e| e.to_string())?;
+        let _bound = self.gpu.ctx.bind().map_err(|e| e.to_string())?;
         let span = usize::try_from(self.span).map_err(|e| e.to_string())?;
         let failed = |e: DriverError| {
             format!(
@@ -417,7 +427,7 @@ impl AllocBackend for CudaAlloc {
             std::mem::forget(self.gpu.clone());
             return Ok(false);
         }
-        self.gpu.ctx.bind()?;
+        let _bound = self.gpu.ctx.bind()?;
         *phase = Phase::Freed;
         if self.dmabuf.get().is_some_and(|d| d.is_ok()) {
             self.gpu.bar1_mapped.fetch_sub(self.span, Ordering::Relaxed);
@@ -444,7 +454,7 @@ impl AllocBackend for CudaAlloc {
         if data.is_empty() {
             return Ok(());
         }
-        self.gpu.ctx.bind()?;
+        let _bound = self.gpu.ctx.bind()?;
         // SAFETY: `[dst, dst + data.len())` lies in this live allocation (bounds checked, and the
         // read lock keeps release out until the copy has finished); `data` is a valid slice.
         unsafe { result::memcpy_htod_sync(dst, data) }
@@ -465,7 +475,7 @@ impl AllocBackend for CudaAlloc {
         if buf.is_empty() {
             return Ok(());
         }
-        self.gpu.ctx.bind()?;
+        let _bound = self.gpu.ctx.bind()?;
         // SAFETY: as in `write`; `buf` is a unique borrow the driver fills.
         unsafe { result::memcpy_dtoh_sync(buf, src) }.map_err(|e| {
             self.gpu

@@ -12,7 +12,7 @@ use super::alloc::CudaAlloc;
 use super::driver::{self, DMABUF_MIN_VERSION};
 use super::pci;
 use super::ranges::CopyRanges;
-use super::register::HostRegistration;
+use super::register::{self, HostRegistration};
 use crate::backend::{AllocBackend, BackendKind, DmaBufSupport, GpuBackend, GpuInfo, Registration};
 use crate::device::Gpu;
 use crate::error::{GpuError, Result};
@@ -23,7 +23,9 @@ pub(super) fn label(ordinal: u32) -> String {
 }
 
 /// A retained primary context. The driver API is thread safe and a primary context may be
-/// current on any number of threads, so every call binds it first ([`Context::bind`]).
+/// current on any number of threads, so every call binds it first ([`Context::bind`]), and
+/// puts back what was current when done: a thread that also runs the CUDA runtime (PyTorch,
+/// NCCL) on another device must not find its calls landing in this context.
 #[derive(Debug)]
 pub(super) struct Context {
     pub(super) ordinal: u32,
@@ -55,10 +57,12 @@ impl Context {
         })
     }
 
-    /// Make the context current on the calling thread.
-    pub(super) fn bind(&self) -> Result<()> {
-        // SAFETY: `ctx` is this device's primary context, retained for as long as `self` lives.
-        unsafe { result::ctx::set_current(self.ctx) }.map_err(|e| self.err("cuCtxSetCurrent", e))
+    /// Make the context current on the calling thread until the guard drops.
+    pub(super) fn bind(&self) -> Result<Bound<'_>> {
+        // SAFETY: `ctx` is this device's primary context, retained for as long as `self` lives,
+        // which the guard's borrow outlasts.
+        unsafe { driver::ctx_push(self.ctx) }.map_err(|e| self.err("cuCtxPushCurrent", e))?;
+        Ok(Bound(self))
     }
 
     /// A failed driver call on this device.
@@ -77,6 +81,19 @@ impl Context {
             } else {
                 format!("{what}: {why}")
             },
+        }
+    }
+}
+
+/// A context made current by [`Context::bind`]; dropping it restores the previous one.
+#[must_use = "the context is current only while the guard lives"]
+#[derive(Debug)]
+pub(super) struct Bound<'a>(&'a Context);
+
+impl Drop for Bound<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = driver::ctx_pop() {
+            tracing::warn!(gpu = %self.0.label, error = %driver::describe(e), "cuCtxPopCurrent failed");
         }
     }
 }
@@ -349,22 +366,38 @@ impl GpuBackend for CudaGpu {
                 });
             }
         }
-        let n = usize::try_from(len).map_err(|_| GpuError::Invalid {
-            field: "len",
-            value: len.to_string(),
-            why: "larger than this machine's address space".into(),
-        })?;
-        s.ctx.bind()?;
-        // SAFETY: each range lies in one live allocation of this device or one live host
-        // registration, checked against the table their owners keep; `admitted` holds the table
-        // until the (synchronous) copy has finished, and owners leave it before cuMemFree or
-        // cuMemHostUnregister. No Rust reference aliases device memory or registered host memory:
-        // both are written only through raw pointers and the driver.
-        let copied = unsafe { driver::memcpy(dst, src, n) };
+        if src < dst.saturating_add(len) && dst < src.saturating_add(len) {
+            return Err(GpuError::Invalid {
+                field: "dst",
+                value: format!("{dst:#x}+{len:#x}"),
+                why: format!(
+                    "overlaps the source {src:#x}+{len:#x}; cuMemcpy leaves that undefined"
+                ),
+            });
+        }
+        if usize::try_from(len).is_err() {
+            return Err(GpuError::Invalid {
+                field: "len",
+                value: len.to_string(),
+                why: "larger than this machine's address space".into(),
+            });
+        }
+        let _bound = s.ctx.bind()?;
+        // One call per piece that stays inside one host registration on each side.
+        for (off, n) in register::pieces(src, dst, len) {
+            // SAFETY: each range lies in one live allocation of this device or one live host
+            // registration, checked against the table their owners keep (a piece lies inside its
+            // range); `admitted` holds the table until the (synchronous) copies have finished,
+            // and owners leave it before cuMemFree or cuMemHostUnregister. No Rust reference
+            // aliases device memory or registered host memory: both are written only through raw
+            // pointers and the driver. `n <= len` fits usize (checked above).
+            let copied = unsafe { driver::memcpy(dst + off, src + off, n as usize) };
+            copied.map_err(|e| {
+                s.ctx
+                    .err_with("cuMemcpy", format!("{src:#x} -> {dst:#x}, {len} bytes"), e)
+            })?;
+        }
         drop(admitted);
-        copied.map_err(|e| {
-            s.ctx
-                .err_with("cuMemcpy", format!("{src:#x} -> {dst:#x}, {len} bytes"), e)
-        })
+        Ok(())
     }
 }

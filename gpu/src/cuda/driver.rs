@@ -32,7 +32,9 @@ const REQUIRED: &[&str] = &[
     "cuDeviceGetAttribute",
     "cuDevicePrimaryCtxRetain",
     "cuDevicePrimaryCtxRelease_v2",
-    "cuCtxSetCurrent",
+    "cuCtxPushCurrent_v2",
+    "cuCtxPopCurrent_v2",
+    "cuPointerSetAttribute",
     "cuMemAlloc_v2",
     "cuMemFree_v2",
     "cuMemGetInfo_v2",
@@ -171,7 +173,7 @@ fn load() -> Driver {
         };
     }
     let version = driver_version().ok();
-    let init = result::init().map_err(describe);
+    let init = init();
     tracing::debug!(?path, ?version, ?init, dmabuf_symbol, "CUDA driver loaded");
     Driver {
         library: Library::Loaded { path },
@@ -179,6 +181,59 @@ fn load() -> Driver {
         version,
         dmabuf_symbol,
     }
+}
+
+/// `cuInit(0)`, called through its C signature rather than cudarc's: the first call is where a
+/// driver newer than the bindings answers with a code the bindings' enum lacks (as 13.x's
+/// `CUDA_ERROR_FABRIC_NOT_READY`), and an unknown value in a Rust enum is undefined behaviour.
+/// The error names the code as the driver does.
+fn init() -> std::result::Result<(), String> {
+    type Init = unsafe extern "C" fn(u32) -> u32;
+    type Name = unsafe extern "C" fn(u32, *mut *const c_char) -> u32;
+    // SAFETY: only called after `is_culib_present` and the REQUIRED check found both symbols;
+    // these are their C signatures (CUresult is a 32-bit C enum).
+    let (init, name, string) = unsafe {
+        let lib = sys::culib();
+        match (
+            lib.get::<Init>(b"cuInit"),
+            lib.get::<Name>(b"cuGetErrorName"),
+            lib.get::<Name>(b"cuGetErrorString"),
+        ) {
+            (Ok(i), Ok(n), Ok(s)) => (*i, *n, *s),
+            _ => return Err("libcuda lacks cuInit or cuGetErrorName".into()),
+        }
+    };
+    // SAFETY: cuInit takes flags 0 and may be called any number of times.
+    let code = unsafe { init(0) };
+    if code == 0 {
+        return Ok(());
+    }
+    let text = |f: Name| {
+        let mut p: *const c_char = std::ptr::null();
+        // SAFETY: the driver stores a pointer to a static NUL-terminated string, or fails.
+        if unsafe { f(code, &mut p) } != 0 || p.is_null() {
+            return None;
+        }
+        // SAFETY: non-null and NUL-terminated, per the driver's contract; static storage.
+        Some(
+            unsafe { std::ffi::CStr::from_ptr(p) }
+                .to_string_lossy()
+                .into_owned(),
+        )
+    };
+    let mut why = match (text(name), text(string)) {
+        (Some(n), Some(s)) => format!("{n} ({s})"),
+        (Some(n), None) => n,
+        _ => format!("CUresult {code}"),
+    };
+    if code == sys::CUresult::CUDA_ERROR_STUB_LIBRARY as u32 {
+        why.push_str(&format!(
+            "; {} is the CUDA toolkit's link-time stub, not the driver: take its directory \
+             (.../stubs) out of LD_LIBRARY_PATH",
+            loaded_path().as_deref().unwrap_or("the libcuda loaded")
+        ));
+    }
+    Err(why)
 }
 
 /// The names cudarc tries, in its order, without repeats.
@@ -292,6 +347,40 @@ pub(super) fn dmabuf_fd(dptr: u64, size: usize, flags: u64) -> Result<OwnedFd, D
     }
     // SAFETY: on success the driver returns a new open file descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `cuCtxPushCurrent(ctx)`: make `ctx` current on this thread, above what was.
+///
+/// # Safety
+/// `ctx` must be a live context (a retained primary context).
+pub(super) unsafe fn ctx_push(ctx: sys::CUcontext) -> Result<(), DriverError> {
+    // SAFETY: the caller guarantees `ctx` is live.
+    unsafe { sys::cuCtxPushCurrent_v2(ctx) }.result()
+}
+
+/// `cuCtxPopCurrent`: back to the context that was current before the matching push.
+pub(super) fn ctx_pop() -> Result<(), DriverError> {
+    let mut popped: sys::CUcontext = std::ptr::null_mut();
+    // SAFETY: the driver writes one handle through a pointer to a live local; with nothing
+    // pushed it fails rather than misbehaves.
+    unsafe { sys::cuCtxPopCurrent_v2(&mut popped) }.result()
+}
+
+/// `cuPointerSetAttribute(1, CU_POINTER_ATTRIBUTE_SYNC_MEMOPS, dptr)`: every synchronous memory
+/// operation on the allocation completes before it returns, which a NIC reading or writing it
+/// through a dma-buf relies on (as GPUDirect RDMA's guidance asks). Needs a current context.
+pub(super) fn set_sync_memops(dptr: u64) -> Result<(), DriverError> {
+    let one: u32 = 1;
+    // SAFETY: the attribute takes a pointer to an unsigned int, read during the call; the driver
+    // fails on a pointer that is not device memory of the current context.
+    unsafe {
+        sys::cuPointerSetAttribute(
+            (&one as *const u32).cast::<c_void>(),
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_SYNC_MEMOPS,
+            dptr,
+        )
+    }
+    .result()
 }
 
 /// `cuMemHostRegister(addr, len, flags)`: pin (or, with IOMEMORY, map) a range of this process's

@@ -42,6 +42,8 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static int inited, retains;
 static char the_context;
 static __thread void *current;
+static __thread void *pushed[16];
+static __thread int depth;
 static struct { uintptr_t ptr; size_t len; int live; } allocs[SLOTS];
 static struct { uintptr_t ptr; size_t len; int live; } regs[SLOTS];
 static size_t used;
@@ -88,8 +90,16 @@ CUresult cuDriverGetVersion(int *v) {
 }
 
 CUresult cuGetErrorName(CUresult e, const char **s) {
-  (void)e;
-  *s = "CUDA_ERROR_FAKE";
+  switch (e) {
+    case INVALID_VALUE: *s = "CUDA_ERROR_INVALID_VALUE"; break;
+    case OUT_OF_MEMORY: *s = "CUDA_ERROR_OUT_OF_MEMORY"; break;
+    case NO_DEVICE: *s = "CUDA_ERROR_NO_DEVICE"; break;
+    case INVALID_DEVICE: *s = "CUDA_ERROR_INVALID_DEVICE"; break;
+    case INVALID_CONTEXT: *s = "CUDA_ERROR_INVALID_CONTEXT"; break;
+    case ALREADY_REGISTERED: *s = "CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED"; break;
+    case NOT_SUPPORTED: *s = "CUDA_ERROR_NOT_SUPPORTED"; break;
+    default: return INVALID_VALUE;  // as the driver does for a code it does not know
+  }
   return OK;
 }
 
@@ -176,6 +186,36 @@ CUresult cuCtxSetCurrent(CUcontext c) {
   if (retains <= 0) die("cuCtxSetCurrent of a released context");
   current = c;
   return OK;
+}
+
+// The backend pushes its context around every call and pops it after, so a thread's own
+// context (the CUDA runtime's, say) is back in place when it returns.
+CUresult cuCtxPushCurrent_v2(CUcontext c) {
+  if (c != &the_context) die("cuCtxPushCurrent of a context this driver never made");
+  if (retains <= 0) die("cuCtxPushCurrent of a released context");
+  if (depth == 16) die("cuCtxPushCurrent 16 deep: a pop is missing");
+  pushed[depth++] = current;
+  current = c;
+  return OK;
+}
+
+CUresult cuCtxPopCurrent_v2(CUcontext *c) {
+  if (depth == 0) die("cuCtxPopCurrent without a push");
+  if (c) *c = current;
+  current = pushed[--depth];
+  return OK;
+}
+
+// Only SYNC_MEMOPS (6) on a live allocation, with the value 1.
+CUresult cuPointerSetAttribute(const void *value, int attr, CUdeviceptr p) {
+  CUresult r = need_ctx();
+  if (r) return r;
+  if (attr != 6) die("cuPointerSetAttribute of an attribute other than SYNC_MEMOPS");
+  if (*(const unsigned *)value != 1) die("SYNC_MEMOPS set to a value other than 1");
+  pthread_mutex_lock(&mu);
+  int i = find_alloc(p, 1);
+  pthread_mutex_unlock(&mu);
+  return i < 0 ? INVALID_VALUE : OK;
 }
 
 CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t n) {

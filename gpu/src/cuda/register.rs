@@ -2,11 +2,16 @@
 //! peer's MMIO mapping) registered with `cuMemHostRegister`.
 //!
 //! Registration is per process (`PORTABLE`: every context sees it), and the driver refuses to
-//! register pages twice. So registrations are counted per page-rounded span in one table for the
-//! process: the same buffer imported twice (by two GPUs, or again by a refresh before the old
-//! registration is dropped) shares one driver registration, unregistered with the last user. A
-//! span the driver reports as registered already, by someone outside this table, is used as it
-//! is and never unregistered here.
+//! register a page twice (`CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED`, even for a partial
+//! overlap). So every driver registration this backend makes is counted in one table for the
+//! process, and the table's registrations never overlap: a list whose pages are partly
+//! registered already takes a count on those registrations and registers only the gaps between
+//! them. A registration is unregistered with its last user, in the context of the GPU that made
+//! it (kept alive until then). A gap the driver reports as registered already, by someone
+//! outside this table, is used as it is and never unregistered here.
+//!
+//! A copy may then cross from one registration into the next; the driver resolves a host
+//! pointer to one registration, so [`pieces`] cuts copies at their boundaries.
 //!
 //! Copies need no translation: under unified addressing the copy engine takes the host address
 //! itself (`cuMemcpy` infers the direction from the pointers, and for registered memory the
@@ -25,18 +30,66 @@ use super::ranges::RangeKey;
 use crate::backend::Registration;
 use crate::error::{GpuError, Result};
 
-/// A span registered with the driver and its users.
+/// A driver registration and its users.
 #[derive(Debug)]
 struct Span {
+    len: u64,
     refs: u32,
-    /// Registered by this table (and so unregistered by it).
-    owned: bool,
+    /// The GPU whose context registered it (and unregisters it); `None` when it was registered
+    /// outside this table and is only used here.
+    owner: Option<Arc<GpuShared>>,
 }
 
-/// Every span registered through this backend, by `(start, len)`.
-fn spans() -> MutexGuard<'static, BTreeMap<(u64, u64), Span>> {
-    static SPANS: Mutex<BTreeMap<(u64, u64), Span>> = Mutex::new(BTreeMap::new());
+impl Span {
+    fn end(&self, start: u64) -> u64 {
+        start + self.len
+    }
+}
+
+type Table = BTreeMap<u64, Span>;
+
+/// Every driver registration made through this backend, by start address; they never overlap.
+fn spans() -> MutexGuard<'static, Table> {
+    static SPANS: Mutex<Table> = Mutex::new(BTreeMap::new());
     SPANS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `(start, end)` of the registrations overlapping `[s, e)`, ascending.
+fn overlapping(table: &Table, s: u64, e: u64) -> Vec<(u64, u64)> {
+    // Sorted by start and disjoint, so ends are sorted too: walk back from the last start
+    // below `e` while the registration still reaches past `s`.
+    let mut v: Vec<(u64, u64)> = table
+        .range(..e)
+        .rev()
+        .map(|(&a, sp)| (a, sp.end(a)))
+        .take_while(|&(_, b)| b > s)
+        .collect();
+    v.reverse();
+    v
+}
+
+/// The pieces `(offset, len)` a copy of `len` bytes between `src` and `dst` must be cut into so
+/// that neither side of a piece crosses from one host registration into another.
+pub(super) fn pieces(src: u64, dst: u64, len: u64) -> Vec<(u64, u64)> {
+    let mut cuts = vec![0, len];
+    {
+        let table = spans();
+        for base in [src, dst] {
+            let Some(end) = base.checked_add(len) else {
+                continue;
+            };
+            for (a, b) in overlapping(&table, base, end) {
+                for edge in [a, b] {
+                    if edge > base && edge < end {
+                        cuts.push(edge - base);
+                    }
+                }
+            }
+        }
+    }
+    cuts.sort_unstable();
+    cuts.dedup();
+    cuts.windows(2).map(|w| (w[0], w[1] - w[0])).collect()
 }
 
 /// The host's page size, from the auxiliary vector (`AT_PAGESZ`); 4 KiB if it cannot be read.
@@ -80,8 +133,8 @@ fn page_spans(ranges: impl IntoIterator<Item = (u64, u64)>, page: u64) -> Option
 pub(super) struct HostRegistration {
     gpu: Arc<GpuShared>,
     name: String,
-    /// Keys of the process table this registration holds a count on.
-    spans: Vec<(u64, u64)>,
+    /// Starts of the process table's registrations this one holds a count on.
+    spans: Vec<u64>,
     /// The list's ranges in the GPU's copy table.
     ranges: Vec<RangeKey>,
 }
@@ -125,43 +178,27 @@ impl HostRegistration {
             spans: Vec::with_capacity(wanted.len()),
             ranges: Vec::with_capacity(list.len()),
         };
-        reg.gpu.ctx.bind()?;
         {
+            let gpu = reg.gpu.clone();
+            let _bound = gpu.ctx.bind()?;
+            // Dropped before `reg` on an early return: its drop takes the table again.
             let mut table = spans();
             for (start, len) in wanted {
-                if let Some(s) = table.get_mut(&(start, len)) {
-                    s.refs += 1;
-                    reg.spans.push((start, len));
-                    continue;
+                let end = start + len;
+                let mut at = start;
+                for (a, b) in overlapping(&table, start, end) {
+                    if a > at {
+                        reg.register_gap(&mut table, at, a - at, flags)?;
+                    }
+                    if let Some(sp) = table.get_mut(&a) {
+                        sp.refs += 1;
+                        reg.spans.push(a);
+                    }
+                    at = at.max(b);
                 }
-                let bytes = usize::try_from(len).map_err(|_| GpuError::Invalid {
-                    field: "list",
-                    value: format!("{start:#x}+{len:#x}"),
-                    why: "larger than this machine's address space".into(),
-                })?;
-                let owned = match driver::host_register(start, bytes, flags) {
-                    Ok(()) => true,
-                    Err(e) if e.0 == sys::CUresult::CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED => {
-                        tracing::debug!(gpu = %reg.gpu.label(), name, start = format_args!("{start:#x}"), len, "span registered elsewhere already: used as it is");
-                        false
-                    }
-                    Err(e) => {
-                        let hint = if mmio {
-                            " (IOMEMORY needs a mapping of a device BAR, VM_IO|VM_PFNMAP)"
-                        } else {
-                            ""
-                        };
-                        // `reg` drops here and gives back the spans taken so far.
-                        drop(table);
-                        return Err(reg.gpu.ctx.err_with(
-                            "cuMemHostRegister",
-                            format!("{name}: [{start:#x}, +{len:#x}) flags {flags:#x}{hint}"),
-                            e,
-                        ));
-                    }
-                };
-                table.insert((start, len), Span { refs: 1, owned });
-                reg.spans.push((start, len));
+                if at < end {
+                    reg.register_gap(&mut table, at, end - at, flags)?;
+                }
             }
         }
         for r in list.ranges() {
@@ -172,6 +209,54 @@ impl HostRegistration {
         }
         tracing::debug!(gpu = %reg.gpu.label(), name, ranges = list.len(), spans = reg.spans.len(), mmio, "host memory registered");
         Ok(reg)
+    }
+}
+
+impl HostRegistration {
+    /// Register `[start, start + len)`, which no registration of the table covers, and take
+    /// the first count on it. On error the caller drops `self`, giving back what it took.
+    fn register_gap(&mut self, table: &mut Table, start: u64, len: u64, flags: u32) -> Result<()> {
+        let mmio = flags & sys::CU_MEMHOSTREGISTER_IOMEMORY != 0;
+        let bytes = usize::try_from(len).map_err(|_| GpuError::Invalid {
+            field: "list",
+            value: format!("{start:#x}+{len:#x}"),
+            why: "larger than this machine's address space".into(),
+        })?;
+        let owner = match driver::host_register(start, bytes, flags) {
+            Ok(()) => Some(self.gpu.clone()),
+            Err(e) if e.0 == sys::CUresult::CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED => {
+                // Registered outside this table; if only in part, the rest of the gap is not
+                // pinned, and copies through it take the driver's pageable path.
+                tracing::warn!(gpu = %self.gpu.label(), name = %self.name, start = format_args!("{start:#x}"), len, "pages registered outside dmaplane already: used as they are");
+                None
+            }
+            Err(e) => {
+                let hint = if mmio {
+                    " (IOMEMORY takes a mapping of a device BAR, VM_IO|VM_PFNMAP, and the driver \
+                     may refuse it without root or CAP_SYS_ADMIN)"
+                } else {
+                    ""
+                };
+                return Err(self.gpu.ctx.err_with(
+                    "cuMemHostRegister",
+                    format!(
+                        "{}: [{start:#x}, +{len:#x}) flags {flags:#x}{hint}",
+                        self.name
+                    ),
+                    e,
+                ));
+            }
+        };
+        table.insert(
+            start,
+            Span {
+                len,
+                refs: 1,
+                owner,
+            },
+        );
+        self.spans.push(start);
+        Ok(())
     }
 }
 
@@ -187,30 +272,28 @@ impl Drop for HostRegistration {
         for key in self.ranges.drain(..) {
             self.gpu.ranges.remove(key);
         }
-        if self.spans.is_empty() {
-            return;
-        }
-        let bound = self.gpu.ctx.bind();
         let mut table = spans();
         for key in self.spans.drain(..) {
-            let Some(s) = table.get_mut(&key) else {
+            let Some(sp) = table.get_mut(&key) else {
                 continue;
             };
-            s.refs -= 1;
-            if s.refs > 0 {
+            sp.refs -= 1;
+            if sp.refs > 0 {
                 continue;
             }
-            let owned = s.owned;
-            table.remove(&key);
-            if !owned {
+            let Some(sp) = table.remove(&key) else {
                 continue;
-            }
-            let res = match &bound {
-                Ok(()) => driver::host_unregister(key.0).map_err(driver::describe),
+            };
+            let Some(owner) = sp.owner else {
+                continue;
+            };
+            // Unregistered in the context that registered it, whichever GPU drops it last.
+            let res = match owner.ctx.bind() {
+                Ok(_bound) => driver::host_unregister(key).map_err(driver::describe),
                 Err(e) => Err(e.to_string()),
             };
             if let Err(why) = res {
-                tracing::error!(gpu = %self.gpu.label(), name = %self.name, start = format_args!("{:#x}", key.0), len = key.1, why, "cuMemHostUnregister failed");
+                tracing::error!(gpu = %owner.label(), name = %self.name, start = format_args!("{key:#x}"), len = sp.len, why, "cuMemHostUnregister failed");
             }
         }
     }
@@ -224,6 +307,32 @@ mod tests {
     fn the_page_size_comes_from_the_auxiliary_vector() {
         let p = host_page_size();
         assert!(p.is_power_of_two() && p >= 4096, "{p}");
+    }
+
+    #[test]
+    fn overlapping_finds_exactly_the_registrations_a_range_touches() {
+        let mut t = Table::new();
+        for (start, len) in [(0x1000, 0x1000), (0x3000, 0x2000), (0x8000, 0x1000)] {
+            t.insert(
+                start,
+                Span {
+                    len,
+                    refs: 1,
+                    owner: None,
+                },
+            );
+        }
+        assert_eq!(overlapping(&t, 0x0, 0x1000), vec![]);
+        assert_eq!(
+            overlapping(&t, 0x1fff, 0x3001),
+            vec![(0x1000, 0x2000), (0x3000, 0x5000)]
+        );
+        assert_eq!(overlapping(&t, 0x2000, 0x3000), vec![]);
+        assert_eq!(
+            overlapping(&t, 0x4000, 0x9000),
+            vec![(0x3000, 0x5000), (0x8000, 0x9000)]
+        );
+        assert_eq!(overlapping(&t, 0x9000, 0xa000), vec![]);
     }
 
     #[test]
