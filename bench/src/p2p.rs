@@ -873,10 +873,8 @@ fn memcpy_once(w: &P2pWorld, flow: &Flow, size: u64, chunk: u64) -> Result<f64> 
     let engines = w.placement.as_ref().map(|p| p.engines.clone());
     let secs = std::thread::scope(|s| {
         s.spawn(|| {
-            if let Some(cpus) = &engines
-                && let Err(e) = dmaplane_core::cpu::pin_current(cpus)
-            {
-                tracing::warn!(error = %e, "memcpy reference left unpinned");
+            if let Some(cpus) = &engines {
+                crate::world::pin_thread(cpus, "memcpy reference");
             }
             let t = Instant::now();
             let mut off = 0;

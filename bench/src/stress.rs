@@ -17,7 +17,7 @@ use dmaplane_gpu::{DeviceMemory, GpuError, Peer, SimGpu};
 use dmaplane_rdma::{ImportOptions, Mr, MrAccess, Qp, QpCaps, QuiescePolicy, RdmaError};
 use serde::Serialize;
 
-use crate::traffic::{Bytes, DataPath, Export, Shared, Target, exporter};
+use crate::traffic::{Bytes, Counts, DataPath, Export, Shared, Target, exporter};
 use crate::world::World;
 
 #[derive(Debug, Clone)]
@@ -102,6 +102,39 @@ pub struct StressReport {
 }
 
 impl StressReport {
+    /// What every backend's run reports the same way, from its counts and shared state: the
+    /// post-ack accesses it saw on the data path (poison overwritten, remote-access errors) and
+    /// the shared failures. Backends add what only they see (fabric faults, device events).
+    pub fn from_run(
+        backend: &'static str,
+        cfg: &StressConfig,
+        counts: &Counts,
+        sh: &Shared,
+        start: Instant,
+    ) -> StressReport {
+        StressReport {
+            backend,
+            qps: cfg.qps,
+            depth: cfg.depth,
+            size: cfg.size,
+            posted: counts.posted,
+            completed_ok: counts.ok,
+            flushed: counts.flushed,
+            failed: counts.failed,
+            lost: counts.lost,
+            corrupt: counts.corrupt,
+            post_ack_accesses: sh.post_ack_poison.load(Ordering::Relaxed) + counts.rem_access,
+            bytes_verified: counts.bytes,
+            revokes: sh.revokes_done.load(Ordering::Relaxed),
+            revoke_latency_us: Latency::of(sh.take_latencies()),
+            revokes_timed_out: sh.timed_out.load(Ordering::Relaxed),
+            posts_refused: counts.refused,
+            seconds: start.elapsed().as_secs_f64(),
+            failures: sh.take_failures(),
+            notes: Vec::new(),
+        }
+    }
+
     pub fn is_clean(&self) -> bool {
         self.lost == 0
             && self.post_ack_accesses == 0
@@ -330,47 +363,26 @@ pub fn run_sim(
     // Every DMA the fabric refused because a grant or window was gone: an honest importer
     // never even tries one.
     let faults = |d| w.fabric.faults(d).after_revoke();
-    let post_ack = faults(w.a.nic_dev)
+    let fabric_faults = faults(w.a.nic_dev)
         + faults(w.b.nic_dev)
-        + gpu.as_ref().map_or(0, |g| faults(g.device_id()))
-        + sh.post_ack_poison.load(Ordering::Relaxed)
-        + counts.rem_access;
+        + gpu.as_ref().map_or(0, |g| faults(g.device_id()));
     let gpu_errors = std::mem::take(&mut *lock(&gpu_errors));
-    Ok(StressReport {
-        backend: "sim",
-        qps: cfg.qps,
-        depth: cfg.depth,
-        size: cfg.size,
-        posted: counts.posted,
-        completed_ok: counts.ok,
-        flushed: counts.flushed,
-        failed: counts.failed + gpu_errors.len() as u64,
-        lost: counts.lost,
-        corrupt: counts.corrupt,
-        post_ack_accesses: post_ack,
-        bytes_verified: counts.bytes,
-        revokes: sh.revokes_done.load(Ordering::Relaxed),
-        revoke_latency_us: Latency::of(sh.take_latencies()),
-        revokes_timed_out: sh.timed_out.load(Ordering::Relaxed),
-        posts_refused: counts.refused,
-        seconds: start.elapsed().as_secs_f64(),
-        failures: {
-            let mut f = sh.take_failures();
-            f.extend(gpu_errors);
-            f
-        },
-        notes: {
-            let mut n = vec![format!("placement: {}", w.placement_note())];
-            if gpu.is_some() {
-                n.push(
-                    "exporter: gpu2 device memory (BAR1, below nic1's switch), freed and \
-                     re-allocated on every revoke"
-                        .into(),
-                );
-            }
-            n
-        },
-    })
+    let mut r = StressReport::from_run("sim", cfg, &counts, &sh, start);
+    r.post_ack_accesses += fabric_faults;
+    r.failed += gpu_errors.len() as u64;
+    r.failures.extend(gpu_errors);
+    r.notes = {
+        let mut n = vec![format!("placement: {}", w.placement_note())];
+        if gpu.is_some() {
+            n.push(
+                "exporter: gpu2 device memory (BAR1, below nic1's switch), freed and \
+                 re-allocated on every revoke"
+                    .into(),
+            );
+        }
+        n
+    };
+    Ok(r)
 }
 
 struct SetOnDrop<'a>(&'a AtomicBool);

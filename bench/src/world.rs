@@ -108,10 +108,15 @@ impl Host {
 
 /// Keep the calling thread off the NIC engines' CPUs (nothing without a placement).
 pub(crate) fn pin_host_thread(placement: Option<&Placement>) {
-    if let Some(p) = placement
-        && let Err(e) = cpu::pin_current(&p.host)
-    {
-        tracing::warn!(error = %e, "host thread left unpinned");
+    if let Some(p) = placement {
+        pin_thread(&p.host, "host thread");
+    }
+}
+
+/// Pin the calling thread to `cpus`; a failure leaves it to the scheduler, with a warning.
+pub(crate) fn pin_thread(cpus: &[usize], what: &str) {
+    if let Err(e) = cpu::pin_current(cpus) {
+        tracing::warn!(error = %e, "{what} left unpinned");
     }
 }
 

@@ -38,7 +38,7 @@ mod imp {
     use std::time::{Duration, Instant};
 
     use anyhow::{Context, Result, bail};
-    use dmaplane_bench::stress::{Latency, StressConfig, StressReport};
+    use dmaplane_bench::stress::{StressConfig, StressReport};
     use dmaplane_bench::traffic::{
         Bytes, DataPath, Export as StressExport, Shared, Target, exporter,
     };
@@ -318,29 +318,11 @@ mod imp {
                 stats.holders_cut_off,
                 holder.dev.stats().qps_flushed,
             ));
-            Ok(StressReport {
-                backend: "verbs",
-                qps: cfg.qps,
-                depth: cfg.depth,
-                size: cfg.size,
-                posted: counts.posted,
-                completed_ok: counts.ok,
-                flushed: counts.flushed,
-                failed: counts.failed,
-                lost: counts.lost,
-                corrupt: counts.corrupt,
-                post_ack_accesses: sh.post_ack_poison.load(Ordering::Relaxed)
-                    + counts.rem_access
-                    + access_events,
-                bytes_verified: counts.bytes,
-                revokes: sh.revokes_done.load(Ordering::Relaxed),
-                revoke_latency_us: Latency::of(sh.take_latencies()),
-                revokes_timed_out: sh.timed_out.load(Ordering::Relaxed) + stats.holders_cut_off,
-                posts_refused: counts.refused,
-                seconds: start.elapsed().as_secs_f64(),
-                failures: sh.take_failures(),
-                notes,
-            })
+            let mut r = StressReport::from_run("verbs", cfg, &counts, &sh, start);
+            r.post_ack_accesses += access_events;
+            r.revokes_timed_out += stats.holders_cut_off;
+            r.notes = notes;
+            Ok(r)
         })?;
         // Close the lease links before the devices go (the receivers hold device handles).
         drop((hlink, olink));
