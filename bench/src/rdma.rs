@@ -237,6 +237,7 @@ fn measure(cfg: &RdmaBenchConfig, progress: &dyn Progress) -> Result<RdmaReport,
                 deadline: Duration::from_secs(1),
                 placement: cfg.placement.clone(),
                 exporter: crate::stress::ExporterKind::Host,
+                inject: None,
             },
             &|_| {},
         )?)

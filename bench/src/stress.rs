@@ -11,10 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dmaplane_core::cpu::Placement;
-use dmaplane_core::fabric::{HostMemory, WindowHandle};
+use dmaplane_core::fabric::{HostMemory, Verdict, WindowHandle};
 use dmaplane_core::{Exporter, ImporterKind, RevokeReport};
 use dmaplane_gpu::{DeviceMemory, GpuError, Peer, SimGpu};
-use dmaplane_rdma::{ImportOptions, Mr, MrAccess, Qp, QpCaps, QuiescePolicy, RdmaError};
+use dmaplane_rdma::{Fault, ImportOptions, Mr, MrAccess, Qp, QpCaps, QuiescePolicy, RdmaError};
 use serde::Serialize;
 
 use crate::traffic::{Bytes, Counts, DataPath, Export, Shared, Target, exporter};
@@ -37,6 +37,105 @@ pub struct StressConfig {
     pub placement: Option<Placement>,
     /// Whose memory is revoked: host memory (moved) or GPU memory (freed and re-allocated).
     pub exporter: ExporterKind,
+    /// Break the protocol on purpose: the run must then fail, naming what broke.
+    pub inject: Option<Inject>,
+}
+
+/// What `stress revoke --inject` breaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
+pub enum Inject {
+    /// The importer (the target's NIC) or the lease holder (the writer's NIC) misbehaves.
+    Rdma(Fault),
+    /// The exporter reuses its memory before its revoke report (the ack) is out.
+    FreeBeforeAck,
+}
+
+impl Inject {
+    pub fn all() -> Vec<Inject> {
+        let mut v: Vec<Inject> = Fault::ALL.into_iter().map(Inject::Rdma).collect();
+        v.push(Inject::FreeBeforeAck);
+        v
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Inject::Rdma(f) => f.name(),
+            Inject::FreeBeforeAck => "free-before-ack",
+        }
+    }
+}
+
+impl From<Inject> for String {
+    fn from(i: Inject) -> String {
+        i.name().to_string()
+    }
+}
+
+impl std::fmt::Display for Inject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Inject {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Inject, String> {
+        Inject::all()
+            .into_iter()
+            .find(|i| i.name() == s)
+            .ok_or_else(|| {
+                let known: Vec<_> = Inject::all().iter().map(|i| i.name()).collect();
+                format!("unknown fault {s:?} (known: {})", known.join(", "))
+            })
+    }
+}
+
+/// Shared memory a simulated run holds at once: the source, the live target and the retired
+/// target whose poison is checked at the next revoke (each `qps × depth × size`, page-rounded).
+pub fn sim_memory_needed(cfg: &StressConfig) -> u64 {
+    let region = (cfg.qps as u64)
+        .saturating_mul(cfg.depth as u64)
+        .saturating_mul(u64::from(cfg.size))
+        .next_multiple_of(4096)
+        .max(4096);
+    region.saturating_mul(3)
+}
+
+/// Refuse at once a run that cannot fit this machine's memory (`available` bytes), saying what
+/// it needs and the deepest queue that fits.
+pub fn check_fits(cfg: &StressConfig, available: u64) -> Result<(), String> {
+    let need = sim_memory_needed(cfg);
+    // Leave a fifth for everything else the machine runs.
+    let budget = available / 5 * 4;
+    if need <= budget {
+        return Ok(());
+    }
+    let per_depth = 3 * (cfg.qps as u64) * u64::from(cfg.size);
+    let fits = budget.checked_div(per_depth).unwrap_or(0);
+    Err(format!(
+        "--qps {} × --depth {} × --size {} needs {} MiB of shared memory (source, live target and \
+         retired target), but only {} MiB are available ({} MiB usable): {}",
+        cfg.qps,
+        cfg.depth,
+        cfg.size,
+        need >> 20,
+        available >> 20,
+        budget >> 20,
+        if fits > 0 {
+            format!("at --size {} use --depth {} or less", cfg.size, fits)
+        } else {
+            "use fewer queue pairs or smaller WRITEs".into()
+        }
+    ))
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes.
+pub fn mem_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// The exporter of the simulated stress's target memory.
@@ -94,6 +193,14 @@ pub struct StressReport {
     pub revokes_timed_out: u64,
     /// Posts refused because the target was revoked (expected, not an error).
     pub posts_refused: u64,
+    /// Revokes the run was asked for (`revokes` must reach it).
+    pub revokes_asked: u64,
+    /// Lease holders the owner had to cut off (they never acknowledged).
+    pub holders_cut_off: u64,
+    /// The fabric's oracle (sim only: on verbs the kernel does the DMA and no fabric sees it).
+    pub oracle: Option<Verdict>,
+    /// The fault injected on purpose, if any.
+    pub inject: Option<Inject>,
     pub seconds: f64,
     pub failures: Vec<String>,
     /// What the run found out on the way (device, negotiated registration, ...).
@@ -129,18 +236,97 @@ impl StressReport {
             revoke_latency_us: Latency::of(sh.take_latencies()),
             revokes_timed_out: sh.timed_out.load(Ordering::Relaxed),
             posts_refused: counts.refused,
+            revokes_asked: cfg.revokes,
+            holders_cut_off: 0,
+            oracle: None,
+            inject: cfg.inject,
             seconds: start.elapsed().as_secs_f64(),
             failures: sh.take_failures(),
             notes: Vec::new(),
         }
     }
 
+    /// Every check that failed, one line each, naming the counter (and, from the oracle, the
+    /// importer); empty when the run is clean.
+    pub fn violations(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        let mut count = |name: &str, n: u64, what: &str| {
+            if n > 0 {
+                v.push(format!("{name} = {n}: {what}"));
+            }
+        };
+        count("lost", self.lost, "requests without exactly one completion");
+        count(
+            "corrupt",
+            self.corrupt,
+            "successful WRITEs whose bytes differ",
+        );
+        count("failed", self.failed, "requests or steps that failed");
+        count(
+            "post_ack_accesses",
+            self.post_ack_accesses,
+            "poisoned pages overwritten after an ack, or WRITEs refused at a zapped region",
+        );
+        count(
+            "revokes_timed_out",
+            self.revokes_timed_out,
+            "revokes where an importer missed the deadline",
+        );
+        count(
+            "holders_cut_off",
+            self.holders_cut_off,
+            "lease holders that never acknowledged a revoke",
+        );
+        if let Some(o) = &self.oracle {
+            let culprits = o
+                .by_culprit
+                .iter()
+                .map(|(k, n)| format!("{k}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let named = |what: &str| format!("{what} (by {culprits})");
+            count(
+                "dma_after_fence",
+                o.dma_after_fence,
+                &named("DMA after the importer's fence"),
+            );
+            count(
+                "dma_after_ack",
+                o.dma_after_ack,
+                &named("DMA after the exporter's ack"),
+            );
+            count(
+                "blocked_by_backstop",
+                o.blocked_by_backstop,
+                &named("accesses only step 4 stopped"),
+            );
+            count(
+                "reused_before_ack",
+                o.reused_before_ack,
+                &named("exporter touched its memory before its ack"),
+            );
+            if o.acks < self.revokes {
+                v.push(format!(
+                    "oracle saw {} acks for {} revokes: it did not watch every revoke",
+                    o.acks, self.revokes
+                ));
+            }
+        }
+        if self.revokes < self.revokes_asked {
+            v.push(format!(
+                "revokes = {} of {} asked for: the run stopped early",
+                self.revokes, self.revokes_asked
+            ));
+        }
+        if v.is_empty() && !self.failures.is_empty() {
+            v.push(format!("{} step(s) failed", self.failures.len()));
+        }
+        v
+    }
+
+    /// Nothing lost, nothing after a fence or an ack, every revoke asked for ran, no step failed.
     pub fn is_clean(&self) -> bool {
-        self.lost == 0
-            && self.post_ack_accesses == 0
-            && self.corrupt == 0
-            && self.failed == 0
-            && self.revokes_timed_out == 0
+        self.violations().is_empty()
     }
 }
 
@@ -212,8 +398,35 @@ pub fn run_sim(
     let slots = cfg.qps * cfg.depth;
     let region = slots as u64 * u64::from(cfg.size);
     let region = region.next_multiple_of(4096).max(4096);
+    if let Some(avail) = mem_available() {
+        check_fits(cfg, avail).map_err(|why| RdmaError::InvalidRegistration {
+            field: "depth",
+            value: cfg.depth.to_string(),
+            why,
+        })?;
+    }
+    if let Some(Inject::Rdma(f @ (Fault::NoZap | Fault::NoQpQuiesce))) = cfg.inject {
+        return Err(RdmaError::Unsupported {
+            op: "stress revoke --inject",
+            device: "sim".into(),
+            why: format!(
+                "{f}: the target's NIC runs no queue pair of its own on the target and no WRITE \
+                 reaches it after its lease holder's ack, so this stress could not see the \
+                 fault; rdma/tests/sim.rs shows it caught"
+            ),
+        });
+    }
     let cq_depth = u32::try_from(slots * 2 + 64).unwrap_or(u32::MAX);
     let w = World::new(cq_depth, cfg.placement.clone())?;
+    match cfg.inject {
+        // Importer faults on the target's NIC, holder faults on the writer's.
+        Some(Inject::Rdma(f @ (Fault::EarlyFence | Fault::NoZap | Fault::NoQpQuiesce))) => {
+            w.b.dev.inject(Some(f))
+        }
+        Some(Inject::Rdma(f)) => w.a.dev.inject(Some(f)),
+        Some(Inject::FreeBeforeAck) => w.fabric.inject_reuse_before_ack(true),
+        None => {}
+    }
     let caps = QpCaps {
         max_send_wr: cfg.depth as u32,
         max_recv_wr: 1,
@@ -360,17 +573,28 @@ pub fn run_sim(
         drop(exp.join());
         counts
     })?;
-    // Every DMA the fabric refused because a grant or window was gone: an honest importer
-    // never even tries one.
-    let faults = |d| w.fabric.faults(d).after_revoke();
+    // Every DMA the fabric refused: the oracle explains those the backstop stopped; any other
+    // is a bug of its own.
+    let faults = |d| w.fabric.faults(d).total();
     let fabric_faults = faults(w.a.nic_dev)
         + faults(w.b.nic_dev)
         + gpu.as_ref().map_or(0, |g| faults(g.device_id()));
+    let verdict = w.fabric.oracle().verdict();
     let gpu_errors = std::mem::take(&mut *lock(&gpu_errors));
     let mut r = StressReport::from_run("sim", cfg, &counts, &sh, start);
-    r.post_ack_accesses += fabric_faults;
     r.failed += gpu_errors.len() as u64;
     r.failures.extend(gpu_errors);
+    if fabric_faults > verdict.blocked_by_backstop {
+        r.failures.push(format!(
+            "{} DMA fault(s) on the fabric that no revoke explains",
+            fabric_faults - verdict.blocked_by_backstop
+        ));
+        r.failed += 1;
+    }
+    r.failures
+        .extend(verdict.violations.iter().take(5).cloned());
+    r.holders_cut_off = w.b.dev.stats().holders_cut_off;
+    r.oracle = Some(verdict);
     r.notes = {
         let mut n = vec![format!("placement: {}", w.placement_note())];
         if gpu.is_some() {

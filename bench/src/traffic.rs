@@ -402,7 +402,12 @@ impl DataPath<'_> {
                 }
             }
             wcs.clear();
-            self.cq.poll(&mut wcs, 1024)?;
+            if let Err(e) = self.cq.poll(&mut wcs, 1024) {
+                // Counted, never propagated: what is still in flight is reported lost below.
+                sh.fail(format!("polling the completion queue: {e}"));
+                c.failed += 1;
+                break;
+            }
             for wc in &wcs {
                 let slot = wc.wr_id as usize;
                 let Some((target, tag)) = inflight.get_mut(slot).and_then(Option::take) else {
@@ -448,7 +453,11 @@ impl DataPath<'_> {
             if wcs.is_empty() && posted_now == 0 {
                 // Nothing to do: wait for a completion instead of spinning a core away from
                 // the NIC engines and the exporter.
-                self.cq.wait(Duration::from_micros(500))?;
+                if let Err(e) = self.cq.wait(Duration::from_micros(500)) {
+                    sh.fail(format!("waiting on the completion queue: {e}"));
+                    c.failed += 1;
+                    break;
+                }
             }
             if let Some(since) = draining_since {
                 let outstanding = inflight.iter().filter(|x| x.is_some()).count();

@@ -5,11 +5,18 @@
 //! callback, later (from a completion thread) if work is in flight. The exporter waits for it only
 //! up to the deadline; an importer that has not signalled by then is cut off by force.
 
+use std::fmt;
 use std::time::Instant;
 
 use std::sync::Arc;
 
 use crate::sync::{Condvar, Mutex, lock};
+
+/// Told the moment a fence is signalled, before the exporter can see the signal: how an observer
+/// independent of the protocol (the fabric's oracle) puts the promise in its order of events.
+pub trait FenceObserver: Send + Sync + fmt::Debug {
+    fn signalled(&self, importer: &str);
+}
 
 #[derive(Debug, Clone)]
 pub struct Fence {
@@ -21,15 +28,25 @@ struct FenceInner {
     signalled: Mutex<bool>,
     cv: Condvar,
     deadline: Instant,
+    observer: Option<(Arc<dyn FenceObserver>, Arc<str>)>,
 }
 
 impl Fence {
     pub fn new(deadline: Instant) -> Fence {
+        Fence::observed(deadline, None)
+    }
+
+    /// A fence whose signal `observer` hears first, with the name of the importer it is for.
+    pub fn observed(
+        deadline: Instant,
+        observer: Option<(Arc<dyn FenceObserver>, Arc<str>)>,
+    ) -> Fence {
         Fence {
             inner: Arc::new(FenceInner {
                 signalled: Mutex::new(false),
                 cv: Condvar::new(),
                 deadline,
+                observer,
             }),
         }
     }
@@ -43,6 +60,9 @@ impl Fence {
     pub fn signal(&self) {
         let mut s = lock(&self.inner.signalled);
         if !*s {
+            if let Some((o, importer)) = &self.inner.observer {
+                o.signalled(importer);
+            }
             *s = true;
             self.inner.cv.notify_all();
         }

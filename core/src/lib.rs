@@ -24,7 +24,7 @@ mod sync;
 pub mod topology;
 
 pub use addr::{AddrList, AddrListError, AddrSpace, DmaBufId, DmaRange, SpaceKind};
-pub use fence::Fence;
+pub use fence::{Fence, FenceObserver};
 pub use gate::{Gate, Pass};
 pub use hints::{Access, Caching, Confidentiality, Hints, MemKind, Route, Snoop};
 pub use negotiate::{Accept, Negotiated, Offer, negotiate};

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::addr::AddrList;
-use crate::fence::Fence;
+use crate::fence::{Fence, FenceObserver};
 use crate::negotiate::{Accept, NegotiateError, Negotiated, Offer};
 use crate::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -87,6 +87,10 @@ pub trait Importer: Send + Sync {
 /// IOMMU mapping). Revoking it waits for accesses under way and makes every later one fail.
 pub trait AccessGrant: Send + Sync + fmt::Debug {
     fn revoke(&self);
+    /// Who must hear this importer's fence signals (the fabric's oracle); none by default.
+    fn fence_observer(&self) -> Option<Arc<dyn FenceObserver>> {
+        None
+    }
 }
 
 /// Errors an attachment reports to its importer.
@@ -207,6 +211,14 @@ struct Entry {
     kind: ImporterKind,
     list: Arc<AddrList>,
     grant: Option<Box<dyn AccessGrant>>,
+}
+
+/// One importer a revoke invalidates.
+struct Target {
+    id: AttachmentId,
+    kind: ImporterKind,
+    importer: Arc<dyn Importer>,
+    observer: Option<Arc<dyn FenceObserver>>,
 }
 
 struct Inner {
@@ -399,21 +411,31 @@ impl Export {
             }
             inner.state = State::Revoking;
             self.shared.publish(&inner);
-            let targets: Vec<(AttachmentId, ImporterKind, Arc<dyn Importer>)> = inner
+            let targets: Vec<Target> = inner
                 .entries
                 .iter()
-                .map(|e| (e.id, e.kind, e.importer.clone()))
+                .map(|e| Target {
+                    id: e.id,
+                    kind: e.kind,
+                    importer: e.importer.clone(),
+                    observer: e.grant.as_ref().and_then(|g| g.fence_observer()),
+                })
                 .collect();
             (inner.epoch, targets)
         };
         // Step 2: invalidate every importer, outside the lock.
         let fences: Vec<Fence> = targets
             .iter()
-            .map(|(id, _, importer)| {
-                let fence = Fence::new(due);
-                importer.invalidate(Invalidation {
+            .map(|t| {
+                let fence = Fence::observed(
+                    due,
+                    t.observer
+                        .clone()
+                        .map(|o| (o, Arc::from(t.importer.name()))),
+                );
+                t.importer.invalidate(Invalidation {
                     export: self.shared.name.clone(),
-                    attachment: *id,
+                    attachment: t.id,
                     epoch,
                     reason,
                     fence: fence.clone(),
@@ -423,7 +445,13 @@ impl Export {
             .collect();
         // Step 3: wait for the fences against one deadline.
         let mut importers = Vec::with_capacity(targets.len());
-        for ((id, kind, importer), fence) in targets.iter().zip(&fences) {
+        for (
+            Target {
+                id, kind, importer, ..
+            },
+            fence,
+        ) in targets.iter().zip(&fences)
+        {
             let outcome = if fence.wait() {
                 Outcome::Signalled {
                     after_us: micros(start.elapsed()),

@@ -70,6 +70,14 @@ fn model(kind: ImporterKind, lying: bool, relocate: bool) {
 
         let faults = fabric.faults(nic).total();
         assert!(u64::from(landed) + faults <= u64::from(DMAS));
+        // The oracle: nothing after a fence (no one promised falsely), nothing after the ack, and
+        // every access the backstop refused is one it stopped.
+        let v = fabric.oracle().verdict();
+        assert_eq!((v.dma_after_fence, v.dma_after_ack), (0, 0), "{v}");
+        assert_eq!(v.blocked_by_backstop, faults, "{v}");
+        if report.is_clean() {
+            assert!(v.is_clean(), "{v}");
+        }
         if lying {
             assert_eq!(report.timed_out(), vec!["nic0"], "{report}");
         }
@@ -170,10 +178,65 @@ fn gated_importer_revoke() {
         );
         let faults = fabric.faults(gpu).total();
         assert!(u64::from(landed) + faults <= u64::from(DMAS));
+        let v = fabric.oracle().verdict();
+        assert_eq!((v.dma_after_fence, v.dma_after_ack), (0, 0), "{v}");
         if report.is_clean() {
             assert_eq!(faults, 0, "an honest gate never faults");
+            assert!(v.is_clean(), "{v}");
         }
     });
+}
+
+/// An importer that signals its fence at once and goes on DMAing, with the backstop in place:
+/// the revoke report calls it clean, yet the oracle convicts it in every interleaving where it
+/// DMAed after its fence (at least as many times as it did), and such interleavings exist.
+#[test]
+fn early_fence_importer_is_convicted_by_the_oracle() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static CONVICTED: AtomicUsize = AtomicUsize::new(0);
+    loom::model(|| {
+        let fabric = Fabric::new();
+        let host = fabric.add_device("mem0");
+        let nic = fabric.add_device("nic0");
+        let mem = HostMemory::new(&fabric, host, "buf", 4096).unwrap();
+        let importer = Arc::new(TestImporter::early_fence("nic0", ImporterKind::Pinned));
+        let att = mem
+            .attach(
+                importer.clone(),
+                nic,
+                &[Accept::new(SpaceKind::CpuPhys, Access::READ_WRITE)],
+            )
+            .unwrap();
+        let base = att.map().unwrap().list.ranges()[0].addr;
+        let (f2, imp2) = (fabric.clone(), importer.clone());
+        let dma = loom::thread::spawn(move || {
+            // DMAs issued after the importer knew it had signalled.
+            let mut after_fence = 0u64;
+            for i in 1..=DMAS {
+                let promised = imp2.has_signalled();
+                let _ = f2.dma_write(nic, base, &[i]);
+                after_fence += u64::from(promised);
+            }
+            after_fence
+        });
+        let report = mem.revoke(Duration::from_secs(1));
+        assert!(report.is_clean(), "the protocol is fooled: {report}");
+        let after_fence = dma.join().unwrap();
+        let v = fabric.oracle().verdict();
+        assert!(
+            v.dma_after_fence >= after_fence,
+            "{v}, {after_fence} issued after"
+        );
+        assert_eq!(v.dma_after_ack, 0, "the backstop held: {v}");
+        assert_eq!(v.blocked_by_backstop, fabric.faults(nic).total(), "{v}");
+        if v.dma_after_fence > 0 {
+            CONVICTED.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    assert!(
+        CONVICTED.load(Ordering::Relaxed) > 0,
+        "no interleaving convicted an importer that signals before it stops"
+    );
 }
 
 fn byte_of(w: &dmaplane_core::fabric::WindowHandle) -> u8 {

@@ -71,6 +71,15 @@ impl Device {
         std::iter::from_fn(|| self.backend.poll_async_event()).collect()
     }
 
+    /// Make this device break the revoke contract in one way ([`crate::inject`]); `None`
+    /// restores honest behaviour. For tests and `stress revoke --inject` only.
+    pub fn inject(&self, fault: Option<crate::Fault>) {
+        if let Some(f) = fault {
+            tracing::warn!(device = %self.name(), fault = %f, "fault injected");
+        }
+        self.tracker.injected.set(fault);
+    }
+
     /// Counters of the quiesce machinery.
     pub fn stats(&self) -> crate::quiesce::QuiesceStats {
         self.tracker.stats()

@@ -41,6 +41,7 @@ use crate::access::MrAccess;
 use crate::backend::MrRequest;
 use crate::device::{Mr, MrMap, MrShared, Pd, QpShared, Track};
 use crate::error::{RdmaError, Result};
+use crate::inject::{Fault, Injected};
 use crate::lease::{ControlMsg, RemoteMr};
 use crate::qp::{QpAttr, QpState};
 use crate::sync::{lock, read, try_lock, write};
@@ -162,6 +163,7 @@ pub(crate) struct Tracker {
     lease_waits: Mutex<HashMap<(u32, u64), LeaseWait>>,
     timer: Timer,
     counters: Counters,
+    pub(crate) injected: Injected,
     me: Weak<Tracker>,
 }
 
@@ -190,6 +192,7 @@ impl Tracker {
             lease_waits: Mutex::new(HashMap::new()),
             timer: Timer::default(),
             counters: Counters::default(),
+            injected: Injected::default(),
             me: me.clone(),
         })
     }
@@ -366,6 +369,9 @@ impl Tracker {
     /// Step 1–4 for one MR (see the module docs).
     fn quiesce_mr(&self, mr: &Arc<MrShared>, inv: &Invalidation, opts: ImportOptions) {
         bump(&self.counters.invalidations, 1);
+        if self.injected.is(Fault::EarlyFence) {
+            inv.fence.signal();
+        }
         mr.revoked.store(inv.epoch + 1, Ordering::SeqCst);
         let (lkey, rkey) = {
             let b = read(&mr.backend);
@@ -374,8 +380,9 @@ impl Tracker {
         let fence = inv.fence.clone();
         let zap_mr = mr.clone();
         let name = self.name.clone();
+        let zap = !self.injected.is(Fault::NoZap);
         let latch = Pending::new(move || {
-            if let Err(e) = read(&zap_mr.backend).zap() {
+            if zap && let Err(e) = read(&zap_mr.backend).zap() {
                 tracing::error!(device = %name, error = %e, "zap failed");
             }
             fence.signal();
@@ -418,7 +425,11 @@ impl Tracker {
             }
         }
         // Step 3: local queue pairs using the MR.
+        let skip_qps = self.injected.is(Fault::NoQpQuiesce);
         self.for_each_qp(|qp, t| {
+            if skip_qps {
+                return;
+            }
             let uses = t.send.live().any(|s| t.send.slot(s).uses_lkey(lkey))
                 || t.recv.live().any(|s| t.recv.slot(s).uses_lkey(lkey));
             if uses {
@@ -512,6 +523,20 @@ impl Tracker {
                     tracing::debug!(device = %self.name, rkey, "revoke of a lease we do not hold");
                     return;
                 };
+                if self.injected.is(Fault::IgnoreLeaseRevoke) {
+                    return;
+                }
+                if self.injected.is(Fault::AckThenWrite) {
+                    let ack = ControlMsg::LeaseAck {
+                        holder: self.gid,
+                        rkey,
+                        epoch,
+                    };
+                    if let Err(e) = remote.link.send(ack) {
+                        tracing::warn!(error = %e, "lease ack not delivered");
+                    }
+                    return;
+                }
                 // The epoch comes from the peer: one that cannot be stored is refused.
                 let Some(mark) = epoch.checked_add(1) else {
                     tracing::warn!(device = %self.name, rkey, epoch, "lease revoke with an impossible epoch ignored");

@@ -34,6 +34,8 @@ pub struct DemoReport {
     pub flows: Vec<FlowReport>,
     pub lost: u64,
     pub post_ack_accesses: u64,
+    /// The fabric's oracle over the whole demo (every flow, the GPU free included).
+    pub oracle: dmaplane_core::fabric::Verdict,
     pub bytes_verified: u64,
     pub verified: bool,
     pub seconds: f64,
@@ -66,11 +68,13 @@ pub fn run(a: &DemoArgs, json: bool) -> Result<()> {
         };
         flows.push(run_flow(&w, &flow, &o)?);
     }
+    let oracle = w.fabric.oracle().verdict();
     let r = DemoReport {
         lost: flows.iter().map(|f| f.lost).sum(),
         post_ack_accesses: flows.iter().map(|f| f.post_ack_accesses).sum(),
         bytes_verified: flows.iter().map(|f| f.bytes_verified).sum(),
-        verified: flows.iter().all(|f| f.is_clean()),
+        verified: flows.iter().all(|f| f.is_clean()) && oracle.is_clean() && oracle.acks > 0,
+        oracle,
         seconds: start.elapsed().as_secs_f64(),
         flows,
     };
@@ -81,9 +85,11 @@ pub fn run(a: &DemoArgs, json: bool) -> Result<()> {
     }
     if !r.verified {
         bail!(
-            "verification failed: lost = {}, post_ack_accesses = {}, {} of {} bytes verified",
+            "verification failed: lost = {}, post_ack_accesses = {}, oracle: {}, {} of {} bytes \
+             verified",
             r.lost,
             r.post_ack_accesses,
+            r.oracle,
             r.bytes_verified,
             a.size * r.flows.len() as u64
         );
@@ -134,12 +140,13 @@ fn print_summary(r: &DemoReport) {
         if let Some(fr) = &f.free {
             println!(
                 "  GPU free  {} freed its memory after {} WRITEs: {} importer(s) quiesced in {} us; \
-                 {} in-flight WRITEs flushed, none lost; QP back to {}",
+                 {} in-flight WRITEs flushed, lost = {}; QP back to {}",
                 f.flow.dst_gpu,
                 fr.after_completions,
                 fr.importers_quiesced,
                 fr.latency_us,
                 fr.flushed,
+                f.lost,
                 fr.qp_state_after
             );
             println!(
@@ -172,7 +179,7 @@ fn print_summary(r: &DemoReport) {
         );
     }
     println!(
-        "\n{}: lost = {}, post_ack_accesses = {}, {} verified in {:.2} s",
+        "\n{}: lost = {}, post_ack_accesses = {}, oracle: {}; {} verified in {:.2} s",
         if r.verified {
             "every byte verified"
         } else {
@@ -180,6 +187,7 @@ fn print_summary(r: &DemoReport) {
         },
         r.lost,
         r.post_ack_accesses,
+        r.oracle,
         bytes(r.bytes_verified),
         r.seconds
     );

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use dmaplane_bench::stress::{ExporterKind, StressConfig, StressReport, run_sim};
+use dmaplane_bench::stress::{ExporterKind, Inject, StressConfig, StressReport, run_sim};
 use dmaplane_core::cpu::Placement;
 use dmaplane_rdma::QuiescePolicy;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -75,6 +75,11 @@ pub struct RevokeArgs {
     /// the rest, and the data path (the load) runs at the lowest priority.
     #[arg(long)]
     no_pin: bool,
+    /// Break the protocol on purpose — early-fence, ignore-lease-revoke, ack-then-write,
+    /// free-before-ack (and no-zap, no-qp-quiesce, which this stress refuses: no traffic here
+    /// could show them). The run must then exit non-zero, naming the violation.
+    #[arg(long, value_parser = clap::value_parser!(Inject))]
+    inject: Option<Inject>,
 }
 
 pub fn run(cmd: &StressCmd, json: bool) -> Result<()> {
@@ -117,7 +122,11 @@ pub fn run(cmd: &StressCmd, json: bool) -> Result<()> {
             Exporter::Host => ExporterKind::Host,
             Exporter::Gpu => ExporterKind::Gpu,
         },
+        inject: a.inject,
     };
+    if a.backend == Backend::Verbs && a.inject.is_some() {
+        bail!("--inject runs on the sim backend only for now");
+    }
     let bar = if json {
         ProgressBar::hidden()
     } else {
@@ -136,14 +145,15 @@ pub fn run(cmd: &StressCmd, json: bool) -> Result<()> {
     };
     bar.finish_and_clear();
     print(&report, json)?;
-    if !report.is_clean() {
-        bail!(
-            "stress failed: {}",
-            report
-                .failures
-                .first()
-                .map_or("see the counts above", |s| s)
-        );
+    let violations = report.violations();
+    if !violations.is_empty() {
+        let injected = a
+            .inject
+            .map_or(String::new(), |i| format!(" (fault injected: {i})"));
+        bail!("stress failed{injected}: {}", violations.join("; "));
+    }
+    if let Some(i) = a.inject {
+        bail!("--inject {i}: the fault went unnoticed — a check that cannot fail");
     }
     Ok(())
 }
@@ -154,8 +164,16 @@ fn print(r: &StressReport, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "stress revoke ({}): {} QPs × {} deep × {} B, {} revokes in {:.1} s",
-        r.backend, r.qps, r.depth, r.size, r.revokes, r.seconds
+        "stress revoke ({}): {} QPs × {} deep × {} B, {} of {} revokes in {:.1} s{}",
+        r.backend,
+        r.qps,
+        r.depth,
+        r.size,
+        r.revokes,
+        r.revokes_asked,
+        r.seconds,
+        r.inject
+            .map_or(String::new(), |i| format!(", fault injected: {i}"))
     );
     println!("  posted             {}", r.posted);
     println!("  completed_ok       {}", r.completed_ok);
@@ -164,6 +182,20 @@ fn print(r: &StressReport, json: bool) -> Result<()> {
     println!("  lost               {}", r.lost);
     println!("  corrupt            {}", r.corrupt);
     println!("  post_ack_accesses  {}", r.post_ack_accesses);
+    match &r.oracle {
+        Some(o) => {
+            println!("  dma_after_fence    {}", o.dma_after_fence);
+            println!("  dma_after_ack      {}", o.dma_after_ack);
+            println!("  blocked_by_backstop {}", o.blocked_by_backstop);
+            println!("  reused_before_ack  {}", o.reused_before_ack);
+            println!(
+                "  oracle             {} fences, {} acks observed",
+                o.fences, o.acks
+            );
+        }
+        None => println!("  oracle             none on this backend (the kernel does the DMA)"),
+    }
+    println!("  holders_cut_off    {}", r.holders_cut_off);
     println!(
         "  bytes_verified     {}",
         crate::bench::bytes(r.bytes_verified)

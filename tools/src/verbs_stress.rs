@@ -320,7 +320,7 @@ mod imp {
             ));
             let mut r = StressReport::from_run("verbs", cfg, &counts, &sh, start);
             r.post_ack_accesses += access_events;
-            r.revokes_timed_out += stats.holders_cut_off;
+            r.holders_cut_off = stats.holders_cut_off;
             r.notes = notes;
             Ok(r)
         })?;

@@ -90,16 +90,31 @@ impl WindowExport {
     }
 
     pub(crate) fn revoke(&self, deadline: Duration) -> RevokeReport {
-        let report = self.export.revoke(deadline);
+        let report = self.observed(|| self.export.revoke(deadline));
         lock(&self.devices).clear();
+        report
+    }
+
+    /// Run one revoke or move of the current window with its start and its ack in the oracle's
+    /// log — and, when the fabric injects it, reuse the memory before the ack.
+    fn observed(&self, invalidate: impl FnOnce() -> RevokeReport) -> RevokeReport {
+        let w = self.window();
+        self.fabric.revoke_begins(&w);
+        if self.fabric.reuses_before_ack() {
+            tracing::warn!(export = %self.export.name(), "injected: memory reused before the ack");
+            let junk = vec![0xee; usize::try_from(w.len().min(1 << 20)).unwrap_or(4096)];
+            self.fabric.cpu_write(&w, 0, &junk);
+        }
+        let report = invalidate();
+        self.fabric.acked(&w);
         report
     }
 
     /// Move the memory to a new window: invalidate everyone, copy the bytes, unmap the old
     /// window, and give dynamic importers new lists (epoch + 1).
     pub(crate) fn relocate(&self, deadline: Duration) -> Result<RevokeReport, AttachError> {
-        let report = self.export.begin_move(deadline);
         let old = self.window();
+        let report = self.observed(|| self.export.begin_move(deadline));
         let exporter_err = |what: String| AttachError::Exporter {
             export: self.export.name().to_string(),
             what,
@@ -132,7 +147,7 @@ impl Drop for WindowExport {
     /// Revoke before the memory goes: no importer may touch it after this.
     fn drop(&mut self) {
         if !self.export.is_revoked() && self.export.attachments() > 0 {
-            let report = self.export.revoke(crate::revoke::DROP_REVOKE_DEADLINE);
+            let report = self.observed(|| self.export.revoke(crate::revoke::DROP_REVOKE_DEADLINE));
             tracing::info!(%report, "exporter dropped: revoked first");
         }
         self.fabric.unmap(&self.window());

@@ -73,7 +73,13 @@ impl Memory {
     /// A shared mapping of `len` bytes of a file this value does not own (a dma-buf): the
     /// caller keeps `fd` open as long as it needs to; the mapping lives as long as this value.
     /// Errors are the raw errno, for callers that report them in their own terms.
+    /// A `len` past the end of the file is refused (`EINVAL`): touching the pages beyond it
+    /// would be SIGBUS, not an error.
     pub fn map_shared(fd: BorrowedFd<'_>, len: usize) -> rustix::io::Result<Memory> {
+        let size = rustix::fs::fstat(fd)?.st_size;
+        if u64::try_from(size).map_or(true, |s| (len as u64) > s) {
+            return Err(rustix::io::Errno::INVAL);
+        }
         // SAFETY: a fresh shared mapping of an open file, at an address the kernel picks (no
         // MAP_FIXED), so it aliases no Rust object.
         let ptr = unsafe {
@@ -209,4 +215,20 @@ fn checked_len(size: u64, what: &'static str) -> Result<usize, MemoryError> {
 fn nonnull(p: *mut c_void) -> NonNull<u8> {
     // mmap never returns null on success (MAP_FIXED is not used); dangling is unreachable.
     NonNull::new(p.cast::<u8>()).unwrap_or(NonNull::dangling())
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shared_mapping_past_the_end_of_its_file_is_refused() {
+        let m = Memory::memfd("t", 8192).unwrap();
+        let fd = m.fd().unwrap();
+        assert!(Memory::map_shared(fd, 8192).is_ok());
+        assert_eq!(
+            Memory::map_shared(fd, 8193).unwrap_err(),
+            rustix::io::Errno::INVAL
+        );
+    }
 }

@@ -7,15 +7,18 @@
 //!
 //! Each access holds its window's state lock for reading while it copies; revoking a grant or a
 //! window takes it for writing. So once [`Grant::revoke`] or [`Fabric::unmap`] returns, no access
-//! through it is under way and none can start: this is what lets the revoke protocol promise
-//! that nothing lands after the ack. Concurrent DMA to the same bytes is the user's race, as on
-//! hardware.
+//! through it is under way and none can start: this is the exporter's backstop (step 4 of the
+//! revoke protocol). Concurrent DMA to the same bytes is the user's race, as on hardware.
+//!
+//! Whether the importers kept their promises is not the backstop's to say: the fabric's
+//! [`Oracle`] (`oracle.rs`) logs every access, fence and ack in one order and judges them.
 
 mod bar;
 mod export;
 mod fault;
 mod host;
 mod memory;
+mod oracle;
 mod pool;
 
 use std::collections::BTreeMap;
@@ -26,7 +29,9 @@ pub use export::FABRIC_GRANULE;
 pub use fault::{FaultKind, Faults};
 pub use host::HostMemory;
 pub use memory::{Memory, MemoryError};
+pub use oracle::{Event, Oracle, RECENT, Verdict, WindowId};
 
+use crate::fence::FenceObserver;
 use crate::hints::{Access, Route};
 use crate::revoke::AccessGrant;
 use crate::sync::atomic::{AtomicU64, Ordering};
@@ -35,7 +40,11 @@ use std::sync::{Arc, Weak};
 use crate::sync::{Mutex, RwLock, lock, read, write};
 use crate::topology::Topology;
 use fault::FaultCounters;
+use oracle::WindowWatch;
 use pool::Pool;
+
+/// Unmapped windows the oracle still judges accesses to (their addresses are never reused).
+const RETIRED_WINDOWS: usize = 4096;
 
 /// A device on the fabric (a bus master and/or the owner of windows).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -102,6 +111,8 @@ struct Window {
     state: RwLock<WindowState>,
     /// Where the memory goes when the last handle is dropped.
     pool: Weak<Pool>,
+    watch: Arc<WindowWatch>,
+    oracle: Arc<Oracle>,
 }
 
 impl Drop for Window {
@@ -129,7 +140,13 @@ struct Inner {
     windows: RwLock<BTreeMap<u64, Arc<Window>>>,
     next_base: Mutex<u64>,
     next_grant: AtomicU64,
+    // The oracle's bookkeeping stays std under loom (never held across a loom operation).
+    next_window: std::sync::atomic::AtomicU64,
     pool: Arc<Pool>,
+    oracle: Arc<Oracle>,
+    /// Unmapped windows by base: (length, watch), the newest [`RETIRED_WINDOWS`].
+    retired: std::sync::Mutex<BTreeMap<u64, (u64, Arc<WindowWatch>)>>,
+    reuse_before_ack: std::sync::atomic::AtomicBool,
 }
 
 /// The simulated fabric. Cheap to clone; clones share everything.
@@ -166,6 +183,10 @@ impl WindowHandle {
     pub fn memory(&self) -> &Memory {
         &self.window.mem
     }
+    /// The window's identity in the oracle's log.
+    pub fn id(&self) -> WindowId {
+        self.window.watch.id
+    }
 }
 
 /// One device's right to access one window. [`AccessGrant::revoke`] removes it and waits for
@@ -186,7 +207,35 @@ impl Grant {
 impl AccessGrant for Grant {
     fn revoke(&self) {
         // The write lock waits for every DMA holding the read side: after this, none can land.
-        write(&self.window.state).grants.retain(|g| g.0 != self.id);
+        let mut st = write(&self.window.state);
+        if st.grants.iter().any(|g| g.0 == self.id) {
+            // Logged before the grant goes, so every refusal it causes comes after it.
+            let w = &self.window;
+            w.oracle.grant_cut(&w.watch, self.device);
+            st.grants.retain(|g| g.0 != self.id);
+        }
+    }
+
+    fn fence_observer(&self) -> Option<Arc<dyn FenceObserver>> {
+        Some(Arc::new(GrantWatch {
+            window: self.window.clone(),
+            device: self.device,
+        }))
+    }
+}
+
+/// Puts a fence signal for one grant in the oracle's log.
+#[derive(Debug)]
+struct GrantWatch {
+    window: Arc<Window>,
+    device: DeviceId,
+}
+
+impl FenceObserver for GrantWatch {
+    fn signalled(&self, importer: &str) {
+        self.window
+            .oracle
+            .fence(&self.window.watch, self.device, importer);
     }
 }
 
@@ -220,13 +269,47 @@ impl Fabric {
                 windows: RwLock::new(BTreeMap::new()),
                 next_base: Mutex::new(BUS_BASE),
                 next_grant: AtomicU64::new(1),
+                next_window: std::sync::atomic::AtomicU64::new(1),
                 pool: Arc::new(Pool::default()),
+                oracle: Arc::new(Oracle::new()),
+                retired: std::sync::Mutex::new(BTreeMap::new()),
+                reuse_before_ack: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
 
     pub fn topology(&self) -> Option<&Topology> {
         self.inner.topology.as_deref()
+    }
+
+    /// The observer of every access, fence and ack on this fabric.
+    pub fn oracle(&self) -> &Oracle {
+        &self.inner.oracle
+    }
+
+    /// Fault injection for the exporters of this fabric: when on, each one writes its memory
+    /// (reuses it) as soon as its revoke starts, before the importers are done and before its
+    /// ack. The oracle must call it `reused_before_ack`.
+    pub fn inject_reuse_before_ack(&self, on: bool) {
+        self.inner
+            .reuse_before_ack
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub(crate) fn reuses_before_ack(&self) -> bool {
+        self.inner
+            .reuse_before_ack
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The exporter of `window` starts a revoke or move (logged before any importer hears of it).
+    pub(crate) fn revoke_begins(&self, window: &WindowHandle) {
+        self.inner.oracle.revoke_begin(&window.window.watch);
+    }
+
+    /// The exporter of `window` acks: its revoke report is about to be returned.
+    pub(crate) fn acked(&self, window: &WindowHandle) {
+        self.inner.oracle.ack(&window.window.watch);
     }
 
     /// Register a device (a bus master); its fault counters start at zero.
@@ -317,6 +400,12 @@ impl Fabric {
                 grants: Vec::new(),
             }),
             pool: Arc::downgrade(&self.inner.pool),
+            watch: Arc::new(WindowWatch::new(WindowId(
+                self.inner
+                    .next_window
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            ))),
+            oracle: self.inner.oracle.clone(),
         });
         write(&self.inner.windows).insert(base, window.clone());
         tracing::debug!(owner = %owner_name, base, len, "window mapped");
@@ -371,7 +460,29 @@ impl Fabric {
             st.revoked = true;
             st.grants.clear();
         }
-        write(&self.inner.windows).remove(&window.window.base);
+        // Retired before it leaves the address space: an access that no longer finds the window
+        // still finds its watch.
+        let w = &window.window;
+        {
+            let mut retired = self.inner.retired.lock().unwrap_or_else(|e| e.into_inner());
+            retired.insert(w.base, (w.len, w.watch.clone()));
+            while retired.len() > RETIRED_WINDOWS {
+                retired.pop_first();
+            }
+        }
+        write(&self.inner.windows).remove(&w.base);
+    }
+
+    /// The oracle's watch on an address that no longer has a window.
+    fn retired_watch(&self, addr: u64) -> Option<Arc<WindowWatch>> {
+        self.inner
+            .retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .range(..=addr)
+            .next_back()
+            .filter(|(base, (len, _))| addr < *base + *len)
+            .map(|(_, (_, w))| w.clone())
     }
 
     fn find(&self, addr: u64) -> Option<Arc<Window>> {
@@ -384,7 +495,8 @@ impl Fabric {
     }
 
     /// Run `f` on the window holding `[addr, addr+len)` with its state read-locked, after every
-    /// check passed; otherwise count and return the fault.
+    /// check passed, and tell the oracle the memory was touched; otherwise count the fault, tell
+    /// the oracle what was refused, and return the fault.
     fn access<R>(
         &self,
         dev: DeviceId,
@@ -394,23 +506,39 @@ impl Fabric {
         need: Access,
         f: impl FnOnce(&Window, &WindowState) -> R,
     ) -> Result<R, DmaFault> {
-        let checked: Result<(), FaultKind> = match self.find(addr) {
-            None => Err(FaultKind::Unmapped),
-            Some(w) if !w.contains(addr, len) => Err(FaultKind::OutOfBounds),
+        let (kind, watch) = match self.find(addr) {
+            None => (FaultKind::Unmapped, self.retired_watch(addr)),
+            Some(w) if !w.contains(addr, len) => (FaultKind::OutOfBounds, None),
             Some(w) => {
                 let st = read(&w.state);
-                if st.revoked {
-                    Err(FaultKind::Revoked)
+                let kind = if st.revoked {
+                    FaultKind::Revoked
                 } else {
                     match st.grants.iter().find(|g| g.1 == dev) {
-                        None => Err(FaultKind::NoGrant),
-                        Some(g) if !g.2.contains(need) => Err(FaultKind::AccessDenied),
-                        Some(_) => return Ok(f(&w, &st)),
+                        None => FaultKind::NoGrant,
+                        Some(g) if !g.2.contains(need) => FaultKind::AccessDenied,
+                        Some(_) => {
+                            let r = f(&w, &st);
+                            // Still under the read lock: before the device can complete it.
+                            w.oracle.dma(&w.watch, dev, &|d| self.device_name(d));
+                            return Ok(r);
+                        }
                     }
-                }
+                };
+                drop(st);
+                (kind, Some(w.watch.clone()))
             }
         };
-        let kind = checked.err().unwrap_or(FaultKind::Unmapped);
+        if let Some(watch) = watch
+            && matches!(
+                kind,
+                FaultKind::Unmapped | FaultKind::NoGrant | FaultKind::Revoked
+            )
+        {
+            self.inner
+                .oracle
+                .refused(&watch, dev, &|d| self.device_name(d));
+        }
         Err(self.fault(dev, dir, addr, len, kind))
     }
 
@@ -521,12 +649,20 @@ impl Fabric {
     /// grants but not revocation.
     pub fn cpu_write(&self, window: &WindowHandle, off: u64, data: &[u8]) -> bool {
         let st = read(&window.window.state);
-        !st.revoked && window.window.mem.write(off, data)
+        let done = !st.revoked && window.window.mem.write(off, data);
+        if done {
+            self.inner.oracle.owner_access(&window.window.watch);
+        }
+        done
     }
 
     pub fn cpu_read(&self, window: &WindowHandle, off: u64, buf: &mut [u8]) -> bool {
         let st = read(&window.window.state);
-        !st.revoked && window.window.mem.read(off, buf)
+        let done = !st.revoked && window.window.mem.read(off, buf);
+        if done {
+            self.inner.oracle.owner_access(&window.window.watch);
+        }
+        done
     }
 }
 

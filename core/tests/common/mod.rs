@@ -18,12 +18,14 @@ struct State {
 }
 
 /// An importer whose DMA loop runs elsewhere. Honest: it stops before its next DMA and signals
-/// once idle. Lying: it ignores invalidations and never signals.
+/// once idle. Lying: it ignores invalidations and never signals. Early: it signals at once and
+/// goes on DMAing (the fence is a lie the backstop would hide).
 #[derive(Debug)]
 pub struct TestImporter {
     name: String,
     kind: ImporterKind,
     lying: bool,
+    early: bool,
     state: Mutex<State>,
 }
 
@@ -33,7 +35,16 @@ impl TestImporter {
             name: name.into(),
             kind,
             lying,
+            early: false,
             state: Mutex::new(State::default()),
+        }
+    }
+
+    /// Signals its fence the moment it is invalidated and never stops.
+    pub fn early_fence(name: &str, kind: ImporterKind) -> TestImporter {
+        TestImporter {
+            early: true,
+            ..TestImporter::new(name, kind, true)
         }
     }
 
@@ -68,6 +79,12 @@ impl TestImporter {
         s.idle = false;
     }
 
+    /// An early-fence importer has signalled (it keeps its fence to say so).
+    pub fn has_signalled(&self) -> bool {
+        let s = self.state.lock().unwrap();
+        self.early && s.fence.as_ref().is_some_and(|f| f.is_signalled())
+    }
+
     pub fn invalidations(&self) -> u32 {
         self.state.lock().unwrap().invalidations
     }
@@ -83,6 +100,11 @@ impl Importer for TestImporter {
     fn invalidate(&self, inv: Invalidation) {
         let mut s = self.state.lock().unwrap();
         s.invalidations += 1;
+        if self.early {
+            inv.fence.signal();
+            s.fence = Some(inv.fence);
+            return;
+        }
         if self.lying {
             return;
         }

@@ -119,7 +119,7 @@ step dmaplane-doctor dmaplane doctor
 
 # --- hook: extra steps passed in by the host ---------------------------------------------------
 # run.sh --steps FILE (repeatable) puts FILE here; e.g. a file with the lines
-#   step rdma-verbs env DMAPLANE_REQUIRE_VERBS=1 rdma-verbs --test-threads=1
+#   step rdma-verbs env DMAPLANE_REQUIRE_RDMA=1 rdma-verbs --test-threads=1
 #   step stress-revoke dmaplane stress revoke --backend verbs
 # (with run.sh given rdma-verbs=PATH and dmaplane=PATH) adds those two checks.
 for f in /testbed/steps.d/*; do
