@@ -49,12 +49,17 @@ pub enum Inject {
     Rdma(Fault),
     /// The exporter reuses its memory before its revoke report (the ack) is out.
     FreeBeforeAck,
+    /// The exporter cannot cut grants (as a dma-buf exporter, which passes none), the
+    /// target's NIC signals its fence at once and its lease holder keeps writing: WRITEs really
+    /// land after the ack, and only the oracle and the poison can tell.
+    NoBackstop,
 }
 
 impl Inject {
     pub fn all() -> Vec<Inject> {
         let mut v: Vec<Inject> = Fault::ALL.into_iter().map(Inject::Rdma).collect();
         v.push(Inject::FreeBeforeAck);
+        v.push(Inject::NoBackstop);
         v
     }
 
@@ -62,6 +67,7 @@ impl Inject {
         match self {
             Inject::Rdma(f) => f.name(),
             Inject::FreeBeforeAck => "free-before-ack",
+            Inject::NoBackstop => "no-backstop",
         }
     }
 }
@@ -91,15 +97,16 @@ impl std::str::FromStr for Inject {
     }
 }
 
-/// Shared memory a simulated run holds at once: the source, the live target and the retired
-/// target whose poison is checked at the next revoke (each `qps × depth × size`, page-rounded).
+/// Memory a simulated run holds at once: the source, the live target, the retired target whose
+/// poison is checked at the next revoke, and the copies of the targets taken at their acks
+/// (each `qps × depth × size`, page-rounded).
 pub fn sim_memory_needed(cfg: &StressConfig) -> u64 {
     let region = (cfg.qps as u64)
         .saturating_mul(cfg.depth as u64)
         .saturating_mul(u64::from(cfg.size))
         .next_multiple_of(4096)
         .max(4096);
-    region.saturating_mul(3)
+    region.saturating_mul(3 + crate::traffic::SNAPSHOTS as u64)
 }
 
 /// Refuse at once a run that cannot fit this machine's memory (`available` bytes), saying what
@@ -111,11 +118,11 @@ pub fn check_fits(cfg: &StressConfig, available: u64) -> Result<(), String> {
     if need <= budget {
         return Ok(());
     }
-    let per_depth = 3 * (cfg.qps as u64) * u64::from(cfg.size);
+    let per_depth = (3 + crate::traffic::SNAPSHOTS as u64) * (cfg.qps as u64) * u64::from(cfg.size);
     let fits = budget.checked_div(per_depth).unwrap_or(0);
     Err(format!(
-        "--qps {} × --depth {} × --size {} needs {} MiB of shared memory (source, live target and \
-         retired target), but only {} MiB are available ({} MiB usable): {}",
+        "--qps {} × --depth {} × --size {} needs {} MiB (source, live target, retired target and \
+         the copies taken at the acks), but only {} MiB are available ({} MiB usable): {}",
         cfg.qps,
         cfg.depth,
         cfg.size,
@@ -186,7 +193,11 @@ pub struct StressReport {
     /// Successful writes whose bytes did not match.
     pub corrupt: u64,
     pub post_ack_accesses: u64,
+    /// Successful WRITEs checked byte for byte against their pattern.
     pub bytes_verified: u64,
+    /// Successful WRITEs reaped after their epoch's ack, found covered by the poison written at
+    /// the ack, whose copy at the ack was no longer kept (their bytes could not be compared).
+    pub completed_before_ack: u64,
     pub revokes: u64,
     pub revoke_latency_us: Latency,
     /// Revokes where an importer missed the deadline.
@@ -232,6 +243,7 @@ impl StressReport {
             corrupt: counts.corrupt,
             post_ack_accesses: sh.post_ack_poison.load(Ordering::Relaxed) + counts.rem_access,
             bytes_verified: counts.bytes,
+            completed_before_ack: counts.before_ack,
             revokes: sh.revokes_done.load(Ordering::Relaxed),
             revoke_latency_us: Latency::of(sh.take_latencies()),
             revokes_timed_out: sh.timed_out.load(Ordering::Relaxed),
@@ -425,6 +437,11 @@ pub fn run_sim(
         }
         Some(Inject::Rdma(f)) => w.a.dev.inject(Some(f)),
         Some(Inject::FreeBeforeAck) => w.fabric.inject_reuse_before_ack(true),
+        Some(Inject::NoBackstop) => {
+            w.fabric.inject_no_backstop(true);
+            w.b.dev.inject(Some(Fault::EarlyFence));
+            w.a.dev.inject(Some(Fault::IgnoreLeaseRevoke));
+        }
         None => {}
     }
     let caps = QpCaps {

@@ -2,13 +2,19 @@
 //! in the `dmaplane` tool): the exporter's loop that revokes, checks and re-exports, and the data
 //! path that keeps WRITEs in flight and verifies each one.
 //!
-//! How "after the ack" is checked: right after each ack the old memory is filled with a poison
-//! pattern; at the next revoke (and at the end) it must still be all poison. Any DMA that
-//! landed after the ack would have overwritten it.
+//! How "after the ack" is checked: the moment the exporter's revoke report returns, the old
+//! memory is filled with a poison pattern, by the exporter. From then on:
+//! - a successful WRITE to that epoch that the data path reaps afterwards must read as all
+//!   poison — it landed before the ack and the poison covered it; its own bytes mean it landed
+//!   after the ack — and its bytes are verified in the copy the exporter took at the ack, just
+//!   before poisoning (the newest [`SNAPSHOTS`] epochs keep one). The data path verifies under
+//!   the lock the exporter holds while it copies and poisons, so the two never interleave;
+//! - at the next revoke (and at the end) the memory must still be all poison: a DMA that landed
+//!   after the ack, completed or not, would have overwritten it.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use dmaplane_core::RevokeReport;
@@ -160,7 +166,14 @@ pub struct Shared {
     pub timed_out: AtomicU64,
     pub latencies: Mutex<Vec<f64>>,
     failures: Mutex<Vec<String>>,
+    /// Epochs whose memory the exporter has poisoned (at their ack), with the copy of the
+    /// memory taken at the ack for the newest few: written while copying and poisoning, read
+    /// while the data path verifies a completion.
+    poisoned: RwLock<BTreeMap<u64, Option<Arc<Vec<u8>>>>>,
 }
+
+/// Epochs whose memory at the ack is kept to verify WRITEs reaped after it.
+pub const SNAPSHOTS: usize = 2;
 
 impl Shared {
     pub fn outstanding_in(&self, e: u64) -> u64 {
@@ -202,6 +215,25 @@ impl Shared {
 
     pub fn take_latencies(&self) -> Vec<f64> {
         std::mem::take(&mut *lock(&self.latencies))
+    }
+
+    /// Poison epoch `e`'s memory at its ack, and from then on judge its completions by it.
+    fn poison_at_ack(&self, e: u64, mem: &dyn Bytes) -> bool {
+        let mut p = self.poisoned.write().unwrap_or_else(|e| e.into_inner());
+        let mut copy = vec![0u8; usize::try_from(mem.len()).unwrap_or(0)];
+        let copied = mem.read(0, &mut copy);
+        let done = poison(mem);
+        p.insert(e, copied.then(|| Arc::new(copy)));
+        // Only the newest few epochs keep their copy, and only a few more can still have
+        // WRITEs in flight at all.
+        let n = p.len();
+        for (_, snap) in p.iter_mut().take(n.saturating_sub(SNAPSHOTS)) {
+            *snap = None;
+        }
+        while p.len() > 8 {
+            p.pop_first();
+        }
+        done
     }
 }
 
@@ -248,26 +280,20 @@ pub fn exporter<E: Export>(
         let point = (next(&mut seed) % 1000) as f64 / 1000.0 * random_point.as_secs_f64();
         std::thread::sleep(Duration::from_secs_f64(jitter.min(0.05) + point));
         let report = ex.revoke(cfg.deadline);
+        // The ack: poison now, before anything else can happen to the memory.
+        let mem = ex.bytes();
+        if !sh.poison_at_ack(ex.epoch(), &*mem) {
+            sh.fail(format!("could not poison epoch {}", ex.epoch()));
+        }
         lock(&sh.latencies).push(report.elapsed_us as f64);
         if !report.is_clean() {
             sh.timed_out.fetch_add(1, Ordering::Relaxed);
             sh.fail(format!("revoke {epoch}: {report}"));
         }
-        let since = Instant::now();
-        while sh.outstanding_in(ex.epoch()) > 0
-            && since.elapsed() < Duration::from_secs(10)
-            && !sh.stop.load(Ordering::Relaxed)
-        {
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        // The previous epoch must still be all poison; then poison this one.
+        // The previous epoch must still be all poison.
         if let Some(old) = retired.take() {
             sh.post_ack_poison
                 .fetch_add(poison_damage(&*old), Ordering::Relaxed);
-        }
-        let mem = ex.bytes();
-        if !poison(&*mem) {
-            sh.fail(format!("could not poison epoch {}", ex.epoch()));
         }
         retired = Some(mem);
         drop(ex);
@@ -300,6 +326,8 @@ pub struct Counts {
     pub refused: u64,
     /// Completions with a remote-access error (a post-ack access the NIC refused).
     pub rem_access: u64,
+    /// Successes reaped after their epoch's ack, found covered by its poison (landed before).
+    pub before_ack: u64,
     pub lost: u64,
 }
 
@@ -421,8 +449,38 @@ impl DataPath<'_> {
                         c.ok += 1;
                         pattern(tag, size, &mut buf);
                         let off = slot as u64 * u64::from(cfg.size);
+                        let poisoned = sh.poisoned.read().unwrap_or_else(|e| e.into_inner());
                         let read = target.mem.read(off, &mut got);
-                        if read && got == buf {
+                        if let Some(snap) = poisoned.get(&target.epoch) {
+                            // Reaped after the ack: it must have landed before it, with its
+                            // bytes in the memory as it was at the ack.
+                            let at_ack = snap
+                                .as_ref()
+                                .and_then(|m| m.get(off as usize..off as usize + size));
+                            if !(read && got.iter().all(|&b| b == POISON)) {
+                                sh.post_ack_poison.fetch_add(1, Ordering::Relaxed);
+                                sh.fail(format!(
+                                    "slot {slot} epoch {}: a successful WRITE reaped after the \
+                                     ack is not covered by the poison written at the ack: it \
+                                     landed after the ack (its own bytes: {})",
+                                    target.epoch,
+                                    got == buf
+                                ));
+                            } else if let Some(at_ack) = at_ack {
+                                if at_ack == buf.as_slice() {
+                                    c.bytes += u64::from(cfg.size);
+                                } else {
+                                    c.corrupt += 1;
+                                    sh.fail(format!(
+                                        "slot {slot} epoch {}: completed before the ack, but the \
+                                         memory at the ack does not hold its bytes",
+                                        target.epoch
+                                    ));
+                                }
+                            } else {
+                                c.before_ack += 1;
+                            }
+                        } else if read && got == buf {
                             c.bytes += u64::from(cfg.size);
                         } else {
                             c.corrupt += 1;

@@ -306,15 +306,25 @@ impl Export {
     where
         F: FnOnce(&Negotiated) -> Result<(AddrList, Option<Box<dyn AccessGrant>>), AttachError>,
     {
-        self.usable()?;
+        let epoch = self.usable()?;
         let negotiated =
             crate::negotiate::negotiate(self.name(), offers, importer.name(), accepts)?;
         let (list, grant) = produce(&negotiated)?;
         let list = Arc::new(list);
         let kind = importer.kind();
         let mut inner = lock(&self.shared.inner);
-        if inner.state != State::Active {
-            let err = self.not_usable(&inner);
+        // Active again is not enough: a whole move may have run while `produce` made a list of
+        // the old memory. Only the epoch it was made in may record it.
+        if inner.state != State::Active || inner.epoch != epoch {
+            let err = if inner.state == State::Active {
+                AttachError::Stale {
+                    export: self.shared.name.to_string(),
+                    held: epoch,
+                    current: inner.epoch,
+                }
+            } else {
+                self.not_usable(&inner)
+            };
             drop(inner);
             if let Some(g) = grant {
                 g.revoke();
@@ -339,10 +349,11 @@ impl Export {
         })
     }
 
-    fn usable(&self) -> Result<(), AttachError> {
+    /// The current epoch, when the export may be attached.
+    fn usable(&self) -> Result<u64, AttachError> {
         let inner = lock(&self.shared.inner);
         if inner.state == State::Active {
-            Ok(())
+            Ok(inner.epoch)
         } else {
             Err(self.not_usable(&inner))
         }
@@ -380,8 +391,18 @@ impl Export {
                 what: "finish_move without a begin_move".into(),
             });
         }
-        for e in inner.entries.iter_mut() {
-            let (list, grant) = relist(e.id, &e.list)?;
+        // All or nothing: a relist that fails ends the export (see [`Export::abort_move`]).
+        let mut relisted = Vec::with_capacity(inner.entries.len());
+        for e in &inner.entries {
+            match relist(e.id, &e.list) {
+                Ok(r) => relisted.push(r),
+                Err(err) => {
+                    self.abort_locked(&mut inner, relisted);
+                    return Err(err);
+                }
+            }
+        }
+        for (e, (list, grant)) in inner.entries.iter_mut().zip(relisted) {
             e.list = Arc::new(list);
             e.grant = grant;
         }
@@ -389,6 +410,27 @@ impl Export {
         inner.state = State::Active;
         self.shared.publish(&inner);
         Ok(inner.epoch)
+    }
+
+    /// A move that cannot complete (no new memory, a list that cannot be made): the export is
+    /// revoked for good instead of staying `Moved`, where every attach and map would fail with
+    /// "being moved" for ever. Its importers were already invalidated by the move's first half.
+    pub fn abort_move(&self) {
+        let _serial = lock(&self.shared.revoke_lock);
+        let mut inner = lock(&self.shared.inner);
+        if inner.state == State::Moved {
+            self.abort_locked(&mut inner, Vec::new());
+        }
+    }
+
+    fn abort_locked(&self, inner: &mut Inner, made: Vec<(AddrList, Option<Box<dyn AccessGrant>>)>) {
+        tracing::warn!(export = %self.shared.name, "move failed: the export is revoked");
+        inner.entries.clear();
+        inner.state = State::Revoked;
+        self.shared.publish(inner);
+        for g in made.into_iter().filter_map(|(_, g)| g) {
+            g.revoke();
+        }
     }
 
     fn invalidate_all(&self, deadline: Duration, reason: InvalidateReason) -> RevokeReport {

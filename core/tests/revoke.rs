@@ -302,3 +302,115 @@ parent = "rp2"
     let report = bar.revoke(Duration::from_millis(100));
     assert_eq!(report.importers.len(), 2);
 }
+
+/// A whole move that runs while an attach makes its list must not let the attach record a list
+/// of the old memory under the new epoch (it used to: only `Active` was re-checked).
+#[test]
+fn an_attach_that_a_whole_move_overtook_is_refused_as_stale() {
+    use dmaplane_core::revoke::Export;
+    use dmaplane_core::{AddrList, DmaRange, Hints, Offer};
+    let export = Export::new("buf");
+    let offers = [Offer {
+        space: AddrSpace::CpuPhys,
+        hints: Hints::HOST_MEMORY,
+    }];
+    let importer = Arc::new(TestImporter::new("nic0", ImporterKind::Dynamic, false));
+    importer.finished();
+    let r = export.attach(importer, &offers, &rw(SpaceKind::CpuPhys), |_| {
+        // The move lands here: both halves, the epoch moves on, the export is Active again.
+        let report = export.begin_move(Duration::from_millis(100));
+        assert!(!report.already_revoked);
+        export.finish_move(|_, l| Ok((l.clone(), None))).unwrap();
+        let list = AddrList::single(
+            AddrSpace::CpuPhys,
+            Hints::HOST_MEMORY,
+            4096,
+            DmaRange::new(0x1000, 0x1000),
+        )
+        .unwrap();
+        Ok((list, None))
+    });
+    match r {
+        Err(AttachError::Stale {
+            held: 0,
+            current: 1,
+            ..
+        }) => {}
+        other => panic!("expected a stale attach, got {other:?}"),
+    }
+    assert_eq!(export.attachments(), 0);
+}
+
+/// A move whose second half cannot complete ends the export instead of leaving it "being moved"
+/// for ever; the grants already made for the new memory are revoked.
+#[test]
+fn a_failed_move_revokes_the_export_instead_of_wedging_it() {
+    use dmaplane_core::revoke::{AccessGrant, Export};
+    use dmaplane_core::{Hints, Offer};
+    #[derive(Debug)]
+    struct Flag(Arc<AtomicU64>);
+    impl AccessGrant for Flag {
+        fn revoke(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let export = Export::new("buf");
+    let offers = [Offer {
+        space: AddrSpace::CpuPhys,
+        hints: Hints::HOST_MEMORY,
+    }];
+    let revoked = Arc::new(AtomicU64::new(0));
+    let mut atts = Vec::new();
+    for name in ["nic0", "nic1"] {
+        let i = Arc::new(TestImporter::new(name, ImporterKind::Dynamic, false));
+        i.finished();
+        let list = dmaplane_core::AddrList::single(
+            AddrSpace::CpuPhys,
+            Hints::HOST_MEMORY,
+            4096,
+            dmaplane_core::DmaRange::new(0x1000, 0x1000),
+        )
+        .unwrap();
+        atts.push(
+            export
+                .attach(i, &offers, &rw(SpaceKind::CpuPhys), |_| Ok((list, None)))
+                .unwrap(),
+        );
+    }
+    assert!(export.begin_move(Duration::from_millis(100)).is_clean());
+    let mut n = 0;
+    let e = export
+        .finish_move(|_, l| {
+            n += 1;
+            if n == 2 {
+                return Err(AttachError::Exporter {
+                    export: "buf".into(),
+                    what: "no memory for the new place".into(),
+                });
+            }
+            Ok((
+                l.clone(),
+                Some(Box::new(Flag(revoked.clone())) as Box<dyn AccessGrant>),
+            ))
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("no memory"), "{e}");
+    assert!(export.is_revoked(), "wedged in Moved");
+    assert_eq!(
+        revoked.load(Ordering::SeqCst),
+        1,
+        "the first new grant was not revoked"
+    );
+    assert!(matches!(atts[0].map(), Err(AttachError::Revoked { .. })));
+    let i = Arc::new(TestImporter::new("nic2", ImporterKind::Dynamic, false));
+    let again = export.attach(i, &offers, &rw(SpaceKind::CpuPhys), |_| unreachable!());
+    assert!(
+        matches!(again, Err(AttachError::Revoked { .. })),
+        "{again:?}"
+    );
+    // And the explicit abort after a first half does the same.
+    let export = Export::new("buf2");
+    let _ = export.begin_move(Duration::from_millis(10));
+    export.abort_move();
+    assert!(export.is_revoked());
+}

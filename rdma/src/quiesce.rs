@@ -738,6 +738,10 @@ impl Mr {
                 why: "not an imported region".into(),
             });
         };
+        // The mark as this refresh found it: a move that invalidates the region while it
+        // re-registers changes it, and then the refresh must not clear it (it would revive the
+        // region on memory that moved again).
+        let seen = self.shared.revoked.load(Ordering::SeqCst);
         let map = att.map()?;
         let opts = self
             .shared
@@ -761,7 +765,24 @@ impl Mr {
         // its re-check under the QP lock (the key no longer matches), never slips through.
         self.shared.lkey.store(u64::from(new_key), Ordering::SeqCst);
         write(&pd.dev.tracker.mrs).remove(&old_key);
-        self.shared.revoked.store(0, Ordering::SeqCst);
+        if let Err(now) =
+            self.shared
+                .revoked
+                .compare_exchange(seen, 0, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            // Invalidated again while registering: the new registration maps memory that is
+            // moving or gone. Zap it; the caller refreshes again after the move.
+            if let Err(e) = read(&self.shared.backend).zap() {
+                tracing::error!(error = %e, "zap of an overtaken refresh failed");
+            }
+            return Err(RdmaError::Revoked {
+                what: format!("refresh of MR {new_key:#x}"),
+                epoch: now.saturating_sub(1),
+                why: "the memory moved again while the region was re-registered: refresh again \
+                      once the move completes"
+                    .into(),
+            });
+        }
         Ok(map.epoch)
     }
 }

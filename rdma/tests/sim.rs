@@ -499,3 +499,54 @@ fn without_a_qp_quiesce_the_requests_meet_the_zapped_region() {
     });
     assert!(caught.is_some(), "the skipped quiesce was never visible");
 }
+
+/// A move that lands while a dynamic importer re-registers after the previous one must not let
+/// the refresh revive the region on memory the exporter already moved away: whenever the region
+/// is live, its registration is of the current window.
+#[test]
+fn a_refresh_overtaken_by_a_second_move_does_not_revive_the_region() {
+    let (fabric, a, _b, _qa, _qb) = setup();
+    let ma = HostMemory::new(&fabric, a.mem, "a", 1 << 16).unwrap();
+    let ra = import(
+        &a,
+        &ma,
+        ImportOptions {
+            kind: dmaplane_core::ImporterKind::Dynamic,
+            ..ImportOptions::default()
+        },
+    );
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let stale = std::thread::scope(|s| {
+        s.spawn(|| {
+            for _ in 0..3000 {
+                ma.relocate(Duration::from_secs(1)).unwrap();
+            }
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let mut stale = 0u32;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            if ra.refresh(&a.pd).is_ok() {
+                // Under the mover's serialisation: a live region is of the current window, or
+                // a move has begun since (then it is marked revoked by now or about to be).
+                let (epoch, base) = (ma.epoch(), ma.window().base());
+                if ra.revoked_at().is_none() && ra.iova() != base && ma.epoch() == epoch {
+                    stale += 1;
+                }
+            }
+        }
+        stale
+    });
+    // Once everything stopped: live means current.
+    let _ = ra.refresh(&a.pd);
+    if ra.revoked_at().is_none() {
+        assert_eq!(
+            ra.iova(),
+            ma.window().base(),
+            "a live region maps moved memory"
+        );
+    }
+    assert_eq!(
+        stale, 0,
+        "refresh revived a region on moved memory {stale} time(s)"
+    );
+}

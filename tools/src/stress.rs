@@ -76,8 +76,8 @@ pub struct RevokeArgs {
     #[arg(long)]
     no_pin: bool,
     /// Break the protocol on purpose — early-fence, ignore-lease-revoke, ack-then-write,
-    /// free-before-ack (and no-zap, no-qp-quiesce, which this stress refuses: no traffic here
-    /// could show them). The run must then exit non-zero, naming the violation.
+    /// free-before-ack, no-backstop (and no-zap, no-qp-quiesce, which this stress refuses: no
+    /// traffic here could show them). The run must then exit non-zero, naming the violation.
     #[arg(long, value_parser = clap::value_parser!(Inject))]
     inject: Option<Inject>,
 }
@@ -199,6 +199,10 @@ fn print(r: &StressReport, json: bool) -> Result<()> {
     println!(
         "  bytes_verified     {}",
         crate::bench::bytes(r.bytes_verified)
+    );
+    println!(
+        "  completed_before_ack {} (reaped after the ack, covered by its poison)",
+        r.completed_before_ack
     );
     println!(
         "  posts refused      {} (target revoked or QP recovering)",

@@ -26,6 +26,10 @@ pub(crate) struct WindowExport {
     window: Mutex<WindowHandle>,
     /// Which device each attachment's grant is for, to re-grant after a move.
     devices: Mutex<HashMap<AttachmentId, DeviceId>>,
+    /// Held by a relocate from start to end and by an attach from its list to its record in
+    /// `devices`: a move can neither change the window under an attach's list and grant nor
+    /// find an attachment whose device is not recorded yet.
+    moving: Mutex<()>,
 }
 
 impl WindowExport {
@@ -44,6 +48,7 @@ impl WindowExport {
             host,
             window: Mutex::new(window),
             devices: Mutex::new(HashMap::new()),
+            moving: Mutex::new(()),
         })
     }
 
@@ -51,9 +56,8 @@ impl WindowExport {
         lock(&self.window).clone()
     }
 
-    /// The list for `space` over the current window.
-    pub(crate) fn list(&self, offer: &Offer) -> Result<AddrList, AttachError> {
-        let w = self.window();
+    /// The list for `offer`'s space over window `w`.
+    fn list(&self, w: &WindowHandle, offer: &Offer) -> Result<AddrList, AttachError> {
         let start = match offer.space {
             AddrSpace::CpuPhys | AddrSpace::PciBus { .. } | AddrSpace::Iova { .. } => w.base(),
             AddrSpace::ProcessVa => w.memory().process_va(),
@@ -78,11 +82,12 @@ impl WindowExport {
         offers: &[Offer],
         accepts: &[Accept],
     ) -> Result<Attachment, AttachError> {
+        let _moving = lock(&self.moving);
+        let window = self.window();
         let att = self.export.attach(importer, offers, accepts, |n| {
-            let list = self.list(&n.offer)?;
+            let list = self.list(&window, &n.offer)?;
             let access = n.offer.hints.access & accepts[n.accept_index].access;
-            let grant: Box<dyn AccessGrant> =
-                Box::new(self.fabric.grant(&self.window(), device, access));
+            let grant: Box<dyn AccessGrant> = Box::new(self.fabric.grant(&window, device, access));
             Ok((list, Some(grant)))
         })?;
         lock(&self.devices).insert(att.id(), device);
@@ -113,18 +118,30 @@ impl WindowExport {
     /// Move the memory to a new window: invalidate everyone, copy the bytes, unmap the old
     /// window, and give dynamic importers new lists (epoch + 1).
     pub(crate) fn relocate(&self, deadline: Duration) -> Result<RevokeReport, AttachError> {
+        let _moving = lock(&self.moving);
         let old = self.window();
         let report = self.observed(|| self.export.begin_move(deadline));
         let exporter_err = |what: String| AttachError::Exporter {
             export: self.export.name().to_string(),
             what,
         };
+        // Past the first half every failure ends the export: its importers were invalidated
+        // and the memory stays where it is, unusable (never wedged "being moved").
+        let fail = |what: String| {
+            self.export.abort_move();
+            exporter_err(format!("{what}: the export is revoked"))
+        };
         let new = self
             .fabric
             .map_new(self.owner, old.len(), self.host)
-            .map_err(|e| exporter_err(e.to_string()))?;
-        let len = usize::try_from(old.len()).map_err(|e| exporter_err(e.to_string()))?;
-        new.memory().copy_from(0, old.memory(), 0, len);
+            .map_err(|e| fail(e.to_string()))?;
+        let len = usize::try_from(old.len()).map_err(|e| fail(e.to_string()))?;
+        if !new.memory().copy_from(0, old.memory(), 0, len) {
+            self.fabric.unmap(&new);
+            return Err(fail(format!(
+                "copying {len} bytes to the new window failed"
+            )));
+        }
         self.fabric.unmap(&old);
         *lock(&self.window) = new.clone();
         let devices = lock(&self.devices).clone();
@@ -133,7 +150,7 @@ impl WindowExport {
                 space: old_list.space(),
                 hints: old_list.hints(),
             };
-            let list = self.list(&offer)?;
+            let list = self.list(&new, &offer)?;
             let grant: Option<Box<dyn AccessGrant>> = devices.get(&id).map(|d| {
                 Box::new(self.fabric.grant(&new, *d, offer.hints.access)) as Box<dyn AccessGrant>
             });

@@ -113,6 +113,8 @@ struct Window {
     pool: Weak<Pool>,
     watch: Arc<WindowWatch>,
     oracle: Arc<Oracle>,
+    /// Fault injection: grants of this fabric cannot be revoked (no backstop).
+    no_backstop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Drop for Window {
@@ -147,6 +149,7 @@ struct Inner {
     /// Unmapped windows by base: (length, watch), the newest [`RETIRED_WINDOWS`].
     retired: std::sync::Mutex<BTreeMap<u64, (u64, Arc<WindowWatch>)>>,
     reuse_before_ack: std::sync::atomic::AtomicBool,
+    no_backstop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The simulated fabric. Cheap to clone; clones share everything.
@@ -206,6 +209,13 @@ impl Grant {
 
 impl AccessGrant for Grant {
     fn revoke(&self) {
+        if self
+            .window
+            .no_backstop
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
         // The write lock waits for every DMA holding the read side: after this, none can land.
         let mut st = write(&self.window.state);
         if st.grants.iter().any(|g| g.0 == self.id) {
@@ -274,6 +284,7 @@ impl Fabric {
                 oracle: Arc::new(Oracle::new()),
                 retired: std::sync::Mutex::new(BTreeMap::new()),
                 reuse_before_ack: std::sync::atomic::AtomicBool::new(false),
+                no_backstop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             }),
         }
     }
@@ -293,6 +304,15 @@ impl Fabric {
     pub fn inject_reuse_before_ack(&self, on: bool) {
         self.inner
             .reuse_before_ack
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Fault injection: from now on revoking a grant does nothing — the exporter has no backstop,
+    /// as a dma-buf exporter passes no grant to revoke. A lying importer's DMA then lands after
+    /// the ack, and only the oracle (and the poison) can tell.
+    pub fn inject_no_backstop(&self, on: bool) {
+        self.inner
+            .no_backstop
             .store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
@@ -406,6 +426,7 @@ impl Fabric {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             ))),
             oracle: self.inner.oracle.clone(),
+            no_backstop: self.inner.no_backstop.clone(),
         });
         write(&self.inner.windows).insert(base, window.clone());
         tracing::debug!(owner = %owner_name, base, len, "window mapped");

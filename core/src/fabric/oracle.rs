@@ -173,7 +173,7 @@ impl Verdict {
                     device,
                 } => {
                     let m = marks.entry(*window).or_default();
-                    v.judge_dma(m, *window, *device, *seq, name);
+                    v.judge_dma(m, *window, *device, *seq, &name(*device));
                 }
                 Event::Refused {
                     seq,
@@ -181,7 +181,7 @@ impl Verdict {
                     device,
                 } => {
                     let m = marks.entry(*window).or_default();
-                    v.judge_refused(m, *window, *device, *seq, name);
+                    v.judge_refused(m, *window, *device, *seq, &name(*device));
                 }
                 Event::OwnerAccess { seq, window } => {
                     let m = marks.entry(*window).or_default();
@@ -207,14 +207,7 @@ impl Verdict {
         }
     }
 
-    fn judge_dma(
-        &mut self,
-        m: &Marks,
-        w: WindowId,
-        dev: DeviceId,
-        end: u64,
-        name: &dyn Fn(DeviceId) -> String,
-    ) {
+    fn judge_dma(&mut self, m: &Marks, w: WindowId, dev: DeviceId, end: u64, name: &str) {
         if let Some(f) = m.fence_of(dev).filter(|f| f.seq < end) {
             self.dma_after_fence += 1;
             self.violation(
@@ -222,10 +215,7 @@ impl Verdict {
                 format!(
                     "dma-after-fence: {} (importer {}) touched window {} at #{end}, after its \
                      fence at #{}",
-                    name(dev),
-                    f.importer,
-                    w.0,
-                    f.seq
+                    name, f.importer, w.0, f.seq
                 ),
             );
         }
@@ -233,40 +223,32 @@ impl Verdict {
             self.dma_after_ack += 1;
             let culprit = m
                 .fence_of(dev)
-                .map_or_else(|| name(dev), |f| f.importer.to_string());
+                .map_or_else(|| name.to_string(), |f| f.importer.to_string());
             self.violation(
                 culprit,
                 format!(
                     "dma-after-ack: {} touched window {} at #{end}, after the exporter's ack at \
                      #{a}",
-                    name(dev),
-                    w.0
+                    name, w.0
                 ),
             );
         }
     }
 
-    fn judge_refused(
-        &mut self,
-        m: &Marks,
-        w: WindowId,
-        dev: DeviceId,
-        at: u64,
-        name: &dyn Fn(DeviceId) -> String,
-    ) {
+    fn judge_refused(&mut self, m: &Marks, w: WindowId, dev: DeviceId, at: u64, name: &str) {
         if !m.cut.contains(&dev) {
             // Never granted, or detached outside a revoke: not the backstop's doing.
             return;
         }
         self.blocked_by_backstop += 1;
         let fence = m.fence_of(dev);
-        let culprit = fence.map_or_else(|| name(dev), |f| f.importer.to_string());
+        let culprit = fence.map_or_else(|| name.to_string(), |f| f.importer.to_string());
         self.violation(
             culprit,
             format!(
                 "blocked-by-backstop: {} tried window {} at #{at} after step 4 took its grant \
                  ({})",
-                name(dev),
+                name,
                 w.0,
                 match fence {
                     Some(f) => format!("its importer {} had signalled at #{}", f.importer, f.seq),
@@ -491,11 +473,14 @@ impl Oracle {
 
     /// Called by the fabric right after a DMA touched the window's memory, before it returns to
     /// the device.
+    /// `name` names the device; it is asked before any of the oracle's locks is taken (it may
+    /// take the fabric's).
     #[inline]
     pub(crate) fn dma(&self, w: &WindowWatch, device: DeviceId, name: &dyn Fn(DeviceId) -> String) {
         if !w.marked.load(Ordering::SeqCst) {
             return;
         }
+        let name = name(device);
         self.log(
             w,
             |seq| Event::Dma {
@@ -503,7 +488,7 @@ impl Oracle {
                 window: w.id,
                 device,
             },
-            |m, v, seq| v.judge_dma(m, w.id, device, seq, name),
+            |m, v, seq| v.judge_dma(m, w.id, device, seq, &name),
         );
     }
 
@@ -516,6 +501,7 @@ impl Oracle {
         if !w.marked.load(Ordering::SeqCst) {
             return;
         }
+        let name = name(device);
         self.log(
             w,
             |seq| Event::Refused {
@@ -523,7 +509,7 @@ impl Oracle {
                 window: w.id,
                 device,
             },
-            |m, v, seq| v.judge_refused(m, w.id, device, seq, name),
+            |m, v, seq| v.judge_refused(m, w.id, device, seq, &name),
         );
     }
 
