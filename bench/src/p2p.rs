@@ -16,8 +16,8 @@ use dmaplane_core::topology::builtin;
 use dmaplane_core::{ImporterKind, Route};
 use dmaplane_gpu::{DeviceMemory, Gpu, GpuError, Loc, Peer, PeerMemory, SimGpu};
 use dmaplane_rdma::{
-    Completion, Cq, Device, ImportOptions, Mr, MrAccess, Pd, Qp, QpCaps, QpState, QuiescePolicy,
-    RdmaError, RemoteMr, SendWr, SimNetwork, WcStatus,
+    Completion, Cq, Device, ImportOptions, Mr, MrAccess, Pd, Qp, QpCaps, QpState, RdmaError,
+    RemoteMr, SendWr, SimNetwork, WcStatus,
 };
 use serde::Serialize;
 
@@ -505,11 +505,12 @@ pub fn run_flow(w: &P2pWorld, flow: &Flow, o: &FlowOptions) -> Result<FlowReport
         access: MrAccess::LOCAL_WRITE,
         ..ImportOptions::default()
     };
+    // The default policy: the free stops the receiving NIC's QPs at a message boundary, so a
+    // 1 MiB WRITE under way lands whole and never breaks the connection.
     let remote = ImportOptions {
         access: MrAccess::ALL,
         kind: ImporterKind::Pinned,
-        policy: QuiescePolicy::Flush,
-        recover: true,
+        ..ImportOptions::default()
     };
     let tag = format!("{}-{}", flow.src_gpu, flow.dst_gpu);
     let src = w.side(

@@ -160,6 +160,8 @@ pub struct Shared {
     per_epoch: Mutex<BTreeMap<u64, u64>>,
     /// Requests ever posted per epoch (the newest few), for "revoke under load".
     posted: Mutex<BTreeMap<u64, u64>>,
+    /// Successful WRITEs per epoch (the newest few): a revoke waits until traffic has landed.
+    landed: Mutex<BTreeMap<u64, u64>>,
     pub stop: AtomicBool,
     pub revokes_done: AtomicU64,
     pub post_ack_poison: AtomicU64,
@@ -182,6 +184,18 @@ impl Shared {
 
     pub fn posted_in(&self, e: u64) -> u64 {
         lock(&self.posted).get(&e).copied().unwrap_or(0)
+    }
+
+    pub fn landed_in(&self, e: u64) -> u64 {
+        lock(&self.landed).get(&e).copied().unwrap_or(0)
+    }
+
+    fn count_landed(&self, e: u64) {
+        let mut m = lock(&self.landed);
+        *m.entry(e).or_insert(0) += 1;
+        while m.len() > 4 {
+            m.pop_first();
+        }
     }
 
     fn count(&self, e: u64, delta: i64) {
@@ -267,10 +281,14 @@ pub fn exporter<E: Export>(
             break;
         }
         let ex = live.take()?;
-        // Revoke under load: let the data path get requests in flight on this export first
-        // (bounded, so a stalled data path cannot stall the schedule).
+        // Revoke under load: let the data path get requests in flight on this export, one of
+        // them land, and the queues be at least half full again (bounded, so a stalled data
+        // path cannot stall the schedule).
         let since = Instant::now();
-        while sh.posted_in(ex.epoch()) < in_flight
+        let half_full = (cfg.qps * cfg.depth / 2).max(1) as u64;
+        while (sh.posted_in(ex.epoch()) < in_flight
+            || sh.landed_in(ex.epoch()) == 0
+            || sh.outstanding_in(ex.epoch()) < half_full)
             && since.elapsed() < Duration::from_secs(5)
             && !sh.stop.load(Ordering::Relaxed)
         {
@@ -447,6 +465,7 @@ impl DataPath<'_> {
                 match wc.status {
                     WcStatus::Success => {
                         c.ok += 1;
+                        sh.count_landed(target.epoch);
                         pattern(tag, size, &mut buf);
                         let off = slot as u64 * u64::from(cfg.size);
                         let poisoned = sh.poisoned.read().unwrap_or_else(|e| e.into_inner());

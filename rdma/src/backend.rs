@@ -180,6 +180,14 @@ pub trait QpBackend: Send + Sync + fmt::Debug {
         drop(f);
         (to.map_or(Ok(()), |s| self.modify(&QpAttr::to(s))), false)
     }
+
+    /// Stop at the next message boundary: the request under way completes (every packet of it),
+    /// none that has not started starts; they stay queued. Call `f` once nothing executes, as
+    /// [`QpBackend::quiesce`] does; false when the backend cannot tell (then `f` is dropped).
+    /// SQD means exactly this on an IB/RoCE NIC (the default moves there).
+    fn stop_at_boundary(&self, f: Box<dyn FnOnce() + Send>) -> (Result<()>, bool) {
+        self.quiesce(Some(QpState::Sqd), f)
+    }
 }
 
 pub trait CqBackend: std::any::Any + Send + Sync + fmt::Debug {

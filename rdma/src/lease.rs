@@ -19,13 +19,13 @@ use crate::wr::RemoteAddr;
 /// One control message between the owner of a region and a holder of its rkey.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlMsg {
-    /// Owner → holder: stop one-sided access to `rkey`; `flush` asks for in-flight work to be
-    /// flushed rather than drained.
+    /// Owner → holder: stop one-sided access to `rkey`, quiescing in-flight work to it by the
+    /// owner's `policy` (its deadline comes from the peer: the holder bounds it).
     LeaseRevoke {
         owner: [u8; 16],
         rkey: u32,
         epoch: u64,
-        flush: bool,
+        policy: crate::quiesce::QuiescePolicy,
     },
     /// Holder → owner: nothing of ours targets `rkey` any more.
     LeaseAck {

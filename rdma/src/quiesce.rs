@@ -11,20 +11,23 @@
 //!    answered by the cut-off (three quarters of the way to the exporter's deadline) is cut off:
 //!    the zap goes ahead and its later accesses fail at the NIC with remote-access errors;
 //! 3. every local QP with outstanding requests that use the MR is quiesced by the attachment's
-//!    [`QuiescePolicy`]: `Flush` moves it to ERR (what has not started completes as flushed;
-//!    only DMA already under way finishes); `Drain` moves it to SQD so what was posted before
-//!    completes, up to a deadline after which it is flushed;
+//!    [`QuiescePolicy`]: `Boundary` (the default) stops it at the next message boundary (SQD:
+//!    the message under way completes, every packet of it) and then flushes what did not start,
+//!    or flushes at its deadline; `Flush` moves it to ERR at once (what has not started
+//!    completes as flushed; a message under way is cut between two packets, which breaks the
+//!    connection); `Drain` moves it to SQD so what was posted before completes, up to a deadline
+//!    after which it is flushed;
 //! 4. once every QP is quiescent (the backend says so, or every outstanding completion has been
 //!    reaped) and every lease is settled, the MR's translation is zapped and the fence is
 //!    signalled. Drained QPs go back to RTS; flushed ones do when `recover` was asked for, as
 //!    soon as their flushed completions are reaped (resuming their PSNs, which the peer's
 //!    responder kept). Every posted request gets exactly one completion.
 //!
-//! A remote holder that flushes cannot recall packets already on the wire: one may still reach
-//! the owner after the ack. It cannot land after the fence — the zap comes first and waits for
-//! accesses under way — but a multi-packet WRITE cut in the middle leaves the owner's responder
-//! mid-message, which breaks the connection; holders that write more than one packet at a time
-//! should be revoked with `Drain`.
+//! A remote holder quiesces its own requests to the region by the owner's policy (carried in
+//! `LeaseRevoke`). With `Flush` a multi-packet WRITE cut in the middle leaves the owner's
+//! responder mid-message, which breaks the connection; `Boundary` never cuts a message, so it
+//! is safe for any request size and is the default. A packet already on the wire cannot land
+//! after the fence either way: the zap comes first and waits for accesses under way.
 
 use std::collections::HashMap;
 use std::os::fd::BorrowedFd;
@@ -49,13 +52,44 @@ use crate::timer::Timer;
 use crate::wr::{RemoteAddr, Sge};
 
 /// How an attachment's queue pairs are quiesced on revoke.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(tag = "policy", rename_all = "kebab-case")]
 pub enum QuiescePolicy {
-    /// Move affected QPs to ERR at once.
+    /// Stop affected QPs at the next message boundary (the message under way completes), then
+    /// flush what did not start; flush anyway at `deadline`. Safe for any request size.
+    Boundary { deadline: Duration },
+    /// Move affected QPs to ERR at once: fastest, but a multi-packet message under way is cut,
+    /// which breaks its connection.
     Flush,
     /// Move them to SQD and let what was posted finish, up to `deadline`; then flush.
     Drain { deadline: Duration },
+}
+
+impl QuiescePolicy {
+    /// The default: [`QuiescePolicy::Boundary`], flushing after 100 ms.
+    pub const DEFAULT: QuiescePolicy = QuiescePolicy::Boundary {
+        deadline: Duration::from_millis(100),
+    };
+
+    /// A policy from a peer: its deadline is bounded.
+    fn bounded(self) -> QuiescePolicy {
+        let cap = |d: Duration| d.min(Duration::from_secs(10));
+        match self {
+            QuiescePolicy::Boundary { deadline } => QuiescePolicy::Boundary {
+                deadline: cap(deadline),
+            },
+            QuiescePolicy::Drain { deadline } => QuiescePolicy::Drain {
+                deadline: cap(deadline),
+            },
+            QuiescePolicy::Flush => QuiescePolicy::Flush,
+        }
+    }
+}
+
+impl Default for QuiescePolicy {
+    fn default() -> Self {
+        QuiescePolicy::DEFAULT
+    }
 }
 
 /// Options for [`Pd::import`].
@@ -73,7 +107,7 @@ impl Default for ImportOptions {
         ImportOptions {
             access: MrAccess::ALL,
             kind: ImporterKind::Pinned,
-            policy: QuiescePolicy::Flush,
+            policy: QuiescePolicy::DEFAULT,
             recover: true,
         }
     }
@@ -90,6 +124,8 @@ pub(crate) struct ImportInfo {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct QuiesceStats {
     pub invalidations: u64,
+    /// QPs stopped at a message boundary (then flushed).
+    pub qps_stopped: u64,
     pub qps_flushed: u64,
     pub qps_drained: u64,
     pub drains_timed_out: u64,
@@ -101,6 +137,7 @@ pub struct QuiesceStats {
 #[derive(Debug, Default)]
 struct Counters {
     invalidations: AtomicU64,
+    qps_stopped: AtomicU64,
     qps_flushed: AtomicU64,
     qps_drained: AtomicU64,
     drains_timed_out: AtomicU64,
@@ -202,6 +239,7 @@ impl Tracker {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         QuiesceStats {
             invalidations: g(&c.invalidations),
+            qps_stopped: g(&c.qps_stopped),
             qps_flushed: g(&c.qps_flushed),
             qps_drained: g(&c.qps_drained),
             drains_timed_out: g(&c.drains_timed_out),
@@ -408,13 +446,12 @@ impl Tracker {
                     t.cut_off(rkey, epoch);
                 }
             });
-            let flush = opts.policy == QuiescePolicy::Flush;
             for h in &holders {
                 let msg = ControlMsg::LeaseRevoke {
                     owner: self.gid,
                     rkey,
                     epoch: inv.epoch,
-                    flush,
+                    policy: opts.policy,
                 };
                 if let Err(e) = h.link.send(msg) {
                     // It will never ack: cut off now rather than at the deadline.
@@ -454,11 +491,15 @@ impl Tracker {
         latch: &Arc<Pending>,
         recover: bool,
     ) {
+        if let QuiescePolicy::Boundary { deadline } = policy {
+            return self.stop_qp(qp, t, deadline, latch);
+        }
         let to = match policy {
             QuiescePolicy::Flush => {
                 bump(&self.counters.qps_flushed, 1);
                 Some(QpState::Err)
             }
+            QuiescePolicy::Boundary { .. } => None,
             QuiescePolicy::Drain { deadline } => {
                 bump(&self.counters.qps_drained, 1);
                 self.arm_drain_deadline(qp, deadline);
@@ -485,6 +526,40 @@ impl Tracker {
             // Everything may be reaped already; then nobody else would come by.
             qp.try_recover(t);
         }
+    }
+
+    /// [`QuiescePolicy::Boundary`] for one QP (under its track lock `t`): stop at the message
+    /// boundary, then flush what did not start; the latch counts it done once nothing executes.
+    /// A backend that cannot say when it stopped is flushed at once instead (what is under way
+    /// may be cut).
+    fn stop_qp(&self, qp: &Arc<QpShared>, t: &mut Track, deadline: Duration, latch: &Arc<Pending>) {
+        bump(&self.counters.qps_stopped, 1);
+        self.arm_drain_deadline(qp, deadline);
+        latch.add(1);
+        let l = latch.clone();
+        let weak = Arc::downgrade(qp);
+        let (r, tells) = qp.backend.stop_at_boundary(Box::new(move || {
+            // Nothing executes and nothing can start: the fence may go, and what stayed
+            // queued (it would touch the revoked memory) completes flushed.
+            if let Some(q) = weak.upgrade()
+                && let Err(e) = q.backend.modify(&QpAttr::to(QpState::Err))
+            {
+                tracing::debug!(qpn = q.qpn, error = %e, "flush after the boundary");
+            }
+            l.done_one();
+        }));
+        if let Err(e) = r {
+            tracing::debug!(device = %self.name, qpn = qp.qpn, error = %e, "stop at boundary");
+        }
+        if !tells {
+            if let Err(e) = qp.backend.modify(&QpAttr::to(QpState::Err)) {
+                tracing::debug!(device = %self.name, qpn = qp.qpn, error = %e, "flush");
+            }
+            self.wait_reaped(qp, t, t.send.posted, t.recv.posted, latch);
+            latch.done_one();
+        }
+        t.recover_pending = true;
+        qp.try_recover(t);
     }
 
     /// At the drain deadline, a QP still draining is flushed.
@@ -516,8 +591,9 @@ impl Tracker {
                 owner,
                 rkey,
                 epoch,
-                flush,
+                policy,
             } => {
+                let policy = policy.bounded();
                 // The entry stays (marked) so a post racing with this revoke still sees it.
                 let Some(remote) = read(&self.remotes).get(&(owner, rkey)).cloned() else {
                     tracing::debug!(device = %self.name, rkey, "revoke of a lease we do not hold");
@@ -562,11 +638,13 @@ impl Tracker {
                             let sl = t.send.slot(s);
                             sl.one_sided && sl.rkey == rkey
                         });
-                    if uses && flush {
-                        self.quiesce_qp(qp, t, QuiescePolicy::Flush, &latch, true);
-                    } else if uses {
-                        // Drain: other traffic on the QP goes on; wait for ours to complete.
-                        self.wait_reaped(qp, t, t.send.posted, 0, &latch);
+                    match policy {
+                        _ if !uses => {}
+                        QuiescePolicy::Drain { .. } => {
+                            // Other traffic on the QP goes on; wait for ours to complete.
+                            self.wait_reaped(qp, t, t.send.posted, 0, &latch);
+                        }
+                        p => self.quiesce_qp(qp, t, p, &latch, true),
                     }
                 });
                 latch.done_one();

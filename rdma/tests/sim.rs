@@ -184,7 +184,11 @@ fn revoke_flushes_in_flight_work_and_fails_new_posts() {
     let ma = HostMemory::new(&fabric, a.mem, "a", 1 << 22).unwrap();
     let mb = HostMemory::new(&fabric, b.mem, "b", 1 << 22).unwrap();
     let ra = import(&a, &ma, ImportOptions::default());
-    let rb = import(&b, &mb, ImportOptions::default());
+    let flush = ImportOptions {
+        policy: QuiescePolicy::Flush,
+        ..ImportOptions::default()
+    };
+    let rb = import(&b, &mb, flush);
     let remote = b.dev.lease(&rb, &a.dev);
     let wrs: Vec<SendWr> = (0..200)
         .map(|i| SendWr::write(i, ra.sge(i * 16384, 16384), remote.at(i * 16384)))
@@ -482,15 +486,16 @@ fn without_a_qp_quiesce_the_requests_meet_the_zapped_region() {
                 None
             })
             .collect();
-        (a.dev.stats().qps_flushed, st, fabric.oracle().verdict())
+        let q = a.dev.stats();
+        (q.qps_stopped + q.qps_flushed, st, fabric.oracle().verdict())
     };
-    let (flushed, st, v) = run(false);
-    assert_eq!(flushed, 1);
+    let (stopped, st, v) = run(false);
+    assert_eq!(stopped, 1, "the default policy stops the QP at a boundary");
     assert!(!st.contains(&WcStatus::LocProtErr), "{st:?}");
     assert!(v.is_clean(), "{v}");
     let caught = (0..20).find_map(|_| {
-        let (flushed, st, v) = run(true);
-        assert_eq!(flushed, 0);
+        let (quiesced, st, v) = run(true);
+        assert_eq!(quiesced, 0);
         assert!(
             v.dma_after_fence == 0 || v.by_culprit.contains_key("nic0/buf"),
             "{v}"
@@ -548,5 +553,92 @@ fn a_refresh_overtaken_by_a_second_move_does_not_revive_the_region() {
     assert_eq!(
         stale, 0,
         "refresh revived a region on moved memory {stale} time(s)"
+    );
+}
+
+/// Eight 1 MiB WRITEs (256 packets each) from a to b's leased region, b's memory revoked under
+/// them with `policy`; then a fresh region on b and one more WRITE over the same connection.
+/// Returns (a WRITE was cut mid-message, the bytes of the flushed WRITEs that landed were partial,
+/// the status of the WRITE after the revoke, the oracle's verdict).
+fn revoke_big_writes(
+    policy: QuiescePolicy,
+) -> (bool, bool, WcStatus, dmaplane_core::fabric::Verdict, u64) {
+    const N: u64 = 8;
+    const SZ: u64 = 1 << 20;
+    let (fabric, a, b, qa, _qb) = setup();
+    let ma = HostMemory::new(&fabric, a.mem, "a", N * SZ).unwrap();
+    let mb = HostMemory::new(&fabric, b.mem, "b", N * SZ).unwrap();
+    assert!(ma.write(0, &vec![0xab; (N * SZ) as usize]));
+    let ra = import(&a, &ma, ImportOptions::default());
+    let opts = ImportOptions {
+        policy,
+        ..ImportOptions::default()
+    };
+    let rb = import(&b, &mb, opts);
+    let remote = b.dev.lease(&rb, &a.dev);
+    let wrs: Vec<SendWr> = (0..N)
+        .map(|i| SendWr::write(i, ra.sge(i * SZ, SZ as u32), remote.at(i * SZ)))
+        .collect();
+    qa.post_send(&wrs).unwrap();
+    std::thread::sleep(Duration::from_micros(50));
+    assert!(mb.revoke(Duration::from_secs(2)).is_clean());
+    let mut partial = false;
+    let mut flushed = 0;
+    for _ in 0..N {
+        let c = wait_one(&a.cq);
+        if c.status == WcStatus::WrFlushErr {
+            flushed += 1;
+            let mut got = vec![0u8; SZ as usize];
+            assert!(mb.window().memory().read(c.wr_id * SZ, &mut got));
+            let landed = got.iter().filter(|&&x| x == 0xab).count();
+            partial |= landed > 0 && landed < got.len();
+        } else {
+            assert_eq!(c.status, WcStatus::Success, "{c:?}");
+        }
+    }
+    let cut = a.dev.async_events().iter().any(|e| e.kind == "MESSAGE_CUT");
+    // The same QPs, a new region: does the connection still carry a WRITE?
+    for _ in 0..1000 {
+        if qa.state() == QpState::Rts {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mb2 = HostMemory::new(&fabric, b.mem, "b2", 1 << 16).unwrap();
+    let rb2 = import(&b, &mb2, ImportOptions::default());
+    let remote2 = b.dev.lease(&rb2, &a.dev);
+    qa.post_send(&[SendWr::write(99, ra.sge(0, 4096), remote2.at(0))])
+        .unwrap();
+    let after = wait_one(&a.cq).status;
+    (cut, partial, after, fabric.oracle().verdict(), flushed)
+}
+
+#[test]
+fn a_flush_cuts_a_multi_packet_write_and_breaks_the_connection() {
+    let seen = (0..20).find_map(|_| {
+        let (cut, partial, after, v, _) = revoke_big_writes(QuiescePolicy::Flush);
+        assert!(v.is_clean(), "nothing after the fence even so: {v}");
+        cut.then_some((partial, after))
+    });
+    let (partial, after) = seen.expect("no WRITE was ever cut mid-message");
+    assert!(partial, "the cut WRITE's region is partly written");
+    // As on a ConnectX NIC: the responder was left mid-message, the next request breaks it.
+    assert_eq!(after, WcStatus::RetryExcErr);
+}
+
+#[test]
+fn the_default_stops_at_a_message_boundary_and_keeps_the_connection() {
+    let mut met_traffic = 0;
+    for _ in 0..5 {
+        let (cut, partial, after, v, flushed) = revoke_big_writes(QuiescePolicy::DEFAULT);
+        assert!(!cut, "the default policy cut a message");
+        assert!(!partial, "a flushed WRITE landed in part");
+        assert_eq!(after, WcStatus::Success, "the connection did not survive");
+        assert!(v.is_clean(), "{v}");
+        met_traffic += u32::from(flushed > 0);
+    }
+    assert!(
+        met_traffic > 0,
+        "no revoke met a WRITE in flight: the test proved nothing"
     );
 }

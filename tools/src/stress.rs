@@ -32,7 +32,12 @@ pub enum Exporter {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Policy {
+    /// Stop at the next message boundary, then flush what did not start (the default: safe for
+    /// any WRITE size).
+    Boundary,
+    /// Flush at once (a multi-packet WRITE under way is cut and breaks its connection).
     Flush,
+    /// Let everything posted finish, up to the deadline.
     Drain,
 }
 
@@ -62,7 +67,7 @@ pub struct RevokeArgs {
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// How queue pairs are quiesced.
-    #[arg(long, value_enum, default_value = "flush")]
+    #[arg(long, value_enum, default_value = "boundary")]
     quiesce: Policy,
     /// Drain deadline and exporter deadline, in milliseconds.
     #[arg(long, default_value_t = 1000)]
@@ -113,6 +118,7 @@ pub fn run(cmd: &StressCmd, json: bool) -> Result<()> {
         seconds: a.seconds,
         seed: a.seed,
         policy: match a.quiesce {
+            Policy::Boundary => QuiescePolicy::Boundary { deadline },
             Policy::Flush => QuiescePolicy::Flush,
             Policy::Drain => QuiescePolicy::Drain { deadline },
         },

@@ -135,12 +135,13 @@ mod imp {
         let probe = VerbsDevice::open(Some(&name))?;
         let mtu = probe.active_mtu();
         drop(probe);
-        if cfg.policy == QuiescePolicy::Flush && cfg.size > mtu.bytes() {
+        if !matches!(cfg.policy, QuiescePolicy::Drain { .. }) && cfg.size > mtu.bytes() {
             bail!(
-                "--quiesce flush with --size {} on {name}: a WRITE must fit one packet (path MTU {} \
-                 bytes) — flushing a multi-packet WRITE can leave the owner's responder in the \
-                 middle of a message, which breaks the connection; use --size {} or less, or \
-                 --quiesce drain",
+                "--quiesce flush|boundary with --size {} on {name}: a WRITE must fit one packet \
+                 (path MTU {} bytes) — flushing a multi-packet WRITE can leave the owner's \
+                 responder in the middle of a message, which breaks the connection, and the verbs \
+                 backend does not report SQ_DRAINED yet, so boundary flushes too; use --size {} \
+                 or less, or --quiesce drain",
                 cfg.size,
                 mtu.bytes(),
                 mtu.bytes()

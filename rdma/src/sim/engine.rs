@@ -4,6 +4,15 @@
 //! The requester's engine also plays the responder (the wire is instant): it checks the remote
 //! key, bounds, rights and QP state on the peer NIC and issues the peer-side DMA as the peer
 //! NIC's fabric device, so each side is held to its own grants.
+//!
+//! A WRITE or READ moves in packets of the path MTU. Each packet takes the two regions'
+//! translations and the fabric windows on its own and lets go of them after it, so a zap or a
+//! revoke waits for one packet, never for a whole message — and meets a message half landed.
+//! Between packets the engine looks at the QP: once it is in ERR the rest of the message is not
+//! sent, the request completes flushed with its region partly written, and (for a WRITE) the
+//! responder is left mid-message: the next request it gets breaks the connection, as the PSN
+//! gap does on a ConnectX NIC. Only RESET and a new connection repair it. Stopping at a message
+//! boundary (SQD, [`crate::quiesce::QuiescePolicy::Boundary`]) never cuts a message.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -145,17 +154,22 @@ fn process(qp: &Arc<SimQp>, s: &mut Scratch) -> bool {
             return false;
         }
         inner.busy = true;
-        inner.peer.clone()
+        (inner.peer.clone(), inner.mtu)
     };
+    let (peer, mtu) = peer;
     s.wcs.clear();
     let mut ran = 0;
     let mut failed = false;
     for i in 0..s.wrs.len() {
-        if !matches!(qp.fast_state(), QpState::Rts | QpState::Sqd) {
-            break;
+        match qp.fast_state() {
+            QpState::Rts => {}
+            // Stopping at a boundary: what this turn took and did not start goes back.
+            QpState::Sqd if qp.stop.load(Ordering::SeqCst) => break,
+            QpState::Sqd => {}
+            _ => break,
         }
         let wr = s.wrs[i];
-        let (status, byte_len) = execute(qp, &wr, &peer, &mut s.src, &mut s.dst);
+        let (status, byte_len) = execute(qp, &wr, &peer, mtu, &mut s.src, &mut s.dst);
         ran = i + 1;
         if wr.signaled || !status.is_ok() {
             s.wcs
@@ -177,6 +191,11 @@ fn process(qp: &Arc<SimQp>, s: &mut Scratch) -> bool {
         for wr in &s.wrs[ran..] {
             s.wcs
                 .push(qp.wc(wr.wr_id, WcStatus::WrFlushErr, opcode_of(wr.op), 0, None));
+        }
+    } else if inner.state == QpState::Sqd && ran < s.wrs.len() {
+        // Stopped at a boundary: not started, so back to the head of the queue, in order.
+        for wr in s.wrs[ran..].iter().rev() {
+            inner.sq.push_front(*wr);
         }
     }
     // (In RESET the rest is discarded without completions, as verbs does.)
@@ -293,10 +312,11 @@ fn execute(
     qp: &SimQp,
     wr: &SendWr,
     peer: &Weak<SimQp>,
+    mtu: u64,
     src: &mut Vec<(u64, u64)>,
     dst: &mut Vec<(u64, u64)>,
 ) -> Outcome {
-    match run_wr(qp, wr, peer, &mut Segs { src, dst }) {
+    match run_wr(qp, wr, peer, mtu, &mut Segs { src, dst }) {
         Ok(n) => (WcStatus::Success, n),
         Err(st) => (st, 0),
     }
@@ -308,7 +328,13 @@ struct Segs<'a> {
     dst: &'a mut Vec<(u64, u64)>,
 }
 
-fn run_wr(qp: &SimQp, wr: &SendWr, peer: &Weak<SimQp>, s: &mut Segs<'_>) -> Result<u32, WcStatus> {
+fn run_wr(
+    qp: &SimQp,
+    wr: &SendWr,
+    peer: &Weak<SimQp>,
+    mtu: u64,
+    s: &mut Segs<'_>,
+) -> Result<u32, WcStatus> {
     let total = wr.sg.total();
     let total32 = u32::try_from(total).map_err(|_| WcStatus::LocLenErr)?;
     let local_need = if wr.op.writes_local() {
@@ -317,6 +343,20 @@ fn run_wr(qp: &SimQp, wr: &SendWr, peer: &Weak<SimQp>, s: &mut Segs<'_>) -> Resu
         MrAccess::NONE
     };
     let peer = peer_ready(peer)?;
+    if peer.partial.load(Ordering::SeqCst) {
+        // The responder still waits for the rest of a message that was cut: this request's
+        // first packet is out of sequence. The connection is broken on both sides.
+        peer.nic.event(
+            "QP_FATAL",
+            Some(peer.qpn),
+            "request after a message cut in the middle: connection broken".into(),
+        );
+        let mut pin = lock(&peer.inner);
+        if pin.state != QpState::Err {
+            peer.to_error(&mut pin);
+        }
+        return Err(WcStatus::RetryExcErr);
+    }
     match wr.op {
         SendOp::RdmaWrite | SendOp::RdmaWriteWithImm(_) | SendOp::RdmaRead => {
             let read = matches!(wr.op, SendOp::RdmaRead);
@@ -332,26 +372,37 @@ fn run_wr(qp: &SimQp, wr: &SendWr, peer: &Weak<SimQp>, s: &mut Segs<'_>) -> Resu
                 return Err(WcStatus::RnrRetryExcErr);
             }
             let mut raddr = wr.remote.addr;
+            let mut sent = 0u64;
             for sge in wr.sg.as_slice() {
                 let lmr = local_mr(qp, sge)?;
                 let len = u64::from(sge.length);
-                s.src.clear();
-                s.dst.clear();
-                let l = lmr.with_segments(sge.addr, len, local_need, |it| {
-                    s.src.extend(it);
-                    rmr.with_segments(raddr, len, need, |rit| {
-                        s.dst.extend(rit);
-                        if read {
-                            copy(qp, (peer.nic.dev, qp.nic.dev), s.dst, s.src)
-                        } else {
-                            copy(qp, (qp.nic.dev, peer.nic.dev), s.src, s.dst)
-                        }
-                    })
-                });
-                match l {
-                    Err(_) => return Err(WcStatus::LocProtErr),
-                    Ok(Err(_)) => return Err(WcStatus::RemAccessErr),
-                    Ok(Ok(r)) => r?,
+                let mut off = 0;
+                while off < len {
+                    if sent > 0 && qp.fast_state() == QpState::Err {
+                        // Flushed between two packets: the rest is never sent.
+                        return Err(cut(qp, &peer, read, sent, total));
+                    }
+                    let n = (len - off).min(mtu);
+                    s.src.clear();
+                    s.dst.clear();
+                    let l = lmr.with_segments(sge.addr + off, n, local_need, |it| {
+                        s.src.extend(it);
+                        rmr.with_segments(raddr + off, n, need, |rit| {
+                            s.dst.extend(rit);
+                            if read {
+                                copy(qp, (peer.nic.dev, qp.nic.dev), s.dst, s.src)
+                            } else {
+                                copy(qp, (qp.nic.dev, peer.nic.dev), s.src, s.dst)
+                            }
+                        })
+                    });
+                    match l {
+                        Err(_) => return Err(WcStatus::LocProtErr),
+                        Ok(Err(_)) => return Err(WcStatus::RemAccessErr),
+                        Ok(Ok(r)) => r?,
+                    }
+                    off += n;
+                    sent += n;
                 }
                 raddr += len;
             }
@@ -430,6 +481,23 @@ fn run_wr(qp: &SimQp, wr: &SendWr, peer: &Weak<SimQp>, s: &mut Segs<'_>) -> Resu
             Ok(total32)
         }
     }
+}
+
+/// A message cut after `sent` of its `total` bytes: it completes flushed; a WRITE leaves its
+/// responder mid-message (see the module docs).
+fn cut(qp: &SimQp, peer: &SimQp, read: bool, sent: u64, total: u64) -> WcStatus {
+    qp.nic.event(
+        "MESSAGE_CUT",
+        Some(qp.qpn),
+        format!(
+            "{} flushed after {sent} of {total} bytes",
+            if read { "READ" } else { "WRITE" }
+        ),
+    );
+    if !read {
+        peer.partial.store(true, Ordering::SeqCst);
+    }
+    WcStatus::WrFlushErr
 }
 
 /// Copy `src` segments (read by `devs.0`) into `dst` segments (written by `devs.1`).

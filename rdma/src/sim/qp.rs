@@ -6,7 +6,7 @@
 //! completion — so a flushed completion never overtakes an earlier request's.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use crate::access::MrAccess;
@@ -31,6 +31,8 @@ pub(crate) struct QpInner {
     pub(crate) queued: bool,
     /// In SQD: requests posted before the drain that may still start.
     pub(crate) sqd_budget: usize,
+    /// Path MTU in bytes (from RTR): WRITEs and READs move in packets of this size.
+    pub(crate) mtu: u64,
     /// Called once nothing executes and nothing can start ([`QpBackend::quiesce`]).
     pub(crate) quiesce_waiters: Vec<Box<dyn FnOnce() + Send>>,
 }
@@ -76,6 +78,13 @@ pub(crate) struct SimQp {
     caps: QpCaps,
     sq_psn: u32,
     state: AtomicU8,
+    /// In SQD: stop at the next request boundary (the engine puts back what it took and has not
+    /// started) rather than drain what was posted.
+    pub(crate) stop: AtomicBool,
+    /// As a responder: a message was cut in the middle (its requester flushed between packets).
+    /// The next request that arrives breaks the connection (both sides to ERR), as a PSN gap does
+    /// on a real NIC: the connection must be re-established (RESET, then connect again).
+    pub(crate) partial: AtomicBool,
     pub(crate) inner: Mutex<QpInner>,
 }
 
@@ -138,8 +147,11 @@ impl SimQp {
                 busy: false,
                 queued: false,
                 sqd_budget: 0,
+                mtu: 4096,
                 quiesce_waiters: Vec::new(),
             }),
+            stop: AtomicBool::new(false),
+            partial: AtomicBool::new(false),
             nic,
         }))
     }
@@ -242,6 +254,12 @@ impl SimQp {
             inner.peer = self.resolve_peer(&dest);
             inner.dest = Some(dest);
         }
+        if let Some(m) = attr.path_mtu {
+            inner.mtu = u64::from(m.bytes());
+        }
+        if to != QpState::Sqd {
+            self.stop.store(false, Ordering::SeqCst);
+        }
         match to {
             QpState::Reset => {
                 // What an ERR the engine has not got to yet flushed is still owed its completions.
@@ -253,6 +271,7 @@ impl SimQp {
                 inner.rq.clear();
                 inner.dest = None;
                 inner.peer = Weak::new();
+                self.partial.store(false, Ordering::SeqCst);
                 self.set_state(inner, to);
             }
             QpState::Err => {
@@ -379,6 +398,26 @@ impl QpBackend for Arc<SimQp> {
     fn quiesce(&self, to: Option<QpState>, f: Box<dyn FnOnce() + Send>) -> (Result<()>, bool) {
         let mut inner = lock(&self.inner);
         let r = to.map_or(Ok(()), |s| self.modify_locked(&mut inner, &QpAttr::to(s)));
+        inner.quiesce_waiters.push(f);
+        let waiters = inner.take_waiters();
+        drop(inner);
+        waiters.into_iter().for_each(|f| f());
+        (r, true)
+    }
+
+    fn stop_at_boundary(&self, f: Box<dyn FnOnce() + Send>) -> (Result<()>, bool) {
+        let mut inner = lock(&self.inner);
+        let r = if inner.state == QpState::Rts {
+            // SQD with nothing left to start: the engine finishes the request under way and
+            // puts back the rest of its turn.
+            self.stop.store(true, Ordering::SeqCst);
+            let r = self.modify_locked(&mut inner, &QpAttr::to(QpState::Sqd));
+            inner.sqd_budget = 0;
+            r
+        } else {
+            // Already stopping, draining or in ERR: quiescent as far as it goes.
+            Ok(())
+        };
         inner.quiesce_waiters.push(f);
         let waiters = inner.take_waiters();
         drop(inner);
