@@ -109,6 +109,9 @@ struct Window {
     owner: DeviceId,
     mem: Arc<Memory>,
     state: RwLock<WindowState>,
+    /// Writers of `state` waiting for it (a revoke, an unmap, a new grant): a multi-packet
+    /// transfer that holds the state between packets lets go when it sees one.
+    writers: std::sync::atomic::AtomicUsize,
     /// Where the memory goes when the last handle is dropped.
     pool: Weak<Pool>,
     watch: Arc<WindowWatch>,
@@ -127,6 +130,20 @@ impl Drop for Window {
 }
 
 impl Window {
+    /// Take the state for writing, announced first to transfers holding it between packets.
+    fn write_state(&self) -> crate::sync::RwLockWriteGuard<'_, WindowState> {
+        self.writers
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let g = write(&self.state);
+        self.writers
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        g
+    }
+
+    fn writer_waiting(&self) -> bool {
+        self.writers.load(std::sync::atomic::Ordering::SeqCst) > 0
+    }
+
     fn contains(&self, addr: u64, len: u64) -> bool {
         addr >= self.base
             && addr
@@ -217,7 +234,7 @@ impl AccessGrant for Grant {
             return;
         }
         // The write lock waits for every DMA holding the read side: after this, none can land.
-        let mut st = write(&self.window.state);
+        let mut st = self.window.write_state();
         if st.grants.iter().any(|g| g.0 == self.id) {
             // Logged before the grant goes, so every refusal it causes comes after it.
             let w = &self.window;
@@ -419,6 +436,7 @@ impl Fabric {
                 revoked: false,
                 grants: Vec::new(),
             }),
+            writers: std::sync::atomic::AtomicUsize::new(0),
             pool: Arc::downgrade(&self.inner.pool),
             watch: Arc::new(WindowWatch::new(WindowId(
                 self.inner
@@ -463,7 +481,9 @@ impl Fabric {
     /// Give `device` access to a window.
     pub fn grant(&self, window: &WindowHandle, device: DeviceId, access: Access) -> Grant {
         let id = self.inner.next_grant.fetch_add(1, Ordering::Relaxed);
-        write(&window.window.state)
+        window
+            .window
+            .write_state()
             .grants
             .push((id, device, access));
         Grant {
@@ -477,7 +497,7 @@ impl Fabric {
     /// Waits for accesses under way.
     pub fn unmap(&self, window: &WindowHandle) {
         {
-            let mut st = write(&window.window.state);
+            let mut st = window.window.write_state();
             st.revoked = true;
             st.grants.clear();
         }
@@ -664,6 +684,88 @@ impl Fabric {
                 dw.mem.copy_from(dst - dw.base, &sw.mem, src - sw.base, n);
             })
         })?
+    }
+
+    /// `src_dev` reads and `dst_dev` writes `len` bytes from `src` to `dst` in packets of
+    /// `packet` bytes: a NIC moving one RDMA message. Each side is checked as in
+    /// [`Fabric::dma_transfer`]. The windows stay held from one packet to the next while nobody
+    /// waits for them; as soon as a writer does (a revoke, an unmap), the transfer lets go after
+    /// the packet under way and checks both sides again before the next one — so a revoke gets
+    /// in after at most one packet and meets the message half landed. Before every packet but the
+    /// first it asks `go_on`; when that says no, it stops. Returns the bytes moved; a fault on a
+    /// later packet leaves the earlier ones landed.
+    pub fn dma_transfer_packets(
+        &self,
+        (src_dev, src): (DeviceId, u64),
+        (dst_dev, dst): (DeviceId, u64),
+        len: u64,
+        packet: u64,
+        go_on: &mut dyn FnMut() -> bool,
+    ) -> Result<u64, DmaFault> {
+        enum Step {
+            Done,
+            Stopped,
+            Yield,
+        }
+        let packet = packet.max(1);
+        let mut done = 0u64;
+        while done < len {
+            let left = len - done;
+            let (s0, d0) = (src + done, dst + done);
+            // Moves packets between two held windows until done, stopped or a writer waits.
+            let mut run = |sw: &Window, dw: &Window, done: &mut u64| -> Step {
+                loop {
+                    let n = (len - *done).min(packet);
+                    let (so, d_o) = (src + *done - sw.base, dst + *done - dw.base);
+                    let n_us = usize::try_from(n).unwrap_or(usize::MAX);
+                    dw.mem.copy_from(d_o, &sw.mem, so, n_us);
+                    *done += n;
+                    if *done == len {
+                        return Step::Done;
+                    }
+                    if !go_on() {
+                        return Step::Stopped;
+                    }
+                    if sw.writer_waiting() || dw.writer_waiting() {
+                        return Step::Yield;
+                    }
+                }
+            };
+            let step = if src_dev == dst_dev {
+                // One device on both sides (a loopback or a copy): packet by packet.
+                self.dma_copy(src_dev, s0, d0, left.min(packet))?;
+                done += left.min(packet);
+                if done < len && !go_on() {
+                    Step::Stopped
+                } else {
+                    Step::Done
+                }
+            } else {
+                self.access(src_dev, "read", s0, left, Access::READ, |sw, st| {
+                    if sw.contains(d0, left) {
+                        // Same window: its lock is held, check the writer's grant in place.
+                        if !st
+                            .grants
+                            .iter()
+                            .any(|g| g.1 == dst_dev && g.2.contains(Access::WRITE))
+                        {
+                            return Err(self.fault(dst_dev, "write", d0, left, FaultKind::NoGrant));
+                        }
+                        return Ok(run(sw, sw, &mut done));
+                    }
+                    self.access(dst_dev, "write", d0, left, Access::WRITE, |dw, _| {
+                        run(sw, dw, &mut done)
+                    })
+                })??
+            };
+            match step {
+                Step::Done if done == len => break,
+                Step::Done => continue,
+                Step::Stopped => break,
+                Step::Yield => std::thread::yield_now(),
+            }
+        }
+        Ok(done)
     }
 
     /// CPU access to a window by its owner (the exporter's own view of its memory), bypassing

@@ -33,6 +33,8 @@ pub(crate) struct SimMr {
     /// Bus address of each page; `None` once zapped. Accesses hold it for reading while they
     /// copy, so `zap` (write) waits for them.
     table: RwLock<Option<Vec<u64>>>,
+    /// A zap waits for `table`: a multi-packet message holding it lets go after its packet.
+    zapping: std::sync::atomic::AtomicBool,
 }
 
 impl SimMr {
@@ -103,6 +105,7 @@ impl SimMr {
             access,
             page_size: size,
             table: RwLock::new(Some(table)),
+            zapping: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -139,6 +142,11 @@ impl SimMr {
             end: addr + len,
         };
         Ok(f(&mut it))
+    }
+
+    /// A zap is waiting for (or done with) the translation.
+    pub(crate) fn zapping(&self) -> bool {
+        self.zapping.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub(crate) fn check(&self, addr: u64, len: u64, need: MrAccess) -> Result<(), MrFault> {
@@ -199,6 +207,8 @@ impl MrBackend for SimMr {
         }
     }
     fn zap(&self) -> Result<()> {
+        self.zapping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         *write(&self.table) = None;
         Ok(())
     }
