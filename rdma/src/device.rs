@@ -151,6 +151,7 @@ impl Pd {
                 recv: Ring::new(caps.max_recv_wr),
                 conn: None,
                 recover_pending: false,
+                longest_send: 0,
                 scratch_send: Vec::new(),
                 scratch_recv: Vec::new(),
             }),
@@ -281,6 +282,8 @@ pub(crate) struct Slot {
     /// The remote rkey of a one-sided request (0 = none).
     pub(crate) rkey: u32,
     pub(crate) one_sided: bool,
+    /// Bytes the request moves (a message longer than the path MTU is several packets).
+    pub(crate) len: u64,
 }
 
 impl Slot {
@@ -328,6 +331,9 @@ pub(crate) struct Track {
     pub(crate) conn: Option<Conn>,
     /// Return to RTS once every outstanding completion is reaped.
     pub(crate) recover_pending: bool,
+    /// The longest send request ever posted: while it fits one packet, no message of this QP
+    /// can be cut by a flush.
+    pub(crate) longest_send: u64,
     scratch_send: Vec<SendWr>,
     scratch_recv: Vec<RecvWr>,
 }
@@ -425,6 +431,7 @@ impl Qp {
             };
             let mut slot = Slot {
                 wr_id: wr.wr_id,
+                len: wr.sg.total(),
                 ..Slot::default()
             };
             for (i, sge) in wr.sg.as_slice().iter().enumerate() {
@@ -463,6 +470,7 @@ impl Qp {
         out.clear();
         let base = t.send.posted;
         for (k, (wr, slot)) in wrs.iter().zip(&slots).enumerate() {
+            t.longest_send = t.longest_send.max(slot.len);
             *t.send.slot_mut(base + k as u64) = *slot;
             let mut b = *wr;
             b.wr_id = base + k as u64;
@@ -484,6 +492,7 @@ impl Qp {
             let what = || format!("QP {:#x} receive {}", s.qpn, wr.wr_id);
             let mut slot = Slot {
                 wr_id: wr.wr_id,
+                len: wr.sg.total(),
                 ..Slot::default()
             };
             for (i, sge) in wr.sg.as_slice().iter().enumerate() {

@@ -530,9 +530,14 @@ impl Tracker {
 
     /// [`QuiescePolicy::Boundary`] for one QP (under its track lock `t`): stop at the message
     /// boundary, then flush what did not start; the latch counts it done once nothing executes.
-    /// A backend that cannot say when it stopped is flushed at once instead (what is under way
-    /// may be cut).
+    /// When every outstanding request fits one packet no message can be cut, and the QP is
+    /// flushed at once (the faster path, with the same guarantee). A backend that cannot say
+    /// when it stopped is flushed at once too (then a message under way may be cut).
     fn stop_qp(&self, qp: &Arc<QpShared>, t: &mut Track, deadline: Duration, latch: &Arc<Pending>) {
+        let mtu = t.conn.map_or(256, |c| u64::from(c.mtu.bytes()));
+        if t.longest_send <= mtu {
+            return self.quiesce_qp(qp, t, QuiescePolicy::Flush, latch, true);
+        }
         bump(&self.counters.qps_stopped, 1);
         self.arm_drain_deadline(qp, deadline);
         latch.add(1);
