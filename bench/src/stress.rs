@@ -637,3 +637,50 @@ impl Drop for SetOnDrop<'_> {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(qps: usize, depth: usize, size: u32) -> StressConfig {
+        StressConfig {
+            qps,
+            depth,
+            size,
+            revokes: 1,
+            seconds: 0.0,
+            seed: 1,
+            policy: QuiescePolicy::DEFAULT,
+            deadline: Duration::from_secs(1),
+            placement: None,
+            exporter: ExporterKind::Host,
+            inject: None,
+        }
+    }
+
+    #[test]
+    fn a_run_that_cannot_fit_is_refused_with_what_it_needs_and_what_fits() {
+        let gib = 1u64 << 30;
+        // 64 x 128 x 1 MiB = 8 GiB a region, five regions, on a 24 GiB machine.
+        let e = check_fits(&cfg(64, 128, 1 << 20), 24 * gib).unwrap_err();
+        assert!(e.contains("needs 40960 MiB"), "{e}");
+        assert!(e.contains("24576 MiB are available"), "{e}");
+        assert!(e.contains("use --depth 61 or less"), "{e}");
+        // What it proposes fits, and one more does not.
+        assert!(check_fits(&cfg(64, 61, 1 << 20), 24 * gib).is_ok());
+        assert!(check_fits(&cfg(64, 62, 1 << 20), 24 * gib).is_err());
+        assert!(check_fits(&cfg(64, 128, 4096), 24 * gib).is_ok());
+        // Nothing fits: say so instead of proposing depth 0.
+        let e = check_fits(&cfg(4096, 1, 64 << 20), gib).unwrap_err();
+        assert!(e.contains("fewer queue pairs or smaller WRITEs"), "{e}");
+    }
+
+    #[test]
+    fn every_fault_name_parses_and_unknown_ones_list_the_known() {
+        for i in Inject::all() {
+            assert_eq!(i.name().parse::<Inject>(), Ok(i));
+        }
+        let e = "early".parse::<Inject>().unwrap_err();
+        assert!(e.contains("free-before-ack") && e.contains("no-backstop"), "{e}");
+    }
+}

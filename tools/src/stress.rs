@@ -143,6 +143,13 @@ pub fn run(cmd: &StressCmd, json: bool) -> Result<()> {
         );
         b
     };
+    if a.backend == Backend::Sim
+        && let Some(avail) = dmaplane_bench::stress::mem_available()
+        && let Err(why) = dmaplane_bench::stress::check_fits(&cfg, avail)
+    {
+        bar.finish_and_clear();
+        bail!("this run does not fit: {why}");
+    }
     let report = match a.backend {
         Backend::Sim => run_sim(&cfg, &|n| bar.set_position(n))?,
         Backend::Verbs => {
