@@ -30,9 +30,13 @@ pub struct BwRow {
     /// Work requests completed.
     pub writes: u64,
     pub rdma_gib_s: f64,
+    /// Plain memcpy between two private buffers of the same working set (the reference).
     pub memcpy_gib_s: f64,
     /// RDMA bandwidth / memcpy bandwidth.
     pub ratio: f64,
+    /// The fabric's own copy (byte-wise atomic, as every simulated DMA copies) of the same
+    /// sizes between the two windows: what sound copies cost against memcpy.
+    pub fabric_copy_gib_s: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -186,7 +190,8 @@ fn measure(cfg: &RdmaBenchConfig, progress: &dyn Progress) -> Result<RdmaReport,
         // Alternate the two in short rounds and keep each one's best: on a shared machine the
         // background load drifts, and a single long run of each would compare different moments.
         let round = cfg.per_point / ROUNDS;
-        let (mut writes, mut rdma, mut mem) = (0u64, 0f64, 0f64);
+        let (mut writes, mut rdma, mut mem, mut fab) = (0u64, 0f64, 0f64, 0f64);
+        let (psrc, mut pdst) = private_pair(set);
         for _ in 0..ROUNDS {
             let (n, secs) = pump(&w, &qp, DEPTH, 1, round, |i| {
                 let off = (i % slots) * size;
@@ -194,7 +199,8 @@ fn measure(cfg: &RdmaBenchConfig, progress: &dyn Progress) -> Result<RdmaReport,
             })?;
             writes += n;
             rdma = rdma.max((n * size) as f64 / secs);
-            mem = mem.max(memcpy_bw(&src_win, &dst_win, size, set, round));
+            mem = mem.max(memcpy_bw(&psrc, &mut pdst, size, round));
+            fab = fab.max(fabric_copy_bw(&src_win, &dst_win, size, set, round));
         }
         bandwidth.push(BwRow {
             size,
@@ -202,6 +208,7 @@ fn measure(cfg: &RdmaBenchConfig, progress: &dyn Progress) -> Result<RdmaReport,
             rdma_gib_s: rdma / GIB,
             memcpy_gib_s: mem / GIB,
             ratio: rdma / mem,
+            fabric_copy_gib_s: fab / GIB,
         });
     }
 
@@ -339,7 +346,32 @@ fn pump(
 /// memcpy bandwidth for `size`-byte copies cycling over a `set`-byte working set, between the
 /// very buffers the RDMA points use (same memory kind and pages, so the ratio isolates the NIC
 /// model's cost from the memory's).
-pub fn memcpy_bw(
+/// Two private buffers of `set` bytes, every page touched: the plain memcpy reference's.
+pub fn private_pair(set: u64) -> (Vec<u8>, Vec<u8>) {
+    let n = usize::try_from(set).unwrap_or(usize::MAX);
+    (vec![0x5a; n], vec![0xa5; n])
+}
+
+/// Plain memcpy of `size`-byte messages through the working set `src` → `dst` for `dur`, the
+/// messages laid out as the RDMA ones are. Bytes per second.
+pub fn memcpy_bw(src: &[u8], dst: &mut [u8], size: u64, dur: Duration) -> f64 {
+    let n_bytes = usize::try_from(size).unwrap_or(usize::MAX).min(src.len());
+    let slots = (src.len() / n_bytes.max(1)).max(1);
+    let start = Instant::now();
+    let mut n = 0usize;
+    while start.elapsed() < dur {
+        for _ in 0..64 {
+            let off = (n % slots) * n_bytes;
+            dst[off..off + n_bytes].copy_from_slice(&src[off..off + n_bytes]);
+            n += 1;
+        }
+    }
+    std::hint::black_box(&dst);
+    (n * n_bytes) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// The fabric's copy (byte-wise atomic) of `size`-byte messages between two windows.
+pub fn fabric_copy_bw(
     src: &WindowHandle,
     dst: &WindowHandle,
     size: u64,

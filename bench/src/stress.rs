@@ -681,6 +681,9 @@ mod tests {
             assert_eq!(i.name().parse::<Inject>(), Ok(i));
         }
         let e = "early".parse::<Inject>().unwrap_err();
-        assert!(e.contains("free-before-ack") && e.contains("no-backstop"), "{e}");
+        assert!(
+            e.contains("free-before-ack") && e.contains("no-backstop"),
+            "{e}"
+        );
     }
 }

@@ -538,7 +538,6 @@ impl Tracker {
         if t.longest_send <= mtu {
             return self.quiesce_qp(qp, t, QuiescePolicy::Flush, latch, true);
         }
-        bump(&self.counters.qps_stopped, 1);
         self.arm_drain_deadline(qp, deadline);
         latch.add(1);
         let l = latch.clone();
@@ -556,7 +555,11 @@ impl Tracker {
         if let Err(e) = r {
             tracing::debug!(device = %self.name, qpn = qp.qpn, error = %e, "stop at boundary");
         }
-        if !tells {
+        if tells {
+            bump(&self.counters.qps_stopped, 1);
+        } else {
+            // Counted as what it is: a flush.
+            bump(&self.counters.qps_flushed, 1);
             if let Err(e) = qp.backend.modify(&QpAttr::to(QpState::Err)) {
                 tracing::debug!(device = %self.name, qpn = qp.qpn, error = %e, "flush");
             }

@@ -67,8 +67,9 @@ pub fn run(size: u64, chunk: u64, reps: u32, no_pin: bool, json: bool) -> Result
         bytes(r.sim.chunk),
     );
     println!(
-        "memcpy (same run): {:.2} GiB/s copying {} in {} pieces between fresh GPU allocations as a \
-         flow does (the reference); {:.2} GiB/s repeated over the same buffers (cache-hot, context)",
+        "memcpy (same run): {:.2} GiB/s copying {} in {} pieces between fresh, touched private \
+         buffers (a plain memcpy: the reference); {:.2} GiB/s repeated over the same buffers \
+         (cache-hot, context)",
         r.sim.memcpy_gib_s,
         bytes(r.sim.size),
         bytes(r.sim.chunk),

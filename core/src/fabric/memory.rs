@@ -5,10 +5,13 @@
 //! only the pages that are touched.
 //!
 //! Concurrent DMA to the same bytes is the user's race, exactly as on hardware: the fabric
-//! serialises each access against revokes, not against other accesses. Copies go through raw
-//! pointers, never through `&`/`&mut` references to the shared bytes.
+//! serialises each access against revokes, not against other accesses. Every access to the
+//! shared bytes is a byte-wise atomic copy (`atomic_bytes.rs`), never a `&`/`&mut` reference
+//! into them, so such a race is a race on values, not undefined behaviour.
 
 use std::ffi::c_void;
+
+use super::atomic_bytes;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 
@@ -23,10 +26,9 @@ pub struct Memory {
     fd: Option<OwnedFd>,
 }
 
-// SAFETY: `Memory` owns a private mapping; the raw pointer is only dereferenced through the
-// bounds-checked copy functions below, whose callers (fabric windows) serialise accesses against
-// unmapping. Byte-level races between concurrent DMAs to the same bytes are documented as the
-// user's race, as on hardware.
+// SAFETY: `Memory` owns its mapping; the raw pointer is only dereferenced through the
+// bounds-checked, byte-wise atomic copy functions below, so accesses from several threads to the
+// same bytes are atomic (a race on values, as on hardware), never a data race.
 unsafe impl Send for Memory {}
 // SAFETY: as above; no method hands out references into the mapping.
 unsafe impl Sync for Memory {}
@@ -154,10 +156,9 @@ impl Memory {
             return false;
         };
         // SAFETY: `off + src.len() <= self.len` was checked, the mapping is live for `self`'s
-        // lifetime, and `src` cannot alias the mapping (no references into it exist).
-        unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(off), src.len())
-        };
+        // lifetime, it is only accessed atomically, and `src` cannot alias it (no references
+        // into it exist).
+        unsafe { atomic_bytes::store(self.ptr.as_ptr().add(off), src) };
         true
     }
 
@@ -167,16 +168,14 @@ impl Memory {
             return false;
         };
         // SAFETY: bounds checked as in `write`; `dst` is a unique borrow outside the mapping.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), dst.as_mut_ptr(), dst.len())
-        };
+        unsafe { atomic_bytes::load(self.ptr.as_ptr().add(off), dst) };
         true
     }
 
     /// Set every byte to `byte`.
     pub fn fill(&self, byte: u8) {
         // SAFETY: exactly the live mapping of `self.len` bytes; no references into it exist.
-        unsafe { std::ptr::write_bytes(self.ptr.as_ptr(), byte, self.len) };
+        unsafe { atomic_bytes::fill(self.ptr.as_ptr(), byte, self.len) };
     }
 
     /// Copy `len` bytes from `src` at `src_off` to `self` at `dst_off` (the two may be the same
@@ -185,8 +184,9 @@ impl Memory {
         let (Some(d), Some(s)) = (self.check(dst_off, len), src.check(src_off, len)) else {
             return false;
         };
-        // SAFETY: both ranges are in bounds of live mappings; `copy` (memmove) tolerates overlap.
-        unsafe { std::ptr::copy(src.ptr.as_ptr().add(s), self.ptr.as_ptr().add(d), len) };
+        // SAFETY: both ranges are in bounds of live mappings; `atomic_bytes::copy` tolerates
+        // overlap.
+        unsafe { atomic_bytes::copy(self.ptr.as_ptr().add(d), src.ptr.as_ptr().add(s), len) };
         true
     }
 }

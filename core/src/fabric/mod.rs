@@ -13,6 +13,7 @@
 //! Whether the importers kept their promises is not the backstop's to say: the fabric's
 //! [`Oracle`] (`oracle.rs`) logs every access, fence and ack in one order and judges them.
 
+mod atomic_bytes;
 mod bar;
 mod export;
 mod fault;
