@@ -14,7 +14,10 @@ use dmaplane_core::cpu::Placement;
 use dmaplane_core::fabric::{HostMemory, Verdict, WindowHandle};
 use dmaplane_core::{Exporter, ImporterKind, RevokeReport};
 use dmaplane_gpu::{DeviceMemory, GpuError, Peer, SimGpu};
-use dmaplane_rdma::{Fault, ImportOptions, Mr, MrAccess, Qp, QpCaps, QuiescePolicy, RdmaError};
+use dmaplane_rdma::{
+    Completion, Fault, ImportOptions, Mr, MrAccess, Qp, QpCaps, QuiescePolicy, RdmaError,
+    RemoteAddr, SendWr, Sge, WcStatus,
+};
 use serde::Serialize;
 
 use crate::traffic::{Bytes, Counts, DataPath, Export, Shared, Target, exporter};
@@ -344,8 +347,9 @@ impl StressReport {
 
 /// One export of the simulated stress: host B's memory or GPU memory, imported by B's NIC,
 /// leased to A.
-struct SimExport {
+struct SimExport<'p> {
     epoch: u64,
+    probe: &'p Probe,
     // The registration goes before the memory, as an importer's teardown does.
     _mr: Mr,
     mem: Exported,
@@ -362,7 +366,83 @@ enum Exported {
     },
 }
 
-impl Export for SimExport {
+/// A WRITE that reaches the target after the ack the way a packet still on the wire would: from
+/// a third NIC (`nic2`) that holds no lease, so nothing on the sending side stops it and only the
+/// owner's NIC can — by finding the region zapped. A region left mapped lets it through to the
+/// fabric, where the oracle sees it (and the backstop refuses it).
+struct Probe {
+    qa: Qp,
+    qb: Qp,
+    src: Sge,
+    // The source's registration, then its memory and the NIC's host (its CQ is the probe's).
+    _mr: Mr,
+    _mem: HostMemory,
+    host: crate::world::Host,
+}
+
+impl Probe {
+    fn new(w: &World) -> Result<Probe, RdmaError> {
+        let host = crate::world::host(&w.net, "mem0", "nic2", 16)?;
+        let mem = host.memory(&w.fabric, "straggler-src", 4096)?;
+        let mr = host.import(&mem, "straggler-src", ImportOptions::default())?;
+        let cqb = w.b.dev.create_cq(16)?;
+        let caps = QpCaps {
+            max_send_wr: 4,
+            max_recv_wr: 1,
+            ..QpCaps::default()
+        };
+        let qa = host.pd.create_qp(&host.cq, &host.cq, caps)?;
+        let qb = w.b.pd.create_qp(&cqb, &cqb, caps)?;
+        let p = Probe {
+            qa,
+            qb,
+            src: mr.sge(0, 64),
+            _mr: mr,
+            _mem: mem,
+            host,
+        };
+        p.connect()?;
+        Ok(p)
+    }
+
+    fn connect(&self) -> Result<(), RdmaError> {
+        self.qa.connect(self.qb.endpoint(), MrAccess::ALL)?;
+        self.qb.connect(self.qa.endpoint(), MrAccess::ALL)
+    }
+
+    /// Send the straggler to `target`; a zapped region refuses it (remote access error).
+    fn fire(&self, target: RemoteAddr) -> Result<(), String> {
+        self.qa
+            .post_send(&[SendWr::write(0, self.src, target)])
+            .map_err(|e| format!("straggler not posted: {e}"))?;
+        let mut wcs: Vec<Completion> = Vec::new();
+        let due = Instant::now() + Duration::from_secs(2);
+        while wcs.is_empty() && Instant::now() < due {
+            self.host
+                .cq
+                .poll(&mut wcs, 1)
+                .map_err(|e| format!("straggler: {e}"))?;
+            if wcs.is_empty() {
+                let _ = self.host.cq.wait(Duration::from_millis(1));
+            }
+        }
+        // The refusal breaks the connection (both sides in ERR): start a new one.
+        self.connect()
+            .map_err(|e| format!("straggler queue pair not reconnected: {e}"))?;
+        match wcs.first().map(|c| c.status) {
+            Some(WcStatus::RemAccessErr) => Ok(()),
+            Some(WcStatus::Success) => Err(format!(
+                "a WRITE to rkey {:#x} after the ack landed: the region still translates to \
+                 memory the exporter has taken back",
+                target.rkey
+            )),
+            Some(other) => Err(format!("straggler completed with {other}")),
+            None => Err("straggler never completed".into()),
+        }
+    }
+}
+
+impl Export for SimExport<'_> {
     fn epoch(&self) -> u64 {
         self.epoch
     }
@@ -387,6 +467,12 @@ impl Export for SimExport {
     }
     fn bytes(&self) -> Arc<dyn Bytes> {
         Arc::new(self.window.clone())
+    }
+    fn after_ack(&self) -> Result<(), String> {
+        self.probe.fire(RemoteAddr {
+            addr: self._mr.iova(),
+            rkey: self._mr.rkey(),
+        })
     }
 }
 
@@ -417,14 +503,13 @@ pub fn run_sim(
             why,
         })?;
     }
-    if let Some(Inject::Rdma(f @ (Fault::NoZap | Fault::NoQpQuiesce))) = cfg.inject {
+    if let Some(Inject::Rdma(f @ Fault::NoQpQuiesce)) = cfg.inject {
         return Err(RdmaError::Unsupported {
             op: "stress revoke --inject",
             device: "sim".into(),
             why: format!(
-                "{f}: the target's NIC runs no queue pair of its own on the target and no WRITE \
-                 reaches it after its lease holder's ack, so this stress could not see the \
-                 fault; rdma/tests/sim.rs shows it caught"
+                "{f}: the target's NIC runs no queue pair of its own on the target, so this \
+                 stress could not see the fault; rdma/tests/sim.rs shows it caught"
             ),
         });
     }
@@ -453,6 +538,7 @@ pub fn run_sim(
     let qps: Vec<Qp> = pairs.iter().map(|(a, _)| a.clone()).collect();
     let src_mem = w.a.memory(&w.fabric, "stress-src", region)?;
     let src = w.a.import(&src_mem, "src", ImportOptions::default())?;
+    let probe = Probe::new(&w)?;
     let opts = ImportOptions {
         access: MrAccess::LOCAL_WRITE | MrAccess::REMOTE_WRITE | MrAccess::REMOTE_READ,
         kind: ImporterKind::Pinned,
@@ -509,6 +595,7 @@ pub fn run_sim(
         });
         Ok(SimExport {
             epoch,
+            probe: &probe,
             mem,
             window,
             _mr: mr,

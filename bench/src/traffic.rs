@@ -257,6 +257,11 @@ pub trait Export {
     fn revoke(&self, deadline: Duration) -> RevokeReport;
     /// The memory, kept after the export is gone for the poison check.
     fn bytes(&self) -> Arc<dyn Bytes>;
+    /// Right after the ack (and the poison): what a packet still on the wire finds at the revoked
+    /// region. `Err` names what went wrong; the backend's observer judges the rest.
+    fn after_ack(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// The exporter: wait until traffic is in flight on the live export, revoke it at a random
@@ -307,6 +312,10 @@ pub fn exporter<E: Export>(
         if !report.is_clean() {
             sh.timed_out.fetch_add(1, Ordering::Relaxed);
             sh.fail(format!("revoke {epoch}: {report}"));
+        }
+        if let Err(e) = ex.after_ack() {
+            sh.post_ack_poison.fetch_add(1, Ordering::Relaxed);
+            sh.fail(format!("revoke {epoch}: {e}"));
         }
         // The previous epoch must still be all poison.
         if let Some(old) = retired.take() {

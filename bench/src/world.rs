@@ -26,7 +26,7 @@ pub struct World {
     pub placement: Option<Placement>,
 }
 
-fn host(net: &SimNetwork, mem: &str, nic: &str, cq_depth: u32) -> Result<Host> {
+pub(crate) fn host(net: &SimNetwork, mem: &str, nic: &str, cq_depth: u32) -> Result<Host> {
     let sim = net.nic(nic)?;
     let nic_dev = sim.device_id();
     let dev = Device::new(sim);

@@ -43,16 +43,79 @@ enum Wire {
     Control(ControlMsg),
 }
 
+/// Control messages queued for the writer thread before `send` refuses more.
+pub const CONTROL_QUEUE: usize = 1024;
+
 /// Sends control messages to the peer of one lease connection.
+///
+/// `send` never blocks — it is called from `Importer::invalidate`, which must not: it queues the
+/// message (at most [`CONTROL_QUEUE`]) for a writer thread, and fails at once when the queue is
+/// full (the peer stopped reading) or the connection is gone. The owner then cuts that holder off
+/// instead of waiting for a socket.
 #[derive(Debug)]
 pub struct TcpLink {
     oob: Arc<Oob>,
     peer: String,
+    /// `None` once the writer is gone (the connection failed or the link closed).
+    queue: Mutex<Option<std::sync::mpsc::SyncSender<ControlMsg>>>,
+}
+
+impl TcpLink {
+    /// The link and its writer thread.
+    fn start(oob: Arc<Oob>, peer: String) -> Result<(Arc<TcpLink>, JoinHandle<()>)> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<ControlMsg>(CONTROL_QUEUE);
+        let link = Arc::new(TcpLink {
+            oob,
+            peer,
+            queue: Mutex::new(Some(tx)),
+        });
+        let weak = Arc::downgrade(&link);
+        let oob = link.oob.clone();
+        let who = link.peer.clone();
+        let writer = std::thread::Builder::new()
+            .name(format!("lease-tx {}", oob.peer_addr()))
+            .spawn(move || {
+                for msg in rx {
+                    if let Err(e) = oob.send(&Wire::Control(msg)) {
+                        tracing::warn!(peer = %who, error = %e, "lease link lost: control messages dropped");
+                        if let Some(l) = weak.upgrade() {
+                            *lock(&l.queue) = None;
+                        }
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| RdmaError::io(format!("lease writer thread for {}", link.peer), e))?;
+        Ok((link, writer))
+    }
+
+    /// No more messages: the writer sends what is queued and ends.
+    fn close(&self) {
+        *lock(&self.queue) = None;
+    }
 }
 
 impl ControlLink for TcpLink {
     fn send(&self, msg: ControlMsg) -> Result<()> {
-        self.oob.send(&Wire::Control(msg))
+        use std::sync::mpsc::TrySendError;
+        let q = lock(&self.queue);
+        let Some(tx) = q.as_ref() else {
+            return Err(RdmaError::Connection {
+                what: format!("lease link with {}", self.peer),
+                why: "the connection is gone".into(),
+            });
+        };
+        tx.try_send(msg).map_err(|e| match e {
+            TrySendError::Full(_) => RdmaError::QueueFull {
+                qpn: 0,
+                queue: "lease control",
+                depth: CONTROL_QUEUE as u32,
+            },
+            TrySendError::Disconnected(_) => RdmaError::Connection {
+                what: format!("lease link with {}", self.peer),
+                why: "the connection is gone".into(),
+            },
+        })
     }
     fn peer(&self) -> String {
         self.peer.clone()
@@ -83,6 +146,7 @@ pub struct LeaseLink {
     peer_name: String,
     rx: Arc<Rx>,
     thread: Option<JoinHandle<()>>,
+    writer: Option<JoinHandle<()>>,
 }
 
 impl LeaseLink {
@@ -104,10 +168,7 @@ impl LeaseLink {
             }
         };
         let oob = Arc::new(oob);
-        let link = Arc::new(TcpLink {
-            oob: oob.clone(),
-            peer: format!("{peer_name} at {addr}"),
-        });
+        let (link, writer) = TcpLink::start(oob.clone(), format!("{peer_name} at {addr}"))?;
         let rx = Arc::new(Rx::default());
         let thread = {
             let (dev, link, rx) = (dev.clone(), link.clone(), rx.clone());
@@ -124,6 +185,7 @@ impl LeaseLink {
             peer_name,
             rx,
             thread: Some(thread),
+            writer: Some(writer),
         })
     }
 
@@ -236,11 +298,18 @@ impl Drop for LeaseLink {
     /// A dropped link is closed: the peer sees the end of the connection at once (an owner
     /// then cuts this side off at its next revoke instead of waiting for the cut-off).
     fn drop(&mut self) {
-        // Close first: a receiver blocked in a send to a peer that stopped reading returns.
+        // No more control messages; then close: a writer or receiver blocked on a peer that
+        // stopped reading returns.
+        self.link.close();
         if let Err(e) = self.link.oob.shutdown() {
             tracing::debug!(peer = %self.link.peer, error = %e, "closing the lease link");
         }
         self.stop_receiving();
+        if let Some(w) = self.writer.take()
+            && w.join().is_err()
+        {
+            tracing::error!(peer = %self.link.peer, "lease writer panicked");
+        }
     }
 }
 
@@ -301,4 +370,46 @@ fn receive(
     }
     lock(&rx.state).ended = Some(ended);
     rx.changed.notify_all();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oob::OobListener;
+
+    /// A peer that stopped reading: sends queue up to the bound, then fail at once, naming the
+    /// queue — they never wait for the socket (a revoke calls them from `invalidate`).
+    #[test]
+    fn sends_to_a_peer_that_stopped_reading_never_block() {
+        let t = Duration::from_secs(5);
+        let l = OobListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr();
+        let acceptor = std::thread::spawn(move || l.accept(t).unwrap());
+        let c = Oob::connect(addr, t).unwrap();
+        let _silent_peer = acceptor.join().unwrap();
+        let (link, writer) = TcpLink::start(Arc::new(c), "silent".into()).unwrap();
+        let msg = ControlMsg::LeaseAck {
+            holder: [7; 16],
+            rkey: 1,
+            epoch: 2,
+        };
+        let start = Instant::now();
+        let mut refused = None;
+        // Far more than the socket buffers hold: the writer blocks on the socket long before.
+        for _ in 0..200_000 {
+            if let Err(e) = link.send(msg) {
+                refused = Some(e);
+                break;
+            }
+        }
+        let took = start.elapsed();
+        let e = refused.expect("a full queue was never refused");
+        assert!(e.to_string().contains("lease control"), "{e}");
+        assert!(took < Duration::from_secs(2), "sends blocked for {took:?}");
+        // Closing ends the writer once the socket gives way.
+        link.close();
+        link.oob.shutdown().unwrap();
+        writer.join().unwrap();
+        assert!(link.send(msg).is_err());
+    }
 }

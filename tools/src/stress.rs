@@ -80,9 +80,9 @@ pub struct RevokeArgs {
     /// the rest, and the data path (the load) runs at the lowest priority.
     #[arg(long)]
     no_pin: bool,
-    /// Break the protocol on purpose — early-fence, ignore-lease-revoke, ack-then-write,
-    /// free-before-ack, no-backstop (and no-zap, no-qp-quiesce, which this stress refuses: no
-    /// traffic here could show them). The run must then exit non-zero, naming the violation.
+    /// Break the protocol on purpose — early-fence, no-zap, ignore-lease-revoke, ack-then-write,
+    /// free-before-ack, no-backstop (and no-qp-quiesce, which this stress refuses: no traffic here
+    /// could show it). The run must then exit non-zero, naming the violation.
     #[arg(long, value_parser = clap::value_parser!(Inject))]
     inject: Option<Inject>,
 }
