@@ -9,7 +9,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::TestImporter;
+use common::{Rig, TestImporter};
 use dmaplane_core::fabric::{Fabric, HostMemory};
 use dmaplane_core::revoke::{Exporter, ImporterKind};
 use dmaplane_core::{Accept, Access, SpaceKind};
@@ -25,19 +25,14 @@ fn byte(mem: &HostMemory) -> u8 {
 /// One importer DMAs `DMAS` times while the exporter revokes (or moves) the memory.
 fn model(kind: ImporterKind, lying: bool, relocate: bool) {
     loom::model(move || {
-        let fabric = Fabric::new();
-        let host = fabric.add_device("mem0");
-        let nic = fabric.add_device("nic0");
-        let mem = HostMemory::new(&fabric, host, "buf", 4096).unwrap();
-        let importer = Arc::new(TestImporter::new("nic0", kind, lying));
-        let att = mem
-            .attach(
-                importer.clone(),
-                nic,
-                &[Accept::new(SpaceKind::CpuPhys, Access::READ_WRITE)],
-            )
-            .unwrap();
-        let base = att.map().unwrap().list.ranges()[0].addr;
+        let Rig {
+            fabric,
+            nic,
+            mem,
+            importer,
+            att,
+            base,
+        } = Rig::new(TestImporter::new("nic0", kind, lying), 4096);
         let old_window = mem.window();
 
         let (f2, imp2) = (fabric.clone(), importer.clone());
@@ -195,19 +190,17 @@ fn early_fence_importer_is_convicted_by_the_oracle() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static CONVICTED: AtomicUsize = AtomicUsize::new(0);
     loom::model(|| {
-        let fabric = Fabric::new();
-        let host = fabric.add_device("mem0");
-        let nic = fabric.add_device("nic0");
-        let mem = HostMemory::new(&fabric, host, "buf", 4096).unwrap();
-        let importer = Arc::new(TestImporter::early_fence("nic0", ImporterKind::Pinned));
-        let att = mem
-            .attach(
-                importer.clone(),
-                nic,
-                &[Accept::new(SpaceKind::CpuPhys, Access::READ_WRITE)],
-            )
-            .unwrap();
-        let base = att.map().unwrap().list.ranges()[0].addr;
+        let Rig {
+            fabric,
+            nic,
+            mem,
+            importer,
+            att: _att,
+            base,
+        } = Rig::new(
+            TestImporter::early_fence("nic0", ImporterKind::Pinned),
+            4096,
+        );
         let (f2, imp2) = (fabric.clone(), importer.clone());
         let dma = loom::thread::spawn(move || {
             // DMAs issued after the importer knew it had signalled.

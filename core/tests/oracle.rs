@@ -5,47 +5,17 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::TestImporter;
-use dmaplane_core::fabric::{DeviceId, Fabric, HostMemory, Verdict};
+use common::{Rig, TestImporter};
+use dmaplane_core::fabric::{Fabric, Verdict};
 use dmaplane_core::revoke::{Exporter, ImporterKind};
-use dmaplane_core::{Accept, Access, SpaceKind};
-
-struct Rig {
-    fabric: Fabric,
-    nic: DeviceId,
-    mem: HostMemory,
-    importer: Arc<TestImporter>,
-    base: u64,
-    _att: dmaplane_core::Attachment,
-}
 
 fn rig(importer: TestImporter) -> Rig {
-    let fabric = Fabric::new();
-    fabric.oracle().record(true);
-    let host = fabric.add_device("mem0");
-    let nic = fabric.add_device("nic0");
-    let mem = HostMemory::new(&fabric, host, "buf", 1 << 16).unwrap();
-    let importer = Arc::new(importer);
-    let att = mem
-        .attach(
-            importer.clone(),
-            nic,
-            &[Accept::new(SpaceKind::CpuPhys, Access::READ_WRITE)],
-        )
-        .unwrap();
-    let base = att.map().unwrap().list.ranges()[0].addr;
-    Rig {
-        fabric,
-        nic,
-        mem,
-        importer,
-        base,
-        _att: att,
-    }
+    let r = Rig::new(importer, 1 << 16);
+    r.fabric.oracle().record(true);
+    r
 }
 
 /// DMA in a loop (stopping when the importer says so, or when told) while `revoke` runs.
@@ -166,10 +136,10 @@ fn a_detach_outside_a_revoke_is_not_the_backstop() {
         fabric,
         nic,
         base,
-        _att,
+        att,
         ..
     } = r;
-    drop(_att);
+    drop(att);
     assert!(fabric.dma_write(nic, base, &[1]).is_err());
     let v = fabric.oracle().verdict();
     assert!(v.is_clean(), "{v}");

@@ -38,6 +38,22 @@ fn import(s: &Side, m: &HostMemory, opts: ImportOptions) -> Mr {
         .unwrap()
 }
 
+/// Host memory of `size` bytes on each side, imported by its NIC (a's with the default options,
+/// b's with `b_opts`).
+fn regions(
+    fabric: &Fabric,
+    a: &Side,
+    b: &Side,
+    size: u64,
+    b_opts: ImportOptions,
+) -> (HostMemory, HostMemory, Mr, Mr) {
+    let ma = HostMemory::new(fabric, a.mem, "a", size).unwrap();
+    let mb = HostMemory::new(fabric, b.mem, "b", size).unwrap();
+    let ra = import(a, &ma, ImportOptions::default());
+    let rb = import(b, &mb, b_opts);
+    (ma, mb, ra, rb)
+}
+
 fn wait_one(cq: &Cq) -> Completion {
     let mut v = Vec::new();
     for _ in 0..10_000 {
@@ -65,10 +81,7 @@ fn setup() -> (Fabric, Side, Side, Qp, Qp) {
 #[test]
 fn write_read_send_move_real_bytes() {
     let (fabric, a, b, qa, qb) = setup();
-    let ma = HostMemory::new(&fabric, a.mem, "a", 1 << 20).unwrap();
-    let mb = HostMemory::new(&fabric, b.mem, "b", 1 << 20).unwrap();
-    let ra = import(&a, &ma, ImportOptions::default());
-    let rb = import(&b, &mb, ImportOptions::default());
+    let (ma, mb, ra, rb) = regions(&fabric, &a, &b, 1 << 20, ImportOptions::default());
     let remote = b.dev.lease(&rb, &a.dev);
     let data: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
     assert!(ma.write(0, &data));
@@ -350,10 +363,7 @@ fn revoke_under_writes(
             a.dev.inject(Some(f))
         }
     }
-    let ma = HostMemory::new(&fabric, a.mem, "a", 1 << 22).unwrap();
-    let mb = HostMemory::new(&fabric, b.mem, "b", 1 << 22).unwrap();
-    let ra = import(&a, &ma, ImportOptions::default());
-    let rb = import(&b, &mb, ImportOptions::default());
+    let (_ma, mb, ra, rb) = regions(&fabric, &a, &b, 1 << 22, ImportOptions::default());
     let remote = b.dev.lease(&rb, &a.dev);
     let wrs: Vec<SendWr> = (0..200)
         .map(|i| {
@@ -431,10 +441,7 @@ fn without_the_zap_a_straggler_reaches_the_fabric_and_the_oracle_sees_it() {
         if inject {
             b.dev.inject(Some(Fault::NoZap));
         }
-        let ma = HostMemory::new(&fabric, a.mem, "a", 1 << 16).unwrap();
-        let mb = HostMemory::new(&fabric, b.mem, "b", 1 << 16).unwrap();
-        let ra = import(&a, &ma, ImportOptions::default());
-        let rb = import(&b, &mb, ImportOptions::default());
+        let (_ma, mb, ra, rb) = regions(&fabric, &a, &b, 1 << 16, ImportOptions::default());
         assert!(mb.revoke(Duration::from_secs(1)).is_clean());
         // A packet still on the wire: no lease stops it at the holder, only the zap at the owner.
         let straggler = RemoteAddr {
@@ -465,10 +472,7 @@ fn without_a_qp_quiesce_the_requests_meet_the_zapped_region() {
         if inject {
             a.dev.inject(Some(Fault::NoQpQuiesce));
         }
-        let ma = HostMemory::new(&fabric, a.mem, "a", 1 << 22).unwrap();
-        let mb = HostMemory::new(&fabric, b.mem, "b", 1 << 22).unwrap();
-        let ra = import(&a, &ma, ImportOptions::default());
-        let rb = import(&b, &mb, ImportOptions::default());
+        let (ma, _mb, ra, rb) = regions(&fabric, &a, &b, 1 << 22, ImportOptions::default());
         let remote = b.dev.lease(&rb, &a.dev);
         let wrs: Vec<SendWr> = (0..200)
             .map(|i| SendWr::write(i, ra.sge(i * 16384, 16384), remote.at(i * 16384)))

@@ -472,44 +472,54 @@ impl Oracle {
     }
 
     /// Called by the fabric right after a DMA touched the window's memory, before it returns to
-    /// the device.
-    /// `name` names the device; it is asked before any of the oracle's locks is taken (it may
-    /// take the fabric's).
+    /// the device. `name` names the device; it is asked before any of the oracle's locks is
+    /// taken (it may take the fabric's).
     #[inline]
     pub(crate) fn dma(&self, w: &WindowWatch, device: DeviceId, name: &dyn Fn(DeviceId) -> String) {
-        if !w.marked.load(Ordering::SeqCst) {
-            return;
-        }
-        let name = name(device);
-        self.log(
-            w,
-            |seq| Event::Dma {
-                seq,
-                window: w.id,
-                device,
-            },
-            |m, v, seq| v.judge_dma(m, w.id, device, seq, &name),
-        );
+        self.access(w, device, name, true);
     }
 
+    /// Called by the fabric when it refused a DMA by `device` on the window.
     pub(crate) fn refused(
         &self,
         w: &WindowWatch,
         device: DeviceId,
         name: &dyn Fn(DeviceId) -> String,
     ) {
+        self.access(w, device, name, false);
+    }
+
+    #[inline]
+    fn access(
+        &self,
+        w: &WindowWatch,
+        device: DeviceId,
+        name: &dyn Fn(DeviceId) -> String,
+        landed: bool,
+    ) {
         if !w.marked.load(Ordering::SeqCst) {
             return;
         }
         let name = name(device);
+        let window = w.id;
         self.log(
             w,
-            |seq| Event::Refused {
-                seq,
-                window: w.id,
-                device,
+            |seq| match landed {
+                true => Event::Dma {
+                    seq,
+                    window,
+                    device,
+                },
+                false => Event::Refused {
+                    seq,
+                    window,
+                    device,
+                },
             },
-            |m, v, seq| v.judge_refused(m, w.id, device, seq, &name),
+            |m, v, seq| match landed {
+                true => v.judge_dma(m, window, device, seq, &name),
+                false => v.judge_refused(m, window, device, seq, &name),
+            },
         );
     }
 

@@ -6,8 +6,50 @@ use loom::sync::Mutex;
 #[cfg(not(loom))]
 use std::sync::Mutex;
 
+use std::sync::Arc;
+
+use dmaplane_core::fabric::{DeviceId, Fabric, HostMemory};
 use dmaplane_core::fence::Fence;
 use dmaplane_core::revoke::{Importer, ImporterKind, Invalidation};
+use dmaplane_core::{Accept, Access, Attachment, SpaceKind};
+
+/// `mem0`'s host memory of `size` bytes on a fresh fabric, attached by `importer` doing DMA as
+/// `nic0` (CPU-physical, read/write).
+pub struct Rig {
+    pub fabric: Fabric,
+    pub nic: DeviceId,
+    pub mem: HostMemory,
+    pub importer: Arc<TestImporter>,
+    pub att: Attachment,
+    /// The bus address the importer DMAs to.
+    pub base: u64,
+}
+
+impl Rig {
+    pub fn new(importer: TestImporter, size: u64) -> Rig {
+        let fabric = Fabric::new();
+        let host = fabric.add_device("mem0");
+        let nic = fabric.add_device("nic0");
+        let mem = HostMemory::new(&fabric, host, "buf", size).unwrap();
+        let importer = Arc::new(importer);
+        let att = mem
+            .attach(
+                importer.clone(),
+                nic,
+                &[Accept::new(SpaceKind::CpuPhys, Access::READ_WRITE)],
+            )
+            .unwrap();
+        let base = att.map().unwrap().list.ranges()[0].addr;
+        Rig {
+            fabric,
+            nic,
+            mem,
+            importer,
+            att,
+            base,
+        }
+    }
+}
 
 #[derive(Debug, Default)]
 struct State {
