@@ -185,6 +185,9 @@ struct LeaseWait {
     latch: Arc<Pending>,
 }
 
+/// What [`Tracker::for_each_qp`] does under one QP's track lock (maybe later, from the timer).
+type QpVisit = Arc<dyn Fn(&Tracker, &Arc<QpShared>, &mut Track) + Send + Sync>;
+
 /// Leases this device holds, by (owner GID, rkey).
 type Leases = HashMap<([u8; 16], u32), Arc<RemoteMr>>;
 
@@ -346,19 +349,24 @@ impl Tracker {
         read(&self.qps).values().filter_map(Weak::upgrade).collect()
     }
 
-    /// Run `f` under each live QP's track lock. QPs whose lock is held right now (the data path
-    /// posting or reaping) are visited after the others: by then it is free, and the revoke has
-    /// not slept on it.
-    fn for_each_qp(&self, mut f: impl FnMut(&Arc<QpShared>, &mut Track)) {
-        let mut busy = Vec::new();
+    /// Run `visit` under each live QP's track lock. A QP whose lock is held right now (the data
+    /// path posting or reaping) is not waited for — `invalidate` must not block: it is visited
+    /// from the timer thread once its lock is free, and counted on `latch` until then, so the
+    /// fence cannot go before it is quiesced. A post that held the lock is seen by that visit.
+    fn for_each_qp(&self, latch: &Arc<Pending>, visit: QpVisit) {
         for qp in self.live_qps() {
-            let visited = try_lock(&qp.track).map(|mut t| f(&qp, &mut t));
-            if visited.is_none() {
-                busy.push(qp);
+            if let Some(mut t) = try_lock(&qp.track) {
+                visit(self, &qp, &mut t);
+                continue;
             }
-        }
-        for qp in busy {
-            f(&qp, &mut lock(&qp.track));
+            latch.add(1);
+            let (me, l, v) = (self.me.clone(), latch.clone(), visit.clone());
+            self.timer.at(Instant::now(), move || {
+                if let Some(tracker) = me.upgrade() {
+                    v(&tracker, &qp, &mut lock(&qp.track));
+                }
+                l.done_one();
+            });
         }
     }
 
@@ -463,16 +471,20 @@ impl Tracker {
         }
         // Step 3: local queue pairs using the MR.
         let skip_qps = self.injected.is(Fault::NoQpQuiesce);
-        self.for_each_qp(|qp, t| {
-            if skip_qps {
-                return;
-            }
-            let uses = t.send.live().any(|s| t.send.slot(s).uses_lkey(lkey))
-                || t.recv.live().any(|s| t.recv.slot(s).uses_lkey(lkey));
-            if uses {
-                self.quiesce_qp(qp, t, opts.policy, &latch, opts.recover);
-            }
-        });
+        let l = latch.clone();
+        self.for_each_qp(
+            &latch,
+            Arc::new(move |me: &Tracker, qp: &Arc<QpShared>, t: &mut Track| {
+                if skip_qps {
+                    return;
+                }
+                let uses = t.send.live().any(|s| t.send.slot(s).uses_lkey(lkey))
+                    || t.recv.live().any(|s| t.recv.slot(s).uses_lkey(lkey));
+                if uses {
+                    me.quiesce_qp(qp, t, opts.policy, &l, opts.recover);
+                }
+            }),
+        );
         latch.done_one();
     }
 
@@ -639,22 +651,26 @@ impl Tracker {
                         tracing::warn!(error = %e, "lease ack not delivered");
                     }
                 });
-                self.for_each_qp(|qp, t| {
-                    let to_owner = t.conn.is_some_and(|c| c.dest.gid == owner);
-                    let uses = to_owner
-                        && t.send.live().any(|s| {
-                            let sl = t.send.slot(s);
-                            sl.one_sided && sl.rkey == rkey
-                        });
-                    match policy {
-                        _ if !uses => {}
-                        QuiescePolicy::Drain { .. } => {
-                            // Other traffic on the QP goes on; wait for ours to complete.
-                            self.wait_reaped(qp, t, t.send.posted, 0, &latch);
+                let l = latch.clone();
+                self.for_each_qp(
+                    &latch,
+                    Arc::new(move |me: &Tracker, qp: &Arc<QpShared>, t: &mut Track| {
+                        let to_owner = t.conn.is_some_and(|c| c.dest.gid == owner);
+                        let uses = to_owner
+                            && t.send.live().any(|s| {
+                                let sl = t.send.slot(s);
+                                sl.one_sided && sl.rkey == rkey
+                            });
+                        match policy {
+                            _ if !uses => {}
+                            QuiescePolicy::Drain { .. } => {
+                                // Other traffic on the QP goes on; wait for ours to complete.
+                                me.wait_reaped(qp, t, t.send.posted, 0, &l);
+                            }
+                            p => me.quiesce_qp(qp, t, p, &l, true),
                         }
-                        p => self.quiesce_qp(qp, t, p, &latch, true),
-                    }
-                });
+                    }),
+                );
                 latch.done_one();
             }
             ControlMsg::LeaseAck {
@@ -902,5 +918,82 @@ pub(crate) fn remote_revoked(r: &RemoteMr, what: &dyn Fn() -> String) -> Result<
             epoch: rev - 1,
             why: "its owner withdrew the lease".into(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::SimNetwork;
+    use crate::wr::SendWr;
+    use crate::{Device, QpCaps};
+    use dmaplane_core::fabric::{Fabric, HostMemory};
+    use dmaplane_core::revoke::{AttachmentId, InvalidateReason};
+    use dmaplane_core::topology::builtin;
+
+    /// `invalidate` must not block: a QP whose track lock the data path holds is quiesced from
+    /// the timer thread once the lock is free, and the fence waits for it.
+    #[test]
+    fn invalidate_does_not_wait_for_a_busy_queue_pair() {
+        let fabric = Fabric::with_topology(builtin::testbed());
+        let net = SimNetwork::new(&fabric);
+        let (na, nb) = (net.nic("nic0").unwrap(), net.nic("nic1").unwrap());
+        let (nic_a, nic_b) = (na.device_id(), nb.device_id());
+        let (a, b) = (Device::new(na), Device::new(nb));
+        let (pa, pb) = (a.alloc_pd().unwrap(), b.alloc_pd().unwrap());
+        let (ca, cb) = (a.create_cq(64).unwrap(), b.create_cq(64).unwrap());
+        let qa = pa.create_qp(&ca, &ca, QpCaps::default()).unwrap();
+        let qb = pb.create_qp(&cb, &cb, QpCaps::default()).unwrap();
+        qa.connect(qb.endpoint(), MrAccess::ALL).unwrap();
+        qb.connect(qa.endpoint(), MrAccess::ALL).unwrap();
+        let host = |n| fabric.device(n).unwrap();
+        let ma = HostMemory::new(&fabric, host("mem0"), "a", 1 << 16).unwrap();
+        let mb = HostMemory::new(&fabric, host("mem1"), "b", 1 << 16).unwrap();
+        let ra = pa
+            .import("a", ImportOptions::default(), None, |i, acc| {
+                ma.attach(i, nic_a, acc)
+            })
+            .unwrap();
+        let rb = pb
+            .import("b", ImportOptions::default(), None, |i, acc| {
+                mb.attach(i, nic_b, acc)
+            })
+            .unwrap();
+        let remote = b.lease(&rb, &a);
+        // An outstanding request that uses a's region (its completion is never reaped).
+        qa.post_send(&[SendWr::write(1, ra.sge(0, 64), remote.at(0))])
+            .unwrap();
+        let fence = dmaplane_core::Fence::new(Instant::now() + Duration::from_secs(5));
+        let inv = Invalidation {
+            export: Arc::from("a"),
+            attachment: AttachmentId(0),
+            epoch: 0,
+            reason: InvalidateReason::Revoke,
+            fence: fence.clone(),
+        };
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let shared = qa.shared.clone();
+        let data_path = std::thread::spawn(move || {
+            let _t = lock(&shared.track);
+            held_tx.send(()).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+        });
+        held_rx.recv().unwrap();
+        let start = Instant::now();
+        a.tracker
+            .quiesce_mr(&ra.shared, &inv, ImportOptions::default());
+        let took = start.elapsed();
+        assert!(
+            took < Duration::from_millis(100),
+            "invalidate blocked {took:?}"
+        );
+        assert!(
+            !fence.is_signalled(),
+            "fence before the busy QP was quiesced"
+        );
+        data_path.join().unwrap();
+        assert!(fence.wait(), "the deferred quiesce never signalled");
+        assert!(start.elapsed() >= Duration::from_millis(250));
+        assert_eq!(a.stats().qps_flushed + a.stats().qps_stopped, 1);
     }
 }
