@@ -6,13 +6,11 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Rig, TestImporter};
-use dmaplane_core::fabric::{Fabric, HostMemory};
+use dmaplane_core::fabric::HostMemory;
 use dmaplane_core::revoke::{Exporter, ImporterKind};
-use dmaplane_core::{Accept, Access, SpaceKind};
 
 const DMAS: u8 = 2;
 
@@ -136,19 +134,14 @@ fn gated_importer_revoke() {
     }
 
     loom::model(|| {
-        let fabric = Fabric::new();
-        let host = fabric.add_device("mem0");
-        let gpu = fabric.add_device("gpu0");
-        let mem = HostMemory::new(&fabric, host, "buf", 4096).unwrap();
-        let engine = Arc::new(Engine::default());
-        let att = mem
-            .attach(
-                engine.clone(),
-                gpu,
-                &[Accept::new(SpaceKind::CpuPhys, Access::READ_WRITE)],
-            )
-            .unwrap();
-        let base = att.map().unwrap().list.ranges()[0].addr;
+        let Rig {
+            fabric,
+            nic: gpu,
+            mem,
+            importer: engine,
+            att: _att,
+            base,
+        } = Rig::new(Engine::default(), 4096);
         let window = mem.window();
         let (f2, e2) = (fabric.clone(), engine.clone());
         let dma = loom::thread::spawn(move || {

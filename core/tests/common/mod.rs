@@ -15,18 +15,18 @@ use dmaplane_core::{Accept, Access, Attachment, SpaceKind};
 
 /// `mem0`'s host memory of `size` bytes on a fresh fabric, attached by `importer` doing DMA as
 /// `nic0` (CPU-physical, read/write).
-pub struct Rig {
+pub struct Rig<I = TestImporter> {
     pub fabric: Fabric,
     pub nic: DeviceId,
     pub mem: HostMemory,
-    pub importer: Arc<TestImporter>,
+    pub importer: Arc<I>,
     pub att: Attachment,
     /// The bus address the importer DMAs to.
     pub base: u64,
 }
 
-impl Rig {
-    pub fn new(importer: TestImporter, size: u64) -> Rig {
+impl<I: Importer + 'static> Rig<I> {
+    pub fn new(importer: I, size: u64) -> Rig<I> {
         let fabric = Fabric::new();
         let host = fabric.add_device("mem0");
         let nic = fabric.add_device("nic0");
