@@ -429,29 +429,39 @@ impl DataPath<'_> {
                 }
                 sh.count(current.epoch, batch.len() as i64);
                 let r = qp.post_send(&batch);
-                match r {
-                    Ok(()) => {
-                        let n = batch.len() as u64;
-                        c.posted += n;
-                        posted_now += n;
-                        sh.count_posted(current.epoch, n);
-                        for (wr, &tag) in batch.iter().zip(&tags) {
-                            inflight[wr.wr_id as usize] = Some((current.clone(), tag));
+                // A provider may take a prefix of the batch before refusing a request: what it
+                // took is in flight and will complete like any other post.
+                let taken = match &r {
+                    Ok(()) => batch.len(),
+                    Err(e) => e.posted_prefix().min(batch.len()),
+                };
+                let n = taken as u64;
+                c.posted += n;
+                posted_now += n;
+                sh.count_posted(current.epoch, n);
+                for (wr, &tag) in batch[..taken].iter().zip(&tags) {
+                    inflight[wr.wr_id as usize] = Some((current.clone(), tag));
+                }
+                free[q].drain(..taken);
+                if let Err(e) = r {
+                    sh.count(current.epoch, -((batch.len() - taken) as i64));
+                    match e {
+                        // The target was revoked, or the QP is still recovering from its
+                        // flush: expected while a revoke is under way.
+                        RdmaError::Revoked { .. } | RdmaError::WrongState { .. } => {
+                            c.refused += 1;
                         }
-                        free[q].clear();
-                    }
-                    Err(e) => {
-                        sh.count(current.epoch, -(batch.len() as i64));
-                        match e {
-                            // The target was revoked, or the QP is still recovering from its
-                            // flush: expected while a revoke is under way.
-                            RdmaError::Revoked { .. } | RdmaError::WrongState { .. } => {
-                                c.refused += 1;
-                            }
-                            e => {
-                                sh.fail(format!("post on QP {:#x}: {e}", qp.qpn()));
-                                c.failed += 1;
-                            }
+                        RdmaError::PartlyPosted { ref source, .. }
+                            if matches!(
+                                **source,
+                                RdmaError::Revoked { .. } | RdmaError::WrongState { .. }
+                            ) =>
+                        {
+                            c.refused += 1;
+                        }
+                        e => {
+                            sh.fail(format!("post on QP {:#x}: {e}", qp.qpn()));
+                            c.failed += 1;
                         }
                     }
                 }

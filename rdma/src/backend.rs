@@ -158,9 +158,13 @@ pub trait QpBackend: Send + Sync + fmt::Debug {
     fn endpoint(&self) -> RemoteQp;
     /// `ibv_modify_qp`; must apply [`crate::qp::check_modify`].
     fn modify(&self, attr: &QpAttr) -> Result<()>;
-    /// `ibv_post_send`: all or nothing for the batch.
-    fn post_send(&self, wrs: &[SendWr]) -> Result<()>;
-    fn post_recv(&self, wrs: &[RecvWr]) -> Result<()>;
+    /// `ibv_post_send`. A provider may take a prefix of the batch: it stops at the first request
+    /// it refuses (as mlx5 and rxe do for a bad request in the middle of a chain) and reports
+    /// that one. Returns how many it took — every one of them will complete — and the error
+    /// for the first it refused.
+    fn post_send(&self, wrs: &[SendWr]) -> (usize, Result<()>);
+    /// `ibv_post_recv`, with the same prefix rule as [`QpBackend::post_send`].
+    fn post_recv(&self, wrs: &[RecvWr]) -> (usize, Result<()>);
     /// The PSNs this QP would use next, read from the device: (send, expected receive). A QP
     /// brought back from ERR resumes them, because the peer's responder kept its expected PSN:
     /// starting over at the first PSN would make the peer drop what follows as duplicates

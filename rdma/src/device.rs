@@ -476,12 +476,13 @@ impl Qp {
             b.wr_id = base + k as u64;
             out.push(b);
         }
-        let r = s.backend.post_send(&out);
-        if r.is_ok() {
-            t.send.posted = base + wrs.len() as u64;
-        }
+        let (taken, r) = s.backend.post_send(&out);
+        // What the provider took is in flight whatever it says about the rest: a revoke's scan
+        // must see it and its completion must find its slot.
+        let taken = taken.min(wrs.len());
+        t.send.posted = base + taken as u64;
         t.scratch_send = out;
-        r
+        partly_posted(s.qpn, wrs.len(), taken, r, |k| wrs[k].wr_id)
     }
 
     pub fn post_recv(&self, wrs: &[RecvWr]) -> Result<()> {
@@ -521,13 +522,45 @@ impl Qp {
             b.wr_id = base + k as u64;
             out.push(b);
         }
-        let r = s.backend.post_recv(&out);
-        if r.is_ok() {
-            t.recv.posted = base + wrs.len() as u64;
-        }
+        let (taken, r) = s.backend.post_recv(&out);
+        // What the provider took is in flight whatever it says about the rest: a revoke's scan
+        // must see it and its completion must find its slot.
+        let taken = taken.min(wrs.len());
+        t.recv.posted = base + taken as u64;
         t.scratch_recv = out;
-        r
+        partly_posted(s.qpn, wrs.len(), taken, r, |k| wrs[k].wr_id)
     }
+}
+
+/// A backend's post result as the caller sees it: an error after a prefix was taken becomes
+/// [`RdmaError::PartlyPosted`] naming the caller's `wr_id` (`id_of(index)`) of the first refused.
+fn partly_posted(
+    qpn: u32,
+    of: usize,
+    taken: usize,
+    r: Result<()>,
+    id_of: impl Fn(usize) -> u64,
+) -> Result<()> {
+    let Err(mut e) = r else {
+        return Ok(());
+    };
+    // The backend saw the slot numbers the safe layer posts under; name the caller's id.
+    if taken < of
+        && let RdmaError::TooManySge { wr_id, .. } | RdmaError::BadWorkRequest { wr_id, .. } =
+            &mut e
+    {
+        *wr_id = id_of(taken);
+    }
+    if taken > 0 && taken < of {
+        return Err(RdmaError::PartlyPosted {
+            qpn,
+            posted: taken,
+            of,
+            refused: id_of(taken),
+            source: Box::new(e),
+        });
+    }
+    Err(e)
 }
 
 /// The regions a post list touches, each once, for the re-check under the QP lock.

@@ -62,6 +62,21 @@ pub enum RdmaError {
         n: usize,
         max: usize,
     },
+    /// The provider took the first `posted` requests of a batch (each of them will complete,
+    /// exactly once) and refused the one after them: that one and the rest were not posted.
+    #[error(
+        "QP {qpn:#x}: {posted} of {of} requests posted (they will complete); work request \
+         {refused} and the {rest} after it were not: {source}",
+        rest = of.saturating_sub(*posted + 1)
+    )]
+    PartlyPosted {
+        qpn: u32,
+        posted: usize,
+        of: usize,
+        /// The caller's `wr_id` of the first request not posted.
+        refused: u64,
+        source: Box<RdmaError>,
+    },
     #[error("QP {qpn:#x}: work request {wr_id}: {op} needs {what}")]
     BadWorkRequest {
         qpn: u32,
@@ -122,6 +137,15 @@ pub enum RdmaError {
 }
 
 impl RdmaError {
+    /// How many requests of the failed post were posted anyway (and will complete): the
+    /// prefix of [`RdmaError::PartlyPosted`], 0 for every other error.
+    pub fn posted_prefix(&self) -> usize {
+        match self {
+            RdmaError::PartlyPosted { posted, .. } => *posted,
+            _ => 0,
+        }
+    }
+
     pub fn io(what: impl Into<String>, source: std::io::Error) -> RdmaError {
         RdmaError::Io {
             what: what.into(),

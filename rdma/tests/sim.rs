@@ -191,6 +191,66 @@ fn bad_input_gets_precise_errors() {
     assert_eq!(fabric.faults(a.nic).total(), 0);
 }
 
+/// A provider takes a batch up to the first request it refuses (mlx5 and rxe do). The requests
+/// it took are in flight: the safe layer tracks them, so their completions find their slots and
+/// a revoke's scan finds the QP that runs them.
+#[test]
+fn a_batch_the_provider_takes_in_part_is_tracked_and_quiesced() {
+    let fabric = Fabric::with_topology(builtin::testbed());
+    let net = SimNetwork::new(&fabric);
+    let a = side(&net, "mem0", "nic0");
+    let b = side(&net, "mem1", "nic1");
+    let caps = QpCaps {
+        max_send_sge: 1,
+        ..QpCaps::default()
+    };
+    let qa = a.pd.create_qp(&a.cq, &a.cq, caps).unwrap();
+    let qb = b.pd.create_qp(&b.cq, &b.cq, caps).unwrap();
+    qa.connect(qb.endpoint(), MrAccess::ALL).unwrap();
+    qb.connect(qa.endpoint(), MrAccess::ALL).unwrap();
+    let flush = ImportOptions {
+        policy: QuiescePolicy::Flush,
+        ..ImportOptions::default()
+    };
+    let (_ma, mb, ra, rb) = regions(&fabric, &a, &b, 8 << 20, flush);
+    let remote = b.dev.lease(&rb, &a.dev);
+    let big = SendWr::write(7, ra.sge(0, 4 << 20), remote.at(0));
+    let two = SgList::from_slice(&[ra.sge(0, 8), ra.sge(8, 8)]).unwrap();
+    let bad = SendWr {
+        sg: two,
+        ..SendWr::write(8, ra.sge(0, 8), remote.at(0))
+    };
+    let e = qa.post_send(&[big, bad]).unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            RdmaError::PartlyPosted { posted: 1, of: 2, refused: 8, source, .. }
+                if matches!(**source, RdmaError::TooManySge { wr_id: 8, n: 2, max: 1, .. })
+        ),
+        "{e}"
+    );
+    assert_eq!(e.posted_prefix(), 1);
+    assert!(e.to_string().contains("1 of 2 requests posted"), "{e}");
+    assert_eq!(qa.outstanding(), (1, 0));
+    // A revoke now must find the WRITE the provider took, and quiesce its QP.
+    let report = mb.revoke(Duration::from_secs(1));
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(
+        a.dev.stats().qps_flushed,
+        1,
+        "the revoke's scan missed the QP"
+    );
+    let c = wait_one(&a.cq);
+    assert_eq!(c.wr_id, 7, "{c:?}");
+    assert!(
+        matches!(c.status, WcStatus::Success | WcStatus::WrFlushErr),
+        "{c:?}"
+    );
+    assert_eq!(qa.outstanding(), (0, 0));
+    let v = fabric.oracle().verdict();
+    assert!(v.is_clean(), "{v}: {:?}", v.violations);
+}
+
 #[test]
 fn revoke_flushes_in_flight_work_and_fails_new_posts() {
     let (fabric, a, b, qa, _qb) = setup();

@@ -219,7 +219,7 @@ impl Side {
 
     /// Post one send-queue request and expect it to complete successfully as `op`.
     fn run(&self, wr: SendWr, op: WcOpcode) -> Completion {
-        self.qp.post_send(&[wr]).unwrap();
+        self.qp.post_send(&[wr]).1.unwrap();
         let c = self.completions(1)[0];
         assert_eq!(c.wr_id, wr.wr_id, "{c:?}");
         assert_eq!(c.status, WcStatus::Success, "{c:?}");
@@ -357,6 +357,7 @@ fn illegal_transitions_and_posting_in_the_wrong_state() {
     assert_eq!(qp.state(), QpState::Reset);
     let e = qp
         .post_send(&[SendWr::send(1, side.sge(0, 8))])
+        .1
         .unwrap_err();
     assert!(
         matches!(
@@ -368,7 +369,10 @@ fn illegal_transitions_and_posting_in_the_wrong_state() {
         ),
         "{e}"
     );
-    let e = qp.post_recv(&[RecvWr::new(2, side.sge(0, 8))]).unwrap_err();
+    let e = qp
+        .post_recv(&[RecvWr::new(2, side.sge(0, 8))])
+        .1
+        .unwrap_err();
     assert!(
         matches!(
             e,
@@ -413,6 +417,7 @@ fn illegal_transitions_and_posting_in_the_wrong_state() {
     // Receives may be posted in INIT, sends may not.
     let e = qp
         .post_send(&[SendWr::send(3, side.sge(0, 8))])
+        .1
         .unwrap_err();
     assert!(
         matches!(
@@ -424,7 +429,7 @@ fn illegal_transitions_and_posting_in_the_wrong_state() {
         ),
         "{e}"
     );
-    qp.post_recv(&[RecvWr::new(4, side.sge(0, 8))]).unwrap();
+    qp.post_recv(&[RecvWr::new(4, side.sge(0, 8))]).1.unwrap();
     // The failed attempts changed nothing.
     assert_eq!(qp.state(), QpState::Init);
     // Too many scatter/gather entries for the QP's caps.
@@ -440,6 +445,7 @@ fn illegal_transitions_and_posting_in_the_wrong_state() {
     let two = SgList::from_slice(&[side.sge(0, 8), side.sge(8, 8)]).unwrap();
     let e = small
         .post_recv(&[RecvWr { wr_id: 5, sg: two }])
+        .1
         .unwrap_err();
     assert!(
         matches!(e, RdmaError::TooManySge { n: 2, max: 1, .. }),
@@ -457,8 +463,8 @@ fn error_state_flushes_every_outstanding_receive() {
     let wrs: Vec<RecvWr> = (0..16u64)
         .map(|i| RecvWr::new(100 + i, side.sge(i as usize * 4096, 4096)))
         .collect();
-    side.qp.post_recv(&wrs[..10]).unwrap();
-    side.qp.post_recv(&wrs[10..]).unwrap();
+    side.qp.post_recv(&wrs[..10]).1.unwrap();
+    side.qp.post_recv(&wrs[10..]).1.unwrap();
     side.qp.modify(&QpAttr::to(QpState::Err)).unwrap();
     assert_eq!(side.qp.state(), QpState::Err);
     let got = side.completions(16);
@@ -571,7 +577,7 @@ fn loopback_write_read_sqd_and_zap() {
             if i < 3 { w.unsignaled() } else { w }
         })
         .collect();
-    a.qp.post_send(&wrs).unwrap();
+    a.qp.post_send(&wrs).1.unwrap();
     let c = a.completions(1)[0];
     assert_eq!(
         (c.wr_id, c.status, c.opcode),
@@ -625,6 +631,7 @@ fn loopback_write_read_sqd_and_zap() {
     b.mr.zap().unwrap();
     b.mr.zap().unwrap();
     a.qp.post_send(&[SendWr::write(4, a.sge(0, 64), remote(&ib, 0))])
+        .1
         .unwrap();
     let c = a.completions(1)[0];
     assert_eq!(c.wr_id, 4);
@@ -971,7 +978,7 @@ fn helper_verbs_peer() {
         )
     };
     let wrs: Vec<RecvWr> = (0..RECV_SLOTS).map(recv).collect();
-    me.qp.post_recv(&wrs).unwrap();
+    me.qp.post_recv(&wrs).1.unwrap();
     let active = oob.exchange(&me.info()).unwrap();
     me.to_rts(&active);
     oob.send(&Ctl::Ready).unwrap();
@@ -1022,7 +1029,7 @@ fn helper_verbs_peer() {
                 };
                 let r = check();
                 // Give the slot back.
-                me.qp.post_recv(&[recv(c.wr_id % RECV_SLOTS)]).unwrap();
+                me.qp.post_recv(&[recv(c.wr_id % RECV_SLOTS)]).1.unwrap();
                 verdict(r)
             }
             Ctl::Bye => break,

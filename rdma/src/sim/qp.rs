@@ -183,6 +183,42 @@ impl SimQp {
     }
 
     /// Complete everything queued as flushed, sends then receives, each in order.
+    /// One send request as the provider checks it when it takes it from the chain.
+    fn check_send(&self, inner: &QpInner, wr: &SendWr) -> Result<()> {
+        check_post(
+            self.qpn,
+            inner.state,
+            Queue::Send,
+            self.caps.max_send_sge,
+            [(wr.wr_id, &wr.sg)],
+        )?;
+        if wr.sg.total() > u64::from(u32::MAX) {
+            return Err(RdmaError::BadWorkRequest {
+                qpn: self.qpn,
+                wr_id: wr.wr_id,
+                op: wr.op.name(),
+                what: format!("a length of at most 4 GiB - 1 (got {})", wr.sg.total()),
+            });
+        }
+        self.check_room(inner.sq.len(), Queue::Send)
+    }
+
+    /// Room for one more request on a queue holding `len`.
+    fn check_room(&self, len: usize, queue: Queue) -> Result<()> {
+        let depth = match queue {
+            Queue::Send => self.caps.max_send_wr,
+            Queue::Recv => self.caps.max_recv_wr,
+        };
+        if len >= depth as usize {
+            return Err(RdmaError::QueueFull {
+                qpn: self.qpn,
+                queue: queue.name(),
+                depth,
+            });
+        }
+        Ok(())
+    }
+
     pub(crate) fn flush(&self, inner: &mut QpInner) {
         if !inner.sq.is_empty() {
             let wcs: Vec<Completion> = inner
@@ -335,64 +371,56 @@ impl QpBackend for Arc<SimQp> {
         r
     }
 
-    fn post_send(&self, wrs: &[SendWr]) -> Result<()> {
+    /// Like a hardware provider, the simulator checks each request as it takes it: the first
+    /// bad one (too many elements, too long, no room) stops the batch, and what came before it
+    /// is posted.
+    fn post_send(&self, wrs: &[SendWr]) -> (usize, Result<()>) {
         let mut inner = lock(&self.inner);
-        check_post(
-            self.qpn,
-            inner.state,
-            Queue::Send,
-            self.caps.max_send_sge,
-            wrs.iter().map(|w| (w.wr_id, &w.sg)),
-        )?;
+        let mut taken = 0;
+        let mut r = Ok(());
         for wr in wrs {
-            if wr.sg.total() > u64::from(u32::MAX) {
-                return Err(RdmaError::BadWorkRequest {
-                    qpn: self.qpn,
-                    wr_id: wr.wr_id,
-                    op: wr.op.name(),
-                    what: format!("a length of at most 4 GiB - 1 (got {})", wr.sg.total()),
-                });
+            r = self.check_send(&inner, wr);
+            if r.is_err() {
+                break;
+            }
+            inner.sq.push_back(*wr);
+            taken += 1;
+        }
+        if taken > 0 {
+            if inner.state == QpState::Err {
+                if !inner.busy {
+                    self.flush(&mut inner);
+                }
+            } else {
+                self.doorbell(&mut inner);
             }
         }
-        if inner.sq.len() + wrs.len() > self.caps.max_send_wr as usize {
-            return Err(RdmaError::QueueFull {
-                qpn: self.qpn,
-                queue: Queue::Send.name(),
-                depth: self.caps.max_send_wr,
-            });
-        }
-        inner.sq.extend(wrs.iter().copied());
-        if inner.state == QpState::Err {
-            if !inner.busy {
-                self.flush(&mut inner);
-            }
-        } else {
-            self.doorbell(&mut inner);
-        }
-        Ok(())
+        (taken, r)
     }
 
-    fn post_recv(&self, wrs: &[RecvWr]) -> Result<()> {
+    fn post_recv(&self, wrs: &[RecvWr]) -> (usize, Result<()>) {
         let mut inner = lock(&self.inner);
-        check_post(
-            self.qpn,
-            inner.state,
-            Queue::Recv,
-            self.caps.max_recv_sge,
-            wrs.iter().map(|w| (w.wr_id, &w.sg)),
-        )?;
-        if inner.rq.len() + wrs.len() > self.caps.max_recv_wr as usize {
-            return Err(RdmaError::QueueFull {
-                qpn: self.qpn,
-                queue: Queue::Recv.name(),
-                depth: self.caps.max_recv_wr,
-            });
+        let mut taken = 0;
+        let mut r = Ok(());
+        for wr in wrs {
+            r = check_post(
+                self.qpn,
+                inner.state,
+                Queue::Recv,
+                self.caps.max_recv_sge,
+                [(wr.wr_id, &wr.sg)],
+            )
+            .and_then(|()| self.check_room(inner.rq.len(), Queue::Recv));
+            if r.is_err() {
+                break;
+            }
+            inner.rq.push_back(*wr);
+            taken += 1;
         }
-        inner.rq.extend(wrs.iter().copied());
-        if inner.state == QpState::Err && !inner.busy {
+        if taken > 0 && inner.state == QpState::Err && !inner.busy {
             self.flush(&mut inner);
         }
-        Ok(())
+        (taken, r)
     }
 
     fn quiesce(&self, to: Option<QpState>, f: Box<dyn FnOnce() + Send>) -> (Result<()>, bool) {

@@ -485,17 +485,19 @@ impl QpBackend for VerbsQp {
         Ok(())
     }
 
-    fn post_send(&self, wrs: &[SendWr]) -> Result<()> {
+    fn post_send(&self, wrs: &[SendWr]) -> (usize, Result<()>) {
         if wrs.is_empty() {
-            return Ok(());
+            return (0, Ok(()));
         }
-        check_post(
+        if let Err(e) = check_post(
             self.qpn,
             lock(&self.meta).state,
             Queue::Send,
             self.caps.max_send_sge,
             wrs.iter().map(|w| (w.wr_id, &w.sg)),
-        )?;
+        ) {
+            return (0, Err(e));
+        }
         let mut sges = Vec::with_capacity(wrs.iter().map(|w| w.sg.as_slice().len()).sum());
         let spans: Vec<(usize, usize)> = wrs
             .iter()
@@ -540,11 +542,14 @@ impl QpBackend for VerbsQp {
         let mut track = lock(&self.track);
         let outstanding = track.send.len();
         if outstanding + wrs.len() > self.caps.max_send_wr as usize {
-            return Err(RdmaError::QueueFull {
-                qpn: self.qpn,
-                queue: Queue::Send.name(),
-                depth: self.caps.max_send_wr,
-            });
+            return (
+                0,
+                Err(RdmaError::QueueFull {
+                    qpn: self.qpn,
+                    queue: Queue::Send.name(),
+                    depth: self.caps.max_send_wr,
+                }),
+            );
         }
         let mut bad: *mut sys::ibv_send_wr = std::ptr::null_mut();
         // SAFETY: the QP is live; `raw` is a well-formed chain whose sg_list pointers point into
@@ -557,28 +562,33 @@ impl QpBackend for VerbsQp {
         drop(track);
         if ret != 0 {
             let wr_id = wrs.get(posted).map(|w| w.wr_id).unwrap_or(0);
-            return Err(self.post_error(
-                "ibv_post_send",
-                ffi::ret_errno(ret),
-                wr_id,
+            return (
                 posted,
-                wrs.len(),
-            ));
+                Err(self.post_error(
+                    "ibv_post_send",
+                    ffi::ret_errno(ret),
+                    wr_id,
+                    posted,
+                    wrs.len(),
+                )),
+            );
         }
-        Ok(())
+        (posted, Ok(()))
     }
 
-    fn post_recv(&self, wrs: &[RecvWr]) -> Result<()> {
+    fn post_recv(&self, wrs: &[RecvWr]) -> (usize, Result<()>) {
         if wrs.is_empty() {
-            return Ok(());
+            return (0, Ok(()));
         }
-        check_post(
+        if let Err(e) = check_post(
             self.qpn,
             lock(&self.meta).state,
             Queue::Recv,
             self.caps.max_recv_sge,
             wrs.iter().map(|w| (w.wr_id, &w.sg)),
-        )?;
+        ) {
+            return (0, Err(e));
+        }
         let mut sges = Vec::with_capacity(wrs.iter().map(|w| w.sg.as_slice().len()).sum());
         let spans: Vec<(usize, usize)> = wrs
             .iter()
@@ -602,11 +612,14 @@ impl QpBackend for VerbsQp {
         let base = chain(&mut raw, |r, next| r.next = next);
         let mut track = lock(&self.track);
         if track.recv.len() + wrs.len() > self.caps.max_recv_wr as usize {
-            return Err(RdmaError::QueueFull {
-                qpn: self.qpn,
-                queue: Queue::Recv.name(),
-                depth: self.caps.max_recv_wr,
-            });
+            return (
+                0,
+                Err(RdmaError::QueueFull {
+                    qpn: self.qpn,
+                    queue: Queue::Recv.name(),
+                    depth: self.caps.max_recv_wr,
+                }),
+            );
         }
         let mut bad: *mut sys::ibv_recv_wr = std::ptr::null_mut();
         // SAFETY: the QP is live; `raw` is a well-formed chain into `sges`; both outlive the call.
@@ -616,15 +629,18 @@ impl QpBackend for VerbsQp {
         drop(track);
         if ret != 0 {
             let wr_id = wrs.get(posted).map(|w| w.wr_id).unwrap_or(0);
-            return Err(self.post_error(
-                "ibv_post_recv",
-                ffi::ret_errno(ret),
-                wr_id,
+            return (
                 posted,
-                wrs.len(),
-            ));
+                Err(self.post_error(
+                    "ibv_post_recv",
+                    ffi::ret_errno(ret),
+                    wr_id,
+                    posted,
+                    wrs.len(),
+                )),
+            );
         }
-        Ok(())
+        (posted, Ok(()))
     }
 }
 
