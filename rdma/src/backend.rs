@@ -192,6 +192,15 @@ pub trait QpBackend: Send + Sync + fmt::Debug {
     fn stop_at_boundary(&self, f: Box<dyn FnOnce() + Send>) -> (Result<()>, bool) {
         self.quiesce(Some(QpState::Sqd), f)
     }
+
+    /// Whether the send queue is still draining: `Some(true)` while a QP in SQD still has a
+    /// message under way (started before the stop, not yet acknowledged), `Some(false)` once
+    /// none is (or the QP is not in SQD), `None` when the backend cannot tell. A backend whose
+    /// [`QpBackend::stop_at_boundary`] cannot call back but which answers this is watched by
+    /// polling it (`ibv_query_qp`'s `sq_draining`, which rxe and mlx5 report).
+    fn sq_draining(&self) -> Option<bool> {
+        None
+    }
 }
 
 pub trait CqBackend: std::any::Any + Send + Sync + fmt::Debug {

@@ -622,7 +622,23 @@ impl QpShared {
         if !t.recover_pending || t.send.outstanding() != 0 {
             return;
         }
-        let state = self.backend.state();
+        let mut state = self.backend.state();
+        if state == QpState::Sqd && self.backend.sq_draining() == Some(true) {
+            // Every request of ours has completed, yet the provider's drain flag is up (rxe
+            // never lowers it when the queue was empty at the stop) and it refuses SQD → RTS
+            // while it is (EINVAL). Nothing executes: leave through ERR, which flushes nothing
+            // but posted receives (they complete as flushed), and recover from there.
+            if let Err(e) = self.backend.modify(&QpAttr::to(QpState::Err)) {
+                tracing::warn!(qpn = self.qpn, error = %e, "recovery out of SQD failed");
+                t.recover_pending = false;
+                return;
+            }
+            if t.recv.outstanding() != 0 {
+                // Recovered once the flushed receives are reaped.
+                return;
+            }
+            state = QpState::Err;
+        }
         // Out of SQD only the send queue must be done (receives stay posted across the
         // drain); out of ERR every flushed receive must have been reaped too.
         if state != QpState::Sqd && t.recv.outstanding() != 0 {

@@ -51,6 +51,13 @@ use crate::sync::{lock, read, try_lock, write};
 use crate::timer::Timer;
 use crate::wr::{RemoteAddr, Sge};
 
+/// The first look at a polled boundary stop ([`QpBackend::sq_draining`]), and the longest
+/// wait between two looks.
+///
+/// [`QpBackend::sq_draining`]: crate::backend::QpBackend::sq_draining
+const BOUNDARY_POLL_FIRST: Duration = Duration::from_micros(20);
+const BOUNDARY_POLL_MAX: Duration = Duration::from_millis(1);
+
 /// How an attachment's queue pairs are quiesced on revoke.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(tag = "policy", rename_all = "kebab-case")]
@@ -564,11 +571,16 @@ impl Tracker {
             }
             l.done_one();
         }));
-        if let Err(e) = r {
+        if let Err(e) = &r {
             tracing::debug!(device = %self.name, qpn = qp.qpn, error = %e, "stop at boundary");
         }
         if tells {
             bump(&self.counters.qps_stopped, 1);
+        } else if r.is_ok() && qp.backend.sq_draining().is_some() {
+            // The backend cannot call back but can be asked: watch the drain from the timer
+            // thread (it counts `latch` done for the call back that was dropped).
+            bump(&self.counters.qps_stopped, 1);
+            self.watch_boundary(qp, latch.clone(), BOUNDARY_POLL_FIRST);
         } else {
             // Counted as what it is: a flush.
             bump(&self.counters.qps_flushed, 1);
@@ -582,6 +594,53 @@ impl Tracker {
         qp.try_recover(t);
     }
 
+    /// The end of a boundary stop on a backend that is polled ([`QpBackend::sq_draining`]):
+    /// every `poll` (doubling up to [`BOUNDARY_POLL_MAX`]) until the message under way is
+    /// acknowledged; then what did not start is flushed, and `latch` is counted done once
+    /// every completion is reaped (the backend cannot say when its flush is over). A QP the
+    /// drain deadline already flushed is waited for the same way; one that went back to RTS
+    /// (everything completed and recovery ran) is quiescent as it is.
+    fn watch_boundary(&self, qp: &Arc<QpShared>, latch: Arc<Pending>, poll: Duration) {
+        let weak = Arc::downgrade(qp);
+        let me = self.me.clone();
+        self.timer.at(Instant::now() + poll, move || {
+            let (Some(qp), Some(tr)) = (weak.upgrade(), me.upgrade()) else {
+                // The QP or its device is gone: nothing of it can execute.
+                latch.done_one();
+                return;
+            };
+            let mut t = lock(&qp.track);
+            let state = qp.backend.state();
+            tracing::trace!(qpn = qp.qpn, %state, outstanding = t.send.outstanding(), ?poll, "boundary watch");
+            match state {
+                // Every request completed: nothing executes, whatever the provider's drain flag
+                // says; back to RTS, nothing to flush.
+                QpState::Sqd if t.send.outstanding() == 0 => {
+                    t.recover_pending = true;
+                    qp.try_recover(&mut t);
+                    latch.done_one();
+                }
+                QpState::Sqd if qp.backend.sq_draining() == Some(true) => {
+                    drop(t);
+                    tr.watch_boundary(&qp, latch, (poll * 2).min(BOUNDARY_POLL_MAX));
+                }
+                QpState::Sqd | QpState::Err => {
+                    if state == QpState::Sqd
+                        && let Err(e) = qp.backend.modify(&QpAttr::to(QpState::Err))
+                    {
+                        tracing::debug!(qpn = qp.qpn, error = %e, "flush after the boundary");
+                    }
+                    let (send, recv) = (t.send.posted, t.recv.posted);
+                    tr.wait_reaped(&qp, &mut t, send, recv, &latch);
+                    latch.done_one();
+                    t.recover_pending = true;
+                    qp.try_recover(&mut t);
+                }
+                _ => latch.done_one(),
+            }
+        });
+    }
+
     /// At the drain deadline, a QP still draining is flushed.
     fn arm_drain_deadline(&self, qp: &Arc<QpShared>, deadline: Duration) {
         let weak = Arc::downgrade(qp);
@@ -593,13 +652,17 @@ impl Tracker {
             // Under the track lock: a reaper cannot bring the QP back to RTS between the look
             // and the flush (which would put a recovered QP into ERR).
             let mut tr = lock(&qp.track);
-            if qp.backend.state() == QpState::Sqd && tr.send.outstanding() > 0 {
+            let state = qp.backend.state();
+            if state == QpState::Sqd && tr.send.outstanding() > 0 {
                 bump(&t.counters.drains_timed_out, 1);
                 tracing::warn!(device = %t.name, qpn = qp.qpn, "drain deadline passed: flushing");
                 if let Err(e) = qp.backend.modify(&QpAttr::to(QpState::Err)) {
                     tracing::error!(qpn = qp.qpn, error = %e, "flush after drain failed");
                 }
                 tr.recover_pending = true;
+            } else if state == QpState::Sqd {
+                // Drained, but its recovery found the provider's drain flag still up.
+                qp.try_recover(&mut tr);
             }
         });
     }
@@ -614,6 +677,7 @@ impl Tracker {
                 policy,
             } => {
                 let policy = policy.bounded();
+                tracing::debug!(device = %self.name, rkey, epoch, "lease revoke received");
                 // The entry stays (marked) so a post racing with this revoke still sees it.
                 let Some(remote) = read(&self.remotes).get(&(owner, rkey)).cloned() else {
                     tracing::debug!(device = %self.name, rkey, "revoke of a lease we do not hold");

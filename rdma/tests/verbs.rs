@@ -1074,12 +1074,67 @@ fn reap(cq: &dmaplane_rdma::Cq, n: usize) -> Vec<Completion> {
     got
 }
 
+/// Two contexts of one device playing two hosts: the owner imports `mem`, the holder registers a
+/// source buffer of the same length by address; one RC QP each, connected; the holder's lease.
+struct Lab {
+    owner: dmaplane_rdma::Device,
+    holder: dmaplane_rdma::Device,
+    opd: dmaplane_rdma::Pd,
+    hcq: dmaplane_rdma::Cq,
+    mr: dmaplane_rdma::Mr,
+    src: Buf,
+    src_mr: dmaplane_rdma::Mr,
+    hqp: dmaplane_rdma::Qp,
+    remote: Arc<dmaplane_rdma::RemoteMr>,
+    // Kept alive for the connection.
+    _oqp: (dmaplane_rdma::Qp, dmaplane_rdma::Cq),
+}
+
+fn lab(
+    vdev: Arc<VerbsDevice>,
+    name: &str,
+    mem: &dmaplane_core::dmabuf::DmaBufMemory,
+    opts: dmaplane_rdma::ImportOptions,
+) -> Lab {
+    use dmaplane_rdma::Device;
+    let owner = Device::new(vdev);
+    let holder = Device::new(VerbsDevice::open(Some(owner.name())).unwrap());
+    let (opd, hpd) = (owner.alloc_pd().unwrap(), holder.alloc_pd().unwrap());
+    let (ocq, hcq) = (
+        owner.create_cq(256).unwrap(),
+        holder.create_cq(256).unwrap(),
+    );
+    let mr = opd
+        .import(name, opts, Some(mem.fd()), |i, a| mem.attach(i, a))
+        .unwrap();
+    let src = Buf::new(mr.len() as usize);
+    let src_mr = hpd.reg_mr(&src.list(), MrAccess::LOCAL_WRITE).unwrap();
+    let caps = QpCaps::default();
+    let hqp = hpd.create_qp(&hcq, &hcq, caps).unwrap();
+    let oqp = opd.create_qp(&ocq, &ocq, caps).unwrap();
+    hqp.connect(oqp.endpoint(), MrAccess::ALL).unwrap();
+    oqp.connect(hqp.endpoint(), MrAccess::ALL).unwrap();
+    let remote = owner.lease(&mr, &holder);
+    Lab {
+        owner,
+        holder,
+        opd,
+        hcq,
+        mr,
+        src,
+        src_mr,
+        hqp,
+        remote,
+        _oqp: (oqp, ocq),
+    }
+}
+
 /// udmabuf export → `Pd::import` → the provider refuses the dma-buf MR (rxe: EOPNOTSUPP) →
 /// negotiation falls back to the buffer's process mapping, and says so → RDMA WRITEs into it
 /// from a second context, every byte checked through the exporter's CPU view → revoke.
 #[test]
 fn udmabuf_import_falls_back_to_process_va_and_writes_land() {
-    use dmaplane_rdma::{Device, ImportOptions};
+    use dmaplane_rdma::ImportOptions;
     let test = "udmabuf_import_falls_back_to_process_va_and_writes_land";
     let Some(vdev) = device(test) else {
         return;
@@ -1089,20 +1144,22 @@ fn udmabuf_import_falls_back_to_process_va_and_writes_land() {
         return;
     };
     let dmabuf_mr = vdev.info().dmabuf_mr;
-    let owner = Device::new(vdev);
-    let holder = Device::new(VerbsDevice::open(Some(owner.name())).unwrap());
-    let (opd, hpd) = (owner.alloc_pd().unwrap(), holder.alloc_pd().unwrap());
-    let (ocq, hcq) = (
-        owner.create_cq(256).unwrap(),
-        holder.create_cq(256).unwrap(),
-    );
     let opts = ImportOptions {
         access: MrAccess::ALL,
         ..ImportOptions::default()
     };
-    let mr = opd
-        .import("udmabuf", opts, Some(mem.fd()), |i, a| mem.attach(i, a))
-        .unwrap();
+    let Lab {
+        owner,
+        holder,
+        opd,
+        hcq,
+        mr,
+        src,
+        src_mr,
+        hqp,
+        remote,
+        _oqp,
+    } = lab(vdev, "udmabuf", &mem, opts);
     let how = mr.negotiation().unwrap();
     eprintln!("negotiation: {how}");
     match dmabuf_mr {
@@ -1116,16 +1173,6 @@ fn udmabuf_import_falls_back_to_process_va_and_writes_land() {
         }
     }
     assert_eq!(mr.len(), LEN);
-
-    // The holder's source buffer, registered by address.
-    let src = Buf::new(LEN as usize);
-    let src_mr = hpd.reg_mr(&src.list(), MrAccess::LOCAL_WRITE).unwrap();
-    let caps = QpCaps::default();
-    let hqp = hpd.create_qp(&hcq, &hcq, caps).unwrap();
-    let oqp = opd.create_qp(&ocq, &ocq, caps).unwrap();
-    hqp.connect(oqp.endpoint(), MrAccess::ALL).unwrap();
-    oqp.connect(hqp.endpoint(), MrAccess::ALL).unwrap();
-    let remote = owner.lease(&mr, &holder);
 
     // Sizes across page and MTU boundaries, at unaligned offsets; then one batch of 32.
     let mut wr_id = 0;
@@ -1167,9 +1214,8 @@ fn udmabuf_import_falls_back_to_process_va_and_writes_land() {
         );
     }
 
-    // Revoke with WRITEs outstanding (one packet each: a flushed multi-packet WRITE could leave
-    // the responder mid-message): the holder flushes its QP, reaps, acks; the MR is zapped;
-    // posts to it are refused with the epoch.
+    // Revoke with WRITEs outstanding: the holder stops its QP (the default policy), reaps,
+    // acks; the MR is zapped; posts to it are refused with the epoch.
     let mtu = owner_mtu(&owner);
     let wrs: Vec<SendWr> = (0..16u64)
         .map(|k| SendWr::write(2000 + k, src_mr.sge(k * 4096, mtu), remote.at(k * 4096)))
@@ -1199,7 +1245,9 @@ fn udmabuf_import_falls_back_to_process_va_and_writes_land() {
     assert_eq!(owner.stats().lease_acks, 1);
     assert_eq!(owner.stats().holders_cut_off, 0);
     eprintln!("revoke took {} us", report.elapsed_us);
-    assert_eq!(holder.stats().qps_flushed, 1, "{:?}", holder.stats());
+    // The QP once ran multi-packet WRITEs (above), so the default stops it at a boundary.
+    let hs = holder.stats();
+    assert_eq!((hs.qps_stopped, hs.qps_flushed), (1, 0), "{hs:?}");
 
     // A second export on the same connection: a QP that was flushed came back to RTS resuming
     // its PSNs (the owner's responder kept expecting the next one), so the WRITE lands — had
@@ -1243,4 +1291,132 @@ fn owner_mtu(dev: &dmaplane_rdma::Device) -> u32 {
         .unwrap()
         .active_mtu()
         .bytes()
+}
+
+/// The default policy on a real device: a revoke meets multi-packet WRITEs in flight, each QP
+/// moves to SQD, the message under way is acknowledged whole (the quiesce layer polls
+/// `sq_draining`), what did not start is flushed, and the connection survives: no message was
+/// cut, so the owner's responder is at a message boundary and later multi-packet WRITEs land.
+#[test]
+fn a_boundary_stop_lands_multi_packet_writes_whole_and_keeps_the_connection() {
+    use dmaplane_rdma::{ImportOptions, QuiescePolicy};
+    let test = "a_boundary_stop_lands_multi_packet_writes_whole_and_keeps_the_connection";
+    let Some(vdev) = device(test) else {
+        return;
+    };
+    const LEN: u64 = 4 << 20;
+    const WRITE: u32 = 64 << 10;
+    let (Some(mem), Some(mem2)) = (
+        udmabuf("verbs-boundary", LEN),
+        udmabuf("verbs-boundary-2", LEN),
+    ) else {
+        return;
+    };
+    let opts = ImportOptions::default();
+    assert!(matches!(opts.policy, QuiescePolicy::Boundary { .. }));
+    let Lab {
+        owner,
+        holder,
+        opd,
+        hcq,
+        mr: _mr,
+        src,
+        src_mr,
+        hqp,
+        remote,
+        _oqp,
+    } = lab(vdev, "boundary", &mem, opts);
+    let mtu = owner_mtu(&owner);
+    assert!(
+        WRITE > mtu,
+        "a {WRITE} B WRITE fits one {mtu} B packet: nothing to cut"
+    );
+
+    let n = 64u64;
+    for k in 0..n {
+        src.write(
+            (k * u64::from(WRITE)) as usize,
+            &pattern(4000 + k, WRITE as usize),
+        );
+    }
+    let wrs: Vec<SendWr> = (0..n)
+        .map(|k| {
+            let off = k * u64::from(WRITE);
+            SendWr::write(k, src_mr.sge(off, WRITE), remote.at(off))
+        })
+        .collect();
+    hqp.post_send(&wrs).unwrap();
+    let (report, wcs) = std::thread::scope(|s| {
+        let r = s.spawn(|| reap(&hcq, n as usize));
+        (mem.revoke(Duration::from_secs(20)), r.join().unwrap())
+    });
+    assert!(report.is_clean(), "{report}");
+    let stats = holder.stats();
+    eprintln!("revoke took {} us; holder {stats:?}", report.elapsed_us);
+    assert_eq!(owner.stats().lease_acks, 1, "{:?}", owner.stats());
+    assert_eq!(
+        (stats.qps_flushed, stats.drains_timed_out),
+        (0, 0),
+        "the holder's QP must stop at a boundary, not flush: {stats:?}"
+    );
+    // Every WRITE completed once; each success landed whole (the poll saw the drain end).
+    let mut ok = 0;
+    for c in &wcs {
+        match c.status {
+            WcStatus::Success => {
+                ok += 1;
+                let off = c.wr_id * u64::from(WRITE);
+                let mut got = vec![0u8; WRITE as usize];
+                mem.read(off, &mut got).unwrap();
+                assert_eq!(
+                    first_mismatch(&got, &pattern(4000 + c.wr_id, WRITE as usize)),
+                    None,
+                    "WRITE {} before the revoke",
+                    c.wr_id
+                );
+            }
+            WcStatus::WrFlushErr => {}
+            s => panic!(
+                "WRITE {}: {s:?} (a cut message breaks the connection)",
+                c.wr_id
+            ),
+        }
+    }
+    eprintln!("{ok} of {n} WRITEs landed before the stop, the rest were flushed");
+    // Flushed WRITEs mean the revoke met the QP with work queued: it stopped at a boundary.
+    if ok < n {
+        assert_eq!(stats.qps_stopped, 1, "{stats:?}");
+    }
+
+    // The connection is intact: multi-packet WRITEs into a second export land.
+    let mr2 = opd
+        .import("boundary-2", opts, Some(mem2.fd()), |i, a| {
+            mem2.attach(i, a)
+        })
+        .unwrap();
+    let remote2 = owner.lease(&mr2, &holder);
+    let deadline = Instant::now() + OP_TIMEOUT;
+    while hqp.state() != QpState::Rts {
+        assert!(Instant::now() < deadline, "QP stuck in {}", hqp.state());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for k in 0..4u64 {
+        let data = pattern(5000 + k, WRITE as usize);
+        src.write(0, &data);
+        hqp.post_send(&[SendWr::write(
+            100 + k,
+            src_mr.sge(0, WRITE),
+            remote2.at(k * 65536),
+        )])
+        .unwrap();
+        let c = reap(&hcq, 1)[0];
+        assert_eq!((c.wr_id, c.status), (100 + k, WcStatus::Success), "{c:?}");
+        let mut got = vec![0u8; WRITE as usize];
+        mem2.read(k * 65536, &mut got).unwrap();
+        assert_eq!(
+            first_mismatch(&got, &data),
+            None,
+            "WRITE {k} after the stop"
+        );
+    }
 }

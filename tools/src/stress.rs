@@ -130,9 +130,6 @@ pub fn run(cmd: &StressCmd, json: bool) -> Result<()> {
         },
         inject: a.inject,
     };
-    if a.backend == Backend::Verbs && a.inject.is_some() {
-        bail!("--inject runs on the sim backend only for now");
-    }
     let bar = if json {
         ProgressBar::hidden()
     } else {

@@ -148,6 +148,11 @@ impl VerbsQp {
 
     /// `ibv_query_qp` for the state: the hardware may have moved the QP to ERR on its own.
     fn query_state(&self) -> Option<QpState> {
+        self.query_drain().map(|(state, _)| state)
+    }
+
+    /// `ibv_query_qp` for the state and `sq_draining`.
+    fn query_drain(&self) -> Option<(QpState, bool)> {
         // SAFETY: both are plain data (integers, unions of integers, nullable pointers).
         let mut attr: sys::ibv_qp_attr = unsafe { std::mem::zeroed() };
         // SAFETY: as above.
@@ -158,12 +163,12 @@ impl VerbsQp {
         if ret != 0 {
             tracing::debug!(
                 qpn = self.qpn,
-                "ibv_query_qp: {}",
+                "ibv_query_qp (sq_draining): {}",
                 ffi::errno_text(ffi::ret_errno(ret))
             );
             return None;
         }
-        state_from_ibv(attr.qp_state)
+        Some((state_from_ibv(attr.qp_state)?, attr.sq_draining != 0))
     }
 
     /// (next send PSN, next expected receive PSN) as the device reports them.
@@ -451,6 +456,14 @@ impl QpBackend for VerbsQp {
 
     fn next_psns(&self) -> Result<Option<(u32, u32)>> {
         self.query_psns().map(Some)
+    }
+
+    /// `sq_draining` as the device reports it: the provider clears it once every message that
+    /// started before `RTS → SQD` is acknowledged (rxe: the completer caught up with the
+    /// requester; mlx5: the QP context left SQ_DRAINING).
+    fn sq_draining(&self) -> Option<bool> {
+        let (state, draining) = self.query_drain()?;
+        Some(state == QpState::Sqd && draining)
     }
 
     fn modify(&self, attr: &QpAttr) -> Result<()> {

@@ -100,6 +100,24 @@ rc_pingpong() {
 	[ "$client_rc" = 0 ] && [ "$server_rc" = 0 ]
 }
 
+# `dmaplane stress revoke --backend verbs --inject FAULT` must exit non-zero with the line that
+# names the fault: a fault the stress does not notice is a check that cannot fail.
+expect_caught() {
+	timeout -s KILL "$STEP_TIMEOUT" dmaplane stress revoke --backend verbs --inject "$1" \
+		--qps 4 --depth 16 --size 4096 --revokes 4 --seconds 0 --deadline-ms 2000 \
+		>/tmp/inject.log 2>&1
+	rc=$?
+	cat /tmp/inject.log
+	if [ "$rc" = 0 ]; then
+		echo "expect_caught: --inject $1 exited 0: the fault went unnoticed"
+		return 1
+	fi
+	grep -q "stress failed (fault injected: $1)" /tmp/inject.log || {
+		echo "expect_caught: --inject $1 exited $rc without naming the fault"
+		return 1
+	}
+}
+
 # --- built-in steps --------------------------------------------------------------------------
 
 step rxe0-active rxe_active
@@ -111,10 +129,16 @@ step rdma-verbs env DMAPLANE_REQUIRE_RDMA=1 DMAPLANE_REQUIRE_DMABUF=1 rdma-verbs
 step dmaplane-topo dmaplane topo
 # Revoke under load on rxe0: two contexts, RC WRITEs into udmabuf memory (dma-buf MR refused,
 # fallback to the process mapping), leases revoked and acked over TCP. The command exits non-zero
-# unless nothing was lost, nothing failed and nothing touched memory after an ack. Flushing needs
-# one-packet WRITEs (rxe0's path MTU is 1024); draining takes any size.
-step stress-revoke-verbs dmaplane stress revoke --backend verbs --qps 4 --depth 16 --size 1024 --revokes 20 --seconds 0
+# unless nothing was lost, nothing failed and nothing touched memory after an ack. The default
+# policy stops each QP at a message boundary (SQD, `sq_draining` polled), so 64 KiB WRITEs
+# (64 packets at rxe0's path MTU of 1024) are never cut; flushing needs one-packet WRITEs;
+# draining takes any size. The deadline is generous: rxe under emulation is slow.
+step stress-revoke-verbs dmaplane stress revoke --backend verbs --qps 4 --depth 16 --size 65536 --revokes 20 --seconds 0 --deadline-ms 5000
+step stress-revoke-verbs-flush dmaplane stress revoke --backend verbs --quiesce flush --qps 4 --depth 16 --size 1024 --revokes 20 --seconds 0
 step stress-revoke-verbs-drain dmaplane stress revoke --backend verbs --quiesce drain --deadline-ms 5000 --qps 4 --depth 16 --size 4096 --revokes 20 --seconds 0
+# A lying lease holder on rxe0 must make the stress fail, naming the fault.
+step stress-revoke-verbs-inject expect_caught ack-then-write
+step stress-revoke-verbs-inject-ignore expect_caught ignore-lease-revoke
 step dmaplane-doctor dmaplane doctor
 
 # --- hook: extra steps passed in by the host ---------------------------------------------------
