@@ -97,6 +97,12 @@ pub trait DeviceBackend: Send + Sync + fmt::Debug {
     fn create_cq(&self, depth: u32) -> Result<Arc<dyn CqBackend>>;
     /// Next pending asynchronous event, without blocking.
     fn poll_async_event(&self) -> Option<AsyncEvent>;
+    /// Whether driver calls (QP modifies, MR zaps) may block the calling thread: system calls
+    /// into a driver whose firmware commands take up to milliseconds. The quiesce layer then
+    /// makes them from its worker thread, never from `invalidate`.
+    fn calls_block(&self) -> bool {
+        false
+    }
     /// The fabric device this NIC issues DMA as (simulator only).
     fn fabric_device(&self) -> Option<dmaplane_core::fabric::DeviceId> {
         None

@@ -34,7 +34,7 @@ impl Device {
     pub fn new(backend: Arc<dyn DeviceBackend>) -> Device {
         let info = backend.info();
         Device {
-            tracker: Tracker::new(info.name.clone(), info.gid),
+            tracker: Tracker::new(info.name.clone(), info.gid, Arc::downgrade(&backend)),
             backend,
         }
     }

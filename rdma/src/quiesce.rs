@@ -23,6 +23,12 @@
 //!    soon as their flushed completions are reaped (resuming their PSNs, which the peer's
 //!    responder kept). Every posted request gets exactly one completion.
 //!
+//! `invalidate` itself makes only step 1 and queues step 2's messages (a full queue or a dead
+//! link fails at once, never blocks). A QP whose lock the data path holds is visited from the
+//! timer thread once free. Where the backend's driver calls block (`ibv_modify_qp` and
+//! `ibv_dereg_mr` wait for firmware: verbs, or the simulator with a call latency), every QP
+//! modify and the zap are made on the tracker's worker thread (`dmaplane-quiesce`) instead.
+//!
 //! A remote holder quiesces its own requests to the region by the owner's policy (carried in
 //! `LeaseRevoke`). With `Flush` a multi-packet WRITE cut in the middle leaves the owner's
 //! responder mid-message, which breaks the connection; `Boundary` never cuts a message, so it
@@ -41,7 +47,7 @@ use dmaplane_core::{
 use serde::Serialize;
 
 use crate::access::MrAccess;
-use crate::backend::MrRequest;
+use crate::backend::{DeviceBackend, MrRequest};
 use crate::device::{Mr, MrMap, MrShared, Pd, QpShared, Track};
 use crate::error::{RdmaError, Result};
 use crate::inject::{Fault, Injected};
@@ -209,6 +215,10 @@ pub(crate) struct Tracker {
     n_seq_waits: AtomicUsize,
     lease_waits: Mutex<HashMap<(u32, u64), LeaseWait>>,
     timer: Timer,
+    /// Where driver calls go that may block (see [`Tracker::offload`]): QP modifies and zaps.
+    worker: Timer,
+    /// The device, asked whether its driver calls block.
+    device: Weak<dyn DeviceBackend>,
     counters: Counters,
     pub(crate) injected: Injected,
     me: Weak<Tracker>,
@@ -227,7 +237,11 @@ fn bump(c: &AtomicU64, n: u64) {
 }
 
 impl Tracker {
-    pub(crate) fn new(name: String, gid: [u8; 16]) -> Arc<Tracker> {
+    pub(crate) fn new(
+        name: String,
+        gid: [u8; 16],
+        device: Weak<dyn DeviceBackend>,
+    ) -> Arc<Tracker> {
         Arc::new_cyclic(|me| Tracker {
             name,
             gid,
@@ -237,11 +251,30 @@ impl Tracker {
             seq_waits: Mutex::new(Vec::new()),
             n_seq_waits: AtomicUsize::new(0),
             lease_waits: Mutex::new(HashMap::new()),
-            timer: Timer::default(),
+            timer: Timer::new("dmaplane-timer"),
+            worker: Timer::new("dmaplane-quiesce"),
+            device,
             counters: Counters::default(),
             injected: Injected::default(),
             me: me.clone(),
         })
+    }
+
+    /// Whether driver calls (a QP modify, a zap) may block: `ibv_modify_qp` and
+    /// `ibv_dereg_mr` are firmware commands that take from tens of microseconds to milliseconds.
+    /// Then `invalidate`, which must not block, leaves them to the worker thread: only the mark
+    /// (step 1) and the lease messages (queued, never blocking) are made inline.
+    fn offload(&self) -> bool {
+        self.device.upgrade().is_some_and(|d| d.calls_block())
+    }
+
+    /// Run `job` now, or on the worker thread when driver calls may block.
+    fn run_driver_calls(&self, job: impl FnOnce() + Send + 'static) {
+        if self.offload() {
+            self.worker.at(Instant::now(), job);
+        } else {
+            job();
+        }
     }
 
     pub(crate) fn stats(&self) -> QuiesceStats {
@@ -361,14 +394,16 @@ impl Tracker {
     /// from the timer thread once its lock is free, and counted on `latch` until then, so the
     /// fence cannot go before it is quiesced. A post that held the lock is seen by that visit.
     fn for_each_qp(&self, latch: &Arc<Pending>, visit: QpVisit) {
+        let offload = self.offload();
         for qp in self.live_qps() {
-            if let Some(mut t) = try_lock(&qp.track) {
+            if !offload && let Some(mut t) = try_lock(&qp.track) {
                 visit(self, &qp, &mut t);
                 continue;
             }
             latch.add(1);
             let (me, l, v) = (self.me.clone(), latch.clone(), visit.clone());
-            self.timer.at(Instant::now(), move || {
+            let runner = if offload { &self.worker } else { &self.timer };
+            runner.at(Instant::now(), move || {
                 if let Some(tracker) = me.upgrade() {
                     v(&tracker, &qp, &mut lock(&qp.track));
                 }
@@ -434,11 +469,18 @@ impl Tracker {
         let zap_mr = mr.clone();
         let name = self.name.clone();
         let zap = !self.injected.is(Fault::NoZap);
+        let me = self.me.clone();
         let latch = Pending::new(move || {
-            if zap && let Err(e) = read(&zap_mr.backend).zap() {
-                tracing::error!(device = %name, error = %e, "zap failed");
+            let zap_and_signal = move || {
+                if zap && let Err(e) = read(&zap_mr.backend).zap() {
+                    tracing::error!(device = %name, error = %e, "zap failed");
+                }
+                fence.signal();
+            };
+            match me.upgrade() {
+                Some(t) => t.run_driver_calls(zap_and_signal),
+                None => zap_and_signal(),
             }
-            fence.signal();
         });
         // Step 2: leases.
         let holders = lock(&mr.holders).clone();
@@ -995,15 +1037,26 @@ mod tests {
     use dmaplane_core::revoke::{AttachmentId, InvalidateReason};
     use dmaplane_core::topology::builtin;
 
-    /// `invalidate` must not block: a QP whose track lock the data path holds is quiesced from
-    /// the timer thread once the lock is free, and the fence waits for it.
-    #[test]
-    fn invalidate_does_not_wait_for_a_busy_queue_pair() {
+    /// Two simulated NICs, one RC QP each, connected; a's region with one outstanding WRITE
+    /// into b's (its completion is never reaped); the invalidation of a's region.
+    struct Rig {
+        _fabric: Fabric,
+        nic_a: Arc<crate::sim::SimNic>,
+        a: Device,
+        _b: Device,
+        qa: crate::Qp,
+        ra: Mr,
+        _keep: (HostMemory, HostMemory, Mr, Arc<RemoteMr>, crate::Qp),
+        fence: dmaplane_core::Fence,
+        inv: Invalidation,
+    }
+
+    fn rig() -> Rig {
         let fabric = Fabric::with_topology(builtin::testbed());
         let net = SimNetwork::new(&fabric);
         let (na, nb) = (net.nic("nic0").unwrap(), net.nic("nic1").unwrap());
-        let (nic_a, nic_b) = (na.device_id(), nb.device_id());
-        let (a, b) = (Device::new(na), Device::new(nb));
+        let (id_a, id_b) = (na.device_id(), nb.device_id());
+        let (a, b) = (Device::new(na.clone()), Device::new(nb));
         let (pa, pb) = (a.alloc_pd().unwrap(), b.alloc_pd().unwrap());
         let (ca, cb) = (a.create_cq(64).unwrap(), b.create_cq(64).unwrap());
         let qa = pa.create_qp(&ca, &ca, QpCaps::default()).unwrap();
@@ -1015,16 +1068,15 @@ mod tests {
         let mb = HostMemory::new(&fabric, host("mem1"), "b", 1 << 16).unwrap();
         let ra = pa
             .import("a", ImportOptions::default(), None, |i, acc| {
-                ma.attach(i, nic_a, acc)
+                ma.attach(i, id_a, acc)
             })
             .unwrap();
         let rb = pb
             .import("b", ImportOptions::default(), None, |i, acc| {
-                mb.attach(i, nic_b, acc)
+                mb.attach(i, id_b, acc)
             })
             .unwrap();
         let remote = b.lease(&rb, &a);
-        // An outstanding request that uses a's region (its completion is never reaped).
         qa.post_send(&[SendWr::write(1, ra.sge(0, 64), remote.at(0))])
             .unwrap();
         let fence = dmaplane_core::Fence::new(Instant::now() + Duration::from_secs(5));
@@ -1035,8 +1087,26 @@ mod tests {
             reason: InvalidateReason::Revoke,
             fence: fence.clone(),
         };
+        Rig {
+            _fabric: fabric,
+            nic_a: na,
+            a,
+            _b: b,
+            qa,
+            ra,
+            _keep: (ma, mb, rb, remote, qb),
+            fence,
+            inv,
+        }
+    }
+
+    /// `invalidate` must not block: a QP whose track lock the data path holds is quiesced from
+    /// the timer thread once the lock is free, and the fence waits for it.
+    #[test]
+    fn invalidate_does_not_wait_for_a_busy_queue_pair() {
+        let r = rig();
         let (held_tx, held_rx) = std::sync::mpsc::channel();
-        let shared = qa.shared.clone();
+        let shared = r.qa.shared.clone();
         let data_path = std::thread::spawn(move || {
             let _t = lock(&shared.track);
             held_tx.send(()).unwrap();
@@ -1044,20 +1114,49 @@ mod tests {
         });
         held_rx.recv().unwrap();
         let start = Instant::now();
-        a.tracker
-            .quiesce_mr(&ra.shared, &inv, ImportOptions::default());
+        r.a.tracker
+            .quiesce_mr(&r.ra.shared, &r.inv, ImportOptions::default());
         let took = start.elapsed();
         assert!(
             took < Duration::from_millis(100),
             "invalidate blocked {took:?}"
         );
         assert!(
-            !fence.is_signalled(),
+            !r.fence.is_signalled(),
             "fence before the busy QP was quiesced"
         );
         data_path.join().unwrap();
-        assert!(fence.wait(), "the deferred quiesce never signalled");
+        assert!(r.fence.wait(), "the deferred quiesce never signalled");
         assert!(start.elapsed() >= Duration::from_millis(250));
-        assert_eq!(a.stats().qps_flushed + a.stats().qps_stopped, 1);
+        assert_eq!(r.a.stats().qps_flushed + r.a.stats().qps_stopped, 1);
+    }
+
+    /// `invalidate` must not block on driver calls either: where a QP modify and a zap take
+    /// time (a real NIC's firmware commands, modelled here at 300 ms each), both are made on the
+    /// worker thread, and the fence waits for them.
+    #[test]
+    fn invalidate_leaves_slow_driver_calls_to_the_worker() {
+        let r = rig();
+        r.nic_a.set_call_latency(Duration::from_millis(300));
+        let start = Instant::now();
+        r.a.tracker
+            .quiesce_mr(&r.ra.shared, &r.inv, ImportOptions::default());
+        let took = start.elapsed();
+        assert!(
+            took < Duration::from_millis(100),
+            "invalidate made the driver calls itself: {took:?}"
+        );
+        assert!(
+            !r.fence.is_signalled(),
+            "fence before the flush and the zap"
+        );
+        assert!(r.fence.wait(), "the worker never signalled");
+        // The flush, then the zap: each call took its 300 ms on the worker.
+        assert!(
+            start.elapsed() >= Duration::from_millis(550),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(r.a.stats().qps_flushed, 1);
     }
 }

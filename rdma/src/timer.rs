@@ -40,9 +40,10 @@ struct State {
     started: bool,
 }
 
-#[derive(Default)]
 pub(crate) struct Timer {
     inner: Arc<(Mutex<State>, Condvar)>,
+    /// The thread's name.
+    name: &'static str,
 }
 
 impl std::fmt::Debug for Timer {
@@ -52,6 +53,14 @@ impl std::fmt::Debug for Timer {
 }
 
 impl Timer {
+    /// A timer whose thread (started on the first job) is called `name`.
+    pub(crate) fn new(name: &'static str) -> Timer {
+        Timer {
+            inner: Arc::default(),
+            name,
+        }
+    }
+
     pub(crate) fn at(&self, at: Instant, job: impl FnOnce() + Send + 'static) {
         let (m, cv) = &*self.inner;
         let mut st = lock(m);
@@ -70,11 +79,14 @@ impl Timer {
             st.started = true;
             let inner = Arc::downgrade(&self.inner);
             let spawned = std::thread::Builder::new()
-                .name("dmaplane-timer".into())
+                .name(self.name.into())
                 .spawn(move || run(inner));
             if spawned.is_err() {
                 st.started = false;
-                tracing::error!("could not start the timer thread: deadlines will not fire");
+                tracing::error!(
+                    thread = self.name,
+                    "could not start the timer thread: its jobs will not run"
+                );
             }
         }
         if earlier {

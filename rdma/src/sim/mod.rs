@@ -8,7 +8,7 @@ mod mr;
 mod qp;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use dmaplane_core::fabric::{DeviceId, Fabric};
@@ -88,6 +88,7 @@ impl SimNetwork {
             events: Mutex::new(VecDeque::new()),
             engine: engine::Engine::default(),
             engine_cpus: self.engine_cpus.clone(),
+            call_latency: Arc::default(),
         });
         write(&self.nics).insert(gid, Arc::downgrade(&shared));
         engine::start(&shared);
@@ -115,9 +116,20 @@ pub(crate) struct NicShared {
     events: Mutex<VecDeque<AsyncEvent>>,
     pub(crate) engine: engine::Engine,
     engine_cpus: Vec<usize>,
+    /// How long every QP modify and MR zap takes, in nanoseconds ([`SimNic::set_call_latency`]).
+    pub(crate) call_latency: Arc<AtomicU64>,
 }
 
 impl NicShared {
+    /// Spend the modelled driver-call time ([`SimNic::set_call_latency`]); call it before
+    /// taking any lock.
+    pub(crate) fn driver_call(latency: &AtomicU64) {
+        let ns = latency.load(Ordering::Relaxed);
+        if ns > 0 {
+            std::thread::sleep(std::time::Duration::from_nanos(ns));
+        }
+    }
+
     pub(crate) fn event(&self, kind: &str, qpn: Option<u32>, detail: String) {
         tracing::warn!(nic = %self.name, kind, ?qpn, %detail, "async event");
         lock(&self.events).push_back(AsyncEvent {
@@ -145,6 +157,16 @@ impl SimNic {
 
     pub fn device_id(&self) -> DeviceId {
         self.shared.dev
+    }
+
+    /// Model driver calls that take time, as a real NIC's do (`ibv_modify_qp` and
+    /// `ibv_dereg_mr` wait for firmware commands of tens of microseconds to milliseconds):
+    /// every QP modify and MR zap then sleeps `latency` first, and the device reports that its
+    /// calls block ([`DeviceBackend::calls_block`]), so the quiesce layer makes them off the
+    /// invalidating thread, as it does on verbs. Zero (the default) turns it off.
+    pub fn set_call_latency(&self, latency: std::time::Duration) {
+        let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+        self.shared.call_latency.store(ns, Ordering::Relaxed);
     }
 }
 
@@ -208,6 +230,10 @@ impl DeviceBackend for SimNic {
     fn fabric_device(&self) -> Option<DeviceId> {
         Some(self.shared.dev)
     }
+
+    fn calls_block(&self) -> bool {
+        self.shared.call_latency.load(Ordering::Relaxed) > 0
+    }
 }
 
 #[derive(Debug)]
@@ -219,7 +245,10 @@ struct SimPd {
 impl PdBackend for SimPd {
     fn reg_mr(&self, req: &MrRequest<'_>) -> Result<Arc<dyn MrBackend>> {
         let key = self.nic.next_key.fetch_add(1, Ordering::Relaxed);
-        let mr = Arc::new(SimMr::new(key, self.pdn, req.list, req.iova, req.access)?);
+        let mr = Arc::new(
+            SimMr::new(key, self.pdn, req.list, req.iova, req.access)?
+                .with_call_latency(self.nic.call_latency.clone()),
+        );
         write(&self.nic.mrs).insert(key, Arc::downgrade(&mr));
         tracing::debug!(nic = %self.nic.name, key, translation = ?mr.translation(), "MR registered");
         Ok(mr)

@@ -1,7 +1,8 @@
 //! Simulated memory regions: a translation table of fabric bus addresses, one entry per page of
 //! the size `best_page_size` picks, keyed by lkey/rkey, checked on every access.
 
-use std::sync::RwLock;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
 
 use dmaplane_core::pgsz::{MLX5_PGSZ_BITMAP, best_page_size};
 use dmaplane_core::{AddrList, AddrSpace};
@@ -10,7 +11,7 @@ use crate::access::MrAccess;
 use crate::backend::{MrBackend, MrKeys, Translation};
 use crate::error::{RdmaError, Result};
 
-use super::{read, write};
+use super::{NicShared, read, write};
 
 /// Why an access through an MR failed (the simulator's vendor syndrome).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +36,8 @@ pub(crate) struct SimMr {
     table: RwLock<Option<Vec<u64>>>,
     /// A zap waits for `table`: a multi-packet message holding it lets go after its packet.
     zapping: std::sync::atomic::AtomicBool,
+    /// The NIC's modelled driver-call time ([`crate::sim::SimNic::set_call_latency`]).
+    call_latency: Arc<AtomicU64>,
 }
 
 impl SimMr {
@@ -106,6 +109,7 @@ impl SimMr {
             page_size: size,
             table: RwLock::new(Some(table)),
             zapping: std::sync::atomic::AtomicBool::new(false),
+            call_latency: Arc::default(),
         })
     }
 
@@ -145,6 +149,12 @@ impl SimMr {
     }
 
     /// A zap is waiting for (or done with) the translation.
+    /// Share the NIC's modelled driver-call time.
+    pub(crate) fn with_call_latency(mut self, latency: Arc<AtomicU64>) -> SimMr {
+        self.call_latency = latency;
+        self
+    }
+
     pub(crate) fn zapping(&self) -> bool {
         self.zapping.load(std::sync::atomic::Ordering::SeqCst)
     }
@@ -207,6 +217,7 @@ impl MrBackend for SimMr {
         }
     }
     fn zap(&self) -> Result<()> {
+        NicShared::driver_call(&self.call_latency);
         self.zapping
             .store(true, std::sync::atomic::Ordering::SeqCst);
         *write(&self.table) = None;

@@ -363,6 +363,7 @@ impl QpBackend for Arc<SimQp> {
     }
 
     fn modify(&self, attr: &QpAttr) -> Result<()> {
+        NicShared::driver_call(&self.nic.call_latency);
         let mut inner = lock(&self.inner);
         let r = self.modify_locked(&mut inner, attr);
         let waiters = inner.take_waiters();
@@ -424,6 +425,7 @@ impl QpBackend for Arc<SimQp> {
     }
 
     fn quiesce(&self, to: Option<QpState>, f: Box<dyn FnOnce() + Send>) -> (Result<()>, bool) {
+        NicShared::driver_call(&self.nic.call_latency);
         let mut inner = lock(&self.inner);
         let r = to.map_or(Ok(()), |s| self.modify_locked(&mut inner, &QpAttr::to(s)));
         inner.quiesce_waiters.push(f);
@@ -434,6 +436,7 @@ impl QpBackend for Arc<SimQp> {
     }
 
     fn stop_at_boundary(&self, f: Box<dyn FnOnce() + Send>) -> (Result<()>, bool) {
+        NicShared::driver_call(&self.nic.call_latency);
         let mut inner = lock(&self.inner);
         let r = if inner.state == QpState::Rts {
             // SQD with nothing left to start: the engine finishes the request under way and

@@ -333,6 +333,11 @@ impl DeviceBackend for VerbsDevice {
     fn poll_async_event(&self) -> Option<AsyncEvent> {
         events::poll(&self.inner)
     }
+
+    /// `ibv_modify_qp` and `ibv_dereg_mr` are system calls that wait for the NIC's firmware.
+    fn calls_block(&self) -> bool {
+        true
+    }
 }
 
 /// One physical port, queried now (for `dmaplane doctor`).
