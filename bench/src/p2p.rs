@@ -29,6 +29,32 @@ pub enum P2pError {
     Gpu(#[from] GpuError),
     #[error("{0}")]
     Flow(String),
+    /// The flow failed after traffic started: what was counted up to then.
+    #[error(
+        "{flow}: {source} — {} posted, {} ok, {} flushed, lost = {} (posted without a \
+         completion when it stopped)",
+        tally.posted, tally.ok, tally.flushed, tally.lost()
+    )]
+    Traffic {
+        flow: String,
+        tally: Tally,
+        source: Box<P2pError>,
+    },
+}
+
+/// A flow's requests as counted from its completions, on every exit path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Tally {
+    pub posted: u64,
+    pub ok: u64,
+    pub flushed: u64,
+}
+
+impl Tally {
+    /// Requests posted that produced no completion (yet): 0 on a clean flow.
+    pub fn lost(&self) -> u64 {
+        self.posted.saturating_sub(self.ok + self.flushed)
+    }
 }
 
 pub type Result<T> = std::result::Result<T, P2pError>;
@@ -549,130 +575,140 @@ pub fn run_flow(w: &P2pWorld, flow: &Flow, o: &FlowOptions) -> Result<FlowReport
         qp.post_send(&[SendWr::write(i, src.mr.sge(off, chunk32), lease.at(off))])?;
         Ok(())
     };
-    let start = Instant::now();
-    let (mut next, mut outstanding, mut ok, mut flushed, mut posted) =
-        (0u64, 0u64, 0u64, 0u64, 0u64);
-    let mut landed = 0u64;
-    let mut free: Option<FreeReport> = None;
-    let mut retired: Option<WindowHandle> = None;
-    let mut wcs: Vec<Completion> = Vec::new();
-    let due = Instant::now() + Duration::from_secs(60);
-    let mut idle = Idle::default();
-    while landed < chunks {
-        while outstanding < u64::from(o.depth) && next < chunks {
-            post(&qa, &lease, next)?;
-            next += 1;
-            outstanding += 1;
-            posted += 1;
-        }
-        wcs.clear();
-        // With a free pending, reap no further than its point, so it lands mid-traffic.
-        let max = match o.free_after {
-            Some(n) if free.is_none() => n.saturating_sub(landed).clamp(1, 256) as usize,
-            _ => 256,
-        };
-        if sn.cq.poll(&mut wcs, max)? == 0 {
-            if Instant::now() > due {
-                return fail(format!(
-                    "{flow}: {outstanding} WRITE(s) still outstanding after 60 s"
-                ));
+    let mut t = Tally::default();
+    let traffic = (|| -> Result<FlowReport> {
+        let start = Instant::now();
+        let (mut next, mut outstanding) = (0u64, 0u64);
+        let mut landed = 0u64;
+        let mut free: Option<FreeReport> = None;
+        let mut retired: Option<WindowHandle> = None;
+        let mut wcs: Vec<Completion> = Vec::new();
+        let due = Instant::now() + Duration::from_secs(60);
+        let mut idle = Idle::default();
+        while landed < chunks {
+            while outstanding < u64::from(o.depth) && next < chunks {
+                post(&qa, &lease, next)?;
+                next += 1;
+                outstanding += 1;
+                t.posted += 1;
             }
-            idle.wait(&sn.cq)?;
-            continue;
-        }
-        idle.reset();
-        for wc in &wcs {
-            outstanding -= 1;
-            match wc.status {
-                WcStatus::Success => {
-                    ok += 1;
-                    dst.after_receive(wc.wr_id * o.chunk, o.chunk)?;
-                    landed += 1;
+            wcs.clear();
+            // With a free pending, reap no further than its point, so it lands mid-traffic.
+            let max = match o.free_after {
+                Some(n) if free.is_none() => n.saturating_sub(landed).clamp(1, 256) as usize,
+                _ => 256,
+            };
+            if sn.cq.poll(&mut wcs, max)? == 0 {
+                if Instant::now() > due {
+                    return fail(format!(
+                        "{flow}: {outstanding} WRITE(s) still outstanding after 60 s"
+                    ));
                 }
-                WcStatus::WrFlushErr => flushed += 1,
-                other => return fail(format!("{flow}: WRITE {} completed with {other}", wc.wr_id)),
+                idle.wait(&sn.cq)?;
+                continue;
             }
-        }
-        if free.is_none() && o.free_after.is_some_and(|n| landed >= n) {
-            let (report, window) = free_mid_flow(w, &qa, &mut dst, &lease, &src, chunk32, landed)?;
-            // Wait for what the free flushed, then receive everything again into new memory.
-            let mut flushed_here = 0;
-            while outstanding > 0 {
-                wcs.clear();
-                if sn.cq.poll(&mut wcs, 256)? == 0 {
-                    if Instant::now() > due {
-                        return fail(format!("{flow}: flushed WRITEs never completed"));
+            idle.reset();
+            for wc in &wcs {
+                outstanding -= 1;
+                match wc.status {
+                    WcStatus::Success => {
+                        t.ok += 1;
+                        dst.after_receive(wc.wr_id * o.chunk, o.chunk)?;
+                        landed += 1;
                     }
-                    idle.wait(&sn.cq)?;
+                    WcStatus::WrFlushErr => t.flushed += 1,
+                    other => {
+                        return fail(format!("{flow}: WRITE {} completed with {other}", wc.wr_id));
+                    }
                 }
-                for wc in &wcs {
-                    outstanding -= 1;
-                    match wc.status {
-                        WcStatus::Success => ok += 1,
-                        WcStatus::WrFlushErr => flushed_here += 1,
-                        other => {
-                            return fail(format!(
-                                "{flow}: WRITE {} completed with {other} during the free",
-                                wc.wr_id
-                            ));
+            }
+            if free.is_none() && o.free_after.is_some_and(|n| landed >= n) {
+                let (report, window) =
+                    free_mid_flow(w, &qa, &mut dst, &lease, &src, chunk32, landed)?;
+                // Wait for what the free flushed, then receive everything again into new memory.
+                let mut flushed_here = 0;
+                while outstanding > 0 {
+                    wcs.clear();
+                    if sn.cq.poll(&mut wcs, 256)? == 0 {
+                        if Instant::now() > due {
+                            return fail(format!("{flow}: flushed WRITEs never completed"));
+                        }
+                        idle.wait(&sn.cq)?;
+                    }
+                    for wc in &wcs {
+                        outstanding -= 1;
+                        match wc.status {
+                            WcStatus::Success => t.ok += 1,
+                            WcStatus::WrFlushErr => flushed_here += 1,
+                            other => {
+                                return fail(format!(
+                                    "{flow}: WRITE {} completed with {other} during the free",
+                                    wc.wr_id
+                                ));
+                            }
                         }
                     }
                 }
+                t.flushed += flushed_here;
+                let qp_state_after = wait_rts(&qa)?;
+                dst = w.side(
+                    &flow.dst_gpu,
+                    &flow.dst_nic,
+                    &format!("{tag}-dst-realloc"),
+                    o.size,
+                    remote,
+                    o.force_staged,
+                )?;
+                lease = dn.dev.lease(&dst.mr, &sn.dev);
+                free = Some(FreeReport {
+                    flushed: flushed_here,
+                    qp_state_after,
+                    resent: next,
+                    ..report
+                });
+                retired = Some(window);
+                next = 0;
+                landed = 0;
             }
-            flushed += flushed_here;
-            let qp_state_after = wait_rts(&qa)?;
-            dst = w.side(
-                &flow.dst_gpu,
-                &flow.dst_nic,
-                &format!("{tag}-dst-realloc"),
-                o.size,
-                remote,
-                o.force_staged,
-            )?;
-            lease = dn.dev.lease(&dst.mr, &sn.dev);
-            free = Some(FreeReport {
-                flushed: flushed_here,
-                qp_state_after,
-                resent: next,
-                ..report
-            });
-            retired = Some(window);
-            next = 0;
-            landed = 0;
         }
-    }
-    let seconds = start.elapsed().as_secs_f64();
-    let bytes_verified = verify(dst.mem()?)?;
-    let mut post_ack = w.late_faults() - faults_before;
-    if let Some(win) = &retired
-        && !poisoned(win)
-    {
-        post_ack += 1;
-    }
-    let copies = 1 + [&src.path, &dst.path]
-        .iter()
-        .filter(|p| p.path == PathKind::Staged)
-        .count() as u32;
-    Ok(FlowReport {
-        flow: flow.clone(),
-        src: src.path.clone(),
-        dst: dst.path.clone(),
-        size: o.size,
-        chunk: o.chunk,
-        copies,
-        posted,
-        completed_ok: ok,
-        flushed,
-        lost: posted - ok - flushed,
-        post_ack_accesses: post_ack,
-        bytes_verified,
-        seconds,
-        bytes_per_sec: if free.is_none() {
-            o.size as f64 / seconds
-        } else {
-            0.0
-        },
-        free,
+        let seconds = start.elapsed().as_secs_f64();
+        let bytes_verified = verify(dst.mem()?)?;
+        let mut post_ack = w.late_faults() - faults_before;
+        if let Some(win) = &retired
+            && !poisoned(win)
+        {
+            post_ack += 1;
+        }
+        let copies = 1 + [&src.path, &dst.path]
+            .iter()
+            .filter(|p| p.path == PathKind::Staged)
+            .count() as u32;
+        Ok(FlowReport {
+            flow: flow.clone(),
+            src: src.path.clone(),
+            dst: dst.path.clone(),
+            size: o.size,
+            chunk: o.chunk,
+            copies,
+            posted: t.posted,
+            completed_ok: t.ok,
+            flushed: t.flushed,
+            lost: t.lost(),
+            post_ack_accesses: post_ack,
+            bytes_verified,
+            seconds,
+            bytes_per_sec: if free.is_none() {
+                o.size as f64 / seconds
+            } else {
+                0.0
+            },
+            free,
+        })
+    })();
+    traffic.map_err(|e| P2pError::Traffic {
+        flow: flow.to_string(),
+        tally: t,
+        source: Box::new(e),
     })
 }
 
@@ -810,6 +846,28 @@ mod tests {
         );
         assert_eq!(r.posted, r.completed_ok + r.flushed);
         Ok(())
+    }
+
+    /// A flow that stops on an error still reports what its completions counted: the
+    /// requests posted without one are `lost`, never a fixed 0.
+    #[test]
+    fn a_failed_flow_names_what_it_counted() {
+        let t = Tally {
+            posted: 12,
+            ok: 7,
+            flushed: 2,
+        };
+        assert_eq!(t.lost(), 3);
+        let e = P2pError::Traffic {
+            flow: "gpu0 → gpu1".into(),
+            tally: t,
+            source: Box::new(P2pError::Flow("WRITE 9 completed with RemAccessErr".into())),
+        };
+        let s = e.to_string();
+        assert!(
+            s.contains("12 posted, 7 ok, 2 flushed, lost = 3") && s.contains("RemAccessErr"),
+            "{s}"
+        );
     }
 
     #[test]

@@ -86,6 +86,7 @@ impl SimNetwork {
             mrs: RwLock::new(HashMap::new()),
             qps: RwLock::new(HashMap::new()),
             events: Mutex::new(VecDeque::new()),
+            events_dropped: AtomicU64::new(0),
             engine: engine::Engine::default(),
             engine_cpus: self.engine_cpus.clone(),
             call_latency: Arc::default(),
@@ -99,6 +100,9 @@ impl SimNetwork {
         read(&self.nics).get(gid).and_then(Weak::upgrade)
     }
 }
+
+/// How many asynchronous events a simulated NIC keeps until they are read.
+const EVENT_QUEUE: usize = 4096;
 
 #[derive(Debug)]
 pub(crate) struct NicShared {
@@ -114,6 +118,8 @@ pub(crate) struct NicShared {
     pub(crate) mrs: RwLock<HashMap<u32, Weak<SimMr>>>,
     pub(crate) qps: RwLock<HashMap<u32, Weak<SimQp>>>,
     events: Mutex<VecDeque<AsyncEvent>>,
+    /// Events that found the queue full ([`EVENT_QUEUE`]).
+    events_dropped: AtomicU64,
     pub(crate) engine: engine::Engine,
     engine_cpus: Vec<usize>,
     /// How long every QP modify and MR zap takes, in nanoseconds ([`SimNic::set_call_latency`]).
@@ -132,7 +138,13 @@ impl NicShared {
 
     pub(crate) fn event(&self, kind: &str, qpn: Option<u32>, detail: String) {
         tracing::warn!(nic = %self.name, kind, ?qpn, %detail, "async event");
-        lock(&self.events).push_back(AsyncEvent {
+        let mut q = lock(&self.events);
+        if q.len() >= EVENT_QUEUE {
+            // A NIC's event queue is bounded too: count what did not fit, report it once read.
+            self.events_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        q.push_back(AsyncEvent {
             kind: kind.into(),
             qpn,
             detail,
@@ -224,7 +236,15 @@ impl DeviceBackend for SimNic {
     }
 
     fn poll_async_event(&self) -> Option<AsyncEvent> {
-        lock(&self.shared.events).pop_front()
+        if let Some(e) = lock(&self.shared.events).pop_front() {
+            return Some(e);
+        }
+        let dropped = self.shared.events_dropped.swap(0, Ordering::Relaxed);
+        (dropped > 0).then(|| AsyncEvent {
+            kind: "EVENTS_DROPPED".into(),
+            qpn: None,
+            detail: format!("{dropped} asynchronous event(s) found the queue full ({EVENT_QUEUE})"),
+        })
     }
 
     fn fabric_device(&self) -> Option<DeviceId> {
@@ -283,4 +303,26 @@ fn as_sim(cq: &Arc<dyn CqBackend>, what: &'static str) -> Result<Arc<SimCq>> {
         value: "a CQ of another backend".into(),
         why: "a simulated QP needs simulated CQs",
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dmaplane_core::topology::builtin;
+
+    /// The event queue is bounded: what does not fit is counted and reported once.
+    #[test]
+    fn the_event_queue_is_bounded_and_reports_what_it_dropped() {
+        let fabric = Fabric::with_topology(builtin::testbed());
+        let nic = SimNetwork::new(&fabric).nic("nic0").unwrap();
+        for i in 0..EVENT_QUEUE + 4 {
+            nic.shared.event("QP_FATAL", Some(1), format!("event {i}"));
+        }
+        let got: Vec<AsyncEvent> = std::iter::from_fn(|| nic.poll_async_event()).collect();
+        assert_eq!(got.len(), EVENT_QUEUE + 1);
+        let last = got.last().unwrap();
+        assert_eq!(last.kind, "EVENTS_DROPPED");
+        assert!(last.detail.starts_with("4 asynchronous"), "{}", last.detail);
+        assert!(nic.poll_async_event().is_none());
+    }
 }
