@@ -137,7 +137,7 @@ impl NicShared {
     }
 
     pub(crate) fn event(&self, kind: &str, qpn: Option<u32>, detail: String) {
-        tracing::warn!(nic = %self.name, kind, ?qpn, %detail, "async event");
+        tracing::debug!(nic = %self.name, kind, ?qpn, %detail, "async event");
         let mut q = lock(&self.events);
         if q.len() >= EVENT_QUEUE {
             // A NIC's event queue is bounded too: count what did not fit, report it once read.
