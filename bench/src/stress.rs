@@ -544,6 +544,7 @@ pub fn run_sim(
         kind: ImporterKind::Pinned,
         policy: cfg.policy,
         recover: true,
+        range: None,
     };
     let current: Mutex<Option<Target>> = Mutex::new(None);
     let gpu = match cfg.exporter {

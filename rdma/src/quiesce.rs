@@ -42,7 +42,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use dmaplane_core::{
-    AddrSpace, AttachError, Attachment, Importer, ImporterKind, Invalidation, SpaceKind,
+    AddrList, AddrSpace, AttachError, Attachment, Importer, ImporterKind, Invalidation, SpaceKind,
 };
 use serde::Serialize;
 
@@ -113,6 +113,10 @@ pub struct ImportOptions {
     pub policy: QuiescePolicy,
     /// Bring flushed QPs back to RTS once their completions are reaped.
     pub recover: bool,
+    /// Register only bytes `[offset, offset + len)` of the export (`Some((offset, len))`, both
+    /// multiples of the export's granule), not all of it; the MR's iova is the range's first
+    /// address. A revoke of the export still invalidates it.
+    pub range: Option<(u64, u64)>,
 }
 
 impl Default for ImportOptions {
@@ -122,8 +126,34 @@ impl Default for ImportOptions {
             kind: ImporterKind::Pinned,
             policy: QuiescePolicy::DEFAULT,
             recover: true,
+            range: None,
         }
     }
+}
+
+/// The part of `list` an import registers: all of it, or `range`.
+fn import_list(
+    list: &AddrList,
+    range: Option<(u64, u64)>,
+) -> Result<std::borrow::Cow<'_, AddrList>> {
+    let Some((offset, len)) = range else {
+        return Ok(std::borrow::Cow::Borrowed(list));
+    };
+    let bad = |why: String| RdmaError::InvalidRegistration {
+        field: "range",
+        value: format!("[{offset:#x}, +{len:#x})"),
+        why,
+    };
+    let g = list.granule();
+    if offset % g != 0 || len % g != 0 {
+        return Err(bad(format!(
+            "offset and length must be multiples of the export's granule {g}"
+        )));
+    }
+    let ranges = list.slice(offset, len).map_err(|e| bad(e.to_string()))?;
+    AddrList::new(list.space(), list.hints(), g, ranges)
+        .map(std::borrow::Cow::Owned)
+        .map_err(|e| bad(e.to_string()))
 }
 
 /// How an imported MR came to be.
@@ -891,14 +921,15 @@ impl Pd {
             });
             let att = attach(importer.clone(), &accepts)?;
             let map = att.map()?;
-            let space = map.list.space();
-            let iova = map.list.ranges().first().map_or(0, |r| r.addr);
+            let list = import_list(&map.list, opts.range)?;
+            let space = list.space();
+            let iova = list.ranges().first().map_or(0, |r| r.addr);
             let fd = match space {
                 AddrSpace::DmaBuf { .. } => dmabuf_fd,
                 _ => None,
             };
             let req = MrRequest {
-                list: &map.list,
+                list: &list,
                 iova,
                 access: opts.access,
                 dmabuf_fd: fd,
@@ -957,9 +988,10 @@ impl Mr {
             .as_ref()
             .map(|i| i.opts)
             .unwrap_or_default();
-        let iova = map.list.ranges().first().map_or(0, |r| r.addr);
+        let list = import_list(&map.list, opts.range)?;
+        let iova = list.ranges().first().map_or(0, |r| r.addr);
         let b = pd.backend.reg_mr(&MrRequest {
-            list: &map.list,
+            list: &list,
             iova,
             access: opts.access,
             dmabuf_fd: None,

@@ -708,3 +708,46 @@ fn the_default_stops_at_a_message_boundary_and_keeps_the_connection() {
         "no revoke met a WRITE in flight: the test proved nothing"
     );
 }
+
+/// An import of a sub-range registers only those bytes: offset 0 of the MR is the range's
+/// first byte, the MR is as long as the range, and a bad range is refused naming it.
+#[test]
+fn a_range_import_registers_only_the_range() {
+    let (fabric, a, b, qa, _qb) = setup();
+    let ma = HostMemory::new(&fabric, a.mem, "a", 1 << 20).unwrap();
+    let mb = HostMemory::new(&fabric, b.mem, "b", 1 << 20).unwrap();
+    let ra = import(&a, &ma, ImportOptions::default());
+    let part = ImportOptions {
+        range: Some((64 << 10, 128 << 10)),
+        ..ImportOptions::default()
+    };
+    let rb = import(&b, &mb, part);
+    assert_eq!(rb.len(), 128 << 10);
+    let remote = b.dev.lease(&rb, &a.dev);
+    assert!(ma.write(0, &[0x5a; 4096]));
+    qa.post_send(&[SendWr::write(1, ra.sge(0, 4096), remote.at(4096))])
+        .unwrap();
+    assert_eq!(wait_one(&a.cq).status, WcStatus::Success);
+    let mut got = vec![0u8; 4096];
+    assert!(mb.read((64 << 10) + 4096, &mut got));
+    assert!(got.iter().all(|&x| x == 0x5a));
+    // Past the range's end: refused by the MR's bounds, not written beyond it.
+    let e = qa
+        .post_send(&[SendWr::write(2, ra.sge(0, 4096), remote.at(128 << 10))])
+        .unwrap_err();
+    assert!(e.to_string().contains("is outside MR"), "{e}");
+    for (range, why) in [
+        ((100, 4096), "granule"),
+        ((1 << 20, 4096), "outside the list"),
+    ] {
+        let opts = ImportOptions {
+            range: Some(range),
+            ..ImportOptions::default()
+        };
+        let e =
+            b.pd.import("bad", opts, None, |i, acc| mb.attach(i, b.nic, acc))
+                .unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("range") && s.contains(why), "{s}");
+    }
+}

@@ -213,6 +213,7 @@ mod imp {
             kind: ImporterKind::Pinned,
             policy: cfg.policy,
             recover: true,
+            range: None,
         };
         // Every export so far, by (rkey, address): how the data path finds the memory behind
         // a grant it received over TCP.
