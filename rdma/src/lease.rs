@@ -101,6 +101,14 @@ impl RemoteMr {
     pub fn is_revoked(&self) -> bool {
         self.revoked.load(Ordering::Acquire) != 0
     }
+    /// The epoch the owner revoked, once it did.
+    pub fn revoked_at(&self) -> Option<u64> {
+        self.revoked.load(Ordering::Acquire).checked_sub(1)
+    }
+    /// The owner device's name.
+    pub fn owner_name(&self) -> &str {
+        &self.owner_name
+    }
     /// The remote address `offset` bytes in.
     pub fn at(&self, offset: u64) -> RemoteAddr {
         RemoteAddr {

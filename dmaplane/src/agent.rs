@@ -1,0 +1,660 @@
+//! The [`Agent`]: one per process (or per simulated host). It owns the devices, protection
+//! domains, completion queues and queue pairs, registers memory, connects to peers and moves
+//! data, with a progress thread that reaps completions, drives quiesce, leases and revokes,
+//! and ends stalled transfers — the application never has to poll.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use dmaplane_core::fabric::{DeviceId, HostMemory};
+use dmaplane_rdma::oob::OobListener;
+use dmaplane_rdma::{Cq, Device, Pd};
+
+use crate::cache::{Cache, CacheStats};
+use crate::desc::Desc;
+use crate::error::{Error, Result};
+use crate::event::{Bounded, EVENT_QUEUE, Event};
+use crate::memory::{Backing, Location, Memory, MemoryInner};
+use crate::metadata::{Metadata, NicInfo, RegionInfo, RegionKey, VERSION};
+use crate::notify::{NOTIFY_QUEUE, Notification};
+use crate::peer::{self, Peer, PeerShared};
+use crate::progress::Engine;
+use crate::region::{Entry, Region};
+use crate::sync::lock;
+use crate::testbed::Testbed;
+use crate::transfer::{Op, Transfer};
+
+/// Tunables, with the defaults [`AgentBuilder`] starts from.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Requests longer than this are split (and striped over queue pairs and NICs).
+    pub chunk: u64,
+    /// Queue pairs per (local NIC, peer NIC) pair.
+    pub qps_per_path: usize,
+    /// Send queue depth of each queue pair.
+    pub depth: u32,
+    /// A transfer that sees no completion for this long ends with [`Error::Stalled`].
+    pub stall_timeout: Duration,
+    /// How long connection setup steps wait for the peer.
+    pub setup_timeout: Duration,
+    /// Where the handshake listener binds (`host:port`; port 0 picks one).
+    pub listen: String,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            chunk: 1 << 20,
+            qps_per_path: 2,
+            depth: 128,
+            stall_timeout: Duration::from_secs(10),
+            setup_timeout: Duration::from_secs(30),
+            listen: "127.0.0.1:0".into(),
+        }
+    }
+}
+
+/// Builds an [`Agent`]: `Agent::builder("name")...build()`.
+#[derive(Debug, Clone)]
+pub struct AgentBuilder {
+    name: String,
+    testbed: Option<Arc<Testbed>>,
+    nics: Option<Vec<String>>,
+    cfg: Config,
+}
+
+impl AgentBuilder {
+    /// Run on this simulated testbed (default: the process's shared built-in one).
+    pub fn testbed(mut self, t: Arc<Testbed>) -> Self {
+        self.testbed = Some(t);
+        self
+    }
+
+    /// Use these NICs (default: every NIC of the testbed no other agent uses).
+    pub fn nics<S: AsRef<str>>(mut self, nics: impl IntoIterator<Item = S>) -> Self {
+        self.nics = Some(nics.into_iter().map(|s| s.as_ref().to_string()).collect());
+        self
+    }
+
+    pub fn chunk(mut self, bytes: u64) -> Self {
+        self.cfg.chunk = bytes;
+        self
+    }
+
+    pub fn qps_per_path(mut self, n: usize) -> Self {
+        self.cfg.qps_per_path = n;
+        self
+    }
+
+    pub fn depth(mut self, n: u32) -> Self {
+        self.cfg.depth = n;
+        self
+    }
+
+    pub fn stall_timeout(mut self, t: Duration) -> Self {
+        self.cfg.stall_timeout = t;
+        self
+    }
+
+    pub fn setup_timeout(mut self, t: Duration) -> Self {
+        self.cfg.setup_timeout = t;
+        self
+    }
+
+    /// Bind the handshake listener here (default `127.0.0.1:0`).
+    pub fn listen(mut self, addr: impl Into<String>) -> Self {
+        self.cfg.listen = addr.into();
+        self
+    }
+
+    pub fn build(self) -> Result<Agent> {
+        let name = self.name;
+        if name.is_empty() || name.len() > 255 {
+            return Err(Error::invalid("agent", "name", &name, "1 to 255 bytes"));
+        }
+        let c = &self.cfg;
+        if c.chunk == 0 || c.chunk > u64::from(u32::MAX) {
+            return Err(Error::invalid(
+                format!("agent {name}"),
+                "chunk",
+                c.chunk,
+                "1 byte to 4 GiB - 1",
+            ));
+        }
+        if c.qps_per_path == 0 || c.qps_per_path > 64 {
+            return Err(Error::invalid(
+                format!("agent {name}"),
+                "qps_per_path",
+                c.qps_per_path,
+                "1 to 64",
+            ));
+        }
+        if c.depth == 0 || c.depth > 4096 {
+            return Err(Error::invalid(
+                format!("agent {name}"),
+                "depth",
+                c.depth,
+                "1 to 4096",
+            ));
+        }
+        if c.stall_timeout.is_zero() {
+            return Err(Error::invalid(
+                format!("agent {name}"),
+                "stall_timeout",
+                "0",
+                "must be positive",
+            ));
+        }
+        let testbed = match self.testbed {
+            Some(t) => t,
+            None => Testbed::shared()?,
+        };
+        let sims = testbed.claim(&name, self.nics.as_deref())?;
+        let claimed: Vec<String> = sims.iter().map(|s| s.name().to_string()).collect();
+        let built = (|| -> Result<Agent> {
+            let mut nics = Vec::with_capacity(sims.len());
+            for sim in sims {
+                let nic_name = sim.name().to_string();
+                let id = sim.device_id();
+                let numa = testbed
+                    .topology()
+                    .numa_of(&nic_name)
+                    .map_err(|e| Error::setup(&name, e.to_string()))?;
+                let dev = Device::new(sim);
+                let pd = dev.alloc_pd()?;
+                let cq = dev.create_cq(CQ_DEPTH)?;
+                nics.push(AgentNic {
+                    name: nic_name,
+                    id,
+                    numa,
+                    dev,
+                    pd,
+                    cq,
+                    outstanding: AtomicU32::new(0),
+                });
+            }
+            let listener = OobListener::bind(c.listen.as_str())?;
+            let addr = listener.local_addr();
+            let shared = Arc::new(Shared {
+                name: name.clone(),
+                testbed: testbed.clone(),
+                nics,
+                cfg: self.cfg.clone(),
+                cache: Cache::default(),
+                entries: Mutex::new(HashMap::new()),
+                peers: Mutex::new(Vec::new()),
+                engine: Engine::default(),
+                notifications: Bounded::new(NOTIFY_QUEUE),
+                notified: std::sync::Condvar::new(),
+                notify_lock: Mutex::new(()),
+                events: Bounded::new(EVENT_QUEUE),
+                addr,
+                stop: AtomicBool::new(false),
+                next_region: AtomicU32::new(1),
+                next_memory: AtomicU64::new(1),
+                pending_links: Mutex::new(HashMap::new()),
+            });
+            let accept = peer::spawn_listener(&shared, listener)?;
+            let progress = crate::progress::spawn(&shared)?;
+            Ok(Agent {
+                shared,
+                threads: Arc::new(Threads {
+                    handles: Mutex::new(vec![accept, progress]),
+                    claimed: claimed.clone(),
+                }),
+            })
+        })();
+        if built.is_err() {
+            testbed.release(&claimed);
+        }
+        built
+    }
+}
+
+/// Completion queue depth of each NIC; the engine never has more requests outstanding on one.
+pub(crate) const CQ_DEPTH: u32 = 1 << 16;
+
+/// One NIC the agent uses.
+#[derive(Debug)]
+pub(crate) struct AgentNic {
+    pub(crate) name: String,
+    pub(crate) id: DeviceId,
+    pub(crate) numa: u32,
+    pub(crate) dev: Device,
+    pub(crate) pd: Pd,
+    pub(crate) cq: Cq,
+    /// Requests outstanding on its CQ (bounded by [`CQ_DEPTH`]).
+    pub(crate) outstanding: AtomicU32,
+}
+
+/// What the agent's threads share.
+pub(crate) struct Shared {
+    pub(crate) name: String,
+    pub(crate) testbed: Arc<Testbed>,
+    pub(crate) nics: Vec<AgentNic>,
+    pub(crate) cfg: Config,
+    pub(crate) cache: Cache,
+    /// Registration id → entry (while any handle or the cache holds it).
+    pub(crate) entries: Mutex<HashMap<u32, Weak<Entry>>>,
+    pub(crate) peers: Mutex<Vec<Arc<PeerShared>>>,
+    pub(crate) engine: Engine,
+    pub(crate) notifications: Bounded<Notification>,
+    pub(crate) notified: std::sync::Condvar,
+    pub(crate) notify_lock: Mutex<()>,
+    pub(crate) events: Bounded<Event>,
+    pub(crate) addr: SocketAddr,
+    pub(crate) stop: AtomicBool,
+    next_region: AtomicU32,
+    next_memory: AtomicU64,
+    /// Lease-link connections that arrived for a handshake under way: (nonce, path) → conn.
+    pub(crate) pending_links: Mutex<HashMap<(u64, usize), dmaplane_rdma::oob::Oob>>,
+}
+
+impl Shared {
+    pub(crate) fn event(&self, e: Event) {
+        tracing::debug!(agent = %self.name, event = ?e, "event");
+        self.events.push(e);
+    }
+
+    pub(crate) fn entry(&self, id: u32) -> Option<Arc<Entry>> {
+        lock(&self.entries).get(&id).and_then(Weak::upgrade)
+    }
+
+    /// This agent's metadata: every live registration.
+    pub(crate) fn metadata(&self) -> Metadata {
+        let mut entries: Vec<Arc<Entry>> = lock(&self.entries)
+            .values()
+            .filter_map(Weak::upgrade)
+            .filter(|e| e.revoked_at().is_none())
+            .collect();
+        entries.sort_by_key(|e| e.id);
+        Metadata {
+            version: VERSION,
+            agent: self.name.clone(),
+            handshake: self.addr.to_string(),
+            backend: "sim".into(),
+            nics: self
+                .nics
+                .iter()
+                .map(|n| NicInfo {
+                    name: n.name.clone(),
+                    gid: n.dev.gid(),
+                    numa: n.numa,
+                })
+                .collect(),
+            regions: entries.iter().map(|e| self.region_info(e)).collect(),
+        }
+    }
+
+    pub(crate) fn region_info(&self, e: &Entry) -> RegionInfo {
+        RegionInfo {
+            id: e.id,
+            name: e.memory.name().to_string(),
+            len: e.len,
+            location: e.memory.location().clone(),
+            epoch: e.epoch,
+            keys: e
+                .mrs
+                .iter()
+                .zip(&self.nics)
+                .filter_map(|(mr, nic)| {
+                    mr.as_ref().map(|mr| RegionKey {
+                        nic: nic.name.clone(),
+                        rkey: mr.rkey(),
+                        addr: mr.iova(),
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
+struct Threads {
+    handles: Mutex<Vec<JoinHandle<()>>>,
+    claimed: Vec<String>,
+}
+
+/// Counters of an agent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct AgentStats {
+    pub cache: CacheStats,
+    pub transfers_started: u64,
+    pub transfers_done: u64,
+    pub transfers_failed: u64,
+    pub requests_posted: u64,
+    pub bytes_moved: u64,
+    pub notifications_sent: u64,
+    pub notifications_received: u64,
+}
+
+/// One agent. Cheap to clone (all clones are the same agent); dropping the last clone stops its
+/// threads, closes its peers and releases its NICs.
+#[derive(Clone)]
+pub struct Agent {
+    pub(crate) shared: Arc<Shared>,
+    threads: Arc<Threads>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("name", &self.shared.name)
+            .field("nics", &self.nics())
+            .field("handshake", &self.shared.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    /// Start building an agent called `name` (how peers name it).
+    pub fn builder(name: impl Into<String>) -> AgentBuilder {
+        AgentBuilder {
+            name: name.into(),
+            testbed: None,
+            nics: None,
+            cfg: Config::default(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The NICs this agent uses.
+    pub fn nics(&self) -> Vec<String> {
+        self.shared.nics.iter().map(|n| n.name.clone()).collect()
+    }
+
+    pub fn testbed(&self) -> &Arc<Testbed> {
+        &self.shared.testbed
+    }
+
+    /// Where the handshake listener accepts peers.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.shared.addr
+    }
+
+    /// `len` bytes of host memory on the NUMA node of the agent's first NIC.
+    pub fn alloc_host(&self, name: &str, len: u64) -> Result<Memory> {
+        let numa = self.shared.nics.first().map_or(0, |n| n.numa);
+        let topo = self.shared.testbed.topology();
+        let dev = topo
+            .host_memory_for_numa(numa)
+            .or_else(|| {
+                topo.devices_of_kind(dmaplane_core::topology::DeviceKind::HostMemory)
+                    .next()
+            })
+            .ok_or_else(|| Error::setup(&self.shared.name, "the testbed has no host memory"))?
+            .id
+            .clone();
+        self.alloc_host_on(name, &dev, len)
+    }
+
+    /// `len` bytes of host memory on the host-memory device `device` (e.g. `mem1`).
+    pub fn alloc_host_on(&self, name: &str, device: &str, len: u64) -> Result<Memory> {
+        check_alloc(name, len)?;
+        let id = self.shared.testbed.device(device)?;
+        let host = HostMemory::new(self.shared.testbed.fabric(), id, name, len).map_err(|e| {
+            Error::invalid(
+                format!("host memory {name}"),
+                "device",
+                device,
+                e.to_string(),
+            )
+        })?;
+        Ok(self.memory(
+            name,
+            len,
+            Location::Host(device.into()),
+            Backing::Host(host),
+        ))
+    }
+
+    /// `len` bytes of device memory on `gpu` (e.g. `gpu0`).
+    pub fn alloc_gpu(&self, name: &str, gpu: &str, len: u64) -> Result<Memory> {
+        check_alloc(name, len)?;
+        let g = self.shared.testbed.gpu(gpu)?;
+        let mem = g.alloc(name, len)?;
+        Ok(self.memory(name, len, Location::Gpu(gpu.into()), Backing::Gpu(mem)))
+    }
+
+    fn memory(&self, name: &str, len: u64, location: Location, b: Backing) -> Memory {
+        Memory {
+            inner: Arc::new(MemoryInner {
+                id: self.shared.next_memory.fetch_add(1, Ordering::Relaxed),
+                name: name.to_string(),
+                len,
+                location,
+                backing: Mutex::new(Some(b)),
+                agent: Arc::downgrade(&self.shared),
+            }),
+        }
+    }
+
+    /// Register all of `memory` on every NIC of the agent that reaches it.
+    pub fn register(&self, memory: &Memory) -> Result<Region> {
+        self.register_range(memory, 0, memory.len())
+    }
+
+    /// Register `[offset, offset + len)` of `memory`. A range inside an earlier registration
+    /// of the same memory costs a cache lookup, not a registration.
+    pub fn register_range(&self, memory: &Memory, offset: u64, len: u64) -> Result<Region> {
+        let s = &self.shared;
+        if memory.inner.agent.as_ptr() != Arc::as_ptr(s) {
+            return Err(Error::invalid(
+                format!("agent {}", s.name),
+                "memory",
+                memory.name(),
+                "allocated by another agent",
+            ));
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= memory.len() && len > 0 => {}
+            _ => {
+                return Err(Error::invalid(
+                    format!("registration of {}", memory.name()),
+                    "range",
+                    format!("[{offset:#x}, +{len:#x})"),
+                    format!("outside the memory's {} bytes (or empty)", memory.len()),
+                ));
+            }
+        }
+        if memory.is_freed() {
+            return Err(Error::invalid(
+                format!("registration of {}", memory.name()),
+                "memory",
+                memory.name(),
+                "it was freed",
+            ));
+        }
+        if let Some(e) = s.cache.lookup(memory.id(), offset, len) {
+            let at = offset - e.base;
+            return Ok(Region {
+                entry: e,
+                offset: at,
+                len,
+            });
+        }
+        // A miss registers the range rounded out to whole pages (what MRs take).
+        let g = dmaplane_core::fabric::FABRIC_GRANULE;
+        let base = offset / g * g;
+        let end = (offset + len).div_ceil(g) * g;
+        let end = end.min(memory.len().div_ceil(g) * g);
+        let id = s.next_region.fetch_add(1, Ordering::Relaxed);
+        let entry = Arc::new(Entry::register(
+            s,
+            id,
+            memory,
+            base,
+            (end - base).min(memory.len() - base),
+        )?);
+        lock(&s.entries).insert(id, Arc::downgrade(&entry));
+        s.cache.insert(
+            memory.id(),
+            entry.clone(),
+            entry.mrs.iter().flatten().count(),
+        );
+        // Peers connected already learn of it now.
+        let info = s.region_info(&entry);
+        for p in lock(&s.peers).iter() {
+            p.announce(&entry, &info);
+        }
+        Ok(Region {
+            entry,
+            offset: offset - base,
+            len,
+        })
+    }
+
+    /// This agent's metadata (handshake address, NICs, live registrations).
+    pub fn metadata(&self) -> Metadata {
+        self.shared.metadata()
+    }
+
+    /// [`Agent::metadata`] as a blob for [`Agent::connect`].
+    pub fn metadata_blob(&self) -> Result<Vec<u8>> {
+        self.shared.metadata().to_blob()
+    }
+
+    /// Connect to the agent a metadata blob describes (its handshake listener).
+    pub fn connect(&self, blob: &[u8]) -> Result<Peer> {
+        let meta = Metadata::from_blob(blob)?;
+        peer::connect(&self.shared, &meta.handshake)
+    }
+
+    /// Connect to the agent listening at `addr`.
+    pub fn connect_to(&self, addr: &str) -> Result<Peer> {
+        peer::connect(&self.shared, addr)
+    }
+
+    /// Peers connected to this agent (those it connected to and those that connected to it).
+    pub fn peers(&self) -> Vec<Peer> {
+        lock(&self.shared.peers)
+            .iter()
+            .map(|p| Peer { shared: p.clone() })
+            .collect()
+    }
+
+    /// The connected peer called `name`.
+    pub fn peer(&self, name: &str) -> Option<Peer> {
+        lock(&self.shared.peers)
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| Peer { shared: p.clone() })
+    }
+
+    /// WRITE `local` into the peer's `remote`, pairwise (equal lengths), in one batch. With a
+    /// notification, the peer receives it after every byte has landed.
+    pub fn write(
+        &self,
+        peer: &Peer,
+        local: &[Desc],
+        remote: &[Desc],
+        notify: Option<&[u8]>,
+    ) -> Result<Transfer> {
+        crate::transfer::start(&self.shared, &peer.shared, Op::Write, local, remote, notify)
+    }
+
+    /// READ the peer's `remote` into `local`, pairwise, in one batch.
+    pub fn read(&self, peer: &Peer, local: &[Desc], remote: &[Desc]) -> Result<Transfer> {
+        crate::transfer::start(&self.shared, &peer.shared, Op::Read, local, remote, None)
+    }
+
+    /// Notifications received so far (and taken from the queue).
+    pub fn notifications(&self) -> Vec<Notification> {
+        let (v, dropped) = self.shared.notifications.drain();
+        if dropped > 0 {
+            self.shared.event(Event::Dropped {
+                what: "notifications".into(),
+                count: dropped,
+            });
+        }
+        v
+    }
+
+    /// Wait up to `timeout` for the next notification.
+    pub fn next_notification(&self, timeout: Duration) -> Option<Notification> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut g = lock(&self.shared.notify_lock);
+        loop {
+            if let Some(n) = self.shared.notifications.pop() {
+                return Some(n);
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            g = self
+                .shared
+                .notified
+                .wait_timeout(g, left.min(Duration::from_millis(50)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Events since the last call (frees, lost peers, drops).
+    pub fn events(&self) -> Vec<Event> {
+        let (mut v, dropped) = self.shared.events.drain();
+        if dropped > 0 {
+            v.push(Event::Dropped {
+                what: "events".into(),
+                count: dropped,
+            });
+        }
+        v
+    }
+
+    pub fn stats(&self) -> AgentStats {
+        let mut s = self.shared.engine.stats();
+        s.cache = self.shared.cache.stats();
+        s
+    }
+
+    /// Registrations the cache holds for `memory` (0 once it is freed).
+    pub fn cached_registrations(&self, memory: &Memory) -> usize {
+        self.shared.cache.entries_of(memory.id())
+    }
+}
+
+fn check_alloc(name: &str, len: u64) -> Result<()> {
+    if len == 0 {
+        return Err(Error::invalid(
+            format!("memory {name}"),
+            "len",
+            0,
+            "must be positive",
+        ));
+    }
+    Ok(())
+}
+
+impl Drop for Threads {
+    fn drop(&mut self) {
+        // The last Agent clone went; Shared may live on in the threads until they see stop.
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if Arc::strong_count(&self.threads) > 1 {
+            return;
+        }
+        let s = &self.shared;
+        s.stop.store(true, Ordering::Release);
+        s.engine.wake();
+        for p in lock(&s.peers).drain(..) {
+            p.close("the agent was dropped");
+        }
+        for h in lock(&self.threads.handles).drain(..) {
+            if h.join().is_err() {
+                tracing::error!(agent = %s.name, "an agent thread panicked");
+            }
+        }
+        s.testbed.release(&self.threads.claimed);
+    }
+}

@@ -1,0 +1,131 @@
+//! The registration cache: registrations by (memory, range), range-aware and refcounted.
+//!
+//! Registering a range that an existing registration of the same memory covers costs a lookup
+//! and hands out a view of it; only a range nothing covers is registered (on every NIC). An
+//! entry whose memory was revoked is never handed out again, and freeing a memory drops all of
+//! its entries at once, so the cache never keeps freed memory pinned. Entries live until then:
+//! a handle dropped and taken again is a hit.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::region::Entry;
+use crate::sync::lock;
+
+/// Cache counters, in [`crate::AgentStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    /// Bytes registered by misses (on each NIC that serves them).
+    pub bytes_registered: u64,
+    /// Entries held now.
+    pub entries: u64,
+    /// Entries dropped because their memory was revoked or freed.
+    pub invalidated: u64,
+}
+
+/// One memory's registrations: base → the entries starting there.
+type Entries = BTreeMap<u64, Vec<Arc<Entry>>>;
+
+#[derive(Default)]
+pub(crate) struct Cache {
+    /// memory id → its registrations.
+    by_memory: Mutex<HashMap<u64, Entries>>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    bytes: AtomicU64,
+    invalidated: AtomicU64,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl Cache {
+    /// An entry of `memory` covering `[offset, offset + len)`, counted as a hit; revoked
+    /// entries met on the way are dropped.
+    pub(crate) fn lookup(&self, memory: u64, offset: u64, len: u64) -> Option<Arc<Entry>> {
+        let mut all = lock(&self.by_memory);
+        let tree = all.get_mut(&memory)?;
+        let mut stale = Vec::new();
+        let mut found = None;
+        // Entries starting at or before `offset`, nearest first: the nearest that is long
+        // enough covers the range.
+        'outer: for (&base, entries) in tree.range(..=offset).rev() {
+            for e in entries {
+                if e.revoked_at().is_some() {
+                    stale.push(base);
+                    continue;
+                }
+                if e.covers(offset, len) {
+                    found = Some(e.clone());
+                    break 'outer;
+                }
+            }
+        }
+        for base in stale {
+            if let Some(v) = tree.get_mut(&base) {
+                let before = v.len();
+                v.retain(|e| e.revoked_at().is_none());
+                self.invalidated
+                    .fetch_add((before - v.len()) as u64, Ordering::Relaxed);
+                if v.is_empty() {
+                    tree.remove(&base);
+                }
+            }
+        }
+        if found.is_some() {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        found
+    }
+
+    /// Record a new registration (a miss).
+    pub(crate) fn insert(&self, memory: u64, entry: Arc<Entry>, nics: usize) {
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        self.bytes
+            .fetch_add(entry.len * nics as u64, Ordering::Relaxed);
+        lock(&self.by_memory)
+            .entry(memory)
+            .or_default()
+            .entry(entry.base)
+            .or_default()
+            .push(entry);
+    }
+
+    /// Every entry of a memory that is being freed goes.
+    pub(crate) fn forget_memory(&self, memory: u64) {
+        if let Some(tree) = lock(&self.by_memory).remove(&memory) {
+            let n: usize = tree.values().map(Vec::len).sum();
+            self.invalidated.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Entries held for `memory` now.
+    pub(crate) fn entries_of(&self, memory: u64) -> usize {
+        lock(&self.by_memory)
+            .get(&memory)
+            .map_or(0, |t| t.values().map(Vec::len).sum())
+    }
+
+    pub(crate) fn stats(&self) -> CacheStats {
+        let entries: usize = lock(&self.by_memory)
+            .values()
+            .flat_map(|t| t.values())
+            .map(Vec::len)
+            .sum();
+        CacheStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            bytes_registered: self.bytes.load(Ordering::Relaxed),
+            entries: entries as u64,
+            invalidated: self.invalidated.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! What happened to an agent that the application did not ask about directly: memory freed
+//! (revoked) under it, peers lost, notifications that found the queue full.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use crate::sync::lock;
+
+/// Events kept until read ([`crate::Agent::events`]); older ones give way and are counted.
+pub const EVENT_QUEUE: usize = 4096;
+
+/// One event.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case", tag = "event")]
+pub enum Event {
+    /// A memory of this agent was freed: every importer quiesced first.
+    Freed {
+        memory: String,
+        epoch: u64,
+        elapsed_us: u64,
+    },
+    /// A peer's control connection ended.
+    PeerLost { peer: String, why: String },
+    /// Events or notifications that did not fit their queues.
+    Dropped { what: String, count: u64 },
+}
+
+/// A bounded queue that counts what it had to drop.
+#[derive(Debug)]
+pub(crate) struct Bounded<T> {
+    q: Mutex<(VecDeque<T>, u64)>,
+    cap: usize,
+}
+
+impl<T> Bounded<T> {
+    pub(crate) fn new(cap: usize) -> Bounded<T> {
+        Bounded {
+            q: Mutex::new((VecDeque::new(), 0)),
+            cap,
+        }
+    }
+
+    /// Append; when full the oldest goes. Returns whether one was dropped.
+    pub(crate) fn push(&self, v: T) -> bool {
+        let mut g = lock(&self.q);
+        let dropped = g.0.len() >= self.cap;
+        if dropped {
+            g.0.pop_front();
+            g.1 += 1;
+        }
+        g.0.push_back(v);
+        dropped
+    }
+
+    /// Everything queued, and how many were dropped since the last drain.
+    pub(crate) fn drain(&self) -> (Vec<T>, u64) {
+        let mut g = lock(&self.q);
+        let dropped = std::mem::take(&mut g.1);
+        (g.0.drain(..).collect(), dropped)
+    }
+
+    pub(crate) fn pop(&self) -> Option<T> {
+        lock(&self.q).0.pop_front()
+    }
+}

@@ -1,0 +1,59 @@
+//! # dmaplane — the application library
+//!
+//! Register memory, connect to a peer, move data, get told when it landed — with revoke
+//! honoured: memory freed or moved under a transfer ends it with a typed error, nothing lost,
+//! nothing written after the exporter's ack.
+//!
+//! ```
+//! use std::time::Duration;
+//! use dmaplane::{Agent, Testbed};
+//! # fn main() -> dmaplane::Result<()> {
+//! let testbed = Testbed::builtin()?;
+//! let a = Agent::builder("a").testbed(testbed.clone()).nics(["nic0"]).build()?;
+//! let b = Agent::builder("b").testbed(testbed).nics(["nic1"]).build()?;
+//! let src = a.alloc_host("src", 1 << 20)?;
+//! let dst = b.alloc_host("dst", 1 << 20)?;
+//! src.write(0, &[7u8; 4096])?;
+//! let (ra, rb) = (a.register(&src)?, b.register(&dst)?);
+//! let peer = a.connect(&b.metadata_blob()?)?;
+//! let t = a.write(&peer, &[ra.all()], &[peer.desc(rb.id(), 0, 1 << 20)?], Some(b"done"))?;
+//! t.wait(Duration::from_secs(10))?;
+//! let note = b.next_notification(Duration::from_secs(5)).expect("notified");
+//! assert_eq!(note.bytes, b"done");
+//! let mut got = [0u8; 4096];
+//! dst.read(0, &mut got)?;
+//! assert_eq!(got, [7u8; 4096]);
+//! # Ok(()) }
+//! ```
+//!
+//! The layers: [`Agent`] (devices, queue pairs, progress) → [`Memory`] and [`Region`]
+//! (registrations, cached) → [`Peer`] (handshake over TCP, leases) → [`Transfer`]
+//! (descriptors, chunks, striping, status) → [`Notification`] and [`Event`].
+
+pub mod agent;
+pub mod cache;
+pub mod desc;
+pub mod error;
+pub mod event;
+pub mod memory;
+pub mod metadata;
+pub mod notify;
+pub mod peer;
+mod progress;
+pub mod region;
+mod sync;
+pub mod testbed;
+pub mod transfer;
+
+pub use agent::{Agent, AgentBuilder, AgentStats, Config};
+pub use cache::CacheStats;
+pub use desc::Desc;
+pub use error::{Error, Result, Side};
+pub use event::Event;
+pub use memory::{Location, Memory};
+pub use metadata::{Metadata, RegionInfo};
+pub use notify::Notification;
+pub use peer::Peer;
+pub use region::{NicPath, Region};
+pub use testbed::Testbed;
+pub use transfer::{Status, Transfer};

@@ -1,0 +1,204 @@
+//! Memory the agent allocates for the application: host memory near its NICs, or GPU memory.
+//! It is an exporter: registering it attaches the agent's NICs, and [`Memory::free`] revokes
+//! every one of them (queue pairs stopped, translations zapped, remote leases withdrawn) before
+//! the memory is given back — nothing is freed under a NIC.
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use dmaplane_core::fabric::HostMemory;
+use dmaplane_core::{Exporter, RevokeReport};
+use dmaplane_gpu::DeviceMemory;
+
+use crate::agent::Shared;
+use crate::error::{Error, Result};
+use crate::sync::lock;
+
+/// Where a [`Memory`] lives.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind", content = "device")]
+pub enum Location {
+    /// Host memory on this host-memory device (a NUMA node's).
+    Host(String),
+    /// Device memory of this GPU.
+    Gpu(String),
+}
+
+impl Location {
+    /// The topology device the memory belongs to.
+    pub fn device(&self) -> &str {
+        match self {
+            Location::Host(d) | Location::Gpu(d) => d,
+        }
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Host(d) => write!(f, "host memory on {d}"),
+            Location::Gpu(d) => write!(f, "GPU memory on {d}"),
+        }
+    }
+}
+
+pub(crate) enum Backing {
+    Host(HostMemory),
+    Gpu(DeviceMemory),
+}
+
+pub(crate) struct MemoryInner {
+    pub(crate) id: u64,
+    pub(crate) name: String,
+    pub(crate) len: u64,
+    pub(crate) location: Location,
+    /// `None` once freed.
+    pub(crate) backing: Mutex<Option<Backing>>,
+    pub(crate) agent: Weak<Shared>,
+}
+
+/// An allocation of host or GPU memory owned by an agent. Cheap to clone; the memory is given
+/// back by [`Memory::free`] (or when the last clone and every registration of it are dropped).
+#[derive(Clone)]
+pub struct Memory {
+    pub(crate) inner: Arc<MemoryInner>,
+}
+
+impl std::fmt::Debug for Memory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Memory")
+            .field("name", &self.inner.name)
+            .field("len", &self.inner.len)
+            .field("location", &self.inner.location)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Memory {
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    pub fn len(&self) -> u64 {
+        self.inner.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.len == 0
+    }
+
+    pub fn location(&self) -> &Location {
+        &self.inner.location
+    }
+
+    /// Whether [`Memory::free`] ran.
+    pub fn is_freed(&self) -> bool {
+        lock(&self.inner.backing).is_none()
+    }
+
+    fn check(&self, field: &'static str, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.inner.len => Ok(()),
+            _ => Err(Error::invalid(
+                format!("memory {}", self.inner.name),
+                field,
+                format!("[{offset:#x}, +{len:#x})"),
+                format!("outside its {} bytes", self.inner.len),
+            )),
+        }
+    }
+
+    fn freed(&self) -> Error {
+        Error::invalid(
+            format!("memory {}", self.inner.name),
+            "memory",
+            &self.inner.name,
+            "it was freed",
+        )
+    }
+
+    /// Write `data` at `offset` from the CPU.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check("offset", offset, data.len() as u64)?;
+        match &*lock(&self.inner.backing) {
+            Some(Backing::Host(h)) => h
+                .write(offset, data)
+                .then_some(())
+                .ok_or_else(|| self.freed()),
+            Some(Backing::Gpu(g)) => Ok(g.write(offset, data)?),
+            None => Err(self.freed()),
+        }
+    }
+
+    /// Read `buf.len()` bytes at `offset` from the CPU.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check("offset", offset, buf.len() as u64)?;
+        match &*lock(&self.inner.backing) {
+            Some(Backing::Host(h)) => h
+                .read(offset, buf)
+                .then_some(())
+                .ok_or_else(|| self.freed()),
+            Some(Backing::Gpu(g)) => Ok(g.read(offset, buf)?),
+            None => Err(self.freed()),
+        }
+    }
+
+    /// Give the memory back: revoke every importer first (this agent's NICs quiesce and zap,
+    /// peers holding leases on it stop and acknowledge), drop every cached registration of it,
+    /// then free. Transfers that touch it end with [`Error::Revoked`]. Returns the revoke's
+    /// ack; an error names the importers that missed `deadline`.
+    pub fn free(&self, deadline: Duration) -> Result<RevokeReport> {
+        let Some(backing) = lock(&self.inner.backing).take() else {
+            return Err(self.freed());
+        };
+        let report = match backing {
+            Backing::Host(h) => {
+                let r = h.revoke(deadline);
+                drop(h);
+                r
+            }
+            Backing::Gpu(g) => match g.free(deadline) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.forget();
+                    return Err(e.into());
+                }
+            },
+        };
+        self.forget();
+        if let Some(a) = self.inner.agent.upgrade() {
+            a.event(crate::event::Event::Freed {
+                memory: self.inner.name.clone(),
+                epoch: report.epoch,
+                elapsed_us: report.elapsed_us,
+            });
+        }
+        if report.is_clean() {
+            Ok(report)
+        } else {
+            Err(Error::setup(
+                &self.inner.name,
+                format!("free: importers missed the deadline: {report}"),
+            ))
+        }
+    }
+
+    /// Drop this memory's registrations from the agent's cache.
+    fn forget(&self) {
+        if let Some(a) = self.inner.agent.upgrade() {
+            a.cache.forget_memory(self.inner.id);
+        }
+    }
+
+    /// The backing export, for registration (`None` once freed).
+    pub(crate) fn with_backing<T>(&self, f: impl FnOnce(&Backing) -> Result<T>) -> Result<T> {
+        match &*lock(&self.inner.backing) {
+            Some(b) => f(b),
+            None => Err(self.freed()),
+        }
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.inner.id
+    }
+}

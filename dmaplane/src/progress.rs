@@ -1,0 +1,412 @@
+//! The progress engine and its thread: posts requests as queue pairs have room, reaps every
+//! NIC's completions, ends transfers (done, failed, stalled, peer lost) and sends their
+//! notifications. The application never polls: a revoke's flush is reaped here, so quiesce and
+//! leases complete on their own.
+//!
+//! Every posted request gets exactly one completion before its transfer lets go of the
+//! registrations it uses; a transfer reported stalled or lost keeps them until then.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use dmaplane_rdma::{Completion, RdmaError, SendWr, WcStatus};
+
+use crate::agent::{AgentStats, CQ_DEPTH, Shared};
+use crate::error::{Error, Result, Side};
+use crate::sync::lock;
+use crate::transfer::{Op, Status, TransferState};
+
+/// Polls of an idle engine before the thread sleeps.
+const SPIN: u32 = 200;
+/// Sleep of an idle engine with transfers under way, and with none.
+const NAP_BUSY: Duration = Duration::from_micros(100);
+const NAP_IDLE: Duration = Duration::from_millis(20);
+
+struct Active {
+    t: Arc<TransferState>,
+    /// Chunk indices not posted yet, in order.
+    pending: VecDeque<u32>,
+    outstanding: u64,
+    done: u64,
+    error: Option<Error>,
+    last: Instant,
+    reported: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    active: HashMap<u64, Active>,
+    /// Transfers with chunks to post.
+    queue: VecDeque<u64>,
+    /// wr_id → (transfer, chunk).
+    inflight: HashMap<u64, (u64, u32)>,
+    next_wr: u64,
+    wake: bool,
+}
+
+#[derive(Default)]
+pub(crate) struct Engine {
+    inner: Mutex<Inner>,
+    cv: Condvar,
+    next_id: AtomicU64,
+    started: AtomicU64,
+    done: AtomicU64,
+    failed: AtomicU64,
+    posted: AtomicU64,
+    bytes: AtomicU64,
+    notes_sent: AtomicU64,
+    notes_received: AtomicU64,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub(crate) fn stats(&self) -> AgentStats {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        AgentStats {
+            transfers_started: g(&self.started),
+            transfers_done: g(&self.done),
+            transfers_failed: g(&self.failed),
+            requests_posted: g(&self.posted),
+            bytes_moved: g(&self.bytes),
+            notifications_sent: g(&self.notes_sent),
+            notifications_received: g(&self.notes_received),
+            ..AgentStats::default()
+        }
+    }
+
+    pub(crate) fn count_notification_received(&self) {
+        self.notes_received.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn wake(&self) {
+        lock(&self.inner).wake = true;
+        self.cv.notify_all();
+    }
+
+    /// Take a new transfer and post what fits at once, from the caller's thread.
+    pub(crate) fn submit(&self, s: &Shared, t: Arc<TransferState>) {
+        self.started.fetch_add(1, Ordering::Relaxed);
+        let mut g = lock(&self.inner);
+        let id = t.id;
+        let n = t.chunks.len() as u32;
+        g.active.insert(
+            id,
+            Active {
+                t,
+                pending: (0..n).collect(),
+                outstanding: 0,
+                done: 0,
+                error: None,
+                last: Instant::now(),
+                reported: false,
+            },
+        );
+        g.queue.push_back(id);
+        self.post(s, &mut g);
+        g.wake = true;
+        drop(g);
+        self.cv.notify_all();
+    }
+
+    /// One round: reap, post, end. Returns whether anything happened.
+    pub(crate) fn step(&self, s: &Shared, wcs: &mut Vec<Completion>) -> bool {
+        let mut g = lock(&self.inner);
+        let mut did = false;
+        for nic in &s.nics {
+            wcs.clear();
+            match nic.cq.poll(wcs, 256) {
+                Ok(0) => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(agent = %s.name, nic = %nic.name, error = %e, "polling the completion queue");
+                    continue;
+                }
+            }
+            did = true;
+            for wc in wcs.iter() {
+                self.complete(s, &mut g, wc);
+            }
+        }
+        did |= self.post(s, &mut g);
+        did |= self.settle(&mut g, s);
+        did
+    }
+
+    fn complete(&self, s: &Shared, g: &mut Inner, wc: &Completion) {
+        let Some((tid, ci)) = g.inflight.remove(&wc.wr_id) else {
+            tracing::warn!(agent = %s.name, wr_id = wc.wr_id, "completion for no request of ours");
+            return;
+        };
+        let Some(a) = g.active.get_mut(&tid) else {
+            return;
+        };
+        let chunk = &a.t.chunks[ci as usize];
+        chunk.lane.outstanding.fetch_sub(1, Ordering::Relaxed);
+        s.nics[chunk.lane.nic]
+            .outstanding
+            .fetch_sub(1, Ordering::Relaxed);
+        a.outstanding -= 1;
+        a.last = Instant::now();
+        if wc.status == WcStatus::Success {
+            a.done += 1;
+            a.t.progress(a.done);
+        } else if a.error.is_none() {
+            a.error = Some(a.t.classify(chunk, &format!("{:?}", wc.status)));
+        }
+    }
+
+    /// Post what the queue pairs have room for. Returns whether anything was posted.
+    fn post(&self, s: &Shared, g: &mut Inner) -> bool {
+        let mut posted_any = false;
+        let mut requeue = VecDeque::new();
+        while let Some(tid) = g.queue.pop_front() {
+            let Some(a) = g.active.get_mut(&tid) else {
+                continue;
+            };
+            if a.error.is_some() || a.t.peer.lost().is_some() {
+                a.pending.clear();
+                continue;
+            }
+            // Batches per lane, in chunk order.
+            let mut batches: Vec<(usize, Vec<u32>)> = Vec::new();
+            let mut blocked = VecDeque::new();
+            while let Some(ci) = a.pending.pop_front() {
+                let c = &a.t.chunks[ci as usize];
+                let lane_key = Arc::as_ptr(&c.lane) as usize;
+                let queued = batches
+                    .iter()
+                    .find(|b| b.0 == lane_key)
+                    .map_or(0, |b| b.1.len()) as u32;
+                let nic = &s.nics[c.lane.nic];
+                let room = c.lane.outstanding.load(Ordering::Relaxed) + queued < s.cfg.depth
+                    && nic.outstanding.load(Ordering::Relaxed) + queued < CQ_DEPTH;
+                if !room {
+                    blocked.push_back(ci);
+                    if blocked.len() > 64 {
+                        break;
+                    }
+                    continue;
+                }
+                match batches.iter_mut().find(|b| b.0 == lane_key) {
+                    Some(b) => b.1.push(ci),
+                    None => batches.push((lane_key, vec![ci])),
+                }
+            }
+            // What could not go now goes first next time.
+            while let Some(ci) = blocked.pop_back() {
+                a.pending.push_front(ci);
+            }
+            for (_, idx) in batches {
+                let lane = a.t.chunks[idx[0] as usize].lane.clone();
+                let wrs: Vec<SendWr> = idx
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &ci)| {
+                        let c = &a.t.chunks[ci as usize];
+                        let wr_id = g.next_wr + k as u64;
+                        match a.t.op {
+                            Op::Write => SendWr::write(wr_id, c.sge, c.remote),
+                            Op::Read => SendWr::read(wr_id, c.sge, c.remote),
+                        }
+                    })
+                    .collect();
+                let r = lane.qp.post_send(&wrs);
+                let taken = match &r {
+                    Ok(()) => wrs.len(),
+                    Err(e) => e.posted_prefix().min(wrs.len()),
+                };
+                for (k, &ci) in idx[..taken].iter().enumerate() {
+                    g.inflight.insert(g.next_wr + k as u64, (tid, ci));
+                }
+                g.next_wr += wrs.len() as u64;
+                lane.outstanding.fetch_add(taken as u32, Ordering::Relaxed);
+                s.nics[lane.nic]
+                    .outstanding
+                    .fetch_add(taken as u32, Ordering::Relaxed);
+                a.outstanding += taken as u64;
+                self.posted.fetch_add(taken as u64, Ordering::Relaxed);
+                posted_any |= taken > 0;
+                if let Err(e) = r {
+                    let source = match &e {
+                        RdmaError::PartlyPosted { source, .. } => (**source).clone(),
+                        other => other.clone(),
+                    };
+                    match source {
+                        // A QP on its way back to RTS after a flush, or full: try again.
+                        RdmaError::WrongState { .. } | RdmaError::QueueFull { .. } => {
+                            for &ci in idx[taken..].iter().rev() {
+                                a.pending.push_front(ci);
+                            }
+                        }
+                        RdmaError::Revoked { epoch, what, .. } => {
+                            let c = &a.t.chunks[idx[taken] as usize];
+                            let local = &a.t.entries[c.local_entry];
+                            a.error = Some(if local.revoked_at().is_some() {
+                                Error::Revoked {
+                                    side: Side::Local,
+                                    region: local.id,
+                                    name: local.memory.name().to_string(),
+                                    epoch,
+                                    why: format!("posting refused: {what}"),
+                                }
+                            } else {
+                                a.t.classify(c, "a refused post")
+                            });
+                            a.pending.clear();
+                        }
+                        other => {
+                            a.error = Some(Error::Failed {
+                                transfer: tid,
+                                peer: a.t.peer.name.clone(),
+                                chunk: u64::from(idx[taken]),
+                                status: other.to_string(),
+                            });
+                            a.pending.clear();
+                        }
+                    }
+                }
+            }
+            if !a.pending.is_empty() {
+                requeue.push_back(tid);
+            }
+        }
+        g.queue = requeue;
+        posted_any
+    }
+
+    /// End what is over: done, failed once every request completed, stalled, peer lost.
+    fn settle(&self, g: &mut Inner, s: &Shared) -> bool {
+        let now = Instant::now();
+        let stall = s.cfg.stall_timeout;
+        let mut over = Vec::new();
+        for (&tid, a) in g.active.iter_mut() {
+            if a.error.is_none()
+                && let Some(why) = a.t.peer.lost()
+            {
+                a.error = Some(Error::PeerLost {
+                    peer: a.t.peer.name.clone(),
+                    why,
+                });
+                a.pending.clear();
+            }
+            let idle = now.saturating_duration_since(a.last);
+            if a.outstanding > 0 && idle >= stall && !a.reported {
+                // Reported now; the registrations stay held until the NIC answers.
+                let e = match a.error.take() {
+                    Some(e @ Error::PeerLost { .. }) => e,
+                    _ => Error::Stalled {
+                        transfer: tid,
+                        peer: a.t.peer.name.clone(),
+                        outstanding: a.outstanding,
+                        total: a.t.chunks.len() as u64,
+                        stall,
+                    },
+                };
+                a.pending.clear();
+                a.t.finish(Status::Failed(e.clone()));
+                a.error = Some(e);
+                a.reported = true;
+                self.failed.fetch_add(1, Ordering::Relaxed);
+            }
+            if a.outstanding == 0 && (a.pending.is_empty() || a.error.is_some()) {
+                over.push(tid);
+            }
+        }
+        let any = !over.is_empty();
+        for tid in over {
+            let Some(a) = g.active.remove(&tid) else {
+                continue;
+            };
+            if a.reported {
+                continue;
+            }
+            match a.error {
+                Some(e) => {
+                    self.failed.fetch_add(1, Ordering::Relaxed);
+                    a.t.finish(Status::Failed(e));
+                }
+                None => {
+                    let sent = match &a.t.notify {
+                        Some(b) => a.t.peer.notify(tid, b.clone()).map(|()| {
+                            self.notes_sent.fetch_add(1, Ordering::Relaxed);
+                        }),
+                        None => Ok(()),
+                    };
+                    match sent {
+                        Ok(()) => {
+                            self.done.fetch_add(1, Ordering::Relaxed);
+                            self.bytes.fetch_add(a.t.bytes, Ordering::Relaxed);
+                            a.t.finish(Status::Done);
+                        }
+                        Err(e) => {
+                            self.failed.fetch_add(1, Ordering::Relaxed);
+                            a.t.finish(Status::Failed(e));
+                        }
+                    }
+                }
+            }
+        }
+        any
+    }
+
+    fn nap(&self, busy: bool) {
+        let g = lock(&self.inner);
+        if g.wake {
+            drop(g);
+            lock(&self.inner).wake = false;
+            return;
+        }
+        let d = if busy { NAP_BUSY } else { NAP_IDLE };
+        let mut g = self
+            .cv
+            .wait_timeout(g, d)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+        g.wake = false;
+    }
+
+    fn busy(&self) -> bool {
+        !lock(&self.inner).active.is_empty()
+    }
+}
+
+/// The progress thread of an agent: runs until the agent stops.
+pub(crate) fn spawn(shared: &Arc<Shared>) -> Result<JoinHandle<()>> {
+    let w: Weak<Shared> = Arc::downgrade(shared);
+    std::thread::Builder::new()
+        .name(format!("dmaplane-progress {}", shared.name))
+        .spawn(move || {
+            let mut wcs = Vec::with_capacity(256);
+            let mut idle = 0u32;
+            loop {
+                let Some(s) = w.upgrade() else { return };
+                if s.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                if s.engine.step(&s, &mut wcs) {
+                    idle = 0;
+                    continue;
+                }
+                idle += 1;
+                if idle < SPIN {
+                    std::thread::yield_now();
+                } else {
+                    let busy = s.engine.busy();
+                    s.engine.nap(busy);
+                }
+            }
+        })
+        .map_err(|e| Error::setup(&shared.name, format!("no progress thread: {e}")))
+}

@@ -1,0 +1,238 @@
+//! Registrations: a [`Region`] is a range of a [`Memory`] that the agent's NICs can reach, with
+//! one memory region (MR) per NIC that serves it zero-copy and the path each NIC takes.
+
+use std::sync::Arc;
+
+use dmaplane_core::Route;
+use dmaplane_gpu::Peer as GpuPeer;
+use dmaplane_rdma::{ImportOptions, Mr, MrAccess};
+
+use crate::agent::{AgentNic, Shared};
+use crate::desc::Desc;
+use crate::error::{Error, Result};
+use crate::memory::{Backing, Memory};
+
+/// How one NIC reaches a region.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "path")]
+pub enum NicPath {
+    /// Registered zero-copy: the NIC DMAs straight into the memory.
+    Direct {
+        nic: String,
+        route: String,
+        negotiation: String,
+    },
+    /// The NIC cannot reach the memory peer to peer (no P2P route); it does not serve it.
+    Unreachable { nic: String, why: String },
+}
+
+impl NicPath {
+    pub fn nic(&self) -> &str {
+        match self {
+            NicPath::Direct { nic, .. } | NicPath::Unreachable { nic, .. } => nic,
+        }
+    }
+}
+
+/// One registration: bytes `[base, base + len)` of a memory, on every NIC that reaches it.
+pub(crate) struct Entry {
+    pub(crate) id: u32,
+    pub(crate) memory: Memory,
+    pub(crate) base: u64,
+    pub(crate) len: u64,
+    /// The memory's export epoch when it was registered.
+    pub(crate) epoch: u64,
+    /// Per agent NIC (same order), the MR where the path is direct.
+    pub(crate) mrs: Vec<Option<Mr>>,
+    pub(crate) paths: Vec<NicPath>,
+}
+
+impl Entry {
+    /// Register `[base, base + len)` of `memory` on every NIC of the agent.
+    pub(crate) fn register(
+        shared: &Shared,
+        id: u32,
+        memory: &Memory,
+        base: u64,
+        len: u64,
+    ) -> Result<Entry> {
+        let mut mrs = Vec::with_capacity(shared.nics.len());
+        let mut paths = Vec::with_capacity(shared.nics.len());
+        for nic in &shared.nics {
+            let (mr, path) = register_on(shared, nic, memory, base, len)?;
+            mrs.push(mr);
+            paths.push(path);
+        }
+        if mrs.iter().all(Option::is_none) {
+            let why: Vec<String> = paths
+                .iter()
+                .map(|p| match p {
+                    NicPath::Unreachable { nic, why } => format!("{nic}: {why}"),
+                    NicPath::Direct { nic, .. } => nic.clone(),
+                })
+                .collect();
+            return Err(Error::invalid(
+                format!("registration of {}", memory.name()),
+                "memory",
+                memory.location(),
+                format!(
+                    "no NIC of agent {} reaches it ({})",
+                    shared.name,
+                    why.join("; ")
+                ),
+            ));
+        }
+        let epoch = memory.with_backing(|b| {
+            Ok(match b {
+                Backing::Host(h) => h.epoch(),
+                Backing::Gpu(g) => g.epoch(),
+            })
+        })?;
+        Ok(Entry {
+            id,
+            memory: memory.clone(),
+            base,
+            len,
+            epoch,
+            mrs,
+            paths,
+        })
+    }
+
+    /// The epoch at which any of its MRs was revoked.
+    pub(crate) fn revoked_at(&self) -> Option<u64> {
+        self.mrs.iter().flatten().find_map(Mr::revoked_at)
+    }
+
+    pub(crate) fn covers(&self, offset: u64, len: u64) -> bool {
+        offset >= self.base && offset + len <= self.base + self.len
+    }
+}
+
+fn register_on(
+    shared: &Shared,
+    nic: &AgentNic,
+    memory: &Memory,
+    base: u64,
+    len: u64,
+) -> Result<(Option<Mr>, NicPath)> {
+    let topo = shared.testbed.topology();
+    let route = topo
+        .route_by_id(memory.location().device(), &nic.name)
+        .map_err(|e| Error::setup(&shared.name, e.to_string()))?;
+    if route == Route::NotSupported {
+        return Ok((
+            None,
+            NicPath::Unreachable {
+                nic: nic.name.clone(),
+                why: format!(
+                    "no P2P route between {} and {} (different host bridges)",
+                    memory.location().device(),
+                    nic.name
+                ),
+            },
+        ));
+    }
+    let opts = ImportOptions {
+        access: MrAccess::ALL,
+        range: (base != 0 || len != memory.len()).then_some((base, len)),
+        ..ImportOptions::default()
+    };
+    let name = memory.name().to_string();
+    let mr = memory.with_backing(|b| {
+        Ok(match b {
+            Backing::Host(h) => nic
+                .pd
+                .import(&name, opts, None, |i, a| h.attach(i, nic.id, a))?,
+            Backing::Gpu(g) => nic.pd.import(&name, opts, None, |i, a| {
+                g.attach(i, GpuPeer::Fabric(nic.id), a)
+            })?,
+        })
+    })?;
+    let negotiation = mr.negotiation().unwrap_or_default();
+    Ok((
+        Some(mr),
+        NicPath::Direct {
+            nic: nic.name.clone(),
+            route: format!("{route:?}"),
+            negotiation,
+        },
+    ))
+}
+
+/// A registered range of a [`Memory`]: what descriptors name. Cheap to clone; the registration
+/// stays in the agent's cache after the last handle goes (until its memory is freed), so
+/// registering the same range again, or any range inside it, costs a lookup.
+#[derive(Clone)]
+pub struct Region {
+    pub(crate) entry: Arc<Entry>,
+    /// This handle's bytes within the entry.
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
+}
+
+impl std::fmt::Debug for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Region")
+            .field("id", &self.entry.id)
+            .field("memory", &self.entry.memory.name())
+            .field("offset", &self.offset)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl Region {
+    /// The registration's id: what the peer's descriptors name (see [`crate::Metadata`]).
+    pub fn id(&self) -> u32 {
+        self.entry.id
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn memory(&self) -> &Memory {
+        &self.entry.memory
+    }
+
+    /// How each NIC of the agent reaches it.
+    pub fn paths(&self) -> &[NicPath] {
+        &self.entry.paths
+    }
+
+    /// A descriptor of `len` bytes at `offset` into this region.
+    pub fn desc(&self, offset: u64, len: u64) -> Result<Desc> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len && len > 0 => Ok(Desc {
+                region: self.entry.id,
+                offset: self.entry_offset() + offset,
+                len,
+            }),
+            _ => Err(Error::invalid(
+                format!("region {} ({})", self.entry.id, self.entry.memory.name()),
+                "desc",
+                format!("[{offset:#x}, +{len:#x})"),
+                format!("outside its {} bytes (or empty)", self.len),
+            )),
+        }
+    }
+
+    /// The whole region as one descriptor.
+    pub fn all(&self) -> Desc {
+        Desc {
+            region: self.entry.id,
+            offset: self.entry_offset(),
+            len: self.len,
+        }
+    }
+
+    /// Where this handle starts within the registration.
+    fn entry_offset(&self) -> u64 {
+        self.offset
+    }
+}

@@ -1,0 +1,412 @@
+//! Transfers: a batch of WRITEs or READs between local and remote descriptors, split into
+//! chunks, striped over the queue pairs of the best paths, run by the progress thread.
+//!
+//! A transfer ends exactly once — done, or failed with an error naming what went wrong — and
+//! never hangs: a revoke or free of either side's memory ends it with [`Error::Revoked`], a lost
+//! peer with [`Error::PeerLost`], silence with [`Error::Stalled`] after the stall timeout.
+//! [`Transfer::wait`] blocks, [`Transfer::status`] looks, and `Transfer` is a `Future` (its own
+//! waker, no runtime needed).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use dmaplane_core::Route;
+use dmaplane_rdma::{RemoteAddr, RemoteMr, Sge};
+
+use crate::agent::Shared;
+use crate::desc::Desc;
+use crate::error::{Error, Result, Side};
+use crate::notify::MAX_NOTIFY;
+use crate::peer::{Lane, PeerShared};
+use crate::region::Entry;
+use crate::sync::lock;
+
+/// How long a transfer waits for a lease its peer announced but whose grant is still on the
+/// way.
+const LEASE_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    Write,
+    Read,
+}
+
+/// Where a transfer stands.
+#[derive(Debug, Clone)]
+pub enum Status {
+    /// `done` of `total` requests completed.
+    InProgress {
+        done: u64,
+        total: u64,
+    },
+    Done,
+    Failed(Error),
+}
+
+/// One request: `len` bytes between a local SGE and a remote address, on one lane.
+#[derive(Debug, Clone)]
+pub(crate) struct Chunk {
+    pub(crate) lane: Arc<Lane>,
+    pub(crate) sge: Sge,
+    pub(crate) remote: RemoteAddr,
+    /// For error reports: which registration on each side.
+    pub(crate) local_entry: usize,
+    pub(crate) remote_region: u32,
+    pub(crate) lease: Arc<RemoteMr>,
+}
+
+pub(crate) struct Outcome {
+    pub(crate) status: Status,
+    waker: Option<Waker>,
+}
+
+/// What the engine and the handles share.
+pub(crate) struct TransferState {
+    pub(crate) id: u64,
+    pub(crate) op: Op,
+    pub(crate) peer: Arc<PeerShared>,
+    pub(crate) chunks: Vec<Chunk>,
+    /// Local registrations it uses: held until every request has completed, so nothing is
+    /// unregistered under the NIC.
+    pub(crate) entries: Vec<Arc<Entry>>,
+    pub(crate) notify: Option<Vec<u8>>,
+    pub(crate) bytes: u64,
+    pub(crate) outcome: Mutex<Outcome>,
+    pub(crate) cv: Condvar,
+}
+
+impl TransferState {
+    pub(crate) fn finish(&self, status: Status) {
+        let mut o = lock(&self.outcome);
+        if !matches!(o.status, Status::InProgress { .. }) {
+            return;
+        }
+        o.status = status;
+        if let Some(w) = o.waker.take() {
+            w.wake();
+        }
+        self.cv.notify_all();
+    }
+
+    pub(crate) fn progress(&self, done: u64) {
+        let mut o = lock(&self.outcome);
+        if let Status::InProgress { done: d, .. } = &mut o.status {
+            *d = done;
+        }
+    }
+
+    /// The typed error for a request that failed: a revoke of either side when one happened.
+    pub(crate) fn classify(&self, chunk: &Chunk, status: &str) -> Error {
+        let e = &self.entries[chunk.local_entry];
+        if let Some(epoch) = e.revoked_at() {
+            return Error::Revoked {
+                side: Side::Local,
+                region: e.id,
+                name: e.memory.name().to_string(),
+                epoch,
+                why: format!("a request completed with {status}: the memory was revoked or freed"),
+            };
+        }
+        if let Some(epoch) = chunk.lease.revoked_at() {
+            let name = self
+                .peer
+                .region(chunk.remote_region)
+                .map_or_else(String::new, |r| r.name);
+            return Error::Revoked {
+                side: Side::Remote,
+                region: chunk.remote_region,
+                name,
+                epoch,
+                why: format!(
+                    "the peer revoked it (a request completed with {status}); {} holds no lease on it any more",
+                    self.peer.name
+                ),
+            };
+        }
+        if let Some(why) = self.peer.lost() {
+            return Error::PeerLost {
+                peer: self.peer.name.clone(),
+                why,
+            };
+        }
+        Error::Failed {
+            transfer: self.id,
+            peer: self.peer.name.clone(),
+            chunk: 0,
+            status: status.to_string(),
+        }
+    }
+}
+
+/// A transfer under way. Dropping the handle does not cancel it.
+#[derive(Clone)]
+pub struct Transfer {
+    pub(crate) state: Arc<TransferState>,
+}
+
+impl std::fmt::Debug for Transfer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transfer")
+            .field("id", &self.state.id)
+            .field("peer", &self.state.peer.name)
+            .field("requests", &self.state.chunks.len())
+            .field("status", &self.status())
+            .finish()
+    }
+}
+
+impl Transfer {
+    pub fn id(&self) -> u64 {
+        self.state.id
+    }
+
+    /// Requests the transfer was split into.
+    pub fn requests(&self) -> usize {
+        self.state.chunks.len()
+    }
+
+    /// Bytes it moves.
+    pub fn bytes(&self) -> u64 {
+        self.state.bytes
+    }
+
+    pub fn status(&self) -> Status {
+        lock(&self.state.outcome).status.clone()
+    }
+
+    /// Block until it ends, or `timeout` passes ([`Error::WaitTimeout`]; the transfer goes
+    /// on). The stall timeout bounds every transfer, so a long `timeout` never hangs.
+    pub fn wait(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut o = lock(&self.state.outcome);
+        loop {
+            match &o.status {
+                Status::Done => return Ok(()),
+                Status::Failed(e) => return Err(e.clone()),
+                Status::InProgress { .. } => {}
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::WaitTimeout {
+                    transfer: self.state.id,
+                    peer: self.state.peer.name.clone(),
+                    waited: timeout,
+                });
+            }
+            o = self
+                .state
+                .cv
+                .wait_timeout(o, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+impl Future for Transfer {
+    type Output = Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let mut o = lock(&self.state.outcome);
+        match &o.status {
+            Status::Done => Poll::Ready(Ok(())),
+            Status::Failed(e) => Poll::Ready(Err(e.clone())),
+            Status::InProgress { .. } => {
+                o.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// How good a path's local NIC is for memory on `device`: lower is better (same switch, then
+/// same host bridge, then the same NUMA node, then anything).
+fn rank(s: &Shared, device: &str, nic: usize) -> u32 {
+    let n = &s.nics[nic];
+    let topo = s.testbed.topology();
+    match topo.route_by_id(device, &n.name) {
+        Ok(Route::BusAddr) => 0,
+        Ok(Route::ThruHostBridge) => 1,
+        Ok(Route::Local) => {
+            // Host memory: every NIC reaches it; prefer the NIC on its NUMA node.
+            if topo.numa_of(device).ok() == Some(n.numa) {
+                2
+            } else {
+                3
+            }
+        }
+        _ => 4,
+    }
+}
+
+/// Check the batch, route it, split it and hand it to the engine.
+pub(crate) fn start(
+    s: &Arc<Shared>,
+    peer: &Arc<PeerShared>,
+    op: Op,
+    local: &[Desc],
+    remote: &[Desc],
+    notify: Option<&[u8]>,
+) -> Result<Transfer> {
+    let what = || format!("transfer to {}", peer.name);
+    if let Some(why) = peer.lost() {
+        return Err(Error::PeerLost {
+            peer: peer.name.clone(),
+            why,
+        });
+    }
+    if local.is_empty() || local.len() != remote.len() {
+        return Err(Error::invalid(
+            what(),
+            "descriptors",
+            format!("{} local, {} remote", local.len(), remote.len()),
+            "both lists must be non-empty and of the same length",
+        ));
+    }
+    if let Some(n) = notify
+        && n.len() > MAX_NOTIFY
+    {
+        return Err(Error::invalid(
+            what(),
+            "notify",
+            format!("{} bytes", n.len()),
+            format!("at most {MAX_NOTIFY}"),
+        ));
+    }
+    let mut entries: Vec<Arc<Entry>> = Vec::new();
+    let mut chunks = Vec::new();
+    let mut rr = 0usize;
+    let mut bytes = 0u64;
+    for (i, (l, r)) in local.iter().zip(remote).enumerate() {
+        if l.len != r.len || l.len == 0 {
+            return Err(Error::invalid(
+                what(),
+                "descriptors",
+                format!("pair {i}: local {} bytes, remote {} bytes", l.len, r.len),
+                "each pair must have the same, non-zero length",
+            ));
+        }
+        let Some(e) = s.entry(l.region) else {
+            return Err(Error::invalid(
+                what(),
+                "local region",
+                l.region,
+                format!("pair {i}: agent {} has no such registration", s.name),
+            ));
+        };
+        if l.offset.checked_add(l.len).is_none_or(|end| end > e.len) {
+            return Err(Error::invalid(
+                what(),
+                "local desc",
+                format!("pair {i}: [{:#x}, +{:#x})", l.offset, l.len),
+                format!("outside region {} ({} bytes)", e.id, e.len),
+            ));
+        }
+        if let Some(epoch) = e.revoked_at() {
+            return Err(Error::Revoked {
+                side: Side::Local,
+                region: e.id,
+                name: e.memory.name().to_string(),
+                epoch,
+                why: "it was revoked or freed before the transfer started".into(),
+            });
+        }
+        let Some(info) = peer.region(r.region) else {
+            return Err(Error::invalid(
+                what(),
+                "remote region",
+                r.region,
+                format!("pair {i}: peer {} has no such registration", peer.name),
+            ));
+        };
+        if r.offset.checked_add(r.len).is_none_or(|end| end > info.len) {
+            return Err(Error::invalid(
+                what(),
+                "remote desc",
+                format!("pair {i}: [{:#x}, +{:#x})", r.offset, r.len),
+                format!("outside the peer's region {} ({} bytes)", info.id, info.len),
+            ));
+        }
+        // The paths that serve both ends, best ranked for the local memory.
+        let mut usable: Vec<(u32, usize, Arc<RemoteMr>)> = Vec::new();
+        for (pi, p) in peer.paths.iter().enumerate() {
+            if e.mrs[p.local].is_none() {
+                continue;
+            }
+            let Some(key) = info.keys.iter().find(|k| k.nic == p.remote_nic) else {
+                continue;
+            };
+            let Some(lease) = peer.lease(pi, key.rkey, LEASE_WAIT) else {
+                continue;
+            };
+            usable.push((rank(s, e.memory.location().device(), p.local), pi, lease));
+        }
+        let Some(best) = usable.iter().map(|u| u.0).min() else {
+            return Err(Error::invalid(
+                what(),
+                "descriptors",
+                format!(
+                    "pair {i}: local region {} ↔ remote region {}",
+                    e.id, info.id
+                ),
+                "no path serves both: no NIC pair where this agent's NIC reaches the local memory and the peer granted a lease on the remote one",
+            ));
+        };
+        usable.retain(|u| u.0 == best);
+        let lanes: Vec<(Arc<Lane>, &Arc<RemoteMr>)> = usable
+            .iter()
+            .flat_map(|(_, pi, lease)| {
+                peer.paths[*pi]
+                    .lanes
+                    .iter()
+                    .map(move |l| (l.clone(), lease))
+            })
+            .collect();
+        let ei = match entries.iter().position(|x| Arc::ptr_eq(x, &e)) {
+            Some(k) => k,
+            None => {
+                entries.push(e.clone());
+                entries.len() - 1
+            }
+        };
+        let mut off = 0u64;
+        while off < l.len {
+            let n = (l.len - off).min(s.cfg.chunk);
+            let (lane, lease) = &lanes[rr % lanes.len()];
+            rr += 1;
+            let mr = e.mrs[lane.nic]
+                .as_ref()
+                .ok_or_else(|| Error::setup(&s.name, "a lane on a NIC without the MR"))?;
+            chunks.push(Chunk {
+                lane: lane.clone(),
+                sge: mr.sge(l.offset + off, n as u32),
+                remote: lease.at(r.offset + off),
+                local_entry: ei,
+                remote_region: r.region,
+                lease: (*lease).clone(),
+            });
+            off += n;
+        }
+        bytes += l.len;
+    }
+    let total = chunks.len() as u64;
+    let state = Arc::new(TransferState {
+        id: s.engine.next_id(),
+        op,
+        peer: peer.clone(),
+        chunks,
+        entries,
+        notify: notify.map(<[u8]>::to_vec),
+        bytes,
+        outcome: Mutex::new(Outcome {
+            status: Status::InProgress { done: 0, total },
+            waker: None,
+        }),
+        cv: Condvar::new(),
+    });
+    s.engine.submit(s, state.clone());
+    Ok(Transfer { state })
+}

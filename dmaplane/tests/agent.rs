@@ -1,0 +1,521 @@
+//! The Agent end to end on the simulated testbed: transfers verified byte for byte, revoke and
+//! peer loss surfaced as typed errors with the fabric's oracle clean, the registration cache,
+//! metadata blobs, and bad input.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dmaplane::{Agent, Error, Memory, Metadata, Peer, Region, Side, Status, Testbed};
+
+const T: Duration = Duration::from_secs(20);
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 7) as u8)
+        .collect()
+}
+
+/// Memory on each side, registered, and a's connection to b.
+struct Link {
+    src: Memory,
+    dst: Memory,
+    ra: Region,
+    rb: Region,
+    peer: Peer,
+}
+
+fn link(a: &Agent, b: &Agent, len: u64) -> Link {
+    let (src, dst) = (
+        a.alloc_host("src", len).unwrap(),
+        b.alloc_host("dst", len).unwrap(),
+    );
+    let (ra, rb) = (a.register(&src).unwrap(), b.register(&dst).unwrap());
+    let peer = a.connect(&b.metadata_blob().unwrap()).unwrap();
+    Link {
+        src,
+        dst,
+        ra,
+        rb,
+        peer,
+    }
+}
+
+/// The receiving agent most tests use: `b` on nic1.
+fn agent_b(tb: &Arc<Testbed>) -> Agent {
+    Agent::builder("b")
+        .testbed(tb.clone())
+        .nics(["nic1"])
+        .build()
+        .unwrap()
+}
+
+fn pair(tb: &Arc<Testbed>) -> (Agent, Agent) {
+    let a = Agent::builder("a")
+        .testbed(tb.clone())
+        .nics(["nic0"])
+        .build()
+        .unwrap();
+    (a, agent_b(tb))
+}
+
+#[test]
+fn write_and_read_move_every_byte_striped_over_queue_pairs() {
+    let tb = Testbed::builtin().unwrap();
+    let a = Agent::builder("a")
+        .testbed(tb.clone())
+        .nics(["nic0"])
+        .chunk(256 << 10)
+        .qps_per_path(4)
+        .build()
+        .unwrap();
+    let b = agent_b(&tb);
+    const LEN: u64 = 8 << 20;
+    let Link {
+        src,
+        dst,
+        ra,
+        rb,
+        peer,
+    } = link(&a, &b, LEN);
+    let data = pattern(1, LEN as usize);
+    src.write(0, &data).unwrap();
+    assert_eq!(peer.name(), "b");
+    let t = a
+        .write(
+            &peer,
+            &[ra.all()],
+            &[peer.desc(rb.id(), 0, LEN).unwrap()],
+            None,
+        )
+        .unwrap();
+    assert_eq!(t.requests(), 32);
+    t.wait(T).unwrap();
+    assert!(matches!(t.status(), Status::Done));
+    let mut got = vec![0u8; LEN as usize];
+    dst.read(0, &mut got).unwrap();
+    assert!(got == data);
+    // READ back a scattered list into a second local buffer.
+    let back = a.alloc_host("back", LEN).unwrap();
+    let rback = a.register(&back).unwrap();
+    let local: Vec<_> = (0..8)
+        .map(|k| rback.desc(k * (1 << 20), 4096).unwrap())
+        .collect();
+    let remote: Vec<_> = (0..8)
+        .map(|k| peer.desc(rb.id(), (7 - k) * (1 << 20), 4096).unwrap())
+        .collect();
+    a.read(&peer, &local, &remote).unwrap().wait(T).unwrap();
+    for k in 0..8u64 {
+        let mut g = vec![0u8; 4096];
+        back.read(k * (1 << 20), &mut g).unwrap();
+        let off = ((7 - k) * (1 << 20)) as usize;
+        assert_eq!(g, data[off..off + 4096], "READ {k}");
+    }
+    let v = tb.fabric().oracle().verdict();
+    assert!(v.is_clean(), "{v}");
+    let s = a.stats();
+    assert_eq!((s.transfers_done, s.transfers_failed), (2, 0), "{s:?}");
+}
+
+#[test]
+fn a_notification_arrives_after_the_data_and_a_future_resolves() {
+    let tb = Testbed::builtin().unwrap();
+    let (a, b) = pair(&tb);
+    let Link {
+        src,
+        dst,
+        ra,
+        rb,
+        peer,
+    } = link(&a, &b, 1 << 20);
+    src.write(0, &pattern(2, 1 << 20)).unwrap();
+    let t = a
+        .write(
+            &peer,
+            &[ra.all()],
+            &[peer.desc(rb.id(), 0, 1 << 20).unwrap()],
+            Some(b"kv-ready"),
+        )
+        .unwrap();
+    block_on(t).unwrap();
+    let n = b.next_notification(T).expect("no notification");
+    assert_eq!(
+        (n.from.as_str(), n.bytes.as_slice()),
+        ("a", &b"kv-ready"[..])
+    );
+    // Data first: when the notification is read, every byte is there.
+    let mut got = vec![0u8; 1 << 20];
+    dst.read(0, &mut got).unwrap();
+    assert!(got == pattern(2, 1 << 20));
+    assert_eq!(b.stats().notifications_received, 1);
+}
+
+/// A minimal executor: the Future needs no runtime.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+}
+
+/// Free the receiver's memory while a 64 MiB WRITE into it is under way: the transfer ends
+/// with a typed error naming the remote region and its epoch, every request completed once,
+/// and the oracle saw nothing land after the fence or the ack.
+#[test]
+fn freeing_the_destination_mid_transfer_is_a_typed_error_and_nothing_lands_after() {
+    let tb = Testbed::builtin().unwrap();
+    let (a, b) = pair(&tb);
+    const LEN: u64 = 64 << 20;
+    let Link {
+        src: _src,
+        dst,
+        ra,
+        rb,
+        peer,
+    } = link(&a, &b, LEN);
+    dst.write(0, &vec![0; LEN as usize]).unwrap();
+    // Small chunks: many requests, so the free meets them in flight.
+    let mut outcome = None;
+    for _ in 0..20 {
+        let t = a
+            .write(
+                &peer,
+                &[ra.all()],
+                &[peer.desc(rb.id(), 0, LEN).unwrap()],
+                None,
+            )
+            .unwrap();
+        std::thread::sleep(Duration::from_micros(300));
+        if !matches!(t.status(), Status::InProgress { .. }) {
+            continue;
+        }
+        let report = dst.free(Duration::from_secs(2)).unwrap();
+        outcome = Some((t.wait(T), report));
+        break;
+    }
+    let (r, report) = outcome.expect("every transfer finished before the free could meet it");
+    assert!(report.is_clean(), "{report}");
+    match r {
+        Err(Error::Revoked {
+            side: Side::Remote,
+            region,
+            epoch,
+            ..
+        }) => {
+            assert_eq!((region, epoch), (rb.id(), 0));
+        }
+        other => panic!("expected a remote revoke, got {other:?}"),
+    }
+    let v = tb.fabric().oracle().verdict();
+    assert!(v.is_clean(), "{v}: {:?}", v.violations);
+    assert!(v.acks >= 1, "{v}");
+    assert_eq!(b.cached_registrations(&dst), 0);
+    // Every request got exactly one completion: nothing is left in flight.
+    let s = a.stats();
+    assert_eq!(s.transfers_failed, 1, "{s:?}");
+}
+
+/// Free the sender's own memory mid-transfer: the error names the local region.
+#[test]
+fn freeing_the_source_mid_transfer_names_the_local_region() {
+    let tb = Testbed::builtin().unwrap();
+    let a = Agent::builder("a")
+        .testbed(tb.clone())
+        .nics(["nic0"])
+        .chunk(64 << 10)
+        .build()
+        .unwrap();
+    let b = agent_b(&tb);
+    const LEN: u64 = 64 << 20;
+    let Link {
+        src,
+        dst: _dst,
+        ra,
+        rb,
+        peer,
+    } = link(&a, &b, LEN);
+    src.write(0, &vec![1; LEN as usize]).unwrap();
+    let t = a
+        .write(
+            &peer,
+            &[ra.all()],
+            &[peer.desc(rb.id(), 0, LEN).unwrap()],
+            None,
+        )
+        .unwrap();
+    let report = src.free(Duration::from_secs(2)).unwrap();
+    assert!(report.is_clean(), "{report}");
+    match t.wait(T) {
+        Err(Error::Revoked {
+            side: Side::Local,
+            region,
+            ..
+        }) => assert_eq!(region, ra.id()),
+        // The free came after the last request completed.
+        Ok(()) => {}
+        other => panic!("expected a local revoke, got {other:?}"),
+    }
+    let v = tb.fabric().oracle().verdict();
+    assert!(v.is_clean(), "{v}");
+    // A new transfer from freed memory is refused up front.
+    let e = a
+        .write(
+            &peer,
+            &[ra.all()],
+            &[peer.desc(rb.id(), 0, LEN).unwrap()],
+            None,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Revoked {
+                side: Side::Local,
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+/// A peer that goes away: transfers to it end with PeerLost (or stall) within the stall
+/// timeout — never a hang.
+#[test]
+fn a_peer_that_goes_away_ends_transfers_within_the_stall_timeout() {
+    let tb = Testbed::builtin().unwrap();
+    let a = Agent::builder("a")
+        .testbed(tb.clone())
+        .nics(["nic0"])
+        .stall_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let b = agent_b(&tb);
+    let Link {
+        src: _src,
+        dst,
+        ra,
+        rb,
+        peer,
+    } = link(&a, &b, 1 << 20);
+    let remote = peer.desc(rb.id(), 0, 1 << 20).unwrap();
+    drop((rb, dst));
+    drop(b);
+    let start = Instant::now();
+    while peer.lost().is_none() && start.elapsed() < T {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        peer.lost().is_some(),
+        "the peer's departure was never noticed"
+    );
+    let e = match a.write(&peer, &[ra.all()], &[remote], None) {
+        Err(e) => e,
+        Ok(t) => t.wait(T).unwrap_err(),
+    };
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert!(
+        matches!(e, Error::PeerLost { ref peer, .. } if peer == "b"),
+        "{e}"
+    );
+    assert!(
+        a.events()
+            .iter()
+            .any(|e| matches!(e, dmaplane::Event::PeerLost { peer, .. } if peer == "b"))
+    );
+}
+
+#[test]
+fn the_registration_cache_hands_out_sub_ranges_and_forgets_freed_memory() {
+    let tb = Testbed::builtin().unwrap();
+    let a = Agent::builder("a")
+        .testbed(tb)
+        .nics(["nic0"])
+        .build()
+        .unwrap();
+    let mem = a.alloc_host("pool", 64 << 20).unwrap();
+    let first: Vec<_> = (0..64)
+        .map(|k| a.register_range(&mem, k << 20, 1 << 20).unwrap())
+        .collect();
+    let s1 = a.stats().cache;
+    assert_eq!((s1.misses, s1.hits), (64, 0));
+    // The same ranges again, and pieces inside them: lookups.
+    let again: Vec<_> = (0..64)
+        .map(|k| a.register_range(&mem, (k << 20) + 4096, 8192).unwrap())
+        .collect();
+    let s2 = a.stats().cache;
+    assert_eq!((s2.misses, s2.hits), (64, 64));
+    assert_eq!(again[5].id(), first[5].id());
+    drop((first, again));
+    // Dropped handles stay cached (a later registration is still a hit).
+    a.register_range(&mem, 3 << 20, 1 << 20).unwrap();
+    assert_eq!(a.stats().cache.hits, 65);
+    assert_eq!(a.cached_registrations(&mem), 64);
+    mem.free(Duration::from_secs(1)).unwrap();
+    assert_eq!(
+        a.cached_registrations(&mem),
+        0,
+        "freed memory must not stay registered"
+    );
+    let e = a.register(&mem).unwrap_err();
+    assert!(e.to_string().contains("freed"), "{e}");
+}
+
+#[test]
+fn metadata_blobs_round_trip_and_bad_ones_say_what_is_wrong() {
+    let tb = Testbed::builtin().unwrap();
+    let a = Agent::builder("a")
+        .testbed(tb)
+        .nics(["nic0"])
+        .build()
+        .unwrap();
+    let m = a.alloc_host("x", 1 << 16).unwrap();
+    let r = a.register(&m).unwrap();
+    let blob = a.metadata_blob().unwrap();
+    let back = Metadata::from_blob(&blob).unwrap();
+    assert_eq!(back, a.metadata());
+    assert_eq!(back.region(r.id()).unwrap().keys.len(), 1);
+    let check = |b: &[u8], want: &str| {
+        let e = Metadata::from_blob(b).unwrap_err().to_string();
+        assert!(e.contains(want), "{e} (wanted {want:?})");
+    };
+    check(&blob[..5], "truncated");
+    check(&blob[..blob.len() - 3], "truncated");
+    let mut v = blob.clone();
+    v[4] = 9;
+    check(&v, "version 9");
+    let mut v = blob.clone();
+    v[0] = b'X';
+    check(&v, "not dmaplane metadata");
+    let mut v = blob.clone();
+    let n = v.len();
+    v[n - 2] = b'#';
+    check(&v, "malformed JSON");
+    check(&vec![0u8; (16 << 20) + 1], "more than");
+    let mut v = blob.clone();
+    v.extend_from_slice(b"junk");
+    check(&v, "trailing");
+}
+
+#[test]
+fn bad_input_is_refused_naming_the_field() {
+    let tb = Testbed::builtin().unwrap();
+    let e = Agent::builder("x")
+        .testbed(tb.clone())
+        .nics(["nic9"])
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("nics") && e.contains("nic9") && e.contains("nic0"),
+        "{e}"
+    );
+    let e = Agent::builder("x")
+        .testbed(tb.clone())
+        .depth(0)
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("depth"), "{e}");
+    let (a, b) = pair(&tb);
+    let e = Agent::builder("c")
+        .testbed(tb.clone())
+        .nics(["nic1"])
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("agent b uses it"), "{e}");
+    let m = a.alloc_host("m", 1 << 20).unwrap();
+    let r = a.register(&m).unwrap();
+    let e = a.register_range(&m, 1 << 20, 1).unwrap_err().to_string();
+    assert!(e.contains("range"), "{e}");
+    let e = r.desc(1 << 20, 1).unwrap_err().to_string();
+    assert!(e.contains("desc"), "{e}");
+    let bm = b.alloc_host("bm", 1 << 16).unwrap();
+    let rb = b.register(&bm).unwrap();
+    let peer = a.connect(&b.metadata_blob().unwrap()).unwrap();
+    let e = peer.desc(rb.id(), 0, 1 << 20).unwrap_err().to_string();
+    assert!(e.contains("outside") && e.contains("65536"), "{e}");
+    let e = peer.desc(999, 0, 1).unwrap_err().to_string();
+    assert!(e.contains("region") && e.contains("999"), "{e}");
+    let e = a
+        .write(
+            &peer,
+            &[r.desc(0, 10).unwrap()],
+            &[peer.desc(rb.id(), 0, 20).unwrap()],
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("pair 0") && e.contains("10 bytes"), "{e}");
+    let e = a.write(&peer, &[], &[], None).unwrap_err().to_string();
+    assert!(e.contains("descriptors"), "{e}");
+    let e = a.register(&bm).unwrap_err().to_string();
+    assert!(e.contains("another agent"), "{e}");
+}
+
+/// The peer goes away while a transfer to it is in flight: it ends with an error naming the
+/// peer within the stall timeout, and every request it posted completed once.
+#[test]
+fn a_peer_lost_mid_transfer_ends_it_with_an_error_naming_the_peer() {
+    let tb = Testbed::builtin().unwrap();
+    let stall = Duration::from_secs(2);
+    let a = Agent::builder("a")
+        .testbed(tb.clone())
+        .nics(["nic0"])
+        .chunk(64 << 10)
+        .stall_timeout(stall)
+        .build()
+        .unwrap();
+    let b = agent_b(&tb);
+    const LEN: u64 = 256 << 20;
+    let Link {
+        src: _src,
+        dst,
+        ra,
+        rb,
+        peer,
+    } = link(&a, &b, LEN);
+    let t = a
+        .write(
+            &peer,
+            &[ra.all()],
+            &[peer.desc(rb.id(), 0, LEN).unwrap()],
+            None,
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2));
+    let start = Instant::now();
+    drop((rb, dst, b));
+    let r = t.wait(T);
+    let took = start.elapsed();
+    eprintln!("after {took:?}: {r:?}");
+    match r {
+        Err(Error::PeerLost { peer, .. })
+        | Err(Error::Stalled { peer, .. })
+        | Err(Error::Failed { peer, .. }) => {
+            assert_eq!(peer, "b");
+        }
+        // The memory went with the agent: revoked under the transfer.
+        Err(Error::Revoked {
+            side: Side::Remote, ..
+        }) => {}
+        Ok(()) => assert!(
+            took < Duration::from_millis(50),
+            "done long after the peer left"
+        ),
+        Err(e) => panic!("unexpected: {e}"),
+    }
+    assert!(took < stall + Duration::from_secs(3), "took {took:?}");
+}
