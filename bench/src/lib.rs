@@ -1,6 +1,7 @@
 //! Benchmark scenarios shared by the criterion benches and the `dmaplane bench` harness, so both
 //! measure exactly the same work.
 
+pub mod agent;
 pub mod p2p;
 pub mod rdma;
 pub mod sgl;

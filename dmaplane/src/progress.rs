@@ -36,14 +36,34 @@ struct Active {
     reported: bool,
 }
 
+/// Request ids carry their transfer and chunk: `transfer << CHUNK_BITS | chunk`.
+pub(crate) const CHUNK_BITS: u32 = 24;
+
+/// Transfer ids are small sequential integers: hash them by a multiply, not SipHash.
+#[derive(Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type Ids = std::hash::BuildHasherDefault<IdHasher>;
+
 #[derive(Default)]
 struct Inner {
-    active: HashMap<u64, Active>,
+    active: HashMap<u64, Active, Ids>,
     /// Transfers with chunks to post.
     queue: VecDeque<u64>,
-    /// wr_id → (transfer, chunk).
-    inflight: HashMap<u64, (u64, u32)>,
-    next_wr: u64,
     wake: bool,
 }
 
@@ -123,6 +143,19 @@ impl Engine {
     /// One round: reap, post, end. Returns whether anything happened.
     pub(crate) fn step(&self, s: &Shared, wcs: &mut Vec<Completion>) -> bool {
         let mut g = lock(&self.inner);
+        self.round(s, &mut g, wcs)
+    }
+
+    /// [`Engine::step`] unless another thread is at it (a waiter driving its transfer).
+    pub(crate) fn try_step(&self, s: &Shared, wcs: &mut Vec<Completion>) -> bool {
+        match self.inner.try_lock() {
+            Ok(mut g) => self.round(s, &mut g, wcs),
+            Err(std::sync::TryLockError::Poisoned(p)) => self.round(s, &mut p.into_inner(), wcs),
+            Err(std::sync::TryLockError::WouldBlock) => false,
+        }
+    }
+
+    fn round(&self, s: &Shared, g: &mut Inner, wcs: &mut Vec<Completion>) -> bool {
         let mut did = false;
         for nic in &s.nics {
             wcs.clear();
@@ -136,32 +169,36 @@ impl Engine {
             }
             did = true;
             for wc in wcs.iter() {
-                self.complete(s, &mut g, wc);
+                self.complete(s, g, wc);
             }
         }
-        did |= self.post(s, &mut g);
-        did |= self.settle(&mut g, s);
+        did |= self.post(s, g);
+        did |= self.settle(g, s);
         did
     }
 
     fn complete(&self, s: &Shared, g: &mut Inner, wc: &Completion) {
-        let Some((tid, ci)) = g.inflight.remove(&wc.wr_id) else {
+        let (tid, ci) = (
+            wc.wr_id >> CHUNK_BITS,
+            (wc.wr_id & ((1 << CHUNK_BITS) - 1)) as u32,
+        );
+        let Some(a) = g.active.get_mut(&tid) else {
             tracing::warn!(agent = %s.name, wr_id = wc.wr_id, "completion for no request of ours");
             return;
         };
-        let Some(a) = g.active.get_mut(&tid) else {
+        if ci as usize >= a.t.chunks.len() {
+            tracing::warn!(agent = %s.name, wr_id = wc.wr_id, "completion for no request of ours");
             return;
-        };
+        }
         let chunk = &a.t.chunks[ci as usize];
-        chunk.lane.outstanding.fetch_sub(1, Ordering::Relaxed);
-        s.nics[chunk.lane.nic]
-            .outstanding
-            .fetch_sub(1, Ordering::Relaxed);
+        let lane = &a.t.lanes[usize::from(chunk.lane)];
+        lane.outstanding.fetch_sub(1, Ordering::Relaxed);
+        s.nics[lane.nic].outstanding.fetch_sub(1, Ordering::Relaxed);
         a.outstanding -= 1;
         a.last = Instant::now();
         if wc.status == WcStatus::Success {
             a.done += 1;
-            a.t.progress(a.done);
+            a.t.done.store(a.done, Ordering::Relaxed);
         } else if a.error.is_none() {
             a.error = Some(a.t.classify(chunk, &format!("{:?}", wc.status)));
         }
@@ -180,17 +217,15 @@ impl Engine {
                 continue;
             }
             // Batches per lane, in chunk order.
-            let mut batches: Vec<(usize, Vec<u32>)> = Vec::new();
+            let mut batches: Vec<Vec<u32>> = vec![Vec::new(); a.t.lanes.len()];
             let mut blocked = VecDeque::new();
             while let Some(ci) = a.pending.pop_front() {
                 let c = &a.t.chunks[ci as usize];
-                let lane_key = Arc::as_ptr(&c.lane) as usize;
-                let queued = batches
-                    .iter()
-                    .find(|b| b.0 == lane_key)
-                    .map_or(0, |b| b.1.len()) as u32;
-                let nic = &s.nics[c.lane.nic];
-                let room = c.lane.outstanding.load(Ordering::Relaxed) + queued < s.cfg.depth
+                let li = usize::from(c.lane);
+                let lane = &a.t.lanes[li];
+                let queued = batches[li].len() as u32;
+                let nic = &s.nics[lane.nic];
+                let room = lane.outstanding.load(Ordering::Relaxed) + queued < s.cfg.depth
                     && nic.outstanding.load(Ordering::Relaxed) + queued < CQ_DEPTH;
                 if !room {
                     blocked.push_back(ci);
@@ -199,23 +234,22 @@ impl Engine {
                     }
                     continue;
                 }
-                match batches.iter_mut().find(|b| b.0 == lane_key) {
-                    Some(b) => b.1.push(ci),
-                    None => batches.push((lane_key, vec![ci])),
-                }
+                batches[li].push(ci);
             }
             // What could not go now goes first next time.
             while let Some(ci) = blocked.pop_back() {
                 a.pending.push_front(ci);
             }
-            for (_, idx) in batches {
-                let lane = a.t.chunks[idx[0] as usize].lane.clone();
+            for (li, idx) in batches.into_iter().enumerate() {
+                if idx.is_empty() {
+                    continue;
+                }
+                let lane = a.t.lanes[li].clone();
                 let wrs: Vec<SendWr> = idx
                     .iter()
-                    .enumerate()
-                    .map(|(k, &ci)| {
+                    .map(|&ci| {
                         let c = &a.t.chunks[ci as usize];
-                        let wr_id = g.next_wr + k as u64;
+                        let wr_id = tid << CHUNK_BITS | u64::from(ci);
                         match a.t.op {
                             Op::Write => SendWr::write(wr_id, c.sge, c.remote),
                             Op::Read => SendWr::read(wr_id, c.sge, c.remote),
@@ -227,10 +261,6 @@ impl Engine {
                     Ok(()) => wrs.len(),
                     Err(e) => e.posted_prefix().min(wrs.len()),
                 };
-                for (k, &ci) in idx[..taken].iter().enumerate() {
-                    g.inflight.insert(g.next_wr + k as u64, (tid, ci));
-                }
-                g.next_wr += wrs.len() as u64;
                 lane.outstanding.fetch_add(taken as u32, Ordering::Relaxed);
                 s.nics[lane.nic]
                     .outstanding
@@ -252,7 +282,7 @@ impl Engine {
                         }
                         RdmaError::Revoked { epoch, what, .. } => {
                             let c = &a.t.chunks[idx[taken] as usize];
-                            let local = &a.t.entries[c.local_entry];
+                            let local = &a.t.entries[usize::from(c.local_entry)];
                             a.error = Some(if local.revoked_at().is_some() {
                                 Error::Revoked {
                                     side: Side::Local,

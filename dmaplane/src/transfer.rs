@@ -47,15 +47,17 @@ pub enum Status {
 }
 
 /// One request: `len` bytes between a local SGE and a remote address, on one lane.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct Chunk {
-    pub(crate) lane: Arc<Lane>,
+    /// Index into the transfer's `lanes`.
+    pub(crate) lane: u16,
+    /// Index into the transfer's `leases`.
+    pub(crate) lease: u16,
+    /// Index into the transfer's `entries`.
+    pub(crate) local_entry: u16,
+    pub(crate) remote_region: u32,
     pub(crate) sge: Sge,
     pub(crate) remote: RemoteAddr,
-    /// For error reports: which registration on each side.
-    pub(crate) local_entry: usize,
-    pub(crate) remote_region: u32,
-    pub(crate) lease: Arc<RemoteMr>,
 }
 
 pub(crate) struct Outcome {
@@ -66,9 +68,16 @@ pub(crate) struct Outcome {
 /// What the engine and the handles share.
 pub(crate) struct TransferState {
     pub(crate) id: u64,
+    /// Requests completed successfully (the engine counts, `status` reads).
+    pub(crate) done: std::sync::atomic::AtomicU64,
+    /// The agent, whose engine a waiter drives while it spins.
+    pub(crate) agent: std::sync::Weak<Shared>,
     pub(crate) op: Op,
     pub(crate) peer: Arc<PeerShared>,
     pub(crate) chunks: Vec<Chunk>,
+    /// The queue pairs its chunks use, and the leases they write under.
+    pub(crate) lanes: Vec<Arc<Lane>>,
+    pub(crate) leases: Vec<Arc<RemoteMr>>,
     /// Local registrations it uses: held until every request has completed, so nothing is
     /// unregistered under the NIC.
     pub(crate) entries: Vec<Arc<Entry>>,
@@ -91,16 +100,9 @@ impl TransferState {
         self.cv.notify_all();
     }
 
-    pub(crate) fn progress(&self, done: u64) {
-        let mut o = lock(&self.outcome);
-        if let Status::InProgress { done: d, .. } = &mut o.status {
-            *d = done;
-        }
-    }
-
     /// The typed error for a request that failed: a revoke of either side when one happened.
     pub(crate) fn classify(&self, chunk: &Chunk, status: &str) -> Error {
-        let e = &self.entries[chunk.local_entry];
+        let e = &self.entries[usize::from(chunk.local_entry)];
         if let Some(epoch) = e.revoked_at() {
             return Error::Revoked {
                 side: Side::Local,
@@ -110,7 +112,7 @@ impl TransferState {
                 why: format!("a request completed with {status}: the memory was revoked or freed"),
             };
         }
-        if let Some(epoch) = chunk.lease.revoked_at() {
+        if let Some(epoch) = self.leases[usize::from(chunk.lease)].revoked_at() {
             let name = self
                 .peer
                 .region(chunk.remote_region)
@@ -174,13 +176,35 @@ impl Transfer {
     }
 
     pub fn status(&self) -> Status {
-        lock(&self.state.outcome).status.clone()
+        match &lock(&self.state.outcome).status {
+            Status::InProgress { total, .. } => Status::InProgress {
+                done: self.state.done.load(std::sync::atomic::Ordering::Relaxed),
+                total: *total,
+            },
+            other => other.clone(),
+        }
     }
 
     /// Block until it ends, or `timeout` passes ([`Error::WaitTimeout`]; the transfer goes
     /// on). The stall timeout bounds every transfer, so a long `timeout` never hangs.
     pub fn wait(&self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        let start = Instant::now();
+        let deadline = start + timeout;
+        // First drive the engine from this thread, as a poller would: a short transfer ends
+        // without a thread hand-off. Then sleep and leave it to the progress thread.
+        let spin_until = start + WAIT_SPIN.min(timeout);
+        let mut wcs = Vec::new();
+        while Instant::now() < spin_until {
+            if let Some(r) = self.outcome() {
+                return r;
+            }
+            match self.state.agent.upgrade() {
+                Some(a) => {
+                    a.engine.try_step(&a, &mut wcs);
+                }
+                None => break,
+            }
+        }
         let mut o = lock(&self.state.outcome);
         loop {
             match &o.status {
@@ -205,6 +229,20 @@ impl Transfer {
         }
     }
 }
+
+impl Transfer {
+    /// The result, once the transfer ended.
+    fn outcome(&self) -> Option<Result<()>> {
+        match &lock(&self.state.outcome).status {
+            Status::Done => Some(Ok(())),
+            Status::Failed(e) => Some(Err(e.clone())),
+            Status::InProgress { .. } => None,
+        }
+    }
+}
+
+/// How long [`Transfer::wait`] drives the engine itself before it sleeps.
+const WAIT_SPIN: Duration = Duration::from_micros(500);
 
 impl Future for Transfer {
     type Output = Result<()>;
@@ -277,6 +315,9 @@ pub(crate) fn start(
         ));
     }
     let mut entries: Vec<Arc<Entry>> = Vec::new();
+    let mut memo: Vec<Routed> = Vec::new();
+    let mut t_lanes: Vec<Arc<Lane>> = Vec::new();
+    let mut t_leases: Vec<Arc<RemoteMr>> = Vec::new();
     let mut chunks = Vec::new();
     let mut rr = 0usize;
     let mut bytes = 0u64;
@@ -289,14 +330,23 @@ pub(crate) fn start(
                 "each pair must have the same, non-zero length",
             ));
         }
-        let Some(e) = s.entry(l.region) else {
-            return Err(Error::invalid(
-                what(),
-                "local region",
-                l.region,
-                format!("pair {i}: agent {} has no such registration", s.name),
-            ));
+        let k = match memo.iter().position(|m| m.key == (l.region, r.region)) {
+            Some(k) => k,
+            None => {
+                memo.push(route(
+                    s,
+                    peer,
+                    (l.region, r.region),
+                    i,
+                    &mut entries,
+                    &mut t_lanes,
+                    &mut t_leases,
+                )?);
+                memo.len() - 1
+            }
         };
+        let m = &memo[k];
+        let e = &entries[m.entry];
         if l.offset.checked_add(l.len).is_none_or(|end| end > e.len) {
             return Err(Error::invalid(
                 what(),
@@ -305,99 +355,71 @@ pub(crate) fn start(
                 format!("outside region {} ({} bytes)", e.id, e.len),
             ));
         }
-        if let Some(epoch) = e.revoked_at() {
-            return Err(Error::Revoked {
-                side: Side::Local,
-                region: e.id,
-                name: e.memory.name().to_string(),
-                epoch,
-                why: "it was revoked or freed before the transfer started".into(),
-            });
-        }
-        let Some(info) = peer.region(r.region) else {
-            return Err(Error::invalid(
-                what(),
-                "remote region",
-                r.region,
-                format!("pair {i}: peer {} has no such registration", peer.name),
-            ));
-        };
-        if r.offset.checked_add(r.len).is_none_or(|end| end > info.len) {
+        if r.offset
+            .checked_add(r.len)
+            .is_none_or(|end| end > m.remote_len)
+        {
             return Err(Error::invalid(
                 what(),
                 "remote desc",
                 format!("pair {i}: [{:#x}, +{:#x})", r.offset, r.len),
-                format!("outside the peer's region {} ({} bytes)", info.id, info.len),
+                format!(
+                    "outside the peer's region {} ({} bytes)",
+                    r.region, m.remote_len
+                ),
             ));
         }
-        // The paths that serve both ends, best ranked for the local memory.
-        let mut usable: Vec<(u32, usize, Arc<RemoteMr>)> = Vec::new();
-        for (pi, p) in peer.paths.iter().enumerate() {
-            if e.mrs[p.local].is_none() {
-                continue;
-            }
-            let Some(key) = info.keys.iter().find(|k| k.nic == p.remote_nic) else {
-                continue;
-            };
-            let Some(lease) = peer.lease(pi, key.rkey, LEASE_WAIT) else {
-                continue;
-            };
-            usable.push((rank(s, e.memory.location().device(), p.local), pi, lease));
-        }
-        let Some(best) = usable.iter().map(|u| u.0).min() else {
+        let (ei, lanes) = (m.entry, &m.lanes);
+        if entries.len() > usize::from(u16::MAX) || t_lanes.len() > usize::from(u16::MAX) {
             return Err(Error::invalid(
                 what(),
                 "descriptors",
-                format!(
-                    "pair {i}: local region {} ↔ remote region {}",
-                    e.id, info.id
-                ),
-                "no path serves both: no NIC pair where this agent's NIC reaches the local memory and the peer granted a lease on the remote one",
+                format!("{} registrations", entries.len()),
+                "a transfer names at most 65535 registrations",
             ));
-        };
-        usable.retain(|u| u.0 == best);
-        let lanes: Vec<(Arc<Lane>, &Arc<RemoteMr>)> = usable
-            .iter()
-            .flat_map(|(_, pi, lease)| {
-                peer.paths[*pi]
-                    .lanes
-                    .iter()
-                    .map(move |l| (l.clone(), lease))
-            })
-            .collect();
-        let ei = match entries.iter().position(|x| Arc::ptr_eq(x, &e)) {
-            Some(k) => k,
-            None => {
-                entries.push(e.clone());
-                entries.len() - 1
-            }
-        };
+        }
         let mut off = 0u64;
         while off < l.len {
             let n = (l.len - off).min(s.cfg.chunk);
-            let (lane, lease) = &lanes[rr % lanes.len()];
+            let (lane, lease) = lanes[rr % lanes.len()];
+            let e = &entries[ei];
             rr += 1;
-            let mr = e.mrs[lane.nic]
+            let mr = e.mrs[t_lanes[usize::from(lane)].nic]
                 .as_ref()
                 .ok_or_else(|| Error::setup(&s.name, "a lane on a NIC without the MR"))?;
             chunks.push(Chunk {
-                lane: lane.clone(),
-                sge: mr.sge(l.offset + off, n as u32),
-                remote: lease.at(r.offset + off),
-                local_entry: ei,
+                lane,
+                lease,
+                local_entry: ei as u16,
                 remote_region: r.region,
-                lease: (*lease).clone(),
+                sge: mr.sge(l.offset + off, n as u32),
+                remote: t_leases[usize::from(lease)].at(r.offset + off),
             });
             off += n;
         }
         bytes += l.len;
     }
     let total = chunks.len() as u64;
+    if total >= 1 << crate::progress::CHUNK_BITS {
+        return Err(Error::invalid(
+            what(),
+            "descriptors",
+            format!("{total} requests"),
+            format!(
+                "a transfer is split into at most {} requests: send it in parts, or raise the chunk size",
+                (1u64 << crate::progress::CHUNK_BITS) - 1
+            ),
+        ));
+    }
     let state = Arc::new(TransferState {
         id: s.engine.next_id(),
+        agent: Arc::downgrade(s),
+        done: std::sync::atomic::AtomicU64::new(0),
         op,
         peer: peer.clone(),
         chunks,
+        lanes: t_lanes,
+        leases: t_leases,
         entries,
         notify: notify.map(<[u8]>::to_vec),
         bytes,
@@ -409,4 +431,111 @@ pub(crate) fn start(
     });
     s.engine.submit(s, state.clone());
     Ok(Transfer { state })
+}
+
+/// How one (local registration, remote registration) pair of a batch goes: looked up once per
+/// batch, however many descriptors name it.
+struct Routed {
+    key: (u32, u32),
+    /// Index into the transfer's entries.
+    entry: usize,
+    remote_len: u64,
+    /// The lanes of the best-ranked paths, each with its lease on the remote registration
+    /// (indices into the transfer's tables).
+    lanes: Vec<(u16, u16)>,
+}
+
+fn route(
+    s: &Shared,
+    peer: &PeerShared,
+    (local, remote): (u32, u32),
+    i: usize,
+    entries: &mut Vec<Arc<Entry>>,
+    t_lanes: &mut Vec<Arc<Lane>>,
+    t_leases: &mut Vec<Arc<RemoteMr>>,
+) -> Result<Routed> {
+    let what = || format!("transfer to {}", peer.name);
+    let Some(e) = s.entry(local) else {
+        return Err(Error::invalid(
+            what(),
+            "local region",
+            local,
+            format!("pair {i}: agent {} has no such registration", s.name),
+        ));
+    };
+    if let Some(epoch) = e.revoked_at() {
+        return Err(Error::Revoked {
+            side: Side::Local,
+            region: e.id,
+            name: e.memory.name().to_string(),
+            epoch,
+            why: "it was revoked or freed before the transfer started".into(),
+        });
+    }
+    let Some(info) = peer.region(remote) else {
+        return Err(Error::invalid(
+            what(),
+            "remote region",
+            remote,
+            format!("pair {i}: peer {} has no such registration", peer.name),
+        ));
+    };
+    // The paths that serve both ends, best ranked for the local memory.
+    let mut usable: Vec<(u32, usize, Arc<RemoteMr>)> = Vec::new();
+    for (pi, p) in peer.paths.iter().enumerate() {
+        if e.mrs[p.local].is_none() {
+            continue;
+        }
+        let Some(key) = info.keys.iter().find(|k| k.nic == p.remote_nic) else {
+            continue;
+        };
+        let Some(lease) = peer.lease(pi, key.rkey, LEASE_WAIT) else {
+            continue;
+        };
+        usable.push((rank(s, e.memory.location().device(), p.local), pi, lease));
+    }
+    let Some(best) = usable.iter().map(|u| u.0).min() else {
+        return Err(Error::invalid(
+            what(),
+            "descriptors",
+            format!(
+                "pair {i}: local region {} ↔ remote region {}",
+                e.id, info.id
+            ),
+            "no path serves both: no NIC pair where this agent's NIC reaches the local memory \
+             and the peer granted a lease on the remote one",
+        ));
+    };
+    usable.retain(|u| u.0 == best);
+    let mut lanes = Vec::new();
+    for (_, pi, lease) in &usable {
+        let li = index_of(t_leases, lease);
+        for l in &peer.paths[*pi].lanes {
+            lanes.push((index_of(t_lanes, l), li));
+        }
+    }
+    let entry = match entries.iter().position(|x| Arc::ptr_eq(x, &e)) {
+        Some(k) => k,
+        None => {
+            entries.push(e);
+            entries.len() - 1
+        }
+    };
+    Ok(Routed {
+        key: (local, remote),
+        entry,
+        remote_len: info.len,
+        lanes,
+    })
+}
+
+/// The index of `x` in `v`, appended if it is not there yet.
+fn index_of<T>(v: &mut Vec<Arc<T>>, x: &Arc<T>) -> u16 {
+    match v.iter().position(|y| Arc::ptr_eq(y, x)) {
+        Some(k) => k as u16,
+        None => {
+            v.push(x.clone());
+            (v.len() - 1) as u16
+        }
+    }
 }

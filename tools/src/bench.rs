@@ -20,6 +20,23 @@ pub enum BenchCmd {
         #[arg(long, value_delimiter = ',')]
         scenario: Vec<String>,
     },
+    /// The application library (`Agent::write` + `wait`) against the raw RDMA layer doing the
+    /// same work in the same run: GB/s and average / p99 of prepare, post and completion, per
+    /// block size and batch size (nixlbench's figures).
+    Agent {
+        /// `sim` (the built-in testbed). `verbs` comes with the verbs agent.
+        #[arg(long, default_value = "sim")]
+        backend: String,
+        /// Block sizes in bytes (default 4 KiB, 64 KiB, 1 MiB, 4 MiB, 64 MiB).
+        #[arg(long, value_delimiter = ',')]
+        blocks: Vec<u64>,
+        /// Blocks per transfer (default 1, 16, 64, 128).
+        #[arg(long, value_delimiter = ',')]
+        batches: Vec<usize>,
+        /// Seconds per point (each side).
+        #[arg(long, default_value_t = 0.3)]
+        seconds: f64,
+    },
     /// Simulated RDMA WRITE bandwidth (64 B to 4 MiB) against memcpy measured in the same run,
     /// the 64 B message rate on one queue pair, and revoke latency under load.
     Rdma {
@@ -65,6 +82,12 @@ pub fn run(cmd: &BenchCmd, json: bool) -> Result<()> {
             no_pin,
         } => crate::p2p_bench::run(*size, *chunk, *reps, *no_pin, json),
         BenchCmd::Sgl { iters, scenario } => sgl(*iters, scenario, json),
+        BenchCmd::Agent {
+            backend,
+            blocks,
+            batches,
+            seconds,
+        } => agent(backend, blocks, batches, *seconds, json),
         BenchCmd::Rdma {
             sizes,
             seconds,
@@ -107,6 +130,76 @@ fn sgl(iters: u32, names: &[String], json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         print_table(&rows);
+    }
+    Ok(())
+}
+
+fn agent(backend: &str, blocks: &[u64], batches: &[usize], seconds: f64, json: bool) -> Result<()> {
+    if backend != "sim" {
+        bail!(
+            "--backend {backend}: the agent runs on the simulated testbed so far (`sim`); the \
+             verbs agent is not built yet"
+        );
+    }
+    if !(seconds.is_finite() && seconds > 0.0 && seconds <= 60.0) {
+        bail!("--seconds {seconds}: must be more than 0 and at most 60");
+    }
+    let mut cfg = dmaplane_bench::agent::AgentBenchConfig {
+        per_point: Duration::from_secs_f64(seconds),
+        ..Default::default()
+    };
+    if !blocks.is_empty() {
+        cfg.blocks = blocks.to_vec();
+    }
+    if !batches.is_empty() {
+        cfg.batches = batches.to_vec();
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let r = dmaplane_bench::agent::run(&cfg, &|what: &str| bar.set_message(what.to_string()))?;
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!(
+        "agent vs raw rdma layer ({}): chunks of {}, {} QPs × depth {}; times in µs (avg / p99)",
+        r.backend,
+        bytes(r.chunk),
+        r.qps,
+        r.depth
+    );
+    println!(
+        "{:>8} {:>6} {:>7} {:>10} {:>10} {:>7} {:>15} {:>15} {:>17} {:>17}",
+        "block",
+        "batch",
+        "iters",
+        "agent",
+        "raw",
+        "ratio",
+        "prepare",
+        "post",
+        "completion",
+        "raw completion"
+    );
+    for w in &r.rows {
+        println!(
+            "{:>8} {:>6} {:>7} {:>6.2} GB/s {:>5.2} GB/s {:>6.0}% {:>7.1} /{:>6.1} {:>7.1} /{:>6.1} {:>8.1} /{:>7.1} {:>8.1} /{:>7.1}",
+            bytes(w.block),
+            w.batch,
+            w.iterations,
+            w.agent_gb_s,
+            w.raw_gb_s,
+            w.ratio * 100.0,
+            w.prepare_us.avg,
+            w.prepare_us.p99,
+            w.post_us.avg,
+            w.post_us.p99,
+            w.completion_us.avg,
+            w.completion_us.p99,
+            w.raw_completion_us.avg,
+            w.raw_completion_us.p99,
+        );
     }
     Ok(())
 }

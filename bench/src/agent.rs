@@ -1,0 +1,295 @@
+//! `dmaplane bench agent`: the application library against the raw `dmaplane-rdma` layer doing
+//! the same work in the same run.
+//!
+//! Each point moves `batch` blocks of `block` bytes from one agent's host memory into the
+//! other's, as one transfer (`Agent::write` of `batch` descriptor pairs, then `wait`), over
+//! and over for the point's time. The raw reference posts the same requests itself — the same
+//! chunk size, the same number of queue pairs and depth, striped the same way — on a world of
+//! its own and polls its completion queue, as an application without the library would. The
+//! figures are nixlbench's: throughput, and the average and p99 of prepare (building the
+//! descriptor lists), post (the call that starts the transfer) and completion (post to done).
+
+use std::time::{Duration, Instant};
+
+use dmaplane::{Agent, Desc, Testbed};
+use dmaplane_rdma::{Completion, ImportOptions, QpCaps, SendWr};
+use serde::Serialize;
+
+use crate::world::World;
+
+/// One point of the table.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentRow {
+    pub block: u64,
+    pub batch: usize,
+    pub iterations: u64,
+    pub agent_gb_s: f64,
+    pub raw_gb_s: f64,
+    /// Agent / raw.
+    pub ratio: f64,
+    pub prepare_us: Stat,
+    pub post_us: Stat,
+    pub completion_us: Stat,
+    pub raw_completion_us: Stat,
+}
+
+/// Average and 99th percentile, in microseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Stat {
+    pub avg: f64,
+    pub p99: f64,
+}
+
+impl Stat {
+    fn of(mut v: Vec<f64>) -> Stat {
+        if v.is_empty() {
+            return Stat::default();
+        }
+        v.sort_by(f64::total_cmp);
+        let avg = v.iter().sum::<f64>() / v.len() as f64;
+        let i = ((v.len() as f64 * 0.99).ceil() as usize).clamp(1, v.len()) - 1;
+        Stat { avg, p99: v[i] }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentReport {
+    pub backend: String,
+    pub chunk: u64,
+    pub qps: usize,
+    pub depth: u32,
+    pub rows: Vec<AgentRow>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentBenchConfig {
+    pub blocks: Vec<u64>,
+    pub batches: Vec<usize>,
+    pub per_point: Duration,
+    pub chunk: u64,
+    pub qps: usize,
+    pub depth: u32,
+}
+
+impl Default for AgentBenchConfig {
+    fn default() -> Self {
+        AgentBenchConfig {
+            blocks: vec![4 << 10, 64 << 10, 1 << 20, 4 << 20, 64 << 20],
+            batches: vec![1, 16, 64, 128],
+            per_point: Duration::from_millis(300),
+            chunk: 1 << 20,
+            qps: 2,
+            depth: 128,
+        }
+    }
+}
+
+/// Each side's buffer: blocks wrap around in it, so a batch of big blocks stays bounded.
+const WORKING_SET: u64 = 256 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentBenchError {
+    #[error(transparent)]
+    Agent(#[from] dmaplane::Error),
+    #[error(transparent)]
+    Rdma(#[from] dmaplane_rdma::RdmaError),
+    #[error("{0}")]
+    Bad(String),
+}
+
+/// Block `k` of a batch: its offset in the working set.
+fn offset(block: u64, k: usize) -> u64 {
+    let per = (WORKING_SET / block).max(1);
+    (k as u64 % per) * block
+}
+
+pub fn run(
+    cfg: &AgentBenchConfig,
+    progress: &dyn crate::rdma::Progress,
+) -> Result<AgentReport, AgentBenchError> {
+    if let Some(&b) = cfg.blocks.iter().find(|&&b| b == 0 || b > WORKING_SET) {
+        return Err(AgentBenchError::Bad(format!(
+            "--blocks {b}: blocks must be 1 byte to {WORKING_SET}"
+        )));
+    }
+    if let Some(&b) = cfg.batches.iter().find(|&&b| b == 0 || b > 4096) {
+        return Err(AgentBenchError::Bad(format!("--batches {b}: 1 to 4096")));
+    }
+    let tb = Testbed::builtin()?;
+    let build = |name: &str, nic: &str| {
+        Agent::builder(name)
+            .testbed(tb.clone())
+            .nics([nic])
+            .chunk(cfg.chunk)
+            .qps_per_path(cfg.qps)
+            .depth(cfg.depth)
+            .build()
+    };
+    let (a, b) = (build("bench-a", "nic0")?, build("bench-b", "nic1")?);
+    let (src, dst) = (
+        a.alloc_host("bench-src", WORKING_SET)?,
+        b.alloc_host("bench-dst", WORKING_SET)?,
+    );
+    src.write(0, &vec![0x11; WORKING_SET as usize])?;
+    dst.write(0, &vec![0; WORKING_SET as usize])?;
+    let (ra, rb) = (a.register(&src)?, b.register(&dst)?);
+    let peer = a.connect(&b.metadata_blob()?)?;
+    let raw = Raw::new(cfg)?;
+    let mut rows = Vec::new();
+    for &block in &cfg.blocks {
+        for &batch in &cfg.batches {
+            progress.step(&format!("block {block} × batch {batch}"));
+            let (mut prep, mut post, mut comp) = (Vec::new(), Vec::new(), Vec::new());
+            let start = Instant::now();
+            let mut iters = 0u64;
+            while iters == 0 || start.elapsed() < cfg.per_point {
+                let t0 = Instant::now();
+                let local: Vec<Desc> = (0..batch)
+                    .map(|k| ra.desc(offset(block, k), block))
+                    .collect::<Result<_, _>>()?;
+                let remote: Vec<Desc> = (0..batch)
+                    .map(|k| Desc::new(rb.id(), offset(block, k), block))
+                    .collect();
+                let t1 = Instant::now();
+                let t = a.write(&peer, &local, &remote, None)?;
+                let t2 = Instant::now();
+                t.wait(Duration::from_secs(60))?;
+                let t3 = Instant::now();
+                prep.push((t1 - t0).as_secs_f64() * 1e6);
+                post.push((t2 - t1).as_secs_f64() * 1e6);
+                comp.push((t3 - t1).as_secs_f64() * 1e6);
+                iters += 1;
+            }
+            let agent_s: f64 = comp.iter().zip(&prep).map(|(c, p)| c + p).sum::<f64>() / 1e6;
+            let bytes = (block * batch as u64 * iters) as f64;
+            let (raw_s, raw_comp) = raw.measure(block, batch, iters)?;
+            let agent_gb_s = bytes / agent_s / 1e9;
+            let raw_gb_s = bytes / raw_s / 1e9;
+            rows.push(AgentRow {
+                block,
+                batch,
+                iterations: iters,
+                agent_gb_s,
+                raw_gb_s,
+                ratio: agent_gb_s / raw_gb_s,
+                prepare_us: Stat::of(prep),
+                post_us: Stat::of(post),
+                completion_us: Stat::of(comp),
+                raw_completion_us: Stat::of(raw_comp),
+            });
+        }
+    }
+    Ok(AgentReport {
+        backend: "sim".into(),
+        chunk: cfg.chunk,
+        qps: cfg.qps,
+        depth: cfg.depth,
+        rows,
+    })
+}
+
+/// The raw layer: the same requests, posted and reaped by hand.
+struct Raw {
+    world: World,
+    qps: Vec<dmaplane_rdma::Qp>,
+    src: dmaplane_rdma::Mr,
+    dst: std::sync::Arc<dmaplane_rdma::RemoteMr>,
+    chunk: u64,
+    depth: usize,
+    _keep: (
+        dmaplane_core::fabric::HostMemory,
+        dmaplane_core::fabric::HostMemory,
+        dmaplane_rdma::Mr,
+        Vec<(dmaplane_rdma::Qp, dmaplane_rdma::Qp)>,
+    ),
+}
+
+impl Raw {
+    fn new(cfg: &AgentBenchConfig) -> Result<Raw, AgentBenchError> {
+        let world = World::new(1 << 16, None)?;
+        let caps = QpCaps {
+            max_send_wr: cfg.depth,
+            max_recv_wr: 1,
+            ..QpCaps::default()
+        };
+        let pairs = world.connect(cfg.qps, caps)?;
+        let qps = pairs.iter().map(|(a, _)| a.clone()).collect();
+        let ms = world.a.memory(&world.fabric, "raw-src", WORKING_SET)?;
+        let md = world.b.memory(&world.fabric, "raw-dst", WORKING_SET)?;
+        ms.window().memory().fill(0x11);
+        md.window().memory().fill(0);
+        let src = world.a.import(&ms, "raw-src", ImportOptions::default())?;
+        let dmr = world.b.import(&md, "raw-dst", ImportOptions::default())?;
+        let dst = world.b.dev.lease(&dmr, &world.a.dev);
+        Ok(Raw {
+            world,
+            qps,
+            src,
+            dst,
+            chunk: cfg.chunk,
+            depth: cfg.depth as usize,
+            _keep: (ms, md, dmr, pairs),
+        })
+    }
+
+    /// `iters` rounds of `batch` blocks: total seconds and each round's time.
+    fn measure(
+        &self,
+        block: u64,
+        batch: usize,
+        iters: u64,
+    ) -> Result<(f64, Vec<f64>), AgentBenchError> {
+        // The same chunks, striped round robin over the queue pairs.
+        let mut wrs: Vec<Vec<SendWr>> = vec![Vec::new(); self.qps.len()];
+        let mut n = 0usize;
+        for k in 0..batch {
+            let base = offset(block, k);
+            let mut off = 0;
+            while off < block {
+                let len = (block - off).min(self.chunk);
+                let q = n % self.qps.len();
+                wrs[q].push(SendWr::write(
+                    n as u64,
+                    self.src.sge(base + off, len as u32),
+                    self.dst.at(base + off),
+                ));
+                n += 1;
+                off += len;
+            }
+        }
+        let mut times = Vec::with_capacity(iters as usize);
+        let mut wcs: Vec<Completion> = Vec::with_capacity(256);
+        let total = Instant::now();
+        for _ in 0..iters {
+            let t0 = Instant::now();
+            let mut next = vec![0usize; self.qps.len()];
+            let mut out = vec![0usize; self.qps.len()];
+            let mut done = 0usize;
+            while done < n {
+                for (q, qp) in self.qps.iter().enumerate() {
+                    let room = self.depth - out[q];
+                    let end = (next[q] + room).min(wrs[q].len());
+                    if end > next[q] {
+                        qp.post_send(&wrs[q][next[q]..end])?;
+                        out[q] += end - next[q];
+                        next[q] = end;
+                    }
+                }
+                wcs.clear();
+                self.world.a.cq.poll(&mut wcs, 256)?;
+                for wc in &wcs {
+                    if wc.status != dmaplane_rdma::WcStatus::Success {
+                        return Err(AgentBenchError::Bad(format!(
+                            "raw WRITE {} completed with {:?}",
+                            wc.wr_id, wc.status
+                        )));
+                    }
+                    out[wc.wr_id as usize % self.qps.len()] -= 1;
+                    done += 1;
+                }
+            }
+            times.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok((total.elapsed().as_secs_f64(), times))
+    }
+}
