@@ -52,6 +52,53 @@ impl Stat {
     }
 }
 
+/// The registration cache: `registrations` sub-ranges of one region registered from an empty
+/// cache, then the same sub-ranges again.
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheRow {
+    pub region: u64,
+    pub registrations: usize,
+    pub first_pass_ms: f64,
+    pub second_pass_ms: f64,
+    /// Second pass / first pass.
+    pub ratio: f64,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+/// Register `n` equal sub-ranges of a `region`-byte host memory, twice.
+pub fn cache_passes(region: u64, n: usize) -> Result<CacheRow, AgentBenchError> {
+    if n == 0 || region / n as u64 == 0 {
+        return Err(AgentBenchError::Bad(format!(
+            "{n} sub-ranges of {region} bytes"
+        )));
+    }
+    let tb = Testbed::builtin()?;
+    let a = Agent::builder("cache").testbed(tb).nics(["nic0"]).build()?;
+    let mem = a.alloc_host("cache-pool", region)?;
+    let step = region / n as u64;
+    let pass = || -> Result<(f64, Vec<dmaplane::Region>), AgentBenchError> {
+        let t = Instant::now();
+        let v = (0..n as u64)
+            .map(|k| a.register_range(&mem, k * step, step))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((t.elapsed().as_secs_f64() * 1e3, v))
+    };
+    let (first, keep) = pass()?;
+    let (second, again) = pass()?;
+    drop((keep, again));
+    let st = a.stats().cache;
+    Ok(CacheRow {
+        region,
+        registrations: n,
+        first_pass_ms: first,
+        second_pass_ms: second,
+        ratio: second / first,
+        hits: st.hits,
+        misses: st.misses,
+    })
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct AgentReport {
     pub backend: String,
@@ -59,6 +106,7 @@ pub struct AgentReport {
     pub qps: usize,
     pub depth: u32,
     pub rows: Vec<AgentRow>,
+    pub cache: Option<CacheRow>,
 }
 
 #[derive(Debug, Clone)]
@@ -69,6 +117,8 @@ pub struct AgentBenchConfig {
     pub chunk: u64,
     pub qps: usize,
     pub depth: u32,
+    /// The cache passes: (region bytes, sub-ranges); `None` skips them.
+    pub cache: Option<(u64, usize)>,
 }
 
 impl Default for AgentBenchConfig {
@@ -80,6 +130,7 @@ impl Default for AgentBenchConfig {
             chunk: 1 << 20,
             qps: 2,
             depth: 128,
+            cache: Some((4 << 30, 2000)),
         }
     }
 }
@@ -115,6 +166,18 @@ pub fn run(
     if let Some(&b) = cfg.batches.iter().find(|&&b| b == 0 || b > 4096) {
         return Err(AgentBenchError::Bad(format!("--batches {b}: 1 to 4096")));
     }
+    // The raw layer first, alone, then the agents alone: the other's NIC engines are not
+    // running while one is measured.
+    let mut raws = Vec::new();
+    {
+        let raw = Raw::new(cfg)?;
+        for &block in &cfg.blocks {
+            for &batch in &cfg.batches {
+                progress.step(&format!("raw: block {block} × batch {batch}"));
+                raws.push(raw.measure(block, batch, cfg.per_point)?);
+            }
+        }
+    }
     let tb = Testbed::builtin()?;
     let build = |name: &str, nic: &str| {
         Agent::builder(name)
@@ -134,11 +197,11 @@ pub fn run(
     dst.write(0, &vec![0; WORKING_SET as usize])?;
     let (ra, rb) = (a.register(&src)?, b.register(&dst)?);
     let peer = a.connect(&b.metadata_blob()?)?;
-    let raw = Raw::new(cfg)?;
     let mut rows = Vec::new();
+    let mut raws = raws.into_iter();
     for &block in &cfg.blocks {
         for &batch in &cfg.batches {
-            progress.step(&format!("block {block} × batch {batch}"));
+            progress.step(&format!("agent: block {block} × batch {batch}"));
             let (mut prep, mut post, mut comp) = (Vec::new(), Vec::new(), Vec::new());
             let start = Instant::now();
             let mut iters = 0u64;
@@ -161,10 +224,12 @@ pub fn run(
                 iters += 1;
             }
             let agent_s: f64 = comp.iter().zip(&prep).map(|(c, p)| c + p).sum::<f64>() / 1e6;
-            let bytes = (block * batch as u64 * iters) as f64;
-            let (raw_s, raw_comp) = raw.measure(block, batch, iters)?;
-            let agent_gb_s = bytes / agent_s / 1e9;
-            let raw_gb_s = bytes / raw_s / 1e9;
+            let bytes = (block * batch as u64) as f64;
+            let (raw_iters, raw_s, raw_comp) = raws
+                .next()
+                .ok_or_else(|| AgentBenchError::Bad("raw points ran out".into()))?;
+            let agent_gb_s = bytes * iters as f64 / agent_s / 1e9;
+            let raw_gb_s = bytes * raw_iters as f64 / raw_s / 1e9;
             rows.push(AgentRow {
                 block,
                 batch,
@@ -179,12 +244,23 @@ pub fn run(
             });
         }
     }
+    drop((ra, rb, peer, a, b, src, dst));
+    let cache = match cfg.cache {
+        Some((region, n)) => {
+            progress.step(&format!(
+                "registration cache: {n} sub-ranges of {region} bytes"
+            ));
+            Some(cache_passes(region, n)?)
+        }
+        None => None,
+    };
     Ok(AgentReport {
         backend: "sim".into(),
         chunk: cfg.chunk,
         qps: cfg.qps,
         depth: cfg.depth,
         rows,
+        cache,
     })
 }
 
@@ -232,13 +308,14 @@ impl Raw {
         })
     }
 
-    /// `iters` rounds of `batch` blocks: total seconds and each round's time.
+    /// Rounds of `batch` blocks for `time` (at least one): rounds, total seconds and each
+    /// round's time.
     fn measure(
         &self,
         block: u64,
         batch: usize,
-        iters: u64,
-    ) -> Result<(f64, Vec<f64>), AgentBenchError> {
+        time: Duration,
+    ) -> Result<(u64, f64, Vec<f64>), AgentBenchError> {
         // The same chunks, striped round robin over the queue pairs.
         let mut wrs: Vec<Vec<SendWr>> = vec![Vec::new(); self.qps.len()];
         let mut n = 0usize;
@@ -257,10 +334,10 @@ impl Raw {
                 off += len;
             }
         }
-        let mut times = Vec::with_capacity(iters as usize);
+        let mut times = Vec::new();
         let mut wcs: Vec<Completion> = Vec::with_capacity(256);
         let total = Instant::now();
-        for _ in 0..iters {
+        while times.is_empty() || total.elapsed() < time {
             let t0 = Instant::now();
             let mut next = vec![0usize; self.qps.len()];
             let mut out = vec![0usize; self.qps.len()];
@@ -290,6 +367,6 @@ impl Raw {
             }
             times.push(t0.elapsed().as_secs_f64() * 1e6);
         }
-        Ok((total.elapsed().as_secs_f64(), times))
+        Ok((times.len() as u64, total.elapsed().as_secs_f64(), times))
     }
 }

@@ -80,26 +80,33 @@ impl AgentBuilder {
         self
     }
 
+    /// Split requests into chunks of at most `bytes` bytes (default 1 MiB; 1 byte to
+    /// 4 GiB - 1, checked by [`AgentBuilder::build`]).
     pub fn chunk(mut self, bytes: u64) -> Self {
         self.cfg.chunk = bytes;
         self
     }
 
+    /// Connect `n` queue pairs per (local NIC, peer NIC) path (default 2; 1 to 64).
     pub fn qps_per_path(mut self, n: usize) -> Self {
         self.cfg.qps_per_path = n;
         self
     }
 
+    /// Give each queue pair a send queue of `n` requests (default 128; 1 to 4096).
     pub fn depth(mut self, n: u32) -> Self {
         self.cfg.depth = n;
         self
     }
 
+    /// End a transfer with [`Error::Stalled`] once it sees no completion for `t` (default
+    /// 10 s; must be positive).
     pub fn stall_timeout(mut self, t: Duration) -> Self {
         self.cfg.stall_timeout = t;
         self
     }
 
+    /// Let each connection setup step wait `t` for the peer (default 30 s).
     pub fn setup_timeout(mut self, t: Duration) -> Self {
         self.cfg.setup_timeout = t;
         self
@@ -111,6 +118,12 @@ impl AgentBuilder {
         self
     }
 
+    /// Check the settings, claim the NICs, open a protection domain and a completion queue
+    /// on each, bind the handshake listener and start the agent's threads.
+    ///
+    /// Fails with [`Error::Invalid`] for a name that is empty or longer than 255 bytes, a
+    /// tunable out of range, or a NIC that the testbed lacks or another agent holds, and with
+    /// [`Error::Setup`] when every NIC is taken. On failure the NICs claimed are released.
     pub fn build(self) -> Result<Agent> {
         let name = self.name;
         if name.is_empty() || name.len() > 255 {
@@ -321,13 +334,21 @@ struct Threads {
 /// Counters of an agent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct AgentStats {
+    /// The registration cache's counters.
     pub cache: CacheStats,
+    /// Transfers handed to the progress engine (by [`Agent::write`] and [`Agent::read`]).
     pub transfers_started: u64,
+    /// Transfers that ended done (every request completed, the notification if any sent).
     pub transfers_done: u64,
+    /// Transfers that ended with an error (revoked, failed, stalled, peer lost).
     pub transfers_failed: u64,
+    /// Requests (chunks) posted to queue pairs.
     pub requests_posted: u64,
+    /// Bytes of the transfers that ended done.
     pub bytes_moved: u64,
+    /// Notifications queued to peers when their WRITE ended done.
     pub notifications_sent: u64,
+    /// Notifications received from peers (oversized ones are dropped and not counted).
     pub notifications_received: u64,
 }
 
@@ -351,6 +372,25 @@ impl std::fmt::Debug for Agent {
 
 impl Agent {
     /// Start building an agent called `name` (how peers name it).
+    ///
+    /// Agents on one testbed share no NIC, so each names its own:
+    ///
+    /// ```
+    /// use dmaplane::{Agent, Testbed};
+    /// # fn main() -> dmaplane::Result<()> {
+    /// let testbed = Testbed::builtin()?;
+    /// let a = Agent::builder("a").testbed(testbed.clone()).nics(["nic0"]).build()?;
+    /// let b = Agent::builder("b")
+    ///     .testbed(testbed)
+    ///     .nics(["nic1"])
+    ///     .chunk(256 << 10)
+    ///     .qps_per_path(4)
+    ///     .build()?;
+    /// assert_eq!(a.name(), "a");
+    /// assert_eq!(a.nics(), ["nic0"]);
+    /// assert_eq!(b.nics(), ["nic1"]);
+    /// # Ok(()) }
+    /// ```
     pub fn builder(name: impl Into<String>) -> AgentBuilder {
         AgentBuilder {
             name: name.into(),
@@ -360,6 +400,7 @@ impl Agent {
         }
     }
 
+    /// The agent's name, as given to [`Agent::builder`] (what peers know it by).
     pub fn name(&self) -> &str {
         &self.shared.name
     }
@@ -369,6 +410,7 @@ impl Agent {
         self.shared.nics.iter().map(|n| n.name.clone()).collect()
     }
 
+    /// The simulated testbed the agent runs on.
     pub fn testbed(&self) -> &Arc<Testbed> {
         &self.shared.testbed
     }
@@ -442,6 +484,28 @@ impl Agent {
 
     /// Register `[offset, offset + len)` of `memory`. A range inside an earlier registration
     /// of the same memory costs a cache lookup, not a registration.
+    ///
+    /// A miss registers the range rounded out to whole pages, on every NIC of the agent that
+    /// reaches the memory, and announces it to connected peers. Fails with [`Error::Invalid`]
+    /// when the memory belongs to another agent, was freed, no NIC reaches it, or the range is
+    /// empty or runs past its end.
+    ///
+    /// ```
+    /// use dmaplane::{Agent, Testbed};
+    /// # fn main() -> dmaplane::Result<()> {
+    /// let testbed = Testbed::builtin()?;
+    /// let agent = Agent::builder("a").testbed(testbed).nics(["nic0"]).build()?;
+    /// let mem = agent.alloc_host("buf", 1 << 20)?;
+    /// let whole = agent.register(&mem)?;
+    /// assert_eq!(agent.stats().cache.misses, 1);
+    /// // A range inside the earlier registration is served by it.
+    /// let part = agent.register_range(&mem, 4096, 8192)?;
+    /// assert_eq!(agent.stats().cache.hits, 1);
+    /// assert_eq!(agent.stats().cache.misses, 1);
+    /// assert_eq!(part.id(), whole.id());
+    /// assert_eq!(part.len(), 8192);
+    /// # Ok(()) }
+    /// ```
     pub fn register_range(&self, memory: &Memory, offset: u64, len: u64) -> Result<Region> {
         let s = &self.shared;
         if memory.inner.agent.as_ptr() != Arc::as_ptr(s) {
@@ -609,6 +673,7 @@ impl Agent {
         v
     }
 
+    /// The agent's counters now: transfers, requests, bytes, notifications and the cache.
     pub fn stats(&self) -> AgentStats {
         let mut s = self.shared.engine.stats();
         s.cache = self.shared.cache.stats();

@@ -16,7 +16,9 @@ use crate::sync::lock;
 /// Cache counters, in [`crate::AgentStats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CacheStats {
+    /// Registrations served by an existing entry that covers the range.
     pub hits: u64,
+    /// Registrations that nothing covered, so a new entry was registered.
     pub misses: u64,
     /// Bytes registered by misses (on each NIC that serves them).
     pub bytes_registered: u64,

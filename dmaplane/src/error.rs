@@ -24,29 +24,45 @@ impl std::fmt::Display for Side {
     }
 }
 
+/// Everything that can go wrong in this crate. The message names the agent, peer, region or
+/// field concerned.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// A caller-supplied value is wrong.
     #[error("{what}: `{field}` = {value}: {why}")]
     Invalid {
+        /// What the value was for (e.g. `agent a`, `transfer to b`).
         what: String,
+        /// The parameter or field that holds it.
         field: &'static str,
+        /// The value given, as text.
         value: String,
+        /// What is wrong with it, or what is accepted.
         why: String,
     },
     /// The memory a transfer touches was revoked, freed or moved: nothing was lost (every
     /// request completed once) and nothing touched it after the exporter's ack.
     #[error("{side} region {region} (\"{name}\") was revoked at epoch {epoch}: {why}")]
     Revoked {
+        /// Whose memory was revoked: this agent's or the peer's.
         side: Side,
+        /// The registration id, on that side.
         region: u32,
+        /// The memory's name (empty when a remote registration is no longer known).
         name: String,
+        /// The export epoch at which it was revoked.
         epoch: u64,
+        /// How the transfer met the revoke.
         why: String,
     },
     /// The peer went away (its control connection closed).
     #[error("peer {peer} was lost: {why}")]
-    PeerLost { peer: String, why: String },
+    PeerLost {
+        /// The peer agent's name.
+        peer: String,
+        /// Why the connection ended (e.g. `it said bye`).
+        why: String,
+    },
     /// A transfer made no progress for the stall timeout.
     #[error(
         "transfer {transfer} to {peer} stalled: no completion for {:?}, {outstanding} of {total} \
@@ -54,25 +70,38 @@ pub enum Error {
         stall
     )]
     Stalled {
+        /// The transfer's id.
         transfer: u64,
+        /// The peer agent's name.
         peer: String,
+        /// Requests posted and not completed when it was reported.
         outstanding: u64,
+        /// Requests the transfer was split into.
         total: u64,
+        /// The agent's stall timeout.
         stall: Duration,
     },
     /// A request completed with an error that is not a revoke.
     #[error("transfer {transfer} to {peer}: request {chunk} completed with {status}")]
     Failed {
+        /// The transfer's id.
         transfer: u64,
+        /// The peer agent's name.
         peer: String,
+        /// The index of the request whose post failed (0 when an error completion or a refused
+        /// post reported it).
         chunk: u64,
+        /// The completion status or posting error, as text.
         status: String,
     },
     /// `Transfer::wait` gave up (the transfer goes on; wait again or drop it).
     #[error("transfer {transfer} to {peer}: not done after {:?}", waited)]
     WaitTimeout {
+        /// The transfer's id.
         transfer: u64,
+        /// The peer agent's name.
         peer: String,
+        /// The timeout given to `wait`.
         waited: Duration,
     },
     /// A metadata blob that cannot be read.
@@ -80,16 +109,30 @@ pub enum Error {
     Metadata(String),
     /// The handshake with a peer failed.
     #[error("handshake with {peer}: {why}")]
-    Handshake { peer: String, why: String },
+    Handshake {
+        /// The peer agent's name, or the address dialled when its name is not known yet.
+        peer: String,
+        /// What went wrong (a refusal, a version mismatch, a missing lease link, ...).
+        why: String,
+    },
     /// Setting up the agent failed.
     #[error("agent {agent}: {why}")]
-    Setup { agent: String, why: String },
+    Setup {
+        /// The agent's name (for a [`crate::Memory::free`] that missed its deadline, the
+        /// memory's).
+        agent: String,
+        /// What failed.
+        why: String,
+    },
+    /// An error from the RDMA layer (`dmaplane-rdma`), passed through.
     #[error(transparent)]
     Rdma(#[from] RdmaError),
+    /// An error from the GPU layer (`dmaplane-gpu`), passed through.
     #[error(transparent)]
     Gpu(#[from] GpuError),
 }
 
+/// `std::result::Result` with [`Error`] as the default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {

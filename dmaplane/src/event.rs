@@ -15,14 +15,27 @@ pub const EVENT_QUEUE: usize = 4096;
 pub enum Event {
     /// A memory of this agent was freed: every importer quiesced first.
     Freed {
+        /// The memory's name.
         memory: String,
+        /// The export epoch the revoke invalidated.
         epoch: u64,
+        /// How long the revoke took, in microseconds.
         elapsed_us: u64,
     },
     /// A peer's control connection ended.
-    PeerLost { peer: String, why: String },
+    PeerLost {
+        /// The peer agent's name.
+        peer: String,
+        /// Why the connection ended.
+        why: String,
+    },
     /// Events or notifications that did not fit their queues.
-    Dropped { what: String, count: u64 },
+    Dropped {
+        /// Which queue overflowed: `events` or `notifications`.
+        what: String,
+        /// How many were dropped since the last read of that queue.
+        count: u64,
+    },
 }
 
 /// A bounded queue that counts what it had to drop.

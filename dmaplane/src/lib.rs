@@ -30,6 +30,7 @@
 //! (registrations, cached) → [`Peer`] (handshake over TCP, leases) → [`Transfer`]
 //! (descriptors, chunks, striping, status) → [`Notification`] and [`Event`].
 
+#![warn(missing_docs)]
 pub mod agent;
 pub mod cache;
 pub mod desc;

@@ -75,18 +75,22 @@ impl std::fmt::Debug for Memory {
 }
 
 impl Memory {
+    /// The name given at allocation (what the agent's metadata and peers call it).
     pub fn name(&self) -> &str {
         &self.inner.name
     }
 
+    /// Its size in bytes.
     pub fn len(&self) -> u64 {
         self.inner.len
     }
 
+    /// Whether it holds no bytes (never true: allocation refuses a length of 0).
     pub fn is_empty(&self) -> bool {
         self.inner.len == 0
     }
 
+    /// Where it lives: the host-memory device or the GPU.
     pub fn location(&self) -> &Location {
         &self.inner.location
     }

@@ -20,25 +20,35 @@ const HEADER: usize = 4 + 2 + 4;
 /// One NIC of an agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NicInfo {
+    /// The NIC's name in the topology (e.g. `nic0`).
     pub name: String,
+    /// The port GID (the identity leases are keyed by).
     pub gid: [u8; 16],
+    /// The NUMA node the NIC sits on.
     pub numa: u32,
 }
 
 /// A region's key on one NIC.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegionKey {
+    /// The NIC's name.
     pub nic: String,
+    /// The remote key a peer's requests through this NIC carry.
     pub rkey: u32,
+    /// The region's base address on this NIC (its MR's IOVA); remote offsets are added to it.
     pub addr: u64,
 }
 
 /// One registered region as peers see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegionInfo {
+    /// The registration id descriptors name.
     pub id: u32,
+    /// The name of the memory it registers.
     pub name: String,
+    /// Bytes registered (the range asked for, rounded out to whole pages within the memory).
     pub len: u64,
+    /// Where the memory lives.
     pub location: Location,
     /// The memory's export epoch when registered.
     pub epoch: u64,
@@ -49,13 +59,17 @@ pub struct RegionInfo {
 /// What a peer needs to connect to this agent and address its memory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Metadata {
+    /// The metadata format version ([`VERSION`] for what this build writes).
     pub version: u16,
+    /// The agent's name.
     pub agent: String,
     /// Where the agent's handshake listener is (`host:port`).
     pub handshake: String,
     /// The backend (`sim` or `verbs`).
     pub backend: String,
+    /// The NICs the agent uses, in its order.
     pub nics: Vec<NicInfo>,
+    /// Its live (not revoked) registrations, by id.
     pub regions: Vec<RegionInfo>,
 }
 
@@ -65,6 +79,7 @@ impl Metadata {
         self.regions.iter().find(|r| r.name == name)
     }
 
+    /// The region with registration id `id`.
     pub fn region(&self, id: u32) -> Option<&RegionInfo> {
         self.regions.iter().find(|r| r.id == id)
     }
@@ -89,6 +104,25 @@ impl Metadata {
     }
 
     /// Read a blob from [`Metadata::to_blob`].
+    ///
+    /// Fails with [`Error::Metadata`] for a blob over [`MAX_BLOB`] bytes, one shorter than its
+    /// header or its stated length (`truncated`), one with trailing bytes, a wrong magic or
+    /// version, or JSON that does not parse.
+    ///
+    /// ```
+    /// use dmaplane::{Agent, Metadata, Testbed};
+    /// # fn main() -> dmaplane::Result<()> {
+    /// let testbed = Testbed::builtin()?;
+    /// let agent = Agent::builder("a").testbed(testbed).nics(["nic0"]).build()?;
+    /// let blob = agent.metadata_blob()?;
+    /// let meta = Metadata::from_blob(&blob)?;
+    /// assert_eq!(meta.agent, "a");
+    /// assert_eq!(meta.nics[0].name, "nic0");
+    ///
+    /// let err = Metadata::from_blob(&blob[..blob.len() - 1]).unwrap_err();
+    /// assert!(err.to_string().contains("truncated"), "{err}");
+    /// # Ok(()) }
+    /// ```
     pub fn from_blob(blob: &[u8]) -> Result<Metadata> {
         if blob.len() > MAX_BLOB {
             return Err(Error::Metadata(format!(

@@ -16,5 +16,6 @@ pub struct Notification {
     pub from: String,
     /// The sender's transfer id.
     pub transfer: u64,
+    /// The bytes the sender attached to its WRITE (at most [`MAX_NOTIFY`]).
     pub bytes: Vec<u8>,
 }

@@ -151,6 +151,25 @@ impl Peer {
     }
 
     /// A descriptor into the peer's registration `region`, checked against its length.
+    ///
+    /// Fails with [`Error::Invalid`] when this agent knows no such registration of the peer,
+    /// or the range is empty or runs past the registration's end.
+    ///
+    /// ```
+    /// use dmaplane::{Agent, Desc, Testbed};
+    /// # fn main() -> dmaplane::Result<()> {
+    /// let testbed = Testbed::builtin()?;
+    /// let a = Agent::builder("a").testbed(testbed.clone()).nics(["nic0"]).build()?;
+    /// let b = Agent::builder("b").testbed(testbed).nics(["nic1"]).build()?;
+    /// let dst = b.alloc_host("dst", 1 << 20)?;
+    /// let rb = b.register(&dst)?;
+    /// let peer = a.connect(&b.metadata_blob()?)?;
+    /// assert_eq!(peer.name(), "b");
+    /// assert_eq!(peer.desc(rb.id(), 4096, 512)?, Desc::new(rb.id(), 4096, 512));
+    /// assert!(peer.desc(rb.id(), 0, (1 << 20) + 1).is_err());
+    /// assert!(peer.desc(rb.id() + 1, 0, 512).is_err());
+    /// # Ok(()) }
+    /// ```
     pub fn desc(&self, region: u32, offset: u64, len: u64) -> Result<Desc> {
         let Some(r) = self.region(region) else {
             return Err(Error::invalid(

@@ -425,6 +425,7 @@ pub(crate) fn spawn(shared: &Arc<Shared>) -> Result<JoinHandle<()>> {
                 if s.stop.load(Ordering::Acquire) {
                     return;
                 }
+
                 if s.engine.step(&s, &mut wcs) {
                     idle = 0;
                     continue;

@@ -18,15 +18,26 @@ use crate::memory::{Backing, Memory};
 pub enum NicPath {
     /// Registered zero-copy: the NIC DMAs straight into the memory.
     Direct {
+        /// The NIC's name.
         nic: String,
+        /// The topology route from the memory to the NIC (`Local`, `BusAddr` or
+        /// `ThruHostBridge`).
         route: String,
+        /// How the registration was negotiated with the memory's exporter, as the RDMA
+        /// layer summarises it (empty when it gives none).
         negotiation: String,
     },
     /// The NIC cannot reach the memory peer to peer (no P2P route); it does not serve it.
-    Unreachable { nic: String, why: String },
+    Unreachable {
+        /// The NIC's name.
+        nic: String,
+        /// Why no route exists.
+        why: String,
+    },
 }
 
 impl NicPath {
+    /// The name of the NIC this path is about.
     pub fn nic(&self) -> &str {
         match self {
             NicPath::Direct { nic, .. } | NicPath::Unreachable { nic, .. } => nic,
@@ -188,14 +199,17 @@ impl Region {
         self.entry.id
     }
 
+    /// Bytes this handle covers (the range asked for, not the page-rounded registration).
     pub fn len(&self) -> u64 {
         self.len
     }
 
+    /// Whether the handle covers no bytes (never true: registration refuses empty ranges).
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    /// The memory it registers.
     pub fn memory(&self) -> &Memory {
         &self.entry.memory
     }

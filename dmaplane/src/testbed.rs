@@ -62,10 +62,12 @@ impl Testbed {
         Ok(SHARED.get_or_init(|| t).clone())
     }
 
+    /// The simulated fabric its devices and memory live on.
     pub fn fabric(&self) -> &Fabric {
         &self.fabric
     }
 
+    /// The topology the fabric was built from: devices, switches, NUMA nodes and routes.
     pub fn topology(&self) -> &Topology {
         // The fabric is always built with a topology here.
         self.fabric

@@ -39,10 +39,14 @@ pub(crate) enum Op {
 pub enum Status {
     /// `done` of `total` requests completed.
     InProgress {
+        /// Requests completed successfully so far.
         done: u64,
+        /// Requests the transfer was split into.
         total: u64,
     },
+    /// Every request completed and the notification, if any, was sent.
     Done,
+    /// The transfer ended with this error.
     Failed(Error),
 }
 
@@ -161,6 +165,8 @@ impl std::fmt::Debug for Transfer {
 }
 
 impl Transfer {
+    /// The transfer's id: unique within its agent, and what the peer's
+    /// [`crate::Notification::transfer`] carries.
     pub fn id(&self) -> u64 {
         self.state.id
     }
@@ -175,6 +181,7 @@ impl Transfer {
         self.state.bytes
     }
 
+    /// Where the transfer stands now, without blocking.
     pub fn status(&self) -> Status {
         match &lock(&self.state.outcome).status {
             Status::InProgress { total, .. } => Status::InProgress {
@@ -187,6 +194,29 @@ impl Transfer {
 
     /// Block until it ends, or `timeout` passes ([`Error::WaitTimeout`]; the transfer goes
     /// on). The stall timeout bounds every transfer, so a long `timeout` never hangs.
+    /// Returns `Ok(())` once it is done, or the error it ended with.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use dmaplane::{Agent, Status, Testbed};
+    /// # fn main() -> dmaplane::Result<()> {
+    /// let testbed = Testbed::builtin()?;
+    /// let a = Agent::builder("a").testbed(testbed.clone()).nics(["nic0"]).build()?;
+    /// let b = Agent::builder("b").testbed(testbed).nics(["nic1"]).build()?;
+    /// let src = a.alloc_host("src", 64 << 10)?;
+    /// let dst = b.alloc_host("dst", 64 << 10)?;
+    /// src.write(0, &[9u8; 4096])?;
+    /// let (ra, rb) = (a.register(&src)?, b.register(&dst)?);
+    /// let peer = a.connect(&b.metadata_blob()?)?;
+    /// let t = a.write(&peer, &[ra.desc(0, 4096)?], &[peer.desc(rb.id(), 0, 4096)?], None)?;
+    /// t.wait(Duration::from_secs(10))?;
+    /// assert!(matches!(t.status(), Status::Done));
+    /// assert_eq!(t.bytes(), 4096);
+    /// let mut got = [0u8; 4096];
+    /// dst.read(0, &mut got)?;
+    /// assert_eq!(got, [9u8; 4096]);
+    /// # Ok(()) }
+    /// ```
     pub fn wait(&self, timeout: Duration) -> Result<()> {
         let start = Instant::now();
         let deadline = start + timeout;
@@ -194,15 +224,15 @@ impl Transfer {
         // without a thread hand-off. Then sleep and leave it to the progress thread.
         let spin_until = start + WAIT_SPIN.min(timeout);
         let mut wcs = Vec::new();
-        while Instant::now() < spin_until {
-            if let Some(r) = self.outcome() {
-                return r;
-            }
-            match self.state.agent.upgrade() {
-                Some(a) => {
-                    a.engine.try_step(&a, &mut wcs);
+        if let Some(a) = self.state.agent.upgrade() {
+            while Instant::now() < spin_until {
+                if let Some(r) = self.outcome() {
+                    return r;
                 }
-                None => break,
+                if !a.engine.try_step(&a, &mut wcs) {
+                    // Let the NIC (a simulated one is a thread) run.
+                    std::thread::yield_now();
+                }
             }
         }
         let mut o = lock(&self.state.outcome);

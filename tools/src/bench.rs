@@ -36,6 +36,9 @@ pub enum BenchCmd {
         /// Seconds per point (each side).
         #[arg(long, default_value_t = 0.3)]
         seconds: f64,
+        /// Skip the registration cache passes (2000 sub-ranges of a 4 GiB region, twice).
+        #[arg(long)]
+        no_cache: bool,
     },
     /// Simulated RDMA WRITE bandwidth (64 B to 4 MiB) against memcpy measured in the same run,
     /// the 64 B message rate on one queue pair, and revoke latency under load.
@@ -87,7 +90,8 @@ pub fn run(cmd: &BenchCmd, json: bool) -> Result<()> {
             blocks,
             batches,
             seconds,
-        } => agent(backend, blocks, batches, *seconds, json),
+            no_cache,
+        } => agent(backend, blocks, batches, *seconds, *no_cache, json),
         BenchCmd::Rdma {
             sizes,
             seconds,
@@ -134,7 +138,14 @@ fn sgl(iters: u32, names: &[String], json: bool) -> Result<()> {
     Ok(())
 }
 
-fn agent(backend: &str, blocks: &[u64], batches: &[usize], seconds: f64, json: bool) -> Result<()> {
+fn agent(
+    backend: &str,
+    blocks: &[u64],
+    batches: &[usize],
+    seconds: f64,
+    no_cache: bool,
+    json: bool,
+) -> Result<()> {
     if backend != "sim" {
         bail!(
             "--backend {backend}: the agent runs on the simulated testbed so far (`sim`); the \
@@ -153,6 +164,9 @@ fn agent(backend: &str, blocks: &[u64], batches: &[usize], seconds: f64, json: b
     }
     if !batches.is_empty() {
         cfg.batches = batches.to_vec();
+    }
+    if no_cache {
+        cfg.cache = None;
     }
     let bar = ProgressBar::new_spinner();
     bar.enable_steady_tick(Duration::from_millis(120));
@@ -199,6 +213,19 @@ fn agent(backend: &str, blocks: &[u64], batches: &[usize], seconds: f64, json: b
             w.completion_us.p99,
             w.raw_completion_us.avg,
             w.raw_completion_us.p99,
+        );
+    }
+    if let Some(c) = &r.cache {
+        println!(
+            "\nregistration cache: {} sub-ranges of one {} region: first pass {:.2} ms ({} misses), \
+             second pass {:.3} ms ({} hits): {:.2}% of the first",
+            c.registrations,
+            bytes(c.region),
+            c.first_pass_ms,
+            c.misses,
+            c.second_pass_ms,
+            c.hits,
+            c.ratio * 100.0
         );
     }
     Ok(())
