@@ -188,6 +188,7 @@ impl AgentBuilder {
                     pd,
                     cq,
                     outstanding: AtomicU32::new(0),
+                    posted: AtomicU64::new(0),
                 });
             }
             let listener = OobListener::bind(c.listen.as_str())?;
@@ -242,6 +243,8 @@ pub(crate) struct AgentNic {
     pub(crate) cq: Cq,
     /// Requests outstanding on its CQ (bounded by [`CQ_DEPTH`]).
     pub(crate) outstanding: AtomicU32,
+    /// Requests posted on it so far.
+    pub(crate) posted: AtomicU64,
 }
 
 /// What the agent's threads share.
@@ -574,6 +577,40 @@ impl Agent {
         })
     }
 
+    /// Deregister `region` (the whole registration it is a view of) while transfers may still
+    /// use it: every NIC quiesces first — posts naming it are refused, queue pairs with
+    /// requests on it are stopped, peers holding leases on it stop and acknowledge, the
+    /// translation is zapped — so nothing touches it afterwards, and transfers that use it end
+    /// with [`Error::Revoked`] ("it was deregistered"). The memory stays allocated and can be
+    /// registered again. Fails with [`Error::Rdma`] naming the NIC whose quiesce missed
+    /// `deadline`.
+    pub fn deregister(&self, region: &Region, deadline: Duration) -> Result<()> {
+        let e = &region.entry;
+        if e.memory.inner.agent.as_ptr() != Arc::as_ptr(&self.shared) {
+            return Err(Error::invalid(
+                format!("agent {}", self.shared.name),
+                "region",
+                e.id,
+                "registered by another agent",
+            ));
+        }
+        e.deregistered.store(true, Ordering::Release);
+        self.shared.cache.remove(e.memory.id(), e);
+        lock(&self.shared.entries).remove(&e.id);
+        let mut first_err = None;
+        for (mr, nic) in e.mrs.iter().zip(&self.shared.nics) {
+            if let Some(mr) = mr
+                && let Err(err) = mr.deregister(&nic.pd, deadline)
+            {
+                first_err.get_or_insert(err);
+            }
+        }
+        match first_err {
+            Some(err) => Err(err.into()),
+            None => Ok(()),
+        }
+    }
+
     /// This agent's metadata (handshake address, NICs, live registrations).
     pub fn metadata(&self) -> Metadata {
         self.shared.metadata()
@@ -678,6 +715,16 @@ impl Agent {
         let mut s = self.shared.engine.stats();
         s.cache = self.shared.cache.stats();
         s
+    }
+
+    /// Requests posted on each NIC so far, in the agent's NIC order: how transfers were
+    /// striped over the rails.
+    pub fn requests_by_nic(&self) -> Vec<(String, u64)> {
+        self.shared
+            .nics
+            .iter()
+            .map(|n| (n.name.clone(), n.posted.load(Ordering::Relaxed)))
+            .collect()
     }
 
     /// Registrations the cache holds for `memory` (0 once it is freed).

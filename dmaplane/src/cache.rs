@@ -101,6 +101,19 @@ impl Cache {
             .push(entry);
     }
 
+    /// Drop one entry (deregistered).
+    pub(crate) fn remove(&self, memory: u64, entry: &Arc<Entry>) {
+        let mut all = lock(&self.by_memory);
+        if let Some(tree) = all.get_mut(&memory)
+            && let Some(v) = tree.get_mut(&entry.base)
+        {
+            v.retain(|e| !Arc::ptr_eq(e, entry));
+            if v.is_empty() {
+                tree.remove(&entry.base);
+            }
+        }
+    }
+
     /// Every entry of a memory that is being freed goes.
     pub(crate) fn forget_memory(&self, memory: u64) {
         if let Some(tree) = lock(&self.by_memory).remove(&memory) {

@@ -263,6 +263,9 @@ impl Engine {
                 };
                 lane.outstanding.fetch_add(taken as u32, Ordering::Relaxed);
                 s.nics[lane.nic]
+                    .posted
+                    .fetch_add(taken as u64, Ordering::Relaxed);
+                s.nics[lane.nic]
                     .outstanding
                     .fetch_add(taken as u32, Ordering::Relaxed);
                 a.outstanding += taken as u64;
@@ -289,7 +292,7 @@ impl Engine {
                                     region: local.id,
                                     name: local.memory.name().to_string(),
                                     epoch,
-                                    why: format!("posting refused: {what}"),
+                                    why: format!("posting refused ({}): {what}", local.gone_why()),
                                 }
                             } else {
                                 a.t.classify(c, "a refused post")

@@ -56,6 +56,8 @@ pub(crate) struct Entry {
     /// Per agent NIC (same order), the MR where the path is direct.
     pub(crate) mrs: Vec<Option<Mr>>,
     pub(crate) paths: Vec<NicPath>,
+    /// [`crate::Agent::deregister`] ran (its MRs are revoked for that reason, not a free).
+    pub(crate) deregistered: std::sync::atomic::AtomicBool,
 }
 
 impl Entry {
@@ -107,7 +109,17 @@ impl Entry {
             epoch,
             mrs,
             paths,
+            deregistered: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Why it cannot be used: deregistered, or its memory revoked or freed.
+    pub(crate) fn gone_why(&self) -> &'static str {
+        if self.deregistered.load(std::sync::atomic::Ordering::Acquire) {
+            "it was deregistered"
+        } else {
+            "its memory was revoked or freed"
+        }
     }
 
     /// The epoch at which any of its MRs was revoked.

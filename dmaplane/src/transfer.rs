@@ -113,7 +113,7 @@ impl TransferState {
                 region: e.id,
                 name: e.memory.name().to_string(),
                 epoch,
-                why: format!("a request completed with {status}: the memory was revoked or freed"),
+                why: format!("a request completed with {status}: {}", e.gone_why()),
             };
         }
         if let Some(epoch) = self.leases[usize::from(chunk.lease)].revoked_at() {
@@ -499,7 +499,7 @@ fn route(
             region: e.id,
             name: e.memory.name().to_string(),
             epoch,
-            why: "it was revoked or freed before the transfer started".into(),
+            why: format!("{} before the transfer started", e.gone_why()),
         });
     }
     let Some(info) = peer.region(remote) else {

@@ -519,3 +519,172 @@ fn a_peer_lost_mid_transfer_ends_it_with_an_error_naming_the_peer() {
     }
     assert!(took < stall + Duration::from_secs(3), "took {took:?}");
 }
+
+/// Wait until `t` has completed at least `n` requests (or ended).
+fn until_done(t: &dmaplane::Transfer, n: u64) {
+    let start = Instant::now();
+    while matches!(t.status(), Status::InProgress { done, .. } if done < n) && start.elapsed() < T {
+        std::hint::spin_loop();
+    }
+}
+
+/// Deregister a region while a transfer uses it, on either side: the transfer ends with a
+/// typed error naming the side and the region, every request completed once, the oracle saw
+/// nothing out of order, and the memory itself lives on — registered again, it moves every
+/// byte.
+#[test]
+fn deregistering_under_a_transfer_is_a_typed_error_and_the_memory_lives_on() {
+    let tb = Testbed::builtin().unwrap();
+    // Few requests in flight, so the deregistration meets the batch part way.
+    let a = Agent::builder("a")
+        .testbed(tb.clone())
+        .nics(["nic0"])
+        .chunk(64 << 10)
+        .depth(4)
+        .build()
+        .unwrap();
+    let b = agent_b(&tb);
+    const LEN: u64 = 32 << 20;
+    let Link {
+        src,
+        dst,
+        ra,
+        rb,
+        peer,
+    } = link(&a, &b, LEN);
+    let data = pattern(5, LEN as usize);
+    src.write(0, &data).unwrap();
+    dst.write(0, &vec![0; LEN as usize]).unwrap();
+    let quarter = (LEN / (64 << 10)) / 4;
+
+    // The receiver deregisters its region under the WRITE.
+    let t = a
+        .write(
+            &peer,
+            &[ra.all()],
+            &[peer.desc(rb.id(), 0, LEN).unwrap()],
+            None,
+        )
+        .unwrap();
+    until_done(&t, quarter);
+    b.deregister(&rb, Duration::from_secs(2)).unwrap();
+    match t.wait(T) {
+        Err(Error::Revoked {
+            side: Side::Remote,
+            region,
+            ..
+        }) => assert_eq!(region, rb.id()),
+        other => panic!("expected a remote revoke, got {other:?}"),
+    }
+
+    // The sender deregisters its own region under a WRITE into a new registration.
+    let rb2 = b.register(&dst).unwrap();
+    assert_ne!(
+        rb2.id(),
+        rb.id(),
+        "a deregistered entry must not be handed out again"
+    );
+    while peer.region(rb2.id()).is_none() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let remote = peer.desc(rb2.id(), 0, LEN).unwrap();
+    let t = a.write(&peer, &[ra.all()], &[remote], None).unwrap();
+    until_done(&t, quarter);
+    a.deregister(&ra, Duration::from_secs(2)).unwrap();
+    match t.wait(T) {
+        Err(Error::Revoked {
+            side: Side::Local,
+            region,
+            why,
+            ..
+        }) => {
+            assert_eq!(region, ra.id());
+            assert!(why.contains("deregistered"), "{why}");
+        }
+        other => panic!("expected a local revoke, got {other:?}"),
+    }
+    let e = a.write(&peer, &[ra.all()], &[remote], None).unwrap_err();
+    assert!(
+        matches!(e, Error::Invalid { .. } | Error::Revoked { .. }),
+        "{e}"
+    );
+
+    // Both memories live on.
+    let ra2 = a.register(&src).unwrap();
+    a.write(&peer, &[ra2.all()], &[remote], None)
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    let mut got = vec![0u8; LEN as usize];
+    dst.read(0, &mut got).unwrap();
+    assert!(got == data, "the bytes after re-registration differ");
+    let v = tb.fabric().oracle().verdict();
+    assert!(v.is_clean(), "{v}: {:?}", v.violations);
+    let s = a.stats();
+    assert_eq!((s.transfers_failed, s.transfers_done), (2, 1), "{s:?}");
+}
+
+/// Two NICs on the memory's NUMA node: the transfer is striped over both rails (every NIC
+/// pair is a path; the best-ranked ones share the requests), and a NIC on the other node is
+/// left out for host memory on this one.
+#[test]
+fn a_transfer_is_striped_over_the_rails_that_serve_the_memory_best() {
+    let tb = Testbed::builtin().unwrap();
+    let a = Agent::builder("a")
+        .testbed(tb.clone())
+        .nics(["nic1", "nic2"])
+        .chunk(256 << 10)
+        .build()
+        .unwrap();
+    let b = Agent::builder("b")
+        .testbed(tb.clone())
+        .nics(["nic0"])
+        .build()
+        .unwrap();
+    const LEN: u64 = 16 << 20;
+    // Host memory on socket 1, where both of a's NICs are.
+    let src = a.alloc_host_on("src", "mem1", LEN).unwrap();
+    let dst = b.alloc_host("dst", LEN).unwrap();
+    let data = pattern(9, LEN as usize);
+    src.write(0, &data).unwrap();
+    let (ra, rb) = (a.register(&src).unwrap(), b.register(&dst).unwrap());
+    assert_eq!(ra.paths().len(), 2);
+    let peer = a.connect(&b.metadata_blob().unwrap()).unwrap();
+    assert_eq!(peer.paths(), 2);
+    a.write(
+        &peer,
+        &[ra.all()],
+        &[peer.desc(rb.id(), 0, LEN).unwrap()],
+        None,
+    )
+    .unwrap()
+    .wait(T)
+    .unwrap();
+    let mut got = vec![0u8; LEN as usize];
+    dst.read(0, &mut got).unwrap();
+    assert!(got == data);
+    let by = a.requests_by_nic();
+    assert_eq!(
+        by,
+        vec![("nic1".to_string(), 32), ("nic2".to_string(), 32)],
+        "{by:?}"
+    );
+    // GPU memory on gpu2 (below nic1's switch): nic1 alone is best.
+    let g = a.alloc_gpu("g", "gpu2", LEN).unwrap();
+    let rg = a.register(&g).unwrap();
+    a.write(
+        &peer,
+        &[rg.all()],
+        &[peer.desc(rb.id(), 0, LEN).unwrap()],
+        None,
+    )
+    .unwrap()
+    .wait(T)
+    .unwrap();
+    let by = a.requests_by_nic();
+    assert_eq!(
+        by,
+        vec![("nic1".to_string(), 96), ("nic2".to_string(), 32)],
+        "{by:?}"
+    );
+}

@@ -966,6 +966,54 @@ impl Pd {
 }
 
 impl Mr {
+    /// Deregister an imported region while queue pairs may still use it, without waiting for
+    /// its exporter: the quiesce a revoke runs (posts naming it fail at once with
+    /// [`RdmaError::Revoked`], holders of leases on it are told to stop and ack, local queue
+    /// pairs with requests on it are stopped by its policy, its translation is zapped), then it
+    /// detaches from the export. Returns once no DMA to it can happen any more, or an error
+    /// naming it when that took longer than `deadline` (the detach happens anyway: its
+    /// translation is gone by then or the fence would not be late). Idempotent.
+    pub fn deregister(&self, pd: &Pd, deadline: Duration) -> Result<()> {
+        let att = lock(&self.shared.attachment).take();
+        let Some(att) = att else {
+            return Ok(());
+        };
+        if self.shared.revoked.load(Ordering::SeqCst) != 0 {
+            // Revoked already (the exporter's quiesce ran): detaching is all that is left.
+            return Ok(());
+        }
+        let epoch = att.map().map_or(0, |m| m.epoch);
+        let fence = dmaplane_core::Fence::new(Instant::now() + deadline);
+        let inv = Invalidation {
+            export: Arc::from(att.export_name()),
+            attachment: att.id(),
+            epoch,
+            reason: dmaplane_core::revoke::InvalidateReason::Revoke,
+            fence: fence.clone(),
+        };
+        let opts = self
+            .shared
+            .import
+            .as_ref()
+            .map(|i| i.opts)
+            .unwrap_or_default();
+        pd.dev.tracker.quiesce_mr(&self.shared, &inv, opts);
+        let quiet = fence.wait();
+        drop(att);
+        if quiet {
+            Ok(())
+        } else {
+            Err(RdmaError::Timeout {
+                what: format!(
+                    "deregistration of MR {:#x} on {} (its queue pairs and lease holders)",
+                    self.lkey(),
+                    pd.dev.name()
+                ),
+                ms: u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
+            })
+        }
+    }
+
     /// After a move: a dynamic importer maps the new list and registers it (new keys, leases
     /// must be handed out again). Returns the new epoch; fails if the export is revoked.
     pub fn refresh(&self, pd: &Pd) -> Result<u64> {
