@@ -119,6 +119,11 @@ pub struct AgentBenchConfig {
     pub depth: u32,
     /// The cache passes: (region bytes, sub-ranges); `None` skips them.
     pub cache: Option<(u64, usize)>,
+    /// Run on this RDMA device through verbs (`Some("")`: the first) instead of the simulated
+    /// testbed. Feature `verbs`.
+    pub verbs: Option<String>,
+    /// Each side's buffer: blocks wrap around in it.
+    pub working_set: u64,
 }
 
 impl Default for AgentBenchConfig {
@@ -131,12 +136,11 @@ impl Default for AgentBenchConfig {
             qps: 2,
             depth: 128,
             cache: Some((4 << 30, 2000)),
+            verbs: None,
+            working_set: 256 << 20,
         }
     }
 }
-
-/// Each side's buffer: blocks wrap around in it, so a batch of big blocks stays bounded.
-const WORKING_SET: u64 = 256 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentBenchError {
@@ -148,9 +152,9 @@ pub enum AgentBenchError {
     Bad(String),
 }
 
-/// Block `k` of a batch: its offset in the working set.
-fn offset(block: u64, k: usize) -> u64 {
-    let per = (WORKING_SET / block).max(1);
+/// Block `k` of a batch: its offset in a working set of `set` bytes.
+fn offset(set: u64, block: u64, k: usize) -> u64 {
+    let per = (set / block).max(1);
     (k as u64 % per) * block
 }
 
@@ -158,9 +162,10 @@ pub fn run(
     cfg: &AgentBenchConfig,
     progress: &dyn crate::rdma::Progress,
 ) -> Result<AgentReport, AgentBenchError> {
-    if let Some(&b) = cfg.blocks.iter().find(|&&b| b == 0 || b > WORKING_SET) {
+    let set = cfg.working_set;
+    if let Some(&b) = cfg.blocks.iter().find(|&&b| b == 0 || b > set) {
         return Err(AgentBenchError::Bad(format!(
-            "--blocks {b}: blocks must be 1 byte to {WORKING_SET}"
+            "--blocks {b}: blocks must be 1 byte to {set}"
         )));
     }
     if let Some(&b) = cfg.batches.iter().find(|&&b| b == 0 || b > 4096) {
@@ -170,7 +175,10 @@ pub fn run(
     // running while one is measured.
     let mut raws = Vec::new();
     {
-        let raw = Raw::new(cfg)?;
+        let raw = match &cfg.verbs {
+            None => Raw::sim(cfg)?,
+            Some(dev) => Raw::verbs(cfg, dev)?,
+        };
         for &block in &cfg.blocks {
             for &batch in &cfg.batches {
                 progress.step(&format!("raw: block {block} × batch {batch}"));
@@ -180,21 +188,22 @@ pub fn run(
     }
     let tb = Testbed::builtin()?;
     let build = |name: &str, nic: &str| {
-        Agent::builder(name)
-            .testbed(tb.clone())
-            .nics([nic])
+        let b = Agent::builder(name)
             .chunk(cfg.chunk)
             .qps_per_path(cfg.qps)
-            .depth(cfg.depth)
-            .build()
+            .depth(cfg.depth);
+        match &cfg.verbs {
+            None => b.testbed(tb.clone()).nics([nic]).build(),
+            Some(dev) => verbs_agent(b, dev),
+        }
     };
     let (a, b) = (build("bench-a", "nic0")?, build("bench-b", "nic1")?);
     let (src, dst) = (
-        a.alloc_host("bench-src", WORKING_SET)?,
-        b.alloc_host("bench-dst", WORKING_SET)?,
+        a.alloc_host("bench-src", set)?,
+        b.alloc_host("bench-dst", set)?,
     );
-    src.write(0, &vec![0x11; WORKING_SET as usize])?;
-    dst.write(0, &vec![0; WORKING_SET as usize])?;
+    src.write(0, &vec![0x11; set as usize])?;
+    dst.write(0, &vec![0; set as usize])?;
     let (ra, rb) = (a.register(&src)?, b.register(&dst)?);
     let peer = a.connect(&b.metadata_blob()?)?;
     let mut rows = Vec::new();
@@ -208,10 +217,10 @@ pub fn run(
             while iters == 0 || start.elapsed() < cfg.per_point {
                 let t0 = Instant::now();
                 let local: Vec<Desc> = (0..batch)
-                    .map(|k| ra.desc(offset(block, k), block))
+                    .map(|k| ra.desc(offset(set, block, k), block))
                     .collect::<Result<_, _>>()?;
                 let remote: Vec<Desc> = (0..batch)
-                    .map(|k| Desc::new(rb.id(), offset(block, k), block))
+                    .map(|k| Desc::new(rb.id(), offset(set, block, k), block))
                     .collect();
                 let t1 = Instant::now();
                 let t = a.write(&peer, &local, &remote, None)?;
@@ -255,7 +264,11 @@ pub fn run(
         None => None,
     };
     Ok(AgentReport {
-        backend: "sim".into(),
+        backend: if cfg.verbs.is_some() {
+            "verbs".into()
+        } else {
+            "sim".into()
+        },
         chunk: cfg.chunk,
         qps: cfg.qps,
         depth: cfg.depth,
@@ -265,23 +278,27 @@ pub fn run(
 }
 
 /// The raw layer: the same requests, posted and reaped by hand.
+/// Where the raw reference's sending completion queue lives.
+enum RawSide {
+    Sim(Box<World>),
+    #[cfg(feature = "verbs")]
+    Verbs(dmaplane_rdma::Cq),
+}
+
 struct Raw {
-    world: World,
+    side: RawSide,
     qps: Vec<dmaplane_rdma::Qp>,
     src: dmaplane_rdma::Mr,
     dst: std::sync::Arc<dmaplane_rdma::RemoteMr>,
     chunk: u64,
     depth: usize,
-    _keep: (
-        dmaplane_core::fabric::HostMemory,
-        dmaplane_core::fabric::HostMemory,
-        dmaplane_rdma::Mr,
-        Vec<(dmaplane_rdma::Qp, dmaplane_rdma::Qp)>,
-    ),
+    set: u64,
+    /// Devices, memory and the peer queue pairs, kept alive.
+    _keep: Box<dyn std::any::Any>,
 }
 
 impl Raw {
-    fn new(cfg: &AgentBenchConfig) -> Result<Raw, AgentBenchError> {
+    fn sim(cfg: &AgentBenchConfig) -> Result<Raw, AgentBenchError> {
         let world = World::new(1 << 16, None)?;
         let caps = QpCaps {
             max_send_wr: cfg.depth,
@@ -290,22 +307,91 @@ impl Raw {
         };
         let pairs = world.connect(cfg.qps, caps)?;
         let qps = pairs.iter().map(|(a, _)| a.clone()).collect();
-        let ms = world.a.memory(&world.fabric, "raw-src", WORKING_SET)?;
-        let md = world.b.memory(&world.fabric, "raw-dst", WORKING_SET)?;
+        let ms = world.a.memory(&world.fabric, "raw-src", cfg.working_set)?;
+        let md = world.b.memory(&world.fabric, "raw-dst", cfg.working_set)?;
         ms.window().memory().fill(0x11);
         md.window().memory().fill(0);
         let src = world.a.import(&ms, "raw-src", ImportOptions::default())?;
         let dmr = world.b.import(&md, "raw-dst", ImportOptions::default())?;
         let dst = world.b.dev.lease(&dmr, &world.a.dev);
+        let keep = (ms, md, dmr, pairs);
         Ok(Raw {
-            world,
+            side: RawSide::Sim(Box::new(world)),
             qps,
             src,
             dst,
             chunk: cfg.chunk,
             depth: cfg.depth as usize,
-            _keep: (ms, md, dmr, pairs),
+            set: cfg.working_set,
+            _keep: Box::new(keep),
         })
+    }
+
+    /// Two contexts of one RDMA device, udmabuf memory on each, as the agents have.
+    #[cfg(feature = "verbs")]
+    fn verbs(cfg: &AgentBenchConfig, dev: &str) -> Result<Raw, AgentBenchError> {
+        use dmaplane_core::dmabuf::UdmaBuf;
+        use dmaplane_rdma::verbs::VerbsDevice;
+        use dmaplane_rdma::{Device, MrAccess};
+        let name = (!dev.is_empty()).then_some(dev);
+        let open =
+            || -> Result<Device, AgentBenchError> { Ok(Device::new(VerbsDevice::open(name)?)) };
+        let (da, db) = (open()?, open()?);
+        let mtu = VerbsDevice::open(name)?.active_mtu();
+        let (pa, pb) = (da.alloc_pd()?, db.alloc_pd()?);
+        let (ca, cb) = (da.create_cq(1 << 14)?, db.create_cq(64)?);
+        let caps = QpCaps {
+            max_send_wr: cfg.depth,
+            max_recv_wr: 1,
+            ..QpCaps::default()
+        };
+        let mut pairs = Vec::new();
+        for _ in 0..cfg.qps {
+            let qa = pa.create_qp(&ca, &ca, caps)?;
+            let qb = pb.create_qp(&cb, &cb, caps)?;
+            qa.connect_mtu(qb.endpoint(), MrAccess::ALL, mtu)?;
+            qb.connect_mtu(qa.endpoint(), MrAccess::ALL, mtu)?;
+            pairs.push((qa, qb));
+        }
+        let qps = pairs.iter().map(|(a, _)| a.clone()).collect();
+        // udmabuf memory imported by one context (the dma-buf MR, or the buffer's mapping).
+        let imported = |pd: &dmaplane_rdma::Pd, n: &str| -> Result<_, AgentBenchError> {
+            let m = UdmaBuf::new(n, cfg.working_set)
+                .map(UdmaBuf::into_memory)
+                .map_err(|e| AgentBenchError::Bad(format!("{n}: {e}")))?;
+            let mr = pd.import(n, ImportOptions::default(), Some(m.fd()), |i, a| {
+                m.attach(i, a)
+            })?;
+            Ok((m, mr))
+        };
+        let (ms, src) = imported(&pa, "raw-src")?;
+        let (md, dmr) = imported(&pb, "raw-dst")?;
+        let dst = db.lease(&dmr, &da);
+        Ok(Raw {
+            side: RawSide::Verbs(ca),
+            qps,
+            src,
+            dst,
+            chunk: cfg.chunk,
+            depth: cfg.depth as usize,
+            set: cfg.working_set,
+            _keep: Box::new((da, db, cb, ms, md, dmr, pairs)),
+        })
+    }
+
+    #[cfg(not(feature = "verbs"))]
+    fn verbs(_cfg: &AgentBenchConfig, _dev: &str) -> Result<Raw, AgentBenchError> {
+        Err(AgentBenchError::Bad(
+            "--backend verbs needs the `verbs` feature: cargo build --release -p dmaplane-tools --features verbs".into(),
+        ))
+    }
+
+    fn cq(&self) -> &dmaplane_rdma::Cq {
+        match &self.side {
+            RawSide::Sim(w) => &w.a.cq,
+            #[cfg(feature = "verbs")]
+            RawSide::Verbs(cq) => cq,
+        }
     }
 
     /// Rounds of `batch` blocks for `time` (at least one): rounds, total seconds and each
@@ -320,7 +406,7 @@ impl Raw {
         let mut wrs: Vec<Vec<SendWr>> = vec![Vec::new(); self.qps.len()];
         let mut n = 0usize;
         for k in 0..batch {
-            let base = offset(block, k);
+            let base = offset(self.set, block, k);
             let mut off = 0;
             while off < block {
                 let len = (block - off).min(self.chunk);
@@ -353,7 +439,7 @@ impl Raw {
                     }
                 }
                 wcs.clear();
-                self.world.a.cq.poll(&mut wcs, 256)?;
+                self.cq().poll(&mut wcs, 256)?;
                 for wc in &wcs {
                     if wc.status != dmaplane_rdma::WcStatus::Success {
                         return Err(AgentBenchError::Bad(format!(
@@ -369,4 +455,22 @@ impl Raw {
         }
         Ok((times.len() as u64, total.elapsed().as_secs_f64(), times))
     }
+}
+
+#[cfg(feature = "verbs")]
+fn verbs_agent(b: dmaplane::AgentBuilder, dev: &str) -> Result<Agent, dmaplane::Error> {
+    let b = b.verbs();
+    if dev.is_empty() {
+        b.build()
+    } else {
+        b.nics([dev]).build()
+    }
+}
+
+#[cfg(not(feature = "verbs"))]
+fn verbs_agent(_b: dmaplane::AgentBuilder, _dev: &str) -> Result<Agent, dmaplane::Error> {
+    Err(dmaplane::Error::Setup {
+        agent: "bench".into(),
+        why: "--backend verbs needs the `verbs` feature".into(),
+    })
 }

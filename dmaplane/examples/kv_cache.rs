@@ -87,7 +87,12 @@ fn main() -> dmaplane::Result<()> {
             String::from_utf8_lossy(&n.bytes)
         );
     }
-    let v = a.testbed().fabric().oracle().verdict();
+    let v = a
+        .testbed()
+        .expect("a simulated testbed")
+        .fabric()
+        .oracle()
+        .verdict();
     println!(
         "oracle: dma_after_fence = {}, dma_after_ack = {}, blocked_by_backstop = {}",
         v.dma_after_fence, v.dma_after_ack, v.blocked_by_backstop

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use dmaplane_core::fabric::{DeviceId, HostMemory};
 use dmaplane_rdma::oob::OobListener;
-use dmaplane_rdma::{Cq, Device, Pd};
+use dmaplane_rdma::{Cq, Device, Mtu, Pd};
 
 use crate::cache::{Cache, CacheStats};
 use crate::desc::Desc;
@@ -63,6 +63,7 @@ impl Default for Config {
 pub struct AgentBuilder {
     name: String,
     testbed: Option<Arc<Testbed>>,
+    verbs: bool,
     nics: Option<Vec<String>>,
     cfg: Config,
 }
@@ -74,7 +75,18 @@ impl AgentBuilder {
         self
     }
 
-    /// Use these NICs (default: every NIC of the testbed no other agent uses).
+    /// Run on real RDMA devices through libibverbs (Soft-RoCE or a NIC) instead of the
+    /// simulated testbed; host memory is then udmabuf memory, registered through dma-buf
+    /// negotiation (the dma-buf MR where the provider has them, else the buffer's mapping).
+    /// Needs feature `verbs`.
+    #[cfg(feature = "verbs")]
+    pub fn verbs(mut self) -> Self {
+        self.verbs = true;
+        self
+    }
+
+    /// Use these NICs (default: every NIC of the testbed no other agent uses; on verbs every
+    /// RDMA device libibverbs lists).
     pub fn nics<S: AsRef<str>>(mut self, nics: impl IntoIterator<Item = S>) -> Self {
         self.nics = Some(nics.into_iter().map(|s| s.as_ref().to_string()).collect());
         self
@@ -162,28 +174,47 @@ impl AgentBuilder {
                 "must be positive",
             ));
         }
-        let testbed = match self.testbed {
-            Some(t) => t,
-            None => Testbed::shared()?,
-        };
-        let sims = testbed.claim(&name, self.nics.as_deref())?;
-        let claimed: Vec<String> = sims.iter().map(|s| s.name().to_string()).collect();
-        let built = (|| -> Result<Agent> {
-            let mut nics = Vec::with_capacity(sims.len());
+        let (backend, opened) = if self.verbs {
+            (Backend::Verbs, open_verbs(&name, self.nics.as_deref())?)
+        } else {
+            let testbed = match self.testbed {
+                Some(t) => t,
+                None => Testbed::shared()?,
+            };
+            let sims = testbed.claim(&name, self.nics.as_deref())?;
+            let mut v = Vec::with_capacity(sims.len());
             for sim in sims {
-                let nic_name = sim.name().to_string();
+                let nic = sim.name().to_string();
                 let id = sim.device_id();
-                let numa = testbed
-                    .topology()
-                    .numa_of(&nic_name)
-                    .map_err(|e| Error::setup(&name, e.to_string()))?;
-                let dev = Device::new(sim);
+                let numa = testbed.topology().numa_of(&nic).unwrap_or(0);
+                v.push((nic, Some(id), numa, Mtu::Mtu4096, Device::new(sim)));
+            }
+            (Backend::Sim(testbed), v)
+        };
+        let claimed: Vec<String> = opened.iter().map(|o| o.0.clone()).collect();
+        let release = |b: &Backend| {
+            if let Backend::Sim(t) = b {
+                t.release(&claimed);
+            }
+        };
+        let built = (|| -> Result<Agent> {
+            let mut nics = Vec::with_capacity(opened.len());
+            for (nic_name, id, numa, mtu, dev) in opened {
                 let pd = dev.alloc_pd()?;
-                let cq = dev.create_cq(CQ_DEPTH)?;
+                // rxe caps CQs at 32767 entries; a NIC's real limit is higher, the engine
+                // bounds what it keeps outstanding by what it got.
+                let cq_depth = if id.is_some() {
+                    CQ_DEPTH
+                } else {
+                    CQ_DEPTH_VERBS
+                };
+                let cq = dev.create_cq(cq_depth)?;
                 nics.push(AgentNic {
+                    cq_depth,
                     name: nic_name,
                     id,
                     numa,
+                    mtu,
                     dev,
                     pd,
                     cq,
@@ -195,7 +226,7 @@ impl AgentBuilder {
             let addr = listener.local_addr();
             let shared = Arc::new(Shared {
                 name: name.clone(),
-                testbed: testbed.clone(),
+                backend: backend.clone(),
                 nics,
                 cfg: self.cfg.clone(),
                 cache: Cache::default(),
@@ -223,7 +254,7 @@ impl AgentBuilder {
             })
         })();
         if built.is_err() {
-            testbed.release(&claimed);
+            release(&backend);
         }
         built
     }
@@ -231,17 +262,70 @@ impl AgentBuilder {
 
 /// Completion queue depth of each NIC; the engine never has more requests outstanding on one.
 pub(crate) const CQ_DEPTH: u32 = 1 << 16;
+/// The same on a real device (within every provider's `max_cqe`, rxe's 32767 included).
+const CQ_DEPTH_VERBS: u32 = 1 << 14;
+
+/// What the agent runs on.
+#[derive(Debug, Clone)]
+pub(crate) enum Backend {
+    /// The simulated testbed.
+    Sim(Arc<Testbed>),
+    /// Real RDMA devices through libibverbs.
+    Verbs,
+}
+
+/// Open the RDMA devices named (or all of them): (name, None, NUMA node, active MTU, device).
+#[cfg(feature = "verbs")]
+fn open_verbs(agent: &str, want: Option<&[String]>) -> Result<Vec<OpenedNic>> {
+    use dmaplane_rdma::verbs::{VerbsDevice, list_devices};
+    let names = match want {
+        Some(w) => w.to_vec(),
+        None => list_devices()?,
+    };
+    if names.is_empty() {
+        return Err(Error::setup(agent, "no RDMA device: libibverbs lists none"));
+    }
+    names
+        .into_iter()
+        .map(|n| {
+            let v = VerbsDevice::open(Some(&n))?;
+            let mtu = v.active_mtu();
+            let numa =
+                std::fs::read_to_string(format!("/sys/class/infiniband/{n}/device/numa_node"))
+                    .ok()
+                    .and_then(|s| s.trim().parse::<i64>().ok())
+                    .and_then(|x| u32::try_from(x).ok())
+                    .unwrap_or(0);
+            Ok((n, None, numa, mtu, Device::new(v)))
+        })
+        .collect()
+}
+
+#[cfg(not(feature = "verbs"))]
+fn open_verbs(agent: &str, _want: Option<&[String]>) -> Result<Vec<OpenedNic>> {
+    Err(Error::setup(
+        agent,
+        "the verbs backend needs the `verbs` feature",
+    ))
+}
+
+type OpenedNic = (String, Option<DeviceId>, u32, Mtu, Device);
 
 /// One NIC the agent uses.
 #[derive(Debug)]
 pub(crate) struct AgentNic {
     pub(crate) name: String,
-    pub(crate) id: DeviceId,
+    /// Its device on the simulated fabric (`None` on verbs).
+    pub(crate) id: Option<DeviceId>,
     pub(crate) numa: u32,
+    /// The port's active path MTU (queue pairs use the smaller of both ends').
+    pub(crate) mtu: Mtu,
     pub(crate) dev: Device,
     pub(crate) pd: Pd,
     pub(crate) cq: Cq,
-    /// Requests outstanding on its CQ (bounded by [`CQ_DEPTH`]).
+    /// Entries of its CQ: the engine never has more requests outstanding on it.
+    pub(crate) cq_depth: u32,
+    /// Requests outstanding on its CQ (bounded by `cq_depth`).
     pub(crate) outstanding: AtomicU32,
     /// Requests posted on it so far.
     pub(crate) posted: AtomicU64,
@@ -250,7 +334,7 @@ pub(crate) struct AgentNic {
 /// What the agent's threads share.
 pub(crate) struct Shared {
     pub(crate) name: String,
-    pub(crate) testbed: Arc<Testbed>,
+    pub(crate) backend: Backend,
     pub(crate) nics: Vec<AgentNic>,
     pub(crate) cfg: Config,
     pub(crate) cache: Cache,
@@ -271,6 +355,14 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The simulated testbed, unless the agent runs on verbs.
+    pub(crate) fn testbed(&self) -> Option<&Arc<Testbed>> {
+        match &self.backend {
+            Backend::Sim(t) => Some(t),
+            Backend::Verbs => None,
+        }
+    }
+
     pub(crate) fn event(&self, e: Event) {
         tracing::debug!(agent = %self.name, event = ?e, "event");
         self.events.push(e);
@@ -292,7 +384,10 @@ impl Shared {
             version: VERSION,
             agent: self.name.clone(),
             handshake: self.addr.to_string(),
-            backend: "sim".into(),
+            backend: match self.backend {
+                Backend::Sim(_) => "sim".into(),
+                Backend::Verbs => "verbs".into(),
+            },
             nics: self
                 .nics
                 .iter()
@@ -300,6 +395,7 @@ impl Shared {
                     name: n.name.clone(),
                     gid: n.dev.gid(),
                     numa: n.numa,
+                    mtu: n.mtu.bytes(),
                 })
                 .collect(),
             regions: entries.iter().map(|e| self.region_info(e)).collect(),
@@ -398,6 +494,7 @@ impl Agent {
         AgentBuilder {
             name: name.into(),
             testbed: None,
+            verbs: false,
             nics: None,
             cfg: Config::default(),
         }
@@ -413,9 +510,9 @@ impl Agent {
         self.shared.nics.iter().map(|n| n.name.clone()).collect()
     }
 
-    /// The simulated testbed the agent runs on.
-    pub fn testbed(&self) -> &Arc<Testbed> {
-        &self.shared.testbed
+    /// The simulated testbed the agent runs on (`None` on verbs).
+    pub fn testbed(&self) -> Option<&Arc<Testbed>> {
+        self.shared.testbed()
     }
 
     /// Where the handshake listener accepts peers.
@@ -425,8 +522,11 @@ impl Agent {
 
     /// `len` bytes of host memory on the NUMA node of the agent's first NIC.
     pub fn alloc_host(&self, name: &str, len: u64) -> Result<Memory> {
+        let Some(tb) = self.shared.testbed() else {
+            return self.alloc_udmabuf(name, len);
+        };
         let numa = self.shared.nics.first().map_or(0, |n| n.numa);
-        let topo = self.shared.testbed.topology();
+        let topo = tb.topology();
         let dev = topo
             .host_memory_for_numa(numa)
             .or_else(|| {
@@ -439,11 +539,36 @@ impl Agent {
         self.alloc_host_on(name, &dev, len)
     }
 
-    /// `len` bytes of host memory on the host-memory device `device` (e.g. `mem1`).
+    /// Host memory on verbs: a udmabuf (memfd pages exported as a dma-buf).
+    #[cfg(feature = "verbs")]
+    fn alloc_udmabuf(&self, name: &str, len: u64) -> Result<Memory> {
+        check_alloc(name, len)?;
+        let m = dmaplane_core::dmabuf::UdmaBuf::new(name, len.div_ceil(4096) * 4096)
+            .map_err(|e| Error::setup(&self.shared.name, format!("host memory {name}: {e}")))?
+            .into_memory();
+        Ok(self.memory(
+            name,
+            len,
+            Location::Host("udmabuf".into()),
+            Backing::DmaBuf(m),
+        ))
+    }
+
+    #[cfg(not(feature = "verbs"))]
+    fn alloc_udmabuf(&self, name: &str, _len: u64) -> Result<Memory> {
+        Err(Error::setup(
+            &self.shared.name,
+            format!("host memory {name}: no testbed and no verbs"),
+        ))
+    }
+
+    /// `len` bytes of host memory on the host-memory device `device` (e.g. `mem1`) of the
+    /// simulated testbed.
     pub fn alloc_host_on(&self, name: &str, device: &str, len: u64) -> Result<Memory> {
         check_alloc(name, len)?;
-        let id = self.shared.testbed.device(device)?;
-        let host = HostMemory::new(self.shared.testbed.fabric(), id, name, len).map_err(|e| {
+        let tb = self.sim_only("alloc_host_on")?;
+        let id = tb.device(device)?;
+        let host = HostMemory::new(tb.fabric(), id, name, len).map_err(|e| {
             Error::invalid(
                 format!("host memory {name}"),
                 "device",
@@ -459,12 +584,21 @@ impl Agent {
         ))
     }
 
-    /// `len` bytes of device memory on `gpu` (e.g. `gpu0`).
+    /// `len` bytes of device memory on `gpu` (e.g. `gpu0`) of the simulated testbed.
     pub fn alloc_gpu(&self, name: &str, gpu: &str, len: u64) -> Result<Memory> {
         check_alloc(name, len)?;
-        let g = self.shared.testbed.gpu(gpu)?;
+        let g = self.sim_only("alloc_gpu")?.gpu(gpu)?;
         let mem = g.alloc(name, len)?;
         Ok(self.memory(name, len, Location::Gpu(gpu.into()), Backing::Gpu(mem)))
+    }
+
+    fn sim_only(&self, what: &str) -> Result<&Arc<Testbed>> {
+        self.shared.testbed().ok_or_else(|| {
+            Error::setup(
+                &self.shared.name,
+                format!("{what}: the verbs agent allocates host memory only (CUDA memory is not wired into the agent yet)"),
+            )
+        })
     }
 
     fn memory(&self, name: &str, len: u64, location: Location, b: Backing) -> Memory {
@@ -767,6 +901,8 @@ impl Drop for Agent {
                 tracing::error!(agent = %s.name, "an agent thread panicked");
             }
         }
-        s.testbed.release(&self.threads.claimed);
+        if let Some(t) = s.testbed() {
+            t.release(&self.threads.claimed);
+        }
     }
 }

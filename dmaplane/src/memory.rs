@@ -45,6 +45,9 @@ impl std::fmt::Display for Location {
 pub(crate) enum Backing {
     Host(HostMemory),
     Gpu(DeviceMemory),
+    /// A real dma-buf (udmabuf) on the verbs backend.
+    #[cfg(feature = "verbs")]
+    DmaBuf(dmaplane_core::dmabuf::DmaBufMemory),
 }
 
 pub(crate) struct MemoryInner {
@@ -130,6 +133,10 @@ impl Memory {
                 .then_some(())
                 .ok_or_else(|| self.freed()),
             Some(Backing::Gpu(g)) => Ok(g.write(offset, data)?),
+            #[cfg(feature = "verbs")]
+            Some(Backing::DmaBuf(m)) => m
+                .write(offset, data)
+                .map_err(|e| Error::setup(&self.inner.name, e.to_string())),
             None => Err(self.freed()),
         }
     }
@@ -143,6 +150,10 @@ impl Memory {
                 .then_some(())
                 .ok_or_else(|| self.freed()),
             Some(Backing::Gpu(g)) => Ok(g.read(offset, buf)?),
+            #[cfg(feature = "verbs")]
+            Some(Backing::DmaBuf(m)) => m
+                .read(offset, buf)
+                .map_err(|e| Error::setup(&self.inner.name, e.to_string())),
             None => Err(self.freed()),
         }
     }
@@ -159,6 +170,12 @@ impl Memory {
             Backing::Host(h) => {
                 let r = h.revoke(deadline);
                 drop(h);
+                r
+            }
+            #[cfg(feature = "verbs")]
+            Backing::DmaBuf(m) => {
+                let r = m.revoke(deadline);
+                drop(m);
                 r
             }
             Backing::Gpu(g) => match g.free(deadline) {

@@ -26,6 +26,8 @@ pub struct NicInfo {
     pub gid: [u8; 16],
     /// The NUMA node the NIC sits on.
     pub numa: u32,
+    /// The port's active path MTU in bytes (queue pairs use the smaller of both ends').
+    pub mtu: u32,
 }
 
 /// A region's key on one NIC.

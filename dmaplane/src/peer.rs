@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dmaplane_rdma::oob::{ConnInfo, Oob, OobListener};
-use dmaplane_rdma::{LeaseLink, MrAccess, Qp, QpCaps, RdmaError, RemoteMr};
+use dmaplane_rdma::{LeaseLink, MrAccess, Mtu, Qp, QpCaps, RdmaError, RemoteMr};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::Shared;
@@ -445,7 +445,8 @@ fn accept(
     let mut built = Vec::with_capacity(pairs.len());
     for (i, (their_nic, my_nic)) in pairs.iter().enumerate() {
         let local = nic_index(s, my_nic, &peer)?;
-        let lanes = lanes(s, local, qps, &oob, t)?;
+        let mtu = path_mtu(s, local, &theirs, their_nic);
+        let lanes = lanes(s, local, qps, mtu, &oob, t)?;
         // The connecting side opens this path's lease link next.
         let deadline = Instant::now() + t;
         let link_oob = loop {
@@ -494,7 +495,8 @@ pub(crate) fn connect(s: &Arc<Shared>, addr: &str) -> Result<Peer> {
     let mut built = Vec::with_capacity(pairs.len());
     for (i, (my_nic, their_nic)) in pairs.iter().enumerate() {
         let local = nic_index(s, my_nic, &peer)?;
-        let lanes = lanes(s, local, s.cfg.qps_per_path, &oob, t)?;
+        let mtu = path_mtu(s, local, &theirs, their_nic);
+        let lanes = lanes(s, local, s.cfg.qps_per_path, mtu, &oob, t)?;
         let link_oob = Oob::connect(addr, t)?;
         link_oob.send(&Wire::Link { nonce, path: i })?;
         let link = LeaseLink::open(&s.nics[local].dev, link_oob, t)?;
@@ -515,7 +517,35 @@ fn nic_index(s: &Shared, nic: &str, peer: &str) -> Result<usize> {
 }
 
 /// `n` queue pairs on NIC `local`, each connected to the peer's over `oob`.
-fn lanes(s: &Shared, local: usize, n: usize, oob: &Oob, t: Duration) -> Result<Vec<Arc<Lane>>> {
+/// The smaller of both ends' active MTUs: the path MTU both queue pairs must use.
+fn path_mtu(s: &Shared, local: usize, theirs: &Metadata, their_nic: &str) -> Mtu {
+    let mine = s.nics[local].mtu;
+    let other = theirs
+        .nics
+        .iter()
+        .find(|n| n.name == their_nic)
+        .map_or(mine.bytes(), |n| n.mtu);
+    [
+        Mtu::Mtu256,
+        Mtu::Mtu512,
+        Mtu::Mtu1024,
+        Mtu::Mtu2048,
+        Mtu::Mtu4096,
+    ]
+    .into_iter()
+    .rev()
+    .find(|m| m.bytes() <= mine.bytes().min(other))
+    .unwrap_or(Mtu::Mtu256)
+}
+
+fn lanes(
+    s: &Shared,
+    local: usize,
+    n: usize,
+    mtu: Mtu,
+    oob: &Oob,
+    t: Duration,
+) -> Result<Vec<Arc<Lane>>> {
     let nic = &s.nics[local];
     let caps = QpCaps {
         max_send_wr: s.cfg.depth,
@@ -526,7 +556,7 @@ fn lanes(s: &Shared, local: usize, n: usize, oob: &Oob, t: Duration) -> Result<V
         .map(|_| {
             let qp = nic.pd.create_qp(&nic.cq, &nic.cq, caps)?;
             let theirs = oob.exchange_timeout(&ConnInfo::new(qp.endpoint(), vec![]), t)?;
-            qp.connect(theirs.remote_qp(), MrAccess::ALL)?;
+            qp.connect_mtu(theirs.remote_qp(), MrAccess::ALL, mtu)?;
             Ok(Arc::new(Lane {
                 qp,
                 nic: local,

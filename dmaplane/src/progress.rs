@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use dmaplane_rdma::{Completion, RdmaError, SendWr, WcStatus};
 
-use crate::agent::{AgentStats, CQ_DEPTH, Shared};
+use crate::agent::{AgentStats, Shared};
 use crate::error::{Error, Result, Side};
 use crate::sync::lock;
 use crate::transfer::{Op, Status, TransferState};
@@ -226,7 +226,7 @@ impl Engine {
                 let queued = batches[li].len() as u32;
                 let nic = &s.nics[lane.nic];
                 let room = lane.outstanding.load(Ordering::Relaxed) + queued < s.cfg.depth
-                    && nic.outstanding.load(Ordering::Relaxed) + queued < CQ_DEPTH;
+                    && nic.outstanding.load(Ordering::Relaxed) + queued < nic.cq_depth;
                 if !room {
                     blocked.push_back(ci);
                     if blocked.len() > 64 {

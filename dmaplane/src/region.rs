@@ -99,6 +99,8 @@ impl Entry {
             Ok(match b {
                 Backing::Host(h) => h.epoch(),
                 Backing::Gpu(g) => g.epoch(),
+                #[cfg(feature = "verbs")]
+                Backing::DmaBuf(m) => m.epoch(),
             })
         })?;
         Ok(Entry {
@@ -139,11 +141,17 @@ fn register_on(
     base: u64,
     len: u64,
 ) -> Result<(Option<Mr>, NicPath)> {
-    let topo = shared.testbed.topology();
-    let route = topo
-        .route_by_id(memory.location().device(), &nic.name)
-        .map_err(|e| Error::setup(&shared.name, e.to_string()))?;
-    if route == Route::NotSupported {
+    // On the testbed the topology says whether a P2P path exists; a real device's exporter
+    // (the kernel's dma-buf) decides for itself.
+    let route = match shared.testbed() {
+        Some(tb) => Some(
+            tb.topology()
+                .route_by_id(memory.location().device(), &nic.name)
+                .map_err(|e| Error::setup(&shared.name, e.to_string()))?,
+        ),
+        None => None,
+    };
+    if route == Some(Route::NotSupported) {
         return Ok((
             None,
             NicPath::Unreachable {
@@ -163,13 +171,27 @@ fn register_on(
     };
     let name = memory.name().to_string();
     let mr = memory.with_backing(|b| {
+        let on_fabric = || {
+            nic.id.ok_or_else(|| {
+                Error::setup(&shared.name, format!("{} is not on the fabric", nic.name))
+            })
+        };
         Ok(match b {
-            Backing::Host(h) => nic
+            Backing::Host(h) => {
+                let id = on_fabric()?;
+                nic.pd
+                    .import(&name, opts, None, |i, a| h.attach(i, id, a))?
+            }
+            Backing::Gpu(g) => {
+                let id = on_fabric()?;
+                nic.pd.import(&name, opts, None, |i, a| {
+                    g.attach(i, GpuPeer::Fabric(id), a)
+                })?
+            }
+            #[cfg(feature = "verbs")]
+            Backing::DmaBuf(m) => nic
                 .pd
-                .import(&name, opts, None, |i, a| h.attach(i, nic.id, a))?,
-            Backing::Gpu(g) => nic.pd.import(&name, opts, None, |i, a| {
-                g.attach(i, GpuPeer::Fabric(nic.id), a)
-            })?,
+                .import(&name, opts, Some(m.fd()), |i, a| m.attach(i, a))?,
         })
     })?;
     let negotiation = mr.negotiation().unwrap_or_default();
@@ -177,7 +199,10 @@ fn register_on(
         Some(mr),
         NicPath::Direct {
             nic: nic.name.clone(),
-            route: format!("{route:?}"),
+            route: route.map_or_else(
+                || "external (the exporter decides)".into(),
+                |r| format!("{r:?}"),
+            ),
             negotiation,
         },
     ))

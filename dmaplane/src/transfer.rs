@@ -294,7 +294,11 @@ impl Future for Transfer {
 /// same host bridge, then the same NUMA node, then anything).
 fn rank(s: &Shared, device: &str, nic: usize) -> u32 {
     let n = &s.nics[nic];
-    let topo = s.testbed.topology();
+    let Some(tb) = s.testbed() else {
+        // Real devices: no topology model here; every NIC that registered the memory is equal.
+        return 0;
+    };
+    let topo = tb.topology();
     match topo.route_by_id(device, &n.name) {
         Ok(Route::BusAddr) => 0,
         Ok(Route::ThruHostBridge) => 1,

@@ -20,6 +20,7 @@ read -r -a CARGO_CMD <<<"${CARGO:-cargo}"
 TEST_BINS=(
   "core-dmabuf dmaplane-core dmabuf"
   "rdma-verbs dmaplane-rdma verbs --features verbs"
+  "dmaplane-verbs dmaplane verbs --features verbs"
 )
 # Program binaries: "GUEST_NAME PACKAGE BIN_TARGET [CARGO ARGS...]".
 PROGRAM_BINS=(

@@ -24,9 +24,13 @@ pub enum BenchCmd {
     /// same work in the same run: GB/s and average / p99 of prepare, post and completion, per
     /// block size and batch size (nixlbench's figures).
     Agent {
-        /// `sim` (the built-in testbed). `verbs` comes with the verbs agent.
+        /// `sim` (the built-in testbed) or `verbs` (two agents on one RDMA device, feature
+        /// `verbs`; 16 MiB working sets of udmabuf memory, no cache passes).
         #[arg(long, default_value = "sim")]
         backend: String,
+        /// The RDMA device for `--backend verbs` (default: the first).
+        #[arg(long)]
+        device: Option<String>,
         /// Block sizes in bytes (default 4 KiB, 64 KiB, 1 MiB, 4 MiB, 64 MiB).
         #[arg(long, value_delimiter = ',')]
         blocks: Vec<u64>,
@@ -87,11 +91,20 @@ pub fn run(cmd: &BenchCmd, json: bool) -> Result<()> {
         BenchCmd::Sgl { iters, scenario } => sgl(*iters, scenario, json),
         BenchCmd::Agent {
             backend,
+            device,
             blocks,
             batches,
             seconds,
             no_cache,
-        } => agent(backend, blocks, batches, *seconds, *no_cache, json),
+        } => agent(
+            backend,
+            device.as_deref(),
+            blocks,
+            batches,
+            *seconds,
+            *no_cache,
+            json,
+        ),
         BenchCmd::Rdma {
             sizes,
             seconds,
@@ -140,18 +153,18 @@ fn sgl(iters: u32, names: &[String], json: bool) -> Result<()> {
 
 fn agent(
     backend: &str,
+    device: Option<&str>,
     blocks: &[u64],
     batches: &[usize],
     seconds: f64,
     no_cache: bool,
     json: bool,
 ) -> Result<()> {
-    if backend != "sim" {
-        bail!(
-            "--backend {backend}: the agent runs on the simulated testbed so far (`sim`); the \
-             verbs agent is not built yet"
-        );
-    }
+    let verbs = match backend {
+        "sim" => None,
+        "verbs" => Some(device.unwrap_or("").to_string()),
+        other => bail!("--backend {other}: sim or verbs"),
+    };
     if !(seconds.is_finite() && seconds > 0.0 && seconds <= 60.0) {
         bail!("--seconds {seconds}: must be more than 0 and at most 60");
     }
@@ -167,6 +180,11 @@ fn agent(
     }
     if no_cache {
         cfg.cache = None;
+    }
+    if verbs.is_some() {
+        cfg.cache = None;
+        cfg.working_set = 16 << 20;
+        cfg.verbs = verbs;
     }
     let bar = ProgressBar::new_spinner();
     bar.enable_steady_tick(Duration::from_millis(120));

@@ -139,6 +139,12 @@ step stress-revoke-verbs-drain dmaplane stress revoke --backend verbs --quiesce 
 # A lying lease holder on rxe0 must make the stress fail, naming the fault.
 step stress-revoke-verbs-inject expect_caught ack-then-write
 step stress-revoke-verbs-inject-ignore expect_caught ignore-lease-revoke
+# The application library on rxe0: two processes, each with an Agent, meet over TCP; 64 MiB
+# WRITE (verified by the peer after the notification) and READ back, then a deregistration in
+# the middle of a transfer (a typed error; the connection and the peer's memory live on).
+step agent-verbs env DMAPLANE_REQUIRE_RDMA=1 DMAPLANE_RDMA_DEVICE=rxe0 dmaplane-verbs --test-threads=1 --nocapture
+# The library against the raw verbs layer on rxe0, in the same run.
+step bench-agent-verbs dmaplane bench agent --backend verbs --device rxe0 --seconds 0.05 --blocks 4096,65536 --batches 1,16
 step dmaplane-doctor dmaplane doctor
 
 # --- hook: extra steps passed in by the host ---------------------------------------------------

@@ -1,0 +1,189 @@
+#![cfg(feature = "verbs")]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! The Agent on a real RDMA device (Soft-RoCE in the qemu testbed), between two processes.
+//!
+//! `two_agents_in_two_processes` runs this test binary a second time as the peer
+//! (`DMAPLANE_AGENT_ROLE=peer`): the peer builds its agent on the same device, allocates and
+//! registers 64 MiB, and prints its handshake address and region id; this side connects over
+//! TCP, WRITEs 64 MiB with a notification (the peer verifies every byte when it arrives), READs
+//! it back and verifies, then deregisters its own source a quarter into a second WRITE: a typed
+//! error, and the peer's memory still answers a READ after it.
+//!
+//! Without a device the test prints why and passes, unless `DMAPLANE_REQUIRE_RDMA=1`.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dmaplane::{Agent, Error, Side, Status};
+
+const LEN: u64 = 64 << 20;
+const T: Duration = Duration::from_secs(240);
+
+fn pattern(len: u64) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect()
+}
+
+fn agent(name: &str) -> Option<Agent> {
+    let b = Agent::builder(name)
+        .verbs()
+        .stall_timeout(Duration::from_secs(60));
+    let b = match std::env::var("DMAPLANE_RDMA_DEVICE") {
+        Ok(d) => b.nics([d]),
+        Err(_) => b,
+    };
+    match b.build() {
+        Ok(a) => Some(a),
+        Err(e) => {
+            assert!(
+                std::env::var("DMAPLANE_REQUIRE_RDMA").as_deref() != Ok("1"),
+                "DMAPLANE_REQUIRE_RDMA=1 but no agent on verbs: {e}"
+            );
+            eprintln!("skipped: no RDMA device: {e}");
+            None
+        }
+    }
+}
+
+/// The peer process: serve 64 MiB, verify what is written when told, exit when told.
+#[test]
+#[ignore = "run by two_agents_in_two_processes as its peer"]
+fn helper_agent_peer() {
+    if std::env::var("DMAPLANE_AGENT_ROLE").as_deref() != Ok("peer") {
+        return;
+    }
+    let b = agent("peer").expect("the peer needs a device");
+    let dst = b.alloc_host("peer-pool", LEN).unwrap();
+    dst.write(0, &vec![0; LEN as usize]).unwrap();
+    let r = b.register(&dst).unwrap();
+    println!("LISTEN {} {}", b.listen_addr(), r.id());
+    let want = pattern(LEN);
+    let start = Instant::now();
+    loop {
+        assert!(start.elapsed() < T, "the peer was never told to stop");
+        let Some(n) = b.next_notification(Duration::from_secs(1)) else {
+            continue;
+        };
+        match n.bytes.as_slice() {
+            b"written" => {
+                let mut got = vec![0u8; LEN as usize];
+                dst.read(0, &mut got).unwrap();
+                let bad = got.iter().zip(&want).position(|(a, b)| a != b);
+                println!(
+                    "VERIFIED {}",
+                    bad.map_or("ok".to_string(), |i| format!("byte {i} differs"))
+                );
+            }
+            b"bye" => return,
+            other => panic!("unexpected notification {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn two_agents_in_two_processes() {
+    let Some(a) = agent("main") else { return };
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "helper_agent_peer",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("DMAPLANE_AGENT_ROLE", "peer")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = |prefix: &str| -> String {
+        for l in lines.by_ref() {
+            let l = l.unwrap();
+            eprintln!("peer: {l}");
+            // libtest prints "test NAME ... " without a newline first: look inside the line.
+            if let Some(i) = l.find(prefix) {
+                return l[i + prefix.len()..].trim().to_string();
+            }
+        }
+        panic!("the peer ended before saying {prefix}");
+    };
+    let listen = next("LISTEN");
+    let (addr, region) = listen.split_once(' ').unwrap();
+    let region: u32 = region.parse().unwrap();
+    let peer = a.connect_to(addr).unwrap();
+    let data = pattern(LEN);
+    let src = a.alloc_host("main-src", LEN).unwrap();
+    src.write(0, &data).unwrap();
+    let ra = a.register(&src).unwrap();
+    eprintln!("registration: {:?}", ra.paths());
+    let remote = peer.desc(region, 0, LEN).unwrap();
+
+    // 64 MiB WRITE, the notification after it, verified by the peer.
+    let start = Instant::now();
+    a.write(&peer, &[ra.all()], &[remote], Some(b"written"))
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    eprintln!("64 MiB WRITE in {:?}", start.elapsed());
+    assert_eq!(next("VERIFIED"), "ok");
+
+    // READ it back into a second buffer.
+    let back = a.alloc_host("main-back", LEN).unwrap();
+    let rback = a.register(&back).unwrap();
+    let start = Instant::now();
+    a.read(&peer, &[rback.all()], &[remote])
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    eprintln!("64 MiB READ in {:?}", start.elapsed());
+    let mut got = vec![0u8; LEN as usize];
+    back.read(0, &mut got).unwrap();
+    assert!(got == data, "the READ differs");
+
+    // Deregister the source a quarter into a second WRITE: a typed error.
+    let t = a.write(&peer, &[ra.all()], &[remote], None).unwrap();
+    let quarter = t.requests() as u64 / 4;
+    while matches!(t.status(), Status::InProgress { done, .. } if done < quarter) {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    a.deregister(&ra, Duration::from_secs(30)).unwrap();
+    match t.wait(T) {
+        Err(Error::Revoked {
+            side: Side::Local,
+            region,
+            why,
+            ..
+        }) => {
+            assert_eq!(region, ra.id());
+            assert!(why.contains("deregistered"), "{why}");
+        }
+        other => panic!("expected a local revoke, got {other:?}"),
+    }
+    // The connection and the peer's memory live on.
+    a.read(
+        &peer,
+        &[rback.desc(0, 1 << 20).unwrap()],
+        &[peer.desc(region, 0, 1 << 20).unwrap()],
+    )
+    .unwrap()
+    .wait(T)
+    .unwrap();
+    let s = a.stats();
+    eprintln!("stats: {s:?}");
+    assert_eq!((s.transfers_done, s.transfers_failed), (3, 1), "{s:?}");
+
+    // Tell the peer to stop (a notification needs a completed WRITE).
+    a.write(
+        &peer,
+        &[rback.desc(0, 4096).unwrap()],
+        &[peer.desc(region, 0, 4096).unwrap()],
+        Some(b"bye"),
+    )
+    .unwrap()
+    .wait(T)
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "the peer failed: {status}");
+}
