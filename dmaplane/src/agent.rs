@@ -242,15 +242,19 @@ impl AgentBuilder {
                 next_region: AtomicU32::new(1),
                 next_memory: AtomicU64::new(1),
                 pending_links: Mutex::new(HashMap::new()),
+                handshakes: Mutex::new(HashMap::new()),
+                in_handshake: std::sync::atomic::AtomicUsize::new(0),
             });
             let accept = peer::spawn_listener(&shared, listener)?;
             let progress = crate::progress::spawn(&shared)?;
+            let threads = Arc::new(Threads {
+                handles: Mutex::new(vec![accept, progress]),
+                claimed: claimed.clone(),
+                shared: Arc::downgrade(&shared),
+            });
             Ok(Agent {
+                _threads: threads,
                 shared,
-                threads: Arc::new(Threads {
-                    handles: Mutex::new(vec![accept, progress]),
-                    claimed: claimed.clone(),
-                }),
             })
         })();
         if built.is_err() {
@@ -352,6 +356,10 @@ pub(crate) struct Shared {
     next_memory: AtomicU64,
     /// Lease-link connections that arrived for a handshake under way: (nonce, path) → conn.
     pub(crate) pending_links: Mutex<HashMap<(u64, usize), dmaplane_rdma::oob::Oob>>,
+    /// Handshakes under way on the listening side: nonce → number of paths.
+    pub(crate) handshakes: Mutex<HashMap<u64, usize>>,
+    /// Connections being served by the listener (bounded).
+    pub(crate) in_handshake: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -425,9 +433,12 @@ impl Shared {
     }
 }
 
+/// The agent's threads and NIC claims: shut down exactly once, when the last [`Agent`] clone
+/// lets go of them.
 struct Threads {
     handles: Mutex<Vec<JoinHandle<()>>>,
     claimed: Vec<String>,
+    shared: Weak<Shared>,
 }
 
 /// Counters of an agent.
@@ -455,8 +466,9 @@ pub struct AgentStats {
 /// threads, closes its peers and releases its NICs.
 #[derive(Clone)]
 pub struct Agent {
+    // Field order is drop order: the threads shut down while this clone still holds the state.
+    _threads: Arc<Threads>,
     pub(crate) shared: Arc<Shared>,
-    threads: Arc<Threads>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -701,7 +713,8 @@ impl Agent {
         );
         // Peers connected already learn of it now.
         let info = s.region_info(&entry);
-        for p in lock(&s.peers).iter() {
+        let peers: Vec<Arc<PeerShared>> = lock(&s.peers).clone();
+        for p in &peers {
             p.announce(&entry, &info);
         }
         Ok(Region {
@@ -881,28 +894,24 @@ fn check_alloc(name: &str, len: u64) -> Result<()> {
 
 impl Drop for Threads {
     fn drop(&mut self) {
-        // The last Agent clone went; Shared may live on in the threads until they see stop.
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if Arc::strong_count(&self.threads) > 1 {
+        // The accept thread holds the agent's state until it sees `stop`.
+        let Some(s) = self.shared.upgrade() else {
             return;
-        }
-        let s = &self.shared;
+        };
         s.stop.store(true, Ordering::Release);
         s.engine.wake();
-        for p in lock(&s.peers).drain(..) {
+        // Taken out first: a peer's reader retiring takes this lock too.
+        let peers: Vec<Arc<PeerShared>> = lock(&s.peers).drain(..).collect();
+        for p in peers {
             p.close("the agent was dropped");
         }
-        for h in lock(&self.threads.handles).drain(..) {
+        for h in lock(&self.handles).drain(..) {
             if h.join().is_err() {
                 tracing::error!(agent = %s.name, "an agent thread panicked");
             }
         }
         if let Some(t) = s.testbed() {
-            t.release(&self.threads.claimed);
+            t.release(&self.claimed);
         }
     }
 }

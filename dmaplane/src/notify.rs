@@ -4,7 +4,7 @@
 
 /// Notifications kept until read; a peer cannot grow the queue beyond this (the oldest go and
 /// are reported as [`crate::Event::Dropped`]).
-pub const NOTIFY_QUEUE: usize = 65536;
+pub const NOTIFY_QUEUE: usize = 4096;
 
 /// The largest notification accepted.
 pub const MAX_NOTIFY: usize = 64 << 10;

@@ -29,6 +29,11 @@ use crate::notify::{MAX_NOTIFY, Notification};
 use crate::region::Entry;
 use crate::sync::lock;
 
+/// Registrations of one peer this agent keeps track of (what its announcements may fill).
+const MAX_PEER_REGIONS: usize = 1 << 20;
+/// Handshakes (and connections not yet past their first message) served at once.
+const MAX_HANDSHAKES: usize = 64;
+
 /// Control messages queued for a peer before sends are refused.
 const CONTROL_QUEUE: usize = 4096;
 /// How often idle control readers and the listener look at the stop flag.
@@ -82,6 +87,9 @@ pub(crate) struct Path {
     link: Mutex<Option<LeaseLink>>,
     /// Leases the peer granted on this path, by rkey.
     leases: Mutex<HashMap<u32, Arc<RemoteMr>>>,
+    /// Registrations this side granted the peer on this path (each once: a second grant
+    /// would make a revoke wait for a second ack that never comes).
+    granted: Mutex<std::collections::HashSet<u32>>,
 }
 
 impl Path {
@@ -92,6 +100,7 @@ impl Path {
             lanes,
             link: Mutex::new(Some(link)),
             leases: Mutex::new(HashMap::new()),
+            granted: Mutex::new(std::collections::HashSet::new()),
         }
     }
 }
@@ -271,7 +280,13 @@ impl PeerShared {
 
     fn grant(&self, entry: &Entry) {
         for p in &self.paths {
-            if let (Some(mr), Some(link)) = (&entry.mrs[p.local], lock(&p.link).as_ref())
+            let Some(mr) = &entry.mrs[p.local] else {
+                continue;
+            };
+            if !lock(&p.granted).insert(entry.id) {
+                continue;
+            }
+            if let Some(link) = lock(&p.link).as_ref()
                 && let Err(e) = link.grant(mr)
             {
                 tracing::warn!(peer = %self.name, region = entry.id, error = %e, "lease not granted");
@@ -303,6 +318,20 @@ impl PeerShared {
             if let Some(g) = got {
                 lock(&p.leases).insert(g.rkey(), g);
             }
+        }
+    }
+
+    /// A lost peer lets go of what it holds: the writer ends, the lease links and the control
+    /// connection close, and the agent stops listing it. Queue pairs go with the last transfer
+    /// that uses them.
+    fn retire(self: &Arc<Self>, agent: &Weak<Shared>) {
+        lock(&self.tx).take();
+        for p in &self.paths {
+            lock(&p.link).take();
+        }
+        let _ = self.ctrl.shutdown();
+        if let Some(a) = agent.upgrade() {
+            lock(&a.peers).retain(|x| !Arc::ptr_eq(x, self));
         }
     }
 
@@ -347,10 +376,18 @@ pub(crate) fn spawn_listener(
             while !s.stop.load(Ordering::Acquire) {
                 match listener.accept(POLL) {
                     Ok(oob) => {
+                        if s.in_handshake.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
+                            s.in_handshake.fetch_sub(1, Ordering::AcqRel);
+                            tracing::warn!(agent = %s.name, peer = %oob.peer_addr(), "too many handshakes at once: connection refused");
+                            continue;
+                        }
                         let s2 = s.clone();
                         let spawned = std::thread::Builder::new()
                             .name("dmaplane-handshake".into())
-                            .spawn(move || first_message(&s2, oob));
+                            .spawn(move || {
+                                first_message(&s2, oob);
+                                s2.in_handshake.fetch_sub(1, Ordering::AcqRel);
+                            });
                         if let Err(e) = spawned {
                             tracing::error!(agent = %s.name, error = %e, "no thread for a handshake");
                         }
@@ -381,7 +418,15 @@ fn first_message(s: &Arc<Shared>, oob: Oob) {
             }
         }
         Ok(Wire::Link { nonce, path }) => {
-            lock(&s.pending_links).insert((nonce, path), oob);
+            // Only for a handshake under way, and for a path it has.
+            match lock(&s.handshakes).get(&nonce) {
+                Some(&paths) if path < paths => {
+                    lock(&s.pending_links).insert((nonce, path), oob);
+                }
+                _ => {
+                    tracing::warn!(agent = %s.name, %peer, nonce, path, "lease link for no handshake under way: dropped")
+                }
+            }
         }
         Ok(other) => tracing::warn!(agent = %s.name, %peer, ?other, "unexpected first message"),
         Err(e) => tracing::debug!(agent = %s.name, %peer, error = %e, "connection without a hello"),
@@ -442,11 +487,31 @@ fn accept(
     })?;
     let pairs = paths(&theirs, &mine);
     let t = s.cfg.setup_timeout;
+    lock(&s.handshakes).insert(nonce, pairs.len());
+    let r = accept_paths(s, &oob, &peer, &pairs, qps, nonce, &theirs, t);
+    lock(&s.handshakes).remove(&nonce);
+    lock(&s.pending_links).retain(|(n, _), _| *n != nonce);
+    finish(s, oob, theirs, r?);
+    Ok(())
+}
+
+/// The listening side's paths: queue pairs, then the lease link the other side opens.
+#[allow(clippy::too_many_arguments)]
+fn accept_paths(
+    s: &Arc<Shared>,
+    oob: &Oob,
+    peer: &str,
+    pairs: &[(String, String)],
+    qps: usize,
+    nonce: u64,
+    theirs: &Metadata,
+    t: Duration,
+) -> Result<Vec<Path>> {
     let mut built = Vec::with_capacity(pairs.len());
     for (i, (their_nic, my_nic)) in pairs.iter().enumerate() {
-        let local = nic_index(s, my_nic, &peer)?;
-        let mtu = path_mtu(s, local, &theirs, their_nic);
-        let lanes = lanes(s, local, qps, mtu, &oob, t)?;
+        let local = nic_index(s, my_nic, peer)?;
+        let mtu = path_mtu(s, local, theirs, their_nic);
+        let lanes = lanes(s, local, qps, mtu, oob, t)?;
         // The connecting side opens this path's lease link next.
         let deadline = Instant::now() + t;
         let link_oob = loop {
@@ -455,7 +520,7 @@ fn accept(
             }
             if Instant::now() > deadline {
                 return Err(handshake_err(
-                    &peer,
+                    peer,
                     format!("no lease link for path {i} within {t:?}"),
                 ));
             }
@@ -464,8 +529,7 @@ fn accept(
         let link = LeaseLink::open(&s.nics[local].dev, link_oob, t)?;
         built.push(Path::new(local, their_nic, lanes, link));
     }
-    finish(s, oob, theirs, built);
-    Ok(())
+    Ok(built)
 }
 
 /// The connecting side of a handshake.
@@ -592,14 +656,6 @@ fn finish(s: &Arc<Shared>, oob: Oob, theirs: Metadata, paths: Vec<Path>) -> Arc<
         tx: Mutex::new(Some(tx)),
         threads: Mutex::new(Vec::new()),
     });
-    let entries: Vec<Arc<Entry>> = lock(&s.entries)
-        .values()
-        .filter_map(Weak::upgrade)
-        .filter(|e| e.revoked_at().is_none())
-        .collect();
-    for e in &entries {
-        peer.grant(e);
-    }
     let writer = {
         let (p, c) = (peer.clone(), ctrl.clone());
         std::thread::Builder::new()
@@ -620,7 +676,18 @@ fn finish(s: &Arc<Shared>, oob: Oob, theirs: Metadata, paths: Vec<Path>) -> Arc<
             lock(&peer.threads).extend(w.into_iter().chain(r));
         }
     }
+    // Listed first, then every live registration granted and announced: one registered
+    // while the handshake ran (after its metadata was sent) is not missed, and one registered
+    // from now on is announced by the registration itself (grants are deduplicated).
     lock(&s.peers).push(peer.clone());
+    let entries: Vec<Arc<Entry>> = lock(&s.entries)
+        .values()
+        .filter_map(Weak::upgrade)
+        .filter(|e| e.revoked_at().is_none())
+        .collect();
+    for e in &entries {
+        peer.announce(e, &s.region_info(e));
+    }
     // An agent dropped while this handshake ran closes what it just connected.
     if s.stop.load(Ordering::Acquire) {
         peer.close("the agent stopped during the handshake");
@@ -639,13 +706,23 @@ fn write_loop(p: &PeerShared, oob: &Oob, rx: Receiver<Wire>) {
 }
 
 fn read_loop(p: &Arc<PeerShared>, oob: &Oob, agent: &Weak<Shared>) {
+    read_until_lost(p, oob, agent);
+    p.retire(agent);
+}
+
+fn read_until_lost(p: &Arc<PeerShared>, oob: &Oob, agent: &Weak<Shared>) {
     loop {
         if p.lost().is_some() {
             return;
         }
         match oob.recv::<Wire>(POLL) {
             Ok(Wire::Region { info }) => {
-                lock(&p.regions).insert(info.id, info);
+                let mut r = lock(&p.regions);
+                if r.len() >= MAX_PEER_REGIONS && !r.contains_key(&info.id) {
+                    tracing::warn!(peer = %p.name, region = info.id, "the peer announced more than {MAX_PEER_REGIONS} registrations: ignored");
+                    continue;
+                }
+                r.insert(info.id, info);
             }
             Ok(Wire::Notify { transfer, bytes }) => {
                 let Some(a) = agent.upgrade() else { return };

@@ -19,6 +19,11 @@ use crate::error::{Error, Result, Side};
 use crate::sync::lock;
 use crate::transfer::{Op, Status, TransferState};
 
+/// How many flushed requests a transfer may send again: as many as it has, plus some.
+fn retry_limit(t: &TransferState) -> u64 {
+    2 * t.chunks.len() as u64 + 16
+}
+
 /// Polls of an idle engine before the thread sleeps.
 const SPIN: u32 = 200;
 /// Sleep of an idle engine with transfers under way, and with none.
@@ -27,6 +32,8 @@ const NAP_IDLE: Duration = Duration::from_millis(20);
 
 struct Active {
     t: Arc<TransferState>,
+    /// Requests sent again after a flush that was not about this transfer.
+    retries: u64,
     /// Chunk indices not posted yet, in order.
     pending: VecDeque<u32>,
     outstanding: u64,
@@ -125,6 +132,7 @@ impl Engine {
             id,
             Active {
                 t,
+                retries: 0,
                 pending: (0..n).collect(),
                 outstanding: 0,
                 done: 0,
@@ -178,6 +186,7 @@ impl Engine {
     }
 
     fn complete(&self, s: &Shared, g: &mut Inner, wc: &Completion) {
+        let mut requeue = false;
         let (tid, ci) = (
             wc.wr_id >> CHUNK_BITS,
             (wc.wr_id & ((1 << CHUNK_BITS) - 1)) as u32,
@@ -200,7 +209,22 @@ impl Engine {
             a.done += 1;
             a.t.done.store(a.done, Ordering::Relaxed);
         } else if a.error.is_none() {
-            a.error = Some(a.t.classify(chunk, &format!("{:?}", wc.status)));
+            match a.t.revoked_or_lost(chunk, &format!("{:?}", wc.status)) {
+                Some(e) => a.error = Some(e),
+                // Flushed because another transfer's memory was revoked on the same queue
+                // pair: this one's memory is fine, so the request goes again once the queue
+                // pair is back (a bounded number of times).
+                None if wc.status == WcStatus::WrFlushErr && a.retries < retry_limit(&a.t) => {
+                    a.retries += 1;
+                    a.pending.push_back(ci);
+                    requeue = true;
+                }
+                None => a.error = Some(a.t.classify(chunk, &format!("{:?}", wc.status))),
+            }
+        }
+        let tid = wc.wr_id >> CHUNK_BITS;
+        if requeue && !g.queue.contains(&tid) {
+            g.queue.push_back(tid);
         }
     }
 
@@ -218,6 +242,8 @@ impl Engine {
             }
             // Batches per lane, in chunk order.
             let mut batches: Vec<Vec<u32>> = vec![Vec::new(); a.t.lanes.len()];
+            // Requests this round adds to each NIC's completion queue, over all its lanes.
+            let mut nic_queued = vec![0u32; s.nics.len()];
             let mut blocked = VecDeque::new();
             while let Some(ci) = a.pending.pop_front() {
                 let c = &a.t.chunks[ci as usize];
@@ -226,7 +252,8 @@ impl Engine {
                 let queued = batches[li].len() as u32;
                 let nic = &s.nics[lane.nic];
                 let room = lane.outstanding.load(Ordering::Relaxed) + queued < s.cfg.depth
-                    && nic.outstanding.load(Ordering::Relaxed) + queued < nic.cq_depth;
+                    && nic.outstanding.load(Ordering::Relaxed) + nic_queued[lane.nic]
+                        < nic.cq_depth;
                 if !room {
                     blocked.push_back(ci);
                     if blocked.len() > 64 {
@@ -235,6 +262,7 @@ impl Engine {
                     continue;
                 }
                 batches[li].push(ci);
+                nic_queued[lane.nic] += 1;
             }
             // What could not go now goes first next time.
             while let Some(ci) = blocked.pop_back() {
@@ -269,6 +297,9 @@ impl Engine {
                     .outstanding
                     .fetch_add(taken as u32, Ordering::Relaxed);
                 a.outstanding += taken as u64;
+                if taken > 0 {
+                    a.last = Instant::now();
+                }
                 self.posted.fetch_add(taken as u64, Ordering::Relaxed);
                 posted_any |= taken > 0;
                 if let Err(e) = r {
@@ -335,7 +366,8 @@ impl Engine {
                 a.pending.clear();
             }
             let idle = now.saturating_duration_since(a.last);
-            if a.outstanding > 0 && idle >= stall && !a.reported {
+            // Silent with requests out, or unable to post what is left: stalled either way.
+            if (a.outstanding > 0 || !a.pending.is_empty()) && idle >= stall && !a.reported {
                 // Reported now; the registrations stay held until the NIC answers.
                 let e = match a.error.take() {
                     Some(e @ Error::PeerLost { .. }) => e,
@@ -394,6 +426,22 @@ impl Engine {
         any
     }
 
+    /// The agent stops: every transfer still under way ends with an error (its requests die
+    /// with the agent's queue pairs).
+    fn fail_all(&self, agent: &str) {
+        let mut g = lock(&self.inner);
+        g.queue.clear();
+        for (_, a) in g.active.drain() {
+            if !a.reported {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                a.t.finish(Status::Failed(Error::PeerLost {
+                    peer: a.t.peer.name.clone(),
+                    why: format!("agent {agent} stopped with the transfer under way"),
+                }));
+            }
+        }
+    }
+
     fn nap(&self, busy: bool) {
         let g = lock(&self.inner);
         if g.wake {
@@ -426,6 +474,7 @@ pub(crate) fn spawn(shared: &Arc<Shared>) -> Result<JoinHandle<()>> {
             loop {
                 let Some(s) = w.upgrade() else { return };
                 if s.stop.load(Ordering::Acquire) {
+                    s.engine.fail_all(&s.name);
                     return;
                 }
 

@@ -98,30 +98,44 @@ impl TransferState {
             return;
         }
         o.status = status;
-        if let Some(w) = o.waker.take() {
+        let waker = o.waker.take();
+        self.cv.notify_all();
+        drop(o);
+        // Outside the outcome's lock: a waker may poll the future at once.
+        if let Some(w) = waker {
             w.wake();
         }
-        self.cv.notify_all();
     }
 
     /// The typed error for a request that failed: a revoke of either side when one happened.
     pub(crate) fn classify(&self, chunk: &Chunk, status: &str) -> Error {
+        self.revoked_or_lost(chunk, status)
+            .unwrap_or_else(|| Error::Failed {
+                transfer: self.id,
+                peer: self.peer.name.clone(),
+                chunk: 0,
+                status: status.to_string(),
+            })
+    }
+
+    /// A revoke of either side's memory, or the peer's loss, if that is why a request failed.
+    pub(crate) fn revoked_or_lost(&self, chunk: &Chunk, status: &str) -> Option<Error> {
         let e = &self.entries[usize::from(chunk.local_entry)];
         if let Some(epoch) = e.revoked_at() {
-            return Error::Revoked {
+            return Some(Error::Revoked {
                 side: Side::Local,
                 region: e.id,
                 name: e.memory.name().to_string(),
                 epoch,
                 why: format!("a request completed with {status}: {}", e.gone_why()),
-            };
+            });
         }
         if let Some(epoch) = self.leases[usize::from(chunk.lease)].revoked_at() {
             let name = self
                 .peer
                 .region(chunk.remote_region)
                 .map_or_else(String::new, |r| r.name);
-            return Error::Revoked {
+            return Some(Error::Revoked {
                 side: Side::Remote,
                 region: chunk.remote_region,
                 name,
@@ -130,20 +144,12 @@ impl TransferState {
                     "the peer revoked it (a request completed with {status}); {} holds no lease on it any more",
                     self.peer.name
                 ),
-            };
+            });
         }
-        if let Some(why) = self.peer.lost() {
-            return Error::PeerLost {
-                peer: self.peer.name.clone(),
-                why,
-            };
-        }
-        Error::Failed {
-            transfer: self.id,
+        self.peer.lost().map(|why| Error::PeerLost {
             peer: self.peer.name.clone(),
-            chunk: 0,
-            status: status.to_string(),
-        }
+            why,
+        })
     }
 }
 
@@ -543,9 +549,9 @@ fn route(
     usable.retain(|u| u.0 == best);
     let mut lanes = Vec::new();
     for (_, pi, lease) in &usable {
-        let li = index_of(t_leases, lease);
+        let li = index_of(t_leases, lease)?;
         for l in &peer.paths[*pi].lanes {
-            lanes.push((index_of(t_lanes, l), li));
+            lanes.push((index_of(t_lanes, l)?, li));
         }
     }
     let entry = match entries.iter().position(|x| Arc::ptr_eq(x, &e)) {
@@ -564,12 +570,20 @@ fn route(
 }
 
 /// The index of `x` in `v`, appended if it is not there yet.
-fn index_of<T>(v: &mut Vec<Arc<T>>, x: &Arc<T>) -> u16 {
-    match v.iter().position(|y| Arc::ptr_eq(y, x)) {
-        Some(k) => k as u16,
+fn index_of<T>(v: &mut Vec<Arc<T>>, x: &Arc<T>) -> Result<u16> {
+    let k = match v.iter().position(|y| Arc::ptr_eq(y, x)) {
+        Some(k) => k,
         None => {
             v.push(x.clone());
-            (v.len() - 1) as u16
+            v.len() - 1
         }
-    }
+    };
+    u16::try_from(k).map_err(|_| {
+        Error::invalid(
+            "transfer",
+            "descriptors",
+            format!("{} queue pairs or leases", v.len()),
+            "a transfer uses at most 65536 of each: send it in parts",
+        )
+    })
 }

@@ -688,3 +688,176 @@ fn a_transfer_is_striped_over_the_rails_that_serve_the_memory_best() {
         "{by:?}"
     );
 }
+
+/// Two transfers on one queue pair; the receiver frees the first one's memory: the flush that
+/// the free causes on the shared queue pair ends the first with the typed error, and the
+/// second — whose memory is fine — goes again and lands whole.
+#[test]
+fn a_revoke_of_one_transfer_does_not_fail_another_on_the_same_queue_pair() {
+    let tb = Testbed::builtin().unwrap();
+    // One queue pair of 8; 4 MiB requests: both transfers have requests queued on it when
+    // the free's flush comes.
+    let a = Agent::builder("a")
+        .testbed(tb.clone())
+        .nics(["nic0"])
+        .qps_per_path(1)
+        .depth(8)
+        .chunk(4 << 20)
+        .build()
+        .unwrap();
+    let b = agent_b(&tb);
+    const LEN: u64 = 32 << 20;
+    let src = a.alloc_host("src", LEN).unwrap();
+    let data = pattern(11, LEN as usize);
+    src.write(0, &data).unwrap();
+    let (d1, d2) = (
+        b.alloc_host("d1", LEN).unwrap(),
+        b.alloc_host("d2", LEN).unwrap(),
+    );
+    d1.write(0, &vec![0; LEN as usize]).unwrap();
+    d2.write(0, &vec![0; LEN as usize]).unwrap();
+    let ra = a.register(&src).unwrap();
+    let (r1, r2) = (b.register(&d1).unwrap(), b.register(&d2).unwrap());
+    let peer = a.connect(&b.metadata_blob().unwrap()).unwrap();
+    let t1 = a
+        .write(
+            &peer,
+            &[ra.desc(0, 16 << 20).unwrap()],
+            &[peer.desc(r1.id(), 0, 16 << 20).unwrap()],
+            None,
+        )
+        .unwrap();
+    let t2 = a
+        .write(
+            &peer,
+            &[ra.all()],
+            &[peer.desc(r2.id(), 0, LEN).unwrap()],
+            None,
+        )
+        .unwrap();
+    d1.free(Duration::from_secs(2)).unwrap();
+    assert!(matches!(
+        t1.wait(T),
+        Err(Error::Revoked {
+            side: Side::Remote,
+            ..
+        }) | Ok(())
+    ));
+    t2.wait(T).unwrap();
+    let mut got = vec![0u8; LEN as usize];
+    d2.read(0, &mut got).unwrap();
+    assert!(got == data, "the second transfer's bytes differ");
+}
+
+/// Registrations made while a handshake runs are announced to the new peer too.
+#[test]
+fn registrations_made_during_the_handshake_reach_the_peer() {
+    let tb = Testbed::builtin().unwrap();
+    let (a, b) = pair(&tb);
+    let mem = b.alloc_host("many", 64 << 20).unwrap();
+    let blob = b.metadata_blob().unwrap();
+    let (peer, ids) = std::thread::scope(|s| {
+        let reg = s.spawn(|| {
+            (0..256u64)
+                .map(|k| b.register_range(&mem, k << 18, 1 << 18).unwrap())
+                .collect::<Vec<_>>()
+        });
+        let peer = a.connect(&blob).unwrap();
+        (peer, reg.join().unwrap())
+    });
+    let start = Instant::now();
+    while ids.iter().any(|r| peer.region(r.id()).is_none()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "registrations never announced"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Many lanes of a deep queue each, tiny chunks: the engine never has more requests out on a
+/// NIC than its completion queue holds, so a transfer of 131072 requests completes.
+#[test]
+fn a_batch_never_overruns_the_completion_queue() {
+    let tb = Testbed::builtin().unwrap();
+    let a = Agent::builder("a")
+        .testbed(tb.clone())
+        .nics(["nic0"])
+        .qps_per_path(64)
+        .depth(4096)
+        .chunk(64)
+        .build()
+        .unwrap();
+    let b = agent_b(&tb);
+    const LEN: u64 = 8 << 20;
+    let Link {
+        src,
+        dst,
+        ra,
+        rb,
+        peer,
+    } = link(&a, &b, LEN);
+    let data = pattern(12, LEN as usize);
+    src.write(0, &data).unwrap();
+    let t = a
+        .write(
+            &peer,
+            &[ra.all()],
+            &[peer.desc(rb.id(), 0, LEN).unwrap()],
+            None,
+        )
+        .unwrap();
+    assert_eq!(t.requests(), 131072);
+    t.wait(Duration::from_secs(120)).unwrap();
+    let mut got = vec![0u8; LEN as usize];
+    dst.read(0, &mut got).unwrap();
+    assert!(got == data);
+}
+
+/// A peer that comes and goes, again and again: each lost peer is let go of (no list, no
+/// threads, no sockets kept).
+#[test]
+fn lost_peers_are_let_go_of() {
+    let tb = Testbed::builtin().unwrap();
+    let a = Agent::builder("a")
+        .testbed(tb.clone())
+        .nics(["nic0"])
+        .build()
+        .unwrap();
+    for _ in 0..5 {
+        let b = agent_b(&tb);
+        let _p = b.connect_to(&a.listen_addr().to_string()).unwrap();
+        drop(b);
+    }
+    let start = Instant::now();
+    while !a.peers().is_empty() {
+        assert!(
+            start.elapsed() < T,
+            "{} lost peers still listed",
+            a.peers().len()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A lease-link message for no handshake under way is dropped at once, not kept.
+#[test]
+fn a_stray_lease_link_is_dropped() {
+    use std::io::{Read, Write};
+    let tb = Testbed::builtin().unwrap();
+    let a = Agent::builder("a")
+        .testbed(tb)
+        .nics(["nic0"])
+        .build()
+        .unwrap();
+    let mut c = std::net::TcpStream::connect(a.listen_addr()).unwrap();
+    c.write_all(b"{\"msg\":\"link\",\"nonce\":1,\"path\":0}\n")
+        .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        c.read(&mut buf).unwrap(),
+        0,
+        "the listener kept the connection"
+    );
+}
