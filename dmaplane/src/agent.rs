@@ -43,6 +43,9 @@ pub struct Config {
     pub setup_timeout: Duration,
     /// Where the handshake listener binds (`host:port`; port 0 picks one).
     pub listen: String,
+    /// The handshake address the metadata tells peers (`host:port`); `None`: the bound
+    /// address, which must then be a specific one (not `0.0.0.0` or `::`).
+    pub advertise: Option<String>,
 }
 
 impl Default for Config {
@@ -54,6 +57,7 @@ impl Default for Config {
             stall_timeout: Duration::from_secs(10),
             setup_timeout: Duration::from_secs(30),
             listen: "127.0.0.1:0".into(),
+            advertise: None,
         }
     }
 }
@@ -124,9 +128,18 @@ impl AgentBuilder {
         self
     }
 
-    /// Bind the handshake listener here (default `127.0.0.1:0`).
+    /// Bind the handshake listener here (default `127.0.0.1:0`; another host's peers need an
+    /// address they can reach, e.g. `0.0.0.0:7400` with [`AgentBuilder::advertise`]).
     pub fn listen(mut self, addr: impl Into<String>) -> Self {
         self.cfg.listen = addr.into();
+        self
+    }
+
+    /// Tell peers this handshake address in the metadata (`10.0.0.5:7400`, or a host alone,
+    /// which gets the bound port) instead of the bound one: needed when the listener binds a
+    /// wildcard address.
+    pub fn advertise(mut self, addr: impl Into<String>) -> Self {
+        self.cfg.advertise = Some(addr.into());
         self
     }
 
@@ -224,6 +237,15 @@ impl AgentBuilder {
             }
             let listener = OobListener::bind(c.listen.as_str())?;
             let addr = listener.local_addr();
+            if addr.ip().is_unspecified() && c.advertise.is_none() {
+                return Err(Error::invalid(
+                    format!("agent {name}"),
+                    "listen",
+                    addr,
+                    "a wildcard address is no address a peer can dial: also set advertise \
+                     (the host:port peers should connect to)",
+                ));
+            }
             let shared = Arc::new(Shared {
                 name: name.clone(),
                 backend: backend.clone(),
@@ -391,7 +413,12 @@ impl Shared {
         Metadata {
             version: VERSION,
             agent: self.name.clone(),
-            handshake: self.addr.to_string(),
+            handshake: match &self.cfg.advertise {
+                // A host alone gets the bound port.
+                Some(a) if a.parse::<SocketAddr>().is_err() => format!("{a}:{}", self.addr.port()),
+                Some(a) => a.clone(),
+                None => self.addr.to_string(),
+            },
             backend: match self.backend {
                 Backend::Sim(_) => "sim".into(),
                 Backend::Verbs => "verbs".into(),

@@ -423,6 +423,25 @@ fn bad_input_is_refused_naming_the_field() {
     );
     let e = Agent::builder("x")
         .testbed(tb.clone())
+        .listen("0.0.0.0:0")
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("listen") && e.contains("advertise"), "{e}");
+    // With the address to advertise, a wildcard listener is reachable through the metadata.
+    let w = Agent::builder("w")
+        .testbed(tb.clone())
+        .nics(["nic2"])
+        .listen("0.0.0.0:0")
+        .advertise("127.0.0.1")
+        .build()
+        .unwrap();
+    assert_eq!(
+        w.metadata().handshake,
+        format!("127.0.0.1:{}", w.listen_addr().port())
+    );
+    let e = Agent::builder("x")
+        .testbed(tb.clone())
         .depth(0)
         .build()
         .unwrap_err()

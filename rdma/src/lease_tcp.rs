@@ -43,6 +43,10 @@ enum Wire {
     Control(ControlMsg),
 }
 
+/// Grants received and not yet taken ([`LeaseLink::next_grant`]) that a link keeps; beyond it
+/// the oldest go (a peer must not grow this side's memory without bound).
+pub const GRANT_QUEUE: usize = 65536;
+
 /// Control messages queued for the writer thread before `send` refuses more.
 pub const CONTROL_QUEUE: usize = 1024;
 
@@ -347,7 +351,14 @@ fn receive(
                 };
                 match dev.hold(owner_gid, owner_name, mr, access, link.clone()) {
                     Ok(remote) => {
-                        lock(&rx.state).grants.push_back(remote);
+                        let mut st = lock(&rx.state);
+                        // The peer decides how many it grants: keep the newest, bounded.
+                        if st.grants.len() >= GRANT_QUEUE {
+                            st.grants.pop_front();
+                            tracing::warn!(peer = %link.peer, "more than {GRANT_QUEUE} grants not taken: the oldest dropped");
+                        }
+                        st.grants.push_back(remote);
+                        drop(st);
                         rx.changed.notify_all();
                     }
                     Err(e) => tracing::warn!(peer = %link.peer, error = %e, "grant ignored"),
