@@ -298,6 +298,26 @@ struct Raw {
 }
 
 impl Raw {
+    fn new(
+        cfg: &AgentBenchConfig,
+        side: RawSide,
+        qps: Vec<dmaplane_rdma::Qp>,
+        src: dmaplane_rdma::Mr,
+        dst: std::sync::Arc<dmaplane_rdma::RemoteMr>,
+        keep: Box<dyn std::any::Any>,
+    ) -> Raw {
+        Raw {
+            side,
+            qps,
+            src,
+            dst,
+            chunk: cfg.chunk,
+            depth: cfg.depth as usize,
+            set: cfg.working_set,
+            _keep: keep,
+        }
+    }
+
     fn sim(cfg: &AgentBenchConfig) -> Result<Raw, AgentBenchError> {
         let world = World::new(1 << 16, None)?;
         let caps = QpCaps {
@@ -314,17 +334,15 @@ impl Raw {
         let src = world.a.import(&ms, "raw-src", ImportOptions::default())?;
         let dmr = world.b.import(&md, "raw-dst", ImportOptions::default())?;
         let dst = world.b.dev.lease(&dmr, &world.a.dev);
-        let keep = (ms, md, dmr, pairs);
-        Ok(Raw {
-            side: RawSide::Sim(Box::new(world)),
+        let keep = Box::new((ms, md, dmr, pairs));
+        Ok(Raw::new(
+            cfg,
+            RawSide::Sim(Box::new(world)),
             qps,
             src,
             dst,
-            chunk: cfg.chunk,
-            depth: cfg.depth as usize,
-            set: cfg.working_set,
-            _keep: Box::new(keep),
-        })
+            keep,
+        ))
     }
 
     /// Two contexts of one RDMA device, udmabuf memory on each, as the agents have.
@@ -367,16 +385,8 @@ impl Raw {
         let (ms, src) = imported(&pa, "raw-src")?;
         let (md, dmr) = imported(&pb, "raw-dst")?;
         let dst = db.lease(&dmr, &da);
-        Ok(Raw {
-            side: RawSide::Verbs(ca),
-            qps,
-            src,
-            dst,
-            chunk: cfg.chunk,
-            depth: cfg.depth as usize,
-            set: cfg.working_set,
-            _keep: Box::new((da, db, cb, ms, md, dmr, pairs)),
-        })
+        let keep = Box::new((da, db, cb, ms, md, dmr, pairs));
+        Ok(Raw::new(cfg, RawSide::Verbs(ca), qps, src, dst, keep))
     }
 
     #[cfg(not(feature = "verbs"))]

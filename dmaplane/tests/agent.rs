@@ -587,7 +587,21 @@ fn deregistering_under_a_transfer_is_a_typed_error_and_the_memory_lives_on() {
         .unwrap();
     until_done(&t, quarter);
     b.deregister(&rb, Duration::from_secs(2)).unwrap();
-    match t.wait(T) {
+    // From here on no WRITE may reach the memory: poison its last MiB (the requests go in
+    // order, so that part comes last, long after this), and find it untouched once the
+    // transfer has ended (the oracle judges exporter revokes; a deregistration is the NIC's).
+    const POISON: u8 = 0xee;
+    const TAIL: u64 = LEN - (1 << 20);
+    dst.write(TAIL, &[POISON; 1 << 20]).unwrap();
+    let r = t.wait(T);
+    let mut seen = vec![0u8; 1 << 20];
+    dst.read(TAIL, &mut seen).unwrap();
+    let hit = seen.iter().position(|&x| x != POISON);
+    assert_eq!(
+        hit, None,
+        "a WRITE landed after the deregistration returned"
+    );
+    match r {
         Err(Error::Revoked {
             side: Side::Remote,
             region,

@@ -1131,6 +1131,27 @@ mod tests {
         inv: Invalidation,
     }
 
+    impl Rig {
+        /// Invalidate a's region: the call must return at once, before the fence is
+        /// signalled (what is left runs elsewhere). Returns when it started.
+        fn invalidate_at_once(&self) -> Instant {
+            let start = Instant::now();
+            self.a
+                .tracker
+                .quiesce_mr(&self.ra.shared, &self.inv, ImportOptions::default());
+            let took = start.elapsed();
+            assert!(
+                took < Duration::from_millis(100),
+                "invalidate blocked {took:?}"
+            );
+            assert!(
+                !self.fence.is_signalled(),
+                "fence before the quiesce was done"
+            );
+            start
+        }
+    }
+
     fn rig() -> Rig {
         let fabric = Fabric::with_topology(builtin::testbed());
         let net = SimNetwork::new(&fabric);
@@ -1193,18 +1214,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(300));
         });
         held_rx.recv().unwrap();
-        let start = Instant::now();
-        r.a.tracker
-            .quiesce_mr(&r.ra.shared, &r.inv, ImportOptions::default());
-        let took = start.elapsed();
-        assert!(
-            took < Duration::from_millis(100),
-            "invalidate blocked {took:?}"
-        );
-        assert!(
-            !r.fence.is_signalled(),
-            "fence before the busy QP was quiesced"
-        );
+        let start = r.invalidate_at_once();
         data_path.join().unwrap();
         assert!(r.fence.wait(), "the deferred quiesce never signalled");
         assert!(start.elapsed() >= Duration::from_millis(250));
@@ -1218,18 +1228,7 @@ mod tests {
     fn invalidate_leaves_slow_driver_calls_to_the_worker() {
         let r = rig();
         r.nic_a.set_call_latency(Duration::from_millis(300));
-        let start = Instant::now();
-        r.a.tracker
-            .quiesce_mr(&r.ra.shared, &r.inv, ImportOptions::default());
-        let took = start.elapsed();
-        assert!(
-            took < Duration::from_millis(100),
-            "invalidate made the driver calls itself: {took:?}"
-        );
-        assert!(
-            !r.fence.is_signalled(),
-            "fence before the flush and the zap"
-        );
+        let start = r.invalidate_at_once();
         assert!(r.fence.wait(), "the worker never signalled");
         // The flush, then the zap: each call took its 300 ms on the worker.
         assert!(
