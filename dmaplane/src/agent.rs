@@ -448,11 +448,13 @@ impl Shared {
                 .mrs
                 .iter()
                 .zip(&self.nics)
-                .filter_map(|(mr, nic)| {
+                .zip(&e.paths)
+                .filter_map(|((mr, nic), path)| {
                     mr.as_ref().map(|mr| RegionKey {
                         nic: nic.name.clone(),
                         rkey: mr.rkey(),
                         addr: mr.iova(),
+                        staged: path.is_staged(),
                     })
                 })
                 .collect(),
@@ -649,6 +651,7 @@ impl Agent {
                 location,
                 backing: Mutex::new(Some(b)),
                 agent: Arc::downgrade(&self.shared),
+                stages: Mutex::new(Vec::new()),
             }),
         }
     }

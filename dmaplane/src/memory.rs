@@ -12,6 +12,7 @@ use dmaplane_gpu::DeviceMemory;
 
 use crate::agent::Shared;
 use crate::error::{Error, Result};
+use crate::stage::Stage;
 use crate::sync::lock;
 
 /// Where a [`Memory`] lives.
@@ -58,6 +59,8 @@ pub(crate) struct MemoryInner {
     /// `None` once freed.
     pub(crate) backing: Mutex<Option<Backing>>,
     pub(crate) agent: Weak<Shared>,
+    /// Staging buffers of its registrations (revoked with it).
+    pub(crate) stages: Mutex<Vec<Weak<Stage>>>,
 }
 
 /// An allocation of host or GPU memory owned by an agent. Cheap to clone; the memory is given
@@ -166,6 +169,19 @@ impl Memory {
         let Some(backing) = lock(&self.inner.backing).take() else {
             return Err(self.freed());
         };
+        // Staging buffers first: the NICs that reach this memory through one stop touching
+        // it (and their peers' leases on it are withdrawn) before the memory goes.
+        let stages: Vec<Arc<Stage>> = lock(&self.inner.stages)
+            .drain(..)
+            .filter_map(|w| w.upgrade())
+            .collect();
+        let mut late = Vec::new();
+        for st in &stages {
+            let r = st.host.revoke(deadline);
+            if !r.is_clean() {
+                late.push(format!("staging {}: {r}", st.name));
+            }
+        }
         let report = match backing {
             Backing::Host(h) => {
                 let r = h.revoke(deadline);
@@ -194,12 +210,13 @@ impl Memory {
                 elapsed_us: report.elapsed_us,
             });
         }
-        if report.is_clean() {
+        if report.is_clean() && late.is_empty() {
             Ok(report)
         } else {
+            late.insert(0, report.to_string());
             Err(Error::setup(
                 &self.inner.name,
-                format!("free: importers missed the deadline: {report}"),
+                format!("free: importers missed the deadline: {}", late.join("; ")),
             ))
         }
     }
@@ -217,6 +234,13 @@ impl Memory {
             Some(b) => f(b),
             None => Err(self.freed()),
         }
+    }
+
+    /// Revoke `stage` with this memory when it is freed.
+    pub(crate) fn track_stage(&self, stage: &Arc<Stage>) {
+        let mut v = lock(&self.inner.stages);
+        v.retain(|w| w.strong_count() > 0);
+        v.push(Arc::downgrade(stage));
     }
 
     pub(crate) fn id(&self) -> u64 {

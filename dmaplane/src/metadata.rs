@@ -39,6 +39,10 @@ pub struct RegionKey {
     pub rkey: u32,
     /// The region's base address on this NIC (its MR's IOVA); remote offsets are added to it.
     pub addr: u64,
+    /// The key is of a host staging buffer, not of the memory itself: the owner copies what
+    /// lands there into the memory when told (and stages what a READ will fetch).
+    #[serde(default)]
+    pub staged: bool,
 }
 
 /// One registered region as peers see it.

@@ -27,6 +27,7 @@ use crate::event::Event;
 use crate::metadata::{Metadata, RegionInfo, VERSION};
 use crate::notify::{MAX_NOTIFY, Notification};
 use crate::region::Entry;
+use crate::stage::{self, StageFailure, StageRange};
 use crate::sync::lock;
 
 /// Registrations of one peer this agent keeps track of (what its announcements may fill).
@@ -65,6 +66,18 @@ enum Wire {
     Notify {
         transfer: u64,
         bytes: Vec<u8>,
+    },
+    /// Copy these ranges of the receiver's staged registrations into device memory (`land`,
+    /// after a WRITE) or out of it into their staging buffers (before a READ); answered by
+    /// `staged`.
+    Stage {
+        transfer: u64,
+        land: bool,
+        ranges: Vec<StageRange>,
+    },
+    Staged {
+        transfer: u64,
+        failure: Option<StageFailure>,
     },
     Bye,
 }
@@ -267,6 +280,15 @@ impl PeerShared {
 
     pub(crate) fn notify(&self, transfer: u64, bytes: Vec<u8>) -> Result<()> {
         self.send(Wire::Notify { transfer, bytes })
+    }
+
+    /// Ask the peer to land (or stage) ranges of its staged registrations for `transfer`.
+    pub(crate) fn stage(&self, transfer: u64, land: bool, ranges: Vec<StageRange>) -> Result<()> {
+        self.send(Wire::Stage {
+            transfer,
+            land,
+            ranges,
+        })
     }
 
     /// Tell the peer of a new registration and grant it leases on every path whose NIC
@@ -738,6 +760,24 @@ fn read_until_lost(p: &Arc<PeerShared>, oob: &Oob, agent: &Weak<Shared>) {
                 });
                 let _g = lock(&a.notify_lock);
                 a.notified.notify_all();
+            }
+            Ok(Wire::Stage {
+                transfer,
+                land,
+                ranges,
+            }) => {
+                let Some(a) = agent.upgrade() else { return };
+                let failure = stage::serve(&a, &ranges, land);
+                if let Some(f) = &failure {
+                    tracing::warn!(peer = %p.name, transfer, region = f.region, why = %f.why, "staging for the peer failed");
+                }
+                if let Err(e) = p.send(Wire::Staged { transfer, failure }) {
+                    tracing::warn!(peer = %p.name, transfer, error = %e, "staging answer not sent");
+                }
+            }
+            Ok(Wire::Staged { transfer, failure }) => {
+                let Some(a) = agent.upgrade() else { return };
+                a.engine.staged(transfer, failure, p);
             }
             Ok(Wire::Bye) => {
                 p.mark_lost("it said bye".into());

@@ -16,6 +16,8 @@ use dmaplane_rdma::{Completion, RdmaError, SendWr, WcStatus};
 
 use crate::agent::{AgentStats, Shared};
 use crate::error::{Error, Result, Side};
+use crate::peer::PeerShared;
+use crate::stage::StageFailure;
 use crate::sync::lock;
 use crate::transfer::{Op, Status, TransferState};
 
@@ -41,6 +43,21 @@ struct Active {
     error: Option<Error>,
     last: Instant,
     reported: bool,
+    /// Where it stands with the peer's staging (see [`crate::stage`]).
+    remote: Remote,
+}
+
+/// A transfer's exchange with the peer about the peer's staged registrations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Remote {
+    /// Nothing to ask (any longer).
+    Ready,
+    /// A READ waits for the peer to stage what it will fetch; nothing is posted until then.
+    Fetching,
+    /// A WRITE asks the peer to land its bytes once every request completed ...
+    ToLand,
+    /// ... and is done when the peer answers.
+    Landing,
 }
 
 /// Request ids carry their transfer and chunk: `transfer << CHUNK_BITS | chunk`.
@@ -122,12 +139,54 @@ impl Engine {
         self.cv.notify_all();
     }
 
+    /// The peer answered a transfer's staging request (see [`crate::stage`]).
+    pub(crate) fn staged(&self, tid: u64, failure: Option<StageFailure>, peer: &Arc<PeerShared>) {
+        let mut g = lock(&self.inner);
+        let Some(a) = g.active.get_mut(&tid) else {
+            tracing::debug!(transfer = tid, "staging answer for a transfer that ended");
+            return;
+        };
+        if !Arc::ptr_eq(&a.t.peer, peer) || !matches!(a.remote, Remote::Fetching | Remote::Landing)
+        {
+            tracing::warn!(peer = %peer.name, transfer = tid, "staging answer nobody asked for: ignored");
+            return;
+        }
+        let fetched = a.remote == Remote::Fetching;
+        a.remote = Remote::Ready;
+        a.last = Instant::now();
+        if let Some(f) = failure
+            && a.error.is_none()
+        {
+            a.error = Some(stage_error(&a.t, f, !fetched));
+            a.pending.clear();
+        }
+        if fetched && a.error.is_none() {
+            g.queue.push_back(tid);
+        }
+        g.wake = true;
+        drop(g);
+        self.cv.notify_all();
+    }
+
     /// Take a new transfer and post what fits at once, from the caller's thread.
     pub(crate) fn submit(&self, s: &Shared, t: Arc<TransferState>) {
         self.started.fetch_add(1, Ordering::Relaxed);
         let mut g = lock(&self.inner);
         let id = t.id;
         let n = t.chunks.len() as u32;
+        let (mut remote, mut error) = (Remote::Ready, None);
+        if !t.remote_stage.is_empty() {
+            remote = match t.op {
+                Op::Write => Remote::ToLand,
+                Op::Read => match t.peer.stage(id, false, t.remote_stage.clone()) {
+                    Ok(()) => Remote::Fetching,
+                    Err(e) => {
+                        error = Some(e);
+                        Remote::Ready
+                    }
+                },
+            };
+        }
         g.active.insert(
             id,
             Active {
@@ -136,12 +195,15 @@ impl Engine {
                 pending: (0..n).collect(),
                 outstanding: 0,
                 done: 0,
-                error: None,
+                error,
                 last: Instant::now(),
                 reported: false,
+                remote,
             },
         );
-        g.queue.push_back(id);
+        if remote != Remote::Fetching {
+            g.queue.push_back(id);
+        }
         self.post(s, &mut g);
         g.wake = true;
         drop(g);
@@ -365,9 +427,26 @@ impl Engine {
                 });
                 a.pending.clear();
             }
+            // Every request of a WRITE to the peer's staging completed: ask it to land them.
+            if a.error.is_none()
+                && a.remote == Remote::ToLand
+                && a.outstanding == 0
+                && a.pending.is_empty()
+            {
+                a.last = now;
+                match a.t.peer.stage(tid, true, a.t.remote_stage.clone()) {
+                    Ok(()) => a.remote = Remote::Landing,
+                    Err(e) => a.error = Some(e),
+                }
+            }
+            let waiting = matches!(a.remote, Remote::Fetching | Remote::Landing);
             let idle = now.saturating_duration_since(a.last);
-            // Silent with requests out, or unable to post what is left: stalled either way.
-            if (a.outstanding > 0 || !a.pending.is_empty()) && idle >= stall && !a.reported {
+            // Silent with requests out, unable to post what is left, or the peer not
+            // answering about its staging: stalled either way.
+            if (a.outstanding > 0 || !a.pending.is_empty() || waiting)
+                && idle >= stall
+                && !a.reported
+            {
                 // Reported now; the registrations stay held until the NIC answers.
                 let e = match a.error.take() {
                     Some(e @ Error::PeerLost { .. }) => e,
@@ -385,7 +464,9 @@ impl Engine {
                 a.reported = true;
                 self.failed.fetch_add(1, Ordering::Relaxed);
             }
-            if a.outstanding == 0 && (a.pending.is_empty() || a.error.is_some()) {
+            if a.outstanding == 0
+                && (a.error.is_some() || (a.pending.is_empty() && a.remote == Remote::Ready))
+            {
                 over.push(tid);
             }
         }
@@ -403,6 +484,12 @@ impl Engine {
                     a.t.finish(Status::Failed(e));
                 }
                 None => {
+                    // A READ into staged memory: the bytes go to device memory now.
+                    if let Err(e) = stage_in(&a.t) {
+                        self.failed.fetch_add(1, Ordering::Relaxed);
+                        a.t.finish(Status::Failed(e));
+                        continue;
+                    }
                     let sent = match &a.t.notify {
                         Some(b) => a.t.peer.notify(tid, b.clone()).map(|()| {
                             self.notes_sent.fetch_add(1, Ordering::Relaxed);
@@ -460,6 +547,37 @@ impl Engine {
 
     fn busy(&self) -> bool {
         !lock(&self.inner).active.is_empty()
+    }
+}
+
+/// Copy what a READ landed in local staging buffers into device memory.
+fn stage_in(t: &TransferState) -> Result<()> {
+    for &(ei, off, len) in &t.stage_in {
+        t.entries[usize::from(ei)].stage_copy(off, len, false)?;
+    }
+    Ok(())
+}
+
+/// The typed error for a staging request the peer could not serve.
+fn stage_error(t: &TransferState, f: StageFailure, land: bool) -> Error {
+    let what = if land { "land" } else { "stage" };
+    match f.epoch {
+        Some(epoch) => Error::Revoked {
+            side: Side::Remote,
+            region: f.region,
+            name: f.name,
+            epoch,
+            why: format!("the peer could not {what} it: {}", f.why),
+        },
+        None => Error::Failed {
+            transfer: t.id,
+            peer: t.peer.name.clone(),
+            chunk: 0,
+            status: format!(
+                "the peer could not {what} region {} ({}): {}",
+                f.region, f.name, f.why
+            ),
+        },
     }
 }
 

@@ -11,6 +11,7 @@ use crate::agent::{AgentNic, Shared};
 use crate::desc::Desc;
 use crate::error::{Error, Result};
 use crate::memory::{Backing, Memory};
+use crate::stage::{Stage, staging};
 
 /// How one NIC reaches a region.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -27,6 +28,17 @@ pub enum NicPath {
         /// layer summarises it (empty when it gives none).
         negotiation: String,
     },
+    /// The NIC cannot reach the memory peer to peer: it registers a host staging buffer on the
+    /// memory's NUMA node instead, and the GPU's copy engine moves the bytes between the two
+    /// (one extra copy per byte, on each transfer that takes this path).
+    Staged {
+        /// The NIC's name.
+        nic: String,
+        /// The host-memory device the staging buffer lives on.
+        through: String,
+        /// Why the NIC refused the memory itself (the negotiation's refusal).
+        why: String,
+    },
     /// The NIC cannot reach the memory peer to peer (no P2P route); it does not serve it.
     Unreachable {
         /// The NIC's name.
@@ -40,8 +52,15 @@ impl NicPath {
     /// The name of the NIC this path is about.
     pub fn nic(&self) -> &str {
         match self {
-            NicPath::Direct { nic, .. } | NicPath::Unreachable { nic, .. } => nic,
+            NicPath::Direct { nic, .. }
+            | NicPath::Staged { nic, .. }
+            | NicPath::Unreachable { nic, .. } => nic,
         }
+    }
+
+    /// Whether the NIC reaches the memory through a staging buffer.
+    pub fn is_staged(&self) -> bool {
+        matches!(self, NicPath::Staged { .. })
     }
 }
 
@@ -56,6 +75,9 @@ pub(crate) struct Entry {
     /// Per agent NIC (same order), the MR where the path is direct.
     pub(crate) mrs: Vec<Option<Mr>>,
     pub(crate) paths: Vec<NicPath>,
+    /// The staging buffer of the NICs whose path is [`NicPath::Staged`] (dropped after their
+    /// MRs).
+    pub(crate) stage: Option<Arc<Stage>>,
     /// [`crate::Agent::deregister`] ran (its MRs are revoked for that reason, not a free).
     pub(crate) deregistered: std::sync::atomic::AtomicBool,
 }
@@ -71,17 +93,46 @@ impl Entry {
     ) -> Result<Entry> {
         let mut mrs = Vec::with_capacity(shared.nics.len());
         let mut paths = Vec::with_capacity(shared.nics.len());
+        let mut stage: Option<Arc<Stage>> = None;
         for nic in &shared.nics {
-            let (mr, path) = register_on(shared, nic, memory, base, len)?;
+            let (mr, path) = match register_on(shared, nic, memory, base, len)? {
+                Reach::Registered(mr, path) => (Some(mr), path),
+                Reach::Unreachable(path) => (None, path),
+                Reach::Refused(why) => {
+                    let st = match &stage {
+                        Some(st) => st.clone(),
+                        None => stage.insert(staging(shared, memory, len)?).clone(),
+                    };
+                    let id = nic.id.ok_or_else(|| {
+                        Error::setup(&shared.name, format!("{} is not on the fabric", nic.name))
+                    })?;
+                    let opts = ImportOptions {
+                        access: MrAccess::ALL,
+                        ..ImportOptions::default()
+                    };
+                    let mr = nic
+                        .pd
+                        .import(&st.name, opts, None, |i, a| st.host.attach(i, id, a))?;
+                    let path = NicPath::Staged {
+                        nic: nic.name.clone(),
+                        through: st.through.clone(),
+                        why,
+                    };
+                    (Some(mr), path)
+                }
+            };
             mrs.push(mr);
             paths.push(path);
+        }
+        if let Some(st) = &stage {
+            memory.track_stage(st);
         }
         if mrs.iter().all(Option::is_none) {
             let why: Vec<String> = paths
                 .iter()
                 .map(|p| match p {
                     NicPath::Unreachable { nic, why } => format!("{nic}: {why}"),
-                    NicPath::Direct { nic, .. } => nic.clone(),
+                    NicPath::Direct { nic, .. } | NicPath::Staged { nic, .. } => nic.clone(),
                 })
                 .collect();
             return Err(Error::invalid(
@@ -111,6 +162,7 @@ impl Entry {
             epoch,
             mrs,
             paths,
+            stage,
             deregistered: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -129,9 +181,46 @@ impl Entry {
         self.mrs.iter().flatten().find_map(Mr::revoked_at)
     }
 
+    /// Copy `len` bytes at `off` between the memory and its staging buffer (`to_stage`: before
+    /// a NIC sends them; else after a NIC landed them). A copy that meets a revoke is
+    /// [`Error::Revoked`] naming this registration.
+    pub(crate) fn stage_copy(&self, off: u64, len: u64, to_stage: bool) -> Result<()> {
+        let Some(st) = &self.stage else {
+            return Err(Error::setup(
+                self.memory.name(),
+                "a staged path without a staging buffer",
+            ));
+        };
+        st.copy(&self.memory, self.base, off, len, to_stage)
+            .map_err(|err| match self.revoked_at() {
+                Some(epoch) => Error::Revoked {
+                    side: crate::error::Side::Local,
+                    region: self.id,
+                    name: self.memory.name().to_string(),
+                    epoch,
+                    why: format!(
+                        "the copy {} its staging buffer failed ({}): {err}",
+                        if to_stage { "into" } else { "out of" },
+                        self.gone_why()
+                    ),
+                },
+                None => err,
+            })
+    }
+
     pub(crate) fn covers(&self, offset: u64, len: u64) -> bool {
         offset >= self.base && offset + len <= self.base + self.len
     }
+}
+
+/// How one NIC takes a registration.
+enum Reach {
+    /// Zero-copy: its MR of the memory itself.
+    Registered(Mr, NicPath),
+    /// It refused the memory (the refusal): the path must be staged.
+    Refused(String),
+    /// It cannot serve it at all.
+    Unreachable(NicPath),
 }
 
 fn register_on(
@@ -140,7 +229,7 @@ fn register_on(
     memory: &Memory,
     base: u64,
     len: u64,
-) -> Result<(Option<Mr>, NicPath)> {
+) -> Result<Reach> {
     // On the testbed the topology says whether a P2P path exists; a real device's exporter
     // (the kernel's dma-buf) decides for itself.
     let route = match shared.testbed() {
@@ -151,31 +240,45 @@ fn register_on(
         ),
         None => None,
     };
-    if route == Some(Route::NotSupported) {
-        return Ok((
-            None,
-            NicPath::Unreachable {
-                nic: nic.name.clone(),
-                why: format!(
-                    "no P2P route between {} and {} (different host bridges)",
-                    memory.location().device(),
-                    nic.name
-                ),
-            },
-        ));
-    }
     let opts = ImportOptions {
         access: MrAccess::ALL,
         range: (base != 0 || len != memory.len()).then_some((base, len)),
         ..ImportOptions::default()
     };
+    let on_fabric = || {
+        nic.id
+            .ok_or_else(|| Error::setup(&shared.name, format!("{} is not on the fabric", nic.name)))
+    };
+    // GPU memory: negotiate first, without attaching; a refusal (no P2P route, or no offer
+    // the NIC accepts) means staging, and says why.
+    let refused = memory.with_backing(|b| {
+        Ok(match b {
+            Backing::Gpu(g) => g
+                .would_negotiate(
+                    GpuPeer::Fabric(on_fabric()?),
+                    &nic.name,
+                    &nic.dev.backend().accepts(),
+                )
+                .err()
+                .map(|e| e.to_string()),
+            _ => None,
+        })
+    })?;
+    if let Some(why) = refused {
+        return Ok(Reach::Refused(why));
+    }
+    if route == Some(Route::NotSupported) {
+        return Ok(Reach::Unreachable(NicPath::Unreachable {
+            nic: nic.name.clone(),
+            why: format!(
+                "no P2P route between {} and {} (different host bridges)",
+                memory.location().device(),
+                nic.name
+            ),
+        }));
+    }
     let name = memory.name().to_string();
     let mr = memory.with_backing(|b| {
-        let on_fabric = || {
-            nic.id.ok_or_else(|| {
-                Error::setup(&shared.name, format!("{} is not on the fabric", nic.name))
-            })
-        };
         Ok(match b {
             Backing::Host(h) => {
                 let id = on_fabric()?;
@@ -195,8 +298,8 @@ fn register_on(
         })
     })?;
     let negotiation = mr.negotiation().unwrap_or_default();
-    Ok((
-        Some(mr),
+    Ok(Reach::Registered(
+        mr,
         NicPath::Direct {
             nic: nic.name.clone(),
             route: route.map_or_else(

@@ -22,6 +22,7 @@ use crate::error::{Error, Result, Side};
 use crate::notify::MAX_NOTIFY;
 use crate::peer::{Lane, PeerShared};
 use crate::region::Entry;
+use crate::stage::StageRange;
 use crate::sync::lock;
 
 /// How long a transfer waits for a lease its peer announced but whose grant is still on the
@@ -86,6 +87,11 @@ pub(crate) struct TransferState {
     /// unregistered under the NIC.
     pub(crate) entries: Vec<Arc<Entry>>,
     pub(crate) notify: Option<Vec<u8>>,
+    /// Local staged ranges a READ copies into device memory once its requests completed:
+    /// `(entry index, offset, bytes)`.
+    pub(crate) stage_in: Vec<(u16, u64, u64)>,
+    /// The peer's staged ranges: landed by the peer after a WRITE, staged before a READ.
+    pub(crate) remote_stage: Vec<StageRange>,
     pub(crate) bytes: u64,
     pub(crate) outcome: Mutex<Outcome>,
     pub(crate) cv: Condvar,
@@ -361,6 +367,9 @@ pub(crate) fn start(
     let mut chunks = Vec::new();
     let mut rr = 0usize;
     let mut bytes = 0u64;
+    let mut stage_out: Vec<(u16, u64, u64)> = Vec::new();
+    let mut stage_in: Vec<(u16, u64, u64)> = Vec::new();
+    let mut remote_stage: Vec<StageRange> = Vec::new();
     for (i, (l, r)) in local.iter().zip(remote).enumerate() {
         if l.len != r.len || l.len == 0 {
             return Err(Error::invalid(
@@ -410,6 +419,17 @@ pub(crate) fn start(
             ));
         }
         let (ei, lanes) = (m.entry, &m.lanes);
+        if m.local_staged {
+            let v = if op == Op::Write {
+                &mut stage_out
+            } else {
+                &mut stage_in
+            };
+            v.push((ei as u16, l.offset, l.len));
+        }
+        if m.remote_staged {
+            remote_stage.push((r.region, r.offset, r.len));
+        }
         if entries.len() > usize::from(u16::MAX) || t_lanes.len() > usize::from(u16::MAX) {
             return Err(Error::invalid(
                 what(),
@@ -451,6 +471,12 @@ pub(crate) fn start(
             ),
         ));
     }
+    // A WRITE from staged memory: its bytes go to the staging buffer before any request.
+    for &(ei, off, len) in &stage_out {
+        let e = &entries[usize::from(ei)];
+        e.stage_copy(off, len, true)?;
+    }
+    crate::stage::merge(&mut remote_stage);
     let state = Arc::new(TransferState {
         id: s.engine.next_id(),
         agent: Arc::downgrade(s),
@@ -462,6 +488,8 @@ pub(crate) fn start(
         leases: t_leases,
         entries,
         notify: notify.map(<[u8]>::to_vec),
+        stage_in,
+        remote_stage,
         bytes,
         outcome: Mutex::new(Outcome {
             status: Status::InProgress { done: 0, total },
@@ -483,7 +511,16 @@ struct Routed {
     /// The lanes of the best-ranked paths, each with its lease on the remote registration
     /// (indices into the transfer's tables).
     lanes: Vec<(u16, u16)>,
+    /// The local NIC reaches the memory through its staging buffer.
+    local_staged: bool,
+    /// The peer's key is of its staging buffer.
+    remote_staged: bool,
 }
+
+/// Rank penalties: a path staged on this side, or on the peer's, is taken only when no
+/// better one serves the pair (staging costs a copy per byte; the peer's also a round trip).
+const LOCAL_STAGED: u32 = 8;
+const REMOTE_STAGED: u32 = 16;
 
 fn route(
     s: &Shared,
@@ -521,7 +558,7 @@ fn route(
         ));
     };
     // The paths that serve both ends, best ranked for the local memory.
-    let mut usable: Vec<(u32, usize, Arc<RemoteMr>)> = Vec::new();
+    let mut usable: Vec<(u32, usize, Arc<RemoteMr>, bool, bool)> = Vec::new();
     for (pi, p) in peer.paths.iter().enumerate() {
         if e.mrs[p.local].is_none() {
             continue;
@@ -532,7 +569,11 @@ fn route(
         let Some(lease) = peer.lease(pi, key.rkey, LEASE_WAIT) else {
             continue;
         };
-        usable.push((rank(s, e.memory.location().device(), p.local), pi, lease));
+        let local_staged = e.paths[p.local].is_staged();
+        let r = rank(s, e.memory.location().device(), p.local)
+            + if local_staged { LOCAL_STAGED } else { 0 }
+            + if key.staged { REMOTE_STAGED } else { 0 };
+        usable.push((r, pi, lease, local_staged, key.staged));
     }
     let Some(best) = usable.iter().map(|u| u.0).min() else {
         return Err(Error::invalid(
@@ -547,8 +588,9 @@ fn route(
         ));
     };
     usable.retain(|u| u.0 == best);
+    let (local_staged, remote_staged) = (usable[0].3, usable[0].4);
     let mut lanes = Vec::new();
-    for (_, pi, lease) in &usable {
+    for (_, pi, lease, _, _) in &usable {
         let li = index_of(t_leases, lease)?;
         for l in &peer.paths[*pi].lanes {
             lanes.push((index_of(t_lanes, l)?, li));
@@ -566,6 +608,8 @@ fn route(
         entry,
         remote_len: info.len,
         lanes,
+        local_staged,
+        remote_staged,
     })
 }
 

@@ -8,13 +8,8 @@ use std::time::{Duration, Instant};
 
 use dmaplane::{Agent, Error, Memory, Metadata, Peer, Region, Side, Status, Testbed};
 
-const T: Duration = Duration::from_secs(20);
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    (0..len as u64)
-        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 7) as u8)
-        .collect()
-}
+mod common;
+use common::{T, pattern};
 
 /// Memory on each side, registered, and a's connection to b.
 struct Link {

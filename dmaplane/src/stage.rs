@@ -1,0 +1,185 @@
+//! Staging: GPU memory a NIC cannot reach peer to peer goes through a host buffer on the GPU's
+//! NUMA node, which that NIC registers instead and the GPU's copy engine imports.
+//!
+//! The contract, on both sides of a transfer:
+//! - **Local side.** A WRITE copies its bytes from device memory into the staging buffer
+//!   before any request is posted; a READ copies them from the staging buffer into device
+//!   memory after every request completed, before the transfer is done.
+//! - **Remote side.** A peer's region whose key is [`crate::RegionKey::staged`] is reached
+//!   through its owner's staging buffer. After a WRITE's requests all completed, the writer
+//!   asks the owner to *land* the ranges (copy them into device memory) and is done only when
+//!   the owner answers; before a READ posts anything, it asks the owner to *stage* the ranges
+//!   (copy them out of device memory) and posts once the owner answers. The owner serves these
+//!   on its control connection, in order, so a notification sent after them is delivered
+//!   after the copy.
+//! - **Revoke.** The staging buffer lives and dies with the registration; freeing the memory
+//!   revokes the staging buffer first (the NICs that use it quiesce, peers' leases on it are
+//!   withdrawn, the copy engine's view is zapped), then the memory itself. A copy that meets
+//!   a revoked side fails, and the transfer ends with [`crate::Error::Revoked`].
+
+use std::sync::Arc;
+
+use dmaplane_core::ImporterKind;
+use dmaplane_core::fabric::HostMemory;
+use dmaplane_gpu::{Gpu, Loc, PeerMemory};
+use serde::{Deserialize, Serialize};
+
+use crate::agent::Shared;
+use crate::error::{Error, Result};
+use crate::memory::{Backing, Memory};
+
+/// A host staging buffer for GPU memory some NIC cannot reach: as long as the registration,
+/// registered by those NICs and imported by the GPU's copy engine. Field order is drop order:
+/// the copy engine's view before the buffer.
+pub(crate) struct Stage {
+    pub(crate) view: PeerMemory,
+    pub(crate) host: HostMemory,
+    pub(crate) gpu: Gpu,
+    /// The host-memory device it lives on.
+    pub(crate) through: String,
+    /// The buffer's name (`<memory>-staging`).
+    pub(crate) name: String,
+}
+
+impl Stage {
+    /// Copy `len` bytes at registration offset `off` between the GPU memory and the staging
+    /// buffer: `to_stage` before a NIC sends them, the other way after a NIC landed them.
+    /// Fails once either side is revoked or freed.
+    pub(crate) fn copy(
+        &self,
+        memory: &Memory,
+        base: u64,
+        off: u64,
+        len: u64,
+        to_stage: bool,
+    ) -> Result<()> {
+        memory.with_backing(|b| match b {
+            Backing::Gpu(g) => {
+                let (mem, stage) = (Loc::Mem(g, base + off), Loc::Peer(&self.view, off));
+                let (src, dst) = if to_stage { (mem, stage) } else { (stage, mem) };
+                Ok(self.gpu.copy(src, dst, len)?)
+            }
+            _ => Err(Error::setup(
+                memory.name(),
+                "staging for memory that is not a GPU's",
+            )),
+        })
+    }
+}
+
+/// A staging buffer for `len` bytes of GPU `memory`: host memory on the GPU's NUMA node,
+/// resident, imported by the GPU's copy engine.
+pub(crate) fn staging(shared: &Shared, memory: &Memory, len: u64) -> Result<Arc<Stage>> {
+    let gpu_name = memory.location().device();
+    let what = || format!("staging for {}", memory.name());
+    let Some(tb) = shared.testbed() else {
+        return Err(Error::setup(
+            &what(),
+            "staging needs the simulated testbed's GPUs",
+        ));
+    };
+    let topo = tb.topology();
+    let numa = topo
+        .numa_of(gpu_name)
+        .map_err(|e| Error::setup(&what(), e.to_string()))?;
+    let Some(dev) = topo.host_memory_for_numa(numa) else {
+        return Err(Error::setup(
+            &what(),
+            format!("no host memory on NUMA node {numa}, where {gpu_name} is"),
+        ));
+    };
+    let through = dev.id.clone();
+    let name = format!("{}-staging", memory.name());
+    let host = HostMemory::new(tb.fabric(), tb.device(&through)?, &name, len)
+        .map_err(|e| Error::setup(&what(), e.to_string()))?;
+    // Staging buffers are pinned host memory: resident before a transfer needs them.
+    host.window().memory().fill(0);
+    let gpu = tb.gpu(gpu_name)?.clone();
+    let gdev = tb.device(gpu_name)?;
+    let view = gpu.import(&name, ImporterKind::Pinned, |i, a| host.attach(i, gdev, a))?;
+    Ok(Arc::new(Stage {
+        view,
+        host,
+        gpu,
+        through,
+        name,
+    }))
+}
+
+/// One range of a staged registration, as the control connection carries it:
+/// `(registration id, offset within it, bytes)`.
+pub(crate) type StageRange = (u32, u64, u64);
+
+/// Why the owner could not land or stage a range.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct StageFailure {
+    pub(crate) region: u32,
+    pub(crate) name: String,
+    /// The revoke's epoch, when a revoke is why.
+    pub(crate) epoch: Option<u64>,
+    pub(crate) why: String,
+}
+
+/// The owner's side: copy `ranges` of its staged registrations into device memory (`land`)
+/// or out of it into their staging buffers.
+pub(crate) fn serve(s: &Shared, ranges: &[StageRange], land: bool) -> Option<StageFailure> {
+    for &(region, off, len) in ranges {
+        let fail = |name: &str, epoch: Option<u64>, why: String| StageFailure {
+            region,
+            name: name.to_string(),
+            epoch,
+            why,
+        };
+        let Some(e) = s.entry(region) else {
+            return Some(fail(
+                "",
+                None,
+                format!(
+                    "agent {} has no registration {region} (deregistered or freed)",
+                    s.name
+                ),
+            ));
+        };
+        let name = e.memory.name();
+        if let Some(epoch) = e.revoked_at() {
+            return Some(fail(name, Some(epoch), e.gone_why().to_string()));
+        }
+        let Some(st) = &e.stage else {
+            return Some(fail(
+                name,
+                None,
+                "it is not staged: no NIC of this agent stages it".into(),
+            ));
+        };
+        if off.checked_add(len).is_none_or(|end| end > e.len) || len == 0 {
+            return Some(fail(
+                name,
+                None,
+                format!("range [{off:#x}, +{len:#x}) outside its {} bytes", e.len),
+            ));
+        }
+        if let Err(err) = st.copy(&e.memory, e.base, off, len, !land) {
+            return Some(fail(
+                name,
+                e.revoked_at(),
+                format!("the copy engine failed: {err}"),
+            ));
+        }
+    }
+    None
+}
+
+/// Merge ranges that continue one another (a scattered batch stays one range per piece).
+pub(crate) fn merge(ranges: &mut Vec<StageRange>) {
+    ranges.sort_unstable();
+    let mut out: Vec<StageRange> = Vec::with_capacity(ranges.len());
+    for &(r, off, len) in ranges.iter() {
+        match out.last_mut() {
+            Some((pr, po, pl)) if *pr == r && *po + *pl >= off => {
+                *pl = (*pl).max(off + len - *po);
+            }
+            _ => out.push((r, off, len)),
+        }
+    }
+    *ranges = out;
+}
