@@ -46,6 +46,9 @@ pub struct Config {
     /// The handshake address the metadata tells peers (`host:port`); `None`: the bound
     /// address, which must then be a specific one (not `0.0.0.0` or `::`).
     pub advertise: Option<String>,
+    /// Stage GPU memory through host memory even where a NIC could reach it peer to peer
+    /// (to measure what staging costs; off by default).
+    pub force_staging: bool,
 }
 
 impl Default for Config {
@@ -58,6 +61,7 @@ impl Default for Config {
             setup_timeout: Duration::from_secs(30),
             listen: "127.0.0.1:0".into(),
             advertise: None,
+            force_staging: false,
         }
     }
 }
@@ -140,6 +144,13 @@ impl AgentBuilder {
     /// wildcard address.
     pub fn advertise(mut self, addr: impl Into<String>) -> Self {
         self.cfg.advertise = Some(addr.into());
+        self
+    }
+
+    /// Stage every GPU registration through host memory, even where a NIC reaches the GPU
+    /// peer to peer ([`Config::force_staging`]).
+    pub fn force_staging(mut self, on: bool) -> Self {
+        self.cfg.force_staging = on;
         self
     }
 
@@ -483,6 +494,11 @@ pub struct AgentStats {
     pub transfers_failed: u64,
     /// Requests (chunks) posted to queue pairs.
     pub requests_posted: u64,
+    /// Completions reaped for them (successful or not): `requests_posted` once nothing is in
+    /// flight — every posted request gets exactly one.
+    pub requests_completed: u64,
+    /// Of those, completions with an error (flushed by a revoke's quiesce, or failed).
+    pub requests_failed: u64,
     /// Bytes of the transfers that ended done.
     pub bytes_moved: u64,
     /// Notifications queued to peers when their WRITE ended done.

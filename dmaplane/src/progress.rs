@@ -100,6 +100,8 @@ pub(crate) struct Engine {
     done: AtomicU64,
     failed: AtomicU64,
     posted: AtomicU64,
+    completed: AtomicU64,
+    completed_bad: AtomicU64,
     bytes: AtomicU64,
     notes_sent: AtomicU64,
     notes_received: AtomicU64,
@@ -123,6 +125,8 @@ impl Engine {
             transfers_done: g(&self.done),
             transfers_failed: g(&self.failed),
             requests_posted: g(&self.posted),
+            requests_completed: g(&self.completed),
+            requests_failed: g(&self.completed_bad),
             bytes_moved: g(&self.bytes),
             notifications_sent: g(&self.notes_sent),
             notifications_received: g(&self.notes_received),
@@ -260,6 +264,10 @@ impl Engine {
         if ci as usize >= a.t.chunks.len() {
             tracing::warn!(agent = %s.name, wr_id = wc.wr_id, "completion for no request of ours");
             return;
+        }
+        self.completed.fetch_add(1, Ordering::Relaxed);
+        if wc.status != WcStatus::Success {
+            self.completed_bad.fetch_add(1, Ordering::Relaxed);
         }
         let chunk = &a.t.chunks[ci as usize];
         let lane = &a.t.lanes[usize::from(chunk.lane)];

@@ -264,6 +264,17 @@ fn register_on(
             _ => None,
         })
     })?;
+    let refused = match refused {
+        None if shared.cfg.force_staging
+            && matches!(memory.location(), crate::Location::Gpu(_)) =>
+        {
+            Some(format!(
+                "agent {} stages all GPU memory (force_staging)",
+                shared.name
+            ))
+        }
+        other => other,
+    };
     if let Some(why) = refused {
         return Ok(Reach::Refused(why));
     }

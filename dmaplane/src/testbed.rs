@@ -40,8 +40,14 @@ impl Testbed {
 
     /// A testbed on `topology`.
     pub fn with_topology(topology: Topology) -> Result<Arc<Testbed>> {
+        Testbed::with_engine_cpus(topology, &[])
+    }
+
+    /// A testbed on `topology` whose simulated NICs' engines run on `cpus` (none: left to the
+    /// scheduler), so a benchmark can keep them off the application's cores.
+    pub fn with_engine_cpus(topology: Topology, cpus: &[usize]) -> Result<Arc<Testbed>> {
         let fabric = Fabric::with_topology(topology);
-        let net = SimNetwork::new(&fabric);
+        let net = SimNetwork::new(&fabric).with_engine_cpus(cpus);
         let gpus = SimGpu::all(&fabric)?;
         Ok(Arc::new(Testbed {
             fabric,

@@ -177,17 +177,19 @@ fn demo_moves_gpu_memory_over_every_route_through_a_free() {
     assert_eq!(paths, ["direct", "direct", "staged"]);
     for f in flows {
         assert_eq!(f["bytes_verified"], 4194304, "{f}");
-        let done = f["completed_ok"].as_u64().unwrap() + f["flushed"].as_u64().unwrap();
         assert_eq!(
-            done,
-            f["posted"].as_u64().unwrap(),
-            "every WRITE completes once: {f}"
+            f["completed"], f["posted"],
+            "every WRITE completes exactly once: {f}"
         );
+        assert_eq!(f["post_ack_accesses"], 0, "{f}");
     }
     let free = &flows[0]["free"];
-    assert_eq!(free["after_completions"], 4);
+    assert!(free["after_completions"].as_u64().unwrap() >= 4, "{free}");
     assert_eq!(free["importers_quiesced"], 1);
-    assert_eq!(free["qp_state_after"], "RTS");
+    let e = free["transfer_error"].as_str().unwrap();
+    assert!(e.contains("revoked") && e.contains("gpu0-gpu2-dst"), "{e}");
+    assert_eq!(v["oracle"]["dma_after_ack"], 0);
+    assert!(v["oracle"]["acks"].as_u64().unwrap() >= 1);
 }
 
 #[test]
