@@ -282,7 +282,7 @@ pub fn run(
 enum RawSide {
     Sim(Box<World>),
     #[cfg(feature = "verbs")]
-    Verbs(dmaplane_rdma::Cq),
+    Verbs(Box<dmaplane::RawHost>),
 }
 
 struct Raw {
@@ -327,8 +327,8 @@ impl Raw {
         };
         let pairs = world.connect(cfg.qps, caps)?;
         let qps = pairs.iter().map(|(a, _)| a.clone()).collect();
-        let ms = world.a.memory(&world.fabric, "raw-src", cfg.working_set)?;
-        let md = world.b.memory(&world.fabric, "raw-dst", cfg.working_set)?;
+        let ms = world.a.memory("raw-src", cfg.working_set)?;
+        let md = world.b.memory("raw-dst", cfg.working_set)?;
         ms.window().memory().fill(0x11);
         md.window().memory().fill(0);
         let src = world.a.import(&ms, "raw-src", ImportOptions::default())?;
@@ -348,45 +348,38 @@ impl Raw {
     /// Two contexts of one RDMA device, udmabuf memory on each, as the agents have.
     #[cfg(feature = "verbs")]
     fn verbs(cfg: &AgentBenchConfig, dev: &str) -> Result<Raw, AgentBenchError> {
+        use dmaplane::RawHost;
         use dmaplane_core::dmabuf::UdmaBuf;
-        use dmaplane_rdma::verbs::VerbsDevice;
-        use dmaplane_rdma::{Device, MrAccess};
         let name = (!dev.is_empty()).then_some(dev);
-        let open =
-            || -> Result<Device, AgentBenchError> { Ok(Device::new(VerbsDevice::open(name)?)) };
-        let (da, db) = (open()?, open()?);
-        let mtu = VerbsDevice::open(name)?.active_mtu();
-        let (pa, pb) = (da.alloc_pd()?, db.alloc_pd()?);
-        let (ca, cb) = (da.create_cq(1 << 14)?, db.create_cq(64)?);
+        let (ha, hb) = (RawHost::verbs(name, 1 << 14)?, RawHost::verbs(name, 64)?);
+        let mtu = dmaplane_rdma::verbs::VerbsDevice::open(name)?.active_mtu();
         let caps = QpCaps {
             max_send_wr: cfg.depth,
             max_recv_wr: 1,
             ..QpCaps::default()
         };
-        let mut pairs = Vec::new();
-        for _ in 0..cfg.qps {
-            let qa = pa.create_qp(&ca, &ca, caps)?;
-            let qb = pb.create_qp(&cb, &cb, caps)?;
-            qa.connect_mtu(qb.endpoint(), MrAccess::ALL, mtu)?;
-            qb.connect_mtu(qa.endpoint(), MrAccess::ALL, mtu)?;
-            pairs.push((qa, qb));
-        }
+        let pairs = ha.connect(&hb, cfg.qps, caps, Some(mtu))?;
         let qps = pairs.iter().map(|(a, _)| a.clone()).collect();
         // udmabuf memory imported by one context (the dma-buf MR, or the buffer's mapping).
-        let imported = |pd: &dmaplane_rdma::Pd, n: &str| -> Result<_, AgentBenchError> {
+        let imported = |h: &RawHost, n: &str| -> Result<_, AgentBenchError> {
             let m = UdmaBuf::new(n, cfg.working_set)
                 .map(UdmaBuf::into_memory)
                 .map_err(|e| AgentBenchError::Bad(format!("{n}: {e}")))?;
-            let mr = pd.import(n, ImportOptions::default(), Some(m.fd()), |i, a| {
-                m.attach(i, a)
-            })?;
+            let mr = h.import_dmabuf(&m, n, ImportOptions::default())?;
             Ok((m, mr))
         };
-        let (ms, src) = imported(&pa, "raw-src")?;
-        let (md, dmr) = imported(&pb, "raw-dst")?;
-        let dst = db.lease(&dmr, &da);
-        let keep = Box::new((da, db, cb, ms, md, dmr, pairs));
-        Ok(Raw::new(cfg, RawSide::Verbs(ca), qps, src, dst, keep))
+        let (ms, src) = imported(&ha, "raw-src")?;
+        let (md, dmr) = imported(&hb, "raw-dst")?;
+        let dst = hb.dev.lease(&dmr, &ha.dev);
+        let keep = Box::new((hb, ms, md, dmr, pairs));
+        Ok(Raw::new(
+            cfg,
+            RawSide::Verbs(Box::new(ha)),
+            qps,
+            src,
+            dst,
+            keep,
+        ))
     }
 
     #[cfg(not(feature = "verbs"))]
@@ -400,7 +393,7 @@ impl Raw {
         match &self.side {
             RawSide::Sim(w) => &w.a.cq,
             #[cfg(feature = "verbs")]
-            RawSide::Verbs(cq) => cq,
+            RawSide::Verbs(h) => &h.cq,
         }
     }
 

@@ -120,7 +120,7 @@ impl<F: Fn(&str) + Sync> Progress for F {
     }
 }
 
-pub fn run(cfg: &RdmaBenchConfig, progress: &dyn Progress) -> Result<RdmaReport, RdmaError> {
+pub fn run(cfg: &RdmaBenchConfig, progress: &dyn Progress) -> Result<RdmaReport, dmaplane::Error> {
     // In a thread of its own, so that pinning it leaves the caller's thread as it was.
     std::thread::scope(|s| {
         std::thread::Builder::new()
@@ -129,22 +129,22 @@ pub fn run(cfg: &RdmaBenchConfig, progress: &dyn Progress) -> Result<RdmaReport,
             .map_err(|e| RdmaError::io("starting the benchmark thread", e))?
             .join()
             .unwrap_or_else(|_| {
-                Err(RdmaError::Connection {
+                Err(dmaplane::Error::from(RdmaError::Connection {
                     what: "bench rdma".into(),
                     why: "the benchmark thread panicked".into(),
-                })
+                }))
             })
     })
 }
 
-fn measure(cfg: &RdmaBenchConfig, progress: &dyn Progress) -> Result<RdmaReport, RdmaError> {
+fn measure(cfg: &RdmaBenchConfig, progress: &dyn Progress) -> Result<RdmaReport, dmaplane::Error> {
     for &s in &cfg.sizes {
         if s == 0 || s > MAX_SIZE {
-            return Err(RdmaError::InvalidRegistration {
+            return Err(dmaplane::Error::from(RdmaError::InvalidRegistration {
                 field: "size",
                 value: s.to_string(),
                 why: format!("a message size must be 1 B to {MAX_SIZE} B"),
-            });
+            }));
         }
     }
     let max = cfg.sizes.iter().copied().max().unwrap_or(64);
@@ -160,8 +160,8 @@ fn measure(cfg: &RdmaBenchConfig, progress: &dyn Progress) -> Result<RdmaReport,
     let (qp, _peer) = pairs.pop().ok_or_else(|| RdmaError::NoDevice {
         why: "no queue pair was created".into(),
     })?;
-    let src_mem = w.a.memory(&w.fabric, "bench-src", set)?;
-    let dst_mem = w.b.memory(&w.fabric, "bench-dst", set)?;
+    let src_mem = w.a.memory("bench-src", set)?;
+    let dst_mem = w.b.memory("bench-dst", set)?;
     let opts = ImportOptions {
         access: MrAccess::ALL,
         kind: ImporterKind::Pinned,

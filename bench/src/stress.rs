@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use dmaplane_core::cpu::Placement;
 use dmaplane_core::fabric::{HostMemory, Verdict, WindowHandle};
 use dmaplane_core::{Exporter, ImporterKind, RevokeReport};
-use dmaplane_gpu::{DeviceMemory, GpuError, Peer, SimGpu};
+use dmaplane_gpu::{DeviceMemory, GpuError, Peer};
 use dmaplane_rdma::{
     Completion, Fault, ImportOptions, Mr, MrAccess, Qp, QpCaps, QuiescePolicy, RdmaError,
     RemoteAddr, SendWr, Sge, WcStatus,
@@ -377,13 +377,13 @@ struct Probe {
     // The source's registration, then its memory and the NIC's host (its CQ is the probe's).
     _mr: Mr,
     _mem: HostMemory,
-    host: crate::world::Host,
+    host: dmaplane::RawHost,
 }
 
 impl Probe {
-    fn new(w: &World) -> Result<Probe, RdmaError> {
-        let host = crate::world::host(&w.net, "mem0", "nic2", 16)?;
-        let mem = host.memory(&w.fabric, "straggler-src", 4096)?;
+    fn new(w: &World) -> Result<Probe, dmaplane::Error> {
+        let host = dmaplane::RawHost::sim(&w.testbed, "straggler-probe", "nic2", "mem0", 16)?;
+        let mem = host.memory("straggler-src", 4096)?;
         let mr = host.import(&mem, "straggler-src", ImportOptions::default())?;
         let cqb = w.b.dev.create_cq(16)?;
         let caps = QpCaps {
@@ -492,7 +492,7 @@ fn not_freed(epoch: u64, deadline: Duration) -> RevokeReport {
 pub fn run_sim(
     cfg: &StressConfig,
     progress: &(dyn Fn(u64) + Sync),
-) -> Result<StressReport, RdmaError> {
+) -> Result<StressReport, dmaplane::Error> {
     let slots = cfg.qps * cfg.depth;
     let region = slots as u64 * u64::from(cfg.size);
     let region = region.next_multiple_of(4096).max(4096);
@@ -504,14 +504,14 @@ pub fn run_sim(
         })?;
     }
     if let Some(Inject::Rdma(f @ Fault::NoQpQuiesce)) = cfg.inject {
-        return Err(RdmaError::Unsupported {
+        return Err(dmaplane::Error::from(RdmaError::Unsupported {
             op: "stress revoke --inject",
             device: "sim".into(),
             why: format!(
                 "{f}: the target's NIC runs no queue pair of its own on the target, so this \
                  stress could not see the fault; rdma/tests/sim.rs shows it caught"
             ),
-        });
+        }));
     }
     let cq_depth = u32::try_from(slots * 2 + 64).unwrap_or(u32::MAX);
     let w = World::new(cq_depth, cfg.placement.clone())?;
@@ -536,7 +536,7 @@ pub fn run_sim(
     };
     let pairs = w.connect(cfg.qps, caps)?;
     let qps: Vec<Qp> = pairs.iter().map(|(a, _)| a.clone()).collect();
-    let src_mem = w.a.memory(&w.fabric, "stress-src", region)?;
+    let src_mem = w.a.memory("stress-src", region)?;
     let src = w.a.import(&src_mem, "src", ImportOptions::default())?;
     let probe = Probe::new(&w)?;
     let opts = ImportOptions {
@@ -549,17 +549,14 @@ pub fn run_sim(
     let current: Mutex<Option<Target>> = Mutex::new(None);
     let gpu = match cfg.exporter {
         ExporterKind::Host => None,
-        ExporterKind::Gpu => Some(
-            SimGpu::new(&w.fabric, "gpu2")
-                .map_err(|e| RdmaError::NoDevice { why: e.to_string() })?,
-        ),
+        ExporterKind::Gpu => Some(w.testbed.gpu("gpu2")?.clone()),
     };
     let gpu_errors = Arc::new(Mutex::new(Vec::new()));
     let export = |epoch: u64| -> Result<SimExport, String> {
         let (mr, mem, window) = match &gpu {
             None => {
                 let mem =
-                    w.b.memory(&w.fabric, &format!("stress-dst-{epoch}"), region)
+                    w.b.memory(&format!("stress-dst-{epoch}"), region)
                         .map_err(|e| e.to_string())?;
                 let mr = w.b.import(&mem, "dst", opts).map_err(|e| e.to_string())?;
                 let window = mem.window();
@@ -567,14 +564,12 @@ pub fn run_sim(
             }
             Some(g) => {
                 let mem = g
-                    .clone()
-                    .into_gpu()
                     .alloc(&format!("stress-gpu-{epoch}"), region)
                     .map_err(|e| e.to_string())?;
                 let window = mem
                     .fabric_window()
                     .ok_or("simulated GPU memory without a fabric window")?;
-                let nic = w.b.nic_dev;
+                let nic = w.b.fabric_id().map_err(|e| e.to_string())?;
                 let mr =
                     w.b.pd
                         .import("dst", opts, None, |i, a| {
@@ -609,11 +604,11 @@ pub fn run_sim(
     })?;
     let first_target = lock(&current).clone();
     let Some(first_target) = first_target else {
-        return Err(RdmaError::InvalidRegistration {
+        return Err(dmaplane::Error::from(RdmaError::InvalidRegistration {
             field: "export",
             value: "0".into(),
             why: "no target was published".into(),
-        });
+        }));
     };
     let sh = Shared::default();
     let start = Instant::now();
@@ -681,9 +676,12 @@ pub fn run_sim(
     // Every DMA the fabric refused: the oracle explains those the backstop stopped; any other
     // is a bug of its own.
     let faults = |d| w.fabric.faults(d).total();
-    let fabric_faults = faults(w.a.nic_dev)
-        + faults(w.b.nic_dev)
-        + gpu.as_ref().map_or(0, |g| faults(g.device_id()));
+    let fabric_faults = faults(w.a.fabric_id()?)
+        + faults(w.b.fabric_id()?)
+        + gpu
+            .as_ref()
+            .and_then(|g| g.backend().fabric_device())
+            .map_or(0, faults);
     let verdict = w.fabric.oracle().verdict();
     let gpu_errors = std::mem::take(&mut *lock(&gpu_errors));
     let mut r = StressReport::from_run("sim", cfg, &counts, &sh, start);

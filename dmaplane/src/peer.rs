@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use dmaplane_rdma::oob::{ConnInfo, Oob, OobListener};
-use dmaplane_rdma::{LeaseLink, MrAccess, Mtu, Qp, QpCaps, RdmaError, RemoteMr};
+use dmaplane_rdma::oob::{Oob, OobListener};
+use dmaplane_rdma::{LeaseLink, Mtu, Qp, QpCaps, RdmaError, RemoteMr};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::Shared;
@@ -638,18 +638,20 @@ fn lanes(
         max_recv_wr: 1,
         ..QpCaps::default()
     };
-    (0..n)
-        .map(|_| {
-            let qp = nic.pd.create_qp(&nic.cq, &nic.cq, caps)?;
-            let theirs = oob.exchange_timeout(&ConnInfo::new(qp.endpoint(), vec![]), t)?;
-            qp.connect_mtu(theirs.remote_qp(), MrAccess::ALL, mtu)?;
-            Ok(Arc::new(Lane {
+    let qps = (0..n)
+        .map(|_| nic.pd.create_qp(&nic.cq, &nic.cq, caps))
+        .collect::<std::result::Result<Vec<Qp>, _>>()?;
+    crate::raw::connect_over(&qps, oob, mtu, t)?;
+    Ok(qps
+        .into_iter()
+        .map(|qp| {
+            Arc::new(Lane {
                 qp,
                 nic: local,
                 outstanding: AtomicU32::new(0),
-            }))
+            })
         })
-        .collect()
+        .collect())
 }
 
 fn nonce() -> u64 {

@@ -96,7 +96,9 @@ impl Testbed {
         t.devices_of_kind(kind).map(|d| d.id.clone()).collect()
     }
 
-    pub(crate) fn gpu(&self, name: &str) -> Result<&Gpu> {
+    /// The simulated GPU called `name` (for raw use; agents allocate through
+    /// [`crate::Agent::alloc_gpu`]).
+    pub fn gpu(&self, name: &str) -> Result<&Gpu> {
         self.gpus.iter().find(|g| g.name() == name).ok_or_else(|| {
             Error::invalid(
                 "GPU memory",
@@ -110,7 +112,8 @@ impl Testbed {
         })
     }
 
-    pub(crate) fn device(&self, name: &str) -> Result<DeviceId> {
+    /// The fabric device called `name`.
+    pub fn device(&self, name: &str) -> Result<DeviceId> {
         self.fabric
             .device(name)
             .map_err(|e| Error::invalid("testbed", "device", name, e.to_string()))

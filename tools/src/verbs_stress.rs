@@ -38,17 +38,18 @@ mod imp {
     use std::time::{Duration, Instant};
 
     use anyhow::{Context, Result, bail};
+    use dmaplane::RawHost;
+    use dmaplane::raw::connect_over;
     use dmaplane_bench::stress::{Inject, StressConfig, StressReport};
     use dmaplane_bench::traffic::{
         Bytes, DataPath, Export as StressExport, Shared, Target, exporter,
     };
     use dmaplane_core::dmabuf::{DmaBufMemory, UdmaBuf};
     use dmaplane_core::{ImporterKind, RevokeReport};
-    use dmaplane_rdma::oob::{ConnInfo, Oob, OobListener};
+    use dmaplane_rdma::oob::{Oob, OobListener};
     use dmaplane_rdma::verbs::{VerbsDevice, list_devices};
     use dmaplane_rdma::{
-        Cq, Device, Fault, ImportOptions, LeaseLink, Mr, MrAccess, Pd, Qp, QpCaps, QuiescePolicy,
-        RemoteMr,
+        Fault, ImportOptions, LeaseLink, Mr, MrAccess, Qp, QpCaps, QuiescePolicy, RemoteMr,
     };
 
     /// Setup steps over the control connection (Soft-RoCE under TCG is slow).
@@ -87,37 +88,22 @@ mod imp {
         mem: Arc<DmaBufMemory>,
     }
 
-    /// One side's verbs objects.
+    /// One side: a context of the device (from the library) and its queue pairs.
     struct Side {
-        dev: Device,
-        pd: Pd,
-        cq: Cq,
+        host: RawHost,
         qps: Vec<Qp>,
     }
 
     fn side(name: &str, qps: usize, caps: QpCaps, cq_depth: u32) -> Result<Side> {
-        let dev = Device::new(VerbsDevice::open(Some(name))?);
-        let pd = dev.alloc_pd()?;
-        let cq = dev.create_cq(cq_depth)?;
-        let qps = (0..qps)
-            .map(|_| pd.create_qp(&cq, &cq, caps))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Side { dev, pd, cq, qps })
+        let host = RawHost::verbs(Some(name), cq_depth)?;
+        let qps = host.qps(qps, caps)?;
+        Ok(Side { host, qps })
     }
 
-    /// Swap every QP's endpoint over `oob`, connect them, then open the lease link.
+    /// Connect every QP over `oob`, then open the lease link on it.
     fn connect(s: &Side, oob: Oob, mtu: dmaplane_rdma::Mtu) -> Result<LeaseLink> {
-        for qp in &s.qps {
-            let theirs =
-                oob.exchange_timeout(&ConnInfo::new(qp.endpoint(), vec![]), SETUP_TIMEOUT)?;
-            qp.connect_mtu(theirs.remote_qp(), MrAccess::ALL, mtu)?;
-        }
-        Ok(LeaseLink::open(&s.dev, oob, SETUP_TIMEOUT)?)
-    }
-
-    /// Import `mem` into `pd` (dma-buf first, the process mapping when the provider refuses).
-    fn import(pd: &Pd, name: &str, mem: &DmaBufMemory, opts: ImportOptions) -> Result<Mr> {
-        Ok(pd.import(name, opts, Some(mem.fd()), |i, a| mem.attach(i, a))?)
+        connect_over(&s.qps, &oob, mtu, SETUP_TIMEOUT)?;
+        Ok(LeaseLink::open(&s.host.dev, oob, SETUP_TIMEOUT)?)
     }
 
     pub fn run(
@@ -175,8 +161,8 @@ mod imp {
         let cq_depth = u32::try_from(slots * 2 + 64).unwrap_or(u32::MAX);
         let owner = side(&name, cfg.qps, caps, 64)?;
         let holder = side(&name, cfg.qps, caps, cq_depth)?;
-        owner.dev.inject(owner_fault);
-        holder.dev.inject(holder_fault);
+        owner.host.dev.inject(owner_fault);
+        holder.host.dev.inject(holder_fault);
 
         // Connect through the out-of-band TCP connection, as two hosts would.
         let listener = OobListener::bind("127.0.0.1:0")?;
@@ -199,10 +185,9 @@ mod imp {
         let src_mem = UdmaBuf::new("stress-src", region)
             .context("the holder's source buffer")?
             .into_memory();
-        let src = import(
-            &holder.pd,
-            "stress-src",
+        let src = holder.host.import_dmabuf(
             &src_mem,
+            "stress-src",
             ImportOptions {
                 access: MrAccess::LOCAL_WRITE,
                 ..ImportOptions::default()
@@ -224,7 +209,7 @@ mod imp {
                     .with_context(|| format!("export {epoch}"))?
                     .into_memory(),
             );
-            let mr = import(&owner.pd, "stress-dst", &mem, opts)?;
+            let mr = owner.host.import_dmabuf(&mem, "stress-dst", opts)?;
             {
                 let mut ex = lock(&exports);
                 // Grants are taken up long before two more exports follow.
@@ -273,7 +258,7 @@ mod imp {
         let data = DataPath {
             cfg,
             qps: &holder.qps,
-            cq: &holder.cq,
+            cq: &holder.host.cq,
             src: &src,
             src_mem: &src_mem,
             drain_limit: DRAIN_LIMIT,
@@ -313,7 +298,7 @@ mod imp {
             // Accesses the NIC refused because a key was gone, seen by the owner's responder.
             let mut access_events = 0u64;
             let mut benign: std::collections::BTreeMap<String, u64> = Default::default();
-            for (who, dev) in [("owner", &owner.dev), ("holder", &holder.dev)] {
+            for (who, dev) in [("owner", &owner.host.dev), ("holder", &holder.host.dev)] {
                 for ev in dev.async_events() {
                     if ev.kind == "QP_ACCESS_ERR" {
                         access_events += 1;
@@ -327,8 +312,8 @@ mod imp {
                     }
                 }
             }
-            let stats = owner.dev.stats();
-            let hstats = holder.dev.stats();
+            let stats = owner.host.dev.stats();
+            let hstats = holder.host.dev.stats();
             if stats.holders_cut_off > 0 {
                 sh.fail(format!(
                     "{} lease holder(s) cut off without an ack",
