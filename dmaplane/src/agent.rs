@@ -74,6 +74,7 @@ pub struct AgentBuilder {
     verbs: bool,
     nics: Option<Vec<String>>,
     cfg: Config,
+    fault: Option<dmaplane_rdma::Fault>,
 }
 
 impl AgentBuilder {
@@ -144,6 +145,14 @@ impl AgentBuilder {
     /// wildcard address.
     pub fn advertise(mut self, addr: impl Into<String>) -> Self {
         self.cfg.advertise = Some(addr.into());
+        self
+    }
+
+    /// Break the protocol on purpose on every device of the agent (see
+    /// [`dmaplane_rdma::Fault`]): for stress runs that must show their checks fail. Never in
+    /// production.
+    pub fn inject(mut self, fault: Option<dmaplane_rdma::Fault>) -> Self {
+        self.fault = fault;
         self
     }
 
@@ -224,6 +233,7 @@ impl AgentBuilder {
         let built = (|| -> Result<Agent> {
             let mut nics = Vec::with_capacity(opened.len());
             for (nic_name, id, numa, mtu, dev) in opened {
+                dev.inject(self.fault);
                 let pd = dev.alloc_pd()?;
                 // rxe caps CQs at 32767 entries; a NIC's real limit is higher, the engine
                 // bounds what it keeps outstanding by what it got.
@@ -404,6 +414,14 @@ impl Shared {
         }
     }
 
+    /// Lease holders this agent's NICs cut off so far (they never acknowledged a revoke).
+    pub(crate) fn holders_cut_off(&self) -> u64 {
+        self.nics
+            .iter()
+            .map(|n| n.dev.stats().holders_cut_off)
+            .sum()
+    }
+
     pub(crate) fn event(&self, e: Event) {
         tracing::debug!(agent = %self.name, event = ?e, "event");
         self.events.push(e);
@@ -505,6 +523,9 @@ pub struct AgentStats {
     pub notifications_sent: u64,
     /// Notifications received from peers (oversized ones are dropped and not counted).
     pub notifications_received: u64,
+    /// Peers' lease holders this agent's NICs cut off because they never acknowledged a
+    /// revoke (see [`Event::LeaseCutOff`]).
+    pub holders_cut_off: u64,
 }
 
 /// One agent. Cheap to clone (all clones are the same agent); dropping the last clone stops its
@@ -554,6 +575,7 @@ impl Agent {
             verbs: false,
             nics: None,
             cfg: Config::default(),
+            fault: None,
         }
     }
 
@@ -649,11 +671,28 @@ impl Agent {
         Ok(self.memory(name, len, Location::Gpu(gpu.into()), Backing::Gpu(mem)))
     }
 
+    /// `len` bytes of device memory on CUDA GPU `ordinal`, through the driver (libcuda). Its
+    /// NICs register it as a dma-buf where the driver exports one and the NIC takes it
+    /// (`ibv_reg_dmabuf_mr`), else by its device VAs through a peer-memory client
+    /// (nvidia-peermem); [`Region::paths`](crate::Region::paths) says which. Fails with
+    /// [`Error::Gpu`] when there is no driver or no such GPU.
+    pub fn alloc_cuda(&self, name: &str, ordinal: u32, len: u64) -> Result<Memory> {
+        check_alloc(name, len)?;
+        let gpu = dmaplane_gpu::cuda::CudaGpu::new(ordinal)?.into_gpu();
+        let mem = gpu.alloc(name, len)?;
+        Ok(self.memory(
+            name,
+            len,
+            Location::Gpu(format!("cuda:{ordinal}")),
+            Backing::Gpu(mem),
+        ))
+    }
+
     fn sim_only(&self, what: &str) -> Result<&Arc<Testbed>> {
         self.shared.testbed().ok_or_else(|| {
             Error::setup(
                 &self.shared.name,
-                format!("{what}: the verbs agent allocates host memory only (CUDA memory is not wired into the agent yet)"),
+                format!("{what}: the testbed's devices; on verbs use alloc_host or alloc_cuda"),
             )
         })
     }
@@ -907,6 +946,7 @@ impl Agent {
     pub fn stats(&self) -> AgentStats {
         let mut s = self.shared.engine.stats();
         s.cache = self.shared.cache.stats();
+        s.holders_cut_off = self.shared.holders_cut_off();
         s
     }
 

@@ -22,6 +22,15 @@ pub enum Event {
         /// How long the revoke took, in microseconds.
         elapsed_us: u64,
     },
+    /// Lease holders (peers writing to a memory of this agent) did not acknowledge its revoke
+    /// in time and were cut off: their access was withdrawn at the NIC without their ack — a
+    /// peer that ignores revokes.
+    LeaseCutOff {
+        /// The memory whose revoke they missed.
+        memory: String,
+        /// How many holders were cut off.
+        holders: u64,
+    },
     /// A peer's control connection ended.
     PeerLost {
         /// The peer agent's name.

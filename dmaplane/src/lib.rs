@@ -51,9 +51,11 @@ pub mod transfer;
 pub use agent::{Agent, AgentBuilder, AgentStats, Config};
 pub use cache::CacheStats;
 pub use desc::Desc;
+/// Faults [`AgentBuilder::inject`] can break the protocol with, on purpose (stress runs).
+pub use dmaplane_rdma::Fault;
 pub use error::{Error, Result, Side};
 pub use event::Event;
-pub use memory::{Location, Memory};
+pub use memory::{Location, Memory, Quarantine};
 pub use metadata::{Metadata, RegionInfo, RegionKey};
 pub use notify::Notification;
 pub use peer::Peer;

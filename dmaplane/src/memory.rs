@@ -166,6 +166,43 @@ impl Memory {
     /// then free. Transfers that touch it end with [`Error::Revoked`]. Returns the revoke's
     /// ack; an error names the importers that missed `deadline`.
     pub fn free(&self, deadline: Duration) -> Result<RevokeReport> {
+        let (report, backing) = self.revoke_for_good(deadline)?;
+        Quarantine {
+            name: self.inner.name.clone(),
+            backing: Some(backing),
+        }
+        .release(deadline)?;
+        self.acked(report)
+    }
+
+    /// [`Memory::free`], except that the bytes are kept — unreachable by any NIC, its
+    /// registrations gone — until the returned [`Quarantine`] is dropped. A stress run poisons
+    /// them at the ack and checks at the end that nothing changed them: any DMA after the ack
+    /// would have.
+    pub fn free_quarantined(&self, deadline: Duration) -> Result<(RevokeReport, Quarantine)> {
+        let (report, backing) = self.revoke_for_good(deadline)?;
+        let q = Quarantine {
+            name: self.inner.name.clone(),
+            backing: Some(backing),
+        };
+        Ok((self.acked(report)?, q))
+    }
+
+    /// The revoke's ack, or the error naming who missed the deadline.
+    fn acked(&self, report: RevokeReport) -> Result<RevokeReport> {
+        if report.is_clean() {
+            Ok(report)
+        } else {
+            Err(Error::setup(
+                &self.inner.name,
+                format!("free: importers missed the deadline: {report}"),
+            ))
+        }
+    }
+
+    /// The first half of a free: every importer of the memory and of its staging buffers
+    /// revoked, its registrations forgotten; the backing handed over for release.
+    fn revoke_for_good(&self, deadline: Duration) -> Result<(RevokeReport, Backing)> {
         let Some(backing) = lock(&self.inner.backing).take() else {
             return Err(self.freed());
         };
@@ -175,27 +212,15 @@ impl Memory {
             .drain(..)
             .filter_map(|w| w.upgrade())
             .collect();
+        let agent = self.inner.agent.upgrade();
+        let cut_before = agent.as_ref().map_or(0, |a| a.holders_cut_off());
         let start = std::time::Instant::now();
         let staged: Vec<RevokeReport> = stages.iter().map(|st| st.host.revoke(deadline)).collect();
-        let mut report = match backing {
-            Backing::Host(h) => {
-                let r = h.revoke(deadline);
-                drop(h);
-                r
-            }
+        let mut report = match &backing {
+            Backing::Host(h) => h.revoke(deadline),
             #[cfg(feature = "verbs")]
-            Backing::DmaBuf(m) => {
-                let r = m.revoke(deadline);
-                drop(m);
-                r
-            }
-            Backing::Gpu(g) => match g.free(deadline) {
-                Ok(r) => r,
-                Err(e) => {
-                    self.forget();
-                    return Err(e.into());
-                }
-            },
+            Backing::DmaBuf(m) => m.revoke(deadline),
+            Backing::Gpu(g) => g.revoke(deadline),
         };
         // One report: the staging buffers' importers (the NICs that used them, the copy
         // engine) with the memory's own, over the whole free.
@@ -204,21 +229,21 @@ impl Memory {
         }
         report.elapsed_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.forget();
-        if let Some(a) = self.inner.agent.upgrade() {
+        if let Some(a) = agent {
             a.event(crate::event::Event::Freed {
                 memory: self.inner.name.clone(),
                 epoch: report.epoch,
                 elapsed_us: report.elapsed_us,
             });
+            let cut = a.holders_cut_off().saturating_sub(cut_before);
+            if cut > 0 {
+                a.event(crate::event::Event::LeaseCutOff {
+                    memory: self.inner.name.clone(),
+                    holders: cut,
+                });
+            }
         }
-        if report.is_clean() {
-            Ok(report)
-        } else {
-            Err(Error::setup(
-                &self.inner.name,
-                format!("free: importers missed the deadline: {report}"),
-            ))
-        }
+        Ok((report, backing))
     }
 
     /// Drop this memory's registrations from the agent's cache.
@@ -245,5 +270,134 @@ impl Memory {
 
     pub(crate) fn id(&self) -> u64 {
         self.inner.id
+    }
+}
+
+/// The bytes of a freed [`Memory`], kept for checking ([`Memory::free_quarantined`]): every
+/// importer was revoked and acknowledged, so from the ack on nothing may change them. Dropping
+/// it gives the memory back.
+pub struct Quarantine {
+    name: String,
+    backing: Option<Backing>,
+}
+
+impl std::fmt::Debug for Quarantine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Quarantine")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bytes per read or write of a quarantine check.
+const QUARANTINE_PIECE: usize = 1 << 20;
+
+impl Quarantine {
+    /// The freed memory's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn len(&self) -> u64 {
+        match &self.backing {
+            Some(Backing::Host(h)) => h.len(),
+            Some(Backing::Gpu(g)) => g.len(),
+            #[cfg(feature = "verbs")]
+            Some(Backing::DmaBuf(m)) => m.len(),
+            None => 0,
+        }
+    }
+
+    fn io(&self, offset: u64, buf: &mut [u8], write: bool) -> Result<()> {
+        let what = || Error::setup(&self.name, "quarantined memory could not be accessed");
+        match &self.backing {
+            Some(Backing::Host(h)) => {
+                let w = h.window();
+                let ok = if write {
+                    w.memory().write(offset, buf)
+                } else {
+                    w.memory().read(offset, buf)
+                };
+                ok.then_some(()).ok_or_else(what)
+            }
+            Some(Backing::Gpu(g)) => {
+                if write {
+                    g.write(offset, buf)?;
+                } else {
+                    g.read(offset, buf)?;
+                }
+                Ok(())
+            }
+            #[cfg(feature = "verbs")]
+            Some(Backing::DmaBuf(m)) => if write {
+                m.write(offset, buf)
+            } else {
+                m.read(offset, buf)
+            }
+            .map_err(|e| Error::setup(&self.name, e.to_string())),
+            None => Err(what()),
+        }
+    }
+
+    /// Read `buf.len()` bytes at `offset` (from the host).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > self.len())
+        {
+            return Err(Error::invalid(
+                format!("quarantine {}", self.name),
+                "offset",
+                format!("[{offset:#x}, +{:#x})", buf.len()),
+                format!("outside its {} bytes", self.len()),
+            ));
+        }
+        self.io(offset, buf, false)
+    }
+
+    /// Fill every byte with `byte` (from the host).
+    pub fn fill(&self, byte: u8) -> Result<()> {
+        let mut buf = vec![byte; QUARANTINE_PIECE];
+        let mut off = 0;
+        while off < self.len() {
+            let n = (self.len() - off).min(QUARANTINE_PIECE as u64) as usize;
+            self.io(off, &mut buf[..n], true)?;
+            off += n as u64;
+        }
+        Ok(())
+    }
+
+    /// The first offset whose byte is not `byte`, or `None` when every byte still is.
+    pub fn first_change(&self, byte: u8) -> Result<Option<u64>> {
+        let mut buf = vec![0u8; QUARANTINE_PIECE];
+        let mut off = 0;
+        while off < self.len() {
+            let n = (self.len() - off).min(QUARANTINE_PIECE as u64) as usize;
+            self.io(off, &mut buf[..n], false)?;
+            if let Some(i) = buf[..n].iter().position(|&b| b != byte) {
+                return Ok(Some(off + i as u64));
+            }
+            off += n as u64;
+        }
+        Ok(None)
+    }
+
+    /// Give the memory back now (device memory whose importers did not all quiesce stays
+    /// allocated, and the error says so).
+    pub fn release(mut self, deadline: Duration) -> Result<()> {
+        match self.backing.take() {
+            Some(Backing::Gpu(g)) => g.free(deadline).map(drop).map_err(Error::from),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for Quarantine {
+    fn drop(&mut self) {
+        if let Some(Backing::Gpu(g)) = self.backing.take()
+            && let Err(e) = g.free(Duration::from_secs(1))
+        {
+            tracing::warn!(memory = %self.name, error = %e, "quarantined device memory not released");
+        }
     }
 }

@@ -7,7 +7,7 @@
 //! registrations it uses; a transfer reported stalled or lost keeps them until then.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -31,6 +31,8 @@ const SPIN: u32 = 200;
 /// Sleep of an idle engine with transfers under way, and with none.
 const NAP_BUSY: Duration = Duration::from_micros(100);
 const NAP_IDLE: Duration = Duration::from_millis(20);
+/// Sleep while a waiter drives the engine (it spins for at most `WAIT_SPIN`).
+const NAP_DRIVEN: Duration = Duration::from_micros(50);
 
 struct Active {
     t: Arc<TransferState>,
@@ -105,6 +107,19 @@ pub(crate) struct Engine {
     bytes: AtomicU64,
     notes_sent: AtomicU64,
     notes_received: AtomicU64,
+    /// Waiters driving the engine from their own thread right now ([`Engine::driving`]):
+    /// while there are any, the progress thread naps instead of spinning, so the two do not
+    /// fight over the cores the NICs need.
+    drivers: AtomicU32,
+}
+
+/// A waiter drives the engine while this lives.
+pub(crate) struct Driving<'a>(&'a Engine);
+
+impl Drop for Driving<'_> {
+    fn drop(&mut self) {
+        self.0.drivers.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Engine {
@@ -114,6 +129,16 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
+    /// Mark the calling thread as driving the engine until the guard goes.
+    pub(crate) fn driving(&self) -> Driving<'_> {
+        self.drivers.fetch_add(1, Ordering::Relaxed);
+        Driving(self)
+    }
+
+    fn driven(&self) -> bool {
+        self.drivers.load(Ordering::Relaxed) > 0
+    }
+
     pub(crate) fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -604,6 +629,12 @@ pub(crate) fn spawn(shared: &Arc<Shared>) -> Result<JoinHandle<()>> {
                     return;
                 }
 
+                // A waiter is driving: stay out of its way (it reaps and posts for everyone).
+                if s.engine.driven() {
+                    drop(s);
+                    std::thread::sleep(NAP_DRIVEN);
+                    continue;
+                }
                 if s.engine.step(&s, &mut wcs) {
                     idle = 0;
                     continue;

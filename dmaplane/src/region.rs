@@ -253,6 +253,8 @@ fn register_on(
     // the NIC accepts) means staging, and says why.
     let refused = memory.with_backing(|b| {
         Ok(match b {
+            // A real device: the driver's dma-buf export and the kernel decide at import.
+            Backing::Gpu(_) if nic.id.is_none() => None,
             Backing::Gpu(g) => g
                 .would_negotiate(
                     GpuPeer::Fabric(on_fabric()?),
@@ -296,12 +298,16 @@ fn register_on(
                 nic.pd
                     .import(&name, opts, None, |i, a| h.attach(i, id, a))?
             }
-            Backing::Gpu(g) => {
-                let id = on_fabric()?;
-                nic.pd.import(&name, opts, None, |i, a| {
+            Backing::Gpu(g) => match nic.id {
+                Some(id) => nic.pd.import(&name, opts, None, |i, a| {
                     g.attach(i, GpuPeer::Fabric(id), a)
-                })?
-            }
+                })?,
+                // CUDA memory on a real NIC: its dma-buf (ibv_reg_dmabuf_mr) where the driver
+                // exports one, else its device VAs (a peer-memory client); negotiated.
+                None => nic.pd.import(&name, opts, g.dmabuf_fd(), |i, a| {
+                    g.attach(i, GpuPeer::External, a)
+                })?,
+            },
             #[cfg(feature = "verbs")]
             Backing::DmaBuf(m) => nic
                 .pd

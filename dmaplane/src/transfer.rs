@@ -237,6 +237,7 @@ impl Transfer {
         let spin_until = start + WAIT_SPIN.min(timeout);
         let mut wcs = Vec::new();
         if let Some(a) = self.state.agent.upgrade() {
+            let _driving = a.engine.driving();
             while Instant::now() < spin_until {
                 if let Some(r) = self.outcome() {
                     return r;

@@ -6,10 +6,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dmaplane::{Agent, Error, Memory, Metadata, Peer, Region, Side, Status, Testbed};
+use dmaplane::{Agent, Error, Event, Memory, Metadata, Peer, Region, Side, Status, Testbed};
 
 mod common;
-use common::{T, pattern};
+use common::{T, meet_under_way, pattern};
 
 /// Memory on each side, registered, and a's connection to b.
 struct Link {
@@ -888,4 +888,111 @@ fn a_stray_lease_link_is_dropped() {
         0,
         "the listener kept the connection"
     );
+}
+
+/// The checks can fail: free the destination (quarantined, poisoned at the ack) under a
+/// transfer whose sender acks the lease revoke and keeps writing. The honest run ends with the
+/// typed revoke; the lying one is caught — its WRITEs after the ack met the zapped region and
+/// the receiving NIC refused them — and in both nothing landed after the ack (oracle clean,
+/// poison untouched).
+#[test]
+fn a_holder_that_writes_after_its_ack_is_refused_at_the_zapped_region() {
+    const POISON: u8 = 0xee;
+    for lying in [false, true] {
+        let tb = Testbed::builtin().unwrap();
+        let a = Agent::builder("a")
+            .testbed(tb.clone())
+            .nics(["nic0"])
+            .chunk(64 << 10)
+            .inject(lying.then_some(dmaplane::Fault::AckThenWrite))
+            .build()
+            .unwrap();
+        let b = agent_b(&tb);
+        const LEN: u64 = 64 << 20;
+        let Link {
+            src: _src,
+            dst,
+            ra,
+            rb,
+            peer,
+        } = link(&a, &b, LEN);
+        let ((report, q), r) = meet_under_way(
+            || {
+                let remote = peer.desc(rb.id(), 0, LEN).unwrap();
+                a.write(&peer, &[ra.all()], &[remote], None).unwrap()
+            },
+            |_| {
+                let (report, q) = dst.free_quarantined(Duration::from_secs(2)).unwrap();
+                q.fill(POISON).unwrap();
+                (report, q)
+            },
+        );
+        assert!(report.is_clean(), "{report}");
+        // Honest: the typed remote revoke, nothing seen after the ack. Lying: its WRITEs after
+        // the ack reached the zapped region and the receiving NIC refused them (a remote access
+        // error — an honest holder never makes one), so nothing landed either.
+        match (&r, lying) {
+            (
+                Err(Error::Revoked {
+                    side: Side::Remote, ..
+                }),
+                false,
+            ) => {}
+            (Err(Error::Failed { status, .. }), true) if status.contains("RemAccessErr") => {}
+            _ => panic!("lying = {lying}: {r:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let v = tb.fabric().oracle().verdict();
+        assert!(v.is_clean(), "lying = {lying}: {v}: {:?}", v.violations);
+        assert_eq!(q.first_change(POISON).unwrap(), None, "lying = {lying}");
+    }
+}
+
+/// A lease holder that ignores the revoke is cut off when the deadline passes, and the owner's
+/// agent says so: an `Event::LeaseCutOff` naming the memory and `stats().holders_cut_off`. An
+/// honest holder never is.
+#[test]
+fn a_holder_that_ignores_a_revoke_is_cut_off_and_reported() {
+    for ignoring in [false, true] {
+        let tb = Testbed::builtin().unwrap();
+        let a = Agent::builder("a")
+            .testbed(tb.clone())
+            .nics(["nic0"])
+            .inject(ignoring.then_some(dmaplane::Fault::IgnoreLeaseRevoke))
+            .build()
+            .unwrap();
+        let b = agent_b(&tb);
+        let Link {
+            src: _src,
+            dst,
+            ra,
+            rb,
+            peer,
+        } = link(&a, &b, 1 << 20);
+        a.write(
+            &peer,
+            &[ra.all()],
+            &[peer.desc(rb.id(), 0, 1 << 20).unwrap()],
+            None,
+        )
+        .unwrap()
+        .wait(T)
+        .unwrap();
+        dst.free(Duration::from_millis(300)).unwrap();
+        let cut: Vec<Event> = b
+            .events()
+            .into_iter()
+            .filter(|e| matches!(e, Event::LeaseCutOff { .. }))
+            .collect();
+        if ignoring {
+            assert_eq!(b.stats().holders_cut_off, 1, "{:?}", b.stats());
+            assert!(
+                matches!(&cut[..], [Event::LeaseCutOff { memory, holders: 1 }] if memory == "dst"),
+                "{cut:?}"
+            );
+        } else {
+            assert_eq!(b.stats().holders_cut_off, 0);
+            assert!(cut.is_empty(), "{cut:?}");
+        }
+    }
 }

@@ -7,10 +7,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dmaplane::{Agent, Error, NicPath, Side, Status, Testbed};
+use dmaplane::{Agent, Error, NicPath, Side, Testbed};
 
 mod common;
-use common::{T, pattern};
+use common::{T, meet_under_way, pattern};
 
 /// `a` on nic0, `b` on nic1: the GPUs each uses are on the other socket.
 fn pair(tb: &Arc<Testbed>) -> (Agent, Agent) {
@@ -151,26 +151,14 @@ fn freeing_staged_gpu_memory_mid_transfer_is_a_typed_revoke() {
         let dst = b.alloc_gpu("dst", "gpu0", LEN).unwrap();
         let (ra, rb) = (a.register(&src).unwrap(), b.register(&dst).unwrap());
         let peer = a.connect(&b.metadata_blob().unwrap()).unwrap();
-        let mut outcome = None;
-        for _ in 0..20 {
-            let t = a
-                .write(
-                    &peer,
-                    &[ra.all()],
-                    &[peer.desc(rb.id(), 0, LEN).unwrap()],
-                    None,
-                )
-                .unwrap();
-            std::thread::sleep(Duration::from_micros(300));
-            if !matches!(t.status(), Status::InProgress { .. }) {
-                continue;
-            }
-            let victim = if receiver { &dst } else { &src };
-            let report = victim.free(Duration::from_secs(2)).unwrap();
-            outcome = Some((t.wait(T), report));
-            break;
-        }
-        let (r, report) = outcome.expect("every transfer finished before the free met it");
+        let victim = if receiver { &dst } else { &src };
+        let (report, r) = meet_under_way(
+            || {
+                let remote = peer.desc(rb.id(), 0, LEN).unwrap();
+                a.write(&peer, &[ra.all()], &[remote], None).unwrap()
+            },
+            |_| victim.free(Duration::from_secs(2)).unwrap(),
+        );
         assert!(report.is_clean(), "{report}");
         let (side, region) = if receiver {
             (Side::Remote, rb.id())

@@ -278,6 +278,13 @@ impl DeviceMemory {
         self.backend.read(offset, buf)
     }
 
+    /// Revoke every importer without giving the memory back yet: the bytes stay readable and
+    /// writable from the host (a quarantine, so a check can prove nothing landed after the
+    /// ack). [`DeviceMemory::free`] releases it afterwards.
+    pub fn revoke(&self, deadline: Duration) -> RevokeReport {
+        self.backend.revoke(deadline)
+    }
+
     /// Free the memory: revoke every importer (NIC queue pairs flushed, MRs zapped, remote
     /// leases withdrawn, copy engines stopped), then give the memory back. Returns the revoke's
     /// ack; an error names the importers that did not quiesce within `deadline`.

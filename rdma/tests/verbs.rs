@@ -338,7 +338,8 @@ fn device_enumeration_and_info() {
         spaces,
         [
             dmaplane_core::SpaceKind::DmaBuf,
-            dmaplane_core::SpaceKind::ProcessVa
+            dmaplane_core::SpaceKind::ProcessVa,
+            dmaplane_core::SpaceKind::DeviceVa
         ]
     );
     // Nothing pending must not block.

@@ -69,6 +69,12 @@ for spec in "${PROGRAM_BINS[@]}"; do
   read -r -a a <<<"$spec"
   BINS+=("$(artifact bin "${a[@]}")")
 done
+# The fake CUDA driver (for `stress revoke --exporter cuda` on rxe0), as a library on the guest's
+# /testbed/bin.
+fake="$(mktemp -d)/libcuda.so.1"
+"${CC:-cc}" -shared -fPIC -O1 -pthread -o "$fake" gpu/src/cuda/fake_libcuda.c ||
+  { echo "ci.sh: building the fake CUDA driver failed" >&2; exit 1; }
+BINS+=("libcuda.so.1=$fake")
 printf '  %s\n' "${BINS[@]}"
 
 say "building the image (cached in ${TESTBED_CACHE:-$here/cache})"

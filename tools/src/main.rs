@@ -1,5 +1,6 @@
 //! `dmaplane`: peer-to-peer, zero-copy data movement — inspect, benchmark, stress.
 
+mod agent_stress;
 mod bench;
 mod demo;
 mod doctor;

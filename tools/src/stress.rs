@@ -13,6 +13,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub enum StressCmd {
     /// RDMA WRITE traffic while the exporter revokes and re-exports its memory.
     Revoke(RevokeArgs),
+    /// The holder process of `revoke --backend verbs --exporter cuda` (started by it).
+    #[command(hide = true)]
+    RevokeHolder(crate::agent_stress::HolderArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -28,6 +31,10 @@ pub enum Exporter {
     /// Simulated GPU memory (gpu2, below nic1's switch), freed and re-allocated: every free is
     /// a revoke.
     Gpu,
+    /// CUDA device memory (GPU 0) through the application library, registered by the NIC as a
+    /// dma-buf or by device VA (the negotiation picks and the run reports it), freed under
+    /// WRITE traffic from a second process (verbs backend).
+    Cuda,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -88,7 +95,10 @@ pub struct RevokeArgs {
 }
 
 pub fn run(cmd: &StressCmd, json: bool) -> Result<()> {
-    let StressCmd::Revoke(a) = cmd;
+    let a = match cmd {
+        StressCmd::Revoke(a) => a,
+        StressCmd::RevokeHolder(h) => return crate::agent_stress::holder(h),
+    };
     if !(a.seconds.is_finite() && a.seconds >= 0.0) {
         bail!("--seconds must be a non-negative number, got {}", a.seconds);
     }
@@ -102,11 +112,16 @@ pub fn run(cmd: &StressCmd, json: bool) -> Result<()> {
             slots
         );
     }
+    if a.backend == Backend::Sim && a.exporter == Exporter::Cuda {
+        bail!(
+            "--exporter cuda runs on a real RDMA device: add --backend verbs (the simulated \
+             GPUs are --exporter gpu)"
+        );
+    }
     if a.backend == Backend::Verbs && a.exporter == Exporter::Gpu {
         bail!(
             "--exporter gpu --backend verbs: the verbs stress exports host memory (udmabuf, \
-             dma-heap); GPU memory under verbs needs a CUDA GPU's dma-buf, which this stress does \
-             not drive yet: use --backend sim"
+             dma-heap) or CUDA memory (--exporter cuda); the simulated GPUs are --backend sim"
         );
     }
     let deadline = Duration::from_millis(a.deadline_ms);
@@ -126,7 +141,7 @@ pub fn run(cmd: &StressCmd, json: bool) -> Result<()> {
         placement: if a.no_pin { None } else { Placement::auto() },
         exporter: match a.exporter {
             Exporter::Host => ExporterKind::Host,
-            Exporter::Gpu => ExporterKind::Gpu,
+            Exporter::Gpu | Exporter::Cuda => ExporterKind::Gpu,
         },
         inject: a.inject,
     };
@@ -149,6 +164,9 @@ pub fn run(cmd: &StressCmd, json: bool) -> Result<()> {
     }
     let report = match a.backend {
         Backend::Sim => run_sim(&cfg, &|n| bar.set_position(n))?,
+        Backend::Verbs if a.exporter == Exporter::Cuda => {
+            crate::agent_stress::run(&cfg, a.device.as_deref(), &|n| bar.set_position(n))?
+        }
         Backend::Verbs => {
             crate::verbs_stress::run(&cfg, a.device.as_deref(), &|n| bar.set_position(n))?
         }

@@ -12,3 +12,21 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 7) as u8)
         .collect()
 }
+
+/// Start transfers with `start` until one is still under way 300 µs later (up to 20 tries),
+/// then run `meet` on it (a free, a deregistration): what `meet` returned, and how the
+/// transfer ended.
+pub fn meet_under_way<R>(
+    start: impl Fn() -> dmaplane::Transfer,
+    meet: impl FnOnce(&dmaplane::Transfer) -> R,
+) -> (R, dmaplane::Result<()>) {
+    for _ in 0..20 {
+        let t = start();
+        std::thread::sleep(Duration::from_micros(300));
+        if matches!(t.status(), dmaplane::Status::InProgress { .. }) {
+            let r = meet(&t);
+            return (r, t.wait(T));
+        }
+    }
+    panic!("every transfer finished before it could be met under way");
+}

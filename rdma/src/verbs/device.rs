@@ -316,9 +316,14 @@ impl DeviceBackend for VerbsDevice {
     }
 
     fn accepts(&self) -> Vec<Accept> {
+        // dma-buf first — a GPU's BAR too (MMIO, write-combining, no-snoop: the NIC's DMA is
+        // peer to peer, and the kernel's importer maps it); then this process's memory; then
+        // a GPU's device VAs, which only a peer-memory client (nvidia-peermem) resolves:
+        // without one the registration fails with EFAULT and says so.
         vec![
-            Accept::new(SpaceKind::DmaBuf, Access::READ_WRITE),
+            Accept::new(SpaceKind::DmaBuf, Access::READ_WRITE).with_mmio(),
             Accept::new(SpaceKind::ProcessVa, Access::READ_WRITE),
+            Accept::new(SpaceKind::DeviceVa, Access::READ_WRITE).with_mmio(),
         ]
     }
 

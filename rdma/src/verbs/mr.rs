@@ -154,6 +154,22 @@ impl VerbsMr {
                     ),
                 )
             }
+            AddrSpace::DeviceVa { device } => {
+                let addr = range.addr as usize as *mut std::ffi::c_void;
+                // SAFETY: the PD is live. The range is a GPU's device VAs, not memory of this
+                // process: the kernel hands them to a peer-memory client (nvidia-peermem),
+                // which pins the GPU pages and validates [addr, addr+len); without one the
+                // call fails (EFAULT). Nothing in this process is read or written.
+                let mr = unsafe { sys::ibv_reg_mr_iova(raw_pd, addr, length, req.iova, access) };
+                (
+                    mr,
+                    "ibv_reg_mr (GPU device VA, through a peer-memory client such as nvidia-peermem)",
+                    format!(
+                        "device {device}, va {:#x}, length {len:#x}, iova {:#x}, access {}",
+                        range.addr, req.iova, req.access
+                    ),
+                )
+            }
             AddrSpace::DmaBuf { .. } => {
                 let fd = req.dmabuf_fd.ok_or_else(|| {
                     invalid(
@@ -190,7 +206,7 @@ impl VerbsMr {
                 return Err(invalid(
                     "list.space",
                     other,
-                    "verbs registers process-va and dma-buf lists only",
+                    "verbs registers process-va, dma-buf and GPU device-va lists only",
                 ));
             }
         };

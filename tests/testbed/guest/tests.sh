@@ -100,22 +100,31 @@ rc_pingpong() {
 	[ "$client_rc" = 0 ] && [ "$server_rc" = 0 ]
 }
 
-# `dmaplane stress revoke --backend verbs --inject FAULT` must exit non-zero with the line that
-# names the fault: a fault the stress does not notice is a check that cannot fail.
-expect_caught() {
-	timeout -s KILL "$STEP_TIMEOUT" dmaplane stress revoke --backend verbs --inject "$1" \
-		--qps 4 --depth 16 --size 4096 --revokes 4 --seconds 0 --deadline-ms 2000 \
-		>/tmp/inject.log 2>&1
+# A stress run with `--inject FAULT` must exit non-zero with the line that names the fault: a
+# fault the stress does not notice is a check that cannot fail.  caught FAULT COMMAND...
+caught() {
+	fault="$1"
+	shift
+	timeout -s KILL "$STEP_TIMEOUT" "$@" --inject "$fault" >/tmp/inject.log 2>&1
 	rc=$?
 	cat /tmp/inject.log
 	if [ "$rc" = 0 ]; then
-		echo "expect_caught: --inject $1 exited 0: the fault went unnoticed"
+		echo "caught: --inject $fault exited 0: the fault went unnoticed"
 		return 1
 	fi
-	grep -q "stress failed (fault injected: $1)" /tmp/inject.log || {
-		echo "expect_caught: --inject $1 exited $rc without naming the fault"
+	grep -q "stress failed (fault injected: $fault)" /tmp/inject.log || {
+		echo "caught: --inject $fault exited $rc without naming the fault"
 		return 1
 	}
+}
+# The raw verbs stress, and the lab stress on the application library.
+expect_caught() {
+	caught "$1" dmaplane stress revoke --backend verbs \
+		--qps 4 --depth 16 --size 4096 --revokes 4 --seconds 0 --deadline-ms 2000
+}
+expect_caught_cuda() {
+	caught "$1" env LD_LIBRARY_PATH=/testbed/bin dmaplane stress revoke --backend verbs \
+		--exporter cuda --device rxe0 --qps 4 --size 4096 --revokes 4 --seconds 0 --deadline-ms 2000
 }
 
 # --- built-in steps --------------------------------------------------------------------------
@@ -144,6 +153,13 @@ step stress-revoke-verbs-inject-ignore expect_caught ignore-lease-revoke
 # the middle of a transfer (a typed error; the connection and the peer's memory live on).
 step agent-verbs env DMAPLANE_REQUIRE_RDMA=1 DMAPLANE_RDMA_DEVICE=rxe0 dmaplane-verbs --test-threads=1 --nocapture
 # The library against the raw verbs layer on rxe0, in the same run.
+# The lab stress on the application library: CUDA memory (the fake driver built from
+# gpu/src/cuda/fake_libcuda.c, /testbed/bin/libcuda.so.1; its dma-buf handle is refused, so the
+# negotiation registers the device VA through ibv_reg_mr, as with nvidia-peermem) freed under WRITE
+# traffic from a second process; every freed block whole, nothing after the ack.
+step stress-revoke-cuda env LD_LIBRARY_PATH=/testbed/bin dmaplane stress revoke --backend verbs --exporter cuda --device rxe0 --qps 4 --size 65536 --revokes 10 --seconds 0 --deadline-ms 5000
+step stress-revoke-cuda-inject expect_caught_cuda ack-then-write
+step stress-revoke-cuda-inject-ignore expect_caught_cuda ignore-lease-revoke
 step bench-agent-verbs dmaplane bench agent --backend verbs --device rxe0 --seconds 0.05 --blocks 4096,65536 --batches 1,16
 step dmaplane-doctor dmaplane doctor
 
