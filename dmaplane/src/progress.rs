@@ -111,13 +111,28 @@ pub(crate) struct Engine {
     /// while there are any, the progress thread naps instead of spinning, so the two do not
     /// fight over the cores the NICs need.
     drivers: AtomicU32,
+    /// When the last waiter stopped driving ([`since_start`] nanoseconds).
+    last_drive: AtomicU64,
 }
+
+/// Nanoseconds since the first call in this process: a clock atomics can hold.
+fn since_start() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// After a waiter stops driving, the progress thread stays asleep this long: an application
+/// that posts and waits in a loop drives every transfer itself, and a progress thread that
+/// woke between two of them would only take the cores its NICs need.
+const DRIVEN_GRACE_NS: u64 = 200_000;
 
 /// A waiter drives the engine while this lives.
 pub(crate) struct Driving<'a>(&'a Engine);
 
 impl Drop for Driving<'_> {
     fn drop(&mut self) {
+        self.0.last_drive.store(since_start(), Ordering::Relaxed);
         self.0.drivers.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -135,8 +150,11 @@ impl Engine {
         Driving(self)
     }
 
+    /// A waiter drives the engine now, or did a moment ago.
     fn driven(&self) -> bool {
         self.drivers.load(Ordering::Relaxed) > 0
+            || since_start().saturating_sub(self.last_drive.load(Ordering::Relaxed))
+                < DRIVEN_GRACE_NS
     }
 
     pub(crate) fn next_id(&self) -> u64 {
@@ -256,6 +274,7 @@ impl Engine {
 
     fn round(&self, s: &Shared, g: &mut Inner, wcs: &mut Vec<Completion>) -> bool {
         let mut did = false;
+        let now = Instant::now();
         for nic in &s.nics {
             wcs.clear();
             match nic.cq.poll(wcs, 256) {
@@ -268,7 +287,7 @@ impl Engine {
             }
             did = true;
             for wc in wcs.iter() {
-                self.complete(s, g, wc);
+                self.complete(s, g, wc, now);
             }
         }
         did |= self.post(s, g);
@@ -276,7 +295,7 @@ impl Engine {
         did
     }
 
-    fn complete(&self, s: &Shared, g: &mut Inner, wc: &Completion) {
+    fn complete(&self, s: &Shared, g: &mut Inner, wc: &Completion, now: Instant) {
         let mut requeue = false;
         let (tid, ci) = (
             wc.wr_id >> CHUNK_BITS,
@@ -299,7 +318,7 @@ impl Engine {
         lane.outstanding.fetch_sub(1, Ordering::Relaxed);
         s.nics[lane.nic].outstanding.fetch_sub(1, Ordering::Relaxed);
         a.outstanding -= 1;
-        a.last = Instant::now();
+        a.last = now;
         if wc.status == WcStatus::Success {
             a.done += 1;
             a.t.done.store(a.done, Ordering::Relaxed);
