@@ -179,6 +179,21 @@ impl Memory {
     /// registrations gone — until the returned [`Quarantine`] is dropped. A stress run poisons
     /// them at the ack and checks at the end that nothing changed them: any DMA after the ack
     /// would have.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use dmaplane::{Agent, Testbed};
+    /// # fn main() -> dmaplane::Result<()> {
+    /// let agent = Agent::builder("a").testbed(Testbed::builtin()?).nics(["nic0"]).build()?;
+    /// let mem = agent.alloc_host("buf", 1 << 20)?;
+    /// let _region = agent.register(&mem)?;
+    /// let (report, q) = mem.free_quarantined(Duration::from_secs(1))?;
+    /// assert!(report.is_clean());
+    /// assert!(mem.is_freed());
+    /// q.fill(0xee)?;
+    /// assert_eq!(q.first_change(0xee)?, None); // nothing touched it after the ack
+    /// # Ok(()) }
+    /// ```
     pub fn free_quarantined(&self, deadline: Duration) -> Result<(RevokeReport, Quarantine)> {
         let (report, backing) = self.revoke_for_good(deadline)?;
         let q = Quarantine {

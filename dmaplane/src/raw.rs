@@ -46,6 +46,23 @@ impl std::fmt::Debug for RawHost {
 impl RawHost {
     /// NIC `nic` of `testbed`, claimed for `owner`, allocating host memory from `mem` (a
     /// host-memory device, e.g. `mem0`), with a completion queue of `cq_depth` entries.
+    ///
+    /// ```
+    /// use dmaplane::{RawHost, Testbed};
+    /// use dmaplane_rdma::{ImportOptions, QpCaps};
+    /// # fn main() -> dmaplane::Result<()> {
+    /// let tb = Testbed::builtin()?;
+    /// let a = RawHost::sim(&tb, "host-a", "nic0", "mem0", 256)?;
+    /// let b = RawHost::sim(&tb, "host-b", "nic1", "mem1", 256)?;
+    /// let pairs = a.connect(&b, 2, QpCaps::default(), None)?;
+    /// let mem = b.memory("dst", 1 << 20)?;
+    /// let mr = b.import(&mem, "dst", ImportOptions::default())?;
+    /// let lease = b.dev.lease(&mr, &a.dev); // what A's WRITEs to it go under
+    /// assert_eq!((pairs.len(), lease.rkey()), (2, mr.rkey()));
+    /// // A NIC is one host's: a second claim is refused, naming who holds it.
+    /// assert!(RawHost::sim(&tb, "host-c", "nic0", "mem0", 256).is_err());
+    /// # Ok(()) }
+    /// ```
     pub fn sim(
         testbed: &Arc<Testbed>,
         owner: &str,

@@ -14,6 +14,24 @@ use crate::memory::{Backing, Memory};
 use crate::stage::{Stage, staging};
 
 /// How one NIC reaches a region.
+///
+/// ```
+/// use dmaplane::{Agent, NicPath, Testbed};
+/// # fn main() -> dmaplane::Result<()> {
+/// // nic0 and gpu2 sit on different sockets: no P2P route, so nic0 reaches gpu2's memory
+/// // through a host buffer on gpu2's NUMA node.
+/// let agent = Agent::builder("a").testbed(Testbed::builtin()?).nics(["nic0"]).build()?;
+/// let mem = agent.alloc_gpu("kv", "gpu2", 1 << 20)?;
+/// let region = agent.register(&mem)?;
+/// match &region.paths()[0] {
+///     NicPath::Staged { nic, through, why } => {
+///         assert_eq!((nic.as_str(), through.as_str()), ("nic0", "mem1"));
+///         assert!(why.contains("route"), "{why}");
+///     }
+///     other => panic!("{other:?}"),
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "path")]
 pub enum NicPath {
