@@ -89,6 +89,32 @@ pub(crate) struct Lane {
     /// The agent NIC it runs on.
     pub(crate) nic: usize,
     pub(crate) outstanding: AtomicU32,
+    /// Why its queue pair is in the error state for good (a request completed with an error
+    /// other than a flush: a remote access error, retries exhausted), if it is.
+    broken: Mutex<Option<String>>,
+}
+
+impl Lane {
+    fn new(qp: Qp, nic: usize) -> Lane {
+        Lane {
+            qp,
+            nic,
+            outstanding: AtomicU32::new(0),
+            broken: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn mark_broken(&self, why: &str) {
+        let mut b = lock(&self.broken);
+        if b.is_none() {
+            tracing::warn!(qpn = self.qp.qpn(), %why, "queue pair broken: the agent does not reconnect it, so its path is dead");
+            *b = Some(why.to_string());
+        }
+    }
+
+    pub(crate) fn broken(&self) -> Option<String> {
+        lock(&self.broken).clone()
+    }
 }
 
 /// One (local NIC, peer NIC) pair.
@@ -644,13 +670,7 @@ fn lanes(
     crate::raw::connect_over(&qps, oob, mtu, t)?;
     Ok(qps
         .into_iter()
-        .map(|qp| {
-            Arc::new(Lane {
-                qp,
-                nic: local,
-                outstanding: AtomicU32::new(0),
-            })
-        })
+        .map(|qp| Arc::new(Lane::new(qp, local)))
         .collect())
 }
 

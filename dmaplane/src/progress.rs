@@ -319,12 +319,20 @@ impl Engine {
         s.nics[lane.nic].outstanding.fetch_sub(1, Ordering::Relaxed);
         a.outstanding -= 1;
         a.last = now;
+        // Any error but a flush moves an RC queue pair to the error state for good (this
+        // agent's own quiesce only ever flushes): the lane is broken.
+        if !matches!(wc.status, WcStatus::Success | WcStatus::WrFlushErr) {
+            lane.mark_broken(&format!("{:?}", wc.status));
+        }
         if wc.status == WcStatus::Success {
             a.done += 1;
             a.t.done.store(a.done, Ordering::Relaxed);
         } else if a.error.is_none() {
             match a.t.revoked_or_lost(chunk, &format!("{:?}", wc.status)) {
                 Some(e) => a.error = Some(e),
+                None if wc.status == WcStatus::WrFlushErr && lane.broken().is_some() => {
+                    a.error = Some(a.t.broken_lane(lane));
+                }
                 // Flushed because another transfer's memory was revoked on the same queue
                 // pair: this one's memory is fine, so the request goes again once the queue
                 // pair is back (a bounded number of times).
@@ -387,6 +395,11 @@ impl Engine {
                     continue;
                 }
                 let lane = a.t.lanes[li].clone();
+                if lane.broken().is_some() {
+                    a.error = Some(a.t.broken_lane(&lane));
+                    a.pending.clear();
+                    break;
+                }
                 let wrs: Vec<SendWr> = idx
                     .iter()
                     .map(|&ci| {

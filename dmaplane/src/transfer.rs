@@ -124,6 +124,23 @@ impl TransferState {
             })
     }
 
+    /// The error for a request that met a broken queue pair.
+    pub(crate) fn broken_lane(&self, lane: &Lane) -> Error {
+        Error::Failed {
+            transfer: self.id,
+            peer: self.peer.name.clone(),
+            chunk: 0,
+            status: format!(
+                "queue pair {:#x} to {} is broken ({}): an RC queue pair leaves the error state \
+                 only by being connected anew, which the agent does not do yet, so this path \
+                 is dead",
+                lane.qp.qpn(),
+                self.peer.name,
+                lane.broken().unwrap_or_default()
+            ),
+        }
+    }
+
     /// A revoke of either side's memory, or the peer's loss, if that is why a request failed.
     pub(crate) fn revoked_or_lost(&self, chunk: &Chunk, status: &str) -> Option<Error> {
         let e = &self.entries[usize::from(chunk.local_entry)];
@@ -585,16 +602,23 @@ fn route(
             + if key.staged { REMOTE_STAGED } else { 0 };
         usable.push((r, pi, lease, local_staged, key.staged));
     }
-    let Some(best) = usable.iter().map(|u| u.0).min() else {
-        return Err(Error::invalid(
+    // No path for this pair of regions, and why.
+    let no_path = |why: String| {
+        Error::invalid(
             what(),
             "descriptors",
             format!(
                 "pair {i}: local region {} ↔ remote region {}",
                 e.id, info.id
             ),
+            why,
+        )
+    };
+    let Some(best) = usable.iter().map(|u| u.0).min() else {
+        return Err(no_path(
             "no path serves both: no NIC pair where this agent's NIC reaches the local memory \
-             and the peer granted a lease on the remote one",
+             and the peer granted a lease on the remote one"
+                .into(),
         ));
     };
     usable.retain(|u| u.0 == best);
@@ -602,9 +626,27 @@ fn route(
     let mut lanes = Vec::new();
     for (_, pi, lease, _, _) in &usable {
         let li = index_of(t_leases, lease)?;
-        for l in &peer.paths[*pi].lanes {
+        for l in peer.paths[*pi]
+            .lanes
+            .iter()
+            .filter(|l| l.broken().is_none())
+        {
             lanes.push((index_of(t_lanes, l)?, li));
         }
+    }
+    if lanes.is_empty() {
+        let why: Vec<String> = usable
+            .iter()
+            .flat_map(|(_, pi, ..)| &peer.paths[*pi].lanes)
+            .filter_map(|l| l.broken().map(|w| format!("{:#x}: {w}", l.qp.qpn())))
+            .collect();
+        return Err(no_path(format!(
+            "every queue pair of the paths that serve both is broken ({}): they leave the \
+                 error state only by being connected anew, which the agent does not do yet \
+                 (peer {})",
+            why.join(", "),
+            peer.name
+        )));
     }
     let entry = match entries.iter().position(|x| Arc::ptr_eq(x, &e)) {
         Some(k) => k,

@@ -945,6 +945,27 @@ fn a_holder_that_writes_after_its_ack_is_refused_at_the_zapped_region() {
         let v = tb.fabric().oracle().verdict();
         assert!(v.is_clean(), "lying = {lying}: {v}: {:?}", v.violations);
         assert_eq!(q.first_change(POISON).unwrap(), None, "lying = {lying}");
+        // The refused WRITEs left their queue pairs in the error state for good: a later
+        // transfer, to new and valid memory, goes over the queue pairs still whole, or is
+        // refused at once naming the broken ones — never a storm of flushes or a stall.
+        let fresh = b.alloc_host("fresh", 1 << 20).unwrap();
+        let rf = b.register(&fresh).unwrap();
+        let due = Instant::now() + T;
+        while peer.region(rf.id()).is_none() && Instant::now() < due {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let remote = peer.desc(rf.id(), 0, 1 << 20).unwrap();
+        let start = Instant::now();
+        match a.write(&peer, &[ra.desc(0, 1 << 20).unwrap()], &[remote], None) {
+            Ok(t) => t.wait(T).unwrap(),
+            Err(Error::Invalid { why, .. }) if lying && why.contains("broken") => {}
+            Err(e) => panic!("lying = {lying}: {e}"),
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }
 

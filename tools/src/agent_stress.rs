@@ -525,6 +525,11 @@ mod imp {
                     *t = None;
                 }
                 let Some((id, epoch)) = current else { continue };
+                // Starting a WRITE can wait for the owner's lease grant: look for the owner's
+                // departure before each one, not once a round.
+                if peer.lost().is_some() {
+                    break 'run;
+                }
                 seq += 1;
                 let off = (slot * size) as u64;
                 src.write(off, &block(epoch, slot as u32, seq, size))?;
@@ -600,6 +605,7 @@ mod imp {
                 HOLDER_STALL * 2
             ));
         }
+        r.failures.truncate(20);
         println!("{}", serde_json::to_string(&r)?);
         use std::io::Write;
         std::io::stdout().flush()?;
