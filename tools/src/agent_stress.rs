@@ -558,6 +558,15 @@ mod imp {
                         r.failed += 1;
                         r.failures
                             .push(format!("slot {slot}: starting a WRITE: {e}"));
+                        // Every queue pair broken (a protocol violation was refused): nothing
+                        // more can be sent; wait for the owner to end the run.
+                        if matches!(&e, AgentError::Invalid { why, .. } if why.contains("broken")) {
+                            r.notes.push(format!("traffic stopped: {e}"));
+                            while peer.lost().is_none() {
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
+                            break 'run;
+                        }
                     }
                 }
             }
