@@ -174,8 +174,12 @@ fn measure(cfg: &RdmaBenchConfig, progress: &dyn Progress) -> Result<RdmaReport,
     let fill = vec![0x5au8; 1 << 20];
     for off in (0..set).step_by(fill.len()) {
         let n = (set - off).min(fill.len() as u64) as usize;
-        w.fabric.cpu_write(&src_mem.window(), off, &fill[..n]);
-        w.fabric.cpu_write(&dst_mem.window(), off, &fill[..n]);
+        w.testbed
+            .fabric()
+            .cpu_write(&src_mem.window(), off, &fill[..n]);
+        w.testbed
+            .fabric()
+            .cpu_write(&dst_mem.window(), off, &fill[..n]);
     }
     let (src_win, dst_win) = (src_mem.window(), dst_mem.window());
     let target = |off: u64| RemoteAddr {

@@ -521,9 +521,9 @@ pub fn run_sim(
             w.b.dev.inject(Some(f))
         }
         Some(Inject::Rdma(f)) => w.a.dev.inject(Some(f)),
-        Some(Inject::FreeBeforeAck) => w.fabric.inject_reuse_before_ack(true),
+        Some(Inject::FreeBeforeAck) => w.testbed.fabric().inject_reuse_before_ack(true),
         Some(Inject::NoBackstop) => {
-            w.fabric.inject_no_backstop(true);
+            w.testbed.fabric().inject_no_backstop(true);
             w.b.dev.inject(Some(Fault::EarlyFence));
             w.a.dev.inject(Some(Fault::IgnoreLeaseRevoke));
         }
@@ -675,14 +675,14 @@ pub fn run_sim(
     })?;
     // Every DMA the fabric refused: the oracle explains those the backstop stopped; any other
     // is a bug of its own.
-    let faults = |d| w.fabric.faults(d).total();
+    let faults = |d| w.testbed.fabric().faults(d).total();
     let fabric_faults = faults(w.a.fabric_id()?)
         + faults(w.b.fabric_id()?)
         + gpu
             .as_ref()
             .and_then(|g| g.backend().fabric_device())
             .map_or(0, faults);
-    let verdict = w.fabric.oracle().verdict();
+    let verdict = w.testbed.fabric().oracle().verdict();
     let gpu_errors = std::mem::take(&mut *lock(&gpu_errors));
     let mut r = StressReport::from_run("sim", cfg, &counts, &sh, start);
     r.failed += gpu_errors.len() as u64;

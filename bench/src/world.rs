@@ -7,14 +7,12 @@ use std::sync::Arc;
 
 use dmaplane::{RawHost, Result, Testbed};
 use dmaplane_core::cpu::{self, Placement};
-use dmaplane_core::fabric::Fabric;
 use dmaplane_core::topology::builtin;
 use dmaplane_rdma::{Qp, QpCaps};
 
 #[derive(Debug)]
 pub struct World {
     pub testbed: Arc<Testbed>,
-    pub fabric: Fabric,
     pub a: RawHost,
     pub b: RawHost,
     /// Where the NIC engines and the host threads run; None leaves it to the scheduler.
@@ -30,7 +28,6 @@ impl World {
         let a = RawHost::sim(&testbed, "host-a", "nic0", "mem0", cq_depth)?;
         let b = RawHost::sim(&testbed, "host-b", "nic1", "mem1", cq_depth)?;
         Ok(World {
-            fabric: testbed.fabric().clone(),
             testbed,
             a,
             b,

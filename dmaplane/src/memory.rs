@@ -51,6 +51,56 @@ pub(crate) enum Backing {
     DmaBuf(dmaplane_core::dmabuf::DmaBufMemory),
 }
 
+/// A host access to a backing's bytes.
+enum Io<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
+}
+
+impl Backing {
+    fn len(&self) -> u64 {
+        match self {
+            Backing::Host(h) => h.len(),
+            Backing::Gpu(g) => g.len(),
+            #[cfg(feature = "verbs")]
+            Backing::DmaBuf(m) => m.len(),
+        }
+    }
+
+    /// Copy between the caller's buffer and the bytes at `offset`, from the host. A
+    /// `quarantined` backing is revoked already: host memory is then reached through its
+    /// window, as its own accessors refuse once revoked. `Ok(false)`: the export refused (it
+    /// was revoked).
+    #[cfg_attr(not(feature = "verbs"), allow(unused_variables))]
+    fn io(&self, name: &str, offset: u64, io: Io<'_>, quarantined: bool) -> Result<bool> {
+        Ok(match (self, io) {
+            (Backing::Host(h), Io::Read(b)) if quarantined => h.window().memory().read(offset, b),
+            (Backing::Host(h), Io::Write(b)) if quarantined => h.window().memory().write(offset, b),
+            (Backing::Host(h), Io::Read(b)) => h.read(offset, b),
+            (Backing::Host(h), Io::Write(b)) => h.write(offset, b),
+            (Backing::Gpu(g), Io::Read(b)) => g.read(offset, b).map(|()| true)?,
+            (Backing::Gpu(g), Io::Write(b)) => g.write(offset, b).map(|()| true)?,
+            #[cfg(feature = "verbs")]
+            (Backing::DmaBuf(m), io) => match io {
+                Io::Read(b) => m.read(offset, b),
+                Io::Write(b) => m.write(offset, b),
+            }
+            .map(|()| true)
+            .map_err(|e| Error::setup(name, e.to_string()))?,
+        })
+    }
+
+    /// Revoke every importer (the bytes stay until the backing is dropped or released).
+    fn revoke(&self, deadline: Duration) -> RevokeReport {
+        match self {
+            Backing::Host(h) => h.revoke(deadline),
+            #[cfg(feature = "verbs")]
+            Backing::DmaBuf(m) => m.revoke(deadline),
+            Backing::Gpu(g) => g.revoke(deadline),
+        }
+    }
+}
+
 pub(crate) struct MemoryInner {
     pub(crate) id: u64,
     pub(crate) name: String,
@@ -129,35 +179,23 @@ impl Memory {
 
     /// Write `data` at `offset` from the CPU.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.check("offset", offset, data.len() as u64)?;
-        match &*lock(&self.inner.backing) {
-            Some(Backing::Host(h)) => h
-                .write(offset, data)
-                .then_some(())
-                .ok_or_else(|| self.freed()),
-            Some(Backing::Gpu(g)) => Ok(g.write(offset, data)?),
-            #[cfg(feature = "verbs")]
-            Some(Backing::DmaBuf(m)) => m
-                .write(offset, data)
-                .map_err(|e| Error::setup(&self.inner.name, e.to_string())),
-            None => Err(self.freed()),
-        }
+        self.io(offset, Io::Write(data))
     }
 
     /// Read `buf.len()` bytes at `offset` from the CPU.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.check("offset", offset, buf.len() as u64)?;
+        self.io(offset, Io::Read(buf))
+    }
+
+    fn io(&self, offset: u64, io: Io<'_>) -> Result<()> {
+        let n = match &io {
+            Io::Read(b) => b.len(),
+            Io::Write(b) => b.len(),
+        };
+        self.check("offset", offset, n as u64)?;
         match &*lock(&self.inner.backing) {
-            Some(Backing::Host(h)) => h
-                .read(offset, buf)
-                .then_some(())
-                .ok_or_else(|| self.freed()),
-            Some(Backing::Gpu(g)) => Ok(g.read(offset, buf)?),
-            #[cfg(feature = "verbs")]
-            Some(Backing::DmaBuf(m)) => m
-                .read(offset, buf)
-                .map_err(|e| Error::setup(&self.inner.name, e.to_string())),
-            None => Err(self.freed()),
+            Some(b) if b.io(&self.inner.name, offset, io, false)? => Ok(()),
+            _ => Err(self.freed()),
         }
     }
 
@@ -192,6 +230,7 @@ impl Memory {
     /// assert!(mem.is_freed());
     /// q.fill(0xee)?;
     /// assert_eq!(q.first_change(0xee)?, None); // nothing touched it after the ack
+    /// assert_eq!(q.first_change(0x00)?, Some(0)); // and a change would show
     /// # Ok(()) }
     /// ```
     pub fn free_quarantined(&self, deadline: Duration) -> Result<(RevokeReport, Quarantine)> {
@@ -231,12 +270,7 @@ impl Memory {
         let cut_before = agent.as_ref().map_or(0, |a| a.holders_cut_off());
         let start = std::time::Instant::now();
         let staged: Vec<RevokeReport> = stages.iter().map(|st| st.host.revoke(deadline)).collect();
-        let mut report = match &backing {
-            Backing::Host(h) => h.revoke(deadline),
-            #[cfg(feature = "verbs")]
-            Backing::DmaBuf(m) => m.revoke(deadline),
-            Backing::Gpu(g) => g.revoke(deadline),
-        };
+        let mut report = backing.revoke(deadline);
         // One report: the staging buffers' importers (the NICs that used them, the copy
         // engine) with the memory's own, over the whole free.
         for r in staged {
@@ -314,43 +348,16 @@ impl Quarantine {
     }
 
     fn len(&self) -> u64 {
-        match &self.backing {
-            Some(Backing::Host(h)) => h.len(),
-            Some(Backing::Gpu(g)) => g.len(),
-            #[cfg(feature = "verbs")]
-            Some(Backing::DmaBuf(m)) => m.len(),
-            None => 0,
-        }
+        self.backing.as_ref().map_or(0, Backing::len)
     }
 
-    fn io(&self, offset: u64, buf: &mut [u8], write: bool) -> Result<()> {
-        let what = || Error::setup(&self.name, "quarantined memory could not be accessed");
+    fn io(&self, offset: u64, io: Io<'_>) -> Result<()> {
         match &self.backing {
-            Some(Backing::Host(h)) => {
-                let w = h.window();
-                let ok = if write {
-                    w.memory().write(offset, buf)
-                } else {
-                    w.memory().read(offset, buf)
-                };
-                ok.then_some(()).ok_or_else(what)
-            }
-            Some(Backing::Gpu(g)) => {
-                if write {
-                    g.write(offset, buf)?;
-                } else {
-                    g.read(offset, buf)?;
-                }
-                Ok(())
-            }
-            #[cfg(feature = "verbs")]
-            Some(Backing::DmaBuf(m)) => if write {
-                m.write(offset, buf)
-            } else {
-                m.read(offset, buf)
-            }
-            .map_err(|e| Error::setup(&self.name, e.to_string())),
-            None => Err(what()),
+            Some(b) if b.io(&self.name, offset, io, true)? => Ok(()),
+            _ => Err(Error::setup(
+                &self.name,
+                "quarantined memory could not be accessed",
+            )),
         }
     }
 
@@ -367,16 +374,16 @@ impl Quarantine {
                 format!("outside its {} bytes", self.len()),
             ));
         }
-        self.io(offset, buf, false)
+        self.io(offset, Io::Read(buf))
     }
 
     /// Fill every byte with `byte` (from the host).
     pub fn fill(&self, byte: u8) -> Result<()> {
-        let mut buf = vec![byte; QUARANTINE_PIECE];
+        let buf = vec![byte; QUARANTINE_PIECE];
         let mut off = 0;
         while off < self.len() {
             let n = (self.len() - off).min(QUARANTINE_PIECE as u64) as usize;
-            self.io(off, &mut buf[..n], true)?;
+            self.io(off, Io::Write(&buf[..n]))?;
             off += n as u64;
         }
         Ok(())
@@ -388,7 +395,7 @@ impl Quarantine {
         let mut off = 0;
         while off < self.len() {
             let n = (self.len() - off).min(QUARANTINE_PIECE as u64) as usize;
-            self.io(off, &mut buf[..n], false)?;
+            self.io(off, Io::Read(&mut buf[..n]))?;
             if let Some(i) = buf[..n].iter().position(|&b| b != byte) {
                 return Ok(Some(off + i as u64));
             }

@@ -90,8 +90,9 @@ pub(crate) struct Lane {
     pub(crate) nic: usize,
     pub(crate) outstanding: AtomicU32,
     /// Why its queue pair is in the error state for good (a request completed with an error
-    /// other than a flush: a remote access error, retries exhausted), if it is.
-    broken: Mutex<Option<String>>,
+    /// other than a flush: a remote access error, retries exhausted), if it is. Set once;
+    /// read on every post (an atomic load).
+    broken: std::sync::OnceLock<String>,
 }
 
 impl Lane {
@@ -100,20 +101,18 @@ impl Lane {
             qp,
             nic,
             outstanding: AtomicU32::new(0),
-            broken: Mutex::new(None),
+            broken: std::sync::OnceLock::new(),
         }
     }
 
     pub(crate) fn mark_broken(&self, why: &str) {
-        let mut b = lock(&self.broken);
-        if b.is_none() {
+        if self.broken.set(why.to_string()).is_ok() {
             tracing::warn!(qpn = self.qp.qpn(), %why, "queue pair broken: the agent does not reconnect it, so its path is dead");
-            *b = Some(why.to_string());
         }
     }
 
-    pub(crate) fn broken(&self) -> Option<String> {
-        lock(&self.broken).clone()
+    pub(crate) fn broken(&self) -> Option<&str> {
+        self.broken.get().map(String::as_str)
     }
 }
 

@@ -659,4 +659,36 @@ mod imp {
             _ => End::Other,
         }
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// The block check can fail: every way a freed block can be wrong is named.
+        #[test]
+        fn a_freed_block_that_is_torn_stale_foreign_or_missing_is_refused() {
+            let size = 4096;
+            let good = block(3, 1, 7, size);
+            assert_eq!(check_block(&good, 3, 1, 7), Ok(()));
+            assert_eq!(
+                check_block(&good, 3, 1, 5),
+                Ok(()),
+                "newer than notified is fine"
+            );
+            assert_eq!(
+                check_block(&vec![0; size], 3, 1, 0),
+                Ok(()),
+                "never written"
+            );
+            let mut torn = good.clone();
+            torn[size / 2..].copy_from_slice(&block(3, 1, 8, size)[size / 2..]);
+            let why = |b: &[u8], e, s, q| check_block(b, e, s, q).unwrap_err();
+            assert!(why(&torn, 3, 1, 7).contains("torn"));
+            assert!(why(&good, 3, 1, 9).contains("older"));
+            assert!(why(&good, 4, 1, 7).contains("epoch 3"));
+            assert!(why(&good, 3, 2, 7).contains("slot 1"));
+            assert!(why(&vec![0; size], 3, 1, 2).contains("empty"));
+            assert!(why(&vec![0xee; size], 3, 1, 2).contains("header"));
+        }
+    }
 }
