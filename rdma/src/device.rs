@@ -152,6 +152,7 @@ impl Pd {
                 conn: None,
                 recover_pending: false,
                 longest_send: 0,
+                stops: 0,
                 scratch_send: Vec::new(),
                 scratch_recv: Vec::new(),
             }),
@@ -334,6 +335,9 @@ pub(crate) struct Track {
     /// The longest send request ever posted: while it fits one packet, no message of this QP
     /// can be cut by a flush.
     pub(crate) longest_send: u64,
+    /// Drain and boundary stops begun on this QP: a stop's deadline timer acts only while its
+    /// own stop is the latest (a stale one must not flush a later stop early).
+    pub(crate) stops: u64,
     scratch_send: Vec<SendWr>,
     scratch_recv: Vec<RecvWr>,
 }

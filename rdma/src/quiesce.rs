@@ -593,7 +593,7 @@ impl Tracker {
             QuiescePolicy::Boundary { .. } => None,
             QuiescePolicy::Drain { deadline } => {
                 bump(&self.counters.qps_drained, 1);
-                self.arm_drain_deadline(qp, deadline);
+                self.arm_drain_deadline(qp, t, deadline);
                 // Only a QP in RTS moves to SQD; one already in SQD or ERR is on its way.
                 (qp.backend.state() == QpState::Rts).then_some(QpState::Sqd)
             }
@@ -629,7 +629,7 @@ impl Tracker {
         if t.longest_send <= mtu {
             return self.quiesce_qp(qp, t, QuiescePolicy::Flush, latch, true);
         }
-        self.arm_drain_deadline(qp, deadline);
+        self.arm_drain_deadline(qp, t, deadline);
         latch.add(1);
         let l = latch.clone();
         let weak = Arc::downgrade(qp);
@@ -713,8 +713,11 @@ impl Tracker {
         });
     }
 
-    /// At the drain deadline, a QP still draining is flushed.
-    fn arm_drain_deadline(&self, qp: &Arc<QpShared>, deadline: Duration) {
+    /// At the drain deadline, a QP still draining is flushed — if the stop that armed the
+    /// deadline is still the QP's latest (under its track lock `t`).
+    fn arm_drain_deadline(&self, qp: &Arc<QpShared>, t: &mut Track, deadline: Duration) {
+        t.stops += 1;
+        let stop = t.stops;
         let weak = Arc::downgrade(qp);
         let me = self.me.clone();
         self.timer.at(Instant::now() + deadline, move || {
@@ -724,6 +727,10 @@ impl Tracker {
             // Under the track lock: a reaper cannot bring the QP back to RTS between the look
             // and the flush (which would put a recovered QP into ERR).
             let mut tr = lock(&qp.track);
+            if tr.stops != stop {
+                // Its stop ended and a later one began: that one has its own deadline.
+                return;
+            }
             let state = qp.backend.state();
             if state == QpState::Sqd && tr.send.outstanding() > 0 {
                 bump(&t.counters.drains_timed_out, 1);
