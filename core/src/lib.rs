@@ -22,6 +22,7 @@ pub mod revoke;
 pub mod sgl;
 mod sync;
 pub mod topology;
+pub mod user;
 
 pub use addr::{AddrList, AddrListError, AddrSpace, DmaBufId, DmaRange, SpaceKind};
 pub use fence::{Fence, FenceObserver};

@@ -604,9 +604,70 @@ impl Agent {
         let Some(tb) = self.shared.testbed() else {
             return self.alloc_udmabuf(name, len);
         };
+        let dev = self.host_device(tb)?;
+        self.alloc_host_on(name, &dev, len)
+    }
+
+    /// A caller's buffer as memory the agent registers, zero-copy: NICs read and write its
+    /// allocation in place. The agent holds the buffer from here on — no safe code can free,
+    /// grow or move it while a NIC may reach it — and [`Memory::reclaim`] gives it back, after
+    /// every NIC is revoked, with what DMA wrote into it. Dropping every handle without
+    /// reclaiming frees it the same way (revoked first).
+    ///
+    /// On the testbed it is host memory on the NUMA node of the agent's first NIC; on verbs it
+    /// is registered by its process VA (`ibv_reg_mr`). An empty buffer is refused.
+    ///
+    /// ```
+    /// use dmaplane::{Agent, Testbed};
+    /// # fn main() -> dmaplane::Result<()> {
+    /// let agent = Agent::builder("a").testbed(Testbed::builtin()?).nics(["nic0"]).build()?;
+    /// let mem = agent.adopt("weights", vec![0u8; 4 << 20])?;
+    /// assert_eq!(mem.len(), 4 << 20);
+    /// let err = agent.adopt("empty", Vec::new()).unwrap_err();
+    /// assert!(err.to_string().contains("`len` = 0"), "{err}");
+    /// # Ok(()) }
+    /// ```
+    pub fn adopt(&self, name: &str, buf: Vec<u8>) -> Result<Memory> {
+        let len = buf.len() as u64;
+        check_alloc(name, len)?;
+        let Some(tb) = self.shared.testbed() else {
+            return self.adopt_user(name, buf);
+        };
+        let dev = self.host_device(tb)?;
+        let id = tb.device(&dev)?;
+        let host = HostMemory::adopt(tb.fabric(), id, name, buf).map_err(|e| {
+            Error::invalid(format!("host memory {name}"), "device", &dev, e.to_string())
+        })?;
+        Ok(self.memory(name, len, Location::Host(dev), Backing::Host(host)))
+    }
+
+    /// A caller's buffer on verbs: registered by its process VA.
+    #[cfg(feature = "verbs")]
+    fn adopt_user(&self, name: &str, buf: Vec<u8>) -> Result<Memory> {
+        let len = buf.len() as u64;
+        let u = dmaplane_core::user::UserBuffer::new(name, buf)
+            .map_err(|e| Error::setup(&self.shared.name, format!("buffer {name}: {e}")))?;
+        Ok(self.memory(
+            name,
+            len,
+            Location::Host("process".into()),
+            Backing::User(u),
+        ))
+    }
+
+    #[cfg(not(feature = "verbs"))]
+    fn adopt_user(&self, name: &str, _buf: Vec<u8>) -> Result<Memory> {
+        Err(Error::setup(
+            &self.shared.name,
+            format!("buffer {name}: no testbed and no verbs"),
+        ))
+    }
+
+    /// The host-memory device nearest the agent's first NIC.
+    fn host_device(&self, tb: &Testbed) -> Result<String> {
         let numa = self.shared.nics.first().map_or(0, |n| n.numa);
         let topo = tb.topology();
-        let dev = topo
+        Ok(topo
             .host_memory_for_numa(numa)
             .or_else(|| {
                 topo.devices_of_kind(dmaplane_core::topology::DeviceKind::HostMemory)
@@ -614,8 +675,7 @@ impl Agent {
             })
             .ok_or_else(|| Error::setup(&self.shared.name, "the testbed has no host memory"))?
             .id
-            .clone();
-        self.alloc_host_on(name, &dev, len)
+            .clone())
     }
 
     /// Host memory on verbs: a udmabuf (memfd pages exported as a dma-buf).

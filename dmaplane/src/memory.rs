@@ -49,6 +49,9 @@ pub(crate) enum Backing {
     /// A real dma-buf (udmabuf) on the verbs backend.
     #[cfg(feature = "verbs")]
     DmaBuf(dmaplane_core::dmabuf::DmaBufMemory),
+    /// A caller's buffer on the verbs backend, registered by its process VA.
+    #[cfg(feature = "verbs")]
+    User(dmaplane_core::user::UserBuffer),
 }
 
 /// A host access to a backing's bytes.
@@ -64,6 +67,30 @@ impl Backing {
             Backing::Gpu(g) => g.len(),
             #[cfg(feature = "verbs")]
             Backing::DmaBuf(m) => m.len(),
+            #[cfg(feature = "verbs")]
+            Backing::User(u) => u.len(),
+        }
+    }
+
+    /// Whether it is a caller's buffer ([`Agent::adopt`](crate::Agent::adopt)).
+    fn is_adopted(&self) -> bool {
+        match self {
+            Backing::Host(h) => h.window().memory().is_heap(),
+            #[cfg(feature = "verbs")]
+            Backing::User(_) => true,
+            _ => false,
+        }
+    }
+
+    /// The export's epoch (moves on every revoke).
+    pub(crate) fn epoch(&self) -> u64 {
+        match self {
+            Backing::Host(h) => h.epoch(),
+            Backing::Gpu(g) => g.epoch(),
+            #[cfg(feature = "verbs")]
+            Backing::DmaBuf(m) => m.epoch(),
+            #[cfg(feature = "verbs")]
+            Backing::User(u) => u.epoch(),
         }
     }
 
@@ -87,6 +114,10 @@ impl Backing {
             }
             .map(|()| true)
             .map_err(|e| Error::setup(name, e.to_string()))?,
+            #[cfg(feature = "verbs")]
+            (Backing::User(u), Io::Read(b)) => u.read(offset, b),
+            #[cfg(feature = "verbs")]
+            (Backing::User(u), Io::Write(b)) => u.write(offset, b),
         })
     }
 
@@ -96,6 +127,8 @@ impl Backing {
             Backing::Host(h) => h.revoke(deadline),
             #[cfg(feature = "verbs")]
             Backing::DmaBuf(m) => m.revoke(deadline),
+            #[cfg(feature = "verbs")]
+            Backing::User(u) => u.revoke(deadline),
             Backing::Gpu(g) => g.revoke(deadline),
         }
     }
@@ -211,6 +244,65 @@ impl Memory {
         }
         .release(deadline)?;
         self.acked(report)
+    }
+
+    /// Give a caller's buffer ([`Agent::adopt`](crate::Agent::adopt)) back, with what DMA wrote
+    /// into it: the same allocation, not a copy. Everything [`Memory::free`] does happens first —
+    /// every importer revoked and acknowledged, registrations forgotten, transfers that touch it
+    /// ended with [`Error::Revoked`] — so no NIC can reach the buffer once it is returned.
+    ///
+    /// Refused before anything is revoked for memory the agent allocated. When an importer
+    /// missed `deadline`, or something still reaches the buffer, the error says so and the
+    /// buffer is not handed back: it is freed once nothing can reach it (on verbs, never —
+    /// leaked, since a NIC that did not acknowledge may still write into its pages).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use dmaplane::{Agent, Testbed};
+    /// # fn main() -> dmaplane::Result<()> {
+    /// let agent = Agent::builder("a").testbed(Testbed::builtin()?).nics(["nic0"]).build()?;
+    /// let buf = vec![7u8; 1 << 20];
+    /// let at = buf.as_ptr();
+    /// let mem = agent.adopt("mine", buf)?;
+    /// let _region = agent.register(&mem)?;
+    /// mem.write(0, b"from the agent")?;
+    /// let buf = mem.reclaim(Duration::from_secs(1))?;
+    /// assert_eq!(buf.as_ptr(), at); // zero-copy both ways
+    /// assert_eq!(&buf[..14], b"from the agent");
+    /// assert!(mem.is_freed());
+    /// # Ok(()) }
+    /// ```
+    pub fn reclaim(&self, deadline: Duration) -> Result<Vec<u8>> {
+        let adopted = self.with_backing(|b| Ok(b.is_adopted()))?;
+        if !adopted {
+            return Err(Error::invalid(
+                format!("reclaim of {}", self.inner.name),
+                "memory",
+                &self.inner.name,
+                "the agent allocated it: only a caller's buffer (Agent::adopt) is handed back; \
+                 use free",
+            ));
+        }
+        let (report, backing) = self.revoke_for_good(deadline)?;
+        let unacked = self.acked(report).err();
+        let gone = |e: &dyn std::fmt::Display| {
+            Error::setup(
+                &self.inner.name,
+                format!("reclaim: the buffer is not handed back: {e}"),
+            )
+        };
+        let buf = match backing {
+            Backing::Host(h) => h.into_vec(deadline).map_err(|e| gone(&e)),
+            #[cfg(feature = "verbs")]
+            Backing::User(u) => u.into_vec(deadline).map_err(|e| gone(&e)),
+            _ => Err(gone(&"not a caller's buffer")),
+        };
+        match unacked {
+            // The fabric refuses every access to an unmapped window, so the sim could give it
+            // back; the contract is the same on both backends: no ack, no buffer.
+            Some(e) => Err(gone(&e)),
+            None => buf,
+        }
     }
 
     /// [`Memory::free`], except that the bytes are kept — unreachable by any NIC, its

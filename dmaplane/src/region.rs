@@ -164,14 +164,7 @@ impl Entry {
                 ),
             ));
         }
-        let epoch = memory.with_backing(|b| {
-            Ok(match b {
-                Backing::Host(h) => h.epoch(),
-                Backing::Gpu(g) => g.epoch(),
-                #[cfg(feature = "verbs")]
-                Backing::DmaBuf(m) => m.epoch(),
-            })
-        })?;
+        let epoch = memory.with_backing(|b| Ok(b.epoch()))?;
         Ok(Entry {
             id,
             memory: memory.clone(),
@@ -330,6 +323,8 @@ fn register_on(
             Backing::DmaBuf(m) => nic
                 .pd
                 .import(&name, opts, Some(m.fd()), |i, a| m.attach(i, a))?,
+            #[cfg(feature = "verbs")]
+            Backing::User(u) => nic.pd.import(&name, opts, None, |i, a| u.attach(i, a))?,
         })
     })?;
     let negotiation = mr.negotiation().unwrap_or_default();

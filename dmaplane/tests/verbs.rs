@@ -6,7 +6,8 @@
 //! (`DMAPLANE_AGENT_ROLE=peer`): the peer builds its agent on the same device, allocates and
 //! registers 64 MiB, and prints its handshake address and region id; this side connects over
 //! TCP, WRITEs 64 MiB with a notification (the peer verifies every byte when it arrives), READs
-//! it back and verifies, then deregisters its own source a quarter into a second WRITE: a typed
+//! it back into a caller's buffer (`Agent::adopt`, handed back by `Memory::reclaim` at the end)
+//! and verifies, then deregisters its own source a quarter into a second WRITE: a typed
 //! error, and the peer's memory still answers a READ after it.
 //!
 //! Without a device the test prints why and passes, unless `DMAPLANE_REQUIRE_RDMA=1`.
@@ -129,9 +130,12 @@ fn two_agents_in_two_processes() {
     eprintln!("64 MiB WRITE in {:?}", start.elapsed());
     assert_eq!(next("VERIFIED"), "ok");
 
-    // READ it back into a second buffer.
-    let back = a.alloc_host("main-back", LEN).unwrap();
+    // READ it back into a caller's buffer (registered in place by its process VA).
+    let buf = vec![0u8; LEN as usize];
+    let buf_at = buf.as_ptr();
+    let back = a.adopt("main-back", buf).unwrap();
     let rback = a.register(&back).unwrap();
+    eprintln!("caller's buffer: {:?}", rback.paths());
     let start = Instant::now();
     a.read(&peer, &[rback.all()], &[remote])
         .unwrap()
@@ -186,4 +190,13 @@ fn two_agents_in_two_processes() {
     .unwrap();
     let status = child.wait().unwrap();
     assert!(status.success(), "the peer failed: {status}");
+
+    // The caller's buffer back: the same allocation, with what the READs put in it.
+    let got = back.reclaim(Duration::from_secs(30)).unwrap();
+    assert_eq!(
+        got.as_ptr(),
+        buf_at,
+        "the NIC worked on the caller's allocation"
+    );
+    assert!(got == data, "the reclaimed buffer differs");
 }

@@ -52,8 +52,36 @@ impl WindowExport {
         })
     }
 
+    /// A window over `mem` (a caller's buffer) instead of fresh memory.
+    pub(crate) fn over(
+        fabric: &Fabric,
+        owner: DeviceId,
+        name: &str,
+        mem: super::Memory,
+    ) -> Result<WindowExport, FabricError> {
+        let window = fabric.map(owner, mem)?;
+        Ok(WindowExport {
+            export: Export::new(name),
+            fabric: fabric.clone(),
+            owner,
+            host: true,
+            window: Mutex::new(window),
+            devices: Mutex::new(HashMap::new()),
+            moving: Mutex::new(()),
+        })
+    }
+
     pub(crate) fn window(&self) -> WindowHandle {
         lock(&self.window).clone()
+    }
+
+    /// The memory back, after everything this export gave out is revoked (by the drop, when
+    /// the caller did not) and its window unmapped. `Err(n)`: `n` other holders still reached
+    /// it at `deadline`.
+    pub(crate) fn into_memory(self, deadline: Duration) -> Result<super::Memory, usize> {
+        let w = self.window();
+        drop(self);
+        w.into_memory(deadline)
     }
 
     /// The list for `offer`'s space over window `w`.

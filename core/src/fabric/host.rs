@@ -32,6 +32,45 @@ impl HostMemory {
         })
     }
 
+    /// A caller's buffer as host memory owned by `owner`, zero-copy: its allocation is the
+    /// window's memory, so DMA lands in it. [`into_vec`](Self::into_vec) gives it back.
+    pub fn adopt(
+        fabric: &Fabric,
+        owner: DeviceId,
+        name: &str,
+        buf: Vec<u8>,
+    ) -> Result<HostMemory, FabricError> {
+        let mem = super::Memory::from_vec(buf).map_err(|e| FabricError::Memory {
+            owner: name.to_string(),
+            source: Arc::new(e),
+        })?;
+        Ok(HostMemory {
+            inner: WindowExport::over(fabric, owner, name, mem)?,
+        })
+    }
+
+    /// The adopted buffer back, with what DMA wrote into it. Every importer is revoked first
+    /// (here, if the caller did not revoke) and the window unmapped, so the fabric refuses any
+    /// later access to its addresses; the buffer comes back only when nothing else holds the
+    /// window (a DMA refused at the unmap lets go at once; others get until `deadline`) — else
+    /// [`FabricError::StillMapped`], and the bytes stay allocated (unreachable by the caller)
+    /// until the last holder goes. Memory the fabric allocated is
+    /// [`FabricError::NotAdopted`] (and revoked and freed with `self`).
+    pub fn into_vec(self, deadline: Duration) -> Result<Vec<u8>, FabricError> {
+        let name = self.inner.export.name().to_string();
+        if !self.window().memory().is_heap() {
+            return Err(FabricError::NotAdopted { name });
+        }
+        let mem = self
+            .inner
+            .into_memory(deadline)
+            .map_err(|holders| FabricError::StillMapped {
+                name: name.clone(),
+                holders,
+            })?;
+        mem.into_vec().map_err(|_| FabricError::NotAdopted { name })
+    }
+
     pub fn window(&self) -> WindowHandle {
         self.inner.window()
     }
@@ -94,5 +133,67 @@ impl Exporter for HostMemory {
 
     fn revoke(&self, deadline: Duration) -> RevokeReport {
         self.inner.revoke(deadline)
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::hints::Access;
+
+    fn fabric() -> (Fabric, DeviceId, DeviceId) {
+        let f = Fabric::new();
+        let mem = f.add_device("mem0");
+        let nic = f.add_device("nic0");
+        (f, mem, nic)
+    }
+
+    #[test]
+    fn an_adopted_buffer_is_zero_copy_and_comes_back_with_what_dma_wrote() {
+        let (f, mem, nic) = fabric();
+        let buf: Vec<u8> = (0..8192u32).map(|i| i as u8).collect();
+        let ptr = buf.as_ptr();
+        let h = HostMemory::adopt(&f, mem, "caller", buf).unwrap();
+        let w = h.window();
+        let base = w.base();
+        let grant = f.grant(&w, nic, Access::READ_WRITE);
+        let mut head = [0u8; 4];
+        f.dma_read(nic, w.base(), &mut head).unwrap();
+        assert_eq!(head, [0, 1, 2, 3]);
+        f.dma_write(nic, w.base() + 4096, b"landed").unwrap();
+        drop(grant);
+        drop(w);
+        let back = h.into_vec(Duration::ZERO).unwrap();
+        assert_eq!(back.as_ptr(), ptr, "the same allocation, not a copy");
+        assert_eq!(&back[4096..4102], b"landed");
+        assert_eq!(back[4102], 4102u32 as u8);
+        // Its addresses are gone from the fabric: a late DMA faults instead of landing.
+        assert!(f.dma_write(nic, base, b"late").is_err());
+    }
+
+    #[test]
+    fn a_buffer_still_reached_through_its_window_is_not_handed_back() {
+        let (f, mem, nic) = fabric();
+        let h = HostMemory::adopt(&f, mem, "held", vec![7u8; 4096]).unwrap();
+        let w = h.window();
+        let base = w.base();
+        let err = h.into_vec(Duration::from_millis(1)).unwrap_err();
+        assert!(
+            matches!(err, FabricError::StillMapped { holders: 1, .. }),
+            "{err}"
+        );
+        // The holder's handle is unmapped: the fabric refuses DMA to it.
+        assert!(f.dma_write(nic, base, b"late").is_err());
+        assert!(w.memory().is_heap());
+    }
+
+    #[test]
+    fn memory_the_fabric_allocated_is_not_a_callers_buffer() {
+        let (f, mem, _) = fabric();
+        let h = HostMemory::new(&f, mem, "arena", 4096).unwrap();
+        let err = h.into_vec(Duration::from_millis(1)).unwrap_err();
+        assert!(matches!(err, FabricError::NotAdopted { .. }), "{err}");
+        let empty = HostMemory::adopt(&f, mem, "empty", Vec::new()).unwrap_err();
+        assert!(empty.to_string().contains("size 0"), "{empty}");
     }
 }

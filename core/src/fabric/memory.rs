@@ -2,7 +2,9 @@
 //!
 //! Host arenas are memfd-backed (so the same pages can later be handed to udmabuf or registered
 //! by virtual address); device BARs are anonymous `MAP_NORESERVE` mappings, so a 64 GiB BAR costs
-//! only the pages that are touched.
+//! only the pages that are touched. A caller's buffer ([`Memory::from_vec`]) is held as the raw
+//! parts of its `Vec` and given back whole by [`Memory::into_vec`] once nothing else holds the
+//! memory: a device can reach it only through the value that owns it.
 //!
 //! Concurrent DMA to the same bytes is the user's race, exactly as on hardware: the fabric
 //! serialises each access against revokes, not against other accesses. Every access to the
@@ -24,6 +26,8 @@ pub struct Memory {
     ptr: NonNull<u8>,
     len: usize,
     fd: Option<OwnedFd>,
+    /// `Some(capacity)`: the bytes are a caller's `Vec<u8>` taken apart, not a mapping.
+    heap: Option<usize>,
 }
 
 // SAFETY: `Memory` owns its mapping; the raw pointer is only dereferenced through the
@@ -98,6 +102,7 @@ impl Memory {
             ptr: nonnull(ptr),
             len,
             fd: None,
+            heap: None,
         })
     }
 
@@ -124,7 +129,39 @@ impl Memory {
             ptr: nonnull(ptr),
             len,
             fd: None,
+            heap: None,
         })
+    }
+
+    /// A caller's buffer, zero-copy: its allocation becomes this memory (no bytes move), and
+    /// [`into_vec`](Self::into_vec) gives the same allocation back. An empty buffer is refused.
+    pub fn from_vec(buf: Vec<u8>) -> Result<Memory, MemoryError> {
+        checked_len(buf.len() as u64, "caller's buffer")?;
+        let mut buf = std::mem::ManuallyDrop::new(buf);
+        Ok(Memory {
+            ptr: nonnull(buf.as_mut_ptr().cast::<c_void>()),
+            len: buf.len(),
+            fd: None,
+            heap: Some(buf.capacity()),
+        })
+    }
+
+    /// The caller's buffer back (`Err(self)` for memory that is not one).
+    pub fn into_vec(self) -> Result<Vec<u8>, Memory> {
+        let Some(cap) = self.heap else {
+            return Err(self);
+        };
+        let me = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `ptr`, `len` and `cap` are the parts of the `Vec<u8>` taken apart in
+        // `from_vec`, never freed (`me` is not dropped); `self` was the only owner, and it is
+        // consumed, so no access through it can follow. (`fd` is `None` for heap memory: nothing
+        // is leaked by not dropping it.)
+        Ok(unsafe { Vec::from_raw_parts(me.ptr.as_ptr(), me.len, cap) })
+    }
+
+    /// Whether this is a caller's buffer ([`from_vec`](Self::from_vec)).
+    pub fn is_heap(&self) -> bool {
+        self.heap.is_some()
     }
 
     pub fn len(&self) -> usize {
@@ -193,6 +230,12 @@ impl Memory {
 
 impl Drop for Memory {
     fn drop(&mut self) {
+        if let Some(cap) = self.heap {
+            // SAFETY: the parts of the caller's `Vec<u8>` (see `into_vec`); this is the last
+            // owner, and no pointer into the buffer outlives it.
+            drop(unsafe { Vec::from_raw_parts(self.ptr.as_ptr(), self.len, cap) });
+            return;
+        }
         // SAFETY: `ptr`/`len` are exactly the mapping created in the constructor, and no pointer
         // into it outlives `self` (the fabric holds windows by `Arc<Memory>`).
         if let Err(e) = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast::<c_void>(), self.len) }

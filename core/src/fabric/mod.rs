@@ -77,6 +77,14 @@ pub enum FabricError {
         #[source]
         source: Arc<MemoryError>,
     },
+    #[error(
+        "{name}: the buffer is still reached through {holders} other handle(s) of its window \
+         (an importer kept a mapping past its revoke); it stays allocated until they go and is \
+         freed then, never handed back while a device can reach it"
+    )]
+    StillMapped { name: String, holders: usize },
+    #[error("{name}: not a caller's buffer (only memory adopted from a Vec can be handed back)")]
+    NotAdopted { name: String },
 }
 
 /// A DMA the fabric refused. Counted against `device`.
@@ -203,6 +211,30 @@ impl WindowHandle {
     }
     pub fn memory(&self) -> &Memory {
         &self.window.mem
+    }
+    /// The memory behind an unmapped window, consuming this handle: `Ok` once this is the last
+    /// handle of the window and nothing else holds its memory. A DMA that looked the window up
+    /// before the unmap holds it for the moment it takes to be refused (the window is revoked),
+    /// so the other holders get until `deadline` to let go; `Err(n)`: `n` still hold it.
+    pub(crate) fn into_memory(self, deadline: std::time::Duration) -> Result<Memory, usize> {
+        let until = std::time::Instant::now() + deadline;
+        let mut window = self.window;
+        let window = loop {
+            match Arc::try_unwrap(window) {
+                Ok(w) => break w,
+                Err(w) if std::time::Instant::now() >= until => {
+                    return Err(Arc::strong_count(&w) - 1);
+                }
+                Err(w) => {
+                    window = w;
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                }
+            }
+        };
+        // The window's drop would give the memory to the pool: take it out first.
+        let mem = window.mem.clone();
+        drop(window);
+        Arc::try_unwrap(mem).map_err(|m| Arc::strong_count(&m) - 1)
     }
     /// The window's identity in the oracle's log.
     pub fn id(&self) -> WindowId {
