@@ -631,6 +631,19 @@ impl Tracker {
         }
         self.arm_drain_deadline(qp, t, deadline);
         latch.add(1);
+        let state = qp.backend.state();
+        if state != QpState::Rts && qp.backend.sq_draining().is_some() {
+            // An earlier stop is under way (SQD: its message may still be on the wire) or its
+            // flush is (ERR), not yet recovered: join it. Flushing here would cut the message
+            // that stop lets finish, and the responder would refuse the next request after
+            // recovery (remote invalid request).
+            bump(&self.counters.qps_stopped, 1);
+            tracing::debug!(device = %self.name, qpn = qp.qpn, %state, "boundary stop joins the one under way");
+            self.watch_boundary(qp, latch.clone(), BOUNDARY_POLL_FIRST);
+            t.recover_pending = true;
+            qp.try_recover(t);
+            return;
+        }
         let l = latch.clone();
         let weak = Arc::downgrade(qp);
         let (r, tells) = qp.backend.stop_at_boundary(Box::new(move || {
@@ -654,8 +667,16 @@ impl Tracker {
             bump(&self.counters.qps_stopped, 1);
             self.watch_boundary(qp, latch.clone(), BOUNDARY_POLL_FIRST);
         } else {
-            // Counted as what it is: a flush.
+            // Counted as what it is: a flush (a message under way may be cut, so say why).
             bump(&self.counters.qps_flushed, 1);
+            tracing::warn!(
+                device = %self.name,
+                qpn = qp.qpn,
+                %state,
+                stop = ?r.as_ref().err(),
+                draining = ?qp.backend.sq_draining(),
+                "boundary stop not possible: flushing"
+            );
             if let Err(e) = qp.backend.modify(&QpAttr::to(QpState::Err)) {
                 tracing::debug!(device = %self.name, qpn = qp.qpn, error = %e, "flush");
             }
