@@ -102,6 +102,8 @@ pub fn cache_passes(region: u64, n: usize) -> Result<CacheRow, AgentBenchError> 
 #[derive(Debug, Clone, Serialize)]
 pub struct AgentReport {
     pub backend: String,
+    /// Where the threads ran (the same for the raw layer and the agents).
+    pub placement: String,
     pub chunk: u64,
     pub qps: usize,
     pub depth: u32,
@@ -124,6 +126,12 @@ pub struct AgentBenchConfig {
     pub verbs: Option<String>,
     /// Each side's buffer: blocks wrap around in it.
     pub working_set: u64,
+    /// Where the simulated NICs' engines and the measuring thread run, the same for the raw
+    /// layer and the agents (`None`: left to the scheduler). A NIC's processors are its own;
+    /// a simulated engine sharing the measuring thread's core makes every run a draw of where
+    /// the scheduler put it (on two cores: 14 % or 60 % of the raw rate for single 4 KiB
+    /// blocks, from one run to the next).
+    pub placement: Option<dmaplane_core::cpu::Placement>,
 }
 
 impl Default for AgentBenchConfig {
@@ -136,6 +144,7 @@ impl Default for AgentBenchConfig {
             qps: 2,
             depth: 128,
             cache: Some((4 << 30, 2000)),
+            placement: dmaplane_core::cpu::Placement::auto(),
             verbs: None,
             working_set: 256 << 20,
         }
@@ -186,7 +195,8 @@ pub fn run(
             }
         }
     }
-    let tb = Testbed::builtin()?;
+    let engines = cfg.placement.as_ref().map_or(&[][..], |p| &p.engines[..]);
+    let tb = Testbed::with_engine_cpus(dmaplane_core::topology::builtin::testbed(), engines)?;
     let build = |name: &str, nic: &str| {
         let b = Agent::builder(name)
             .chunk(cfg.chunk)
@@ -264,6 +274,7 @@ pub fn run(
         None => None,
     };
     Ok(AgentReport {
+        placement: crate::world::placement_note(cfg.placement.as_ref()),
         backend: if cfg.verbs.is_some() {
             "verbs".into()
         } else {
@@ -319,7 +330,9 @@ impl Raw {
     }
 
     fn sim(cfg: &AgentBenchConfig) -> Result<Raw, AgentBenchError> {
-        let world = World::new(1 << 16, None)?;
+        let world = World::new(1 << 16, cfg.placement.clone())?;
+        // The measuring thread too (the agents' waits run on it later).
+        world.pin_host_thread();
         let caps = QpCaps {
             max_send_wr: cfg.depth,
             max_recv_wr: 1,

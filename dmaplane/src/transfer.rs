@@ -68,6 +68,9 @@ pub(crate) struct Chunk {
 pub(crate) struct Outcome {
     pub(crate) status: Status,
     waker: Option<Waker>,
+    /// Threads asleep on the condvar: the end notifies only when there are any (a notify is
+    /// a system call whether anyone waits or not).
+    sleepers: u32,
 }
 
 /// What the engine and the handles share.
@@ -105,7 +108,9 @@ impl TransferState {
         }
         o.status = status;
         let waker = o.waker.take();
-        self.cv.notify_all();
+        if o.sleepers > 0 {
+            self.cv.notify_all();
+        }
         drop(o);
         // Outside the outcome's lock: a waker may poll the future at once.
         if let Some(w) = waker {
@@ -254,7 +259,7 @@ impl Transfer {
         let spin_until = start + WAIT_SPIN.min(timeout);
         let mut wcs = Vec::new();
         if let Some(a) = self.state.agent.upgrade() {
-            let _driving = a.engine.driving();
+            let driving = a.engine.driving();
             let mut idle = 0u32;
             while Instant::now() < spin_until {
                 if let Some(r) = self.outcome() {
@@ -273,6 +278,9 @@ impl Transfer {
                     }
                 }
             }
+            // Still under way: the progress thread takes it from here.
+            drop(driving);
+            a.engine.hand_off();
         }
         let mut o = lock(&self.state.outcome);
         loop {
@@ -289,12 +297,14 @@ impl Transfer {
                     waited: timeout,
                 });
             }
+            o.sleepers += 1;
             o = self
                 .state
                 .cv
                 .wait_timeout(o, left)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
+            o.sleepers -= 1;
         }
     }
 }
@@ -323,6 +333,12 @@ impl Future for Transfer {
             Status::Failed(e) => Poll::Ready(Err(e.clone())),
             Status::InProgress { .. } => {
                 o.waker = Some(cx.waker().clone());
+                drop(o);
+                // Nobody drives an awaited transfer: the progress thread must not wait out a
+                // blocking waiter's grace period.
+                if let Some(a) = self.state.agent.upgrade() {
+                    a.engine.hand_off();
+                }
                 Poll::Pending
             }
         }
@@ -469,17 +485,19 @@ pub(crate) fn start(
         while off < l.len {
             let n = (l.len - off).min(s.cfg.chunk);
             let (lane, lease) = lanes[rr % lanes.len()];
-            let e = &entries[ei];
             rr += 1;
-            let mr = e.mrs[t_lanes[usize::from(lane)].nic]
-                .as_ref()
+            let k = m.keys[t_lanes[usize::from(lane)].nic]
                 .ok_or_else(|| Error::setup(&s.name, "a lane on a NIC without the MR"))?;
             chunks.push(Chunk {
                 lane,
                 lease,
                 local_entry: ei as u16,
                 remote_region: r.region,
-                sge: mr.sge(l.offset + off, n as u32),
+                sge: dmaplane_rdma::wr::Sge {
+                    addr: k.iova.wrapping_add(l.offset + off),
+                    length: n as u32,
+                    lkey: k.lkey,
+                },
                 remote: t_leases[usize::from(lease)].at(r.offset + off),
             });
             off += n;
@@ -521,6 +539,7 @@ pub(crate) fn start(
         outcome: Mutex::new(Outcome {
             status: Status::InProgress { done: 0, total },
             waker: None,
+            sleepers: 0,
         }),
         cv: Condvar::new(),
     });
@@ -542,6 +561,9 @@ struct Routed {
     local_staged: bool,
     /// The peer's key is of its staging buffer.
     remote_staged: bool,
+    /// The keys of the local registration's MR on each NIC (fixed for the MR's life), read
+    /// once per batch rather than once per request.
+    keys: Vec<Option<dmaplane_rdma::MrKeys>>,
 }
 
 /// Rank penalties: a path staged on this side, or on the peer's, is taken only when no
@@ -655,8 +677,14 @@ fn route(
             entries.len() - 1
         }
     };
+    let keys = entries[entry]
+        .mrs
+        .iter()
+        .map(|m| m.as_ref().map(dmaplane_rdma::Mr::keys))
+        .collect();
     Ok(Routed {
         key: (local, remote),
+        keys,
         entry,
         remote_len: info.len,
         lanes,

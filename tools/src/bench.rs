@@ -43,6 +43,11 @@ pub enum BenchCmd {
         /// Skip the registration cache passes (2000 sub-ranges of a 4 GiB region, twice).
         #[arg(long)]
         no_cache: bool,
+        /// Leave every thread to the scheduler (see `bench rdma --no-pin`); by default the
+        /// simulated NICs' engines get a core of their own for both the raw layer and the
+        /// agents.
+        #[arg(long)]
+        no_pin: bool,
     },
     /// Simulated RDMA WRITE bandwidth (64 B to 4 MiB) against memcpy measured in the same run,
     /// the 64 B message rate on one queue pair, and revoke latency under load.
@@ -96,13 +101,14 @@ pub fn run(cmd: &BenchCmd, json: bool) -> Result<()> {
             batches,
             seconds,
             no_cache,
+            no_pin,
         } => agent(
             backend,
             device.as_deref(),
             blocks,
             batches,
             *seconds,
-            *no_cache,
+            (*no_cache, *no_pin),
             json,
         ),
         BenchCmd::Rdma {
@@ -157,7 +163,7 @@ fn agent(
     blocks: &[u64],
     batches: &[usize],
     seconds: f64,
-    no_cache: bool,
+    (no_cache, no_pin): (bool, bool),
     json: bool,
 ) -> Result<()> {
     let verbs = match backend {
@@ -181,7 +187,12 @@ fn agent(
     if no_cache {
         cfg.cache = None;
     }
+    if no_pin {
+        cfg.placement = None;
+    }
     if verbs.is_some() {
+        // A real NIC's processors are its own: nothing to keep off the host's cores.
+        cfg.placement = None;
         cfg.cache = None;
         cfg.working_set = 16 << 20;
         cfg.verbs = verbs;
@@ -195,11 +206,12 @@ fn agent(
         return Ok(());
     }
     println!(
-        "agent vs raw rdma layer ({}): chunks of {}, {} QPs × depth {}; times in µs (avg / p99)",
+        "agent vs raw rdma layer ({}): chunks of {}, {} QPs × depth {}; times in µs (avg / p99)\nplacement: {}",
         r.backend,
         bytes(r.chunk),
         r.qps,
-        r.depth
+        r.depth,
+        r.placement
     );
     println!(
         "{:>8} {:>6} {:>7} {:>10} {:>10} {:>7} {:>15} {:>15} {:>17} {:>17}",
