@@ -338,3 +338,34 @@ fn lying_importer_is_named_and_drop_revokes_first() {
     assert_eq!(imp.invalidations(), 1);
     assert!(matches!(att.map(), Err(AttachError::Revoked { .. })));
 }
+
+#[test]
+fn a_dma_buf_fd_from_elsewhere_is_imported_and_other_files_are_refused() {
+    // Not a dma-buf: a memfd (refused by its fdinfo, or — without /proc — by its mapping
+    // being a plain file's, which an importer would then see through the fstat check).
+    let memfd = rustix::fs::memfd_create("not-a-dmabuf", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::fs::ftruncate(&memfd, 4096).unwrap();
+    if std::path::Path::new("/proc/self/fdinfo").exists() {
+        let err = DmaBufMemory::import("memfd", memfd).unwrap_err();
+        assert!(matches!(err, DmaBufError::NotADmaBuf { .. }), "{err}");
+        assert!(err.to_string().contains("exp_name"), "{err}");
+    }
+    let Some(buf) = udmabuf("exported", 2 * MIB) else {
+        return;
+    };
+    buf.write(0, &pattern(9, 8192)).unwrap();
+    // Handed over as a plain fd, as another process or driver would.
+    let fd = rustix::io::dup(buf.fd()).unwrap();
+    let imported = DmaBufMemory::import("imported", fd).unwrap();
+    assert_eq!(imported.kind(), DmaBufKind::Imported);
+    assert_eq!(imported.len(), 2 * MIB, "the size is the dma-buf's");
+    assert_eq!(imported.id(), buf.id(), "the same dma-buf");
+    let mut got = vec![0u8; 8192];
+    imported.read(0, &mut got).unwrap();
+    assert_eq!(got, pattern(9, 8192), "the same pages");
+    imported.write(MIB, b"both ways").unwrap();
+    let mut back = [0u8; 9];
+    buf.read(MIB, &mut back).unwrap();
+    assert_eq!(&back, b"both ways");
+    roundtrip(&imported);
+}

@@ -663,6 +663,49 @@ impl Agent {
         ))
     }
 
+    /// A dma-buf fd from elsewhere (another driver's export, a dma-heap or udmabuf buffer
+    /// made by other code, one received over a socket) as memory the agent registers: its NICs
+    /// take it as the dma-buf (`ibv_reg_dmabuf_mr`) where the provider has dma-buf MRs, else by
+    /// its mapping's process VAs, which the kernel may refuse to pin (udmabuf and the system
+    /// heap map `VM_PFNMAP`) — [`Region::paths`](crate::Region::paths) says which, and a
+    /// registration no NIC takes says why. The agent owns the fd from here on; freeing the
+    /// memory revokes every NIC first, then closes it (the exporter's pages stay while any
+    /// other fd refers to them). Verbs only: the simulated testbed has no kernel dma-bufs.
+    pub fn import_dmabuf(&self, name: &str, fd: std::os::fd::OwnedFd) -> Result<Memory> {
+        self.import_dmabuf_verbs(name, fd)
+    }
+
+    #[cfg(feature = "verbs")]
+    fn import_dmabuf_verbs(&self, name: &str, fd: std::os::fd::OwnedFd) -> Result<Memory> {
+        if self.shared.testbed().is_some() {
+            return Err(self.no_kernel_dmabuf(name));
+        }
+        let m = dmaplane_core::dmabuf::DmaBufMemory::import(name, fd)
+            .map_err(|e| Error::invalid(format!("dma-buf {name}"), "fd", "given", e.to_string()))?;
+        let len = m.len();
+        Ok(self.memory(
+            name,
+            len,
+            Location::Host("dma-buf".into()),
+            Backing::DmaBuf(m),
+        ))
+    }
+
+    #[cfg(not(feature = "verbs"))]
+    fn import_dmabuf_verbs(&self, name: &str, _fd: std::os::fd::OwnedFd) -> Result<Memory> {
+        Err(self.no_kernel_dmabuf(name))
+    }
+
+    fn no_kernel_dmabuf(&self, name: &str) -> Error {
+        Error::setup(
+            &self.shared.name,
+            format!(
+                "dma-buf {name}: the simulated testbed has no kernel dma-bufs (an agent built \
+                 with .verbs() imports them); use alloc_host or adopt"
+            ),
+        )
+    }
+
     /// The host-memory device nearest the agent's first NIC.
     fn host_device(&self, tb: &Testbed) -> Result<String> {
         let numa = self.shared.nics.first().map_or(0, |n| n.numa);

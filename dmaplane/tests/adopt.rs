@@ -159,3 +159,12 @@ fn memory_the_agent_allocated_is_not_reclaimed_and_a_buffer_whose_nic_missed_the
     assert_eq!((v.dma_after_fence, v.dma_after_ack), (0, 0), "{v}");
     assert_eq!(v.reused_before_ack, 0, "{v}");
 }
+
+#[test]
+fn the_testbed_has_no_kernel_dma_bufs_to_import() {
+    let tb = Testbed::builtin().unwrap();
+    let a = agent(&tb, "a", "nic0", None);
+    let fd = std::os::fd::OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+    let err = a.import_dmabuf("x", fd).map(|m| m.len()).unwrap_err();
+    assert!(err.to_string().contains("no kernel dma-bufs"), "{err}");
+}

@@ -200,3 +200,64 @@ fn two_agents_in_two_processes() {
     );
     assert!(got == data, "the reclaimed buffer differs");
 }
+
+/// A dma-buf fd made elsewhere (here a udmabuf, handed over as a bare fd): registered as the
+/// dma-buf where the provider has dma-buf MRs and then written by a peer and verified through
+/// the exporter's own view; refused with the reason where it has none (rxe: no dma-buf MRs,
+/// and the udmabuf's own mapping is `VM_PFNMAP`, which `ibv_reg_mr` cannot pin).
+#[test]
+fn a_dma_buf_fd_from_elsewhere_is_registered_or_refused_saying_why() {
+    let (Some(a), Some(b)) = (agent("dmabuf-a"), agent("dmabuf-b")) else {
+        return;
+    };
+    const N: u64 = 1 << 20;
+    let buf = match dmaplane_core::dmabuf::UdmaBuf::new("elsewhere", N) {
+        Ok(b) => b,
+        Err(e) => {
+            assert!(
+                std::env::var("DMAPLANE_REQUIRE_DMABUF").as_deref() != Ok("1"),
+                "DMAPLANE_REQUIRE_DMABUF=1 but no udmabuf: {e}"
+            );
+            eprintln!("skipped: no udmabuf: {e}");
+            return;
+        }
+    };
+    let fd = buf.fd().try_clone_to_owned().unwrap();
+    let mem = b.import_dmabuf("elsewhere", fd).unwrap();
+    assert_eq!(mem.len(), N);
+    mem.write(0, b"through the agent").unwrap();
+    let mut seen = [0u8; 17];
+    buf.read(0, &mut seen).unwrap();
+    assert_eq!(
+        &seen, b"through the agent",
+        "the agent's view is the exporter's pages"
+    );
+    match b.register(&mem) {
+        Ok(rb) => {
+            eprintln!("imported dma-buf registered: {:?}", rb.paths());
+            let src = a.alloc_host("dmabuf-src", N).unwrap();
+            let data = pattern(N);
+            src.write(0, &data).unwrap();
+            let ra = a.register(&src).unwrap();
+            let peer = a.connect_to(&b.listen_addr().to_string()).unwrap();
+            a.write(
+                &peer,
+                &[ra.all()],
+                &[peer.desc(rb.id(), 0, N).unwrap()],
+                None,
+            )
+            .unwrap()
+            .wait(T)
+            .unwrap();
+            let mut got = vec![0u8; N as usize];
+            buf.read(0, &mut got).unwrap();
+            assert!(got == data, "the WRITE differs in the exporter's view");
+        }
+        Err(e) => {
+            let why = e.to_string();
+            eprintln!("imported dma-buf refused: {why}");
+            assert!(why.contains("dma-buf") || why.contains("dmabuf"), "{why}");
+        }
+    }
+    mem.free(Duration::from_secs(5)).unwrap();
+}

@@ -23,6 +23,13 @@ pub enum RdmaError {
         op: &'static str,
         why: String,
     },
+    /// The last registration a negotiation tried failed, after earlier ones were refused.
+    #[error("{source} (tried before: {tried})")]
+    FellBack {
+        tried: String,
+        #[source]
+        source: Box<RdmaError>,
+    },
     #[error("QP {qpn:#x}: illegal transition {from} -> {to}")]
     IllegalTransition {
         qpn: u32,

@@ -987,6 +987,13 @@ impl Pd {
                     accepts.retain(|a| a.space != kind);
                     drop(att);
                 }
+                // The refusals that led here belong in the error too.
+                Err(e) if !notes.is_empty() => {
+                    return Err(RdmaError::FellBack {
+                        tried: notes.join("; "),
+                        source: Box::new(e),
+                    });
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -56,6 +56,9 @@ pub enum DmaBufKind {
     Udmabuf,
     /// `/dev/dma_heap/system`.
     SystemHeap,
+    /// A dma-buf fd from elsewhere ([`DmaBufMemory::import`]): another driver's export, or a
+    /// process's over a socket.
+    Imported,
 }
 
 impl fmt::Display for DmaBufKind {
@@ -63,6 +66,7 @@ impl fmt::Display for DmaBufKind {
         f.write_str(match self {
             DmaBufKind::Udmabuf => "udmabuf",
             DmaBufKind::SystemHeap => "dma-heap system",
+            DmaBufKind::Imported => "imported",
         })
     }
 }
@@ -117,6 +121,9 @@ pub enum DmaBufError {
         len: u64,
         size: u64,
     },
+    /// An fd handed to [`DmaBufMemory::import`] that is not a dma-buf.
+    #[error("fd {fd} is not a dma-buf: {why}")]
+    NotADmaBuf { fd: i32, why: String },
     /// A system call failed.
     #[error("{op} on {path} failed: {source} (errno {errno}){}", suffix(.hint))]
     Os {
@@ -264,6 +271,42 @@ impl DmaBufMemory {
             len: len as u64,
             map,
             fd,
+        })
+    }
+
+    /// A dma-buf fd this process was given (another driver's export, a dma-heap or udmabuf
+    /// buffer from elsewhere, one sent over a socket): its size is the file's, and it must be
+    /// mappable — the CPU view is the dma-buf's own mapping (an exporter without `mmap`, as a
+    /// GPU driver's often is, is refused saying so). Importers register it as the dma-buf
+    /// first; its mapping is offered as process VAs too, which a kernel importer may refuse to
+    /// pin (udmabuf and the system heap map `VM_PFNMAP`: `ibv_reg_mr` gives EFAULT).
+    pub fn import(name: &str, fd: OwnedFd) -> Result<DmaBufMemory, DmaBufError> {
+        use std::os::fd::AsRawFd;
+        let raw = fd.as_raw_fd();
+        let not = |why: String| DmaBufError::NotADmaBuf { fd: raw, why };
+        // The kernel lists a dma-buf's exporter in its fdinfo; without /proc the fstat and
+        // the mapping below still check the fd.
+        if let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{raw}")) {
+            match info.lines().find_map(|l| l.strip_prefix("exp_name:")) {
+                Some(exp) => tracing::debug!(name, exporter = exp.trim(), "importing a dma-buf"),
+                None => {
+                    return Err(not(
+                        "its fdinfo names no exporter (`exp_name`): it is some other file".into(),
+                    ));
+                }
+            }
+        }
+        let st = rustix::fs::fstat(&fd).map_err(|e| not(format!("fstat: {e}")))?;
+        let size = u64::try_from(st.st_size).unwrap_or(0);
+        let len = checked_len(size, "imported dma-buf")?;
+        Self::from_fd(name, DmaBufKind::Imported, fd, len).map_err(|e| match e {
+            DmaBufError::Os {
+                op: "mmap", errno, ..
+            } => not(format!(
+                "its exporter does not let the CPU map it (mmap: errno {errno}); register it \
+                 through the driver that made it"
+            )),
+            other => other,
         })
     }
 

@@ -264,7 +264,11 @@ fn reg_error(dev: &DevInner, op: &'static str, errno: i32, context: &str) -> Rdm
     }
     let hint = match errno {
         libc::ENOMEM => " (is RLIMIT_MEMLOCK large enough? see `ulimit -l`)",
-        libc::EFAULT => " (the range is not mapped in this process)",
+        libc::EFAULT => {
+            " (the range is not mapped in this process, or is mapped VM_PFNMAP/VM_IO — a \
+             dma-buf's or a device's own mapping, e.g. udmabuf or the system heap — which the \
+             kernel cannot pin)"
+        }
         libc::EBADF => " (not a dma-buf fd)",
         _ => "",
     };

@@ -151,7 +151,7 @@ step stress-revoke-verbs-inject-ignore expect_caught ignore-lease-revoke
 # The application library on rxe0: two processes, each with an Agent, meet over TCP; 64 MiB
 # WRITE (verified by the peer after the notification) and READ back, then a deregistration in
 # the middle of a transfer (a typed error; the connection and the peer's memory live on).
-step agent-verbs env DMAPLANE_REQUIRE_RDMA=1 DMAPLANE_RDMA_DEVICE=rxe0 dmaplane-verbs --test-threads=1 --nocapture
+step agent-verbs env DMAPLANE_REQUIRE_RDMA=1 DMAPLANE_REQUIRE_DMABUF=1 DMAPLANE_RDMA_DEVICE=rxe0 dmaplane-verbs --test-threads=1 --nocapture
 # The library against the raw verbs layer on rxe0, in the same run.
 # The lab stress on the application library: CUDA memory (the fake driver built from
 # gpu/src/cuda/fake_libcuda.c, /testbed/bin/libcuda.so.1; its dma-buf handle is refused, so the
