@@ -1,0 +1,83 @@
+//! What can go wrong on the storage path, each error naming the file, the field or the request.
+
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// Bad input: names what, the field, its value and why.
+    #[error("{what}: `{field}` = {value}: {why}")]
+    Invalid {
+        what: String,
+        field: &'static str,
+        value: String,
+        why: String,
+    },
+    /// The file system does not take `O_DIRECT` for this file.
+    #[error(
+        "{path}: its file system does not support O_DIRECT ({why}); open it with \
+         `buffered_fallback` to go through the page cache instead"
+    )]
+    NoDirect { path: String, why: String },
+    /// A system call on a file or the ring failed.
+    #[error("{op} on {what}: {source}{hint}")]
+    Os {
+        op: &'static str,
+        what: String,
+        hint: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A read or write the kernel completed with an error, or with fewer bytes than asked.
+    #[error("{op} of {path} at offset {offset:#x} (+{len:#x}): {why}")]
+    Io {
+        op: &'static str,
+        path: String,
+        offset: u64,
+        len: u64,
+        why: String,
+    },
+    /// The kernel cannot give every completion (no `IORING_FEAT_NODROP`).
+    #[error("io_uring: {0}")]
+    Ring(String),
+}
+
+impl StorageError {
+    pub(crate) fn invalid(
+        what: impl Into<String>,
+        field: &'static str,
+        value: impl std::fmt::Display,
+        why: impl Into<String>,
+    ) -> StorageError {
+        StorageError::Invalid {
+            what: what.into(),
+            field,
+            value: value.to_string(),
+            why: why.into(),
+        }
+    }
+
+    pub(crate) fn os(op: &'static str, what: impl Into<String>, e: std::io::Error) -> StorageError {
+        let hint = match e.raw_os_error() {
+            Some(libc::ENOMEM) => {
+                " (registered buffers count against RLIMIT_MEMLOCK: see `ulimit -l`)"
+            }
+            Some(libc::EPERM) => {
+                " (io_uring may be disabled: see /proc/sys/kernel/io_uring_disabled)"
+            }
+            Some(libc::ENOSYS) => " (this kernel has no io_uring)",
+            _ => "",
+        };
+        StorageError::Os {
+            op,
+            what: what.into(),
+            hint,
+            source: e,
+        }
+    }
+}
+
+pub(crate) fn shown(p: &Path) -> String {
+    p.display().to_string()
+}
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;

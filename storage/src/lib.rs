@@ -1,0 +1,39 @@
+//! # dmaplane-storage — files into and out of registered memory on io_uring
+//!
+//! The storage importer's foundation: [`DirectFile`] (an `O_DIRECT` file and the alignment its
+//! file system needs, refused with the field named before the kernel would say EINVAL) and
+//! [`Ring`] (one io_uring per worker thread with registered buffers and files, `READ_FIXED` /
+//! `WRITE_FIXED` in batches, and reaping that never loses a completion). Each module's
+//! contract is at its top.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use dmaplane_storage::{BufId, DirectFile, FileId, OpenOptions, Ring};
+//! # fn main() -> Result<(), dmaplane_storage::StorageError> {
+//! let path = std::env::temp_dir().join(format!("dmaplane-doc-{}", std::process::id()));
+//! let opts = OpenOptions { write: true, create: true, buffered_fallback: true };
+//! let file = Arc::new(DirectFile::open(&path, opts)?);
+//! file.set_len(1 << 20)?;
+//! let mut ring = Ring::builder().depth(8).buffer(1 << 20).file(file).build()?;
+//! ring.buffer_write(BufId(0), 0, &[7u8; 4096])?;
+//! ring.write((FileId(0), 0), (BufId(0), 0), 4096, 1)?;
+//! let mut done = Vec::new();
+//! while done.is_empty() {
+//!     ring.reap(&mut done, 1)?;
+//! }
+//! assert_eq!(done[0].bytes().unwrap(), 4096);
+//! # std::fs::remove_file(&path).ok();
+//! # Ok(()) }
+//! ```
+//!
+//! Still to come on top of this: the importer (registered buffers made from exports'
+//! `ProcessVa` lists, quiesced on revoke), file regions in the Agent, GPU memory, and `bench
+//! storage` against fio.
+
+pub mod error;
+pub mod file;
+pub mod ring;
+
+pub use error::{Result, StorageError};
+pub use file::{DioAlign, DirectFile, OpenOptions};
+pub use ring::{BufId, Completion, FileId, Ring, RingBuilder};
