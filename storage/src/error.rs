@@ -36,6 +36,17 @@ pub enum StorageError {
         len: u64,
         why: String,
     },
+    /// A request names an imported buffer whose exporter revoked it.
+    #[error("{op}: buffer {slot} ({name:?}) was revoked at epoch {epoch}")]
+    Revoked {
+        op: &'static str,
+        slot: u16,
+        name: String,
+        epoch: u64,
+    },
+    /// Import of exported memory failed: negotiation, or a list the ring cannot register.
+    #[error("import of {name}: {why}")]
+    Import { name: String, why: String },
     /// The kernel cannot give every completion (no `IORING_FEAT_NODROP`).
     #[error("io_uring: {0}")]
     Ring(String),

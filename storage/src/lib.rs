@@ -1,6 +1,6 @@
 //! # dmaplane-storage — files into and out of registered memory on io_uring
 //!
-//! The storage importer's foundation: [`DirectFile`] (an `O_DIRECT` file and the alignment its
+//! The storage importer: [`DirectFile`] (an `O_DIRECT` file and the alignment its
 //! file system needs, refused with the field named before the kernel would say EINVAL) and
 //! [`Ring`] (one io_uring per worker thread with registered buffers and files, `READ_FIXED` /
 //! `WRITE_FIXED` in batches, and reaping that never loses a completion). Each module's
@@ -26,12 +26,17 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Still to come on top of this: the importer (registered buffers made from exports'
-//! `ProcessVa` lists, quiesced on revoke), file regions in the Agent, GPU memory, and `bench
-//! storage` against fio.
+//! Exported memory is registered with [`Ring::import`] (a `ProcessVa` range negotiated with
+//! the exporter, in a free slot of the buffer table) and quiesced on revoke by the ring's
+//! owner — refused, cancelled, reaped, unregistered, then the fence; the contract is at the top
+//! of `import.rs`.
+//!
+//! Still to come on top of this: file regions in the Agent, GPU memory, and `bench storage`
+//! against fio.
 
 pub mod error;
 pub mod file;
+mod import;
 pub mod ring;
 
 pub use error::{Result, StorageError};

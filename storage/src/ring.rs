@@ -14,18 +14,24 @@
 //!   keeps completions that do not fit the completion queue (`IORING_FEAT_NODROP`) and
 //!   [`Ring::reap`] flushes that backlog (`IORING_SQ_CQ_OVERFLOW`) as it drains, so a caller that
 //!   submits more than the queue holds before it reaps still gets them all.
+//! - **Imported buffers** (exported memory, [`Ring::import`]) take free slots of the same table
+//!   and are quiesced on revoke as `import.rs` describes.
 //! - **Dropping the ring waits.** Everything in flight is cancelled (`IORING_OP_ASYNC_CANCEL`)
 //!   and reaped before the buffers go; a request that never completes keeps its buffer allocated
 //!   (leaked, never freed under the device).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dmaplane_core::fabric::Memory;
+use dmaplane_core::revoke::{AttachError, Attachment, Importer};
+use dmaplane_core::{Accept, Access, AddrSpace, SpaceKind};
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
 use crate::error::{Result, StorageError};
 use crate::file::DirectFile;
+use crate::import::{Pending, Revokes, StorageImporter};
 
 /// User data with this bit set is the ring's own (cancellations).
 const INTERNAL: u64 = 1 << 63;
@@ -47,6 +53,8 @@ pub struct RingBuilder {
     sqpoll_idle: Option<Duration>,
     buffers: Vec<u64>,
     files: Vec<Arc<DirectFile>>,
+    import_slots: u16,
+    early_fence: bool,
 }
 
 impl RingBuilder {
@@ -73,6 +81,20 @@ impl RingBuilder {
     /// A registered file.
     pub fn file(mut self, file: Arc<DirectFile>) -> Self {
         self.files.push(file);
+        self
+    }
+
+    /// Room for `n` imported buffers ([`Ring::import`]) after the ring's own.
+    pub fn import_slots(mut self, n: u16) -> Self {
+        self.import_slots = n;
+        self
+    }
+
+    /// Break the revoke contract on purpose: every importer of this ring signals its fence
+    /// the moment it is invalidated, before anything is quiesced. For tests that must show
+    /// their observers catch it; never in production.
+    pub fn inject_early_fence(mut self, on: bool) -> Self {
+        self.early_fence = on;
         self
     }
 
@@ -115,14 +137,40 @@ impl RingBuilder {
             })?;
             buffers.push(m);
         }
-        if !buffers.is_empty() {
-            let iov: Vec<libc::iovec> = buffers
-                .iter()
-                .map(|m| libc::iovec {
-                    iov_base: m.process_va() as usize as *mut libc::c_void,
-                    iov_len: m.len(),
-                })
-                .collect();
+        let iov: Vec<libc::iovec> = buffers
+            .iter()
+            .map(|m| libc::iovec {
+                iov_base: m.process_va() as usize as *mut libc::c_void,
+                iov_len: m.len(),
+            })
+            .collect();
+        let slots = buffers.len() + usize::from(self.import_slots);
+        if slots > usize::from(u16::MAX) {
+            return Err(StorageError::invalid(
+                "io_uring",
+                "import_slots",
+                self.import_slots,
+                "the ring's own buffers and imported ones: at most 65535 slots",
+            ));
+        }
+        if self.import_slots > 0 {
+            // A table with empty slots the imports fill in later.
+            ring.submitter()
+                .register_buffers_sparse(slots as u32)
+                .map_err(|e| {
+                    StorageError::os(
+                        "IORING_REGISTER_BUFFERS2 (sparse)",
+                        "the ring's buffer table",
+                        e,
+                    )
+                })?;
+            if !iov.is_empty() {
+                // SAFETY: as below, for `register_buffers`.
+                unsafe { ring.submitter().register_buffers_update(0, &iov, None) }.map_err(
+                    |e| StorageError::os("IORING_REGISTER_BUFFERS_UPDATE", "the ring's buffers", e),
+                )?;
+            }
+        } else if !iov.is_empty() {
             // SAFETY: every iovec is exactly one of `buffers`' live mappings, which the ring
             // owns and drops only after `ring` (field order) and after draining every request
             // (Drop): the kernel never reaches them once freed.
@@ -139,7 +187,11 @@ impl RingBuilder {
         Ok(Ring {
             ring,
             buffers,
+            imports: (0..self.import_slots).map(|_| None).collect(),
             files: self.files,
+            requests: HashMap::new(),
+            revokes: Arc::new(Mutex::new(Vec::new())),
+            early_fence: self.early_fence,
             in_flight: 0,
             queued: 0,
             sqpoll: self.sqpoll_idle.is_some(),
@@ -169,7 +221,13 @@ pub struct Ring {
     // Field order is drop order: the ring (its registrations) before the buffers.
     ring: IoUring,
     buffers: Vec<Memory>,
+    /// Imported buffers, in the slots after `buffers`.
+    imports: Vec<Option<Imported>>,
     files: Vec<Arc<DirectFile>>,
+    /// The slot each request in flight uses, by user data.
+    requests: HashMap<u64, u16>,
+    revokes: Revokes,
+    early_fence: bool,
     /// Requests submitted or queued whose completion was not reaped yet (the caller's only).
     in_flight: usize,
     /// Entries pushed but not submitted.
@@ -189,6 +247,23 @@ impl std::fmt::Debug for Ring {
     }
 }
 
+/// Exported memory registered in one slot.
+#[derive(Debug)]
+struct Imported {
+    name: String,
+    va: u64,
+    len: u64,
+    /// Dropped (detached) once the slot is unregistered.
+    att: Option<Attachment>,
+    /// Requests in flight on the slot.
+    in_flight: usize,
+    /// Revoked at this epoch: requests are refused.
+    revoked: Option<u64>,
+    /// The revoke being quiesced: the fence goes once nothing is in flight.
+    quiescing: Option<Pending>,
+    cancelled: bool,
+}
+
 /// Which way a request moves bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Dir {
@@ -204,6 +279,8 @@ impl Ring {
             sqpoll_idle: None,
             buffers: Vec::new(),
             files: Vec::new(),
+            import_slots: 0,
+            early_fence: false,
         }
     }
 
@@ -231,18 +308,198 @@ impl Ring {
 
     fn buffer(&self, id: BufId) -> Result<&Memory> {
         self.buffers.get(usize::from(id.0)).ok_or_else(|| {
-            StorageError::invalid(
-                "io_uring",
-                "buffer",
-                id.0,
-                format!("the ring has {} registered buffers", self.buffers.len()),
-            )
+            let why = if usize::from(id.0) < self.buffers.len() + self.imports.len() {
+                "it is an import slot: imported memory is read and written through its exporter"
+                    .to_string()
+            } else {
+                format!("the ring has {} registered buffers", self.buffers.len())
+            };
+            StorageError::invalid("io_uring", "buffer", id.0, why)
         })
     }
 
-    /// The length of a registered buffer.
+    /// The length of a registered buffer, the ring's own or imported.
     pub fn buffer_len(&self, id: BufId) -> Result<u64> {
-        self.buffer(id).map(|m| m.len() as u64)
+        self.slot_range("io_uring", id).map(|(_, len)| len)
+    }
+
+    /// Where a slot's buffer is in this process, for a request: refused when it is empty or
+    /// its exporter revoked it.
+    fn slot_range(&self, op: &'static str, id: BufId) -> Result<(u64, u64)> {
+        let i = usize::from(id.0);
+        if let Some(m) = self.buffers.get(i) {
+            return Ok((m.process_va(), m.len() as u64));
+        }
+        match self.imports.get(i - self.buffers.len()) {
+            Some(Some(im)) => match im.revoked {
+                Some(epoch) => Err(StorageError::Revoked {
+                    op,
+                    slot: id.0,
+                    name: im.name.clone(),
+                    epoch,
+                }),
+                None => Ok((im.va, im.len)),
+            },
+            _ => Err(StorageError::invalid(
+                op,
+                "buffer",
+                id.0,
+                format!(
+                    "the ring has {} registered buffers and no import in that slot",
+                    self.buffers.len()
+                ),
+            )),
+        }
+    }
+
+    /// Register exported memory as a fixed buffer in a free import slot: `attach` negotiates
+    /// (the ring accepts one `ProcessVa` range, read-write) and records the attachment. Its
+    /// revoke is quiesced by this ring's owner (see `import.rs`).
+    pub fn import<F>(&mut self, name: &str, attach: F) -> Result<BufId>
+    where
+        F: FnOnce(Arc<dyn Importer>, &[Accept]) -> std::result::Result<Attachment, AttachError>,
+    {
+        let err = |why: String| StorageError::Import {
+            name: name.to_string(),
+            why,
+        };
+        let free = self
+            .imports
+            .iter()
+            .position(Option::is_none)
+            .ok_or_else(|| {
+                err(format!(
+                    "no free import slot (the ring was built with {}; RingBuilder::import_slots)",
+                    self.imports.len()
+                ))
+            })?;
+        let slot = u16::try_from(self.buffers.len() + free)
+            .map_err(|_| err("slot numbers end at 65535".into()))?;
+        let importer = Arc::new(StorageImporter {
+            name: format!("io_uring/{name}"),
+            slot,
+            revokes: self.revokes.clone(),
+            early_fence: self.early_fence,
+        });
+        let att = attach(
+            importer,
+            &[Accept::new(SpaceKind::ProcessVa, Access::READ_WRITE)],
+        )
+        .map_err(|e| err(e.to_string()))?;
+        let map = att.map().map_err(|e| err(e.to_string()))?;
+        if map.list.space() != AddrSpace::ProcessVa {
+            return Err(err(format!(
+                "negotiated {} where the ring registers process VAs",
+                map.list.space()
+            )));
+        }
+        let [range] = map.list.ranges() else {
+            return Err(err(format!(
+                "{} ranges: a fixed buffer is one contiguous range of this process",
+                map.list.len()
+            )));
+        };
+        let iov = libc::iovec {
+            iov_base: range.addr as usize as *mut libc::c_void,
+            iov_len: usize::try_from(range.len).map_err(|e| err(e.to_string()))?,
+        };
+        // SAFETY: the range is what the exporter listed for this attachment; by the revoke
+        // contract it stays valid until this importer's fence, and the ring unregisters the
+        // slot (and reaps every request on it) before it signals that fence.
+        unsafe {
+            self.ring
+                .submitter()
+                .register_buffers_update(u32::from(slot), &[iov], None)
+        }
+        .map_err(|e| StorageError::os("IORING_REGISTER_BUFFERS_UPDATE", name, e))?;
+        self.imports[free] = Some(Imported {
+            name: name.to_string(),
+            va: range.addr,
+            len: range.len,
+            att: Some(att),
+            in_flight: 0,
+            revoked: None,
+            quiescing: None,
+            cancelled: false,
+        });
+        Ok(BufId(slot))
+    }
+
+    /// Whether a slot holds a registered buffer (false once an import's revoke unregistered
+    /// it).
+    pub fn is_registered(&self, id: BufId) -> bool {
+        let i = usize::from(id.0);
+        i < self.buffers.len()
+            || self
+                .imports
+                .get(i - self.buffers.len())
+                .is_some_and(|s| s.as_ref().is_some_and(|im| im.att.is_some()))
+    }
+
+    /// Handle what the exporters asked for (revokes) and reap: [`Ring::reap`] without waiting.
+    pub fn progress(&mut self, out: &mut Vec<Completion>) -> Result<usize> {
+        self.reap(out, 0)
+    }
+
+    /// Quiesce revoked slots: refuse, cancel what is in flight, and once nothing is, unregister
+    /// and signal the fence.
+    fn quiesce(&mut self) -> Result<()> {
+        let pending: Vec<Pending> =
+            std::mem::take(&mut *self.revokes.lock().unwrap_or_else(|p| p.into_inner()));
+        let owned = self.buffers.len();
+        for p in pending {
+            let Some(Some(im)) = self.imports.get_mut(usize::from(p.slot) - owned) else {
+                // Unregistered already: nothing of it can execute.
+                p.inv.fence.signal();
+                continue;
+            };
+            im.revoked = Some(p.inv.epoch);
+            im.quiescing = Some(p);
+        }
+        let mut cancels = Vec::new();
+        for (k, slot) in self.imports.iter_mut().enumerate() {
+            let Some(im) = slot else { continue };
+            if im.quiescing.is_none() {
+                continue;
+            }
+            let id = (owned + k) as u16;
+            if im.in_flight > 0 {
+                if !im.cancelled {
+                    im.cancelled = true;
+                    cancels.extend(
+                        self.requests
+                            .iter()
+                            .filter(|&(_, &s)| s == id)
+                            .map(|(&ud, _)| ud),
+                    );
+                }
+                continue;
+            }
+            let empty = libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            };
+            // SAFETY: an empty iovec unregisters the slot; it names no memory.
+            if let Err(e) = unsafe {
+                self.ring
+                    .submitter()
+                    .register_buffers_update(u32::from(id), &[empty], None)
+            } {
+                // The slot stays registered: no ack, so the exporter keeps its memory.
+                tracing::error!(slot = id, buffer = %im.name, error = %e, "unregistering a revoked buffer failed: the fence is withheld");
+                continue;
+            }
+            im.att = None;
+            if let Some(p) = im.quiescing.take() {
+                tracing::debug!(slot = id, buffer = %im.name, epoch = p.inv.epoch, "revoked buffer quiesced and unregistered");
+                p.inv.fence.signal();
+            }
+        }
+        for ud in cancels {
+            let c = opcode::AsyncCancel::new(ud).build().user_data(INTERNAL);
+            self.push(&c)?;
+        }
+        Ok(())
     }
 
     /// Copy `data` into a registered buffer at `offset` (from the host).
@@ -307,14 +564,27 @@ impl Ring {
                 "the top bit is the ring's own",
             ));
         }
-        let m = self.buffer(buf)?;
+        if self.requests.contains_key(&user_data) {
+            return Err(StorageError::invalid(
+                op,
+                "user_data",
+                user_data,
+                "a request with this user data is in flight: completions could not be told apart",
+            ));
+        }
+        let (va, blen) = self.slot_range(op, buf)?;
         if buf_off
             .checked_add(u64::from(len))
-            .is_none_or(|end| end > m.len() as u64)
+            .is_none_or(|end| end > blen)
         {
-            return Err(out_of(buf, m, buf_off, u64::from(len)));
+            return Err(StorageError::invalid(
+                op,
+                "range",
+                format!("[{buf_off:#x}, +{len:#x})"),
+                format!("outside buffer {} of {blen} bytes", buf.0),
+            ));
         }
-        let addr = m.process_va() + buf_off;
+        let addr = va + buf_off;
         self.file(file)?.check(op, at, u64::from(len), addr)?;
         let ptr = addr as usize as *mut u8;
         let fixed = types::Fixed(file.0);
@@ -329,6 +599,13 @@ impl Ring {
         .user_data(user_data);
         self.push(&entry)?;
         self.in_flight += 1;
+        self.requests.insert(user_data, buf.0);
+        if let Some(Some(im)) = self
+            .imports
+            .get_mut(usize::from(buf.0).wrapping_sub(self.buffers.len()))
+        {
+            im.in_flight += 1;
+        }
         Ok(())
     }
 
@@ -388,6 +665,13 @@ impl Ring {
                 if cqe.user_data() & INTERNAL != 0 {
                     continue;
                 }
+                if let Some(slot) = self.requests.remove(&cqe.user_data())
+                    && let Some(Some(im)) = self
+                        .imports
+                        .get_mut(usize::from(slot).wrapping_sub(self.buffers.len()))
+                {
+                    im.in_flight = im.in_flight.saturating_sub(1);
+                }
                 out.push(Completion {
                     user_data: cqe.user_data(),
                     result: cqe.result(),
@@ -410,6 +694,7 @@ impl Ring {
             )));
         }
         self.in_flight = self.in_flight.saturating_sub(got);
+        self.quiesce()?;
         Ok(got)
     }
 
@@ -437,6 +722,10 @@ impl Ring {
 impl Drop for Ring {
     fn drop(&mut self) {
         if self.in_flight == 0 {
+            // Revokes that came in since the last reap: nothing is in flight, so they settle.
+            if let Err(e) = self.quiesce() {
+                tracing::error!(error = %e, "settling revokes of a dropped ring");
+            }
             return;
         }
         let left = match self.drain(DRAIN_DEADLINE) {
