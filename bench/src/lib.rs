@@ -5,6 +5,7 @@ pub mod agent;
 pub mod p2p;
 pub mod rdma;
 pub mod sgl;
+pub mod storage;
 pub mod stress;
 pub mod traffic;
 pub mod world;

@@ -117,6 +117,9 @@ impl RingBuilder {
             ));
         }
         let mut b = IoUring::<squeue::Entry, cqueue::Entry>::builder();
+        // Completions are posted when this task next enters the kernel, not by interrupting
+        // it (Linux 5.19; fio does the same): one thread owns the ring and reaps it anyway.
+        b.setup_coop_taskrun();
         if let Some(idle) = self.sqpoll_idle {
             b.setup_sqpoll(u32::try_from(idle.as_millis()).unwrap_or(u32::MAX));
         }

@@ -66,6 +66,20 @@ pub enum BenchCmd {
         #[arg(long)]
         no_pin: bool,
     },
+    /// The io_uring ring (dmaplane-storage) against fio on the same file in the same run: 4 KiB
+    /// random reads at queue depth 64, 1 MiB sequential reads and writes at depth 16, all
+    /// O_DIRECT with registered buffers and files. Without fio only this side runs.
+    Storage {
+        /// The test file's size (created, filled and removed by the run).
+        #[arg(long, default_value_t = 1 << 30)]
+        size: u64,
+        /// Where the test file goes: its file system must take O_DIRECT (a tmpfs may not).
+        #[arg(long, default_value = ".")]
+        dir: std::path::PathBuf,
+        /// Seconds per workload, per side.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
     /// Simulated GPU -> NIC -> NIC -> GPU throughput per PCIe route, direct vs staged, against
     /// memcpy in the same run; on a CUDA machine also host<->device bandwidth from registered
     /// host memory against PyTorch's pinned-memory copy.
@@ -94,6 +108,7 @@ pub fn run(cmd: &BenchCmd, json: bool) -> Result<()> {
             no_pin,
         } => crate::p2p_bench::run(*size, *chunk, *reps, *no_pin, json),
         BenchCmd::Sgl { iters, scenario } => sgl(*iters, scenario, json),
+        BenchCmd::Storage { size, dir, seconds } => storage(*size, dir, *seconds, json),
         BenchCmd::Agent {
             backend,
             device,
@@ -118,6 +133,73 @@ pub fn run(cmd: &BenchCmd, json: bool) -> Result<()> {
             no_pin,
         } => rdma(sizes, *seconds, *revokes, *no_pin, json),
     }
+}
+
+fn storage(size: u64, dir: &std::path::Path, seconds: f64, json: bool) -> Result<()> {
+    use dmaplane_bench::storage::{StorageBenchConfig, find_fio, run};
+    if !(seconds.is_finite() && seconds > 0.0 && seconds <= 600.0) {
+        bail!("--seconds {seconds}: must be more than 0 and at most 600");
+    }
+    let cfg = StorageBenchConfig {
+        dir: dir.to_path_buf(),
+        size,
+        per_point: Duration::from_secs_f64(seconds),
+        fio: find_fio(),
+    };
+    let bar = ProgressBar::new_spinner();
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let r = run(&cfg, &|what: &str| bar.set_message(what.to_string()))?;
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!(
+        "storage: dmaplane's io_uring ring vs fio on {} ({}), O_DIRECT (alignment: memory {} B, offset {} B{}), registered buffers and files",
+        r.file,
+        bytes(r.size),
+        r.align.0,
+        r.align.1,
+        if r.align.2 {
+            ", from statx"
+        } else {
+            ", assumed"
+        }
+    );
+    match (&r.fio_version, &r.fio_missing) {
+        (Some(v), _) => println!("fio: {v}"),
+        (None, Some(why)) => println!("{why}"),
+        _ => {}
+    }
+    println!(
+        "{:>9} {:>6} {:>3} {:>12} {:>10} {:>12} {:>10} {:>7}",
+        "workload", "block", "QD", "ours IOPS", "ours MB/s", "fio IOPS", "fio MB/s", "ratio"
+    );
+    for w in &r.rows {
+        let (fi, fb, ratio) = match (w.fio, w.ratio) {
+            (Some(f), Some(x)) => (
+                format!("{:.0}", f.iops),
+                format!("{:.0}", f.mb_s),
+                format!("{:.0}%", x * 100.0),
+            ),
+            _ => ("-".into(), "-".into(), "-".into()),
+        };
+        println!(
+            "{:>9} {:>6} {:>3} {:>12.0} {:>10.0} {:>12} {:>10} {:>7}",
+            w.workload.rw,
+            bytes(w.workload.block),
+            w.workload.depth,
+            w.ours.iops,
+            w.ours.mb_s,
+            fi,
+            fb,
+            ratio
+        );
+    }
+    if let Some(cmd) = r.rows.first().and_then(|w| w.fio_command.as_ref()) {
+        println!("fio command (first workload; the others change --rw, --bs, --iodepth):\n  {cmd}");
+    }
+    Ok(())
 }
 
 fn sgl(iters: u32, names: &[String], json: bool) -> Result<()> {

@@ -1,0 +1,381 @@
+//! `dmaplane bench storage`: the io_uring ring (`dmaplane-storage`) against fio doing the same
+//! work on the same file in the same run — 4 KiB random reads at queue depth 64, 1 MiB
+//! sequential reads and writes — all `O_DIRECT` with registered buffers and files, so neither
+//! side measures the page cache.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dmaplane_storage::{BufId, DirectFile, FileId, OpenOptions, Ring, StorageError};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageBenchError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("{0}")]
+    Bad(String),
+    #[error("fio: {0}")]
+    Fio(String),
+}
+
+type Result<T> = std::result::Result<T, StorageBenchError>;
+
+/// One access pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    /// fio's `rw`: `randread`, `read` or `write`.
+    pub rw: &'static str,
+    pub block: u64,
+    pub depth: u32,
+}
+
+impl Workload {
+    pub const ALL: [Workload; 3] = [
+        Workload {
+            rw: "randread",
+            block: 4096,
+            depth: 64,
+        },
+        Workload {
+            rw: "read",
+            block: 1 << 20,
+            depth: 16,
+        },
+        Workload {
+            rw: "write",
+            block: 1 << 20,
+            depth: 16,
+        },
+    ];
+
+    fn writes(self) -> bool {
+        self.rw == "write"
+    }
+
+    fn random(self) -> bool {
+        self.rw.starts_with("rand")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StorageBenchConfig {
+    /// Where the test file goes (its file system must take O_DIRECT).
+    pub dir: PathBuf,
+    /// The test file's size.
+    pub size: u64,
+    /// Time per workload, per side.
+    pub per_point: Duration,
+    /// The fio binary (`None`: not installed; only this side runs).
+    pub fio: Option<PathBuf>,
+}
+
+/// One side's result.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Side {
+    pub ios: u64,
+    pub seconds: f64,
+    pub iops: f64,
+    pub mb_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StorageRow {
+    pub workload: Workload,
+    pub ours: Side,
+    pub fio: Option<Side>,
+    /// ours / fio, in IOPS (the same as in bandwidth: same block size); each side the best
+    /// of two runs, the order swapped between them.
+    pub ratio: Option<f64>,
+    pub fio_command: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StorageReport {
+    pub file: String,
+    pub size: u64,
+    /// The file system's direct-I/O alignment (memory, offset) and whether statx reported it.
+    pub align: (u32, u32, bool),
+    pub fio_version: Option<String>,
+    /// Why fio did not run, and how to get it.
+    pub fio_missing: Option<String>,
+    pub rows: Vec<StorageRow>,
+}
+
+/// The fio on `PATH`, if any.
+pub fn find_fio() -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("fio"))
+            .find(|p| p.is_file())
+    })
+}
+
+pub fn run(
+    cfg: &StorageBenchConfig,
+    progress: &dyn crate::rdma::Progress,
+) -> Result<StorageReport> {
+    if cfg.size < 64 << 20 || !cfg.size.is_multiple_of(1 << 20) {
+        return Err(StorageBenchError::Bad(format!(
+            "--size {}: at least 64 MiB, in whole MiB",
+            cfg.size
+        )));
+    }
+    let path = cfg
+        .dir
+        .join(format!("dmaplane-bench-storage-{}", std::process::id()));
+    progress.step(&format!("writing the {} MiB test file", cfg.size >> 20));
+    fill(&path, cfg.size)?;
+    let result = measure_all(cfg, &path, progress);
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+fn measure_all(
+    cfg: &StorageBenchConfig,
+    path: &Path,
+    progress: &dyn crate::rdma::Progress,
+) -> Result<StorageReport> {
+    let file = Arc::new(DirectFile::open(
+        path,
+        OpenOptions {
+            write: true,
+            ..OpenOptions::default()
+        },
+    )?);
+    let a = file.align();
+    let fio_version = cfg.fio.as_ref().and_then(|f| {
+        Command::new(f)
+            .arg("--version")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    });
+    let mut rows = Vec::new();
+    for w in Workload::ALL {
+        // Two rounds, the order swapped in the second, the best of each side kept: a virtual
+        // disk's caches favour whoever runs second.
+        let (mut ours, mut fio, mut fio_command): (Option<Side>, Option<Side>, Option<String>) =
+            (None, None, None);
+        for round in 0..2 {
+            let fio_first = round == 0;
+            for turn in 0..2 {
+                if (turn == 0) == fio_first {
+                    if let Some(bin) = &cfg.fio {
+                        progress.step(&format!("fio: {} {} × QD{}", w.rw, w.block, w.depth));
+                        let (side, cmd) = fio_side(bin, path, cfg.size, w, cfg.per_point)?;
+                        fio = Some(best(fio, side));
+                        fio_command = Some(cmd);
+                    }
+                } else {
+                    progress.step(&format!("dmaplane: {} {} × QD{}", w.rw, w.block, w.depth));
+                    let side = ring_side(&file, cfg.size, w, cfg.per_point)?;
+                    ours = Some(best(ours, side));
+                }
+            }
+        }
+        let ours = ours.ok_or_else(|| StorageBenchError::Bad("no measurement".into()))?;
+        rows.push(StorageRow {
+            workload: w,
+            ours,
+            ratio: fio.map(|f| ours.iops / f.iops),
+            fio,
+            fio_command,
+        });
+    }
+    Ok(StorageReport {
+        file: path.display().to_string(),
+        size: cfg.size,
+        align: (a.mem, a.offset, a.reported),
+        fio_version,
+        fio_missing: cfg.fio.is_none().then(|| {
+            "fio is not installed (Debian: apt-get install fio): only dmaplane's side ran".into()
+        }),
+        rows,
+    })
+}
+
+/// Real bytes in every block (an unwritten extent reads as zeros without touching the device).
+fn fill(path: &Path, size: u64) -> Result<()> {
+    use std::io::Write;
+    let io = |e: std::io::Error| StorageBenchError::Bad(format!("{}: {e}", path.display()));
+    let mut f = std::fs::File::create(path).map_err(io)?;
+    let chunk: Vec<u8> = (0..(8u64 << 20)).map(|i| ((i * 31) >> 7) as u8).collect();
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        f.write_all(&chunk[..n]).map_err(io)?;
+        left -= n as u64;
+    }
+    f.sync_all().map_err(io)
+}
+
+/// The ring: `depth` requests kept in flight for `time`, each slot of the registered buffer
+/// reused by the request that completes in it.
+fn ring_side(file: &Arc<DirectFile>, size: u64, w: Workload, time: Duration) -> Result<Side> {
+    let depth = w.depth.next_power_of_two();
+    let mut ring = Ring::builder()
+        .depth(depth)
+        .buffer(u64::from(w.depth) * w.block)
+        .file(file.clone())
+        .build()?;
+    let blocks = size / w.block;
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut seq = 0u64;
+    let mut next = |rng: &mut u64| {
+        let b = if w.random() {
+            *rng ^= *rng << 13;
+            *rng ^= *rng >> 7;
+            *rng ^= *rng << 17;
+            *rng % blocks
+        } else {
+            seq = (seq + 1) % blocks;
+            seq
+        };
+        b * w.block
+    };
+    let len = u32::try_from(w.block).map_err(|e| StorageBenchError::Bad(e.to_string()))?;
+    let submit = |ring: &mut Ring, slot: u64, at: u64| -> Result<()> {
+        let buf = (BufId(0), slot * w.block);
+        if w.writes() {
+            ring.write((FileId(0), at), buf, len, slot)?;
+        } else {
+            ring.read((FileId(0), at), buf, len, slot)?;
+        }
+        Ok(())
+    };
+    let start = Instant::now();
+    for slot in 0..u64::from(w.depth) {
+        let at = next(&mut rng);
+        submit(&mut ring, slot, at)?;
+    }
+    let mut ios = 0u64;
+    let mut done = Vec::with_capacity(w.depth as usize);
+    while ring.in_flight() > 0 {
+        done.clear();
+        ring.reap(&mut done, (w.depth as usize / 8).max(1))?;
+        let going = start.elapsed() < time;
+        for c in &done {
+            match c.bytes() {
+                Ok(n) if n == len => {}
+                Ok(n) => {
+                    return Err(StorageBenchError::Bad(format!(
+                        "{} of {len} bytes: only {n} moved",
+                        w.rw
+                    )));
+                }
+                Err(e) => return Err(StorageBenchError::Bad(format!("{}: {e}", w.rw))),
+            }
+            ios += 1;
+            if going {
+                let at = next(&mut rng);
+                submit(&mut ring, c.user_data, at)?;
+            }
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(side(ios, seconds, w.block))
+}
+
+/// I/Os and milliseconds of `dir` (`read` or `write`) in fio's JSON output (which may follow
+/// notes on the same stream).
+fn fio_counts(stdout: &str, dir: &str) -> std::result::Result<(u64, u64), String> {
+    let json = stdout
+        .find('{')
+        .map(|i| &stdout[i..])
+        .ok_or("no JSON in its output")?;
+    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("its JSON: {e}"))?;
+    let job = &v["jobs"][0][dir];
+    let (Some(ios), Some(ms)) = (job["total_ios"].as_u64(), job["runtime"].as_u64()) else {
+        return Err(format!("no jobs[0].{dir}.total_ios / runtime in its JSON"));
+    };
+    if ios == 0 || ms == 0 {
+        return Err(format!("it did no I/O ({ios} I/Os in {ms} ms)"));
+    }
+    Ok((ios, ms))
+}
+
+fn best(a: Option<Side>, b: Side) -> Side {
+    match a {
+        Some(a) if a.iops >= b.iops => a,
+        _ => b,
+    }
+}
+
+fn side(ios: u64, seconds: f64, block: u64) -> Side {
+    Side {
+        ios,
+        seconds,
+        iops: ios as f64 / seconds,
+        mb_s: (ios * block) as f64 / seconds / 1e6,
+    }
+}
+
+/// fio with the same pattern: io_uring, O_DIRECT, fixed buffers, registered files.
+fn fio_side(
+    bin: &Path,
+    path: &Path,
+    size: u64,
+    w: Workload,
+    time: Duration,
+) -> Result<(Side, String)> {
+    let args = vec![
+        "--name=dmaplane".to_string(),
+        format!("--filename={}", path.display()),
+        format!("--size={size}"),
+        "--ioengine=io_uring".into(),
+        "--direct=1".into(),
+        "--fixedbufs".into(),
+        "--registerfiles".into(),
+        format!("--rw={}", w.rw),
+        format!("--bs={}", w.block),
+        format!("--iodepth={}", w.depth),
+        "--numjobs=1".into(),
+        "--time_based".into(),
+        format!("--runtime={}ms", time.as_millis().max(1)),
+        "--norandommap".into(),
+        "--randrepeat=0".into(),
+        "--output-format=json".into(),
+    ];
+    let cmd = format!("{} {}", bin.display(), args.join(" "));
+    let out = Command::new(bin)
+        .args(&args)
+        .output()
+        .map_err(|e| StorageBenchError::Fio(format!("{cmd}: {e}")))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(StorageBenchError::Fio(format!(
+            "{cmd} exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let dir = if w.writes() { "write" } else { "read" };
+    let (ios, ms) =
+        fio_counts(&stdout, dir).map_err(|why| StorageBenchError::Fio(format!("{cmd}: {why}")))?;
+    Ok((side(ios, ms as f64 / 1e3, w.block), cmd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fio_counts;
+
+    #[test]
+    fn fio_json_is_read_and_bad_output_named() {
+        let out = "note: both iodepth and iodepth_batch set\n{\"jobs\": [{\"read\": {\"total_ios\": 1000, \"runtime\": 2000}, \"write\": {\"total_ios\": 0, \"runtime\": 0}}]}";
+        assert_eq!(fio_counts(out, "read"), Ok((1000, 2000)));
+        assert!(fio_counts(out, "write").unwrap_err().contains("did no I/O"));
+        assert!(
+            fio_counts("fio: engine io_uring not loadable", "read")
+                .unwrap_err()
+                .contains("no JSON")
+        );
+        assert!(
+            fio_counts("{\"jobs\": []}", "read")
+                .unwrap_err()
+                .contains("jobs[0].read")
+        );
+    }
+}
