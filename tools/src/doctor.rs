@@ -1,7 +1,8 @@
 //! `dmaplane doctor`: what this machine offers the data path, one row per thing checked.
 //!
 //! Every check does the real thing once, small — list and open RDMA devices and register a
-//! dma-buf MR, export a 4 KiB udmabuf and a 4 KiB dma-heap buffer, set up a 2-entry io_uring —
+//! dma-buf MR, export a 4 KiB udmabuf and a 4 KiB dma-heap buffer, set up a 2-entry io_uring and
+//! dmaplane-storage's ring, open a file in the working directory with O_DIRECT —
 //! because "the device node exists" says little about whether it works. A row that is not ok
 //! says why and what to do. Missing pieces are the report, not a failure: the command exits 0.
 //!
@@ -43,7 +44,7 @@ impl Status {
 /// One row: what was checked, how it went, and (unless ok) what to do about it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
-    /// `rdma`, `udmabuf`, `dma-heap`, `io_uring`.
+    /// `rdma`, `udmabuf`, `dma-heap`, `io_uring`, `storage`, `cuda`, `gpu`, `p2p`.
     pub component: &'static str,
     /// The device, node or call this row is about.
     pub name: String,
@@ -124,6 +125,7 @@ fn checks() -> Vec<Check> {
     out.push(udmabuf());
     out.push(dma_heap());
     out.push(io_uring());
+    crate::storage_doctor::checks(&mut out);
     crate::gpu_doctor::checks(&mut out);
     out
 }

@@ -6,6 +6,7 @@ mod demo;
 mod doctor;
 mod gpu_doctor;
 mod p2p_bench;
+mod storage_doctor;
 mod stress;
 mod topo;
 mod verbs_stress;

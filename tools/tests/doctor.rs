@@ -5,7 +5,7 @@
 use std::process::Command;
 
 const STATUSES: [&str; 4] = ["ok", "missing", "error", "unsupported"];
-const COMPONENTS: [&str; 5] = ["rdma", "udmabuf", "dma-heap", "io_uring", "cuda"];
+const COMPONENTS: [&str; 6] = ["rdma", "udmabuf", "dma-heap", "io_uring", "storage", "cuda"];
 
 fn dmaplane(args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_dmaplane"))
@@ -49,6 +49,30 @@ fn json_has_a_row_per_component_and_every_problem_has_a_fix() {
             let fix = c["fix"].as_str().unwrap_or_default();
             assert!(!fix.trim().is_empty(), "a {status} row without a fix: {c}");
         }
+    }
+}
+
+#[test]
+fn the_storage_rows_say_o_direct_the_ring_and_the_memlock_limit() {
+    let (_, out, _) = dmaplane(&["doctor", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows: Vec<&serde_json::Value> = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["component"] == "storage")
+        .collect();
+    let names: Vec<&str> = rows.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["O_DIRECT", "ring", "RLIMIT_MEMLOCK"], "{out}");
+    let memlock = rows[2]["detail"].as_str().unwrap();
+    assert!(
+        memlock.contains("soft") && memlock.contains("hard"),
+        "{memlock}"
+    );
+    // Where the working directory takes O_DIRECT the row gives its alignment.
+    if rows[0]["status"] == "ok" {
+        let d = rows[0]["detail"].as_str().unwrap();
+        assert!(d.contains("aligned to") && d.contains(" B"), "{d}");
     }
 }
 
