@@ -31,13 +31,18 @@
 //! owner — refused, cancelled, reaped, unregistered, then the fence; the contract is at the top
 //! of `import.rs`.
 //!
-//! Still to come on top of this: file regions in the Agent, GPU memory, and `bench storage`
-//! against fio.
+//! On the simulated testbed [`sim::SimNvme`] is a drive on the fabric (the topology's `nvme0`)
+//! with a file as its media: it negotiates bus addresses like a NIC, so it DMAs straight into a
+//! GPU's BAR1 only where the route allows, and the fabric's oracle judges its revokes.
+//!
+//! Still to come on top of this: file regions in the Agent (and the bounce through host memory
+//! where a GPU refuses the drive), the CUDA pipeline, `dmaplane load`.
 
 pub mod error;
 pub mod file;
 mod import;
 pub mod ring;
+pub mod sim;
 
 pub use error::{Result, StorageError};
 pub use file::{DioAlign, DirectFile, OpenOptions};

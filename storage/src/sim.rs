@@ -1,0 +1,510 @@
+//! A simulated NVMe drive on the fabric: a topology device (`nvme0`) whose media is a file, and
+//! whose engine moves data by DMA through the fabric — so the route rules decide where it may
+//! write (a GPU's BAR1 only where the PCIe path allows peer to peer) and the fabric's oracle sees
+//! every access, as it sees the NICs'.
+//!
+//! The contract, as for the other importers:
+//!
+//! - **Import.** [`SimNvme::import`] negotiates bus addresses (`PciBus`, `CpuPhys` or `Iova`,
+//!   read-write, MMIO allowed) with the exporter, which grants the drive access to its window.
+//!   A refusal (no P2P route) is the exporter's error, with its reason: the caller bounces
+//!   through host memory instead.
+//! - **Commands** run on the drive's engine thread in submission order, each in pieces of
+//!   [`PIECE`] bytes; each gets exactly one [`Completion`]: the bytes moved, `-ECANCELED` when a
+//!   revoke stopped it, `-EFAULT` when the fabric refused an access, `-EIO` when the media did.
+//! - **Invalidate** (the exporter's thread, never blocks): the buffer is marked revoked, so no
+//!   command that has not started on it will, and commands queued on it complete cancelled at
+//!   once. If none is executing on it the fence is signalled there and then; else the engine
+//!   signals it as soon as the executing one stops, which it does at its next piece.
+
+use std::collections::VecDeque;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use dmaplane_core::fabric::{DeviceId, Fabric};
+use dmaplane_core::revoke::{AttachError, Attachment, Importer, ImporterKind, Invalidation};
+use dmaplane_core::{Accept, Access, DmaRange, Fence, SpaceKind};
+
+use crate::error::{Result, StorageError};
+use crate::ring::{BufId, Completion};
+
+/// Bytes a command moves between looks at a revoke.
+pub const PIECE: u64 = 128 << 10;
+/// Commands queued at most (submissions past it are refused, naming the depth).
+const QUEUE_DEPTH: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    /// Media to memory.
+    Read,
+    /// Memory to media.
+    Write,
+}
+
+#[derive(Debug)]
+struct Cmd {
+    user_data: u64,
+    dir: Dir,
+    media_off: u64,
+    slot: u16,
+    buf_off: u64,
+    len: u64,
+}
+
+#[derive(Debug)]
+struct Buf {
+    name: String,
+    ranges: Vec<DmaRange>,
+    len: u64,
+    att: Option<Attachment>,
+    revoked: Option<u64>,
+    /// The fence of a revoke that waits for the executing command.
+    fence: Option<Fence>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    queue: VecDeque<Cmd>,
+    /// The slot of the command executing now.
+    running: Option<u16>,
+    done: Vec<Completion>,
+    bufs: Vec<Option<Buf>>,
+    stop: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    fabric: Fabric,
+    dev: DeviceId,
+    name: String,
+    media: std::fs::File,
+    state: Mutex<State>,
+    /// The engine waits here for commands; reapers wait here for completions.
+    work: Condvar,
+    reaped: Condvar,
+    early_fence: bool,
+}
+
+/// A simulated NVMe drive. See the module docs for the contract.
+#[derive(Debug)]
+pub struct SimNvme {
+    shared: Arc<Shared>,
+    engine: Option<JoinHandle<()>>,
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl SimNvme {
+    /// The drive `device` (e.g. `nvme0`) of `fabric`'s topology, its media the file at `media`
+    /// (opened read-write; it is the drive's contents).
+    pub fn new(fabric: &Fabric, device: &str, media: &std::path::Path) -> Result<SimNvme> {
+        Self::build(fabric, device, media, false)
+    }
+
+    /// [`SimNvme::new`] whose importers signal their fence the moment they are invalidated,
+    /// before anything is stopped: for tests that must show the oracle catches it.
+    pub fn with_early_fence(
+        fabric: &Fabric,
+        device: &str,
+        media: &std::path::Path,
+    ) -> Result<SimNvme> {
+        Self::build(fabric, device, media, true)
+    }
+
+    fn build(
+        fabric: &Fabric,
+        device: &str,
+        media: &std::path::Path,
+        early_fence: bool,
+    ) -> Result<SimNvme> {
+        let dev = fabric.device(device).map_err(|e| {
+            StorageError::invalid("simulated NVMe", "device", device, e.to_string())
+        })?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(media)
+            .map_err(|e| StorageError::os("open", media.display().to_string(), e))?;
+        let shared = Arc::new(Shared {
+            fabric: fabric.clone(),
+            dev,
+            name: device.to_string(),
+            media: file,
+            state: Mutex::new(State::default()),
+            work: Condvar::new(),
+            reaped: Condvar::new(),
+            early_fence,
+        });
+        let weak = Arc::downgrade(&shared);
+        let engine = std::thread::Builder::new()
+            .name(format!("sim-nvme-{device}"))
+            .spawn(move || engine(&weak))
+            .map_err(|e| StorageError::os("spawn", "the drive's engine", e))?;
+        Ok(SimNvme {
+            shared,
+            engine: Some(engine),
+        })
+    }
+
+    /// The drive's fabric device.
+    pub fn device(&self) -> DeviceId {
+        self.shared.dev
+    }
+
+    /// What the drive's DMA engine takes: bus addresses, read-write, device memory allowed.
+    pub fn accepts() -> Vec<Accept> {
+        [SpaceKind::PciBus, SpaceKind::CpuPhys, SpaceKind::Iova]
+            .into_iter()
+            .map(|s| Accept::new(s, Access::READ_WRITE).with_mmio())
+            .collect()
+    }
+
+    /// Give the drive access to exported memory: `attach` negotiates with [`SimNvme::accepts`]
+    /// (pass the drive's [`SimNvme::device`] to the exporter). A refusal is
+    /// [`StorageError::Import`] with the exporter's reason (no P2P route to a GPU, say).
+    pub fn import<F>(&self, name: &str, attach: F) -> Result<BufId>
+    where
+        F: FnOnce(Arc<dyn Importer>, &[Accept]) -> std::result::Result<Attachment, AttachError>,
+    {
+        let err = |why: String| StorageError::Import {
+            name: name.to_string(),
+            why,
+        };
+        let slot = {
+            let mut st = lock(&self.shared.state);
+            let free = st.bufs.iter().position(Option::is_none);
+            let slot = free.unwrap_or(st.bufs.len());
+            if slot >= usize::from(u16::MAX) {
+                return Err(err("the drive holds at most 65535 buffers".into()));
+            }
+            if free.is_none() {
+                st.bufs.push(None);
+            }
+            slot as u16
+        };
+        let importer = Arc::new(NvmeImporter {
+            name: format!("{}/{name}", self.shared.name),
+            slot,
+            shared: Arc::downgrade(&self.shared),
+        });
+        let att = attach(importer, &Self::accepts()).map_err(|e| err(e.to_string()))?;
+        let map = att.map().map_err(|e| err(e.to_string()))?;
+        let ranges = map.list.ranges().to_vec();
+        let len = map.list.total_len();
+        lock(&self.shared.state).bufs[usize::from(slot)] = Some(Buf {
+            name: name.to_string(),
+            ranges,
+            len,
+            att: Some(att),
+            revoked: None,
+            fence: None,
+        });
+        Ok(BufId(slot))
+    }
+
+    /// Queue a read of `len` bytes of the media at `media_off` into `buf` at `buf_off`.
+    pub fn read(
+        &self,
+        media_off: u64,
+        (buf, buf_off): (BufId, u64),
+        len: u64,
+        user_data: u64,
+    ) -> Result<()> {
+        self.submit(Dir::Read, media_off, (buf, buf_off), len, user_data)
+    }
+
+    /// Queue a write of `len` bytes from `buf` at `buf_off` to the media at `media_off`.
+    pub fn write(
+        &self,
+        media_off: u64,
+        (buf, buf_off): (BufId, u64),
+        len: u64,
+        user_data: u64,
+    ) -> Result<()> {
+        self.submit(Dir::Write, media_off, (buf, buf_off), len, user_data)
+    }
+
+    fn submit(
+        &self,
+        dir: Dir,
+        media_off: u64,
+        (buf, buf_off): (BufId, u64),
+        len: u64,
+        user_data: u64,
+    ) -> Result<()> {
+        let op = match dir {
+            Dir::Read => "NVMe read",
+            Dir::Write => "NVMe write",
+        };
+        if len == 0 || len > i32::MAX as u64 {
+            return Err(StorageError::invalid(
+                op,
+                "len",
+                len,
+                "from 1 byte to 2 GiB - 1 (a completion says the bytes moved in an i32)",
+            ));
+        }
+        let mut st = lock(&self.shared.state);
+        let b = match st.bufs.get(usize::from(buf.0)) {
+            Some(Some(b)) => b,
+            _ => {
+                return Err(StorageError::invalid(
+                    op,
+                    "buffer",
+                    buf.0,
+                    "the drive has no buffer imported in that slot",
+                ));
+            }
+        };
+        if let Some(epoch) = b.revoked {
+            return Err(StorageError::Revoked {
+                op,
+                slot: buf.0,
+                name: b.name.clone(),
+                epoch,
+            });
+        }
+        if buf_off.checked_add(len).is_none_or(|end| end > b.len) {
+            return Err(StorageError::invalid(
+                op,
+                "range",
+                format!("[{buf_off:#x}, +{len:#x})"),
+                format!("outside buffer {} of {} bytes", buf.0, b.len),
+            ));
+        }
+        if media_off.checked_add(len).is_none() {
+            return Err(StorageError::invalid(
+                op,
+                "media_off",
+                format!("{media_off:#x}"),
+                "the end overflows",
+            ));
+        }
+        if st.queue.len() >= QUEUE_DEPTH {
+            return Err(StorageError::invalid(
+                op,
+                "queue",
+                st.queue.len(),
+                format!("the drive queues at most {QUEUE_DEPTH} commands: reap first"),
+            ));
+        }
+        st.queue.push_back(Cmd {
+            user_data,
+            dir,
+            media_off,
+            slot: buf.0,
+            buf_off,
+            len,
+        });
+        drop(st);
+        self.shared.work.notify_all();
+        Ok(())
+    }
+
+    /// Append the completions there are to `out`, waiting up to `wait` for at least one.
+    pub fn reap(&self, out: &mut Vec<Completion>, wait: Duration) -> usize {
+        let until = Instant::now() + wait;
+        let mut st = lock(&self.shared.state);
+        while st.done.is_empty() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return 0;
+            }
+            st = self
+                .shared
+                .reaped
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let n = st.done.len();
+        out.append(&mut st.done);
+        n
+    }
+}
+
+impl Drop for SimNvme {
+    fn drop(&mut self) {
+        lock(&self.shared.state).stop = true;
+        self.shared.work.notify_all();
+        if let Some(e) = self.engine.take() {
+            let _ = e.join();
+        }
+    }
+}
+
+/// The importer of one imported buffer.
+struct NvmeImporter {
+    name: String,
+    slot: u16,
+    shared: Weak<Shared>,
+}
+
+impl Importer for NvmeImporter {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> ImporterKind {
+        ImporterKind::Pinned
+    }
+
+    fn invalidate(&self, inv: Invalidation) {
+        let Some(sh) = self.shared.upgrade() else {
+            // The drive is gone: nothing of it can execute.
+            inv.fence.signal();
+            return;
+        };
+        if sh.early_fence {
+            tracing::warn!(importer = %self.name, "injected: fence signalled before the quiesce");
+            inv.fence.signal();
+        }
+        let mut st = lock(&sh.state);
+        // Commands on it that have not started never will.
+        let mut cancelled = Vec::new();
+        st.queue.retain(|c| {
+            let keep = c.slot != self.slot;
+            if !keep {
+                cancelled.push(c.user_data);
+            }
+            keep
+        });
+        st.done
+            .extend(cancelled.into_iter().map(|user_data| Completion {
+                user_data,
+                result: -libc::ECANCELED,
+            }));
+        let running = st.running == Some(self.slot);
+        if let Some(Some(b)) = st.bufs.get_mut(usize::from(self.slot)) {
+            b.revoked = Some(inv.epoch);
+            if running {
+                b.fence = Some(inv.fence);
+            } else {
+                b.att = None;
+                inv.fence.signal();
+            }
+        } else {
+            inv.fence.signal();
+        }
+        drop(st);
+        sh.reaped.notify_all();
+    }
+}
+
+/// The drive's engine: one command at a time, in pieces, a revoke looked at between them.
+fn engine(weak: &Weak<Shared>) {
+    loop {
+        let Some(sh) = weak.upgrade() else { return };
+        let cmd = {
+            let mut st = lock(&sh.state);
+            loop {
+                if st.stop {
+                    // The drive goes: what never started completes cancelled.
+                    let left: Vec<Completion> = st
+                        .queue
+                        .drain(..)
+                        .map(|c| Completion {
+                            user_data: c.user_data,
+                            result: -libc::ECANCELED,
+                        })
+                        .collect();
+                    st.done.extend(left);
+                    return;
+                }
+                if let Some(c) = st.queue.pop_front() {
+                    st.running = Some(c.slot);
+                    break c;
+                }
+                st = sh
+                    .work
+                    .wait_timeout(st, Duration::from_millis(50))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        };
+        let result = execute(&sh, &cmd);
+        let mut st = lock(&sh.state);
+        st.running = None;
+        st.done.push(Completion {
+            user_data: cmd.user_data,
+            result,
+        });
+        // A revoke that waited for this command: nothing executes on its buffer now.
+        if let Some(Some(b)) = st.bufs.get_mut(usize::from(cmd.slot))
+            && let Some(f) = b.fence.take()
+        {
+            b.att = None;
+            f.signal();
+        }
+        drop(st);
+        sh.reaped.notify_all();
+    }
+}
+
+/// Run one command: its bytes in pieces, stopping at a revoke. Bytes moved, or `-errno`.
+fn execute(sh: &Shared, c: &Cmd) -> i32 {
+    let mut moved = 0u64;
+    let mut piece = vec![0u8; PIECE.min(c.len) as usize];
+    while moved < c.len {
+        let (ranges, revoked) = {
+            let st = lock(&sh.state);
+            match st.bufs.get(usize::from(c.slot)) {
+                Some(Some(b)) => (b.ranges.clone(), b.revoked.is_some()),
+                _ => return -libc::ECANCELED,
+            }
+        };
+        if revoked {
+            return -libc::ECANCELED;
+        }
+        let n = (c.len - moved).min(PIECE);
+        let buf = &mut piece[..n as usize];
+        // One piece may straddle ranges of the buffer's list.
+        let mut done = 0u64;
+        while done < n {
+            let Some((addr, run)) = locate(&ranges, c.buf_off + moved + done) else {
+                return -libc::EFAULT;
+            };
+            let k = run.min(n - done);
+            let part = &mut buf[done as usize..(done + k) as usize];
+            let media_at = c.media_off + moved + done;
+            let r = match c.dir {
+                Dir::Read => match sh.media.read_exact_at(part, media_at) {
+                    Ok(()) => sh
+                        .fabric
+                        .dma_write(sh.dev, addr, part)
+                        .map_err(|_| -libc::EFAULT),
+                    Err(_) => Err(-libc::EIO),
+                },
+                Dir::Write => match sh.fabric.dma_read(sh.dev, addr, part) {
+                    Ok(()) => sh
+                        .media
+                        .write_all_at(part, media_at)
+                        .map_err(|_| -libc::EIO),
+                    Err(_) => Err(-libc::EFAULT),
+                },
+            };
+            if let Err(e) = r {
+                return e;
+            }
+            done += k;
+        }
+        moved += n;
+    }
+    i32::try_from(moved).unwrap_or(i32::MAX)
+}
+
+/// The bus address of byte `off` of a buffer listed by `ranges`, and how many bytes follow it
+/// in the same range.
+fn locate(ranges: &[DmaRange], mut off: u64) -> Option<(u64, u64)> {
+    for r in ranges {
+        if off < r.len {
+            return Some((r.addr + off, r.len - off));
+        }
+        off -= r.len;
+    }
+    None
+}
