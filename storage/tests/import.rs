@@ -83,9 +83,12 @@ fn revoke_under_reads(early_fence: bool) -> Seen {
     let start = std::time::Instant::now();
     while before.len() + after.len() < n && start.elapsed() < Duration::from_secs(20) {
         let mut out: Vec<Completion> = Vec::new();
+        // Looked at before the reap: the reap that reaps the last request is the one that
+        // signals the fence, so the flag may turn within it.
+        let was_acked = acked.load(Ordering::SeqCst);
         ring.reap(&mut out, 0).unwrap();
-        // Completions the kernel had queued once the ack was in.
-        if acked.load(Ordering::SeqCst) {
+        // Completions reaped by a call that began after the ack came after it.
+        if was_acked {
             after.extend(out);
         } else {
             before.extend(out);
