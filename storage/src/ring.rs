@@ -198,6 +198,7 @@ impl RingBuilder {
             in_flight: 0,
             queued: 0,
             sqpoll: self.sqpoll_idle.is_some(),
+            dropped: 0,
         })
     }
 }
@@ -236,6 +237,8 @@ pub struct Ring {
     /// Entries pushed but not submitted.
     queued: usize,
     sqpoll: bool,
+    /// The kernel's dropped-completion count last seen.
+    dropped: u32,
 }
 
 impl std::fmt::Debug for Ring {
@@ -253,6 +256,8 @@ impl std::fmt::Debug for Ring {
 /// Exported memory registered in one slot.
 #[derive(Debug)]
 struct Imported {
+    /// The attachment it was registered for: a revoke is matched against it, not the slot.
+    att_id: dmaplane_core::revoke::AttachmentId,
     name: String,
     va: u64,
     len: u64,
@@ -366,10 +371,18 @@ impl Ring {
             name: name.to_string(),
             why,
         };
+        // An empty slot, else one whose import was revoked and is quiesced (a tombstone kept so
+        // requests naming it get the typed revoke until the slot is needed again).
         let free = self
             .imports
             .iter()
             .position(Option::is_none)
+            .or_else(|| {
+                self.imports.iter().position(|s| {
+                    s.as_ref()
+                        .is_some_and(|im| im.att.is_none() && im.quiescing.is_none())
+                })
+            })
             .ok_or_else(|| {
                 err(format!(
                     "no free import slot (the ring was built with {}; RingBuilder::import_slots)",
@@ -416,6 +429,7 @@ impl Ring {
         }
         .map_err(|e| StorageError::os("IORING_REGISTER_BUFFERS_UPDATE", name, e))?;
         self.imports[free] = Some(Imported {
+            att_id: att.id(),
             name: name.to_string(),
             va: range.addr,
             len: range.len,
@@ -444,22 +458,30 @@ impl Ring {
         self.reap(out, 0)
     }
 
-    /// Quiesce revoked slots: refuse, cancel what is in flight, and once nothing is, unregister
-    /// and signal the fence.
-    fn quiesce(&mut self) -> Result<()> {
+    /// Take the revokes the exporters queued: their slots refuse new requests from here on.
+    fn absorb_revokes(&mut self) {
         let pending: Vec<Pending> =
             std::mem::take(&mut *self.revokes.lock().unwrap_or_else(|p| p.into_inner()));
         let owned = self.buffers.len();
         for p in pending {
-            let Some(Some(im)) = self.imports.get_mut(usize::from(p.slot) - owned) else {
-                // Unregistered already: nothing of it can execute.
-                p.inv.fence.signal();
-                continue;
-            };
-            im.revoked = Some(p.inv.epoch);
-            im.quiescing = Some(p);
+            match self.imports.get_mut(usize::from(p.slot) - owned) {
+                Some(Some(im)) if im.att_id == p.inv.attachment && im.att.is_some() => {
+                    im.revoked = Some(p.inv.epoch);
+                    im.quiescing = Some(p);
+                }
+                // An import that never completed, or one unregistered already (the slot may
+                // hold another import now): nothing of that attachment can execute.
+                _ => p.inv.fence.signal(),
+            }
         }
-        let mut cancels = Vec::new();
+    }
+
+    /// Quiesce revoked slots: refuse, cancel what is in flight, and once nothing is, unregister
+    /// and signal the fence.
+    fn quiesce(&mut self) -> Result<()> {
+        self.absorb_revokes();
+        let owned = self.buffers.len();
+        let mut cancels: Vec<(usize, Vec<u64>)> = Vec::new();
         for (k, slot) in self.imports.iter_mut().enumerate() {
             let Some(im) = slot else { continue };
             if im.quiescing.is_none() {
@@ -468,13 +490,13 @@ impl Ring {
             let id = (owned + k) as u16;
             if im.in_flight > 0 {
                 if !im.cancelled {
-                    im.cancelled = true;
-                    cancels.extend(
-                        self.requests
-                            .iter()
-                            .filter(|&(_, &s)| s == id)
-                            .map(|(&ud, _)| ud),
-                    );
+                    let uds = self
+                        .requests
+                        .iter()
+                        .filter(|&(_, &s)| s == id)
+                        .map(|(&ud, _)| ud)
+                        .collect();
+                    cancels.push((k, uds));
                 }
                 continue;
             }
@@ -498,9 +520,15 @@ impl Ring {
                 p.inv.fence.signal();
             }
         }
-        for ud in cancels {
-            let c = opcode::AsyncCancel::new(ud).build().user_data(INTERNAL);
-            self.push(&c)?;
+        for (k, uds) in cancels {
+            for ud in uds {
+                let c = opcode::AsyncCancel::new(ud).build().user_data(INTERNAL);
+                self.push(&c)?;
+            }
+            // Marked only once every cancel is queued: a failed push is tried again next time.
+            if let Some(Some(im)) = self.imports.get_mut(k) {
+                im.cancelled = true;
+            }
         }
         Ok(())
     }
@@ -567,6 +595,8 @@ impl Ring {
                 "the top bit is the ring's own",
             ));
         }
+        // A revoke the exporter queued since the last reap: refuse at once, not after it.
+        self.absorb_revokes();
         if self.requests.contains_key(&user_data) {
             return Err(StorageError::invalid(
                 op,
@@ -690,14 +720,18 @@ impl Ring {
                 .submit_and_wait(0)
                 .map_err(|e| StorageError::os("io_uring_enter(GETEVENTS)", "the ring", e))?;
         }
-        let dropped = self.ring.completion().overflow();
-        if dropped > 0 {
-            return Err(StorageError::Ring(format!(
-                "the kernel dropped {dropped} completions"
-            )));
-        }
         self.in_flight = self.in_flight.saturating_sub(got);
         self.quiesce()?;
+        // The kernel's count of dropped completions is cumulative: report what is new.
+        let dropped = self.ring.completion().overflow();
+        if dropped != self.dropped {
+            let new = dropped.wrapping_sub(self.dropped);
+            self.dropped = dropped;
+            return Err(StorageError::Ring(format!(
+                "the kernel dropped {new} completions (out of memory for its overflow list): \
+                 their requests will never be reported"
+            )));
+        }
         Ok(got)
     }
 
@@ -746,6 +780,11 @@ impl Drop for Ring {
             for m in std::mem::take(&mut self.buffers) {
                 std::mem::forget(m);
             }
+            // Imported memory too: its attachments stay, so the exporter's revoke finds an
+            // importer that never acknowledges and keeps the memory instead of freeing it
+            // under the kernel's DMA.
+            std::mem::forget(std::mem::take(&mut self.imports));
+            std::mem::forget(self.revokes.clone());
         }
     }
 }

@@ -166,3 +166,49 @@ fn imports_that_do_not_fit_are_refused_saying_why() {
     assert!(e.to_string().contains("`buffer` = 0"), "{e}");
     std::fs::remove_file(&path).unwrap();
 }
+
+#[test]
+fn a_revoked_slot_refuses_at_once_and_is_reused_by_the_next_import() {
+    let (path, f) = file_with_data("import-reuse");
+    let align = u64::from(f.align().mem).max(1);
+    let mut ring = Ring::builder()
+        .depth(4)
+        .file(f)
+        .import_slots(1)
+        .build()
+        .unwrap();
+    for round in 0..3u64 {
+        let ub = Arc::new(UserBuffer::new("b", vec![0u8; (1 << 20) + align as usize]).unwrap());
+        let skew = (align - ub.process_va() % align) % align;
+        let slot = {
+            let ub = ub.clone();
+            ring.import("b", move |i, a| ub.attach(i, a)).unwrap()
+        };
+        let revoker = {
+            let ub = ub.clone();
+            std::thread::spawn(move || ub.revoke(Duration::from_secs(10)))
+        };
+        // Refused as soon as the exporter asked, before this owner reaped anything.
+        let refused = loop {
+            match ring.read((FileId(0), 0), (slot, skew), 4096, round) {
+                Err(e) => break e,
+                Ok(()) => {
+                    // Not revoked yet: this read is in flight and must complete first.
+                    let mut out = Vec::new();
+                    while out.is_empty() {
+                        ring.reap(&mut out, 1).unwrap();
+                    }
+                }
+            }
+        };
+        assert!(matches!(refused, StorageError::Revoked { .. }), "{refused}");
+        while !revoker.is_finished() {
+            ring.progress(&mut Vec::new()).unwrap();
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        let report = revoker.join().unwrap();
+        assert!(report.is_clean(), "round {round}: {report}");
+        assert!(!ring.is_registered(slot));
+    }
+    std::fs::remove_file(&path).unwrap();
+}

@@ -26,6 +26,12 @@ pub(crate) struct WindowExport {
     window: Mutex<WindowHandle>,
     /// Which device each attachment's grant is for, to re-grant after a move.
     devices: Mutex<HashMap<AttachmentId, DeviceId>>,
+    /// Attachments that took the window's process VAs: their DMA is the kernel's (io_uring,
+    /// `ibv_reg_mr`), which no fabric grant stops.
+    by_va: Mutex<std::collections::HashSet<AttachmentId>>,
+    /// One of those missed a revoke's deadline: it may still write, so the memory is never
+    /// freed, pooled or handed back (it is leaked with the window).
+    unacked_kernel: std::sync::atomic::AtomicBool,
     /// Held by a relocate from start to end and by an attach from its list to its record in
     /// `devices`: a move can neither change the window under an attach's list and grant nor
     /// find an attachment whose device is not recorded yet.
@@ -48,6 +54,8 @@ impl WindowExport {
             host,
             window: Mutex::new(window),
             devices: Mutex::new(HashMap::new()),
+            by_va: Mutex::new(std::collections::HashSet::new()),
+            unacked_kernel: std::sync::atomic::AtomicBool::new(false),
             moving: Mutex::new(()),
         })
     }
@@ -67,6 +75,8 @@ impl WindowExport {
             host: true,
             window: Mutex::new(window),
             devices: Mutex::new(HashMap::new()),
+            by_va: Mutex::new(std::collections::HashSet::new()),
+            unacked_kernel: std::sync::atomic::AtomicBool::new(false),
             moving: Mutex::new(()),
         })
     }
@@ -76,12 +86,36 @@ impl WindowExport {
     }
 
     /// The memory back, after everything this export gave out is revoked (by the drop, when
-    /// the caller did not) and its window unmapped. `Err(n)`: `n` other holders still reached
-    /// it at `deadline`.
-    pub(crate) fn into_memory(self, deadline: Duration) -> Result<super::Memory, usize> {
+    /// the caller did not) and its window unmapped. `Err(Some(n))`: `n` other holders still
+    /// reached it at `deadline`; `Err(None)`: a kernel importer (process VAs) missed a revoke's
+    /// deadline, so the memory is kept for good.
+    pub(crate) fn into_memory(self, deadline: Duration) -> Result<super::Memory, Option<usize>> {
         let w = self.window();
         drop(self);
-        w.into_memory(deadline)
+        if w.is_kept() {
+            return Err(None);
+        }
+        w.into_memory(deadline).map_err(Some)
+    }
+
+    /// Record a revoke's outcome: a timed-out importer that took process VAs keeps the memory.
+    fn judge(&self, report: &RevokeReport) {
+        let by_va = lock(&self.by_va);
+        let kernel_late = report.importers.iter().any(|i| {
+            i.outcome == crate::revoke::Outcome::TimedOut && by_va.contains(&i.attachment)
+        });
+        if kernel_late
+            && !self
+                .unacked_kernel
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            tracing::error!(
+                export = %self.export.name(),
+                "an importer that DMAs by process VA (the kernel's) missed the revoke deadline: \
+                 the memory is leaked, never freed or reused"
+            );
+            self.window().keep();
+        }
     }
 
     /// The list for `offer`'s space over window `w`.
@@ -91,10 +125,18 @@ impl WindowExport {
             AddrSpace::ProcessVa => w.memory().process_va(),
             AddrSpace::DeviceVa { .. } | AddrSpace::DmaBuf { .. } => 0,
         };
+        // A caller's buffer need not be whole pages, nor start on one: its list is then byte
+        // granular.
+        let granule =
+            if start.is_multiple_of(FABRIC_GRANULE) && w.len().is_multiple_of(FABRIC_GRANULE) {
+                FABRIC_GRANULE
+            } else {
+                1
+            };
         AddrList::single(
             offer.space,
             offer.hints,
-            FABRIC_GRANULE,
+            granule,
             DmaRange::new(start, w.len()),
         )
         .map_err(|e| AttachError::Exporter {
@@ -112,18 +154,24 @@ impl WindowExport {
     ) -> Result<Attachment, AttachError> {
         let _moving = lock(&self.moving);
         let window = self.window();
+        let mut va = false;
         let att = self.export.attach(importer, offers, accepts, |n| {
+            va = n.offer.space == AddrSpace::ProcessVa;
             let list = self.list(&window, &n.offer)?;
             let access = n.offer.hints.access & accepts[n.accept_index].access;
             let grant: Box<dyn AccessGrant> = Box::new(self.fabric.grant(&window, device, access));
             Ok((list, Some(grant)))
         })?;
         lock(&self.devices).insert(att.id(), device);
+        if va {
+            lock(&self.by_va).insert(att.id());
+        }
         Ok(att)
     }
 
     pub(crate) fn revoke(&self, deadline: Duration) -> RevokeReport {
         let report = self.observed(|| self.export.revoke(deadline));
+        self.judge(&report);
         lock(&self.devices).clear();
         report
     }
@@ -149,6 +197,19 @@ impl WindowExport {
         let _moving = lock(&self.moving);
         let old = self.window();
         let report = self.observed(|| self.export.begin_move(deadline));
+        self.judge(&report);
+        if self
+            .unacked_kernel
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            self.export.abort_move();
+            return Err(AttachError::Exporter {
+                export: self.export.name().to_string(),
+                what: "an importer that DMAs by process VA missed the deadline: the memory \
+                       stays where it is, leaked, and the export is revoked"
+                    .into(),
+            });
+        }
         let exporter_err = |what: String| AttachError::Exporter {
             export: self.export.name().to_string(),
             what,
@@ -193,6 +254,7 @@ impl Drop for WindowExport {
     fn drop(&mut self) {
         if !self.export.is_revoked() && self.export.attachments() > 0 {
             let report = self.observed(|| self.export.revoke(crate::revoke::DROP_REVOKE_DEADLINE));
+            self.judge(&report);
             tracing::info!(%report, "exporter dropped: revoked first");
         }
         self.fabric.unmap(&self.window());

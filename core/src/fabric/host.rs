@@ -64,9 +64,12 @@ impl HostMemory {
         let mem = self
             .inner
             .into_memory(deadline)
-            .map_err(|holders| FabricError::StillMapped {
-                name: name.clone(),
-                holders,
+            .map_err(|held| match held {
+                Some(holders) => FabricError::StillMapped {
+                    name: name.clone(),
+                    holders,
+                },
+                None => FabricError::KeptForKernel { name: name.clone() },
             })?;
         mem.into_vec().map_err(|_| FabricError::NotAdopted { name })
     }
@@ -117,7 +120,15 @@ impl HostMemory {
     }
 
     /// Move the arena to new memory (new bus address): dynamic importers map again, pinned die.
+    /// A caller's buffer ([`HostMemory::adopt`]) does not move: the caller's allocation is the
+    /// memory.
     pub fn relocate(&self, deadline: Duration) -> Result<RevokeReport, AttachError> {
+        if self.window().memory().is_heap() {
+            return Err(AttachError::Exporter {
+                export: self.inner.export.name().to_string(),
+                what: "a caller's buffer cannot move: it is the caller's allocation".into(),
+            });
+        }
         self.inner.relocate(deadline)
     }
 
@@ -185,6 +196,56 @@ mod tests {
         // The holder's handle is unmapped: the fabric refuses DMA to it.
         assert!(f.dma_write(nic, base, b"late").is_err());
         assert!(w.memory().is_heap());
+    }
+
+    /// An importer that never acknowledges.
+    struct Deaf;
+    impl Importer for Deaf {
+        fn name(&self) -> &str {
+            "deaf"
+        }
+        fn kind(&self) -> crate::revoke::ImporterKind {
+            crate::revoke::ImporterKind::Pinned
+        }
+        fn invalidate(&self, _inv: crate::revoke::Invalidation) {}
+    }
+
+    #[test]
+    fn a_buffer_a_kernel_importer_never_let_go_of_is_kept_not_handed_back() {
+        use crate::{Accept, SpaceKind};
+        let (f, mem, nic) = fabric();
+        // By process VA (the kernel's DMA, which no grant stops): kept for good.
+        let h = HostMemory::adopt(&f, mem, "by-va", vec![1u8; 4096]).unwrap();
+        let _a = h
+            .attach(
+                Arc::new(Deaf),
+                nic,
+                &[Accept::new(SpaceKind::ProcessVa, Access::READ_WRITE)],
+            )
+            .unwrap();
+        let report = h.revoke(Duration::from_millis(20));
+        assert!(!report.is_clean());
+        let err = h.into_vec(Duration::ZERO).unwrap_err();
+        assert!(matches!(err, FabricError::KeptForKernel { .. }), "{err}");
+        // By bus address (the fabric's DMA, which the backstop stops): handed back.
+        let h = HostMemory::adopt(&f, mem, "by-bus", vec![2u8; 4096]).unwrap();
+        let a = h
+            .attach(
+                Arc::new(Deaf),
+                nic,
+                &[Accept::new(SpaceKind::CpuPhys, Access::READ_WRITE)],
+            )
+            .unwrap();
+        assert!(!h.revoke(Duration::from_millis(20)).is_clean());
+        drop(a);
+        assert_eq!(
+            h.into_vec(Duration::from_millis(100)).unwrap(),
+            vec![2u8; 4096]
+        );
+        // A caller's buffer does not move.
+        let h = HostMemory::adopt(&f, mem, "fixed", vec![3u8; 4096]).unwrap();
+        let e = h.relocate(Duration::from_millis(20)).unwrap_err();
+        assert!(e.to_string().contains("cannot move"), "{e}");
     }
 
     #[test]

@@ -85,6 +85,12 @@ pub enum FabricError {
     StillMapped { name: String, holders: usize },
     #[error("{name}: not a caller's buffer (only memory adopted from a Vec can be handed back)")]
     NotAdopted { name: String },
+    #[error(
+        "{name}: an importer that DMAs by process VA (the kernel's: io_uring, ibv_reg_mr) missed \
+         a revoke's deadline, so the buffer is leaked — never handed back or freed while it may \
+         still write"
+    )]
+    KeptForKernel { name: String },
 }
 
 /// A DMA the fabric refused. Counted against `device`.
@@ -127,6 +133,8 @@ struct Window {
     oracle: Arc<Oracle>,
     /// Fault injection: grants of this fabric cannot be revoked (no backstop).
     no_backstop: Arc<std::sync::atomic::AtomicBool>,
+    /// Leaked for good ([`WindowHandle::keep`]).
+    kept: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Window {
@@ -212,6 +220,19 @@ impl WindowHandle {
     pub fn memory(&self) -> &Memory {
         &self.window.mem
     }
+    /// Keep the window (and its memory) alive for good: an importer the fabric cannot stop may
+    /// still write into it. It is never pooled, freed or handed back.
+    pub(crate) fn keep(&self) {
+        self.window
+            .kept
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        std::mem::forget(self.clone());
+    }
+
+    pub(crate) fn is_kept(&self) -> bool {
+        self.window.kept.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The memory behind an unmapped window, consuming this handle: `Ok` once this is the last
     /// handle of the window and nothing else holds its memory. A DMA that looked the window up
     /// before the unmap holds it for the moment it takes to be refused (the window is revoked),
@@ -478,6 +499,7 @@ impl Fabric {
             ))),
             oracle: self.inner.oracle.clone(),
             no_backstop: self.inner.no_backstop.clone(),
+            kept: std::sync::atomic::AtomicBool::new(false),
         });
         write(&self.inner.windows).insert(base, window.clone());
         tracing::debug!(owner = %owner_name, base, len, "window mapped");
