@@ -258,16 +258,7 @@ fn ring_side(file: &Arc<DirectFile>, size: u64, w: Workload, time: Duration) -> 
         ring.reap(&mut done, (w.depth as usize / 8).max(1))?;
         let going = start.elapsed() < time;
         for c in &done {
-            match c.bytes() {
-                Ok(n) if n == len => {}
-                Ok(n) => {
-                    return Err(StorageBenchError::Bad(format!(
-                        "{} of {len} bytes: only {n} moved",
-                        w.rw
-                    )));
-                }
-                Err(e) => return Err(StorageBenchError::Bad(format!("{}: {e}", w.rw))),
-            }
+            ring.check(c)?;
             ios += 1;
             if going {
                 let at = next(&mut rng);

@@ -46,4 +46,4 @@ pub mod sim;
 
 pub use error::{Result, StorageError};
 pub use file::{DioAlign, DirectFile, OpenOptions};
-pub use ring::{BufId, Completion, FileId, Ring, RingBuilder};
+pub use ring::{BufId, Completion, FileId, Request, Ring, RingBuilder};

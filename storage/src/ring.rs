@@ -203,6 +203,15 @@ impl RingBuilder {
     }
 }
 
+/// One file request as it was queued, for judging its completion ([`Ring::check`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    pub write: bool,
+    pub file: FileId,
+    pub at: u64,
+    pub len: u32,
+}
+
 /// What the kernel said of one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Completion {
@@ -210,6 +219,8 @@ pub struct Completion {
     pub user_data: u64,
     /// Bytes moved, or `-errno`.
     pub result: i32,
+    /// The request, where the completer knows it (a ring's own requests).
+    pub request: Option<Request>,
 }
 
 impl Completion {
@@ -228,8 +239,8 @@ pub struct Ring {
     /// Imported buffers, in the slots after `buffers`.
     imports: Vec<Option<Imported>>,
     files: Vec<Arc<DirectFile>>,
-    /// The slot each request in flight uses, by user data.
-    requests: HashMap<u64, u16>,
+    /// The slot and the request of each request in flight, by user data.
+    requests: HashMap<u64, (u16, Request)>,
     revokes: Revokes,
     early_fence: bool,
     /// Requests submitted or queued whose completion was not reaped yet (the caller's only).
@@ -458,6 +469,63 @@ impl Ring {
         self.reap(out, 0)
     }
 
+    /// Judge a completion of this ring: the bytes moved when they are all the request asked
+    /// for, else [`StorageError::Io`] saying what happened — a short read at the end of the
+    /// file (and where it ends), a file that ends before the request (truncated?), a short
+    /// write, or the kernel's error in words (ENOSPC, EIO, a cancel).
+    pub fn check(&self, c: &Completion) -> Result<u32> {
+        let Some(r) = c.request else {
+            return c.bytes().map_err(|e| StorageError::Io {
+                op: "io_uring request",
+                path: String::new(),
+                offset: 0,
+                len: 0,
+                why: e.to_string(),
+            });
+        };
+        let file = self.file(r.file)?;
+        let op = if r.write { "write" } else { "read" };
+        let io = |why: String| StorageError::Io {
+            op,
+            path: file.path().display().to_string(),
+            offset: r.at,
+            len: u64::from(r.len),
+            why,
+        };
+        let got = match c.bytes() {
+            Ok(n) => n,
+            Err(e) => return Err(io(errno_why(&e))),
+        };
+        if got >= r.len {
+            return Ok(got);
+        }
+        if r.write {
+            return Err(io(format!(
+                "short write: {got} of {} bytes (is the file system full?)",
+                r.len
+            )));
+        }
+        let size = file.len()?;
+        let why = if size <= r.at {
+            format!(
+                "the file ends at {size:#x}, at or before the request's offset: nothing read \
+                 (was it truncated?)"
+            )
+        } else if r.at + u64::from(got) == size {
+            format!(
+                "short read: the file ends at {size:#x}, {} bytes before the request's end",
+                u64::from(r.len) - u64::from(got)
+            )
+        } else {
+            format!(
+                "short read: {got} of {} bytes, and the file is {size:#x} bytes long now \
+                 (truncated during the read?)",
+                r.len
+            )
+        };
+        Err(io(why))
+    }
+
     /// Take the revokes the exporters queued: their slots refuse new requests from here on.
     fn absorb_revokes(&mut self) {
         let pending: Vec<Pending> =
@@ -493,7 +561,7 @@ impl Ring {
                     let uds = self
                         .requests
                         .iter()
-                        .filter(|&(_, &s)| s == id)
+                        .filter(|&(_, &(s, _))| s == id)
                         .map(|(&ud, _)| ud)
                         .collect();
                     cancels.push((k, uds));
@@ -632,7 +700,13 @@ impl Ring {
         .user_data(user_data);
         self.push(&entry)?;
         self.in_flight += 1;
-        self.requests.insert(user_data, buf.0);
+        let req = Request {
+            write: dir == Dir::Write,
+            file,
+            at,
+            len,
+        };
+        self.requests.insert(user_data, (buf.0, req));
         if let Some(Some(im)) = self
             .imports
             .get_mut(usize::from(buf.0).wrapping_sub(self.buffers.len()))
@@ -698,7 +772,8 @@ impl Ring {
                 if cqe.user_data() & INTERNAL != 0 {
                     continue;
                 }
-                if let Some(slot) = self.requests.remove(&cqe.user_data())
+                let taken = self.requests.remove(&cqe.user_data());
+                if let Some((slot, _)) = taken
                     && let Some(Some(im)) = self
                         .imports
                         .get_mut(usize::from(slot).wrapping_sub(self.buffers.len()))
@@ -708,6 +783,7 @@ impl Ring {
                 out.push(Completion {
                     user_data: cqe.user_data(),
                     result: cqe.result(),
+                    request: taken.map(|(_, r)| r),
                 });
                 got += 1;
             }
@@ -789,6 +865,21 @@ impl Drop for Ring {
     }
 }
 
+/// The kernel's error for a file request, in words.
+pub(crate) fn errno_why(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) => "no space left on the file system (ENOSPC)".into(),
+        Some(libc::EIO) => "the device failed the I/O (EIO)".into(),
+        Some(libc::ECANCELED) => "cancelled: its buffer was revoked, or the ring dropped".into(),
+        Some(libc::EFBIG) => "past the largest file size allowed here (EFBIG)".into(),
+        Some(libc::EINVAL) => "the kernel refused it (EINVAL): an alignment or range the file \
+                               system does not take"
+            .into(),
+        Some(libc::EFAULT) => "the buffer is not registered memory of this ring (EFAULT)".into(),
+        _ => e.to_string(),
+    }
+}
+
 fn out_of(id: BufId, m: &Memory, offset: u64, len: u64) -> StorageError {
     StorageError::invalid(
         "io_uring buffer",
@@ -796,4 +887,20 @@ fn out_of(id: BufId, m: &Memory, offset: u64, len: u64) -> StorageError {
         format!("[{offset:#x}, +{len:#x})"),
         format!("outside buffer {} of {} bytes", id.0, m.len()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::errno_why;
+
+    #[test]
+    fn the_kernels_errors_are_said_in_words() {
+        let w = |e| errno_why(&std::io::Error::from_raw_os_error(e));
+        assert_eq!(w(libc::ENOSPC), "no space left on the file system (ENOSPC)");
+        assert_eq!(w(libc::EIO), "the device failed the I/O (EIO)");
+        assert!(w(libc::ECANCELED).contains("revoked"));
+        assert!(w(libc::EFBIG).contains("EFBIG"));
+        assert!(w(libc::EINVAL).contains("EINVAL"));
+        assert!(w(libc::EPERM).contains("ermitted"), "{}", w(libc::EPERM));
+    }
 }

@@ -377,6 +377,7 @@ impl Importer for NvmeImporter {
             .extend(cancelled.into_iter().map(|user_data| Completion {
                 user_data,
                 result: -libc::ECANCELED,
+                request: None,
             }));
         let running = st.running == Some(self.slot);
         if let Some(Some(b)) = st.bufs.get_mut(usize::from(self.slot)) {
@@ -410,6 +411,7 @@ fn engine(weak: &Weak<Shared>) {
                         .map(|c| Completion {
                             user_data: c.user_data,
                             result: -libc::ECANCELED,
+                            request: None,
                         })
                         .collect();
                     st.done.extend(left);
@@ -432,6 +434,7 @@ fn engine(weak: &Weak<Shared>) {
         st.done.push(Completion {
             user_data: cmd.user_data,
             result,
+            request: None,
         });
         // A revoke that waited for this command: nothing executes on its buffer now.
         if let Some(Some(b)) = st.bufs.get_mut(usize::from(cmd.slot))

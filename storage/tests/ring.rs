@@ -121,6 +121,30 @@ fn a_read_past_the_end_of_the_file_is_short_and_says_how_short() {
     ring.read((FileId(0), 0), (BufId(0), 0), 16384, 7).unwrap();
     let done = reap_all(&mut ring, 1);
     assert_eq!(done[0].bytes().unwrap(), 8192);
+    let e = ring.check(&done[0]).unwrap_err().to_string();
+    assert!(
+        e.contains("short read: the file ends at 0x2000, 8192 bytes before the request's end"),
+        "{e}"
+    );
+    assert!(
+        e.contains("read of") && e.contains("at offset 0x0 (+0x4000)"),
+        "{e}"
+    );
+    // Shrunk under the reader: the next read starts past the end.
+    ring.file(FileId(0)).unwrap().set_len(4096).unwrap();
+    ring.read((FileId(0), 8192), (BufId(0), 0), 8192, 8)
+        .unwrap();
+    let done = reap_all(&mut ring, 1);
+    let e = ring.check(&done[0]).unwrap_err().to_string();
+    assert!(
+        e.contains("ends at 0x1000, at or before the request's offset"),
+        "{e}"
+    );
+    assert!(e.contains("truncated"), "{e}");
+    // A whole read checks out as its bytes.
+    ring.read((FileId(0), 0), (BufId(0), 0), 4096, 9).unwrap();
+    let done = reap_all(&mut ring, 1);
+    assert_eq!(ring.check(&done[0]).unwrap(), 4096);
     std::fs::remove_file(&path).unwrap();
 }
 
