@@ -657,10 +657,16 @@ impl Agent {
 
     #[cfg(not(feature = "verbs"))]
     fn adopt_user(&self, name: &str, _buf: Vec<u8>) -> Result<Memory> {
-        Err(Error::setup(
+        Err(self.no_backend(&format!("buffer {name}")))
+    }
+
+    /// Memory asked of an agent that has neither a testbed nor the verbs backend.
+    #[cfg(not(feature = "verbs"))]
+    fn no_backend(&self, what: &str) -> Error {
+        Error::setup(
             &self.shared.name,
-            format!("buffer {name}: no testbed and no verbs"),
-        ))
+            format!("{what}: no testbed and no verbs"),
+        )
     }
 
     /// A dma-buf fd from elsewhere (another driver's export, a dma-heap or udmabuf buffer
@@ -738,10 +744,7 @@ impl Agent {
 
     #[cfg(not(feature = "verbs"))]
     fn alloc_udmabuf(&self, name: &str, _len: u64) -> Result<Memory> {
-        Err(Error::setup(
-            &self.shared.name,
-            format!("host memory {name}: no testbed and no verbs"),
-        ))
+        Err(self.no_backend(&format!("host memory {name}")))
     }
 
     /// `len` bytes of host memory on the host-memory device `device` (e.g. `mem1`) of the

@@ -53,6 +53,20 @@ pub enum StorageError {
 }
 
 impl StorageError {
+    /// True when io_uring or O_DIRECT is not available to this process (no io_uring in the
+    /// kernel, io_uring forbidden by a sysctl or a container's seccomp profile, a file system
+    /// without direct I/O), as opposed to a failure of something that is there.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StorageError::NoDirect { .. } => true,
+            StorageError::Os { op, source, .. } => {
+                *op == "io_uring_setup"
+                    && matches!(source.raw_os_error(), Some(libc::ENOSYS | libc::EPERM))
+            }
+            _ => false,
+        }
+    }
+
     pub(crate) fn invalid(
         what: impl Into<String>,
         field: &'static str,

@@ -22,6 +22,7 @@
 //! ([`RingBuilder::inject_early_fence`](crate::RingBuilder::inject_early_fence)) to show both
 //! observers catch it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dmaplane_core::revoke::{Importer, ImporterKind, Invalidation};
@@ -30,16 +31,44 @@ use dmaplane_core::revoke::{Importer, ImporterKind, Invalidation};
 #[derive(Debug)]
 pub(crate) struct Pending {
     pub(crate) slot: u16,
+    /// Which import of the slot it is for ([`StorageImporter::import`]).
+    pub(crate) import: u64,
     pub(crate) inv: Invalidation,
 }
 
-/// What the importers of one ring and the ring share: revokes not yet handled.
-pub(crate) type Revokes = Arc<Mutex<Vec<Pending>>>;
+/// What the importers of one ring and the ring share: revokes not yet handled, and a flag the
+/// ring's request path reads instead of taking the lock.
+#[derive(Debug, Default)]
+pub(crate) struct RevokeQueue {
+    any: AtomicBool,
+    list: Mutex<Vec<Pending>>,
+}
+
+impl RevokeQueue {
+    fn push(&self, p: Pending) {
+        self.list.lock().unwrap_or_else(|e| e.into_inner()).push(p);
+        // After the push: a reader that sees the flag finds the entry.
+        self.any.store(true, Ordering::Release);
+    }
+
+    /// Every revoke queued so far (none without taking the lock when there is none).
+    pub(crate) fn take(&self) -> Vec<Pending> {
+        if !self.any.swap(false, Ordering::Acquire) {
+            return Vec::new();
+        }
+        std::mem::take(&mut *self.list.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+pub(crate) type Revokes = Arc<RevokeQueue>;
 
 /// The importer of one imported slot.
 pub(crate) struct StorageImporter {
     pub(crate) name: String,
     pub(crate) slot: u16,
+    /// The ring's count of imports when this one was made: slots are reused, and attachment ids
+    /// are per export, so this is what tells one import's revoke from another's.
+    pub(crate) import: u64,
     pub(crate) revokes: Revokes,
     /// Fault injection: signal the fence at once, before anything is quiesced.
     pub(crate) early_fence: bool,
@@ -59,12 +88,10 @@ impl Importer for StorageImporter {
             tracing::warn!(importer = %self.name, "injected: fence signalled before the quiesce");
             inv.fence.signal();
         }
-        self.revokes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Pending {
-                slot: self.slot,
-                inv,
-            });
+        self.revokes.push(Pending {
+            slot: self.slot,
+            import: self.import,
+            inv,
+        });
     }
 }

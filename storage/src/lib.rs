@@ -10,6 +10,9 @@
 //! use std::sync::Arc;
 //! use dmaplane_storage::{BufId, DirectFile, FileId, OpenOptions, Ring};
 //! # fn main() -> Result<(), dmaplane_storage::StorageError> {
+//! # if let Err(e) = Ring::builder().depth(2).build() {
+//! #     if e.is_unavailable() { return Ok(()); } // io_uring forbidden here (a container)
+//! # }
 //! let path = std::env::temp_dir().join(format!("dmaplane-doc-{}", std::process::id()));
 //! let opts = OpenOptions { write: true, create: true, buffered_fallback: true };
 //! let file = Arc::new(DirectFile::open(&path, opts)?);

@@ -21,7 +21,7 @@
 //!   (leaked, never freed under the device).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dmaplane_core::fabric::Memory;
@@ -193,12 +193,13 @@ impl RingBuilder {
             imports: (0..self.import_slots).map(|_| None).collect(),
             files: self.files,
             requests: HashMap::new(),
-            revokes: Arc::new(Mutex::new(Vec::new())),
+            revokes: Arc::default(),
             early_fence: self.early_fence,
             in_flight: 0,
             queued: 0,
             sqpoll: self.sqpoll_idle.is_some(),
             dropped: 0,
+            imports_made: 0,
         })
     }
 }
@@ -250,6 +251,8 @@ pub struct Ring {
     sqpoll: bool,
     /// The kernel's dropped-completion count last seen.
     dropped: u32,
+    /// Imports made so far (each one's sequence number).
+    imports_made: u64,
 }
 
 impl std::fmt::Debug for Ring {
@@ -267,8 +270,9 @@ impl std::fmt::Debug for Ring {
 /// Exported memory registered in one slot.
 #[derive(Debug)]
 struct Imported {
-    /// The attachment it was registered for: a revoke is matched against it, not the slot.
-    att_id: dmaplane_core::revoke::AttachmentId,
+    /// Which import it is (the ring's count of imports then): a revoke is matched against it,
+    /// not against the slot, which a later import may reuse.
+    import: u64,
     name: String,
     va: u64,
     len: u64,
@@ -402,9 +406,12 @@ impl Ring {
             })?;
         let slot = u16::try_from(self.buffers.len() + free)
             .map_err(|_| err("slot numbers end at 65535".into()))?;
+        self.imports_made += 1;
+        let seq = self.imports_made;
         let importer = Arc::new(StorageImporter {
             name: format!("io_uring/{name}"),
             slot,
+            import: seq,
             revokes: self.revokes.clone(),
             early_fence: self.early_fence,
         });
@@ -440,7 +447,7 @@ impl Ring {
         }
         .map_err(|e| StorageError::os("IORING_REGISTER_BUFFERS_UPDATE", name, e))?;
         self.imports[free] = Some(Imported {
-            att_id: att.id(),
+            import: seq,
             name: name.to_string(),
             va: range.addr,
             len: range.len,
@@ -528,12 +535,10 @@ impl Ring {
 
     /// Take the revokes the exporters queued: their slots refuse new requests from here on.
     fn absorb_revokes(&mut self) {
-        let pending: Vec<Pending> =
-            std::mem::take(&mut *self.revokes.lock().unwrap_or_else(|p| p.into_inner()));
         let owned = self.buffers.len();
-        for p in pending {
+        for p in self.revokes.take() {
             match self.imports.get_mut(usize::from(p.slot) - owned) {
-                Some(Some(im)) if im.att_id == p.inv.attachment && im.att.is_some() => {
+                Some(Some(im)) if im.import == p.import && im.att.is_some() => {
                     im.revoked = Some(p.inv.epoch);
                     im.quiescing = Some(p);
                 }

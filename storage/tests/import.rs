@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use dmaplane_core::user::UserBuffer;
+mod common;
+
 use dmaplane_storage::{BufId, Completion, DirectFile, FileId, OpenOptions, Ring, StorageError};
 
 const LEN: u64 = 16 << 20;
@@ -117,6 +119,9 @@ fn revoke_under_reads(early_fence: bool) -> Seen {
 
 #[test]
 fn a_revoke_with_reads_in_flight_loses_no_completion_and_nothing_lands_after_the_ack() {
+    if !common::usable() {
+        return;
+    }
     let s = revoke_under_reads(false);
     assert_eq!(
         s.before_ack, s.submitted,
@@ -135,6 +140,9 @@ fn a_revoke_with_reads_in_flight_loses_no_completion_and_nothing_lands_after_the
 
 #[test]
 fn a_ring_that_signals_its_fence_early_is_caught_by_both_observers() {
+    if !common::usable() {
+        return;
+    }
     // The injected ring acks before its reads are done: reads land after the ack. On a fast
     // disk they may all be done first; a few tries make the window.
     for attempt in 1..=10 {
@@ -157,6 +165,9 @@ fn a_ring_that_signals_its_fence_early_is_caught_by_both_observers() {
 
 #[test]
 fn imports_that_do_not_fit_are_refused_saying_why() {
+    if !common::usable() {
+        return;
+    }
     let (path, f) = file_with_data("import-bad");
     let mut ring = Ring::builder().depth(4).file(f).build().unwrap();
     let ub = UserBuffer::new("x", vec![0u8; 8192]).unwrap();
@@ -167,16 +178,25 @@ fn imports_that_do_not_fit_are_refused_saying_why() {
     std::fs::remove_file(&path).unwrap();
 }
 
-#[test]
-fn a_revoked_slot_refuses_at_once_and_is_reused_by_the_next_import() {
-    let (path, f) = file_with_data("import-reuse");
+/// A ring of depth 4 with one import slot over a fresh data file; the file's memory alignment.
+fn one_slot_ring(name: &str) -> (PathBuf, u64, Ring) {
+    let (path, f) = file_with_data(name);
     let align = u64::from(f.align().mem).max(1);
-    let mut ring = Ring::builder()
+    let ring = Ring::builder()
         .depth(4)
         .file(f)
         .import_slots(1)
         .build()
         .unwrap();
+    (path, align, ring)
+}
+
+#[test]
+fn a_revoked_slot_refuses_at_once_and_is_reused_by_the_next_import() {
+    if !common::usable() {
+        return;
+    }
+    let (path, align, mut ring) = one_slot_ring("import-reuse");
     for round in 0..3u64 {
         let ub = Arc::new(UserBuffer::new("b", vec![0u8; (1 << 20) + align as usize]).unwrap());
         let skew = (align - ub.process_va() % align) % align;
@@ -210,5 +230,43 @@ fn a_revoked_slot_refuses_at_once_and_is_reused_by_the_next_import() {
         assert!(report.is_clean(), "round {round}: {report}");
         assert!(!ring.is_registered(slot));
     }
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn a_revoke_of_an_import_that_failed_does_not_touch_the_next_one_in_its_slot() {
+    if !common::usable() {
+        return;
+    }
+    let (path, align, mut ring) = one_slot_ring("import-stale");
+    // An export revoked while it is being imported: the attachment is made, then revoked (its
+    // revoke queued for the ring, which is busy importing and misses the short deadline), so
+    // the import fails and its slot stays free.
+    let gone = UserBuffer::new("gone", vec![0u8; 8192]).unwrap();
+    let e = ring
+        .import("gone", |i, a| {
+            let att = gone.attach(i, a)?;
+            let _ = gone.revoke(Duration::from_millis(10));
+            Ok(att)
+        })
+        .unwrap_err();
+    assert!(matches!(e, StorageError::Import { .. }), "{e}");
+    // The next import takes the slot; the stale revoke must not be applied to it.
+    let ub = Arc::new(UserBuffer::new("next", vec![0u8; (1 << 20) + align as usize]).unwrap());
+    let skew = (align - ub.process_va() % align) % align;
+    let slot = {
+        let ub = ub.clone();
+        ring.import("next", move |i, a| ub.attach(i, a)).unwrap()
+    };
+    ring.read((FileId(0), 0), (slot, skew), 4096, 1).unwrap();
+    let mut out = Vec::new();
+    while out.is_empty() {
+        ring.reap(&mut out, 1).unwrap();
+    }
+    assert_eq!(ring.check(&out[0]).unwrap(), 4096);
+    assert!(
+        ring.is_registered(slot),
+        "the stale revoke unregistered the new import"
+    );
     std::fs::remove_file(&path).unwrap();
 }

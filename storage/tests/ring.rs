@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
 use dmaplane_storage::{BufId, Completion, DirectFile, FileId, OpenOptions, Ring, StorageError};
 
 const RW: OpenOptions = OpenOptions {
@@ -44,6 +46,9 @@ fn reap_all(ring: &mut Ring, n: usize) -> Vec<Completion> {
 
 #[test]
 fn bytes_go_out_and_come_back_through_o_direct_in_one_batch() {
+    if !common::usable() {
+        return;
+    }
     const LEN: u64 = 1 << 20;
     let (path, f) = scratch("roundtrip", LEN);
     assert!(f.is_direct());
@@ -84,6 +89,9 @@ fn bytes_go_out_and_come_back_through_o_direct_in_one_batch() {
 
 #[test]
 fn completions_that_overflow_the_completion_queue_are_all_reaped() {
+    if !common::usable() {
+        return;
+    }
     // Depth 4: a completion queue of 8. 64 reads submitted before any is reaped.
     const N: u64 = 64;
     let (path, f) = scratch("overflow", N * 4096);
@@ -111,6 +119,9 @@ fn completions_that_overflow_the_completion_queue_are_all_reaped() {
 
 #[test]
 fn a_read_past_the_end_of_the_file_is_short_and_says_how_short() {
+    if !common::usable() {
+        return;
+    }
     let (path, f) = scratch("short", 8192);
     let mut ring = Ring::builder()
         .depth(2)
@@ -150,6 +161,9 @@ fn a_read_past_the_end_of_the_file_is_short_and_says_how_short() {
 
 #[test]
 fn misaligned_requests_are_refused_naming_the_field_and_the_alignment() {
+    if !common::usable() {
+        return;
+    }
     let (path, f) = scratch("align", 1 << 20);
     let a = f.align();
     let mut ring = Ring::builder()
@@ -209,6 +223,9 @@ fn a_file_system_without_o_direct_is_refused_unless_buffered_io_is_asked_for() {
 
 #[test]
 fn dropping_a_ring_with_requests_in_flight_waits_for_them() {
+    if !common::usable() {
+        return;
+    }
     const N: u64 = 32;
     let (path, f) = scratch("drop", N * 65536);
     let mut ring = Ring::builder()
