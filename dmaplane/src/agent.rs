@@ -16,8 +16,10 @@ use dmaplane_rdma::{Cq, Device, Mtu, Pd};
 
 use crate::cache::{Cache, CacheStats};
 use crate::desc::Desc;
+use crate::drive::{Drive, FileTransfer};
 use crate::error::{Error, Result};
 use crate::event::{Bounded, EVENT_QUEUE, Event};
+use crate::file::{FileEntry, FileRegion, FileSpec, StoragePath};
 use crate::memory::{Backing, Location, Memory, MemoryInner};
 use crate::metadata::{Metadata, NicInfo, RegionInfo, RegionKey, VERSION};
 use crate::notify::{NOTIFY_QUEUE, Notification};
@@ -47,8 +49,12 @@ pub struct Config {
     /// address, which must then be a specific one (not `0.0.0.0` or `::`).
     pub advertise: Option<String>,
     /// Stage GPU memory through host memory even where a NIC could reach it peer to peer
-    /// (to measure what staging costs; off by default).
+    /// (to measure what staging costs; off by default). File I/O bounces GPU memory through
+    /// host memory then too.
     pub force_staging: bool,
+    /// The testbed's NVMe drive file regions are read and written through (`None`: the
+    /// topology's first).
+    pub drive: Option<String>,
 }
 
 impl Default for Config {
@@ -62,6 +68,7 @@ impl Default for Config {
             listen: "127.0.0.1:0".into(),
             advertise: None,
             force_staging: false,
+            drive: None,
         }
     }
 }
@@ -149,7 +156,8 @@ impl AgentBuilder {
     }
 
     /// Break the protocol on purpose on every device of the agent (see
-    /// [`dmaplane_rdma::Fault`]): for stress runs that must show their checks fail. Never in
+    /// [`dmaplane_rdma::Fault`]; [`Fault::EarlyFence`](dmaplane_rdma::Fault::EarlyFence) breaks
+    /// the drive's importers too): for stress runs that must show their checks fail. Never in
     /// production.
     pub fn inject(mut self, fault: Option<dmaplane_rdma::Fault>) -> Self {
         self.fault = fault;
@@ -160,6 +168,13 @@ impl AgentBuilder {
     /// peer to peer ([`Config::force_staging`]).
     pub fn force_staging(mut self, on: bool) -> Self {
         self.cfg.force_staging = on;
+        self
+    }
+
+    /// Read and write file regions through this NVMe drive of the testbed (default: its
+    /// first).
+    pub fn drive(mut self, name: impl Into<String>) -> Self {
+        self.cfg.drive = Some(name.into());
         self
     }
 
@@ -283,6 +298,9 @@ impl AgentBuilder {
                 addr,
                 stop: AtomicBool::new(false),
                 next_region: AtomicU32::new(1),
+                files: Mutex::new(HashMap::new()),
+                drive: Mutex::new(None),
+                fault: self.fault,
                 next_memory: AtomicU64::new(1),
                 pending_links: Mutex::new(HashMap::new()),
                 handshakes: Mutex::new(HashMap::new()),
@@ -395,7 +413,13 @@ pub(crate) struct Shared {
     pub(crate) events: Bounded<Event>,
     pub(crate) addr: SocketAddr,
     pub(crate) stop: AtomicBool,
-    next_region: AtomicU32,
+    pub(crate) next_region: AtomicU32,
+    /// File registration id → entry (while a handle or the cache holds it).
+    pub(crate) files: Mutex<HashMap<u32, Weak<FileEntry>>>,
+    /// The drive file regions go through, opened on first use.
+    drive: Mutex<Option<Arc<Drive>>>,
+    /// The fault injected on every device of the agent (its drive's too).
+    pub(crate) fault: Option<dmaplane_rdma::Fault>,
     next_memory: AtomicU64,
     /// Lease-link connections that arrived for a handshake under way: (nonce, path) → conn.
     pub(crate) pending_links: Mutex<HashMap<(u64, usize), dmaplane_rdma::oob::Oob>>,
@@ -429,6 +453,31 @@ impl Shared {
 
     pub(crate) fn entry(&self, id: u32) -> Option<Arc<Entry>> {
         lock(&self.entries).get(&id).and_then(Weak::upgrade)
+    }
+
+    pub(crate) fn file_entry(&self, id: u32) -> Option<Arc<FileEntry>> {
+        lock(&self.files).get(&id).and_then(Weak::upgrade)
+    }
+
+    /// The agent's drive, opened on first use.
+    pub(crate) fn drive(&self) -> Result<Arc<Drive>> {
+        let mut d = lock(&self.drive);
+        if let Some(d) = &*d {
+            return Ok(d.clone());
+        }
+        let name = match (&self.cfg.drive, self.testbed()) {
+            (Some(n), _) => n.clone(),
+            (None, Some(tb)) => tb
+                .topology()
+                .devices_of_kind(dmaplane_core::topology::DeviceKind::Nvme)
+                .next()
+                .map(|d| d.id.clone())
+                .ok_or_else(|| Error::setup(&self.name, "the testbed has no NVMe drive"))?,
+            (None, None) => String::new(),
+        };
+        let drive = Drive::open(self, &name)?;
+        *d = Some(drive.clone());
+        Ok(drive)
     }
 
     /// This agent's metadata: every live registration.
@@ -1064,6 +1113,62 @@ impl Agent {
             .iter()
             .map(|n| (n.name.clone(), n.posted.load(Ordering::Relaxed)))
             .collect()
+    }
+
+    /// Register a file region: `spec`'s range of a file, opened for direct I/O, on the agent's
+    /// drive. A range inside an earlier registration of the same file is a cache hit.
+    ///
+    /// Fails with [`Error::Invalid`] naming the field for a path that does not exist (and is
+    /// not to be created) or a range outside the file, and with [`Error::Storage`] for a file
+    /// system without `O_DIRECT` (unless [`FileSpec::buffered_fallback`]).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use dmaplane::{Agent, FileSpec, Testbed};
+    /// # fn main() -> dmaplane::Result<()> {
+    /// # let path = std::env::temp_dir().join(format!("dmaplane-doc-file-{}", std::process::id()));
+    /// # std::fs::write(&path, vec![9u8; 1 << 20]).unwrap();
+    /// let agent = Agent::builder("a").testbed(Testbed::builtin()?).nics(["nic0"]).build()?;
+    /// let shard = agent.register_file(&FileSpec::new(&path).buffered_fallback())?;
+    /// let weights = agent.alloc_gpu("weights", "gpu0", 1 << 20)?;
+    /// let w = agent.register(&weights)?;
+    /// let t = agent.read_file(&[shard.all()], &[w.all()])?;
+    /// assert_eq!(t.wait(Duration::from_secs(10))?, 1 << 20);
+    /// assert!(!t.paths()[0].is_bounced()); // nvme0 reaches gpu0's BAR1 peer to peer
+    /// let mut got = [0u8; 16];
+    /// weights.read(0, &mut got)?;
+    /// assert_eq!(got, [9u8; 16]);
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok(()) }
+    /// ```
+    pub fn register_file(&self, spec: &FileSpec) -> Result<FileRegion> {
+        crate::file::register(&self.shared, spec)
+    }
+
+    /// Deregister a file region: new transfers naming it are refused; those under way finish.
+    pub fn deregister_file(&self, region: &FileRegion) {
+        crate::file::deregister(&self.shared, region);
+    }
+
+    /// Read file descriptors `files` into memory descriptors `into`, pairwise (equal
+    /// lengths), through the agent's drive — straight into a GPU's memory where the drive
+    /// reaches it peer to peer, else through a host bounce buffer
+    /// ([`FileTransfer::paths`] says which). Misaligned `O_DIRECT` requests are refused
+    /// before anything moves, naming the field and the alignment.
+    pub fn read_file(&self, files: &[Desc], into: &[Desc]) -> Result<FileTransfer> {
+        let pairs = crate::drive::resolve(&self.shared, false, files, into)?;
+        self.shared.drive()?.start(&self.shared, false, pairs)
+    }
+
+    /// Write memory descriptors `from` into file descriptors `files`, pairwise.
+    pub fn write_file(&self, from: &[Desc], files: &[Desc]) -> Result<FileTransfer> {
+        let pairs = crate::drive::resolve(&self.shared, true, files, from)?;
+        self.shared.drive()?.start(&self.shared, true, pairs)
+    }
+
+    /// How the agent's drive reaches `memory`: direct, or bounced through host memory and why.
+    pub fn storage_path(&self, memory: &Memory) -> Result<StoragePath> {
+        self.shared.drive()?.reach(&self.shared, memory)
     }
 
     /// Registrations the cache holds for `memory` (0 once it is freed).

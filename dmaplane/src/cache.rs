@@ -5,11 +5,17 @@
 //! entry whose memory was revoked is never handed out again, and freeing a memory drops all of
 //! its entries at once, so the cache never keeps freed memory pinned. Entries live until then:
 //! a handle dropped and taken again is a hit.
+//!
+//! File registrations are cached the same way, by canonical path: a range inside an earlier
+//! registration of the same file with the access asked for (a read-write one serves reads too)
+//! is a hit; they live until deregistered.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::file::FileEntry;
 use crate::region::Entry;
 use crate::sync::lock;
 
@@ -35,6 +41,8 @@ type Entries = BTreeMap<u64, Vec<Arc<Entry>>>;
 pub(crate) struct Cache {
     /// memory id → its registrations.
     by_memory: Mutex<HashMap<u64, Entries>>,
+    /// canonical path → its file registrations.
+    by_file: Mutex<HashMap<PathBuf, Vec<Arc<FileEntry>>>>,
     hits: AtomicU64,
     misses: AtomicU64,
     bytes: AtomicU64,
@@ -129,12 +137,53 @@ impl Cache {
             .map_or(0, |t| t.values().map(Vec::len).sum())
     }
 
+    /// A registration of file `path` covering `[offset, offset + len)` with write access if
+    /// `write`, counted as a hit.
+    pub(crate) fn lookup_file(
+        &self,
+        path: &Path,
+        write: bool,
+        offset: u64,
+        len: u64,
+    ) -> Option<Arc<FileEntry>> {
+        let found = lock(&self.by_file)
+            .get(path)?
+            .iter()
+            .find(|e| (e.writable || !write) && e.covers(offset, len))
+            .cloned();
+        if found.is_some() {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        found
+    }
+
+    /// Record a new file registration (a miss).
+    pub(crate) fn insert_file(&self, entry: Arc<FileEntry>) {
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        lock(&self.by_file)
+            .entry(entry.path.clone())
+            .or_default()
+            .push(entry);
+    }
+
+    /// Drop one file registration (deregistered).
+    pub(crate) fn remove_file(&self, entry: &Arc<FileEntry>) {
+        let mut all = lock(&self.by_file);
+        if let Some(v) = all.get_mut(&entry.path) {
+            v.retain(|e| !Arc::ptr_eq(e, entry));
+            if v.is_empty() {
+                all.remove(&entry.path);
+            }
+        }
+    }
+
     pub(crate) fn stats(&self) -> CacheStats {
         let entries: usize = lock(&self.by_memory)
             .values()
             .flat_map(|t| t.values())
             .map(Vec::len)
-            .sum();
+            .sum::<usize>()
+            + lock(&self.by_file).values().map(Vec::len).sum::<usize>();
         CacheStats {
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),

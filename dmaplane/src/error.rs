@@ -124,12 +124,63 @@ pub enum Error {
         /// What failed.
         why: String,
     },
+    /// A file read or write failed, or moved fewer bytes than asked.
+    #[error("{op} of {path} at offset {offset:#x} (+{len:#x}): {why}")]
+    File {
+        /// `read` or `write`.
+        op: &'static str,
+        /// The file.
+        path: String,
+        /// The file offset of the request.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// What happened (a short read and where the file ends, the device's error in words).
+        why: String,
+    },
+    /// An error from the storage layer (`dmaplane-storage`) that names no field: opening a
+    /// file, a file system without `O_DIRECT`, the drive.
+    #[error("{0}")]
+    Storage(String),
     /// An error from the RDMA layer (`dmaplane-rdma`), passed through.
     #[error(transparent)]
     Rdma(#[from] RdmaError),
     /// An error from the GPU layer (`dmaplane-gpu`), passed through.
     #[error(transparent)]
     Gpu(#[from] GpuError),
+}
+
+impl From<dmaplane_storage::StorageError> for Error {
+    fn from(e: dmaplane_storage::StorageError) -> Error {
+        use dmaplane_storage::StorageError as S;
+        match e {
+            S::Invalid {
+                what,
+                field,
+                value,
+                why,
+            } => Error::Invalid {
+                what,
+                field,
+                value,
+                why,
+            },
+            S::Io {
+                op,
+                path,
+                offset,
+                len,
+                why,
+            } => Error::File {
+                op,
+                path,
+                offset,
+                len,
+                why,
+            },
+            other => Error::Storage(other.to_string()),
+        }
+    }
 }
 
 /// `std::result::Result` with [`Error`] as the default error type.

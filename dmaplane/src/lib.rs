@@ -28,14 +28,18 @@
 //!
 //! The layers: [`Agent`] (devices, queue pairs, progress) → [`Memory`] and [`Region`]
 //! (registrations, cached) → [`Peer`] (handshake over TCP, leases) → [`Transfer`]
-//! (descriptors, chunks, striping, status) → [`Notification`] and [`Event`].
+//! (descriptors, chunks, striping, status) → [`Notification`] and [`Event`]. Files are
+//! registered like memory ([`FileRegion`]) and moved to and from it by the agent's drive
+//! ([`Agent::read_file`], [`FileTransfer`]).
 
 #![warn(missing_docs)]
 pub mod agent;
 pub mod cache;
 pub mod desc;
+pub mod drive;
 pub mod error;
 pub mod event;
+pub mod file;
 pub mod memory;
 pub mod metadata;
 pub mod notify;
@@ -53,8 +57,10 @@ pub use cache::CacheStats;
 pub use desc::Desc;
 /// Faults [`AgentBuilder::inject`] can break the protocol with, on purpose (stress runs).
 pub use dmaplane_rdma::Fault;
+pub use drive::FileTransfer;
 pub use error::{Error, Result, Side};
 pub use event::Event;
+pub use file::{FileRegion, FileSpec, StoragePath};
 pub use memory::{Location, Memory, Quarantine};
 pub use metadata::{Metadata, RegionInfo, RegionKey};
 pub use notify::Notification;

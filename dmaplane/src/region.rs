@@ -391,19 +391,12 @@ impl Region {
 
     /// A descriptor of `len` bytes at `offset` into this region.
     pub fn desc(&self, offset: u64, len: u64) -> Result<Desc> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.len && len > 0 => Ok(Desc {
-                region: self.entry.id,
-                offset: self.entry_offset() + offset,
-                len,
-            }),
-            _ => Err(Error::invalid(
-                format!("region {} ({})", self.entry.id, self.entry.memory.name()),
-                "desc",
-                format!("[{offset:#x}, +{len:#x})"),
-                format!("outside its {} bytes (or empty)", self.len),
-            )),
-        }
+        Desc::within(
+            self.entry.id,
+            (self.entry_offset(), self.len),
+            (offset, len),
+            || format!("region {} ({})", self.entry.id, self.entry.memory.name()),
+        )
     }
 
     /// The whole region as one descriptor.

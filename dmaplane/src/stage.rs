@@ -53,9 +53,22 @@ impl Stage {
         len: u64,
         to_stage: bool,
     ) -> Result<()> {
+        self.copy_at(memory, base + off, off, len, to_stage)
+    }
+
+    /// Copy `len` bytes between memory offset `mem_off` and staging offset `stage_off` (a
+    /// bounce buffer holds a piece of the memory at a time).
+    pub(crate) fn copy_at(
+        &self,
+        memory: &Memory,
+        mem_off: u64,
+        stage_off: u64,
+        len: u64,
+        to_stage: bool,
+    ) -> Result<()> {
         memory.with_backing(|b| match b {
             Backing::Gpu(g) => {
-                let (mem, stage) = (Loc::Mem(g, base + off), Loc::Peer(&self.view, off));
+                let (mem, stage) = (Loc::Mem(g, mem_off), Loc::Peer(&self.view, stage_off));
                 let (src, dst) = if to_stage { (mem, stage) } else { (stage, mem) };
                 Ok(self.gpu.copy(src, dst, len)?)
             }

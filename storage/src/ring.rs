@@ -870,8 +870,8 @@ impl Drop for Ring {
     }
 }
 
-/// The kernel's error for a file request, in words.
-pub(crate) fn errno_why(e: &std::io::Error) -> String {
+/// The kernel's (or a drive's) error for a file request, in words.
+pub fn errno_why(e: &std::io::Error) -> String {
     match e.raw_os_error() {
         Some(libc::ENOSPC) => "no space left on the file system (ENOSPC)".into(),
         Some(libc::EIO) => "the device failed the I/O (EIO)".into(),
@@ -880,7 +880,11 @@ pub(crate) fn errno_why(e: &std::io::Error) -> String {
         Some(libc::EINVAL) => "the kernel refused it (EINVAL): an alignment or range the file \
                                system does not take"
             .into(),
-        Some(libc::EFAULT) => "the buffer is not registered memory of this ring (EFAULT)".into(),
+        Some(libc::EFAULT) => {
+            "the buffer is not memory the device may reach (EFAULT: not registered, or revoked)"
+                .into()
+        }
+        Some(libc::EBADF) => "the file is not open for that (EBADF: read-only?)".into(),
         _ => e.to_string(),
     }
 }

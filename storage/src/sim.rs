@@ -1,5 +1,6 @@
-//! A simulated NVMe drive on the fabric: a topology device (`nvme0`) whose media is a file, and
-//! whose engine moves data by DMA through the fabric — so the route rules decide where it may
+//! A simulated NVMe drive on the fabric: a topology device (`nvme0`) whose media are files (each
+//! opened on the drive with [`SimNvme::add_file`], as a file system would map a file to the
+//! drive's blocks), and whose engine moves data by DMA through the fabric — so the route rules decide where it may
 //! write (a GPU's BAR1 only where the PCIe path allows peer to peer) and the fabric's oracle sees
 //! every access, as it sees the NICs'.
 //!
@@ -10,8 +11,10 @@
 //!   A refusal (no P2P route) is the exporter's error, with its reason: the caller bounces
 //!   through host memory instead.
 //! - **Commands** run on the drive's engine thread in submission order, each in pieces of
-//!   [`PIECE`] bytes; each gets exactly one [`Completion`]: the bytes moved, `-ECANCELED` when a
-//!   revoke stopped it, `-EFAULT` when the fabric refused an access, `-EIO` when the media did.
+//!   [`PIECE`] bytes; each gets exactly one [`Completion`]: the bytes moved (fewer than asked
+//!   when a read runs past the end of its file, as the kernel's reads do), `-ECANCELED` when a
+//!   revoke stopped it, `-EFAULT` when the fabric refused an access, `-EIO` when the media did,
+//!   `-EBADF` for a write to a file opened read-only.
 //! - **Invalidate** (the exporter's thread, never blocks): the buffer is marked revoked, so no
 //!   command that has not started on it will, and commands queued on it complete cancelled at
 //!   once. If none is executing on it the fence is signalled there and then; else the engine
@@ -28,7 +31,7 @@ use dmaplane_core::revoke::{AttachError, Attachment, Importer, ImporterKind, Inv
 use dmaplane_core::{Accept, Access, DmaRange, Fence, SpaceKind};
 
 use crate::error::{Result, StorageError};
-use crate::ring::{BufId, Completion};
+use crate::ring::{BufId, Completion, FileId, Request};
 
 /// Bytes a command moves between looks at a revoke.
 pub const PIECE: u64 = 128 << 10;
@@ -47,6 +50,7 @@ enum Dir {
 struct Cmd {
     user_data: u64,
     dir: Dir,
+    file: FileId,
     media_off: u64,
     slot: u16,
     buf_off: u64,
@@ -71,7 +75,16 @@ struct State {
     running: Option<u16>,
     done: Vec<Completion>,
     bufs: Vec<Option<Buf>>,
+    /// The files opened on the drive, by [`FileId`]; `None` once removed.
+    files: Vec<Option<Media>>,
     stop: bool,
+}
+
+/// A file opened on the drive.
+#[derive(Debug)]
+struct Media {
+    file: Arc<std::fs::File>,
+    writable: bool,
 }
 
 #[derive(Debug)]
@@ -79,7 +92,6 @@ struct Shared {
     fabric: Fabric,
     dev: DeviceId,
     name: String,
-    media: std::fs::File,
     state: Mutex<State>,
     /// The engine waits here for commands; reapers wait here for completions.
     work: Condvar,
@@ -99,41 +111,37 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 }
 
 impl SimNvme {
-    /// The drive `device` (e.g. `nvme0`) of `fabric`'s topology, its media the file at `media`
-    /// (opened read-write; it is the drive's contents).
-    pub fn new(fabric: &Fabric, device: &str, media: &std::path::Path) -> Result<SimNvme> {
-        Self::build(fabric, device, media, false)
+    /// The drive `device` (e.g. `nvme0`) of `fabric`'s topology, with no file on it yet.
+    pub fn new(fabric: &Fabric, device: &str) -> Result<SimNvme> {
+        Self::build(fabric, device, false)
     }
 
     /// [`SimNvme::new`] whose importers signal their fence the moment they are invalidated,
     /// before anything is stopped: for tests that must show the oracle catches it.
-    pub fn with_early_fence(
-        fabric: &Fabric,
-        device: &str,
-        media: &std::path::Path,
-    ) -> Result<SimNvme> {
-        Self::build(fabric, device, media, true)
+    pub fn with_early_fence(fabric: &Fabric, device: &str) -> Result<SimNvme> {
+        Self::build(fabric, device, true)
     }
 
-    fn build(
-        fabric: &Fabric,
-        device: &str,
-        media: &std::path::Path,
-        early_fence: bool,
-    ) -> Result<SimNvme> {
+    fn build(fabric: &Fabric, device: &str, early_fence: bool) -> Result<SimNvme> {
         let dev = fabric.device(device).map_err(|e| {
             StorageError::invalid("simulated NVMe", "device", device, e.to_string())
         })?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(media)
-            .map_err(|e| StorageError::os("open", media.display().to_string(), e))?;
+        match fabric.topology().and_then(|t| t.device(device).ok()) {
+            Some(d) if d.kind == dmaplane_core::topology::DeviceKind::Nvme => {}
+            Some(d) => {
+                return Err(StorageError::invalid(
+                    "simulated NVMe",
+                    "device",
+                    device,
+                    format!("it is a {:?}, not an NVMe drive", d.kind),
+                ));
+            }
+            None => {}
+        }
         let shared = Arc::new(Shared {
             fabric: fabric.clone(),
             dev,
             name: device.to_string(),
-            media: file,
             state: Mutex::new(State::default()),
             work: Condvar::new(),
             reaped: Condvar::new(),
@@ -153,6 +161,67 @@ impl SimNvme {
     /// The drive's fabric device.
     pub fn device(&self) -> DeviceId {
         self.shared.dev
+    }
+
+    /// The drive's name (its topology device).
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Open the file at `path` on the drive (read-only unless `writable`): commands name it
+    /// by the id returned. The file is the media those commands read and write.
+    pub fn add_file(&self, path: &std::path::Path, writable: bool) -> Result<FileId> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|e| StorageError::os("open", path.display().to_string(), e))?;
+        let media = Media {
+            file: Arc::new(file),
+            writable,
+        };
+        let mut st = lock(&self.shared.state);
+        let id = match st.files.iter().position(Option::is_none) {
+            Some(i) => {
+                st.files[i] = Some(media);
+                i
+            }
+            None => {
+                st.files.push(Some(media));
+                st.files.len() - 1
+            }
+        };
+        u32::try_from(id)
+            .map(FileId)
+            .map_err(|_| StorageError::invalid("simulated NVMe", "files", id, "too many files"))
+    }
+
+    /// Close file `id` on the drive. Commands already queued on it still run (they hold it).
+    pub fn remove_file(&self, id: FileId) {
+        if let Some(slot) = lock(&self.shared.state).files.get_mut(id.0 as usize) {
+            *slot = None;
+        }
+    }
+
+    /// Forget imported buffer `buf` (its slot is reused by a later import): the importer lets go
+    /// of its attachment, as on a revoke, once no command is queued or executing on it; until
+    /// then it is refused with [`StorageError::Invalid`] naming what is outstanding.
+    pub fn release(&self, buf: BufId) -> Result<()> {
+        let mut st = lock(&self.shared.state);
+        let queued = st.queue.iter().filter(|c| c.slot == buf.0).count()
+            + usize::from(st.running == Some(buf.0));
+        if queued > 0 {
+            return Err(StorageError::invalid(
+                "release of an imported buffer",
+                "buffer",
+                buf.0,
+                format!("{queued} command(s) still queued or executing on it: reap them first"),
+            ));
+        }
+        if let Some(slot) = st.bufs.get_mut(usize::from(buf.0)) {
+            *slot = None;
+        }
+        Ok(())
     }
 
     /// What the drive's DMA engine takes: bus addresses, read-write, device memory allowed.
@@ -206,32 +275,32 @@ impl SimNvme {
         Ok(BufId(slot))
     }
 
-    /// Queue a read of `len` bytes of the media at `media_off` into `buf` at `buf_off`.
+    /// Queue a read of `len` bytes of `file` at `at` into `buf` at `buf_off`.
     pub fn read(
         &self,
-        media_off: u64,
+        (file, at): (FileId, u64),
         (buf, buf_off): (BufId, u64),
         len: u64,
         user_data: u64,
     ) -> Result<()> {
-        self.submit(Dir::Read, media_off, (buf, buf_off), len, user_data)
+        self.submit(Dir::Read, (file, at), (buf, buf_off), len, user_data)
     }
 
-    /// Queue a write of `len` bytes from `buf` at `buf_off` to the media at `media_off`.
+    /// Queue a write of `len` bytes from `buf` at `buf_off` to `file` at `at`.
     pub fn write(
         &self,
-        media_off: u64,
+        (file, at): (FileId, u64),
         (buf, buf_off): (BufId, u64),
         len: u64,
         user_data: u64,
     ) -> Result<()> {
-        self.submit(Dir::Write, media_off, (buf, buf_off), len, user_data)
+        self.submit(Dir::Write, (file, at), (buf, buf_off), len, user_data)
     }
 
     fn submit(
         &self,
         dir: Dir,
-        media_off: u64,
+        (file, media_off): (FileId, u64),
         (buf, buf_off): (BufId, u64),
         len: u64,
         user_data: u64,
@@ -249,6 +318,14 @@ impl SimNvme {
             ));
         }
         let mut st = lock(&self.shared.state);
+        if !matches!(st.files.get(file.0 as usize), Some(Some(_))) {
+            return Err(StorageError::invalid(
+                op,
+                "file",
+                file.0,
+                "no file is open on the drive with that id",
+            ));
+        }
         let b = match st.bufs.get(usize::from(buf.0)) {
             Some(Some(b)) => b,
             _ => {
@@ -295,6 +372,7 @@ impl SimNvme {
         st.queue.push_back(Cmd {
             user_data,
             dir,
+            file,
             media_off,
             slot: buf.0,
             buf_off,
@@ -369,16 +447,11 @@ impl Importer for NvmeImporter {
         st.queue.retain(|c| {
             let keep = c.slot != self.slot;
             if !keep {
-                cancelled.push(c.user_data);
+                cancelled.push(c.completion(-libc::ECANCELED));
             }
             keep
         });
-        st.done
-            .extend(cancelled.into_iter().map(|user_data| Completion {
-                user_data,
-                result: -libc::ECANCELED,
-                request: None,
-            }));
+        st.done.extend(cancelled);
         let running = st.running == Some(self.slot);
         if let Some(Some(b)) = st.bufs.get_mut(usize::from(self.slot)) {
             b.revoked = Some(inv.epoch);
@@ -408,18 +481,19 @@ fn engine(weak: &Weak<Shared>) {
                     let left: Vec<Completion> = st
                         .queue
                         .drain(..)
-                        .map(|c| Completion {
-                            user_data: c.user_data,
-                            result: -libc::ECANCELED,
-                            request: None,
-                        })
+                        .map(|c| c.completion(-libc::ECANCELED))
                         .collect();
                     st.done.extend(left);
                     return;
                 }
                 if let Some(c) = st.queue.pop_front() {
                     st.running = Some(c.slot);
-                    break c;
+                    let media = match st.files.get(c.file.0 as usize) {
+                        Some(Some(m)) if m.writable || c.dir == Dir::Read => Ok(m.file.clone()),
+                        Some(Some(_)) => Err(-libc::EBADF),
+                        _ => Err(-libc::EBADF),
+                    };
+                    break (c, media);
                 }
                 st = sh
                     .work
@@ -428,14 +502,14 @@ fn engine(weak: &Weak<Shared>) {
                     .0;
             }
         };
-        let result = execute(&sh, &cmd);
+        let (cmd, media) = cmd;
+        let result = match media {
+            Ok(file) => execute(&sh, &file, &cmd),
+            Err(e) => e,
+        };
         let mut st = lock(&sh.state);
         st.running = None;
-        st.done.push(Completion {
-            user_data: cmd.user_data,
-            result,
-            request: None,
-        });
+        st.done.push(cmd.completion(result));
         // A revoke that waited for this command: nothing executes on its buffer now.
         if let Some(Some(b)) = st.bufs.get_mut(usize::from(cmd.slot))
             && let Some(f) = b.fence.take()
@@ -448,8 +522,25 @@ fn engine(weak: &Weak<Shared>) {
     }
 }
 
-/// Run one command: its bytes in pieces, stopping at a revoke. Bytes moved, or `-errno`.
-fn execute(sh: &Shared, c: &Cmd) -> i32 {
+impl Cmd {
+    fn completion(&self, result: i32) -> Completion {
+        Completion {
+            user_data: self.user_data,
+            result,
+            request: Some(Request {
+                write: self.dir == Dir::Write,
+                file: self.file,
+                at: self.media_off,
+                // Commands are at most 2 GiB - 1 (checked at submission).
+                len: u32::try_from(self.len).unwrap_or(u32::MAX),
+            }),
+        }
+    }
+}
+
+/// Run one command on `media`: its bytes in pieces, stopping at a revoke. Bytes moved (a read
+/// stops short at the end of the file), or `-errno`.
+fn execute(sh: &Shared, media: &std::fs::File, c: &Cmd) -> i32 {
     let mut moved = 0u64;
     let mut piece = vec![0u8; PIECE.min(c.len) as usize];
     while moved < c.len {
@@ -463,7 +554,19 @@ fn execute(sh: &Shared, c: &Cmd) -> i32 {
         if revoked {
             return -libc::ECANCELED;
         }
-        let n = (c.len - moved).min(PIECE);
+        let mut n = (c.len - moved).min(PIECE);
+        if c.dir == Dir::Read {
+            // Past the end of the file a read comes back short, as the kernel's does.
+            let end = match media.metadata() {
+                Ok(m) => m.len(),
+                Err(_) => return -libc::EIO,
+            };
+            let at = c.media_off + moved;
+            if at >= end {
+                break;
+            }
+            n = n.min(end - at);
+        }
         let buf = &mut piece[..n as usize];
         // One piece may straddle ranges of the buffer's list.
         let mut done = 0u64;
@@ -475,18 +578,19 @@ fn execute(sh: &Shared, c: &Cmd) -> i32 {
             let part = &mut buf[done as usize..(done + k) as usize];
             let media_at = c.media_off + moved + done;
             let r = match c.dir {
-                Dir::Read => match sh.media.read_exact_at(part, media_at) {
+                Dir::Read => match media.read_exact_at(part, media_at) {
                     Ok(()) => sh
                         .fabric
                         .dma_write(sh.dev, addr, part)
                         .map_err(|_| -libc::EFAULT),
+                    // Truncated under the read: it ends short where the file now ends.
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        return i32::try_from(moved + done).unwrap_or(i32::MAX);
+                    }
                     Err(_) => Err(-libc::EIO),
                 },
                 Dir::Write => match sh.fabric.dma_read(sh.dev, addr, part) {
-                    Ok(()) => sh
-                        .media
-                        .write_all_at(part, media_at)
-                        .map_err(|_| -libc::EIO),
+                    Ok(()) => media.write_all_at(part, media_at).map_err(|_| -libc::EIO),
                     Err(_) => Err(-libc::EFAULT),
                 },
             };

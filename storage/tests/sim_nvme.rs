@@ -11,7 +11,20 @@ use dmaplane_core::fabric::{Fabric, HostMemory};
 use dmaplane_core::topology::builtin;
 use dmaplane_gpu::{Peer, SimGpu};
 use dmaplane_storage::sim::SimNvme;
-use dmaplane_storage::{Completion, StorageError};
+use dmaplane_storage::{Completion, FileId, StorageError};
+
+/// The media file every drive here gets first.
+const F: FileId = FileId(0);
+
+fn drive(f: &Fabric, path: &std::path::Path, early: bool) -> SimNvme {
+    let d = if early {
+        SimNvme::with_early_fence(f, "nvme0").unwrap()
+    } else {
+        SimNvme::new(f, "nvme0").unwrap()
+    };
+    assert_eq!(d.add_file(path, true).unwrap(), F);
+    d
+}
 
 const LEN: u64 = 8 << 20;
 
@@ -44,13 +57,13 @@ fn reap_n(d: &SimNvme, n: usize) -> Vec<Completion> {
 fn file_bytes_land_in_host_memory_and_go_back_through_the_fabric() {
     let f = Fabric::with_topology(builtin::testbed());
     let (path, data) = media("nvme-host");
-    let d = SimNvme::new(&f, "nvme0", &path).unwrap();
+    let d = drive(&f, &path, false);
     let host = HostMemory::new(&f, f.device("mem0").unwrap(), "host", LEN).unwrap();
     let b = d
         .import("host", |i, a| host.attach(i, d.device(), a))
         .unwrap();
     for k in 0..8u64 {
-        d.read(k << 20, (b, k << 20), 1 << 20, k).unwrap();
+        d.read((F, k << 20), (b, k << 20), 1 << 20, k).unwrap();
     }
     let done = reap_n(&d, 8);
     assert!(done.iter().all(|c| c.result == 1 << 20), "{done:?}");
@@ -59,7 +72,7 @@ fn file_bytes_land_in_host_memory_and_go_back_through_the_fabric() {
     assert!(got == data, "the media's bytes did not land");
     // And back: memory to media.
     assert!(host.write(0, &[0x5a; 4096]));
-    d.write(4 << 20, (b, 0), 4096, 99).unwrap();
+    d.write((F, 4 << 20), (b, 0), 4096, 99).unwrap();
     assert_eq!(reap_n(&d, 1)[0].result, 4096);
     drop(d);
     let file = std::fs::read(&path).unwrap();
@@ -73,14 +86,14 @@ fn file_bytes_land_in_host_memory_and_go_back_through_the_fabric() {
 fn a_gpu_takes_the_drive_peer_to_peer_only_where_the_route_allows() {
     let f = Fabric::with_topology(builtin::testbed());
     let (path, data) = media("nvme-gpu");
-    let d = SimNvme::new(&f, "nvme0", &path).unwrap();
+    let d = drive(&f, &path, false);
     // nvme0 and gpu0 share host bridge hb0, whose P2P is allow-listed: BAR1, direct.
     let g0 = SimGpu::new(&f, "gpu0").unwrap().into_gpu();
     let m0 = g0.alloc("weights", LEN).unwrap();
     let b = d
         .import("weights", |i, a| m0.attach(i, Peer::Fabric(d.device()), a))
         .unwrap();
-    d.read(0, (b, 0), LEN, 1).unwrap();
+    d.read((F, 0), (b, 0), LEN, 1).unwrap();
     assert_eq!(reap_n(&d, 1)[0].result, LEN as i32);
     let mut got = vec![0u8; LEN as usize];
     m0.read(0, &mut got).unwrap();
@@ -110,9 +123,9 @@ fn revoke_under_reads(
     let f = Fabric::with_topology(builtin::testbed());
     let (path, _) = media(if early { "nvme-early" } else { "nvme-revoke" });
     let d = if early {
-        SimNvme::with_early_fence(&f, "nvme0", &path).unwrap()
+        drive(&f, &path, true)
     } else {
-        SimNvme::new(&f, "nvme0", &path).unwrap()
+        drive(&f, &path, false)
     };
     let host = Arc::new(HostMemory::new(&f, f.device("mem0").unwrap(), "dst", LEN).unwrap());
     let b = d
@@ -121,7 +134,7 @@ fn revoke_under_reads(
     const N: u64 = 64;
     let piece = LEN / N;
     for k in 0..N {
-        d.read(k * piece, (b, k * piece), piece, k).unwrap();
+        d.read((F, k * piece), (b, k * piece), piece, k).unwrap();
     }
     // Let the engine get going, then revoke from another thread.
     std::thread::sleep(Duration::from_millis(2));
@@ -136,7 +149,7 @@ fn revoke_under_reads(
     };
     assert!(early || report.is_clean(), "{report}");
     let done = reap_n(&d, N as usize);
-    let refused = d.read(0, (b, 0), 4096, 1000).err();
+    let refused = d.read((F, 0), (b, 0), 4096, 1000).err();
     drop(d);
     std::fs::remove_file(&path).unwrap();
     (f.oracle().verdict(), done, refused)
@@ -184,23 +197,43 @@ fn a_drive_that_signals_its_fence_early_is_caught_by_the_oracle() {
 fn bad_commands_are_refused_naming_the_field() {
     let f = Fabric::with_topology(builtin::testbed());
     let (path, _) = media("nvme-bad");
-    let d = SimNvme::new(&f, "nvme0", &path).unwrap();
+    let d = drive(&f, &path, false);
     let host = HostMemory::new(&f, f.device("mem0").unwrap(), "h", 1 << 20).unwrap();
     let b = d.import("h", |i, a| host.attach(i, d.device(), a)).unwrap();
-    let e = d.read(0, (b, 1 << 20), 1, 1).unwrap_err().to_string();
+    let e = d.read((F, 0), (b, 1 << 20), 1, 1).unwrap_err().to_string();
     assert!(e.contains("outside buffer"), "{e}");
-    let e = d.read(0, (b, 0), 0, 1).unwrap_err().to_string();
+    let e = d.read((F, 0), (b, 0), 0, 1).unwrap_err().to_string();
     assert!(e.contains("`len` = 0"), "{e}");
     let e = d
-        .read(0, (dmaplane_storage::BufId(7), 0), 1, 1)
+        .read((F, 0), (dmaplane_storage::BufId(7), 0), 1, 1)
         .unwrap_err()
         .to_string();
     assert!(e.contains("`buffer` = 7"), "{e}");
-    let e = SimNvme::new(&f, "nvme9", &path).unwrap_err().to_string();
+    let e = d
+        .read((FileId(3), 0), (b, 0), 1, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`file` = 3"), "{e}");
+    let e = SimNvme::new(&f, "nvme9").unwrap_err().to_string();
     assert!(e.contains("nvme9"), "{e}");
-    // Past the end of the media: the command completes with EIO, nothing half-said.
-    d.read(LEN - 4096, (b, 0), 8192, 5).unwrap();
-    assert_eq!(reap_n(&d, 1)[0].result, -libc::EIO);
+    let e = SimNvme::new(&f, "gpu0").unwrap_err().to_string();
+    assert!(e.contains("not an NVMe drive"), "{e}");
+    // Past the end of the file: the read comes back short by what is missing, as the
+    // kernel's reads do, and at the end it moves nothing.
+    d.read((F, LEN - 4096), (b, 0), 8192, 5).unwrap();
+    let c = reap_n(&d, 1)[0];
+    assert_eq!(c.result, 4096);
+    assert_eq!(c.request.unwrap().at, LEN - 4096);
+    d.read((F, LEN), (b, 0), 4096, 6).unwrap();
+    assert_eq!(reap_n(&d, 1)[0].result, 0);
+    // A file opened read-only refuses writes with EBADF.
+    let ro = d.add_file(&path, false).unwrap();
+    d.write((ro, 0), (b, 0), 4096, 7).unwrap();
+    assert_eq!(reap_n(&d, 1)[0].result, -libc::EBADF);
+    // A buffer with commands queued is not released; one without is, and its slot is reused.
+    d.release(b).unwrap();
+    let e = d.read((F, 0), (b, 0), 1, 8).unwrap_err().to_string();
+    assert!(e.contains("`buffer` = 0"), "{e}");
     drop(d);
     std::fs::remove_file(&path).unwrap();
 }

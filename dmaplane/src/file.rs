@@ -1,0 +1,377 @@
+//! File regions: a byte range of a file (path, range, open flags) registered with the agent like
+//! memory, so descriptors name files the way they name memory, and
+//! [`Agent::read_file`](crate::Agent::read_file) / [`Agent::write_file`](crate::Agent::write_file)
+//! move bytes between the two.
+//!
+//! A file region is opened for direct I/O (`O_DIRECT`) and keeps the alignment its file system
+//! needs (`statx` `STATX_DIOALIGN`): requests on it must start at a multiple of it and be
+//! multiples of it long — except one that ends where the file ends — and land at a memory
+//! offset aligned to its memory alignment; a request that does not is refused before anything
+//! moves, naming the field and the alignment. A file system without `O_DIRECT` is refused unless
+//! the spec asks for [`FileSpec::buffered_fallback`].
+//!
+//! Registrations are cached like memory's: a range inside an earlier registration of the same
+//! file (same path, same access) is a hit ([`crate::CacheStats`]), served by the same
+//! registration.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use dmaplane_storage::{DioAlign, DirectFile, FileId, OpenOptions};
+
+use crate::agent::Shared;
+use crate::desc::Desc;
+use crate::error::{Error, Result};
+use crate::sync::lock;
+
+/// What to register: a file, a range of it, and how to open it.
+///
+/// ```
+/// use dmaplane::FileSpec;
+/// let shard = FileSpec::new("/data/ckpt/shard-0007.bin").range(0, 64 << 20);
+/// let out = FileSpec::new("/data/spill.bin").create(1 << 30);
+/// assert!(!shard.is_writable() && out.is_writable());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSpec {
+    pub(crate) path: PathBuf,
+    pub(crate) offset: u64,
+    /// `None`: to the end of the file.
+    pub(crate) len: Option<u64>,
+    pub(crate) write: bool,
+    /// Create the file (or grow it) to this many bytes.
+    pub(crate) create: Option<u64>,
+    pub(crate) buffered_fallback: bool,
+}
+
+impl FileSpec {
+    /// The whole of the file at `path`, read-only.
+    pub fn new(path: impl Into<PathBuf>) -> FileSpec {
+        FileSpec {
+            path: path.into(),
+            offset: 0,
+            len: None,
+            write: false,
+            create: None,
+            buffered_fallback: false,
+        }
+    }
+
+    /// Only `len` bytes at `offset` of the file.
+    pub fn range(mut self, offset: u64, len: u64) -> FileSpec {
+        self.offset = offset;
+        self.len = Some(len);
+        self
+    }
+
+    /// Open it read-write, so [`Agent::write_file`](crate::Agent::write_file) may write it.
+    pub fn writable(mut self) -> FileSpec {
+        self.write = true;
+        self
+    }
+
+    /// Create the file if it does not exist and make it at least `len` bytes long (read-write).
+    pub fn create(mut self, len: u64) -> FileSpec {
+        self.write = true;
+        self.create = Some(len);
+        self
+    }
+
+    /// Where the file system refuses `O_DIRECT`, go through the page cache instead of failing
+    /// (a warning says so, and [`FileRegion::is_direct`] is false).
+    pub fn buffered_fallback(mut self) -> FileSpec {
+        self.buffered_fallback = true;
+        self
+    }
+
+    /// Whether it is opened read-write.
+    pub fn is_writable(&self) -> bool {
+        self.write
+    }
+
+    /// The path given.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// One file registration: bytes `[base, base + len)` of a file, open on the agent's drive.
+pub(crate) struct FileEntry {
+    pub(crate) id: u32,
+    /// The canonical path (what the cache keys on).
+    pub(crate) path: PathBuf,
+    pub(crate) base: u64,
+    pub(crate) len: u64,
+    pub(crate) writable: bool,
+    /// The file's length when registered (requests may end short only there).
+    pub(crate) file_len: u64,
+    /// The file as direct I/O sees it: the alignment, O_DIRECT or buffered.
+    pub(crate) direct: DirectFile,
+    /// Its id on the agent's drive.
+    pub(crate) media: FileId,
+    pub(crate) drive: Arc<crate::drive::Drive>,
+    /// [`crate::Agent::deregister_file`] ran.
+    pub(crate) closed: AtomicBool,
+}
+
+impl Drop for FileEntry {
+    fn drop(&mut self) {
+        self.drive.remove_file(self.media);
+    }
+}
+
+impl FileEntry {
+    /// Whether `[offset, offset + len)` of the file lies inside this registration.
+    pub(crate) fn covers(&self, offset: u64, len: u64) -> bool {
+        offset >= self.base && offset + len <= self.base + self.len
+    }
+
+    /// Refuse a request `O_DIRECT` could not do: file offset `at` (absolute), `len` bytes, to or
+    /// from memory offset `mem_off`. A request ending where the file ends may be of any length
+    /// (the device reads whole blocks and the read comes back short).
+    pub(crate) fn check(&self, op: &str, at: u64, len: u64, mem_off: u64) -> Result<()> {
+        let a = u64::from(self.direct.align().offset);
+        let len = if at + len == self.file_len {
+            len.div_ceil(a) * a
+        } else {
+            len
+        };
+        self.direct.check(op, at, len, mem_off).map_err(Error::from)
+    }
+}
+
+/// A registered range of a file: what file descriptors name. Cheap to clone; the registration
+/// stays in the agent's cache after the last handle goes, until
+/// [`Agent::deregister_file`](crate::Agent::deregister_file).
+#[derive(Clone)]
+pub struct FileRegion {
+    pub(crate) entry: Arc<FileEntry>,
+    /// This handle's bytes within the registration.
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
+}
+
+impl std::fmt::Debug for FileRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileRegion")
+            .field("id", &self.entry.id)
+            .field("path", &self.entry.path)
+            .field("offset", &(self.entry.base + self.offset))
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl FileRegion {
+    /// The registration's id, in the same space as memory registrations'.
+    pub fn id(&self) -> u32 {
+        self.entry.id
+    }
+
+    /// Bytes this handle covers.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether it covers no bytes (never true: registration refuses empty ranges).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The file (its canonical path).
+    pub fn path(&self) -> &Path {
+        &self.entry.path
+    }
+
+    /// Where in the file this handle starts.
+    pub fn file_offset(&self) -> u64 {
+        self.entry.base + self.offset
+    }
+
+    /// Whether it was opened read-write.
+    pub fn is_writable(&self) -> bool {
+        self.entry.writable
+    }
+
+    /// Whether I/O on it bypasses the page cache (`O_DIRECT`); false after a buffered
+    /// fallback.
+    pub fn is_direct(&self) -> bool {
+        self.entry.direct.is_direct()
+    }
+
+    /// What `O_DIRECT` needs of requests on it.
+    pub fn align(&self) -> DioAlign {
+        self.entry.direct.align()
+    }
+
+    /// A descriptor of `len` bytes at `offset` into this handle.
+    pub fn desc(&self, offset: u64, len: u64) -> Result<Desc> {
+        Desc::within(
+            self.entry.id,
+            (self.offset, self.len),
+            (offset, len),
+            || {
+                format!(
+                    "file region {} ({})",
+                    self.entry.id,
+                    self.entry.path.display()
+                )
+            },
+        )
+    }
+
+    /// The whole handle as one descriptor.
+    pub fn all(&self) -> Desc {
+        Desc {
+            region: self.entry.id,
+            offset: self.offset,
+            len: self.len,
+        }
+    }
+}
+
+/// How the agent's drive reaches a memory, reported as [`crate::NicPath`] reports a NIC's.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "path")]
+pub enum StoragePath {
+    /// The drive DMAs straight into the memory (for a GPU: its BAR1, the GPUDirect Storage
+    /// case).
+    Direct {
+        /// The drive's name.
+        drive: String,
+        /// The topology route from the memory to the drive.
+        route: String,
+    },
+    /// The drive cannot reach the memory peer to peer: it DMAs into a host bounce buffer on
+    /// the memory's NUMA node, and the GPU's copy engine moves each piece on (double-buffered,
+    /// so the drive reads piece n + 1 while piece n is copied).
+    Bounced {
+        /// The drive's name.
+        drive: String,
+        /// The host-memory device the bounce buffer lives on.
+        through: String,
+        /// Why the memory refused the drive (the negotiation's refusal).
+        why: String,
+    },
+}
+
+impl StoragePath {
+    /// Whether the bytes go through a host bounce buffer.
+    pub fn is_bounced(&self) -> bool {
+        matches!(self, StoragePath::Bounced { .. })
+    }
+}
+
+/// Register `spec` for `shared`'s agent: a cache hit, or the file opened (created and grown if
+/// asked), checked and put on the agent's drive.
+pub(crate) fn register(shared: &Shared, spec: &FileSpec) -> Result<FileRegion> {
+    let shown = spec.path.display().to_string();
+    let what = || format!("file region {shown}");
+    if spec.path.as_os_str().is_empty() {
+        return Err(Error::invalid(what(), "path", "\"\"", "empty"));
+    }
+    if spec.len == Some(0) {
+        return Err(Error::invalid(what(), "len", 0, "must be positive"));
+    }
+    let opts = OpenOptions {
+        write: spec.write,
+        create: spec.create.is_some(),
+        buffered_fallback: spec.buffered_fallback,
+    };
+    let path = match std::fs::canonicalize(&spec.path) {
+        Ok(p) => p,
+        Err(e) if spec.create.is_some() && e.kind() == std::io::ErrorKind::NotFound => {
+            // Created by the open below; canonical once it exists.
+            DirectFile::open(&spec.path, opts)?;
+            std::fs::canonicalize(&spec.path)
+                .map_err(|e| Error::invalid(what(), "path", &shown, e.to_string()))?
+        }
+        Err(e) => return Err(Error::invalid(what(), "path", &shown, e.to_string())),
+    };
+    let want_len = spec.len;
+    if let Some(len) = want_len
+        && let Some(e) = shared
+            .cache
+            .lookup_file(&path, spec.write, spec.offset, len)
+    {
+        return Ok(FileRegion {
+            offset: spec.offset - e.base,
+            len,
+            entry: e,
+        });
+    }
+    let direct = DirectFile::open(&path, opts)?;
+    if let Some(size) = spec.create
+        && direct.len()? < size
+    {
+        direct.set_len(size)?;
+    }
+    let file_len = direct.len()?;
+    let len = match want_len {
+        Some(l) => l,
+        None => file_len.saturating_sub(spec.offset),
+    };
+    if spec
+        .offset
+        .checked_add(len)
+        .is_none_or(|end| end > file_len)
+        || len == 0
+    {
+        return Err(Error::invalid(
+            what(),
+            "range",
+            format!("[{:#x}, +{len:#x})", spec.offset),
+            format!(
+                "outside the file's {file_len} bytes (or empty){}",
+                if spec.write {
+                    "; FileSpec::create(len) grows it"
+                } else {
+                    ""
+                }
+            ),
+        ));
+    }
+    if want_len.is_none()
+        && let Some(e) = shared
+            .cache
+            .lookup_file(&path, spec.write, spec.offset, len)
+    {
+        return Ok(FileRegion {
+            offset: spec.offset - e.base,
+            len,
+            entry: e,
+        });
+    }
+    let drive = shared.drive()?;
+    let media = drive.add_file(&path, spec.write)?;
+    let id = shared.next_region.fetch_add(1, Ordering::Relaxed);
+    let entry = Arc::new(FileEntry {
+        id,
+        path,
+        base: spec.offset,
+        len,
+        writable: spec.write,
+        file_len,
+        direct,
+        media,
+        drive,
+        closed: AtomicBool::new(false),
+    });
+    lock(&shared.files).insert(id, Arc::downgrade(&entry));
+    shared.cache.insert_file(entry.clone());
+    tracing::debug!(agent = %shared.name, id, path = %entry.path.display(), len, direct = entry.direct.is_direct(), "file registered");
+    Ok(FileRegion {
+        entry,
+        offset: 0,
+        len,
+    })
+}
+
+/// Deregister a file registration: no new transfer may name it (those under way finish).
+pub(crate) fn deregister(shared: &Shared, region: &FileRegion) {
+    let e = &region.entry;
+    e.closed.store(true, Ordering::Release);
+    shared.cache.remove_file(e);
+    lock(&shared.files).remove(&e.id);
+}
