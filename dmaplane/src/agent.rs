@@ -55,6 +55,9 @@ pub struct Config {
     /// The testbed's NVMe drive file regions are read and written through (`None`: the
     /// topology's first).
     pub drive: Option<String>,
+    /// The drive's bandwidth in bytes per second (`None`: the simulated drive's default,
+    /// [`dmaplane_storage::sim::RATE`]; 0: as fast as the host copies).
+    pub drive_rate: Option<u64>,
 }
 
 impl Default for Config {
@@ -69,6 +72,7 @@ impl Default for Config {
             advertise: None,
             force_staging: false,
             drive: None,
+            drive_rate: None,
         }
     }
 }
@@ -175,6 +179,13 @@ impl AgentBuilder {
     /// first).
     pub fn drive(mut self, name: impl Into<String>) -> Self {
         self.cfg.drive = Some(name.into());
+        self
+    }
+
+    /// Let the simulated drive move at most `bytes_per_sec` (0: as fast as the host copies; by
+    /// default a PCIe 4.0 x4 drive's [`dmaplane_storage::sim::RATE`]).
+    pub fn drive_rate(mut self, bytes_per_sec: u64) -> Self {
+        self.cfg.drive_rate = Some(bytes_per_sec);
         self
     }
 

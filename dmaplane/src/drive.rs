@@ -135,6 +135,9 @@ impl Drive {
         } else {
             SimNvme::new(tb.fabric(), device)?
         };
+        if let Some(rate) = shared.cfg.drive_rate {
+            nvme.set_rate(rate);
+        }
         let d = Arc::new(Drive {
             name: device.to_string(),
             agent: shared.name.clone(),

@@ -40,6 +40,7 @@ pub mod drive;
 pub mod error;
 pub mod event;
 pub mod file;
+pub mod load;
 pub mod memory;
 pub mod metadata;
 pub mod notify;

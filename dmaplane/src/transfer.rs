@@ -282,6 +282,17 @@ impl Transfer {
             drop(driving);
             a.engine.hand_off();
         }
+        self.sleep_until(deadline, timeout)
+    }
+
+    /// [`Transfer::wait`] without driving the engine first: the thread sleeps at once and the
+    /// progress thread completes the transfer. For waits known to be long (a pipeline stage of
+    /// many megabytes), where a spinning waiter would take a core from the devices.
+    pub fn wait_sleeping(&self, timeout: Duration) -> Result<()> {
+        self.sleep_until(Instant::now() + timeout, timeout)
+    }
+
+    fn sleep_until(&self, deadline: Instant, timeout: Duration) -> Result<()> {
         let mut o = lock(&self.state.outcome);
         loop {
             match &o.status {

@@ -38,8 +38,8 @@
 //! with a file as its media: it negotiates bus addresses like a NIC, so it DMAs straight into a
 //! GPU's BAR1 only where the route allows, and the fabric's oracle judges its revokes.
 //!
-//! Still to come on top of this: file regions in the Agent (and the bounce through host memory
-//! where a GPU refuses the drive), the CUDA pipeline, `dmaplane load`.
+//! The Agent (`dmaplane`) drives it: file regions registered like memory, moved to and from
+//! memory through the drive, bounced through host memory where a GPU refuses the drive.
 
 pub mod error;
 pub mod file;

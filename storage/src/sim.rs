@@ -35,6 +35,14 @@ use crate::ring::{BufId, Completion, FileId, Request};
 
 /// Bytes a command moves between looks at a revoke.
 pub const PIECE: u64 = 128 << 10;
+/// The drive's bandwidth by default, bytes per second: a current PCIe 4.0 x4 NVMe drive's
+/// sequential rate. The engine is a host thread; paced to this, it leaves the cores to the
+/// other simulated devices between pieces, as a real drive's DMA engine would, instead of
+/// moving at memcpy speed.
+pub const RATE: u64 = 7_000_000_000;
+/// Lead over the paced timeline the engine tolerates before it sleeps (below the timer's
+/// granularity a sleep would overshoot).
+const PACE_SLACK: Duration = Duration::from_micros(100);
 /// Commands queued at most (submissions past it are refused, naming the depth).
 const QUEUE_DEPTH: usize = 1024;
 
@@ -97,6 +105,8 @@ struct Shared {
     work: Condvar,
     reaped: Condvar,
     early_fence: bool,
+    /// Bytes per second the drive moves at most (0: as fast as the host copies).
+    rate: std::sync::atomic::AtomicU64,
 }
 
 /// A simulated NVMe drive. See the module docs for the contract.
@@ -146,6 +156,7 @@ impl SimNvme {
             work: Condvar::new(),
             reaped: Condvar::new(),
             early_fence,
+            rate: std::sync::atomic::AtomicU64::new(RATE),
         });
         let weak = Arc::downgrade(&shared);
         let engine = std::thread::Builder::new()
@@ -161,6 +172,14 @@ impl SimNvme {
     /// The drive's fabric device.
     pub fn device(&self) -> DeviceId {
         self.shared.dev
+    }
+
+    /// Move at most `bytes_per_sec` (default [`RATE`]); 0 lets the engine run as fast as the
+    /// host copies.
+    pub fn set_rate(&self, bytes_per_sec: u64) {
+        self.shared
+            .rate
+            .store(bytes_per_sec, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The drive's name (its topology device).
@@ -471,6 +490,8 @@ impl Importer for NvmeImporter {
 
 /// The drive's engine: one command at a time, in pieces, a revoke looked at between them.
 fn engine(weak: &Weak<Shared>) {
+    // When the drive, paced to its rate, is next free.
+    let mut free_at = Instant::now();
     loop {
         let Some(sh) = weak.upgrade() else { return };
         let cmd = {
@@ -504,7 +525,7 @@ fn engine(weak: &Weak<Shared>) {
         };
         let (cmd, media) = cmd;
         let result = match media {
-            Ok(file) => execute(&sh, &file, &cmd),
+            Ok(file) => execute(&sh, &file, &cmd, &mut free_at),
             Err(e) => e,
         };
         let mut st = lock(&sh.state);
@@ -540,7 +561,7 @@ impl Cmd {
 
 /// Run one command on `media`: its bytes in pieces, stopping at a revoke. Bytes moved (a read
 /// stops short at the end of the file), or `-errno`.
-fn execute(sh: &Shared, media: &std::fs::File, c: &Cmd) -> i32 {
+fn execute(sh: &Shared, media: &std::fs::File, c: &Cmd, free_at: &mut Instant) -> i32 {
     let mut moved = 0u64;
     let mut piece = vec![0u8; PIECE.min(c.len) as usize];
     while moved < c.len {
@@ -600,8 +621,24 @@ fn execute(sh: &Shared, media: &std::fs::File, c: &Cmd) -> i32 {
             done += k;
         }
         moved += n;
+        pace(sh, n, free_at);
     }
     i32::try_from(moved).unwrap_or(i32::MAX)
+}
+
+/// Hold the engine to the drive's rate: `n` more bytes moved puts the drive's timeline
+/// `n / rate` later; the engine sleeps while it is ahead of it.
+fn pace(sh: &Shared, n: u64, free_at: &mut Instant) {
+    let rate = sh.rate.load(std::sync::atomic::Ordering::Relaxed);
+    if rate == 0 {
+        return;
+    }
+    let now = Instant::now();
+    let floor = now.checked_sub(PACE_SLACK).unwrap_or(now);
+    *free_at = (*free_at).max(floor) + Duration::from_secs_f64(n as f64 / rate as f64);
+    if *free_at > now + PACE_SLACK {
+        std::thread::sleep(*free_at - now);
+    }
 }
 
 /// The bus address of byte `off` of a buffer listed by `ranges`, and how many bytes follow it

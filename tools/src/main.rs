@@ -5,6 +5,7 @@ mod bench;
 mod demo;
 mod doctor;
 mod gpu_doctor;
+mod load;
 mod p2p_bench;
 mod storage_doctor;
 mod stress;
@@ -44,6 +45,10 @@ enum Cmd {
         #[command(subcommand)]
         which: stress::StressCmd,
     },
+    /// Checkpoint shards (files) -> GPU memory of one agent -> NIC -> GPU memory of another, the
+    /// read of shard n + 1 overlapping the send of shard n, every byte verified, against each
+    /// stage alone in the same run (simulated testbed).
+    Load(load::LoadArgs),
     /// What this machine offers the data path (RDMA, dma-buf exporters, io_uring), and what to fix.
     Doctor,
 }
@@ -62,6 +67,7 @@ fn main() {
         Cmd::Topo(args) => topo::run(args, cli.json),
         Cmd::Bench { which } => bench::run(which, cli.json),
         Cmd::Stress { which } => stress::run(which, cli.json),
+        Cmd::Load(args) => load::run(args, cli.json),
         Cmd::Doctor => doctor::run(cli.json),
     };
     if let Err(e) = res {

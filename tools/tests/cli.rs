@@ -237,3 +237,49 @@ fn bench_rdma_refuses_a_zero_size() {
     assert!(!ok);
     assert!(err.contains("--sizes") && err.contains('0'), "{err}");
 }
+
+#[test]
+fn load_verifies_every_byte_and_handles_a_free_mid_load() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cli-load");
+    let (ok, out, err) = dmaplane(&[
+        "load",
+        "--shards",
+        "4",
+        "--shard-size",
+        "4194304",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--free-at",
+        "2",
+        "--json",
+    ]);
+    assert!(ok, "{out}\n{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["verified_bytes"], 16 << 20, "{out}");
+    assert!(v["stages"]["ratio"].as_f64().unwrap() > 0.0, "{out}");
+    let f = &v["free"];
+    assert_eq!(f["lost"], 0, "{out}");
+    assert_eq!(f["oracle_clean"], true, "{out}");
+    assert!(f["changed_after_ack"].is_null(), "{out}");
+    assert!(
+        f["error"].as_str().unwrap().contains("remote region"),
+        "{out}"
+    );
+    // Shard 2's WRITE may finish before the free takes it; none after it starts.
+    assert!(
+        f["shards_landed"].as_u64().unwrap() <= 3,
+        "shards started after the free landed: {out}"
+    );
+    // The created shards are removed.
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    let (ok, _, err) = dmaplane(&[
+        "load",
+        "--shards",
+        "2",
+        "--shard-size",
+        "4096",
+        "--free-at",
+        "5",
+    ]);
+    assert!(!ok && err.contains("--free-at 5"), "{err}");
+}
