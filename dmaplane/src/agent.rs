@@ -532,6 +532,7 @@ impl Shared {
             name: e.memory.name().to_string(),
             len: e.len,
             location: e.memory.location().clone(),
+            file: e.file.as_ref().map(|(f, _)| f.path.display().to_string()),
             epoch: e.epoch,
             keys: e
                 .mrs
@@ -543,7 +544,8 @@ impl Shared {
                         nic: nic.name.clone(),
                         rkey: mr.rkey(),
                         addr: mr.iova(),
-                        staged: path.is_staged(),
+                        // A published file's bytes are staged from (and landed in) the file.
+                        staged: path.is_staged() || e.file.is_some(),
                     })
                 })
                 .collect(),
@@ -956,23 +958,67 @@ impl Agent {
             base,
             (end - base).min(memory.len() - base),
         )?);
+        Ok(self.announce(entry, offset - base, len))
+    }
+
+    /// A new registration: into the cache, and peers connected already learn of it now.
+    fn announce(&self, entry: Arc<Entry>, offset: u64, len: u64) -> Region {
+        let s = &self.shared;
+        let id = entry.id;
+        let memory = &entry.memory;
         lock(&s.entries).insert(id, Arc::downgrade(&entry));
         s.cache.insert(
             memory.id(),
             entry.clone(),
             entry.mrs.iter().flatten().count(),
         );
-        // Peers connected already learn of it now.
         let info = s.region_info(&entry);
         let peers: Vec<Arc<PeerShared>> = lock(&s.peers).clone();
         for p in &peers {
             p.announce(&entry, &info);
         }
-        Ok(Region {
-            entry,
-            offset: offset - base,
-            len,
-        })
+        Region { entry, offset, len }
+    }
+
+    /// Let peers reach a file region: a host buffer of its length near the agent's first NIC,
+    /// registered on its NICs and listed in the metadata with the file's path
+    /// ([`RegionInfo::file`](crate::RegionInfo::file)) and staged keys. Before a peer's READ
+    /// of a range this agent reads that range from the file into the buffer (through its
+    /// drive), after a peer's WRITE it writes the landed range to the file (the region must be
+    /// writable), each answered on the control connection before the peer's transfer goes on
+    /// or ends — so a peer reads a checkpoint shard from this agent's disk straight into its own
+    /// GPU. Ranges are subject to the file's `O_DIRECT` alignment. Deregistering the returned
+    /// region (or dropping it, the buffer going with it) withdraws it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use dmaplane::{Agent, FileSpec, Testbed};
+    /// # fn main() -> dmaplane::Result<()> {
+    /// # let path = std::env::temp_dir().join(format!("dmaplane-doc-pub-{}", std::process::id()));
+    /// # std::fs::write(&path, vec![5u8; 1 << 20]).unwrap();
+    /// let tb = Testbed::builtin()?;
+    /// let owner = Agent::builder("owner").testbed(tb.clone()).nics(["nic1"]).build()?;
+    /// let me = Agent::builder("me").testbed(tb).nics(["nic0"]).build()?;
+    /// let shard = owner.publish_file(&owner.register_file(&FileSpec::new(&path).buffered_fallback())?)?;
+    /// let peer = me.connect(&owner.metadata_blob()?)?;
+    /// # while peer.region(shard.id()).is_none() { std::thread::sleep(Duration::from_millis(1)); }
+    /// let gpu = me.alloc_gpu("weights", "gpu0", 1 << 20)?;
+    /// let g = me.register(&gpu)?;
+    /// me.read(&peer, &[g.all()], &[peer.desc(shard.id(), 0, 1 << 20)?])?.wait(Duration::from_secs(10))?;
+    /// let mut got = [0u8; 8];
+    /// gpu.read(0, &mut got)?;
+    /// assert_eq!(got, [5u8; 8]);
+    /// # std::fs::remove_file(&path).ok();
+    /// # Ok(()) }
+    /// ```
+    pub fn publish_file(&self, file: &FileRegion) -> Result<Region> {
+        let name = format!("file:{}", file.path().display());
+        let mem = self.alloc_host(&name, file.len())?;
+        let s = &self.shared;
+        let id = s.next_region.fetch_add(1, Ordering::Relaxed);
+        let mut entry = Entry::register(s, id, &mem, 0, mem.len())?;
+        entry.file = Some((file.entry.clone(), file.offset));
+        Ok(self.announce(Arc::new(entry), 0, file.len()))
     }
 
     /// Deregister `region` (the whole registration it is a view of) while transfers may still

@@ -685,6 +685,48 @@ impl Drop for FileTransfer {
     }
 }
 
+/// The owner's side of a peer's transfer on a published file region: read `len` bytes at
+/// `off` of the region from the file into its buffer (`land` false: before the peer's READ), or
+/// write them from the buffer to the file (`land`: after the peer's WRITE landed), and wait.
+pub(crate) fn serve(
+    s: &Shared,
+    region: &Arc<Entry>,
+    (file, at): (&Arc<FileEntry>, u64),
+    (off, len): (u64, u64),
+    land: bool,
+) -> Result<u64> {
+    let op = if land { "write" } else { "read" };
+    if land && !file.writable {
+        return Err(Error::invalid(
+            format!("peer's {op} of {}", file.path.display()),
+            "file region",
+            file.id,
+            "published read-only: register it with FileSpec::writable",
+        ));
+    }
+    if at + off + len > file.len {
+        return Err(Error::invalid(
+            format!("peer's {op} of {}", file.path.display()),
+            "range",
+            format!("[{off:#x}, +{len:#x})"),
+            format!("outside the published {} bytes", file.len - at),
+        ));
+    }
+    let file_at = file.base + at + off;
+    let mem_off = region.base + off;
+    file.check(op, file_at, len, mem_off)?;
+    let pair = Pair {
+        file: file.clone(),
+        at: file_at,
+        region: region.clone(),
+        mem_off,
+        len,
+    };
+    s.drive()?
+        .start(s, land, vec![pair])?
+        .wait(s.cfg.stall_timeout)
+}
+
 /// One checked pair of a file transfer.
 pub(crate) struct Pair {
     file: Arc<FileEntry>,

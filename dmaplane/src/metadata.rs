@@ -56,6 +56,10 @@ pub struct RegionInfo {
     pub len: u64,
     /// Where the memory lives.
     pub location: Location,
+    /// The file it serves, when it is a published file region
+    /// ([`crate::Agent::publish_file`]): its keys are staged from and landed in the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
     /// The memory's export epoch when registered.
     pub epoch: u64,
     /// One key per NIC that serves it.

@@ -96,6 +96,10 @@ pub(crate) struct Entry {
     /// The staging buffer of the NICs whose path is [`NicPath::Staged`] (dropped after their
     /// MRs).
     pub(crate) stage: Option<Arc<Stage>>,
+    /// The file a published file region serves through this memory
+    /// ([`crate::Agent::publish_file`]): peers' READs are staged from it, WRITEs landed in it.
+    /// With the offset of the buffer's first byte within the file registration.
+    pub(crate) file: Option<(Arc<crate::file::FileEntry>, u64)>,
     /// [`crate::Agent::deregister`] ran (its MRs are revoked for that reason, not a free).
     pub(crate) deregistered: std::sync::atomic::AtomicBool,
 }
@@ -174,6 +178,7 @@ impl Entry {
             mrs,
             paths,
             stage,
+            file: None,
             deregistered: std::sync::atomic::AtomicBool::new(false),
         })
     }

@@ -12,6 +12,9 @@
 //!   (copy them out of device memory) and posts once the owner answers. The owner serves these
 //!   on its control connection, in order, so a notification sent after them is delivered
 //!   after the copy.
+//! - **Files.** A published file region ([`crate::Agent::publish_file`]) is served the same
+//!   way: its keys are staged, to *stage* a range is to read it from the file into the buffer,
+//!   to *land* one is to write it from the buffer to the file, through the owner's drive.
 //! - **Revoke.** The staging buffer lives and dies with the registration; freeing the memory
 //!   revokes the staging buffer first (the NICs that use it quiesce, peers' leases on it are
 //!   withdrawn, the copy engine's view is zapped), then the memory itself. A copy that meets
@@ -156,6 +159,12 @@ pub(crate) fn serve(s: &Shared, ranges: &[StageRange], land: bool) -> Option<Sta
         let name = e.memory.name();
         if let Some(epoch) = e.revoked_at() {
             return Some(fail(name, Some(epoch), e.gone_why().to_string()));
+        }
+        if let Some((file, at)) = &e.file {
+            if let Err(err) = crate::drive::serve(s, &e, (file, *at), (off, len), land) {
+                return Some(fail(name, e.revoked_at(), format!("file I/O: {err}")));
+            }
+            continue;
         }
         let Some(st) = &e.stage else {
             return Some(fail(

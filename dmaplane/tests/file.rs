@@ -367,3 +367,83 @@ fn a_drive_that_fences_early_is_caught_by_the_oracle() {
     }
     panic!("an early fence was never caught: the checks cannot fail here");
 }
+
+#[test]
+fn a_peers_published_file_is_read_straight_into_my_gpu_and_written_back() {
+    let tb = Testbed::builtin().unwrap();
+    let owner = agent(&tb, "nic1");
+    let me = agent(&tb, "nic0");
+    let (p, data) = shard("file-published", 9, 8 * MIB);
+    let ro = owner
+        .publish_file(&owner.register_file(&spec(&p)).unwrap())
+        .unwrap();
+    let rw = owner
+        .publish_file(
+            &owner
+                .register_file(&spec(&p).writable().range(4 * MIB, 4 * MIB))
+                .unwrap(),
+        )
+        .unwrap();
+    let peer = me.connect(&owner.metadata_blob().unwrap()).unwrap();
+    while peer.region(rw.id()).is_none() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let info = peer.region(ro.id()).unwrap();
+    assert_eq!(
+        info.file.as_deref(),
+        Some(std::fs::canonicalize(&p).unwrap().to_str().unwrap())
+    );
+    assert!(info.keys.iter().all(|k| k.staged), "{info:?}");
+    // The owner's file → its drive → its buffer → nic1 → nic0 → my gpu0, in two pieces.
+    let gpu = me.alloc_gpu("weights", "gpu0", 8 * MIB).unwrap();
+    let g = me.register(&gpu).unwrap();
+    let t = me
+        .read(
+            &peer,
+            &[
+                g.desc(0, 5 * MIB).unwrap(),
+                g.desc(5 * MIB, 3 * MIB).unwrap(),
+            ],
+            &[
+                peer.desc(ro.id(), 0, 5 * MIB).unwrap(),
+                peer.desc(ro.id(), 5 * MIB, 3 * MIB).unwrap(),
+            ],
+        )
+        .unwrap();
+    t.wait(T).unwrap();
+    let mut got = vec![0u8; data.len()];
+    gpu.read(0, &mut got).unwrap();
+    assert!(got == data, "the peer's file did not land in my GPU");
+    // My bytes into the peer's writable range of the file: landed, then written to the file.
+    let mine = pattern(10, 4 << 20);
+    let host = me.alloc_host("mine", 4 * MIB).unwrap();
+    host.write(0, &mine).unwrap();
+    let h = me.register(&host).unwrap();
+    me.write(
+        &peer,
+        &[h.all()],
+        &[peer.desc(rw.id(), 0, 4 * MIB).unwrap()],
+        None,
+    )
+    .unwrap()
+    .wait(T)
+    .unwrap();
+    let file = std::fs::read(&p).unwrap();
+    assert!(file[4 << 20..] == mine[..] && file[..4 << 20] == data[..4 << 20]);
+    // The read-only one refuses a WRITE, saying so.
+    let e = me
+        .write(
+            &peer,
+            &[h.all()],
+            &[peer.desc(ro.id(), 0, 4 * MIB).unwrap()],
+            None,
+        )
+        .unwrap()
+        .wait(T)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("published read-only"), "{e}");
+    let v = tb.fabric().oracle().verdict();
+    assert!(v.is_clean(), "{v}");
+    std::fs::remove_file(&p).unwrap();
+}
