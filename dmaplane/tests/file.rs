@@ -447,3 +447,40 @@ fn a_peers_published_file_is_read_straight_into_my_gpu_and_written_back() {
     assert!(v.is_clean(), "{v}");
     std::fs::remove_file(&p).unwrap();
 }
+
+#[test]
+fn a_write_to_a_file_system_that_fills_up_ends_with_enospc() {
+    // A small file system (a tmpfs of a few MiB; .ci/run mounts one where it may).
+    let Ok(dir) = std::env::var("DMAPLANE_SMALL_FS") else {
+        assert_ne!(
+            std::env::var("DMAPLANE_REQUIRE_FAULTS").as_deref(),
+            Ok("1"),
+            "DMAPLANE_SMALL_FS is not set, and DMAPLANE_REQUIRE_FAULTS=1"
+        );
+        eprintln!("skipped: DMAPLANE_SMALL_FS is not set");
+        return;
+    };
+    let st = rustix::fs::statvfs(dir.as_str()).unwrap();
+    let size = st.f_blocks * st.f_frsize;
+    let tb = Testbed::builtin().unwrap();
+    let a = agent(&tb, "nic2");
+    let p = PathBuf::from(&dir).join(format!("agent-fill-{}", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    // Created sparse at twice the file system's size: the blocks run out as it is written.
+    let f = a.register_file(&spec(&p).create(2 * size)).unwrap();
+    let m = a.alloc_host("m", 2 * size).unwrap();
+    let r = a.register(&m).unwrap();
+    let e = a
+        .write_file(&[r.all()], &[f.all()])
+        .unwrap()
+        .wait(T)
+        .unwrap_err();
+    std::fs::remove_file(&p).unwrap();
+    eprintln!("{dir} ({size} bytes): {e}");
+    assert!(matches!(e, Error::File { op: "write", .. }), "{e}");
+    assert!(
+        e.to_string()
+            .contains("no space left on the file system (ENOSPC)"),
+        "{e}"
+    );
+}

@@ -875,6 +875,10 @@ pub fn errno_why(e: &std::io::Error) -> String {
     match e.raw_os_error() {
         Some(libc::ENOSPC) => "no space left on the file system (ENOSPC)".into(),
         Some(libc::EIO) => "the device failed the I/O (EIO)".into(),
+        // What the block layer gives for a medium error (BLK_STS_MEDIUM).
+        Some(libc::ENODATA) => {
+            "the device failed to read its medium (ENODATA: a medium error)".into()
+        }
         Some(libc::ECANCELED) => "cancelled: its buffer was revoked, or the ring dropped".into(),
         Some(libc::EFBIG) => "past the largest file size allowed here (EFBIG)".into(),
         Some(libc::EINVAL) => "the kernel refused it (EINVAL): an alignment or range the file \
@@ -907,6 +911,7 @@ mod tests {
         let w = |e| errno_why(&std::io::Error::from_raw_os_error(e));
         assert_eq!(w(libc::ENOSPC), "no space left on the file system (ENOSPC)");
         assert_eq!(w(libc::EIO), "the device failed the I/O (EIO)");
+        assert!(w(libc::ENODATA).contains("medium error"));
         assert!(w(libc::ECANCELED).contains("revoked"));
         assert!(w(libc::EFBIG).contains("EFBIG"));
         assert!(w(libc::EINVAL).contains("EINVAL"));

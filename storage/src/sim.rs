@@ -13,7 +13,8 @@
 //! - **Commands** run on the drive's engine thread in submission order, each in pieces of
 //!   [`PIECE`] bytes; each gets exactly one [`Completion`]: the bytes moved (fewer than asked
 //!   when a read runs past the end of its file, as the kernel's reads do), `-ECANCELED` when a
-//!   revoke stopped it, `-EFAULT` when the fabric refused an access, `-EIO` when the media did,
+//!   revoke stopped it, `-EFAULT` when the fabric refused an access, the media file's own
+//!   error when it failed (`-ENOSPC` on a full file system; `-EIO` when it gives none),
 //!   `-EBADF` for a write to a file opened read-only.
 //! - **Invalidate** (the exporter's thread, never blocks): the buffer is marked revoked, so no
 //!   command that has not started on it will, and commands queued on it complete cancelled at
@@ -611,7 +612,10 @@ fn execute(sh: &Shared, media: &std::fs::File, c: &Cmd, free_at: &mut Instant) -
                     Err(_) => Err(-libc::EIO),
                 },
                 Dir::Write => match sh.fabric.dma_read(sh.dev, addr, part) {
-                    Ok(()) => media.write_all_at(part, media_at).map_err(|_| -libc::EIO),
+                    // The file system's own error (ENOSPC on a full one), else EIO.
+                    Ok(()) => media
+                        .write_all_at(part, media_at)
+                        .map_err(|e| -e.raw_os_error().unwrap_or(libc::EIO)),
                     Err(_) => Err(-libc::EFAULT),
                 },
             };

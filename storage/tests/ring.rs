@@ -9,7 +9,7 @@ use std::time::Duration;
 
 mod common;
 
-use dmaplane_storage::{BufId, Completion, DirectFile, FileId, OpenOptions, Ring, StorageError};
+use dmaplane_storage::{BufId, DirectFile, FileId, OpenOptions, Ring, StorageError};
 
 const RW: OpenOptions = OpenOptions {
     write: true,
@@ -35,14 +35,7 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Reap until `n` completions are in.
-fn reap_all(ring: &mut Ring, n: usize) -> Vec<Completion> {
-    let mut out = Vec::new();
-    while out.len() < n {
-        ring.reap(&mut out, 1).unwrap();
-    }
-    out
-}
+use common::reap_all;
 
 #[test]
 fn bytes_go_out_and_come_back_through_o_direct_in_one_batch() {

@@ -32,7 +32,9 @@ done
 # Kernel modules to load, in this order (their dependencies are resolved and loaded first).
 # crc32_generic must precede rdma_rxe: rxe asks the crypto API for "crc32" and nothing
 # auto-loads the module in a udev-less initramfs (rxe then fails with ENOENT).
-MODULES=(virtio_pci virtio_net crc32_generic ib_core ib_uverbs rdma_rxe rdma_ucm udmabuf)
+# scsi_debug (with sd_mod for its /dev/sda) is a disk in RAM whose medium errors can be switched
+# on: the storage tests' real EIO.
+MODULES=(virtio_pci virtio_net crc32_generic ib_core ib_uverbs rdma_rxe rdma_ucm udmabuf scsi_mod sd_mod scsi_debug)
 # Guest user space, from this machine's own suite. Only the `rdma` tool is taken from iproute2.
 USER_PKGS=(busybox-static libc6 libgcc-s1 libibverbs1 ibverbs-providers ibverbs-utils
   rdmacm-utils librdmacm1 libnl-3-200 libnl-route-3-200 iproute2 libmnl0 libbsd0 libmd0 libcap2)

@@ -21,6 +21,8 @@ TEST_BINS=(
   "core-dmabuf dmaplane-core dmabuf"
   "rdma-verbs dmaplane-rdma verbs --features verbs"
   "dmaplane-verbs dmaplane verbs --features verbs"
+  "storage-faults dmaplane-storage faults"
+  "dmaplane-file dmaplane file"
 )
 # Program binaries: "GUEST_NAME PACKAGE BIN_TARGET [CARGO ARGS...]".
 PROGRAM_BINS=(

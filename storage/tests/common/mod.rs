@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use dmaplane_storage::{DirectFile, OpenOptions, Ring};
+use dmaplane_storage::{Completion, DirectFile, OpenOptions, Ring};
 
 /// Where the tests' files go: the repository's file system (where /tmp may be a tmpfs).
 pub fn dir() -> PathBuf {
@@ -39,4 +39,13 @@ pub fn usable() -> bool {
         }
         Err(e) => panic!("io_uring or O_DIRECT: {e}"),
     }
+}
+
+/// Reap until `n` completions are in.
+pub fn reap_all(ring: &mut Ring, n: usize) -> Vec<Completion> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        ring.reap(&mut out, 1).unwrap();
+    }
+    out
 }

@@ -42,6 +42,26 @@ step() {
 
 # --- helpers ---------------------------------------------------------------------------------
 
+# The storage fault tests, on a small tmpfs and a failing scsi_debug disk.
+storage_faults() {
+	mkdir -p /mnt/small && mount -t tmpfs -o size=4m tmpfs /mnt/small || return 1
+	disk=""
+	for b in /sys/block/sd*; do
+		[ -e "$b" ] && grep -q scsi_debug "$b/device/model" 2>/dev/null && disk="/dev/${b##*/}"
+	done
+	[ -n "$disk" ] || { echo "no scsi_debug disk in /sys/block"; return 1; }
+	echo 2 >/sys/bus/pseudo/drivers/scsi_debug/opts || return 1
+	rc=0
+	timeout -s KILL 120 env DMAPLANE_REQUIRE_FAULTS=1 DMAPLANE_REQUIRE_IO_URING=1 \
+		DMAPLANE_SMALL_FS=/mnt/small DMAPLANE_EIO_DEV="$disk" DMAPLANE_EIO_AT=$((0x1234 * 512)) \
+		storage-faults --test-threads=1 --nocapture || rc=1
+	timeout -s KILL 120 env DMAPLANE_REQUIRE_FAULTS=1 DMAPLANE_SMALL_FS=/mnt/small \
+		dmaplane-file --test-threads=1 --nocapture enospc || rc=1
+	echo 0 >/sys/bus/pseudo/drivers/scsi_debug/opts
+	umount /mnt/small
+	return $rc
+}
+
 # rxe0 exists and its port is ACTIVE.
 rxe_active() {
 	out="$(timeout -s KILL 60 ibv_devinfo -d rxe0)" || return 1
@@ -162,6 +182,9 @@ step stress-revoke-cuda-inject expect_caught_cuda ack-then-write
 step stress-revoke-cuda-inject-ignore expect_caught_cuda ignore-lease-revoke
 step bench-agent-verbs dmaplane bench agent --backend verbs --device rxe0 --seconds 0.05 --blocks 4096,65536 --batches 1,16
 step dmaplane-doctor dmaplane doctor
+# Real ENOSPC (a 4 MiB tmpfs filled by WRITE_FIXED and by the Agent's drive) and real EIO (a
+# scsi_debug disk with its medium errors switched on: sectors 0x1234.. fail their reads).
+step storage-faults storage_faults
 
 # --- hook: extra steps passed in by the host ---------------------------------------------------
 # run.sh --steps FILE (repeatable) puts FILE here; e.g. a file with the lines
