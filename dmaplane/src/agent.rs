@@ -58,6 +58,9 @@ pub struct Config {
     /// The drive's bandwidth in bytes per second (`None`: the simulated drive's default,
     /// [`dmaplane_storage::sim::RATE`]; 0: as fast as the host copies).
     pub drive_rate: Option<u64>,
+    /// Read and write files through this host's kernel (io_uring, `O_DIRECT`) instead of the
+    /// testbed's simulated drive (always so on verbs).
+    pub io_uring: bool,
 }
 
 impl Default for Config {
@@ -73,6 +76,7 @@ impl Default for Config {
             force_staging: false,
             drive: None,
             drive_rate: None,
+            io_uring: false,
         }
     }
 }
@@ -186,6 +190,15 @@ impl AgentBuilder {
     /// default a PCIe 4.0 x4 drive's [`dmaplane_storage::sim::RATE`]).
     pub fn drive_rate(mut self, bytes_per_sec: u64) -> Self {
         self.cfg.drive_rate = Some(bytes_per_sec);
+        self
+    }
+
+    /// Read and write file regions through this host's kernel — one io_uring on the drive's
+    /// thread, `O_DIRECT`, host memory registered as fixed buffers by its process address, GPU
+    /// memory through a host bounce buffer and the copy engine — instead of the testbed's
+    /// simulated drive. The verbs backend always does.
+    pub fn io_uring(mut self, on: bool) -> Self {
+        self.cfg.io_uring = on;
         self
     }
 

@@ -1,5 +1,14 @@
 //! The agent's drive: file I/O between [`FileRegion`](crate::FileRegion)s and registered memory,
-//! on the testbed's simulated NVMe drive.
+//! on one of two engines:
+//!
+//! - **The testbed's simulated NVMe drive** (`sim`, the default on the testbed): a device on the
+//!   fabric that DMAs by bus address — into a GPU's BAR1 where the route allows (GPUDirect
+//!   Storage) — judged by the fabric's oracle.
+//! - **This host's kernel** (`io_uring`, [`crate::AgentBuilder::io_uring`], and always on verbs):
+//!   one io_uring owned by the drive's thread, `O_DIRECT` files registered with it, host memory
+//!   registered as fixed buffers by its process address; GPU memory goes through a host bounce
+//!   buffer and the GPU's copy engine. The kernel does this DMA: its revokes are the ring's
+//!   (`dmaplane-storage`'s `import.rs`).
 //!
 //! The contract:
 //! - **Reach.** Memory is imported into the drive once (cached, per memory and export epoch)
@@ -27,7 +36,7 @@ use std::time::{Duration, Instant};
 use dmaplane_core::Route;
 use dmaplane_gpu::Peer as GpuPeer;
 use dmaplane_storage::sim::SimNvme;
-use dmaplane_storage::{BufId, Completion, FileId, StorageError};
+use dmaplane_storage::{BufId, Completion, DirectFile, FileId, Ring, StorageError};
 
 use crate::agent::Shared;
 use crate::desc::Desc;
@@ -47,15 +56,56 @@ const BOUNCE_PIECES: u64 = 2;
 pub(crate) struct Drive {
     pub(crate) name: String,
     agent: String,
-    nvme: SimNvme,
-    /// Route lookups and bounce placement.
-    testbed: Arc<crate::testbed::Testbed>,
+    engine: Engine,
+    /// Route lookups and bounce placement (`None` on verbs).
+    testbed: Option<Arc<crate::testbed::Testbed>>,
+    /// The fabric device importers attach as (the drive; for the kernel, the drive it stands
+    /// for, whose route the topology knows).
+    dev: Option<dmaplane_core::fabric::DeviceId>,
     chunk: u64,
     force_bounce: bool,
     st: Mutex<State>,
     /// Transfers' waiters wait here.
     finished: Condvar,
+    /// The kernel engine's thread waits here for work.
+    work: Condvar,
 }
+
+/// What moves the bytes.
+enum Engine {
+    Sim(SimNvme),
+    /// The ring lives on the drive's thread; the rest of the agent hands it [`Job`]s.
+    Kernel,
+}
+
+/// What only the kernel engine's thread may do (it owns the ring).
+enum Job {
+    Import {
+        name: String,
+        attach: AttachFn,
+        reply: std::sync::mpsc::Sender<std::result::Result<BufId, StorageError>>,
+    },
+    AddFile {
+        file: Arc<DirectFile>,
+        reply: std::sync::mpsc::Sender<std::result::Result<FileId, StorageError>>,
+    },
+    RemoveFile(FileId),
+}
+
+/// An exporter's attach, run on the ring's thread.
+type AttachFn = Box<
+    dyn FnOnce(
+            Arc<dyn dmaplane_core::revoke::Importer>,
+            &[dmaplane_core::Accept],
+        )
+            -> std::result::Result<dmaplane_core::Attachment, dmaplane_core::AttachError>
+        + Send,
+>;
+
+/// Queue depth of the kernel engine's ring, and its file and import slots.
+const RING_DEPTH: u32 = 256;
+const RING_FILES: u32 = 1024;
+const RING_IMPORTS: u16 = 1024;
 
 #[derive(Default)]
 struct State {
@@ -68,6 +118,8 @@ struct State {
     next_op: u64,
     /// Imported buffers to let go of once nothing is queued on them.
     releases: Vec<BufId>,
+    /// For the kernel engine's thread.
+    jobs: VecDeque<Job>,
 }
 
 #[derive(Clone)]
@@ -121,47 +173,126 @@ enum Target {
 }
 
 impl Drive {
-    /// The drive `device` of the testbed, for `shared`'s agent, with its reaping thread.
+    /// The drive `device` of the testbed (or, on verbs, this host's kernel), for `shared`'s
+    /// agent, with its thread.
     pub(crate) fn open(shared: &Shared, device: &str) -> Result<Arc<Drive>> {
-        let Some(tb) = shared.testbed() else {
-            return Err(Error::setup(
-                &shared.name,
-                "file regions on the verbs backend need the io_uring path, which the agent does \
-                 not drive yet (issue 14); the simulated testbed's drive has them",
-            ));
+        let tb = shared.testbed().cloned();
+        let kernel = tb.is_none() || shared.cfg.io_uring;
+        let dev = match &tb {
+            Some(tb) => Some(tb.device(device)?),
+            None => None,
         };
-        let nvme = if shared.fault == Some(dmaplane_rdma::Fault::EarlyFence) {
-            SimNvme::with_early_fence(tb.fabric(), device)?
+        let engine = match &tb {
+            Some(tb) if !kernel => {
+                let nvme = if shared.fault == Some(dmaplane_rdma::Fault::EarlyFence) {
+                    SimNvme::with_early_fence(tb.fabric(), device)?
+                } else {
+                    SimNvme::new(tb.fabric(), device)?
+                };
+                if let Some(rate) = shared.cfg.drive_rate {
+                    nvme.set_rate(rate);
+                }
+                Engine::Sim(nvme)
+            }
+            _ => Engine::Kernel,
+        };
+        let ring = if kernel {
+            let ring = Ring::builder()
+                .depth(RING_DEPTH)
+                .file_slots(RING_FILES)
+                .import_slots(RING_IMPORTS)
+                .inject_early_fence(shared.fault == Some(dmaplane_rdma::Fault::EarlyFence))
+                .build()?;
+            Some(ring)
         } else {
-            SimNvme::new(tb.fabric(), device)?
+            None
         };
-        if let Some(rate) = shared.cfg.drive_rate {
-            nvme.set_rate(rate);
-        }
+        let name = if kernel {
+            "io_uring".to_string()
+        } else {
+            device.to_string()
+        };
         let d = Arc::new(Drive {
-            name: device.to_string(),
+            name: name.clone(),
             agent: shared.name.clone(),
-            nvme,
-            testbed: tb.clone(),
+            engine,
+            testbed: tb,
+            dev,
             chunk: shared.cfg.chunk,
             force_bounce: shared.cfg.force_staging,
             st: Mutex::new(State::default()),
             finished: Condvar::new(),
+            work: Condvar::new(),
         });
         let weak = Arc::downgrade(&d);
         std::thread::Builder::new()
-            .name(format!("dmaplane-{}-{device}", shared.name))
-            .spawn(move || reaper(&weak))
+            .name(format!("dmaplane-{}-{name}", shared.name))
+            .spawn(move || match ring {
+                Some(ring) => ring_thread(&weak, ring),
+                None => reaper(&weak),
+            })
             .map_err(|e| Error::setup(&shared.name, format!("spawn the drive's thread: {e}")))?;
         Ok(d)
     }
 
-    pub(crate) fn add_file(&self, path: &std::path::Path, writable: bool) -> Result<FileId> {
-        Ok(self.nvme.add_file(path, writable)?)
+    /// Run `job` on the kernel engine's thread and wait for its answer.
+    fn ask<T>(
+        &self,
+        job: impl FnOnce(std::sync::mpsc::Sender<std::result::Result<T, StorageError>>) -> Job,
+    ) -> Result<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        lock(&self.st).jobs.push_back(job(tx));
+        self.work.notify_all();
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(Error::setup(
+                &self.agent,
+                format!("drive {}: its thread did not answer", self.name),
+            )),
+        }
+    }
+
+    pub(crate) fn add_file(&self, file: &Arc<DirectFile>, writable: bool) -> Result<FileId> {
+        match &self.engine {
+            Engine::Sim(nvme) => Ok(nvme.add_file(file.path(), writable)?),
+            Engine::Kernel => {
+                let file = file.clone();
+                self.ask(|reply| Job::AddFile { file, reply })
+            }
+        }
     }
 
     pub(crate) fn remove_file(&self, id: FileId) {
-        self.nvme.remove_file(id);
+        match &self.engine {
+            Engine::Sim(nvme) => nvme.remove_file(id),
+            Engine::Kernel => {
+                lock(&self.st).jobs.push_back(Job::RemoveFile(id));
+                self.work.notify_all();
+            }
+        }
+    }
+
+    /// Import exported memory into the engine: `attach` negotiates with what it accepts.
+    fn attach(&self, name: &str, attach: AttachFn) -> std::result::Result<BufId, StorageError> {
+        match &self.engine {
+            Engine::Sim(nvme) => nvme.import(name, attach),
+            Engine::Kernel => {
+                let name = name.to_string();
+                self.ask(|reply| Job::Import {
+                    name,
+                    attach,
+                    reply,
+                })
+                .map_err(|e| StorageError::Import {
+                    name: String::new(),
+                    why: e.to_string(),
+                })
+            }
+        }
+    }
+
+    fn is_kernel(&self) -> bool {
+        matches!(self.engine, Engine::Kernel)
     }
 
     /// How the drive reaches `memory` (importing it on first use, or after a revoke moved its
@@ -172,23 +303,27 @@ impl Drive {
 
     fn import(&self, _shared: &Shared, memory: &Memory) -> Result<Import> {
         let epoch = memory.with_backing(|b| Ok(b.epoch()))?;
-        let mut st = lock(&self.st);
-        if let Some(i) = st.imports.get(&memory.id()) {
-            if i.epoch == epoch {
-                return Ok(i.clone());
+        {
+            let mut st = lock(&self.st);
+            if let Some(i) = st.imports.get(&memory.id()) {
+                if i.epoch == epoch {
+                    return Ok(i.clone());
+                }
+                if let Some(b) = i.buf {
+                    st.releases.push(b);
+                }
+                st.imports.remove(&memory.id());
             }
-            if let Some(b) = i.buf {
-                st.releases.push(b);
-            }
-            st.imports.remove(&memory.id());
         }
-        let dev = self.nvme.device();
         let device = memory.location().device().to_string();
-        let route = self
-            .testbed
-            .topology()
-            .route_by_id(&device, &self.name)
-            .map_err(|e| Error::setup(&self.agent, e.to_string()))?;
+        let route = match &self.testbed {
+            Some(tb) if !self.is_kernel() => Some(
+                tb.topology()
+                    .route_by_id(&device, &self.name)
+                    .map_err(|e| Error::setup(&self.agent, e.to_string()))?,
+            ),
+            _ => None,
+        };
         let name = memory.name().to_string();
         let is_gpu = matches!(memory.location(), crate::Location::Gpu(_));
         let imported = if is_gpu && self.force_bounce {
@@ -196,25 +331,28 @@ impl Drive {
                 "agent {} stages all GPU memory (force_staging)",
                 self.agent
             ))
+        } else if is_gpu && self.is_kernel() {
+            Err(
+                "the kernel's O_DIRECT reads into host memory: GPU memory goes through a host \
+                 bounce buffer and the GPU's copy engine"
+                    .to_string(),
+            )
         } else {
-            memory
-                .with_backing(|b| {
-                    Ok(match b {
-                        Backing::Host(h) => self.nvme.import(&name, |i, a| h.attach(i, dev, a)),
-                        Backing::Gpu(g) => self
-                            .nvme
-                            .import(&name, |i, a| g.attach(i, GpuPeer::Fabric(dev), a)),
-                        #[allow(unreachable_patterns)]
-                        _ => Err(StorageError::Import {
-                            name: name.clone(),
-                            why: "only the simulated testbed's memory reaches its drive".into(),
-                        }),
+            let mem = memory.clone();
+            let dev = self.dev;
+            let attach: AttachFn = Box::new(move |i, a| {
+                mem.with_backing(|b| Ok(attach_backing(b, dev, i, a)))
+                    .unwrap_or_else(|e| {
+                        Err(dmaplane_core::AttachError::Exporter {
+                            export: mem.name().to_string(),
+                            what: e.to_string(),
+                        })
                     })
-                })?
-                .map_err(|e| match e {
-                    StorageError::Import { why, .. } => why,
-                    other => other.to_string(),
-                })
+            });
+            self.attach(&name, attach).map_err(|e| match e {
+                StorageError::Import { why, .. } => why,
+                other => other.to_string(),
+            })
         };
         let import = match imported {
             Ok(buf) => Import {
@@ -222,16 +360,23 @@ impl Drive {
                 buf: Some(buf),
                 path: StoragePath::Direct {
                     drive: self.name.clone(),
-                    route: format!("{route:?}"),
+                    route: route.map_or_else(
+                        || "the kernel's (O_DIRECT into the memory's process address)".into(),
+                        |r| format!("{r:?}"),
+                    ),
                 },
             },
             Err(why) if is_gpu => {
-                let topo = self.testbed.topology();
-                let through = topo
-                    .numa_of(&device)
-                    .ok()
-                    .and_then(|n| topo.host_memory_for_numa(n))
-                    .map_or_else(|| "host memory".to_string(), |d| d.id.clone());
+                let through = self.testbed.as_ref().map_or_else(
+                    || "host memory".to_string(),
+                    |tb| {
+                        let topo = tb.topology();
+                        topo.numa_of(&device)
+                            .ok()
+                            .and_then(|n| topo.host_memory_for_numa(n))
+                            .map_or_else(|| "host memory".to_string(), |d| d.id.clone())
+                    },
+                );
                 Import {
                     epoch,
                     buf: None,
@@ -251,10 +396,15 @@ impl Drive {
                 ));
             }
         };
-        if route == Route::NotSupported && import.buf.is_some() {
+        if route == Some(Route::NotSupported) && import.buf.is_some() {
             tracing::debug!(memory = %name, drive = %self.name, "imported though the topology has no P2P route");
         }
-        st.imports.insert(memory.id(), import.clone());
+        let mut st = lock(&self.st);
+        if let Some(old) = st.imports.insert(memory.id(), import.clone())
+            && let Some(b) = old.buf
+        {
+            st.releases.push(b);
+        }
         Ok(import)
     }
 
@@ -326,7 +476,7 @@ impl Drive {
                 finished: false,
             },
         );
-        self.pump(&mut st);
+        self.pump(&mut st, None);
         drop(st);
         self.finished.notify_all();
         Ok(FileTransfer {
@@ -343,10 +493,14 @@ impl Drive {
         let len = BOUNCE_PIECES * self.chunk;
         let stage = staging(shared, memory, len)?;
         memory.track_stage(&stage);
-        let dev = self.nvme.device();
-        let buf = self
-            .nvme
-            .import(&stage.name, |i, a| stage.host.attach(i, dev, a))?;
+        let Some(dev) = self.dev else {
+            return Err(Error::setup(
+                &self.agent,
+                "a bounce buffer needs the testbed (CUDA's is not built yet)",
+            ));
+        };
+        let st = stage.clone();
+        let buf = self.attach(&stage.name, Box::new(move |i, a| st.host.attach(i, dev, a)))?;
         Ok(Bounce {
             memory: memory.id(),
             stage,
@@ -355,8 +509,41 @@ impl Drive {
         })
     }
 
-    /// Queue what the transfers have room for on the drive.
-    fn pump(&self, st: &mut State) {
+    /// Queue what the transfers have room for on the drive: on the simulated one from any
+    /// thread, on the kernel's only from its thread (which passes its ring).
+    fn pump(&self, st: &mut State, ring: Option<&mut Ring>) {
+        match (&self.engine, ring) {
+            (Engine::Sim(nvme), _) => self.pump_with(st, &mut |write, at, buf, len, ud| {
+                if write {
+                    nvme.write(at, buf, len, ud)
+                } else {
+                    nvme.read(at, buf, len, ud)
+                }
+            }),
+            (Engine::Kernel, Some(ring)) => {
+                self.pump_with(st, &mut |write, at, buf, len, ud| {
+                    let len = u32::try_from(len).map_err(|_| StorageError::Invalid {
+                        what: "io_uring".into(),
+                        field: "len",
+                        value: len.to_string(),
+                        why: "at most 4 GiB - 1".into(),
+                    })?;
+                    if write {
+                        ring.write(at, buf, len, ud)
+                    } else {
+                        ring.read(at, buf, len, ud)
+                    }
+                });
+                if let Err(e) = ring.submit() {
+                    tracing::warn!(drive = %self.name, error = %e, "io_uring submit");
+                }
+            }
+            // Only the ring's thread submits: wake it.
+            (Engine::Kernel, None) => self.work.notify_all(),
+        }
+    }
+
+    fn pump_with(&self, st: &mut State, submit: &mut Submit<'_>) {
         let mut queued: usize = st.cmds.len();
         let ids: Vec<u64> = st.ops.keys().copied().collect();
         for id in ids {
@@ -396,13 +583,8 @@ impl Drive {
                         .map_err(|e| revoked_or(&p, e));
                 }
                 if result.is_ok() {
-                    let at = (p.file.media, p.at);
-                    result = if op.write {
-                        self.nvme.write(at, (buf, off), p.len, ud)
-                    } else {
-                        self.nvme.read(at, (buf, off), p.len, ud)
-                    }
-                    .map_err(|e| storage_error(&p, op.write, e));
+                    result = submit(op.write, (p.file.media, p.at), (buf, off), p.len, ud)
+                        .map_err(|e| storage_error(&p, op.write, e));
                 }
                 match result {
                     Ok(()) => {
@@ -465,8 +647,9 @@ impl Drive {
         // Nothing of it is on the drive: its bounce buffers go now (before their memory).
         let bufs: Vec<BufId> = op.bounces.iter().map(|b| b.buf).collect();
         for b in bufs {
-            if self.nvme.release(b).is_err() {
-                st.releases.push(b);
+            match &self.engine {
+                Engine::Sim(nvme) if nvme.release(b).is_ok() => {}
+                _ => st.releases.push(b),
             }
         }
         if op.detached {
@@ -476,9 +659,42 @@ impl Drive {
     }
 
     /// Let go of imported buffers nothing is queued on any more.
-    fn release(&self, st: &mut State) {
-        let nvme = &self.nvme;
-        st.releases.retain(|&b| nvme.release(b).is_err());
+    fn release(&self, st: &mut State, ring: Option<&mut Ring>) {
+        match (&self.engine, ring) {
+            (Engine::Sim(nvme), _) => st.releases.retain(|&b| nvme.release(b).is_err()),
+            (Engine::Kernel, Some(ring)) => st.releases.retain(|&b| ring.release(b).is_err()),
+            (Engine::Kernel, None) => {}
+        }
+    }
+}
+
+/// Queue one request on the engine: (write, (file, at), (buffer, offset), len, user data).
+type Submit<'a> = dyn FnMut(bool, (FileId, u64), (BufId, u64), u64, u64) -> std::result::Result<(), StorageError>
+    + 'a;
+
+/// Attach a backing to the drive's engine: by bus address for the simulated drive (`dev` is
+/// the drive), by process address for the kernel's ring (which asks for `ProcessVa` only).
+fn attach_backing(
+    b: &Backing,
+    dev: Option<dmaplane_core::fabric::DeviceId>,
+    i: Arc<dyn dmaplane_core::revoke::Importer>,
+    a: &[dmaplane_core::Accept],
+) -> std::result::Result<dmaplane_core::Attachment, dmaplane_core::AttachError> {
+    let refuse = |why: &str| {
+        Err(dmaplane_core::AttachError::Exporter {
+            export: String::new(),
+            what: why.to_string(),
+        })
+    };
+    match (b, dev) {
+        (Backing::Host(h), Some(dev)) => h.attach(i, dev, a),
+        (Backing::Gpu(g), Some(dev)) => g.attach(i, GpuPeer::Fabric(dev), a),
+        #[cfg(feature = "verbs")]
+        (Backing::DmaBuf(m), _) => m.attach(i, a),
+        #[cfg(feature = "verbs")]
+        (Backing::User(u), _) => u.attach(i, a),
+        #[allow(unreachable_patterns)]
+        _ => refuse("this memory does not reach the drive"),
     }
 }
 
@@ -544,7 +760,12 @@ fn judge(p: &Piece, write: bool, result: i32) -> Result<()> {
     };
     if let Ok(n) = u64::try_from(result) {
         if n == p.len {
-            return Ok(());
+            // Landed, but the memory went before the transfer ended: it is not done (the
+            // kernel finishes reads already at the device before the fence; none after it).
+            return match revoked(p, "the memory was revoked before the transfer ended") {
+                Some(r) => Err(r),
+                None => Ok(()),
+            };
         }
         let now = p.file.direct.len().ok();
         return Err(file(match (write, now) {
@@ -578,18 +799,76 @@ fn judge(p: &Piece, write: bool, result: i32) -> Result<()> {
     )))
 }
 
-/// The drive's thread: reap, account, queue more, until the agent lets go of the drive.
+/// The simulated drive's thread: reap, account, queue more, until the agent lets go of the
+/// drive.
 fn reaper(weak: &Weak<Drive>) {
     let mut out = Vec::new();
     loop {
         let Some(d) = weak.upgrade() else { return };
-        d.nvme.reap(&mut out, Duration::from_millis(20));
+        if let Engine::Sim(nvme) = &d.engine {
+            nvme.reap(&mut out, Duration::from_millis(20));
+        }
         let mut st = lock(&d.st);
         for c in out.drain(..) {
             d.complete(&mut st, &c);
         }
-        d.pump(&mut st);
-        d.release(&mut st);
+        d.pump(&mut st, None);
+        d.release(&mut st, None);
+    }
+}
+
+/// How long the kernel engine's thread waits for a completion before it looks at new work,
+/// and, idle, for work before it looks at the exporters' revokes.
+const RING_WAIT: Duration = Duration::from_millis(1);
+const RING_IDLE: Duration = Duration::from_millis(5);
+
+/// The kernel engine's thread: it owns the ring — runs the jobs, queues the transfers'
+/// pieces, reaps (which also quiesces revoked imports) — until the agent lets go of the drive;
+/// then the ring drains as it drops.
+fn ring_thread(weak: &Weak<Drive>, mut ring: Ring) {
+    let mut out = Vec::new();
+    loop {
+        let Some(d) = weak.upgrade() else { return };
+        let mut st = lock(&d.st);
+        while let Some(job) = st.jobs.pop_front() {
+            match job {
+                Job::Import {
+                    name,
+                    attach,
+                    reply,
+                } => {
+                    let _ = reply.send(ring.import(&name, attach));
+                }
+                Job::AddFile { file, reply } => {
+                    let _ = reply.send(ring.add_file(file));
+                }
+                Job::RemoveFile(id) => {
+                    if let Err(e) = ring.remove_file(id) {
+                        tracing::warn!(drive = %d.name, error = %e, "removing a file from the ring");
+                    }
+                }
+            }
+        }
+        d.pump(&mut st, Some(&mut ring));
+        d.release(&mut st, Some(&mut ring));
+        let idle = ring.in_flight() == 0;
+        if idle {
+            // Nothing in flight: sleep until work comes, then look at revokes anyway.
+            st = d
+                .work
+                .wait_timeout(st, RING_IDLE)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        drop(st);
+        let reaped = ring.reap_within(&mut out, if idle { Duration::ZERO } else { RING_WAIT });
+        let mut st = lock(&d.st);
+        if let Err(e) = reaped {
+            tracing::error!(drive = %d.name, error = %e, "reaping the ring");
+        }
+        for c in out.drain(..) {
+            d.complete(&mut st, &c);
+        }
     }
 }
 

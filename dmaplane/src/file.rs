@@ -107,7 +107,7 @@ pub(crate) struct FileEntry {
     /// The file's length when registered (requests may end short only there).
     pub(crate) file_len: u64,
     /// The file as direct I/O sees it: the alignment, O_DIRECT or buffered.
-    pub(crate) direct: DirectFile,
+    pub(crate) direct: Arc<DirectFile>,
     /// Its id on the agent's drive.
     pub(crate) media: FileId,
     pub(crate) drive: Arc<crate::drive::Drive>,
@@ -301,7 +301,7 @@ pub(crate) fn register(shared: &Shared, spec: &FileSpec) -> Result<FileRegion> {
             entry: e,
         });
     }
-    let direct = DirectFile::open(&path, opts)?;
+    let direct = Arc::new(DirectFile::open(&path, opts)?);
     if let Some(size) = spec.create
         && direct.len()? < size
     {
@@ -344,7 +344,7 @@ pub(crate) fn register(shared: &Shared, spec: &FileSpec) -> Result<FileRegion> {
         });
     }
     let drive = shared.drive()?;
-    let media = drive.add_file(&path, spec.write)?;
+    let media = drive.add_file(&direct, spec.write)?;
     let id = shared.next_region.fetch_add(1, Ordering::Relaxed);
     let entry = Arc::new(FileEntry {
         id,

@@ -484,3 +484,153 @@ fn a_write_to_a_file_system_that_fills_up_ends_with_enospc() {
         "{e}"
     );
 }
+
+/// Whether io_uring and O_DIRECT work here (a container's seccomp profile may forbid io_uring):
+/// where not, the kernel-engine tests say so and pass, unless `DMAPLANE_REQUIRE_IO_URING=1`.
+fn io_uring_usable() -> bool {
+    match dmaplane_storage::Ring::builder().depth(2).build() {
+        Ok(_) => true,
+        Err(e)
+            if e.is_unavailable()
+                && std::env::var("DMAPLANE_REQUIRE_IO_URING").as_deref() != Ok("1") =>
+        {
+            eprintln!("skipped: {e} (set DMAPLANE_REQUIRE_IO_URING=1 to make this fail)");
+            false
+        }
+        Err(e) => panic!("io_uring: {e}"),
+    }
+}
+
+fn kernel_agent(tb: &std::sync::Arc<Testbed>, nic: &str, fault: Option<dmaplane::Fault>) -> Agent {
+    Agent::builder(format!("k-{nic}"))
+        .testbed(tb.clone())
+        .nics([nic])
+        .chunk(MIB)
+        .io_uring(true)
+        .inject(fault)
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn the_kernel_engine_reads_with_o_direct_into_host_memory_and_bounces_gpu_memory() {
+    if !io_uring_usable() {
+        return;
+    }
+    let tb = Testbed::builtin().unwrap();
+    let a = kernel_agent(&tb, "nic0", None);
+    let (p, data) = shard("file-kernel", 11, 8 * MIB);
+    let f = a.register_file(&FileSpec::new(&p).writable()).unwrap();
+    assert!(
+        f.is_direct(),
+        "the target directory's file system takes O_DIRECT"
+    );
+    let host = a.alloc_host("host", 8 * MIB).unwrap();
+    let gpu = a.alloc_gpu("gpu", "gpu0", 8 * MIB).unwrap();
+    let (h, g) = (a.register(&host).unwrap(), a.register(&gpu).unwrap());
+    let t = a
+        .read_file(&[f.all(), f.all()], &[h.all(), g.all()])
+        .unwrap();
+    assert_eq!(t.wait(T).unwrap(), 16 * MIB);
+    match t.paths() {
+        [
+            StoragePath::Direct { drive, route },
+            StoragePath::Bounced { why, .. },
+        ] => {
+            assert_eq!(drive, "io_uring");
+            assert!(route.contains("kernel"), "{route}");
+            assert!(why.contains("bounce"), "{why}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut got = vec![0u8; data.len()];
+    host.read(0, &mut got).unwrap();
+    assert!(got == data, "host memory");
+    gpu.read(0, &mut got).unwrap();
+    assert!(got == data, "GPU memory, through the bounce");
+    // And back from the GPU (bounced) into the file's second half, O_DIRECT.
+    let mine = pattern(12, 4 << 20);
+    gpu.write(0, &mine).unwrap();
+    a.write_file(
+        &[g.desc(0, 4 * MIB).unwrap()],
+        &[f.desc(4 * MIB, 4 * MIB).unwrap()],
+    )
+    .unwrap()
+    .wait(T)
+    .unwrap();
+    let file = std::fs::read(&p).unwrap();
+    assert!(file[4 << 20..] == mine[..] && file[..4 << 20] == data[..4 << 20]);
+    // O_DIRECT's alignment is the kernel's to enforce here too: refused before submission.
+    let e = a
+        .read_file(&[f.desc(100, 4096).unwrap()], &[h.desc(0, 4096).unwrap()])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`offset` = 0x64"), "{e}");
+    std::fs::remove_file(&p).unwrap();
+}
+
+/// Host memory freed (quarantined) under a 64 MiB O_DIRECT read on the kernel engine: how the
+/// read ended, and the first poisoned byte that changed after the ack (the kernel's DMA has no
+/// oracle: the poison is the observer).
+fn kernel_free_under_read(fault: Option<dmaplane::Fault>) -> Option<(Error, Option<u64>)> {
+    let tb = Testbed::builtin().unwrap();
+    let a = kernel_agent(&tb, "nic1", fault);
+    let (p, _) = shard(
+        &format!("file-kernel-free-{}", fault.map_or("none", |f| f.name())),
+        13,
+        64 * MIB,
+    );
+    let f = a.register_file(&FileSpec::new(&p)).unwrap();
+    let mut found = None;
+    for attempt in 0..20 {
+        let m = a.alloc_host(&format!("dst{attempt}"), 64 * MIB).unwrap();
+        let r = a.register(&m).unwrap();
+        let t = a.read_file(&[f.all()], &[r.all()]).unwrap();
+        std::thread::sleep(Duration::from_micros(500));
+        if t.is_done() {
+            t.wait(T).unwrap();
+            continue;
+        }
+        let (_, q) = match m.free_quarantined(Duration::from_secs(5)) {
+            Ok(x) => x,
+            Err(e) => panic!("the free: {e}"),
+        };
+        q.fill(0xee).unwrap();
+        let e = t.wait(T).unwrap_err();
+        std::thread::sleep(Duration::from_millis(20));
+        found = Some((e, q.first_change(0xee).unwrap()));
+        break;
+    }
+    std::fs::remove_file(&p).unwrap();
+    found
+}
+
+#[test]
+fn host_memory_freed_under_a_kernel_read_ends_it_revoked_and_nothing_lands_after_the_ack() {
+    if !io_uring_usable() {
+        return;
+    }
+    let (e, changed) = kernel_free_under_read(None).expect("every read finished before the free");
+    eprintln!("{e}");
+    assert!(matches!(e, Error::Revoked { .. }), "{e}");
+    assert_eq!(
+        changed, None,
+        "the kernel wrote into the memory after the ack"
+    );
+}
+
+#[test]
+fn a_ring_that_fences_early_is_caught_by_the_poison() {
+    if !io_uring_usable() {
+        return;
+    }
+    for attempt in 1..=10 {
+        if let Some((e, Some(at))) = kernel_free_under_read(Some(dmaplane::Fault::EarlyFence)) {
+            eprintln!(
+                "caught on attempt {attempt}: poisoned byte {at:#x} changed after the ack; the read: {e}"
+            );
+            return;
+        }
+    }
+    panic!("an early fence was never caught: the poison cannot fail here");
+}

@@ -54,6 +54,7 @@ pub struct RingBuilder {
     buffers: Vec<u64>,
     files: Vec<Arc<DirectFile>>,
     import_slots: u16,
+    file_slots: u32,
     early_fence: bool,
 }
 
@@ -81,6 +82,12 @@ impl RingBuilder {
     /// A registered file.
     pub fn file(mut self, file: Arc<DirectFile>) -> Self {
         self.files.push(file);
+        self
+    }
+
+    /// Room for `n` files opened later ([`Ring::add_file`]) after the ones given here.
+    pub fn file_slots(mut self, n: u32) -> Self {
+        self.file_slots = n;
         self
     }
 
@@ -181,17 +188,42 @@ impl RingBuilder {
                 StorageError::os("IORING_REGISTER_BUFFERS", "the ring's buffers", e)
             })?;
         }
-        if !self.files.is_empty() {
+        let nfiles = self.files.len() as u64 + u64::from(self.file_slots);
+        if nfiles > u64::from(u32::MAX >> 1) {
+            return Err(StorageError::invalid(
+                "io_uring",
+                "file_slots",
+                self.file_slots,
+                "too many files",
+            ));
+        }
+        if self.file_slots > 0 {
+            ring.submitter()
+                .register_files_sparse(nfiles as u32)
+                .map_err(|e| {
+                    StorageError::os("IORING_REGISTER_FILES2 (sparse)", "the ring's files", e)
+                })?;
+            let fds: Vec<i32> = self.files.iter().map(|f| f.raw_fd()).collect();
+            if !fds.is_empty() {
+                ring.submitter()
+                    .register_files_update(0, &fds)
+                    .map_err(|e| {
+                        StorageError::os("IORING_REGISTER_FILES_UPDATE", "the ring's files", e)
+                    })?;
+            }
+        } else if !self.files.is_empty() {
             let fds: Vec<i32> = self.files.iter().map(|f| f.raw_fd()).collect();
             ring.submitter()
                 .register_files(&fds)
                 .map_err(|e| StorageError::os("IORING_REGISTER_FILES", "the ring's files", e))?;
         }
+        let mut files: Vec<Option<Arc<DirectFile>>> = self.files.into_iter().map(Some).collect();
+        files.extend((0..self.file_slots).map(|_| None));
         Ok(Ring {
             ring,
             buffers,
             imports: (0..self.import_slots).map(|_| None).collect(),
-            files: self.files,
+            files,
             requests: HashMap::new(),
             revokes: Arc::default(),
             early_fence: self.early_fence,
@@ -239,7 +271,8 @@ pub struct Ring {
     buffers: Vec<Memory>,
     /// Imported buffers, in the slots after `buffers`.
     imports: Vec<Option<Imported>>,
-    files: Vec<Arc<DirectFile>>,
+    /// By [`FileId`]; `None`: a free slot of the sparse table.
+    files: Vec<Option<Arc<DirectFile>>>,
     /// The slot and the request of each request in flight, by user data.
     requests: HashMap<u64, (u16, Request)>,
     revokes: Revokes,
@@ -303,6 +336,7 @@ impl Ring {
             buffers: Vec::new(),
             files: Vec::new(),
             import_slots: 0,
+            file_slots: 0,
             early_fence: false,
         }
     }
@@ -319,14 +353,54 @@ impl Ring {
 
     /// A registered file.
     pub fn file(&self, id: FileId) -> Result<&Arc<DirectFile>> {
-        self.files.get(id.0 as usize).ok_or_else(|| {
-            StorageError::invalid(
+        match self.files.get(id.0 as usize) {
+            Some(Some(f)) => Ok(f),
+            _ => Err(StorageError::invalid(
                 "io_uring",
                 "file",
                 id.0,
-                format!("the ring has {} registered files", self.files.len()),
-            )
-        })
+                format!(
+                    "no file registered there (the ring has {} file slots)",
+                    self.files.len()
+                ),
+            )),
+        }
+    }
+
+    /// Register `file` in a free file slot ([`RingBuilder::file_slots`]).
+    pub fn add_file(&mut self, file: Arc<DirectFile>) -> Result<FileId> {
+        let Some(i) = self.files.iter().position(Option::is_none) else {
+            return Err(StorageError::invalid(
+                "io_uring",
+                "files",
+                self.files.len(),
+                "no free file slot (RingBuilder::file_slots)",
+            ));
+        };
+        self.ring
+            .submitter()
+            .register_files_update(i as u32, &[file.raw_fd()])
+            .map_err(|e| {
+                StorageError::os(
+                    "IORING_REGISTER_FILES_UPDATE",
+                    file.path().display().to_string(),
+                    e,
+                )
+            })?;
+        self.files[i] = Some(file);
+        Ok(FileId(i as u32))
+    }
+
+    /// Unregister file `id`: requests already queued on it keep the kernel's reference and
+    /// complete; new ones are refused.
+    pub fn remove_file(&mut self, id: FileId) -> Result<()> {
+        self.file(id)?;
+        self.ring
+            .submitter()
+            .register_files_update(id.0, &[-1])
+            .map_err(|e| StorageError::os("IORING_REGISTER_FILES_UPDATE", "a removed file", e))?;
+        self.files[id.0 as usize] = None;
+        Ok(())
     }
 
     fn buffer(&self, id: BufId) -> Result<&Memory> {
@@ -469,6 +543,73 @@ impl Ring {
                 .imports
                 .get(i - self.buffers.len())
                 .is_some_and(|s| s.as_ref().is_some_and(|im| im.att.is_some()))
+    }
+
+    /// Let go of imported buffer `id` (its slot is reused by a later import): unregistered and
+    /// detached, as after a revoke. Refused while requests on it are in flight, naming how
+    /// many; a revoked slot is released once its quiesce is done.
+    pub fn release(&mut self, id: BufId) -> Result<()> {
+        let owned = self.buffers.len();
+        let k = usize::from(id.0).wrapping_sub(owned);
+        let Some(Some(im)) = self.imports.get(k) else {
+            return Err(StorageError::invalid(
+                "release of an imported buffer",
+                "buffer",
+                id.0,
+                "no import in that slot",
+            ));
+        };
+        if im.in_flight > 0 || im.quiescing.is_some() {
+            return Err(StorageError::invalid(
+                "release of an imported buffer",
+                "buffer",
+                id.0,
+                format!(
+                    "{} request(s) in flight on it{}: reap them first",
+                    im.in_flight,
+                    if im.quiescing.is_some() {
+                        " (its revoke is being quiesced)"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+        if im.att.is_some() {
+            let empty = libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            };
+            // SAFETY: an empty iovec unregisters the slot; it names no memory.
+            unsafe {
+                self.ring
+                    .submitter()
+                    .register_buffers_update(u32::from(id.0), &[empty], None)
+            }
+            .map_err(|e| StorageError::os("IORING_REGISTER_BUFFERS_UPDATE", &im.name, e))?;
+        }
+        // Unregistered: dropping the attachment detaches it from its exporter.
+        self.imports[k] = None;
+        Ok(())
+    }
+
+    /// [`Ring::reap`] waiting at most `timeout` for one completion (none when nothing is in
+    /// flight: then it only handles the exporters' revokes).
+    pub fn reap_within(&mut self, out: &mut Vec<Completion>, timeout: Duration) -> Result<usize> {
+        if self.in_flight > 0 && !timeout.is_zero() {
+            let ts = types::Timespec::from(timeout);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(n) => self.queued = self.queued.saturating_sub(n),
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                    ) => {}
+                Err(e) => return Err(StorageError::os("io_uring_enter", "the ring", e)),
+            }
+        }
+        self.reap(out, 0)
     }
 
     /// Handle what the exporters asked for (revokes) and reap: [`Ring::reap`] without waiting.
