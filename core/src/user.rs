@@ -63,6 +63,19 @@ impl UserBuffer {
         })
     }
 
+    /// `len` bytes of page-aligned anonymous memory as such an exporter: for bounce buffers
+    /// that `O_DIRECT` and `cuMemHostRegister` need aligned (a `Vec`'s allocation is not).
+    /// [`UserBuffer::into_vec`] refuses it.
+    pub fn anonymous(name: &str, len: u64) -> Result<UserBuffer, MemoryError> {
+        let mem = Memory::anonymous(len)?;
+        Ok(UserBuffer {
+            export: Export::new(name),
+            len: mem.len() as u64,
+            mem: Some(mem),
+            unacked: AtomicBool::new(false),
+        })
+    }
+
     /// The export's name (in revoke reports and errors).
     pub fn name(&self) -> &str {
         self.export.name()

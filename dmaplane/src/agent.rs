@@ -325,6 +325,7 @@ impl AgentBuilder {
                 files: Mutex::new(HashMap::new()),
                 drive: Mutex::new(None),
                 fault: self.fault,
+                cuda: Mutex::new(HashMap::new()),
                 next_memory: AtomicU64::new(1),
                 pending_links: Mutex::new(HashMap::new()),
                 handshakes: Mutex::new(HashMap::new()),
@@ -444,6 +445,9 @@ pub(crate) struct Shared {
     drive: Mutex<Option<Arc<Drive>>>,
     /// The fault injected on every device of the agent (its drive's too).
     pub(crate) fault: Option<dmaplane_rdma::Fault>,
+    /// CUDA GPUs opened so far, by ordinal: one handle each, so its allocations and the host
+    /// memory it registers (bounce buffers) are known to the same copy engine.
+    cuda: Mutex<HashMap<u32, dmaplane_gpu::Gpu>>,
     next_memory: AtomicU64,
     /// Lease-link connections that arrived for a handshake under way: (nonce, path) → conn.
     pub(crate) pending_links: Mutex<HashMap<(u64, usize), dmaplane_rdma::oob::Oob>>,
@@ -481,6 +485,17 @@ impl Shared {
 
     pub(crate) fn file_entry(&self, id: u32) -> Option<Arc<FileEntry>> {
         lock(&self.files).get(&id).and_then(Weak::upgrade)
+    }
+
+    /// CUDA GPU `ordinal`, opened on first use.
+    pub(crate) fn cuda_gpu(&self, ordinal: u32) -> Result<dmaplane_gpu::Gpu> {
+        let mut c = lock(&self.cuda);
+        if let Some(g) = c.get(&ordinal) {
+            return Ok(g.clone());
+        }
+        let g = dmaplane_gpu::cuda::CudaGpu::new(ordinal)?.into_gpu();
+        c.insert(ordinal, g.clone());
+        Ok(g)
     }
 
     /// The agent's drive, opened on first use.
@@ -859,7 +874,7 @@ impl Agent {
     /// [`Error::Gpu`] when there is no driver or no such GPU.
     pub fn alloc_cuda(&self, name: &str, ordinal: u32, len: u64) -> Result<Memory> {
         check_alloc(name, len)?;
-        let gpu = dmaplane_gpu::cuda::CudaGpu::new(ordinal)?.into_gpu();
+        let gpu = self.shared.cuda_gpu(ordinal)?;
         let mem = gpu.alloc(name, len)?;
         Ok(self.memory(
             name,

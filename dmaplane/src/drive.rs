@@ -44,7 +44,7 @@ use crate::error::{Error, Result, Side};
 use crate::file::{FileEntry, StoragePath};
 use crate::memory::{Backing, Memory};
 use crate::region::Entry;
-use crate::stage::{Stage, staging};
+use crate::stage::{Stage, cuda_bounce, staging};
 use crate::sync::lock;
 
 /// Commands the agent keeps queued on its drive at most.
@@ -116,8 +116,9 @@ struct State {
     cmds: HashMap<u64, (u64, Piece)>,
     next_ud: u64,
     next_op: u64,
-    /// Imported buffers to let go of once nothing is queued on them.
-    releases: Vec<BufId>,
+    /// Imported buffers to let go of once nothing is queued on them, each with what keeps its
+    /// memory alive until then (a bounce buffer's stage).
+    releases: Vec<(BufId, Option<Arc<Stage>>)>,
     /// For the kernel engine's thread.
     jobs: VecDeque<Job>,
 }
@@ -310,7 +311,7 @@ impl Drive {
                     return Ok(i.clone());
                 }
                 if let Some(b) = i.buf {
-                    st.releases.push(b);
+                    st.releases.push((b, None));
                 }
                 st.imports.remove(&memory.id());
             }
@@ -368,7 +369,7 @@ impl Drive {
             },
             Err(why) if is_gpu => {
                 let through = self.testbed.as_ref().map_or_else(
-                    || "host memory".to_string(),
+                    || "this process's host memory, registered with cuMemHostRegister".to_string(),
                     |tb| {
                         let topo = tb.topology();
                         topo.numa_of(&device)
@@ -403,7 +404,7 @@ impl Drive {
         if let Some(old) = st.imports.insert(memory.id(), import.clone())
             && let Some(b) = old.buf
         {
-            st.releases.push(b);
+            st.releases.push((b, None));
         }
         Ok(import)
     }
@@ -491,15 +492,15 @@ impl Drive {
     /// and the GPU's copy engine, revoked with the memory.
     fn bounce(&self, shared: &Shared, memory: &Memory) -> Result<Bounce> {
         let len = BOUNCE_PIECES * self.chunk;
-        let stage = staging(shared, memory, len)?;
-        memory.track_stage(&stage);
-        let Some(dev) = self.dev else {
-            return Err(Error::setup(
-                &self.agent,
-                "a bounce buffer needs the testbed (CUDA's is not built yet)",
-            ));
+        // On the testbed host memory on the GPU's NUMA node; with CUDA this process's memory,
+        // registered with the copy engine.
+        let stage = if memory.location().device().starts_with("cuda:") {
+            cuda_bounce(shared, memory, len)?
+        } else {
+            staging(shared, memory, len)?
         };
-        let st = stage.clone();
+        memory.track_stage(&stage);
+        let (st, dev) = (stage.clone(), self.dev);
         let buf = self.attach(&stage.name, Box::new(move |i, a| st.host.attach(i, dev, a)))?;
         Ok(Bounce {
             memory: memory.id(),
@@ -644,12 +645,17 @@ impl Drive {
         }
         op.queue.clear();
         op.finished = true;
-        // Nothing of it is on the drive: its bounce buffers go now (before their memory).
-        let bufs: Vec<BufId> = op.bounces.iter().map(|b| b.buf).collect();
-        for b in bufs {
+        // Nothing of it is on the drive: its bounce buffers are let go of, each kept alive
+        // until the engine has (the kernel's ring does it on its thread).
+        let bufs: Vec<(BufId, Arc<Stage>)> = op
+            .bounces
+            .iter()
+            .map(|b| (b.buf, b.stage.clone()))
+            .collect();
+        for (b, stage) in bufs {
             match &self.engine {
                 Engine::Sim(nvme) if nvme.release(b).is_ok() => {}
-                _ => st.releases.push(b),
+                _ => st.releases.push((b, Some(stage))),
             }
         }
         if op.detached {
@@ -661,8 +667,8 @@ impl Drive {
     /// Let go of imported buffers nothing is queued on any more.
     fn release(&self, st: &mut State, ring: Option<&mut Ring>) {
         match (&self.engine, ring) {
-            (Engine::Sim(nvme), _) => st.releases.retain(|&b| nvme.release(b).is_err()),
-            (Engine::Kernel, Some(ring)) => st.releases.retain(|&b| ring.release(b).is_err()),
+            (Engine::Sim(nvme), _) => st.releases.retain(|(b, _)| nvme.release(*b).is_err()),
+            (Engine::Kernel, Some(ring)) => st.releases.retain(|(b, _)| ring.release(*b).is_err()),
             (Engine::Kernel, None) => {}
         }
     }

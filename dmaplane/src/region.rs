@@ -134,7 +134,7 @@ impl Entry {
                     };
                     let mr = nic
                         .pd
-                        .import(&st.name, opts, None, |i, a| st.host.attach(i, id, a))?;
+                        .import(&st.name, opts, None, |i, a| st.host.attach(i, Some(id), a))?;
                     let path = NicPath::Staged {
                         nic: nic.name.clone(),
                         through: st.through.clone(),

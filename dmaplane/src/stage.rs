@@ -36,12 +36,49 @@ use crate::memory::{Backing, Memory};
 /// the copy engine's view before the buffer.
 pub(crate) struct Stage {
     pub(crate) view: PeerMemory,
-    pub(crate) host: HostMemory,
+    pub(crate) host: StageHost,
     pub(crate) gpu: Gpu,
     /// The host-memory device it lives on.
     pub(crate) through: String,
     /// The buffer's name (`<memory>-staging`).
     pub(crate) name: String,
+}
+
+/// The host side of a staging or bounce buffer.
+pub(crate) enum StageHost {
+    /// Host memory of the simulated testbed, reached by bus address.
+    Fabric(HostMemory),
+    /// Page-aligned memory of this process, reached by its address: what a real GPU's copy
+    /// engine registers (`cuMemHostRegister`) and the kernel's `O_DIRECT` reads into.
+    User(dmaplane_core::user::UserBuffer),
+}
+
+impl StageHost {
+    /// Attach `importer`: by bus address for `dev` on the fabric, else by process address.
+    pub(crate) fn attach(
+        &self,
+        importer: Arc<dyn dmaplane_core::revoke::Importer>,
+        dev: Option<dmaplane_core::fabric::DeviceId>,
+        accepts: &[dmaplane_core::Accept],
+    ) -> std::result::Result<dmaplane_core::Attachment, dmaplane_core::AttachError> {
+        match (self, dev) {
+            (StageHost::Fabric(h), Some(dev)) => h.attach(importer, dev, accepts),
+            (StageHost::Fabric(h), None) => Err(dmaplane_core::AttachError::Exporter {
+                export: dmaplane_core::Exporter::name(h).to_string(),
+                what: "fabric host memory needs the importer's fabric device".into(),
+            }),
+            (StageHost::User(u), _) => u.attach(importer, accepts),
+        }
+    }
+
+    /// Revoke every importer of it.
+    pub(crate) fn revoke(&self, deadline: std::time::Duration) -> dmaplane_core::RevokeReport {
+        use dmaplane_core::Exporter;
+        match self {
+            StageHost::Fabric(h) => h.revoke(deadline),
+            StageHost::User(u) => u.revoke(deadline),
+        }
+    }
 }
 
 impl Stage {
@@ -115,9 +152,39 @@ pub(crate) fn staging(shared: &Shared, memory: &Memory, len: u64) -> Result<Arc<
     let view = gpu.import(&name, ImporterKind::Pinned, |i, a| host.attach(i, gdev, a))?;
     Ok(Arc::new(Stage {
         view,
-        host,
+        host: StageHost::Fabric(host),
         gpu,
         through,
+        name,
+    }))
+}
+
+/// A bounce buffer of `len` bytes for CUDA `memory` (on `cuda:N`): page-aligned host memory of
+/// this process, registered with the GPU's copy engine (`cuMemHostRegister`), which the
+/// kernel's `O_DIRECT` reads fill and writes drain.
+pub(crate) fn cuda_bounce(shared: &Shared, memory: &Memory, len: u64) -> Result<Arc<Stage>> {
+    let device = memory.location().device();
+    let what = || format!("bounce buffer for {}", memory.name());
+    let Some(ordinal) = device
+        .strip_prefix("cuda:")
+        .and_then(|n| n.parse::<u32>().ok())
+    else {
+        return Err(Error::setup(
+            &what(),
+            format!("{device} is not a CUDA GPU (cuda:N)"),
+        ));
+    };
+    // The handle that allocated the memory: its copy engine knows both sides.
+    let gpu = shared.cuda_gpu(ordinal)?;
+    let name = format!("{}-bounce", memory.name());
+    let user = dmaplane_core::user::UserBuffer::anonymous(&name, len)
+        .map_err(|e| Error::setup(&what(), e.to_string()))?;
+    let view = gpu.import(&name, ImporterKind::Pinned, |i, a| user.attach(i, a))?;
+    Ok(Arc::new(Stage {
+        view,
+        host: StageHost::User(user),
+        gpu,
+        through: "host memory (cuMemHostRegister)".into(),
         name,
     }))
 }

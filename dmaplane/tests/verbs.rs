@@ -335,3 +335,68 @@ fn files_are_read_into_udmabuf_memory_through_io_uring() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// CUDA memory and files, through this host's kernel: the CUDA bounce pipeline — O_DIRECT reads
+/// with io_uring into page-aligned host memory registered with the copy engine
+/// (`cuMemHostRegister`), each piece copied on by the copy engine while the next is read (two
+/// pieces) — and back; then the GPU memory freed under a read ends it with the typed revoke.
+/// Needs a CUDA driver (the qemu testbed runs it against its fake libcuda); without one it
+/// says so and passes, unless `DMAPLANE_REQUIRE_CUDA=1`.
+#[test]
+fn files_are_read_into_cuda_memory_through_a_registered_bounce() {
+    let Some(a) = agent("cuda-files") else { return };
+    const N: u64 = 8 << 20;
+    let w = match a.alloc_cuda("cuda-weights", 0, N) {
+        Ok(w) => w,
+        Err(e) => {
+            assert!(
+                std::env::var("DMAPLANE_REQUIRE_CUDA").as_deref() != Ok("1"),
+                "DMAPLANE_REQUIRE_CUDA=1 but no CUDA memory: {e}"
+            );
+            eprintln!("skipped: no CUDA: {e}");
+            return;
+        }
+    };
+    let dir = std::env::temp_dir().join(format!("dmaplane-verbs-cuda-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("shard.bin");
+    let data = pattern(N);
+    std::fs::write(&path, &data).unwrap();
+    let f = a
+        .register_file(
+            &dmaplane::FileSpec::new(&path)
+                .writable()
+                .buffered_fallback(),
+        )
+        .unwrap();
+    let r = a.register(&w).unwrap();
+    let t = a.read_file(&[f.all()], &[r.all()]).unwrap();
+    assert_eq!(t.wait(T).unwrap(), N);
+    eprintln!("paths: {:?}", t.paths());
+    assert!(t.paths()[0].is_bounced(), "{:?}", t.paths());
+    let mut got = vec![0u8; N as usize];
+    w.read(0, &mut got).unwrap();
+    assert!(got == data, "the file's bytes did not land in CUDA memory");
+    w.write(0, &[0x3c; 1 << 20]).unwrap();
+    a.write_file(
+        &[r.desc(0, 1 << 20).unwrap()],
+        &[f.desc(0, 1 << 20).unwrap()],
+    )
+    .unwrap()
+    .wait(T)
+    .unwrap();
+    assert_eq!(
+        &std::fs::read(&path).unwrap()[..1 << 20],
+        &[0x3c; 1 << 20][..]
+    );
+    let t = a.read_file(&[f.all()], &[r.all()]).unwrap();
+    w.free(Duration::from_secs(10)).unwrap();
+    match t.wait(T) {
+        Err(Error::Revoked {
+            side: Side::Local, ..
+        }) => {}
+        Ok(n) => assert_eq!(n, N),
+        Err(e) => panic!("the read under the free: {e}"),
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

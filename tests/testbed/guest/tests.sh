@@ -177,6 +177,9 @@ step agent-verbs env DMAPLANE_REQUIRE_RDMA=1 DMAPLANE_REQUIRE_DMABUF=1 DMAPLANE_
 # gpu/src/cuda/fake_libcuda.c, /testbed/bin/libcuda.so.1; its dma-buf handle is refused, so the
 # negotiation registers the device VA through ibv_reg_mr, as with nvidia-peermem) freed under WRITE
 # traffic from a second process; every freed block whole, nothing after the ack.
+# Files into CUDA memory (the fake driver) on verbs: O_DIRECT through io_uring into a
+# cuMemHostRegister'ed bounce, then the copy engine.
+step agent-verbs-cuda-files env LD_LIBRARY_PATH=/testbed/bin DMAPLANE_REQUIRE_CUDA=1 DMAPLANE_REQUIRE_RDMA=1 DMAPLANE_RDMA_DEVICE=rxe0 dmaplane-verbs --test-threads=1 --nocapture cuda_memory
 step stress-revoke-cuda env LD_LIBRARY_PATH=/testbed/bin dmaplane stress revoke --backend verbs --exporter cuda --device rxe0 --qps 4 --size 65536 --revokes 10 --seconds 0 --deadline-ms 5000
 step stress-revoke-cuda-inject expect_caught_cuda ack-then-write
 step stress-revoke-cuda-inject-ignore expect_caught_cuda ignore-lease-revoke
