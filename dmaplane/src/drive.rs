@@ -69,6 +69,11 @@ pub(crate) struct Drive {
     finished: Condvar,
     /// The kernel engine's thread waits here for work.
     work: Condvar,
+    /// For the kernel engine's thread. Its own lock, taken after `st` or alone (never the
+    /// other way): a file registration dropped under `st` queues its removal here.
+    jobs: Mutex<VecDeque<Job>>,
+    /// Held across an import (look-up, attach, insert): one memory is imported once.
+    importing: Mutex<()>,
 }
 
 /// What moves the bytes.
@@ -119,8 +124,11 @@ struct State {
     /// Imported buffers to let go of once nothing is queued on them, each with what keeps its
     /// memory alive until then (a bounce buffer's stage).
     releases: Vec<(BufId, Option<Arc<Stage>>)>,
-    /// For the kernel engine's thread.
-    jobs: VecDeque<Job>,
+    /// Pieces and transfers done with, dropped only once `st` is unlocked: their last
+    /// references (a file registration, a memory, a bounce buffer) may revoke importers or
+    /// queue jobs, which must not happen under it.
+    trash: Vec<Piece>,
+    trash_ops: Vec<Op>,
 }
 
 #[derive(Clone)]
@@ -224,6 +232,8 @@ impl Drive {
             st: Mutex::new(State::default()),
             finished: Condvar::new(),
             work: Condvar::new(),
+            jobs: Mutex::new(VecDeque::new()),
+            importing: Mutex::new(()),
         });
         let weak = Arc::downgrade(&d);
         std::thread::Builder::new()
@@ -242,7 +252,7 @@ impl Drive {
         job: impl FnOnce(std::sync::mpsc::Sender<std::result::Result<T, StorageError>>) -> Job,
     ) -> Result<T> {
         let (tx, rx) = std::sync::mpsc::channel();
-        lock(&self.st).jobs.push_back(job(tx));
+        lock(&self.jobs).push_back(job(tx));
         self.work.notify_all();
         match rx.recv_timeout(Duration::from_secs(30)) {
             Ok(r) => Ok(r?),
@@ -265,9 +275,13 @@ impl Drive {
 
     pub(crate) fn remove_file(&self, id: FileId) {
         match &self.engine {
-            Engine::Sim(nvme) => nvme.remove_file(id),
+            Engine::Sim(nvme) => {
+                if let Err(e) = nvme.remove_file(id) {
+                    tracing::warn!(drive = %self.name, error = %e, "closing a file on the drive");
+                }
+            }
             Engine::Kernel => {
-                lock(&self.st).jobs.push_back(Job::RemoveFile(id));
+                lock(&self.jobs).push_back(Job::RemoveFile(id));
                 self.work.notify_all();
             }
         }
@@ -292,7 +306,16 @@ impl Drive {
         }
     }
 
-    fn is_kernel(&self) -> bool {
+    /// Unlock `st`, then drop what it set aside.
+    fn unlock(&self, mut st: std::sync::MutexGuard<'_, State>) {
+        let trash = std::mem::take(&mut st.trash);
+        let ops = std::mem::take(&mut st.trash_ops);
+        drop(st);
+        drop(trash);
+        drop(ops);
+    }
+
+    pub(crate) fn is_kernel(&self) -> bool {
         matches!(self.engine, Engine::Kernel)
     }
 
@@ -303,6 +326,7 @@ impl Drive {
     }
 
     fn import(&self, _shared: &Shared, memory: &Memory) -> Result<Import> {
+        let _one = lock(&self.importing);
         let epoch = memory.with_backing(|b| Ok(b.epoch()))?;
         {
             let mut st = lock(&self.st);
@@ -420,6 +444,68 @@ impl Drive {
         let mut paths = Vec::new();
         let mut queue = VecDeque::new();
         let mut total = 0u64;
+        let built = self.plan(
+            shared,
+            pairs,
+            &mut bounces,
+            &mut paths,
+            &mut queue,
+            &mut total,
+        );
+        if let Err(e) = built {
+            // The bounce buffers made so far go, once the engine has let go of them.
+            let mut st = lock(&self.st);
+            for b in bounces {
+                st.releases.push((b.buf, Some(b.stage)));
+            }
+            self.unlock(st);
+            return Err(e);
+        }
+        if queue.is_empty() {
+            return Err(Error::invalid(
+                format!("file I/O of agent {}", self.agent),
+                "descriptors",
+                0,
+                "nothing to move",
+            ));
+        }
+        let mut st = lock(&self.st);
+        let id = st.next_op;
+        st.next_op += 1;
+        st.ops.insert(
+            id,
+            Op {
+                write,
+                queue,
+                in_flight: 0,
+                moved: 0,
+                error: None,
+                bounces,
+                detached: false,
+                finished: false,
+            },
+        );
+        self.pump(&mut st, None);
+        self.unlock(st);
+        self.finished.notify_all();
+        Ok(FileTransfer {
+            drive: self.clone(),
+            id,
+            total,
+            paths,
+        })
+    }
+
+    /// Import every pair's memory (or make its bounce buffer) and cut the pairs into pieces.
+    fn plan(
+        &self,
+        shared: &Shared,
+        pairs: Vec<Pair>,
+        bounces: &mut Vec<Bounce>,
+        paths: &mut Vec<StoragePath>,
+        queue: &mut VecDeque<Piece>,
+        total: &mut u64,
+    ) -> Result<()> {
         for Pair {
             file,
             at,
@@ -459,33 +545,9 @@ impl Drive {
                 });
                 done += n;
             }
-            total += len;
+            *total += len;
         }
-        let mut st = lock(&self.st);
-        let id = st.next_op;
-        st.next_op += 1;
-        st.ops.insert(
-            id,
-            Op {
-                write,
-                queue,
-                in_flight: 0,
-                moved: 0,
-                error: None,
-                bounces,
-                detached: false,
-                finished: false,
-            },
-        );
-        self.pump(&mut st, None);
-        drop(st);
-        self.finished.notify_all();
-        Ok(FileTransfer {
-            drive: self.clone(),
-            id,
-            total,
-            paths,
-        })
+        Ok(())
     }
 
     /// A bounce buffer for `memory` (GPU memory the drive cannot reach), imported by the drive
@@ -597,6 +659,9 @@ impl Drive {
                     Err(e) => {
                         free_slot(op, &p);
                         fail(op, e);
+                        let left: Vec<Piece> = op.queue.drain(..).collect();
+                        st.trash.extend(left);
+                        st.trash.push(p);
                         self.settle(st, id);
                         break;
                     }
@@ -632,6 +697,11 @@ impl Drive {
             Ok(()) => op.moved += p.len,
             Err(e) => fail(op, e),
         }
+        if op.error.is_some() {
+            let left: Vec<Piece> = op.queue.drain(..).collect();
+            st.trash.extend(left);
+        }
+        st.trash.push(p);
         self.settle(st, id);
     }
 
@@ -643,7 +713,7 @@ impl Drive {
         if op.in_flight > 0 || (op.error.is_none() && !op.queue.is_empty()) {
             return;
         }
-        op.queue.clear();
+        let left: Vec<Piece> = op.queue.drain(..).collect();
         op.finished = true;
         // Nothing of it is on the drive: its bounce buffers are let go of, each kept alive
         // until the engine has (the kernel's ring does it on its thread).
@@ -658,8 +728,11 @@ impl Drive {
                 _ => st.releases.push((b, Some(stage))),
             }
         }
-        if op.detached {
-            st.ops.remove(&id);
+        st.trash.extend(left);
+        if st.ops.get(&id).is_some_and(|o| o.detached)
+            && let Some(op) = st.ops.remove(&id)
+        {
+            st.trash_ops.push(op);
         }
         self.finished.notify_all();
     }
@@ -711,11 +784,12 @@ fn free_slot(op: &mut Op, p: &Piece) {
     }
 }
 
+/// The first error ends the transfer: what is not on the drive yet never goes (the caller
+/// sets those pieces aside).
 fn fail(op: &mut Op, e: Error) {
     if op.error.is_none() {
         op.error = Some(e);
     }
-    op.queue.clear();
 }
 
 /// A revoke if the piece's memory was revoked (what made the copy fail), else `e`.
@@ -820,6 +894,7 @@ fn reaper(weak: &Weak<Drive>) {
         }
         d.pump(&mut st, None);
         d.release(&mut st, None);
+        d.unlock(st);
     }
 }
 
@@ -828,25 +903,37 @@ fn reaper(weak: &Weak<Drive>) {
 const RING_WAIT: Duration = Duration::from_millis(1);
 const RING_IDLE: Duration = Duration::from_millis(5);
 
-/// The kernel engine's thread: it owns the ring — runs the jobs, queues the transfers'
-/// pieces, reaps (which also quiesces revoked imports) — until the agent lets go of the drive;
-/// then the ring drains as it drops.
+/// The kernel engine's thread: it owns the ring — lets go of imports nothing uses any more,
+/// runs the jobs, queues the transfers' pieces, reaps (which also quiesces revoked imports) —
+/// until the agent lets go of the drive; then the ring drains as it drops.
 fn ring_thread(weak: &Weak<Drive>, mut ring: Ring) {
     let mut out = Vec::new();
     loop {
         let Some(d) = weak.upgrade() else { return };
+        // Releases first: a job's import may take a slot a release would then unregister.
         let mut st = lock(&d.st);
-        while let Some(job) = st.jobs.pop_front() {
+        d.release(&mut st, Some(&mut ring));
+        d.unlock(st);
+        let jobs: Vec<Job> = lock(&d.jobs).drain(..).collect();
+        for job in jobs {
             match job {
                 Job::Import {
                     name,
                     attach,
                     reply,
                 } => {
-                    let _ = reply.send(ring.import(&name, attach));
+                    if let Err(std::sync::mpsc::SendError(Ok(b))) =
+                        reply.send(ring.import(&name, attach))
+                    {
+                        // Nobody waits for it any more (the asker timed out): let it go.
+                        let _ = ring.release(b);
+                    }
                 }
                 Job::AddFile { file, reply } => {
-                    let _ = reply.send(ring.add_file(file));
+                    if let Err(std::sync::mpsc::SendError(Ok(id))) = reply.send(ring.add_file(file))
+                    {
+                        let _ = ring.remove_file(id);
+                    }
                 }
                 Job::RemoveFile(id) => {
                     if let Err(e) = ring.remove_file(id) {
@@ -855,10 +942,10 @@ fn ring_thread(weak: &Weak<Drive>, mut ring: Ring) {
                 }
             }
         }
+        let mut st = lock(&d.st);
         d.pump(&mut st, Some(&mut ring));
-        d.release(&mut st, Some(&mut ring));
         let idle = ring.in_flight() == 0;
-        if idle {
+        if idle && lock(&d.jobs).is_empty() {
             // Nothing in flight: sleep until work comes, then look at revokes anyway.
             st = d
                 .work
@@ -866,7 +953,7 @@ fn ring_thread(weak: &Weak<Drive>, mut ring: Ring) {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        drop(st);
+        d.unlock(st);
         let reaped = ring.reap_within(&mut out, if idle { Duration::ZERO } else { RING_WAIT });
         let mut st = lock(&d.st);
         if let Err(e) = reaped {
@@ -875,6 +962,7 @@ fn ring_thread(weak: &Weak<Drive>, mut ring: Ring) {
         for c in out.drain(..) {
             d.complete(&mut st, &c);
         }
+        d.unlock(st);
     }
 }
 
@@ -962,11 +1050,14 @@ impl Drop for FileTransfer {
         let mut st = lock(&self.drive.st);
         match st.ops.get_mut(&self.id) {
             Some(op) if op.finished => {
-                st.ops.remove(&self.id);
+                if let Some(op) = st.ops.remove(&self.id) {
+                    st.trash_ops.push(op);
+                }
             }
             Some(op) => op.detached = true,
             None => {}
         }
+        self.drive.unlock(st);
     }
 }
 
@@ -989,17 +1080,27 @@ pub(crate) fn serve(
             "published read-only: register it with FileSpec::writable",
         ));
     }
-    if at + off + len > file.len {
+    // The peer chose these: checked before anything is computed from them.
+    let published = region.len.min(file.len.saturating_sub(at));
+    if len == 0 || off.checked_add(len).is_none_or(|end| end > published) {
         return Err(Error::invalid(
             format!("peer's {op} of {}", file.path.display()),
             "range",
             format!("[{off:#x}, +{len:#x})"),
-            format!("outside the published {} bytes", file.len - at),
+            format!("outside the published {published} bytes (or empty)"),
+        ));
+    }
+    if file.closed.load(std::sync::atomic::Ordering::Acquire) {
+        return Err(Error::invalid(
+            format!("peer's {op} of {}", file.path.display()),
+            "file region",
+            file.id,
+            "it was deregistered",
         ));
     }
     let file_at = file.base + at + off;
     let mem_off = region.base + off;
-    file.check(op, file_at, len, mem_off)?;
+    file.check(op, file_at, len, mem_off, s.drive()?.is_kernel())?;
     let pair = Pair {
         file: file.clone(),
         at: file_at,
@@ -1115,7 +1216,7 @@ pub(crate) fn resolve(
         }
         let at = fe.base + f.offset;
         let mem_off = me.base + m.offset;
-        fe.check(op, at, f.len, mem_off)?;
+        fe.check(op, at, f.len, mem_off, shared.drive()?.is_kernel())?;
         out.push(Pair {
             file: fe,
             at,

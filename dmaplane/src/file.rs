@@ -128,15 +128,34 @@ impl FileEntry {
     }
 
     /// Refuse a request `O_DIRECT` could not do: file offset `at` (absolute), `len` bytes, to or
-    /// from memory offset `mem_off`. A request ending where the file ends may be of any length
-    /// (the device reads whole blocks and the read comes back short).
-    pub(crate) fn check(&self, op: &str, at: u64, len: u64, mem_off: u64) -> Result<()> {
+    /// from memory offset `mem_off`. On the simulated drive a request ending where the file
+    /// ends may be of any length (it reads exactly); the kernel's `O_DIRECT` moves whole blocks,
+    /// which would run past the descriptor, so there (`kernel`) the tail must be aligned too and
+    /// the error says so.
+    pub(crate) fn check(
+        &self,
+        op: &str,
+        at: u64,
+        len: u64,
+        mem_off: u64,
+        kernel: bool,
+    ) -> Result<()> {
         let a = u64::from(self.direct.align().offset);
-        let len = if at + len == self.file_len {
-            len.div_ceil(a) * a
-        } else {
-            len
-        };
+        let tail = at + len == self.file_len && !len.is_multiple_of(a);
+        if tail && kernel && self.direct.is_direct() {
+            return Err(Error::invalid(
+                format!("{op} of {}", self.path.display()),
+                "len",
+                format!("{len:#x}"),
+                format!(
+                    "the file's last {} bytes are not a whole {a}-byte block, and O_DIRECT moves \
+                     whole blocks: pad the file to a multiple of {a}, or register it with \
+                     FileSpec::buffered_fallback on a file system without O_DIRECT",
+                    self.file_len % a
+                ),
+            ));
+        }
+        let len = if tail { len.div_ceil(a) * a } else { len };
         self.direct.check(op, at, len, mem_off).map_err(Error::from)
     }
 }

@@ -141,12 +141,21 @@ pub fn load(
         Ok(())
     })();
     if let Err(e) = run {
-        // Nothing of the load keeps moving once it returns: each started part ends first.
+        // Nothing of the load keeps moving once it returns: each started part ends first
+        // (a wait that times out is waited again, up to ten times).
         for r in reads {
-            let _ = r.wait(timeout);
+            for _ in 0..10 {
+                if !matches!(r.wait(timeout), Err(Error::WaitTimeout { .. })) {
+                    break;
+                }
+            }
         }
         for t in sends {
-            let _ = t.wait(timeout);
+            for _ in 0..10 {
+                if !matches!(t.wait_sleeping(timeout), Err(Error::WaitTimeout { .. })) {
+                    break;
+                }
+            }
         }
         return Err(e);
     }
@@ -176,6 +185,21 @@ fn check(shards: &[Shard], slots: &[Desc]) -> Result<()> {
         ));
     }
     let room = slots.iter().map(|d| d.len).min().unwrap_or(0);
+    for (i, a) in slots.iter().enumerate() {
+        for b in &slots[i + 1..] {
+            if a.region == b.region && a.offset < b.offset + b.len && b.offset < a.offset + a.len {
+                return Err(Error::invalid(
+                    "load",
+                    "slots",
+                    format!(
+                        "[{:#x}, +{:#x}) and [{:#x}, +{:#x}) of region {}",
+                        a.offset, a.len, b.offset, b.len, a.region
+                    ),
+                    "slots overlap: a read would land in a slot a send is reading",
+                ));
+            }
+        }
+    }
     for (i, sh) in shards.iter().enumerate() {
         if sh.file.len != sh.remote.len {
             return Err(Error::invalid(

@@ -634,3 +634,63 @@ fn a_ring_that_fences_early_is_caught_by_the_poison() {
     }
     panic!("an early fence was never caught: the poison cannot fail here");
 }
+
+#[test]
+fn a_file_let_go_of_mid_read_leaves_the_kernel_engine_working() {
+    if !io_uring_usable() {
+        return;
+    }
+    // The last references to a file registration and to a transfer dropped while its pieces
+    // are on the ring: they go on the ring's thread, which must not lock itself out. A
+    // deadlock there would hang every wait (they take the drive's lock), so the body runs on
+    // its own thread and a minute without it finishing fails the test.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let_go_mid_read();
+        let _ = tx.send(());
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(()) => {}
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("the kernel engine locked itself out (deadlock)")
+        }
+        Err(e) => panic!("the test body panicked: {e}"),
+    }
+}
+
+fn let_go_mid_read() {
+    let tb = Testbed::builtin().unwrap();
+    let a = kernel_agent(&tb, "nic2", None);
+    let (p, data) = shard("file-kernel-drop", 14, 16 * MIB);
+    let m = a.alloc_host("m", 16 * MIB).unwrap();
+    let r = a.register(&m).unwrap();
+    for _ in 0..5 {
+        let f = a.register_file(&FileSpec::new(&p)).unwrap();
+        let t = a.read_file(&[f.all()], &[r.all()]).unwrap();
+        a.deregister_file(&f);
+        drop(f);
+        drop(t);
+    }
+    let f = a.register_file(&FileSpec::new(&p)).unwrap();
+    let t = a.read_file(&[f.all()], &[r.all()]).unwrap();
+    assert_eq!(t.wait(T).unwrap(), 16 * MIB, "the engine is stuck");
+    let mut got = vec![0u8; data.len()];
+    m.read(0, &mut got).unwrap();
+    assert!(got == data);
+    // A tail that is not a whole block: the kernel's O_DIRECT would move the whole block, past
+    // the descriptor, so it is refused saying so.
+    let (q, _) = shard("file-kernel-tail", 15, MIB + 100);
+    let g = a.register_file(&FileSpec::new(&q)).unwrap();
+    if g.is_direct() {
+        let e = a
+            .read_file(&[g.desc(MIB, 100).unwrap()], &[r.desc(0, 100).unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("not a whole") && e.contains("pad the file"),
+            "{e}"
+        );
+    }
+    std::fs::remove_file(&p).unwrap();
+    std::fs::remove_file(&q).unwrap();
+}

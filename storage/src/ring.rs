@@ -395,6 +395,8 @@ impl Ring {
     /// complete; new ones are refused.
     pub fn remove_file(&mut self, id: FileId) -> Result<()> {
         self.file(id)?;
+        // Entries queued but not submitted resolve the slot when submitted: submit them first.
+        self.submit()?;
         self.ring
             .submitter()
             .register_files_update(id.0, &[-1])

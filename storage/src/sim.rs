@@ -44,6 +44,8 @@ pub const RATE: u64 = 7_000_000_000;
 /// Lead over the paced timeline the engine tolerates before it sleeps (below the timer's
 /// granularity a sleep would overshoot).
 const PACE_SLACK: Duration = Duration::from_micros(100);
+/// The longest the engine sleeps between looks at a revoke while it paces.
+const PACE_NAP: Duration = Duration::from_millis(1);
 /// Commands queued at most (submissions past it are refused, naming the depth).
 const QUEUE_DEPTH: usize = 1024;
 
@@ -68,6 +70,9 @@ struct Cmd {
 
 #[derive(Debug)]
 struct Buf {
+    /// Which import of the slot it is: an importer's revoke is matched against it, as slots
+    /// are reused.
+    import: u64,
     name: String,
     ranges: Vec<DmaRange>,
     len: u64,
@@ -84,6 +89,8 @@ struct State {
     running: Option<u16>,
     done: Vec<Completion>,
     bufs: Vec<Option<Buf>>,
+    /// Imports made so far (each one's generation).
+    imports: u64,
     /// The files opened on the drive, by [`FileId`]; `None` once removed.
     files: Vec<Option<Media>>,
     stop: bool,
@@ -216,11 +223,24 @@ impl SimNvme {
             .map_err(|_| StorageError::invalid("simulated NVMe", "files", id, "too many files"))
     }
 
-    /// Close file `id` on the drive. Commands already queued on it still run (they hold it).
-    pub fn remove_file(&self, id: FileId) {
-        if let Some(slot) = lock(&self.shared.state).files.get_mut(id.0 as usize) {
+    /// Close file `id` on the drive. Commands queued on it that have not started complete with
+    /// `-EBADF`; refused while any is queued, so a later [`SimNvme::add_file`] reusing the id
+    /// cannot receive them.
+    pub fn remove_file(&self, id: FileId) -> Result<()> {
+        let mut st = lock(&self.shared.state);
+        let queued = st.queue.iter().filter(|c| c.file == id).count();
+        if queued > 0 {
+            return Err(StorageError::invalid(
+                "simulated NVMe",
+                "file",
+                id.0,
+                format!("{queued} command(s) queued on it: reap them first"),
+            ));
+        }
+        if let Some(slot) = st.files.get_mut(id.0 as usize) {
             *slot = None;
         }
+        Ok(())
     }
 
     /// Forget imported buffer `buf` (its slot is reused by a later import): the importer lets go
@@ -263,7 +283,9 @@ impl SimNvme {
             name: name.to_string(),
             why,
         };
-        let slot = {
+        // The slot is reserved (an empty buffer no command fits in) before the exporter is
+        // asked, so a concurrent import cannot take it too.
+        let (slot, import) = {
             let mut st = lock(&self.shared.state);
             let free = st.bufs.iter().position(Option::is_none);
             let slot = free.unwrap_or(st.bufs.len());
@@ -273,26 +295,50 @@ impl SimNvme {
             if free.is_none() {
                 st.bufs.push(None);
             }
-            slot as u16
+            st.imports += 1;
+            let import = st.imports;
+            st.bufs[slot] = Some(Buf {
+                import,
+                name: name.to_string(),
+                ranges: Vec::new(),
+                len: 0,
+                att: None,
+                revoked: None,
+                fence: None,
+            });
+            (slot as u16, import)
         };
         let importer = Arc::new(NvmeImporter {
             name: format!("{}/{name}", self.shared.name),
             slot,
+            import,
             shared: Arc::downgrade(&self.shared),
         });
-        let att = attach(importer, &Self::accepts()).map_err(|e| err(e.to_string()))?;
-        let map = att.map().map_err(|e| err(e.to_string()))?;
-        let ranges = map.list.ranges().to_vec();
-        let len = map.list.total_len();
-        lock(&self.shared.state).bufs[usize::from(slot)] = Some(Buf {
-            name: name.to_string(),
-            ranges,
-            len,
-            att: Some(att),
-            revoked: None,
-            fence: None,
-        });
-        Ok(BufId(slot))
+        let mapped = attach(importer, &Self::accepts())
+            .map_err(|e| err(e.to_string()))
+            .and_then(|att| {
+                let map = att.map().map_err(|e| err(e.to_string()))?;
+                Ok((att, map))
+            });
+        let mut st = lock(&self.shared.state);
+        let Some(Some(b)) = st.bufs.get_mut(usize::from(slot)) else {
+            return Err(err("the reserved slot went".into()));
+        };
+        match mapped {
+            // A revoke that came in during the attach marked the reservation: keep it revoked.
+            Ok((att, map)) => {
+                b.ranges = map.list.ranges().to_vec();
+                b.len = map.list.total_len();
+                if b.revoked.is_none() {
+                    b.att = Some(att);
+                }
+                Ok(BufId(slot))
+            }
+            Err(e) => {
+                st.bufs[usize::from(slot)] = None;
+                Err(e)
+            }
+        }
     }
 
     /// Queue a read of `len` bytes of `file` at `at` into `buf` at `buf_off`.
@@ -439,6 +485,8 @@ impl Drop for SimNvme {
 struct NvmeImporter {
     name: String,
     slot: u16,
+    /// The import it is ([`Buf::import`]): a slot reused since is not its own.
+    import: u64,
     shared: Weak<Shared>,
 }
 
@@ -462,6 +510,13 @@ impl Importer for NvmeImporter {
             inv.fence.signal();
         }
         let mut st = lock(&sh.state);
+        if !matches!(st.bufs.get(usize::from(self.slot)), Some(Some(b)) if b.import == self.import)
+        {
+            // Released (or replaced) already: nothing of this import can execute.
+            drop(st);
+            inv.fence.signal();
+            return;
+        }
         // Commands on it that have not started never will.
         let mut cancelled = Vec::new();
         st.queue.retain(|c| {
@@ -625,14 +680,19 @@ fn execute(sh: &Shared, media: &std::fs::File, c: &Cmd, free_at: &mut Instant) -
             done += k;
         }
         moved += n;
-        pace(sh, n, free_at);
+        pace(
+            sh,
+            n,
+            free_at,
+            || matches!(lock(&sh.state).bufs.get(usize::from(c.slot)), Some(Some(b)) if b.revoked.is_some()),
+        );
     }
     i32::try_from(moved).unwrap_or(i32::MAX)
 }
 
 /// Hold the engine to the drive's rate: `n` more bytes moved puts the drive's timeline
 /// `n / rate` later; the engine sleeps while it is ahead of it.
-fn pace(sh: &Shared, n: u64, free_at: &mut Instant) {
+fn pace(sh: &Shared, n: u64, free_at: &mut Instant, revoked: impl Fn() -> bool) {
     let rate = sh.rate.load(std::sync::atomic::Ordering::Relaxed);
     if rate == 0 {
         return;
@@ -640,8 +700,12 @@ fn pace(sh: &Shared, n: u64, free_at: &mut Instant) {
     let now = Instant::now();
     let floor = now.checked_sub(PACE_SLACK).unwrap_or(now);
     *free_at = (*free_at).max(floor) + Duration::from_secs_f64(n as f64 / rate as f64);
-    if *free_at > now + PACE_SLACK {
-        std::thread::sleep(*free_at - now);
+    // In short naps, so a revoke waiting for this command is looked at soon.
+    while Instant::now() + PACE_SLACK < *free_at {
+        if revoked() {
+            return;
+        }
+        std::thread::sleep((*free_at - Instant::now()).min(PACE_NAP));
     }
 }
 

@@ -237,3 +237,37 @@ fn bad_commands_are_refused_naming_the_field() {
     drop(d);
     std::fs::remove_file(&path).unwrap();
 }
+
+#[test]
+fn concurrent_imports_get_distinct_slots() {
+    let f = Fabric::with_topology(builtin::testbed());
+    let d = Arc::new(SimNvme::new(&f, "nvme0").unwrap());
+    let mems: Vec<Arc<HostMemory>> = (0..8)
+        .map(|i| {
+            Arc::new(
+                HostMemory::new(&f, f.device("mem0").unwrap(), &format!("m{i}"), 1 << 20).unwrap(),
+            )
+        })
+        .collect();
+    for _round in 0..20 {
+        let barrier = Arc::new(std::sync::Barrier::new(mems.len()));
+        let ids: Vec<u16> = std::thread::scope(|s| {
+            let hs: Vec<_> = mems
+                .iter()
+                .map(|m| {
+                    let (d, m, barrier) = (d.clone(), m.clone(), barrier.clone());
+                    s.spawn(move || {
+                        barrier.wait();
+                        d.import("m", |i, a| m.attach(i, d.device(), a)).unwrap().0
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let set: std::collections::BTreeSet<u16> = ids.iter().copied().collect();
+        assert_eq!(set.len(), ids.len(), "two imports got one slot: {ids:?}");
+        for id in ids {
+            d.release(dmaplane_storage::BufId(id)).unwrap();
+        }
+    }
+}
