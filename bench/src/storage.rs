@@ -216,7 +216,9 @@ fn fill(path: &Path, size: u64) -> Result<()> {
 /// reused by the request that completes in it.
 fn ring_side(file: &Arc<DirectFile>, size: u64, w: Workload, time: Duration) -> Result<Side> {
     let depth = w.depth.next_power_of_two();
+    // Built and reaped on this thread only, as fio's ring is (SINGLE_ISSUER, DEFER_TASKRUN).
     let mut ring = Ring::builder()
+        .single_issuer(true)
         .depth(depth)
         .buffer(u64::from(w.depth) * w.block)
         .file(file.clone())

@@ -205,17 +205,16 @@ impl Drive {
             }
             _ => Engine::Kernel,
         };
-        let ring = if kernel {
-            let ring = Ring::builder()
+        // The kernel's ring is built on the drive's thread, which alone submits to and reaps it
+        // (SINGLE_ISSUER, DEFER_TASKRUN: the kernel runs completion work when it reaps).
+        let ring = kernel.then(|| {
+            Ring::builder()
                 .depth(RING_DEPTH)
                 .file_slots(RING_FILES)
                 .import_slots(RING_IMPORTS)
+                .single_issuer(true)
                 .inject_early_fence(shared.fault == Some(dmaplane_rdma::Fault::EarlyFence))
-                .build()?;
-            Some(ring)
-        } else {
-            None
-        };
+        });
         let name = if kernel {
             "io_uring".to_string()
         } else {
@@ -236,14 +235,33 @@ impl Drive {
             importing: Mutex::new(()),
         });
         let weak = Arc::downgrade(&d);
+        let (built_tx, built_rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name(format!("dmaplane-{}-{name}", shared.name))
             .spawn(move || match ring {
-                Some(ring) => ring_thread(&weak, ring),
-                None => reaper(&weak),
+                Some(b) => match b.build() {
+                    Ok(ring) => {
+                        let _ = built_tx.send(Ok(()));
+                        ring_thread(&weak, ring);
+                    }
+                    Err(e) => {
+                        let _ = built_tx.send(Err(e));
+                    }
+                },
+                None => {
+                    let _ = built_tx.send(Ok(()));
+                    reaper(&weak);
+                }
             })
             .map_err(|e| Error::setup(&shared.name, format!("spawn the drive's thread: {e}")))?;
-        Ok(d)
+        match built_rx.recv() {
+            Ok(Ok(())) => Ok(d),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(Error::setup(
+                &shared.name,
+                "the drive's thread ended at once",
+            )),
+        }
     }
 
     /// Run `job` on the kernel engine's thread and wait for its answer.

@@ -56,6 +56,7 @@ pub struct RingBuilder {
     import_slots: u16,
     file_slots: u32,
     early_fence: bool,
+    single_issuer: bool,
 }
 
 impl RingBuilder {
@@ -82,6 +83,15 @@ impl RingBuilder {
     /// A registered file.
     pub fn file(mut self, file: Arc<DirectFile>) -> Self {
         self.files.push(file);
+        self
+    }
+
+    /// Only the thread that builds the ring submits to it and reaps it
+    /// (`IORING_SETUP_SINGLE_ISSUER`, Linux 6.0), and the kernel runs completion work only when
+    /// that thread reaps (`IORING_SETUP_DEFER_TASKRUN`, 6.1; what fio does where it can): fewer
+    /// interruptions of the thread. A ring so built must stay on its thread.
+    pub fn single_issuer(mut self, on: bool) -> Self {
+        self.single_issuer = on;
         self
     }
 
@@ -123,16 +133,34 @@ impl RingBuilder {
                 "at most 65535 registered buffers",
             ));
         }
-        let mut b = IoUring::<squeue::Entry, cqueue::Entry>::builder();
-        // Completions are posted when this task next enters the kernel, not by interrupting
-        // it (Linux 5.19; fio does the same): one thread owns the ring and reaps it anyway.
-        b.setup_coop_taskrun();
-        if let Some(idle) = self.sqpoll_idle {
-            b.setup_sqpoll(u32::try_from(idle.as_millis()).unwrap_or(u32::MAX));
+        let setup = |single: bool| {
+            let mut b = IoUring::<squeue::Entry, cqueue::Entry>::builder();
+            if single {
+                // Only this thread submits and reaps; the kernel runs completion work when it
+                // reaps (Linux 6.1; what fio does where it can).
+                b.setup_single_issuer()
+                    .setup_defer_taskrun()
+                    .setup_taskrun_flag();
+            } else {
+                // Completions are posted when this task next enters the kernel, not by
+                // interrupting it (Linux 5.19; fio does the same): one thread owns the ring
+                // and reaps it anyway.
+                b.setup_coop_taskrun();
+            }
+            if let Some(idle) = self.sqpoll_idle {
+                b.setup_sqpoll(u32::try_from(idle.as_millis()).unwrap_or(u32::MAX));
+            }
+            b.build(self.depth)
+        };
+        let ring = match setup(self.single_issuer) {
+            // A kernel before 6.1 refuses DEFER_TASKRUN: the ring it can make will do.
+            Err(e) if self.single_issuer && e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::debug!(error = %e, "no SINGLE_ISSUER/DEFER_TASKRUN here");
+                setup(false)
+            }
+            r => r,
         }
-        let ring = b
-            .build(self.depth)
-            .map_err(|e| StorageError::os("io_uring_setup", "a new ring", e))?;
+        .map_err(|e| StorageError::os("io_uring_setup", "a new ring", e))?;
         if !ring.params().is_feature_nodrop() {
             return Err(StorageError::Ring(
                 "this kernel drops completions that overflow the completion queue (no \
@@ -338,6 +366,7 @@ impl Ring {
             import_slots: 0,
             file_slots: 0,
             early_fence: false,
+            single_issuer: false,
         }
     }
 

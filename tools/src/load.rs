@@ -15,10 +15,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 #[derive(Debug, Args)]
 pub struct LoadArgs {
     /// Shards to create (ignored with --files).
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
     shards: u64,
     /// Bytes per created shard.
-    #[arg(long, default_value_t = 32 << 20, value_parser = clap::value_parser!(u64).range(4096..=(1 << 30)))]
+    #[arg(long, default_value_t = 16 << 20, value_parser = clap::value_parser!(u64).range(4096..=(1 << 30)))]
     shard_size: u64,
     /// Where created shards go (removed afterwards).
     #[arg(long, default_value = "target/dmaplane-load")]
