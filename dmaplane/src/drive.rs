@@ -149,6 +149,8 @@ struct Op {
     /// Its handle was dropped: forget it once finished.
     detached: bool,
     finished: bool,
+    /// Whoever awaits it ([`FileTransfer`] as a `Future`): woken when it ends.
+    waker: Option<std::task::Waker>,
 }
 
 /// A bounce buffer of one transfer for one memory: [`BOUNCE_PIECES`] pieces.
@@ -501,6 +503,7 @@ impl Drive {
                 bounces,
                 detached: false,
                 finished: false,
+                waker: None,
             },
         );
         self.pump(&mut st, None);
@@ -733,6 +736,9 @@ impl Drive {
         }
         let left: Vec<Piece> = op.queue.drain(..).collect();
         op.finished = true;
+        if let Some(w) = op.waker.take() {
+            w.wake();
+        }
         // Nothing of it is on the drive: its bounce buffers are let go of, each kept alive
         // until the engine has (the kernel's ring does it on its thread).
         let bufs: Vec<(BufId, Arc<Stage>)> = op
@@ -1060,6 +1066,35 @@ impl FileTransfer {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+    }
+}
+
+/// Awaiting a file transfer needs no runtime: the drive's thread wakes the task when the last
+/// piece completes. The output is [`FileTransfer::wait`]'s.
+impl std::future::Future for FileTransfer {
+    type Output = Result<u64>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<u64>> {
+        let mut st = lock(&self.drive.st);
+        let poll = match st.ops.get_mut(&self.id) {
+            Some(op) if op.finished => std::task::Poll::Ready(match &op.error {
+                Some(e) => Err(e.clone()),
+                None => Ok(op.moved),
+            }),
+            Some(op) => {
+                op.waker = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+            None => std::task::Poll::Ready(Err(Error::setup(
+                &self.drive.agent,
+                "file transfer forgotten",
+            ))),
+        };
+        self.drive.unlock(st);
+        poll
     }
 }
 

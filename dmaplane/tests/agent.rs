@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use dmaplane::{Agent, Error, Event, Memory, Metadata, Peer, Region, Side, Status, Testbed};
 
 mod common;
-use common::{T, meet_under_way, pattern};
+use common::{T, block_on, meet_under_way, pattern};
 
 /// Memory on each side, registered, and a's connection to b.
 struct Link {
@@ -143,26 +143,6 @@ fn a_notification_arrives_after_the_data_and_a_future_resolves() {
     dst.read(0, &mut got).unwrap();
     assert!(got == pattern(2, 1 << 20));
     assert_eq!(b.stats().notifications_received, 1);
-}
-
-/// A minimal executor: the Future needs no runtime.
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    use std::task::{Context, Poll, Wake, Waker};
-    struct Unpark(std::thread::Thread);
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut cx = Context::from_waker(&waker);
-    let mut f = std::pin::pin!(f);
-    loop {
-        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-            return v;
-        }
-        std::thread::park_timeout(Duration::from_millis(10));
-    }
 }
 
 /// Free the receiver's memory while a 64 MiB WRITE into it is under way: the transfer ends

@@ -9,7 +9,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{T, pattern};
+use common::{T, block_on, pattern};
 use dmaplane::{Agent, Error, FileSpec, StoragePath, Testbed};
 
 const MIB: u64 = 1 << 20;
@@ -693,4 +693,28 @@ fn let_go_mid_read() {
     }
     std::fs::remove_file(&p).unwrap();
     std::fs::remove_file(&q).unwrap();
+}
+
+#[test]
+fn a_file_transfer_is_a_future_on_both_engines() {
+    let tb = Testbed::builtin().unwrap();
+    let (p, data) = shard("file-future", 16, 8 * MIB);
+    let mut agents = vec![agent(&tb, "nic0")];
+    if io_uring_usable() {
+        agents.push(kernel_agent(&tb, "nic1", None));
+    }
+    for a in &agents {
+        let f = a.register_file(&spec(&p)).unwrap();
+        let m = a.alloc_gpu("w", "gpu2", 8 * MIB).unwrap();
+        let r = a.register(&m).unwrap();
+        // gpu2 bounces on both engines: the copy engine's pieces end it too.
+        assert_eq!(
+            block_on(a.read_file(&[f.all()], &[r.all()]).unwrap()).unwrap(),
+            8 * MIB
+        );
+        let mut got = vec![0u8; data.len()];
+        m.read(0, &mut got).unwrap();
+        assert!(got == data, "{}", a.name());
+    }
+    std::fs::remove_file(&p).unwrap();
 }

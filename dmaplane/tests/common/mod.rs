@@ -30,3 +30,28 @@ pub fn meet_under_way<R>(
     }
     panic!("every transfer finished before it could be met under way");
 }
+
+/// An executor that parks until woken: a file transfer that never wakes its task fails the
+/// test (after `T`) instead of being polled to completion anyway.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        // A park that runs its whole course was never woken.
+        let parked = std::time::Instant::now();
+        std::thread::park_timeout(T);
+        assert!(parked.elapsed() < T, "the transfer never woke its task");
+    }
+}
