@@ -162,6 +162,10 @@ pub struct Shared {
     posted: Mutex<BTreeMap<u64, u64>>,
     /// Successful WRITEs per epoch (the newest few): a revoke waits until traffic has landed.
     landed: Mutex<BTreeMap<u64, u64>>,
+    /// Requests the data path tried to post per epoch, taken or refused (the newest few): after
+    /// an ack the exporter waits for one more, so the holder is always asked to put a WRITE on
+    /// the wire against a lease it has acknowledged giving up.
+    tried: Mutex<BTreeMap<u64, u64>>,
     pub stop: AtomicBool,
     pub revokes_done: AtomicU64,
     pub post_ack_poison: AtomicU64,
@@ -188,6 +192,18 @@ impl Shared {
 
     pub fn landed_in(&self, e: u64) -> u64 {
         lock(&self.landed).get(&e).copied().unwrap_or(0)
+    }
+
+    pub fn tried_in(&self, e: u64) -> u64 {
+        lock(&self.tried).get(&e).copied().unwrap_or(0)
+    }
+
+    fn count_tried(&self, e: u64, n: u64) {
+        let mut m = lock(&self.tried);
+        *m.entry(e).or_insert(0) += n;
+        while m.len() > 4 {
+            m.pop_first();
+        }
     }
 
     fn count_landed(&self, e: u64) {
@@ -317,6 +333,19 @@ pub fn exporter<E: Export>(
             sh.post_ack_poison.fetch_add(1, Ordering::Relaxed);
             sh.fail(format!("revoke {epoch}: {e}"));
         }
+        // A holder that acknowledged without stopping is caught by what it sends next (refused
+        // at the zapped region), so whether the check can fail must not depend on whether any
+        // WRITE was still on the wire at the ack (a starved data path may have had none): keep
+        // the revoked epoch current until the data path has tried to post to it again. A
+        // holder that honoured the revoke refuses the post itself.
+        let tried = sh.tried_in(ex.epoch());
+        let since = Instant::now();
+        while sh.tried_in(ex.epoch()) == tried
+            && since.elapsed() < Duration::from_secs(2)
+            && !sh.stop.load(Ordering::Relaxed)
+        {
+            std::thread::sleep(Duration::from_micros(20));
+        }
         // The previous epoch must still be all poison.
         if let Some(old) = retired.take() {
             sh.post_ack_poison
@@ -428,6 +457,7 @@ impl DataPath<'_> {
                     ));
                 }
                 sh.count(current.epoch, batch.len() as i64);
+                sh.count_tried(current.epoch, batch.len() as u64);
                 let r = qp.post_send(&batch);
                 // A provider may take a prefix of the batch before refusing a request: what it
                 // took is in flight and will complete like any other post.
