@@ -66,8 +66,12 @@ pub struct StorageBenchConfig {
     pub dir: PathBuf,
     /// The test file's size.
     pub size: u64,
-    /// Time per workload, per side.
+    /// Time per workload, per side, per round.
     pub per_point: Duration,
+    /// Rounds per workload: each runs both sides back to back, the order swapped every round,
+    /// so both sample the same drift of the disk (a virtual disk's throughput wanders by tens
+    /// of percent from one second to the next). At least 1.
+    pub rounds: u32,
     /// The fio binary (`None`: not installed; only this side runs).
     pub fio: Option<PathBuf>,
 }
@@ -79,16 +83,92 @@ pub struct Side {
     pub seconds: f64,
     pub iops: f64,
     pub mb_s: f64,
+    /// What reached the disk while this side ran, counted by the block layer
+    /// (`/sys/dev/block/MAJ:MIN/stat`), not by either side: `None` where the file system has
+    /// no block device (tmpfs, overlay). Other I/O on the same disk is counted too.
+    pub device: Option<DeviceIo>,
+}
+
+/// Requests the block layer completed in one direction, and their bytes, over a span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DeviceIo {
+    pub requests: u64,
+    pub bytes: u64,
+}
+
+impl DeviceIo {
+    /// Device requests per request a side made: above 1 where the block layer split them
+    /// (a buffer of more scattered pages than the queue's `max_segments`, for instance).
+    pub fn per_io(self, ios: u64) -> f64 {
+        self.requests as f64 / ios.max(1) as f64
+    }
+}
+
+/// The block device under a file, read through its `stat` file in sysfs.
+#[derive(Debug, Clone)]
+pub struct BlockStat {
+    path: PathBuf,
+}
+
+impl BlockStat {
+    /// The device holding `file`, if it is a block device sysfs knows.
+    pub fn of(file: &Path) -> Option<BlockStat> {
+        use std::os::unix::fs::MetadataExt;
+        let dev = std::fs::metadata(file).ok()?.dev();
+        // Linux's dev_t encoding (glibc's gnu_dev_major / gnu_dev_minor).
+        let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+        let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+        let path = PathBuf::from(format!("/sys/dev/block/{major}:{minor}/stat"));
+        let stat = BlockStat { path };
+        stat.sample(false).map(|_| stat)
+    }
+
+    /// Completed requests and sectors so far, in one direction (Documentation/block/stat.rst:
+    /// fields 1 and 3 for reads, 5 and 7 for writes).
+    fn sample(&self, writes: bool) -> Option<DeviceIo> {
+        let text = std::fs::read_to_string(&self.path).ok()?;
+        let f: Vec<u64> = text
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<std::result::Result<_, _>>()
+            .ok()?;
+        let (req, sect) = if writes { (4, 6) } else { (0, 2) };
+        Some(DeviceIo {
+            requests: *f.get(req)?,
+            bytes: f.get(sect)? * 512,
+        })
+    }
+
+    /// What `run` made the device do in direction `writes`.
+    fn around<T>(
+        this: Option<&BlockStat>,
+        writes: bool,
+        run: impl FnOnce() -> Result<T>,
+    ) -> Result<(T, Option<DeviceIo>)> {
+        let before = this.and_then(|s| s.sample(writes));
+        let out = run()?;
+        let after = this.and_then(|s| s.sample(writes));
+        let io = before.zip(after).map(|(b, a)| DeviceIo {
+            requests: a.requests.saturating_sub(b.requests),
+            bytes: a.bytes.saturating_sub(b.bytes),
+        });
+        Ok((out, io))
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StorageRow {
     pub workload: Workload,
+    /// Each side's median round by IOPS (the lower middle one for an even count).
     pub ours: Side,
     pub fio: Option<Side>,
-    /// ours / fio, in IOPS (the same as in bandwidth: same block size); each side the best
-    /// of two runs, the order swapped between them.
+    /// ours / fio in IOPS (the same as in bandwidth: same block size): the median of the
+    /// rounds' ratios, each round's two sides run back to back.
     pub ratio: Option<f64>,
+    /// The lowest and highest of the rounds' ratios: how much the disk moved under the run.
+    pub ratio_range: Option<(f64, f64)>,
+    /// Every round: (ours, fio), in the order run.
+    pub rounds: Vec<(Side, Option<Side>)>,
     pub fio_command: Option<String>,
 }
 
@@ -146,6 +226,7 @@ fn measure_all(
         },
     )?);
     let a = file.align();
+    let disk = BlockStat::of(path);
     let fio_version = cfg.fio.as_ref().and_then(|f| {
         Command::new(f)
             .arg("--version")
@@ -155,35 +236,49 @@ fn measure_all(
     });
     let mut rows = Vec::new();
     for w in Workload::ALL {
-        // Two rounds, the order swapped in the second, the best of each side kept: a virtual
-        // disk's caches favour whoever runs second.
-        let (mut ours, mut fio, mut fio_command): (Option<Side>, Option<Side>, Option<String>) =
-            (None, None, None);
-        for round in 0..2 {
-            let fio_first = round == 0;
+        let mut rounds = Vec::new();
+        let mut fio_command = None;
+        for round in 0..cfg.rounds.max(1) {
+            let (mut ours, mut fio) = (None, None);
             for turn in 0..2 {
-                if (turn == 0) == fio_first {
+                if (turn == 0) == round.is_multiple_of(2) {
                     if let Some(bin) = &cfg.fio {
-                        progress.step(&format!("fio: {} {} × QD{}", w.rw, w.block, w.depth));
-                        let (side, cmd) = fio_side(bin, path, cfg.size, w, cfg.per_point)?;
-                        fio = Some(best(fio, side));
+                        progress.step(&format!(
+                            "round {}/{}: fio: {} {} × QD{}",
+                            round + 1,
+                            cfg.rounds,
+                            w.rw,
+                            w.block,
+                            w.depth
+                        ));
+                        let ((mut side, cmd), io) =
+                            BlockStat::around(disk.as_ref(), w.writes(), || {
+                                fio_side(bin, path, cfg.size, w, cfg.per_point)
+                            })?;
+                        side.device = io;
+                        fio = Some(side);
                         fio_command = Some(cmd);
                     }
                 } else {
-                    progress.step(&format!("dmaplane: {} {} × QD{}", w.rw, w.block, w.depth));
-                    let side = ring_side(&file, cfg.size, w, cfg.per_point)?;
-                    ours = Some(best(ours, side));
+                    progress.step(&format!(
+                        "round {}/{}: dmaplane: {} {} × QD{}",
+                        round + 1,
+                        cfg.rounds,
+                        w.rw,
+                        w.block,
+                        w.depth
+                    ));
+                    let (mut side, io) = BlockStat::around(disk.as_ref(), w.writes(), || {
+                        ring_side(&file, cfg.size, w, cfg.per_point)
+                    })?;
+                    side.device = io;
+                    ours = Some(side);
                 }
             }
+            let ours = ours.ok_or_else(|| StorageBenchError::Bad("no measurement".into()))?;
+            rounds.push((ours, fio));
         }
-        let ours = ours.ok_or_else(|| StorageBenchError::Bad("no measurement".into()))?;
-        rows.push(StorageRow {
-            workload: w,
-            ours,
-            ratio: fio.map(|f| ours.iops / f.iops),
-            fio,
-            fio_command,
-        });
+        rows.push(row(w, rounds, fio_command)?);
     }
     Ok(StorageReport {
         file: path.display().to_string(),
@@ -290,10 +385,44 @@ fn fio_counts(stdout: &str, dir: &str) -> std::result::Result<(u64, u64), String
     Ok((ios, ms))
 }
 
-fn best(a: Option<Side>, b: Side) -> Side {
-    match a {
-        Some(a) if a.iops >= b.iops => a,
-        _ => b,
+/// A workload's row from its rounds: medians, and the spread of the paired ratios.
+fn row(
+    w: Workload,
+    rounds: Vec<(Side, Option<Side>)>,
+    fio_command: Option<String>,
+) -> Result<StorageRow> {
+    let median_side = |mut v: Vec<Side>| {
+        v.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+        v.get(v.len().saturating_sub(1) / 2).copied()
+    };
+    let ours = median_side(rounds.iter().map(|r| r.0).collect())
+        .ok_or_else(|| StorageBenchError::Bad("no rounds".into()))?;
+    let fio = median_side(rounds.iter().filter_map(|r| r.1).collect());
+    let mut ratios: Vec<f64> = rounds
+        .iter()
+        .filter_map(|(o, f)| f.map(|f| o.iops / f.iops))
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let ratio = (!ratios.is_empty()).then(|| median(&ratios));
+    let ratio_range = ratios.first().copied().zip(ratios.last().copied());
+    Ok(StorageRow {
+        workload: w,
+        ours,
+        fio,
+        ratio,
+        ratio_range,
+        rounds,
+        fio_command,
+    })
+}
+
+/// The median of sorted, non-empty `v` (the mean of the middle two for an even count).
+fn median(v: &[f64]) -> f64 {
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 
@@ -303,6 +432,7 @@ fn side(ios: u64, seconds: f64, block: u64) -> Side {
         seconds,
         iops: ios as f64 / seconds,
         mb_s: (ios * block) as f64 / seconds / 1e6,
+        device: None,
     }
 }
 
@@ -353,7 +483,28 @@ fn fio_side(
 
 #[cfg(test)]
 mod tests {
-    use super::fio_counts;
+    use super::{Side, Workload, fio_counts, row, side};
+
+    #[test]
+    fn a_row_is_the_median_of_paired_rounds_and_their_spread() {
+        let s = |iops: u64| side(iops, 1.0, 4096);
+        let rounds: Vec<(Side, Option<Side>)> = vec![
+            (s(90), Some(s(100))),
+            (s(120), Some(s(100))),
+            (s(50), Some(s(100))),
+            (s(100), Some(s(100))),
+        ];
+        let r = row(Workload::ALL[0], rounds, None).unwrap();
+        assert_eq!(r.ratio, Some(0.95));
+        assert_eq!(r.ratio_range, Some((0.5, 1.2)));
+        assert_eq!(r.ours.ios, 90);
+        assert_eq!(r.rounds.len(), 4);
+        let alone = row(Workload::ALL[0], vec![(s(7), None)], None).unwrap();
+        assert_eq!(
+            (alone.ratio, alone.ratio_range, alone.fio.is_none()),
+            (None, None, true)
+        );
+    }
 
     #[test]
     fn fio_json_is_read_and_bad_output_named() {

@@ -76,9 +76,13 @@ pub enum BenchCmd {
         /// Where the test file goes: its file system must take O_DIRECT (a tmpfs may not).
         #[arg(long, default_value = ".")]
         dir: std::path::PathBuf,
-        /// Seconds per workload, per side.
-        #[arg(long, default_value_t = 3.0)]
+        /// Seconds per workload, per side, per round.
+        #[arg(long, default_value_t = 1.0)]
         seconds: f64,
+        /// Rounds per workload, the two sides back to back in each, the order swapped every
+        /// round; the ratio is the rounds' median, printed with their lowest and highest.
+        #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=100))]
+        rounds: u32,
     },
     /// Simulated GPU -> NIC -> NIC -> GPU throughput per PCIe route, direct vs staged, against
     /// memcpy in the same run; on a CUDA machine also host<->device bandwidth from registered
@@ -108,7 +112,12 @@ pub fn run(cmd: &BenchCmd, json: bool) -> Result<()> {
             no_pin,
         } => crate::p2p_bench::run(*size, *chunk, *reps, *no_pin, json),
         BenchCmd::Sgl { iters, scenario } => sgl(*iters, scenario, json),
-        BenchCmd::Storage { size, dir, seconds } => storage(*size, dir, *seconds, json),
+        BenchCmd::Storage {
+            size,
+            dir,
+            seconds,
+            rounds,
+        } => storage(*size, dir, *seconds, *rounds, json),
         BenchCmd::Agent {
             backend,
             device,
@@ -135,7 +144,7 @@ pub fn run(cmd: &BenchCmd, json: bool) -> Result<()> {
     }
 }
 
-fn storage(size: u64, dir: &std::path::Path, seconds: f64, json: bool) -> Result<()> {
+fn storage(size: u64, dir: &std::path::Path, seconds: f64, rounds: u32, json: bool) -> Result<()> {
     use dmaplane_bench::storage::{StorageBenchConfig, find_fio, run};
     if !(seconds.is_finite() && seconds > 0.0 && seconds <= 600.0) {
         bail!("--seconds {seconds}: must be more than 0 and at most 600");
@@ -144,6 +153,7 @@ fn storage(size: u64, dir: &std::path::Path, seconds: f64, json: bool) -> Result
         dir: dir.to_path_buf(),
         size,
         per_point: Duration::from_secs_f64(seconds),
+        rounds,
         fio: find_fio(),
     };
     let bar = ProgressBar::new_spinner();
@@ -172,28 +182,59 @@ fn storage(size: u64, dir: &std::path::Path, seconds: f64, json: bool) -> Result
         _ => {}
     }
     println!(
-        "{:>9} {:>6} {:>3} {:>12} {:>10} {:>12} {:>10} {:>7}",
-        "workload", "block", "QD", "ours IOPS", "ours MB/s", "fio IOPS", "fio MB/s", "ratio"
+        "{:>9} {:>6} {:>3} {:>12} {:>10} {:>7} {:>12} {:>10} {:>7} {:>7} {:>11}",
+        "workload",
+        "block",
+        "QD",
+        "ours IOPS",
+        "ours MB/s",
+        "dev/IO",
+        "fio IOPS",
+        "fio MB/s",
+        "dev/IO",
+        "ratio",
+        "range"
     );
+    let per_io = |s: &dmaplane_bench::storage::Side| {
+        s.device
+            .map_or_else(|| "-".to_string(), |d| format!("{:.2}", d.per_io(s.ios)))
+    };
     for w in &r.rows {
-        let (fi, fb, ratio) = match (w.fio, w.ratio) {
-            (Some(f), Some(x)) => (
+        let (fi, fb, fd, ratio, range) = match (&w.fio, w.ratio, w.ratio_range) {
+            (Some(f), Some(x), Some((lo, hi))) => (
                 format!("{:.0}", f.iops),
                 format!("{:.0}", f.mb_s),
+                per_io(f),
                 format!("{:.0}%", x * 100.0),
+                format!("{:.0}-{:.0}%", lo * 100.0, hi * 100.0),
             ),
-            _ => ("-".into(), "-".into(), "-".into()),
+            _ => ("-".into(), "-".into(), "-".into(), "-".into(), "-".into()),
         };
         println!(
-            "{:>9} {:>6} {:>3} {:>12.0} {:>10.0} {:>12} {:>10} {:>7}",
+            "{:>9} {:>6} {:>3} {:>12.0} {:>10.0} {:>7} {:>12} {:>10} {:>7} {:>7} {:>11}",
             w.workload.rw,
             bytes(w.workload.block),
             w.workload.depth,
             w.ours.iops,
             w.ours.mb_s,
+            per_io(&w.ours),
             fi,
             fb,
-            ratio
+            fd,
+            ratio,
+            range
+        );
+    }
+    println!(
+        "each side's median of {} round(s) of {seconds} s; ratio: the median of the rounds' \
+         ratios (ours / fio, the two back to back), range: their lowest and highest",
+        rounds
+    );
+    if r.rows.iter().any(|w| w.ours.device.is_some()) {
+        println!(
+            "dev/IO: requests the disk completed per I/O a side made, counted by the block layer \
+             (/sys/dev/block/*/stat; other I/O on the disk counts too). Above 1: the kernel split \
+             the I/O (a buffer of more scattered pages than the queue's max_segments)"
         );
     }
     if let Some(cmd) = r.rows.first().and_then(|w| w.fio_command.as_ref()) {
