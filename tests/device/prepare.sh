@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Build, on this machine, what tests/device/run.sh runs on a machine with a real NVIDIA GPU (the
+# device machine has no toolchain to rely on): the CUDA backend's tests and the CLI, copied into
+# target/device/ (ignored by git; carry it: `run` with carry ["target/device"]).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out=target/device
+rm -rf "$out" && mkdir -p "$out"
+# The CUDA test binary: the path cargo built it at, from its JSON messages.
+bin=$(cargo test -p dmaplane-gpu --release --test cuda --no-run --message-format=json 2>/dev/null |
+  python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "cuda" and m.get("executable"):
+        print(m["executable"])')
+[ -x "$bin" ] || { echo "prepare: no CUDA test binary was built" >&2; exit 1; }
+cp "$bin" "$out/gpu-cuda-tests"
+cargo build --release -p dmaplane-tools --bin dmaplane
+cp target/release/dmaplane "$out/dmaplane"
+strip "$out"/* 2>/dev/null || true
+cp tests/device/run.sh "$out/"
+du -sh "$out"/*
+echo "prepare: done; on the device machine: bash target/device/run.sh"
