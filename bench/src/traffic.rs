@@ -14,7 +14,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+
+use dmaplane_core::sync::{lock, read, write};
 use std::time::{Duration, Instant};
 
 use dmaplane_core::RevokeReport;
@@ -140,10 +142,6 @@ pub fn poison_damage(mem: &dyn Bytes) -> u64 {
     bad
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// What the data path writes to in one epoch.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -249,7 +247,7 @@ impl Shared {
 
     /// Poison epoch `e`'s memory at its ack, and from then on judge its completions by it.
     fn poison_at_ack(&self, e: u64, mem: &dyn Bytes) -> bool {
-        let mut p = self.poisoned.write().unwrap_or_else(|e| e.into_inner());
+        let mut p = write(&self.poisoned);
         let mut copy = vec![0u8; usize::try_from(mem.len()).unwrap_or(0)];
         let copied = mem.read(0, &mut copy);
         let done = poison(mem);
@@ -517,7 +515,7 @@ impl DataPath<'_> {
                         sh.count_landed(target.epoch);
                         pattern(tag, size, &mut buf);
                         let off = slot as u64 * u64::from(cfg.size);
-                        let poisoned = sh.poisoned.read().unwrap_or_else(|e| e.into_inner());
+                        let poisoned = read(&sh.poisoned);
                         let read = target.mem.read(off, &mut got);
                         if let Some(snap) = poisoned.get(&target.epoch) {
                             // Reaped after the ack: it must have landed before it, with its

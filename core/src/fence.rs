@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use std::sync::Arc;
 
-use crate::sync::{Condvar, Mutex, lock};
+use crate::sync::{Condvar, Mutex, lock, wait_timeout};
 
 /// Told the moment a fence is signalled, before the exporter can see the signal: how an observer
 /// independent of the protocol (the fabric's oracle) puts the promise in its order of events.
@@ -81,10 +81,7 @@ impl Fence {
             if now >= self.inner.deadline {
                 return false;
             }
-            s = match self.inner.cv.wait_timeout(s, self.inner.deadline - now) {
-                Ok((g, _)) => g,
-                Err(e) => e.into_inner().0,
-            };
+            s = wait_timeout(&self.inner.cv, s, self.inner.deadline - now).0;
         }
         true
     }

@@ -20,7 +20,7 @@ pub mod negotiate;
 pub mod pgsz;
 pub mod revoke;
 pub mod sgl;
-mod sync;
+pub mod sync;
 pub mod topology;
 pub mod user;
 

@@ -26,7 +26,7 @@ use crate::notify::{NOTIFY_QUEUE, Notification};
 use crate::peer::{self, Peer, PeerShared};
 use crate::progress::Engine;
 use crate::region::{Entry, Region};
-use crate::sync::lock;
+use crate::sync::{lock, wait_timeout};
 use crate::testbed::Testbed;
 use crate::transfer::{Op, Transfer};
 
@@ -1161,12 +1161,12 @@ impl Agent {
             if left.is_zero() {
                 return None;
             }
-            g = self
-                .shared
-                .notified
-                .wait_timeout(g, left.min(Duration::from_millis(50)))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            g = wait_timeout(
+                &self.shared.notified,
+                g,
+                left.min(Duration::from_millis(50)),
+            )
+            .0;
         }
     }
 

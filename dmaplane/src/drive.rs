@@ -45,7 +45,7 @@ use crate::file::{FileEntry, StoragePath};
 use crate::memory::{Backing, Memory};
 use crate::region::Entry;
 use crate::stage::{Stage, cuda_bounce, staging};
-use crate::sync::lock;
+use crate::sync::{lock, wait_timeout};
 
 /// Commands the agent keeps queued on its drive at most.
 pub const MAX_COMMANDS: usize = 256;
@@ -971,11 +971,7 @@ fn ring_thread(weak: &Weak<Drive>, mut ring: Ring) {
         let idle = ring.in_flight() == 0;
         if idle && lock(&d.jobs).is_empty() {
             // Nothing in flight: sleep until work comes, then look at revokes anyway.
-            st = d
-                .work
-                .wait_timeout(st, RING_IDLE)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            st = wait_timeout(&d.work, st, RING_IDLE).0;
         }
         d.unlock(st);
         let reaped = ring.reap_within(&mut out, if idle { Duration::ZERO } else { RING_WAIT });
@@ -1059,12 +1055,7 @@ impl FileTransfer {
                     waited: timeout,
                 });
             }
-            st = self
-                .drive
-                .finished
-                .wait_timeout(st, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            st = wait_timeout(&self.drive.finished, st, left).0;
         }
     }
 }

@@ -49,7 +49,7 @@ mod progress;
 pub mod raw;
 pub mod region;
 mod stage;
-mod sync;
+use dmaplane_core::sync;
 pub mod testbed;
 pub mod transfer;
 

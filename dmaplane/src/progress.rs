@@ -18,7 +18,7 @@ use crate::agent::{AgentStats, Shared};
 use crate::error::{Error, Result, Side};
 use crate::peer::PeerShared;
 use crate::stage::StageFailure;
-use crate::sync::lock;
+use crate::sync::{lock, try_lock, wait_timeout};
 use crate::transfer::{Op, Status, TransferState};
 
 /// How many flushed requests a transfer may send again: as many as it has, plus some.
@@ -175,11 +175,7 @@ impl Engine {
     fn nap_driven(&self) {
         let mut h = lock(&self.handed);
         if !*h {
-            h = self
-                .drive_cv
-                .wait_timeout(h, NAP_DRIVEN)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            h = wait_timeout(&self.drive_cv, h, NAP_DRIVEN).0;
         }
         *h = false;
     }
@@ -308,10 +304,9 @@ impl Engine {
 
     /// [`Engine::step`] unless another thread is at it (a waiter driving its transfer).
     pub(crate) fn try_step(&self, s: &Shared, wcs: &mut Vec<Completion>) -> bool {
-        match self.inner.try_lock() {
-            Ok(mut g) => self.round(s, &mut g, wcs),
-            Err(std::sync::TryLockError::Poisoned(p)) => self.round(s, &mut p.into_inner(), wcs),
-            Err(std::sync::TryLockError::WouldBlock) => false,
+        match try_lock(&self.inner) {
+            Some(mut g) => self.round(s, &mut g, wcs),
+            None => false,
         }
     }
 
@@ -647,11 +642,7 @@ impl Engine {
         let d = if busy { NAP_BUSY } else { NAP_IDLE };
         let mut g = g;
         g.napping = true;
-        let mut g = self
-            .cv
-            .wait_timeout(g, d)
-            .unwrap_or_else(|p| p.into_inner())
-            .0;
+        let mut g = wait_timeout(&self.cv, g, d).0;
         g.napping = false;
         g.wake = false;
     }

@@ -23,7 +23,7 @@ use crate::notify::MAX_NOTIFY;
 use crate::peer::{Lane, PeerShared};
 use crate::region::Entry;
 use crate::stage::StageRange;
-use crate::sync::lock;
+use crate::sync::{lock, wait_timeout};
 
 /// How long a transfer waits for a lease its peer announced but whose grant is still on the
 /// way.
@@ -309,12 +309,7 @@ impl Transfer {
                 });
             }
             o.sleepers += 1;
-            o = self
-                .state
-                .cv
-                .wait_timeout(o, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            o = wait_timeout(&self.state.cv, o, left).0;
             o.sleepers -= 1;
         }
     }

@@ -8,6 +8,8 @@
 use std::fmt;
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex};
+
+use dmaplane_core::sync::lock;
 use std::time::Duration;
 
 use dmaplane_core::fabric::WindowHandle;
@@ -147,7 +149,7 @@ impl Gpu {
                         p.attachment.export_name()
                     ),
                 })?;
-                let st = p.state.lock().unwrap_or_else(|e| e.into_inner());
+                let st = lock(&p.state);
                 p.attachment.check(st.mapping.epoch)?;
                 check_bounds(&p.name, off, len, st.mapping.list.total_len())?;
                 let ranges = st
@@ -333,12 +335,7 @@ impl PeerMemory {
     }
 
     pub fn len(&self) -> u64 {
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .mapping
-            .list
-            .total_len()
+        lock(&self.state).mapping.list.total_len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -362,7 +359,7 @@ impl PeerMemory {
         let mapping = self.attachment.map()?;
         let reg = gpu.backend.register(&self.name, &mapping.list)?;
         let epoch = mapping.epoch;
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = PeerState { mapping, reg };
+        *lock(&self.state) = PeerState { mapping, reg };
         self.importer.gate.reopen();
         Ok(epoch)
     }

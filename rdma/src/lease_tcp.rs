@@ -29,7 +29,7 @@ use crate::device::{Device, Mr};
 use crate::error::{RdmaError, Result};
 use crate::lease::{ControlLink, ControlMsg, RemoteMr};
 use crate::oob::{Oob, RemoteMrInfo};
-use crate::sync::lock;
+use crate::sync::{lock, wait_timeout};
 
 /// How often the receiver looks at its stop flag while the connection is idle.
 const RX_POLL: Duration = Duration::from_millis(20);
@@ -266,12 +266,7 @@ impl LeaseLink {
                     ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
                 });
             }
-            st = self
-                .rx
-                .changed
-                .wait_timeout(st, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            st = wait_timeout(&self.rx.changed, st, left).0;
         }
     }
 

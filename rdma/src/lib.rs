@@ -18,7 +18,7 @@ pub mod oob;
 pub mod qp;
 pub mod quiesce;
 pub mod sim;
-mod sync;
+use dmaplane_core::sync;
 mod timer;
 #[cfg(feature = "verbs")]
 pub mod verbs;

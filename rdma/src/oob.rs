@@ -21,7 +21,9 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
+
+use crate::sync::lock;
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
@@ -165,10 +167,6 @@ fn describe(addr: &impl ToSocketAddrs) -> String {
             .unwrap_or_else(|| "<no address>".into()),
         Err(e) => format!("<unresolved: {e}>"),
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Oob {

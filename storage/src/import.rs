@@ -25,6 +25,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use dmaplane_core::sync::lock;
+
 use dmaplane_core::revoke::{Importer, ImporterKind, Invalidation};
 
 /// A revoke the exporter asked for, waiting for the ring's owner.
@@ -46,7 +48,7 @@ pub(crate) struct RevokeQueue {
 
 impl RevokeQueue {
     fn push(&self, p: Pending) {
-        self.list.lock().unwrap_or_else(|e| e.into_inner()).push(p);
+        lock(&self.list).push(p);
         // After the push: a reader that sees the flag finds the entry.
         self.any.store(true, Ordering::Release);
     }
@@ -56,7 +58,7 @@ impl RevokeQueue {
         if !self.any.swap(false, Ordering::Acquire) {
             return Vec::new();
         }
-        std::mem::take(&mut *self.list.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *lock(&self.list))
     }
 }
 

@@ -23,7 +23,9 @@
 
 use std::collections::VecDeque;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+
+use dmaplane_core::sync::{lock, wait_timeout};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -122,10 +124,6 @@ struct Shared {
 pub struct SimNvme {
     shared: Arc<Shared>,
     engine: Option<JoinHandle<()>>,
-}
-
-fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl SimNvme {
@@ -458,12 +456,7 @@ impl SimNvme {
             if left.is_zero() {
                 return 0;
             }
-            st = self
-                .shared
-                .reaped
-                .wait_timeout(st, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            st = wait_timeout(&self.shared.reaped, st, left).0;
         }
         let n = st.done.len();
         out.append(&mut st.done);
@@ -572,11 +565,7 @@ fn engine(weak: &Weak<Shared>) {
                     };
                     break (c, media);
                 }
-                st = sh
-                    .work
-                    .wait_timeout(st, Duration::from_millis(50))
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
+                st = wait_timeout(&sh.work, st, Duration::from_millis(50)).0;
             }
         };
         let (cmd, media) = cmd;

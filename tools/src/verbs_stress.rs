@@ -34,7 +34,9 @@ pub use imp::run;
 #[cfg(feature = "verbs")]
 mod imp {
     use std::sync::atomic::Ordering;
-    use std::sync::{Arc, Mutex, MutexGuard};
+    use std::sync::{Arc, Mutex};
+
+    use dmaplane_core::sync::lock;
     use std::time::{Duration, Instant};
 
     use anyhow::{Context, Result, bail};
@@ -56,10 +58,6 @@ mod imp {
     const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
     /// How long the data path keeps reaping after the last revoke before calling a request lost.
     const DRAIN_LIMIT: Duration = Duration::from_secs(30);
-
-    fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-        m.lock().unwrap_or_else(|p| p.into_inner())
-    }
 
     /// One export: the owner's memory and registration of one epoch.
     struct Export {

@@ -560,7 +560,7 @@ impl Fabric {
         // still finds its watch.
         let w = &window.window;
         {
-            let mut retired = self.inner.retired.lock().unwrap_or_else(|e| e.into_inner());
+            let mut retired = lock(&self.inner.retired);
             retired.insert(w.base, (w.len, w.watch.clone()));
             while retired.len() > RETIRED_WINDOWS {
                 retired.pop_first();
@@ -571,10 +571,7 @@ impl Fabric {
 
     /// The oracle's watch on an address that no longer has a window.
     fn retired_watch(&self, addr: u64) -> Option<Arc<WindowWatch>> {
-        self.inner
-            .retired
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        lock(&self.inner.retired)
             .range(..=addr)
             .next_back()
             .filter(|(base, (len, _))| addr < *base + *len)

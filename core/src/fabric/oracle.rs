@@ -45,12 +45,10 @@ use serde::Serialize;
 // on. The log, the marks and the counter are the observer's own bookkeeping, never held across
 // a loom operation, so they stay std (loom need not explore them).
 use crate::sync::atomic::AtomicBool as ModelAtomicBool;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use crate::sync::lock;
 
 use super::DeviceId;
 

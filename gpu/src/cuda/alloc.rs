@@ -10,6 +10,8 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use dmaplane_core::sync::{lock, read, write};
 use std::time::Duration;
 
 use cudarc::driver::result::{self, DriverError};
@@ -127,7 +129,7 @@ impl CudaAlloc {
     }
 
     fn phase(&self) -> std::sync::RwLockReadGuard<'_, Phase> {
-        self.phase.read().unwrap_or_else(|e| e.into_inner())
+        read(&self.phase)
     }
 
     fn freed(&self) -> GpuError {
@@ -376,14 +378,14 @@ impl AllocBackend for CudaAlloc {
         if !late.is_empty() {
             // Sticky: a later revoke reports "already revoked" with nobody late, and must not
             // make the memory look safe to free.
-            let mut all = self.unquiesced.lock().unwrap_or_else(|e| e.into_inner());
+            let mut all = lock(&self.unquiesced);
             all.extend(late.into_iter().map(str::to_string));
         }
         report
     }
 
     fn release(&self, report: &RevokeReport) -> Result<bool> {
-        let mut phase = self.phase.write().unwrap_or_else(|e| e.into_inner());
+        let mut phase = write(&self.phase);
         match *phase {
             Phase::Freed => return Ok(true),
             Phase::Leaked => return Ok(false),
@@ -402,11 +404,7 @@ impl AllocBackend for CudaAlloc {
         // No copy may start on the allocation from here on (and none is under way once this
         // returns).
         self.gpu.ranges.remove(self.range);
-        let mut late: Vec<String> = self
-            .unquiesced
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let mut late: Vec<String> = lock(&self.unquiesced).clone();
         for name in report.timed_out() {
             if !late.iter().any(|l| l == name) {
                 late.push(name.to_string());

@@ -1,6 +1,7 @@
 //! One CUDA device: its retained primary context, what it reports about itself, and the
 //! [`GpuBackend`] over it.
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -27,7 +28,7 @@ pub(super) fn label(ordinal: u32) -> String {
 /// puts back what was current when done: a thread that also runs the CUDA runtime (PyTorch,
 /// NCCL) on another device must not find its calls landing in this context.
 #[derive(Debug)]
-pub(super) struct Context {
+pub struct Context {
     pub(super) ordinal: u32,
     pub(super) label: String,
     dev: sys::CUdevice,
@@ -62,7 +63,10 @@ impl Context {
         // SAFETY: `ctx` is this device's primary context, retained for as long as `self` lives,
         // which the guard's borrow outlasts.
         unsafe { driver::ctx_push(self.ctx) }.map_err(|e| self.err("cuCtxPushCurrent", e))?;
-        Ok(Bound(self))
+        Ok(Bound {
+            ctx: self,
+            _this_thread: PhantomData,
+        })
     }
 
     /// A failed driver call on this device.
@@ -85,15 +89,39 @@ impl Context {
     }
 }
 
-/// A context made current by [`Context::bind`]; dropping it restores the previous one.
+/// A CUDA context made current on the calling thread; dropping the guard restores the context
+/// that was current before.
+///
+/// The driver keeps a stack of current contexts *per thread*: the push happens on the thread
+/// that binds, so the pop must happen on that thread too. Dropped on another thread, the guard
+/// would pop whatever that thread had made current (PyTorch's context, say) and leave this one
+/// current here for good. So the guard is neither `Send` nor `Sync`, although [`CudaGpu`] is
+/// both. This does not compile:
+///
+/// ```compile_fail
+/// fn send<T: Send>() {}
+/// send::<dmaplane_gpu::cuda::Bound<'static>>();
+/// ```
+///
+/// while the type itself is there to name (so the example above fails for being `!Send`, not
+/// for a wrong path):
+///
+/// ```
+/// fn named(_: Option<dmaplane_gpu::cuda::Bound<'_>>) {}
+/// named(None);
+/// ```
 #[must_use = "the context is current only while the guard lives"]
 #[derive(Debug)]
-pub(super) struct Bound<'a>(&'a Context);
+pub struct Bound<'a> {
+    ctx: &'a Context,
+    /// `!Send` and `!Sync`: the pop must run on the thread that pushed.
+    _this_thread: PhantomData<*const ()>,
+}
 
 impl Drop for Bound<'_> {
     fn drop(&mut self) {
         if let Err(e) = driver::ctx_pop() {
-            tracing::warn!(gpu = %self.0.label, error = %driver::describe(e), "cuCtxPopCurrent failed");
+            tracing::warn!(gpu = %self.ctx.label, error = %driver::describe(e), "cuCtxPopCurrent failed");
         }
     }
 }

@@ -8,6 +8,8 @@
 use std::collections::BTreeMap;
 use std::sync::{RwLock, RwLockReadGuard};
 
+use dmaplane_core::sync::{read, write};
+
 /// Live ranges, possibly overlapping (the same host buffer imported twice).
 #[derive(Debug, Default)]
 pub(super) struct CopyRanges {
@@ -34,12 +36,12 @@ pub(super) struct RangeKey {
 
 impl CopyRanges {
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
-        self.inner.write().unwrap_or_else(|e| e.into_inner())
+        write(&self.inner)
     }
 
     /// The table for checking copies; ranges cannot be removed while it is held.
     pub(super) fn read(&self) -> Admitted<'_> {
-        Admitted(self.inner.read().unwrap_or_else(|e| e.into_inner()))
+        Admitted(read(&self.inner))
     }
 
     /// Admit `[start, start + len)`; `None` when it wraps around the address space.

@@ -21,6 +21,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
+use dmaplane_core::sync::lock;
+
 use cudarc::driver::sys;
 use dmaplane_core::{AddrList, AddrSpace, MemKind};
 
@@ -51,7 +53,7 @@ type Table = BTreeMap<u64, Span>;
 /// Every driver registration made through this backend, by start address; they never overlap.
 fn spans() -> MutexGuard<'static, Table> {
     static SPANS: Mutex<Table> = Mutex::new(BTreeMap::new());
-    SPANS.lock().unwrap_or_else(|e| e.into_inner())
+    lock(&SPANS)
 }
 
 /// `(start, end)` of the registrations overlapping `[s, e)`, ascending.

@@ -2,6 +2,8 @@
 //! (offers by route, grants, the revoke protocol), plus the GPU's own grant for its copy engine.
 
 use std::sync::{Arc, Mutex};
+
+use dmaplane_core::sync::lock;
 use std::time::Duration;
 
 use dmaplane_core::fabric::{DeviceBar, Grant};
@@ -53,7 +55,7 @@ impl SimAlloc {
     }
 
     fn live(&self) -> bool {
-        self.own.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+        lock(&self.own).is_some()
     }
 }
 
@@ -125,7 +127,7 @@ impl AllocBackend for SimAlloc {
     fn release(&self, _report: &RevokeReport) -> Result<bool> {
         // Importers that did not answer were fenced off by the revoke (their grants are gone),
         // so the memory can always go back.
-        if let Some(own) = self.own.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(own) = lock(&self.own).take() {
             own.revoke();
             self.gpu.unmap_bar1(self.id);
             let mut st = self.gpu.state();

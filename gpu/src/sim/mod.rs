@@ -11,6 +11,8 @@ mod alloc;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use dmaplane_core::sync::lock;
+
 use dmaplane_core::fabric::{DeviceId, Fabric};
 use dmaplane_core::topology::DeviceKind;
 use dmaplane_core::{Accept, Access, AddrList, AddrSpace, SpaceKind};
@@ -45,7 +47,7 @@ struct Shared {
 
 impl Shared {
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     /// Take BAR1 space for allocation `id`; nothing when it already has it.

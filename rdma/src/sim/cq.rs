@@ -80,10 +80,7 @@ impl CqBackend for SimCq {
             if now >= due {
                 break;
             }
-            ring = match self.cv.wait_timeout(ring, due - now) {
-                Ok((g, _)) => g,
-                Err(p) => p.into_inner().0,
-            };
+            ring = crate::sync::wait_timeout(&self.cv, ring, due - now).0;
         }
         self.waiters.fetch_sub(1, Ordering::SeqCst);
         Ok(!ring.is_empty())

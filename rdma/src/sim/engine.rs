@@ -128,10 +128,7 @@ fn run(weak: Weak<NicShared>) {
                 let mut ready = lock(&e.ready);
                 e.parked.store(true, Ordering::SeqCst);
                 while ready.is_empty() && !e.stop.load(Ordering::SeqCst) {
-                    ready = match e.cv.wait_timeout(ready, Duration::from_millis(50)) {
-                        Ok((g, _)) => g,
-                        Err(p) => p.into_inner().0,
-                    };
+                    ready = crate::sync::wait_timeout(&e.cv, ready, Duration::from_millis(50)).0;
                 }
                 e.parked.store(false, Ordering::SeqCst);
                 idle = 0;

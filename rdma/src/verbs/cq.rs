@@ -10,7 +10,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
+
+use crate::sync::lock;
 use std::time::{Duration, Instant};
 
 use rdma_mummy_sys as sys;
@@ -48,10 +50,6 @@ pub struct VerbsCq {
 struct CqState {
     /// Taken off the CQ by `wait`, not yet handed out by `poll`.
     pending: VecDeque<Completion>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl VerbsCq {

@@ -236,7 +236,7 @@ impl VerbsMr {
     }
 
     fn lock(&self) -> MutexGuard<'_, MrState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     /// Whether [`MrBackend::zap`] ran.
@@ -318,10 +318,7 @@ impl MrBackend for VerbsMr {
 
 impl Drop for VerbsMr {
     fn drop(&mut self) {
-        let state = std::mem::replace(
-            self.state.get_mut().unwrap_or_else(|p| p.into_inner()),
-            MrState::Zapped,
-        );
+        let state = std::mem::replace(crate::sync::get_mut(&mut self.state), MrState::Zapped);
         if let MrState::Registered(raw) = state {
             // SAFETY: still registered (never zapped) and deregistered exactly once, here.
             let ret = unsafe { sys::ibv_dereg_mr(raw.0.as_ptr()) };

@@ -2,7 +2,9 @@
 
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
+use crate::sync::lock;
 
 use rdma_mummy_sys as sys;
 use sideway::ibverbs::queue_pair::{BasicQueuePair, CreateQueuePairErrorKind, QueuePair as _};
@@ -58,10 +60,6 @@ pub struct VerbsQp {
     qp: BasicQueuePair,
     send_cq: Arc<dyn CqBackend>,
     recv_cq: Arc<dyn CqBackend>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn as_verbs_cq<'a>(dev: &DevInner, cq: &'a Arc<dyn CqBackend>, which: &str) -> Result<&'a VerbsCq> {
