@@ -219,6 +219,10 @@ pub struct StressReport {
     pub inject: Option<Inject>,
     pub seconds: f64,
     pub failures: Vec<String>,
+    /// Why the run stopped before every asked-for revoke ran, when it stopped itself: after a
+    /// violation, with nothing left that could move.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped_early: Option<String>,
     /// What the run found out on the way (device, negotiated registration, ...).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
@@ -259,6 +263,7 @@ impl StressReport {
             inject: cfg.inject,
             seconds: start.elapsed().as_secs_f64(),
             failures: sh.take_failures(),
+            stopped_early: sh.stopped_early(),
             notes: Vec::new(),
         }
     }
@@ -331,8 +336,13 @@ impl StressReport {
         }
         if self.revokes < self.revokes_asked {
             v.push(format!(
-                "revokes = {} of {} asked for: the run stopped early",
-                self.revokes, self.revokes_asked
+                "revokes = {} of {} asked for: the run stopped early{}",
+                self.revokes,
+                self.revokes_asked,
+                self.stopped_early
+                    .as_ref()
+                    .map(|why| format!(" ({why})"))
+                    .unwrap_or_default()
             ));
         }
         if v.is_empty() && !self.failures.is_empty() {
@@ -700,7 +710,7 @@ pub fn run_sim(
         .extend(verdict.violations.iter().take(5).cloned());
     r.holders_cut_off = w.b.dev.stats().holders_cut_off;
     r.oracle = Some(verdict);
-    r.notes = {
+    r.notes.extend({
         let mut n = vec![format!("placement: {}", w.placement_note())];
         if gpu.is_some() {
             n.push(
@@ -710,7 +720,7 @@ pub fn run_sim(
             );
         }
         n
-    };
+    });
     Ok(r)
 }
 
@@ -757,6 +767,30 @@ mod tests {
         // Nothing fits: say so instead of proposing depth 0.
         let e = check_fits(&cfg(4096, 1, 64 << 20), gib).unwrap_err();
         assert!(e.contains("fewer queue pairs or smaller WRITEs"), "{e}");
+    }
+
+    #[test]
+    fn a_violation_with_nothing_left_to_move_stops_the_run_at_once_and_a_clean_run_never_does() {
+        // A holder that acknowledges and keeps writing breaks every queue pair at the zapped
+        // region: without the stop, each of the 48 remaining revokes waited 5 s for traffic.
+        let mut c = cfg(8, 32, 4096);
+        c.revokes = 50;
+        c.deadline = Duration::from_millis(200);
+        c.inject = Some(Inject::Rdma(Fault::AckThenWrite));
+        let r = run_sim(&c, &|_| {}).unwrap();
+        assert!(!r.is_clean());
+        let v = r.violations().join("; ");
+        assert!(v.contains("post_ack_accesses"), "{v}");
+        assert!(r.revokes < 50, "{v}");
+        let why = r.stopped_early.as_deref().unwrap_or_default();
+        assert!(why.contains("every queue pair in ERR"), "{v}");
+        assert!(v.contains(why), "{v}");
+        // The same run without the fault goes through every revoke and never stops itself.
+        c.inject = None;
+        c.revokes = 5;
+        let r = run_sim(&c, &|_| {}).unwrap();
+        assert!(r.is_clean(), "{:?}", r.violations());
+        assert_eq!((r.revokes, r.stopped_early), (5, None));
     }
 
     #[test]

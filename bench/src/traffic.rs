@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use dmaplane_core::RevokeReport;
 use dmaplane_core::dmabuf::DmaBufMemory;
 use dmaplane_core::fabric::{HostMemory, WindowHandle};
-use dmaplane_rdma::{Completion, Cq, Mr, Qp, RdmaError, RemoteMr, SendWr, WcStatus};
+use dmaplane_rdma::{Completion, Cq, Mr, Qp, QpState, RdmaError, RemoteMr, SendWr, WcStatus};
 
 use crate::stress::StressConfig;
 
@@ -174,12 +174,57 @@ pub struct Shared {
     /// memory taken at the ack for the newest few: written while copying and poisoning, read
     /// while the data path verifies a completion.
     poisoned: RwLock<BTreeMap<u64, Option<Arc<Vec<u8>>>>>,
+    /// Since when the data path has found every one of its queue pairs in ERR (nothing it
+    /// posts can move data any more); `None` while any can.
+    all_qps_err_since: Mutex<Option<Instant>>,
+    /// Why the exporter stopped before every asked-for revoke ran, if it did.
+    stopped_early: Mutex<Option<String>>,
 }
 
 /// Epochs whose memory at the ack is kept to verify WRITEs reaped after it.
 pub const SNAPSHOTS: usize = 2;
 
+/// How long every queue pair must have stayed in ERR, after a violation, before the run stops:
+/// long enough for a flushed queue pair's recovery to have brought it back.
+pub const STUCK_FOR: Duration = Duration::from_millis(250);
+
 impl Shared {
+    /// Whether a violation has been recorded already: the verdict is fail, whatever follows.
+    pub fn violated(&self) -> bool {
+        !lock(&self.failures).is_empty()
+            || self.post_ack_poison.load(Ordering::Relaxed) > 0
+            || self.timed_out.load(Ordering::Relaxed) > 0
+    }
+
+    /// The data path's look at its queue pairs: whether every one is in ERR.
+    fn observe_qps(&self, all_err: bool) {
+        let mut since = lock(&self.all_qps_err_since);
+        match (all_err, *since) {
+            (true, None) => *since = Some(Instant::now()),
+            (false, Some(_)) => *since = None,
+            _ => {}
+        }
+    }
+
+    /// A violation was seen and nothing is left that can move: every queue pair of the data
+    /// path has been in ERR for [`STUCK_FOR`]. Going on would only wait out every remaining
+    /// revoke's deadline for traffic that cannot come; the verdict and the counts stay as they
+    /// are.
+    pub fn stuck_after_violation(&self) -> bool {
+        self.violated() && lock(&self.all_qps_err_since).is_some_and(|t| t.elapsed() >= STUCK_FOR)
+    }
+
+    /// Why the run stopped before every asked-for revoke ran (`None` if it did not).
+    pub fn stopped_early(&self) -> Option<String> {
+        lock(&self.stopped_early).clone()
+    }
+
+    /// Stop the run now, saying why.
+    fn stop_early(&self, why: String) {
+        lock(&self.stopped_early).get_or_insert(why);
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
     pub fn outstanding_in(&self, e: u64) -> u64 {
         lock(&self.per_epoch).get(&e).copied().unwrap_or(0)
     }
@@ -295,8 +340,20 @@ pub fn exporter<E: Export>(
     let mut live = Some(first);
     let mut retired: Option<Arc<dyn Bytes>> = None;
     let interval = cfg.seconds.max(0.0) / cfg.revokes.max(1) as f64;
-    for epoch in 1..=cfg.revokes {
-        if sh.stop.load(Ordering::Relaxed) {
+    let stuck = |epoch: u64| {
+        let stop = sh.stuck_after_violation();
+        if stop {
+            sh.stop_early(format!(
+                "stopped before revoke {epoch} of {}: a violation was seen and nothing can move \
+                 (every queue pair in ERR for {} ms)",
+                cfg.revokes,
+                STUCK_FOR.as_millis()
+            ));
+        }
+        stop
+    };
+    'revokes: for epoch in 1..=cfg.revokes {
+        if sh.stop.load(Ordering::Relaxed) || stuck(epoch) {
             break;
         }
         let ex = live.take()?;
@@ -311,6 +368,10 @@ pub fn exporter<E: Export>(
             && since.elapsed() < Duration::from_secs(5)
             && !sh.stop.load(Ordering::Relaxed)
         {
+            if stuck(epoch) {
+                live = Some(ex);
+                break 'revokes;
+            }
             std::thread::sleep(Duration::from_micros(20));
         }
         let jitter = (next(&mut seed) % 1000) as f64 / 1000.0 * 2.0 * interval;
@@ -341,6 +402,7 @@ pub fn exporter<E: Export>(
         while sh.tried_in(ex.epoch()) == tried
             && since.elapsed() < Duration::from_secs(2)
             && !sh.stop.load(Ordering::Relaxed)
+            && !stuck(epoch + 1)
         {
             std::thread::sleep(Duration::from_micros(20));
         }
@@ -426,6 +488,7 @@ impl DataPath<'_> {
         let start = Instant::now();
         let min_time = Duration::from_secs_f64(cfg.seconds.max(0.0));
         let mut draining_since: Option<Instant> = None;
+        let mut looked_at_qps = Instant::now();
         loop {
             refresh(&mut current);
             let stopping = exporter_done() && start.elapsed() >= min_time;
@@ -574,6 +637,12 @@ impl DataPath<'_> {
                 }
                 sh.count(target.epoch, -1);
             }
+            // Every few milliseconds (a state query may be a system call on real hardware):
+            // whether any queue pair can still move data.
+            if looked_at_qps.elapsed() >= Duration::from_millis(5) {
+                looked_at_qps = Instant::now();
+                sh.observe_qps(self.qps.iter().all(|qp| qp.state() == QpState::Err));
+            }
             if wcs.is_empty() && posted_now == 0 {
                 // Nothing to do: wait for a completion instead of spinning a core away from
                 // the NIC engines and the exporter.
@@ -629,6 +698,25 @@ mod tests {
         fn len(&self) -> u64 {
             lock(&self.0).len() as u64
         }
+    }
+
+    #[test]
+    fn stuck_means_a_violation_and_every_queue_pair_in_err_for_a_while() {
+        let sh = Shared::default();
+        sh.observe_qps(true);
+        // No violation: never stuck, however long the queue pairs stay in ERR (a flushed queue
+        // pair recovers; an honest run must go through every revoke).
+        std::thread::sleep(STUCK_FOR);
+        assert!(!sh.stuck_after_violation());
+        sh.fail("a violation".into());
+        assert!(sh.stuck_after_violation());
+        // One queue pair back: it can move again, and the clock starts over.
+        sh.observe_qps(false);
+        assert!(!sh.stuck_after_violation());
+        sh.observe_qps(true);
+        assert!(!sh.stuck_after_violation());
+        std::thread::sleep(STUCK_FOR);
+        assert!(sh.stuck_after_violation());
     }
 
     #[test]

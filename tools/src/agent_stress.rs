@@ -334,6 +334,7 @@ mod imp {
             inject: cfg.inject,
             seconds: start.elapsed().as_secs_f64(),
             failures,
+            stopped_early: None,
             notes,
         })
     }
