@@ -193,3 +193,55 @@ impl Cache {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::memory::Backing;
+    use crate::{Agent, Error, Testbed};
+
+    /// The rule at the top of this file: an entry whose memory was revoked (here the exporter
+    /// moved the memory: every MR of it was revoked, the memory lives on) is never handed out
+    /// again; the next registration of the same range registers anew.
+    #[test]
+    fn an_entry_whose_memory_was_revoked_is_never_handed_out_again() {
+        let a = Agent::builder("a")
+            .testbed(Testbed::builtin().unwrap())
+            .nics(["nic0"])
+            .build()
+            .unwrap();
+        let mem = a.alloc_host("pool", 4 << 20).unwrap();
+        let first = a.register_range(&mem, 0, 1 << 20).unwrap();
+        let again = a.register_range(&mem, 4096, 4096).unwrap();
+        assert_eq!(again.id(), first.id(), "a covered range is a hit");
+        let before = a.stats().cache;
+        mem.with_backing(|b| match b {
+            Backing::Host(h) => h
+                .relocate(Duration::from_secs(1))
+                .map_err(|e| Error::setup("pool", e.to_string())),
+            _ => unreachable!("alloc_host on the testbed is fabric host memory"),
+        })
+        .unwrap();
+        assert!(
+            first.entry.revoked_at().is_some(),
+            "the move revoked the MR"
+        );
+        let after_move = a.register_range(&mem, 4096, 4096).unwrap();
+        assert_ne!(
+            after_move.id(),
+            first.id(),
+            "a revoked registration was handed out again"
+        );
+        assert!(after_move.entry.revoked_at().is_none());
+        let s = a.stats().cache;
+        assert_eq!(s.hits, before.hits, "no hit on a revoked entry");
+        assert_eq!(s.misses, before.misses + 1);
+        assert_eq!(
+            s.invalidated,
+            before.invalidated + 1,
+            "the stale entry dropped"
+        );
+        assert_eq!(a.cached_registrations(&mem), 1);
+    }
+}
