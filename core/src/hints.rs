@@ -5,7 +5,6 @@
 //! types carry exactly that, next to every [`crate::AddrList`].
 
 use std::fmt;
-use std::ops::{BitAnd, BitOr};
 
 use serde::{Deserialize, Serialize};
 
@@ -81,53 +80,47 @@ impl fmt::Display for Route {
     }
 }
 
-/// Access rights: a small flags type (read = the device may read the memory, write = may write it).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Access(u8);
+bitflags::bitflags! {
+    /// Access rights (read = the device may read the memory, write = may write it).
+    ///
+    /// On the wire (metadata, hints) it is its bits, a number; unknown bits are refused.
+    #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct Access: u8 {
+        const READ = 1;
+        const WRITE = 1 << 1;
+        const READ_WRITE = Self::READ.bits() | Self::WRITE.bits();
+    }
+}
 
 impl Access {
-    pub const NONE: Access = Access(0);
-    pub const READ: Access = Access(1);
-    pub const WRITE: Access = Access(2);
-    pub const READ_WRITE: Access = Access(3);
-
-    /// True when every right in `other` is also in `self`.
-    pub fn contains(self, other: Access) -> bool {
-        self.0 & other.0 == other.0
-    }
-
-    pub fn is_empty(self) -> bool {
-        self.0 == 0
-    }
+    pub const NONE: Access = Access::empty();
 
     /// The rights in `other` that `self` lacks.
-    pub fn missing(self, other: Access) -> Access {
-        Access(other.0 & !self.0)
-    }
-
-    pub fn bits(self) -> u8 {
-        self.0
+    pub const fn missing(self, other: Access) -> Access {
+        other.difference(self)
     }
 }
 
-impl BitOr for Access {
-    type Output = Access;
-    fn bitor(self, rhs: Access) -> Access {
-        Access(self.0 | rhs.0)
+impl Serialize for Access {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u8(self.bits())
     }
 }
 
-impl BitAnd for Access {
-    type Output = Access;
-    fn bitand(self, rhs: Access) -> Access {
-        Access(self.0 & rhs.0)
+impl<'de> Deserialize<'de> for Access {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Access, D::Error> {
+        let bits = u8::deserialize(d)?;
+        Access::from_bits(bits).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "access bits {bits:#x}: only read (1) and write (2) exist"
+            ))
+        })
     }
 }
 
 impl fmt::Display for Access {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = match self.0 & 3 {
+        let s = match self.bits() & 3 {
             0 => "none",
             1 => "read",
             2 => "write",
@@ -209,5 +202,13 @@ mod tests {
         assert_eq!(Access::READ.missing(Access::READ_WRITE), Access::WRITE);
         assert_eq!((Access::READ | Access::WRITE), Access::READ_WRITE);
         assert_eq!(Access::WRITE.to_string(), "write");
+    }
+
+    #[test]
+    fn access_is_its_bits_on_the_wire_and_unknown_bits_are_refused() {
+        assert_eq!(serde_json::to_string(&Access::READ_WRITE).unwrap(), "3");
+        assert_eq!(serde_json::from_str::<Access>("2").unwrap(), Access::WRITE);
+        let e = serde_json::from_str::<Access>("5").unwrap_err().to_string();
+        assert!(e.contains("access bits 0x5"), "{e}");
     }
 }

@@ -4,48 +4,33 @@ use std::fmt;
 
 use serde::Serialize;
 
-/// What a memory region lets the NIC do. Local read is always allowed, as in verbs.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
-pub struct MrAccess(u32);
+bitflags::bitflags! {
+    /// What a memory region lets the NIC do. Local read is always allowed, as in verbs.
+    #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct MrAccess: u32 {
+        /// The NIC may write the region for the local side (RECV targets, RDMA READ responses).
+        const LOCAL_WRITE = 1;
+        /// Peers may RDMA WRITE into the region (needs `LOCAL_WRITE`, as verbs requires).
+        const REMOTE_WRITE = 1 << 1;
+        /// Peers may RDMA READ the region.
+        const REMOTE_READ = 1 << 2;
+        const ALL = Self::LOCAL_WRITE.bits() | Self::REMOTE_WRITE.bits() | Self::REMOTE_READ.bits();
+    }
+}
+
+/// On the wire (metadata, leases) it is its bits, a number.
+impl Serialize for MrAccess {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u32(self.bits())
+    }
+}
 
 impl MrAccess {
-    pub const NONE: MrAccess = MrAccess(0);
-    /// The NIC may write the region for the local side (RECV targets, RDMA READ responses).
-    pub const LOCAL_WRITE: MrAccess = MrAccess(1);
-    /// Peers may RDMA WRITE into the region (needs `LOCAL_WRITE`, as verbs requires).
-    pub const REMOTE_WRITE: MrAccess = MrAccess(1 << 1);
-    /// Peers may RDMA READ the region.
-    pub const REMOTE_READ: MrAccess = MrAccess(1 << 2);
-    pub const ALL: MrAccess = MrAccess(0b111);
-
-    pub const fn bits(self) -> u32 {
-        self.0
-    }
-
-    /// From [`bits`](Self::bits) (e.g. received from a peer); `None` when unknown bits are set.
-    pub const fn from_bits(bits: u32) -> Option<MrAccess> {
-        if bits & !MrAccess::ALL.0 == 0 {
-            Some(MrAccess(bits))
-        } else {
-            None
-        }
-    }
-
-    pub const fn contains(self, other: MrAccess) -> bool {
-        self.0 & other.0 == other.0
-    }
-
-    pub const fn union(self, other: MrAccess) -> MrAccess {
-        MrAccess(self.0 | other.0)
-    }
+    pub const NONE: MrAccess = MrAccess::empty();
 
     /// The rights in `other` that `self` lacks.
     pub const fn missing(self, other: MrAccess) -> MrAccess {
-        MrAccess(other.0 & !self.0)
-    }
-
-    pub const fn is_empty(self) -> bool {
-        self.0 == 0
+        other.difference(self)
     }
 
     /// Verbs rejects remote write without local write (EINVAL); so do we.
@@ -53,7 +38,7 @@ impl MrAccess {
         if self.contains(MrAccess::REMOTE_WRITE) && !self.contains(MrAccess::LOCAL_WRITE) {
             return Err("REMOTE_WRITE requires LOCAL_WRITE");
         }
-        if self.0 & !MrAccess::ALL.0 != 0 {
+        if self.bits() & !MrAccess::ALL.bits() != 0 {
             return Err("unknown access bits");
         }
         Ok(())
@@ -66,13 +51,6 @@ impl MrAccess {
             a = dmaplane_core::Access::READ_WRITE;
         }
         a
-    }
-}
-
-impl std::ops::BitOr for MrAccess {
-    type Output = MrAccess;
-    fn bitor(self, rhs: MrAccess) -> MrAccess {
-        self.union(rhs)
     }
 }
 
