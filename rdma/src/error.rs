@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use crate::access::MrAccess;
-use crate::qp::QpState;
+use crate::qp_state::QpState;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RdmaError {

@@ -16,6 +16,7 @@ pub mod lease;
 pub mod lease_tcp;
 pub mod oob;
 pub mod qp;
+pub mod qp_state;
 pub mod quiesce;
 pub mod sim;
 use dmaplane_core::sync;

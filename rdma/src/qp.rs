@@ -5,73 +5,12 @@
 //! touches anything, so an illegal transition or a missing attribute is the same error on the
 //! simulator and on real hardware.
 
-use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
 use crate::access::MrAccess;
 use crate::error::RdmaError;
-
-/// `enum ibv_qp_state`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum QpState {
-    Reset,
-    Init,
-    /// Ready to receive.
-    Rtr,
-    /// Ready to send.
-    Rts,
-    /// Send queue drain: work already started completes, nothing new starts.
-    Sqd,
-    /// Send queue error (UC/UD only in the spec; kept for completeness).
-    Sqe,
-    /// Error: everything outstanding completes as flushed.
-    Err,
-}
-
-impl QpState {
-    /// The numeric value of `enum ibv_qp_state`.
-    pub const fn ibv(self) -> u32 {
-        match self {
-            QpState::Reset => 0,
-            QpState::Init => 1,
-            QpState::Rtr => 2,
-            QpState::Rts => 3,
-            QpState::Sqd => 4,
-            QpState::Sqe => 5,
-            QpState::Err => 6,
-        }
-    }
-
-    /// Receives may be posted (and will be consumed) in this state.
-    pub const fn can_post_recv(self) -> bool {
-        !matches!(self, QpState::Reset)
-    }
-
-    /// Sends may be posted in this state (in SQD they queue without starting; in ERR they
-    /// complete at once as flushed).
-    pub const fn can_post_send(self) -> bool {
-        matches!(
-            self,
-            QpState::Rts | QpState::Sqd | QpState::Sqe | QpState::Err
-        )
-    }
-}
-
-impl fmt::Display for QpState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            QpState::Reset => "RESET",
-            QpState::Init => "INIT",
-            QpState::Rtr => "RTR",
-            QpState::Rts => "RTS",
-            QpState::Sqd => "SQD",
-            QpState::Sqe => "SQE",
-            QpState::Err => "ERR",
-        })
-    }
-}
+pub use crate::qp_state::QpState;
 
 /// The remote end of a connected QP: what `INIT → RTR` needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -70,7 +70,7 @@ impl Queue {
 /// created for (`max_sge`).
 pub fn check_post<'a>(
     qpn: u32,
-    state: crate::qp::QpState,
+    state: crate::qp_state::QpState,
     queue: Queue,
     max_sge: u32,
     reqs: impl IntoIterator<Item = (u64, &'a SgList)>,

@@ -136,7 +136,7 @@ impl SimQp {
             send_cq,
             recv_cq,
             caps,
-            state: AtomicU8::new(QpState::Reset as u8),
+            state: AtomicU8::new(QpState::Reset.ibv() as u8),
             inner: Mutex::new(QpInner {
                 state: QpState::Reset,
                 access: MrAccess::NONE,
@@ -158,20 +158,12 @@ impl SimQp {
 
     /// The state without taking the lock (for the responder's readiness check).
     pub(crate) fn fast_state(&self) -> QpState {
-        match self.state.load(Ordering::Acquire) {
-            0 => QpState::Reset,
-            1 => QpState::Init,
-            2 => QpState::Rtr,
-            3 => QpState::Rts,
-            4 => QpState::Sqd,
-            5 => QpState::Sqe,
-            _ => QpState::Err,
-        }
+        QpState::from_ibv(u32::from(self.state.load(Ordering::Acquire))).unwrap_or(QpState::Err)
     }
 
     pub(crate) fn set_state(&self, inner: &mut QpInner, s: QpState) {
         inner.state = s;
-        self.state.store(s as u8, Ordering::Release);
+        self.state.store(s.ibv() as u8, Ordering::Release);
     }
 
     /// Move to ERR (under the lock) and flush unless the engine is mid-request.
