@@ -8,6 +8,10 @@
 //! its own and polls its completion queue, as an application without the library would. The
 //! figures are nixlbench's: throughput, and the average and p99 of prepare (building the
 //! descriptor lists), post (the call that starts the transfer) and completion (post to done).
+//!
+//! Both sides live through the whole run and every point is measured in paired rounds
+//! ([`crate::rounds`]): the raw layer and the agents back to back, the order swapped each round;
+//! the ratio is the median of the rounds' ratios, reported with its range.
 
 use std::time::{Duration, Instant};
 
@@ -15,6 +19,7 @@ use dmaplane::{Agent, Desc, Testbed};
 use dmaplane_rdma::{Completion, ImportOptions, QpCaps, SendWr};
 use serde::Serialize;
 
+use crate::rounds::{Spread, reference_first};
 use crate::world::World;
 
 /// One point of the table.
@@ -22,11 +27,17 @@ use crate::world::World;
 pub struct AgentRow {
     pub block: u64,
     pub batch: usize,
+    /// Transfers the agents made over all rounds.
     pub iterations: u64,
+    /// The agents' median round.
     pub agent_gb_s: f64,
+    /// The raw layer's median round.
     pub raw_gb_s: f64,
-    /// Agent / raw.
+    /// Agent / raw: the median of the rounds' ratios, each round's two sides back to back.
     pub ratio: f64,
+    /// The rounds' ratios: median, lowest, highest.
+    pub ratio_spread: Spread,
+    pub rounds: u32,
     pub prepare_us: Stat,
     pub post_us: Stat,
     pub completion_us: Stat,
@@ -115,7 +126,10 @@ pub struct AgentReport {
 pub struct AgentBenchConfig {
     pub blocks: Vec<u64>,
     pub batches: Vec<usize>,
+    /// Each side's time per point and round.
     pub per_point: Duration,
+    /// Paired rounds per point.
+    pub rounds: u32,
     pub chunk: u64,
     pub qps: usize,
     pub depth: u32,
@@ -140,6 +154,7 @@ impl Default for AgentBenchConfig {
             blocks: vec![4 << 10, 64 << 10, 1 << 20, 4 << 20, 64 << 20],
             batches: vec![1, 16, 64, 128],
             per_point: Duration::from_millis(300),
+            rounds: 5,
             chunk: 1 << 20,
             qps: 2,
             depth: 128,
@@ -180,21 +195,17 @@ pub fn run(
     if let Some(&b) = cfg.batches.iter().find(|&&b| b == 0 || b > 4096) {
         return Err(AgentBenchError::Bad(format!("--batches {b}: 1 to 4096")));
     }
-    // The raw layer first, alone, then the agents alone: the other's NIC engines are not
-    // running while one is measured.
-    let mut raws = Vec::new();
-    {
-        let raw = match &cfg.verbs {
-            None => Raw::sim(cfg)?,
-            Some(dev) => Raw::verbs(cfg, dev)?,
-        };
-        for &block in &cfg.blocks {
-            for &batch in &cfg.batches {
-                progress.step(&format!("raw: block {block} × batch {batch}"));
-                raws.push(raw.measure(block, batch, cfg.per_point)?);
-            }
-        }
+    if cfg.rounds == 0 || cfg.rounds > 1000 {
+        return Err(AgentBenchError::Bad(format!(
+            "--rounds {}: 1 to 1000",
+            cfg.rounds
+        )));
     }
+    // Both sides live through the run; a side's NIC engines sleep while the other measures.
+    let raw = match &cfg.verbs {
+        None => Raw::sim(cfg)?,
+        Some(dev) => Raw::verbs(cfg, dev)?,
+    };
     let engines = cfg.placement.as_ref().map_or(&[][..], |p| &p.engines[..]);
     let tb = Testbed::with_engine_cpus(dmaplane_core::topology::builtin::testbed(), engines)?;
     let build = |name: &str, nic: &str| {
@@ -216,54 +227,99 @@ pub fn run(
     dst.write(0, &vec![0; set as usize])?;
     let (ra, rb) = (a.register(&src)?, b.register(&dst)?);
     let peer = a.connect(&b.metadata_blob()?)?;
+    // One side's rounds of `batch` blocks for `time` (at least one): transfers, seconds, and
+    // each transfer's prepare, post and completion times.
+    let agent_side = |block: u64, batch: usize| -> Result<AgentSide, AgentBenchError> {
+        let mut side = AgentSide::default();
+        let start = Instant::now();
+        while side.iters == 0 || start.elapsed() < cfg.per_point {
+            let t0 = Instant::now();
+            let local: Vec<Desc> = (0..batch)
+                .map(|k| ra.desc(offset(set, block, k), block))
+                .collect::<Result<_, _>>()?;
+            let remote: Vec<Desc> = (0..batch)
+                .map(|k| Desc::new(rb.id(), offset(set, block, k), block))
+                .collect();
+            let t1 = Instant::now();
+            let t = a.write(&peer, &local, &remote, None)?;
+            let t2 = Instant::now();
+            t.wait(Duration::from_secs(60))?;
+            let t3 = Instant::now();
+            side.prep.push((t1 - t0).as_secs_f64() * 1e6);
+            side.post.push((t2 - t1).as_secs_f64() * 1e6);
+            side.comp.push((t3 - t1).as_secs_f64() * 1e6);
+            side.iters += 1;
+        }
+        Ok(side)
+    };
     let mut rows = Vec::new();
-    let mut raws = raws.into_iter();
     for &block in &cfg.blocks {
         for &batch in &cfg.batches {
-            progress.step(&format!("agent: block {block} × batch {batch}"));
-            let (mut prep, mut post, mut comp) = (Vec::new(), Vec::new(), Vec::new());
-            let start = Instant::now();
-            let mut iters = 0u64;
-            while iters == 0 || start.elapsed() < cfg.per_point {
-                let t0 = Instant::now();
-                let local: Vec<Desc> = (0..batch)
-                    .map(|k| ra.desc(offset(set, block, k), block))
-                    .collect::<Result<_, _>>()?;
-                let remote: Vec<Desc> = (0..batch)
-                    .map(|k| Desc::new(rb.id(), offset(set, block, k), block))
-                    .collect();
-                let t1 = Instant::now();
-                let t = a.write(&peer, &local, &remote, None)?;
-                let t2 = Instant::now();
-                t.wait(Duration::from_secs(60))?;
-                let t3 = Instant::now();
-                prep.push((t1 - t0).as_secs_f64() * 1e6);
-                post.push((t2 - t1).as_secs_f64() * 1e6);
-                comp.push((t3 - t1).as_secs_f64() * 1e6);
-                iters += 1;
-            }
-            let agent_s: f64 = comp.iter().zip(&prep).map(|(c, p)| c + p).sum::<f64>() / 1e6;
             let bytes = (block * batch as u64) as f64;
-            let (raw_iters, raw_s, raw_comp) = raws
-                .next()
-                .ok_or_else(|| AgentBenchError::Bad("raw points ran out".into()))?;
-            let agent_gb_s = bytes * iters as f64 / agent_s / 1e9;
-            let raw_gb_s = bytes * raw_iters as f64 / raw_s / 1e9;
+            let mut all = AgentSide::default();
+            let mut raw_comp = Vec::new();
+            let (mut agent_rates, mut raw_rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+            for round in 0..cfg.rounds {
+                let mut agent = None;
+                let mut reference = None;
+                for turn in 0..2 {
+                    if (turn == 0) == reference_first(round) {
+                        progress.step(&format!(
+                            "round {}/{}: raw: block {block} × batch {batch}",
+                            round + 1,
+                            cfg.rounds
+                        ));
+                        reference = Some(raw.measure(block, batch, cfg.per_point)?);
+                    } else {
+                        progress.step(&format!(
+                            "round {}/{}: agent: block {block} × batch {batch}",
+                            round + 1,
+                            cfg.rounds
+                        ));
+                        agent = Some(agent_side(block, batch)?);
+                    }
+                }
+                let (Some(agent), Some((raw_iters, raw_s, comp))) = (agent, reference) else {
+                    return Err(AgentBenchError::Bad(
+                        "a round measured one side only".into(),
+                    ));
+                };
+                // The agents' time is what the application waits for: prepare + completion.
+                let agent_s = agent
+                    .comp
+                    .iter()
+                    .zip(&agent.prep)
+                    .map(|(c, p)| c + p)
+                    .sum::<f64>()
+                    / 1e6;
+                let agent_rate = bytes * agent.iters as f64 / agent_s / 1e9;
+                let raw_rate = bytes * raw_iters as f64 / raw_s / 1e9;
+                agent_rates.push(agent_rate);
+                raw_rates.push(raw_rate);
+                ratios.push(agent_rate / raw_rate);
+                all.absorb(agent);
+                raw_comp.extend(comp);
+            }
+            let spread =
+                |v: &[f64]| Spread::of(v).ok_or_else(|| AgentBenchError::Bad("no rounds".into()));
+            let ratio_spread = spread(&ratios)?;
             rows.push(AgentRow {
                 block,
                 batch,
-                iterations: iters,
-                agent_gb_s,
-                raw_gb_s,
-                ratio: agent_gb_s / raw_gb_s,
-                prepare_us: Stat::of(prep),
-                post_us: Stat::of(post),
-                completion_us: Stat::of(comp),
+                iterations: all.iters,
+                agent_gb_s: spread(&agent_rates)?.median,
+                raw_gb_s: spread(&raw_rates)?.median,
+                ratio: ratio_spread.median,
+                ratio_spread,
+                rounds: cfg.rounds,
+                prepare_us: Stat::of(all.prep),
+                post_us: Stat::of(all.post),
+                completion_us: Stat::of(all.comp),
                 raw_completion_us: Stat::of(raw_comp),
             });
         }
     }
-    drop((ra, rb, peer, a, b, src, dst));
+    drop((ra, rb, peer, a, b, src, dst, raw));
     let cache = match cfg.cache {
         Some((region, n)) => {
             progress.step(&format!(
@@ -286,6 +342,25 @@ pub fn run(
         rows,
         cache,
     })
+}
+
+/// One point's transfers through the agents: how many, and each one's prepare, post and
+/// completion time in microseconds.
+#[derive(Debug, Default)]
+struct AgentSide {
+    iters: u64,
+    prep: Vec<f64>,
+    post: Vec<f64>,
+    comp: Vec<f64>,
+}
+
+impl AgentSide {
+    fn absorb(&mut self, other: AgentSide) {
+        self.iters += other.iters;
+        self.prep.extend(other.prep);
+        self.post.extend(other.post);
+        self.comp.extend(other.comp);
+    }
 }
 
 /// The raw layer: the same requests, posted and reaped by hand.

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod p2p;
 pub mod rdma;
+pub mod rounds;
 pub mod sgl;
 pub mod storage;
 pub mod stress;

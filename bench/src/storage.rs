@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use dmaplane_storage::{BufId, DirectFile, FileId, OpenOptions, Ring, StorageError};
 use serde::Serialize;
 
+use crate::rounds::{Spread, reference_first};
+
 #[derive(Debug, thiserror::Error)]
 pub enum StorageBenchError {
     #[error(transparent)]
@@ -241,7 +243,7 @@ fn measure_all(
         for round in 0..cfg.rounds.max(1) {
             let (mut ours, mut fio) = (None, None);
             for turn in 0..2 {
-                if (turn == 0) == round.is_multiple_of(2) {
+                if (turn == 0) == reference_first(round) {
                     if let Some(bin) = &cfg.fio {
                         progress.step(&format!(
                             "round {}/{}: fio: {} {} × QD{}",
@@ -398,13 +400,13 @@ fn row(
     let ours = median_side(rounds.iter().map(|r| r.0).collect())
         .ok_or_else(|| StorageBenchError::Bad("no rounds".into()))?;
     let fio = median_side(rounds.iter().filter_map(|r| r.1).collect());
-    let mut ratios: Vec<f64> = rounds
+    let ratios: Vec<f64> = rounds
         .iter()
         .filter_map(|(o, f)| f.map(|f| o.iops / f.iops))
         .collect();
-    ratios.sort_by(f64::total_cmp);
-    let ratio = (!ratios.is_empty()).then(|| median(&ratios));
-    let ratio_range = ratios.first().copied().zip(ratios.last().copied());
+    let spread = Spread::of(&ratios);
+    let ratio = spread.map(|s| s.median);
+    let ratio_range = spread.map(|s| (s.low, s.high));
     Ok(StorageRow {
         workload: w,
         ours,
@@ -414,16 +416,6 @@ fn row(
         rounds,
         fio_command,
     })
-}
-
-/// The median of sorted, non-empty `v` (the mean of the middle two for an even count).
-fn median(v: &[f64]) -> f64 {
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 fn side(ios: u64, seconds: f64, block: u64) -> Side {

@@ -5,7 +5,6 @@
 //! touches anything, so an illegal transition or a missing attribute is the same error on the
 //! simulator and on real hardware.
 
-
 use serde::{Deserialize, Serialize};
 
 use crate::access::MrAccess;

@@ -37,9 +37,13 @@ pub enum BenchCmd {
         /// Blocks per transfer (default 1, 16, 64, 128).
         #[arg(long, value_delimiter = ',')]
         batches: Vec<usize>,
-        /// Seconds per point (each side).
+        /// Seconds per point, each side, each round.
         #[arg(long, default_value_t = 0.3)]
         seconds: f64,
+        /// Paired rounds per point: the raw layer and the agents back to back, the order
+        /// swapped every round; the ratio is the median of the rounds' ratios, with its range.
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
         /// Skip the registration cache passes (2000 sub-ranges of a 4 GiB region, twice).
         #[arg(long)]
         no_cache: bool,
@@ -124,6 +128,7 @@ pub fn run(cmd: &BenchCmd, json: bool) -> Result<()> {
             blocks,
             batches,
             seconds,
+            rounds,
             no_cache,
             no_pin,
         } => agent(
@@ -131,7 +136,7 @@ pub fn run(cmd: &BenchCmd, json: bool) -> Result<()> {
             device.as_deref(),
             blocks,
             batches,
-            *seconds,
+            (*seconds, *rounds),
             (*no_cache, *no_pin),
             json,
         ),
@@ -285,7 +290,7 @@ fn agent(
     device: Option<&str>,
     blocks: &[u64],
     batches: &[usize],
-    seconds: f64,
+    (seconds, rounds): (f64, u32),
     (no_cache, no_pin): (bool, bool),
     json: bool,
 ) -> Result<()> {
@@ -297,8 +302,12 @@ fn agent(
     if !(seconds.is_finite() && seconds > 0.0 && seconds <= 60.0) {
         bail!("--seconds {seconds}: must be more than 0 and at most 60");
     }
+    if rounds == 0 || rounds > 1000 {
+        bail!("--rounds {rounds}: 1 to 1000");
+    }
     let mut cfg = dmaplane_bench::agent::AgentBenchConfig {
         per_point: Duration::from_secs_f64(seconds),
+        rounds,
         ..Default::default()
     };
     if !blocks.is_empty() {
@@ -329,21 +338,26 @@ fn agent(
         return Ok(());
     }
     println!(
-        "agent vs raw rdma layer ({}): chunks of {}, {} QPs × depth {}; times in µs (avg / p99)\nplacement: {}",
+        "agent vs raw rdma layer ({}): chunks of {}, {} QPs × depth {}; {} paired rounds of {} s a side per point \
+         (GB/s: each side's median round; ratio: the median of the rounds' ratios [lowest-highest]); \
+         times in µs (avg / p99)\nplacement: {}",
         r.backend,
         bytes(r.chunk),
         r.qps,
         r.depth,
+        rounds,
+        seconds,
         r.placement
     );
     println!(
-        "{:>8} {:>6} {:>7} {:>10} {:>10} {:>7} {:>15} {:>15} {:>17} {:>17}",
+        "{:>8} {:>6} {:>7} {:>10} {:>10} {:>7} {:>11} {:>15} {:>15} {:>17} {:>17}",
         "block",
         "batch",
         "iters",
         "agent",
         "raw",
         "ratio",
+        "range",
         "prepare",
         "post",
         "completion",
@@ -351,13 +365,18 @@ fn agent(
     );
     for w in &r.rows {
         println!(
-            "{:>8} {:>6} {:>7} {:>6.2} GB/s {:>5.2} GB/s {:>6.0}% {:>7.1} /{:>6.1} {:>7.1} /{:>6.1} {:>8.1} /{:>7.1} {:>8.1} /{:>7.1}",
+            "{:>8} {:>6} {:>7} {:>6.2} GB/s {:>5.2} GB/s {:>6.0}% {:>11} {:>7.1} /{:>6.1} {:>7.1} /{:>6.1} {:>8.1} /{:>7.1} {:>8.1} /{:>7.1}",
             bytes(w.block),
             w.batch,
             w.iterations,
             w.agent_gb_s,
             w.raw_gb_s,
             w.ratio * 100.0,
+            format!(
+                "{:.0}-{:.0}%",
+                w.ratio_spread.low * 100.0,
+                w.ratio_spread.high * 100.0
+            ),
             w.prepare_us.avg,
             w.prepare_us.p99,
             w.post_us.avg,
