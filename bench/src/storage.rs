@@ -25,41 +25,152 @@ pub enum StorageBenchError {
 
 type Result<T> = std::result::Result<T, StorageBenchError>;
 
-/// One access pattern.
+/// fio's `rw`: the direction and the order of the I/Os.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Rw {
+    /// Sequential reads.
+    Read,
+    /// Sequential writes.
+    Write,
+    RandRead,
+    RandWrite,
+}
+
+impl Rw {
+    pub const ALL: [Rw; 4] = [Rw::Read, Rw::Write, Rw::RandRead, Rw::RandWrite];
+
+    /// fio's name for it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Rw::Read => "read",
+            Rw::Write => "write",
+            Rw::RandRead => "randread",
+            Rw::RandWrite => "randwrite",
+        }
+    }
+
+    pub const fn writes(self) -> bool {
+        matches!(self, Rw::Write | Rw::RandWrite)
+    }
+
+    pub const fn random(self) -> bool {
+        matches!(self, Rw::RandRead | Rw::RandWrite)
+    }
+}
+
+impl std::fmt::Display for Rw {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Rw {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Rw, String> {
+        Rw::ALL
+            .into_iter()
+            .find(|rw| rw.as_str() == s)
+            .ok_or_else(|| {
+                let known: Vec<&str> = Rw::ALL.iter().map(|r| r.as_str()).collect();
+                format!(
+                    "--rw {s:?}: one of {} (fio's names; mixed workloads are not measured)",
+                    known.join(", ")
+                )
+            })
+    }
+}
+
+impl Serialize for Rw {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// One access pattern, in fio's words: `--rw`, `--bs`, `--iodepth`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Workload {
-    /// fio's `rw`: `randread`, `read` or `write`.
-    pub rw: &'static str,
+    pub rw: Rw,
     pub block: u64,
     pub depth: u32,
 }
 
+/// The largest block a workload may use.
+pub const MAX_BLOCK: u64 = 64 << 20;
+/// The largest queue depth a workload may use (the ring's submission queue).
+pub const MAX_DEPTH: u32 = 4096;
+/// The most memory a workload's registered buffer (depth × block) may take.
+pub const MAX_BUFFER: u64 = 1 << 30;
+
 impl Workload {
+    /// The three run when no shape is asked for.
     pub const ALL: [Workload; 3] = [
         Workload {
-            rw: "randread",
+            rw: Rw::RandRead,
             block: 4096,
             depth: 64,
         },
         Workload {
-            rw: "read",
+            rw: Rw::Read,
             block: 1 << 20,
             depth: 16,
         },
         Workload {
-            rw: "write",
+            rw: Rw::Write,
             block: 1 << 20,
             depth: 16,
         },
     ];
 
+    /// A workload of any shape, checked: the error names the option and the value.
+    pub fn new(rw: Rw, block: u64, depth: u32) -> std::result::Result<Workload, String> {
+        if !(512..=MAX_BLOCK).contains(&block) || !block.is_multiple_of(512) {
+            return Err(format!(
+                "--bs {block}: a multiple of 512 bytes from 512 to {MAX_BLOCK} (O_DIRECT moves \
+                 whole sectors)"
+            ));
+        }
+        if !(1..=MAX_DEPTH).contains(&depth) {
+            return Err(format!("--depth {depth}: 1 to {MAX_DEPTH}"));
+        }
+        if block * u64::from(depth) > MAX_BUFFER {
+            return Err(format!(
+                "--bs {block} × --depth {depth}: the registered buffer would take {} MiB, more \
+                 than {} MiB",
+                (block * u64::from(depth)) >> 20,
+                MAX_BUFFER >> 20
+            ));
+        }
+        Ok(Workload { rw, block, depth })
+    }
+
     fn writes(self) -> bool {
-        self.rw == "write"
+        self.rw.writes()
     }
 
     fn random(self) -> bool {
-        self.rw.starts_with("rand")
+        self.rw.random()
     }
+}
+
+/// A size in fio's words: bytes, or a number with `k`, `m`, `g` or `t` (powers of 1024, as fio
+/// counts by default; `kib`, `KiB`, `kb` are taken alike).
+pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?}: a size is a whole number, optionally with k, m, g or t"))?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(format!("{text:?}: unit {unit:?} is not one of k, m, g, t")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?}: too large"))
 }
 
 #[derive(Debug, Clone)]
@@ -76,6 +187,8 @@ pub struct StorageBenchConfig {
     pub rounds: u32,
     /// The fio binary (`None`: not installed; only this side runs).
     pub fio: Option<PathBuf>,
+    /// What to measure, in order ([`Workload::ALL`] unless a shape is asked for).
+    pub workloads: Vec<Workload>,
 }
 
 /// One side's result.
@@ -205,6 +318,15 @@ pub fn run(
             cfg.size
         )));
     }
+    if cfg.workloads.is_empty() {
+        return Err(StorageBenchError::Bad("no workload to measure".into()));
+    }
+    if let Some(w) = cfg.workloads.iter().find(|w| w.block > cfg.size) {
+        return Err(StorageBenchError::Bad(format!(
+            "--bs {}: larger than the --size {} test file",
+            w.block, cfg.size
+        )));
+    }
     let path = cfg
         .dir
         .join(format!("dmaplane-bench-storage-{}", std::process::id()));
@@ -237,7 +359,7 @@ fn measure_all(
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
     });
     let mut rows = Vec::new();
-    for w in Workload::ALL {
+    for &w in &cfg.workloads {
         let mut rounds = Vec::new();
         let mut fio_command = None;
         for round in 0..cfg.rounds.max(1) {
@@ -476,6 +598,35 @@ fn fio_side(
 #[cfg(test)]
 mod tests {
     use super::{Side, Workload, fio_counts, row, side};
+
+    #[test]
+    fn any_shape_in_fios_words_and_bad_ones_named() {
+        use super::{Rw, Workload, parse_size};
+        assert_eq!(parse_size("16k"), Ok(16 << 10));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("16q").unwrap_err().contains("unit \"q\""));
+        assert!(parse_size("k").unwrap_err().contains("whole number"));
+        assert_eq!("randwrite".parse::<Rw>(), Ok(Rw::RandWrite));
+        assert!("randrw".parse::<Rw>().unwrap_err().contains("randread"));
+        let w = Workload::new(Rw::RandWrite, 16 << 10, 32).unwrap();
+        assert!(w.writes() && w.random());
+        assert!(
+            Workload::new(Rw::Read, 1000, 1)
+                .unwrap_err()
+                .contains("--bs 1000")
+        );
+        assert!(
+            Workload::new(Rw::Read, 4096, 0)
+                .unwrap_err()
+                .contains("--depth 0")
+        );
+        assert!(
+            Workload::new(Rw::Read, 64 << 20, 64)
+                .unwrap_err()
+                .contains("4096 MiB")
+        );
+    }
 
     #[test]
     fn a_row_is_the_median_of_paired_rounds_and_their_spread() {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use dmaplane_bench::rdma::{MAX_SIZE, RdmaBenchConfig};
 use dmaplane_bench::sgl::{Row, Scenario, measure};
+use dmaplane_bench::storage::Rw;
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Debug, Subcommand)]
@@ -74,9 +75,21 @@ pub enum BenchCmd {
     /// random reads at queue depth 64, 1 MiB sequential reads and writes at depth 16, all
     /// O_DIRECT with registered buffers and files. Without fio only this side runs.
     Storage {
-        /// The test file's size (created, filled and removed by the run).
-        #[arg(long, default_value_t = 1 << 30)]
+        /// The test file's size (created, filled and removed by the run): bytes, or with k, m,
+        /// g as fio takes it.
+        #[arg(long, default_value = "1g", value_parser = dmaplane_bench::storage::parse_size)]
         size: u64,
+        /// fio's --rw: read, write, randread or randwrite. With --rw, --bs or --depth one
+        /// workload of that shape runs (fio's defaults for what is not given: read, 4k, 1);
+        /// without any, three: randread 4k × 64, read 1m × 16, write 1m × 16.
+        #[arg(long)]
+        rw: Option<dmaplane_bench::storage::Rw>,
+        /// fio's --bs: the block size (bytes, or with k, m as fio takes it).
+        #[arg(long, value_parser = dmaplane_bench::storage::parse_size)]
+        bs: Option<u64>,
+        /// fio's --iodepth: requests kept in flight.
+        #[arg(long)]
+        depth: Option<u32>,
         /// Where the test file goes: its file system must take O_DIRECT (a tmpfs may not).
         #[arg(long, default_value = ".")]
         dir: std::path::PathBuf,
@@ -118,10 +131,13 @@ pub fn run(cmd: &BenchCmd, json: bool) -> Result<()> {
         BenchCmd::Sgl { iters, scenario } => sgl(*iters, scenario, json),
         BenchCmd::Storage {
             size,
+            rw,
+            bs,
+            depth,
             dir,
             seconds,
             rounds,
-        } => storage(*size, dir, *seconds, *rounds, json),
+        } => storage(*size, (*rw, *bs, *depth), dir, *seconds, *rounds, json),
         BenchCmd::Agent {
             backend,
             device,
@@ -149,17 +165,37 @@ pub fn run(cmd: &BenchCmd, json: bool) -> Result<()> {
     }
 }
 
-fn storage(size: u64, dir: &std::path::Path, seconds: f64, rounds: u32, json: bool) -> Result<()> {
-    use dmaplane_bench::storage::{StorageBenchConfig, find_fio, run};
+fn storage(
+    size: u64,
+    shape: (Option<Rw>, Option<u64>, Option<u32>),
+    dir: &std::path::Path,
+    seconds: f64,
+    rounds: u32,
+    json: bool,
+) -> Result<()> {
+    use dmaplane_bench::storage::{StorageBenchConfig, Workload, find_fio, run};
     if !(seconds.is_finite() && seconds > 0.0 && seconds <= 600.0) {
         bail!("--seconds {seconds}: must be more than 0 and at most 600");
     }
+    let workloads = match shape {
+        (None, None, None) => Workload::ALL.to_vec(),
+        // fio's own defaults for what is not given.
+        (rw, bs, depth) => vec![
+            Workload::new(
+                rw.unwrap_or(Rw::Read),
+                bs.unwrap_or(4096),
+                depth.unwrap_or(1),
+            )
+            .map_err(anyhow::Error::msg)?,
+        ],
+    };
     let cfg = StorageBenchConfig {
         dir: dir.to_path_buf(),
         size,
         per_point: Duration::from_secs_f64(seconds),
         rounds,
         fio: find_fio(),
+        workloads,
     };
     let bar = ProgressBar::new_spinner();
     bar.enable_steady_tick(Duration::from_millis(120));
@@ -243,7 +279,13 @@ fn storage(size: u64, dir: &std::path::Path, seconds: f64, rounds: u32, json: bo
         );
     }
     if let Some(cmd) = r.rows.first().and_then(|w| w.fio_command.as_ref()) {
-        println!("fio command (first workload; the others change --rw, --bs, --iodepth):\n  {cmd}");
+        if r.rows.len() > 1 {
+            println!(
+                "fio command (first workload; the others change --rw, --bs, --iodepth):\n  {cmd}"
+            );
+        } else {
+            println!("fio command:\n  {cmd}");
+        }
     }
     Ok(())
 }
