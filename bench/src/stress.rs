@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use dmaplane_core::cpu::Placement;
 use dmaplane_core::fabric::{HostMemory, Verdict, WindowHandle};
 use dmaplane_core::{Exporter, ImporterKind, RevokeReport};
-use dmaplane_gpu::{DeviceMemory, GpuError, Peer};
+use dmaplane_gpu::{DeviceMemory, DmaClient, GpuError};
 use dmaplane_rdma::{
     Completion, Fault, ImportOptions, Mr, MrAccess, Qp, QpCaps, QuiescePolicy, RdmaError,
     RemoteAddr, SendWr, Sge, WcStatus,
@@ -585,7 +585,7 @@ pub fn run_sim(
                 let mr =
                     w.b.pd
                         .import("dst", opts, None, |i, a| {
-                            mem.attach(i, Peer::Fabric(nic), a)
+                            mem.attach(i, DmaClient::Fabric(nic), a)
                         })
                         .map_err(|e| e.to_string())?;
                 let mem = Exported::Gpu {

@@ -34,7 +34,7 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use dmaplane_core::Route;
-use dmaplane_gpu::Peer as GpuPeer;
+use dmaplane_gpu::DmaClient;
 use dmaplane_storage::sim::SimNvme;
 use dmaplane_storage::{BufId, Completion, DirectFile, FileId, Ring, StorageError};
 
@@ -791,7 +791,7 @@ fn attach_backing(
     };
     match (b, dev) {
         (Backing::Host(h), Some(dev)) => h.attach(i, dev, a),
-        (Backing::Gpu(g), Some(dev)) => g.attach(i, GpuPeer::Fabric(dev), a),
+        (Backing::Gpu(g), Some(dev)) => g.attach(i, DmaClient::Fabric(dev), a),
         #[cfg(feature = "verbs")]
         (Backing::DmaBuf(m), _) => m.attach(i, a),
         #[cfg(feature = "verbs")]

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use dmaplane_core::Route;
-use dmaplane_gpu::Peer as GpuPeer;
+use dmaplane_gpu::DmaClient;
 use dmaplane_rdma::{ImportOptions, Mr, MrAccess};
 
 use crate::agent::{AgentNic, Shared};
@@ -273,7 +273,7 @@ fn register_on(
             Backing::Gpu(_) if nic.id.is_none() => None,
             Backing::Gpu(g) => g
                 .would_negotiate(
-                    GpuPeer::Fabric(on_fabric()?),
+                    DmaClient::Fabric(on_fabric()?),
                     &nic.name,
                     &nic.dev.backend().accepts(),
                 )
@@ -316,12 +316,12 @@ fn register_on(
             }
             Backing::Gpu(g) => match nic.id {
                 Some(id) => nic.pd.import(&name, opts, None, |i, a| {
-                    g.attach(i, GpuPeer::Fabric(id), a)
+                    g.attach(i, DmaClient::Fabric(id), a)
                 })?,
                 // CUDA memory on a real NIC: its dma-buf (ibv_reg_dmabuf_mr) where the driver
                 // exports one, else its device VAs (a peer-memory client); negotiated.
                 None => nic.pd.import(&name, opts, g.dmabuf_fd(), |i, a| {
-                    g.attach(i, GpuPeer::External, a)
+                    g.attach(i, DmaClient::External, a)
                 })?,
             },
             #[cfg(feature = "verbs")]

@@ -58,9 +58,10 @@ pub struct GpuInfo {
 /// The BAR that maps device memory for peers (NVIDIA's BAR1), on every backend.
 pub const BAR1_INDEX: u8 = 1;
 
-/// Who imports an allocation.
+/// The device that will DMA to or from an allocation (the kernel P2P code's "client"): what its
+/// offers are computed for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Peer {
+pub enum DmaClient {
     /// A device on the simulated fabric: the route comes from the topology.
     Fabric(DeviceId),
     /// A real device the backend cannot place (a verbs NIC): it gets the portable offers
@@ -95,12 +96,12 @@ pub trait AllocBackend: Send + Sync + fmt::Debug {
     /// Where the copy engine finds byte 0.
     fn copy_addr(&self) -> u64;
     /// What the allocation offers `peer`, best first.
-    fn offers(&self, peer: Peer) -> Vec<Offer>;
+    fn offers(&self, peer: DmaClient) -> Vec<Offer>;
     /// Attach an importer; a peer's first attachment makes the allocation peer-visible.
     fn attach(
         &self,
         importer: Arc<dyn Importer>,
-        peer: Peer,
+        peer: DmaClient,
         accepts: &[Accept],
     ) -> Result<Attachment>;
     /// The dma-buf behind a `DmaBuf` offer, for importers that register by fd.

@@ -17,7 +17,7 @@ use dmaplane_core::{
     Accept, AttachError, Attachment, Importer, ImporterKind, Offer, RevokeReport, negotiate,
 };
 
-use crate::backend::{AllocBackend, GpuBackend, GpuInfo, Peer, Registration};
+use crate::backend::{AllocBackend, DmaClient, GpuBackend, GpuInfo, Registration};
 use crate::error::{GpuError, Result};
 use crate::import::CopyImporter;
 
@@ -225,7 +225,7 @@ impl DeviceMemory {
     }
 
     /// What the allocation offers `peer`, best first.
-    pub fn offers(&self, peer: Peer) -> Vec<Offer> {
+    pub fn offers(&self, peer: DmaClient) -> Vec<Offer> {
         self.backend.offers(peer)
     }
 
@@ -233,7 +233,7 @@ impl DeviceMemory {
     /// or the error naming every refusal (the reason a path must be staged).
     pub fn would_negotiate(
         &self,
-        peer: Peer,
+        peer: DmaClient,
         importer: &str,
         accepts: &[Accept],
     ) -> Result<String> {
@@ -246,7 +246,7 @@ impl DeviceMemory {
     pub fn attach(
         &self,
         importer: Arc<dyn Importer>,
-        peer: Peer,
+        peer: DmaClient,
         accepts: &[Accept],
     ) -> Result<Attachment, AttachError> {
         self.backend

@@ -17,7 +17,7 @@ pub mod error;
 mod import;
 pub mod sim;
 
-pub use backend::{BackendKind, DmaBufSupport, GpuInfo, Peer};
+pub use backend::{BackendKind, DmaBufSupport, DmaClient, GpuInfo};
 pub use device::{DeviceMemory, Gpu, Loc, PeerMemory};
 pub use error::{GpuError, Result};
 pub use sim::SimGpu;

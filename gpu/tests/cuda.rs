@@ -17,7 +17,7 @@ use dmaplane_core::{
     Hints, Importer, ImporterKind, Invalidation, MemKind, Offer, SpaceKind,
 };
 use dmaplane_gpu::cuda::{self, CudaGpu, InitOutcome};
-use dmaplane_gpu::{BackendKind, DmaBufSupport, Gpu, GpuError, Loc, Peer, PeerMemory};
+use dmaplane_gpu::{BackendKind, DmaBufSupport, DmaClient, Gpu, GpuError, Loc, PeerMemory};
 
 // ---------------------------------------------------------------------------------------------
 // Everywhere.
@@ -649,7 +649,7 @@ fn gpu_dmabuf_export_or_peer_memory_fallback() {
     let ordinal: u32 = gpu.name().trim_start_matches("cuda:").parse().unwrap();
     let len = 2 << 20;
     let mem = gpu.alloc("export", len).unwrap();
-    let offers = mem.offers(Peer::External);
+    let offers = mem.offers(DmaClient::External);
     let note = mem.export_note();
     eprintln!("{note}");
     let device_va = AddrSpace::DeviceVa { device: ordinal };
@@ -679,7 +679,9 @@ fn gpu_dmabuf_export_or_peer_memory_fallback() {
             assert_eq!(gpu.info().bar1_mapped, len);
             // A dma-buf importer gets offsets [0, len).
             let nic = TestImporter::new("nic", true);
-            let att = mem.attach(nic, Peer::External, &nic_accepts()).unwrap();
+            let att = mem
+                .attach(nic, DmaClient::External, &nic_accepts())
+                .unwrap();
             let list = att.map().unwrap().list;
             assert_eq!(list.space(), offers[0].space);
             assert_eq!(list.ranges(), &[DmaRange::new(0, len)]);
@@ -696,18 +698,18 @@ fn gpu_dmabuf_export_or_peer_memory_fallback() {
     // A peer-memory importer gets the device VAs of the whole allocation.
     let peermem = TestImporter::new("peermem", true);
     let accepts = [Accept::new(SpaceKind::DeviceVa, Access::READ_WRITE).with_mmio()];
-    let att = mem.attach(peermem, Peer::External, &accepts).unwrap();
+    let att = mem.attach(peermem, DmaClient::External, &accepts).unwrap();
     let list = att.map().unwrap().list;
     assert_eq!(list.space(), device_va);
     assert_eq!(list.total_len(), len);
     assert_eq!(list.ranges()[0].addr % cuda::GPU_PAGE, 0, "{list:?}");
     assert_eq!(list.granule(), cuda::GPU_PAGE);
     // Nothing on the simulated fabric can reach it.
-    assert!(mem.offers(Peer::Fabric(DeviceId(0))).is_empty());
+    assert!(mem.offers(DmaClient::Fabric(DeviceId(0))).is_empty());
     let e = mem
         .attach(
             TestImporter::new("sim", true),
-            Peer::Fabric(DeviceId(0)),
+            DmaClient::Fabric(DeviceId(0)),
             &nic_accepts(),
         )
         .unwrap_err();
@@ -724,7 +726,7 @@ fn gpu_free_revokes_a_signalling_importer_first() {
     let mem = gpu.alloc("freed", 1 << 20).unwrap();
     let nic = TestImporter::new("nic-honest", true);
     let att = mem
-        .attach(nic.clone(), Peer::External, &nic_accepts())
+        .attach(nic.clone(), DmaClient::External, &nic_accepts())
         .unwrap();
     att.map().unwrap();
     let report = mem.free(SECOND).unwrap();
@@ -738,7 +740,7 @@ fn gpu_free_revokes_a_signalling_importer_first() {
     let mem = gpu.alloc("dropped", 1 << 20).unwrap();
     let nic = TestImporter::new("nic-dropped", true);
     let att = mem
-        .attach(nic.clone(), Peer::External, &nic_accepts())
+        .attach(nic.clone(), DmaClient::External, &nic_accepts())
         .unwrap();
     drop(mem);
     assert_eq!(nic.invalidations.load(Ordering::SeqCst), 1);
@@ -753,10 +755,10 @@ fn gpu_free_with_a_lying_importer_leaks_instead_of_freeing() {
     let liar = TestImporter::new("nic-liar", false);
     let honest = TestImporter::new("nic-ok", true);
     let _a = mem
-        .attach(liar.clone(), Peer::External, &nic_accepts())
+        .attach(liar.clone(), DmaClient::External, &nic_accepts())
         .unwrap();
     let _b = mem
-        .attach(honest.clone(), Peer::External, &nic_accepts())
+        .attach(honest.clone(), DmaClient::External, &nic_accepts())
         .unwrap();
     let start = Instant::now();
     let e = mem.free(Duration::from_millis(50)).unwrap_err();
@@ -794,7 +796,7 @@ fn gpu_release_is_refused_before_revoke_and_a_leak_is_sticky() {
     let Some(gpu) = gpu_or_skip() else { return };
     let a = gpu.backend().alloc("raw", 1 << 16).unwrap();
     let liar = TestImporter::new("raw-liar", false);
-    let _att = a.attach(liar, Peer::External, &nic_accepts()).unwrap();
+    let _att = a.attach(liar, DmaClient::External, &nic_accepts()).unwrap();
     let fake = a.revoke(Duration::ZERO);
     // A second backend, with nothing to revoke, gives a clean report to pass by mistake.
     let other = gpu.backend().alloc("other", 1 << 16).unwrap();
@@ -827,7 +829,7 @@ fn gpu_release_is_refused_before_revoke_and_a_leak_is_sticky() {
         other.read(0, &mut [0u8; 1]),
         Err(GpuError::Freed { .. })
     ));
-    assert!(other.offers(Peer::External).is_empty());
+    assert!(other.offers(DmaClient::External).is_empty());
     assert!(other.dmabuf_fd().is_none());
 }
 

@@ -10,7 +10,7 @@ use dmaplane_core::fabric::{Fabric, HostMemory};
 use dmaplane_core::revoke::{Importer, ImporterKind, Invalidation};
 use dmaplane_core::topology::builtin;
 use dmaplane_core::{Accept, Access, AddrSpace, Route, SpaceKind};
-use dmaplane_gpu::{Gpu, GpuError, Loc, Peer, SimGpu};
+use dmaplane_gpu::{DmaClient, Gpu, GpuError, Loc, SimGpu};
 
 fn fabric() -> Fabric {
     Fabric::with_topology(builtin::testbed())
@@ -69,16 +69,16 @@ fn offers_follow_the_route_to_each_peer() {
     let m0 = g0.alloc("a", 1 << 20).unwrap();
     let m1 = g1.alloc("b", 1 << 20).unwrap();
 
-    let o = m0.offers(Peer::Fabric(dev("nic0")));
+    let o = m0.offers(DmaClient::Fabric(dev("nic0")));
     assert!(matches!(o[0].space, AddrSpace::PciBus { .. }), "{o:?}");
     assert_eq!(o[0].hints.route, Route::BusAddr);
-    let o = m1.offers(Peer::Fabric(dev("nic0")));
+    let o = m1.offers(DmaClient::Fabric(dev("nic0")));
     assert_eq!(o[0].hints.route, Route::ThruHostBridge);
-    let o = m0.offers(Peer::Fabric(dev("gpu0")));
+    let o = m0.offers(DmaClient::Fabric(dev("gpu0")));
     assert!(matches!(o[0].space, AddrSpace::DeviceVa { .. }));
     // Across sockets nothing a P2P importer can take: the refusal names the route.
     let err = m0
-        .would_negotiate(Peer::Fabric(dev("nic1")), "nic1", &nic_accepts())
+        .would_negotiate(DmaClient::Fabric(dev("nic1")), "nic1", &nic_accepts())
         .unwrap_err()
         .to_string();
     assert!(
@@ -86,7 +86,7 @@ fn offers_follow_the_route_to_each_peer() {
         "{err}"
     );
     assert!(
-        m0.would_negotiate(Peer::Fabric(dev("nic0")), "nic0", &nic_accepts())
+        m0.would_negotiate(DmaClient::Fabric(dev("nic0")), "nic0", &nic_accepts())
             .is_ok()
     );
 }
@@ -102,22 +102,34 @@ fn exporting_past_bar1_fails_and_names_what_is_mapped() {
     let b = g.alloc("b", 4 << 20).unwrap();
     let c = g.alloc("c", 4 << 20).unwrap();
     let _aa = a
-        .attach(Probe::new("nic0", false), Peer::Fabric(nic), &nic_accepts())
+        .attach(
+            Probe::new("nic0", false),
+            DmaClient::Fabric(nic),
+            &nic_accepts(),
+        )
         .unwrap();
     // A second attachment of a mapped allocation takes no more aperture.
     let _aa2 = a
         .attach(
             Probe::new("nic0b", false),
-            Peer::Fabric(nic),
+            DmaClient::Fabric(nic),
             &nic_accepts(),
         )
         .unwrap();
     let _bb = b
-        .attach(Probe::new("nic0", false), Peer::Fabric(nic), &nic_accepts())
+        .attach(
+            Probe::new("nic0", false),
+            DmaClient::Fabric(nic),
+            &nic_accepts(),
+        )
         .unwrap();
     assert_eq!(g.info().bar1_mapped, 8 << 20);
     let err = c
-        .attach(Probe::new("nic0", false), Peer::Fabric(nic), &nic_accepts())
+        .attach(
+            Probe::new("nic0", false),
+            DmaClient::Fabric(nic),
+            &nic_accepts(),
+        )
         .unwrap_err()
         .to_string();
     assert!(err.contains("BAR1 aperture full"), "{err}");
@@ -129,12 +141,16 @@ fn exporting_past_bar1_fails_and_names_what_is_mapped() {
     // The GPU's own import needs no BAR1; freeing a peer-visible allocation gives it back.
     let gdev = f.device("gpu0").unwrap();
     let own = vec![Accept::new(SpaceKind::DeviceVa, Access::READ_WRITE).with_mmio()];
-    c.attach(Probe::new("self", false), Peer::Fabric(gdev), &own)
+    c.attach(Probe::new("self", false), DmaClient::Fabric(gdev), &own)
         .unwrap();
     a.free(Duration::from_secs(1)).unwrap();
     assert_eq!(g.info().bar1_mapped, 4 << 20);
-    c.attach(Probe::new("nic0", false), Peer::Fabric(nic), &nic_accepts())
-        .unwrap();
+    c.attach(
+        Probe::new("nic0", false),
+        DmaClient::Fabric(nic),
+        &nic_accepts(),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -182,7 +198,7 @@ fn copy_engine_moves_bytes_between_host_gpu_and_a_peer_bar() {
     let m1 = g1.alloc("peer", 1 << 20).unwrap();
     let p = g0
         .import("gpu1-bar", ImporterKind::Pinned, |i, a| {
-            m1.attach(i, Peer::Fabric(gdev0), a)
+            m1.attach(i, DmaClient::Fabric(gdev0), a)
         })
         .unwrap();
     assert!(
@@ -215,7 +231,7 @@ fn a_gpu_across_sockets_cannot_import_p2p() {
     let gdev0 = f.device("gpu0").unwrap();
     let err = g0
         .import("far", ImporterKind::Pinned, |i, a| {
-            m2.attach(i, Peer::Fabric(gdev0), a)
+            m2.attach(i, DmaClient::Fabric(gdev0), a)
         })
         .unwrap_err()
         .to_string();
@@ -232,7 +248,7 @@ fn free_revokes_every_importer_and_names_the_ones_that_hang() {
     let m = g0.alloc("victim", 1 << 20).unwrap();
     let p = g1
         .import("victim", ImporterKind::Pinned, |i, a| {
-            m.attach(i, Peer::Fabric(gdev1), a)
+            m.attach(i, DmaClient::Fabric(gdev1), a)
         })
         .unwrap();
     let own = g1.alloc("own", 1 << 20).unwrap();
@@ -255,7 +271,7 @@ fn free_revokes_every_importer_and_names_the_ones_that_hang() {
     let m = g0.alloc("held", 1 << 20).unwrap();
     let liar = Probe::new("stuck-nic", true);
     let att = m
-        .attach(liar.clone(), Peer::Fabric(nic), &nic_accepts())
+        .attach(liar.clone(), DmaClient::Fabric(nic), &nic_accepts())
         .unwrap();
     let base = att.map().unwrap().list.ranges()[0].addr;
     let err = m.free(Duration::from_millis(50)).unwrap_err();
@@ -289,7 +305,7 @@ fn free_under_concurrent_copies_never_faults_or_lands_late() {
         let window = m.fabric_window().unwrap();
         let p = g1
             .import("v", ImporterKind::Pinned, |i, a| {
-                m.attach(i, Peer::Fabric(gdev1), a)
+                m.attach(i, DmaClient::Fabric(gdev1), a)
             })
             .unwrap();
         let src = g1.alloc("src", 1 << 20).unwrap();

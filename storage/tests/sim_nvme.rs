@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use dmaplane_core::fabric::{Fabric, HostMemory};
 use dmaplane_core::topology::builtin;
-use dmaplane_gpu::{Peer, SimGpu};
+use dmaplane_gpu::{DmaClient, SimGpu};
 use dmaplane_storage::sim::SimNvme;
 use dmaplane_storage::{Completion, FileId, StorageError};
 
@@ -91,7 +91,9 @@ fn a_gpu_takes_the_drive_peer_to_peer_only_where_the_route_allows() {
     let g0 = SimGpu::new(&f, "gpu0").unwrap().into_gpu();
     let m0 = g0.alloc("weights", LEN).unwrap();
     let b = d
-        .import("weights", |i, a| m0.attach(i, Peer::Fabric(d.device()), a))
+        .import("weights", |i, a| {
+            m0.attach(i, DmaClient::Fabric(d.device()), a)
+        })
         .unwrap();
     d.read((F, 0), (b, 0), LEN, 1).unwrap();
     assert_eq!(reap_n(&d, 1)[0].result, LEN as i32);
@@ -102,7 +104,7 @@ fn a_gpu_takes_the_drive_peer_to_peer_only_where_the_route_allows() {
     let g2 = SimGpu::new(&f, "gpu2").unwrap().into_gpu();
     let m2 = g2.alloc("far", LEN).unwrap();
     let e = d
-        .import("far", |i, a| m2.attach(i, Peer::Fabric(d.device()), a))
+        .import("far", |i, a| m2.attach(i, DmaClient::Fabric(d.device()), a))
         .unwrap_err();
     assert!(matches!(e, StorageError::Import { .. }), "{e}");
     let why = e.to_string();

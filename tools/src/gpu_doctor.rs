@@ -153,7 +153,7 @@ impl Places {
             return Ok((r, None));
         }
         let bridge = strict
-            .device_id(gpu)
+            .device_index(gpu)
             .ok()
             .and_then(|d| strict.host_bridge_of(d))
             .map_or("their host bridge".to_string(), |h| h.id.clone());

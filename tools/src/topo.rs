@@ -139,9 +139,9 @@ fn render(t: &Topology) -> String {
         let _ = write!(row, "{id:w$}");
     }
     let _ = writeln!(out, "{}", row.trim_end());
-    for (a, da) in t.device_ids().zip(&ids) {
+    for (a, da) in t.device_indices().zip(&ids) {
         let mut row = format!("{da:w$}");
-        for b in t.device_ids() {
+        for b in t.device_indices() {
             let _ = write!(row, "{:w$}", short(t.route(a, b)));
         }
         let _ = writeln!(out, "{}", row.trim_end());
@@ -200,7 +200,7 @@ fn to_json(t: &Topology) -> serde_json::Value {
         .map(|i| tree_json(t, NodeRef::HostBridge(i)))
         .collect();
     let devices: Vec<serde_json::Value> = t
-        .device_ids()
+        .device_indices()
         .filter_map(|id| {
             let d = t.device_at(id)?;
             let mut v = serde_json::to_value(d).ok()?;

@@ -448,7 +448,7 @@ impl Fabric {
             return Route::Local;
         };
         let (na, nb) = (self.device_name(a), self.device_name(b));
-        match (topo.device_id(&na), topo.device_id(&nb)) {
+        match (topo.device_index(&na), topo.device_index(&nb)) {
             (Ok(ta), Ok(tb)) => topo.route(ta, tb),
             // A device outside the topology (added by hand) has no known P2P path.
             _ => Route::NotSupported,

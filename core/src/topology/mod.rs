@@ -173,9 +173,9 @@ impl DeviceSpec {
 
 /// Index of a device in one [`Topology`] (`devices()[id.index()]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DeviceId(usize);
+pub struct DeviceIndex(usize);
 
-impl DeviceId {
+impl DeviceIndex {
     pub fn index(self) -> usize {
         self.0
     }
@@ -934,8 +934,8 @@ impl Topology {
         &self.devices
     }
 
-    pub fn device_ids(&self) -> impl Iterator<Item = DeviceId> + '_ {
-        (0..self.devices.len()).map(DeviceId)
+    pub fn device_indices(&self) -> impl Iterator<Item = DeviceIndex> + '_ {
+        (0..self.devices.len()).map(DeviceIndex)
     }
 
     /// Any node by id.
@@ -980,9 +980,9 @@ impl Topology {
     }
 
     /// A device's index by id; the error names the id and lists the known devices.
-    pub fn device_id(&self, id: &str) -> Result<DeviceId, TopologyError> {
+    pub fn device_index(&self, id: &str) -> Result<DeviceIndex, TopologyError> {
         match self.index.get(id) {
-            Some(NodeRef::Device(i)) => Ok(DeviceId(*i)),
+            Some(NodeRef::Device(i)) => Ok(DeviceIndex(*i)),
             _ => Err(TopologyErrorKind::UnknownDevice {
                 file: self.source.clone(),
                 id: id.to_string(),
@@ -994,7 +994,7 @@ impl Topology {
 
     /// A device by id; the error names the id and lists the known devices.
     pub fn device(&self, id: &str) -> Result<&Device, TopologyError> {
-        let d = self.device_id(id)?;
+        let d = self.device_index(id)?;
         self.devices.get(d.0).ok_or_else(|| {
             TopologyErrorKind::UnknownDevice {
                 file: self.source.clone(),
@@ -1005,7 +1005,7 @@ impl Topology {
         })
     }
 
-    pub fn device_at(&self, id: DeviceId) -> Option<&Device> {
+    pub fn device_at(&self, id: DeviceIndex) -> Option<&Device> {
         self.devices.get(id.0)
     }
 
@@ -1044,7 +1044,7 @@ impl Topology {
     }
 
     /// The host bridge above a device.
-    pub fn host_bridge_of(&self, id: DeviceId) -> Option<&HostBridge> {
+    pub fn host_bridge_of(&self, id: DeviceIndex) -> Option<&HostBridge> {
         match self.chains.get(id.0)?.last()? {
             NodeRef::HostBridge(h) => self.host_bridges.get(*h),
             _ => None,
@@ -1070,10 +1070,10 @@ impl Topology {
     ///   go between host bridges; say so with one host bridge per socket in the model.)
     ///
     /// Symmetric: `route(a, b) == route(b, a)`. ACS redirection, which makes the kernel send
-    /// switch traffic up to the root complex, is not modelled. A `DeviceId` from another
+    /// switch traffic up to the root complex, is not modelled. A `DeviceIndex` from another
     /// topology that is out of range gives `NotSupported`, the answer that can never corrupt
     /// memory.
-    pub fn route(&self, a: DeviceId, b: DeviceId) -> Route {
+    pub fn route(&self, a: DeviceIndex, b: DeviceIndex) -> Route {
         if a == b {
             return Route::Local;
         }
@@ -1105,7 +1105,7 @@ impl Topology {
 
     /// [`Topology::route`] by device ids; unknown ids are an error naming them.
     pub fn route_by_id(&self, a: &str, b: &str) -> Result<Route, TopologyError> {
-        Ok(self.route(self.device_id(a)?, self.device_id(b)?))
+        Ok(self.route(self.device_index(a)?, self.device_index(b)?))
     }
 
     /// The route for every unordered pair of distinct devices, `(a, b)` with `a` defined
@@ -1118,7 +1118,7 @@ impl Topology {
                 out.push((
                     da.id.as_str(),
                     db.id.as_str(),
-                    self.route(DeviceId(i), DeviceId(j)),
+                    self.route(DeviceIndex(i), DeviceIndex(j)),
                 ));
             }
         }

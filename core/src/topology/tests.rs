@@ -224,7 +224,7 @@ fn helpers() {
     assert!(e.contains("\"gpu9\"") && e.contains("gpu0, nic0"), "{e}");
     let e = t.route_by_id("gpu0", "nope").unwrap_err().to_string();
     assert!(e.contains("\"nope\""), "{e}");
-    let g = t.device_id("gpu2").unwrap();
+    let g = t.device_index("gpu2").unwrap();
     assert_eq!(t.host_bridge_of(g).unwrap().id, "hb1");
     let hb0 = t.node("hb0").unwrap();
     let kids: Vec<&str> = t
@@ -234,7 +234,7 @@ fn helpers() {
         .collect();
     assert_eq!(kids, ["rp0", "rp1", "rp2", "mem0"]);
     // A foreign, out-of-range id never panics and never claims a P2P path.
-    assert_eq!(t.route(DeviceId(999), g), Route::NotSupported);
+    assert_eq!(t.route(DeviceIndex(999), g), Route::NotSupported);
 }
 
 #[test]

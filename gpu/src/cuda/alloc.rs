@@ -26,7 +26,7 @@ use super::GPU_PAGE;
 use super::device::GpuShared;
 use super::driver;
 use super::ranges::RangeKey;
-use crate::backend::{AllocBackend, Peer};
+use crate::backend::{AllocBackend, DmaClient};
 use crate::error::{GpuError, Result};
 
 /// `CU_MEM_RANGE_FLAG_DMA_BUF_MAPPING_TYPE_PCIE`: map the dma-buf through BAR1 for PCIe peers
@@ -291,8 +291,8 @@ impl AllocBackend for CudaAlloc {
         self.dptr
     }
 
-    fn offers(&self, peer: Peer) -> Vec<Offer> {
-        if peer != Peer::External || *self.phase() != Phase::Live {
+    fn offers(&self, peer: DmaClient) -> Vec<Offer> {
+        if peer != DmaClient::External || *self.phase() != Phase::Live {
             // Nothing on the simulated fabric can reach real device memory.
             return Vec::new();
         }
@@ -305,10 +305,10 @@ impl AllocBackend for CudaAlloc {
     fn attach(
         &self,
         importer: Arc<dyn Importer>,
-        peer: Peer,
+        peer: DmaClient,
         accepts: &[Accept],
     ) -> Result<Attachment> {
-        if let Peer::Fabric(dev) = peer {
+        if let DmaClient::Fabric(dev) = peer {
             return Err(GpuError::Unsupported {
                 op: "export to a device on the simulated fabric",
                 backend: "cuda".into(),

@@ -6,7 +6,7 @@
 //!   thread before every driver call (calls may come from any thread).
 //! - Allocations (`cuMemAlloc`) start on a 64 KiB GPU page and are padded to whole GPU pages, so
 //!   the dma-buf covers them exactly and a peer-memory registration pins pages that belong to the
-//!   allocation alone. They are exported to real devices ([`crate::Peer::External`]) as, best
+//!   allocation alone. They are exported to real devices ([`crate::DmaClient::External`]) as, best
 //!   first, a dma-buf (`cuMemGetHandleForAddressRange`, asked for the PCIe mapping through BAR1
 //!   first, then with flags 0) and their device VA ("peer-memory style", what nvidia-peermem
 //!   resolves). The dma-buf is made lazily, on the first offer, and kept.

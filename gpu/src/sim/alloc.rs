@@ -11,7 +11,7 @@ use dmaplane_core::revoke::AccessGrant;
 use dmaplane_core::{Accept, Access, Attachment, Exporter, Importer, Offer, RevokeReport};
 
 use super::Shared;
-use crate::backend::{AllocBackend, Peer};
+use crate::backend::{AllocBackend, DmaClient};
 use crate::error::{GpuError, Result};
 
 #[derive(Debug)]
@@ -72,21 +72,21 @@ impl AllocBackend for SimAlloc {
         self.bar.window().base()
     }
 
-    fn offers(&self, peer: Peer) -> Vec<Offer> {
+    fn offers(&self, peer: DmaClient) -> Vec<Offer> {
         match peer {
-            Peer::Fabric(dev) => self.bar.offers(dev),
+            DmaClient::Fabric(dev) => self.bar.offers(dev),
             // Nothing outside the fabric can reach simulated memory.
-            Peer::External => Vec::new(),
+            DmaClient::External => Vec::new(),
         }
     }
 
     fn attach(
         &self,
         importer: Arc<dyn Importer>,
-        peer: Peer,
+        peer: DmaClient,
         accepts: &[Accept],
     ) -> Result<Attachment> {
-        let Peer::Fabric(dev) = peer else {
+        let DmaClient::Fabric(dev) = peer else {
             return Err(GpuError::Unsupported {
                 op: "export to a device outside the fabric",
                 backend: "sim".into(),
