@@ -22,7 +22,7 @@ use dmaplane_rdma::{
 };
 use serde::Serialize;
 
-use crate::traffic::{Bytes, Counts, DataPath, Export, Shared, Target, exporter};
+use crate::traffic::{Bytes, Counts, DataPath, EpochTarget, Revocable, RunState, exporter};
 use crate::world::World;
 
 #[derive(Debug, Clone)]
@@ -236,7 +236,7 @@ impl StressReport {
         backend: &'static str,
         cfg: &StressConfig,
         counts: &Counts,
-        sh: &Shared,
+        sh: &RunState,
         start: Instant,
     ) -> StressReport {
         StressReport {
@@ -454,7 +454,7 @@ impl Probe {
     }
 }
 
-impl Export for SimExport<'_> {
+impl Revocable for SimExport<'_> {
     fn epoch(&self) -> u64 {
         self.epoch
     }
@@ -558,7 +558,7 @@ pub fn run_sim(
         recover: true,
         range: None,
     };
-    let current: Mutex<Option<Target>> = Mutex::new(None);
+    let current: Mutex<Option<EpochTarget>> = Mutex::new(None);
     let gpu = match cfg.exporter {
         ExporterKind::Host => None,
         ExporterKind::Gpu => Some(w.testbed.gpu("gpu2")?.clone()),
@@ -596,7 +596,7 @@ pub fn run_sim(
             }
         };
         let remote = w.b.dev.lease(&mr, &w.a.dev);
-        *lock(&current) = Some(Target {
+        *lock(&current) = Some(EpochTarget {
             epoch,
             remote,
             mem: Arc::new(window.clone()),
@@ -622,7 +622,7 @@ pub fn run_sim(
             why: "no target was published".into(),
         }));
     };
-    let sh = Shared::default();
+    let sh = RunState::default();
     let start = Instant::now();
     let data = DataPath {
         cfg,

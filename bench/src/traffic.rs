@@ -144,7 +144,7 @@ pub fn poison_damage(mem: &dyn Bytes) -> u64 {
 
 /// What the data path writes to in one epoch.
 #[derive(Debug, Clone)]
-pub struct Target {
+pub struct EpochTarget {
     pub epoch: u64,
     pub remote: Arc<RemoteMr>,
     pub mem: Arc<dyn Bytes>,
@@ -152,7 +152,7 @@ pub struct Target {
 
 /// What both halves share while a run lasts.
 #[derive(Debug, Default)]
-pub struct Shared {
+pub struct RunState {
     /// Requests outstanding per epoch, counted before the post so none slips past: the exporter
     /// poisons an old epoch only once all of its writes were reaped and verified.
     per_epoch: Mutex<BTreeMap<u64, u64>>,
@@ -188,7 +188,7 @@ pub const SNAPSHOTS: usize = 2;
 /// long enough for a flushed queue pair's recovery to have brought it back.
 pub const STUCK_FOR: Duration = Duration::from_millis(250);
 
-impl Shared {
+impl RunState {
     /// Whether a violation has been recorded already: the verdict is fail, whatever follows.
     pub fn violated(&self) -> bool {
         !lock(&self.failures).is_empty()
@@ -311,7 +311,7 @@ impl Shared {
 }
 
 /// One export as the exporter's loop sees it.
-pub trait Export {
+pub trait Revocable {
     fn epoch(&self) -> u64;
     fn revoke(&self, deadline: Duration) -> RevokeReport;
     /// The memory, kept after the export is gone for the poison check.
@@ -327,9 +327,9 @@ pub trait Export {
 /// point, wait until the data path has reaped and verified all of its writes, check the
 /// previous epoch's poison and poison this one, re-export. `in_flight` is how many requests
 /// must have been posted to an export before it is revoked.
-pub fn exporter<E: Export>(
+pub fn exporter<E: Revocable>(
     cfg: &StressConfig,
-    sh: &Shared,
+    sh: &RunState,
     first: E,
     in_flight: u64,
     random_point: Duration,
@@ -465,9 +465,9 @@ impl DataPath<'_> {
     /// (`exporter_done`) and the minimum time has passed; then reap what is left.
     pub fn run(
         &self,
-        sh: &Shared,
-        mut current: Target,
-        mut refresh: impl FnMut(&mut Target),
+        sh: &RunState,
+        mut current: EpochTarget,
+        mut refresh: impl FnMut(&mut EpochTarget),
         exporter_done: &dyn Fn() -> bool,
     ) -> Result<Counts, RdmaError> {
         let cfg = self.cfg;
@@ -475,7 +475,7 @@ impl DataPath<'_> {
         let size = cfg.size as usize;
         let mut c = Counts::default();
         // Per slot: what was posted there (target and tag), None when free.
-        let mut inflight: Vec<Option<(Target, u64)>> = vec![None; slots];
+        let mut inflight: Vec<Option<(EpochTarget, u64)>> = vec![None; slots];
         let mut free: Vec<Vec<usize>> = (0..cfg.qps)
             .map(|q| (0..cfg.depth).map(|d| q * cfg.depth + d).collect())
             .collect();
@@ -702,7 +702,7 @@ mod tests {
 
     #[test]
     fn stuck_means_a_violation_and_every_queue_pair_in_err_for_a_while() {
-        let sh = Shared::default();
+        let sh = RunState::default();
         sh.observe_qps(true);
         // No violation: never stuck, however long the queue pairs stay in ERR (a flushed queue
         // pair recovers; an honest run must go through every revoke).

@@ -205,7 +205,7 @@ enum State {
     Revoked,
 }
 
-struct Entry {
+struct AttachedImporter {
     id: AttachmentId,
     importer: Arc<dyn Importer>,
     kind: ImporterKind,
@@ -214,7 +214,7 @@ struct Entry {
 }
 
 /// One importer a revoke invalidates.
-struct Target {
+struct ToInvalidate {
     id: AttachmentId,
     kind: ImporterKind,
     importer: Arc<dyn Importer>,
@@ -225,10 +225,10 @@ struct Inner {
     state: State,
     epoch: u64,
     next_id: u64,
-    entries: Vec<Entry>,
+    entries: Vec<AttachedImporter>,
 }
 
-struct Shared {
+struct ExportInner {
     name: Arc<str>,
     /// `epoch << 1 | usable` — read on every fast-path check without taking the lock.
     generation: AtomicU64,
@@ -237,7 +237,7 @@ struct Shared {
     revoke_lock: Mutex<()>,
 }
 
-impl Shared {
+impl ExportInner {
     fn publish(&self, inner: &Inner) {
         let usable = (inner.state == State::Active) as u64;
         self.generation
@@ -248,7 +248,7 @@ impl Shared {
 /// The exporter side of one piece of exported memory: its attachments, its epoch, and the
 /// revoke protocol. Concrete exporters own one and delegate to it.
 pub struct Export {
-    shared: Arc<Shared>,
+    shared: Arc<ExportInner>,
 }
 
 impl fmt::Debug for Export {
@@ -261,7 +261,7 @@ impl fmt::Debug for Export {
 
 impl Export {
     pub fn new(name: &str) -> Export {
-        let shared = Shared {
+        let shared = ExportInner {
             name: Arc::from(name),
             generation: AtomicU64::new(1),
             inner: Mutex::new(Inner {
@@ -333,7 +333,7 @@ impl Export {
         }
         let id = AttachmentId(inner.next_id);
         inner.next_id += 1;
-        inner.entries.push(Entry {
+        inner.entries.push(AttachedImporter {
             id,
             importer,
             kind,
@@ -453,10 +453,10 @@ impl Export {
             }
             inner.state = State::Revoking;
             self.shared.publish(&inner);
-            let targets: Vec<Target> = inner
+            let targets: Vec<ToInvalidate> = inner
                 .entries
                 .iter()
-                .map(|e| Target {
+                .map(|e| ToInvalidate {
                     id: e.id,
                     kind: e.kind,
                     importer: e.importer.clone(),
@@ -488,7 +488,7 @@ impl Export {
         // Step 3: wait for the fences against one deadline.
         let mut importers = Vec::with_capacity(targets.len());
         for (
-            Target {
+            ToInvalidate {
                 id, kind, importer, ..
             },
             fence,
@@ -584,7 +584,7 @@ fn not_usable(name: &str, inner: &Inner) -> AttachError {
 
 /// One importer's handle on one export.
 pub struct Attachment {
-    shared: Arc<Shared>,
+    shared: Arc<ExportInner>,
     id: AttachmentId,
     kind: ImporterKind,
     negotiated: Negotiated,

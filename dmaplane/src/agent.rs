@@ -24,8 +24,8 @@ use crate::memory::{Backing, Location, Memory, MemoryInner};
 use crate::metadata::{Metadata, NicInfo, RegionInfo, RegionKey, VERSION};
 use crate::notify::{NOTIFY_QUEUE, Notification};
 use crate::peer::{self, Peer, PeerShared};
-use crate::progress::Engine;
-use crate::region::{Entry, Region};
+use crate::progress::ProgressEngine;
+use crate::region::{MemoryEntry, Region};
 use crate::sync::{lock, wait_timeout};
 use crate::testbed::Testbed;
 use crate::transfer::{Op, Transfer};
@@ -306,7 +306,7 @@ impl AgentBuilder {
                      (the host:port peers should connect to)",
                 ));
             }
-            let shared = Arc::new(Shared {
+            let shared = Arc::new(AgentInner {
                 name: name.clone(),
                 backend: backend.clone(),
                 nics,
@@ -314,7 +314,7 @@ impl AgentBuilder {
                 cache: Cache::default(),
                 entries: Mutex::new(HashMap::new()),
                 peers: Mutex::new(Vec::new()),
-                engine: Engine::default(),
+                engine: ProgressEngine::default(),
                 notifications: Bounded::new(NOTIFY_QUEUE),
                 notified: std::sync::Condvar::new(),
                 notify_lock: Mutex::new(()),
@@ -422,16 +422,16 @@ pub(crate) struct AgentNic {
 }
 
 /// What the agent's threads share.
-pub(crate) struct Shared {
+pub(crate) struct AgentInner {
     pub(crate) name: String,
     pub(crate) backend: Backend,
     pub(crate) nics: Vec<AgentNic>,
     pub(crate) cfg: Config,
     pub(crate) cache: Cache,
     /// Registration id → entry (while any handle or the cache holds it).
-    pub(crate) entries: Mutex<HashMap<u32, Weak<Entry>>>,
+    pub(crate) entries: Mutex<HashMap<u32, Weak<MemoryEntry>>>,
     pub(crate) peers: Mutex<Vec<Arc<PeerShared>>>,
-    pub(crate) engine: Engine,
+    pub(crate) engine: ProgressEngine,
     pub(crate) notifications: Bounded<Notification>,
     pub(crate) notified: std::sync::Condvar,
     pub(crate) notify_lock: Mutex<()>,
@@ -457,7 +457,7 @@ pub(crate) struct Shared {
     pub(crate) in_handshake: std::sync::atomic::AtomicUsize,
 }
 
-impl Shared {
+impl AgentInner {
     /// The simulated testbed, unless the agent runs on verbs.
     pub(crate) fn testbed(&self) -> Option<&Arc<Testbed>> {
         match &self.backend {
@@ -479,7 +479,7 @@ impl Shared {
         self.events.push(e);
     }
 
-    pub(crate) fn entry(&self, id: u32) -> Option<Arc<Entry>> {
+    pub(crate) fn entry(&self, id: u32) -> Option<Arc<MemoryEntry>> {
         lock(&self.entries).get(&id).and_then(Weak::upgrade)
     }
 
@@ -521,7 +521,7 @@ impl Shared {
 
     /// This agent's metadata: every live registration.
     pub(crate) fn metadata(&self) -> Metadata {
-        let mut entries: Vec<Arc<Entry>> = lock(&self.entries)
+        let mut entries: Vec<Arc<MemoryEntry>> = lock(&self.entries)
             .values()
             .filter_map(Weak::upgrade)
             .filter(|e| e.revoked_at().is_none())
@@ -554,7 +554,7 @@ impl Shared {
         }
     }
 
-    pub(crate) fn region_info(&self, e: &Entry) -> RegionInfo {
+    pub(crate) fn region_info(&self, e: &MemoryEntry) -> RegionInfo {
         RegionInfo {
             id: e.id,
             name: e.memory.name().to_string(),
@@ -586,7 +586,7 @@ impl Shared {
 struct Threads {
     handles: Mutex<Vec<JoinHandle<()>>>,
     claimed: Vec<String>,
-    shared: Weak<Shared>,
+    shared: Weak<AgentInner>,
 }
 
 /// Counters of an agent.
@@ -624,7 +624,7 @@ pub struct AgentStats {
 pub struct Agent {
     // Field order is drop order: the threads shut down while this clone still holds the state.
     _threads: Arc<Threads>,
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) shared: Arc<AgentInner>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -979,7 +979,7 @@ impl Agent {
         let end = (offset + len).div_ceil(g) * g;
         let end = end.min(memory.len().div_ceil(g) * g);
         let id = s.next_region.fetch_add(1, Ordering::Relaxed);
-        let entry = Arc::new(Entry::register(
+        let entry = Arc::new(MemoryEntry::register(
             s,
             id,
             memory,
@@ -990,7 +990,7 @@ impl Agent {
     }
 
     /// A new registration: into the cache, and peers connected already learn of it now.
-    fn announce(&self, entry: Arc<Entry>, offset: u64, len: u64) -> Region {
+    fn announce(&self, entry: Arc<MemoryEntry>, offset: u64, len: u64) -> Region {
         let s = &self.shared;
         let id = entry.id;
         let memory = &entry.memory;
@@ -1044,7 +1044,7 @@ impl Agent {
         let mem = self.alloc_host(&name, file.len())?;
         let s = &self.shared;
         let id = s.next_region.fetch_add(1, Ordering::Relaxed);
-        let mut entry = Entry::register(s, id, &mem, 0, mem.len())?;
+        let mut entry = MemoryEntry::register(s, id, &mem, 0, mem.len())?;
         entry.file = Some((file.entry.clone(), file.offset));
         Ok(self.announce(Arc::new(entry), 0, file.len()))
     }

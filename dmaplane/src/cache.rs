@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::file::FileEntry;
-use crate::region::Entry;
+use crate::region::MemoryEntry;
 use crate::sync::lock;
 
 /// Cache counters, in [`crate::AgentStats`].
@@ -35,7 +35,7 @@ pub struct CacheStats {
 }
 
 /// One memory's registrations: base → the entries starting there.
-type Entries = BTreeMap<u64, Vec<Arc<Entry>>>;
+type Entries = BTreeMap<u64, Vec<Arc<MemoryEntry>>>;
 
 #[derive(Default)]
 pub(crate) struct Cache {
@@ -60,7 +60,7 @@ impl std::fmt::Debug for Cache {
 impl Cache {
     /// An entry of `memory` covering `[offset, offset + len)`, counted as a hit; revoked
     /// entries met on the way are dropped.
-    pub(crate) fn lookup(&self, memory: u64, offset: u64, len: u64) -> Option<Arc<Entry>> {
+    pub(crate) fn lookup(&self, memory: u64, offset: u64, len: u64) -> Option<Arc<MemoryEntry>> {
         let mut all = lock(&self.by_memory);
         let tree = all.get_mut(&memory)?;
         let mut stale = Vec::new();
@@ -97,7 +97,7 @@ impl Cache {
     }
 
     /// Record a new registration (a miss).
-    pub(crate) fn insert(&self, memory: u64, entry: Arc<Entry>, nics: usize) {
+    pub(crate) fn insert(&self, memory: u64, entry: Arc<MemoryEntry>, nics: usize) {
         self.misses.fetch_add(1, Ordering::Relaxed);
         self.bytes
             .fetch_add(entry.len * nics as u64, Ordering::Relaxed);
@@ -110,7 +110,7 @@ impl Cache {
     }
 
     /// Drop one entry (deregistered).
-    pub(crate) fn remove(&self, memory: u64, entry: &Arc<Entry>) {
+    pub(crate) fn remove(&self, memory: u64, entry: &Arc<MemoryEntry>) {
         let mut all = lock(&self.by_memory);
         if let Some(tree) = all.get_mut(&memory)
             && let Some(v) = tree.get_mut(&entry.base)

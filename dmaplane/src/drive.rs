@@ -38,12 +38,12 @@ use dmaplane_gpu::DmaClient;
 use dmaplane_storage::sim::SimNvme;
 use dmaplane_storage::{BufId, Completion, DirectFile, FileId, Ring, StorageError};
 
-use crate::agent::Shared;
+use crate::agent::AgentInner;
 use crate::desc::Desc;
 use crate::error::{Error, Result, Side};
 use crate::file::{FileEntry, StoragePath};
 use crate::memory::{Backing, Memory};
-use crate::region::Entry;
+use crate::region::MemoryEntry;
 use crate::stage::{Stage, cuda_bounce, staging};
 use crate::sync::{lock, wait_timeout};
 
@@ -56,7 +56,7 @@ const BOUNCE_PIECES: u64 = 2;
 pub(crate) struct Drive {
     pub(crate) name: String,
     agent: String,
-    engine: Engine,
+    engine: DriveBackend,
     /// Route lookups and bounce placement (`None` on verbs).
     testbed: Option<Arc<crate::testbed::Testbed>>,
     /// The fabric device importers attach as (the drive; for the kernel, the drive it stands
@@ -77,7 +77,7 @@ pub(crate) struct Drive {
 }
 
 /// What moves the bytes.
-enum Engine {
+enum DriveBackend {
     Sim(SimNvme),
     /// The ring lives on the drive's thread; the rest of the agent hands it [`Job`]s.
     Kernel,
@@ -167,14 +167,14 @@ struct Piece {
     /// Absolute file offset.
     at: u64,
     len: u64,
-    region: Arc<Entry>,
+    region: Arc<MemoryEntry>,
     /// Absolute memory offset.
     mem_off: u64,
-    target: Target,
+    target: PieceBuffer,
 }
 
 #[derive(Clone, Copy)]
-enum Target {
+enum PieceBuffer {
     Direct(BufId),
     /// Through bounce `idx` of the transfer; `slot` once it holds a piece of it.
     Bounce {
@@ -186,7 +186,7 @@ enum Target {
 impl Drive {
     /// The drive `device` of the testbed (or, on verbs, this host's kernel), for `shared`'s
     /// agent, with its thread.
-    pub(crate) fn open(shared: &Shared, device: &str) -> Result<Arc<Drive>> {
+    pub(crate) fn open(shared: &AgentInner, device: &str) -> Result<Arc<Drive>> {
         let tb = shared.testbed().cloned();
         let kernel = tb.is_none() || shared.cfg.io_uring;
         let dev = match &tb {
@@ -203,9 +203,9 @@ impl Drive {
                 if let Some(rate) = shared.cfg.drive_rate {
                     nvme.set_rate(rate);
                 }
-                Engine::Sim(nvme)
+                DriveBackend::Sim(nvme)
             }
-            _ => Engine::Kernel,
+            _ => DriveBackend::Kernel,
         };
         // The kernel's ring is built on the drive's thread, which alone submits to and reaps it
         // (SINGLE_ISSUER, DEFER_TASKRUN: the kernel runs completion work when it reaps).
@@ -285,8 +285,8 @@ impl Drive {
 
     pub(crate) fn add_file(&self, file: &Arc<DirectFile>, writable: bool) -> Result<FileId> {
         match &self.engine {
-            Engine::Sim(nvme) => Ok(nvme.add_file(file.path(), writable)?),
-            Engine::Kernel => {
+            DriveBackend::Sim(nvme) => Ok(nvme.add_file(file.path(), writable)?),
+            DriveBackend::Kernel => {
                 let file = file.clone();
                 self.ask(|reply| Job::AddFile { file, reply })
             }
@@ -295,12 +295,12 @@ impl Drive {
 
     pub(crate) fn remove_file(&self, id: FileId) {
         match &self.engine {
-            Engine::Sim(nvme) => {
+            DriveBackend::Sim(nvme) => {
                 if let Err(e) = nvme.remove_file(id) {
                     tracing::warn!(drive = %self.name, error = %e, "closing a file on the drive");
                 }
             }
-            Engine::Kernel => {
+            DriveBackend::Kernel => {
                 lock(&self.jobs).push_back(Job::RemoveFile(id));
                 self.work.notify_all();
             }
@@ -310,8 +310,8 @@ impl Drive {
     /// Import exported memory into the engine: `attach` negotiates with what it accepts.
     fn attach(&self, name: &str, attach: AttachFn) -> std::result::Result<BufId, StorageError> {
         match &self.engine {
-            Engine::Sim(nvme) => nvme.import(name, attach),
-            Engine::Kernel => {
+            DriveBackend::Sim(nvme) => nvme.import(name, attach),
+            DriveBackend::Kernel => {
                 let name = name.to_string();
                 self.ask(|reply| Job::Import {
                     name,
@@ -336,16 +336,16 @@ impl Drive {
     }
 
     pub(crate) fn is_kernel(&self) -> bool {
-        matches!(self.engine, Engine::Kernel)
+        matches!(self.engine, DriveBackend::Kernel)
     }
 
     /// How the drive reaches `memory` (importing it on first use, or after a revoke moved its
     /// epoch).
-    pub(crate) fn reach(&self, shared: &Shared, memory: &Memory) -> Result<StoragePath> {
+    pub(crate) fn reach(&self, shared: &AgentInner, memory: &Memory) -> Result<StoragePath> {
         Ok(self.import(shared, memory)?.path)
     }
 
-    fn import(&self, _shared: &Shared, memory: &Memory) -> Result<Import> {
+    fn import(&self, _shared: &AgentInner, memory: &Memory) -> Result<Import> {
         let _one = lock(&self.importing);
         let epoch = memory.with_backing(|b| Ok(b.epoch()))?;
         {
@@ -456,7 +456,7 @@ impl Drive {
     /// Start moving `pairs` between files and memory: `write` from memory to file.
     pub(crate) fn start(
         self: &Arc<Drive>,
-        shared: &Shared,
+        shared: &AgentInner,
         write: bool,
         pairs: Vec<Pair>,
     ) -> Result<FileTransfer> {
@@ -520,7 +520,7 @@ impl Drive {
     /// Import every pair's memory (or make its bounce buffer) and cut the pairs into pieces.
     fn plan(
         &self,
-        shared: &Shared,
+        shared: &AgentInner,
         pairs: Vec<Pair>,
         bounces: &mut Vec<Bounce>,
         paths: &mut Vec<StoragePath>,
@@ -541,7 +541,7 @@ impl Drive {
                 paths.push(import.path.clone());
             }
             let target = match import.buf {
-                Some(b) => Target::Direct(b),
+                Some(b) => PieceBuffer::Direct(b),
                 None => {
                     let idx = match bounces.iter().position(|b| b.memory == memory.id()) {
                         Some(i) => i,
@@ -550,7 +550,7 @@ impl Drive {
                             bounces.len() - 1
                         }
                     };
-                    Target::Bounce { idx, slot: None }
+                    PieceBuffer::Bounce { idx, slot: None }
                 }
             };
             let mut done = 0;
@@ -573,7 +573,7 @@ impl Drive {
 
     /// A bounce buffer for `memory` (GPU memory the drive cannot reach), imported by the drive
     /// and the GPU's copy engine, revoked with the memory.
-    fn bounce(&self, shared: &Shared, memory: &Memory) -> Result<Bounce> {
+    fn bounce(&self, shared: &AgentInner, memory: &Memory) -> Result<Bounce> {
         let len = BOUNCE_PIECES * self.chunk;
         // On the testbed host memory on the GPU's NUMA node; with CUDA this process's memory,
         // registered with the copy engine.
@@ -597,14 +597,14 @@ impl Drive {
     /// thread, on the kernel's only from its thread (which passes its ring).
     fn pump(&self, st: &mut State, ring: Option<&mut Ring>) {
         match (&self.engine, ring) {
-            (Engine::Sim(nvme), _) => self.pump_with(st, &mut |write, at, buf, len, ud| {
+            (DriveBackend::Sim(nvme), _) => self.pump_with(st, &mut |write, at, buf, len, ud| {
                 if write {
                     nvme.write(at, buf, len, ud)
                 } else {
                     nvme.read(at, buf, len, ud)
                 }
             }),
-            (Engine::Kernel, Some(ring)) => {
+            (DriveBackend::Kernel, Some(ring)) => {
                 self.pump_with(st, &mut |write, at, buf, len, ud| {
                     let len = u32::try_from(len).map_err(|_| StorageError::Invalid {
                         what: "io_uring".into(),
@@ -623,7 +623,7 @@ impl Drive {
                 }
             }
             // Only the ring's thread submits: wake it.
-            (Engine::Kernel, None) => self.work.notify_all(),
+            (DriveBackend::Kernel, None) => self.work.notify_all(),
         }
     }
 
@@ -644,8 +644,8 @@ impl Drive {
                     break;
                 };
                 let (buf, off) = match &mut p.target {
-                    Target::Direct(b) => (*b, p.mem_off),
-                    Target::Bounce { idx, slot } => {
+                    PieceBuffer::Direct(b) => (*b, p.mem_off),
+                    PieceBuffer::Bounce { idx, slot } => {
                         let b = &mut op.bounces[*idx];
                         let Some(s) = b.free.pop() else {
                             op.queue.push_front(p);
@@ -657,7 +657,7 @@ impl Drive {
                 };
                 let mut result = Ok(());
                 if op.write
-                    && let Target::Bounce { idx, .. } = p.target
+                    && let PieceBuffer::Bounce { idx, .. } = p.target
                 {
                     // Out of device memory into the bounce piece before the drive takes it.
                     let b = &op.bounces[idx];
@@ -703,7 +703,9 @@ impl Drive {
         op.in_flight -= 1;
         let judged = judge(&p, op.write, c.result);
         let result = match (judged, p.target) {
-            (Ok(()), Target::Bounce { idx, slot: Some(s) }) if !op.write && op.error.is_none() => {
+            (Ok(()), PieceBuffer::Bounce { idx, slot: Some(s) })
+                if !op.write && op.error.is_none() =>
+            {
                 // Out of the bounce piece into device memory, on this thread, while the
                 // drive fills the other piece.
                 op.bounces[idx]
@@ -748,7 +750,7 @@ impl Drive {
             .collect();
         for (b, stage) in bufs {
             match &self.engine {
-                Engine::Sim(nvme) if nvme.release(b).is_ok() => {}
+                DriveBackend::Sim(nvme) if nvme.release(b).is_ok() => {}
                 _ => st.releases.push((b, Some(stage))),
             }
         }
@@ -764,9 +766,11 @@ impl Drive {
     /// Let go of imported buffers nothing is queued on any more.
     fn release(&self, st: &mut State, ring: Option<&mut Ring>) {
         match (&self.engine, ring) {
-            (Engine::Sim(nvme), _) => st.releases.retain(|(b, _)| nvme.release(*b).is_err()),
-            (Engine::Kernel, Some(ring)) => st.releases.retain(|(b, _)| ring.release(*b).is_err()),
-            (Engine::Kernel, None) => {}
+            (DriveBackend::Sim(nvme), _) => st.releases.retain(|(b, _)| nvme.release(*b).is_err()),
+            (DriveBackend::Kernel, Some(ring)) => {
+                st.releases.retain(|(b, _)| ring.release(*b).is_err())
+            }
+            (DriveBackend::Kernel, None) => {}
         }
     }
 }
@@ -803,7 +807,7 @@ fn attach_backing(
 
 /// Give a bounce piece back to its buffer.
 fn free_slot(op: &mut Op, p: &Piece) {
-    if let Target::Bounce { idx, slot: Some(s) } = p.target {
+    if let PieceBuffer::Bounce { idx, slot: Some(s) } = p.target {
         op.bounces[idx].free.push(s);
     }
 }
@@ -909,7 +913,7 @@ fn reaper(weak: &Weak<Drive>) {
     let mut out = Vec::new();
     loop {
         let Some(d) = weak.upgrade() else { return };
-        if let Engine::Sim(nvme) = &d.engine {
+        if let DriveBackend::Sim(nvme) = &d.engine {
             nvme.reap(&mut out, Duration::from_millis(20));
         }
         let mut st = lock(&d.st);
@@ -1109,8 +1113,8 @@ impl Drop for FileTransfer {
 /// `off` of the region from the file into its buffer (`land` false: before the peer's READ), or
 /// write them from the buffer to the file (`land`: after the peer's WRITE landed), and wait.
 pub(crate) fn serve(
-    s: &Shared,
-    region: &Arc<Entry>,
+    s: &AgentInner,
+    region: &Arc<MemoryEntry>,
     (file, at): (&Arc<FileEntry>, u64),
     (off, len): (u64, u64),
     land: bool,
@@ -1162,7 +1166,7 @@ pub(crate) struct Pair {
     file: Arc<FileEntry>,
     /// Absolute file offset.
     at: u64,
-    region: Arc<Entry>,
+    region: Arc<MemoryEntry>,
     /// Absolute memory offset.
     mem_off: u64,
     len: u64,
@@ -1170,7 +1174,7 @@ pub(crate) struct Pair {
 
 /// Check `pairs` of (file desc, memory desc) for a transfer and resolve them.
 pub(crate) fn resolve(
-    shared: &Shared,
+    shared: &AgentInner,
     write: bool,
     files: &[Desc],
     memory: &[Desc],

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use dmaplane_storage::{DioAlign, DirectFile, FileId, OpenOptions};
 
-use crate::agent::Shared;
+use crate::agent::AgentInner;
 use crate::desc::Desc;
 use crate::error::{Error, Result};
 use crate::sync::lock;
@@ -284,7 +284,7 @@ impl StoragePath {
 
 /// Register `spec` for `shared`'s agent: a cache hit, or the file opened (created and grown if
 /// asked), checked and put on the agent's drive.
-pub(crate) fn register(shared: &Shared, spec: &FileSpec) -> Result<FileRegion> {
+pub(crate) fn register(shared: &AgentInner, spec: &FileSpec) -> Result<FileRegion> {
     let shown = spec.path.display().to_string();
     let what = || format!("file region {shown}");
     if spec.path.as_os_str().is_empty() {
@@ -388,7 +388,7 @@ pub(crate) fn register(shared: &Shared, spec: &FileSpec) -> Result<FileRegion> {
 }
 
 /// Deregister a file registration: no new transfer may name it (those under way finish).
-pub(crate) fn deregister(shared: &Shared, region: &FileRegion) {
+pub(crate) fn deregister(shared: &AgentInner, region: &FileRegion) {
     let e = &region.entry;
     e.closed.store(true, Ordering::Release);
     shared.cache.remove_file(e);

@@ -10,7 +10,7 @@ use dmaplane_core::fabric::HostMemory;
 use dmaplane_core::{Exporter, RevokeReport};
 use dmaplane_gpu::DeviceMemory;
 
-use crate::agent::Shared;
+use crate::agent::AgentInner;
 use crate::error::{Error, Result};
 use crate::stage::Stage;
 use crate::sync::lock;
@@ -141,7 +141,7 @@ pub(crate) struct MemoryInner {
     pub(crate) location: Location,
     /// `None` once freed.
     pub(crate) backing: Mutex<Option<Backing>>,
-    pub(crate) agent: Weak<Shared>,
+    pub(crate) agent: Weak<AgentInner>,
     /// Staging buffers of its registrations (revoked with it).
     pub(crate) stages: Mutex<Vec<Weak<Stage>>>,
 }

@@ -20,13 +20,13 @@ use dmaplane_rdma::oob::{Oob, OobListener};
 use dmaplane_rdma::{LeaseLink, Mtu, Qp, QpCaps, RdmaError, RemoteMr};
 use serde::{Deserialize, Serialize};
 
-use crate::agent::Shared;
+use crate::agent::AgentInner;
 use crate::desc::Desc;
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::metadata::{Metadata, RegionInfo, VERSION};
 use crate::notify::{MAX_NOTIFY, Notification};
-use crate::region::Entry;
+use crate::region::MemoryEntry;
 use crate::stage::{self, StageFailure, StageRange};
 use crate::sync::lock;
 
@@ -145,7 +145,7 @@ impl Path {
 
 pub(crate) struct PeerShared {
     pub(crate) name: String,
-    agent: Weak<Shared>,
+    agent: Weak<AgentInner>,
     regions: Mutex<HashMap<u32, RegionInfo>>,
     pub(crate) paths: Vec<Path>,
     lost: Mutex<Option<String>>,
@@ -318,14 +318,14 @@ impl PeerShared {
 
     /// Tell the peer of a new registration and grant it leases on every path whose NIC
     /// serves it.
-    pub(crate) fn announce(&self, entry: &Entry, info: &RegionInfo) {
+    pub(crate) fn announce(&self, entry: &MemoryEntry, info: &RegionInfo) {
         self.grant(entry);
         if let Err(e) = self.send(Wire::Region { info: info.clone() }) {
             tracing::warn!(peer = %self.name, error = %e, "registration not announced");
         }
     }
 
-    fn grant(&self, entry: &Entry) {
+    fn grant(&self, entry: &MemoryEntry) {
         for p in &self.paths {
             let Some(mr) = &entry.mrs[p.local] else {
                 continue;
@@ -371,7 +371,7 @@ impl PeerShared {
     /// A lost peer lets go of what it holds: the writer ends, the lease links and the control
     /// connection close, and the agent stops listing it. Queue pairs go with the last transfer
     /// that uses them.
-    fn retire(self: &Arc<Self>, agent: &Weak<Shared>) {
+    fn retire(self: &Arc<Self>, agent: &Weak<AgentInner>) {
         lock(&self.tx).take();
         for p in &self.paths {
             lock(&p.link).take();
@@ -413,7 +413,7 @@ impl PeerShared {
 
 /// Accept peers until the agent stops.
 pub(crate) fn spawn_listener(
-    shared: &Arc<Shared>,
+    shared: &Arc<AgentInner>,
     listener: OobListener,
 ) -> Result<JoinHandle<()>> {
     let s = shared.clone();
@@ -451,7 +451,7 @@ pub(crate) fn spawn_listener(
 }
 
 /// What a new connection is: a peer's hello, or a lease link for a handshake under way.
-fn first_message(s: &Arc<Shared>, oob: Oob) {
+fn first_message(s: &Arc<AgentInner>, oob: Oob) {
     let peer = oob.peer_addr();
     match oob.recv::<Wire>(s.cfg.setup_timeout) {
         Ok(Wire::Hello {
@@ -500,7 +500,7 @@ fn handshake_err(peer: &str, why: impl Into<String>) -> Error {
 
 /// The listening side of a handshake.
 fn accept(
-    s: &Arc<Shared>,
+    s: &Arc<AgentInner>,
     oob: Oob,
     version: u16,
     theirs: Metadata,
@@ -545,7 +545,7 @@ fn accept(
 /// The listening side's paths: queue pairs, then the lease link the other side opens.
 #[allow(clippy::too_many_arguments)]
 fn accept_paths(
-    s: &Arc<Shared>,
+    s: &Arc<AgentInner>,
     oob: &Oob,
     peer: &str,
     pairs: &[(String, String)],
@@ -580,7 +580,7 @@ fn accept_paths(
 }
 
 /// The connecting side of a handshake.
-pub(crate) fn connect(s: &Arc<Shared>, addr: &str) -> Result<Peer> {
+pub(crate) fn connect(s: &Arc<AgentInner>, addr: &str) -> Result<Peer> {
     let t = s.cfg.setup_timeout;
     let oob = Oob::connect(addr, t)?;
     let nonce = nonce();
@@ -618,7 +618,7 @@ pub(crate) fn connect(s: &Arc<Shared>, addr: &str) -> Result<Peer> {
     })
 }
 
-fn nic_index(s: &Shared, nic: &str, peer: &str) -> Result<usize> {
+fn nic_index(s: &AgentInner, nic: &str, peer: &str) -> Result<usize> {
     s.nics.iter().position(|n| n.name == nic).ok_or_else(|| {
         handshake_err(
             peer,
@@ -629,7 +629,7 @@ fn nic_index(s: &Shared, nic: &str, peer: &str) -> Result<usize> {
 
 /// `n` queue pairs on NIC `local`, each connected to the peer's over `oob`.
 /// The smaller of both ends' active MTUs: the path MTU both queue pairs must use.
-fn path_mtu(s: &Shared, local: usize, theirs: &Metadata, their_nic: &str) -> Mtu {
+fn path_mtu(s: &AgentInner, local: usize, theirs: &Metadata, their_nic: &str) -> Mtu {
     let mine = s.nics[local].mtu;
     let other = theirs
         .nics
@@ -650,7 +650,7 @@ fn path_mtu(s: &Shared, local: usize, theirs: &Metadata, their_nic: &str) -> Mtu
 }
 
 fn lanes(
-    s: &Shared,
+    s: &AgentInner,
     local: usize,
     n: usize,
     mtu: Mtu,
@@ -686,7 +686,7 @@ fn nonce() -> u64 {
 
 /// Both sides: the peer is connected — grant it leases on every registration, start the
 /// control threads, and list it.
-fn finish(s: &Arc<Shared>, oob: Oob, theirs: Metadata, paths: Vec<Path>) -> Arc<PeerShared> {
+fn finish(s: &Arc<AgentInner>, oob: Oob, theirs: Metadata, paths: Vec<Path>) -> Arc<PeerShared> {
     let ctrl = Arc::new(oob);
     let (tx, rx) = sync_channel::<Wire>(CONTROL_QUEUE);
     let peer = Arc::new(PeerShared {
@@ -723,7 +723,7 @@ fn finish(s: &Arc<Shared>, oob: Oob, theirs: Metadata, paths: Vec<Path>) -> Arc<
     // while the handshake ran (after its metadata was sent) is not missed, and one registered
     // from now on is announced by the registration itself (grants are deduplicated).
     lock(&s.peers).push(peer.clone());
-    let entries: Vec<Arc<Entry>> = lock(&s.entries)
+    let entries: Vec<Arc<MemoryEntry>> = lock(&s.entries)
         .values()
         .filter_map(Weak::upgrade)
         .filter(|e| e.revoked_at().is_none())
@@ -748,12 +748,12 @@ fn write_loop(p: &PeerShared, oob: &Oob, rx: Receiver<Wire>) {
     }
 }
 
-fn read_loop(p: &Arc<PeerShared>, oob: &Oob, agent: &Weak<Shared>) {
+fn read_loop(p: &Arc<PeerShared>, oob: &Oob, agent: &Weak<AgentInner>) {
     read_until_lost(p, oob, agent);
     p.retire(agent);
 }
 
-fn read_until_lost(p: &Arc<PeerShared>, oob: &Oob, agent: &Weak<Shared>) {
+fn read_until_lost(p: &Arc<PeerShared>, oob: &Oob, agent: &Weak<AgentInner>) {
     loop {
         if p.lost().is_some() {
             return;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use dmaplane_rdma::{Completion, RdmaError, SendWr, WcStatus};
 
-use crate::agent::{AgentStats, Shared};
+use crate::agent::{AgentInner, AgentStats};
 use crate::error::{Error, Result, Side};
 use crate::peer::PeerShared;
 use crate::stage::StageFailure;
@@ -32,7 +32,7 @@ const SPIN: u32 = 200;
 const NAP_BUSY: Duration = Duration::from_micros(100);
 const NAP_IDLE: Duration = Duration::from_millis(20);
 /// The longest sleep while a waiter drives the engine. A waiter that stops driving with its
-/// transfer under way wakes the thread at once ([`Engine::hand_off`]); this bounds only how
+/// transfer under way wakes the thread at once ([`ProgressEngine::hand_off`]); this bounds only how
 /// late the thread takes over from one that stopped without saying so (a caller that posts,
 /// waits once and then only polls `status`). Short sleeps cost the NICs their cores: on two
 /// cores a 50 µs sleep, woken 20 000 times a second, kept small batches at 13–70 % of the raw
@@ -96,13 +96,13 @@ struct Inner {
     /// Transfers with chunks to post.
     queue: VecDeque<u64>,
     wake: bool,
-    /// The progress thread is asleep on `cv` ([`Engine::nap`]): only then is it notified (a
+    /// The progress thread is asleep on `cv` ([`ProgressEngine::nap`]): only then is it notified (a
     /// notify is a system call whether anyone waits or not).
     napping: bool,
 }
 
 #[derive(Default)]
-pub(crate) struct Engine {
+pub(crate) struct ProgressEngine {
     inner: Mutex<Inner>,
     cv: Condvar,
     next_id: AtomicU64,
@@ -115,14 +115,14 @@ pub(crate) struct Engine {
     bytes: AtomicU64,
     notes_sent: AtomicU64,
     notes_received: AtomicU64,
-    /// Waiters driving the engine from their own thread right now ([`Engine::driving`]):
+    /// Waiters driving the engine from their own thread right now ([`ProgressEngine::driving`]):
     /// while there are any, the progress thread naps instead of spinning, so the two do not
     /// fight over the cores the NICs need.
     drivers: AtomicU32,
     /// When the last waiter stopped driving ([`since_start`] nanoseconds).
     last_drive: AtomicU64,
-    /// The progress thread sleeps here while waiters drive; [`Engine::hand_off`] and
-    /// [`Engine::wake`] end the sleep (the flag says one did).
+    /// The progress thread sleeps here while waiters drive; [`ProgressEngine::hand_off`] and
+    /// [`ProgressEngine::wake`] end the sleep (the flag says one did).
     handed: Mutex<bool>,
     drive_cv: Condvar,
 }
@@ -140,7 +140,7 @@ fn since_start() -> u64 {
 const DRIVEN_GRACE_NS: u64 = 200_000;
 
 /// A waiter drives the engine while this lives.
-pub(crate) struct Driving<'a>(&'a Engine);
+pub(crate) struct Driving<'a>(&'a ProgressEngine);
 
 impl Drop for Driving<'_> {
     fn drop(&mut self) {
@@ -149,13 +149,13 @@ impl Drop for Driving<'_> {
     }
 }
 
-impl std::fmt::Debug for Engine {
+impl std::fmt::Debug for ProgressEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").finish_non_exhaustive()
+        f.debug_struct("ProgressEngine").finish_non_exhaustive()
     }
 }
 
-impl Engine {
+impl ProgressEngine {
     /// Mark the calling thread as driving the engine until the guard goes.
     pub(crate) fn driving(&self) -> Driving<'_> {
         self.drivers.fetch_add(1, Ordering::Relaxed);
@@ -257,7 +257,7 @@ impl Engine {
     }
 
     /// Take a new transfer and post what fits at once, from the caller's thread.
-    pub(crate) fn submit(&self, s: &Shared, t: Arc<TransferState>) {
+    pub(crate) fn submit(&self, s: &AgentInner, t: Arc<TransferState>) {
         self.started.fetch_add(1, Ordering::Relaxed);
         let mut g = lock(&self.inner);
         let id = t.id;
@@ -297,20 +297,20 @@ impl Engine {
     }
 
     /// One round: reap, post, end. Returns whether anything happened.
-    pub(crate) fn step(&self, s: &Shared, wcs: &mut Vec<Completion>) -> bool {
+    pub(crate) fn step(&self, s: &AgentInner, wcs: &mut Vec<Completion>) -> bool {
         let mut g = lock(&self.inner);
         self.round(s, &mut g, wcs)
     }
 
-    /// [`Engine::step`] unless another thread is at it (a waiter driving its transfer).
-    pub(crate) fn try_step(&self, s: &Shared, wcs: &mut Vec<Completion>) -> bool {
+    /// [`ProgressEngine::step`] unless another thread is at it (a waiter driving its transfer).
+    pub(crate) fn try_step(&self, s: &AgentInner, wcs: &mut Vec<Completion>) -> bool {
         match try_lock(&self.inner) {
             Some(mut g) => self.round(s, &mut g, wcs),
             None => false,
         }
     }
 
-    fn round(&self, s: &Shared, g: &mut Inner, wcs: &mut Vec<Completion>) -> bool {
+    fn round(&self, s: &AgentInner, g: &mut Inner, wcs: &mut Vec<Completion>) -> bool {
         let mut did = false;
         let now = Instant::now();
         for nic in &s.nics {
@@ -333,7 +333,7 @@ impl Engine {
         did
     }
 
-    fn complete(&self, s: &Shared, g: &mut Inner, wc: &Completion, now: Instant) {
+    fn complete(&self, s: &AgentInner, g: &mut Inner, wc: &Completion, now: Instant) {
         let mut requeue = false;
         let (tid, ci) = (
             wc.wr_id >> CHUNK_BITS,
@@ -389,7 +389,7 @@ impl Engine {
     }
 
     /// Post what the queue pairs have room for. Returns whether anything was posted.
-    fn post(&self, s: &Shared, g: &mut Inner) -> bool {
+    fn post(&self, s: &AgentInner, g: &mut Inner) -> bool {
         let mut posted_any = false;
         let mut requeue = VecDeque::new();
         while let Some(tid) = g.queue.pop_front() {
@@ -516,7 +516,7 @@ impl Engine {
     }
 
     /// End what is over: done, failed once every request completed, stalled, peer lost.
-    fn settle(&self, g: &mut Inner, s: &Shared) -> bool {
+    fn settle(&self, g: &mut Inner, s: &AgentInner) -> bool {
         let now = Instant::now();
         let stall = s.cfg.stall_timeout;
         let mut over = Vec::new();
@@ -684,8 +684,8 @@ fn stage_error(t: &TransferState, f: StageFailure, land: bool) -> Error {
 }
 
 /// The progress thread of an agent: runs until the agent stops.
-pub(crate) fn spawn(shared: &Arc<Shared>) -> Result<JoinHandle<()>> {
-    let w: Weak<Shared> = Arc::downgrade(shared);
+pub(crate) fn spawn(shared: &Arc<AgentInner>) -> Result<JoinHandle<()>> {
+    let w: Weak<AgentInner> = Arc::downgrade(shared);
     std::thread::Builder::new()
         .name(format!("dmaplane-progress {}", shared.name))
         .spawn(move || {

@@ -7,7 +7,7 @@ use dmaplane_core::Route;
 use dmaplane_gpu::DmaClient;
 use dmaplane_rdma::{ImportOptions, Mr, MrAccess};
 
-use crate::agent::{AgentNic, Shared};
+use crate::agent::{AgentInner, AgentNic};
 use crate::desc::Desc;
 use crate::error::{Error, Result};
 use crate::memory::{Backing, Memory};
@@ -83,7 +83,7 @@ impl NicPath {
 }
 
 /// One registration: bytes `[base, base + len)` of a memory, on every NIC that reaches it.
-pub(crate) struct Entry {
+pub(crate) struct MemoryEntry {
     pub(crate) id: u32,
     pub(crate) memory: Memory,
     pub(crate) base: u64,
@@ -104,15 +104,15 @@ pub(crate) struct Entry {
     pub(crate) deregistered: std::sync::atomic::AtomicBool,
 }
 
-impl Entry {
+impl MemoryEntry {
     /// Register `[base, base + len)` of `memory` on every NIC of the agent.
     pub(crate) fn register(
-        shared: &Shared,
+        shared: &AgentInner,
         id: u32,
         memory: &Memory,
         base: u64,
         len: u64,
-    ) -> Result<Entry> {
+    ) -> Result<MemoryEntry> {
         let mut mrs = Vec::with_capacity(shared.nics.len());
         let mut paths = Vec::with_capacity(shared.nics.len());
         let mut stage: Option<Arc<Stage>> = None;
@@ -169,7 +169,7 @@ impl Entry {
             ));
         }
         let epoch = memory.with_backing(|b| Ok(b.epoch()))?;
-        Ok(Entry {
+        Ok(MemoryEntry {
             id,
             memory: memory.clone(),
             base,
@@ -240,7 +240,7 @@ enum Reach {
 }
 
 fn register_on(
-    shared: &Shared,
+    shared: &AgentInner,
     nic: &AgentNic,
     memory: &Memory,
     base: u64,
@@ -351,7 +351,7 @@ fn register_on(
 /// registering the same range again, or any range inside it, costs a lookup.
 #[derive(Clone)]
 pub struct Region {
-    pub(crate) entry: Arc<Entry>,
+    pub(crate) entry: Arc<MemoryEntry>,
     /// This handle's bytes within the entry.
     pub(crate) offset: u64,
     pub(crate) len: u64,

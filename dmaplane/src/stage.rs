@@ -27,7 +27,7 @@ use dmaplane_core::fabric::HostMemory;
 use dmaplane_gpu::{Gpu, Loc, PeerMemory};
 use serde::{Deserialize, Serialize};
 
-use crate::agent::Shared;
+use crate::agent::AgentInner;
 use crate::error::{Error, Result};
 use crate::memory::{Backing, Memory};
 
@@ -122,7 +122,7 @@ impl Stage {
 
 /// A staging buffer for `len` bytes of GPU `memory`: host memory on the GPU's NUMA node,
 /// resident, imported by the GPU's copy engine.
-pub(crate) fn staging(shared: &Shared, memory: &Memory, len: u64) -> Result<Arc<Stage>> {
+pub(crate) fn staging(shared: &AgentInner, memory: &Memory, len: u64) -> Result<Arc<Stage>> {
     let gpu_name = memory.location().device();
     let what = || format!("staging for {}", memory.name());
     let Some(tb) = shared.testbed() else {
@@ -162,7 +162,7 @@ pub(crate) fn staging(shared: &Shared, memory: &Memory, len: u64) -> Result<Arc<
 /// A bounce buffer of `len` bytes for CUDA `memory` (on `cuda:N`): page-aligned host memory of
 /// this process, registered with the GPU's copy engine (`cuMemHostRegister`), which the
 /// kernel's `O_DIRECT` reads fill and writes drain.
-pub(crate) fn cuda_bounce(shared: &Shared, memory: &Memory, len: u64) -> Result<Arc<Stage>> {
+pub(crate) fn cuda_bounce(shared: &AgentInner, memory: &Memory, len: u64) -> Result<Arc<Stage>> {
     let device = memory.location().device();
     let what = || format!("bounce buffer for {}", memory.name());
     let Some(ordinal) = device
@@ -205,7 +205,7 @@ pub(crate) struct StageFailure {
 
 /// The owner's side: copy `ranges` of its staged registrations into device memory (`land`)
 /// or out of it into their staging buffers.
-pub(crate) fn serve(s: &Shared, ranges: &[StageRange], land: bool) -> Option<StageFailure> {
+pub(crate) fn serve(s: &AgentInner, ranges: &[StageRange], land: bool) -> Option<StageFailure> {
     for &(region, off, len) in ranges {
         let fail = |name: &str, epoch: Option<u64>, why: String| StageFailure {
             region,

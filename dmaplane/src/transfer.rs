@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 use dmaplane_core::Route;
 use dmaplane_rdma::{RemoteAddr, RemoteMr, Sge};
 
-use crate::agent::Shared;
+use crate::agent::AgentInner;
 use crate::desc::Desc;
 use crate::error::{Error, Result, Side};
 use crate::notify::MAX_NOTIFY;
 use crate::peer::{Lane, PeerShared};
-use crate::region::Entry;
+use crate::region::MemoryEntry;
 use crate::stage::StageRange;
 use crate::sync::{lock, wait_timeout};
 
@@ -79,7 +79,7 @@ pub(crate) struct TransferState {
     /// Requests completed successfully (the engine counts, `status` reads).
     pub(crate) done: std::sync::atomic::AtomicU64,
     /// The agent, whose engine a waiter drives while it spins.
-    pub(crate) agent: std::sync::Weak<Shared>,
+    pub(crate) agent: std::sync::Weak<AgentInner>,
     pub(crate) op: Op,
     pub(crate) peer: Arc<PeerShared>,
     pub(crate) chunks: Vec<Chunk>,
@@ -88,7 +88,7 @@ pub(crate) struct TransferState {
     pub(crate) leases: Vec<Arc<RemoteMr>>,
     /// Local registrations it uses: held until every request has completed, so nothing is
     /// unregistered under the NIC.
-    pub(crate) entries: Vec<Arc<Entry>>,
+    pub(crate) entries: Vec<Arc<MemoryEntry>>,
     pub(crate) notify: Option<Vec<u8>>,
     /// Local staged ranges a READ copies into device memory once its requests completed:
     /// `(entry index, offset, bytes)`.
@@ -353,7 +353,7 @@ impl Future for Transfer {
 
 /// How good a path's local NIC is for memory on `device`: lower is better (same switch, then
 /// same host bridge, then the same NUMA node, then anything).
-fn rank(s: &Shared, device: &str, nic: usize) -> u32 {
+fn rank(s: &AgentInner, device: &str, nic: usize) -> u32 {
     let n = &s.nics[nic];
     let Some(tb) = s.testbed() else {
         // Real devices: no topology model here; every NIC that registered the memory is equal.
@@ -377,7 +377,7 @@ fn rank(s: &Shared, device: &str, nic: usize) -> u32 {
 
 /// Check the batch, route it, split it and hand it to the engine.
 pub(crate) fn start(
-    s: &Arc<Shared>,
+    s: &Arc<AgentInner>,
     peer: &Arc<PeerShared>,
     op: Op,
     local: &[Desc],
@@ -409,7 +409,7 @@ pub(crate) fn start(
             format!("at most {MAX_NOTIFY}"),
         ));
     }
-    let mut entries: Vec<Arc<Entry>> = Vec::new();
+    let mut entries: Vec<Arc<MemoryEntry>> = Vec::new();
     let mut memo: Vec<Routed> = Vec::new();
     let mut t_lanes: Vec<Arc<Lane>> = Vec::new();
     let mut t_leases: Vec<Arc<RemoteMr>> = Vec::new();
@@ -578,11 +578,11 @@ const LOCAL_STAGED: u32 = 8;
 const REMOTE_STAGED: u32 = 16;
 
 fn route(
-    s: &Shared,
+    s: &AgentInner,
     peer: &PeerShared,
     (local, remote): (u32, u32),
     i: usize,
-    entries: &mut Vec<Arc<Entry>>,
+    entries: &mut Vec<Arc<MemoryEntry>>,
     t_lanes: &mut Vec<Arc<Lane>>,
     t_leases: &mut Vec<Arc<RemoteMr>>,
 ) -> Result<Routed> {

@@ -146,7 +146,7 @@ impl Pd {
             qpn,
             backend,
             tracker: self.dev.tracker.clone(),
-            track: Mutex::new(Track {
+            track: Mutex::new(QpLedger {
                 send: Ring::new(caps.max_send_wr),
                 recv: Ring::new(caps.max_recv_wr),
                 conn: None,
@@ -326,7 +326,7 @@ pub(crate) struct Conn {
 }
 
 #[derive(Debug)]
-pub(crate) struct Track {
+pub(crate) struct QpLedger {
     pub(crate) send: Ring,
     pub(crate) recv: Ring,
     pub(crate) conn: Option<Conn>,
@@ -347,7 +347,7 @@ pub(crate) struct QpShared {
     pub(crate) qpn: u32,
     pub(crate) backend: Arc<dyn QpBackend>,
     pub(crate) tracker: Arc<Tracker>,
-    pub(crate) track: Mutex<Track>,
+    pub(crate) track: Mutex<QpLedger>,
 }
 
 /// A reliable-connected queue pair.
@@ -622,7 +622,7 @@ impl QpShared {
     }
 
     /// Back to RTS after a flush once every outstanding completion is reaped.
-    pub(crate) fn try_recover(&self, t: &mut Track) {
+    pub(crate) fn try_recover(&self, t: &mut QpLedger) {
         if !t.recover_pending || t.send.outstanding() != 0 {
             return;
         }

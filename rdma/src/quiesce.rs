@@ -48,7 +48,7 @@ use serde::Serialize;
 
 use crate::access::MrAccess;
 use crate::backend::{DeviceBackend, MrRequest};
-use crate::device::{Mr, MrMap, MrShared, Pd, QpShared, Track};
+use crate::device::{Mr, MrMap, MrShared, Pd, QpLedger, QpShared};
 use crate::error::{RdmaError, Result};
 use crate::inject::{Fault, Injected};
 use crate::lease::{ControlMsg, RemoteMr};
@@ -229,7 +229,7 @@ struct LeaseWait {
 }
 
 /// What [`Tracker::for_each_qp`] does under one QP's track lock (maybe later, from the timer).
-type QpVisit = Arc<dyn Fn(&Tracker, &Arc<QpShared>, &mut Track) + Send + Sync>;
+type QpVisit = Arc<dyn Fn(&Tracker, &Arc<QpShared>, &mut QpLedger) + Send + Sync>;
 
 /// Leases this device holds, by (owner GID, rkey).
 type Leases = HashMap<([u8; 16], u32), Arc<RemoteMr>>;
@@ -447,7 +447,7 @@ impl Tracker {
     fn wait_reaped(
         &self,
         qp: &QpShared,
-        t: &mut Track,
+        t: &mut QpLedger,
         send: u64,
         recv: u64,
         latch: &Arc<Pending>,
@@ -465,7 +465,7 @@ impl Tracker {
     }
 
     /// Called with the QP's track lock held after completions were matched.
-    pub(crate) fn completions_reaped(&self, qp: &QpShared, t: &mut Track) {
+    pub(crate) fn completions_reaped(&self, qp: &QpShared, t: &mut QpLedger) {
         if self.n_seq_waits.load(Ordering::SeqCst) > 0 {
             let mut done = Vec::new();
             {
@@ -553,7 +553,7 @@ impl Tracker {
         let l = latch.clone();
         self.for_each_qp(
             &latch,
-            Arc::new(move |me: &Tracker, qp: &Arc<QpShared>, t: &mut Track| {
+            Arc::new(move |me: &Tracker, qp: &Arc<QpShared>, t: &mut QpLedger| {
                 if skip_qps {
                     return;
                 }
@@ -577,7 +577,7 @@ impl Tracker {
     fn quiesce_qp(
         &self,
         qp: &Arc<QpShared>,
-        t: &mut Track,
+        t: &mut QpLedger,
         policy: QuiescePolicy,
         latch: &Arc<Pending>,
         recover: bool,
@@ -624,7 +624,13 @@ impl Tracker {
     /// When every outstanding request fits one packet no message can be cut, and the QP is
     /// flushed at once (the faster path, with the same guarantee). A backend that cannot say
     /// when it stopped is flushed at once too (then a message under way may be cut).
-    fn stop_qp(&self, qp: &Arc<QpShared>, t: &mut Track, deadline: Duration, latch: &Arc<Pending>) {
+    fn stop_qp(
+        &self,
+        qp: &Arc<QpShared>,
+        t: &mut QpLedger,
+        deadline: Duration,
+        latch: &Arc<Pending>,
+    ) {
         let mtu = t.conn.map_or(256, |c| u64::from(c.mtu.bytes()));
         if t.longest_send <= mtu {
             return self.quiesce_qp(qp, t, QuiescePolicy::Flush, latch, true);
@@ -736,7 +742,7 @@ impl Tracker {
 
     /// At the drain deadline, a QP still draining is flushed — if the stop that armed the
     /// deadline is still the QP's latest (under its track lock `t`).
-    fn arm_drain_deadline(&self, qp: &Arc<QpShared>, t: &mut Track, deadline: Duration) {
+    fn arm_drain_deadline(&self, qp: &Arc<QpShared>, t: &mut QpLedger, deadline: Duration) {
         t.stops += 1;
         let stop = t.stops;
         let weak = Arc::downgrade(qp);
@@ -818,7 +824,7 @@ impl Tracker {
                 let l = latch.clone();
                 self.for_each_qp(
                     &latch,
-                    Arc::new(move |me: &Tracker, qp: &Arc<QpShared>, t: &mut Track| {
+                    Arc::new(move |me: &Tracker, qp: &Arc<QpShared>, t: &mut QpLedger| {
                         let to_owner = t.conn.is_some_and(|c| c.dest.gid == owner);
                         let uses = to_owner
                             && t.send.live().any(|s| {

@@ -10,24 +10,24 @@ use crate::sync::lock;
 
 type Job = Box<dyn FnOnce() + Send>;
 
-struct Entry {
+struct TimerEntry {
     at: Instant,
     seq: u64,
     job: Job,
 }
 
-impl PartialEq for Entry {
+impl PartialEq for TimerEntry {
     fn eq(&self, o: &Self) -> bool {
         (self.at, self.seq) == (o.at, o.seq)
     }
 }
-impl Eq for Entry {}
-impl PartialOrd for Entry {
+impl Eq for TimerEntry {}
+impl PartialOrd for TimerEntry {
     fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(o))
     }
 }
-impl Ord for Entry {
+impl Ord for TimerEntry {
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
         (self.at, self.seq).cmp(&(o.at, o.seq))
     }
@@ -35,7 +35,7 @@ impl Ord for Entry {
 
 #[derive(Default)]
 struct State {
-    heap: BinaryHeap<Reverse<Entry>>,
+    heap: BinaryHeap<Reverse<TimerEntry>>,
     seq: u64,
     started: bool,
 }
@@ -70,7 +70,7 @@ impl Timer {
         let earlier = st.heap.peek().is_none_or(|Reverse(e)| at < e.at);
         st.seq += 1;
         let seq = st.seq;
-        st.heap.push(Reverse(Entry {
+        st.heap.push(Reverse(TimerEntry {
             at,
             seq,
             job: Box::new(job),

@@ -106,7 +106,7 @@ struct Media {
 }
 
 #[derive(Debug)]
-struct Shared {
+struct NvmeInner {
     fabric: Fabric,
     dev: DeviceId,
     name: String,
@@ -122,7 +122,7 @@ struct Shared {
 /// A simulated NVMe drive. See the module docs for the contract.
 #[derive(Debug)]
 pub struct SimNvme {
-    shared: Arc<Shared>,
+    shared: Arc<NvmeInner>,
     engine: Option<JoinHandle<()>>,
 }
 
@@ -154,7 +154,7 @@ impl SimNvme {
             }
             None => {}
         }
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(NvmeInner {
             fabric: fabric.clone(),
             dev,
             name: device.to_string(),
@@ -480,7 +480,7 @@ struct NvmeImporter {
     slot: u16,
     /// The import it is ([`Buf::import`]): a slot reused since is not its own.
     import: u64,
-    shared: Weak<Shared>,
+    shared: Weak<NvmeInner>,
 }
 
 impl Importer for NvmeImporter {
@@ -538,7 +538,7 @@ impl Importer for NvmeImporter {
 }
 
 /// The drive's engine: one command at a time, in pieces, a revoke looked at between them.
-fn engine(weak: &Weak<Shared>) {
+fn engine(weak: &Weak<NvmeInner>) {
     // When the drive, paced to its rate, is next free.
     let mut free_at = Instant::now();
     loop {
@@ -606,7 +606,7 @@ impl Cmd {
 
 /// Run one command on `media`: its bytes in pieces, stopping at a revoke. Bytes moved (a read
 /// stops short at the end of the file), or `-errno`.
-fn execute(sh: &Shared, media: &std::fs::File, c: &Cmd, free_at: &mut Instant) -> i32 {
+fn execute(sh: &NvmeInner, media: &std::fs::File, c: &Cmd, free_at: &mut Instant) -> i32 {
     let mut moved = 0u64;
     let mut piece = vec![0u8; PIECE.min(c.len) as usize];
     while moved < c.len {
@@ -681,7 +681,7 @@ fn execute(sh: &Shared, media: &std::fs::File, c: &Cmd, free_at: &mut Instant) -
 
 /// Hold the engine to the drive's rate: `n` more bytes moved puts the drive's timeline
 /// `n / rate` later; the engine sleeps while it is ahead of it.
-fn pace(sh: &Shared, n: u64, free_at: &mut Instant, revoked: impl Fn() -> bool) {
+fn pace(sh: &NvmeInner, n: u64, free_at: &mut Instant, revoked: impl Fn() -> bool) {
     let rate = sh.rate.load(std::sync::atomic::Ordering::Relaxed);
     if rate == 0 {
         return;

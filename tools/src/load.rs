@@ -85,7 +85,7 @@ struct Out {
     free: Option<FreeRun>,
 }
 
-struct World {
+struct LoadSetup {
     tb: std::sync::Arc<Testbed>,
     a: Agent,
     b: Agent,
@@ -161,7 +161,7 @@ fn go(args: &LoadArgs, shards: Vec<(PathBuf, u64)>, json: bool) -> Result<()> {
         .map(|(p, _)| a.register_file(&FileSpec::new(p).buffered_fallback()))
         .collect::<dmaplane::Result<Vec<_>>>()?;
     let peer = a.connect(&b.metadata_blob()?)?;
-    let w = World {
+    let w = LoadSetup {
         tb,
         a,
         b,
@@ -319,7 +319,7 @@ fn print(o: &Out) {
     }
 }
 
-impl World {
+impl LoadSetup {
     /// Destination memory on b, registered, and its registration known to a's peer.
     fn target(&self, name: &str, len: u64) -> Result<(Memory, Region)> {
         let dst = self.b.alloc_gpu(name, &self.dst_gpu, len)?;

@@ -43,9 +43,7 @@ mod imp {
     use dmaplane::RawHost;
     use dmaplane::raw::connect_over;
     use dmaplane_bench::stress::{Inject, StressConfig, StressReport};
-    use dmaplane_bench::traffic::{
-        Bytes, DataPath, Export as StressExport, Shared, Target, exporter,
-    };
+    use dmaplane_bench::traffic::{Bytes, DataPath, EpochTarget, Revocable, RunState, exporter};
     use dmaplane_core::dmabuf::{DmaBufMemory, UdmaBuf};
     use dmaplane_core::{ImporterKind, RevokeReport};
     use dmaplane_rdma::oob::{Oob, OobListener};
@@ -60,13 +58,13 @@ mod imp {
     const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
     /// One export: the owner's memory and registration of one epoch.
-    struct Export {
+    struct UdmabufExport {
         epoch: u64,
         mem: Arc<DmaBufMemory>,
         mr: Mr,
     }
 
-    impl StressExport for Export {
+    impl Revocable for UdmabufExport {
         fn epoch(&self) -> u64 {
             self.epoch
         }
@@ -201,7 +199,7 @@ mod imp {
         // Every export so far, by (rkey, address): how the data path finds the memory behind
         // a grant it received over TCP.
         let exports: Mutex<Vec<Published>> = Mutex::new(Vec::new());
-        let export = |epoch: u64| -> Result<Export> {
+        let export = |epoch: u64| -> Result<UdmabufExport> {
             let mem = Arc::new(
                 UdmaBuf::new(&format!("stress-dst-{epoch}"), region)
                     .with_context(|| format!("export {epoch}"))?
@@ -220,7 +218,7 @@ mod imp {
                 });
             }
             olink.grant(&mr)?;
-            Ok(Export { epoch, mem, mr })
+            Ok(UdmabufExport { epoch, mem, mr })
         };
         let first = export(0)?;
         notes.push(format!(
@@ -231,14 +229,14 @@ mod imp {
             "holder source registration: {}",
             src.negotiation().unwrap_or_default()
         ));
-        let target_of = |remote: Arc<RemoteMr>| -> Result<Target> {
+        let target_of = |remote: Arc<RemoteMr>| -> Result<EpochTarget> {
             let found = lock(&exports)
                 .iter()
                 .rev()
                 .find(|p| p.rkey == remote.rkey() && p.addr == remote.addr())
                 .map(|p| (p.epoch, p.mem.clone()));
             match found {
-                Some((epoch, mem)) => Ok(Target {
+                Some((epoch, mem)) => Ok(EpochTarget {
                     epoch,
                     remote,
                     mem: mem as Arc<dyn Bytes>,
@@ -251,7 +249,7 @@ mod imp {
         };
         let first_target = target_of(hlink.next_grant(SETUP_TIMEOUT)?)?;
 
-        let sh = Shared::default();
+        let sh = RunState::default();
         let start = Instant::now();
         let data = DataPath {
             cfg,

@@ -10,13 +10,13 @@ use dmaplane_core::fabric::{DeviceBar, Grant};
 use dmaplane_core::revoke::AccessGrant;
 use dmaplane_core::{Accept, Access, Attachment, Exporter, Importer, Offer, RevokeReport};
 
-use super::Shared;
+use super::SimGpuInner;
 use crate::backend::{AllocBackend, DmaClient};
 use crate::error::{GpuError, Result};
 
 #[derive(Debug)]
 pub(super) struct SimAlloc {
-    gpu: Arc<Shared>,
+    gpu: Arc<SimGpuInner>,
     id: u64,
     name: String,
     len: u64,
@@ -26,7 +26,7 @@ pub(super) struct SimAlloc {
 }
 
 impl SimAlloc {
-    pub(super) fn new(gpu: Arc<Shared>, id: u64, name: &str, len: u64) -> Result<SimAlloc> {
+    pub(super) fn new(gpu: Arc<SimGpuInner>, id: u64, name: &str, len: u64) -> Result<SimAlloc> {
         let bar =
             DeviceBar::new(&gpu.fabric, gpu.dev, name, len).map_err(|e| GpuError::Invalid {
                 field: "size",

@@ -36,7 +36,7 @@ struct State {
 }
 
 #[derive(Debug)]
-struct Shared {
+struct SimGpuInner {
     fabric: Fabric,
     dev: DeviceId,
     name: String,
@@ -45,7 +45,7 @@ struct Shared {
     state: Mutex<State>,
 }
 
-impl Shared {
+impl SimGpuInner {
     fn state(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
     }
@@ -80,7 +80,7 @@ impl Shared {
 /// A simulated GPU on the fabric.
 #[derive(Debug, Clone)]
 pub struct SimGpu {
-    shared: Arc<Shared>,
+    shared: Arc<SimGpuInner>,
 }
 
 impl SimGpu {
@@ -121,7 +121,7 @@ impl SimGpu {
             });
         }
         Ok(SimGpu {
-            shared: Arc::new(Shared {
+            shared: Arc::new(SimGpuInner {
                 fabric: fabric.clone(),
                 dev,
                 name: name.to_string(),

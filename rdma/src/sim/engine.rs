@@ -51,7 +51,7 @@ const TURN_BYTES: u64 = 64 << 10;
 const SPINS: u32 = 2000;
 
 #[derive(Debug, Default)]
-pub(crate) struct Engine {
+pub(crate) struct NicEngine {
     ready: Mutex<VecDeque<Arc<SimQp>>>,
     cv: Condvar,
     parked: AtomicBool,
@@ -59,7 +59,7 @@ pub(crate) struct Engine {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl Engine {
+impl NicEngine {
     pub(crate) fn ring(&self, qp: Arc<SimQp>) {
         lock(&self.ready).push_back(qp);
         if self.parked.load(Ordering::SeqCst) {

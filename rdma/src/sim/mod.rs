@@ -87,7 +87,7 @@ impl SimNetwork {
             qps: RwLock::new(HashMap::new()),
             events: Mutex::new(VecDeque::new()),
             events_dropped: AtomicU64::new(0),
-            engine: engine::Engine::default(),
+            engine: engine::NicEngine::default(),
             engine_cpus: self.engine_cpus.clone(),
             call_latency: Arc::default(),
         });
@@ -120,7 +120,7 @@ pub(crate) struct NicShared {
     events: Mutex<VecDeque<AsyncEvent>>,
     /// Events that found the queue full ([`EVENT_QUEUE`]).
     events_dropped: AtomicU64,
-    pub(crate) engine: engine::Engine,
+    pub(crate) engine: engine::NicEngine,
     engine_cpus: Vec<usize>,
     /// How long every QP modify and MR zap takes, in nanoseconds ([`SimNic::set_call_latency`]).
     pub(crate) call_latency: Arc<AtomicU64>,
