@@ -176,11 +176,11 @@ impl FlowReport {
 
 /// The pattern byte at `off` (position-dependent, so a misplaced chunk shows).
 pub fn pattern(off: u64, buf: &mut [u8]) {
-    for (i, b) in buf.iter_mut().enumerate() {
-        let x = off + i as u64;
-        *b = (x ^ (x >> 8) ^ (x >> 16) ^ 0x5a) as u8;
-    }
+    dmaplane_core::pattern::fill(PATTERN_SEED, off, buf);
 }
+
+/// The stream every flow's source holds ([`dmaplane_core::pattern`]).
+const PATTERN_SEED: u64 = 0x5a;
 
 const PIECE: u64 = 1 << 20;
 

@@ -17,6 +17,7 @@ pub mod fence;
 pub mod gate;
 pub mod hints;
 pub mod negotiate;
+pub mod pattern;
 pub mod pgsz;
 pub mod revoke;
 pub mod sgl;

@@ -137,9 +137,7 @@ fn create(args: &LoadArgs) -> Result<Vec<(PathBuf, u64)>> {
 }
 
 fn pattern(seed: u64, len: u64) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed * 7919) >> 11) as u8)
-        .collect()
+    dmaplane_core::pattern::bytes(seed, usize::try_from(len).unwrap_or(usize::MAX))
 }
 
 fn go(args: &LoadArgs, shards: Vec<(PathBuf, u64)>, json: bool) -> Result<()> {
