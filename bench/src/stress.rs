@@ -198,12 +198,18 @@ pub struct StressReport {
     /// Successful writes whose bytes did not match.
     pub corrupt: u64,
     pub post_ack_accesses: u64,
+    /// Requests that met their own source region zapped (a local protection error): the queue
+    /// pair reading it was not quiesced before the zap.
+    pub zapped_source_accesses: u64,
     /// Successful WRITEs checked byte for byte against their pattern.
     pub bytes_verified: u64,
     /// Successful WRITEs reaped after their epoch's ack, found covered by the poison written at
     /// the ack, whose copy at the ack was no longer kept (their bytes could not be compared).
     pub completed_before_ack: u64,
     pub revokes: u64,
+    /// Revokes of the source side, besides `revokes`: memory the owner's own queue pairs were
+    /// reading (the sim stress moves its source before every other re-export).
+    pub source_revokes: u64,
     pub revoke_latency_us: Latency,
     /// Revokes where an importer missed the deadline.
     pub revokes_timed_out: u64,
@@ -251,9 +257,11 @@ impl StressReport {
             lost: counts.lost,
             corrupt: counts.corrupt,
             post_ack_accesses: sh.post_ack_poison.load(Ordering::Relaxed) + counts.rem_access,
+            zapped_source_accesses: counts.loc_prot,
             bytes_verified: counts.bytes,
             completed_before_ack: counts.before_ack,
             revokes: sh.revokes_done.load(Ordering::Relaxed),
+            source_revokes: sh.source_revokes.load(Ordering::Relaxed),
             revoke_latency_us: Latency::of(sh.take_latencies()),
             revokes_timed_out: sh.timed_out.load(Ordering::Relaxed),
             posts_refused: counts.refused,
@@ -288,6 +296,11 @@ impl StressReport {
             "post_ack_accesses",
             self.post_ack_accesses,
             "poisoned pages overwritten after an ack, or WRITEs refused at a zapped region",
+        );
+        count(
+            "zapped_source_accesses",
+            self.zapped_source_accesses,
+            "requests that met their own source region zapped: a queue pair left running",
         );
         count(
             "revokes_timed_out",
@@ -515,23 +528,14 @@ pub fn run_sim(
             why,
         })?;
     }
-    if let Some(Inject::Rdma(f @ Fault::NoQpQuiesce)) = cfg.inject {
-        return Err(dmaplane::Error::from(RdmaError::Unsupported {
-            op: "stress revoke --inject",
-            device: "sim".into(),
-            why: format!(
-                "{f}: the target's NIC runs no queue pair of its own on the target, so this \
-                 stress could not see the fault; rdma/tests/sim.rs shows it caught"
-            ),
-        }));
-    }
     let cq_depth = u32::try_from(slots * 2 + 64).unwrap_or(u32::MAX);
     let w = World::new(cq_depth, cfg.placement.clone())?;
     match cfg.inject {
-        // Importer faults on the target's NIC, holder faults on the writer's.
-        Some(Inject::Rdma(f @ (Fault::EarlyFence | Fault::NoZap | Fault::NoQpQuiesce))) => {
-            w.b.dev.inject(Some(f))
-        }
+        // Importer faults on the target's NIC, holder faults on the writer's; a queue-pair
+        // quiesce skipped where queue pairs read the revoked memory: the writer's own NIC, whose
+        // source memory moves under them.
+        Some(Inject::Rdma(f @ (Fault::EarlyFence | Fault::NoZap))) => w.b.dev.inject(Some(f)),
+        Some(Inject::Rdma(f @ Fault::NoQpQuiesce)) => w.a.dev.inject(Some(f)),
         Some(Inject::Rdma(f)) => w.a.dev.inject(Some(f)),
         Some(Inject::FreeBeforeAck) => w.testbed.fabric().inject_reuse_before_ack(true),
         Some(Inject::NoBackstop) => {
@@ -549,7 +553,18 @@ pub fn run_sim(
     let pairs = w.connect(cfg.qps, caps)?;
     let qps: Vec<Qp> = pairs.iter().map(|(a, _)| a.clone()).collect();
     let src_mem = w.a.memory("stress-src", region)?;
-    let src = w.a.import(&src_mem, "src", ImportOptions::default())?;
+    // The source is a dynamic import: every other epoch its memory moves (a revoke of memory
+    // the owner's own queue pairs are reading), and the data path registers it again.
+    let src = w.a.import(
+        &src_mem,
+        "src",
+        ImportOptions {
+            kind: ImporterKind::Dynamic,
+            policy: cfg.policy,
+            ..ImportOptions::default()
+        },
+    )?;
+    let sh = RunState::default();
     let probe = Probe::new(&w)?;
     let opts = ImportOptions {
         access: MrAccess::LOCAL_WRITE | MrAccess::REMOTE_WRITE | MrAccess::REMOTE_READ,
@@ -609,6 +624,22 @@ pub fn run_sim(
             _mr: mr,
         })
     };
+    // Before every other revoke of the target, under the same load, the source side: the
+    // owner's own queue pairs are reading this memory, and its move must quiesce them (stopped,
+    // flushed) before it acks; the oracle judges every DMA on the old window against the fence
+    // and the ack. The data path writes nothing into the source meanwhile.
+    let move_source = |epoch: u64| {
+        if !epoch.is_multiple_of(2) {
+            return;
+        }
+        let moving = lock(&sh.source_moving);
+        let moved = src_mem.relocate(cfg.deadline);
+        drop(moving);
+        match moved {
+            Ok(report) => sh.source_revoked(epoch, &report),
+            Err(e) => sh.fail(format!("moving the source before revoke {epoch}: {e}")),
+        }
+    };
     let first = export(0).map_err(|why| RdmaError::InvalidRegistration {
         field: "export",
         value: "0".into(),
@@ -622,7 +653,6 @@ pub fn run_sim(
             why: "no target was published".into(),
         }));
     };
-    let sh = RunState::default();
     let start = Instant::now();
     let data = DataPath {
         cfg,
@@ -630,6 +660,7 @@ pub fn run_sim(
         cq: &w.a.cq,
         src: &src,
         src_mem: &src_mem,
+        src_pd: Some(&w.a.pd),
         drain_limit: Duration::from_secs(10),
     };
     let exporter_done = AtomicBool::new(false);
@@ -642,7 +673,16 @@ pub fn run_sim(
                 w.pin_host_thread();
                 // Revoke at a random point once traffic flows to the live export (the jitter is
                 // drawn from --seconds / --revokes; by then every queue pair is full).
-                exporter(cfg, &sh, first, 1, Duration::ZERO, export, progress)
+                exporter(
+                    cfg,
+                    &sh,
+                    first,
+                    1,
+                    Duration::ZERO,
+                    export,
+                    move_source,
+                    progress,
+                )
             })
             .map_err(|e| RdmaError::io("starting the exporter thread", e))?;
         // The data path is the load: at the lowest priority, on the host's CPUs, it takes the
@@ -791,6 +831,22 @@ mod tests {
         let r = run_sim(&c, &|_| {}).unwrap();
         assert!(r.is_clean(), "{:?}", r.violations());
         assert_eq!((r.revokes, r.stopped_early), (5, None));
+        assert_eq!(
+            r.source_revokes, 2,
+            "the source moved under its own queue pairs too"
+        );
+    }
+
+    #[test]
+    fn a_queue_pair_left_running_under_a_source_move_is_caught_by_the_stress() {
+        let mut c = cfg(8, 16, 64 << 10);
+        c.revokes = 6;
+        c.deadline = Duration::from_millis(200);
+        c.inject = Some(Inject::Rdma(Fault::NoQpQuiesce));
+        let r = run_sim(&c, &|_| {}).unwrap();
+        let v = r.violations().join("; ");
+        assert!(r.zapped_source_accesses > 0, "{v}");
+        assert!(v.contains("zapped_source_accesses"), "{v}");
     }
 
     #[test]

@@ -16,13 +16,13 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use dmaplane_core::sync::{lock, read, write};
+use dmaplane_core::sync::{lock, read, try_lock, write};
 use std::time::{Duration, Instant};
 
 use dmaplane_core::RevokeReport;
 use dmaplane_core::dmabuf::DmaBufMemory;
 use dmaplane_core::fabric::{HostMemory, WindowHandle};
-use dmaplane_rdma::{Completion, Cq, Mr, Qp, QpState, RdmaError, RemoteMr, SendWr, WcStatus};
+use dmaplane_rdma::{Completion, Cq, Mr, Pd, Qp, QpState, RdmaError, RemoteMr, SendWr, WcStatus};
 
 use crate::stress::StressConfig;
 
@@ -152,6 +152,13 @@ pub struct RunState {
     tried: Mutex<BTreeMap<u64, u64>>,
     pub stop: AtomicBool,
     pub revokes_done: AtomicU64,
+    /// Revokes of the source side (memory the owner's own queue pairs read), done.
+    pub source_revokes: AtomicU64,
+    /// Held by whoever moves the source, and by the data path while it writes the source's
+    /// bytes: the application does not write memory that is on its way somewhere else (a write
+    /// to the old place during the move would be lost, and the oracle counts it as the exporter
+    /// touching its memory before the ack).
+    pub source_moving: Mutex<()>,
     pub post_ack_poison: AtomicU64,
     pub timed_out: AtomicU64,
     pub latencies: Mutex<Vec<f64>>,
@@ -175,6 +182,17 @@ pub const SNAPSHOTS: usize = 2;
 pub const STUCK_FOR: Duration = Duration::from_millis(250);
 
 impl RunState {
+    /// A revoke of the source side acknowledged: its latency joins the others; one an importer
+    /// did not quiesce in time is a violation.
+    pub fn source_revoked(&self, epoch: u64, report: &RevokeReport) {
+        self.source_revokes.fetch_add(1, Ordering::Relaxed);
+        lock(&self.latencies).push(report.elapsed_us as f64);
+        if !report.is_clean() {
+            self.timed_out.fetch_add(1, Ordering::Relaxed);
+            self.fail(format!("source revoke before epoch {epoch}: {report}"));
+        }
+    }
+
     /// Whether a violation has been recorded already: the verdict is fail, whatever follows.
     pub fn violated(&self) -> bool {
         !lock(&self.failures).is_empty()
@@ -312,7 +330,9 @@ pub trait Revocable {
 /// The exporter: wait until traffic is in flight on the live export, revoke it at a random
 /// point, wait until the data path has reaped and verified all of its writes, check the
 /// previous epoch's poison and poison this one, re-export. `in_flight` is how many requests
-/// must have been posted to an export before it is revoked.
+/// must have been posted to an export before it is revoked; `before_revoke(epoch)` runs under
+/// that load right before each revoke.
+#[allow(clippy::too_many_arguments)]
 pub fn exporter<E: Revocable>(
     cfg: &StressConfig,
     sh: &RunState,
@@ -320,6 +340,7 @@ pub fn exporter<E: Revocable>(
     in_flight: u64,
     random_point: Duration,
     mut export: impl FnMut(u64) -> Result<E, String>,
+    mut before_revoke: impl FnMut(u64),
     progress: &(dyn Fn(u64) + Sync),
 ) -> Option<E> {
     let mut seed = cfg.seed | 1;
@@ -363,6 +384,8 @@ pub fn exporter<E: Revocable>(
         let jitter = (next(&mut seed) % 1000) as f64 / 1000.0 * 2.0 * interval;
         let point = (next(&mut seed) % 1000) as f64 / 1000.0 * random_point.as_secs_f64();
         std::thread::sleep(Duration::from_secs_f64(jitter.min(0.05) + point));
+        // Whatever else is revoked under the same load (the sim stress moves its source).
+        before_revoke(epoch);
         let report = ex.revoke(cfg.deadline);
         // The ack: poison now, before anything else can happen to the memory.
         let mem = ex.bytes();
@@ -428,6 +451,9 @@ pub struct Counts {
     pub refused: u64,
     /// Completions with a remote-access error (a post-ack access the NIC refused).
     pub rem_access: u64,
+    /// Completions with a local protection error: a request that met its own source region
+    /// zapped, because its queue pair was not quiesced before the zap.
+    pub loc_prot: u64,
     /// Successes reaped after their epoch's ack, found covered by its poison (landed before).
     pub before_ack: u64,
     pub lost: u64,
@@ -441,6 +467,10 @@ pub struct DataPath<'a> {
     pub cq: &'a Cq,
     pub src: &'a Mr,
     pub src_mem: &'a dyn Bytes,
+    /// Where the source registration is made again after its memory moved (a dynamic import:
+    /// the stress moves the source under the owner's own queue pairs); `None` when it never
+    /// moves.
+    pub src_pd: Option<&'a Pd>,
     /// How long to keep reaping after the last revoke before calling a request lost.
     pub drain_limit: Duration,
 }
@@ -481,9 +511,19 @@ impl DataPath<'_> {
             if stopping && draining_since.is_none() {
                 draining_since = Some(Instant::now());
             }
+            // The source moved (its memory revoked under the queue pairs reading it, then
+            // re-exported): register it again before posting from it; until the move is done
+            // the posts are refused and counted so.
+            if let Some(pd) = self.src_pd
+                && self.src.revoked_at().is_some()
+            {
+                let _ = self.src.refresh(pd);
+            }
             let mut posted_now = 0u64;
+            // Nothing is written into the source while it moves: this round only reaps.
+            let source = try_lock(&sh.source_moving);
             for (q, qp) in self.qps.iter().enumerate() {
-                if stopping || free[q].is_empty() {
+                if stopping || free[q].is_empty() || source.is_none() {
                     continue;
                 }
                 batch.clear();
@@ -543,6 +583,7 @@ impl DataPath<'_> {
                     }
                 }
             }
+            drop(source);
             wcs.clear();
             if let Err(e) = self.cq.poll(&mut wcs, 1024) {
                 // Counted, never propagated: what is still in flight is reported lost below.
@@ -612,8 +653,10 @@ impl DataPath<'_> {
                     WcStatus::WrFlushErr => c.flushed += 1,
                     other => {
                         c.failed += 1;
-                        if other == WcStatus::RemAccessErr {
-                            c.rem_access += 1;
+                        match other {
+                            WcStatus::RemAccessErr => c.rem_access += 1,
+                            WcStatus::LocProtErr => c.loc_prot += 1,
+                            _ => {}
                         }
                         sh.fail(format!(
                             "QP {:#x} request {} (epoch {}): {other}",

@@ -88,8 +88,9 @@ pub struct RevokeArgs {
     #[arg(long)]
     no_pin: bool,
     /// Break the protocol on purpose — early-fence, no-zap, ignore-lease-revoke, ack-then-write,
-    /// free-before-ack, no-backstop (and no-qp-quiesce, which this stress refuses: no traffic here
-    /// could show it). The run must then exit non-zero, naming the violation.
+    /// free-before-ack, no-backstop, no-qp-quiesce (the writer's NIC leaves its queue pairs
+    /// running when the source memory they read moves). The run must then exit non-zero,
+    /// naming the violation.
     #[arg(long, value_parser = clap::value_parser!(Inject))]
     inject: Option<Inject>,
 }
@@ -192,13 +193,21 @@ fn print(r: &StressReport, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "stress revoke ({}): {} QPs × {} deep × {} B, {} of {} revokes in {:.1} s{}",
+        "stress revoke ({}): {} QPs × {} deep × {} B, {} of {} revokes ({}) in {:.1} s{}",
         r.backend,
         r.qps,
         r.depth,
         r.size,
         r.revokes,
         r.revokes_asked,
+        if r.source_revokes > 0 {
+            format!(
+                "and {} of the source under its own queue pairs",
+                r.source_revokes
+            )
+        } else {
+            "of the target".to_string()
+        },
         r.seconds,
         r.inject
             .map_or(String::new(), |i| format!(", fault injected: {i}"))
@@ -210,6 +219,7 @@ fn print(r: &StressReport, json: bool) -> Result<()> {
     println!("  lost               {}", r.lost);
     println!("  corrupt            {}", r.corrupt);
     println!("  post_ack_accesses  {}", r.post_ack_accesses);
+    println!("  zapped_source_accesses {}", r.zapped_source_accesses);
     match &r.oracle {
         Some(o) => {
             println!("  dma_after_fence    {}", o.dma_after_fence);

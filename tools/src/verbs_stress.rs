@@ -257,6 +257,7 @@ mod imp {
             cq: &holder.host.cq,
             src: &src,
             src_mem: &src_mem,
+            src_pd: None,
             drain_limit: DRAIN_LIMIT,
         };
         let report = std::thread::scope(|s| -> Result<StressReport> {
@@ -271,6 +272,7 @@ mod imp {
                     2 * slots as u64,
                     Duration::from_millis(3),
                     |epoch| export(epoch).map_err(|e| format!("{e:#}")),
+                    |_| {},
                     progress,
                 )
             });
