@@ -10,6 +10,7 @@
 //! - [`fabric`]: the simulated PCIe fabric with host-memory and BAR exporters.
 
 pub mod addr;
+pub mod counter;
 pub mod cpu;
 pub mod dmabuf;
 pub mod fabric;

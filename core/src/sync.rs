@@ -115,35 +115,62 @@ pub fn wait_timeout<G, C: Wait<G> + ?Sized>(cv: &C, guard: G, timeout: Duration)
     cv.wait_timeout_unpoisoned(guard, timeout)
 }
 
-impl<T: ?Sized> Lock for std::sync::Mutex<T> {
-    type Guard<'a>
-        = std::sync::MutexGuard<'a, T>
-    where
-        Self: 'a;
-    fn lock_unpoisoned(&self) -> Self::Guard<'_> {
-        self.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
+/// The impls for one family of locks (std's, and loom's under `--cfg loom`): the same code,
+/// written once.
+macro_rules! unpoison {
+    ($($sync:ident)::+) => {
+        impl<T: ?Sized> Lock for $($sync)::+::Mutex<T> {
+            type Guard<'a>
+                = $($sync)::+::MutexGuard<'a, T>
+            where
+                Self: 'a;
+            fn lock_unpoisoned(&self) -> Self::Guard<'_> {
+                self.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+            }
+        }
+
+        impl<T: ?Sized> ReadWrite for $($sync)::+::RwLock<T> {
+            type Read<'a>
+                = $($sync)::+::RwLockReadGuard<'a, T>
+            where
+                Self: 'a;
+            type Write<'a>
+                = $($sync)::+::RwLockWriteGuard<'a, T>
+            where
+                Self: 'a;
+            fn read_unpoisoned(&self) -> Self::Read<'_> {
+                self.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+            }
+            fn write_unpoisoned(&self) -> Self::Write<'_> {
+                self.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+            }
+        }
+
+        impl<'a, T> Wait<$($sync)::+::MutexGuard<'a, T>> for $($sync)::+::Condvar {
+            fn wait_unpoisoned(
+                &self,
+                guard: $($sync)::+::MutexGuard<'a, T>,
+            ) -> $($sync)::+::MutexGuard<'a, T> {
+                self.wait(guard)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+            }
+            fn wait_timeout_unpoisoned(
+                &self,
+                guard: $($sync)::+::MutexGuard<'a, T>,
+                timeout: Duration,
+            ) -> ($($sync)::+::MutexGuard<'a, T>, bool) {
+                let (g, r) = self
+                    .wait_timeout(guard, timeout)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                (g, r.timed_out())
+            }
+        }
+    };
 }
 
-impl<T: ?Sized> ReadWrite for std::sync::RwLock<T> {
-    type Read<'a>
-        = std::sync::RwLockReadGuard<'a, T>
-    where
-        Self: 'a;
-    type Write<'a>
-        = std::sync::RwLockWriteGuard<'a, T>
-    where
-        Self: 'a;
-    fn read_unpoisoned(&self) -> Self::Read<'_> {
-        self.read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-    fn write_unpoisoned(&self) -> Self::Write<'_> {
-        self.write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
+unpoison!(std::sync);
+#[cfg(loom)]
+unpoison!(loom::sync);
 
 /// Shared locks lock through the `Arc` (a generic argument is not dereferenced for us).
 impl<L: Lock + ?Sized> Lock for std::sync::Arc<L> {
@@ -170,76 +197,6 @@ impl<L: ReadWrite + ?Sized> ReadWrite for std::sync::Arc<L> {
     }
     fn write_unpoisoned(&self) -> Self::Write<'_> {
         (**self).write_unpoisoned()
-    }
-}
-
-impl<'a, T> Wait<std::sync::MutexGuard<'a, T>> for std::sync::Condvar {
-    fn wait_unpoisoned(&self, guard: std::sync::MutexGuard<'a, T>) -> std::sync::MutexGuard<'a, T> {
-        self.wait(guard)
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-    fn wait_timeout_unpoisoned(
-        &self,
-        guard: std::sync::MutexGuard<'a, T>,
-        timeout: Duration,
-    ) -> (std::sync::MutexGuard<'a, T>, bool) {
-        let (g, r) = self
-            .wait_timeout(guard, timeout)
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        (g, r.timed_out())
-    }
-}
-
-#[cfg(loom)]
-impl<T> Lock for loom::sync::Mutex<T> {
-    type Guard<'a>
-        = loom::sync::MutexGuard<'a, T>
-    where
-        Self: 'a;
-    fn lock_unpoisoned(&self) -> Self::Guard<'_> {
-        self.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-#[cfg(loom)]
-impl<T> ReadWrite for loom::sync::RwLock<T> {
-    type Read<'a>
-        = loom::sync::RwLockReadGuard<'a, T>
-    where
-        Self: 'a;
-    type Write<'a>
-        = loom::sync::RwLockWriteGuard<'a, T>
-    where
-        Self: 'a;
-    fn read_unpoisoned(&self) -> Self::Read<'_> {
-        self.read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-    fn write_unpoisoned(&self) -> Self::Write<'_> {
-        self.write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-#[cfg(loom)]
-impl<'a, T> Wait<loom::sync::MutexGuard<'a, T>> for loom::sync::Condvar {
-    fn wait_unpoisoned(
-        &self,
-        guard: loom::sync::MutexGuard<'a, T>,
-    ) -> loom::sync::MutexGuard<'a, T> {
-        self.wait(guard)
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-    fn wait_timeout_unpoisoned(
-        &self,
-        guard: loom::sync::MutexGuard<'a, T>,
-        timeout: Duration,
-    ) -> (loom::sync::MutexGuard<'a, T>, bool) {
-        let (g, r) = self
-            .wait_timeout(guard, timeout)
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        (g, r.timed_out())
     }
 }
 

@@ -29,6 +29,7 @@ use crate::region::{MemoryEntry, Region};
 use crate::sync::{lock, wait_timeout};
 use crate::testbed::Testbed;
 use crate::transfer::{Op, Transfer};
+use dmaplane_core::counter::Counter;
 
 /// Tunables, with the defaults [`AgentBuilder`] starts from.
 #[derive(Debug, Clone)]
@@ -292,7 +293,7 @@ impl AgentBuilder {
                     pd,
                     cq,
                     outstanding: AtomicU32::new(0),
-                    posted: AtomicU64::new(0),
+                    posted: Counter::default(),
                 });
             }
             let listener = OobListener::bind(c.listen.as_str())?;
@@ -418,7 +419,7 @@ pub(crate) struct AgentNic {
     /// Requests outstanding on its CQ (bounded by `cq_depth`).
     pub(crate) outstanding: AtomicU32,
     /// Requests posted on it so far.
-    pub(crate) posted: AtomicU64,
+    pub(crate) posted: Counter,
 }
 
 /// What the agent's threads share.
@@ -1196,7 +1197,7 @@ impl Agent {
         self.shared
             .nics
             .iter()
-            .map(|n| (n.name.clone(), n.posted.load(Ordering::Relaxed)))
+            .map(|n| (n.name.clone(), n.posted.get()))
             .collect()
     }
 

@@ -20,6 +20,7 @@ use crate::peer::PeerShared;
 use crate::stage::StageFailure;
 use crate::sync::{lock, try_lock, wait_timeout};
 use crate::transfer::{Op, Status, TransferState};
+use dmaplane_core::counter::Counter;
 
 /// How many flushed requests a transfer may send again: as many as it has, plus some.
 fn retry_limit(t: &TransferState) -> u64 {
@@ -106,15 +107,15 @@ pub(crate) struct ProgressEngine {
     inner: Mutex<Inner>,
     cv: Condvar,
     next_id: AtomicU64,
-    started: AtomicU64,
-    done: AtomicU64,
-    failed: AtomicU64,
-    posted: AtomicU64,
-    completed: AtomicU64,
-    completed_bad: AtomicU64,
-    bytes: AtomicU64,
-    notes_sent: AtomicU64,
-    notes_received: AtomicU64,
+    started: Counter,
+    done: Counter,
+    failed: Counter,
+    posted: Counter,
+    completed: Counter,
+    completed_bad: Counter,
+    bytes: Counter,
+    notes_sent: Counter,
+    notes_received: Counter,
     /// Waiters driving the engine from their own thread right now ([`ProgressEngine::driving`]):
     /// while there are any, the progress thread naps instead of spinning, so the two do not
     /// fight over the cores the NICs need.
@@ -192,23 +193,22 @@ impl ProgressEngine {
     }
 
     pub(crate) fn stats(&self) -> AgentStats {
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         AgentStats {
-            transfers_started: g(&self.started),
-            transfers_done: g(&self.done),
-            transfers_failed: g(&self.failed),
-            requests_posted: g(&self.posted),
-            requests_completed: g(&self.completed),
-            requests_failed: g(&self.completed_bad),
-            bytes_moved: g(&self.bytes),
-            notifications_sent: g(&self.notes_sent),
-            notifications_received: g(&self.notes_received),
+            transfers_started: self.started.get(),
+            transfers_done: self.done.get(),
+            transfers_failed: self.failed.get(),
+            requests_posted: self.posted.get(),
+            requests_completed: self.completed.get(),
+            requests_failed: self.completed_bad.get(),
+            bytes_moved: self.bytes.get(),
+            notifications_sent: self.notes_sent.get(),
+            notifications_received: self.notes_received.get(),
             ..AgentStats::default()
         }
     }
 
     pub(crate) fn count_notification_received(&self) {
-        self.notes_received.fetch_add(1, Ordering::Relaxed);
+        self.notes_received.inc();
     }
 
     /// Wake the progress thread, whether it naps or sleeps while waiters drive (a peer lost,
@@ -258,7 +258,7 @@ impl ProgressEngine {
 
     /// Take a new transfer and post what fits at once, from the caller's thread.
     pub(crate) fn submit(&self, s: &AgentInner, t: Arc<TransferState>) {
-        self.started.fetch_add(1, Ordering::Relaxed);
+        self.started.inc();
         let mut g = lock(&self.inner);
         let id = t.id;
         let n = t.chunks.len() as u32;
@@ -347,9 +347,9 @@ impl ProgressEngine {
             tracing::warn!(agent = %s.name, wr_id = wc.wr_id, "completion for no request of ours");
             return;
         }
-        self.completed.fetch_add(1, Ordering::Relaxed);
+        self.completed.inc();
         if wc.status != WcStatus::Success {
-            self.completed_bad.fetch_add(1, Ordering::Relaxed);
+            self.completed_bad.inc();
         }
         let chunk = &a.t.chunks[ci as usize];
         let lane = &a.t.lanes[usize::from(chunk.lane)];
@@ -455,9 +455,7 @@ impl ProgressEngine {
                     Err(e) => e.posted_prefix().min(wrs.len()),
                 };
                 lane.outstanding.fetch_add(taken as u32, Ordering::Relaxed);
-                s.nics[lane.nic]
-                    .posted
-                    .fetch_add(taken as u64, Ordering::Relaxed);
+                s.nics[lane.nic].posted.add(taken as u64);
                 s.nics[lane.nic]
                     .outstanding
                     .fetch_add(taken as u32, Ordering::Relaxed);
@@ -465,7 +463,7 @@ impl ProgressEngine {
                 if taken > 0 {
                     a.last = Instant::now();
                 }
-                self.posted.fetch_add(taken as u64, Ordering::Relaxed);
+                self.posted.add(taken as u64);
                 posted_any |= taken > 0;
                 if let Err(e) = r {
                     let source = match &e {
@@ -565,7 +563,7 @@ impl ProgressEngine {
                 a.t.finish(Status::Failed(e.clone()));
                 a.error = Some(e);
                 a.reported = true;
-                self.failed.fetch_add(1, Ordering::Relaxed);
+                self.failed.inc();
             }
             if a.outstanding == 0
                 && (a.error.is_some() || (a.pending.is_empty() && a.remote == Remote::Ready))
@@ -583,30 +581,30 @@ impl ProgressEngine {
             }
             match a.error {
                 Some(e) => {
-                    self.failed.fetch_add(1, Ordering::Relaxed);
+                    self.failed.inc();
                     a.t.finish(Status::Failed(e));
                 }
                 None => {
                     // A READ into staged memory: the bytes go to device memory now.
                     if let Err(e) = stage_in(&a.t) {
-                        self.failed.fetch_add(1, Ordering::Relaxed);
+                        self.failed.inc();
                         a.t.finish(Status::Failed(e));
                         continue;
                     }
                     let sent = match &a.t.notify {
                         Some(b) => a.t.peer.notify(tid, b.clone()).map(|()| {
-                            self.notes_sent.fetch_add(1, Ordering::Relaxed);
+                            self.notes_sent.inc();
                         }),
                         None => Ok(()),
                     };
                     match sent {
                         Ok(()) => {
-                            self.done.fetch_add(1, Ordering::Relaxed);
-                            self.bytes.fetch_add(a.t.bytes, Ordering::Relaxed);
+                            self.done.inc();
+                            self.bytes.add(a.t.bytes);
                             a.t.finish(Status::Done);
                         }
                         Err(e) => {
-                            self.failed.fetch_add(1, Ordering::Relaxed);
+                            self.failed.inc();
                             a.t.finish(Status::Failed(e));
                         }
                     }
@@ -623,7 +621,7 @@ impl ProgressEngine {
         g.queue.clear();
         for (_, a) in g.active.drain() {
             if !a.reported {
-                self.failed.fetch_add(1, Ordering::Relaxed);
+                self.failed.inc();
                 a.t.finish(Status::Failed(Error::PeerLost {
                     peer: a.t.peer.name.clone(),
                     why: format!("agent {agent} stopped with the transfer under way"),

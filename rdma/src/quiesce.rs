@@ -37,7 +37,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,8 @@ use dmaplane_core::{
     AddrList, AddrSpace, AttachError, Attachment, Importer, ImporterKind, Invalidation, SpaceKind,
 };
 use serde::Serialize;
+
+use dmaplane_core::counter::Counter;
 
 use crate::access::MrAccess;
 use crate::backend::{DeviceBackend, MrRequest};
@@ -179,14 +181,14 @@ pub struct QuiesceStats {
 
 #[derive(Debug, Default)]
 struct Counters {
-    invalidations: AtomicU64,
-    qps_stopped: AtomicU64,
-    qps_flushed: AtomicU64,
-    qps_drained: AtomicU64,
-    drains_timed_out: AtomicU64,
-    leases_revoked: AtomicU64,
-    lease_acks: AtomicU64,
-    holders_cut_off: AtomicU64,
+    invalidations: Counter,
+    qps_stopped: Counter,
+    qps_flushed: Counter,
+    qps_drained: Counter,
+    drains_timed_out: Counter,
+    leases_revoked: Counter,
+    lease_acks: Counter,
+    holders_cut_off: Counter,
 }
 
 /// A countdown: runs its finish once every registered condition is met. Starts with one token
@@ -262,10 +264,6 @@ impl std::fmt::Debug for Tracker {
     }
 }
 
-fn bump(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
-}
-
 impl Tracker {
     pub(crate) fn new(
         name: String,
@@ -309,16 +307,15 @@ impl Tracker {
 
     pub(crate) fn stats(&self) -> QuiesceStats {
         let c = &self.counters;
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         QuiesceStats {
-            invalidations: g(&c.invalidations),
-            qps_stopped: g(&c.qps_stopped),
-            qps_flushed: g(&c.qps_flushed),
-            qps_drained: g(&c.qps_drained),
-            drains_timed_out: g(&c.drains_timed_out),
-            leases_revoked: g(&c.leases_revoked),
-            lease_acks: g(&c.lease_acks),
-            holders_cut_off: g(&c.holders_cut_off),
+            invalidations: c.invalidations.get(),
+            qps_stopped: c.qps_stopped.get(),
+            qps_flushed: c.qps_flushed.get(),
+            qps_drained: c.qps_drained.get(),
+            drains_timed_out: c.drains_timed_out.get(),
+            leases_revoked: c.leases_revoked.get(),
+            lease_acks: c.lease_acks.get(),
+            holders_cut_off: c.holders_cut_off.get(),
         }
     }
 
@@ -486,7 +483,7 @@ impl Tracker {
 
     /// Step 1–4 for one MR (see the module docs).
     fn quiesce_mr(&self, mr: &Arc<MrShared>, inv: &Invalidation, opts: ImportOptions) {
-        bump(&self.counters.invalidations, 1);
+        self.counters.invalidations.add(1);
         if self.injected.is(Fault::EarlyFence) {
             inv.fence.signal();
         }
@@ -515,7 +512,7 @@ impl Tracker {
         // Step 2: leases.
         let holders = lock(&mr.holders).clone();
         if !holders.is_empty() {
-            bump(&self.counters.leases_revoked, holders.len() as u64);
+            self.counters.leases_revoked.add(holders.len() as u64);
             latch.add(holders.len());
             lock(&self.lease_waits).insert(
                 (rkey, inv.epoch),
@@ -542,7 +539,7 @@ impl Tracker {
                 };
                 if let Err(e) = h.link.send(msg) {
                     // It will never ack: cut off now rather than at the deadline.
-                    bump(&self.counters.holders_cut_off, 1);
+                    self.counters.holders_cut_off.add(1);
                     tracing::warn!(device = %self.name, peer = %h.link.peer(), error = %e, "lease revoke not delivered: holder cut off");
                     self.settle_lease(rkey, inv.epoch, h.gid);
                 }
@@ -587,12 +584,12 @@ impl Tracker {
         }
         let to = match policy {
             QuiescePolicy::Flush => {
-                bump(&self.counters.qps_flushed, 1);
+                self.counters.qps_flushed.add(1);
                 Some(QpState::Err)
             }
             QuiescePolicy::Boundary { .. } => None,
             QuiescePolicy::Drain { deadline } => {
-                bump(&self.counters.qps_drained, 1);
+                self.counters.qps_drained.add(1);
                 self.arm_drain_deadline(qp, t, deadline);
                 // Only a QP in RTS moves to SQD; one already in SQD or ERR is on its way.
                 (qp.backend.state() == QpState::Rts).then_some(QpState::Sqd)
@@ -643,7 +640,7 @@ impl Tracker {
             // flush is (ERR), not yet recovered: join it. Flushing here would cut the message
             // that stop lets finish, and the responder would refuse the next request after
             // recovery (remote invalid request).
-            bump(&self.counters.qps_stopped, 1);
+            self.counters.qps_stopped.add(1);
             tracing::debug!(device = %self.name, qpn = qp.qpn, %state, "boundary stop joins the one under way");
             self.watch_boundary(qp, latch.clone(), BOUNDARY_POLL_FIRST);
             t.recover_pending = true;
@@ -666,15 +663,15 @@ impl Tracker {
             tracing::debug!(device = %self.name, qpn = qp.qpn, error = %e, "stop at boundary");
         }
         if tells {
-            bump(&self.counters.qps_stopped, 1);
+            self.counters.qps_stopped.add(1);
         } else if r.is_ok() && qp.backend.sq_draining().is_some() {
             // The backend cannot call back but can be asked: watch the drain from the timer
             // thread (it counts `latch` done for the call back that was dropped).
-            bump(&self.counters.qps_stopped, 1);
+            self.counters.qps_stopped.add(1);
             self.watch_boundary(qp, latch.clone(), BOUNDARY_POLL_FIRST);
         } else {
             // Counted as what it is: a flush (a message under way may be cut, so say why).
-            bump(&self.counters.qps_flushed, 1);
+            self.counters.qps_flushed.add(1);
             tracing::warn!(
                 device = %self.name,
                 qpn = qp.qpn,
@@ -760,7 +757,7 @@ impl Tracker {
             }
             let state = qp.backend.state();
             if state == QpState::Sqd && tr.send.outstanding() > 0 {
-                bump(&t.counters.drains_timed_out, 1);
+                t.counters.drains_timed_out.add(1);
                 tracing::warn!(device = %t.name, qpn = qp.qpn, "drain deadline passed: flushing");
                 if let Err(e) = qp.backend.modify(&QpAttr::to(QpState::Err)) {
                     tracing::error!(qpn = qp.qpn, error = %e, "flush after drain failed");
@@ -848,7 +845,7 @@ impl Tracker {
                 rkey,
                 epoch,
             } => {
-                bump(&self.counters.lease_acks, 1);
+                self.counters.lease_acks.add(1);
                 self.settle_lease(rkey, epoch, holder);
             }
         }
@@ -879,7 +876,7 @@ impl Tracker {
             return;
         };
         for g in &lw.waiting {
-            bump(&self.counters.holders_cut_off, 1);
+            self.counters.holders_cut_off.add(1);
             tracing::warn!(device = %self.name, rkey, holder = ?g, "lease holder did not acknowledge: cut off");
             lw.latch.done_one();
         }

@@ -4,7 +4,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::counter::Counter;
 
 /// Why the fabric refused a DMA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -36,11 +36,11 @@ impl fmt::Display for FaultKind {
 
 #[derive(Debug, Default)]
 pub(crate) struct FaultCounters {
-    unmapped: AtomicU64,
-    out_of_bounds: AtomicU64,
-    no_grant: AtomicU64,
-    access_denied: AtomicU64,
-    revoked: AtomicU64,
+    unmapped: Counter,
+    out_of_bounds: Counter,
+    no_grant: Counter,
+    access_denied: Counter,
+    revoked: Counter,
 }
 
 impl FaultCounters {
@@ -52,17 +52,16 @@ impl FaultCounters {
             FaultKind::AccessDenied => &self.access_denied,
             FaultKind::Revoked => &self.revoked,
         };
-        c.fetch_add(1, Ordering::Relaxed);
+        c.inc();
     }
 
     pub(crate) fn snapshot(&self) -> Faults {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Faults {
-            unmapped: g(&self.unmapped),
-            out_of_bounds: g(&self.out_of_bounds),
-            no_grant: g(&self.no_grant),
-            access_denied: g(&self.access_denied),
-            revoked: g(&self.revoked),
+            unmapped: self.unmapped.get(),
+            out_of_bounds: self.out_of_bounds.get(),
+            no_grant: self.no_grant.get(),
+            access_denied: self.access_denied.get(),
+            revoked: self.revoked.get(),
         }
     }
 }
