@@ -13,7 +13,7 @@ use crate::backend::{CqBackend, QpBackend};
 use crate::error::{RdmaError, Result};
 use crate::qp::{QpAttr, QpCaps, QpState, RemoteQp, check_modify};
 use crate::wc::WcOpcode;
-use crate::wr::{Queue, RecvWr, SendOp, SendWr, Sge, check_post};
+use crate::wr::{Queue, RecvWr, SendOp, SendWr, SgList, Sge, check_post};
 
 use super::cq::VerbsCq;
 use super::device::DevInner;
@@ -333,14 +333,62 @@ impl VerbsQp {
     }
 
     /// Build the scatter/gather array of one request into `sges`; returns (offset, count).
-    fn push_sges(sges: &mut Vec<sys::ibv_sge>, list: &[Sge]) -> (usize, usize) {
-        let start = sges.len();
-        sges.extend(list.iter().map(|s| sys::ibv_sge {
-            addr: s.addr,
-            length: s.length,
-            lkey: s.lkey,
-        }));
-        (start, list.len())
+    /// The front of every post: the state and scatter-list checks, then every request's
+    /// scatter list packed into one array, with each request's (start, count) in it.
+    fn checked_sges<'w>(
+        &self,
+        queue: Queue,
+        max_sge: u32,
+        reqs: impl Iterator<Item = (u64, &'w SgList)> + Clone,
+    ) -> Result<PackedSges> {
+        check_post(
+            self.qpn,
+            lock(&self.meta).state,
+            queue,
+            max_sge,
+            reqs.clone(),
+        )?;
+        let mut sges = Vec::new();
+        let spans = reqs
+            .map(|(_, sg)| {
+                let list: &[Sge] = sg.as_slice();
+                let start = sges.len();
+                sges.extend(list.iter().map(|s| sys::ibv_sge {
+                    addr: s.addr,
+                    length: s.length,
+                    lkey: s.lkey,
+                }));
+                (start, list.len())
+            })
+            .collect();
+        Ok((sges, spans))
+    }
+
+    fn queue_full(&self, queue: Queue, depth: u32) -> RdmaError {
+        RdmaError::QueueFull {
+            qpn: self.qpn,
+            queue: queue.name(),
+            depth,
+        }
+    }
+
+    /// The back of every post: what the provider took, and its refusal of the rest, if any.
+    fn posted(
+        &self,
+        call: &'static str,
+        ret: i32,
+        posted: usize,
+        refused: Option<u64>,
+        n: usize,
+    ) -> (usize, Result<()>) {
+        if ret == 0 {
+            return (posted, Ok(()));
+        }
+        let errno = ffi::ret_errno(ret);
+        (
+            posted,
+            Err(self.post_error(call, errno, refused.unwrap_or(0), posted, n)),
+        )
     }
 
     fn post_error(
@@ -487,20 +535,14 @@ impl QpBackend for VerbsQp {
         if wrs.is_empty() {
             return (0, Ok(()));
         }
-        if let Err(e) = check_post(
-            self.qpn,
-            lock(&self.meta).state,
+        let (mut sges, spans) = match self.checked_sges(
             Queue::Send,
             self.caps.max_send_sge,
             wrs.iter().map(|w| (w.wr_id, &w.sg)),
         ) {
-            return (0, Err(e));
-        }
-        let mut sges = Vec::with_capacity(wrs.iter().map(|w| w.sg.as_slice().len()).sum());
-        let spans: Vec<(usize, usize)> = wrs
-            .iter()
-            .map(|w| Self::push_sges(&mut sges, w.sg.as_slice()))
-            .collect();
+            Ok(packed) => packed,
+            Err(e) => return (0, Err(e)),
+        };
         let sge_base = sges.as_mut_ptr();
         let mut raw: Vec<sys::ibv_send_wr> = Vec::with_capacity(wrs.len());
         for (w, &(start, count)) in wrs.iter().zip(&spans) {
@@ -538,16 +580,8 @@ impl QpBackend for VerbsQp {
         }
         let base = chain(&mut raw, |r, next| r.next = next);
         let mut track = lock(&self.track);
-        let outstanding = track.send.len();
-        if outstanding + wrs.len() > self.caps.max_send_wr as usize {
-            return (
-                0,
-                Err(RdmaError::QueueFull {
-                    qpn: self.qpn,
-                    queue: Queue::Send.name(),
-                    depth: self.caps.max_send_wr,
-                }),
-            );
+        if track.send.len() + wrs.len() > self.caps.max_send_wr as usize {
+            return (0, Err(self.queue_full(Queue::Send, self.caps.max_send_wr)));
         }
         let mut bad: *mut sys::ibv_send_wr = std::ptr::null_mut();
         // SAFETY: the QP is live; `raw` is a well-formed chain whose sg_list pointers point into
@@ -558,40 +592,22 @@ impl QpBackend for VerbsQp {
             .send
             .extend(wrs[..posted].iter().map(|w| (w.wr_id, wc_opcode(w.op))));
         drop(track);
-        if ret != 0 {
-            let wr_id = wrs.get(posted).map(|w| w.wr_id).unwrap_or(0);
-            return (
-                posted,
-                Err(self.post_error(
-                    "ibv_post_send",
-                    ffi::ret_errno(ret),
-                    wr_id,
-                    posted,
-                    wrs.len(),
-                )),
-            );
-        }
-        (posted, Ok(()))
+        let refused = wrs.get(posted).map(|w| w.wr_id);
+        self.posted("ibv_post_send", ret, posted, refused, wrs.len())
     }
 
     fn post_recv(&self, wrs: &[RecvWr]) -> (usize, Result<()>) {
         if wrs.is_empty() {
             return (0, Ok(()));
         }
-        if let Err(e) = check_post(
-            self.qpn,
-            lock(&self.meta).state,
+        let (mut sges, spans) = match self.checked_sges(
             Queue::Recv,
             self.caps.max_recv_sge,
             wrs.iter().map(|w| (w.wr_id, &w.sg)),
         ) {
-            return (0, Err(e));
-        }
-        let mut sges = Vec::with_capacity(wrs.iter().map(|w| w.sg.as_slice().len()).sum());
-        let spans: Vec<(usize, usize)> = wrs
-            .iter()
-            .map(|w| Self::push_sges(&mut sges, w.sg.as_slice()))
-            .collect();
+            Ok(packed) => packed,
+            Err(e) => return (0, Err(e)),
+        };
         let sge_base = sges.as_mut_ptr();
         let mut raw: Vec<sys::ibv_recv_wr> = wrs
             .iter()
@@ -610,14 +626,7 @@ impl QpBackend for VerbsQp {
         let base = chain(&mut raw, |r, next| r.next = next);
         let mut track = lock(&self.track);
         if track.recv.len() + wrs.len() > self.caps.max_recv_wr as usize {
-            return (
-                0,
-                Err(RdmaError::QueueFull {
-                    qpn: self.qpn,
-                    queue: Queue::Recv.name(),
-                    depth: self.caps.max_recv_wr,
-                }),
-            );
+            return (0, Err(self.queue_full(Queue::Recv, self.caps.max_recv_wr)));
         }
         let mut bad: *mut sys::ibv_recv_wr = std::ptr::null_mut();
         // SAFETY: the QP is live; `raw` is a well-formed chain into `sges`; both outlive the call.
@@ -625,22 +634,13 @@ impl QpBackend for VerbsQp {
         let posted = posted_before(ret, bad, base, wrs.len());
         track.recv.extend(wrs[..posted].iter().map(|w| w.wr_id));
         drop(track);
-        if ret != 0 {
-            let wr_id = wrs.get(posted).map(|w| w.wr_id).unwrap_or(0);
-            return (
-                posted,
-                Err(self.post_error(
-                    "ibv_post_recv",
-                    ffi::ret_errno(ret),
-                    wr_id,
-                    posted,
-                    wrs.len(),
-                )),
-            );
-        }
-        (posted, Ok(()))
+        let refused = wrs.get(posted).map(|w| w.wr_id);
+        self.posted("ibv_post_recv", ret, posted, refused, wrs.len())
     }
 }
+
+/// Every request's scatter-gather elements in one array, and each request's (start, count) in it.
+type PackedSges = (Vec<sys::ibv_sge>, Vec<(usize, usize)>);
 
 /// How many requests of a chain starting at `base` the provider took: all when `ret` is 0, else
 /// those before the one it reported in `bad` (none when it reported nothing).
