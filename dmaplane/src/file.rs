@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use dmaplane_storage::{DioAlign, DirectFile, FileId, OpenOptions};
 
 use crate::agent::AgentInner;
-use crate::desc::Desc;
 use crate::error::{Error, Result};
+use crate::handle::{Handle, Registration};
 use crate::sync::lock;
 
 /// What to register: a file, a range of it, and how to open it.
@@ -97,7 +97,7 @@ impl FileSpec {
 }
 
 /// One file registration: bytes `[base, base + len)` of a file, open on the agent's drive.
-pub(crate) struct FileEntry {
+pub struct FileEntry {
     pub(crate) id: u32,
     /// The canonical path (what the cache keys on).
     pub(crate) path: PathBuf,
@@ -163,41 +163,22 @@ impl FileEntry {
 /// A registered range of a file: what file descriptors name. Cheap to clone; the registration
 /// stays in the agent's cache after the last handle goes, until
 /// [`Agent::deregister_file`](crate::Agent::deregister_file).
-#[derive(Clone)]
-pub struct FileRegion {
-    pub(crate) entry: Arc<FileEntry>,
-    /// This handle's bytes within the registration.
-    pub(crate) offset: u64,
-    pub(crate) len: u64,
-}
+pub type FileRegion = Handle<FileEntry>;
 
-impl std::fmt::Debug for FileRegion {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FileRegion")
-            .field("id", &self.entry.id)
-            .field("path", &self.entry.path)
-            .field("offset", &(self.entry.base + self.offset))
-            .field("len", &self.len)
-            .finish()
+impl Registration for FileEntry {
+    const KIND: &'static str = "file region";
+    fn id(&self) -> u32 {
+        self.id
+    }
+    fn subject(&self) -> String {
+        self.path.display().to_string()
+    }
+    fn base(&self) -> u64 {
+        self.base
     }
 }
 
-impl FileRegion {
-    /// The registration's id, in the same space as memory registrations'.
-    pub fn id(&self) -> u32 {
-        self.entry.id
-    }
-
-    /// Bytes this handle covers.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// Whether it covers no bytes (never true: registration refuses empty ranges).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
+impl Handle<FileEntry> {
     /// The file (its canonical path).
     pub fn path(&self) -> &Path {
         &self.entry.path
@@ -222,31 +203,6 @@ impl FileRegion {
     /// What `O_DIRECT` needs of requests on it.
     pub fn align(&self) -> DioAlign {
         self.entry.direct.align()
-    }
-
-    /// A descriptor of `len` bytes at `offset` into this handle.
-    pub fn desc(&self, offset: u64, len: u64) -> Result<Desc> {
-        Desc::within(
-            self.entry.id,
-            (self.offset, self.len),
-            (offset, len),
-            || {
-                format!(
-                    "file region {} ({})",
-                    self.entry.id,
-                    self.entry.path.display()
-                )
-            },
-        )
-    }
-
-    /// The whole handle as one descriptor.
-    pub fn all(&self) -> Desc {
-        Desc {
-            region: self.entry.id,
-            offset: self.offset,
-            len: self.len,
-        }
     }
 }
 

@@ -8,8 +8,8 @@ use dmaplane_gpu::DmaClient;
 use dmaplane_rdma::{ImportOptions, Mr, MrAccess};
 
 use crate::agent::{AgentInner, AgentNic};
-use crate::desc::Desc;
 use crate::error::{Error, Result};
+use crate::handle::{Handle, Registration};
 use crate::memory::{Backing, Memory};
 use crate::stage::{Stage, staging};
 
@@ -83,7 +83,7 @@ impl NicPath {
 }
 
 /// One registration: bytes `[base, base + len)` of a memory, on every NIC that reaches it.
-pub(crate) struct MemoryEntry {
+pub struct MemoryEntry {
     pub(crate) id: u32,
     pub(crate) memory: Memory,
     pub(crate) base: u64,
@@ -349,41 +349,22 @@ fn register_on(
 /// A registered range of a [`Memory`]: what descriptors name. Cheap to clone; the registration
 /// stays in the agent's cache after the last handle goes (until its memory is freed), so
 /// registering the same range again, or any range inside it, costs a lookup.
-#[derive(Clone)]
-pub struct Region {
-    pub(crate) entry: Arc<MemoryEntry>,
-    /// This handle's bytes within the entry.
-    pub(crate) offset: u64,
-    pub(crate) len: u64,
-}
+pub type Region = Handle<MemoryEntry>;
 
-impl std::fmt::Debug for Region {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Region")
-            .field("id", &self.entry.id)
-            .field("memory", &self.entry.memory.name())
-            .field("offset", &self.offset)
-            .field("len", &self.len)
-            .finish()
+impl Registration for MemoryEntry {
+    const KIND: &'static str = "region";
+    fn id(&self) -> u32 {
+        self.id
+    }
+    fn subject(&self) -> String {
+        self.memory.name().to_string()
+    }
+    fn base(&self) -> u64 {
+        0
     }
 }
 
-impl Region {
-    /// The registration's id: what the peer's descriptors name (see [`crate::Metadata`]).
-    pub fn id(&self) -> u32 {
-        self.entry.id
-    }
-
-    /// Bytes this handle covers (the range asked for, not the page-rounded registration).
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// Whether the handle covers no bytes (never true: registration refuses empty ranges).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
+impl Handle<MemoryEntry> {
     /// The memory it registers.
     pub fn memory(&self) -> &Memory {
         &self.entry.memory
@@ -392,29 +373,5 @@ impl Region {
     /// How each NIC of the agent reaches it.
     pub fn paths(&self) -> &[NicPath] {
         &self.entry.paths
-    }
-
-    /// A descriptor of `len` bytes at `offset` into this region.
-    pub fn desc(&self, offset: u64, len: u64) -> Result<Desc> {
-        Desc::within(
-            self.entry.id,
-            (self.entry_offset(), self.len),
-            (offset, len),
-            || format!("region {} ({})", self.entry.id, self.entry.memory.name()),
-        )
-    }
-
-    /// The whole region as one descriptor.
-    pub fn all(&self) -> Desc {
-        Desc {
-            region: self.entry.id,
-            offset: self.entry_offset(),
-            len: self.len,
-        }
-    }
-
-    /// Where this handle starts within the registration.
-    fn entry_offset(&self) -> u64 {
-        self.offset
     }
 }

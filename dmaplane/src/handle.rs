@@ -1,0 +1,112 @@
+//! The handle onto a registration, memory ([`crate::Region`]) or file ([`crate::FileRegion`]):
+//! bytes `[offset, offset + len)` of one registration, what descriptors name. Cheap to clone;
+//! the registration stays in the agent's cache after the last handle goes.
+
+use std::sync::Arc;
+
+use crate::desc::Desc;
+use crate::error::Result;
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// What a [`Handle`] can be onto: a memory registration ([`MemoryEntry`](crate::MemoryEntry))
+/// or a file registration ([`FileEntry`](crate::FileEntry)). Sealed: the agent makes them.
+pub trait Registration: sealed::Sealed {
+    /// The handle's name in `Debug` output and messages.
+    const KIND: &'static str;
+    /// The registration's id: what descriptors name, one space for memory and files.
+    fn id(&self) -> u32;
+    /// What it registers, for messages and `Debug`: the memory's name, the file's path.
+    fn subject(&self) -> String;
+    /// Where in what it registers the registration starts (0 for memory, the file offset for
+    /// files), for `Debug`.
+    fn base(&self) -> u64;
+}
+
+impl sealed::Sealed for crate::region::MemoryEntry {}
+impl sealed::Sealed for crate::file::FileEntry {}
+
+/// A registered range: `len` bytes at `offset` into registration `R`.
+pub struct Handle<R: Registration> {
+    pub(crate) entry: Arc<R>,
+    /// This handle's bytes within the registration.
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
+}
+
+impl<R: Registration> Clone for Handle<R> {
+    fn clone(&self) -> Self {
+        Handle {
+            entry: self.entry.clone(),
+            offset: self.offset,
+            len: self.len,
+        }
+    }
+}
+
+impl<R: Registration> std::fmt::Debug for Handle<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct(R::KIND)
+            .field("id", &self.entry.id())
+            .field("of", &self.entry.subject())
+            .field("offset", &(self.entry.base() + self.offset))
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl<R: Registration> Handle<R> {
+    /// The registration's id: what the peer's descriptors name (see [`crate::Metadata`]).
+    pub fn id(&self) -> u32 {
+        self.entry.id()
+    }
+
+    /// Bytes this handle covers (the range asked for, not a page-rounded registration).
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the handle covers no bytes (never true: registration refuses empty ranges).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// A descriptor of `len` bytes at `offset` into this handle; refused, naming the handle,
+    /// when it runs past the handle or is empty.
+    pub fn desc(&self, offset: u64, len: u64) -> Result<Desc> {
+        Desc::within(
+            self.entry.id(),
+            (self.offset, self.len),
+            (offset, len),
+            || format!("{} {} ({})", R::KIND, self.entry.id(), self.entry.subject()),
+        )
+    }
+
+    /// The whole handle as one descriptor.
+    pub fn all(&self) -> Desc {
+        Desc {
+            region: self.entry.id(),
+            offset: self.offset,
+            len: self.len,
+        }
+    }
+}
+
+/// A registration in `Debug` output: its kind, id and what it registers.
+fn debug_entry<R: Registration>(r: &R, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    write!(f, "{} {} ({})", R::KIND, r.id(), r.subject())
+}
+
+impl std::fmt::Debug for crate::region::MemoryEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        debug_entry(self, f)
+    }
+}
+
+impl std::fmt::Debug for crate::file::FileEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        debug_entry(self, f)
+    }
+}
