@@ -17,6 +17,7 @@ pub mod fabric;
 pub mod fence;
 pub mod gate;
 pub mod hints;
+pub mod invalid;
 pub mod negotiate;
 pub mod pattern;
 pub mod pgsz;
@@ -30,6 +31,7 @@ pub use addr::{AddrList, AddrListError, AddrSpace, DmaBufId, DmaRange, SpaceKind
 pub use fence::{Fence, FenceObserver};
 pub use gate::{Gate, Pass};
 pub use hints::{Access, Caching, Confidentiality, Hints, MemKind, Route, Snoop};
+pub use invalid::Invalid;
 pub use negotiate::{Accept, Negotiated, Offer, negotiate};
 pub use pgsz::{PageSize, best_page_size};
 pub use revoke::{

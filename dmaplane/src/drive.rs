@@ -33,7 +33,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use dmaplane_core::Route;
+use dmaplane_core::{Invalid, Route};
 use dmaplane_gpu::DmaClient;
 use dmaplane_storage::sim::SimNvme;
 use dmaplane_storage::{BufId, Completion, DirectFile, FileId, Ring, StorageError};
@@ -606,11 +606,13 @@ impl Drive {
             }),
             (DriveBackend::Kernel, Some(ring)) => {
                 self.pump_with(st, &mut |write, at, buf, len, ud| {
-                    let len = u32::try_from(len).map_err(|_| StorageError::Invalid {
-                        what: "io_uring".into(),
-                        field: "len",
-                        value: len.to_string(),
-                        why: "at most 4 GiB - 1".into(),
+                    let len = u32::try_from(len).map_err(|_| {
+                        StorageError::Invalid(Invalid::new(
+                            "io_uring",
+                            "len",
+                            len,
+                            "at most 4 GiB - 1",
+                        ))
                     })?;
                     if write {
                         ring.write(at, buf, len, ud)

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use dmaplane_core::Invalid;
 use dmaplane_gpu::GpuError;
 use dmaplane_rdma::RdmaError;
 
@@ -28,18 +29,9 @@ impl std::fmt::Display for Side {
 /// field concerned.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
-    /// A caller-supplied value is wrong.
-    #[error("{what}: `{field}` = {value}: {why}")]
-    Invalid {
-        /// What the value was for (e.g. `agent a`, `transfer to b`).
-        what: String,
-        /// The parameter or field that holds it.
-        field: &'static str,
-        /// The value given, as text.
-        value: String,
-        /// What is wrong with it, or what is accepted.
-        why: String,
-    },
+    /// A caller-supplied value is wrong: what it was for, the field, the value and why.
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
     /// The memory a transfer touches was revoked, freed or moved: nothing was lost (every
     /// request completed once) and nothing touched it after the exporter's ack.
     #[error("{side} region {region} (\"{name}\") was revoked at epoch {epoch}: {why}")]
@@ -154,17 +146,7 @@ impl From<dmaplane_storage::StorageError> for Error {
     fn from(e: dmaplane_storage::StorageError) -> Error {
         use dmaplane_storage::StorageError as S;
         match e {
-            S::Invalid {
-                what,
-                field,
-                value,
-                why,
-            } => Error::Invalid {
-                what,
-                field,
-                value,
-                why,
-            },
+            S::Invalid(i) => Error::Invalid(i),
             S::Io {
                 op,
                 path,
@@ -193,12 +175,7 @@ impl Error {
         value: impl std::fmt::Display,
         why: impl Into<String>,
     ) -> Error {
-        Error::Invalid {
-            what: what.into(),
-            field,
-            value: value.to_string(),
-            why: why.into(),
-        }
+        Error::Invalid(Invalid::new(what, field, value, why))
     }
 
     pub(crate) fn setup(agent: &str, why: impl Into<String>) -> Error {

@@ -60,6 +60,7 @@ pub use desc::Desc;
 /// Faults [`AgentBuilder::inject`] can break the protocol with, on purpose (stress runs).
 pub use dmaplane_rdma::Fault;
 pub use drive::FileTransfer;
+pub use dmaplane_core::Invalid;
 pub use error::{Error, Result, Side};
 pub use event::Event;
 pub use file::{FileEntry, FileRegion, FileSpec, StoragePath};

@@ -613,7 +613,7 @@ fn deregistering_under_a_transfer_is_a_typed_error_and_the_memory_lives_on() {
     }
     let e = a.write(&peer, &[ra.all()], &[remote], None).unwrap_err();
     assert!(
-        matches!(e, Error::Invalid { .. } | Error::Revoked { .. }),
+        matches!(e, Error::Invalid(_) | Error::Revoked { .. }),
         "{e}"
     );
 
@@ -938,7 +938,7 @@ fn a_holder_that_writes_after_its_ack_is_refused_at_the_zapped_region() {
         let start = Instant::now();
         match a.write(&peer, &[ra.desc(0, 1 << 20).unwrap()], &[remote], None) {
             Ok(t) => t.wait(T).unwrap(),
-            Err(Error::Invalid { why, .. }) if lying && why.contains("broken") => {}
+            Err(Error::Invalid(i)) if lying && i.why.contains("broken") => {}
             Err(e) => panic!("lying = {lying}: {e}"),
         }
         assert!(

@@ -62,11 +62,11 @@ impl Gpu {
     /// attachment maps it (through BAR1 where the backend has one).
     pub fn alloc(&self, name: &str, size: u64) -> Result<DeviceMemory> {
         if size == 0 {
-            return Err(GpuError::Invalid {
-                field: "size",
-                value: "0".into(),
-                why: "an allocation needs at least one byte".into(),
-            });
+            return Err(GpuError::invalid(
+                "size",
+                "0",
+                "an allocation needs at least one byte",
+            ));
         }
         Ok(DeviceMemory {
             backend: self.backend.alloc(name, size)?,
@@ -126,14 +126,14 @@ impl Gpu {
         match loc {
             Loc::Mem(m, off) => {
                 if m.gpu != self.name {
-                    return Err(GpuError::Invalid {
-                        field: "loc",
-                        value: format!("{} on {}", m.name(), m.gpu),
-                        why: format!(
+                    return Err(GpuError::invalid(
+                        "loc",
+                        format!("{} on {}", m.name(), m.gpu),
+                        format!(
                             "{} copies its own memory; import the other GPU's allocation first",
                             self.name
                         ),
-                    });
+                    ));
                 }
                 check_bounds(m.name(), off, len, m.len())?;
                 Ok(Resolved {
@@ -156,11 +156,7 @@ impl Gpu {
                     .mapping
                     .list
                     .slice(off, len)
-                    .map_err(|e| GpuError::Invalid {
-                        field: "offset",
-                        value: off.to_string(),
-                        why: e.to_string(),
-                    })?;
+                    .map_err(|e| GpuError::invalid("offset", off.to_string(), e.to_string()))?;
                 let pieces = ranges
                     .iter()
                     .map(|r| (st.reg.translate(r.addr), r.len))
@@ -176,11 +172,11 @@ impl Gpu {
 
 fn check_bounds(what: &str, off: u64, len: u64, size: u64) -> Result<()> {
     if off.checked_add(len).is_none_or(|e| e > size) {
-        return Err(GpuError::Invalid {
-            field: "offset",
-            value: format!("{off:#x}+{len:#x}"),
-            why: format!("past the end of {what} ({size:#x} bytes)"),
-        });
+        return Err(GpuError::invalid(
+            "offset",
+            format!("{off:#x}+{len:#x}"),
+            format!("past the end of {what} ({size:#x} bytes)"),
+        ));
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Errors of every GPU backend: each names the device, the field or the allocation concerned.
 
-use dmaplane_core::AttachError;
 use dmaplane_core::fabric::DmaFault;
+use dmaplane_core::{AttachError, Invalid};
 
 pub type Result<T, E = GpuError> = std::result::Result<T, E>;
 
@@ -20,12 +20,8 @@ pub enum GpuError {
     #[error("no GPU {what}: {why}")]
     NoDevice { what: String, why: String },
     /// A caller-supplied value out of range.
-    #[error("{field} = {value}: {why}")]
-    Invalid {
-        field: &'static str,
-        value: String,
-        why: String,
-    },
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
     #[error("{gpu}: out of device memory allocating {requested} bytes ({used} of {total} in use)")]
     OutOfMemory {
         gpu: String,
@@ -80,4 +76,15 @@ pub enum GpuError {
         backend: String,
         why: String,
     },
+}
+
+impl GpuError {
+    /// A refused value: the field, the value and why (the GPU or allocation is named in `why`).
+    pub(crate) fn invalid(
+        field: &'static str,
+        value: impl std::fmt::Display,
+        why: impl Into<String>,
+    ) -> GpuError {
+        GpuError::Invalid(Invalid::new("", field, value, why))
+    }
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use dmaplane_core::Invalid;
 use dmaplane_core::fabric::{DeviceId, Memory};
 use dmaplane_core::{
     Accept, Access, AddrList, AddrSpace, AttachError, Attachment, DmaBufId, DmaRange, Export,
@@ -407,10 +408,10 @@ fn gpu_alloc_write_read_round_trip() {
     assert!(
         matches!(
             e,
-            GpuError::Invalid {
+            GpuError::Invalid(Invalid {
                 field: "offset",
                 ..
-            }
+            })
         ),
         "{e}"
     );
@@ -418,10 +419,10 @@ fn gpu_alloc_write_read_round_trip() {
     assert!(
         matches!(
             e,
-            GpuError::Invalid {
+            GpuError::Invalid(Invalid {
                 field: "offset",
                 ..
-            }
+            })
         ),
         "{e}"
     );
@@ -487,10 +488,10 @@ fn gpu_host_registration_and_copies_check_every_byte() {
     assert!(
         matches!(
             e,
-            GpuError::Invalid {
+            GpuError::Invalid(Invalid {
                 field: "offset",
                 ..
-            }
+            })
         ),
         "{e}"
     );
@@ -593,12 +594,16 @@ fn gpu_device_to_device_copy() {
         .copy(Loc::Mem(&a, 0), Loc::Mem(&a, 4096), 8192)
         .unwrap_err();
     assert!(
-        matches!(e, GpuError::Invalid { field: "dst", .. }) && e.to_string().contains("overlaps"),
+        matches!(e, GpuError::Invalid(Invalid { field: "dst", .. }))
+            && e.to_string().contains("overlaps"),
         "{e}"
     );
     // The raw copy engine refuses addresses outside live allocations and registrations.
     let e = gpu.backend().copy(0x1000, 0x2000, 16).unwrap_err();
-    assert!(matches!(e, GpuError::Invalid { field: "src", .. }), "{e}");
+    assert!(
+        matches!(e, GpuError::Invalid(Invalid { field: "src", .. })),
+        "{e}"
+    );
     a.free(SECOND).unwrap();
     b.free(SECOND).unwrap();
 }
@@ -615,7 +620,9 @@ fn gpu_registration_takes_process_va_only() {
     .unwrap();
     let e = gpu.backend().register("phys", &list).unwrap_err();
     match &e {
-        GpuError::Invalid { field, value, why } => {
+        GpuError::Invalid(Invalid {
+            field, value, why, ..
+        }) => {
             assert_eq!(*field, "list.space");
             assert_eq!(value, "cpu-phys");
             assert!(why.contains("process-va"), "{why}");
@@ -804,10 +811,10 @@ fn gpu_release_is_refused_before_revoke_and_a_leak_is_sticky() {
     assert!(
         matches!(
             e,
-            GpuError::Invalid {
+            GpuError::Invalid(Invalid {
                 field: "report",
                 ..
-            }
+            })
         ),
         "{e}"
     );
@@ -844,7 +851,7 @@ fn gpu_absurd_allocations_are_clean_errors_naming_the_size() {
             matches!(
                 e,
                 GpuError::OutOfMemory { .. }
-                    | GpuError::Invalid { field: "size", .. }
+                    | GpuError::Invalid(Invalid { field: "size", .. })
                     | GpuError::Cuda { .. }
             ),
             "{e:?}"
@@ -853,7 +860,7 @@ fn gpu_absurd_allocations_are_clean_errors_naming_the_size() {
     // Zero is refused by the safe API before the backend.
     assert!(matches!(
         gpu.alloc("empty", 0),
-        Err(GpuError::Invalid { field: "size", .. })
+        Err(GpuError::Invalid(Invalid { field: "size", .. }))
     ));
     // And the device still allocates.
     gpu.alloc("fine", 4096).unwrap().free(SECOND).unwrap();
@@ -868,7 +875,13 @@ fn gpu_host_copy_bandwidth_is_positive() {
     assert!(h2d.is_finite() && h2d > 1e6, "{h2d}");
     assert!(d2h.is_finite() && d2h > 1e6, "{d2h}");
     let e = cuda::host_copy_bandwidth(&gpu, 0, 4).unwrap_err();
-    assert!(matches!(e, GpuError::Invalid { field: "bytes", .. }), "{e}");
+    assert!(
+        matches!(e, GpuError::Invalid(Invalid { field: "bytes", .. })),
+        "{e}"
+    );
     let e = cuda::host_copy_bandwidth(&gpu, 4096, 0).unwrap_err();
-    assert!(matches!(e, GpuError::Invalid { field: "iters", .. }), "{e}");
+    assert!(
+        matches!(e, GpuError::Invalid(Invalid { field: "iters", .. })),
+        "{e}"
+    );
 }

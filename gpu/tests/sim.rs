@@ -166,7 +166,7 @@ fn out_of_device_memory_is_an_error_naming_the_numbers() {
         g.alloc("zero", 0)
             .unwrap_err()
             .to_string()
-            .contains("size = 0")
+            .contains("`size` = 0")
     );
 }
 

@@ -2,16 +2,13 @@
 
 use std::path::Path;
 
+use dmaplane_core::Invalid;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     /// Bad input: names what, the field, its value and why.
-    #[error("{what}: `{field}` = {value}: {why}")]
-    Invalid {
-        what: String,
-        field: &'static str,
-        value: String,
-        why: String,
-    },
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
     /// The file system does not take `O_DIRECT` for this file.
     #[error(
         "{path}: its file system does not support O_DIRECT ({why}); open it with \
@@ -73,12 +70,7 @@ impl StorageError {
         value: impl std::fmt::Display,
         why: impl Into<String>,
     ) -> StorageError {
-        StorageError::Invalid {
-            what: what.into(),
-            field,
-            value: value.to_string(),
-            why: why.into(),
-        }
+        StorageError::Invalid(Invalid::new(what, field, value, why))
     }
 
     pub(crate) fn os(op: &'static str, what: impl Into<String>, e: std::io::Error) -> StorageError {

@@ -563,7 +563,7 @@ mod imp {
                             .push(format!("slot {slot}: starting a WRITE: {e}"));
                         // Every queue pair broken (a protocol violation was refused): nothing
                         // more can be sent; wait for the owner to end the run.
-                        if matches!(&e, AgentError::Invalid { why, .. } if why.contains("broken")) {
+                        if matches!(&e, AgentError::Invalid(i) if i.why.contains("broken")) {
                             r.notes.push(format!("traffic stopped: {e}"));
                             while peer.lost().is_none() {
                                 std::thread::sleep(Duration::from_millis(10));

@@ -82,13 +82,15 @@ impl CudaAlloc {
         let span = size
             .checked_next_multiple_of(GPU_PAGE)
             .filter(|s| *s <= isize::MAX as u64 - GPU_PAGE)
-            .ok_or_else(|| GpuError::Invalid {
-                field: "size",
-                value: size.to_string(),
-                why: format!(
-                    "{name} would not fit this machine's address space once padded to whole \
+            .ok_or_else(|| {
+                GpuError::invalid(
+                    "size",
+                    size.to_string(),
+                    format!(
+                        "{name} would not fit this machine's address space once padded to whole \
                      64 KiB GPU pages"
-                ),
+                    ),
+                )
             })?;
         let bound = gpu.ctx.bind()?;
         let (base, dptr) = alloc_aligned(&gpu, name, size, span)?;
@@ -105,11 +107,11 @@ impl CudaAlloc {
             // Unreachable in practice: the driver returned a range that wraps.
             // SAFETY: `base` was just returned by cuMemAlloc and nothing else holds it.
             let _ = unsafe { result::free_sync(base) };
-            return Err(GpuError::Invalid {
-                field: "size",
-                value: size.to_string(),
-                why: format!("{name} at {dptr:#x} wraps around the address space"),
-            });
+            return Err(GpuError::invalid(
+                "size",
+                size.to_string(),
+                format!("{name} at {dptr:#x} wraps around the address space"),
+            ));
         };
         drop(bound);
         tracing::debug!(gpu = %gpu.label(), alloc = name, size, span, dptr = format_args!("{dptr:#x}"), "allocated");
@@ -231,11 +233,11 @@ impl CudaAlloc {
     fn check(&self, offset: u64, len: usize) -> Result<u64> {
         match offset.checked_add(len as u64) {
             Some(end) if end <= self.len => Ok(self.dptr + offset),
-            _ => Err(GpuError::Invalid {
-                field: "offset",
-                value: format!("{offset:#x}+{len:#x}"),
-                why: format!("past the end of {} ({:#x} bytes)", self.name, self.len),
-            }),
+            _ => Err(GpuError::invalid(
+                "offset",
+                format!("{offset:#x}+{len:#x}"),
+                format!("past the end of {} ({:#x} bytes)", self.name, self.len),
+            )),
         }
     }
 }
@@ -392,14 +394,14 @@ impl AllocBackend for CudaAlloc {
             Phase::Live => {}
         }
         if !self.export.is_revoked() {
-            return Err(GpuError::Invalid {
-                field: "report",
-                value: report.to_string(),
-                why: format!(
+            return Err(GpuError::invalid(
+                "report",
+                report.to_string(),
+                format!(
                     "{} is not revoked: release is the second half of free, after the revoke",
                     self.name
                 ),
-            });
+            ));
         }
         // No copy may start on the allocation from here on (and none is under way once this
         // returns).

@@ -16,18 +16,15 @@ use crate::error::{GpuError, Result};
 /// copy engine's own path (`cuMemcpy`, then a wait for it to finish).
 pub fn host_copy_bandwidth(gpu: &CudaGpu, bytes: u64, iters: u32) -> Result<(f64, f64)> {
     if bytes == 0 || iters == 0 {
-        return Err(GpuError::Invalid {
-            field: if bytes == 0 { "bytes" } else { "iters" },
-            value: "0".into(),
-            why: "a bandwidth needs at least one byte copied at least once".into(),
-        });
+        return Err(GpuError::invalid(
+            if bytes == 0 { "bytes" } else { "iters" },
+            "0",
+            "a bandwidth needs at least one byte copied at least once",
+        ));
     }
     // Declared first so that it is unmapped last, after the registration is gone.
-    let host = Memory::memfd("cuda-bandwidth", bytes).map_err(|e| GpuError::Invalid {
-        field: "bytes",
-        value: bytes.to_string(),
-        why: format!("host buffer: {e}"),
-    })?;
+    let host = Memory::memfd("cuda-bandwidth", bytes)
+        .map_err(|e| GpuError::invalid("bytes", bytes.to_string(), format!("host buffer: {e}")))?;
     host.fill(0xa5);
     let va = host.process_va();
     let list = AddrList::single(
@@ -36,11 +33,7 @@ pub fn host_copy_bandwidth(gpu: &CudaGpu, bytes: u64, iters: u32) -> Result<(f64
         super::granule(va, bytes),
         DmaRange::new(va, bytes),
     )
-    .map_err(|e| GpuError::Invalid {
-        field: "bytes",
-        value: bytes.to_string(),
-        why: e.to_string(),
-    })?;
+    .map_err(|e| GpuError::invalid("bytes", bytes.to_string(), e.to_string()))?;
     let reg = gpu.register("bandwidth host buffer", &list)?;
     let dev = gpu.alloc("bandwidth device buffer", bytes)?;
     let (h, d) = (reg.translate(va), dev.copy_addr());

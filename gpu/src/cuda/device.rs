@@ -187,10 +187,8 @@ fn count() -> Result<u32> {
 }
 
 fn device(ordinal: u32) -> Result<sys::CUdevice> {
-    let raw = i32::try_from(ordinal).map_err(|_| GpuError::Invalid {
-        field: "ordinal",
-        value: ordinal.to_string(),
-        why: "CUDA ordinals are C ints".into(),
+    let raw = i32::try_from(ordinal).map_err(|_| {
+        GpuError::invalid("ordinal", ordinal.to_string(), "CUDA ordinals are C ints")
     })?;
     result::device::get(raw).map_err(|e| GpuError::NoDevice {
         what: label(ordinal),
@@ -384,31 +382,29 @@ impl GpuBackend for CudaGpu {
         let admitted = s.ranges.read();
         for (field, addr) in [("src", src), ("dst", dst)] {
             if !admitted.contains(addr, len) {
-                return Err(GpuError::Invalid {
+                return Err(GpuError::invalid(
                     field,
-                    value: format!("{addr:#x}+{len:#x}"),
-                    why: format!(
+                    format!("{addr:#x}+{len:#x}"),
+                    format!(
                         "not inside one live allocation or registered host range of {}",
                         s.label()
                     ),
-                });
+                ));
             }
         }
         if src < dst.saturating_add(len) && dst < src.saturating_add(len) {
-            return Err(GpuError::Invalid {
-                field: "dst",
-                value: format!("{dst:#x}+{len:#x}"),
-                why: format!(
-                    "overlaps the source {src:#x}+{len:#x}; cuMemcpy leaves that undefined"
-                ),
-            });
+            return Err(GpuError::invalid(
+                "dst",
+                format!("{dst:#x}+{len:#x}"),
+                format!("overlaps the source {src:#x}+{len:#x}; cuMemcpy leaves that undefined"),
+            ));
         }
         if usize::try_from(len).is_err() {
-            return Err(GpuError::Invalid {
-                field: "len",
-                value: len.to_string(),
-                why: "larger than this machine's address space".into(),
-            });
+            return Err(GpuError::invalid(
+                "len",
+                len.to_string(),
+                "larger than this machine's address space",
+            ));
         }
         let _bound = s.ctx.bind()?;
         // One call per piece that stays inside one host registration on each side.

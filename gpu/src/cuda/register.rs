@@ -148,17 +148,17 @@ impl HostRegistration {
         list: &AddrList,
     ) -> Result<HostRegistration> {
         if list.space() != AddrSpace::ProcessVa {
-            return Err(GpuError::Invalid {
-                field: "list.space",
-                value: list.space().to_string(),
-                why: format!(
+            return Err(GpuError::invalid(
+                "list.space",
+                list.space().to_string(),
+                format!(
                     "the copy engine of {} takes this process's virtual addresses (process-va: \
                      host memory or a peer's MMIO mapping, registered with cuMemHostRegister); \
                      {name} is in {}",
                     gpu.label(),
                     list.space()
                 ),
-            });
+            ));
         }
         let mmio = list.hints().mem == MemKind::Mmio;
         let mut flags = sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_DEVICEMAP;
@@ -168,11 +168,11 @@ impl HostRegistration {
         let page = host_page_size();
         let wanted =
             page_spans(list.ranges().iter().map(|r| (r.addr, r.len)), page).ok_or_else(|| {
-                GpuError::Invalid {
-                    field: "list",
-                    value: format!("{} ranges", list.len()),
-                    why: format!("{name}: a range ends past the top of the address space"),
-                }
+                GpuError::invalid(
+                    "list",
+                    format!("{} ranges", list.len()),
+                    format!("{name}: a range ends past the top of the address space"),
+                )
             })?;
         let mut reg = HostRegistration {
             gpu,
@@ -219,10 +219,12 @@ impl HostRegistration {
     /// the first count on it. On error the caller drops `self`, giving back what it took.
     fn register_gap(&mut self, table: &mut Table, start: u64, len: u64, flags: u32) -> Result<()> {
         let mmio = flags & sys::CU_MEMHOSTREGISTER_IOMEMORY != 0;
-        let bytes = usize::try_from(len).map_err(|_| GpuError::Invalid {
-            field: "list",
-            value: format!("{start:#x}+{len:#x}"),
-            why: "larger than this machine's address space".into(),
+        let bytes = usize::try_from(len).map_err(|_| {
+            GpuError::invalid(
+                "list",
+                format!("{start:#x}+{len:#x}"),
+                "larger than this machine's address space",
+            )
         })?;
         let owner = match driver::host_register(start, bytes, flags) {
             Ok(()) => Some(self.gpu.clone()),

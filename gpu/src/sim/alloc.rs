@@ -27,12 +27,8 @@ pub(super) struct SimAlloc {
 
 impl SimAlloc {
     pub(super) fn new(gpu: Arc<SimGpuInner>, id: u64, name: &str, len: u64) -> Result<SimAlloc> {
-        let bar =
-            DeviceBar::new(&gpu.fabric, gpu.dev, name, len).map_err(|e| GpuError::Invalid {
-                field: "size",
-                value: len.to_string(),
-                why: e.to_string(),
-            })?;
+        let bar = DeviceBar::new(&gpu.fabric, gpu.dev, name, len)
+            .map_err(|e| GpuError::invalid("size", len.to_string(), e.to_string()))?;
         // Device memory is resident from the allocation on: fault the pages in now, not under
         // the first DMA.
         bar.window().memory().fill(0);

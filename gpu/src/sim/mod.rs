@@ -114,11 +114,11 @@ impl SimGpu {
             why: e.to_string(),
         })?;
         if bar1 == 0 || memory == 0 {
-            return Err(GpuError::Invalid {
-                field: if memory == 0 { "memory" } else { "bar1" },
-                value: "0".into(),
-                why: "a GPU needs device memory and a BAR1 aperture".into(),
-            });
+            return Err(GpuError::invalid(
+                if memory == 0 { "memory" } else { "bar1" },
+                "0",
+                "a GPU needs device memory and a BAR1 aperture",
+            ));
         }
         Ok(SimGpu {
             shared: Arc::new(SimGpuInner {
@@ -209,15 +209,15 @@ impl GpuBackend for SimGpu {
             AddrSpace::CpuPhys | AddrSpace::Iova { .. } => 0,
             AddrSpace::PciBus { bus_offset, .. } => bus_offset,
             other => {
-                return Err(GpuError::Invalid {
-                    field: "list.space",
-                    value: format!("{other:?}"),
-                    why: format!(
+                return Err(GpuError::invalid(
+                    "list.space",
+                    format!("{other:?}"),
+                    format!(
                         "the copy engine of {} DMAs fabric bus addresses (CpuPhys, PciBus, \
                          Iova); {name} offered none",
                         self.shared.name
                     ),
-                });
+                ));
             }
         };
         Ok(Box::new(BusRegistration { offset }))
