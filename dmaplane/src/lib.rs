@@ -57,10 +57,10 @@ pub mod transfer;
 pub use agent::{Agent, AgentBuilder, AgentStats, Config};
 pub use cache::CacheStats;
 pub use desc::Desc;
+pub use dmaplane_core::Invalid;
 /// Faults [`AgentBuilder::inject`] can break the protocol with, on purpose (stress runs).
 pub use dmaplane_rdma::Fault;
 pub use drive::FileTransfer;
-pub use dmaplane_core::Invalid;
 pub use error::{Error, Result, Side};
 pub use event::Event;
 pub use file::{FileEntry, FileRegion, FileSpec, StoragePath};
