@@ -3,25 +3,28 @@
 //! recorded, every completion is matched back to its request, so the quiesce logic in
 //! [`crate::quiesce`] knows exactly what is in flight where.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
-use dmaplane_core::{AddrList, Attachment};
+use dmaplane_core::AddrList;
 
 use crate::access::MrAccess;
 use crate::backend::{
-    AsyncEvent, CqBackend, DeviceBackend, DeviceInfo, MrBackend, MrRequest, PdBackend, QpBackend,
-    Translation,
+    AsyncEvent, CqBackend, DeviceBackend, DeviceInfo, MrBackend, MrRequest, PdBackend, Translation,
 };
 use crate::error::{RdmaError, Result};
-use crate::lease::{Holder, LocalLink, RemoteMr};
-use crate::qp::{Mtu, QpAttr, QpCaps, QpState, RemoteQp};
-use crate::quiesce::{Tracker, local_revoked, remote_revoked};
+use crate::lease::{ControlLink, ControlMsg, Holder, RemoteMr};
+use crate::policy::{ImportInfo, QuiesceStats};
+use crate::qp::{Mtu, QpAttr, QpCaps, RemoteQp};
+use crate::qp_state::QpState;
+use crate::quiesce::LocalLink;
 use crate::sync::{lock, read, write};
+use crate::tracker::{
+    Conn, MrShared, QpLedger, QpShared, Ring, Slot, Tracker, local_revoked, remote_revoked,
+};
 use crate::wc::Completion;
-use crate::wr::{MAX_SGE, RecvWr, SendWr, Sge};
+use crate::wr::{RecvWr, SendWr, Sge};
 
 /// An RDMA device of any backend.
 #[derive(Debug, Clone)]
@@ -81,7 +84,7 @@ impl Device {
     }
 
     /// Counters of the quiesce machinery.
-    pub fn stats(&self) -> crate::quiesce::QuiesceStats {
+    pub fn stats(&self) -> QuiesceStats {
         self.tracker.stats()
     }
 
@@ -162,28 +165,6 @@ impl Pd {
     }
 }
 
-/// What one registration knows beyond the backend object.
-pub(crate) struct MrShared {
-    pub(crate) backend: RwLock<Arc<dyn MrBackend>>,
-    /// Keys of the current registration (they change when a dynamic importer re-registers).
-    pub(crate) lkey: AtomicU64,
-    /// 0 while usable; epoch + 1 once invalidated.
-    pub(crate) revoked: AtomicU64,
-    pub(crate) access: MrAccess,
-    pub(crate) holders: Mutex<Vec<Holder>>,
-    pub(crate) attachment: Mutex<Option<Attachment>>,
-    pub(crate) import: Option<crate::quiesce::ImportInfo>,
-}
-
-impl std::fmt::Debug for MrShared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MrShared")
-            .field("lkey", &self.lkey)
-            .field("revoked", &self.revoked)
-            .finish_non_exhaustive()
-    }
-}
-
 /// A registered memory region.
 #[derive(Debug, Clone)]
 pub struct Mr {
@@ -195,7 +176,7 @@ impl Mr {
         pd: &Pd,
         backend: Arc<dyn MrBackend>,
         access: MrAccess,
-        import: Option<crate::quiesce::ImportInfo>,
+        import: Option<ImportInfo>,
     ) -> Mr {
         let key = backend.lkey();
         let shared = Arc::new(MrShared {
@@ -266,100 +247,10 @@ impl Mr {
     }
 }
 
-/// The request ring of one queue: user wr_ids and the keys each request references, indexed by
-/// sequence number (which is what the backend sees as wr_id).
-#[derive(Debug)]
-pub(crate) struct Ring {
-    pub(crate) slots: Vec<Slot>,
-    pub(crate) posted: u64,
-    pub(crate) done: u64,
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Slot {
-    pub(crate) wr_id: u64,
-    pub(crate) lkeys: [u32; MAX_SGE],
-    pub(crate) nkeys: u8,
-    /// The remote rkey of a one-sided request (0 = none).
-    pub(crate) rkey: u32,
-    pub(crate) one_sided: bool,
-    /// Bytes the request moves (a message longer than the path MTU is several packets).
-    pub(crate) len: u64,
-}
-
-impl Slot {
-    pub(crate) fn uses_lkey(&self, key: u32) -> bool {
-        self.lkeys[..usize::from(self.nkeys)].contains(&key)
-    }
-}
-
-impl Ring {
-    fn new(cap: u32) -> Ring {
-        Ring {
-            slots: vec![Slot::default(); cap.max(1) as usize],
-            posted: 0,
-            done: 0,
-        }
-    }
-    pub(crate) fn outstanding(&self) -> u64 {
-        self.posted - self.done
-    }
-    pub(crate) fn slot(&self, seq: u64) -> &Slot {
-        &self.slots[(seq % self.slots.len() as u64) as usize]
-    }
-    fn slot_mut(&mut self, seq: u64) -> &mut Slot {
-        let n = self.slots.len() as u64;
-        &mut self.slots[(seq % n) as usize]
-    }
-    /// Outstanding sequence numbers.
-    pub(crate) fn live(&self) -> std::ops::Range<u64> {
-        self.done..self.posted
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Conn {
-    pub(crate) port: u8,
-    pub(crate) access: MrAccess,
-    pub(crate) dest: RemoteQp,
-    pub(crate) mtu: Mtu,
-}
-
-#[derive(Debug)]
-pub(crate) struct QpLedger {
-    pub(crate) send: Ring,
-    pub(crate) recv: Ring,
-    pub(crate) conn: Option<Conn>,
-    /// Return to RTS once every outstanding completion is reaped.
-    pub(crate) recover_pending: bool,
-    /// The longest send request ever posted: while it fits one packet, no message of this QP
-    /// can be cut by a flush.
-    pub(crate) longest_send: u64,
-    /// Drain and boundary stops begun on this QP: a stop's deadline timer acts only while its
-    /// own stop is the latest (a stale one must not flush a later stop early).
-    pub(crate) stops: u64,
-    scratch_send: Vec<SendWr>,
-    scratch_recv: Vec<RecvWr>,
-}
-
-#[derive(Debug)]
-pub(crate) struct QpShared {
-    pub(crate) qpn: u32,
-    pub(crate) backend: Arc<dyn QpBackend>,
-    pub(crate) tracker: Arc<Tracker>,
-    pub(crate) track: Mutex<QpLedger>,
-}
-
 /// A reliable-connected queue pair.
 #[derive(Debug, Clone)]
 pub struct Qp {
     pub(crate) shared: Arc<QpShared>,
-}
-
-impl Drop for QpShared {
-    fn drop(&mut self) {
-        write(&self.tracker.qps).remove(&self.qpn);
-    }
 }
 
 impl Qp {
@@ -599,73 +490,6 @@ impl Seen {
     }
 }
 
-impl QpShared {
-    pub(crate) fn bring_up(&self, c: &Conn) -> Result<()> {
-        self.bring_up_at(c, None)
-    }
-
-    /// RESET → RTS; `psns` (send, receive) resume a connection the peer still has.
-    fn bring_up_at(&self, c: &Conn, psns: Option<(u32, u32)>) -> Result<()> {
-        let b = &self.backend;
-        if b.state() != QpState::Reset {
-            b.modify(&QpAttr::to(QpState::Reset))?;
-        }
-        let mut rtr = QpAttr::rtr(c.dest, c.mtu);
-        let mut sq_psn = b.endpoint().psn;
-        if let Some((sq, rq)) = psns {
-            rtr.rq_psn = Some(rq);
-            sq_psn = sq;
-        }
-        b.modify(&QpAttr::init(c.port, c.access))?;
-        b.modify(&rtr)?;
-        b.modify(&QpAttr::rts(sq_psn))
-    }
-
-    /// Back to RTS after a flush once every outstanding completion is reaped.
-    pub(crate) fn try_recover(&self, t: &mut QpLedger) {
-        if !t.recover_pending || t.send.outstanding() != 0 {
-            return;
-        }
-        let mut state = self.backend.state();
-        if state == QpState::Sqd && self.backend.sq_draining() == Some(true) {
-            // Every request of ours has completed, yet the provider's drain flag is up (rxe
-            // never lowers it when the queue was empty at the stop) and it refuses SQD → RTS
-            // while it is (EINVAL). Nothing executes: leave through ERR, which flushes nothing
-            // but posted receives (they complete as flushed), and recover from there.
-            if let Err(e) = self.backend.modify(&QpAttr::to(QpState::Err)) {
-                tracing::warn!(qpn = self.qpn, error = %e, "recovery out of SQD failed");
-                t.recover_pending = false;
-                return;
-            }
-            if t.recv.outstanding() != 0 {
-                // Recovered once the flushed receives are reaped.
-                return;
-            }
-            state = QpState::Err;
-        }
-        // Out of SQD only the send queue must be done (receives stay posted across the
-        // drain); out of ERR every flushed receive must have been reaped too.
-        if state != QpState::Sqd && t.recv.outstanding() != 0 {
-            return;
-        }
-        let r = match (state, t.conn) {
-            // Read before the reset, which forgets them.
-            // Without them the peer would drop what follows as duplicates: stay in ERR.
-            (QpState::Err, Some(c)) => match self.backend.next_psns() {
-                Ok(psns) => self.bring_up_at(&c, psns),
-                Err(e) => Err(e),
-            },
-            (QpState::Sqd, _) => self.backend.modify(&QpAttr::to(QpState::Rts)),
-            _ => Ok(()),
-        };
-        t.recover_pending = false;
-        match r {
-            Ok(()) => tracing::debug!(qpn = self.qpn, "recovered to RTS"),
-            Err(e) => tracing::warn!(qpn = self.qpn, error = %e, "recovery failed"),
-        }
-    }
-}
-
 /// A completion queue.
 #[derive(Debug)]
 pub struct Cq {
@@ -725,5 +549,70 @@ impl Cq {
     }
 }
 
-/// Registrations by key, for the post-time checks.
-pub(crate) type MrMap = HashMap<u32, Weak<MrShared>>;
+/// Leases over any [`ControlLink`] (another process, another host): the two halves
+/// [`Device::lease`] wires up in-process, for a link the caller provides.
+impl Mr {
+    /// Owner side: make the device identified by `holder_gid` a holder of this region. A revoke
+    /// sends it `LeaseRevoke` over `link` and waits for its `LeaseAck` until the cut-off.
+    pub fn add_holder(&self, holder_gid: [u8; 16], link: Arc<dyn ControlLink>) {
+        crate::sync::lock(&self.shared.holders).push(Holder {
+            gid: holder_gid,
+            link,
+        });
+    }
+
+    /// Owner side: undo the latest [`add_holder`](Self::add_holder) for `holder_gid`.
+    pub fn remove_holder(&self, holder_gid: [u8; 16]) {
+        let mut h = crate::sync::lock(&self.shared.holders);
+        if let Some(i) = h.iter().rposition(|x| x.gid == holder_gid) {
+            h.remove(i);
+        }
+    }
+}
+
+impl Device {
+    /// The identity leases are keyed by (the port GID).
+    pub fn gid(&self) -> [u8; 16] {
+        self.tracker.gid
+    }
+
+    /// Holder side: record a lease on a peer's region (`info` as the owner sent it). Posts that
+    /// target it are checked against it, a `LeaseRevoke` for it quiesces them, and the ack goes
+    /// back over `link`. A later lease on the same key from the same owner replaces this one.
+    /// `info` comes from the peer: a range that wraps around the address space is refused.
+    pub fn hold(
+        &self,
+        owner_gid: [u8; 16],
+        owner_name: &str,
+        info: crate::oob::RemoteMrInfo,
+        access: MrAccess,
+        link: Arc<dyn ControlLink>,
+    ) -> Result<Arc<RemoteMr>> {
+        if info.addr.checked_add(info.len).is_none() {
+            return Err(crate::RdmaError::InvalidRegistration {
+                field: "remote.len",
+                value: format!("{:#x} at {:#x}", info.len, info.addr),
+                why: format!("the lease from {owner_name} wraps around the address space"),
+            });
+        }
+        let remote = Arc::new(RemoteMr {
+            owner: owner_gid,
+            owner_name: owner_name.to_string(),
+            addr: info.addr,
+            len: info.len,
+            rkey: info.rkey,
+            access,
+            revoked: AtomicU64::new(0),
+            link,
+        });
+        self.tracker.add_remote(remote.clone());
+        Ok(remote)
+    }
+
+    /// Hand a control message that arrived from a peer to this device (what a link's receiver
+    /// does): `LeaseRevoke` quiesces what targets the lease and acks; `LeaseAck` settles a
+    /// revoke in progress. Unknown leases and stale epochs are ignored.
+    pub fn deliver(&self, msg: ControlMsg) {
+        self.tracker.on_control(msg);
+    }
+}

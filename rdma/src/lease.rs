@@ -6,14 +6,13 @@
 //! deadline is cut off: the region is zapped anyway, its later accesses fail with remote-access
 //! errors at the NIC, and the cut-off is counted and reported.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
 
 use serde::{Deserialize, Serialize};
 
 use crate::access::MrAccess;
 use crate::error::Result;
-use crate::quiesce::Tracker;
 use crate::wr::RemoteAddr;
 
 /// One control message between the owner of a region and a holder of its rkey.
@@ -25,7 +24,7 @@ pub enum ControlMsg {
         owner: [u8; 16],
         rkey: u32,
         epoch: u64,
-        policy: crate::quiesce::QuiescePolicy,
+        policy: crate::policy::QuiescePolicy,
     },
     /// Holder → owner: nothing of ours targets `rkey` any more.
     LeaseAck {
@@ -40,32 +39,6 @@ pub trait ControlLink: Send + Sync + std::fmt::Debug {
     fn send(&self, msg: ControlMsg) -> Result<()>;
     /// The peer, for reports.
     fn peer(&self) -> String;
-}
-
-/// In-process link: delivery is a call into the peer's tracker (a NIC-to-NIC message handled by
-/// the peer's firmware; no user thread has to be polling).
-#[derive(Debug)]
-pub(crate) struct LocalLink {
-    pub(crate) peer: Weak<Tracker>,
-    pub(crate) name: String,
-}
-
-impl ControlLink for LocalLink {
-    fn send(&self, msg: ControlMsg) -> Result<()> {
-        match self.peer.upgrade() {
-            Some(t) => {
-                t.on_control(msg);
-                Ok(())
-            }
-            None => Err(crate::RdmaError::Connection {
-                what: self.name.clone(),
-                why: "peer device is gone".into(),
-            }),
-        }
-    }
-    fn peer(&self) -> String {
-        self.name.clone()
-    }
 }
 
 /// The holder's side of a lease: what it may access, and whether it still may.
@@ -123,72 +96,4 @@ impl RemoteMr {
 pub(crate) struct Holder {
     pub(crate) gid: [u8; 16],
     pub(crate) link: Arc<dyn ControlLink>,
-}
-
-/// Leases over any [`ControlLink`] (another process, another host): the two halves
-/// [`Device::lease`] wires up in-process, for a link the caller provides.
-impl crate::device::Mr {
-    /// Owner side: make the device identified by `holder_gid` a holder of this region. A revoke
-    /// sends it `LeaseRevoke` over `link` and waits for its `LeaseAck` until the cut-off.
-    pub fn add_holder(&self, holder_gid: [u8; 16], link: Arc<dyn ControlLink>) {
-        crate::sync::lock(&self.shared.holders).push(Holder {
-            gid: holder_gid,
-            link,
-        });
-    }
-
-    /// Owner side: undo the latest [`add_holder`](Self::add_holder) for `holder_gid`.
-    pub fn remove_holder(&self, holder_gid: [u8; 16]) {
-        let mut h = crate::sync::lock(&self.shared.holders);
-        if let Some(i) = h.iter().rposition(|x| x.gid == holder_gid) {
-            h.remove(i);
-        }
-    }
-}
-
-impl crate::device::Device {
-    /// The identity leases are keyed by (the port GID).
-    pub fn gid(&self) -> [u8; 16] {
-        self.tracker.gid
-    }
-
-    /// Holder side: record a lease on a peer's region (`info` as the owner sent it). Posts that
-    /// target it are checked against it, a `LeaseRevoke` for it quiesces them, and the ack goes
-    /// back over `link`. A later lease on the same key from the same owner replaces this one.
-    /// `info` comes from the peer: a range that wraps around the address space is refused.
-    pub fn hold(
-        &self,
-        owner_gid: [u8; 16],
-        owner_name: &str,
-        info: crate::oob::RemoteMrInfo,
-        access: MrAccess,
-        link: Arc<dyn ControlLink>,
-    ) -> Result<Arc<RemoteMr>> {
-        if info.addr.checked_add(info.len).is_none() {
-            return Err(crate::RdmaError::InvalidRegistration {
-                field: "remote.len",
-                value: format!("{:#x} at {:#x}", info.len, info.addr),
-                why: format!("the lease from {owner_name} wraps around the address space"),
-            });
-        }
-        let remote = Arc::new(RemoteMr {
-            owner: owner_gid,
-            owner_name: owner_name.to_string(),
-            addr: info.addr,
-            len: info.len,
-            rkey: info.rkey,
-            access,
-            revoked: AtomicU64::new(0),
-            link,
-        });
-        self.tracker.add_remote(remote.clone());
-        Ok(remote)
-    }
-
-    /// Hand a control message that arrived from a peer to this device (what a link's receiver
-    /// does): `LeaseRevoke` quiesces what targets the lease and acks; `LeaseAck` settles a
-    /// revoke in progress. Unknown leases and stale epochs are ignored.
-    pub fn deliver(&self, msg: ControlMsg) {
-        self.tracker.on_control(msg);
-    }
 }
