@@ -8,5 +8,6 @@ pub mod rounds;
 pub mod sgl;
 pub mod storage;
 pub mod stress;
+pub mod stress_config;
 pub mod traffic;
 pub mod world;

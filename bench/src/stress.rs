@@ -12,95 +12,18 @@ use std::sync::{Arc, Mutex};
 use dmaplane_core::sync::lock;
 use std::time::{Duration, Instant};
 
-use dmaplane_core::cpu::Placement;
 use dmaplane_core::fabric::{HostMemory, Verdict, WindowHandle};
 use dmaplane_core::{Exporter, ImporterKind, RevokeReport};
 use dmaplane_gpu::{DeviceMemory, DmaClient, GpuError};
 use dmaplane_rdma::{
-    Completion, Fault, ImportOptions, Mr, MrAccess, Qp, QpCaps, QuiescePolicy, RdmaError,
-    RemoteAddr, SendWr, Sge, WcStatus,
+    Completion, Fault, ImportOptions, Mr, MrAccess, Qp, QpCaps, RdmaError, RemoteAddr, SendWr, Sge,
+    WcStatus,
 };
 use serde::Serialize;
 
+pub use crate::stress_config::{ExporterKind, Inject, StressConfig};
 use crate::traffic::{Bytes, Counts, DataPath, EpochTarget, Revocable, RunState, exporter};
 use crate::world::World;
-
-#[derive(Debug, Clone)]
-pub struct StressConfig {
-    pub qps: usize,
-    pub depth: usize,
-    pub size: u32,
-    pub revokes: u64,
-    pub seconds: f64,
-    pub seed: u64,
-    pub policy: QuiescePolicy,
-    /// Exporter's deadline per revoke.
-    pub deadline: Duration,
-    /// Simulated backend: NIC engines on cores of their own, the host's threads (exporter and
-    /// data path, the latter at the lowest priority) on the rest. None leaves every thread to
-    /// the scheduler.
-    pub placement: Option<Placement>,
-    /// Whose memory is revoked: host memory (moved) or GPU memory (freed and re-allocated).
-    pub exporter: ExporterKind,
-    /// Break the protocol on purpose: the run must then fail, naming what broke.
-    pub inject: Option<Inject>,
-}
-
-/// What `stress revoke --inject` breaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(into = "String")]
-pub enum Inject {
-    /// The importer (the target's NIC) or the lease holder (the writer's NIC) misbehaves.
-    Rdma(Fault),
-    /// The exporter reuses its memory before its revoke report (the ack) is out.
-    FreeBeforeAck,
-    /// The exporter cannot cut grants (as a dma-buf exporter, which passes none), the
-    /// target's NIC signals its fence at once and its lease holder keeps writing: WRITEs really
-    /// land after the ack, and only the oracle and the poison can tell.
-    NoBackstop,
-}
-
-impl Inject {
-    pub fn all() -> Vec<Inject> {
-        let mut v: Vec<Inject> = Fault::ALL.into_iter().map(Inject::Rdma).collect();
-        v.push(Inject::FreeBeforeAck);
-        v.push(Inject::NoBackstop);
-        v
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Inject::Rdma(f) => f.name(),
-            Inject::FreeBeforeAck => "free-before-ack",
-            Inject::NoBackstop => "no-backstop",
-        }
-    }
-}
-
-impl From<Inject> for String {
-    fn from(i: Inject) -> String {
-        i.name().to_string()
-    }
-}
-
-impl std::fmt::Display for Inject {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for Inject {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Inject, String> {
-        Inject::all()
-            .into_iter()
-            .find(|i| i.name() == s)
-            .ok_or_else(|| {
-                let known: Vec<_> = Inject::all().iter().map(|i| i.name()).collect();
-                format!("unknown fault {s:?} (known: {})", known.join(", "))
-            })
-    }
-}
 
 /// Memory a simulated run holds at once: the source, the live target, the retired target whose
 /// poison is checked at the next revoke, and the copies of the targets taken at their acks
@@ -148,18 +71,6 @@ pub fn mem_available() -> Option<u64> {
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
-}
-
-/// The exporter of the simulated stress's target memory.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ExporterKind {
-    /// Host memory of host B (`mem1`), revoked and exported anew.
-    #[default]
-    Host,
-    /// Device memory of `gpu2` (below the same switch as host B's `nic1`), freed and
-    /// re-allocated: every free is a revoke.
-    Gpu,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -775,6 +686,7 @@ impl Drop for SetOnDrop<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dmaplane_rdma::QuiescePolicy;
 
     fn cfg(qps: usize, depth: usize, size: u32) -> StressConfig {
         StressConfig {

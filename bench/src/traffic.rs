@@ -24,7 +24,7 @@ use dmaplane_core::dmabuf::DmaBufMemory;
 use dmaplane_core::fabric::{HostMemory, WindowHandle};
 use dmaplane_rdma::{Completion, Cq, Mr, Pd, Qp, QpState, RdmaError, RemoteMr, SendWr, WcStatus};
 
-use crate::stress::StressConfig;
+use crate::stress_config::StressConfig;
 
 pub const POISON: u8 = 0xd5;
 

@@ -22,7 +22,7 @@ use dmaplane_storage::{DioAlign, DirectFile, FileId, OpenOptions};
 
 use crate::agent::AgentInner;
 use crate::error::{Error, Result};
-use crate::handle::{Handle, Registration};
+use crate::handle::{Handle, Registration, debug_entry, sealed};
 use crate::sync::lock;
 
 /// What to register: a file, a range of it, and how to open it.
@@ -164,6 +164,14 @@ impl FileEntry {
 /// stays in the agent's cache after the last handle goes, until
 /// [`Agent::deregister_file`](crate::Agent::deregister_file).
 pub type FileRegion = Handle<FileEntry>;
+
+impl sealed::Sealed for FileEntry {}
+
+impl std::fmt::Debug for FileEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        debug_entry(self, f)
+    }
+}
 
 impl Registration for FileEntry {
     const KIND: &'static str = "file region";

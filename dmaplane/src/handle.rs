@@ -7,7 +7,8 @@ use std::sync::Arc;
 use crate::desc::Desc;
 use crate::error::Result;
 
-mod sealed {
+pub(crate) mod sealed {
+    /// Only the agent's registrations are [`super::Registration`]s.
     pub trait Sealed {}
 }
 
@@ -24,9 +25,6 @@ pub trait Registration: sealed::Sealed {
     /// files), for `Debug`.
     fn base(&self) -> u64;
 }
-
-impl sealed::Sealed for crate::region::MemoryEntry {}
-impl sealed::Sealed for crate::file::FileEntry {}
 
 /// A registered range: `len` bytes at `offset` into registration `R`.
 pub struct Handle<R: Registration> {
@@ -95,18 +93,9 @@ impl<R: Registration> Handle<R> {
 }
 
 /// A registration in `Debug` output: its kind, id and what it registers.
-fn debug_entry<R: Registration>(r: &R, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+pub(crate) fn debug_entry<R: Registration>(
+    r: &R,
+    f: &mut std::fmt::Formatter<'_>,
+) -> std::fmt::Result {
     write!(f, "{} {} ({})", R::KIND, r.id(), r.subject())
-}
-
-impl std::fmt::Debug for crate::region::MemoryEntry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        debug_entry(self, f)
-    }
-}
-
-impl std::fmt::Debug for crate::file::FileEntry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        debug_entry(self, f)
-    }
 }

@@ -9,7 +9,7 @@ use dmaplane_rdma::{ImportOptions, Mr, MrAccess};
 
 use crate::agent::{AgentInner, AgentNic};
 use crate::error::{Error, Result};
-use crate::handle::{Handle, Registration};
+use crate::handle::{Handle, Registration, debug_entry, sealed};
 use crate::memory::{Backing, Memory};
 use crate::stage::{Stage, staging};
 
@@ -350,6 +350,14 @@ fn register_on(
 /// stays in the agent's cache after the last handle goes (until its memory is freed), so
 /// registering the same range again, or any range inside it, costs a lookup.
 pub type Region = Handle<MemoryEntry>;
+
+impl sealed::Sealed for MemoryEntry {}
+
+impl std::fmt::Debug for MemoryEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        debug_entry(self, f)
+    }
+}
 
 impl Registration for MemoryEntry {
     const KIND: &'static str = "region";

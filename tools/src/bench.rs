@@ -7,6 +7,9 @@ use std::time::Duration;
 use dmaplane_bench::rdma::{MAX_SIZE, RdmaBenchConfig};
 use dmaplane_bench::sgl::{Row, Scenario, measure};
 use dmaplane_bench::storage::Rw;
+
+use crate::report::say;
+use crate::units::{bytes, ns};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Debug, Subcommand)]
@@ -202,10 +205,10 @@ fn storage(
     let r = run(&cfg, &|what: &str| bar.set_message(what.to_string()))?;
     bar.finish_and_clear();
     if json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        say!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
-    println!(
+    say!(
         "storage: dmaplane's io_uring ring vs fio on {} ({}), O_DIRECT (alignment: memory {} B, offset {} B{}), registered buffers and files",
         r.file,
         bytes(r.size),
@@ -218,11 +221,11 @@ fn storage(
         }
     );
     match (&r.fio_version, &r.fio_missing) {
-        (Some(v), _) => println!("fio: {v}"),
-        (None, Some(why)) => println!("{why}"),
+        (Some(v), _) => say!("fio: {v}"),
+        (None, Some(why)) => say!("{why}"),
         _ => {}
     }
-    println!(
+    say!(
         "{:>9} {:>6} {:>3} {:>12} {:>10} {:>7} {:>12} {:>10} {:>7} {:>7} {:>11}",
         "workload",
         "block",
@@ -251,7 +254,7 @@ fn storage(
             ),
             _ => ("-".into(), "-".into(), "-".into(), "-".into(), "-".into()),
         };
-        println!(
+        say!(
             "{:>9} {:>6} {:>3} {:>12.0} {:>10.0} {:>7} {:>12} {:>10} {:>7} {:>7} {:>11}",
             w.workload.rw,
             bytes(w.workload.block),
@@ -266,13 +269,13 @@ fn storage(
             range
         );
     }
-    println!(
+    say!(
         "each side's median of {} round(s) of {seconds} s; ratio: the median of the rounds' \
          ratios (ours / fio, the two back to back), range: their lowest and highest",
         rounds
     );
     if r.rows.iter().any(|w| w.ours.device.is_some()) {
-        println!(
+        say!(
             "dev/IO: requests the disk completed per I/O a side made, counted by the block layer \
              (/sys/dev/block/*/stat; other I/O on the disk counts too). Above 1: the kernel split \
              the I/O (a buffer of more scattered pages than the queue's max_segments)"
@@ -280,11 +283,9 @@ fn storage(
     }
     if let Some(cmd) = r.rows.first().and_then(|w| w.fio_command.as_ref()) {
         if r.rows.len() > 1 {
-            println!(
-                "fio command (first workload; the others change --rw, --bs, --iodepth):\n  {cmd}"
-            );
+            say!("fio command (first workload; the others change --rw, --bs, --iodepth):\n  {cmd}");
         } else {
-            println!("fio command:\n  {cmd}");
+            say!("fio command:\n  {cmd}");
         }
     }
     Ok(())
@@ -320,7 +321,7 @@ fn sgl(iters: u32, names: &[String], json: bool) -> Result<()> {
     }
     bar.finish_and_clear();
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        say!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         print_table(&rows);
     }
@@ -376,10 +377,10 @@ fn agent(
     let r = dmaplane_bench::agent::run(&cfg, &|what: &str| bar.set_message(what.to_string()))?;
     bar.finish_and_clear();
     if json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        say!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
-    println!(
+    say!(
         "agent vs raw rdma layer ({}): chunks of {}, {} QPs × depth {}; {} paired rounds of {} s a side per point \
          (GB/s: each side's median round; ratio: the median of the rounds' ratios [lowest-highest]); \
          times in µs (avg / p99)\nplacement: {}",
@@ -391,7 +392,7 @@ fn agent(
         seconds,
         r.placement
     );
-    println!(
+    say!(
         "{:>8} {:>6} {:>7} {:>10} {:>10} {:>7} {:>11} {:>15} {:>15} {:>17} {:>17}",
         "block",
         "batch",
@@ -406,7 +407,7 @@ fn agent(
         "raw completion"
     );
     for w in &r.rows {
-        println!(
+        say!(
             "{:>8} {:>6} {:>7} {:>6.2} GB/s {:>5.2} GB/s {:>6.0}% {:>11} {:>7.1} /{:>6.1} {:>7.1} /{:>6.1} {:>8.1} /{:>7.1} {:>8.1} /{:>7.1}",
             bytes(w.block),
             w.batch,
@@ -430,7 +431,7 @@ fn agent(
         );
     }
     if let Some(c) = &r.cache {
-        println!(
+        say!(
             "\nregistration cache: {} sub-ranges of one {} region: first pass {:.2} ms ({} misses), \
              second pass {:.3} ms ({} hits): {:.2}% of the first",
             c.registrations,
@@ -469,15 +470,20 @@ fn rdma(sizes: &[u64], seconds: f64, revokes: u64, no_pin: bool, json: bool) -> 
     let r = dmaplane_bench::rdma::run(&cfg, &|what: &str| bar.set_message(what.to_string()))?;
     bar.finish_and_clear();
     if json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        say!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
-    println!(
+    say!(
         "{:>8} {:>10} {:>12} {:>12} {:>8} {:>18}",
-        "size", "writes", "rdma write", "memcpy", "ratio", "fabric copy"
+        "size",
+        "writes",
+        "rdma write",
+        "memcpy",
+        "ratio",
+        "fabric copy"
     );
     for b in &r.bandwidth {
-        println!(
+        say!(
             "{:>8} {:>10} {:>8.2} GiB/s {:>6.2} GiB/s {:>7.0}% {:>8.2} GiB/s {:>4.0}%",
             bytes(b.size),
             b.writes,
@@ -488,12 +494,12 @@ fn rdma(sizes: &[u64], seconds: f64, revokes: u64, no_pin: bool, json: bool) -> 
             b.fabric_copy_gib_s / b.memcpy_gib_s * 100.0
         );
     }
-    println!(
+    say!(
         "fabric copy: the simulated fabric's own copy of the same messages between the two \
          windows (byte-wise atomic, as every simulated DMA copies), against plain memcpy"
     );
     let m = &r.msg_rate;
-    println!(
+    say!(
         "\nmessage rate: {:.2} M writes/s of {} B on one queue pair ({} writes in {:.2} s; chains \
          of {}, one signaled; {} in flight)",
         m.writes_per_s / 1e6,
@@ -505,7 +511,7 @@ fn rdma(sizes: &[u64], seconds: f64, revokes: u64, no_pin: bool, json: bool) -> 
     );
     let v = &r.revoke;
     if v.revokes > 0 {
-        println!(
+        say!(
             "revoke under load ({} QPs x {} deep, 4 KiB writes): p50 {:.0} us, p99 {:.0} us, \
              max {:.0} us over {} revokes; lost {}, post-ack accesses {}",
             v.qps,
@@ -518,7 +524,7 @@ fn rdma(sizes: &[u64], seconds: f64, revokes: u64, no_pin: bool, json: bool) -> 
             v.post_ack_accesses
         );
     }
-    println!(
+    say!(
         "\nsimulated NIC on the built-in testbed: host A (mem0, nic0) writes into host B (mem1, \
          nic1); memcpy is this machine's, same sizes and working set, same run\nplacement: {}",
         r.placement
@@ -527,7 +533,7 @@ fn rdma(sizes: &[u64], seconds: f64, revokes: u64, no_pin: bool, json: bool) -> 
 }
 
 fn print_table(rows: &[Row]) {
-    println!(
+    say!(
         "{:<22} {:>12} {:>12} {:>9} {:>11} {:>11} {:>9} {:>10} {:>10}",
         "scenario",
         "addrlist",
@@ -540,7 +546,7 @@ fn print_table(rows: &[Row]) {
         "sgt xlat"
     );
     for r in rows {
-        println!(
+        say!(
             "{:<22} {:>12} {:>12} {:>8.1}x {:>11} {:>11} {:>8.1}x {:>10} {:>10}",
             r.scenario,
             ns(r.addrlist_ns),
@@ -553,36 +559,10 @@ fn print_table(rows: &[Row]) {
             format!("{}x{}", r.sgtable_entries, bytes(r.sgtable_page_size)),
         );
     }
-    println!(
+    say!(
         "\nmedian of {} registrations each way; xlat = MR translation entries x page size; a BAR's \
          ZONE_DEVICE page map is counted in sgt meta (built once per BAR: {} for the largest here)",
         rows.first().map_or(0, |r| r.iterations),
         ns(rows.iter().map(|r| r.pagemap_ns).max().unwrap_or(0))
     );
-}
-
-fn ns(n: u64) -> String {
-    match n {
-        0..1_000 => format!("{n} ns"),
-        1_000..1_000_000 => format!("{:.1} us", n as f64 / 1e3),
-        1_000_000..1_000_000_000 => format!("{:.1} ms", n as f64 / 1e6),
-        _ => format!("{:.2} s", n as f64 / 1e9),
-    }
-}
-
-pub fn bytes(b: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 && (v / 1024.0).fract() == 0.0
-        || (v >= 1024.0 * 10.0 && i < U.len() - 1)
-    {
-        v /= 1024.0;
-        i += 1;
-    }
-    if v.fract() == 0.0 {
-        format!("{v:.0}{}", U[i])
-    } else {
-        format!("{v:.1}{}", U[i])
-    }
 }

@@ -17,7 +17,7 @@ use dmaplane_bench::p2p::{
 use dmaplane_core::Route;
 use serde::Serialize;
 
-use crate::bench::bytes;
+use crate::units::bytes;
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {

@@ -18,73 +18,10 @@ use dmaplane_core::dmabuf::{DMA_HEAP_DIR, DmaBufError, DmaHeapBuf, UDMABUF_PATH,
 use rustix::io::Errno;
 use serde::Serialize;
 
+use crate::check::{Check, Status};
+
 /// Size of every test buffer: one page, the smallest every exporter takes.
 const TEST_SIZE: u64 = 4096;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    Ok,
-    Missing,
-    Error,
-    Unsupported,
-}
-
-impl Status {
-    fn as_str(self) -> &'static str {
-        match self {
-            Status::Ok => "ok",
-            Status::Missing => "missing",
-            Status::Error => "error",
-            Status::Unsupported => "unsupported",
-        }
-    }
-}
-
-/// One row: what was checked, how it went, and (unless ok) what to do about it.
-#[derive(Debug, Clone, Serialize)]
-pub struct Check {
-    /// `rdma`, `udmabuf`, `dma-heap`, `io_uring`, `storage`, `cuda`, `gpu`, `p2p`.
-    pub component: &'static str,
-    /// The device, node or call this row is about.
-    pub name: String,
-    pub status: Status,
-    pub detail: String,
-    /// What to do; `None` for rows that are ok.
-    pub fix: Option<String>,
-}
-
-impl Check {
-    pub(crate) fn ok(
-        component: &'static str,
-        name: impl Into<String>,
-        detail: impl Into<String>,
-    ) -> Check {
-        Check {
-            component,
-            name: name.into(),
-            status: Status::Ok,
-            detail: detail.into(),
-            fix: None,
-        }
-    }
-
-    pub(crate) fn not_ok(
-        component: &'static str,
-        name: impl Into<String>,
-        status: Status,
-        detail: impl Into<String>,
-        fix: impl Into<String>,
-    ) -> Check {
-        Check {
-            component,
-            name: name.into(),
-            status,
-            detail: detail.into(),
-            fix: Some(fix.into()),
-        }
-    }
-}
 
 #[derive(Debug, Serialize)]
 pub struct Report {

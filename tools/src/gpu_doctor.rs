@@ -10,8 +10,8 @@ use dmaplane_core::topology::{DeviceKind, Topology};
 use dmaplane_gpu::DmaBufSupport;
 use dmaplane_gpu::cuda::{self, CudaProbe};
 
-use crate::bench::bytes;
-use crate::doctor::{Check, Status};
+use crate::check::{Check, Status};
+use crate::units::bytes;
 
 pub fn checks(out: &mut Vec<Check>) {
     let probe = cuda::probe();

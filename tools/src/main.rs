@@ -2,14 +2,17 @@
 
 mod agent_stress;
 mod bench;
+mod check;
 mod demo;
 mod doctor;
 mod gpu_doctor;
 mod load;
 mod p2p_bench;
+mod report;
 mod storage_doctor;
 mod stress;
 mod topo;
+mod units;
 mod verbs_stress;
 
 use clap::{Parser, Subcommand};
@@ -37,6 +40,10 @@ enum Cmd {
     Topo(topo::TopoArgs),
     /// Benchmarks, each reported against a reference measured in the same run.
     Bench {
+        /// Also write what the bench prints to FILE as a markdown report: the command, when,
+        /// the machine, and the results.
+        #[arg(long, global = true, value_name = "FILE")]
+        report: Option<std::path::PathBuf>,
         #[command(subcommand)]
         which: bench::BenchCmd,
     },
@@ -65,7 +72,15 @@ fn main() {
     let res = match &cli.cmd {
         Cmd::Demo(args) => demo::run(args, cli.json),
         Cmd::Topo(args) => topo::run(args, cli.json),
-        Cmd::Bench { which } => bench::run(which, cli.json),
+        Cmd::Bench { which, report } => {
+            if report.is_some() {
+                report::start();
+            }
+            bench::run(which, cli.json).and_then(|()| match report {
+                Some(path) => report::finish(path, cli.json),
+                None => Ok(()),
+            })
+        }
         Cmd::Stress { which } => stress::run(which, cli.json),
         Cmd::Load(args) => load::run(args, cli.json),
         Cmd::Doctor => doctor::run(cli.json),

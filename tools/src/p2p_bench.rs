@@ -6,7 +6,8 @@ use dmaplane_core::cpu::Placement;
 use dmaplane_gpu::cuda;
 use serde::Serialize;
 
-use crate::bench::bytes;
+use crate::report::say;
+use crate::units::bytes;
 
 /// Host<->device bandwidth of one CUDA GPU, ours and PyTorch's in the same run.
 #[derive(Debug, Serialize)]
@@ -58,15 +59,15 @@ pub fn run(size: u64, chunk: u64, reps: u32, no_pin: bool, json: bool) -> Result
         cuda_rows,
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        say!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
-    println!(
+    say!(
         "simulated GPU -> NIC -> NIC -> GPU, {} transfers in {} WRITEs",
         bytes(r.sim.size),
         bytes(r.sim.chunk),
     );
-    println!(
+    say!(
         "memcpy (same run): {:.2} GiB/s copying {} in {} pieces between fresh, touched private \
          buffers (a plain memcpy: the reference); {:.2} GiB/s repeated over the same buffers \
          (cache-hot, context)",
@@ -75,13 +76,18 @@ pub fn run(size: u64, chunk: u64, reps: u32, no_pin: bool, json: bool) -> Result
         bytes(r.sim.chunk),
         r.sim.memcpy_hot_gib_s
     );
-    println!("placement: {}", r.sim.placement);
-    println!(
+    say!("placement: {}", r.sim.placement);
+    say!(
         "{:<17} {:<16} {:>6} {:>9} {:>9} {:>10}  flow",
-        "route", "path", "copies", "GiB/s", "of memcpy", "of copies"
+        "route",
+        "path",
+        "copies",
+        "GiB/s",
+        "of memcpy",
+        "of copies"
     );
     for row in &r.sim.rows {
-        println!(
+        say!(
             "{:<17} {:<16} {:>6} {:>9.2} {:>8.0}% {:>9.0}%  {}",
             row.route.as_str(),
             row.path,
@@ -92,13 +98,13 @@ pub fn run(size: u64, chunk: u64, reps: u32, no_pin: bool, json: bool) -> Result
             row.flow
         );
     }
-    println!(
+    say!(
         "of copies = bandwidth / (memcpy / copies): 100% means a path costs exactly the copies it makes"
     );
-    println!("\n{}", r.cuda);
+    say!("\n{}", r.cuda);
     for c in &r.cuda_rows {
         let t = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.2}"));
-        println!(
+        say!(
             "  {}: H2D {:.2} GiB/s (PyTorch pinned {}), D2H {:.2} GiB/s (PyTorch pinned {}); {}",
             c.gpu,
             c.h2d_gib_s,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use dmaplane_storage::{DirectFile, OpenOptions, Ring, StorageError};
 
-use crate::doctor::{Check, Status};
+use crate::check::{Check, Status};
 
 const C: &str = "storage";
 

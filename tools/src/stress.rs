@@ -236,7 +236,7 @@ fn print(r: &StressReport, json: bool) -> Result<()> {
     println!("  holders_cut_off    {}", r.holders_cut_off);
     println!(
         "  bytes_verified     {}",
-        crate::bench::bytes(r.bytes_verified)
+        crate::units::bytes(r.bytes_verified)
     );
     println!(
         "  completed_before_ack {} (reaped after the ack, covered by its poison)",
