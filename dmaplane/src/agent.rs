@@ -18,15 +18,15 @@ use crate::cache::{Cache, CacheStats};
 use crate::desc::Desc;
 use crate::drive::{Drive, FileTransfer};
 use crate::error::{Error, Result};
-use crate::event::{Bounded, EVENT_QUEUE, Event};
+use crate::event::{Event, Events};
 use crate::file::{FileEntry, FileRegion, FileSpec, StoragePath};
 use crate::memory::{Backing, Location, Memory, MemoryInner};
 use crate::metadata::{Metadata, NicInfo, RegionInfo, RegionKey, VERSION};
-use crate::notify::{NOTIFY_QUEUE, Notification};
+use crate::notify::{Inbox, Notification};
 use crate::peer::{self, Peer, PeerShared};
 use crate::progress::ProgressEngine;
 use crate::region::{MemoryEntry, Region};
-use crate::sync::{lock, wait_timeout};
+use crate::sync::lock;
 use crate::testbed::Testbed;
 use crate::transfer::{Op, Transfer};
 use dmaplane_core::counter::Counter;
@@ -316,10 +316,8 @@ impl AgentBuilder {
                 entries: Mutex::new(HashMap::new()),
                 peers: Mutex::new(Vec::new()),
                 engine: ProgressEngine::default(),
-                notifications: Bounded::new(NOTIFY_QUEUE),
-                notified: std::sync::Condvar::new(),
-                notify_lock: Mutex::new(()),
-                events: Bounded::new(EVENT_QUEUE),
+                inbox: Inbox::new(),
+                events: Events::new(&name),
                 addr,
                 stop: AtomicBool::new(false),
                 next_region: AtomicU32::new(1),
@@ -433,10 +431,8 @@ pub(crate) struct AgentInner {
     pub(crate) entries: Mutex<HashMap<u32, Weak<MemoryEntry>>>,
     pub(crate) peers: Mutex<Vec<Arc<PeerShared>>>,
     pub(crate) engine: ProgressEngine,
-    pub(crate) notifications: Bounded<Notification>,
-    pub(crate) notified: std::sync::Condvar,
-    pub(crate) notify_lock: Mutex<()>,
-    pub(crate) events: Bounded<Event>,
+    pub(crate) inbox: Inbox,
+    pub(crate) events: Events,
     pub(crate) addr: SocketAddr,
     pub(crate) stop: AtomicBool,
     pub(crate) next_region: AtomicU32,
@@ -473,11 +469,6 @@ impl AgentInner {
             .iter()
             .map(|n| n.dev.stats().holders_cut_off)
             .sum()
-    }
-
-    pub(crate) fn event(&self, e: Event) {
-        tracing::debug!(agent = %self.name, event = ?e, "event");
-        self.events.push(e);
     }
 
     pub(crate) fn entry(&self, id: u32) -> Option<Arc<MemoryEntry>> {
@@ -1140,9 +1131,9 @@ impl Agent {
 
     /// Notifications received so far (and taken from the queue).
     pub fn notifications(&self) -> Vec<Notification> {
-        let (v, dropped) = self.shared.notifications.drain();
+        let (v, dropped) = self.shared.inbox.drain();
         if dropped > 0 {
-            self.shared.event(Event::Dropped {
+            self.shared.events.push(Event::Dropped {
                 what: "notifications".into(),
                 count: dropped,
             });
@@ -1152,35 +1143,12 @@ impl Agent {
 
     /// Wait up to `timeout` for the next notification.
     pub fn next_notification(&self, timeout: Duration) -> Option<Notification> {
-        let deadline = std::time::Instant::now() + timeout;
-        let mut g = lock(&self.shared.notify_lock);
-        loop {
-            if let Some(n) = self.shared.notifications.pop() {
-                return Some(n);
-            }
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            g = wait_timeout(
-                &self.shared.notified,
-                g,
-                left.min(Duration::from_millis(50)),
-            )
-            .0;
-        }
+        self.shared.inbox.next(timeout)
     }
 
     /// Events since the last call (frees, lost peers, drops).
     pub fn events(&self) -> Vec<Event> {
-        let (mut v, dropped) = self.shared.events.drain();
-        if dropped > 0 {
-            v.push(Event::Dropped {
-                what: "events".into(),
-                count: dropped,
-            });
-        }
-        v
+        self.shared.events.drain()
     }
 
     /// The agent's counters now: transfers, requests, bytes, notifications and the cache.

@@ -85,3 +85,36 @@ impl<T> Bounded<T> {
         lock(&self.q).0.pop_front()
     }
 }
+
+/// The agent's events, bounded: what [`crate::Agent::events`] drains.
+#[derive(Debug)]
+pub(crate) struct Events {
+    agent: String,
+    queue: Bounded<Event>,
+}
+
+impl Events {
+    pub(crate) fn new(agent: &str) -> Events {
+        Events {
+            agent: agent.to_string(),
+            queue: Bounded::new(EVENT_QUEUE),
+        }
+    }
+
+    pub(crate) fn push(&self, e: Event) {
+        tracing::debug!(agent = %self.agent, event = ?e, "event");
+        self.queue.push(e);
+    }
+
+    /// Everything since the last drain, with a [`Event::Dropped`] last when the queue overflowed.
+    pub(crate) fn drain(&self) -> Vec<Event> {
+        let (mut v, dropped) = self.queue.drain();
+        if dropped > 0 {
+            v.push(Event::Dropped {
+                what: "events".into(),
+                count: dropped,
+            });
+        }
+        v
+    }
+}

@@ -371,14 +371,14 @@ impl Memory {
         report.elapsed_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.forget();
         if let Some(a) = agent {
-            a.event(crate::event::Event::Freed {
+            a.events.push(crate::event::Event::Freed {
                 memory: self.inner.name.clone(),
                 epoch: report.epoch,
                 elapsed_us: report.elapsed_us,
             });
             let cut = a.holders_cut_off().saturating_sub(cut_before);
             if cut > 0 {
-                a.event(crate::event::Event::LeaseCutOff {
+                a.events.push(crate::event::Event::LeaseCutOff {
                     memory: self.inner.name.clone(),
                     holders: cut,
                 });

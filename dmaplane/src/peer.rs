@@ -266,7 +266,7 @@ impl PeerShared {
         *l = Some(why.clone());
         drop(l);
         if let Some(a) = self.agent.upgrade() {
-            a.event(Event::PeerLost {
+            a.events.push(Event::PeerLost {
                 peer: self.name.clone(),
                 why,
             });
@@ -774,13 +774,11 @@ fn read_until_lost(p: &Arc<PeerShared>, oob: &Oob, agent: &Weak<AgentInner>) {
                     continue;
                 }
                 a.engine.count_notification_received();
-                a.notifications.push(Notification {
+                a.inbox.push(Notification {
                     from: p.name.clone(),
                     transfer,
                     bytes,
                 });
-                let _g = lock(&a.notify_lock);
-                a.notified.notify_all();
             }
             Ok(Wire::Stage {
                 transfer,
