@@ -24,6 +24,7 @@ use crate::memory::{Backing, Location, Memory, MemoryInner};
 use crate::metadata::{Metadata, NicInfo, RegionInfo, RegionKey, VERSION};
 use crate::notify::{Inbox, Notification};
 use crate::peer::{self, Peer, PeerShared};
+use crate::platform::{Backend, Platform};
 use crate::progress::ProgressEngine;
 use crate::region::{MemoryEntry, Region};
 use crate::sync::lock;
@@ -309,7 +310,7 @@ impl AgentBuilder {
             }
             let shared = Arc::new(AgentInner {
                 name: name.clone(),
-                backend: backend.clone(),
+                platform: Platform::new(backend.clone(), self.fault),
                 nics,
                 cfg: self.cfg.clone(),
                 cache: Cache::default(),
@@ -323,8 +324,6 @@ impl AgentBuilder {
                 next_region: AtomicU32::new(1),
                 files: Mutex::new(HashMap::new()),
                 drive: Mutex::new(None),
-                fault: self.fault,
-                cuda: Mutex::new(HashMap::new()),
                 next_memory: AtomicU64::new(1),
                 pending_links: Mutex::new(HashMap::new()),
                 handshakes: Mutex::new(HashMap::new()),
@@ -353,15 +352,6 @@ impl AgentBuilder {
 pub(crate) const CQ_DEPTH: u32 = 1 << 16;
 /// The same on a real device (within every provider's `max_cqe`, rxe's 32767 included).
 const CQ_DEPTH_VERBS: u32 = 1 << 14;
-
-/// What the agent runs on.
-#[derive(Debug, Clone)]
-pub(crate) enum Backend {
-    /// The simulated testbed.
-    Sim(Arc<Testbed>),
-    /// Real RDMA devices through libibverbs.
-    Verbs,
-}
 
 /// Open the RDMA devices named (or all of them): (name, None, NUMA node, active MTU, device).
 #[cfg(feature = "verbs")]
@@ -423,7 +413,7 @@ pub(crate) struct AgentNic {
 /// What the agent's threads share.
 pub(crate) struct AgentInner {
     pub(crate) name: String,
-    pub(crate) backend: Backend,
+    pub(crate) platform: Platform,
     pub(crate) nics: Vec<AgentNic>,
     pub(crate) cfg: Config,
     pub(crate) cache: Cache,
@@ -440,11 +430,6 @@ pub(crate) struct AgentInner {
     pub(crate) files: Mutex<HashMap<u32, Weak<FileEntry>>>,
     /// The drive file regions go through, opened on first use.
     drive: Mutex<Option<Arc<Drive>>>,
-    /// The fault injected on every device of the agent (its drive's too).
-    pub(crate) fault: Option<dmaplane_rdma::Fault>,
-    /// CUDA GPUs opened so far, by ordinal: one handle each, so its allocations and the host
-    /// memory it registers (bounce buffers) are known to the same copy engine.
-    cuda: Mutex<HashMap<u32, dmaplane_gpu::Gpu>>,
     next_memory: AtomicU64,
     /// Lease-link connections that arrived for a handshake under way: (nonce, path) → conn.
     pub(crate) pending_links: Mutex<HashMap<(u64, usize), dmaplane_rdma::oob::Oob>>,
@@ -455,14 +440,6 @@ pub(crate) struct AgentInner {
 }
 
 impl AgentInner {
-    /// The simulated testbed, unless the agent runs on verbs.
-    pub(crate) fn testbed(&self) -> Option<&Arc<Testbed>> {
-        match &self.backend {
-            Backend::Sim(t) => Some(t),
-            Backend::Verbs => None,
-        }
-    }
-
     /// Lease holders this agent's NICs cut off so far (they never acknowledged a revoke).
     pub(crate) fn holders_cut_off(&self) -> u64 {
         self.nics
@@ -479,24 +456,13 @@ impl AgentInner {
         lock(&self.files).get(&id).and_then(Weak::upgrade)
     }
 
-    /// CUDA GPU `ordinal`, opened on first use.
-    pub(crate) fn cuda_gpu(&self, ordinal: u32) -> Result<dmaplane_gpu::Gpu> {
-        let mut c = lock(&self.cuda);
-        if let Some(g) = c.get(&ordinal) {
-            return Ok(g.clone());
-        }
-        let g = dmaplane_gpu::cuda::CudaGpu::new(ordinal)?.into_gpu();
-        c.insert(ordinal, g.clone());
-        Ok(g)
-    }
-
     /// The agent's drive, opened on first use.
     pub(crate) fn drive(&self) -> Result<Arc<Drive>> {
         let mut d = lock(&self.drive);
         if let Some(d) = &*d {
             return Ok(d.clone());
         }
-        let name = match (&self.cfg.drive, self.testbed()) {
+        let name = match (&self.cfg.drive, self.platform.testbed()) {
             (Some(n), _) => n.clone(),
             (None, Some(tb)) => tb
                 .topology()
@@ -528,10 +494,7 @@ impl AgentInner {
                 Some(a) => a.clone(),
                 None => self.addr.to_string(),
             },
-            backend: match self.backend {
-                Backend::Sim(_) => "sim".into(),
-                Backend::Verbs => "verbs".into(),
-            },
+            backend: self.platform.kind().into(),
             nics: self
                 .nics
                 .iter()
@@ -673,7 +636,7 @@ impl Agent {
 
     /// The simulated testbed the agent runs on (`None` on verbs).
     pub fn testbed(&self) -> Option<&Arc<Testbed>> {
-        self.shared.testbed()
+        self.shared.platform.testbed()
     }
 
     /// Where the handshake listener accepts peers.
@@ -683,7 +646,7 @@ impl Agent {
 
     /// `len` bytes of host memory on the NUMA node of the agent's first NIC.
     pub fn alloc_host(&self, name: &str, len: u64) -> Result<Memory> {
-        let Some(tb) = self.shared.testbed() else {
+        let Some(tb) = self.shared.platform.testbed() else {
             return self.alloc_udmabuf(name, len);
         };
         let dev = self.host_device(tb)?;
@@ -712,7 +675,7 @@ impl Agent {
     pub fn adopt(&self, name: &str, buf: Vec<u8>) -> Result<Memory> {
         let len = buf.len() as u64;
         check_alloc(name, len)?;
-        let Some(tb) = self.shared.testbed() else {
+        let Some(tb) = self.shared.platform.testbed() else {
             return self.adopt_user(name, buf);
         };
         let dev = self.host_device(tb)?;
@@ -765,7 +728,7 @@ impl Agent {
 
     #[cfg(feature = "verbs")]
     fn import_dmabuf_verbs(&self, name: &str, fd: std::os::fd::OwnedFd) -> Result<Memory> {
-        if self.shared.testbed().is_some() {
+        if self.shared.platform.testbed().is_some() {
             return Err(self.no_kernel_dmabuf(name));
         }
         let m = dmaplane_core::dmabuf::DmaBufMemory::import(name, fd)
@@ -866,7 +829,7 @@ impl Agent {
     /// [`Error::Gpu`] when there is no driver or no such GPU.
     pub fn alloc_cuda(&self, name: &str, ordinal: u32, len: u64) -> Result<Memory> {
         check_alloc(name, len)?;
-        let gpu = self.shared.cuda_gpu(ordinal)?;
+        let gpu = self.shared.platform.cuda_gpu(ordinal)?;
         let mem = gpu.alloc(name, len)?;
         Ok(self.memory(
             name,
@@ -877,7 +840,7 @@ impl Agent {
     }
 
     fn sim_only(&self, what: &str) -> Result<&Arc<Testbed>> {
-        self.shared.testbed().ok_or_else(|| {
+        self.shared.platform.testbed().ok_or_else(|| {
             Error::setup(
                 &self.shared.name,
                 format!("{what}: the testbed's devices; on verbs use alloc_host or alloc_cuda"),
@@ -1261,7 +1224,7 @@ impl Drop for Threads {
                 tracing::error!(agent = %s.name, "an agent thread panicked");
             }
         }
-        if let Some(t) = s.testbed() {
+        if let Some(t) = s.platform.testbed() {
             t.release(&self.claimed);
         }
     }

@@ -187,7 +187,7 @@ impl Drive {
     /// The drive `device` of the testbed (or, on verbs, this host's kernel), for `shared`'s
     /// agent, with its thread.
     pub(crate) fn open(shared: &AgentInner, device: &str) -> Result<Arc<Drive>> {
-        let tb = shared.testbed().cloned();
+        let tb = shared.platform.testbed().cloned();
         let kernel = tb.is_none() || shared.cfg.io_uring;
         let dev = match &tb {
             Some(tb) => Some(tb.device(device)?),
@@ -195,7 +195,7 @@ impl Drive {
         };
         let engine = match &tb {
             Some(tb) if !kernel => {
-                let nvme = if shared.fault == Some(dmaplane_rdma::Fault::EarlyFence) {
+                let nvme = if shared.platform.fault() == Some(dmaplane_rdma::Fault::EarlyFence) {
                     SimNvme::with_early_fence(tb.fabric(), device)?
                 } else {
                     SimNvme::new(tb.fabric(), device)?
@@ -215,7 +215,9 @@ impl Drive {
                 .file_slots(RING_FILES)
                 .import_slots(RING_IMPORTS)
                 .single_issuer(true)
-                .inject_early_fence(shared.fault == Some(dmaplane_rdma::Fault::EarlyFence))
+                .inject_early_fence(
+                    shared.platform.fault() == Some(dmaplane_rdma::Fault::EarlyFence),
+                )
         });
         let name = if kernel {
             "io_uring".to_string()

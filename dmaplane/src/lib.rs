@@ -46,6 +46,7 @@ pub mod memory;
 pub mod metadata;
 pub mod notify;
 pub mod peer;
+mod platform;
 mod progress;
 pub mod raw;
 pub mod region;

@@ -248,7 +248,7 @@ fn register_on(
 ) -> Result<Reach> {
     // On the testbed the topology says whether a P2P path exists; a real device's exporter
     // (the kernel's dma-buf) decides for itself.
-    let route = match shared.testbed() {
+    let route = match shared.platform.testbed() {
         Some(tb) => Some(
             tb.topology()
                 .route_by_id(memory.location().device(), &nic.name)

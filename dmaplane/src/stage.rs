@@ -125,7 +125,7 @@ impl Stage {
 pub(crate) fn staging(shared: &AgentInner, memory: &Memory, len: u64) -> Result<Arc<Stage>> {
     let gpu_name = memory.location().device();
     let what = || format!("staging for {}", memory.name());
-    let Some(tb) = shared.testbed() else {
+    let Some(tb) = shared.platform.testbed() else {
         return Err(Error::setup(
             &what(),
             "staging needs the simulated testbed's GPUs",
@@ -175,7 +175,7 @@ pub(crate) fn cuda_bounce(shared: &AgentInner, memory: &Memory, len: u64) -> Res
         ));
     };
     // The handle that allocated the memory: its copy engine knows both sides.
-    let gpu = shared.cuda_gpu(ordinal)?;
+    let gpu = shared.platform.cuda_gpu(ordinal)?;
     let name = format!("{}-bounce", memory.name());
     let user = dmaplane_core::user::UserBuffer::anonymous(&name, len)
         .map_err(|e| Error::setup(&what(), e.to_string()))?;

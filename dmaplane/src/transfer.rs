@@ -355,7 +355,7 @@ impl Future for Transfer {
 /// same host bridge, then the same NUMA node, then anything).
 fn rank(s: &AgentInner, device: &str, nic: usize) -> u32 {
     let n = &s.nics[nic];
-    let Some(tb) = s.testbed() else {
+    let Some(tb) = s.platform.testbed() else {
         // Real devices: no topology model here; every NIC that registered the memory is equal.
         return 0;
     };
