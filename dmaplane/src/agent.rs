@@ -10,9 +10,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use dmaplane_core::fabric::{DeviceId, HostMemory};
+use dmaplane_core::fabric::HostMemory;
 use dmaplane_rdma::oob::OobListener;
-use dmaplane_rdma::{Cq, Device, Mtu, Pd};
 
 use crate::cache::{Cache, CacheStats};
 use crate::desc::Desc;
@@ -22,6 +21,7 @@ use crate::event::{Event, Events};
 use crate::file::{FileEntry, FileRegion, FileSpec, StoragePath};
 use crate::memory::{Backing, Location, Memory, MemoryInner};
 use crate::metadata::{Metadata, NicInfo, RegionInfo, RegionKey, VERSION};
+use crate::nics::Nics;
 use crate::notify::{Inbox, Notification};
 use crate::peer::{self, Peer, PeerShared};
 use crate::platform::{Backend, Platform};
@@ -30,7 +30,6 @@ use crate::region::{MemoryEntry, Region};
 use crate::sync::lock;
 use crate::testbed::Testbed;
 use crate::transfer::{Op, Transfer};
-use dmaplane_core::counter::Counter;
 
 /// Tunables, with the defaults [`AgentBuilder`] starts from.
 #[derive(Debug, Clone)]
@@ -249,54 +248,26 @@ impl AgentBuilder {
             ));
         }
         let (backend, opened) = if self.verbs {
-            (Backend::Verbs, open_verbs(&name, self.nics.as_deref())?)
+            (
+                Backend::Verbs,
+                crate::nics::open_verbs(&name, self.nics.as_deref())?,
+            )
         } else {
             let testbed = match self.testbed {
                 Some(t) => t,
                 None => Testbed::shared()?,
             };
-            let sims = testbed.claim(&name, self.nics.as_deref())?;
-            let mut v = Vec::with_capacity(sims.len());
-            for sim in sims {
-                let nic = sim.name().to_string();
-                let id = sim.device_id();
-                let numa = testbed.topology().numa_of(&nic).unwrap_or(0);
-                v.push((nic, Some(id), numa, Mtu::Mtu4096, Device::new(sim)));
-            }
+            let v = crate::nics::claim_sim(&testbed, &name, self.nics.as_deref())?;
             (Backend::Sim(testbed), v)
         };
-        let claimed: Vec<String> = opened.iter().map(|o| o.0.clone()).collect();
+        let claimed: Vec<String> = opened.iter().map(|o| o.name.clone()).collect();
         let release = |b: &Backend| {
             if let Backend::Sim(t) = b {
                 t.release(&claimed);
             }
         };
         let built = (|| -> Result<Agent> {
-            let mut nics = Vec::with_capacity(opened.len());
-            for (nic_name, id, numa, mtu, dev) in opened {
-                dev.inject(self.fault);
-                let pd = dev.alloc_pd()?;
-                // rxe caps CQs at 32767 entries; a NIC's real limit is higher, the engine
-                // bounds what it keeps outstanding by what it got.
-                let cq_depth = if id.is_some() {
-                    CQ_DEPTH
-                } else {
-                    CQ_DEPTH_VERBS
-                };
-                let cq = dev.create_cq(cq_depth)?;
-                nics.push(AgentNic {
-                    cq_depth,
-                    name: nic_name,
-                    id,
-                    numa,
-                    mtu,
-                    dev,
-                    pd,
-                    cq,
-                    outstanding: AtomicU32::new(0),
-                    posted: Counter::default(),
-                });
-            }
+            let nics = Nics::open(opened, self.fault)?;
             let listener = OobListener::bind(c.listen.as_str())?;
             let addr = listener.local_addr();
             if addr.ip().is_unspecified() && c.advertise.is_none() {
@@ -348,73 +319,11 @@ impl AgentBuilder {
     }
 }
 
-/// Completion queue depth of each NIC; the engine never has more requests outstanding on one.
-pub(crate) const CQ_DEPTH: u32 = 1 << 16;
-/// The same on a real device (within every provider's `max_cqe`, rxe's 32767 included).
-const CQ_DEPTH_VERBS: u32 = 1 << 14;
-
-/// Open the RDMA devices named (or all of them): (name, None, NUMA node, active MTU, device).
-#[cfg(feature = "verbs")]
-fn open_verbs(agent: &str, want: Option<&[String]>) -> Result<Vec<OpenedNic>> {
-    use dmaplane_rdma::verbs::{VerbsDevice, list_devices};
-    let names = match want {
-        Some(w) => w.to_vec(),
-        None => list_devices()?,
-    };
-    if names.is_empty() {
-        return Err(Error::setup(agent, "no RDMA device: libibverbs lists none"));
-    }
-    names
-        .into_iter()
-        .map(|n| {
-            let v = VerbsDevice::open(Some(&n))?;
-            let mtu = v.active_mtu();
-            let numa =
-                std::fs::read_to_string(format!("/sys/class/infiniband/{n}/device/numa_node"))
-                    .ok()
-                    .and_then(|s| s.trim().parse::<i64>().ok())
-                    .and_then(|x| u32::try_from(x).ok())
-                    .unwrap_or(0);
-            Ok((n, None, numa, mtu, Device::new(v)))
-        })
-        .collect()
-}
-
-#[cfg(not(feature = "verbs"))]
-fn open_verbs(agent: &str, _want: Option<&[String]>) -> Result<Vec<OpenedNic>> {
-    Err(Error::setup(
-        agent,
-        "the verbs backend needs the `verbs` feature",
-    ))
-}
-
-type OpenedNic = (String, Option<DeviceId>, u32, Mtu, Device);
-
-/// One NIC the agent uses.
-#[derive(Debug)]
-pub(crate) struct AgentNic {
-    pub(crate) name: String,
-    /// Its device on the simulated fabric (`None` on verbs).
-    pub(crate) id: Option<DeviceId>,
-    pub(crate) numa: u32,
-    /// The port's active path MTU (queue pairs use the smaller of both ends').
-    pub(crate) mtu: Mtu,
-    pub(crate) dev: Device,
-    pub(crate) pd: Pd,
-    pub(crate) cq: Cq,
-    /// Entries of its CQ: the engine never has more requests outstanding on it.
-    pub(crate) cq_depth: u32,
-    /// Requests outstanding on its CQ (bounded by `cq_depth`).
-    pub(crate) outstanding: AtomicU32,
-    /// Requests posted on it so far.
-    pub(crate) posted: Counter,
-}
-
 /// What the agent's threads share.
 pub(crate) struct AgentInner {
     pub(crate) name: String,
     pub(crate) platform: Platform,
-    pub(crate) nics: Vec<AgentNic>,
+    pub(crate) nics: Nics,
     pub(crate) cfg: Config,
     pub(crate) cache: Cache,
     /// Registration id → entry (while any handle or the cache holds it).
@@ -442,10 +351,7 @@ pub(crate) struct AgentInner {
 impl AgentInner {
     /// Lease holders this agent's NICs cut off so far (they never acknowledged a revoke).
     pub(crate) fn holders_cut_off(&self) -> u64 {
-        self.nics
-            .iter()
-            .map(|n| n.dev.stats().holders_cut_off)
-            .sum()
+        self.nics.holders_cut_off()
     }
 
     pub(crate) fn entry(&self, id: u32) -> Option<Arc<MemoryEntry>> {
@@ -499,10 +405,10 @@ impl AgentInner {
                 .nics
                 .iter()
                 .map(|n| NicInfo {
-                    name: n.name.clone(),
-                    gid: n.dev.gid(),
-                    numa: n.numa,
-                    mtu: n.mtu.bytes(),
+                    name: n.name().to_string(),
+                    gid: n.dev().gid(),
+                    numa: n.numa(),
+                    mtu: n.mtu().bytes(),
                 })
                 .collect(),
             regions: entries.iter().map(|e| self.region_info(e)).collect(),
@@ -524,7 +430,7 @@ impl AgentInner {
                 .zip(&e.paths)
                 .filter_map(|((mr, nic), path)| {
                     mr.as_ref().map(|mr| RegionKey {
-                        nic: nic.name.clone(),
+                        nic: nic.name().to_string(),
                         rkey: mr.rkey(),
                         addr: mr.iova(),
                         // A published file's bytes are staged from (and landed in) the file.
@@ -631,7 +537,11 @@ impl Agent {
 
     /// The NICs this agent uses.
     pub fn nics(&self) -> Vec<String> {
-        self.shared.nics.iter().map(|n| n.name.clone()).collect()
+        self.shared
+            .nics
+            .iter()
+            .map(|n| n.name().to_string())
+            .collect()
     }
 
     /// The simulated testbed the agent runs on (`None` on verbs).
@@ -759,7 +669,7 @@ impl Agent {
 
     /// The host-memory device nearest the agent's first NIC.
     fn host_device(&self, tb: &Testbed) -> Result<String> {
-        let numa = self.shared.nics.first().map_or(0, |n| n.numa);
+        let numa = self.shared.nics.iter().next().map_or(0, |n| n.numa());
         let topo = tb.topology();
         Ok(topo
             .host_memory_for_numa(numa)
@@ -1027,7 +937,7 @@ impl Agent {
         let mut first_err = None;
         for (mr, nic) in e.mrs.iter().zip(&self.shared.nics) {
             if let Some(mr) = mr
-                && let Err(err) = mr.deregister(&nic.pd, deadline)
+                && let Err(err) = mr.deregister(nic.pd(), deadline)
             {
                 first_err.get_or_insert(err);
             }
@@ -1128,7 +1038,7 @@ impl Agent {
         self.shared
             .nics
             .iter()
-            .map(|n| (n.name.clone(), n.posted.get()))
+            .map(|n| (n.name().to_string(), n.posted()))
             .collect()
     }
 

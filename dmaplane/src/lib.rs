@@ -44,6 +44,7 @@ pub mod handle;
 pub mod load;
 pub mod memory;
 pub mod metadata;
+mod nics;
 pub mod notify;
 pub mod peer;
 mod platform;

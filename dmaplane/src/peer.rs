@@ -573,7 +573,7 @@ fn accept_paths(
             }
             std::thread::sleep(Duration::from_millis(1));
         };
-        let link = LeaseLink::open(&s.nics[local].dev, link_oob, t)?;
+        let link = LeaseLink::open(s.nics[local].dev(), link_oob, t)?;
         built.push(Path::new(local, their_nic, lanes, link));
     }
     Ok(built)
@@ -610,7 +610,7 @@ pub(crate) fn connect(s: &Arc<AgentInner>, addr: &str) -> Result<Peer> {
         let lanes = lanes(s, local, s.cfg.qps_per_path, mtu, &oob, t)?;
         let link_oob = Oob::connect(addr, t)?;
         link_oob.send(&Wire::Link { nonce, path: i })?;
-        let link = LeaseLink::open(&s.nics[local].dev, link_oob, t)?;
+        let link = LeaseLink::open(s.nics[local].dev(), link_oob, t)?;
         built.push(Path::new(local, their_nic, lanes, link));
     }
     Ok(Peer {
@@ -619,7 +619,7 @@ pub(crate) fn connect(s: &Arc<AgentInner>, addr: &str) -> Result<Peer> {
 }
 
 fn nic_index(s: &AgentInner, nic: &str, peer: &str) -> Result<usize> {
-    s.nics.iter().position(|n| n.name == nic).ok_or_else(|| {
+    s.nics.index_of(nic).ok_or_else(|| {
         handshake_err(
             peer,
             format!("path names NIC {nic}, which agent {} does not use", s.name),
@@ -630,7 +630,7 @@ fn nic_index(s: &AgentInner, nic: &str, peer: &str) -> Result<usize> {
 /// `n` queue pairs on NIC `local`, each connected to the peer's over `oob`.
 /// The smaller of both ends' active MTUs: the path MTU both queue pairs must use.
 fn path_mtu(s: &AgentInner, local: usize, theirs: &Metadata, their_nic: &str) -> Mtu {
-    let mine = s.nics[local].mtu;
+    let mine = s.nics[local].mtu();
     let other = theirs
         .nics
         .iter()
@@ -664,7 +664,7 @@ fn lanes(
         ..QpCaps::default()
     };
     let qps = (0..n)
-        .map(|_| nic.pd.create_qp(&nic.cq, &nic.cq, caps))
+        .map(|_| nic.pd().create_qp(nic.cq(), nic.cq(), caps))
         .collect::<std::result::Result<Vec<Qp>, _>>()?;
     crate::raw::connect_over(&qps, oob, mtu, t)?;
     Ok(qps

@@ -315,11 +315,11 @@ impl ProgressEngine {
         let now = Instant::now();
         for nic in &s.nics {
             wcs.clear();
-            match nic.cq.poll(wcs, 256) {
+            match nic.poll(wcs, 256) {
                 Ok(0) => continue,
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::error!(agent = %s.name, nic = %nic.name, error = %e, "polling the completion queue");
+                    tracing::error!(agent = %s.name, nic = %nic.name(), error = %e, "polling the completion queue");
                     continue;
                 }
             }
@@ -354,7 +354,7 @@ impl ProgressEngine {
         let chunk = &a.t.chunks[ci as usize];
         let lane = &a.t.lanes[usize::from(chunk.lane)];
         lane.outstanding.fetch_sub(1, Ordering::Relaxed);
-        s.nics[lane.nic].outstanding.fetch_sub(1, Ordering::Relaxed);
+        s.nics[lane.nic].note_completed();
         a.outstanding -= 1;
         a.last = now;
         // Any error but a flush moves an RC queue pair to the error state for good (this
@@ -412,8 +412,7 @@ impl ProgressEngine {
                 let queued = batches[li].len() as u32;
                 let nic = &s.nics[lane.nic];
                 let room = lane.outstanding.load(Ordering::Relaxed) + queued < s.cfg.depth
-                    && nic.outstanding.load(Ordering::Relaxed) + nic_queued[lane.nic]
-                        < nic.cq_depth;
+                    && nic.has_room(nic_queued[lane.nic]);
                 if !room {
                     blocked.push_back(ci);
                     if blocked.len() > 64 {
@@ -455,10 +454,7 @@ impl ProgressEngine {
                     Err(e) => e.posted_prefix().min(wrs.len()),
                 };
                 lane.outstanding.fetch_add(taken as u32, Ordering::Relaxed);
-                s.nics[lane.nic].posted.add(taken as u64);
-                s.nics[lane.nic]
-                    .outstanding
-                    .fetch_add(taken as u32, Ordering::Relaxed);
+                s.nics[lane.nic].note_posted(taken as u32);
                 a.outstanding += taken as u64;
                 if taken > 0 {
                     a.last = Instant::now();

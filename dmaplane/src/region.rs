@@ -7,10 +7,11 @@ use dmaplane_core::Route;
 use dmaplane_gpu::DmaClient;
 use dmaplane_rdma::{ImportOptions, Mr, MrAccess};
 
-use crate::agent::{AgentInner, AgentNic};
+use crate::agent::AgentInner;
 use crate::error::{Error, Result};
 use crate::handle::{Handle, Registration, debug_entry, sealed};
 use crate::memory::{Backing, Memory};
+use crate::nics::Nic;
 use crate::stage::{Stage, staging};
 
 /// How one NIC reaches a region.
@@ -125,18 +126,18 @@ impl MemoryEntry {
                         Some(st) => st.clone(),
                         None => stage.insert(staging(shared, memory, len)?).clone(),
                     };
-                    let id = nic.id.ok_or_else(|| {
-                        Error::setup(&shared.name, format!("{} is not on the fabric", nic.name))
+                    let id = nic.id().ok_or_else(|| {
+                        Error::setup(&shared.name, format!("{} is not on the fabric", nic.name()))
                     })?;
                     let opts = ImportOptions {
                         access: MrAccess::ALL,
                         ..ImportOptions::default()
                     };
                     let mr = nic
-                        .pd
+                        .pd()
                         .import(&st.name, opts, None, |i, a| st.host.attach(i, Some(id), a))?;
                     let path = NicPath::Staged {
-                        nic: nic.name.clone(),
+                        nic: nic.name().to_string(),
                         through: st.through.clone(),
                         why,
                     };
@@ -241,7 +242,7 @@ enum Reach {
 
 fn register_on(
     shared: &AgentInner,
-    nic: &AgentNic,
+    nic: &Nic,
     memory: &Memory,
     base: u64,
     len: u64,
@@ -251,7 +252,7 @@ fn register_on(
     let route = match shared.platform.testbed() {
         Some(tb) => Some(
             tb.topology()
-                .route_by_id(memory.location().device(), &nic.name)
+                .route_by_id(memory.location().device(), nic.name())
                 .map_err(|e| Error::setup(&shared.name, e.to_string()))?,
         ),
         None => None,
@@ -262,20 +263,21 @@ fn register_on(
         ..ImportOptions::default()
     };
     let on_fabric = || {
-        nic.id
-            .ok_or_else(|| Error::setup(&shared.name, format!("{} is not on the fabric", nic.name)))
+        nic.id().ok_or_else(|| {
+            Error::setup(&shared.name, format!("{} is not on the fabric", nic.name()))
+        })
     };
     // GPU memory: negotiate first, without attaching; a refusal (no P2P route, or no offer
     // the NIC accepts) means staging, and says why.
     let refused = memory.with_backing(|b| {
         Ok(match b {
             // A real device: the driver's dma-buf export and the kernel decide at import.
-            Backing::Gpu(_) if nic.id.is_none() => None,
+            Backing::Gpu(_) if nic.id().is_none() => None,
             Backing::Gpu(g) => g
                 .would_negotiate(
                     DmaClient::Fabric(on_fabric()?),
-                    &nic.name,
-                    &nic.dev.backend().accepts(),
+                    nic.name(),
+                    &nic.dev().backend().accepts(),
                 )
                 .err()
                 .map(|e| e.to_string()),
@@ -298,11 +300,11 @@ fn register_on(
     }
     if route == Some(Route::NotSupported) {
         return Ok(Reach::Unreachable(NicPath::Unreachable {
-            nic: nic.name.clone(),
+            nic: nic.name().to_string(),
             why: format!(
                 "no P2P route between {} and {} (different host bridges)",
                 memory.location().device(),
-                nic.name
+                nic.name()
             ),
         }));
     }
@@ -311,32 +313,32 @@ fn register_on(
         Ok(match b {
             Backing::Host(h) => {
                 let id = on_fabric()?;
-                nic.pd
+                nic.pd()
                     .import(&name, opts, None, |i, a| h.attach(i, id, a))?
             }
-            Backing::Gpu(g) => match nic.id {
-                Some(id) => nic.pd.import(&name, opts, None, |i, a| {
+            Backing::Gpu(g) => match nic.id() {
+                Some(id) => nic.pd().import(&name, opts, None, |i, a| {
                     g.attach(i, DmaClient::Fabric(id), a)
                 })?,
                 // CUDA memory on a real NIC: its dma-buf (ibv_reg_dmabuf_mr) where the driver
                 // exports one, else its device VAs (a peer-memory client); negotiated.
-                None => nic.pd.import(&name, opts, g.dmabuf_fd(), |i, a| {
+                None => nic.pd().import(&name, opts, g.dmabuf_fd(), |i, a| {
                     g.attach(i, DmaClient::External, a)
                 })?,
             },
             #[cfg(feature = "verbs")]
             Backing::DmaBuf(m) => nic
-                .pd
+                .pd()
                 .import(&name, opts, Some(m.fd()), |i, a| m.attach(i, a))?,
             #[cfg(feature = "verbs")]
-            Backing::User(u) => nic.pd.import(&name, opts, None, |i, a| u.attach(i, a))?,
+            Backing::User(u) => nic.pd().import(&name, opts, None, |i, a| u.attach(i, a))?,
         })
     })?;
     let negotiation = mr.negotiation().unwrap_or_default();
     Ok(Reach::Registered(
         mr,
         NicPath::Direct {
-            nic: nic.name.clone(),
+            nic: nic.name().to_string(),
             route: route.map_or_else(
                 || "external (the exporter decides)".into(),
                 |r| format!("{r:?}"),

@@ -360,12 +360,12 @@ fn rank(s: &AgentInner, device: &str, nic: usize) -> u32 {
         return 0;
     };
     let topo = tb.topology();
-    match topo.route_by_id(device, &n.name) {
+    match topo.route_by_id(device, n.name()) {
         Ok(Route::BusAddr) => 0,
         Ok(Route::ThruHostBridge) => 1,
         Ok(Route::Local) => {
             // Host memory: every NIC reaches it; prefer the NIC on its NUMA node.
-            if topo.numa_of(device).ok() == Some(n.numa) {
+            if topo.numa_of(device).ok() == Some(n.numa()) {
                 2
             } else {
                 3
