@@ -348,6 +348,18 @@ pub(crate) struct AgentInner {
     pub(crate) in_handshake: std::sync::atomic::AtomicUsize,
 }
 
+impl crate::memory::Owner for AgentInner {
+    fn holders_cut_off(&self) -> u64 {
+        self.nics.holders_cut_off()
+    }
+    fn forget(&self, id: u64) {
+        self.cache.forget_memory(id);
+    }
+    fn event(&self, e: Event) {
+        self.events.push(e);
+    }
+}
+
 impl AgentInner {
     /// Lease holders this agent's NICs cut off so far (they never acknowledged a revoke).
     pub(crate) fn holders_cut_off(&self) -> u64 {
@@ -766,8 +778,8 @@ impl Agent {
                 len,
                 location,
                 backing: Mutex::new(Some(b)),
-                agent: Arc::downgrade(&self.shared),
-                stages: Mutex::new(Vec::new()),
+                owner: Arc::downgrade(&self.shared) as Weak<dyn crate::memory::Owner>,
+                tied: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -803,7 +815,7 @@ impl Agent {
     /// ```
     pub fn register_range(&self, memory: &Memory, offset: u64, len: u64) -> Result<Region> {
         let s = &self.shared;
-        if memory.inner.agent.as_ptr() != Arc::as_ptr(s) {
+        if !memory.owned_by(s) {
             return Err(Error::invalid(
                 format!("agent {}", s.name),
                 "memory",
@@ -923,7 +935,7 @@ impl Agent {
     /// `deadline`.
     pub fn deregister(&self, region: &Region, deadline: Duration) -> Result<()> {
         let e = &region.entry;
-        if e.memory.inner.agent.as_ptr() != Arc::as_ptr(&self.shared) {
+        if !e.memory.owned_by(&self.shared) {
             return Err(Error::invalid(
                 format!("agent {}", self.shared.name),
                 "region",

@@ -42,7 +42,7 @@ use crate::agent::AgentInner;
 use crate::desc::Desc;
 use crate::error::{Error, Result, Side};
 use crate::file::{FileEntry, StoragePath};
-use crate::memory::{Backing, Memory};
+use crate::memory::{Backing, Memory, Tied};
 use crate::region::MemoryEntry;
 use crate::stage::{Stage, cuda_bounce, staging};
 use crate::sync::{lock, wait_timeout};
@@ -584,7 +584,7 @@ impl Drive {
         } else {
             staging(shared, memory, len)?
         };
-        memory.track_stage(&stage);
+        memory.tie(Arc::downgrade(&stage) as Weak<dyn Tied>);
         let (st, dev) = (stage.clone(), self.dev);
         let buf = self.attach(&stage.name, Box::new(move |i, a| st.host.attach(i, dev, a)))?;
         Ok(Bounce {

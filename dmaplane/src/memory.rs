@@ -10,9 +10,8 @@ use dmaplane_core::fabric::HostMemory;
 use dmaplane_core::{Exporter, RevokeReport};
 use dmaplane_gpu::DeviceMemory;
 
-use crate::agent::AgentInner;
 use crate::error::{Error, Result};
-use crate::stage::Stage;
+use crate::event::Event;
 use crate::sync::lock;
 
 /// Where a [`Memory`] lives.
@@ -141,9 +140,25 @@ pub(crate) struct MemoryInner {
     pub(crate) location: Location,
     /// `None` once freed.
     pub(crate) backing: Mutex<Option<Backing>>,
-    pub(crate) agent: Weak<AgentInner>,
-    /// Staging buffers of its registrations (revoked with it).
-    pub(crate) stages: Mutex<Vec<Weak<Stage>>>,
+    /// The agent that allocated it (what a free reports to).
+    pub(crate) owner: Weak<dyn Owner>,
+    /// What is revoked with it, first: the staging buffers of its registrations.
+    pub(crate) tied: Mutex<Vec<Weak<dyn Tied>>>,
+}
+
+/// What a memory needs of the agent that allocated it when it is freed.
+pub(crate) trait Owner: Send + Sync {
+    /// Lease holders cut off so far (a free reports those it cut off).
+    fn holders_cut_off(&self) -> u64;
+    /// Drop every registration of memory `id` from the registration cache.
+    fn forget(&self, id: u64);
+    /// Report an event.
+    fn event(&self, e: Event);
+}
+
+/// Something revoked with a memory, before it: a staging buffer the memory is reached through.
+pub(crate) trait Tied: Send + Sync {
+    fn revoke(&self, deadline: Duration) -> RevokeReport;
 }
 
 /// An allocation of host or GPU memory owned by an agent. Cheap to clone; the memory is given
@@ -354,14 +369,14 @@ impl Memory {
         };
         // Staging buffers first: the NICs that reach this memory through one stop touching
         // it (and their peers' leases on it are withdrawn) before the memory goes.
-        let stages: Vec<Arc<Stage>> = lock(&self.inner.stages)
+        let tied: Vec<Arc<dyn Tied>> = lock(&self.inner.tied)
             .drain(..)
             .filter_map(|w| w.upgrade())
             .collect();
-        let agent = self.inner.agent.upgrade();
-        let cut_before = agent.as_ref().map_or(0, |a| a.holders_cut_off());
+        let owner = self.inner.owner.upgrade();
+        let cut_before = owner.as_ref().map_or(0, |a| a.holders_cut_off());
         let start = std::time::Instant::now();
-        let staged: Vec<RevokeReport> = stages.iter().map(|st| st.host.revoke(deadline)).collect();
+        let staged: Vec<RevokeReport> = tied.iter().map(|t| t.revoke(deadline)).collect();
         let mut report = backing.revoke(deadline);
         // One report: the staging buffers' importers (the NICs that used them, the copy
         // engine) with the memory's own, over the whole free.
@@ -370,15 +385,15 @@ impl Memory {
         }
         report.elapsed_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.forget();
-        if let Some(a) = agent {
-            a.events.push(crate::event::Event::Freed {
+        if let Some(a) = owner {
+            a.event(Event::Freed {
                 memory: self.inner.name.clone(),
                 epoch: report.epoch,
                 elapsed_us: report.elapsed_us,
             });
             let cut = a.holders_cut_off().saturating_sub(cut_before);
             if cut > 0 {
-                a.events.push(crate::event::Event::LeaseCutOff {
+                a.event(Event::LeaseCutOff {
                     memory: self.inner.name.clone(),
                     holders: cut,
                 });
@@ -389,8 +404,8 @@ impl Memory {
 
     /// Drop this memory's registrations from the agent's cache.
     fn forget(&self) {
-        if let Some(a) = self.inner.agent.upgrade() {
-            a.cache.forget_memory(self.inner.id);
+        if let Some(a) = self.inner.owner.upgrade() {
+            a.forget(self.inner.id);
         }
     }
 
@@ -402,11 +417,16 @@ impl Memory {
         }
     }
 
-    /// Revoke `stage` with this memory when it is freed.
-    pub(crate) fn track_stage(&self, stage: &Arc<Stage>) {
-        let mut v = lock(&self.inner.stages);
+    /// Revoke `t` with this memory (before it) when it is freed.
+    pub(crate) fn tie(&self, t: Weak<dyn Tied>) {
+        let mut v = lock(&self.inner.tied);
         v.retain(|w| w.strong_count() > 0);
-        v.push(Arc::downgrade(stage));
+        v.push(t);
+    }
+
+    /// Whether `owner` (an agent's shared state) allocated it.
+    pub(crate) fn owned_by<T>(&self, owner: &Arc<T>) -> bool {
+        std::ptr::addr_eq(self.inner.owner.as_ptr(), Arc::as_ptr(owner))
     }
 
     pub(crate) fn id(&self) -> u64 {

@@ -1,7 +1,7 @@
 //! Registrations: a [`Region`] is a range of a [`Memory`] that the agent's NICs can reach, with
 //! one memory region (MR) per NIC that serves it zero-copy and the path each NIC takes.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use dmaplane_core::Route;
 use dmaplane_gpu::DmaClient;
@@ -10,7 +10,7 @@ use dmaplane_rdma::{ImportOptions, Mr, MrAccess};
 use crate::agent::AgentInner;
 use crate::error::{Error, Result};
 use crate::handle::{Handle, Registration, debug_entry, sealed};
-use crate::memory::{Backing, Memory};
+use crate::memory::{Backing, Memory, Tied};
 use crate::nics::Nic;
 use crate::stage::{Stage, staging};
 
@@ -148,7 +148,7 @@ impl MemoryEntry {
             paths.push(path);
         }
         if let Some(st) = &stage {
-            memory.track_stage(st);
+            memory.tie(Arc::downgrade(st) as Weak<dyn Tied>);
         }
         if mrs.iter().all(Option::is_none) {
             let why: Vec<String> = paths

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent::AgentInner;
 use crate::error::{Error, Result};
-use crate::memory::{Backing, Memory};
+use crate::memory::{Backing, Memory, Tied};
 
 /// A host staging buffer for GPU memory some NIC cannot reach: as long as the registration,
 /// registered by those NICs and imported by the GPU's copy engine. Field order is drop order:
@@ -42,6 +42,12 @@ pub(crate) struct Stage {
     pub(crate) through: String,
     /// The buffer's name (`<memory>-staging`).
     pub(crate) name: String,
+}
+
+impl Tied for Stage {
+    fn revoke(&self, deadline: std::time::Duration) -> dmaplane_core::RevokeReport {
+        self.host.revoke(deadline)
+    }
 }
 
 /// The host side of a staging or bounce buffer.
