@@ -27,6 +27,7 @@ use crate::peer::{self, Peer, PeerShared};
 use crate::platform::{Backend, Platform};
 use crate::progress::ProgressEngine;
 use crate::region::{MemoryEntry, Region};
+use crate::stage::{StageFailure, StageRange};
 use crate::sync::lock;
 use crate::testbed::Testbed;
 use crate::transfer::{Op, Transfer};
@@ -361,6 +362,72 @@ impl crate::memory::Owner for AgentInner {
 }
 
 impl AgentInner {
+    /// What registering memory needs of this agent.
+    pub(crate) fn register_cx(&self) -> crate::region::RegisterCx<'_> {
+        crate::region::RegisterCx {
+            agent: &self.name,
+            nics: &self.nics,
+            platform: &self.platform,
+            force_staging: self.cfg.force_staging,
+        }
+    }
+
+    /// The owner's side: copy `ranges` of its staged registrations into device memory (`land`)
+    /// or out of it into their staging buffers.
+    pub(crate) fn serve_stage(&self, ranges: &[StageRange], land: bool) -> Option<StageFailure> {
+        let s = self;
+        for &(region, off, len) in ranges {
+            let fail = |name: &str, epoch: Option<u64>, why: String| StageFailure {
+                region,
+                name: name.to_string(),
+                epoch,
+                why,
+            };
+            let Some(e) = s.entry(region) else {
+                return Some(fail(
+                    "",
+                    None,
+                    format!(
+                        "agent {} has no registration {region} (deregistered or freed)",
+                        s.name
+                    ),
+                ));
+            };
+            let name = e.memory.name();
+            if let Some(epoch) = e.revoked_at() {
+                return Some(fail(name, Some(epoch), e.gone_why().to_string()));
+            }
+            if let Some((file, at)) = &e.file {
+                if let Err(err) = crate::drive::serve(s, &e, (file, *at), (off, len), land) {
+                    return Some(fail(name, e.revoked_at(), format!("file I/O: {err}")));
+                }
+                continue;
+            }
+            let Some(st) = &e.stage else {
+                return Some(fail(
+                    name,
+                    None,
+                    "it is not staged: no NIC of this agent stages it".into(),
+                ));
+            };
+            if off.checked_add(len).is_none_or(|end| end > e.len) || len == 0 {
+                return Some(fail(
+                    name,
+                    None,
+                    format!("range [{off:#x}, +{len:#x}) outside its {} bytes", e.len),
+                ));
+            }
+            if let Err(err) = st.copy(&e.memory, e.base, off, len, !land) {
+                return Some(fail(
+                    name,
+                    e.revoked_at(),
+                    format!("the copy engine failed: {err}"),
+                ));
+            }
+        }
+        None
+    }
+
     /// Lease holders this agent's NICs cut off so far (they never acknowledged a revoke).
     pub(crate) fn holders_cut_off(&self) -> u64 {
         self.nics.holders_cut_off()
@@ -857,7 +924,7 @@ impl Agent {
         let end = end.min(memory.len().div_ceil(g) * g);
         let id = s.next_region.fetch_add(1, Ordering::Relaxed);
         let entry = Arc::new(MemoryEntry::register(
-            s,
+            &s.register_cx(),
             id,
             memory,
             base,
@@ -921,7 +988,7 @@ impl Agent {
         let mem = self.alloc_host(&name, file.len())?;
         let s = &self.shared;
         let id = s.next_region.fetch_add(1, Ordering::Relaxed);
-        let mut entry = MemoryEntry::register(s, id, &mem, 0, mem.len())?;
+        let mut entry = MemoryEntry::register(&s.register_cx(), id, &mem, 0, mem.len())?;
         entry.file = Some((file.entry.clone(), file.offset));
         Ok(self.announce(Arc::new(entry), 0, file.len()))
     }

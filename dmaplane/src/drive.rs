@@ -580,9 +580,9 @@ impl Drive {
         // On the testbed host memory on the GPU's NUMA node; with CUDA this process's memory,
         // registered with the copy engine.
         let stage = if memory.location().device().starts_with("cuda:") {
-            cuda_bounce(shared, memory, len)?
+            cuda_bounce(&shared.platform, memory, len)?
         } else {
-            staging(shared, memory, len)?
+            staging(&shared.platform, memory, len)?
         };
         memory.tie(Arc::downgrade(&stage) as Weak<dyn Tied>);
         let (st, dev) = (stage.clone(), self.dev);

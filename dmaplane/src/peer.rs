@@ -27,7 +27,7 @@ use crate::event::Event;
 use crate::metadata::{Metadata, RegionInfo, VERSION};
 use crate::notify::{MAX_NOTIFY, Notification};
 use crate::region::MemoryEntry;
-use crate::stage::{self, StageFailure, StageRange};
+use crate::stage::{StageFailure, StageRange};
 use crate::sync::lock;
 
 /// Registrations of one peer this agent keeps track of (what its announcements may fill).
@@ -786,7 +786,7 @@ fn read_until_lost(p: &Arc<PeerShared>, oob: &Oob, agent: &Weak<AgentInner>) {
                 ranges,
             }) => {
                 let Some(a) = agent.upgrade() else { return };
-                let failure = stage::serve(&a, &ranges, land);
+                let failure = a.serve_stage(&ranges, land);
                 if let Some(f) = &failure {
                     tracing::warn!(peer = %p.name, transfer, region = f.region, why = %f.why, "staging for the peer failed");
                 }

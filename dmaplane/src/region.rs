@@ -7,11 +7,12 @@ use dmaplane_core::Route;
 use dmaplane_gpu::DmaClient;
 use dmaplane_rdma::{ImportOptions, Mr, MrAccess};
 
-use crate::agent::AgentInner;
 use crate::error::{Error, Result};
 use crate::handle::{Handle, Registration, debug_entry, sealed};
 use crate::memory::{Backing, Memory, Tied};
 use crate::nics::Nic;
+use crate::nics::Nics;
+use crate::platform::Platform;
 use crate::stage::{Stage, staging};
 
 /// How one NIC reaches a region.
@@ -105,29 +106,38 @@ pub struct MemoryEntry {
     pub(crate) deregistered: std::sync::atomic::AtomicBool,
 }
 
+/// What registering memory needs of the agent: its NICs, its platform, whether to stage even
+/// where a NIC could reach the memory directly, and its name for messages.
+pub(crate) struct RegisterCx<'a> {
+    pub(crate) agent: &'a str,
+    pub(crate) nics: &'a Nics,
+    pub(crate) platform: &'a Platform,
+    pub(crate) force_staging: bool,
+}
+
 impl MemoryEntry {
     /// Register `[base, base + len)` of `memory` on every NIC of the agent.
     pub(crate) fn register(
-        shared: &AgentInner,
+        cx: &RegisterCx<'_>,
         id: u32,
         memory: &Memory,
         base: u64,
         len: u64,
     ) -> Result<MemoryEntry> {
-        let mut mrs = Vec::with_capacity(shared.nics.len());
-        let mut paths = Vec::with_capacity(shared.nics.len());
+        let mut mrs = Vec::with_capacity(cx.nics.len());
+        let mut paths = Vec::with_capacity(cx.nics.len());
         let mut stage: Option<Arc<Stage>> = None;
-        for nic in &shared.nics {
-            let (mr, path) = match register_on(shared, nic, memory, base, len)? {
+        for nic in cx.nics {
+            let (mr, path) = match register_on(cx, nic, memory, base, len)? {
                 Reach::Registered(mr, path) => (Some(mr), path),
                 Reach::Unreachable(path) => (None, path),
                 Reach::Refused(why) => {
                     let st = match &stage {
                         Some(st) => st.clone(),
-                        None => stage.insert(staging(shared, memory, len)?).clone(),
+                        None => stage.insert(staging(cx.platform, memory, len)?).clone(),
                     };
                     let id = nic.id().ok_or_else(|| {
-                        Error::setup(&shared.name, format!("{} is not on the fabric", nic.name()))
+                        Error::setup(cx.agent, format!("{} is not on the fabric", nic.name()))
                     })?;
                     let opts = ImportOptions {
                         access: MrAccess::ALL,
@@ -164,7 +174,7 @@ impl MemoryEntry {
                 memory.location(),
                 format!(
                     "no NIC of agent {} reaches it ({})",
-                    shared.name,
+                    cx.agent,
                     why.join("; ")
                 ),
             ));
@@ -241,7 +251,7 @@ enum Reach {
 }
 
 fn register_on(
-    shared: &AgentInner,
+    cx: &RegisterCx<'_>,
     nic: &Nic,
     memory: &Memory,
     base: u64,
@@ -249,11 +259,11 @@ fn register_on(
 ) -> Result<Reach> {
     // On the testbed the topology says whether a P2P path exists; a real device's exporter
     // (the kernel's dma-buf) decides for itself.
-    let route = match shared.platform.testbed() {
+    let route = match cx.platform.testbed() {
         Some(tb) => Some(
             tb.topology()
                 .route_by_id(memory.location().device(), nic.name())
-                .map_err(|e| Error::setup(&shared.name, e.to_string()))?,
+                .map_err(|e| Error::setup(cx.agent, e.to_string()))?,
         ),
         None => None,
     };
@@ -263,9 +273,8 @@ fn register_on(
         ..ImportOptions::default()
     };
     let on_fabric = || {
-        nic.id().ok_or_else(|| {
-            Error::setup(&shared.name, format!("{} is not on the fabric", nic.name()))
-        })
+        nic.id()
+            .ok_or_else(|| Error::setup(cx.agent, format!("{} is not on the fabric", nic.name())))
     };
     // GPU memory: negotiate first, without attaching; a refusal (no P2P route, or no offer
     // the NIC accepts) means staging, and says why.
@@ -285,14 +294,9 @@ fn register_on(
         })
     })?;
     let refused = match refused {
-        None if shared.cfg.force_staging
-            && matches!(memory.location(), crate::Location::Gpu(_)) =>
-        {
-            Some(format!(
-                "agent {} stages all GPU memory (force_staging)",
-                shared.name
-            ))
-        }
+        None if cx.force_staging && matches!(memory.location(), crate::Location::Gpu(_)) => Some(
+            format!("agent {} stages all GPU memory (force_staging)", cx.agent),
+        ),
         other => other,
     };
     if let Some(why) = refused {

@@ -27,9 +27,9 @@ use dmaplane_core::fabric::HostMemory;
 use dmaplane_gpu::{Gpu, Loc, PeerMemory};
 use serde::{Deserialize, Serialize};
 
-use crate::agent::AgentInner;
 use crate::error::{Error, Result};
 use crate::memory::{Backing, Memory, Tied};
+use crate::platform::Platform;
 
 /// A host staging buffer for GPU memory some NIC cannot reach: as long as the registration,
 /// registered by those NICs and imported by the GPU's copy engine. Field order is drop order:
@@ -128,10 +128,10 @@ impl Stage {
 
 /// A staging buffer for `len` bytes of GPU `memory`: host memory on the GPU's NUMA node,
 /// resident, imported by the GPU's copy engine.
-pub(crate) fn staging(shared: &AgentInner, memory: &Memory, len: u64) -> Result<Arc<Stage>> {
+pub(crate) fn staging(platform: &Platform, memory: &Memory, len: u64) -> Result<Arc<Stage>> {
     let gpu_name = memory.location().device();
     let what = || format!("staging for {}", memory.name());
-    let Some(tb) = shared.platform.testbed() else {
+    let Some(tb) = platform.testbed() else {
         return Err(Error::setup(
             &what(),
             "staging needs the simulated testbed's GPUs",
@@ -168,7 +168,7 @@ pub(crate) fn staging(shared: &AgentInner, memory: &Memory, len: u64) -> Result<
 /// A bounce buffer of `len` bytes for CUDA `memory` (on `cuda:N`): page-aligned host memory of
 /// this process, registered with the GPU's copy engine (`cuMemHostRegister`), which the
 /// kernel's `O_DIRECT` reads fill and writes drain.
-pub(crate) fn cuda_bounce(shared: &AgentInner, memory: &Memory, len: u64) -> Result<Arc<Stage>> {
+pub(crate) fn cuda_bounce(platform: &Platform, memory: &Memory, len: u64) -> Result<Arc<Stage>> {
     let device = memory.location().device();
     let what = || format!("bounce buffer for {}", memory.name());
     let Some(ordinal) = device
@@ -181,7 +181,7 @@ pub(crate) fn cuda_bounce(shared: &AgentInner, memory: &Memory, len: u64) -> Res
         ));
     };
     // The handle that allocated the memory: its copy engine knows both sides.
-    let gpu = shared.platform.cuda_gpu(ordinal)?;
+    let gpu = platform.cuda_gpu(ordinal)?;
     let name = format!("{}-bounce", memory.name());
     let user = dmaplane_core::user::UserBuffer::anonymous(&name, len)
         .map_err(|e| Error::setup(&what(), e.to_string()))?;
@@ -207,61 +207,6 @@ pub(crate) struct StageFailure {
     /// The revoke's epoch, when a revoke is why.
     pub(crate) epoch: Option<u64>,
     pub(crate) why: String,
-}
-
-/// The owner's side: copy `ranges` of its staged registrations into device memory (`land`)
-/// or out of it into their staging buffers.
-pub(crate) fn serve(s: &AgentInner, ranges: &[StageRange], land: bool) -> Option<StageFailure> {
-    for &(region, off, len) in ranges {
-        let fail = |name: &str, epoch: Option<u64>, why: String| StageFailure {
-            region,
-            name: name.to_string(),
-            epoch,
-            why,
-        };
-        let Some(e) = s.entry(region) else {
-            return Some(fail(
-                "",
-                None,
-                format!(
-                    "agent {} has no registration {region} (deregistered or freed)",
-                    s.name
-                ),
-            ));
-        };
-        let name = e.memory.name();
-        if let Some(epoch) = e.revoked_at() {
-            return Some(fail(name, Some(epoch), e.gone_why().to_string()));
-        }
-        if let Some((file, at)) = &e.file {
-            if let Err(err) = crate::drive::serve(s, &e, (file, *at), (off, len), land) {
-                return Some(fail(name, e.revoked_at(), format!("file I/O: {err}")));
-            }
-            continue;
-        }
-        let Some(st) = &e.stage else {
-            return Some(fail(
-                name,
-                None,
-                "it is not staged: no NIC of this agent stages it".into(),
-            ));
-        };
-        if off.checked_add(len).is_none_or(|end| end > e.len) || len == 0 {
-            return Some(fail(
-                name,
-                None,
-                format!("range [{off:#x}, +{len:#x}) outside its {} bytes", e.len),
-            ));
-        }
-        if let Err(err) = st.copy(&e.memory, e.base, off, len, !land) {
-            return Some(fail(
-                name,
-                e.revoked_at(),
-                format!("the copy engine failed: {err}"),
-            ));
-        }
-    }
-    None
 }
 
 /// Merge ranges that continue one another (a scattered batch stays one range per piece).
