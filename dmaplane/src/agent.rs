@@ -286,6 +286,7 @@ impl AgentBuilder {
                 nics,
                 cfg: self.cfg.clone(),
                 cache: Cache::default(),
+                file_cache: crate::file::FileCache::default(),
                 entries: Mutex::new(HashMap::new()),
                 peers: Mutex::new(Vec::new()),
                 engine: ProgressEngine::default(),
@@ -327,6 +328,7 @@ pub(crate) struct AgentInner {
     pub(crate) nics: Nics,
     pub(crate) cfg: Config,
     pub(crate) cache: Cache,
+    pub(crate) file_cache: crate::file::FileCache,
     /// Registration id → entry (while any handle or the cache holds it).
     pub(crate) entries: Mutex<HashMap<u32, Weak<MemoryEntry>>>,
     pub(crate) peers: Mutex<Vec<Arc<PeerShared>>>,
@@ -1106,7 +1108,11 @@ impl Agent {
     /// The agent's counters now: transfers, requests, bytes, notifications and the cache.
     pub fn stats(&self) -> AgentStats {
         let mut s = self.shared.engine.stats();
-        s.cache = self.shared.cache.stats();
+        s.cache = self
+            .shared
+            .cache
+            .stats()
+            .merge(self.shared.file_cache.stats());
         s.holders_cut_off = self.shared.holders_cut_off();
         s
     }

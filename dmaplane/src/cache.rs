@@ -6,16 +6,12 @@
 //! its entries at once, so the cache never keeps freed memory pinned. Entries live until then:
 //! a handle dropped and taken again is a hit.
 //!
-//! File registrations are cached the same way, by canonical path: a range inside an earlier
-//! registration of the same file with the access asked for (a read-write one serves reads too)
-//! is a hit; they live until deregistered.
+//! File registrations are cached the same way, by canonical path ([`crate::file::FileCache`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::file::FileEntry;
 use crate::region::MemoryEntry;
 use crate::sync::lock;
 
@@ -34,6 +30,19 @@ pub struct CacheStats {
     pub invalidated: u64,
 }
 
+impl CacheStats {
+    /// The counts of two caches together (memory and files).
+    pub(crate) fn merge(self, o: CacheStats) -> CacheStats {
+        CacheStats {
+            hits: self.hits + o.hits,
+            misses: self.misses + o.misses,
+            bytes_registered: self.bytes_registered + o.bytes_registered,
+            entries: self.entries + o.entries,
+            invalidated: self.invalidated + o.invalidated,
+        }
+    }
+}
+
 /// One memory's registrations: base → the entries starting there.
 type Entries = BTreeMap<u64, Vec<Arc<MemoryEntry>>>;
 
@@ -41,8 +50,6 @@ type Entries = BTreeMap<u64, Vec<Arc<MemoryEntry>>>;
 pub(crate) struct Cache {
     /// memory id → its registrations.
     by_memory: Mutex<HashMap<u64, Entries>>,
-    /// canonical path → its file registrations.
-    by_file: Mutex<HashMap<PathBuf, Vec<Arc<FileEntry>>>>,
     hits: AtomicU64,
     misses: AtomicU64,
     bytes: AtomicU64,
@@ -137,53 +144,12 @@ impl Cache {
             .map_or(0, |t| t.values().map(Vec::len).sum())
     }
 
-    /// A registration of file `path` covering `[offset, offset + len)` with write access if
-    /// `write`, counted as a hit.
-    pub(crate) fn lookup_file(
-        &self,
-        path: &Path,
-        write: bool,
-        offset: u64,
-        len: u64,
-    ) -> Option<Arc<FileEntry>> {
-        let found = lock(&self.by_file)
-            .get(path)?
-            .iter()
-            .find(|e| (e.writable || !write) && e.covers(offset, len))
-            .cloned();
-        if found.is_some() {
-            self.hits.fetch_add(1, Ordering::Relaxed);
-        }
-        found
-    }
-
-    /// Record a new file registration (a miss).
-    pub(crate) fn insert_file(&self, entry: Arc<FileEntry>) {
-        self.misses.fetch_add(1, Ordering::Relaxed);
-        lock(&self.by_file)
-            .entry(entry.path.clone())
-            .or_default()
-            .push(entry);
-    }
-
-    /// Drop one file registration (deregistered).
-    pub(crate) fn remove_file(&self, entry: &Arc<FileEntry>) {
-        let mut all = lock(&self.by_file);
-        if let Some(v) = all.get_mut(&entry.path) {
-            v.retain(|e| !Arc::ptr_eq(e, entry));
-            if v.is_empty() {
-                all.remove(&entry.path);
-            }
-        }
-    }
-
     pub(crate) fn stats(&self) -> CacheStats {
         let entries: usize = lock(&self.by_memory)
             .values()
             .flat_map(|t| t.values())
             .map(Vec::len)
-            .sum::<usize>()
-            + lock(&self.by_file).values().map(Vec::len).sum::<usize>();
+            .sum::<usize>();
         CacheStats {
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),

@@ -21,9 +21,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use dmaplane_storage::{DioAlign, DirectFile, FileId, OpenOptions};
 
 use crate::agent::AgentInner;
+use crate::cache::CacheStats;
 use crate::error::{Error, Result};
 use crate::handle::{Handle, Registration, debug_entry, sealed};
 use crate::sync::lock;
+use dmaplane_core::counter::Counter;
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 /// What to register: a file, a range of it, and how to open it.
 ///
@@ -275,8 +279,8 @@ pub(crate) fn register(shared: &AgentInner, spec: &FileSpec) -> Result<FileRegio
     let want_len = spec.len;
     if let Some(len) = want_len
         && let Some(e) = shared
-            .cache
-            .lookup_file(&path, spec.write, spec.offset, len)
+            .file_cache
+            .lookup(&path, spec.write, spec.offset, len)
     {
         return Ok(FileRegion {
             offset: spec.offset - e.base,
@@ -317,8 +321,8 @@ pub(crate) fn register(shared: &AgentInner, spec: &FileSpec) -> Result<FileRegio
     }
     if want_len.is_none()
         && let Some(e) = shared
-            .cache
-            .lookup_file(&path, spec.write, spec.offset, len)
+            .file_cache
+            .lookup(&path, spec.write, spec.offset, len)
     {
         return Ok(FileRegion {
             offset: spec.offset - e.base,
@@ -342,7 +346,7 @@ pub(crate) fn register(shared: &AgentInner, spec: &FileSpec) -> Result<FileRegio
         closed: AtomicBool::new(false),
     });
     lock(&shared.files).insert(id, Arc::downgrade(&entry));
-    shared.cache.insert_file(entry.clone());
+    shared.file_cache.insert(entry.clone());
     tracing::debug!(agent = %shared.name, id, path = %entry.path.display(), len, direct = entry.direct.is_direct(), "file registered");
     Ok(FileRegion {
         entry,
@@ -355,6 +359,67 @@ pub(crate) fn register(shared: &AgentInner, spec: &FileSpec) -> Result<FileRegio
 pub(crate) fn deregister(shared: &AgentInner, region: &FileRegion) {
     let e = &region.entry;
     e.closed.store(true, Ordering::Release);
-    shared.cache.remove_file(e);
+    shared.file_cache.remove(e);
     lock(&shared.files).remove(&e.id);
+}
+
+/// File registrations by canonical path: a range inside an earlier registration of the same
+/// file with the access asked for (a read-write one serves reads too) is a hit; they live
+/// until deregistered.
+#[derive(Debug, Default)]
+pub(crate) struct FileCache {
+    by_file: Mutex<HashMap<PathBuf, Vec<Arc<FileEntry>>>>,
+    hits: Counter,
+    misses: Counter,
+}
+
+impl FileCache {
+    /// A registration of file `path` covering `[offset, offset + len)` with write access if
+    /// `write`, counted as a hit.
+    pub(crate) fn lookup(
+        &self,
+        path: &Path,
+        write: bool,
+        offset: u64,
+        len: u64,
+    ) -> Option<Arc<FileEntry>> {
+        let found = lock(&self.by_file)
+            .get(path)?
+            .iter()
+            .find(|e| (e.writable || !write) && e.covers(offset, len))
+            .cloned();
+        if found.is_some() {
+            self.hits.inc();
+        }
+        found
+    }
+
+    /// Record a new file registration (a miss).
+    pub(crate) fn insert(&self, entry: Arc<FileEntry>) {
+        self.misses.inc();
+        lock(&self.by_file)
+            .entry(entry.path.clone())
+            .or_default()
+            .push(entry);
+    }
+
+    /// Drop one file registration (deregistered).
+    pub(crate) fn remove(&self, entry: &Arc<FileEntry>) {
+        let mut all = lock(&self.by_file);
+        if let Some(v) = all.get_mut(&entry.path) {
+            v.retain(|e| !Arc::ptr_eq(e, entry));
+            if v.is_empty() {
+                all.remove(&entry.path);
+            }
+        }
+    }
+
+    pub(crate) fn stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.hits.get(),
+            misses: self.misses.get(),
+            entries: lock(&self.by_file).values().map(Vec::len).sum::<usize>() as u64,
+            ..CacheStats::default()
+        }
+    }
 }
