@@ -15,8 +15,8 @@ use dmaplane_rdma::oob::OobListener;
 
 use crate::cache::{Cache, CacheStats};
 use crate::desc::Desc;
-use crate::drive::{Drive, FileTransfer};
-use crate::error::{Error, Result};
+use crate::drive::{FileTransfer, Pair};
+use crate::error::{Error, Result, Side};
 use crate::event::{Event, Events};
 use crate::file::{FileEntry, FileRegion, FileSpec, StoragePath};
 use crate::memory::{Backing, Location, Memory, MemoryInner};
@@ -286,7 +286,6 @@ impl AgentBuilder {
                 nics,
                 cfg: self.cfg.clone(),
                 cache: Cache::default(),
-                file_cache: crate::file::FileCache::default(),
                 entries: Mutex::new(HashMap::new()),
                 peers: Mutex::new(Vec::new()),
                 engine: ProgressEngine::default(),
@@ -295,8 +294,14 @@ impl AgentBuilder {
                 addr,
                 stop: AtomicBool::new(false),
                 next_region: AtomicU32::new(1),
-                files: Mutex::new(HashMap::new()),
-                drive: Mutex::new(None),
+                files: crate::files::Files::new(crate::drive::DriveOptions {
+                    agent: name.clone(),
+                    device: self.cfg.drive.clone(),
+                    io_uring: self.cfg.io_uring,
+                    rate: self.cfg.drive_rate,
+                    chunk: self.cfg.chunk,
+                    force_bounce: self.cfg.force_staging,
+                }),
                 next_memory: AtomicU64::new(1),
                 pending_links: Mutex::new(HashMap::new()),
                 handshakes: Mutex::new(HashMap::new()),
@@ -328,7 +333,6 @@ pub(crate) struct AgentInner {
     pub(crate) nics: Nics,
     pub(crate) cfg: Config,
     pub(crate) cache: Cache,
-    pub(crate) file_cache: crate::file::FileCache,
     /// Registration id → entry (while any handle or the cache holds it).
     pub(crate) entries: Mutex<HashMap<u32, Weak<MemoryEntry>>>,
     pub(crate) peers: Mutex<Vec<Arc<PeerShared>>>,
@@ -338,10 +342,8 @@ pub(crate) struct AgentInner {
     pub(crate) addr: SocketAddr,
     pub(crate) stop: AtomicBool,
     pub(crate) next_region: AtomicU32,
-    /// File registration id → entry (while a handle or the cache holds it).
-    pub(crate) files: Mutex<HashMap<u32, Weak<FileEntry>>>,
-    /// The drive file regions go through, opened on first use.
-    drive: Mutex<Option<Arc<Drive>>>,
+    /// File registrations and the drive they go through.
+    pub(crate) files: crate::files::Files,
     next_memory: AtomicU64,
     /// Lease-link connections that arrived for a handshake under way: (nonce, path) → conn.
     pub(crate) pending_links: Mutex<HashMap<(u64, usize), dmaplane_rdma::oob::Oob>>,
@@ -364,6 +366,169 @@ impl crate::memory::Owner for AgentInner {
 }
 
 impl AgentInner {
+    /// The owner's side of a peer's transfer on a published file region: read `len` bytes at
+    /// `off` of the region from the file into its buffer (`land` false: before the peer's READ), or
+    /// write them from the buffer to the file (`land`: after the peer's WRITE landed), and wait.
+    pub(crate) fn serve_file(
+        &self,
+        region: &Arc<MemoryEntry>,
+        (file, at): (&Arc<FileEntry>, u64),
+        (off, len): (u64, u64),
+        land: bool,
+    ) -> Result<u64> {
+        let op = if land { "write" } else { "read" };
+        if land && !file.writable {
+            return Err(Error::invalid(
+                format!("peer's {op} of {}", file.path.display()),
+                "file region",
+                file.id,
+                "published read-only: register it with FileSpec::writable",
+            ));
+        }
+        // The peer chose these: checked before anything is computed from them.
+        let published = region.len.min(file.len.saturating_sub(at));
+        if len == 0 || off.checked_add(len).is_none_or(|end| end > published) {
+            return Err(Error::invalid(
+                format!("peer's {op} of {}", file.path.display()),
+                "range",
+                format!("[{off:#x}, +{len:#x})"),
+                format!("outside the published {published} bytes (or empty)"),
+            ));
+        }
+        if file.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::invalid(
+                format!("peer's {op} of {}", file.path.display()),
+                "file region",
+                file.id,
+                "it was deregistered",
+            ));
+        }
+        let file_at = file.base + at + off;
+        let mem_off = region.base + off;
+        let drive = self.files.drive(&self.platform)?;
+        file.check(op, file_at, len, mem_off, drive.is_kernel())?;
+        let pair = Pair {
+            file: file.clone(),
+            at: file_at,
+            region: region.clone(),
+            mem_off,
+            len,
+        };
+        drive
+            .start(&self.platform, land, vec![pair])?
+            .wait(self.cfg.stall_timeout)
+    }
+
+    /// Check `pairs` of (file desc, memory desc) for a transfer and resolve them.
+    pub(crate) fn resolve_files(
+        &self,
+        write: bool,
+        files: &[Desc],
+        memory: &[Desc],
+    ) -> Result<Vec<Pair>> {
+        let op = if write { "write_file" } else { "read_file" };
+        let what = || format!("{op} of agent {}", self.name);
+        if files.len() != memory.len() || files.is_empty() {
+            return Err(Error::invalid(
+                what(),
+                "descriptors",
+                format!("{} file, {} memory", files.len(), memory.len()),
+                "one memory descriptor per file descriptor, at least one",
+            ));
+        }
+        let mut out = Vec::with_capacity(files.len());
+        for (i, (f, m)) in files.iter().zip(memory).enumerate() {
+            let Some(fe) = self.files.get(f.region) else {
+                return Err(Error::invalid(
+                    what(),
+                    "file region",
+                    f.region,
+                    format!("pair {i}: no such file registration (deregistered?)"),
+                ));
+            };
+            let Some(me) = self.entry(m.region) else {
+                return Err(Error::invalid(
+                    what(),
+                    "memory region",
+                    m.region,
+                    format!("pair {i}: no such memory registration"),
+                ));
+            };
+            if let Some(epoch) = me.revoked_at() {
+                return Err(Error::Revoked {
+                    side: Side::Local,
+                    region: me.id,
+                    name: me.memory.name().to_string(),
+                    epoch,
+                    why: format!("{} before the file transfer started", me.gone_why()),
+                });
+            }
+            if f.len != m.len || f.len == 0 {
+                return Err(Error::invalid(
+                    what(),
+                    "len",
+                    format!("file {} / memory {}", f.len, m.len),
+                    format!("pair {i}: both sides must be the same, positive length"),
+                ));
+            }
+            if f.offset.checked_add(f.len).is_none_or(|e| e > fe.len) {
+                return Err(Error::invalid(
+                    what(),
+                    "file desc",
+                    format!("[{:#x}, +{:#x})", f.offset, f.len),
+                    format!(
+                        "pair {i}: outside file region {} of {} bytes",
+                        fe.id, fe.len
+                    ),
+                ));
+            }
+            if m.offset.checked_add(m.len).is_none_or(|e| e > me.len) {
+                return Err(Error::invalid(
+                    what(),
+                    "memory desc",
+                    format!("[{:#x}, +{:#x})", m.offset, m.len),
+                    format!(
+                        "pair {i}: outside memory region {} of {} bytes",
+                        me.id, me.len
+                    ),
+                ));
+            }
+            if write && !fe.writable {
+                return Err(Error::invalid(
+                    what(),
+                    "file region",
+                    format!("{} ({})", fe.id, fe.path.display()),
+                    "registered read-only: register it with FileSpec::writable",
+                ));
+            }
+            if fe.closed.load(std::sync::atomic::Ordering::Acquire) {
+                return Err(Error::invalid(
+                    what(),
+                    "file region",
+                    fe.id,
+                    "it was deregistered",
+                ));
+            }
+            let at = fe.base + f.offset;
+            let mem_off = me.base + m.offset;
+            fe.check(
+                op,
+                at,
+                f.len,
+                mem_off,
+                self.files.drive(&self.platform)?.is_kernel(),
+            )?;
+            out.push(Pair {
+                file: fe,
+                at,
+                region: me,
+                mem_off,
+                len: f.len,
+            });
+        }
+        Ok(out)
+    }
+
     /// What registering memory needs of this agent.
     pub(crate) fn register_cx(&self) -> crate::region::RegisterCx<'_> {
         crate::region::RegisterCx {
@@ -400,7 +565,7 @@ impl AgentInner {
                 return Some(fail(name, Some(epoch), e.gone_why().to_string()));
             }
             if let Some((file, at)) = &e.file {
-                if let Err(err) = crate::drive::serve(s, &e, (file, *at), (off, len), land) {
+                if let Err(err) = s.serve_file(&e, (file, *at), (off, len), land) {
                     return Some(fail(name, e.revoked_at(), format!("file I/O: {err}")));
                 }
                 continue;
@@ -437,31 +602,6 @@ impl AgentInner {
 
     pub(crate) fn entry(&self, id: u32) -> Option<Arc<MemoryEntry>> {
         lock(&self.entries).get(&id).and_then(Weak::upgrade)
-    }
-
-    pub(crate) fn file_entry(&self, id: u32) -> Option<Arc<FileEntry>> {
-        lock(&self.files).get(&id).and_then(Weak::upgrade)
-    }
-
-    /// The agent's drive, opened on first use.
-    pub(crate) fn drive(&self) -> Result<Arc<Drive>> {
-        let mut d = lock(&self.drive);
-        if let Some(d) = &*d {
-            return Ok(d.clone());
-        }
-        let name = match (&self.cfg.drive, self.platform.testbed()) {
-            (Some(n), _) => n.clone(),
-            (None, Some(tb)) => tb
-                .topology()
-                .devices_of_kind(dmaplane_core::topology::DeviceKind::Nvme)
-                .next()
-                .map(|d| d.id.clone())
-                .ok_or_else(|| Error::setup(&self.name, "the testbed has no NVMe drive"))?,
-            (None, None) => String::new(),
-        };
-        let drive = Drive::open(self, &name)?;
-        *d = Some(drive.clone());
-        Ok(drive)
     }
 
     /// This agent's metadata: every live registration.
@@ -1108,11 +1248,7 @@ impl Agent {
     /// The agent's counters now: transfers, requests, bytes, notifications and the cache.
     pub fn stats(&self) -> AgentStats {
         let mut s = self.shared.engine.stats();
-        s.cache = self
-            .shared
-            .cache
-            .stats()
-            .merge(self.shared.file_cache.stats());
+        s.cache = self.shared.cache.stats().merge(self.shared.files.stats());
         s.holders_cut_off = self.shared.holders_cut_off();
         s
     }
@@ -1154,12 +1290,14 @@ impl Agent {
     /// # Ok(()) }
     /// ```
     pub fn register_file(&self, spec: &FileSpec) -> Result<FileRegion> {
-        crate::file::register(&self.shared, spec)
+        self.shared
+            .files
+            .register(&self.shared.platform, &self.shared.next_region, spec)
     }
 
     /// Deregister a file region: new transfers naming it are refused; those under way finish.
     pub fn deregister_file(&self, region: &FileRegion) {
-        crate::file::deregister(&self.shared, region);
+        self.shared.files.deregister(region);
     }
 
     /// Read file descriptors `files` into memory descriptors `into`, pairwise (equal
@@ -1168,19 +1306,28 @@ impl Agent {
     /// ([`FileTransfer::paths`] says which). Misaligned `O_DIRECT` requests are refused
     /// before anything moves, naming the field and the alignment.
     pub fn read_file(&self, files: &[Desc], into: &[Desc]) -> Result<FileTransfer> {
-        let pairs = crate::drive::resolve(&self.shared, false, files, into)?;
-        self.shared.drive()?.start(&self.shared, false, pairs)
+        let pairs = self.shared.resolve_files(false, files, into)?;
+        self.shared
+            .files
+            .drive(&self.shared.platform)?
+            .start(&self.shared.platform, false, pairs)
     }
 
     /// Write memory descriptors `from` into file descriptors `files`, pairwise.
     pub fn write_file(&self, from: &[Desc], files: &[Desc]) -> Result<FileTransfer> {
-        let pairs = crate::drive::resolve(&self.shared, true, files, from)?;
-        self.shared.drive()?.start(&self.shared, true, pairs)
+        let pairs = self.shared.resolve_files(true, files, from)?;
+        self.shared
+            .files
+            .drive(&self.shared.platform)?
+            .start(&self.shared.platform, true, pairs)
     }
 
     /// How the agent's drive reaches `memory`: direct, or bounced through host memory and why.
     pub fn storage_path(&self, memory: &Memory) -> Result<StoragePath> {
-        self.shared.drive()?.reach(&self.shared, memory)
+        self.shared
+            .files
+            .drive(&self.shared.platform)?
+            .reach(memory)
     }
 
     /// Registrations the cache holds for `memory` (0 once it is freed).

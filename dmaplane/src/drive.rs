@@ -38,11 +38,10 @@ use dmaplane_gpu::DmaClient;
 use dmaplane_storage::sim::SimNvme;
 use dmaplane_storage::{BufId, Completion, DirectFile, FileId, Ring, StorageError};
 
-use crate::agent::AgentInner;
-use crate::desc::Desc;
 use crate::error::{Error, Result, Side};
-use crate::file::{FileEntry, StoragePath};
+use crate::file::{FileEntry, FileMedia, StoragePath};
 use crate::memory::{Backing, Memory, Tied};
+use crate::platform::Platform;
 use crate::region::MemoryEntry;
 use crate::stage::{Stage, cuda_bounce, staging};
 use crate::sync::{lock, wait_timeout};
@@ -74,6 +73,23 @@ pub(crate) struct Drive {
     jobs: Mutex<VecDeque<Job>>,
     /// Held across an import (look-up, attach, insert): one memory is imported once.
     importing: Mutex<()>,
+}
+
+/// How the agent's drive is opened (from the agent's configuration).
+#[derive(Debug, Clone)]
+pub(crate) struct DriveOptions {
+    /// The agent's name, for messages and thread names.
+    pub(crate) agent: String,
+    /// The testbed's NVMe drive to use (`None`: its first; on verbs, the kernel).
+    pub(crate) device: Option<String>,
+    /// Through this host's kernel (io_uring, `O_DIRECT`) instead of the simulated drive.
+    pub(crate) io_uring: bool,
+    /// The simulated drive's bandwidth (`None`: its default).
+    pub(crate) rate: Option<u64>,
+    /// Bytes per piece a transfer is cut into.
+    pub(crate) chunk: u64,
+    /// Bounce through host memory even where the drive reaches the memory.
+    pub(crate) force_bounce: bool,
 }
 
 /// What moves the bytes.
@@ -183,24 +199,44 @@ enum PieceBuffer {
     },
 }
 
+impl FileMedia for Drive {
+    fn remove_file(&self, id: FileId) {
+        match &self.engine {
+            DriveBackend::Sim(nvme) => {
+                if let Err(e) = nvme.remove_file(id) {
+                    tracing::warn!(drive = %self.name, error = %e, "closing a file on the drive");
+                }
+            }
+            DriveBackend::Kernel => {
+                lock(&self.jobs).push_back(Job::RemoveFile(id));
+                self.work.notify_all();
+            }
+        }
+    }
+}
+
 impl Drive {
-    /// The drive `device` of the testbed (or, on verbs, this host's kernel), for `shared`'s
-    /// agent, with its thread.
-    pub(crate) fn open(shared: &AgentInner, device: &str) -> Result<Arc<Drive>> {
-        let tb = shared.platform.testbed().cloned();
-        let kernel = tb.is_none() || shared.cfg.io_uring;
+    /// The drive `device` of the testbed (or, on verbs, this host's kernel), opened as `opts`
+    /// say, with its thread.
+    pub(crate) fn open(
+        opts: &DriveOptions,
+        platform: &Platform,
+        device: &str,
+    ) -> Result<Arc<Drive>> {
+        let tb = platform.testbed().cloned();
+        let kernel = tb.is_none() || opts.io_uring;
         let dev = match &tb {
             Some(tb) => Some(tb.device(device)?),
             None => None,
         };
         let engine = match &tb {
             Some(tb) if !kernel => {
-                let nvme = if shared.platform.fault() == Some(dmaplane_rdma::Fault::EarlyFence) {
+                let nvme = if platform.fault() == Some(dmaplane_rdma::Fault::EarlyFence) {
                     SimNvme::with_early_fence(tb.fabric(), device)?
                 } else {
                     SimNvme::new(tb.fabric(), device)?
                 };
-                if let Some(rate) = shared.cfg.drive_rate {
+                if let Some(rate) = opts.rate {
                     nvme.set_rate(rate);
                 }
                 DriveBackend::Sim(nvme)
@@ -215,9 +251,7 @@ impl Drive {
                 .file_slots(RING_FILES)
                 .import_slots(RING_IMPORTS)
                 .single_issuer(true)
-                .inject_early_fence(
-                    shared.platform.fault() == Some(dmaplane_rdma::Fault::EarlyFence),
-                )
+                .inject_early_fence(platform.fault() == Some(dmaplane_rdma::Fault::EarlyFence))
         });
         let name = if kernel {
             "io_uring".to_string()
@@ -226,12 +260,12 @@ impl Drive {
         };
         let d = Arc::new(Drive {
             name: name.clone(),
-            agent: shared.name.clone(),
+            agent: opts.agent.clone(),
             engine,
             testbed: tb,
             dev,
-            chunk: shared.cfg.chunk,
-            force_bounce: shared.cfg.force_staging,
+            chunk: opts.chunk,
+            force_bounce: opts.force_bounce,
             st: Mutex::new(State::default()),
             finished: Condvar::new(),
             work: Condvar::new(),
@@ -241,7 +275,7 @@ impl Drive {
         let weak = Arc::downgrade(&d);
         let (built_tx, built_rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
-            .name(format!("dmaplane-{}-{name}", shared.name))
+            .name(format!("dmaplane-{}-{name}", opts.agent))
             .spawn(move || match ring {
                 Some(b) => match b.build() {
                     Ok(ring) => {
@@ -257,12 +291,12 @@ impl Drive {
                     reaper(&weak);
                 }
             })
-            .map_err(|e| Error::setup(&shared.name, format!("spawn the drive's thread: {e}")))?;
+            .map_err(|e| Error::setup(&opts.agent, format!("spawn the drive's thread: {e}")))?;
         match built_rx.recv() {
             Ok(Ok(())) => Ok(d),
             Ok(Err(e)) => Err(e.into()),
             Err(_) => Err(Error::setup(
-                &shared.name,
+                &opts.agent,
                 "the drive's thread ended at once",
             )),
         }
@@ -291,20 +325,6 @@ impl Drive {
             DriveBackend::Kernel => {
                 let file = file.clone();
                 self.ask(|reply| Job::AddFile { file, reply })
-            }
-        }
-    }
-
-    pub(crate) fn remove_file(&self, id: FileId) {
-        match &self.engine {
-            DriveBackend::Sim(nvme) => {
-                if let Err(e) = nvme.remove_file(id) {
-                    tracing::warn!(drive = %self.name, error = %e, "closing a file on the drive");
-                }
-            }
-            DriveBackend::Kernel => {
-                lock(&self.jobs).push_back(Job::RemoveFile(id));
-                self.work.notify_all();
             }
         }
     }
@@ -343,11 +363,11 @@ impl Drive {
 
     /// How the drive reaches `memory` (importing it on first use, or after a revoke moved its
     /// epoch).
-    pub(crate) fn reach(&self, shared: &AgentInner, memory: &Memory) -> Result<StoragePath> {
-        Ok(self.import(shared, memory)?.path)
+    pub(crate) fn reach(&self, memory: &Memory) -> Result<StoragePath> {
+        Ok(self.import(memory)?.path)
     }
 
-    fn import(&self, _shared: &AgentInner, memory: &Memory) -> Result<Import> {
+    fn import(&self, memory: &Memory) -> Result<Import> {
         let _one = lock(&self.importing);
         let epoch = memory.with_backing(|b| Ok(b.epoch()))?;
         {
@@ -458,7 +478,7 @@ impl Drive {
     /// Start moving `pairs` between files and memory: `write` from memory to file.
     pub(crate) fn start(
         self: &Arc<Drive>,
-        shared: &AgentInner,
+        platform: &Platform,
         write: bool,
         pairs: Vec<Pair>,
     ) -> Result<FileTransfer> {
@@ -467,7 +487,7 @@ impl Drive {
         let mut queue = VecDeque::new();
         let mut total = 0u64;
         let built = self.plan(
-            shared,
+            platform,
             pairs,
             &mut bounces,
             &mut paths,
@@ -522,7 +542,7 @@ impl Drive {
     /// Import every pair's memory (or make its bounce buffer) and cut the pairs into pieces.
     fn plan(
         &self,
-        shared: &AgentInner,
+        platform: &Platform,
         pairs: Vec<Pair>,
         bounces: &mut Vec<Bounce>,
         paths: &mut Vec<StoragePath>,
@@ -538,7 +558,7 @@ impl Drive {
         } in pairs
         {
             let memory = &region.memory;
-            let import = self.import(shared, memory)?;
+            let import = self.import(memory)?;
             if !paths.contains(&import.path) {
                 paths.push(import.path.clone());
             }
@@ -548,7 +568,7 @@ impl Drive {
                     let idx = match bounces.iter().position(|b| b.memory == memory.id()) {
                         Some(i) => i,
                         None => {
-                            bounces.push(self.bounce(shared, memory)?);
+                            bounces.push(self.bounce(platform, memory)?);
                             bounces.len() - 1
                         }
                     };
@@ -575,14 +595,14 @@ impl Drive {
 
     /// A bounce buffer for `memory` (GPU memory the drive cannot reach), imported by the drive
     /// and the GPU's copy engine, revoked with the memory.
-    fn bounce(&self, shared: &AgentInner, memory: &Memory) -> Result<Bounce> {
+    fn bounce(&self, platform: &Platform, memory: &Memory) -> Result<Bounce> {
         let len = BOUNCE_PIECES * self.chunk;
         // On the testbed host memory on the GPU's NUMA node; with CUDA this process's memory,
         // registered with the copy engine.
         let stage = if memory.location().device().starts_with("cuda:") {
-            cuda_bounce(&shared.platform, memory, len)?
+            cuda_bounce(platform, memory, len)?
         } else {
-            staging(&shared.platform, memory, len)?
+            staging(platform, memory, len)?
         };
         memory.tie(Arc::downgrade(&stage) as Weak<dyn Tied>);
         let (st, dev) = (stage.clone(), self.dev);
@@ -1113,169 +1133,13 @@ impl Drop for FileTransfer {
     }
 }
 
-/// The owner's side of a peer's transfer on a published file region: read `len` bytes at
-/// `off` of the region from the file into its buffer (`land` false: before the peer's READ), or
-/// write them from the buffer to the file (`land`: after the peer's WRITE landed), and wait.
-pub(crate) fn serve(
-    s: &AgentInner,
-    region: &Arc<MemoryEntry>,
-    (file, at): (&Arc<FileEntry>, u64),
-    (off, len): (u64, u64),
-    land: bool,
-) -> Result<u64> {
-    let op = if land { "write" } else { "read" };
-    if land && !file.writable {
-        return Err(Error::invalid(
-            format!("peer's {op} of {}", file.path.display()),
-            "file region",
-            file.id,
-            "published read-only: register it with FileSpec::writable",
-        ));
-    }
-    // The peer chose these: checked before anything is computed from them.
-    let published = region.len.min(file.len.saturating_sub(at));
-    if len == 0 || off.checked_add(len).is_none_or(|end| end > published) {
-        return Err(Error::invalid(
-            format!("peer's {op} of {}", file.path.display()),
-            "range",
-            format!("[{off:#x}, +{len:#x})"),
-            format!("outside the published {published} bytes (or empty)"),
-        ));
-    }
-    if file.closed.load(std::sync::atomic::Ordering::Acquire) {
-        return Err(Error::invalid(
-            format!("peer's {op} of {}", file.path.display()),
-            "file region",
-            file.id,
-            "it was deregistered",
-        ));
-    }
-    let file_at = file.base + at + off;
-    let mem_off = region.base + off;
-    file.check(op, file_at, len, mem_off, s.drive()?.is_kernel())?;
-    let pair = Pair {
-        file: file.clone(),
-        at: file_at,
-        region: region.clone(),
-        mem_off,
-        len,
-    };
-    s.drive()?
-        .start(s, land, vec![pair])?
-        .wait(s.cfg.stall_timeout)
-}
-
 /// One checked pair of a file transfer.
 pub(crate) struct Pair {
-    file: Arc<FileEntry>,
+    pub(crate) file: Arc<FileEntry>,
     /// Absolute file offset.
-    at: u64,
-    region: Arc<MemoryEntry>,
+    pub(crate) at: u64,
+    pub(crate) region: Arc<MemoryEntry>,
     /// Absolute memory offset.
-    mem_off: u64,
-    len: u64,
-}
-
-/// Check `pairs` of (file desc, memory desc) for a transfer and resolve them.
-pub(crate) fn resolve(
-    shared: &AgentInner,
-    write: bool,
-    files: &[Desc],
-    memory: &[Desc],
-) -> Result<Vec<Pair>> {
-    let op = if write { "write_file" } else { "read_file" };
-    let what = || format!("{op} of agent {}", shared.name);
-    if files.len() != memory.len() || files.is_empty() {
-        return Err(Error::invalid(
-            what(),
-            "descriptors",
-            format!("{} file, {} memory", files.len(), memory.len()),
-            "one memory descriptor per file descriptor, at least one",
-        ));
-    }
-    let mut out = Vec::with_capacity(files.len());
-    for (i, (f, m)) in files.iter().zip(memory).enumerate() {
-        let Some(fe) = shared.file_entry(f.region) else {
-            return Err(Error::invalid(
-                what(),
-                "file region",
-                f.region,
-                format!("pair {i}: no such file registration (deregistered?)"),
-            ));
-        };
-        let Some(me) = shared.entry(m.region) else {
-            return Err(Error::invalid(
-                what(),
-                "memory region",
-                m.region,
-                format!("pair {i}: no such memory registration"),
-            ));
-        };
-        if let Some(epoch) = me.revoked_at() {
-            return Err(Error::Revoked {
-                side: Side::Local,
-                region: me.id,
-                name: me.memory.name().to_string(),
-                epoch,
-                why: format!("{} before the file transfer started", me.gone_why()),
-            });
-        }
-        if f.len != m.len || f.len == 0 {
-            return Err(Error::invalid(
-                what(),
-                "len",
-                format!("file {} / memory {}", f.len, m.len),
-                format!("pair {i}: both sides must be the same, positive length"),
-            ));
-        }
-        if f.offset.checked_add(f.len).is_none_or(|e| e > fe.len) {
-            return Err(Error::invalid(
-                what(),
-                "file desc",
-                format!("[{:#x}, +{:#x})", f.offset, f.len),
-                format!(
-                    "pair {i}: outside file region {} of {} bytes",
-                    fe.id, fe.len
-                ),
-            ));
-        }
-        if m.offset.checked_add(m.len).is_none_or(|e| e > me.len) {
-            return Err(Error::invalid(
-                what(),
-                "memory desc",
-                format!("[{:#x}, +{:#x})", m.offset, m.len),
-                format!(
-                    "pair {i}: outside memory region {} of {} bytes",
-                    me.id, me.len
-                ),
-            ));
-        }
-        if write && !fe.writable {
-            return Err(Error::invalid(
-                what(),
-                "file region",
-                format!("{} ({})", fe.id, fe.path.display()),
-                "registered read-only: register it with FileSpec::writable",
-            ));
-        }
-        if fe.closed.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(Error::invalid(
-                what(),
-                "file region",
-                fe.id,
-                "it was deregistered",
-            ));
-        }
-        let at = fe.base + f.offset;
-        let mem_off = me.base + m.offset;
-        fe.check(op, at, f.len, mem_off, shared.drive()?.is_kernel())?;
-        out.push(Pair {
-            file: fe,
-            at,
-            region: me,
-            mem_off,
-            len: f.len,
-        });
-    }
-    Ok(out)
+    pub(crate) mem_off: u64,
+    pub(crate) len: u64,
 }

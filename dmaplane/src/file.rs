@@ -16,18 +16,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
-use dmaplane_storage::{DioAlign, DirectFile, FileId, OpenOptions};
+use dmaplane_storage::{DioAlign, DirectFile, FileId};
 
-use crate::agent::AgentInner;
-use crate::cache::CacheStats;
 use crate::error::{Error, Result};
 use crate::handle::{Handle, Registration, debug_entry, sealed};
-use crate::sync::lock;
-use dmaplane_core::counter::Counter;
-use std::collections::HashMap;
-use std::sync::Mutex;
 
 /// What to register: a file, a range of it, and how to open it.
 ///
@@ -114,9 +108,16 @@ pub struct FileEntry {
     pub(crate) direct: Arc<DirectFile>,
     /// Its id on the agent's drive.
     pub(crate) media: FileId,
-    pub(crate) drive: Arc<crate::drive::Drive>,
+    /// What the file is open on (the agent's drive): told when the registration goes.
+    pub(crate) drive: Arc<dyn FileMedia>,
     /// [`crate::Agent::deregister_file`] ran.
     pub(crate) closed: AtomicBool,
+}
+
+/// What a file registration is open on: the agent's drive, which lets go of the file when the
+/// last handle and the cache have let go of the registration.
+pub(crate) trait FileMedia: Send + Sync {
+    fn remove_file(&self, id: FileId);
 }
 
 impl Drop for FileEntry {
@@ -247,179 +248,5 @@ impl StoragePath {
     /// Whether the bytes go through a host bounce buffer.
     pub fn is_bounced(&self) -> bool {
         matches!(self, StoragePath::Bounced { .. })
-    }
-}
-
-/// Register `spec` for `shared`'s agent: a cache hit, or the file opened (created and grown if
-/// asked), checked and put on the agent's drive.
-pub(crate) fn register(shared: &AgentInner, spec: &FileSpec) -> Result<FileRegion> {
-    let shown = spec.path.display().to_string();
-    let what = || format!("file region {shown}");
-    if spec.path.as_os_str().is_empty() {
-        return Err(Error::invalid(what(), "path", "\"\"", "empty"));
-    }
-    if spec.len == Some(0) {
-        return Err(Error::invalid(what(), "len", 0, "must be positive"));
-    }
-    let opts = OpenOptions {
-        write: spec.write,
-        create: spec.create.is_some(),
-        buffered_fallback: spec.buffered_fallback,
-    };
-    let path = match std::fs::canonicalize(&spec.path) {
-        Ok(p) => p,
-        Err(e) if spec.create.is_some() && e.kind() == std::io::ErrorKind::NotFound => {
-            // Created by the open below; canonical once it exists.
-            DirectFile::open(&spec.path, opts)?;
-            std::fs::canonicalize(&spec.path)
-                .map_err(|e| Error::invalid(what(), "path", &shown, e.to_string()))?
-        }
-        Err(e) => return Err(Error::invalid(what(), "path", &shown, e.to_string())),
-    };
-    let want_len = spec.len;
-    if let Some(len) = want_len
-        && let Some(e) = shared
-            .file_cache
-            .lookup(&path, spec.write, spec.offset, len)
-    {
-        return Ok(FileRegion {
-            offset: spec.offset - e.base,
-            len,
-            entry: e,
-        });
-    }
-    let direct = Arc::new(DirectFile::open(&path, opts)?);
-    if let Some(size) = spec.create
-        && direct.len()? < size
-    {
-        direct.set_len(size)?;
-    }
-    let file_len = direct.len()?;
-    let len = match want_len {
-        Some(l) => l,
-        None => file_len.saturating_sub(spec.offset),
-    };
-    if spec
-        .offset
-        .checked_add(len)
-        .is_none_or(|end| end > file_len)
-        || len == 0
-    {
-        return Err(Error::invalid(
-            what(),
-            "range",
-            format!("[{:#x}, +{len:#x})", spec.offset),
-            format!(
-                "outside the file's {file_len} bytes (or empty){}",
-                if spec.write {
-                    "; FileSpec::create(len) grows it"
-                } else {
-                    ""
-                }
-            ),
-        ));
-    }
-    if want_len.is_none()
-        && let Some(e) = shared
-            .file_cache
-            .lookup(&path, spec.write, spec.offset, len)
-    {
-        return Ok(FileRegion {
-            offset: spec.offset - e.base,
-            len,
-            entry: e,
-        });
-    }
-    let drive = shared.drive()?;
-    let media = drive.add_file(&direct, spec.write)?;
-    let id = shared.next_region.fetch_add(1, Ordering::Relaxed);
-    let entry = Arc::new(FileEntry {
-        id,
-        path,
-        base: spec.offset,
-        len,
-        writable: spec.write,
-        file_len,
-        direct,
-        media,
-        drive,
-        closed: AtomicBool::new(false),
-    });
-    lock(&shared.files).insert(id, Arc::downgrade(&entry));
-    shared.file_cache.insert(entry.clone());
-    tracing::debug!(agent = %shared.name, id, path = %entry.path.display(), len, direct = entry.direct.is_direct(), "file registered");
-    Ok(FileRegion {
-        entry,
-        offset: 0,
-        len,
-    })
-}
-
-/// Deregister a file registration: no new transfer may name it (those under way finish).
-pub(crate) fn deregister(shared: &AgentInner, region: &FileRegion) {
-    let e = &region.entry;
-    e.closed.store(true, Ordering::Release);
-    shared.file_cache.remove(e);
-    lock(&shared.files).remove(&e.id);
-}
-
-/// File registrations by canonical path: a range inside an earlier registration of the same
-/// file with the access asked for (a read-write one serves reads too) is a hit; they live
-/// until deregistered.
-#[derive(Debug, Default)]
-pub(crate) struct FileCache {
-    by_file: Mutex<HashMap<PathBuf, Vec<Arc<FileEntry>>>>,
-    hits: Counter,
-    misses: Counter,
-}
-
-impl FileCache {
-    /// A registration of file `path` covering `[offset, offset + len)` with write access if
-    /// `write`, counted as a hit.
-    pub(crate) fn lookup(
-        &self,
-        path: &Path,
-        write: bool,
-        offset: u64,
-        len: u64,
-    ) -> Option<Arc<FileEntry>> {
-        let found = lock(&self.by_file)
-            .get(path)?
-            .iter()
-            .find(|e| (e.writable || !write) && e.covers(offset, len))
-            .cloned();
-        if found.is_some() {
-            self.hits.inc();
-        }
-        found
-    }
-
-    /// Record a new file registration (a miss).
-    pub(crate) fn insert(&self, entry: Arc<FileEntry>) {
-        self.misses.inc();
-        lock(&self.by_file)
-            .entry(entry.path.clone())
-            .or_default()
-            .push(entry);
-    }
-
-    /// Drop one file registration (deregistered).
-    pub(crate) fn remove(&self, entry: &Arc<FileEntry>) {
-        let mut all = lock(&self.by_file);
-        if let Some(v) = all.get_mut(&entry.path) {
-            v.retain(|e| !Arc::ptr_eq(e, entry));
-            if v.is_empty() {
-                all.remove(&entry.path);
-            }
-        }
-    }
-
-    pub(crate) fn stats(&self) -> CacheStats {
-        CacheStats {
-            hits: self.hits.get(),
-            misses: self.misses.get(),
-            entries: lock(&self.by_file).values().map(Vec::len).sum::<usize>() as u64,
-            ..CacheStats::default()
-        }
     }
 }

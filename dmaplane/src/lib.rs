@@ -40,6 +40,7 @@ pub mod drive;
 pub mod error;
 pub mod event;
 pub mod file;
+mod files;
 pub mod handle;
 pub mod load;
 pub mod memory;
