@@ -41,6 +41,7 @@ pub mod error;
 pub mod event;
 pub mod file;
 mod files;
+pub mod flow;
 pub mod handle;
 pub mod load;
 pub mod memory;

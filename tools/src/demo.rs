@@ -11,7 +11,7 @@
 
 use anyhow::{Result, bail};
 use clap::Args;
-use dmaplane_bench::p2p::{
+use dmaplane::flow::{
     FlowOptions, FlowReport, PathKind, SidePath, run_flow, testbed, testbed_flows,
 };
 use dmaplane_core::Route;
