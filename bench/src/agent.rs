@@ -20,7 +20,7 @@ use dmaplane_rdma::{Completion, ImportOptions, QpCaps, SendWr};
 use serde::Serialize;
 
 use crate::rounds::{Spread, reference_first};
-use crate::world::World;
+use dmaplane::RawPair;
 
 /// One point of the table.
 #[derive(Debug, Clone, Serialize)]
@@ -330,7 +330,7 @@ pub fn run(
         None => None,
     };
     Ok(AgentReport {
-        placement: crate::world::placement_note(cfg.placement.as_ref()),
+        placement: dmaplane_core::cpu::placement_note(cfg.placement.as_ref()),
         backend: if cfg.verbs.is_some() {
             "verbs".into()
         } else {
@@ -366,7 +366,7 @@ impl AgentSide {
 /// The raw layer: the same requests, posted and reaped by hand.
 /// Where the raw reference's sending completion queue lives.
 enum RawSide {
-    Sim(Box<World>),
+    Sim(Box<RawPair>),
     #[cfg(feature = "verbs")]
     Verbs(Box<dmaplane::RawHost>),
 }
@@ -405,7 +405,7 @@ impl Raw {
     }
 
     fn sim(cfg: &AgentBenchConfig) -> Result<Raw, AgentBenchError> {
-        let world = World::new(1 << 16, cfg.placement.clone())?;
+        let world = RawPair::sim(1 << 16, cfg.placement.clone())?;
         // The measuring thread too (the agents' waits run on it later).
         world.pin_host_thread();
         let caps = QpCaps {

@@ -10,4 +10,3 @@ pub mod storage;
 pub mod stress;
 pub mod stress_config;
 pub mod traffic;
-pub mod world;

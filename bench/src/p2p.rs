@@ -69,7 +69,7 @@ fn memcpy_once(placement: Option<&Placement>, size: u64, chunk: u64) -> Result<f
     let secs = std::thread::scope(|s| {
         s.spawn(|| {
             if let Some(cpus) = &engines {
-                crate::world::pin_thread(cpus, "memcpy reference");
+                dmaplane_core::cpu::pin_thread(cpus, "memcpy reference");
             }
             let t = Instant::now();
             let mut off = 0;
@@ -112,7 +112,7 @@ fn bench_pinned(
     let chunks = size / chunk.max(1);
     let depth = u32::try_from(chunks.clamp(1, 64)).unwrap_or(64);
     let tb = testbed(placement.as_ref())?;
-    crate::world::pin_host_thread(placement.as_ref());
+    dmaplane_core::cpu::pin_host_thread(placement.as_ref());
     let mut rows = Vec::new();
     let (mut memcpy, mut memcpy_hot): (f64, f64) = (0.0, 0.0);
     for (route, flow) in testbed_flows() {
@@ -177,7 +177,7 @@ fn bench_pinned(
         chunk,
         memcpy_gib_s: memcpy / GIB,
         memcpy_hot_gib_s: memcpy_hot / GIB,
-        placement: crate::world::placement_note(placement.as_ref()),
+        placement: dmaplane_core::cpu::placement_note(placement.as_ref()),
         rows,
     })
 }

@@ -21,7 +21,7 @@ use dmaplane_rdma::{
 use serde::Serialize;
 
 use crate::stress::{Latency, StressConfig, StressReport, run_sim};
-use crate::world::World;
+use dmaplane::RawPair;
 
 /// One bandwidth point.
 #[derive(Debug, Clone, Serialize)]
@@ -149,7 +149,7 @@ fn measure(cfg: &RdmaBenchConfig, progress: &dyn Progress) -> Result<RdmaReport,
     }
     let max = cfg.sizes.iter().copied().max().unwrap_or(64);
     let set = WORKING_SET.max(max * DEPTH as u64);
-    let w = World::new(4096, cfg.placement.clone())?;
+    let w = RawPair::sim(4096, cfg.placement.clone())?;
     w.pin_host_thread();
     let caps = QpCaps {
         max_send_wr: RATE_DEPTH as u32,
@@ -290,7 +290,7 @@ const GIB: f64 = (1u64 << 30) as f64;
 /// one signaled. Returns (requests completed, seconds). Any failed completion is an error: the
 /// benchmark only counts clean transfers.
 fn pump(
-    w: &World,
+    w: &RawPair,
     qp: &Qp,
     depth: usize,
     chain: usize,

@@ -23,7 +23,7 @@ use serde::Serialize;
 
 pub use crate::stress_config::{ExporterKind, Inject, StressConfig};
 use crate::traffic::{Bytes, Counts, DataPath, EpochTarget, Revocable, RunState, exporter};
-use crate::world::World;
+use dmaplane::RawPair;
 
 /// Memory a simulated run holds at once: the source, the live target, the retired target whose
 /// poison is checked at the next revoke, and the copies of the targets taken at their acks
@@ -317,7 +317,7 @@ struct Probe {
 }
 
 impl Probe {
-    fn new(w: &World) -> Result<Probe, dmaplane::Error> {
+    fn new(w: &RawPair) -> Result<Probe, dmaplane::Error> {
         let host = dmaplane::RawHost::sim(&w.testbed, "straggler-probe", "nic2", "mem0", 16)?;
         let mem = host.memory("straggler-src", 4096)?;
         let mr = host.import(&mem, "straggler-src", ImportOptions::default())?;
@@ -440,7 +440,7 @@ pub fn run_sim(
         })?;
     }
     let cq_depth = u32::try_from(slots * 2 + 64).unwrap_or(u32::MAX);
-    let w = World::new(cq_depth, cfg.placement.clone())?;
+    let w = RawPair::sim(cq_depth, cfg.placement.clone())?;
     match cfg.inject {
         // Importer faults on the target's NIC, holder faults on the writer's; a queue-pair
         // quiesce skipped where queue pairs read the revoked memory: the writer's own NIC, whose

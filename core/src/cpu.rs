@@ -86,6 +86,29 @@ impl Placement {
     }
 }
 
+/// Pin the calling thread to `cpus`; a failure leaves it to the scheduler, with a warning
+/// naming `what`.
+pub fn pin_thread(cpus: &[usize], what: &str) {
+    if let Err(e) = pin_current(cpus) {
+        tracing::warn!(error = %e, "{what} left unpinned");
+    }
+}
+
+/// Keep the calling thread off the device engines' CPUs (nothing without a placement).
+pub fn pin_host_thread(placement: Option<&Placement>) {
+    if let Some(p) = placement {
+        pin_thread(&p.host, "host thread");
+    }
+}
+
+/// How a run was placed, for reports.
+pub fn placement_note(placement: Option<&Placement>) -> String {
+    match placement {
+        Some(p) => p.to_string(),
+        None => "threads left to the scheduler (NIC engines share cores with the host)".into(),
+    }
+}
+
 impl std::fmt::Display for Placement {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(

@@ -73,7 +73,7 @@ pub use memory::{Location, Memory, Quarantine};
 pub use metadata::{Metadata, RegionInfo, RegionKey};
 pub use notify::Notification;
 pub use peer::Peer;
-pub use raw::RawHost;
+pub use raw::{RawHost, RawPair};
 pub use region::{MemoryEntry, NicPath, Region};
 pub use testbed::Testbed;
 pub use transfer::{Status, Transfer};

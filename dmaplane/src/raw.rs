@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use dmaplane_core::cpu::Placement;
 use dmaplane_core::fabric::{DeviceId, HostMemory};
 use dmaplane_rdma::oob::{ConnInfo, Oob};
 use dmaplane_rdma::{Cq, Device, ImportOptions, Mr, MrAccess, Mtu, Pd, Qp, QpCaps};
@@ -201,4 +202,53 @@ pub fn connect_over(qps: &[Qp], oob: &Oob, mtu: Mtu, timeout: Duration) -> Resul
         qp.connect_mtu(theirs.remote_qp(), MrAccess::ALL, mtu)?;
     }
     Ok(())
+}
+
+/// Two simulated hosts on the built-in topology: host A is socket 0 (`mem0`, `nic0`), host B
+/// socket 1 (`mem1`, `nic1`). What `bench rdma`, the raw reference of `bench agent` and
+/// `stress revoke --backend sim` measure the raw layer on; and where their threads run.
+#[derive(Debug)]
+pub struct RawPair {
+    /// The testbed both hosts are on.
+    pub testbed: Arc<Testbed>,
+    /// Host A (`nic0`, `mem0`).
+    pub a: RawHost,
+    /// Host B (`nic1`, `mem1`).
+    pub b: RawHost,
+    /// Where the NIC engines and the host threads run; `None` leaves it to the scheduler.
+    pub placement: Option<Placement>,
+}
+
+impl RawPair {
+    /// With a `placement`, the NIC engines run on its engine CPUs and
+    /// [`RawPair::pin_host_thread`] keeps the host's threads on the others. Each host's
+    /// completion queue has `cq_depth` entries.
+    pub fn sim(cq_depth: u32, placement: Option<Placement>) -> Result<RawPair> {
+        let engines = placement.as_ref().map_or(&[][..], |p| &p.engines[..]);
+        let testbed =
+            Testbed::with_engine_cpus(dmaplane_core::topology::builtin::testbed(), engines)?;
+        let a = RawHost::sim(&testbed, "host-a", "nic0", "mem0", cq_depth)?;
+        let b = RawHost::sim(&testbed, "host-b", "nic1", "mem1", cq_depth)?;
+        Ok(RawPair {
+            testbed,
+            a,
+            b,
+            placement,
+        })
+    }
+
+    /// Keep the calling thread off the NIC engines' CPUs (nothing without a placement).
+    pub fn pin_host_thread(&self) {
+        dmaplane_core::cpu::pin_host_thread(self.placement.as_ref());
+    }
+
+    /// How the run was placed, for reports.
+    pub fn placement_note(&self) -> String {
+        dmaplane_core::cpu::placement_note(self.placement.as_ref())
+    }
+
+    /// `n` connected queue-pair pairs between A and B.
+    pub fn connect(&self, n: usize, caps: QpCaps) -> Result<Vec<(Qp, Qp)>> {
+        self.a.connect(&self.b, n, caps, None)
+    }
 }
