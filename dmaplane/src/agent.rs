@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use dmaplane_core::fabric::HostMemory;
 use dmaplane_rdma::oob::OobListener;
 
 use crate::cache::{Cache, CacheStats};
@@ -19,7 +18,7 @@ use crate::drive::{FileTransfer, Pair};
 use crate::error::{Error, Result, Side};
 use crate::event::{Event, Events};
 use crate::file::{FileEntry, FileRegion, FileSpec, StoragePath};
-use crate::memory::{Backing, Location, Memory, MemoryInner};
+use crate::memory::Memory;
 use crate::metadata::{Metadata, NicInfo, RegionInfo, RegionKey, VERSION};
 use crate::nics::Nics;
 use crate::notify::{Inbox, Notification};
@@ -366,6 +365,17 @@ impl crate::memory::Owner for AgentInner {
 }
 
 impl AgentInner {
+    /// Where this agent's memory comes from.
+    pub(crate) fn allocator(self: &Arc<Self>) -> crate::alloc::Allocator<'_> {
+        crate::alloc::Allocator {
+            agent: &self.name,
+            platform: &self.platform,
+            nics: &self.nics,
+            next: &self.next_memory,
+            owner: Arc::downgrade(self) as Weak<dyn crate::memory::Owner>,
+        }
+    }
+
     /// The owner's side of a peer's transfer on a published file region: read `len` bytes at
     /// `off` of the region from the file into its buffer (`land` false: before the peer's READ), or
     /// write them from the buffer to the file (`land`: after the peer's WRITE landed), and wait.
@@ -775,13 +785,10 @@ impl Agent {
         self.shared.addr
     }
 
-    /// `len` bytes of host memory on the NUMA node of the agent's first NIC.
+    /// `len` bytes of host memory on the NUMA node of the agent's first NIC (on verbs: a
+    /// udmabuf).
     pub fn alloc_host(&self, name: &str, len: u64) -> Result<Memory> {
-        let Some(tb) = self.shared.platform.testbed() else {
-            return self.alloc_udmabuf(name, len);
-        };
-        let dev = self.host_device(tb)?;
-        self.alloc_host_on(name, &dev, len)
+        self.shared.allocator().alloc_host(name, len)
     }
 
     /// A caller's buffer as memory the agent registers, zero-copy: NICs read and write its
@@ -804,45 +811,7 @@ impl Agent {
     /// # Ok(()) }
     /// ```
     pub fn adopt(&self, name: &str, buf: Vec<u8>) -> Result<Memory> {
-        let len = buf.len() as u64;
-        check_alloc(name, len)?;
-        let Some(tb) = self.shared.platform.testbed() else {
-            return self.adopt_user(name, buf);
-        };
-        let dev = self.host_device(tb)?;
-        let id = tb.device(&dev)?;
-        let host = HostMemory::adopt(tb.fabric(), id, name, buf).map_err(|e| {
-            Error::invalid(format!("host memory {name}"), "device", &dev, e.to_string())
-        })?;
-        Ok(self.memory(name, len, Location::Host(dev), Backing::Host(host)))
-    }
-
-    /// A caller's buffer on verbs: registered by its process VA.
-    #[cfg(feature = "verbs")]
-    fn adopt_user(&self, name: &str, buf: Vec<u8>) -> Result<Memory> {
-        let len = buf.len() as u64;
-        let u = dmaplane_core::user::UserBuffer::new(name, buf)
-            .map_err(|e| Error::setup(&self.shared.name, format!("buffer {name}: {e}")))?;
-        Ok(self.memory(
-            name,
-            len,
-            Location::Host("process".into()),
-            Backing::User(u),
-        ))
-    }
-
-    #[cfg(not(feature = "verbs"))]
-    fn adopt_user(&self, name: &str, _buf: Vec<u8>) -> Result<Memory> {
-        Err(self.no_backend(&format!("buffer {name}")))
-    }
-
-    /// Memory asked of an agent that has neither a testbed nor the verbs backend.
-    #[cfg(not(feature = "verbs"))]
-    fn no_backend(&self, what: &str) -> Error {
-        Error::setup(
-            &self.shared.name,
-            format!("{what}: no testbed and no verbs"),
-        )
+        self.shared.allocator().adopt(name, buf)
     }
 
     /// A dma-buf fd from elsewhere (another driver's export, a dma-heap or udmabuf buffer
@@ -854,103 +823,18 @@ impl Agent {
     /// memory revokes every NIC first, then closes it (the exporter's pages stay while any
     /// other fd refers to them). Verbs only: the simulated testbed has no kernel dma-bufs.
     pub fn import_dmabuf(&self, name: &str, fd: std::os::fd::OwnedFd) -> Result<Memory> {
-        self.import_dmabuf_verbs(name, fd)
-    }
-
-    #[cfg(feature = "verbs")]
-    fn import_dmabuf_verbs(&self, name: &str, fd: std::os::fd::OwnedFd) -> Result<Memory> {
-        if self.shared.platform.testbed().is_some() {
-            return Err(self.no_kernel_dmabuf(name));
-        }
-        let m = dmaplane_core::dmabuf::DmaBufMemory::import(name, fd)
-            .map_err(|e| Error::invalid(format!("dma-buf {name}"), "fd", "given", e.to_string()))?;
-        let len = m.len();
-        Ok(self.memory(
-            name,
-            len,
-            Location::Host("dma-buf".into()),
-            Backing::DmaBuf(m),
-        ))
-    }
-
-    #[cfg(not(feature = "verbs"))]
-    fn import_dmabuf_verbs(&self, name: &str, _fd: std::os::fd::OwnedFd) -> Result<Memory> {
-        Err(self.no_kernel_dmabuf(name))
-    }
-
-    fn no_kernel_dmabuf(&self, name: &str) -> Error {
-        Error::setup(
-            &self.shared.name,
-            format!(
-                "dma-buf {name}: the simulated testbed has no kernel dma-bufs (an agent built \
-                 with .verbs() imports them); use alloc_host or adopt"
-            ),
-        )
-    }
-
-    /// The host-memory device nearest the agent's first NIC.
-    fn host_device(&self, tb: &Testbed) -> Result<String> {
-        let numa = self.shared.nics.iter().next().map_or(0, |n| n.numa());
-        let topo = tb.topology();
-        Ok(topo
-            .host_memory_for_numa(numa)
-            .or_else(|| {
-                topo.devices_of_kind(dmaplane_core::topology::DeviceKind::HostMemory)
-                    .next()
-            })
-            .ok_or_else(|| Error::setup(&self.shared.name, "the testbed has no host memory"))?
-            .id
-            .clone())
-    }
-
-    /// Host memory on verbs: a udmabuf (memfd pages exported as a dma-buf).
-    #[cfg(feature = "verbs")]
-    fn alloc_udmabuf(&self, name: &str, len: u64) -> Result<Memory> {
-        check_alloc(name, len)?;
-        let m = dmaplane_core::dmabuf::UdmaBuf::new(name, len.div_ceil(4096) * 4096)
-            .map_err(|e| Error::setup(&self.shared.name, format!("host memory {name}: {e}")))?
-            .into_memory();
-        Ok(self.memory(
-            name,
-            len,
-            Location::Host("udmabuf".into()),
-            Backing::DmaBuf(m),
-        ))
-    }
-
-    #[cfg(not(feature = "verbs"))]
-    fn alloc_udmabuf(&self, name: &str, _len: u64) -> Result<Memory> {
-        Err(self.no_backend(&format!("host memory {name}")))
+        self.shared.allocator().import_dmabuf(name, fd)
     }
 
     /// `len` bytes of host memory on the host-memory device `device` (e.g. `mem1`) of the
     /// simulated testbed.
     pub fn alloc_host_on(&self, name: &str, device: &str, len: u64) -> Result<Memory> {
-        check_alloc(name, len)?;
-        let tb = self.sim_only("alloc_host_on")?;
-        let id = tb.device(device)?;
-        let host = HostMemory::new(tb.fabric(), id, name, len).map_err(|e| {
-            Error::invalid(
-                format!("host memory {name}"),
-                "device",
-                device,
-                e.to_string(),
-            )
-        })?;
-        Ok(self.memory(
-            name,
-            len,
-            Location::Host(device.into()),
-            Backing::Host(host),
-        ))
+        self.shared.allocator().alloc_host_on(name, device, len)
     }
 
     /// `len` bytes of device memory on `gpu` (e.g. `gpu0`) of the simulated testbed.
     pub fn alloc_gpu(&self, name: &str, gpu: &str, len: u64) -> Result<Memory> {
-        check_alloc(name, len)?;
-        let g = self.sim_only("alloc_gpu")?.gpu(gpu)?;
-        let mem = g.alloc(name, len)?;
-        Ok(self.memory(name, len, Location::Gpu(gpu.into()), Backing::Gpu(mem)))
+        self.shared.allocator().alloc_gpu(name, gpu, len)
     }
 
     /// `len` bytes of device memory on CUDA GPU `ordinal`, through the driver (libcuda). Its
@@ -959,38 +843,7 @@ impl Agent {
     /// (nvidia-peermem); [`Region::paths`](crate::Region::paths) says which. Fails with
     /// [`Error::Gpu`] when there is no driver or no such GPU.
     pub fn alloc_cuda(&self, name: &str, ordinal: u32, len: u64) -> Result<Memory> {
-        check_alloc(name, len)?;
-        let gpu = self.shared.platform.cuda_gpu(ordinal)?;
-        let mem = gpu.alloc(name, len)?;
-        Ok(self.memory(
-            name,
-            len,
-            Location::Gpu(format!("cuda:{ordinal}")),
-            Backing::Gpu(mem),
-        ))
-    }
-
-    fn sim_only(&self, what: &str) -> Result<&Arc<Testbed>> {
-        self.shared.platform.testbed().ok_or_else(|| {
-            Error::setup(
-                &self.shared.name,
-                format!("{what}: the testbed's devices; on verbs use alloc_host or alloc_cuda"),
-            )
-        })
-    }
-
-    fn memory(&self, name: &str, len: u64, location: Location, b: Backing) -> Memory {
-        Memory {
-            inner: Arc::new(MemoryInner {
-                id: self.shared.next_memory.fetch_add(1, Ordering::Relaxed),
-                name: name.to_string(),
-                len,
-                location,
-                backing: Mutex::new(Some(b)),
-                owner: Arc::downgrade(&self.shared) as Weak<dyn crate::memory::Owner>,
-                tied: Mutex::new(Vec::new()),
-            }),
-        }
+        self.shared.allocator().alloc_cuda(name, ordinal, len)
     }
 
     /// Register all of `memory` on every NIC of the agent that reaches it.
@@ -1334,18 +1187,6 @@ impl Agent {
     pub fn cached_registrations(&self, memory: &Memory) -> usize {
         self.shared.cache.entries_of(memory.id())
     }
-}
-
-fn check_alloc(name: &str, len: u64) -> Result<()> {
-    if len == 0 {
-        return Err(Error::invalid(
-            format!("memory {name}"),
-            "len",
-            0,
-            "must be positive",
-        ));
-    }
-    Ok(())
 }
 
 impl Drop for Threads {

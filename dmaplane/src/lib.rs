@@ -34,6 +34,7 @@
 
 #![warn(missing_docs)]
 pub mod agent;
+mod alloc;
 pub mod cache;
 pub mod desc;
 pub mod drive;
