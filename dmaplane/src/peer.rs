@@ -699,6 +699,10 @@ fn finish(s: &Arc<AgentInner>, oob: Oob, theirs: Metadata, paths: Vec<Path>) -> 
         tx: Mutex::new(Some(tx)),
         threads: Mutex::new(Vec::new()),
     });
+    // Listed before its reader starts: a reader that finds the peer gone at once retires it
+    // from the list, which it cannot do before the peer is in it (a peer that left during the
+    // handshake stayed listed for good when the push came after the reader's retire).
+    lock(&s.peers).push(peer.clone());
     let writer = {
         let (p, c) = (peer.clone(), ctrl.clone());
         std::thread::Builder::new()
@@ -716,13 +720,17 @@ fn finish(s: &Arc<AgentInner>, oob: Oob, theirs: Metadata, paths: Vec<Path>) -> 
         (Ok(w), Ok(r)) => lock(&peer.threads).extend([w, r]),
         (w, r) => {
             peer.mark_lost("no thread for the control connection".into());
+            let no_reader = r.is_err();
             lock(&peer.threads).extend(w.into_iter().chain(r));
+            if no_reader {
+                peer.retire(&Arc::downgrade(s));
+            }
         }
     }
-    // Listed first, then every live registration granted and announced: one registered
-    // while the handshake ran (after its metadata was sent) is not missed, and one registered
-    // from now on is announced by the registration itself (grants are deduplicated).
-    lock(&s.peers).push(peer.clone());
+    // Listed first (above), then every live registration granted and announced: one
+    // registered while the handshake ran (after its metadata was sent) is not missed, and one
+    // registered from now on is announced by the registration itself (grants are
+    // deduplicated).
     let entries: Vec<Arc<MemoryEntry>> = lock(&s.entries)
         .values()
         .filter_map(Weak::upgrade)
