@@ -189,12 +189,7 @@ impl Mr {
             reason: dmaplane_core::revoke::InvalidateReason::Revoke,
             fence: fence.clone(),
         };
-        let opts = self
-            .shared
-            .import
-            .as_ref()
-            .map(|i| i.opts)
-            .unwrap_or_default();
+        let opts = self.shared.import_opts();
         pd.dev.tracker.quiesce_mr(&self.shared, &inv, opts);
         let quiet = fence.wait();
         drop(att);
@@ -228,12 +223,7 @@ impl Mr {
         // region on memory that moved again).
         let seen = self.shared.revoked.load(Ordering::SeqCst);
         let map = att.map()?;
-        let opts = self
-            .shared
-            .import
-            .as_ref()
-            .map(|i| i.opts)
-            .unwrap_or_default();
+        let opts = self.shared.import_opts();
         let list = import_list(&map.list, opts.range)?;
         let iova = list.ranges().first().map_or(0, |r| r.addr);
         let b = pd.backend.reg_mr(&MrRequest {

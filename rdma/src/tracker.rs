@@ -17,7 +17,7 @@ use crate::backend::{DeviceBackend, MrBackend, QpBackend};
 use crate::error::{RdmaError, Result};
 use crate::inject::Injected;
 use crate::lease::{Holder, RemoteMr};
-use crate::policy::{ImportInfo, QuiesceStats};
+use crate::policy::{ImportInfo, ImportOptions, QuiesceStats};
 use crate::qp::{Mtu, QpAttr, RemoteQp};
 use crate::qp_state::QpState;
 use crate::sync::{lock, read, write};
@@ -35,6 +35,13 @@ pub(crate) struct MrShared {
     pub(crate) holders: Mutex<Vec<Holder>>,
     pub(crate) attachment: Mutex<Option<Attachment>>,
     pub(crate) import: Option<ImportInfo>,
+}
+
+impl MrShared {
+    /// The options it was imported with (the defaults for a plain registration).
+    pub(crate) fn import_opts(&self) -> ImportOptions {
+        self.import.as_ref().map(|i| i.opts).unwrap_or_default()
+    }
 }
 
 impl std::fmt::Debug for MrShared {
