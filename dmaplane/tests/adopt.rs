@@ -123,11 +123,13 @@ fn reclaiming_a_buffer_under_a_transfer_is_a_typed_error_and_it_comes_back_after
 #[test]
 fn memory_the_agent_allocated_is_not_reclaimed_and_a_buffer_whose_nic_missed_the_ack_is_kept() {
     let tb = Testbed::builtin().unwrap();
-    let (a, b) = (agent(&tb, "a", "nic0", None), agent(&tb, "b", "nic1", None));
-    let own = a.alloc_host("own", 4096).unwrap();
-    let err = own.reclaim(T).map(|v| v.len()).unwrap_err();
-    assert!(err.to_string().contains("Agent::adopt"), "{err}");
-    assert!(!own.is_freed(), "a refused reclaim leaves the memory alone");
+    {
+        let a = agent(&tb, "a", "nic0", None);
+        let own = a.alloc_host("own", 4096).unwrap();
+        let err = own.reclaim(T).map(|v| v.len()).unwrap_err();
+        assert!(err.to_string().contains("Agent::adopt"), "{err}");
+        assert!(!own.is_freed(), "a refused reclaim leaves the memory alone");
+    }
 
     // A reclaim whose deadline no NIC can meet (requests are in flight): the revoke goes on
     // (the transfer ends revoked, the fabric fences the NIC off), but the buffer is kept.
@@ -135,25 +137,20 @@ fn memory_the_agent_allocated_is_not_reclaimed_and_a_buffer_whose_nic_missed_the
     // win every time (the transfer may finish between the look at its status and the
     // reclaim): a reclaim that met no request hands the buffer back, honestly, and the test
     // tries again with a new buffer until one meets a NIC that misses the ack.
+    // Each attempt has agents of its own: a WRITE that met the zapped region in an earlier
+    // attempt broke that connection's queue pairs.
     const LEN: u64 = 64 << 20;
-    let src = a.alloc_host("src", LEN).unwrap();
-    let rs = a.register(&src).unwrap();
-    let peer = a.connect(&b.metadata_blob().unwrap()).unwrap();
     let mut met = None;
     for attempt in 0..20 {
+        let (a, b) = (agent(&tb, "a", "nic0", None), agent(&tb, "b", "nic1", None));
+        let src = a.alloc_host("src", LEN).unwrap();
+        let rs = a.register(&src).unwrap();
         let dst = b
             .adopt(&format!("dst-{attempt}"), vec![0u8; LEN as usize])
             .unwrap();
         let rd = b.register(&dst).unwrap();
-        // The registration reaches the connected peer in an announcement: wait for it.
-        let since = std::time::Instant::now();
-        let remote = loop {
-            match peer.desc(rd.id(), 0, LEN) {
-                Ok(d) => break d,
-                Err(e) if since.elapsed() > T => panic!("never announced: {e}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(1)),
-            }
-        };
+        let peer = a.connect(&b.metadata_blob().unwrap()).unwrap();
+        let remote = peer.desc(rd.id(), 0, LEN).unwrap();
         let (kept, outcome) = meet_under_way(
             || a.write(&peer, &[rs.all()], &[remote], None).unwrap(),
             |_| dst.reclaim(Duration::ZERO).map(|v| v.len()),
