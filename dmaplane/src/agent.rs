@@ -3,675 +3,27 @@
 //! data, with a progress thread that reaps completions, drives quiesce, leases and revokes,
 //! and ends stalled transfers — the application never has to poll.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use dmaplane_rdma::oob::OobListener;
-
-use crate::cache::{Cache, CacheStats};
 use crate::desc::Desc;
-use crate::drive::{FileTransfer, Pair};
-use crate::error::{Error, Result, Side};
-use crate::event::{Event, Events};
-use crate::file::{FileEntry, FileRegion, FileSpec, StoragePath};
+use crate::drive::FileTransfer;
+use crate::error::{Error, Result};
+use crate::event::Event;
+use crate::file::{FileRegion, FileSpec, StoragePath};
+use crate::inner::AgentInner;
 use crate::memory::Memory;
-use crate::metadata::{Metadata, NicInfo, RegionInfo, RegionKey, VERSION};
-use crate::nics::Nics;
-use crate::notify::{Inbox, Notification};
-use crate::peer::{self, Peer, PeerShared};
-use crate::platform::{Backend, Platform};
-use crate::progress::ProgressEngine;
+use crate::metadata::Metadata;
+use crate::notify::Notification;
+use crate::peer::{Peer, PeerShared};
 use crate::region::{MemoryEntry, Region};
-use crate::stage::{StageFailure, StageRange};
+use crate::stats::AgentStats;
 use crate::sync::lock;
 use crate::testbed::Testbed;
 use crate::transfer::{Op, Transfer};
-
-/// Tunables, with the defaults [`AgentBuilder`] starts from.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// Requests longer than this are split (and striped over queue pairs and NICs).
-    pub chunk: u64,
-    /// Queue pairs per (local NIC, peer NIC) pair.
-    pub qps_per_path: usize,
-    /// Send queue depth of each queue pair.
-    pub depth: u32,
-    /// A transfer that sees no completion for this long ends with [`Error::Stalled`].
-    pub stall_timeout: Duration,
-    /// How long connection setup steps wait for the peer.
-    pub setup_timeout: Duration,
-    /// Where the handshake listener binds (`host:port`; port 0 picks one).
-    pub listen: String,
-    /// The handshake address the metadata tells peers (`host:port`); `None`: the bound
-    /// address, which must then be a specific one (not `0.0.0.0` or `::`).
-    pub advertise: Option<String>,
-    /// Stage GPU memory through host memory even where a NIC could reach it peer to peer
-    /// (to measure what staging costs; off by default). File I/O bounces GPU memory through
-    /// host memory then too.
-    pub force_staging: bool,
-    /// The testbed's NVMe drive file regions are read and written through (`None`: the
-    /// topology's first).
-    pub drive: Option<String>,
-    /// The drive's bandwidth in bytes per second (`None`: the simulated drive's default,
-    /// [`dmaplane_storage::sim::RATE`]; 0: as fast as the host copies).
-    pub drive_rate: Option<u64>,
-    /// Read and write files through this host's kernel (io_uring, `O_DIRECT`) instead of the
-    /// testbed's simulated drive (always so on verbs).
-    pub io_uring: bool,
-}
-
-impl Default for Config {
-    fn default() -> Config {
-        Config {
-            chunk: 1 << 20,
-            qps_per_path: 2,
-            depth: 128,
-            stall_timeout: Duration::from_secs(10),
-            setup_timeout: Duration::from_secs(30),
-            listen: "127.0.0.1:0".into(),
-            advertise: None,
-            force_staging: false,
-            drive: None,
-            drive_rate: None,
-            io_uring: false,
-        }
-    }
-}
-
-/// Builds an [`Agent`]: `Agent::builder("name")...build()`.
-#[derive(Debug, Clone)]
-pub struct AgentBuilder {
-    name: String,
-    testbed: Option<Arc<Testbed>>,
-    verbs: bool,
-    nics: Option<Vec<String>>,
-    cfg: Config,
-    fault: Option<dmaplane_rdma::Fault>,
-}
-
-impl AgentBuilder {
-    /// Run on this simulated testbed (default: the process's shared built-in one).
-    pub fn testbed(mut self, t: Arc<Testbed>) -> Self {
-        self.testbed = Some(t);
-        self
-    }
-
-    /// Run on real RDMA devices through libibverbs (Soft-RoCE or a NIC) instead of the
-    /// simulated testbed; host memory is then udmabuf memory, registered through dma-buf
-    /// negotiation (the dma-buf MR where the provider has them, else the buffer's mapping).
-    /// Needs feature `verbs`.
-    #[cfg(feature = "verbs")]
-    pub fn verbs(mut self) -> Self {
-        self.verbs = true;
-        self
-    }
-
-    /// Use these NICs (default: every NIC of the testbed no other agent uses; on verbs every
-    /// RDMA device libibverbs lists).
-    pub fn nics<S: AsRef<str>>(mut self, nics: impl IntoIterator<Item = S>) -> Self {
-        self.nics = Some(nics.into_iter().map(|s| s.as_ref().to_string()).collect());
-        self
-    }
-
-    /// Split requests into chunks of at most `bytes` bytes (default 1 MiB; 1 byte to
-    /// 4 GiB - 1, checked by [`AgentBuilder::build`]).
-    pub fn chunk(mut self, bytes: u64) -> Self {
-        self.cfg.chunk = bytes;
-        self
-    }
-
-    /// Connect `n` queue pairs per (local NIC, peer NIC) path (default 2; 1 to 64).
-    pub fn qps_per_path(mut self, n: usize) -> Self {
-        self.cfg.qps_per_path = n;
-        self
-    }
-
-    /// Give each queue pair a send queue of `n` requests (default 128; 1 to 4096).
-    pub fn depth(mut self, n: u32) -> Self {
-        self.cfg.depth = n;
-        self
-    }
-
-    /// End a transfer with [`Error::Stalled`] once it sees no completion for `t` (default
-    /// 10 s; must be positive).
-    pub fn stall_timeout(mut self, t: Duration) -> Self {
-        self.cfg.stall_timeout = t;
-        self
-    }
-
-    /// Let each connection setup step wait `t` for the peer (default 30 s).
-    pub fn setup_timeout(mut self, t: Duration) -> Self {
-        self.cfg.setup_timeout = t;
-        self
-    }
-
-    /// Bind the handshake listener here (default `127.0.0.1:0`; another host's peers need an
-    /// address they can reach, e.g. `0.0.0.0:7400` with [`AgentBuilder::advertise`]).
-    pub fn listen(mut self, addr: impl Into<String>) -> Self {
-        self.cfg.listen = addr.into();
-        self
-    }
-
-    /// Tell peers this handshake address in the metadata (`10.0.0.5:7400`, or a host alone,
-    /// which gets the bound port) instead of the bound one: needed when the listener binds a
-    /// wildcard address.
-    pub fn advertise(mut self, addr: impl Into<String>) -> Self {
-        self.cfg.advertise = Some(addr.into());
-        self
-    }
-
-    /// Break the protocol on purpose on every device of the agent (see
-    /// [`dmaplane_rdma::Fault`]; [`Fault::EarlyFence`](dmaplane_rdma::Fault::EarlyFence) breaks
-    /// the drive's importers too): for stress runs that must show their checks fail. Never in
-    /// production.
-    pub fn inject(mut self, fault: Option<dmaplane_rdma::Fault>) -> Self {
-        self.fault = fault;
-        self
-    }
-
-    /// Stage every GPU registration through host memory, even where a NIC reaches the GPU
-    /// peer to peer ([`Config::force_staging`]).
-    pub fn force_staging(mut self, on: bool) -> Self {
-        self.cfg.force_staging = on;
-        self
-    }
-
-    /// Read and write file regions through this NVMe drive of the testbed (default: its
-    /// first).
-    pub fn drive(mut self, name: impl Into<String>) -> Self {
-        self.cfg.drive = Some(name.into());
-        self
-    }
-
-    /// Let the simulated drive move at most `bytes_per_sec` (0: as fast as the host copies; by
-    /// default a PCIe 4.0 x4 drive's [`dmaplane_storage::sim::RATE`]).
-    pub fn drive_rate(mut self, bytes_per_sec: u64) -> Self {
-        self.cfg.drive_rate = Some(bytes_per_sec);
-        self
-    }
-
-    /// Read and write file regions through this host's kernel — one io_uring on the drive's
-    /// thread, `O_DIRECT`, host memory registered as fixed buffers by its process address, GPU
-    /// memory through a host bounce buffer and the copy engine — instead of the testbed's
-    /// simulated drive. The verbs backend always does.
-    pub fn io_uring(mut self, on: bool) -> Self {
-        self.cfg.io_uring = on;
-        self
-    }
-
-    /// Check the settings, claim the NICs, open a protection domain and a completion queue
-    /// on each, bind the handshake listener and start the agent's threads.
-    ///
-    /// Fails with [`Error::Invalid`] for a name that is empty or longer than 255 bytes, a
-    /// tunable out of range, or a NIC that the testbed lacks or another agent holds, and with
-    /// [`Error::Setup`] when every NIC is taken. On failure the NICs claimed are released.
-    pub fn build(self) -> Result<Agent> {
-        let name = self.name;
-        if name.is_empty() || name.len() > 255 {
-            return Err(Error::invalid("agent", "name", &name, "1 to 255 bytes"));
-        }
-        let c = &self.cfg;
-        if c.chunk == 0 || c.chunk > u64::from(u32::MAX) {
-            return Err(Error::invalid(
-                format!("agent {name}"),
-                "chunk",
-                c.chunk,
-                "1 byte to 4 GiB - 1",
-            ));
-        }
-        if c.qps_per_path == 0 || c.qps_per_path > 64 {
-            return Err(Error::invalid(
-                format!("agent {name}"),
-                "qps_per_path",
-                c.qps_per_path,
-                "1 to 64",
-            ));
-        }
-        if c.depth == 0 || c.depth > 4096 {
-            return Err(Error::invalid(
-                format!("agent {name}"),
-                "depth",
-                c.depth,
-                "1 to 4096",
-            ));
-        }
-        if c.stall_timeout.is_zero() {
-            return Err(Error::invalid(
-                format!("agent {name}"),
-                "stall_timeout",
-                "0",
-                "must be positive",
-            ));
-        }
-        let (backend, opened) = if self.verbs {
-            (
-                Backend::Verbs,
-                crate::nics::open_verbs(&name, self.nics.as_deref())?,
-            )
-        } else {
-            let testbed = match self.testbed {
-                Some(t) => t,
-                None => Testbed::shared()?,
-            };
-            let v = crate::nics::claim_sim(&testbed, &name, self.nics.as_deref())?;
-            (Backend::Sim(testbed), v)
-        };
-        let claimed: Vec<String> = opened.iter().map(|o| o.name.clone()).collect();
-        let release = |b: &Backend| {
-            if let Backend::Sim(t) = b {
-                t.release(&claimed);
-            }
-        };
-        let built = (|| -> Result<Agent> {
-            let nics = Nics::open(opened, self.fault)?;
-            let listener = OobListener::bind(c.listen.as_str())?;
-            let addr = listener.local_addr();
-            if addr.ip().is_unspecified() && c.advertise.is_none() {
-                return Err(Error::invalid(
-                    format!("agent {name}"),
-                    "listen",
-                    addr,
-                    "a wildcard address is no address a peer can dial: also set advertise \
-                     (the host:port peers should connect to)",
-                ));
-            }
-            let shared = Arc::new(AgentInner {
-                name: name.clone(),
-                platform: Platform::new(backend.clone(), self.fault),
-                nics,
-                cfg: self.cfg.clone(),
-                cache: Cache::default(),
-                entries: Mutex::new(HashMap::new()),
-                peers: Mutex::new(Vec::new()),
-                engine: ProgressEngine::default(),
-                inbox: Inbox::new(),
-                events: Events::new(&name),
-                addr,
-                stop: AtomicBool::new(false),
-                next_region: AtomicU32::new(1),
-                files: crate::files::Files::new(crate::drive::DriveOptions {
-                    agent: name.clone(),
-                    device: self.cfg.drive.clone(),
-                    io_uring: self.cfg.io_uring,
-                    rate: self.cfg.drive_rate,
-                    chunk: self.cfg.chunk,
-                    force_bounce: self.cfg.force_staging,
-                }),
-                next_memory: AtomicU64::new(1),
-                pending_links: Mutex::new(HashMap::new()),
-                handshakes: Mutex::new(HashMap::new()),
-                in_handshake: std::sync::atomic::AtomicUsize::new(0),
-            });
-            let accept = peer::spawn_listener(&shared, listener)?;
-            let progress = crate::progress::spawn(&shared)?;
-            let threads = Arc::new(Threads {
-                handles: Mutex::new(vec![accept, progress]),
-                claimed: claimed.clone(),
-                shared: Arc::downgrade(&shared),
-            });
-            Ok(Agent {
-                _threads: threads,
-                shared,
-            })
-        })();
-        if built.is_err() {
-            release(&backend);
-        }
-        built
-    }
-}
-
-/// What the agent's threads share.
-pub(crate) struct AgentInner {
-    pub(crate) name: String,
-    pub(crate) platform: Platform,
-    pub(crate) nics: Nics,
-    pub(crate) cfg: Config,
-    pub(crate) cache: Cache,
-    /// Registration id → entry (while any handle or the cache holds it).
-    pub(crate) entries: Mutex<HashMap<u32, Weak<MemoryEntry>>>,
-    pub(crate) peers: Mutex<Vec<Arc<PeerShared>>>,
-    pub(crate) engine: ProgressEngine,
-    pub(crate) inbox: Inbox,
-    pub(crate) events: Events,
-    pub(crate) addr: SocketAddr,
-    pub(crate) stop: AtomicBool,
-    pub(crate) next_region: AtomicU32,
-    /// File registrations and the drive they go through.
-    pub(crate) files: crate::files::Files,
-    next_memory: AtomicU64,
-    /// Lease-link connections that arrived for a handshake under way: (nonce, path) → conn.
-    pub(crate) pending_links: Mutex<HashMap<(u64, usize), dmaplane_rdma::oob::Oob>>,
-    /// Handshakes under way on the listening side: nonce → number of paths.
-    pub(crate) handshakes: Mutex<HashMap<u64, usize>>,
-    /// Connections being served by the listener (bounded).
-    pub(crate) in_handshake: std::sync::atomic::AtomicUsize,
-}
-
-impl crate::memory::Owner for AgentInner {
-    fn holders_cut_off(&self) -> u64 {
-        self.nics.holders_cut_off()
-    }
-    fn forget(&self, id: u64) {
-        self.cache.forget_memory(id);
-    }
-    fn event(&self, e: Event) {
-        self.events.push(e);
-    }
-}
-
-impl AgentInner {
-    /// Where this agent's memory comes from.
-    pub(crate) fn allocator(self: &Arc<Self>) -> crate::alloc::Allocator<'_> {
-        crate::alloc::Allocator {
-            agent: &self.name,
-            platform: &self.platform,
-            nics: &self.nics,
-            next: &self.next_memory,
-            owner: Arc::downgrade(self) as Weak<dyn crate::memory::Owner>,
-        }
-    }
-
-    /// The owner's side of a peer's transfer on a published file region: read `len` bytes at
-    /// `off` of the region from the file into its buffer (`land` false: before the peer's READ), or
-    /// write them from the buffer to the file (`land`: after the peer's WRITE landed), and wait.
-    pub(crate) fn serve_file(
-        &self,
-        region: &Arc<MemoryEntry>,
-        (file, at): (&Arc<FileEntry>, u64),
-        (off, len): (u64, u64),
-        land: bool,
-    ) -> Result<u64> {
-        let op = if land { "write" } else { "read" };
-        if land && !file.writable {
-            return Err(Error::invalid(
-                format!("peer's {op} of {}", file.path.display()),
-                "file region",
-                file.id,
-                "published read-only: register it with FileSpec::writable",
-            ));
-        }
-        // The peer chose these: checked before anything is computed from them.
-        let published = region.len.min(file.len.saturating_sub(at));
-        if len == 0 || off.checked_add(len).is_none_or(|end| end > published) {
-            return Err(Error::invalid(
-                format!("peer's {op} of {}", file.path.display()),
-                "range",
-                format!("[{off:#x}, +{len:#x})"),
-                format!("outside the published {published} bytes (or empty)"),
-            ));
-        }
-        if file.closed.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(Error::invalid(
-                format!("peer's {op} of {}", file.path.display()),
-                "file region",
-                file.id,
-                "it was deregistered",
-            ));
-        }
-        let file_at = file.base + at + off;
-        let mem_off = region.base + off;
-        let drive = self.files.drive(&self.platform)?;
-        file.check(op, file_at, len, mem_off, drive.is_kernel())?;
-        let pair = Pair {
-            file: file.clone(),
-            at: file_at,
-            region: region.clone(),
-            mem_off,
-            len,
-        };
-        drive
-            .start(&self.platform, land, vec![pair])?
-            .wait(self.cfg.stall_timeout)
-    }
-
-    /// Check `pairs` of (file desc, memory desc) for a transfer and resolve them.
-    pub(crate) fn resolve_files(
-        &self,
-        write: bool,
-        files: &[Desc],
-        memory: &[Desc],
-    ) -> Result<Vec<Pair>> {
-        let op = if write { "write_file" } else { "read_file" };
-        let what = || format!("{op} of agent {}", self.name);
-        if files.len() != memory.len() || files.is_empty() {
-            return Err(Error::invalid(
-                what(),
-                "descriptors",
-                format!("{} file, {} memory", files.len(), memory.len()),
-                "one memory descriptor per file descriptor, at least one",
-            ));
-        }
-        let mut out = Vec::with_capacity(files.len());
-        for (i, (f, m)) in files.iter().zip(memory).enumerate() {
-            let Some(fe) = self.files.get(f.region) else {
-                return Err(Error::invalid(
-                    what(),
-                    "file region",
-                    f.region,
-                    format!("pair {i}: no such file registration (deregistered?)"),
-                ));
-            };
-            let Some(me) = self.entry(m.region) else {
-                return Err(Error::invalid(
-                    what(),
-                    "memory region",
-                    m.region,
-                    format!("pair {i}: no such memory registration"),
-                ));
-            };
-            if let Some(epoch) = me.revoked_at() {
-                return Err(Error::Revoked {
-                    side: Side::Local,
-                    region: me.id,
-                    name: me.memory.name().to_string(),
-                    epoch,
-                    why: format!("{} before the file transfer started", me.gone_why()),
-                });
-            }
-            if f.len != m.len || f.len == 0 {
-                return Err(Error::invalid(
-                    what(),
-                    "len",
-                    format!("file {} / memory {}", f.len, m.len),
-                    format!("pair {i}: both sides must be the same, positive length"),
-                ));
-            }
-            if f.offset.checked_add(f.len).is_none_or(|e| e > fe.len) {
-                return Err(Error::invalid(
-                    what(),
-                    "file desc",
-                    format!("[{:#x}, +{:#x})", f.offset, f.len),
-                    format!(
-                        "pair {i}: outside file region {} of {} bytes",
-                        fe.id, fe.len
-                    ),
-                ));
-            }
-            if m.offset.checked_add(m.len).is_none_or(|e| e > me.len) {
-                return Err(Error::invalid(
-                    what(),
-                    "memory desc",
-                    format!("[{:#x}, +{:#x})", m.offset, m.len),
-                    format!(
-                        "pair {i}: outside memory region {} of {} bytes",
-                        me.id, me.len
-                    ),
-                ));
-            }
-            if write && !fe.writable {
-                return Err(Error::invalid(
-                    what(),
-                    "file region",
-                    format!("{} ({})", fe.id, fe.path.display()),
-                    "registered read-only: register it with FileSpec::writable",
-                ));
-            }
-            if fe.closed.load(std::sync::atomic::Ordering::Acquire) {
-                return Err(Error::invalid(
-                    what(),
-                    "file region",
-                    fe.id,
-                    "it was deregistered",
-                ));
-            }
-            let at = fe.base + f.offset;
-            let mem_off = me.base + m.offset;
-            fe.check(
-                op,
-                at,
-                f.len,
-                mem_off,
-                self.files.drive(&self.platform)?.is_kernel(),
-            )?;
-            out.push(Pair {
-                file: fe,
-                at,
-                region: me,
-                mem_off,
-                len: f.len,
-            });
-        }
-        Ok(out)
-    }
-
-    /// What registering memory needs of this agent.
-    pub(crate) fn register_cx(&self) -> crate::region::RegisterCx<'_> {
-        crate::region::RegisterCx {
-            agent: &self.name,
-            nics: &self.nics,
-            platform: &self.platform,
-            force_staging: self.cfg.force_staging,
-        }
-    }
-
-    /// The owner's side: copy `ranges` of its staged registrations into device memory (`land`)
-    /// or out of it into their staging buffers.
-    pub(crate) fn serve_stage(&self, ranges: &[StageRange], land: bool) -> Option<StageFailure> {
-        let s = self;
-        for &(region, off, len) in ranges {
-            let fail = |name: &str, epoch: Option<u64>, why: String| StageFailure {
-                region,
-                name: name.to_string(),
-                epoch,
-                why,
-            };
-            let Some(e) = s.entry(region) else {
-                return Some(fail(
-                    "",
-                    None,
-                    format!(
-                        "agent {} has no registration {region} (deregistered or freed)",
-                        s.name
-                    ),
-                ));
-            };
-            let name = e.memory.name();
-            if let Some(epoch) = e.revoked_at() {
-                return Some(fail(name, Some(epoch), e.gone_why().to_string()));
-            }
-            if let Some((file, at)) = &e.file {
-                if let Err(err) = s.serve_file(&e, (file, *at), (off, len), land) {
-                    return Some(fail(name, e.revoked_at(), format!("file I/O: {err}")));
-                }
-                continue;
-            }
-            let Some(st) = &e.stage else {
-                return Some(fail(
-                    name,
-                    None,
-                    "it is not staged: no NIC of this agent stages it".into(),
-                ));
-            };
-            if off.checked_add(len).is_none_or(|end| end > e.len) || len == 0 {
-                return Some(fail(
-                    name,
-                    None,
-                    format!("range [{off:#x}, +{len:#x}) outside its {} bytes", e.len),
-                ));
-            }
-            if let Err(err) = st.copy(&e.memory, e.base, off, len, !land) {
-                return Some(fail(
-                    name,
-                    e.revoked_at(),
-                    format!("the copy engine failed: {err}"),
-                ));
-            }
-        }
-        None
-    }
-
-    /// Lease holders this agent's NICs cut off so far (they never acknowledged a revoke).
-    pub(crate) fn holders_cut_off(&self) -> u64 {
-        self.nics.holders_cut_off()
-    }
-
-    pub(crate) fn entry(&self, id: u32) -> Option<Arc<MemoryEntry>> {
-        lock(&self.entries).get(&id).and_then(Weak::upgrade)
-    }
-
-    /// This agent's metadata: every live registration.
-    pub(crate) fn metadata(&self) -> Metadata {
-        let mut entries: Vec<Arc<MemoryEntry>> = lock(&self.entries)
-            .values()
-            .filter_map(Weak::upgrade)
-            .filter(|e| e.revoked_at().is_none())
-            .collect();
-        entries.sort_by_key(|e| e.id);
-        Metadata {
-            version: VERSION,
-            agent: self.name.clone(),
-            handshake: match &self.cfg.advertise {
-                // A host alone gets the bound port.
-                Some(a) if a.parse::<SocketAddr>().is_err() => format!("{a}:{}", self.addr.port()),
-                Some(a) => a.clone(),
-                None => self.addr.to_string(),
-            },
-            backend: self.platform.kind().into(),
-            nics: self
-                .nics
-                .iter()
-                .map(|n| NicInfo {
-                    name: n.name().to_string(),
-                    gid: n.dev().gid(),
-                    numa: n.numa(),
-                    mtu: n.mtu().bytes(),
-                })
-                .collect(),
-            regions: entries.iter().map(|e| self.region_info(e)).collect(),
-        }
-    }
-
-    pub(crate) fn region_info(&self, e: &MemoryEntry) -> RegionInfo {
-        RegionInfo {
-            id: e.id,
-            name: e.memory.name().to_string(),
-            len: e.len,
-            location: e.memory.location().clone(),
-            file: e.file.as_ref().map(|(f, _)| f.path.display().to_string()),
-            epoch: e.epoch,
-            keys: e
-                .mrs
-                .iter()
-                .zip(&self.nics)
-                .zip(&e.paths)
-                .filter_map(|((mr, nic), path)| {
-                    mr.as_ref().map(|mr| RegionKey {
-                        nic: nic.name().to_string(),
-                        rkey: mr.rkey(),
-                        addr: mr.iova(),
-                        // A published file's bytes are staged from (and landed in) the file.
-                        staged: path.is_staged() || e.file.is_some(),
-                    })
-                })
-                .collect(),
-        }
-    }
-}
 
 /// The agent's threads and NIC claims: shut down exactly once, when the last [`Agent`] clone
 /// lets go of them.
@@ -679,35 +31,6 @@ struct Threads {
     handles: Mutex<Vec<JoinHandle<()>>>,
     claimed: Vec<String>,
     shared: Weak<AgentInner>,
-}
-
-/// Counters of an agent.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct AgentStats {
-    /// The registration cache's counters.
-    pub cache: CacheStats,
-    /// Transfers handed to the progress engine (by [`Agent::write`] and [`Agent::read`]).
-    pub transfers_started: u64,
-    /// Transfers that ended done (every request completed, the notification if any sent).
-    pub transfers_done: u64,
-    /// Transfers that ended with an error (revoked, failed, stalled, peer lost).
-    pub transfers_failed: u64,
-    /// Requests (chunks) posted to queue pairs.
-    pub requests_posted: u64,
-    /// Completions reaped for them (successful or not): `requests_posted` once nothing is in
-    /// flight — every posted request gets exactly one.
-    pub requests_completed: u64,
-    /// Of those, completions with an error (flushed by a revoke's quiesce, or failed).
-    pub requests_failed: u64,
-    /// Bytes of the transfers that ended done.
-    pub bytes_moved: u64,
-    /// Notifications queued to peers when their WRITE ended done.
-    pub notifications_sent: u64,
-    /// Notifications received from peers (oversized ones are dropped and not counted).
-    pub notifications_received: u64,
-    /// Peers' lease holders this agent's NICs cut off because they never acknowledged a
-    /// revoke (see [`Event::LeaseCutOff`]).
-    pub holders_cut_off: u64,
 }
 
 /// One agent. Cheap to clone (all clones are the same agent); dropping the last clone stops its
@@ -730,34 +53,21 @@ impl std::fmt::Debug for Agent {
 }
 
 impl Agent {
-    /// Start building an agent called `name` (how peers name it).
-    ///
-    /// Agents on one testbed share no NIC, so each names its own:
-    ///
-    /// ```
-    /// use dmaplane::{Agent, Testbed};
-    /// # fn main() -> dmaplane::Result<()> {
-    /// let testbed = Testbed::builtin()?;
-    /// let a = Agent::builder("a").testbed(testbed.clone()).nics(["nic0"]).build()?;
-    /// let b = Agent::builder("b")
-    ///     .testbed(testbed)
-    ///     .nics(["nic1"])
-    ///     .chunk(256 << 10)
-    ///     .qps_per_path(4)
-    ///     .build()?;
-    /// assert_eq!(a.name(), "a");
-    /// assert_eq!(a.nics(), ["nic0"]);
-    /// assert_eq!(b.nics(), ["nic1"]);
-    /// # Ok(()) }
-    /// ```
-    pub fn builder(name: impl Into<String>) -> AgentBuilder {
-        AgentBuilder {
-            name: name.into(),
-            testbed: None,
-            verbs: false,
-            nics: None,
-            cfg: Config::default(),
-            fault: None,
+    /// The façade over a started agent: `handles` are its threads, `claimed` the testbed NICs
+    /// it holds.
+    pub(crate) fn new(
+        shared: Arc<AgentInner>,
+        handles: Vec<JoinHandle<()>>,
+        claimed: Vec<String>,
+    ) -> Agent {
+        let threads = Arc::new(Threads {
+            handles: Mutex::new(handles),
+            claimed,
+            shared: Arc::downgrade(&shared),
+        });
+        Agent {
+            _threads: threads,
+            shared,
         }
     }
 
@@ -1009,7 +319,7 @@ impl Agent {
         self.shared.cache.remove(e.memory.id(), e);
         lock(&self.shared.entries).remove(&e.id);
         let mut first_err = None;
-        for (mr, nic) in e.mrs.iter().zip(&self.shared.nics) {
+        for (mr, nic) in e.mrs.iter().zip(self.shared.nics.iter()) {
             if let Some(mr) = mr
                 && let Err(err) = mr.deregister(nic.pd(), deadline)
             {
@@ -1035,12 +345,12 @@ impl Agent {
     /// Connect to the agent a metadata blob describes (its handshake listener).
     pub fn connect(&self, blob: &[u8]) -> Result<Peer> {
         let meta = Metadata::from_blob(blob)?;
-        peer::connect(&self.shared, &meta.handshake)
+        crate::handshake::connect(&self.shared, &meta.handshake)
     }
 
     /// Connect to the agent listening at `addr`.
     pub fn connect_to(&self, addr: &str) -> Result<Peer> {
-        peer::connect(&self.shared, addr)
+        crate::handshake::connect(&self.shared, addr)
     }
 
     /// Peers connected to this agent (those it connected to and those that connected to it).
@@ -1068,12 +378,12 @@ impl Agent {
         remote: &[Desc],
         notify: Option<&[u8]>,
     ) -> Result<Transfer> {
-        crate::transfer::start(&self.shared, &peer.shared, Op::Write, local, remote, notify)
+        crate::transfer::route::start(&self.shared, &peer.shared, Op::Write, local, remote, notify)
     }
 
     /// READ the peer's `remote` into `local`, pairwise, in one batch.
     pub fn read(&self, peer: &Peer, local: &[Desc], remote: &[Desc]) -> Result<Transfer> {
-        crate::transfer::start(&self.shared, &peer.shared, Op::Read, local, remote, None)
+        crate::transfer::route::start(&self.shared, &peer.shared, Op::Read, local, remote, None)
     }
 
     /// Notifications received so far (and taken from the queue).
@@ -1196,7 +506,7 @@ impl Drop for Threads {
             return;
         };
         s.stop.store(true, Ordering::Release);
-        s.engine.wake();
+        s.engine.stop();
         // Taken out first: a peer's reader retiring takes this lock too.
         let peers: Vec<Arc<PeerShared>> = lock(&s.peers).drain(..).collect();
         for p in peers {

@@ -6,7 +6,7 @@
 //! its entries at once, so the cache never keeps freed memory pinned. Entries live until then:
 //! a handle dropped and taken again is a hit.
 //!
-//! File registrations are cached the same way, by canonical path ([`crate::file::FileCache`]).
+//! File registrations are cached the same way, by canonical path (the agent's file registrations).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};

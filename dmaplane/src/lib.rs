@@ -35,7 +35,9 @@
 #![warn(missing_docs)]
 pub mod agent;
 mod alloc;
+mod builder;
 pub mod cache;
+pub mod config;
 pub mod desc;
 pub mod drive;
 pub mod error;
@@ -44,6 +46,8 @@ pub mod file;
 mod files;
 pub mod flow;
 pub mod handle;
+mod handshake;
+mod inner;
 pub mod load;
 pub mod memory;
 pub mod metadata;
@@ -55,12 +59,16 @@ mod progress;
 pub mod raw;
 pub mod region;
 mod stage;
+pub mod stats;
 use dmaplane_core::sync;
 pub mod testbed;
 pub mod transfer;
+mod wire;
 
-pub use agent::{Agent, AgentBuilder, AgentStats, Config};
+pub use agent::Agent;
+pub use builder::AgentBuilder;
 pub use cache::CacheStats;
+pub use config::Config;
 pub use desc::Desc;
 pub use dmaplane_core::Invalid;
 /// Faults [`AgentBuilder::inject`] can break the protocol with, on purpose (stress runs).
@@ -76,5 +84,6 @@ pub use notify::Notification;
 pub use peer::Peer;
 pub use raw::{RawHost, RawPair};
 pub use region::{MemoryEntry, NicPath, Region};
+pub use stats::AgentStats;
 pub use testbed::Testbed;
 pub use transfer::{Status, Transfer};

@@ -7,19 +7,20 @@
 //! registrations it uses; a transfer reported stalled or lost keeps them until then.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dmaplane_rdma::{Completion, RdmaError, SendWr, WcStatus};
 
-use crate::agent::{AgentInner, AgentStats};
 use crate::error::{Error, Result, Side};
+use crate::nics::Nics;
 use crate::peer::PeerShared;
 use crate::stage::StageFailure;
+use crate::stats::AgentStats;
 use crate::sync::{lock, try_lock, wait_timeout};
-use crate::transfer::{Op, Status, TransferState};
+use crate::transfer::state::{CHUNK_BITS, Op, Status, TransferState};
 use dmaplane_core::counter::Counter;
 
 /// How many flushed requests a transfer may send again: as many as it has, plus some.
@@ -68,9 +69,6 @@ enum Remote {
     Landing,
 }
 
-/// Request ids carry their transfer and chunk: `transfer << CHUNK_BITS | chunk`.
-pub(crate) const CHUNK_BITS: u32 = 24;
-
 /// Transfer ids are small sequential integers: hash them by a multiply, not SipHash.
 #[derive(Default, Clone, Copy)]
 struct IdHasher(u64);
@@ -102,8 +100,17 @@ struct Inner {
     napping: bool,
 }
 
-#[derive(Default)]
 pub(crate) struct ProgressEngine {
+    /// The agent's name, for logs.
+    name: String,
+    /// The NICs whose completion queues it reaps.
+    nics: Arc<Nics>,
+    /// Requests a queue pair keeps outstanding ([`crate::Config::depth`]).
+    depth: u32,
+    /// A transfer with no completion for this long ends as stalled.
+    stall: Duration,
+    /// Set when the agent stops: the thread fails what is left and ends.
+    stop: AtomicBool,
     inner: Mutex<Inner>,
     cv: Condvar,
     next_id: AtomicU64,
@@ -157,6 +164,40 @@ impl std::fmt::Debug for ProgressEngine {
 }
 
 impl ProgressEngine {
+    /// An engine over `nics`, keeping `depth` requests outstanding per queue pair and ending a
+    /// transfer as stalled after `stall` without a completion. Its thread is [`spawn`]ed apart.
+    pub(crate) fn new(name: &str, nics: Arc<Nics>, depth: u32, stall: Duration) -> ProgressEngine {
+        ProgressEngine {
+            name: name.to_string(),
+            nics,
+            depth,
+            stall,
+            stop: AtomicBool::new(false),
+            inner: Mutex::default(),
+            cv: Condvar::new(),
+            next_id: AtomicU64::new(0),
+            started: Counter::default(),
+            done: Counter::default(),
+            failed: Counter::default(),
+            posted: Counter::default(),
+            completed: Counter::default(),
+            completed_bad: Counter::default(),
+            bytes: Counter::default(),
+            notes_sent: Counter::default(),
+            notes_received: Counter::default(),
+            drivers: AtomicU32::new(0),
+            last_drive: AtomicU64::new(0),
+            handed: Mutex::new(false),
+            drive_cv: Condvar::new(),
+        }
+    }
+
+    /// The agent stops: the thread fails every transfer left and ends.
+    pub(crate) fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.wake();
+    }
+
     /// Mark the calling thread as driving the engine until the guard goes.
     pub(crate) fn driving(&self) -> Driving<'_> {
         self.drivers.fetch_add(1, Ordering::Relaxed);
@@ -257,7 +298,7 @@ impl ProgressEngine {
     }
 
     /// Take a new transfer and post what fits at once, from the caller's thread.
-    pub(crate) fn submit(&self, s: &AgentInner, t: Arc<TransferState>) {
+    pub(crate) fn submit(&self, t: Arc<TransferState>) {
         self.started.inc();
         let mut g = lock(&self.inner);
         let id = t.id;
@@ -292,59 +333,59 @@ impl ProgressEngine {
         if remote != Remote::Fetching {
             g.queue.push_back(id);
         }
-        self.post(s, &mut g);
+        self.post(&mut g);
         self.nudge(g);
     }
 
     /// One round: reap, post, end. Returns whether anything happened.
-    pub(crate) fn step(&self, s: &AgentInner, wcs: &mut Vec<Completion>) -> bool {
+    pub(crate) fn step(&self, wcs: &mut Vec<Completion>) -> bool {
         let mut g = lock(&self.inner);
-        self.round(s, &mut g, wcs)
+        self.round(&mut g, wcs)
     }
 
     /// [`ProgressEngine::step`] unless another thread is at it (a waiter driving its transfer).
-    pub(crate) fn try_step(&self, s: &AgentInner, wcs: &mut Vec<Completion>) -> bool {
+    pub(crate) fn try_step(&self, wcs: &mut Vec<Completion>) -> bool {
         match try_lock(&self.inner) {
-            Some(mut g) => self.round(s, &mut g, wcs),
+            Some(mut g) => self.round(&mut g, wcs),
             None => false,
         }
     }
 
-    fn round(&self, s: &AgentInner, g: &mut Inner, wcs: &mut Vec<Completion>) -> bool {
+    fn round(&self, g: &mut Inner, wcs: &mut Vec<Completion>) -> bool {
         let mut did = false;
         let now = Instant::now();
-        for nic in &s.nics {
+        for nic in self.nics.iter() {
             wcs.clear();
             match nic.poll(wcs, 256) {
                 Ok(0) => continue,
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::error!(agent = %s.name, nic = %nic.name(), error = %e, "polling the completion queue");
+                    tracing::error!(agent = %self.name, nic = %nic.name(), error = %e, "polling the completion queue");
                     continue;
                 }
             }
             did = true;
             for wc in wcs.iter() {
-                self.complete(s, g, wc, now);
+                self.complete(g, wc, now);
             }
         }
-        did |= self.post(s, g);
-        did |= self.settle(g, s);
+        did |= self.post(g);
+        did |= self.settle(g);
         did
     }
 
-    fn complete(&self, s: &AgentInner, g: &mut Inner, wc: &Completion, now: Instant) {
+    fn complete(&self, g: &mut Inner, wc: &Completion, now: Instant) {
         let mut requeue = false;
         let (tid, ci) = (
             wc.wr_id >> CHUNK_BITS,
             (wc.wr_id & ((1 << CHUNK_BITS) - 1)) as u32,
         );
         let Some(a) = g.active.get_mut(&tid) else {
-            tracing::warn!(agent = %s.name, wr_id = wc.wr_id, "completion for no request of ours");
+            tracing::warn!(agent = %self.name, wr_id = wc.wr_id, "completion for no request of ours");
             return;
         };
         if ci as usize >= a.t.chunks.len() {
-            tracing::warn!(agent = %s.name, wr_id = wc.wr_id, "completion for no request of ours");
+            tracing::warn!(agent = %self.name, wr_id = wc.wr_id, "completion for no request of ours");
             return;
         }
         self.completed.inc();
@@ -354,7 +395,7 @@ impl ProgressEngine {
         let chunk = &a.t.chunks[ci as usize];
         let lane = &a.t.lanes[usize::from(chunk.lane)];
         lane.outstanding.fetch_sub(1, Ordering::Relaxed);
-        s.nics[lane.nic].note_completed();
+        self.nics[lane.nic].note_completed();
         a.outstanding -= 1;
         a.last = now;
         // Any error but a flush moves an RC queue pair to the error state for good (this
@@ -389,7 +430,7 @@ impl ProgressEngine {
     }
 
     /// Post what the queue pairs have room for. Returns whether anything was posted.
-    fn post(&self, s: &AgentInner, g: &mut Inner) -> bool {
+    fn post(&self, g: &mut Inner) -> bool {
         let mut posted_any = false;
         let mut requeue = VecDeque::new();
         while let Some(tid) = g.queue.pop_front() {
@@ -403,15 +444,15 @@ impl ProgressEngine {
             // Batches per lane, in chunk order.
             let mut batches: Vec<Vec<u32>> = vec![Vec::new(); a.t.lanes.len()];
             // Requests this round adds to each NIC's completion queue, over all its lanes.
-            let mut nic_queued = vec![0u32; s.nics.len()];
+            let mut nic_queued = vec![0u32; self.nics.len()];
             let mut blocked = VecDeque::new();
             while let Some(ci) = a.pending.pop_front() {
                 let c = &a.t.chunks[ci as usize];
                 let li = usize::from(c.lane);
                 let lane = &a.t.lanes[li];
                 let queued = batches[li].len() as u32;
-                let nic = &s.nics[lane.nic];
-                let room = lane.outstanding.load(Ordering::Relaxed) + queued < s.cfg.depth
+                let nic = &self.nics[lane.nic];
+                let room = lane.outstanding.load(Ordering::Relaxed) + queued < self.depth
                     && nic.has_room(nic_queued[lane.nic]);
                 if !room {
                     blocked.push_back(ci);
@@ -454,7 +495,7 @@ impl ProgressEngine {
                     Err(e) => e.posted_prefix().min(wrs.len()),
                 };
                 lane.outstanding.fetch_add(taken as u32, Ordering::Relaxed);
-                s.nics[lane.nic].note_posted(taken as u32);
+                self.nics[lane.nic].note_posted(taken as u32);
                 a.outstanding += taken as u64;
                 if taken > 0 {
                     a.last = Instant::now();
@@ -510,9 +551,9 @@ impl ProgressEngine {
     }
 
     /// End what is over: done, failed once every request completed, stalled, peer lost.
-    fn settle(&self, g: &mut Inner, s: &AgentInner) -> bool {
+    fn settle(&self, g: &mut Inner) -> bool {
         let now = Instant::now();
-        let stall = s.cfg.stall_timeout;
+        let stall = self.stall;
         let mut over = Vec::new();
         for (&tid, a) in g.active.iter_mut() {
             if a.error.is_none()
@@ -677,28 +718,29 @@ fn stage_error(t: &TransferState, f: StageFailure, land: bool) -> Error {
     }
 }
 
-/// The progress thread of an agent: runs until the agent stops.
-pub(crate) fn spawn(shared: &Arc<AgentInner>) -> Result<JoinHandle<()>> {
-    let w: Weak<AgentInner> = Arc::downgrade(shared);
+/// The progress thread of an agent: runs until the agent stops ([`ProgressEngine::stop`]) or
+/// lets go of its engine.
+pub(crate) fn spawn(engine: &Arc<ProgressEngine>) -> Result<JoinHandle<()>> {
+    let w: Weak<ProgressEngine> = Arc::downgrade(engine);
     std::thread::Builder::new()
-        .name(format!("dmaplane-progress {}", shared.name))
+        .name(format!("dmaplane-progress {}", engine.name))
         .spawn(move || {
             let mut wcs = Vec::with_capacity(256);
             let mut idle = 0u32;
             loop {
-                let Some(s) = w.upgrade() else { return };
-                if s.stop.load(Ordering::Acquire) {
-                    s.engine.fail_all(&s.name);
+                let Some(e) = w.upgrade() else { return };
+                if e.stop.load(Ordering::Acquire) {
+                    e.fail_all(&e.name);
                     return;
                 }
 
                 // A waiter is driving: stay out of its way (it reaps and posts for everyone)
                 // until it hands off.
-                if s.engine.driven() {
-                    s.engine.nap_driven();
+                if e.driven() {
+                    e.nap_driven();
                     continue;
                 }
-                if s.engine.step(&s, &mut wcs) {
+                if e.step(&mut wcs) {
                     idle = 0;
                     continue;
                 }
@@ -706,10 +748,10 @@ pub(crate) fn spawn(shared: &Arc<AgentInner>) -> Result<JoinHandle<()>> {
                 if idle < SPIN {
                     std::thread::yield_now();
                 } else {
-                    let busy = s.engine.busy();
-                    s.engine.nap(busy);
+                    let busy = e.busy();
+                    e.nap(busy);
                 }
             }
         })
-        .map_err(|e| Error::setup(&shared.name, format!("no progress thread: {e}")))
+        .map_err(|e| Error::setup(&engine.name, format!("no progress thread: {e}")))
 }

@@ -1,0 +1,332 @@
+//! The built-in handshake: two agents meet over TCP (the listener every agent runs,
+//! [`crate::Agent::listen_addr`]) with no other service, as Mooncake's P2P handshake does.
+//!
+//! The connecting side sends `hello` (its metadata); the listener answers `welcome` (its own) or
+//! `refuse`. Both then take the same paths — every (connecting NIC, listening NIC) pair, in
+//! order — and for each path connect `qps_per_path` RC queue pairs, swapping endpoints on the
+//! same connection. The connecting side then opens one more TCP connection per path, announced
+//! by `link`, which becomes that path's lease link: each side grants the peer leases on its
+//! registrations there, and revokes them there. The first connection stays open as the control
+//! channel ([`crate::peer`]).
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use dmaplane_rdma::oob::{Oob, OobListener};
+use dmaplane_rdma::{LeaseLink, Mtu, Qp, QpCaps, RdmaError};
+
+use crate::error::{Error, Result};
+use crate::inner::AgentInner;
+use crate::metadata::{Metadata, VERSION};
+use crate::peer::{Lane, POLL, Path, Peer, PeerHost, PeerShared};
+use crate::region::MemoryEntry;
+use crate::sync::lock;
+use crate::wire::Wire;
+
+/// Handshakes (and connections not yet past their first message) served at once.
+const MAX_HANDSHAKES: usize = 64;
+
+/// Accept peers until the agent stops.
+pub(crate) fn spawn_listener(
+    shared: &Arc<AgentInner>,
+    listener: OobListener,
+) -> Result<JoinHandle<()>> {
+    let s = shared.clone();
+    std::thread::Builder::new()
+        .name(format!("dmaplane-accept {}", shared.name))
+        .spawn(move || {
+            while !s.stop.load(Ordering::Acquire) {
+                match listener.accept(POLL) {
+                    Ok(oob) => {
+                        if s.in_handshake.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
+                            s.in_handshake.fetch_sub(1, Ordering::AcqRel);
+                            tracing::warn!(agent = %s.name, peer = %oob.peer_addr(), "too many handshakes at once: connection refused");
+                            continue;
+                        }
+                        let s2 = s.clone();
+                        let spawned = std::thread::Builder::new()
+                            .name("dmaplane-handshake".into())
+                            .spawn(move || {
+                                first_message(&s2, oob);
+                                s2.in_handshake.fetch_sub(1, Ordering::AcqRel);
+                            });
+                        if let Err(e) = spawned {
+                            tracing::error!(agent = %s.name, error = %e, "no thread for a handshake");
+                        }
+                    }
+                    Err(RdmaError::Timeout { .. }) => {}
+                    Err(e) => {
+                        tracing::warn!(agent = %s.name, error = %e, "accept");
+                        std::thread::sleep(POLL);
+                    }
+                }
+            }
+        })
+        .map_err(|e| Error::setup(&shared.name, format!("no listener thread: {e}")))
+}
+
+/// What a new connection is: a peer's hello, or a lease link for a handshake under way.
+fn first_message(s: &Arc<AgentInner>, oob: Oob) {
+    let peer = oob.peer_addr();
+    match oob.recv::<Wire>(s.cfg.setup_timeout) {
+        Ok(Wire::Hello {
+            version,
+            metadata,
+            qps,
+            nonce,
+        }) => {
+            if let Err(e) = accept(s, oob, version, metadata, qps, nonce) {
+                tracing::warn!(agent = %s.name, %peer, error = %e, "handshake refused or failed");
+            }
+        }
+        Ok(Wire::Link { nonce, path }) => {
+            // Only for a handshake under way, and for a path it has.
+            match lock(&s.handshakes).get(&nonce) {
+                Some(&paths) if path < paths => {
+                    lock(&s.pending_links).insert((nonce, path), oob);
+                }
+                _ => {
+                    tracing::warn!(agent = %s.name, %peer, nonce, path, "lease link for no handshake under way: dropped")
+                }
+            }
+        }
+        Ok(other) => tracing::warn!(agent = %s.name, %peer, ?other, "unexpected first message"),
+        Err(e) => tracing::debug!(agent = %s.name, %peer, error = %e, "connection without a hello"),
+    }
+}
+
+/// Both sides take every (connecting NIC, listening NIC) pair, in this order.
+fn paths(connecting: &Metadata, listening: &Metadata) -> Vec<(String, String)> {
+    let mut v = Vec::new();
+    for a in &connecting.nics {
+        for b in &listening.nics {
+            v.push((a.name.clone(), b.name.clone()));
+        }
+    }
+    v
+}
+
+fn handshake_err(peer: &str, why: impl Into<String>) -> Error {
+    Error::Handshake {
+        peer: peer.to_string(),
+        why: why.into(),
+    }
+}
+
+/// The listening side of a handshake.
+fn accept(
+    s: &Arc<AgentInner>,
+    oob: Oob,
+    version: u16,
+    theirs: Metadata,
+    qps: usize,
+    nonce: u64,
+) -> Result<()> {
+    let peer = theirs.agent.clone();
+    let refuse = |why: String| -> Result<()> {
+        let _ = oob.send(&Wire::Refuse { why: why.clone() });
+        Err(handshake_err(&peer, why))
+    };
+    if version != VERSION {
+        return refuse(format!(
+            "version {version}; this agent speaks version {VERSION}"
+        ));
+    }
+    if qps == 0 || qps > 64 {
+        return refuse(format!(
+            "{qps} queue pairs per path asked; 1 to 64 accepted"
+        ));
+    }
+    if lock(&s.peers)
+        .iter()
+        .any(|p| p.name == peer && p.lost().is_none())
+    {
+        return refuse(format!("an agent called {peer} is connected already"));
+    }
+    let mine = s.metadata();
+    oob.send(&Wire::Welcome {
+        metadata: mine.clone(),
+    })?;
+    let pairs = paths(&theirs, &mine);
+    let t = s.cfg.setup_timeout;
+    lock(&s.handshakes).insert(nonce, pairs.len());
+    let r = accept_paths(s, &oob, &peer, &pairs, qps, nonce, &theirs, t);
+    lock(&s.handshakes).remove(&nonce);
+    lock(&s.pending_links).retain(|(n, _), _| *n != nonce);
+    finish(s, oob, theirs, r?);
+    Ok(())
+}
+
+/// The listening side's paths: queue pairs, then the lease link the other side opens.
+#[allow(clippy::too_many_arguments)]
+fn accept_paths(
+    s: &Arc<AgentInner>,
+    oob: &Oob,
+    peer: &str,
+    pairs: &[(String, String)],
+    qps: usize,
+    nonce: u64,
+    theirs: &Metadata,
+    t: Duration,
+) -> Result<Vec<Path>> {
+    let mut built = Vec::with_capacity(pairs.len());
+    for (i, (their_nic, my_nic)) in pairs.iter().enumerate() {
+        let local = nic_index(s, my_nic, peer)?;
+        let mtu = path_mtu(s, local, theirs, their_nic);
+        let lanes = lanes(s, local, qps, mtu, oob, t)?;
+        // The connecting side opens this path's lease link next.
+        let deadline = Instant::now() + t;
+        let link_oob = loop {
+            if let Some(o) = lock(&s.pending_links).remove(&(nonce, i)) {
+                break o;
+            }
+            if Instant::now() > deadline {
+                return Err(handshake_err(
+                    peer,
+                    format!("no lease link for path {i} within {t:?}"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let link = LeaseLink::open(s.nics[local].dev(), link_oob, t)?;
+        built.push(Path::new(local, their_nic, lanes, link));
+    }
+    Ok(built)
+}
+
+/// The connecting side of a handshake.
+pub(crate) fn connect(s: &Arc<AgentInner>, addr: &str) -> Result<Peer> {
+    let t = s.cfg.setup_timeout;
+    let oob = Oob::connect(addr, t)?;
+    let nonce = nonce();
+    let mine = s.metadata();
+    oob.send(&Wire::Hello {
+        version: VERSION,
+        metadata: mine.clone(),
+        qps: s.cfg.qps_per_path,
+        nonce,
+    })?;
+    let theirs = match oob.recv::<Wire>(t)? {
+        Wire::Welcome { metadata } => metadata,
+        Wire::Refuse { why } => return Err(handshake_err(addr, format!("refused: {why}"))),
+        other => {
+            return Err(handshake_err(
+                addr,
+                format!("expected welcome, got {other:?}"),
+            ));
+        }
+    };
+    let peer = theirs.agent.clone();
+    let pairs = paths(&mine, &theirs);
+    let mut built = Vec::with_capacity(pairs.len());
+    for (i, (my_nic, their_nic)) in pairs.iter().enumerate() {
+        let local = nic_index(s, my_nic, &peer)?;
+        let mtu = path_mtu(s, local, &theirs, their_nic);
+        let lanes = lanes(s, local, s.cfg.qps_per_path, mtu, &oob, t)?;
+        let link_oob = Oob::connect(addr, t)?;
+        link_oob.send(&Wire::Link { nonce, path: i })?;
+        let link = LeaseLink::open(s.nics[local].dev(), link_oob, t)?;
+        built.push(Path::new(local, their_nic, lanes, link));
+    }
+    Ok(Peer {
+        shared: finish(s, oob, theirs, built),
+    })
+}
+
+fn nic_index(s: &AgentInner, nic: &str, peer: &str) -> Result<usize> {
+    s.nics.index_of(nic).ok_or_else(|| {
+        handshake_err(
+            peer,
+            format!("path names NIC {nic}, which agent {} does not use", s.name),
+        )
+    })
+}
+
+/// `n` queue pairs on NIC `local`, each connected to the peer's over `oob`.
+/// The smaller of both ends' active MTUs: the path MTU both queue pairs must use.
+fn path_mtu(s: &AgentInner, local: usize, theirs: &Metadata, their_nic: &str) -> Mtu {
+    let mine = s.nics[local].mtu();
+    let other = theirs
+        .nics
+        .iter()
+        .find(|n| n.name == their_nic)
+        .map_or(mine.bytes(), |n| n.mtu);
+    [
+        Mtu::Mtu256,
+        Mtu::Mtu512,
+        Mtu::Mtu1024,
+        Mtu::Mtu2048,
+        Mtu::Mtu4096,
+    ]
+    .into_iter()
+    .rev()
+    .find(|m| m.bytes() <= mine.bytes().min(other))
+    .unwrap_or(Mtu::Mtu256)
+}
+
+fn lanes(
+    s: &AgentInner,
+    local: usize,
+    n: usize,
+    mtu: Mtu,
+    oob: &Oob,
+    t: Duration,
+) -> Result<Vec<Arc<Lane>>> {
+    let nic = &s.nics[local];
+    let caps = QpCaps {
+        max_send_wr: s.cfg.depth,
+        max_recv_wr: 1,
+        ..QpCaps::default()
+    };
+    let qps = (0..n)
+        .map(|_| nic.pd().create_qp(nic.cq(), nic.cq(), caps))
+        .collect::<std::result::Result<Vec<Qp>, _>>()?;
+    crate::raw::connect_over(&qps, oob, mtu, t)?;
+    Ok(qps
+        .into_iter()
+        .map(|qp| Arc::new(Lane::new(qp, local)))
+        .collect())
+}
+
+fn nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
+/// Both sides: the peer is connected — list it, start its control threads, and grant it
+/// leases on every registration.
+fn finish(s: &Arc<AgentInner>, oob: Oob, theirs: Metadata, paths: Vec<Path>) -> Arc<PeerShared> {
+    let host: Weak<dyn PeerHost> = Arc::downgrade(s) as Weak<dyn PeerHost>;
+    let (peer, rx) = PeerShared::new(theirs.agent.clone(), host, &theirs.regions, paths, oob);
+    // Listed before its reader starts: a reader that finds the peer gone at once retires it
+    // from the list, which it cannot do before the peer is in it (a peer that left during the
+    // handshake stayed listed for good when the push came after the reader's retire).
+    lock(&s.peers).push(peer.clone());
+    peer.start(rx);
+    // Listed first (above), then every live registration granted and announced: one
+    // registered while the handshake ran (after its metadata was sent) is not missed, and one
+    // registered from now on is announced by the registration itself (grants are
+    // deduplicated).
+    let entries: Vec<Arc<MemoryEntry>> = lock(&s.entries)
+        .values()
+        .filter_map(Weak::upgrade)
+        .filter(|e| e.revoked_at().is_none())
+        .collect();
+    for e in &entries {
+        peer.announce(e, &s.region_info(e));
+    }
+    // An agent dropped while this handshake ran closes what it just connected.
+    if s.stop.load(Ordering::Acquire) {
+        peer.close("the agent stopped during the handshake");
+    }
+    tracing::info!(agent = %s.name, peer = %peer.name, paths = peer.paths.len(), "peer connected");
+    peer
+}

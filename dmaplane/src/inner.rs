@@ -1,0 +1,399 @@
+//! What an agent's parts share: its devices, registrations, peers, engine, inbox, events and
+//! files. The [`crate::Agent`] façade and the agent's threads hold it; each part owns its state
+//! behind a handle of its own.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::desc::Desc;
+use crate::drive::Pair;
+use crate::error::{Error, Result, Side};
+use crate::event::{Event, Events};
+use crate::file::FileEntry;
+use crate::metadata::{Metadata, NicInfo, RegionInfo, RegionKey, VERSION};
+use crate::nics::Nics;
+use crate::notify::{Inbox, Notification};
+use crate::peer::{PeerHost, PeerShared};
+use crate::platform::Platform;
+use crate::progress::ProgressEngine;
+use crate::region::MemoryEntry;
+use crate::stage::{StageFailure, StageRange};
+use crate::sync::lock;
+
+/// What the agent's threads share.
+pub(crate) struct AgentInner {
+    pub(crate) name: String,
+    pub(crate) platform: Platform,
+    pub(crate) nics: Arc<Nics>,
+    pub(crate) cfg: Config,
+    pub(crate) cache: Cache,
+    /// Registration id → entry (while any handle or the cache holds it).
+    pub(crate) entries: Mutex<HashMap<u32, Weak<MemoryEntry>>>,
+    pub(crate) peers: Mutex<Vec<Arc<PeerShared>>>,
+    pub(crate) engine: Arc<ProgressEngine>,
+    pub(crate) inbox: Inbox,
+    pub(crate) events: Events,
+    pub(crate) addr: SocketAddr,
+    pub(crate) stop: AtomicBool,
+    pub(crate) next_region: AtomicU32,
+    /// File registrations and the drive they go through.
+    pub(crate) files: crate::files::Files,
+    pub(crate) next_memory: AtomicU64,
+    /// Lease-link connections that arrived for a handshake under way: (nonce, path) → conn.
+    pub(crate) pending_links: Mutex<HashMap<(u64, usize), dmaplane_rdma::oob::Oob>>,
+    /// Handshakes under way on the listening side: nonce → number of paths.
+    pub(crate) handshakes: Mutex<HashMap<u64, usize>>,
+    /// Connections being served by the listener (bounded).
+    pub(crate) in_handshake: std::sync::atomic::AtomicUsize,
+}
+
+impl crate::memory::Owner for AgentInner {
+    fn holders_cut_off(&self) -> u64 {
+        self.nics.holders_cut_off()
+    }
+    fn forget(&self, id: u64) {
+        self.cache.forget_memory(id);
+    }
+    fn event(&self, e: Event) {
+        self.events.push(e);
+    }
+}
+
+impl PeerHost for AgentInner {
+    fn peer_lost(&self, peer: &str, why: String) {
+        self.events.push(Event::PeerLost {
+            peer: peer.to_string(),
+            why,
+        });
+        self.engine.wake();
+    }
+    fn notified(&self, n: Notification) {
+        self.engine.count_notification_received();
+        self.inbox.push(n);
+    }
+    fn serve_peer_stage(&self, ranges: &[StageRange], land: bool) -> Option<StageFailure> {
+        self.serve_stage(ranges, land)
+    }
+    fn staged(&self, transfer: u64, failure: Option<StageFailure>, peer: &Arc<PeerShared>) {
+        self.engine.staged(transfer, failure, peer);
+    }
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+    fn retire(&self, peer: &Arc<PeerShared>) {
+        lock(&self.peers).retain(|x| !Arc::ptr_eq(x, peer));
+    }
+}
+
+impl AgentInner {
+    /// Where this agent's memory comes from.
+    pub(crate) fn allocator(self: &Arc<Self>) -> crate::alloc::Allocator<'_> {
+        crate::alloc::Allocator {
+            agent: &self.name,
+            platform: &self.platform,
+            nics: &self.nics,
+            next: &self.next_memory,
+            owner: Arc::downgrade(self) as Weak<dyn crate::memory::Owner>,
+        }
+    }
+
+    /// The owner's side of a peer's transfer on a published file region: read `len` bytes at
+    /// `off` of the region from the file into its buffer (`land` false: before the peer's READ), or
+    /// write them from the buffer to the file (`land`: after the peer's WRITE landed), and wait.
+    pub(crate) fn serve_file(
+        &self,
+        region: &Arc<MemoryEntry>,
+        (file, at): (&Arc<FileEntry>, u64),
+        (off, len): (u64, u64),
+        land: bool,
+    ) -> Result<u64> {
+        let op = if land { "write" } else { "read" };
+        if land && !file.writable {
+            return Err(Error::invalid(
+                format!("peer's {op} of {}", file.path.display()),
+                "file region",
+                file.id,
+                "published read-only: register it with FileSpec::writable",
+            ));
+        }
+        // The peer chose these: checked before anything is computed from them.
+        let published = region.len.min(file.len.saturating_sub(at));
+        if len == 0 || off.checked_add(len).is_none_or(|end| end > published) {
+            return Err(Error::invalid(
+                format!("peer's {op} of {}", file.path.display()),
+                "range",
+                format!("[{off:#x}, +{len:#x})"),
+                format!("outside the published {published} bytes (or empty)"),
+            ));
+        }
+        if file.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::invalid(
+                format!("peer's {op} of {}", file.path.display()),
+                "file region",
+                file.id,
+                "it was deregistered",
+            ));
+        }
+        let file_at = file.base + at + off;
+        let mem_off = region.base + off;
+        let drive = self.files.drive(&self.platform)?;
+        file.check(op, file_at, len, mem_off, drive.is_kernel())?;
+        let pair = Pair {
+            file: file.clone(),
+            at: file_at,
+            region: region.clone(),
+            mem_off,
+            len,
+        };
+        drive
+            .start(&self.platform, land, vec![pair])?
+            .wait(self.cfg.stall_timeout)
+    }
+
+    /// Check `pairs` of (file desc, memory desc) for a transfer and resolve them.
+    pub(crate) fn resolve_files(
+        &self,
+        write: bool,
+        files: &[Desc],
+        memory: &[Desc],
+    ) -> Result<Vec<Pair>> {
+        let op = if write { "write_file" } else { "read_file" };
+        let what = || format!("{op} of agent {}", self.name);
+        if files.len() != memory.len() || files.is_empty() {
+            return Err(Error::invalid(
+                what(),
+                "descriptors",
+                format!("{} file, {} memory", files.len(), memory.len()),
+                "one memory descriptor per file descriptor, at least one",
+            ));
+        }
+        let mut out = Vec::with_capacity(files.len());
+        for (i, (f, m)) in files.iter().zip(memory).enumerate() {
+            let Some(fe) = self.files.get(f.region) else {
+                return Err(Error::invalid(
+                    what(),
+                    "file region",
+                    f.region,
+                    format!("pair {i}: no such file registration (deregistered?)"),
+                ));
+            };
+            let Some(me) = self.entry(m.region) else {
+                return Err(Error::invalid(
+                    what(),
+                    "memory region",
+                    m.region,
+                    format!("pair {i}: no such memory registration"),
+                ));
+            };
+            if let Some(epoch) = me.revoked_at() {
+                return Err(Error::Revoked {
+                    side: Side::Local,
+                    region: me.id,
+                    name: me.memory.name().to_string(),
+                    epoch,
+                    why: format!("{} before the file transfer started", me.gone_why()),
+                });
+            }
+            if f.len != m.len || f.len == 0 {
+                return Err(Error::invalid(
+                    what(),
+                    "len",
+                    format!("file {} / memory {}", f.len, m.len),
+                    format!("pair {i}: both sides must be the same, positive length"),
+                ));
+            }
+            if f.offset.checked_add(f.len).is_none_or(|e| e > fe.len) {
+                return Err(Error::invalid(
+                    what(),
+                    "file desc",
+                    format!("[{:#x}, +{:#x})", f.offset, f.len),
+                    format!(
+                        "pair {i}: outside file region {} of {} bytes",
+                        fe.id, fe.len
+                    ),
+                ));
+            }
+            if m.offset.checked_add(m.len).is_none_or(|e| e > me.len) {
+                return Err(Error::invalid(
+                    what(),
+                    "memory desc",
+                    format!("[{:#x}, +{:#x})", m.offset, m.len),
+                    format!(
+                        "pair {i}: outside memory region {} of {} bytes",
+                        me.id, me.len
+                    ),
+                ));
+            }
+            if write && !fe.writable {
+                return Err(Error::invalid(
+                    what(),
+                    "file region",
+                    format!("{} ({})", fe.id, fe.path.display()),
+                    "registered read-only: register it with FileSpec::writable",
+                ));
+            }
+            if fe.closed.load(std::sync::atomic::Ordering::Acquire) {
+                return Err(Error::invalid(
+                    what(),
+                    "file region",
+                    fe.id,
+                    "it was deregistered",
+                ));
+            }
+            let at = fe.base + f.offset;
+            let mem_off = me.base + m.offset;
+            fe.check(
+                op,
+                at,
+                f.len,
+                mem_off,
+                self.files.drive(&self.platform)?.is_kernel(),
+            )?;
+            out.push(Pair {
+                file: fe,
+                at,
+                region: me,
+                mem_off,
+                len: f.len,
+            });
+        }
+        Ok(out)
+    }
+
+    /// What registering memory needs of this agent.
+    pub(crate) fn register_cx(&self) -> crate::region::RegisterCx<'_> {
+        crate::region::RegisterCx {
+            agent: &self.name,
+            nics: &self.nics,
+            platform: &self.platform,
+            force_staging: self.cfg.force_staging,
+        }
+    }
+
+    /// The owner's side: copy `ranges` of its staged registrations into device memory (`land`)
+    /// or out of it into their staging buffers.
+    pub(crate) fn serve_stage(&self, ranges: &[StageRange], land: bool) -> Option<StageFailure> {
+        let s = self;
+        for &(region, off, len) in ranges {
+            let fail = |name: &str, epoch: Option<u64>, why: String| StageFailure {
+                region,
+                name: name.to_string(),
+                epoch,
+                why,
+            };
+            let Some(e) = s.entry(region) else {
+                return Some(fail(
+                    "",
+                    None,
+                    format!(
+                        "agent {} has no registration {region} (deregistered or freed)",
+                        s.name
+                    ),
+                ));
+            };
+            let name = e.memory.name();
+            if let Some(epoch) = e.revoked_at() {
+                return Some(fail(name, Some(epoch), e.gone_why().to_string()));
+            }
+            if let Some((file, at)) = &e.file {
+                if let Err(err) = s.serve_file(&e, (file, *at), (off, len), land) {
+                    return Some(fail(name, e.revoked_at(), format!("file I/O: {err}")));
+                }
+                continue;
+            }
+            let Some(st) = &e.stage else {
+                return Some(fail(
+                    name,
+                    None,
+                    "it is not staged: no NIC of this agent stages it".into(),
+                ));
+            };
+            if off.checked_add(len).is_none_or(|end| end > e.len) || len == 0 {
+                return Some(fail(
+                    name,
+                    None,
+                    format!("range [{off:#x}, +{len:#x}) outside its {} bytes", e.len),
+                ));
+            }
+            if let Err(err) = st.copy(&e.memory, e.base, off, len, !land) {
+                return Some(fail(
+                    name,
+                    e.revoked_at(),
+                    format!("the copy engine failed: {err}"),
+                ));
+            }
+        }
+        None
+    }
+
+    /// Lease holders this agent's NICs cut off so far (they never acknowledged a revoke).
+    pub(crate) fn holders_cut_off(&self) -> u64 {
+        self.nics.holders_cut_off()
+    }
+
+    pub(crate) fn entry(&self, id: u32) -> Option<Arc<MemoryEntry>> {
+        lock(&self.entries).get(&id).and_then(Weak::upgrade)
+    }
+
+    /// This agent's metadata: every live registration.
+    pub(crate) fn metadata(&self) -> Metadata {
+        let mut entries: Vec<Arc<MemoryEntry>> = lock(&self.entries)
+            .values()
+            .filter_map(Weak::upgrade)
+            .filter(|e| e.revoked_at().is_none())
+            .collect();
+        entries.sort_by_key(|e| e.id);
+        Metadata {
+            version: VERSION,
+            agent: self.name.clone(),
+            handshake: match &self.cfg.advertise {
+                // A host alone gets the bound port.
+                Some(a) if a.parse::<SocketAddr>().is_err() => format!("{a}:{}", self.addr.port()),
+                Some(a) => a.clone(),
+                None => self.addr.to_string(),
+            },
+            backend: self.platform.kind().into(),
+            nics: self
+                .nics
+                .iter()
+                .map(|n| NicInfo {
+                    name: n.name().to_string(),
+                    gid: n.dev().gid(),
+                    numa: n.numa(),
+                    mtu: n.mtu().bytes(),
+                })
+                .collect(),
+            regions: entries.iter().map(|e| self.region_info(e)).collect(),
+        }
+    }
+
+    pub(crate) fn region_info(&self, e: &MemoryEntry) -> RegionInfo {
+        RegionInfo {
+            id: e.id,
+            name: e.memory.name().to_string(),
+            len: e.len,
+            location: e.memory.location().clone(),
+            file: e.file.as_ref().map(|(f, _)| f.path.display().to_string()),
+            epoch: e.epoch,
+            keys: e
+                .mrs
+                .iter()
+                .zip(self.nics.iter())
+                .zip(&e.paths)
+                .filter_map(|((mr, nic), path)| {
+                    mr.as_ref().map(|mr| RegionKey {
+                        nic: nic.name().to_string(),
+                        rkey: mr.rkey(),
+                        addr: mr.iova(),
+                        // A published file's bytes are staged from (and landed in) the file.
+                        staged: path.is_staged() || e.file.is_some(),
+                    })
+                })
+                .collect(),
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! What a transfer is while it runs: its requests, the lanes and leases they use, the
+//! registrations it holds, and how it ended. The engine ([`crate::progress`]) works on it; the
+//! [`super::Transfer`] handle reads it.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::Waker;
+
+use dmaplane_rdma::{RemoteAddr, RemoteMr, Sge};
+
+use crate::error::{Error, Side};
+use crate::peer::{Lane, PeerShared};
+use crate::region::MemoryEntry;
+use crate::stage::StageRange;
+use crate::sync::lock;
+
+/// Request ids carry their transfer and chunk: `transfer << CHUNK_BITS | chunk`.
+pub(crate) const CHUNK_BITS: u32 = 24;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    Write,
+    Read,
+}
+
+/// Where a transfer stands.
+#[derive(Debug, Clone)]
+pub enum Status {
+    /// `done` of `total` requests completed.
+    InProgress {
+        /// Requests completed successfully so far.
+        done: u64,
+        /// Requests the transfer was split into.
+        total: u64,
+    },
+    /// Every request completed and the notification, if any, was sent.
+    Done,
+    /// The transfer ended with this error.
+    Failed(Error),
+}
+
+/// One request: `len` bytes between a local SGE and a remote address, on one lane.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Chunk {
+    /// Index into the transfer's `lanes`.
+    pub(crate) lane: u16,
+    /// Index into the transfer's `leases`.
+    pub(crate) lease: u16,
+    /// Index into the transfer's `entries`.
+    pub(crate) local_entry: u16,
+    pub(crate) remote_region: u32,
+    pub(crate) sge: Sge,
+    pub(crate) remote: RemoteAddr,
+}
+
+pub(crate) struct Outcome {
+    pub(crate) status: Status,
+    pub(crate) waker: Option<Waker>,
+    /// Threads asleep on the condvar: the end notifies only when there are any (a notify is
+    /// a system call whether anyone waits or not).
+    pub(crate) sleepers: u32,
+}
+
+/// What the engine and the handles share.
+pub(crate) struct TransferState {
+    pub(crate) id: u64,
+    /// Requests completed successfully (the engine counts, `status` reads).
+    pub(crate) done: AtomicU64,
+    pub(crate) op: Op,
+    pub(crate) peer: Arc<PeerShared>,
+    pub(crate) chunks: Vec<Chunk>,
+    /// The queue pairs its chunks use, and the leases they write under.
+    pub(crate) lanes: Vec<Arc<Lane>>,
+    pub(crate) leases: Vec<Arc<RemoteMr>>,
+    /// Local registrations it uses: held until every request has completed, so nothing is
+    /// unregistered under the NIC.
+    pub(crate) entries: Vec<Arc<MemoryEntry>>,
+    pub(crate) notify: Option<Vec<u8>>,
+    /// Local staged ranges a READ copies into device memory once its requests completed:
+    /// `(entry index, offset, bytes)`.
+    pub(crate) stage_in: Vec<(u16, u64, u64)>,
+    /// The peer's staged ranges: landed by the peer after a WRITE, staged before a READ.
+    pub(crate) remote_stage: Vec<StageRange>,
+    pub(crate) bytes: u64,
+    pub(crate) outcome: Mutex<Outcome>,
+    pub(crate) cv: Condvar,
+}
+
+impl TransferState {
+    pub(crate) fn finish(&self, status: Status) {
+        let mut o = lock(&self.outcome);
+        if !matches!(o.status, Status::InProgress { .. }) {
+            return;
+        }
+        o.status = status;
+        let waker = o.waker.take();
+        if o.sleepers > 0 {
+            self.cv.notify_all();
+        }
+        drop(o);
+        // Outside the outcome's lock: a waker may poll the future at once.
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// The typed error for a request that failed: a revoke of either side when one happened.
+    pub(crate) fn classify(&self, chunk: &Chunk, status: &str) -> Error {
+        self.revoked_or_lost(chunk, status)
+            .unwrap_or_else(|| Error::Failed {
+                transfer: self.id,
+                peer: self.peer.name.clone(),
+                chunk: 0,
+                status: status.to_string(),
+            })
+    }
+
+    /// The error for a request that met a broken queue pair.
+    pub(crate) fn broken_lane(&self, lane: &Lane) -> Error {
+        Error::Failed {
+            transfer: self.id,
+            peer: self.peer.name.clone(),
+            chunk: 0,
+            status: format!(
+                "queue pair {:#x} to {} is broken ({}): an RC queue pair leaves the error state \
+                 only by being connected anew, which the agent does not do yet, so this path \
+                 is dead",
+                lane.qp.qpn(),
+                self.peer.name,
+                lane.broken().unwrap_or_default()
+            ),
+        }
+    }
+
+    /// A revoke of either side's memory, or the peer's loss, if that is why a request failed.
+    pub(crate) fn revoked_or_lost(&self, chunk: &Chunk, status: &str) -> Option<Error> {
+        let e = &self.entries[usize::from(chunk.local_entry)];
+        if let Some(epoch) = e.revoked_at() {
+            return Some(Error::Revoked {
+                side: Side::Local,
+                region: e.id,
+                name: e.memory.name().to_string(),
+                epoch,
+                why: format!("a request completed with {status}: {}", e.gone_why()),
+            });
+        }
+        if let Some(epoch) = self.leases[usize::from(chunk.lease)].revoked_at() {
+            let name = self
+                .peer
+                .region(chunk.remote_region)
+                .map_or_else(String::new, |r| r.name);
+            return Some(Error::Revoked {
+                side: Side::Remote,
+                region: chunk.remote_region,
+                name,
+                epoch,
+                why: format!(
+                    "the peer revoked it (a request completed with {status}); {} holds no lease on it any more",
+                    self.peer.name
+                ),
+            });
+        }
+        self.peer.lost().map(|why| Error::PeerLost {
+            peer: self.peer.name.clone(),
+            why,
+        })
+    }
+}
