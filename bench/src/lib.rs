@@ -7,6 +7,3 @@ pub mod rdma;
 pub mod rounds;
 pub mod sgl;
 pub mod storage;
-pub mod stress;
-pub mod stress_config;
-pub mod traffic;

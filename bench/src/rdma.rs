@@ -8,7 +8,7 @@
 //!   rounds and each side's best round is kept.
 //! - Message rate: 64 B WRITEs on one queue pair, posted in chains with one signaled request per
 //!   chain (what perftest's `--post_list`/`--cq_mod` do), counting completed requests.
-//! - Revoke latency under load: a short revoke stress (see [`crate::stress`]).
+//! - Revoke latency under load: a short revoke stress (see [`dmaplane::stress`]).
 
 use std::time::{Duration, Instant};
 
@@ -20,8 +20,8 @@ use dmaplane_rdma::{
 };
 use serde::Serialize;
 
-use crate::stress::{Latency, StressConfig, StressReport, run_sim};
 use dmaplane::RawPair;
+use dmaplane::stress::{Latency, StressConfig, StressReport, run_sim};
 
 /// One bandwidth point.
 #[derive(Debug, Clone, Serialize)]
@@ -247,7 +247,7 @@ fn measure(cfg: &RdmaBenchConfig, progress: &dyn Progress) -> Result<RdmaReport,
                 policy: dmaplane_rdma::QuiescePolicy::DEFAULT,
                 deadline: Duration::from_secs(1),
                 placement: cfg.placement.clone(),
-                exporter: crate::stress::ExporterKind::Host,
+                exporter: dmaplane::stress::ExporterKind::Host,
                 inject: None,
             },
             &|_| {},

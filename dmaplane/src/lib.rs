@@ -60,6 +60,7 @@ pub mod raw;
 pub mod region;
 mod stage;
 pub mod stats;
+pub mod stress;
 use dmaplane_core::sync;
 pub mod testbed;
 pub mod transfer;

@@ -36,8 +36,8 @@ pub struct HolderArgs {
     /// Bytes per transfer.
     #[arg(long)]
     size: u32,
-    #[arg(long, value_parser = clap::value_parser!(dmaplane_bench::stress::Inject))]
-    inject: Option<dmaplane_bench::stress::Inject>,
+    #[arg(long, value_parser = clap::value_parser!(dmaplane::stress::Inject))]
+    inject: Option<dmaplane::stress::Inject>,
 }
 
 /// Without the `verbs` feature: the same one-line refusal as the raw verbs stress.
@@ -60,8 +60,8 @@ mod imp {
     use std::time::{Duration, Instant};
 
     use anyhow::{Context, Result, bail};
+    use dmaplane::stress::{Inject, Latency, StressConfig, StressReport};
     use dmaplane::{Agent, Error as AgentError, Memory, Quarantine, Side, Status, Transfer};
-    use dmaplane_bench::stress::{Inject, Latency, StressConfig, StressReport};
     use dmaplane_rdma::Fault;
     use serde::{Deserialize, Serialize};
 

@@ -7,7 +7,6 @@ mod demo;
 mod doctor;
 mod gpu_doctor;
 mod load;
-mod p2p_bench;
 mod report;
 mod storage_doctor;
 mod stress;

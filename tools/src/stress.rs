@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use dmaplane_bench::stress::{ExporterKind, Inject, StressConfig, StressReport, run_sim};
+use dmaplane::stress::{ExporterKind, Inject, StressConfig, StressReport, run_sim};
 use dmaplane_core::cpu::Placement;
 use dmaplane_rdma::QuiescePolicy;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -157,8 +157,8 @@ pub fn run(cmd: &StressCmd, json: bool) -> Result<()> {
         b
     };
     if a.backend == Backend::Sim
-        && let Some(avail) = dmaplane_bench::stress::mem_available()
-        && let Err(why) = dmaplane_bench::stress::check_fits(&cfg, avail)
+        && let Some(avail) = dmaplane::stress::mem_available()
+        && let Err(why) = dmaplane::stress::check_fits(&cfg, avail)
     {
         bar.finish_and_clear();
         bail!("this run does not fit: {why}");

@@ -17,10 +17,10 @@
 
 #[cfg(not(feature = "verbs"))]
 pub fn run(
-    _cfg: &dmaplane_bench::stress::StressConfig,
+    _cfg: &dmaplane::stress::StressConfig,
     _device: Option<&str>,
     _progress: &(dyn Fn(u64) + Sync),
-) -> anyhow::Result<dmaplane_bench::stress::StressReport> {
+) -> anyhow::Result<dmaplane::stress::StressReport> {
     anyhow::bail!(
         "stress revoke --backend verbs needs the `verbs` feature, which this dmaplane was built \
          without: cargo build --release -p dmaplane-tools --features verbs (building needs cmake \
@@ -42,8 +42,8 @@ mod imp {
     use anyhow::{Context, Result, bail};
     use dmaplane::RawHost;
     use dmaplane::raw::connect_over;
-    use dmaplane_bench::stress::{Inject, StressConfig, StressReport};
-    use dmaplane_bench::traffic::{Bytes, DataPath, EpochTarget, Revocable, RunState, exporter};
+    use dmaplane::stress::{Bytes, DataPath, EpochTarget, Revocable, RunState, exporter};
+    use dmaplane::stress::{Inject, StressConfig, StressReport};
     use dmaplane_core::dmabuf::{DmaBufMemory, UdmaBuf};
     use dmaplane_core::{ImporterKind, RevokeReport};
     use dmaplane_rdma::oob::{Oob, OobListener};

@@ -1,6 +1,6 @@
 //! What a revoke stress run is asked to do: its shape, whose memory is revoked, and the fault
-//! injected on purpose, if any. Shared by the simulated setup ([`crate::stress`]), the two
-//! halves of a run ([`crate::traffic`]) and the verbs backend.
+//! injected on purpose, if any. Shared by the simulated setup ([`super::run_sim`]), the two
+//! halves of a run and the verbs backend.
 
 use std::time::Duration;
 
@@ -8,14 +8,22 @@ use dmaplane_core::cpu::Placement;
 use dmaplane_rdma::{Fault, QuiescePolicy};
 use serde::Serialize;
 
+/// The shape of a stress run and what it breaks on purpose.
 #[derive(Debug, Clone)]
 pub struct StressConfig {
+    /// Queue pairs the data path keeps WRITEs in flight on.
     pub qps: usize,
+    /// WRITEs in flight per queue pair.
     pub depth: usize,
+    /// Bytes per WRITE.
     pub size: u32,
+    /// Revokes of the target (every other one also moves the source).
     pub revokes: u64,
+    /// Seconds of traffic between revokes at least (0: revoke as soon as traffic is in flight).
     pub seconds: f64,
+    /// Seed of the revoke schedule (where under the load each revoke falls).
     pub seed: u64,
+    /// How the importer quiesces its queue pairs on a revoke (drain or flush, and bounds).
     pub policy: QuiescePolicy,
     /// Exporter's deadline per revoke.
     pub deadline: Duration,
@@ -44,6 +52,7 @@ pub enum Inject {
 }
 
 impl Inject {
+    /// Every fault the stress can inject, in the order the CI loop runs them.
     pub fn all() -> Vec<Inject> {
         let mut v: Vec<Inject> = Fault::ALL.into_iter().map(Inject::Rdma).collect();
         v.push(Inject::FreeBeforeAck);
@@ -51,6 +60,7 @@ impl Inject {
         v
     }
 
+    /// The name `--inject` takes.
     pub fn name(self) -> &'static str {
         match self {
             Inject::Rdma(f) => f.name(),
@@ -95,4 +105,40 @@ pub enum ExporterKind {
     /// Device memory of `gpu2` (below the same switch as host B's `nic1`), freed and
     /// re-allocated: every free is a revoke.
     Gpu,
+}
+
+/// A run of `qps` queue pairs, `depth` deep, of `size`-byte WRITEs, one revoke, no fault: what
+/// the tests start from.
+#[cfg(test)]
+pub(crate) fn test_config(qps: usize, depth: usize, size: u32) -> StressConfig {
+    StressConfig {
+        qps,
+        depth,
+        size,
+        revokes: 1,
+        seconds: 0.0,
+        seed: 1,
+        policy: QuiescePolicy::DEFAULT,
+        deadline: Duration::from_secs(1),
+        placement: None,
+        exporter: ExporterKind::Host,
+        inject: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_fault_name_parses_and_unknown_ones_list_the_known() {
+        for i in Inject::all() {
+            assert_eq!(i.name().parse::<Inject>(), Ok(i));
+        }
+        let e = "early".parse::<Inject>().unwrap_err();
+        assert!(
+            e.contains("free-before-ack") && e.contains("no-backstop"),
+            "{e}"
+        );
+    }
 }

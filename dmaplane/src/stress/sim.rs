@@ -1,10 +1,6 @@
-//! `dmaplane stress revoke`: RDMA WRITE traffic on many queue pairs while the target memory is
-//! revoked and re-exported over and over. Every request must complete exactly once, every
-//! successful write must be byte-exact, and nothing may touch memory after a revoke's ack.
-//!
-//! The two halves (exporter and data path) live in [`crate::traffic`], shared with the verbs
-//! backend; this file is the simulated setup. On top of the poison check there, every DMA the
-//! fabric refused because a grant was gone is counted (an honest importer never even tries).
+//! The stress on the simulated testbed: the target and the source are revoked under WRITE
+//! load, and every DMA the fabric refused because a grant was gone is counted too (an honest
+//! importer never even tries).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,274 +8,22 @@ use std::sync::{Arc, Mutex};
 use dmaplane_core::sync::lock;
 use std::time::{Duration, Instant};
 
-use dmaplane_core::fabric::{HostMemory, Verdict, WindowHandle};
+use dmaplane_core::fabric::{HostMemory, WindowHandle};
 use dmaplane_core::{Exporter, ImporterKind, RevokeReport};
 use dmaplane_gpu::{DeviceMemory, DmaClient, GpuError};
 use dmaplane_rdma::{
     Completion, Fault, ImportOptions, Mr, MrAccess, Qp, QpCaps, RdmaError, RemoteAddr, SendWr, Sge,
     WcStatus,
 };
-use serde::Serialize;
 
-pub use crate::stress_config::{ExporterKind, Inject, StressConfig};
-use crate::traffic::{Bytes, Counts, DataPath, EpochTarget, Revocable, RunState, exporter};
-use dmaplane::RawPair;
-
-/// Memory a simulated run holds at once: the source, the live target, the retired target whose
-/// poison is checked at the next revoke, and the copies of the targets taken at their acks
-/// (each `qps × depth × size`, page-rounded).
-pub fn sim_memory_needed(cfg: &StressConfig) -> u64 {
-    let region = (cfg.qps as u64)
-        .saturating_mul(cfg.depth as u64)
-        .saturating_mul(u64::from(cfg.size))
-        .next_multiple_of(4096)
-        .max(4096);
-    region.saturating_mul(3 + crate::traffic::SNAPSHOTS as u64)
-}
-
-/// Refuse at once a run that cannot fit this machine's memory (`available` bytes), saying what
-/// it needs and the deepest queue that fits.
-pub fn check_fits(cfg: &StressConfig, available: u64) -> Result<(), String> {
-    let need = sim_memory_needed(cfg);
-    // Leave a fifth for everything else the machine runs.
-    let budget = available / 5 * 4;
-    if need <= budget {
-        return Ok(());
-    }
-    let per_depth = (3 + crate::traffic::SNAPSHOTS as u64) * (cfg.qps as u64) * u64::from(cfg.size);
-    let fits = budget.checked_div(per_depth).unwrap_or(0);
-    Err(format!(
-        "--qps {} × --depth {} × --size {} needs {} MiB (source, live target, retired target and \
-         the copies taken at the acks), but only {} MiB are available ({} MiB usable): {}",
-        cfg.qps,
-        cfg.depth,
-        cfg.size,
-        need >> 20,
-        available >> 20,
-        budget >> 20,
-        if fits > 0 {
-            format!("at --size {} use --depth {} or less", cfg.size, fits)
-        } else {
-            "use fewer queue pairs or smaller WRITEs".into()
-        }
-    ))
-}
-
-/// `MemAvailable` from /proc/meminfo, in bytes.
-pub fn mem_available() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct Latency {
-    pub p50: f64,
-    pub p99: f64,
-    pub max: f64,
-}
-
-impl Latency {
-    pub fn of(mut v: Vec<f64>) -> Latency {
-        if v.is_empty() {
-            return Latency::default();
-        }
-        v.sort_by(f64::total_cmp);
-        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-        Latency {
-            p50: at(0.5),
-            p99: at(0.99),
-            max: v[v.len() - 1],
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct StressReport {
-    pub backend: &'static str,
-    pub qps: usize,
-    pub depth: usize,
-    pub size: u32,
-    pub posted: u64,
-    pub completed_ok: u64,
-    pub flushed: u64,
-    pub failed: u64,
-    pub lost: u64,
-    /// Successful writes whose bytes did not match.
-    pub corrupt: u64,
-    pub post_ack_accesses: u64,
-    /// Requests that met their own source region zapped (a local protection error): the queue
-    /// pair reading it was not quiesced before the zap.
-    pub zapped_source_accesses: u64,
-    /// Successful WRITEs checked byte for byte against their pattern.
-    pub bytes_verified: u64,
-    /// Successful WRITEs reaped after their epoch's ack, found covered by the poison written at
-    /// the ack, whose copy at the ack was no longer kept (their bytes could not be compared).
-    pub completed_before_ack: u64,
-    pub revokes: u64,
-    /// Revokes of the source side, besides `revokes`: memory the owner's own queue pairs were
-    /// reading (the sim stress moves its source before every other re-export).
-    pub source_revokes: u64,
-    pub revoke_latency_us: Latency,
-    /// Revokes where an importer missed the deadline.
-    pub revokes_timed_out: u64,
-    /// Posts refused because the target was revoked (expected, not an error).
-    pub posts_refused: u64,
-    /// Revokes the run was asked for (`revokes` must reach it).
-    pub revokes_asked: u64,
-    /// Lease holders the owner had to cut off (they never acknowledged).
-    pub holders_cut_off: u64,
-    /// The fabric's oracle (sim only: on verbs the kernel does the DMA and no fabric sees it).
-    pub oracle: Option<Verdict>,
-    /// The fault injected on purpose, if any.
-    pub inject: Option<Inject>,
-    pub seconds: f64,
-    pub failures: Vec<String>,
-    /// Why the run stopped before every asked-for revoke ran, when it stopped itself: after a
-    /// violation, with nothing left that could move.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub stopped_early: Option<String>,
-    /// What the run found out on the way (device, negotiated registration, ...).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub notes: Vec<String>,
-}
-
-impl StressReport {
-    /// What every backend's run reports the same way, from its counts and shared state: the
-    /// post-ack accesses it saw on the data path (poison overwritten, remote-access errors) and
-    /// the shared failures. Backends add what only they see (fabric faults, device events).
-    pub fn from_run(
-        backend: &'static str,
-        cfg: &StressConfig,
-        counts: &Counts,
-        sh: &RunState,
-        start: Instant,
-    ) -> StressReport {
-        StressReport {
-            backend,
-            qps: cfg.qps,
-            depth: cfg.depth,
-            size: cfg.size,
-            posted: counts.posted,
-            completed_ok: counts.ok,
-            flushed: counts.flushed,
-            failed: counts.failed,
-            lost: counts.lost,
-            corrupt: counts.corrupt,
-            post_ack_accesses: sh.post_ack_poison.load(Ordering::Relaxed) + counts.rem_access,
-            zapped_source_accesses: counts.loc_prot,
-            bytes_verified: counts.bytes,
-            completed_before_ack: counts.before_ack,
-            revokes: sh.revokes_done.load(Ordering::Relaxed),
-            source_revokes: sh.source_revokes.load(Ordering::Relaxed),
-            revoke_latency_us: Latency::of(sh.take_latencies()),
-            revokes_timed_out: sh.timed_out.load(Ordering::Relaxed),
-            posts_refused: counts.refused,
-            revokes_asked: cfg.revokes,
-            holders_cut_off: 0,
-            oracle: None,
-            inject: cfg.inject,
-            seconds: start.elapsed().as_secs_f64(),
-            failures: sh.take_failures(),
-            stopped_early: sh.stopped_early(),
-            notes: Vec::new(),
-        }
-    }
-
-    /// Every check that failed, one line each, naming the counter (and, from the oracle, the
-    /// importer); empty when the run is clean.
-    pub fn violations(&self) -> Vec<String> {
-        let mut v = Vec::new();
-        let mut count = |name: &str, n: u64, what: &str| {
-            if n > 0 {
-                v.push(format!("{name} = {n}: {what}"));
-            }
-        };
-        count("lost", self.lost, "requests without exactly one completion");
-        count(
-            "corrupt",
-            self.corrupt,
-            "successful WRITEs whose bytes differ",
-        );
-        count("failed", self.failed, "requests or steps that failed");
-        count(
-            "post_ack_accesses",
-            self.post_ack_accesses,
-            "poisoned pages overwritten after an ack, or WRITEs refused at a zapped region",
-        );
-        count(
-            "zapped_source_accesses",
-            self.zapped_source_accesses,
-            "requests that met their own source region zapped: a queue pair left running",
-        );
-        count(
-            "revokes_timed_out",
-            self.revokes_timed_out,
-            "revokes where an importer missed the deadline",
-        );
-        count(
-            "holders_cut_off",
-            self.holders_cut_off,
-            "lease holders that never acknowledged a revoke",
-        );
-        if let Some(o) = &self.oracle {
-            let culprits = o
-                .by_culprit
-                .iter()
-                .map(|(k, n)| format!("{k}: {n}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let named = |what: &str| format!("{what} (by {culprits})");
-            count(
-                "dma_after_fence",
-                o.dma_after_fence,
-                &named("DMA after the importer's fence"),
-            );
-            count(
-                "dma_after_ack",
-                o.dma_after_ack,
-                &named("DMA after the exporter's ack"),
-            );
-            count(
-                "blocked_by_backstop",
-                o.blocked_by_backstop,
-                &named("accesses only step 4 stopped"),
-            );
-            count(
-                "reused_before_ack",
-                o.reused_before_ack,
-                &named("exporter touched its memory before its ack"),
-            );
-            if o.acks < self.revokes {
-                v.push(format!(
-                    "oracle saw {} acks for {} revokes: it did not watch every revoke",
-                    o.acks, self.revokes
-                ));
-            }
-        }
-        if self.revokes < self.revokes_asked {
-            v.push(format!(
-                "revokes = {} of {} asked for: the run stopped early{}",
-                self.revokes,
-                self.revokes_asked,
-                self.stopped_early
-                    .as_ref()
-                    .map(|why| format!(" ({why})"))
-                    .unwrap_or_default()
-            ));
-        }
-        if v.is_empty() && !self.failures.is_empty() {
-            v.push(format!("{} step(s) failed", self.failures.len()));
-        }
-        v
-    }
-
-    /// Nothing lost, nothing after a fence or an ack, every revoke asked for ran, no step failed.
-    pub fn is_clean(&self) -> bool {
-        self.violations().is_empty()
-    }
-}
+use super::bytes::Bytes;
+use super::config::{ExporterKind, Inject, StressConfig};
+use super::data_path::DataPath;
+use super::exporter::{Revocable, exporter};
+use super::fits::{check_fits, mem_available};
+use super::report::StressReport;
+use super::run_state::{EpochTarget, RunState};
+use crate::RawPair;
 
 /// One export of the simulated stress: host B's memory or GPU memory, imported by B's NIC,
 /// leased to A.
@@ -313,12 +57,12 @@ struct Probe {
     // The source's registration, then its memory and the NIC's host (its CQ is the probe's).
     _mr: Mr,
     _mem: HostMemory,
-    host: dmaplane::RawHost,
+    host: crate::RawHost,
 }
 
 impl Probe {
-    fn new(w: &RawPair) -> Result<Probe, dmaplane::Error> {
-        let host = dmaplane::RawHost::sim(&w.testbed, "straggler-probe", "nic2", "mem0", 16)?;
+    fn new(w: &RawPair) -> Result<Probe, crate::Error> {
+        let host = crate::RawHost::sim(&w.testbed, "straggler-probe", "nic2", "mem0", 16)?;
         let mem = host.memory("straggler-src", 4096)?;
         let mr = host.import(&mem, "straggler-src", ImportOptions::default())?;
         let cqb = w.b.dev.create_cq(16)?;
@@ -425,10 +169,13 @@ fn not_freed(epoch: u64, deadline: Duration) -> RevokeReport {
     }
 }
 
+/// Run the stress on a simulated testbed of its own: host A writes into memory that B exports
+/// (host or GPU memory, [`StressConfig::exporter`]), B revokes it `cfg.revokes` times and A
+/// moves its source before every other revoke. `progress` gets the revokes done so far.
 pub fn run_sim(
     cfg: &StressConfig,
     progress: &(dyn Fn(u64) + Sync),
-) -> Result<StressReport, dmaplane::Error> {
+) -> Result<StressReport, crate::Error> {
     let slots = cfg.qps * cfg.depth;
     let region = slots as u64 * u64::from(cfg.size);
     let region = region.next_multiple_of(4096).max(4096);
@@ -558,7 +305,7 @@ pub fn run_sim(
     })?;
     let first_target = lock(&current).clone();
     let Some(first_target) = first_target else {
-        return Err(dmaplane::Error::from(RdmaError::InvalidRegistration {
+        return Err(crate::Error::from(RdmaError::InvalidRegistration {
             field: "export",
             value: "0".into(),
             why: "no target was published".into(),
@@ -685,41 +432,8 @@ impl Drop for SetOnDrop<'_> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::config::test_config as cfg;
     use super::*;
-    use dmaplane_rdma::QuiescePolicy;
-
-    fn cfg(qps: usize, depth: usize, size: u32) -> StressConfig {
-        StressConfig {
-            qps,
-            depth,
-            size,
-            revokes: 1,
-            seconds: 0.0,
-            seed: 1,
-            policy: QuiescePolicy::DEFAULT,
-            deadline: Duration::from_secs(1),
-            placement: None,
-            exporter: ExporterKind::Host,
-            inject: None,
-        }
-    }
-
-    #[test]
-    fn a_run_that_cannot_fit_is_refused_with_what_it_needs_and_what_fits() {
-        let gib = 1u64 << 30;
-        // 64 x 128 x 1 MiB = 8 GiB a region, five regions, on a 24 GiB machine.
-        let e = check_fits(&cfg(64, 128, 1 << 20), 24 * gib).unwrap_err();
-        assert!(e.contains("needs 40960 MiB"), "{e}");
-        assert!(e.contains("24576 MiB are available"), "{e}");
-        assert!(e.contains("use --depth 61 or less"), "{e}");
-        // What it proposes fits, and one more does not.
-        assert!(check_fits(&cfg(64, 61, 1 << 20), 24 * gib).is_ok());
-        assert!(check_fits(&cfg(64, 62, 1 << 20), 24 * gib).is_err());
-        assert!(check_fits(&cfg(64, 128, 4096), 24 * gib).is_ok());
-        // Nothing fits: say so instead of proposing depth 0.
-        let e = check_fits(&cfg(4096, 1, 64 << 20), gib).unwrap_err();
-        assert!(e.contains("fewer queue pairs or smaller WRITEs"), "{e}");
-    }
 
     #[test]
     fn a_violation_with_nothing_left_to_move_stops_the_run_at_once_and_a_clean_run_never_does() {
@@ -759,17 +473,5 @@ mod tests {
         let v = r.violations().join("; ");
         assert!(r.zapped_source_accesses > 0, "{v}");
         assert!(v.contains("zapped_source_accesses"), "{v}");
-    }
-
-    #[test]
-    fn every_fault_name_parses_and_unknown_ones_list_the_known() {
-        for i in Inject::all() {
-            assert_eq!(i.name().parse::<Inject>(), Ok(i));
-        }
-        let e = "early".parse::<Inject>().unwrap_err();
-        assert!(
-            e.contains("free-before-ack") && e.contains("no-backstop"),
-            "{e}"
-        );
     }
 }

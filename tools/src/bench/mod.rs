@@ -1,5 +1,7 @@
 //! `dmaplane bench`: the macro benchmark harness.
 
+mod p2p;
+
 use anyhow::{Result, bail};
 use clap::Subcommand;
 use std::time::Duration;
@@ -130,7 +132,7 @@ pub fn run(cmd: &BenchCmd, json: bool) -> Result<()> {
             chunk,
             reps,
             no_pin,
-        } => crate::p2p_bench::run(*size, *chunk, *reps, *no_pin, json),
+        } => p2p::run(*size, *chunk, *reps, *no_pin, json),
         BenchCmd::Sgl { iters, scenario } => sgl(*iters, scenario, json),
         BenchCmd::Storage {
             size,
