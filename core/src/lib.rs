@@ -3,7 +3,7 @@
 //!
 //! - [`addr`]: [`AddrList`], [`DmaRange`], [`AddrSpace`] — validated lists of DMA ranges.
 //! - [`hints`]: [`Hints`] — how the ranges may be accessed.
-//! - [`negotiate`]: offers, accepts and [`negotiate()`](negotiate::negotiate).
+//! - [`negotiate`](mod@negotiate): offers, accepts and [`negotiate()`](negotiate::negotiate).
 //! - [`revoke`]: attachments, epochs, and the revoke protocol; [`fence`]: fences with deadlines.
 //! - [`topology`]: host bridges, root ports, switches, devices; P2P route classification.
 //! - [`sgl`]: the scatterlist model; [`pgsz`]: MR page-size selection.

@@ -3,7 +3,7 @@
 //! interleaving of the revoke protocol and the fabric's DMA path. Reference counts stay
 //! `std::sync::Arc`: importers are handed in as `Arc<dyn Importer>` and loom need not model them.
 //!
-//! Every crate of the workspace locks through [`lock`], [`read`], [`write`], [`try_lock`],
+//! Every crate of the workspace locks through [`lock`], [`read`], [`write`](write()), [`try_lock`],
 //! [`wait`] and [`wait_timeout`]: a thread that panicked while holding a lock must not turn
 //! every later revoke, completion or transfer into a panic. Each critical section leaves its data
 //! consistent before anything in it can panic, so the data behind a poisoned lock is sound and
@@ -55,7 +55,7 @@ pub trait Lock {
     fn lock_unpoisoned(&self) -> Self::Guard<'_>;
 }
 
-/// A reader-writer lock that [`read`] and [`write`] take whether or not it was poisoned.
+/// A reader-writer lock that [`read`] and [`write`](write()) take whether or not it was poisoned.
 pub trait ReadWrite {
     /// What a shared hold gives.
     type Read<'a>

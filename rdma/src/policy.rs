@@ -49,7 +49,7 @@ impl Default for QuiescePolicy {
     }
 }
 
-/// Options for [`Pd::import`].
+/// Options for [`crate::Pd::import`].
 #[derive(Debug, Clone, Copy)]
 pub struct ImportOptions {
     pub access: MrAccess,

@@ -1,10 +1,11 @@
 //! Revoke by quiescing — the importer side of the contract in `dmaplane_core::revoke`, written
 //! once for every backend.
 //!
-//! When an exporter invalidates memory an MR maps ([`RdmaImporter::invalidate`], which never
-//! blocks):
+//! When an exporter invalidates memory an MR maps
+//! ([`Importer::invalidate`](dmaplane_core::revoke::Importer::invalidate) on
+//! [`crate::import::RdmaImporter`], which never blocks):
 //! 1. the MR is marked revoked: every later post that names its key fails at once with
-//!    [`RdmaError::Revoked`] carrying the epoch (posts check under the QP's lock, and the scan in
+//!    [`crate::RdmaError::Revoked`] carrying the epoch (posts check under the QP's lock, and the scan in
 //!    step 3 takes the same lock, so no post slips between the mark and the scan);
 //! 2. every peer holding a lease on its rkey is sent `LeaseRevoke`; each stops posting to it,
 //!    quiesces its own requests that target it, and answers `LeaseAck`. A peer that has not

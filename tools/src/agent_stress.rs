@@ -1,14 +1,14 @@
 //! `stress revoke --backend verbs --exporter cuda`: the lab-testbed stress, on the application
 //! library. What a user runs on a machine with an RDMA NIC and a GPU.
 //!
-//! Two processes, each with an [`Agent`] on the RDMA device, meet over the built-in TCP
+//! Two processes, each with an [`dmaplane::Agent`] on the RDMA device, meet over the built-in TCP
 //! handshake. The *owner* (this process) allocates CUDA device memory, which its NIC registers
 //! as a dma-buf (`ibv_reg_dmabuf_mr`) or, where the driver or the NIC refuses that, by device VA
 //! through a peer-memory client — the negotiation picks and the run reports which. The
 //! *holder* (a second process, this binary again) keeps `--qps` WRITE transfers in flight into
 //! it, each a self-describing block (its epoch, slot and sequence number in a header, the body
 //! derived from them) with a notification naming it. The owner frees the memory under that
-//! traffic with [`Memory::free_quarantined`] — the holder's queue pairs quiesce and its lease
+//! traffic with [`dmaplane::Memory::free_quarantined`] — the holder's queue pairs quiesce and its lease
 //! acks before the free returns — then allocates and registers new memory, which the holder
 //! picks up from the announcement, `--revokes` times.
 //!
