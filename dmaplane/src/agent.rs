@@ -18,7 +18,7 @@ use crate::inner::AgentInner;
 use crate::memory::Memory;
 use crate::metadata::Metadata;
 use crate::notify::Notification;
-use crate::peer::{Peer, PeerShared};
+use crate::peer::Peer;
 use crate::region::{MemoryEntry, Region};
 use crate::stats::AgentStats;
 use crate::sync::lock;
@@ -227,7 +227,7 @@ impl Agent {
         let base = offset / g * g;
         let end = (offset + len).div_ceil(g) * g;
         let end = end.min(memory.len().div_ceil(g) * g);
-        let id = s.next_region.fetch_add(1, Ordering::Relaxed);
+        let id = s.registry.next_id();
         let entry = Arc::new(MemoryEntry::register(
             &s.register_cx(),
             id,
@@ -241,17 +241,15 @@ impl Agent {
     /// A new registration: into the cache, and peers connected already learn of it now.
     fn announce(&self, entry: Arc<MemoryEntry>, offset: u64, len: u64) -> Region {
         let s = &self.shared;
-        let id = entry.id;
         let memory = &entry.memory;
-        lock(&s.entries).insert(id, Arc::downgrade(&entry));
+        s.registry.insert(&entry);
         s.cache.insert(
             memory.id(),
             entry.clone(),
             entry.mrs.iter().flatten().count(),
         );
         let info = s.region_info(&entry);
-        let peers: Vec<Arc<PeerShared>> = lock(&s.peers).clone();
-        for p in &peers {
+        for p in &s.peers.list() {
             p.announce(&entry, &info);
         }
         Region { entry, offset, len }
@@ -292,7 +290,7 @@ impl Agent {
         let name = format!("file:{}", file.path().display());
         let mem = self.alloc_host(&name, file.len())?;
         let s = &self.shared;
-        let id = s.next_region.fetch_add(1, Ordering::Relaxed);
+        let id = s.registry.next_id();
         let mut entry = MemoryEntry::register(&s.register_cx(), id, &mem, 0, mem.len())?;
         entry.file = Some((file.entry.clone(), file.offset));
         Ok(self.announce(Arc::new(entry), 0, file.len()))
@@ -317,7 +315,7 @@ impl Agent {
         }
         e.deregistered.store(true, Ordering::Release);
         self.shared.cache.remove(e.memory.id(), e);
-        lock(&self.shared.entries).remove(&e.id);
+        self.shared.registry.remove(e.id);
         let mut first_err = None;
         for (mr, nic) in e.mrs.iter().zip(self.shared.nics.iter()) {
             if let Some(mr) = mr
@@ -355,18 +353,17 @@ impl Agent {
 
     /// Peers connected to this agent (those it connected to and those that connected to it).
     pub fn peers(&self) -> Vec<Peer> {
-        lock(&self.shared.peers)
-            .iter()
-            .map(|p| Peer { shared: p.clone() })
+        self.shared
+            .peers
+            .list()
+            .into_iter()
+            .map(|shared| Peer { shared })
             .collect()
     }
 
     /// The connected peer called `name`.
     pub fn peer(&self, name: &str) -> Option<Peer> {
-        lock(&self.shared.peers)
-            .iter()
-            .find(|p| p.name == name)
-            .map(|p| Peer { shared: p.clone() })
+        self.shared.peers.named(name).map(|shared| Peer { shared })
     }
 
     /// WRITE `local` into the peer's `remote`, pairwise (equal lengths), in one batch. With a
@@ -455,7 +452,7 @@ impl Agent {
     pub fn register_file(&self, spec: &FileSpec) -> Result<FileRegion> {
         self.shared
             .files
-            .register(&self.shared.platform, &self.shared.next_region, spec)
+            .register(&self.shared.platform, &self.shared.registry, spec)
     }
 
     /// Deregister a file region: new transfers naming it are refused; those under way finish.
@@ -508,8 +505,7 @@ impl Drop for Threads {
         s.stop.store(true, Ordering::Release);
         s.engine.stop();
         // Taken out first: a peer's reader retiring takes this lock too.
-        let peers: Vec<Arc<PeerShared>> = lock(&s.peers).drain(..).collect();
-        for p in peers {
+        for p in s.peers.drain() {
             p.close("the agent was dropped");
         }
         for h in lock(&self.handles).drain(..) {

@@ -1,9 +1,8 @@
 //! [`AgentBuilder`]: an agent's devices, tunables and listening address, checked, then the
 //! agent started.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Duration;
 
 use dmaplane_rdma::oob::OobListener;
@@ -16,8 +15,10 @@ use crate::event::Events;
 use crate::inner::AgentInner;
 use crate::nics::Nics;
 use crate::notify::Inbox;
+use crate::peers::Peers;
 use crate::platform::{Backend, Platform};
 use crate::progress::ProgressEngine;
+use crate::registry::Registry;
 use crate::testbed::Testbed;
 
 impl Agent {
@@ -263,14 +264,13 @@ impl AgentBuilder {
                 nics,
                 cfg: self.cfg.clone(),
                 cache: Cache::default(),
-                entries: Mutex::new(HashMap::new()),
-                peers: Mutex::new(Vec::new()),
+                registry: Registry::default(),
+                peers: Peers::default(),
                 engine: engine.clone(),
                 inbox: Inbox::new(),
                 events: Events::new(&name),
                 addr,
                 stop: AtomicBool::new(false),
-                next_region: AtomicU32::new(1),
                 files: crate::files::Files::new(crate::drive::DriveOptions {
                     agent: name.clone(),
                     device: self.cfg.drive.clone(),
@@ -280,9 +280,6 @@ impl AgentBuilder {
                     force_bounce: self.cfg.force_staging,
                 }),
                 next_memory: AtomicU64::new(1),
-                pending_links: Mutex::new(HashMap::new()),
-                handshakes: Mutex::new(HashMap::new()),
-                in_handshake: std::sync::atomic::AtomicUsize::new(0),
             });
             let accept = crate::handshake::spawn_listener(&shared, listener)?;
             let progress = crate::progress::spawn(&engine)?;

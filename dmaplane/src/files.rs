@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use dmaplane_core::counter::Counter;
@@ -14,6 +14,7 @@ use crate::drive::{Drive, DriveOptions};
 use crate::error::{Error, Result};
 use crate::file::{FileEntry, FileRegion, FileSpec};
 use crate::platform::Platform;
+use crate::registry::Registry;
 use crate::sync::lock;
 
 /// The agent's file registrations, their cache, and the drive they go through (opened on
@@ -75,12 +76,12 @@ impl Files {
         Ok(drive)
     }
 
-    /// Register `spec` (its id from `ids`, which memory registrations share): a cache hit, or the file opened (created and grown if
-    /// asked), checked and put on the agent's drive.
+    /// Register `spec` (its id from `ids`, which memory registrations share): a cache hit, or
+    /// the file opened (created and grown if asked), checked and put on the agent's drive.
     pub(crate) fn register(
         &self,
         platform: &Platform,
-        ids: &AtomicU32,
+        ids: &Registry,
         spec: &FileSpec,
     ) -> Result<FileRegion> {
         let shown = spec.path.display().to_string();
@@ -158,7 +159,7 @@ impl Files {
         }
         let drive = self.drive(platform)?;
         let media = drive.add_file(&direct, spec.write)?;
-        let id = ids.fetch_add(1, Ordering::Relaxed);
+        let id = ids.next_id();
         let entry = Arc::new(FileEntry {
             id,
             path,

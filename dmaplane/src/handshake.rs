@@ -21,12 +21,7 @@ use crate::error::{Error, Result};
 use crate::inner::AgentInner;
 use crate::metadata::{Metadata, VERSION};
 use crate::peer::{Lane, POLL, Path, Peer, PeerHost, PeerShared};
-use crate::region::MemoryEntry;
-use crate::sync::lock;
 use crate::wire::Wire;
-
-/// Handshakes (and connections not yet past their first message) served at once.
-const MAX_HANDSHAKES: usize = 64;
 
 /// Accept peers until the agent stops.
 pub(crate) fn spawn_listener(
@@ -40,8 +35,7 @@ pub(crate) fn spawn_listener(
             while !s.stop.load(Ordering::Acquire) {
                 match listener.accept(POLL) {
                     Ok(oob) => {
-                        if s.in_handshake.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
-                            s.in_handshake.fetch_sub(1, Ordering::AcqRel);
+                        if !s.peers.admit() {
                             tracing::warn!(agent = %s.name, peer = %oob.peer_addr(), "too many handshakes at once: connection refused");
                             continue;
                         }
@@ -50,7 +44,7 @@ pub(crate) fn spawn_listener(
                             .name("dmaplane-handshake".into())
                             .spawn(move || {
                                 first_message(&s2, oob);
-                                s2.in_handshake.fetch_sub(1, Ordering::AcqRel);
+                                s2.peers.served();
                             });
                         if let Err(e) = spawned {
                             tracing::error!(agent = %s.name, error = %e, "no thread for a handshake");
@@ -83,13 +77,8 @@ fn first_message(s: &Arc<AgentInner>, oob: Oob) {
         }
         Ok(Wire::Link { nonce, path }) => {
             // Only for a handshake under way, and for a path it has.
-            match lock(&s.handshakes).get(&nonce) {
-                Some(&paths) if path < paths => {
-                    lock(&s.pending_links).insert((nonce, path), oob);
-                }
-                _ => {
-                    tracing::warn!(agent = %s.name, %peer, nonce, path, "lease link for no handshake under way: dropped")
-                }
+            if s.peers.park_link(nonce, path, oob).is_err() {
+                tracing::warn!(agent = %s.name, %peer, nonce, path, "lease link for no handshake under way: dropped")
             }
         }
         Ok(other) => tracing::warn!(agent = %s.name, %peer, ?other, "unexpected first message"),
@@ -139,10 +128,7 @@ fn accept(
             "{qps} queue pairs per path asked; 1 to 64 accepted"
         ));
     }
-    if lock(&s.peers)
-        .iter()
-        .any(|p| p.name == peer && p.lost().is_none())
-    {
+    if s.peers.connected(&peer) {
         return refuse(format!("an agent called {peer} is connected already"));
     }
     let mine = s.metadata();
@@ -151,10 +137,9 @@ fn accept(
     })?;
     let pairs = paths(&theirs, &mine);
     let t = s.cfg.setup_timeout;
-    lock(&s.handshakes).insert(nonce, pairs.len());
+    s.peers.begin(nonce, pairs.len());
     let r = accept_paths(s, &oob, &peer, &pairs, qps, nonce, &theirs, t);
-    lock(&s.handshakes).remove(&nonce);
-    lock(&s.pending_links).retain(|(n, _), _| *n != nonce);
+    s.peers.end(nonce);
     finish(s, oob, theirs, r?);
     Ok(())
 }
@@ -179,7 +164,7 @@ fn accept_paths(
         // The connecting side opens this path's lease link next.
         let deadline = Instant::now() + t;
         let link_oob = loop {
-            if let Some(o) = lock(&s.pending_links).remove(&(nonce, i)) {
+            if let Some(o) = s.peers.take_link(nonce, i) {
                 break o;
             }
             if Instant::now() > deadline {
@@ -309,18 +294,13 @@ fn finish(s: &Arc<AgentInner>, oob: Oob, theirs: Metadata, paths: Vec<Path>) -> 
     // Listed before its reader starts: a reader that finds the peer gone at once retires it
     // from the list, which it cannot do before the peer is in it (a peer that left during the
     // handshake stayed listed for good when the push came after the reader's retire).
-    lock(&s.peers).push(peer.clone());
+    s.peers.add(peer.clone());
     peer.start(rx);
     // Listed first (above), then every live registration granted and announced: one
     // registered while the handshake ran (after its metadata was sent) is not missed, and one
     // registered from now on is announced by the registration itself (grants are
     // deduplicated).
-    let entries: Vec<Arc<MemoryEntry>> = lock(&s.entries)
-        .values()
-        .filter_map(Weak::upgrade)
-        .filter(|e| e.revoked_at().is_none())
-        .collect();
-    for e in &entries {
+    for e in &s.registry.live() {
         peer.announce(e, &s.region_info(e));
     }
     // An agent dropped while this handshake ran closes what it just connected.

@@ -2,10 +2,9 @@
 //! files. The [`crate::Agent`] façade and the agent's threads hold it; each part owns its state
 //! behind a handle of its own.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 use crate::cache::Cache;
 use crate::config::Config;
@@ -18,11 +17,12 @@ use crate::metadata::{Metadata, NicInfo, RegionInfo, RegionKey, VERSION};
 use crate::nics::Nics;
 use crate::notify::{Inbox, Notification};
 use crate::peer::{PeerHost, PeerShared};
+use crate::peers::Peers;
 use crate::platform::Platform;
 use crate::progress::ProgressEngine;
 use crate::region::MemoryEntry;
+use crate::registry::Registry;
 use crate::stage::{StageFailure, StageRange};
-use crate::sync::lock;
 
 /// What the agent's threads share.
 pub(crate) struct AgentInner {
@@ -31,24 +31,18 @@ pub(crate) struct AgentInner {
     pub(crate) nics: Arc<Nics>,
     pub(crate) cfg: Config,
     pub(crate) cache: Cache,
-    /// Registration id → entry (while any handle or the cache holds it).
-    pub(crate) entries: Mutex<HashMap<u32, Weak<MemoryEntry>>>,
-    pub(crate) peers: Mutex<Vec<Arc<PeerShared>>>,
+    /// Registrations by id.
+    pub(crate) registry: Registry,
+    /// Connected peers and the handshakes under way.
+    pub(crate) peers: Peers,
     pub(crate) engine: Arc<ProgressEngine>,
     pub(crate) inbox: Inbox,
     pub(crate) events: Events,
     pub(crate) addr: SocketAddr,
     pub(crate) stop: AtomicBool,
-    pub(crate) next_region: AtomicU32,
     /// File registrations and the drive they go through.
     pub(crate) files: crate::files::Files,
     pub(crate) next_memory: AtomicU64,
-    /// Lease-link connections that arrived for a handshake under way: (nonce, path) → conn.
-    pub(crate) pending_links: Mutex<HashMap<(u64, usize), dmaplane_rdma::oob::Oob>>,
-    /// Handshakes under way on the listening side: nonce → number of paths.
-    pub(crate) handshakes: Mutex<HashMap<u64, usize>>,
-    /// Connections being served by the listener (bounded).
-    pub(crate) in_handshake: std::sync::atomic::AtomicUsize,
 }
 
 impl crate::memory::Owner for AgentInner {
@@ -85,7 +79,7 @@ impl PeerHost for AgentInner {
         self.stop.load(Ordering::Acquire)
     }
     fn retire(&self, peer: &Arc<PeerShared>) {
-        lock(&self.peers).retain(|x| !Arc::ptr_eq(x, peer));
+        self.peers.remove(peer);
     }
 }
 
@@ -336,17 +330,12 @@ impl AgentInner {
     }
 
     pub(crate) fn entry(&self, id: u32) -> Option<Arc<MemoryEntry>> {
-        lock(&self.entries).get(&id).and_then(Weak::upgrade)
+        self.registry.get(id)
     }
 
     /// This agent's metadata: every live registration.
     pub(crate) fn metadata(&self) -> Metadata {
-        let mut entries: Vec<Arc<MemoryEntry>> = lock(&self.entries)
-            .values()
-            .filter_map(Weak::upgrade)
-            .filter(|e| e.revoked_at().is_none())
-            .collect();
-        entries.sort_by_key(|e| e.id);
+        let entries = self.registry.live();
         Metadata {
             version: VERSION,
             agent: self.name.clone(),
