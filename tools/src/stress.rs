@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use dmaplane::stress::{ExporterKind, Inject, StressConfig, StressReport, run_sim};
+use dmaplane::stress::{ExporterKind, Inject, StressConfig, StressReport, run_agents, run_sim};
 use dmaplane_core::cpu::Placement;
 use dmaplane_rdma::QuiescePolicy;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -37,6 +37,16 @@ pub enum Exporter {
     Cuda,
 }
 
+/// Which layer the stress drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Layer {
+    /// The RDMA layer itself: queue pairs, MRs and leases, every fault injectable.
+    Raw,
+    /// The application library: an owner Agent frees memory under a holder Agent's WRITE
+    /// transfers (what `--exporter cuda` runs on a real device).
+    Agent,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Policy {
     /// Stop at the next message boundary, then flush what did not start (the default: safe for
@@ -55,6 +65,11 @@ pub struct RevokeArgs {
     /// Whose memory is revoked under the traffic (sim backend).
     #[arg(long, value_enum, default_value = "host")]
     exporter: Exporter,
+    /// Which layer the traffic goes through: the raw RDMA layer, or two Agents (`--qps`
+    /// transfers in flight, one WRITE each; `--depth` does not apply). `--exporter cuda`
+    /// always runs on the agents.
+    #[arg(long, value_enum, default_value = "raw")]
+    layer: Layer,
     /// Queue pairs.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     qps: u32,
@@ -125,6 +140,12 @@ pub fn run(cmd: &StressCmd, json: bool) -> Result<()> {
              dma-heap) or CUDA memory (--exporter cuda); the simulated GPUs are --backend sim"
         );
     }
+    if a.backend == Backend::Verbs && a.layer == Layer::Agent && a.exporter != Exporter::Cuda {
+        bail!(
+            "--layer agent --backend verbs runs with --exporter cuda (CUDA memory); the \
+             agents on host or simulated GPU memory are --backend sim"
+        );
+    }
     let deadline = Duration::from_millis(a.deadline_ms);
     let cfg = StressConfig {
         qps: a.qps as usize,
@@ -157,6 +178,7 @@ pub fn run(cmd: &StressCmd, json: bool) -> Result<()> {
         b
     };
     if a.backend == Backend::Sim
+        && a.layer == Layer::Raw
         && let Some(avail) = dmaplane::stress::mem_available()
         && let Err(why) = dmaplane::stress::check_fits(&cfg, avail)
     {
@@ -164,6 +186,7 @@ pub fn run(cmd: &StressCmd, json: bool) -> Result<()> {
         bail!("this run does not fit: {why}");
     }
     let report = match a.backend {
+        Backend::Sim if a.layer == Layer::Agent => run_agents(&cfg, &|n| bar.set_position(n))?,
         Backend::Sim => run_sim(&cfg, &|n| bar.set_position(n))?,
         Backend::Verbs if a.exporter == Exporter::Cuda => {
             crate::agent_stress::run(&cfg, a.device.as_deref(), &|n| bar.set_position(n))?

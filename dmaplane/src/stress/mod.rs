@@ -19,24 +19,38 @@
 //! - at the next revoke (and at the end) the memory must still be all poison: a DMA that landed
 //!   after the ack, completed or not, would have overwritten it.
 //!
+//! The agent-level stress drives the same revoke through the application library instead: an
+//! owner [`Agent`](crate::Agent) frees memory under a holder Agent's WRITE transfers
+//! ([`own`], [`hold`]), its blocks self-describing ([`block`]) and checked at each free
+//! ([`check_block`]), with the same report and verdict. [`run_agents`] runs it on the simulated
+//! testbed; the `dmaplane` tool runs it with CUDA memory and the holder in a second process.
+//!
 //! On the simulated testbed, every DMA the fabric refused because a grant was gone is counted
 //! too (an honest importer never even tries), and so is every access to the source while it
 //! moves.
 
+mod agents;
+mod blocks;
 mod bytes;
 mod config;
 mod data_path;
 mod exporter;
 mod fits;
+mod holder;
+mod owner;
 mod report;
 mod run_state;
 mod sim;
 
+pub use agents::{HOLDER_STALL, agent_faults, run_agents};
+pub use blocks::{HEADER, block, check_block, note, parse_note};
 pub use bytes::{Bytes, POISON, next, pattern, poison, poison_damage};
 pub use config::{ExporterKind, Inject, StressConfig};
 pub use data_path::{Counts, DataPath};
 pub use exporter::{Revocable, exporter};
 pub use fits::{check_fits, mem_available, sim_memory_needed};
+pub use holder::{HolderReport, hold};
+pub use owner::{Holder, own};
 pub use report::{Latency, StressReport};
 pub use run_state::{EpochTarget, RunState, SNAPSHOTS, STUCK_FOR};
 pub use sim::run_sim;
