@@ -160,15 +160,15 @@ impl Input {
 
 /// What one registration produced (so the optimiser cannot drop the work).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Side {
+pub struct Produced {
     pub bytes: u64,
     pub entries: u64,
     pub page_size: u64,
     pub list_entries: u64,
 }
 
-impl Side {
-    const EMPTY: Side = Side {
+impl Produced {
+    const EMPTY: Produced = Produced {
         bytes: 0,
         entries: 0,
         page_size: 0,
@@ -177,7 +177,7 @@ impl Side {
 }
 
 /// Address-list registration: build, validate, map, choose the page size.
-pub fn addrlist_register(input: &Input) -> Side {
+pub fn addrlist_register(input: &Input) -> Produced {
     let scenario = input.scenario;
     let built = match scenario {
         Scenario::Bar1G | Scenario::Bar64G => {
@@ -204,7 +204,7 @@ pub fn addrlist_register(input: &Input) -> Side {
     };
     // A list that fails validation here is a bug in the scenario, reported as an empty side.
     let Ok(list) = built else {
-        return Side::EMPTY;
+        return Produced::EMPTY;
     };
     let space = list.space();
     // DMA-map: program bus addresses (phys − bus offset) for the P2P route; host memory is
@@ -218,10 +218,10 @@ pub fn addrlist_register(input: &Input) -> Side {
         space
     };
     let Ok(mapped) = list.translate(mapped_space, BUS_OFFSET) else {
-        return Side::EMPTY;
+        return Produced::EMPTY;
     };
     let pg = best_page_size(&mapped, 0, MLX5_PGSZ_BITMAP);
-    Side {
+    Produced {
         bytes: mapped.metadata_bytes(),
         entries: pg.map_or(0, |p| p.entries),
         page_size: pg.map_or(0, |p| p.size),
@@ -230,17 +230,17 @@ pub fn addrlist_register(input: &Input) -> Side {
 }
 
 /// Scatterlist registration: build from the page array, DMA-map, choose the page size.
-pub fn sgtable_register(input: &Input) -> Side {
+pub fn sgtable_register(input: &Input) -> Produced {
     let length = input.pfns.len() as u64 * PAGE_SIZE;
     let Ok(mut table) = SgTable::from_pages(&input.pfns, 0, length, u64::MAX) else {
-        return Side::EMPTY;
+        return Produced::EMPTY;
     };
     let segs = table.dma_map(DmaMapper::Direct {
         bus_offset: BUS_OFFSET,
     });
     let pg = best_page_size_of(table.dma_segments(), 0, MLX5_PGSZ_BITMAP);
     let pagemap = input.pagemap.as_ref().map_or(0, |m| m.metadata_bytes());
-    Side {
+    Produced {
         bytes: table.metadata_bytes() + pagemap,
         entries: pg.map_or(0, |p| p.entries),
         page_size: pg.map_or(0, |p| p.size),
@@ -273,7 +273,7 @@ pub struct Row {
     pub iterations: u32,
 }
 
-fn median_ns(iters: u32, mut f: impl FnMut() -> Side) -> (u64, Side) {
+fn median_ns(iters: u32, mut f: impl FnMut() -> Produced) -> (u64, Produced) {
     // Untimed warm-up: both sides then run with the allocator in its steady state (the kernel's
     // slab caches are warm too), instead of paying first-touch page faults.
     for _ in 0..2 {
@@ -288,7 +288,7 @@ fn median_ns(iters: u32, mut f: impl FnMut() -> Side) -> (u64, Side) {
         last = Some(side);
     }
     times.sort_unstable();
-    let side = last.unwrap_or(Side::EMPTY);
+    let side = last.unwrap_or(Produced::EMPTY);
     (times[times.len() / 2].max(1), side)
 }
 

@@ -193,7 +193,7 @@ pub struct StorageBenchConfig {
 
 /// One side's result.
 #[derive(Debug, Clone, Copy, Serialize)]
-pub struct Side {
+pub struct Measured {
     pub ios: u64,
     pub seconds: f64,
     pub iops: f64,
@@ -275,15 +275,15 @@ impl BlockStat {
 pub struct StorageRow {
     pub workload: Workload,
     /// Each side's median round by IOPS (the lower middle one for an even count).
-    pub ours: Side,
-    pub fio: Option<Side>,
+    pub ours: Measured,
+    pub fio: Option<Measured>,
     /// ours / fio in IOPS (the same as in bandwidth: same block size): the median of the
     /// rounds' ratios, each round's two sides run back to back.
     pub ratio: Option<f64>,
     /// The lowest and highest of the rounds' ratios: how much the disk moved under the run.
     pub ratio_range: Option<(f64, f64)>,
     /// Every round: (ours, fio), in the order run.
-    pub rounds: Vec<(Side, Option<Side>)>,
+    pub rounds: Vec<(Measured, Option<Measured>)>,
     pub fio_command: Option<String>,
 }
 
@@ -433,7 +433,7 @@ fn fill(path: &Path, size: u64) -> Result<()> {
 
 /// The ring: `depth` requests kept in flight for `time`, each slot of the registered buffer
 /// reused by the request that completes in it.
-fn ring_side(file: &Arc<DirectFile>, size: u64, w: Workload, time: Duration) -> Result<Side> {
+fn ring_side(file: &Arc<DirectFile>, size: u64, w: Workload, time: Duration) -> Result<Measured> {
     let depth = w.depth.next_power_of_two();
     // Built and reaped on this thread only, as fio's ring is (SINGLE_ISSUER, DEFER_TASKRUN).
     let mut ring = Ring::builder()
@@ -512,10 +512,10 @@ fn fio_counts(stdout: &str, dir: &str) -> std::result::Result<(u64, u64), String
 /// A workload's row from its rounds: medians, and the spread of the paired ratios.
 fn row(
     w: Workload,
-    rounds: Vec<(Side, Option<Side>)>,
+    rounds: Vec<(Measured, Option<Measured>)>,
     fio_command: Option<String>,
 ) -> Result<StorageRow> {
-    let median_side = |mut v: Vec<Side>| {
+    let median_side = |mut v: Vec<Measured>| {
         v.sort_by(|a, b| a.iops.total_cmp(&b.iops));
         v.get(v.len().saturating_sub(1) / 2).copied()
     };
@@ -540,8 +540,8 @@ fn row(
     })
 }
 
-fn side(ios: u64, seconds: f64, block: u64) -> Side {
-    Side {
+fn side(ios: u64, seconds: f64, block: u64) -> Measured {
+    Measured {
         ios,
         seconds,
         iops: ios as f64 / seconds,
@@ -557,7 +557,7 @@ fn fio_side(
     size: u64,
     w: Workload,
     time: Duration,
-) -> Result<(Side, String)> {
+) -> Result<(Measured, String)> {
     let args = vec![
         "--name=dmaplane".to_string(),
         format!("--filename={}", path.display()),
@@ -597,7 +597,7 @@ fn fio_side(
 
 #[cfg(test)]
 mod tests {
-    use super::{Side, Workload, fio_counts, row, side};
+    use super::{Measured, Workload, fio_counts, row, side};
 
     #[test]
     fn any_shape_in_fios_words_and_bad_ones_named() {
@@ -631,7 +631,7 @@ mod tests {
     #[test]
     fn a_row_is_the_median_of_paired_rounds_and_their_spread() {
         let s = |iops: u64| side(iops, 1.0, 4096);
-        let rounds: Vec<(Side, Option<Side>)> = vec![
+        let rounds: Vec<(Measured, Option<Measured>)> = vec![
             (s(90), Some(s(100))),
             (s(120), Some(s(100))),
             (s(50), Some(s(100))),

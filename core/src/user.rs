@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::addr::{AddrList, AddrSpace, DmaRange};
-use crate::fabric::{Memory, MemoryError};
+use crate::fabric::{Mapping, MappingError};
 use crate::hints::Hints;
 use crate::negotiate::{Accept, Offer};
 use crate::revoke::{AttachError, Attachment, Export, Exporter, Importer, RevokeReport};
@@ -44,7 +44,7 @@ pub enum UserBufferError {
 pub struct UserBuffer {
     export: Export,
     /// `None` once handed back or leaked.
-    mem: Option<Memory>,
+    mem: Option<Mapping>,
     len: u64,
     /// A revoke missed its deadline: the buffer may never be freed.
     unacked: AtomicBool,
@@ -53,8 +53,8 @@ pub struct UserBuffer {
 impl UserBuffer {
     /// Take `buf` (zero-copy: its allocation is what importers register). An empty buffer is
     /// refused.
-    pub fn new(name: &str, buf: Vec<u8>) -> Result<UserBuffer, MemoryError> {
-        let mem = Memory::from_vec(buf)?;
+    pub fn new(name: &str, buf: Vec<u8>) -> Result<UserBuffer, MappingError> {
+        let mem = Mapping::from_vec(buf)?;
         Ok(UserBuffer {
             export: Export::new(name),
             len: mem.len() as u64,
@@ -66,8 +66,8 @@ impl UserBuffer {
     /// `len` bytes of page-aligned anonymous memory as such an exporter: for bounce buffers
     /// that `O_DIRECT` and `cuMemHostRegister` need aligned (a `Vec`'s allocation is not).
     /// [`UserBuffer::into_vec`] refuses it.
-    pub fn anonymous(name: &str, len: u64) -> Result<UserBuffer, MemoryError> {
-        let mem = Memory::anonymous(len)?;
+    pub fn anonymous(name: &str, len: u64) -> Result<UserBuffer, MappingError> {
+        let mem = Mapping::anonymous(len)?;
         Ok(UserBuffer {
             export: Export::new(name),
             len: mem.len() as u64,
@@ -91,13 +91,13 @@ impl UserBuffer {
         self.len == 0
     }
 
-    fn mem(&self) -> Option<&Memory> {
+    fn mem(&self) -> Option<&Mapping> {
         self.mem.as_ref()
     }
 
     /// The buffer's address in this process: what the `ProcessVa` offer lists.
     pub fn process_va(&self) -> u64 {
-        self.mem().map_or(0, Memory::process_va)
+        self.mem().map_or(0, Mapping::process_va)
     }
 
     /// Copy `data` in at `offset`; false when out of bounds.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::desc::Desc;
 use crate::drive::FileTransfer;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::event::Event;
 use crate::file::{FileRegion, FileSpec, StoragePath};
 use crate::inner::AgentInner;
@@ -19,7 +19,7 @@ use crate::memory::Memory;
 use crate::metadata::Metadata;
 use crate::notify::Notification;
 use crate::peer::Peer;
-use crate::region::{MemoryEntry, Region};
+use crate::region::Region;
 use crate::stats::AgentStats;
 use crate::sync::lock;
 use crate::testbed::Testbed;
@@ -151,7 +151,7 @@ impl Agent {
     /// NICs register it as a dma-buf where the driver exports one and the NIC takes it
     /// (`ibv_reg_dmabuf_mr`), else by its device VAs through a peer-memory client
     /// (nvidia-peermem); [`Region::paths`](crate::Region::paths) says which. Fails with
-    /// [`Error::Gpu`] when there is no driver or no such GPU.
+    /// [`Error::Gpu`](crate::Error::Gpu) when there is no driver or no such GPU.
     pub fn alloc_cuda(&self, name: &str, ordinal: u32, len: u64) -> Result<Memory> {
         self.shared.allocator().alloc_cuda(name, ordinal, len)
     }
@@ -165,7 +165,7 @@ impl Agent {
     /// of the same memory costs a cache lookup, not a registration.
     ///
     /// A miss registers the range rounded out to whole pages, on every NIC of the agent that
-    /// reaches the memory, and announces it to connected peers. Fails with [`Error::Invalid`]
+    /// reaches the memory, and announces it to connected peers. Fails with [`Error::Invalid`](crate::Error::Invalid)
     /// when the memory belongs to another agent, was freed, no NIC reaches it, or the range is
     /// empty or runs past its end.
     ///
@@ -186,73 +186,7 @@ impl Agent {
     /// # Ok(()) }
     /// ```
     pub fn register_range(&self, memory: &Memory, offset: u64, len: u64) -> Result<Region> {
-        let s = &self.shared;
-        if !memory.owned_by(s) {
-            return Err(Error::invalid(
-                format!("agent {}", s.name),
-                "memory",
-                memory.name(),
-                "allocated by another agent",
-            ));
-        }
-        match offset.checked_add(len) {
-            Some(end) if end <= memory.len() && len > 0 => {}
-            _ => {
-                return Err(Error::invalid(
-                    format!("registration of {}", memory.name()),
-                    "range",
-                    format!("[{offset:#x}, +{len:#x})"),
-                    format!("outside the memory's {} bytes (or empty)", memory.len()),
-                ));
-            }
-        }
-        if memory.is_freed() {
-            return Err(Error::invalid(
-                format!("registration of {}", memory.name()),
-                "memory",
-                memory.name(),
-                "it was freed",
-            ));
-        }
-        if let Some(e) = s.cache.lookup(memory.id(), offset, len) {
-            let at = offset - e.base;
-            return Ok(Region {
-                entry: e,
-                offset: at,
-                len,
-            });
-        }
-        // A miss registers the range rounded out to whole pages (what MRs take).
-        let g = dmaplane_core::fabric::FABRIC_GRANULE;
-        let base = offset / g * g;
-        let end = (offset + len).div_ceil(g) * g;
-        let end = end.min(memory.len().div_ceil(g) * g);
-        let id = s.registry.next_id();
-        let entry = Arc::new(MemoryEntry::register(
-            &s.register_cx(),
-            id,
-            memory,
-            base,
-            (end - base).min(memory.len() - base),
-        )?);
-        Ok(self.announce(entry, offset - base, len))
-    }
-
-    /// A new registration: into the cache, and peers connected already learn of it now.
-    fn announce(&self, entry: Arc<MemoryEntry>, offset: u64, len: u64) -> Region {
-        let s = &self.shared;
-        let memory = &entry.memory;
-        s.registry.insert(&entry);
-        s.cache.insert(
-            memory.id(),
-            entry.clone(),
-            entry.mrs.iter().flatten().count(),
-        );
-        let info = s.region_info(&entry);
-        for p in &s.peers.list() {
-            p.announce(&entry, &info);
-        }
-        Region { entry, offset, len }
+        self.shared.register_range(memory, offset, len)
     }
 
     /// Let peers reach a file region: a host buffer of its length near the agent's first NIC,
@@ -289,45 +223,18 @@ impl Agent {
     pub fn publish_file(&self, file: &FileRegion) -> Result<Region> {
         let name = format!("file:{}", file.path().display());
         let mem = self.alloc_host(&name, file.len())?;
-        let s = &self.shared;
-        let id = s.registry.next_id();
-        let mut entry = MemoryEntry::register(&s.register_cx(), id, &mem, 0, mem.len())?;
-        entry.file = Some((file.entry.clone(), file.offset));
-        Ok(self.announce(Arc::new(entry), 0, file.len()))
+        self.shared.publish_file(file, &mem)
     }
 
     /// Deregister `region` (the whole registration it is a view of) while transfers may still
     /// use it: every NIC quiesces first — posts naming it are refused, queue pairs with
     /// requests on it are stopped, peers holding leases on it stop and acknowledge, the
     /// translation is zapped — so nothing touches it afterwards, and transfers that use it end
-    /// with [`Error::Revoked`] ("it was deregistered"). The memory stays allocated and can be
-    /// registered again. Fails with [`Error::Rdma`] naming the NIC whose quiesce missed
+    /// with [`Error::Revoked`](crate::Error::Revoked) ("it was deregistered"). The memory stays allocated and can be
+    /// registered again. Fails with [`Error::Rdma`](crate::Error::Rdma) naming the NIC whose quiesce missed
     /// `deadline`.
     pub fn deregister(&self, region: &Region, deadline: Duration) -> Result<()> {
-        let e = &region.entry;
-        if !e.memory.owned_by(&self.shared) {
-            return Err(Error::invalid(
-                format!("agent {}", self.shared.name),
-                "region",
-                e.id,
-                "registered by another agent",
-            ));
-        }
-        e.deregistered.store(true, Ordering::Release);
-        self.shared.cache.remove(e.memory.id(), e);
-        self.shared.registry.remove(e.id);
-        let mut first_err = None;
-        for (mr, nic) in e.mrs.iter().zip(self.shared.nics.iter()) {
-            if let Some(mr) = mr
-                && let Err(err) = mr.deregister(nic.pd(), deadline)
-            {
-                first_err.get_or_insert(err);
-            }
-        }
-        match first_err {
-            Some(err) => Err(err.into()),
-            None => Ok(()),
-        }
+        self.shared.deregister(region, deadline)
     }
 
     /// This agent's metadata (handshake address, NICs, live registrations).
@@ -426,8 +333,8 @@ impl Agent {
     /// Register a file region: `spec`'s range of a file, opened for direct I/O, on the agent's
     /// drive. A range inside an earlier registration of the same file is a cache hit.
     ///
-    /// Fails with [`Error::Invalid`] naming the field for a path that does not exist (and is
-    /// not to be created) or a range outside the file, and with [`Error::Storage`] for a file
+    /// Fails with [`Error::Invalid`](crate::Error::Invalid) naming the field for a path that does not exist (and is
+    /// not to be created) or a range outside the file, and with [`Error::Storage`](crate::Error::Storage) for a file
     /// system without `O_DIRECT` (unless [`FileSpec::buffered_fallback`]).
     ///
     /// ```

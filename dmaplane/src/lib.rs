@@ -59,6 +59,7 @@ mod platform;
 mod progress;
 pub mod raw;
 pub mod region;
+mod register;
 mod registry;
 mod stage;
 pub mod stats;

@@ -425,8 +425,8 @@ impl Memory {
     }
 
     /// Whether `owner` (an agent's shared state) allocated it.
-    pub(crate) fn owned_by<T>(&self, owner: &Arc<T>) -> bool {
-        std::ptr::addr_eq(self.inner.owner.as_ptr(), Arc::as_ptr(owner))
+    pub(crate) fn owned_by<T: Owner>(&self, owner: &T) -> bool {
+        std::ptr::addr_eq(self.inner.owner.as_ptr(), owner as *const T)
     }
 
     pub(crate) fn id(&self) -> u64 {

@@ -77,7 +77,7 @@ pub trait GpuBackend: Send + Sync + fmt::Debug {
     fn alloc(&self, name: &str, size: u64) -> Result<Arc<dyn AllocBackend>>;
     /// Make a negotiated peer list reachable by the copy engine (the sim checks the address
     /// space; CUDA registers host memory with `cuMemHostRegister`). Undone on drop.
-    fn register(&self, name: &str, list: &AddrList) -> Result<Box<dyn Registration>>;
+    fn register(&self, name: &str, list: &AddrList) -> Result<Box<dyn CopyRegistration>>;
     /// Copy `len` bytes between two addresses of the copy engine's address space.
     fn copy(&self, src: u64, dst: u64, len: u64) -> Result<()>;
     /// The GPU's device on the simulated fabric.
@@ -126,7 +126,7 @@ pub trait AllocBackend: Send + Sync + fmt::Debug {
 }
 
 /// A peer list made reachable by the copy engine.
-pub trait Registration: Send + Sync + fmt::Debug {
+pub trait CopyRegistration: Send + Sync + fmt::Debug {
     /// The copy-engine address of `addr` in the list's space.
     fn translate(&self, addr: u64) -> u64;
 }

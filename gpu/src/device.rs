@@ -17,7 +17,7 @@ use dmaplane_core::{
     Accept, AttachError, Attachment, Importer, ImporterKind, Offer, RevokeReport, negotiate,
 };
 
-use crate::backend::{AllocBackend, DmaClient, GpuBackend, GpuInfo, Registration};
+use crate::backend::{AllocBackend, CopyRegistration, DmaClient, GpuBackend, GpuInfo};
 use crate::error::{GpuError, Result};
 use crate::import::CopyImporter;
 
@@ -307,7 +307,7 @@ impl DeviceMemory {
 #[derive(Debug)]
 struct PeerState {
     mapping: dmaplane_core::revoke::Mapping,
-    reg: Box<dyn Registration>,
+    reg: Box<dyn CopyRegistration>,
 }
 
 /// Peer memory imported by a GPU's copy engine.

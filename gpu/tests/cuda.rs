@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use dmaplane_core::Invalid;
-use dmaplane_core::fabric::{DeviceId, Memory};
+use dmaplane_core::fabric::{DeviceId, Mapping};
 use dmaplane_core::{
     Accept, Access, AddrList, AddrSpace, AttachError, Attachment, DmaBufId, DmaRange, Export,
     Hints, Importer, ImporterKind, Invalidation, MemKind, Offer, SpaceKind,
@@ -243,7 +243,7 @@ fn first_mismatch(got: &[u8], want: &[u8]) -> Option<usize> {
 /// listed as its two halves in swapped order, so that a copy walks two pieces and byte `i` of the
 /// import is byte `(i + len / 2) % len` of the buffer.
 struct HostBuf {
-    mem: Memory,
+    mem: Mapping,
     export: Export,
     mmio: bool,
 }
@@ -252,7 +252,7 @@ impl HostBuf {
     fn new(name: &str, len: u64) -> HostBuf {
         assert!(len.is_multiple_of(8192));
         HostBuf {
-            mem: Memory::memfd(name, len).unwrap(),
+            mem: Mapping::memfd(name, len).unwrap(),
             export: Export::new(name),
             mmio: false,
         }

@@ -21,7 +21,7 @@ use crate::qp_state::QpState;
 use crate::quiesce::LocalLink;
 use crate::sync::{lock, read, write};
 use crate::tracker::{
-    Conn, MrShared, QpLedger, QpShared, Ring, Slot, Tracker, local_revoked, remote_revoked,
+    Conn, MrShared, QpLedger, QpShared, RequestRing, Slot, Tracker, local_revoked, remote_revoked,
 };
 use crate::wc::Completion;
 use crate::wr::{RecvWr, SendWr, Sge};
@@ -150,8 +150,8 @@ impl Pd {
             backend,
             tracker: self.dev.tracker.clone(),
             track: Mutex::new(QpLedger {
-                send: Ring::new(caps.max_send_wr),
-                recv: Ring::new(caps.max_recv_wr),
+                send: RequestRing::new(caps.max_send_wr),
+                recv: RequestRing::new(caps.max_recv_wr),
                 conn: None,
                 recover_pending: false,
                 longest_send: 0,

@@ -59,7 +59,7 @@ pub(crate) type MrMap = HashMap<u32, Weak<MrShared>>;
 /// The request ring of one queue: user wr_ids and the keys each request references, indexed by
 /// sequence number (which is what the backend sees as wr_id).
 #[derive(Debug)]
-pub(crate) struct Ring {
+pub(crate) struct RequestRing {
     pub(crate) slots: Vec<Slot>,
     pub(crate) posted: u64,
     pub(crate) done: u64,
@@ -83,9 +83,9 @@ impl Slot {
     }
 }
 
-impl Ring {
-    pub(crate) fn new(cap: u32) -> Ring {
-        Ring {
+impl RequestRing {
+    pub(crate) fn new(cap: u32) -> RequestRing {
+        RequestRing {
             slots: vec![Slot::default(); cap.max(1) as usize],
             posted: 0,
             done: 0,
@@ -117,8 +117,8 @@ pub(crate) struct Conn {
 
 #[derive(Debug)]
 pub(crate) struct QpLedger {
-    pub(crate) send: Ring,
-    pub(crate) recv: Ring,
+    pub(crate) send: RequestRing,
+    pub(crate) recv: RequestRing,
     pub(crate) conn: Option<Conn>,
     /// Return to RTS once every outstanding completion is reaped.
     pub(crate) recover_pending: bool,

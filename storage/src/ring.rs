@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dmaplane_core::fabric::Memory;
+use dmaplane_core::fabric::Mapping;
 use dmaplane_core::revoke::{AttachError, Attachment, Importer};
 use dmaplane_core::{Accept, Access, AddrSpace, SpaceKind};
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
@@ -170,7 +170,7 @@ impl RingBuilder {
         }
         let mut buffers = Vec::with_capacity(self.buffers.len());
         for (i, &len) in self.buffers.iter().enumerate() {
-            let m = Memory::anonymous(len).map_err(|e| {
+            let m = Mapping::anonymous(len).map_err(|e| {
                 StorageError::invalid("io_uring buffer", "len", len, format!("buffer {i}: {e}"))
             })?;
             buffers.push(m);
@@ -296,7 +296,7 @@ impl Completion {
 pub struct Ring {
     // Field order is drop order: the ring (its registrations) before the buffers.
     ring: IoUring,
-    buffers: Vec<Memory>,
+    buffers: Vec<Mapping>,
     /// Imported buffers, in the slots after `buffers`.
     imports: Vec<Option<Imported>>,
     /// By [`FileId`]; `None`: a free slot of the sparse table.
@@ -434,7 +434,7 @@ impl Ring {
         Ok(())
     }
 
-    fn buffer(&self, id: BufId) -> Result<&Memory> {
+    fn buffer(&self, id: BufId) -> Result<&Mapping> {
         self.buffers.get(usize::from(id.0)).ok_or_else(|| {
             let why = if usize::from(id.0) < self.buffers.len() + self.imports.len() {
                 "it is an import slot: imported memory is read and written through its exporter"
@@ -1065,7 +1065,7 @@ pub fn errno_why(e: &std::io::Error) -> String {
     }
 }
 
-fn out_of(id: BufId, m: &Memory, offset: u64, len: u64) -> StorageError {
+fn out_of(id: BufId, m: &Mapping, offset: u64, len: u64) -> StorageError {
     StorageError::invalid(
         "io_uring buffer",
         "range",

@@ -6,20 +6,20 @@ use serde::Serialize;
 /// How a check went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Status {
+pub enum CheckStatus {
     Ok,
     Missing,
     Error,
     Unsupported,
 }
 
-impl Status {
+impl CheckStatus {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
-            Status::Ok => "ok",
-            Status::Missing => "missing",
-            Status::Error => "error",
-            Status::Unsupported => "unsupported",
+            CheckStatus::Ok => "ok",
+            CheckStatus::Missing => "missing",
+            CheckStatus::Error => "error",
+            CheckStatus::Unsupported => "unsupported",
         }
     }
 }
@@ -31,7 +31,7 @@ pub struct Check {
     pub component: &'static str,
     /// The device, node or call this row is about.
     pub name: String,
-    pub status: Status,
+    pub status: CheckStatus,
     pub detail: String,
     /// What to do; `None` for rows that are ok.
     pub fix: Option<String>,
@@ -46,7 +46,7 @@ impl Check {
         Check {
             component,
             name: name.into(),
-            status: Status::Ok,
+            status: CheckStatus::Ok,
             detail: detail.into(),
             fix: None,
         }
@@ -55,7 +55,7 @@ impl Check {
     pub(crate) fn not_ok(
         component: &'static str,
         name: impl Into<String>,
-        status: Status,
+        status: CheckStatus,
         detail: impl Into<String>,
         fix: impl Into<String>,
     ) -> Check {

@@ -18,7 +18,7 @@ use dmaplane_core::dmabuf::{DMA_HEAP_DIR, DmaBufError, DmaHeapBuf, UDMABUF_PATH,
 use rustix::io::Errno;
 use serde::Serialize;
 
-use crate::check::{Check, Status};
+use crate::check::{Check, CheckStatus};
 
 /// Size of every test buffer: one page, the smallest every exporter takes.
 const TEST_SIZE: u64 = 4096;
@@ -175,12 +175,12 @@ fn dmabuf_failure(component: &'static str, name: &str, e: DmaBufError) -> Check 
                 ),
                 _ => hint.to_string(),
             };
-            Check::not_ok(component, name, Status::Missing, detail, fix)
+            Check::not_ok(component, name, CheckStatus::Missing, detail, fix)
         }
         DmaBufError::PermissionDenied { path, hint, .. } => Check::not_ok(
             component,
             name,
-            Status::Error,
+            CheckStatus::Error,
             format!("permission denied on {path}"),
             permission_fix(path).unwrap_or_else(|| hint.to_string()),
         ),
@@ -188,12 +188,12 @@ fn dmabuf_failure(component: &'static str, name: &str, e: DmaBufError) -> Check 
             let fix = hint
                 .unwrap_or("the kernel refused the export; `dmesg` may say why")
                 .to_string();
-            Check::not_ok(component, name, Status::Error, e.to_string(), fix)
+            Check::not_ok(component, name, CheckStatus::Error, e.to_string(), fix)
         }
         other => Check::not_ok(
             component,
             name,
-            Status::Error,
+            CheckStatus::Error,
             other.to_string(),
             "unexpected: please report it with `DMAPLANE_LOG=debug dmaplane doctor`",
         ),
@@ -291,7 +291,7 @@ fn io_uring() -> Check {
         Err(Errno::NOSYS) => Check::not_ok(
             C,
             NAME,
-            Status::Missing,
+            CheckStatus::Missing,
             "ENOSYS: this kernel has no io_uring",
             "a kernel built with CONFIG_IO_URING=y (Linux 5.1 or later); in a container, a \
              seccomp profile that allows io_uring_setup, io_uring_enter and io_uring_register",
@@ -326,19 +326,19 @@ fn io_uring() -> Check {
                         .to_string(),
                 ),
             };
-            Check::not_ok(C, NAME, Status::Error, detail, fix)
+            Check::not_ok(C, NAME, CheckStatus::Error, detail, fix)
         }
         Err(Errno::NOMEM) => Check::not_ok(
             C,
             NAME,
-            Status::Error,
+            CheckStatus::Error,
             "ENOMEM: the ring could not be allocated",
             "kernels before 5.12 charge rings to RLIMIT_MEMLOCK: raise it (`ulimit -l`)",
         ),
         Err(e) => Check::not_ok(
             C,
             NAME,
-            Status::Error,
+            CheckStatus::Error,
             format!("io_uring_setup({ENTRIES}) failed: {}", errno_text(e)),
             "unexpected errno: `dmesg` may say why",
         ),
@@ -362,7 +362,7 @@ fn rdma(out: &mut Vec<Check>) {
     out.push(Check::not_ok(
         RDMA,
         "verbs",
-        Status::Unsupported,
+        CheckStatus::Unsupported,
         "this dmaplane binary was built without verbs support",
         "rebuild with `cargo build --release --features verbs` (needs cmake and libclang-dev; \
          libibverbs1 and ibverbs-providers to run)",
@@ -385,14 +385,14 @@ mod verbs {
     use dmaplane_rdma::verbs::{PortSummary, VerbsDevice, library_status, list_devices};
     use dmaplane_rdma::{DmaBufMr, MrAccess, RdmaError};
 
-    use super::{Check, RDMA, Status, TEST_SIZE};
+    use super::{Check, CheckStatus, RDMA, TEST_SIZE};
 
     pub(super) fn check(out: &mut Vec<Check>) {
         if let Err(why) = library_status() {
             out.push(Check::not_ok(
                 RDMA,
                 "libibverbs",
-                Status::Missing,
+                CheckStatus::Missing,
                 format!("libibverbs not installed ({why})"),
                 "install rdma-core's libibverbs1 and ibverbs-providers (Debian/Ubuntu: \
                  `apt-get install libibverbs1 ibverbs-providers`)",
@@ -405,7 +405,7 @@ mod verbs {
                 out.push(Check::not_ok(
                     RDMA,
                     "devices",
-                    Status::Missing,
+                    CheckStatus::Missing,
                     e.to_string(),
                     no_device_fix(&kernel_devices()),
                 ));
@@ -425,7 +425,7 @@ mod verbs {
             out.push(Check::not_ok(
                 RDMA,
                 "devices",
-                Status::Missing,
+                CheckStatus::Missing,
                 detail,
                 no_device_fix(&kernel),
             ));
@@ -497,7 +497,7 @@ mod verbs {
                 out.push(Check::not_ok(
                     RDMA,
                     name,
-                    Status::Error,
+                    CheckStatus::Error,
                     format!("cannot open: {e}"),
                     "this user needs read-write access to /dev/infiniband/uverbs* (`ls -l \
                      /dev/infiniband`; often group rdma), and RLIMIT_MEMLOCK room (`ulimit -l`)",
@@ -528,7 +528,7 @@ mod verbs {
             Err(e) => out.push(Check::not_ok(
                 RDMA,
                 name,
-                Status::Error,
+                CheckStatus::Error,
                 e.to_string(),
                 "the device opened but does not answer queries: check `dmesg` and `ibv_devinfo`",
             )),
@@ -557,7 +557,7 @@ mod verbs {
             (_, "InfiniBand") => "check the cable and the switch (`ibstat`)",
             _ => "bring the Ethernet interface up and check its link (`rdma link show`, `ip link`)",
         };
-        Check::not_ok(RDMA, name, Status::Error, detail, fix)
+        Check::not_ok(RDMA, name, CheckStatus::Error, detail, fix)
     }
 
     /// Register a real dma-buf with `ibv_reg_dmabuf_mr`; the invalid-fd probe the device ran at
@@ -575,7 +575,7 @@ mod verbs {
                 return Check::not_ok(
                     RDMA,
                     name,
-                    Status::Missing,
+                    CheckStatus::Missing,
                     format!(
                         "could not test: no dma-buf exporter ({why}); probe with an invalid fd: \
                          {probe}"
@@ -588,7 +588,7 @@ mod verbs {
             Check::not_ok(
                 RDMA,
                 name.clone(),
-                Status::Error,
+                CheckStatus::Error,
                 detail,
                 "unexpected: `dmesg` may say why; dmaplane falls back to ProcessVa",
             )
@@ -626,7 +626,7 @@ mod verbs {
             Err(RdmaError::Unsupported { .. }) => Check::not_ok(
                 RDMA,
                 name,
-                Status::Unsupported,
+                CheckStatus::Unsupported,
                 "EOPNOTSUPP (provider refuses; dmaplane falls back to ProcessVa)",
                 "nothing to do: dmaplane registers the buffer's mapping instead; native \
                  dma-buf MRs need a provider that implements them (e.g. mlx5) and rdma-core 34+",
@@ -645,7 +645,7 @@ mod tests {
         for c in checks() {
             assert!(!c.detail.is_empty(), "{c:?}");
             match c.status {
-                Status::Ok => assert!(c.fix.is_none(), "{c:?}"),
+                CheckStatus::Ok => assert!(c.fix.is_none(), "{c:?}"),
                 _ => assert!(c.fix.as_deref().is_some_and(|f| !f.is_empty()), "{c:?}"),
             }
         }
@@ -660,7 +660,7 @@ mod tests {
                 Check::not_ok(
                     "io_uring",
                     "io_uring_setup",
-                    Status::Missing,
+                    CheckStatus::Missing,
                     "ENOSYS",
                     "build it",
                 ),
@@ -685,7 +685,7 @@ mod tests {
 
     #[test]
     fn json_statuses_are_lowercase() {
-        let v = serde_json::to_value(Status::Unsupported).ok();
+        let v = serde_json::to_value(CheckStatus::Unsupported).ok();
         assert_eq!(v, Some(serde_json::json!("unsupported")));
     }
 }

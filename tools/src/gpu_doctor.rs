@@ -10,7 +10,7 @@ use dmaplane_core::topology::{DeviceKind, Topology};
 use dmaplane_gpu::DmaBufSupport;
 use dmaplane_gpu::cuda::{self, CudaProbe};
 
-use crate::check::{Check, Status};
+use crate::check::{Check, CheckStatus};
 use crate::units::bytes;
 
 pub fn checks(out: &mut Vec<Check>) {
@@ -34,7 +34,7 @@ pub fn checks(out: &mut Vec<Check>) {
             DmaBufSupport::Unsupported { why } => Check::not_ok(
                 "gpu",
                 name,
-                Status::Unsupported,
+                CheckStatus::Unsupported,
                 format!("{detail}, no dma-buf export: {why}"),
                 "dma-buf export needs CUDA >= 11.7 with NVIDIA's open kernel modules \
                  (nvidia-open); until then transfers use peer-memory style (nvidia-peermem) or staging",
@@ -48,7 +48,7 @@ pub fn checks(out: &mut Vec<Check>) {
         out.push(Check::not_ok(
             "gpu",
             "device",
-            Status::Error,
+            CheckStatus::Error,
             e.clone(),
             "check `nvidia-smi` and the kernel log (dmesg) for this GPU",
         ));
@@ -62,7 +62,7 @@ fn driver(p: &CudaProbe) -> Check {
         Check::not_ok(
             "cuda",
             "libcuda",
-            Status::Missing,
+            CheckStatus::Missing,
             p.summary_line(),
             "install the NVIDIA driver (libcuda.so.1) to use real GPUs; the simulated GPUs \
              (`dmaplane demo`, `bench p2p`) need nothing",
@@ -202,7 +202,7 @@ fn pair(places: &Places, gpu: &str, dmabuf: bool, nic: &str) -> Check {
             return Check::not_ok(
                 "p2p",
                 name,
-                Status::Error,
+                CheckStatus::Error,
                 why,
                 "run on the host, not in a container without /sys/bus/pci",
             );
@@ -230,7 +230,7 @@ fn pair(places: &Places, gpu: &str, dmabuf: bool, nic: &str) -> Check {
     }
     match fix {
         None => Check::ok("p2p", name, detail),
-        Some(f) => Check::not_ok("p2p", name, Status::Unsupported, detail, f),
+        Some(f) => Check::not_ok("p2p", name, CheckStatus::Unsupported, detail, f),
     }
 }
 

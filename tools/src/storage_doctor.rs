@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use dmaplane_storage::{DirectFile, OpenOptions, Ring, StorageError};
 
-use crate::check::{Check, Status};
+use crate::check::{Check, CheckStatus};
 
 const C: &str = "storage";
 
@@ -54,7 +54,7 @@ fn o_direct(file: &Result<DirectFile, StorageError>, probe: &std::path::Path) ->
         Err(e @ StorageError::NoDirect { .. }) => Check::not_ok(
             C,
             "O_DIRECT",
-            Status::Unsupported,
+            CheckStatus::Unsupported,
             e.to_string(),
             "put files for bench storage and loads on a file system that takes O_DIRECT (ext4, \
              xfs, btrfs), e.g. `bench storage --dir /path/on/ext4`",
@@ -62,7 +62,7 @@ fn o_direct(file: &Result<DirectFile, StorageError>, probe: &std::path::Path) ->
         Err(e) => Check::not_ok(
             C,
             "O_DIRECT",
-            Status::Error,
+            CheckStatus::Error,
             e.to_string(),
             format!("run doctor from a directory this user may create files in (tried {dir})"),
         ),
@@ -92,7 +92,7 @@ fn ring(file: Option<Arc<DirectFile>>) -> Check {
         Err(e) => Check::not_ok(
             C,
             NAME,
-            Status::Error,
+            CheckStatus::Error,
             e.to_string(),
             "dmaplane-storage needs Linux 5.19 (sparse buffer tables, COOP_TASKRUN); see the \
              io_uring row for whether io_uring is allowed at all",
@@ -115,7 +115,7 @@ fn memlock() -> Check {
         Some(cur) if cur < 64 << 20 && rustix::process::geteuid().as_raw() != 0 => Check::not_ok(
             C,
             NAME,
-            Status::Error,
+            CheckStatus::Error,
             detail,
             "raise it for the user (`ulimit -l unlimited`, or `memlock` in \
              /etc/security/limits.conf, or LimitMEMLOCK= in the service's unit)",

@@ -44,8 +44,8 @@ mod imp {
     use dmaplane::raw::connect_over;
     use dmaplane::stress::{Bytes, DataPath, EpochTarget, Revocable, RunState, exporter};
     use dmaplane::stress::{Inject, StressConfig, StressReport};
+    use dmaplane_core::RevokeReport;
     use dmaplane_core::dmabuf::{DmaBufMemory, UdmaBuf};
-    use dmaplane_core::{ImporterKind, RevokeReport};
     use dmaplane_rdma::oob::{Oob, OobListener};
     use dmaplane_rdma::verbs::{VerbsDevice, list_devices};
     use dmaplane_rdma::{
@@ -85,19 +85,19 @@ mod imp {
     }
 
     /// One side: a context of the device (from the library) and its queue pairs.
-    struct Side {
+    struct VerbsSide {
         host: RawHost,
         qps: Vec<Qp>,
     }
 
-    fn side(name: &str, qps: usize, caps: QpCaps, cq_depth: u32) -> Result<Side> {
+    fn side(name: &str, qps: usize, caps: QpCaps, cq_depth: u32) -> Result<VerbsSide> {
         let host = RawHost::verbs(Some(name), cq_depth)?;
         let qps = host.qps(qps, caps)?;
-        Ok(Side { host, qps })
+        Ok(VerbsSide { host, qps })
     }
 
     /// Connect every QP over `oob`, then open the lease link on it.
-    fn connect(s: &Side, oob: Oob, mtu: dmaplane_rdma::Mtu) -> Result<LeaseLink> {
+    fn connect(s: &VerbsSide, oob: Oob, mtu: dmaplane_rdma::Mtu) -> Result<LeaseLink> {
         connect_over(&s.qps, &oob, mtu, SETUP_TIMEOUT)?;
         Ok(LeaseLink::open(&s.host.dev, oob, SETUP_TIMEOUT)?)
     }
@@ -189,13 +189,7 @@ mod imp {
                 ..ImportOptions::default()
             },
         )?;
-        let opts = ImportOptions {
-            access: MrAccess::LOCAL_WRITE | MrAccess::REMOTE_WRITE | MrAccess::REMOTE_READ,
-            kind: ImporterKind::Pinned,
-            policy: cfg.policy,
-            recover: true,
-            range: None,
-        };
+        let opts = cfg.target_import();
         // Every export so far, by (rkey, address): how the data path finds the memory behind
         // a grant it received over TCP.
         let exports: Mutex<Vec<Published>> = Mutex::new(Vec::new());

@@ -35,7 +35,7 @@ use std::time::Duration;
 use rustix::io::Errno;
 
 use crate::addr::{AddrList, AddrSpace, DmaBufId, DmaRange};
-use crate::fabric::Memory;
+use crate::fabric::Mapping;
 use crate::hints::Hints;
 use crate::negotiate::{Accept, Offer};
 use crate::revoke::{AttachError, Attachment, Export, Exporter, Importer, RevokeReport};
@@ -231,7 +231,7 @@ pub struct DmaBufMemory {
     len: u64,
     // Field order is drop order: unmap, then close the dma-buf.
     /// A shared read-write mapping of the whole buffer (the fabric's memory type).
-    map: Memory,
+    map: Mapping,
     fd: OwnedFd,
 }
 
@@ -261,7 +261,7 @@ impl DmaBufMemory {
             dev: st.st_dev,
             ino: st.st_ino,
         };
-        let map = Memory::map_shared(map_from.unwrap_or(fd.as_fd()), len)
+        let map = Mapping::map_shared(map_from.unwrap_or(fd.as_fd()), len)
             .map_err(|e| DmaBufError::os("mmap", &what, e, None))?;
         tracing::debug!(name, %kind, len, dev = id.dev, ino = id.ino, "dma-buf exported");
         Ok(DmaBufMemory {

@@ -65,7 +65,7 @@ impl WindowExport {
         fabric: &Fabric,
         owner: DeviceId,
         name: &str,
-        mem: super::Memory,
+        mem: super::Mapping,
     ) -> Result<WindowExport, FabricError> {
         let window = fabric.map(owner, mem)?;
         Ok(WindowExport {
@@ -89,7 +89,7 @@ impl WindowExport {
     /// the caller did not) and its window unmapped. `Err(Some(n))`: `n` other holders still
     /// reached it at `deadline`; `Err(None)`: a kernel importer (process VAs) missed a revoke's
     /// deadline, so the memory is kept for good.
-    pub(crate) fn into_memory(self, deadline: Duration) -> Result<super::Memory, Option<usize>> {
+    pub(crate) fn into_memory(self, deadline: Duration) -> Result<super::Mapping, Option<usize>> {
         let w = self.window();
         drop(self);
         if w.is_kept() {

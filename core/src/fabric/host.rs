@@ -40,7 +40,7 @@ impl HostMemory {
         name: &str,
         buf: Vec<u8>,
     ) -> Result<HostMemory, FabricError> {
-        let mem = super::Memory::from_vec(buf).map_err(|e| FabricError::Memory {
+        let mem = super::Mapping::from_vec(buf).map_err(|e| FabricError::Mapping {
             owner: name.to_string(),
             source: Arc::new(e),
         })?;

@@ -2,8 +2,8 @@
 //!
 //! Host arenas are memfd-backed (so the same pages can later be handed to udmabuf or registered
 //! by virtual address); device BARs are anonymous `MAP_NORESERVE` mappings, so a 64 GiB BAR costs
-//! only the pages that are touched. A caller's buffer ([`Memory::from_vec`]) is held as the raw
-//! parts of its `Vec` and given back whole by [`Memory::into_vec`] once nothing else holds the
+//! only the pages that are touched. A caller's buffer ([`Mapping::from_vec`]) is held as the raw
+//! parts of its `Vec` and given back whole by [`Mapping::into_vec`] once nothing else holds the
 //! memory: a device can reach it only through the value that owns it.
 //!
 //! Concurrent DMA to the same bytes is the user's race, exactly as on hardware: the fabric
@@ -22,7 +22,7 @@ use rustix::mm::{MapFlags, ProtFlags};
 
 /// A mapping of `len` bytes that lives as long as this value.
 #[derive(Debug)]
-pub struct Memory {
+pub struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
     fd: Option<OwnedFd>,
@@ -30,15 +30,15 @@ pub struct Memory {
     heap: Option<usize>,
 }
 
-// SAFETY: `Memory` owns its mapping; the raw pointer is only dereferenced through the
+// SAFETY: `Mapping` owns its mapping; the raw pointer is only dereferenced through the
 // bounds-checked, byte-wise atomic copy functions below, so accesses from several threads to the
 // same bytes are atomic (a race on values, as on hardware), never a data race.
-unsafe impl Send for Memory {}
+unsafe impl Send for Mapping {}
 // SAFETY: as above; no method hands out references into the mapping.
-unsafe impl Sync for Memory {}
+unsafe impl Sync for Mapping {}
 
 #[derive(Debug, thiserror::Error)]
-pub enum MemoryError {
+pub enum MappingError {
     #[error("size 0 is not a valid {what} size")]
     ZeroSize { what: &'static str },
     #[error("size {size:#x} does not fit this machine's address space")]
@@ -53,12 +53,12 @@ pub enum MemoryError {
     },
 }
 
-impl Memory {
+impl Mapping {
     /// Host memory: a memfd of `size` bytes, sealed against shrinking, mapped shared.
-    pub fn memfd(name: &str, size: u64) -> Result<Memory, MemoryError> {
+    pub fn memfd(name: &str, size: u64) -> Result<Mapping, MappingError> {
         let what = "host arena";
         let len = checked_len(size, what)?;
-        let os = |op, e: rustix::io::Errno| MemoryError::Os {
+        let os = |op, e: rustix::io::Errno| MappingError::Os {
             op,
             what,
             size,
@@ -71,7 +71,7 @@ impl Memory {
         .map_err(|e| os("memfd_create", e))?;
         rustix::fs::ftruncate(&fd, size).map_err(|e| os("ftruncate", e))?;
         rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK).map_err(|e| os("F_ADD_SEALS", e))?;
-        let mut mem = Memory::map_shared(fd.as_fd(), len).map_err(|e| os("mmap", e))?;
+        let mut mem = Mapping::map_shared(fd.as_fd(), len).map_err(|e| os("mmap", e))?;
         mem.fd = Some(fd);
         Ok(mem)
     }
@@ -81,7 +81,7 @@ impl Memory {
     /// Errors are the raw errno, for callers that report them in their own terms.
     /// A `len` past the end of the file is refused (`EINVAL`): touching the pages beyond it
     /// would be SIGBUS, not an error.
-    pub fn map_shared(fd: BorrowedFd<'_>, len: usize) -> rustix::io::Result<Memory> {
+    pub fn map_shared(fd: BorrowedFd<'_>, len: usize) -> rustix::io::Result<Mapping> {
         let size = rustix::fs::fstat(fd)?.st_size;
         if u64::try_from(size).map_or(true, |s| (len as u64) > s) {
             return Err(rustix::io::Errno::INVAL);
@@ -98,7 +98,7 @@ impl Memory {
                 0,
             )
         }?;
-        Ok(Memory {
+        Ok(Mapping {
             ptr: nonnull(ptr),
             len,
             fd: None,
@@ -107,7 +107,7 @@ impl Memory {
     }
 
     /// Device memory behind a BAR: anonymous, not reserved up front.
-    pub fn anonymous(size: u64) -> Result<Memory, MemoryError> {
+    pub fn anonymous(size: u64) -> Result<Mapping, MappingError> {
         let what = "BAR";
         let len = checked_len(size, what)?;
         // SAFETY: a fresh private anonymous mapping at an address the kernel picks.
@@ -119,13 +119,13 @@ impl Memory {
                 MapFlags::PRIVATE | MapFlags::NORESERVE,
             )
         }
-        .map_err(|e| MemoryError::Os {
+        .map_err(|e| MappingError::Os {
             op: "mmap",
             what,
             size,
             source: e.into(),
         })?;
-        Ok(Memory {
+        Ok(Mapping {
             ptr: nonnull(ptr),
             len,
             fd: None,
@@ -135,10 +135,10 @@ impl Memory {
 
     /// A caller's buffer, zero-copy: its allocation becomes this memory (no bytes move), and
     /// [`into_vec`](Self::into_vec) gives the same allocation back. An empty buffer is refused.
-    pub fn from_vec(buf: Vec<u8>) -> Result<Memory, MemoryError> {
+    pub fn from_vec(buf: Vec<u8>) -> Result<Mapping, MappingError> {
         checked_len(buf.len() as u64, "caller's buffer")?;
         let mut buf = std::mem::ManuallyDrop::new(buf);
-        Ok(Memory {
+        Ok(Mapping {
             ptr: nonnull(buf.as_mut_ptr().cast::<c_void>()),
             len: buf.len(),
             fd: None,
@@ -147,7 +147,7 @@ impl Memory {
     }
 
     /// The caller's buffer back (`Err(self)` for memory that is not one).
-    pub fn into_vec(self) -> Result<Vec<u8>, Memory> {
+    pub fn into_vec(self) -> Result<Vec<u8>, Mapping> {
         let Some(cap) = self.heap else {
             return Err(self);
         };
@@ -217,7 +217,7 @@ impl Memory {
 
     /// Copy `len` bytes from `src` at `src_off` to `self` at `dst_off` (the two may be the same
     /// memory, and the ranges may overlap); false when either side is out of bounds.
-    pub fn copy_from(&self, dst_off: u64, src: &Memory, src_off: u64, len: usize) -> bool {
+    pub fn copy_from(&self, dst_off: u64, src: &Mapping, src_off: u64, len: usize) -> bool {
         let (Some(d), Some(s)) = (self.check(dst_off, len), src.check(src_off, len)) else {
             return false;
         };
@@ -228,7 +228,7 @@ impl Memory {
     }
 }
 
-impl Drop for Memory {
+impl Drop for Mapping {
     fn drop(&mut self) {
         if let Some(cap) = self.heap {
             // SAFETY: the parts of the caller's `Vec<u8>` (see `into_vec`); this is the last
@@ -237,7 +237,7 @@ impl Drop for Memory {
             return;
         }
         // SAFETY: `ptr`/`len` are exactly the mapping created in the constructor, and no pointer
-        // into it outlives `self` (the fabric holds windows by `Arc<Memory>`).
+        // into it outlives `self` (the fabric holds windows by `Arc<Mapping>`).
         if let Err(e) = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast::<c_void>(), self.len) }
         {
             tracing::error!(error = %e, "munmap of fabric memory failed");
@@ -245,14 +245,14 @@ impl Drop for Memory {
     }
 }
 
-fn checked_len(size: u64, what: &'static str) -> Result<usize, MemoryError> {
+fn checked_len(size: u64, what: &'static str) -> Result<usize, MappingError> {
     if size == 0 {
-        return Err(MemoryError::ZeroSize { what });
+        return Err(MappingError::ZeroSize { what });
     }
     usize::try_from(size)
         .ok()
         .filter(|l| *l <= isize::MAX as usize)
-        .ok_or(MemoryError::TooLarge { size })
+        .ok_or(MappingError::TooLarge { size })
 }
 
 fn nonnull(p: *mut c_void) -> NonNull<u8> {
@@ -266,11 +266,11 @@ mod tests {
 
     #[test]
     fn a_shared_mapping_past_the_end_of_its_file_is_refused() {
-        let m = Memory::memfd("t", 8192).unwrap();
+        let m = Mapping::memfd("t", 8192).unwrap();
         let fd = m.fd().unwrap();
-        assert!(Memory::map_shared(fd, 8192).is_ok());
+        assert!(Mapping::map_shared(fd, 8192).is_ok());
         assert_eq!(
-            Memory::map_shared(fd, 8193).unwrap_err(),
+            Mapping::map_shared(fd, 8193).unwrap_err(),
             rustix::io::Errno::INVAL
         );
     }

@@ -29,7 +29,7 @@ pub use bar::DeviceBar;
 pub use export::FABRIC_GRANULE;
 pub use fault::{FaultKind, Faults};
 pub use host::HostMemory;
-pub use memory::{Memory, MemoryError};
+pub use memory::{Mapping, MappingError};
 pub use oracle::{Event, Oracle, RECENT, Verdict, WindowId};
 
 use crate::fence::FenceObserver;
@@ -72,10 +72,10 @@ pub enum FabricError {
     #[error("bus address space exhausted placing a {size:#x}-byte window")]
     AddressSpaceFull { size: u64 },
     #[error("memory for {owner}: {source}")]
-    Memory {
+    Mapping {
         owner: String,
         #[source]
-        source: Arc<MemoryError>,
+        source: Arc<MappingError>,
     },
     #[error(
         "{name}: the buffer is still reached through {holders} other handle(s) of its window \
@@ -122,7 +122,7 @@ struct Window {
     base: u64,
     len: u64,
     owner: DeviceId,
-    mem: Arc<Memory>,
+    mem: Arc<Mapping>,
     state: RwLock<WindowState>,
     /// Writers of `state` waiting for it (a revoke, an unmap, a new grant): a multi-packet
     /// transfer that holds the state between packets lets go when it sees one.
@@ -217,7 +217,7 @@ impl WindowHandle {
     pub fn owner(&self) -> DeviceId {
         self.window.owner
     }
-    pub fn memory(&self) -> &Memory {
+    pub fn memory(&self) -> &Mapping {
         &self.window.mem
     }
     /// Keep the window (and its memory) alive for good: an importer the fabric cannot stop may
@@ -237,7 +237,7 @@ impl WindowHandle {
     /// handle of the window and nothing else holds its memory. A DMA that looked the window up
     /// before the unmap holds it for the moment it takes to be refused (the window is revoked),
     /// so the other holders get until `deadline` to let go; `Err(n)`: `n` still hold it.
-    pub(crate) fn into_memory(self, deadline: std::time::Duration) -> Result<Memory, usize> {
+    pub(crate) fn into_memory(self, deadline: std::time::Duration) -> Result<Mapping, usize> {
         let until = std::time::Instant::now() + deadline;
         let mut window = self.window;
         let window = loop {
@@ -463,7 +463,7 @@ impl Fabric {
     }
 
     /// Map `mem` as a window owned by `owner` at a fresh bus address.
-    pub fn map(&self, owner: DeviceId, mem: Memory) -> Result<WindowHandle, FabricError> {
+    pub fn map(&self, owner: DeviceId, mem: Mapping) -> Result<WindowHandle, FabricError> {
         let owner_name = self.entry(owner)?.name.clone();
         let len = mem.len() as u64;
         let align = if len >= 1 << 30 {
@@ -522,11 +522,11 @@ impl Fabric {
             return self.map(owner, mem);
         }
         let mem = if host {
-            Memory::memfd(&name, size)
+            Mapping::memfd(&name, size)
         } else {
-            Memory::anonymous(size)
+            Mapping::anonymous(size)
         }
-        .map_err(|e| FabricError::Memory {
+        .map_err(|e| FabricError::Mapping {
             owner: name,
             source: Arc::new(e),
         })?;

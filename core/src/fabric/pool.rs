@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use super::memory::Memory;
+use super::memory::Mapping;
 use crate::sync::{Mutex, lock};
 
 /// At most this many bytes wait in the pool; beyond it, freed memory is unmapped.
@@ -17,13 +17,13 @@ pub(crate) const POOL_BYTES: usize = 512 << 20;
 
 #[derive(Debug, Default)]
 pub(crate) struct Pool {
-    free: Mutex<Vec<Arc<Memory>>>,
+    free: Mutex<Vec<Arc<Mapping>>>,
 }
 
 impl Pool {
     /// Keep `mem` for reuse when it is memfd-backed host memory and the pool has room;
     /// otherwise it is dropped (unmapped) as usual. Reuse waits until nobody else holds it.
-    pub(crate) fn put(&self, mem: Arc<Memory>) {
+    pub(crate) fn put(&self, mem: Arc<Mapping>) {
         if mem.fd().is_none() {
             return;
         }
@@ -35,7 +35,7 @@ impl Pool {
     }
 
     /// Host memory of exactly `len` bytes from the pool, zeroed.
-    pub(crate) fn take(&self, len: usize) -> Option<Memory> {
+    pub(crate) fn take(&self, len: usize) -> Option<Mapping> {
         let m = {
             let mut free = lock(&self.free);
             let i = free

@@ -5,7 +5,8 @@ use std::collections::HashMap;
 
 use super::error::{TopologyError, TopologyErrorKind, list_ids};
 use super::{
-    Bar, Device, DeviceKind, DeviceSpec, HostBridge, Location, NodeRef, RootPort, Switch, Topology,
+    Bar, Device, DeviceKind, DeviceSpec, HostBridge, NodeRef, RootPort, SourceLine, Switch,
+    Topology,
 };
 
 /// Line numbers of an item's fields, when it came from a file (crate-internal).
@@ -94,8 +95,8 @@ impl TopologyBuilder {
         self.devices.push((d, lines));
     }
 
-    fn at(&self, line: Option<usize>) -> Location {
-        Location {
+    fn at(&self, line: Option<usize>) -> SourceLine {
+        SourceLine {
             file: self.source.clone(),
             line,
         }

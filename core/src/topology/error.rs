@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use super::Location;
+use super::SourceLine;
 
 /// An error building, loading or querying a topology; see [`TopologyErrorKind`]. Boxed so
 /// `Result<Topology, TopologyError>` stays one pointer wide on the error side.
@@ -45,7 +45,7 @@ pub enum TopologyErrorKind {
         "{at}: {item} \"{id}\" field parent: unknown parent \"{parent}\" (known {expected}: {known})"
     )]
     UnknownParent {
-        at: Location,
+        at: SourceLine,
         item: &'static str,
         id: String,
         parent: String,
@@ -54,7 +54,7 @@ pub enum TopologyErrorKind {
     },
     #[error("{at}: {item} field parent: \"{parent}\" is a {parent_kind}; {rule}")]
     WrongParentKind {
-        at: Location,
+        at: SourceLine,
         item: String,
         id: String,
         parent: String,
@@ -63,7 +63,7 @@ pub enum TopologyErrorKind {
     },
     #[error("{at}: {item} field id: duplicate id \"{id}\" (first defined {first})")]
     DuplicateId {
-        at: Location,
+        at: SourceLine,
         item: &'static str,
         id: String,
         first: String,
@@ -73,10 +73,10 @@ pub enum TopologyErrorKind {
         ids.first().map(String::as_str).unwrap_or(""),
         cycle_text(ids)
     )]
-    Cycle { at: Location, ids: Vec<String> },
+    Cycle { at: SourceLine, ids: Vec<String> },
     #[error("{at}: {item} \"{id}\" field {field}: bad size \"{value}\": {reason}")]
     BadSize {
-        at: Location,
+        at: SourceLine,
         item: &'static str,
         id: String,
         field: String,
@@ -87,14 +87,14 @@ pub enum TopologyErrorKind {
         "{at}: device \"{id}\" field kind: unknown kind \"{value}\" (expected one of: gpu, nic, nvme, host-memory)"
     )]
     UnknownKind {
-        at: Location,
+        at: SourceLine,
         id: String,
         value: String,
     },
     /// Any other bad value (BAR index, id syntax, a field that does not fit the device kind).
     #[error("{at}: {item} \"{id}\" field {field}: bad value \"{value}\": {reason}")]
     Invalid {
-        at: Location,
+        at: SourceLine,
         item: &'static str,
         id: String,
         field: String,

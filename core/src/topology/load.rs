@@ -40,7 +40,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{
-    Bar, DeviceKind, DeviceSpec, HostBridge, Lines, Location, RootPort, Switch, Topology,
+    Bar, DeviceKind, DeviceSpec, HostBridge, Lines, RootPort, SourceLine, Switch, Topology,
     TopologyBuilder, TopologyError, TopologyErrorKind,
 };
 
@@ -259,8 +259,8 @@ impl Ctx<'_> {
         line_col(self.text, s.span().start).0
     }
 
-    fn at<T>(&self, s: &Spanned<T>) -> Location {
-        Location {
+    fn at<T>(&self, s: &Spanned<T>) -> SourceLine {
+        SourceLine {
             file: self.file.to_string(),
             line: Some(self.line(s)),
         }

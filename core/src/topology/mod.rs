@@ -210,12 +210,12 @@ impl NodeRef {
 /// Where in which file an error was found (`file:line`, or just `file` when no line is known,
 /// e.g. for topologies built in code).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Location {
+pub struct SourceLine {
     pub file: String,
     pub line: Option<usize>,
 }
 
-impl fmt::Display for Location {
+impl fmt::Display for SourceLine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.line {
             Some(line) => write!(f, "{}:{line}", self.file),

@@ -50,7 +50,7 @@ use crate::stage::{Stage, cuda_bounce, staging};
 use crate::sync::lock;
 
 pub(crate) use piece::Pair;
-use piece::{Bounce, Op, Piece, PieceBuffer};
+use piece::{Bounce, FileOp, Piece, PieceBuffer};
 use thread::{reaper, ring_thread};
 pub use transfer::FileTransfer;
 
@@ -140,7 +140,7 @@ const RING_IMPORTS: u16 = 1024;
 struct State {
     /// memory id → how the drive reaches it.
     imports: HashMap<u64, Import>,
-    ops: HashMap<u64, Op>,
+    ops: HashMap<u64, FileOp>,
     /// Command user data → (transfer, piece).
     cmds: HashMap<u64, (u64, Piece)>,
     next_ud: u64,
@@ -152,7 +152,7 @@ struct State {
     /// references (a file registration, a memory, a bounce buffer) may revoke importers or
     /// queue jobs, which must not happen under it.
     trash: Vec<Piece>,
-    trash_ops: Vec<Op>,
+    trash_ops: Vec<FileOp>,
 }
 
 #[derive(Clone)]
@@ -372,7 +372,7 @@ impl Drive {
         st.next_op += 1;
         st.ops.insert(
             id,
-            Op {
+            FileOp {
                 write,
                 queue,
                 in_flight: 0,

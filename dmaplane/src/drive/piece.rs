@@ -22,7 +22,9 @@ pub(crate) struct Pair {
     pub(crate) len: u64,
 }
 
-pub(super) struct Op {
+/// One file transfer on the drive: its pieces not queued yet, what is in flight, what moved,
+/// its first error, and who waits for it.
+pub(super) struct FileOp {
     pub(super) write: bool,
     pub(super) queue: VecDeque<Piece>,
     pub(super) in_flight: usize,
@@ -32,11 +34,11 @@ pub(super) struct Op {
     /// Its handle was dropped: forget it once finished.
     pub(super) detached: bool,
     pub(super) finished: bool,
-    /// Whoever awaits it ([`FileTransfer`] as a `Future`): woken when it ends.
+    /// Whoever awaits it ([`super::FileTransfer`] as a `Future`): woken when it ends.
     pub(super) waker: Option<std::task::Waker>,
 }
 
-/// A bounce buffer of one transfer for one memory: [`BOUNCE_PIECES`] pieces.
+/// A bounce buffer of one transfer for one memory: [`super::BOUNCE_PIECES`] pieces.
 pub(super) struct Bounce {
     pub(super) memory: u64,
     pub(super) stage: Arc<Stage>,
@@ -67,7 +69,7 @@ pub(super) enum PieceBuffer {
 }
 
 /// Give a bounce piece back to its buffer.
-pub(super) fn free_slot(op: &mut Op, p: &Piece) {
+pub(super) fn free_slot(op: &mut FileOp, p: &Piece) {
     if let PieceBuffer::Bounce { idx, slot: Some(s) } = p.target {
         op.bounces[idx].free.push(s);
     }
@@ -75,7 +77,7 @@ pub(super) fn free_slot(op: &mut Op, p: &Piece) {
 
 /// The first error ends the transfer: what is not on the drive yet never goes (the caller
 /// sets those pieces aside).
-pub(super) fn fail(op: &mut Op, e: Error) {
+pub(super) fn fail(op: &mut FileOp, e: Error) {
     if op.error.is_none() {
         op.error = Some(e);
     }

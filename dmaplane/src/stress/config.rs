@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
+use dmaplane_core::ImporterKind;
 use dmaplane_core::cpu::Placement;
-use dmaplane_rdma::{Fault, QuiescePolicy};
+use dmaplane_rdma::{Fault, ImportOptions, MrAccess, QuiescePolicy};
 use serde::Serialize;
 
 /// The shape of a stress run and what it breaks on purpose.
@@ -49,6 +50,21 @@ pub enum Inject {
     /// target's NIC signals its fence at once and its lease holder keeps writing: WRITEs really
     /// land after the ack, and only the oracle and the poison can tell.
     NoBackstop,
+}
+
+impl StressConfig {
+    /// How every backend's target NIC imports an export: writable by the holder, pinned (the
+    /// export revokes it), under the run's quiesce policy, its queue pairs recovered after a
+    /// flush.
+    pub fn target_import(&self) -> ImportOptions {
+        ImportOptions {
+            access: MrAccess::LOCAL_WRITE | MrAccess::REMOTE_WRITE | MrAccess::REMOTE_READ,
+            kind: ImporterKind::Pinned,
+            policy: self.policy,
+            recover: true,
+            range: None,
+        }
+    }
 }
 
 impl Inject {

@@ -224,13 +224,7 @@ pub fn run_sim(
     )?;
     let sh = RunState::default();
     let probe = Probe::new(&w)?;
-    let opts = ImportOptions {
-        access: MrAccess::LOCAL_WRITE | MrAccess::REMOTE_WRITE | MrAccess::REMOTE_READ,
-        kind: ImporterKind::Pinned,
-        policy: cfg.policy,
-        recover: true,
-        range: None,
-    };
+    let opts = cfg.target_import();
     let current: Mutex<Option<EpochTarget>> = Mutex::new(None);
     let gpu = match cfg.exporter {
         ExporterKind::Host => None,

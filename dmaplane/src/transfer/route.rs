@@ -8,7 +8,7 @@ use dmaplane_core::Route;
 use dmaplane_rdma::RemoteMr;
 
 use super::Transfer;
-use super::state::{CHUNK_BITS, Chunk, Op, Outcome, Status, TransferState};
+use super::state::{CHUNK_BITS, Chunk, Op, Status, TransferEnd, TransferState};
 use crate::desc::Desc;
 use crate::error::{Error, Result, Side};
 use crate::inner::AgentInner;
@@ -211,7 +211,7 @@ pub(crate) fn start(
         stage_in,
         remote_stage,
         bytes,
-        outcome: Mutex::new(Outcome {
+        outcome: Mutex::new(TransferEnd {
             status: Status::InProgress { done: 0, total },
             waker: None,
             sleepers: 0,

@@ -53,7 +53,8 @@ pub(crate) struct Chunk {
     pub(crate) remote: RemoteAddr,
 }
 
-pub(crate) struct Outcome {
+/// How a transfer ended (or that it has not), and who waits for it.
+pub(crate) struct TransferEnd {
     pub(crate) status: Status,
     pub(crate) waker: Option<Waker>,
     /// Threads asleep on the condvar: the end notifies only when there are any (a notify is
@@ -82,7 +83,7 @@ pub(crate) struct TransferState {
     /// The peer's staged ranges: landed by the peer after a WRITE, staged before a READ.
     pub(crate) remote_stage: Vec<StageRange>,
     pub(crate) bytes: u64,
-    pub(crate) outcome: Mutex<Outcome>,
+    pub(crate) outcome: Mutex<TransferEnd>,
     pub(crate) cv: Condvar,
 }
 

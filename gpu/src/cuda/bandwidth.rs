@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use dmaplane_core::fabric::Memory;
+use dmaplane_core::fabric::Mapping;
 use dmaplane_core::{AddrList, AddrSpace, DmaRange, Hints};
 
 use super::CudaGpu;
@@ -23,7 +23,7 @@ pub fn host_copy_bandwidth(gpu: &CudaGpu, bytes: u64, iters: u32) -> Result<(f64
         ));
     }
     // Declared first so that it is unmapped last, after the registration is gone.
-    let host = Memory::memfd("cuda-bandwidth", bytes)
+    let host = Mapping::memfd("cuda-bandwidth", bytes)
         .map_err(|e| GpuError::invalid("bytes", bytes.to_string(), format!("host buffer: {e}")))?;
     host.fill(0xa5);
     let va = host.process_va();

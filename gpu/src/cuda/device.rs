@@ -14,7 +14,9 @@ use super::driver::{self, DMABUF_MIN_VERSION};
 use super::pci;
 use super::ranges::CopyRanges;
 use super::register::{self, HostRegistration};
-use crate::backend::{AllocBackend, BackendKind, DmaBufSupport, GpuBackend, GpuInfo, Registration};
+use crate::backend::{
+    AllocBackend, BackendKind, CopyRegistration, DmaBufSupport, GpuBackend, GpuInfo,
+};
 use crate::device::Gpu;
 use crate::error::{GpuError, Result};
 
@@ -365,7 +367,7 @@ impl GpuBackend for CudaGpu {
         Ok(Arc::new(CudaAlloc::new(self.shared.clone(), name, size)?))
     }
 
-    fn register(&self, name: &str, list: &AddrList) -> Result<Box<dyn Registration>> {
+    fn register(&self, name: &str, list: &AddrList) -> Result<Box<dyn CopyRegistration>> {
         Ok(Box::new(HostRegistration::new(
             self.shared.clone(),
             name,

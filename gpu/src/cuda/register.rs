@@ -29,7 +29,7 @@ use dmaplane_core::{AddrList, AddrSpace, MemKind};
 use super::device::GpuShared;
 use super::driver;
 use super::ranges::RangeKey;
-use crate::backend::Registration;
+use crate::backend::CopyRegistration;
 use crate::error::{GpuError, Result};
 
 /// A driver registration and its users.
@@ -264,7 +264,7 @@ impl HostRegistration {
     }
 }
 
-impl Registration for HostRegistration {
+impl CopyRegistration for HostRegistration {
     fn translate(&self, addr: u64) -> u64 {
         addr
     }

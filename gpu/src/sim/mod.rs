@@ -18,7 +18,9 @@ use dmaplane_core::topology::DeviceKind;
 use dmaplane_core::{Accept, Access, AddrList, AddrSpace, SpaceKind};
 
 use crate::backend::BAR1_INDEX;
-use crate::backend::{AllocBackend, BackendKind, DmaBufSupport, GpuBackend, GpuInfo, Registration};
+use crate::backend::{
+    AllocBackend, BackendKind, CopyRegistration, DmaBufSupport, GpuBackend, GpuInfo,
+};
 use crate::device::Gpu;
 use crate::error::{GpuError, Result};
 
@@ -204,7 +206,7 @@ impl GpuBackend for SimGpu {
         }
     }
 
-    fn register(&self, name: &str, list: &AddrList) -> Result<Box<dyn Registration>> {
+    fn register(&self, name: &str, list: &AddrList) -> Result<Box<dyn CopyRegistration>> {
         let offset = match list.space() {
             AddrSpace::CpuPhys | AddrSpace::Iova { .. } => 0,
             AddrSpace::PciBus { bus_offset, .. } => bus_offset,
@@ -244,7 +246,7 @@ struct BusRegistration {
     offset: u64,
 }
 
-impl Registration for BusRegistration {
+impl CopyRegistration for BusRegistration {
     fn translate(&self, addr: u64) -> u64 {
         addr.wrapping_add(self.offset)
     }

@@ -241,7 +241,7 @@ fn storage(
         "ratio",
         "range"
     );
-    let per_io = |s: &dmaplane_bench::storage::Side| {
+    let per_io = |s: &dmaplane_bench::storage::Measured| {
         s.device
             .map_or_else(|| "-".to_string(), |d| format!("{:.2}", d.per_io(s.ios)))
     };
