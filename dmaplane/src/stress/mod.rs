@@ -6,8 +6,8 @@
 //! One harness, whatever the backend: the exporter's loop ([`exporter`]) revokes, checks and
 //! exports again; the data path ([`DataPath`]) keeps WRITEs in flight and verifies each one;
 //! both share a [`RunState`] and end in one [`StressReport`]. A backend supplies the memory
-//! ([`Bytes`]) and the exports ([`Revocable`]): [`run_sim`] is the simulated testbed's; the
-//! `dmaplane` tool has the one for real verbs devices.
+//! ([`Bytes`]) and the exports ([`Revocable`]): [`run_sim`] is the simulated testbed's,
+//! `run_verbs` (feature `verbs`) a real RDMA device's.
 //!
 //! How "after the ack" is checked: the moment the exporter's revoke report returns, the old
 //! memory is filled with a poison pattern, by the exporter. From then on:
@@ -41,6 +41,8 @@ mod owner;
 mod report;
 mod run_state;
 mod sim;
+#[cfg(feature = "verbs")]
+mod verbs;
 
 pub use agents::{HOLDER_STALL, agent_faults, run_agents};
 pub use blocks::{HEADER, block, check_block, note, parse_note};
@@ -54,3 +56,5 @@ pub use owner::{Holder, own};
 pub use report::{Latency, StressReport};
 pub use run_state::{EpochTarget, RunState, SNAPSHOTS, STUCK_FOR};
 pub use sim::run_sim;
+#[cfg(feature = "verbs")]
+pub use verbs::run_verbs;
