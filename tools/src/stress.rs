@@ -31,9 +31,9 @@ pub enum Exporter {
     /// Simulated GPU memory (gpu2, below nic1's switch), freed and re-allocated: every free is
     /// a revoke.
     Gpu,
-    /// CUDA device memory (GPU 0) through the application library, registered by the NIC as a
-    /// dma-buf or by device VA (the negotiation picks and the run reports it), freed under
-    /// WRITE traffic from a second process (verbs backend).
+    /// CUDA device memory (GPU 0), registered by the NIC as a dma-buf or by device VA (the
+    /// negotiation picks and the run reports it), revoked under WRITE traffic (verbs backend;
+    /// with `--layer agent`, freed by an Agent under a second process's transfers).
     Cuda,
 }
 
@@ -66,8 +66,8 @@ pub struct RevokeArgs {
     #[arg(long, value_enum, default_value = "host")]
     exporter: Exporter,
     /// Which layer the traffic goes through: the raw RDMA layer, or two Agents (`--qps`
-    /// transfers in flight, one WRITE each; `--depth` does not apply). `--exporter cuda`
-    /// always runs on the agents.
+    /// transfers in flight, one WRITE each; `--depth` does not apply; on verbs with
+    /// `--exporter cuda` only).
     #[arg(long, value_enum, default_value = "raw")]
     layer: Layer,
     /// Queue pairs.
@@ -188,7 +188,7 @@ pub fn run(cmd: &StressCmd, json: bool) -> Result<()> {
     let report = match a.backend {
         Backend::Sim if a.layer == Layer::Agent => run_agents(&cfg, &|n| bar.set_position(n))?,
         Backend::Sim => run_sim(&cfg, &|n| bar.set_position(n))?,
-        Backend::Verbs if a.exporter == Exporter::Cuda => {
+        Backend::Verbs if a.layer == Layer::Agent => {
             crate::agent_stress::run(&cfg, a.device.as_deref(), &|n| bar.set_position(n))?
         }
         Backend::Verbs => {

@@ -3,6 +3,7 @@
 
 use dmaplane_core::dmabuf::DmaBufMemory;
 use dmaplane_core::fabric::{HostMemory, WindowHandle};
+use dmaplane_gpu::DeviceMemory;
 
 /// What revoked memory is filled with at its ack: any other byte found there later was
 /// written after the ack.
@@ -58,6 +59,19 @@ impl Bytes for DmaBufMemory {
     }
     fn len(&self) -> u64 {
         DmaBufMemory::len(self)
+    }
+}
+
+/// Device memory, through the host copy the driver offers (simulated or CUDA).
+impl Bytes for DeviceMemory {
+    fn read(&self, off: u64, buf: &mut [u8]) -> bool {
+        DeviceMemory::read(self, off, buf).is_ok()
+    }
+    fn write(&self, off: u64, data: &[u8]) -> bool {
+        DeviceMemory::write(self, off, data).is_ok()
+    }
+    fn len(&self) -> u64 {
+        DeviceMemory::len(self)
     }
 }
 

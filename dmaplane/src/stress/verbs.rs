@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use dmaplane_core::RevokeReport;
 use dmaplane_core::dmabuf::{DmaBufMemory, UdmaBuf};
+use dmaplane_gpu::cuda::CudaGpu;
+use dmaplane_gpu::{DeviceMemory, DmaClient};
 use dmaplane_rdma::oob::{Oob, OobListener};
 use dmaplane_rdma::verbs::{VerbsDevice, list_devices};
 use dmaplane_rdma::{
@@ -29,7 +31,7 @@ use dmaplane_rdma::{
 };
 
 use super::bytes::Bytes;
-use super::config::{Inject, StressConfig};
+use super::config::{ExporterKind, Inject, StressConfig};
 use super::data_path::DataPath;
 use super::exporter::{Revocable, exporter};
 use super::report::StressReport;
@@ -47,22 +49,42 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the data path keeps reaping after the last revoke before calling a request lost.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
+/// The owner's memory of one epoch: host memory (a udmabuf) or CUDA device memory.
+enum Exported {
+    Host(Arc<DmaBufMemory>),
+    /// Revoked at the revoke and kept (a quarantine: its bytes stay readable for the poison
+    /// check); freed when the last holder lets go.
+    Cuda(Arc<DeviceMemory>),
+}
+
+impl Exported {
+    fn bytes(&self) -> Arc<dyn Bytes> {
+        match self {
+            Exported::Host(m) => m.clone(),
+            Exported::Cuda(m) => m.clone(),
+        }
+    }
+}
+
 /// One export: the owner's memory and registration of one epoch.
-struct UdmabufExport {
+struct VerbsExport {
     epoch: u64,
-    mem: Arc<DmaBufMemory>,
+    mem: Exported,
     mr: Mr,
 }
 
-impl Revocable for UdmabufExport {
+impl Revocable for VerbsExport {
     fn epoch(&self) -> u64 {
         self.epoch
     }
     fn revoke(&self, deadline: Duration) -> RevokeReport {
-        self.mem.revoke(deadline)
+        match &self.mem {
+            Exported::Host(m) => m.revoke(deadline),
+            Exported::Cuda(m) => m.revoke(deadline),
+        }
     }
     fn bytes(&self) -> Arc<dyn Bytes> {
-        self.mem.clone()
+        self.mem.bytes()
     }
 }
 
@@ -71,7 +93,7 @@ struct Published {
     rkey: u32,
     addr: u64,
     epoch: u64,
-    mem: Arc<DmaBufMemory>,
+    mem: Arc<dyn Bytes>,
 }
 
 /// One side: a context of the device (from the library) and its queue pairs.
@@ -93,7 +115,10 @@ fn connect(s: &VerbsSide, oob: Oob, mtu: dmaplane_rdma::Mtu) -> Result<LeaseLink
 }
 
 /// Run the stress on the RDMA device `device` (default: the first libibverbs lists): two
-/// contexts of it play the owner and the holder, their lease link a TCP connection.
+/// contexts of it play the owner and the holder, their lease link a TCP connection. The
+/// owner exports udmabuf memory ([`ExporterKind::Host`]) or CUDA memory on GPU 0
+/// ([`ExporterKind::Gpu`]), which its NIC registers as a dma-buf or by device VA, as the
+/// negotiation finds.
 pub fn run_verbs(
     cfg: &StressConfig,
     device: Option<&str>,
@@ -193,13 +218,35 @@ pub fn run_verbs(
     // Every export so far, by (rkey, address): how the data path finds the memory behind
     // a grant it received over TCP.
     let exports: Mutex<Vec<Published>> = Mutex::new(Vec::new());
-    let export = |epoch: u64| -> Result<UdmabufExport> {
-        let mem = Arc::new(
-            UdmaBuf::new(&format!("stress-dst-{epoch}"), region)
-                .map_err(|e| Error::setup(WHO, format!("export {epoch}: {e}")))?
-                .into_memory(),
-        );
-        let mr = owner.host.import_dmabuf(&mem, "stress-dst", opts)?;
+    let gpu = match cfg.exporter {
+        ExporterKind::Host => None,
+        ExporterKind::Gpu => Some(CudaGpu::new(0)?.into_gpu()),
+    };
+    let export = |epoch: u64| -> Result<VerbsExport> {
+        let name = format!("stress-dst-{epoch}");
+        let (mem, mr) = match &gpu {
+            None => {
+                let mem = Arc::new(
+                    UdmaBuf::new(&name, region)
+                        .map_err(|e| Error::setup(WHO, format!("export {epoch}: {e}")))?
+                        .into_memory(),
+                );
+                let mr = owner.host.import_dmabuf(&mem, "stress-dst", opts)?;
+                (Exported::Host(mem), mr)
+            }
+            Some(g) => {
+                let mem = Arc::new(g.alloc(&name, region)?);
+                // Its dma-buf (ibv_reg_dmabuf_mr) where the driver exports one, else its
+                // device VAs (a peer-memory client): negotiated, as the Agent does.
+                let mr = owner
+                    .host
+                    .pd
+                    .import("stress-dst", opts, mem.dmabuf_fd(), |i, a| {
+                        mem.attach(i, DmaClient::External, a)
+                    })?;
+                (Exported::Cuda(mem), mr)
+            }
+        };
         {
             let mut ex = lock(&exports);
             // Grants are taken up long before two more exports follow.
@@ -208,11 +255,11 @@ pub fn run_verbs(
                 rkey: mr.rkey(),
                 addr: mr.iova(),
                 epoch,
-                mem: mem.clone(),
+                mem: mem.bytes(),
             });
         }
         olink.grant(&mr)?;
-        Ok(UdmabufExport { epoch, mem, mr })
+        Ok(VerbsExport { epoch, mem, mr })
     };
     let first = export(0)?;
     notes.push(format!(
@@ -230,11 +277,7 @@ pub fn run_verbs(
             .find(|p| p.rkey == remote.rkey() && p.addr == remote.addr())
             .map(|p| (p.epoch, p.mem.clone()));
         match found {
-            Some((epoch, mem)) => Ok(EpochTarget {
-                epoch,
-                remote,
-                mem: mem as Arc<dyn Bytes>,
-            }),
+            Some((epoch, mem)) => Ok(EpochTarget { epoch, remote, mem }),
             None => Err(Error::setup(
                 WHO,
                 format!(

@@ -144,6 +144,10 @@ expect_caught() {
 }
 expect_caught_cuda() {
 	caught "$1" env LD_LIBRARY_PATH=/testbed/bin dmaplane stress revoke --backend verbs \
+		--exporter cuda --device rxe0 --qps 4 --depth 16 --size 4096 --revokes 4 --seconds 0 --deadline-ms 2000
+}
+expect_caught_cuda_agent() {
+	caught "$1" env LD_LIBRARY_PATH=/testbed/bin dmaplane stress revoke --backend verbs --layer agent \
 		--exporter cuda --device rxe0 --qps 4 --size 4096 --revokes 4 --seconds 0 --deadline-ms 2000
 }
 
@@ -173,16 +177,22 @@ step stress-revoke-verbs-inject-ignore expect_caught ignore-lease-revoke
 # the middle of a transfer (a typed error; the connection and the peer's memory live on).
 step agent-verbs env DMAPLANE_REQUIRE_RDMA=1 DMAPLANE_REQUIRE_DMABUF=1 DMAPLANE_RDMA_DEVICE=rxe0 dmaplane-verbs --test-threads=1 --nocapture
 # The library against the raw verbs layer on rxe0, in the same run.
+# Files into CUDA memory (the fake driver) on verbs: O_DIRECT through io_uring into a
+# cuMemHostRegister'ed bounce, then the copy engine.
+step agent-verbs-cuda-files env LD_LIBRARY_PATH=/testbed/bin DMAPLANE_REQUIRE_CUDA=1 DMAPLANE_REQUIRE_RDMA=1 DMAPLANE_RDMA_DEVICE=rxe0 dmaplane-verbs --test-threads=1 --nocapture cuda_memory
+# The raw stress with CUDA memory (the fake driver, registered by device VA as below) as the
+# export: the same harness as udmabuf's and the simulated testbed's; revoked under WRITE
+# traffic and kept as a quarantine for the poison check.
+step stress-revoke-cuda env LD_LIBRARY_PATH=/testbed/bin dmaplane stress revoke --backend verbs --exporter cuda --device rxe0 --qps 4 --depth 16 --size 65536 --revokes 20 --seconds 0 --deadline-ms 5000
+step stress-revoke-cuda-inject expect_caught_cuda ack-then-write
+step stress-revoke-cuda-inject-ignore expect_caught_cuda ignore-lease-revoke
 # The lab stress on the application library: CUDA memory (the fake driver built from
 # gpu/src/cuda/fake_libcuda.c, /testbed/bin/libcuda.so.1; its dma-buf handle is refused, so the
 # negotiation registers the device VA through ibv_reg_mr, as with nvidia-peermem) freed under WRITE
 # traffic from a second process; every freed block whole, nothing after the ack.
-# Files into CUDA memory (the fake driver) on verbs: O_DIRECT through io_uring into a
-# cuMemHostRegister'ed bounce, then the copy engine.
-step agent-verbs-cuda-files env LD_LIBRARY_PATH=/testbed/bin DMAPLANE_REQUIRE_CUDA=1 DMAPLANE_REQUIRE_RDMA=1 DMAPLANE_RDMA_DEVICE=rxe0 dmaplane-verbs --test-threads=1 --nocapture cuda_memory
-step stress-revoke-cuda env LD_LIBRARY_PATH=/testbed/bin dmaplane stress revoke --backend verbs --exporter cuda --device rxe0 --qps 4 --size 65536 --revokes 10 --seconds 0 --deadline-ms 5000
-step stress-revoke-cuda-inject expect_caught_cuda ack-then-write
-step stress-revoke-cuda-inject-ignore expect_caught_cuda ignore-lease-revoke
+step stress-revoke-cuda-agent env LD_LIBRARY_PATH=/testbed/bin dmaplane stress revoke --backend verbs --layer agent --exporter cuda --device rxe0 --qps 4 --size 65536 --revokes 10 --seconds 0 --deadline-ms 5000
+step stress-revoke-cuda-agent-inject expect_caught_cuda_agent ack-then-write
+step stress-revoke-cuda-agent-inject-ignore expect_caught_cuda_agent ignore-lease-revoke
 step bench-agent-verbs dmaplane bench agent --backend verbs --device rxe0 --seconds 0.05 --blocks 4096,65536 --batches 1,16
 step dmaplane-doctor dmaplane doctor
 # Real ENOSPC (a 4 MiB tmpfs filled by WRITE_FIXED and by the Agent's drive) and real EIO (a
