@@ -317,6 +317,8 @@ impl Agent {
         let mut s = self.shared.engine.stats();
         s.cache = self.shared.cache.stats().merge(self.shared.files.stats());
         s.holders_cut_off = self.shared.holders_cut_off();
+        s.peers_refused = self.shared.peers.refused();
+        s.handshakes_under_way = self.shared.peers.serving() as u64;
         s
     }
 

@@ -183,9 +183,7 @@ impl AgentBuilder {
     /// [`Error::Setup`] when every NIC is taken. On failure the NICs claimed are released.
     pub fn build(self) -> Result<Agent> {
         let name = self.name;
-        if name.is_empty() || name.len() > 255 {
-            return Err(Error::invalid("agent", "name", &name, "1 to 255 bytes"));
-        }
+        crate::metadata::check_name("agent", "name", &name)?;
         let c = &self.cfg;
         if c.chunk == 0 || c.chunk > u64::from(u32::MAX) {
             return Err(Error::invalid(

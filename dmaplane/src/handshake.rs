@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::inner::AgentInner;
 use crate::metadata::{Metadata, VERSION};
 use crate::peer::{Lane, POLL, Path, Peer, PeerHost, PeerShared};
+use crate::peers::MAX_HANDSHAKES;
 use crate::wire::Wire;
 
 /// Accept peers until the agent stops.
@@ -35,16 +36,18 @@ pub(crate) fn spawn_listener(
             while !s.stop.load(Ordering::Acquire) {
                 match listener.accept(POLL) {
                     Ok(oob) => {
-                        if !s.peers.admit() {
-                            tracing::warn!(agent = %s.name, peer = %oob.peer_addr(), "too many handshakes at once: connection refused");
+                        let Some(admission) = s.peers.admit() else {
+                            tracing::warn!(agent = %s.name, peer = %oob.peer_addr(), "too many handshakes at once ({MAX_HANDSHAKES}): connection refused");
                             continue;
-                        }
+                        };
                         let s2 = s.clone();
+                        // The admission goes with the thread (or with the closure, when no
+                        // thread starts): its slot is given back however the handshake ends.
                         let spawned = std::thread::Builder::new()
                             .name("dmaplane-handshake".into())
                             .spawn(move || {
+                                let _admission = admission;
                                 first_message(&s2, oob);
-                                s2.peers.served();
                             });
                         if let Err(e) = spawned {
                             tracing::error!(agent = %s.name, error = %e, "no thread for a handshake");
@@ -113,11 +116,21 @@ fn accept(
     qps: usize,
     nonce: u64,
 ) -> Result<()> {
-    let peer = theirs.agent.clone();
+    // What the peer says is checked before any of it is used (its name ends up in thread
+    // names and logs).
+    let checked = theirs.check();
+    let peer = match &checked {
+        Ok(()) => theirs.agent.clone(),
+        Err(_) => format!("{:?}", theirs.agent.chars().take(64).collect::<String>()),
+    };
     let refuse = |why: String| -> Result<()> {
+        s.peers.count_refusal();
         let _ = oob.send(&Wire::Refuse { why: why.clone() });
         Err(handshake_err(&peer, why))
     };
+    if let Err(e) = checked {
+        return refuse(format!("its hello: {e}"));
+    }
     if version != VERSION {
         return refuse(format!(
             "version {version}; this agent speaks version {VERSION}"
@@ -194,7 +207,11 @@ pub(crate) fn connect(s: &Arc<AgentInner>, addr: &str) -> Result<Peer> {
         nonce,
     })?;
     let theirs = match oob.recv::<Wire>(t)? {
-        Wire::Welcome { metadata } => metadata,
+        Wire::Welcome { metadata } => {
+            // What the listener says is checked before any of it is used.
+            metadata.check()?;
+            metadata
+        }
         Wire::Refuse { why } => return Err(handshake_err(addr, format!("refused: {why}"))),
         other => {
             return Err(handshake_err(

@@ -81,6 +81,9 @@ impl PeerHost for AgentInner {
     fn retire(&self, peer: &Arc<PeerShared>) {
         self.peers.remove(peer);
     }
+    fn count_refusal(&self) {
+        self.peers.count_refusal();
+    }
 }
 
 impl AgentInner {

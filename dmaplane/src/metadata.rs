@@ -14,6 +14,12 @@ use crate::memory::Location;
 pub const VERSION: u16 = 1;
 /// The largest blob accepted.
 pub const MAX_BLOB: usize = 16 << 20;
+/// The longest name (of an agent, a NIC, a region) a peer may send, in bytes.
+pub const MAX_NAME: usize = 255;
+/// The most NICs an agent may declare (and keys a region may carry).
+pub const MAX_NICS: usize = 64;
+/// The longest file path a region may name, in bytes.
+pub const MAX_PATH: usize = 4096;
 const MAGIC: &[u8; 4] = b"DMPL";
 const HEADER: usize = 4 + 2 + 4;
 
@@ -179,6 +185,173 @@ impl Metadata {
                 m.version
             )));
         }
+        m.check()?;
         Ok(m)
+    }
+
+    /// Check what a peer sent before any of it is used: every name 1 to [`MAX_NAME`] bytes
+    /// without control characters (they end up in thread names and logs), at most
+    /// [`MAX_NICS`] NICs, and each region as [`RegionInfo::check`] says. The error names the
+    /// field and the value.
+    pub fn check(&self) -> Result<()> {
+        check_name("metadata", "agent", &self.agent)?;
+        let what = || format!("metadata of {}", self.agent);
+        check_text(&what(), "handshake", &self.handshake, MAX_NAME)?;
+        check_text(&what(), "backend", &self.backend, MAX_NAME)?;
+        if self.nics.len() > MAX_NICS {
+            return Err(Error::invalid(
+                what(),
+                "nics",
+                self.nics.len(),
+                format!("at most {MAX_NICS} NICs"),
+            ));
+        }
+        for n in &self.nics {
+            check_name(&what(), "nics.name", &n.name)?;
+        }
+        for r in &self.regions {
+            r.check(&self.agent)?;
+        }
+        Ok(())
+    }
+}
+
+impl RegionInfo {
+    /// Check a region a peer (`agent`) announced: its name and its location's device as
+    /// [`check_name`] says, at most
+    /// [`MAX_NICS`] keys each naming a NIC, a file path of at most [`MAX_PATH`] bytes without
+    /// control characters.
+    pub fn check(&self, agent: &str) -> Result<()> {
+        let what = || format!("region {} of {agent}", self.id);
+        check_name(&what(), "name", &self.name)?;
+        check_name(&what(), "location", self.location.device())?;
+        if self.keys.len() > MAX_NICS {
+            return Err(Error::invalid(
+                what(),
+                "keys",
+                self.keys.len(),
+                format!("at most {MAX_NICS} keys (one per NIC)"),
+            ));
+        }
+        for k in &self.keys {
+            check_name(&what(), "keys.nic", &k.nic)?;
+        }
+        if let Some(f) = &self.file {
+            check_text(&what(), "file", f, MAX_PATH)?;
+        }
+        Ok(())
+    }
+}
+
+/// A name a peer sent (or an application chose): 1 to [`MAX_NAME`] bytes, no control
+/// characters. The error shows the value escaped.
+pub fn check_name(what: &str, field: &'static str, name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::invalid(
+            what,
+            field,
+            "\"\"",
+            "empty: names are 1 to 255 bytes",
+        ));
+    }
+    check_text(what, field, name, MAX_NAME)
+}
+
+/// Text a peer sent: at most `max` bytes, no control characters.
+fn check_text(what: &str, field: &'static str, text: &str, max: usize) -> Result<()> {
+    if text.len() > max {
+        let shown: String = text.chars().take(32).collect();
+        return Err(Error::invalid(
+            what,
+            field,
+            format!("{shown:?}... ({} bytes)", text.len()),
+            format!("longer than {max} bytes"),
+        ));
+    }
+    if text.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            what,
+            field,
+            format!("{text:?}"),
+            "contains control characters",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> Metadata {
+        Metadata {
+            version: VERSION,
+            agent: "a".into(),
+            handshake: "127.0.0.1:1".into(),
+            backend: "sim".into(),
+            nics: vec![NicInfo {
+                name: "nic0".into(),
+                gid: [0; 16],
+                numa: 0,
+                mtu: 4096,
+            }],
+            regions: vec![RegionInfo {
+                id: 1,
+                name: "kv".into(),
+                len: 4096,
+                location: Location::Host("mem0".into()),
+                file: None,
+                epoch: 1,
+                keys: vec![RegionKey {
+                    nic: "nic0".into(),
+                    rkey: 1,
+                    addr: 0,
+                    staged: false,
+                }],
+            }],
+        }
+    }
+
+    /// The field a refusal names.
+    fn refused(m: &Metadata) -> &'static str {
+        match m.check() {
+            Err(Error::Invalid(i)) => i.field,
+            other => panic!("not refused by field: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn what_a_peer_declares_is_refused_by_field_when_it_could_harm_a_thread_or_a_log() {
+        assert!(meta().check().is_ok());
+        let mut m = meta();
+        m.agent = "a\0b".into();
+        assert_eq!(refused(&m), "agent");
+        m.agent = "x".repeat(256);
+        assert_eq!(refused(&m), "agent");
+        m.agent = String::new();
+        assert_eq!(refused(&m), "agent");
+        let mut m = meta();
+        m.nics[0].name = "nic\n0".into();
+        assert_eq!(refused(&m), "nics.name");
+        let mut m = meta();
+        m.nics = vec![m.nics[0].clone(); MAX_NICS + 1];
+        assert_eq!(refused(&m), "nics");
+        let mut m = meta();
+        m.regions[0].name = "kv\u{7}".into();
+        assert_eq!(refused(&m), "name");
+        let mut m = meta();
+        m.regions[0].keys[0].nic = String::new();
+        assert_eq!(refused(&m), "keys.nic");
+        let mut m = meta();
+        m.regions[0].file = Some("/".repeat(MAX_PATH + 1));
+        assert_eq!(refused(&m), "file");
+        let mut m = meta();
+        m.handshake = "host\r\n:1".into();
+        assert_eq!(refused(&m), "handshake");
+        // A blob is checked as it is read.
+        let mut m = meta();
+        m.agent = "a\0b".into();
+        let e = Metadata::from_blob(&m.to_blob().unwrap()).unwrap_err();
+        assert!(matches!(&e, Error::Invalid(i) if i.field == "agent"), "{e}");
     }
 }

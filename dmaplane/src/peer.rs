@@ -218,6 +218,8 @@ pub(crate) trait PeerHost: Send + Sync {
     fn stopping(&self) -> bool;
     /// The peer is gone: the agent stops listing it.
     fn retire(&self, peer: &Arc<PeerShared>);
+    /// Something the peer sent was refused (it failed its checks or a bound).
+    fn count_refusal(&self);
 }
 
 impl PeerShared {
@@ -453,9 +455,20 @@ fn read_until_lost(p: &Arc<PeerShared>, oob: &Oob) {
         }
         match oob.recv::<Wire>(POLL) {
             Ok(Wire::Region { info }) => {
+                if let Err(e) = info.check(&p.name) {
+                    tracing::warn!(peer = %p.name, error = %e, "announcement refused");
+                    if let Some(a) = agent.upgrade() {
+                        a.count_refusal();
+                    }
+                    continue;
+                }
                 let mut r = lock(&p.regions);
                 if r.len() >= MAX_PEER_REGIONS && !r.contains_key(&info.id) {
                     tracing::warn!(peer = %p.name, region = info.id, "the peer announced more than {MAX_PEER_REGIONS} registrations: ignored");
+                    drop(r);
+                    if let Some(a) = agent.upgrade() {
+                        a.count_refusal();
+                    }
                     continue;
                 }
                 r.insert(info.id, info);

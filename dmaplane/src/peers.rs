@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use dmaplane_rdma::oob::Oob;
 
+use dmaplane_core::counter::Counter;
+
 use crate::peer::PeerShared;
 use crate::sync::lock;
 
@@ -22,7 +24,21 @@ pub(crate) struct Peers {
     /// Lease-link connections that arrived for a handshake under way: (nonce, path) → conn.
     links: Mutex<HashMap<(u64, usize), Oob>>,
     /// Connections being served by the listener.
-    serving: AtomicUsize,
+    serving: Arc<AtomicUsize>,
+    /// Connections and messages refused: handshakes (a bad hello, too many at once, a name
+    /// taken), lease links for no handshake, announcements that failed their checks.
+    refused: Counter,
+}
+
+/// One connection the listener serves; its slot is given back when this goes, however the
+/// handshake ended (a panic included).
+#[derive(Debug)]
+pub(crate) struct Admission(Arc<AtomicUsize>);
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Peers {
@@ -59,18 +75,29 @@ impl Peers {
     }
 
     /// Serve one more connection on the listener, unless [`MAX_HANDSHAKES`] are served
-    /// already; [`Peers::served`] when it is done.
-    pub(crate) fn admit(&self) -> bool {
+    /// already (counted as refused); the slot is held until the [`Admission`] goes.
+    pub(crate) fn admit(&self) -> Option<Admission> {
         if self.serving.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
             self.serving.fetch_sub(1, Ordering::AcqRel);
-            return false;
+            self.refused.inc();
+            return None;
         }
-        true
+        Some(Admission(self.serving.clone()))
     }
 
-    /// A connection [`Peers::admit`] let in was served.
-    pub(crate) fn served(&self) {
-        self.serving.fetch_sub(1, Ordering::AcqRel);
+    /// Connections the listener serves now.
+    pub(crate) fn serving(&self) -> usize {
+        self.serving.load(Ordering::Acquire)
+    }
+
+    /// Count a refusal (a handshake, a lease link, an announcement).
+    pub(crate) fn count_refusal(&self) {
+        self.refused.inc();
+    }
+
+    /// Refusals so far.
+    pub(crate) fn refused(&self) -> u64 {
+        self.refused.get()
     }
 
     /// A handshake with `paths` paths starts on the listening side: lease links for it are
@@ -93,12 +120,39 @@ impl Peers {
                 lock(&self.links).insert((nonce, path), oob);
                 Ok(())
             }
-            _ => Err(oob),
+            _ => {
+                self.refused.inc();
+                Err(oob)
+            }
         }
     }
 
     /// The lease-link connection for path `path` of handshake `nonce`, once it arrived.
     pub(crate) fn take_link(&self, nonce: u64, path: usize) -> Option<Oob> {
         lock(&self.links).remove(&(nonce, path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handshake_slot_is_given_back_however_the_handshake_ends() {
+        let p = Peers::default();
+        let held: Vec<Admission> = (0..MAX_HANDSHAKES).map(|_| p.admit().unwrap()).collect();
+        assert!(p.admit().is_none(), "more than {MAX_HANDSHAKES} at once");
+        assert_eq!(p.refused(), 1);
+        // A handshake thread that panics still gives its slot back.
+        let one = p.admit();
+        assert!(one.is_none());
+        drop(held);
+        let a = p.admit().unwrap();
+        let t = std::thread::spawn(move || {
+            let _a = a;
+            panic!("a handshake that panics");
+        });
+        assert!(t.join().is_err());
+        assert_eq!(p.serving(), 0);
     }
 }
