@@ -8,6 +8,7 @@ use std::time::Duration;
 use dmaplane_rdma::oob::OobListener;
 
 use crate::agent::Agent;
+use crate::auth::Secret;
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -175,10 +176,26 @@ impl AgentBuilder {
         self
     }
 
+    /// Accept only peers that prove they hold `secret`, and prove it to them
+    /// ([`crate::auth`]). Without one the agent listens on loopback only.
+    pub fn secret(mut self, secret: Secret) -> Self {
+        self.cfg.secret = Some(secret);
+        self
+    }
+
+    /// Allow listening on a routable address without a secret: anyone who reaches it may
+    /// connect, under any name (default: refused at [`AgentBuilder::build`]).
+    pub fn insecure(mut self, on: bool) -> Self {
+        self.cfg.insecure = on;
+        self
+    }
+
     /// Check the settings, claim the NICs, open a protection domain and a completion queue
     /// on each, bind the handshake listener and start the agent's threads.
     ///
-    /// Fails with [`Error::Invalid`] for a name that is empty or longer than 255 bytes, a
+    /// Fails with [`Error::Invalid`] for a name that is empty, longer than 255 bytes or has
+    /// control characters, a routable listening address without a secret (unless
+    /// [`AgentBuilder::insecure`]), a
     /// tunable out of range, or a NIC that the testbed lacks or another agent holds, and with
     /// [`Error::Setup`] when every NIC is taken. On failure the NICs claimed are released.
     pub fn build(self) -> Result<Agent> {
@@ -248,6 +265,27 @@ impl AgentBuilder {
                     "a wildcard address is no address a peer can dial: also set advertise \
                      (the host:port peers should connect to)",
                 ));
+            }
+            match (&c.secret, addr.ip().is_loopback()) {
+                (Some(_), _) => {
+                    tracing::info!(agent = %name, %addr, "listening; peers must prove the secret")
+                }
+                (None, true) => {
+                    tracing::info!(agent = %name, %addr, "no secret: listening on loopback only")
+                }
+                (None, false) if c.insecure => {
+                    tracing::warn!(agent = %name, %addr, "no secret, listening on a routable address (insecure): anyone who reaches it may connect as any name")
+                }
+                (None, false) => {
+                    return Err(Error::invalid(
+                        format!("agent {name}"),
+                        "listen",
+                        addr,
+                        "a routable address without a secret lets anyone who reaches it \
+                         connect as any name: set a secret (AgentBuilder::secret), listen on \
+                         loopback, or allow it explicitly (AgentBuilder::insecure)",
+                    ));
+                }
             }
             let nics = Arc::new(nics);
             let engine = Arc::new(ProgressEngine::new(

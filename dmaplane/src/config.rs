@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::auth::Secret;
+
 /// Tunables, with the defaults [`crate::AgentBuilder`] starts from.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -33,6 +35,13 @@ pub struct Config {
     /// Read and write files through this host's kernel (io_uring, `O_DIRECT`) instead of the
     /// testbed's simulated drive (always so on verbs).
     pub io_uring: bool,
+    /// The secret peers must prove they hold ([`crate::auth`]); `None`: any peer that
+    /// reaches the listener is accepted, so the agent listens on loopback only unless
+    /// [`Config::insecure`].
+    pub secret: Option<Secret>,
+    /// Listen on a routable address without a secret: every host that reaches it may connect
+    /// as any name. Off by default.
+    pub insecure: bool,
 }
 
 impl Default for Config {
@@ -49,6 +58,8 @@ impl Default for Config {
             drive: None,
             drive_rate: None,
             io_uring: false,
+            secret: None,
+            insecure: false,
         }
     }
 }

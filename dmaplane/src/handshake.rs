@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use dmaplane_rdma::oob::{Oob, OobListener};
 use dmaplane_rdma::{LeaseLink, Mtu, Qp, QpCaps, RdmaError};
 
+use crate::auth::{PROOF, Session};
 use crate::error::{Error, Result};
 use crate::inner::AgentInner;
 use crate::metadata::{Metadata, VERSION};
@@ -73,15 +74,27 @@ fn first_message(s: &Arc<AgentInner>, oob: Oob) {
             metadata,
             qps,
             nonce,
+            challenge,
         }) => {
-            if let Err(e) = accept(s, oob, version, metadata, qps, nonce) {
+            let hello = Hello {
+                version,
+                theirs: metadata,
+                qps,
+                nonce,
+                challenge,
+            };
+            if let Err(e) = accept(s, oob, hello) {
                 tracing::warn!(agent = %s.name, %peer, error = %e, "handshake refused or failed");
             }
         }
-        Ok(Wire::Link { nonce, path }) => {
-            // Only for a handshake under way, and for a path it has.
-            if s.peers.park_link(nonce, path, oob).is_err() {
-                tracing::warn!(agent = %s.name, %peer, nonce, path, "lease link for no handshake under way: dropped")
+        Ok(Wire::Link { nonce, path, proof }) => {
+            // Only for a handshake under way, for a path it has, and with a secret only with
+            // the proof for that path.
+            if let Err(why) = s
+                .peers
+                .park_link(nonce, path, proof.as_ref().map(|p| &p[..]), oob)
+            {
+                tracing::warn!(agent = %s.name, %peer, nonce, path, why, "lease link refused");
             }
         }
         Ok(other) => tracing::warn!(agent = %s.name, %peer, ?other, "unexpected first message"),
@@ -107,15 +120,24 @@ fn handshake_err(peer: &str, why: impl Into<String>) -> Error {
     }
 }
 
-/// The listening side of a handshake.
-fn accept(
-    s: &Arc<AgentInner>,
-    oob: Oob,
+/// A connector's hello, as the listener got it.
+struct Hello {
     version: u16,
     theirs: Metadata,
     qps: usize,
     nonce: u64,
-) -> Result<()> {
+    challenge: Option<[u8; PROOF]>,
+}
+
+/// The listening side of a handshake.
+fn accept(s: &Arc<AgentInner>, oob: Oob, hello: Hello) -> Result<()> {
+    let Hello {
+        version,
+        theirs,
+        qps,
+        nonce,
+        challenge,
+    } = hello;
     // What the peer says is checked before any of it is used (its name ends up in thread
     // names and logs).
     let checked = theirs.check();
@@ -141,16 +163,55 @@ fn accept(
             "{qps} queue pairs per path asked; 1 to 64 accepted"
         ));
     }
+    let t = s.cfg.setup_timeout;
+    // With a secret, the connector proves it before it learns anything of this agent (its
+    // metadata lists every registration).
+    let auth = match (&s.cfg.secret, challenge) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return refuse(
+                "this agent accepts only peers that prove its secret, and the hello \
+                 carries no challenge (the peer has no secret)"
+                    .into(),
+            );
+        }
+        (Some(secret), Some(c)) => {
+            let session = Session {
+                c,
+                l: crate::auth::challenge()?,
+                nonce,
+            };
+            oob.send(&Wire::Challenge {
+                challenge: session.l,
+                proof: session.proof(secret, "listener", &theirs),
+            })?;
+            match oob.recv::<Wire>(t)? {
+                Wire::Proof { proof } if session.check(secret, "connector", &theirs, &proof) => {}
+                Wire::Proof { .. } => {
+                    return refuse(format!(
+                        "the proof from {peer} does not match: it does not hold this agent's \
+                         secret, or it is not the {peer} with the NICs it declared"
+                    ));
+                }
+                other => {
+                    return refuse(format!("expected a proof, got {}", other.kind()));
+                }
+            }
+            Some((session, secret.clone()))
+        }
+    };
     if s.peers.connected(&peer) {
         return refuse(format!("an agent called {peer} is connected already"));
     }
     let mine = s.metadata();
     oob.send(&Wire::Welcome {
         metadata: mine.clone(),
+        proof: auth
+            .as_ref()
+            .map(|(session, secret)| session.proof(secret, "welcome", &mine)),
     })?;
     let pairs = paths(&theirs, &mine);
-    let t = s.cfg.setup_timeout;
-    s.peers.begin(nonce, pairs.len());
+    s.peers.begin(nonce, pairs.len(), auth);
     let r = accept_paths(s, &oob, &peer, &pairs, qps, nonce, &theirs, t);
     s.peers.end(nonce);
     finish(s, oob, theirs, r?);
@@ -189,6 +250,7 @@ fn accept_paths(
             std::thread::sleep(Duration::from_millis(1));
         };
         let link = LeaseLink::open(s.nics[local].dev(), link_oob, t)?;
+        link_gid_matches(&link, theirs, their_nic, peer)?;
         built.push(Path::new(local, their_nic, lanes, link));
     }
     Ok(built)
@@ -200,23 +262,82 @@ pub(crate) fn connect(s: &Arc<AgentInner>, addr: &str) -> Result<Peer> {
     let oob = Oob::connect(addr, t)?;
     let nonce = nonce();
     let mine = s.metadata();
+    let secret = s.cfg.secret.as_ref();
+    let c = secret.map(|_| crate::auth::challenge()).transpose()?;
     oob.send(&Wire::Hello {
         version: VERSION,
         metadata: mine.clone(),
         qps: s.cfg.qps_per_path,
         nonce,
+        challenge: c,
     })?;
-    let theirs = match oob.recv::<Wire>(t)? {
-        Wire::Welcome { metadata } => {
+    let refused = |why: String| Err(handshake_err(addr, format!("refused: {}", shown(&why))));
+    let mut session = None;
+    let mut msg = oob.recv::<Wire>(t)?;
+    if let (Some(secret), Some(c)) = (secret, c) {
+        // The listener proves the secret first, over this agent's identity; then this agent.
+        match msg {
+            Wire::Challenge { challenge, proof } => {
+                let ses = Session {
+                    c,
+                    l: challenge,
+                    nonce,
+                };
+                if !ses.check(secret, "listener", &mine, &proof) {
+                    return Err(handshake_err(
+                        addr,
+                        "the listener's proof does not match: it does not hold this agent's \
+                         secret",
+                    ));
+                }
+                oob.send(&Wire::Proof {
+                    proof: ses.proof(secret, "connector", &mine),
+                })?;
+                session = Some(ses);
+                msg = oob.recv::<Wire>(t)?;
+            }
+            Wire::Refuse { why } => return refused(why),
+            other => {
+                return Err(handshake_err(
+                    addr,
+                    format!(
+                        "the listener proved no secret (it answered with a {}): this agent \
+                         connects only to peers that hold its secret",
+                        other.kind()
+                    ),
+                ));
+            }
+        }
+    }
+    let theirs = match msg {
+        Wire::Welcome { metadata, proof } => {
             // What the listener says is checked before any of it is used.
             metadata.check()?;
+            if let (Some(secret), Some(ses)) = (secret, &session)
+                && !proof.is_some_and(|p| ses.check(secret, "welcome", &metadata, &p))
+            {
+                return Err(handshake_err(
+                    addr,
+                    format!(
+                        "the welcome's proof does not match the name and NICs it declares ({})",
+                        metadata.agent
+                    ),
+                ));
+            }
             metadata
         }
-        Wire::Refuse { why } => return Err(handshake_err(addr, format!("refused: {why}"))),
+        Wire::Refuse { why } => return refused(why),
+        Wire::Challenge { .. } => {
+            return Err(handshake_err(
+                addr,
+                "the listener asks for a secret, and this agent has none \
+                 (AgentBuilder::secret)",
+            ));
+        }
         other => {
             return Err(handshake_err(
                 addr,
-                format!("expected welcome, got {other:?}"),
+                format!("expected a welcome, got a {}", other.kind()),
             ));
         }
     };
@@ -228,8 +349,16 @@ pub(crate) fn connect(s: &Arc<AgentInner>, addr: &str) -> Result<Peer> {
         let mtu = path_mtu(s, local, &theirs, their_nic);
         let lanes = lanes(s, local, s.cfg.qps_per_path, mtu, &oob, t)?;
         let link_oob = Oob::connect(addr, t)?;
-        link_oob.send(&Wire::Link { nonce, path: i })?;
+        link_oob.send(&Wire::Link {
+            nonce,
+            path: i,
+            proof: match (secret, &session) {
+                (Some(secret), Some(ses)) => Some(ses.link_proof(secret, i)),
+                _ => None,
+            },
+        })?;
         let link = LeaseLink::open(s.nics[local].dev(), link_oob, t)?;
+        link_gid_matches(&link, &theirs, their_nic, &peer)?;
         built.push(Path::new(local, their_nic, lanes, link));
     }
     Ok(Peer {
@@ -326,4 +455,38 @@ fn finish(s: &Arc<AgentInner>, oob: Oob, theirs: Metadata, paths: Vec<Path>) -> 
     }
     tracing::info!(agent = %s.name, peer = %peer.name, paths = peer.paths.len(), "peer connected");
     peer
+}
+
+/// A peer's text as a log line may show it: at most 256 characters, control characters escaped.
+fn shown(s: &str) -> String {
+    let cut: String = s.chars().take(256).collect();
+    cut.escape_default().to_string()
+}
+
+/// The lease link's far end must be the NIC the peer declared for this path (its GID, which the
+/// handshake's proofs cover): a link that names another identity is refused.
+fn link_gid_matches(
+    link: &LeaseLink,
+    theirs: &Metadata,
+    their_nic: &str,
+    peer: &str,
+) -> Result<()> {
+    let declared = theirs
+        .nics
+        .iter()
+        .find(|n| n.name == their_nic)
+        .map(|n| n.gid);
+    if declared == Some(link.peer_gid()) {
+        return Ok(());
+    }
+    Err(handshake_err(
+        peer,
+        format!(
+            "the lease link for {their_nic} comes from GID {:02x?} ({}), not the GID {} declared \
+             for it",
+            link.peer_gid(),
+            shown(link.peer_name()),
+            declared.map_or_else(|| "none".into(), |g| format!("{g:02x?}"))
+        ),
+    ))
 }

@@ -35,6 +35,7 @@
 #![warn(missing_docs)]
 pub mod agent;
 mod alloc;
+pub mod auth;
 mod builder;
 pub mod cache;
 pub mod config;

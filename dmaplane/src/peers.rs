@@ -9,18 +9,24 @@ use dmaplane_rdma::oob::Oob;
 
 use dmaplane_core::counter::Counter;
 
+use crate::auth::{Secret, Session};
 use crate::peer::PeerShared;
 use crate::sync::lock;
 
 /// Handshakes (and connections not yet past their first message) served at once.
 pub(crate) const MAX_HANDSHAKES: usize = 64;
 
+/// What a lease link of an authenticated handshake must prove: the handshake's session, and
+/// the secret.
+pub(crate) type LinkAuth = (Session, Secret);
+
 /// The connected peers and the handshakes under way.
 #[derive(Debug, Default)]
 pub(crate) struct Peers {
     list: Mutex<Vec<Arc<PeerShared>>>,
-    /// Handshakes under way on the listening side: nonce → number of paths.
-    handshakes: Mutex<HashMap<u64, usize>>,
+    /// Handshakes under way on the listening side: nonce → number of paths, and with a
+    /// secret what a lease link for them must prove.
+    handshakes: Mutex<HashMap<u64, (usize, Option<LinkAuth>)>>,
     /// Lease-link connections that arrived for a handshake under way: (nonce, path) → conn.
     links: Mutex<HashMap<(u64, usize), Oob>>,
     /// Connections being served by the listener.
@@ -101,9 +107,9 @@ impl Peers {
     }
 
     /// A handshake with `paths` paths starts on the listening side: lease links for it are
-    /// taken from now on.
-    pub(crate) fn begin(&self, nonce: u64, paths: usize) {
-        lock(&self.handshakes).insert(nonce, paths);
+    /// taken from now on (with a secret, only those that prove it for their path).
+    pub(crate) fn begin(&self, nonce: u64, paths: usize, auth: Option<LinkAuth>) {
+        lock(&self.handshakes).insert(nonce, (paths, auth));
     }
 
     /// The handshake ended: lease links for it are refused, and those not taken dropped.
@@ -112,19 +118,31 @@ impl Peers {
         lock(&self.links).retain(|(n, _), _| *n != nonce);
     }
 
-    /// Keep a lease-link connection for path `path` of handshake `nonce`; it comes back when
-    /// no such handshake is under way or it has no such path.
-    pub(crate) fn park_link(&self, nonce: u64, path: usize, oob: Oob) -> Result<(), Oob> {
-        match lock(&self.handshakes).get(&nonce) {
-            Some(&paths) if path < paths => {
+    /// Keep a lease-link connection for path `path` of handshake `nonce`; refused (counted,
+    /// and the reason returned) when no such handshake is under way, it has no such path, or
+    /// the connection does not prove the handshake's secret for this path.
+    pub(crate) fn park_link(
+        &self,
+        nonce: u64,
+        path: usize,
+        proof: Option<&[u8]>,
+        oob: Oob,
+    ) -> Result<(), &'static str> {
+        let why = match lock(&self.handshakes).get(&nonce) {
+            Some((paths, _)) if path >= *paths => "no such path",
+            Some((_, Some((session, secret))))
+                if !proof.is_some_and(|p| session.check_link(secret, path, p)) =>
+            {
+                "its proof does not match the handshake's secret"
+            }
+            Some(_) => {
                 lock(&self.links).insert((nonce, path), oob);
-                Ok(())
+                return Ok(());
             }
-            _ => {
-                self.refused.inc();
-                Err(oob)
-            }
-        }
+            None => "no handshake under way",
+        };
+        self.refused.inc();
+        Err(why)
     }
 
     /// The lease-link connection for path `path` of handshake `nonce`, once it arrived.

@@ -409,6 +409,7 @@ fn bad_input_is_refused_naming_the_field() {
         .nics(["nic2"])
         .listen("0.0.0.0:0")
         .advertise("127.0.0.1")
+        .insecure(true)
         .build()
         .unwrap();
     assert_eq!(

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use dmaplane::auth::Secret;
 use dmaplane::{Agent, Error, Testbed};
 use dmaplane_rdma::oob::{Oob, OobListener};
 use serde_json::{Value, json};
@@ -101,4 +102,146 @@ fn a_listener_that_names_itself_with_a_nul_gets_an_error_not_a_panic() {
     assert!(matches!(&e, Error::Invalid(i) if i.field == "agent"), "{e}");
     fake.join().unwrap();
     assert!(b.peers().is_empty());
+}
+
+fn secret(byte: u8) -> Secret {
+    Secret::new(vec![byte; 32]).unwrap()
+}
+
+fn agent(tb: &std::sync::Arc<Testbed>, name: &str, nic: &str, s: Option<Secret>) -> Agent {
+    let mut b = Agent::builder(name).testbed(tb.clone()).nics([nic]);
+    if let Some(s) = s {
+        b = b.secret(s);
+    }
+    b.build().unwrap()
+}
+
+#[test]
+fn agents_that_share_a_secret_meet_and_move_data() {
+    let tb = Testbed::builtin().unwrap();
+    let a = agent(&tb, "a", "nic0", Some(secret(1)));
+    let b = agent(&tb, "b", "nic1", Some(secret(1)));
+    let src = a.alloc_host("src", 64 << 10).unwrap();
+    let dst = b.alloc_host("dst", 64 << 10).unwrap();
+    src.write(0, &[5u8; 4096]).unwrap();
+    let (ra, rb) = (a.register(&src).unwrap(), b.register(&dst).unwrap());
+    let peer = a.connect_to(&b.listen_addr().to_string()).unwrap();
+    let t = a
+        .write(
+            &peer,
+            &[ra.desc(0, 4096).unwrap()],
+            &[peer.desc(rb.id(), 0, 4096).unwrap()],
+            None,
+        )
+        .unwrap();
+    t.wait(T).unwrap();
+    let mut got = [0u8; 4096];
+    dst.read(0, &mut got).unwrap();
+    assert_eq!(got, [5u8; 4096]);
+}
+
+#[test]
+fn a_peer_without_the_secret_or_with_another_is_refused_saying_why_and_learns_nothing() {
+    let tb = Testbed::builtin().unwrap();
+    let a = agent(&tb, "a", "nic0", Some(secret(1)));
+    let mem = a.alloc_host("weights", 1 << 20).unwrap();
+    let _r = a.register(&mem).unwrap();
+    let addr = a.listen_addr().to_string();
+    // No secret: refused by the listener, which says why.
+    let none = agent(&tb, "none", "nic1", None);
+    let e = none.connect_to(&addr).unwrap_err().to_string();
+    assert!(e.contains("refused") && e.contains("secret"), "{e}");
+    // Another secret: the listener's proof does not match, so the connector stops first.
+    let other = agent(&tb, "other", "nic2", Some(secret(2)));
+    let e = other.connect_to(&addr).unwrap_err().to_string();
+    assert!(e.contains("proof does not match"), "{e}");
+    // The other way round: a connector with a secret refuses a listener that proves none.
+    drop(other);
+    let open = agent(&tb, "open", "nic2", None);
+    let e = a
+        .connect_to(&open.listen_addr().to_string())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("proved no secret"), "{e}");
+    // A plain client's hello is refused, and the answer carries nothing of the agent.
+    let answer = say_hello(&a, &hello(&none, "plain")).unwrap();
+    assert_eq!(answer["msg"], "refuse", "{answer}");
+    assert!(!answer.to_string().contains("weights"), "{answer}");
+    assert!(!answer.to_string().contains("rkey"), "{answer}");
+    assert!(a.peers().is_empty() && none.peers().is_empty());
+    assert!(a.stats().peers_refused >= 2, "{:?}", a.stats());
+}
+
+#[test]
+fn a_client_that_answers_the_challenge_with_a_forged_proof_is_refused() {
+    let tb = Testbed::builtin().unwrap();
+    let a = agent(&tb, "a", "nic0", Some(secret(1)));
+    let liar = agent(&tb, "liar", "nic1", None);
+    let mut h = hello(&liar, "liar");
+    h["challenge"] = json!(vec![3u8; 32]);
+    let oob = Oob::connect(a.listen_addr(), T).unwrap();
+    oob.send(&h).unwrap();
+    let challenge: Value = oob.recv(T).unwrap();
+    assert_eq!(challenge["msg"], "challenge", "{challenge}");
+    oob.send(&json!({"msg": "proof", "proof": vec![0u8; 32]}))
+        .unwrap();
+    let answer: Value = oob.recv(T).unwrap();
+    assert_eq!(answer["msg"], "refuse", "{answer}");
+    assert!(
+        answer["why"].as_str().unwrap().contains("does not match"),
+        "{answer}"
+    );
+    // A lease link for no handshake under way is refused and counted too.
+    let before = a.stats().peers_refused;
+    let link = Oob::connect(a.listen_addr(), T).unwrap();
+    link.send(&json!({"msg": "link", "nonce": 5, "path": 0, "proof": vec![1u8; 32]}))
+        .unwrap();
+    let due = std::time::Instant::now() + T;
+    while a.stats().peers_refused == before && std::time::Instant::now() < due {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(a.stats().peers_refused, before + 1);
+    assert!(a.peers().is_empty());
+}
+
+#[test]
+fn a_routable_listener_needs_a_secret_or_an_explicit_opt_out() {
+    let tb = Testbed::builtin().unwrap();
+    // A routable address: this host's own, when it has one besides loopback.
+    let Some(ip) = routable_ip() else {
+        eprintln!("no routable address on this host: nothing to check");
+        return;
+    };
+    let e = Agent::builder("x")
+        .testbed(tb.clone())
+        .nics(["nic0"])
+        .listen(format!("{ip}:0"))
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Invalid(i) if i.field == "listen" && i.why.contains("secret")),
+        "{e}"
+    );
+    Agent::builder("y")
+        .testbed(tb.clone())
+        .nics(["nic1"])
+        .listen(format!("{ip}:0"))
+        .secret(secret(1))
+        .build()
+        .unwrap();
+    Agent::builder("z")
+        .testbed(tb)
+        .nics(["nic2"])
+        .listen(format!("{ip}:0"))
+        .insecure(true)
+        .build()
+        .unwrap();
+}
+
+/// This host's address toward the outside, if it has one (no packet is sent).
+fn routable_ip() -> Option<std::net::IpAddr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
 }
