@@ -74,6 +74,19 @@ impl<T> Bounded<T> {
         dropped
     }
 
+    /// Append; when full the oldest goes, and is returned.
+    pub(crate) fn push_evicting(&self, v: T) -> Option<T> {
+        let mut g = lock(&self.q);
+        let old = if g.0.len() >= self.cap {
+            g.1 += 1;
+            g.0.pop_front()
+        } else {
+            None
+        };
+        g.0.push_back(v);
+        old
+    }
+
     /// Everything queued, and how many were dropped since the last drain.
     pub(crate) fn drain(&self) -> (Vec<T>, u64) {
         let mut g = lock(&self.q);

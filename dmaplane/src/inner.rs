@@ -66,8 +66,13 @@ impl PeerHost for AgentInner {
         self.engine.wake();
     }
     fn notified(&self, n: Notification) {
-        self.engine.count_notification_received();
-        self.inbox.push(n);
+        let from = n.from.clone();
+        if self.inbox.push(n) {
+            self.engine.count_notification_received();
+        } else {
+            self.peers.count_refusal();
+            tracing::warn!(agent = %self.name, peer = %from, limit = crate::notify::NOTIFY_PER_PEER, "notification refused: the peer has as many queued as it may");
+        }
     }
     fn serve_peer_stage(&self, ranges: &[StageRange], land: bool) -> Option<StageFailure> {
         self.serve_stage(ranges, land)

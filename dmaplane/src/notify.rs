@@ -2,6 +2,7 @@
 //! landed (the sender sends it once every request of the transfer completed successfully, so
 //! the data is in the receiver's memory before the notification can arrive).
 
+use std::collections::HashMap;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,10 @@ pub const NOTIFY_QUEUE: usize = 4096;
 
 /// The largest notification accepted.
 pub const MAX_NOTIFY: usize = 64 << 10;
+
+/// Notifications of one peer kept until read: more from it are refused (and counted), so one
+/// peer that floods cannot push the others' out of the queue.
+pub const NOTIFY_PER_PEER: usize = NOTIFY_QUEUE / 8;
 
 /// One notification.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +36,8 @@ pub struct Notification {
 #[derive(Debug)]
 pub(crate) struct Inbox {
     queue: Bounded<Notification>,
+    /// Queued notifications per sender.
+    per_peer: Mutex<HashMap<String, usize>>,
     lock: Mutex<()>,
     arrived: Condvar,
 }
@@ -39,21 +46,49 @@ impl Inbox {
     pub(crate) fn new() -> Inbox {
         Inbox {
             queue: Bounded::new(NOTIFY_QUEUE),
+            per_peer: Mutex::new(HashMap::new()),
             lock: Mutex::new(()),
             arrived: Condvar::new(),
         }
     }
 
     /// Queue one (the oldest goes when full) and wake a waiting reader.
-    pub(crate) fn push(&self, n: Notification) {
-        self.queue.push(n);
+    /// Queue `n`, unless its sender has [`NOTIFY_PER_PEER`] queued already (then `false`).
+    pub(crate) fn push(&self, n: Notification) -> bool {
+        {
+            let mut per = lock(&self.per_peer);
+            let queued = per.entry(n.from.clone()).or_default();
+            if *queued >= NOTIFY_PER_PEER {
+                return false;
+            }
+            *queued += 1;
+        }
+        if let Some(old) = self.queue.push_evicting(n) {
+            self.taken(std::slice::from_ref(&old));
+        }
         let _g = lock(&self.lock);
         self.arrived.notify_all();
+        true
     }
 
     /// Everything queued, and how many were dropped since the last drain.
     pub(crate) fn drain(&self) -> (Vec<Notification>, u64) {
-        self.queue.drain()
+        let (v, dropped) = self.queue.drain();
+        self.taken(&v);
+        (v, dropped)
+    }
+
+    /// These left the queue: their senders may queue as many more.
+    fn taken(&self, gone: &[Notification]) {
+        let mut per = lock(&self.per_peer);
+        for n in gone {
+            if let Some(q) = per.get_mut(&n.from) {
+                *q = q.saturating_sub(1);
+                if *q == 0 {
+                    per.remove(&n.from);
+                }
+            }
+        }
     }
 
     /// The next notification, waiting up to `timeout` for one.
@@ -62,6 +97,7 @@ impl Inbox {
         let mut g = lock(&self.lock);
         loop {
             if let Some(n) = self.queue.pop() {
+                self.taken(std::slice::from_ref(&n));
                 return Some(n);
             }
             let left = deadline.saturating_duration_since(Instant::now());

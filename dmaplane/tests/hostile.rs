@@ -245,3 +245,53 @@ fn routable_ip() -> Option<std::net::IpAddr> {
     let ip = s.local_addr().ok()?.ip();
     (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
 }
+
+#[test]
+fn a_peer_that_floods_notifications_is_bounded_and_the_others_still_get_through() {
+    use dmaplane::notify::NOTIFY_PER_PEER;
+    let tb = Testbed::builtin().unwrap();
+    let flood = agent(&tb, "flood", "nic0", None);
+    let b = agent(&tb, "b", "nic1", None);
+    let honest = agent(&tb, "honest", "nic2", None);
+    let dst = b.alloc_host("dst", 64 << 10).unwrap();
+    let rb = b.register(&dst).unwrap();
+    let link = |from: &Agent| {
+        let src = from.alloc_host("src", 4096).unwrap();
+        let ra = from.register(&src).unwrap();
+        let peer = from.connect(&b.metadata_blob().unwrap()).unwrap();
+        (src, ra, peer)
+    };
+    let (fl, hl) = (link(&flood), link(&honest));
+    let send = |from: &Agent, l: &(dmaplane::Memory, dmaplane::Region, dmaplane::Peer), n| {
+        let (_, ra, peer) = l;
+        for i in 0..n {
+            let t = from
+                .write(
+                    peer,
+                    &[ra.desc(0, 64).unwrap()],
+                    &[peer.desc(rb.id(), 0, 64).unwrap()],
+                    Some(format!("{i}").as_bytes()),
+                )
+                .unwrap();
+            t.wait(T).unwrap();
+        }
+    };
+    let extra = 100;
+    send(&flood, &fl, NOTIFY_PER_PEER + extra);
+    send(&honest, &hl, 1);
+    // Every notification was sent; the flooder's beyond its share were refused and counted.
+    let due = std::time::Instant::now() + T;
+    while b.stats().notifications_received < NOTIFY_PER_PEER as u64 + 1
+        && std::time::Instant::now() < due
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let got = b.notifications();
+    let from = |who: &str| got.iter().filter(|n| n.from == who).count();
+    assert_eq!(from("flood"), NOTIFY_PER_PEER, "{:?}", b.stats());
+    assert_eq!(from("honest"), 1);
+    assert!(b.stats().peers_refused >= extra as u64, "{:?}", b.stats());
+    // Read, the flooder's share is free again.
+    send(&flood, &fl, 1);
+    assert_eq!(b.next_notification(T).map(|n| n.from), Some("flood".into()));
+}
