@@ -50,24 +50,25 @@ pub const GRANT_QUEUE: usize = 65536;
 /// Control messages queued for the writer thread before `send` refuses more.
 pub const CONTROL_QUEUE: usize = 1024;
 
-/// Sends control messages to the peer of one lease connection.
+/// Sends control messages and grants to the peer of one lease connection.
 ///
-/// `send` never blocks — it is called from `Importer::invalidate`, which must not: it queues the
-/// message (at most [`CONTROL_QUEUE`]) for a writer thread, and fails at once when the queue is
-/// full (the peer stopped reading) or the connection is gone. The owner then cuts that holder off
+/// `send` never blocks — it is called from `Importer::invalidate`, which must not, and grants
+/// from every registration: it queues the message (at most [`CONTROL_QUEUE`]) for a writer
+/// thread, and fails at once when the queue is full (the peer stopped reading) or the
+/// connection is gone. The owner then cuts that holder off
 /// instead of waiting for a socket.
 #[derive(Debug)]
 pub struct TcpLink {
     oob: Arc<Oob>,
     peer: String,
     /// `None` once the writer is gone (the connection failed or the link closed).
-    queue: Mutex<Option<std::sync::mpsc::SyncSender<ControlMsg>>>,
+    queue: Mutex<Option<std::sync::mpsc::SyncSender<Wire>>>,
 }
 
 impl TcpLink {
     /// The link and its writer thread.
     fn start(oob: Arc<Oob>, peer: String) -> Result<(Arc<TcpLink>, JoinHandle<()>)> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<ControlMsg>(CONTROL_QUEUE);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Wire>(CONTROL_QUEUE);
         let link = Arc::new(TcpLink {
             oob,
             peer,
@@ -80,7 +81,7 @@ impl TcpLink {
             .name(format!("lease-tx {}", oob.peer_addr()))
             .spawn(move || {
                 for msg in rx {
-                    if let Err(e) = oob.send(&Wire::Control(msg)) {
+                    if let Err(e) = oob.send(&msg) {
                         tracing::warn!(peer = %who, error = %e, "lease link lost: control messages dropped");
                         if let Some(l) = weak.upgrade() {
                             *lock(&l.queue) = None;
@@ -99,8 +100,10 @@ impl TcpLink {
     }
 }
 
-impl ControlLink for TcpLink {
-    fn send(&self, msg: ControlMsg) -> Result<()> {
+impl TcpLink {
+    /// Queue a message for the writer; never blocks (a full queue or a lost connection fails
+    /// at once).
+    fn enqueue(&self, msg: Wire) -> Result<()> {
         use std::sync::mpsc::TrySendError;
         let q = lock(&self.queue);
         let Some(tx) = q.as_ref() else {
@@ -120,6 +123,12 @@ impl ControlLink for TcpLink {
                 why: "the connection is gone".into(),
             },
         })
+    }
+}
+
+impl ControlLink for TcpLink {
+    fn send(&self, msg: ControlMsg) -> Result<()> {
+        self.enqueue(Wire::Control(msg))
     }
     fn peer(&self) -> String {
         self.peer.clone()
@@ -238,10 +247,15 @@ impl LeaseLink {
                 why: "the region was revoked while the grant was prepared".into(),
             });
         }
-        self.link.oob.send(&Wire::Grant {
+        // Through the writer's queue, as every control message: a peer that stops reading
+        // never blocks the caller (a registration grants to every peer).
+        if let Err(e) = self.link.enqueue(Wire::Grant {
             mr: info,
             access: mr.access().bits(),
-        })?;
+        }) {
+            mr.remove_holder(self.peer_gid);
+            return Err(e);
+        }
         Ok(info)
     }
 

@@ -318,3 +318,51 @@ fn grants_a_peer_could_abuse_are_ignored() {
     let e = link.next_grant(T).unwrap_err();
     assert!(e.to_string().contains("no more grants"), "{e}");
 }
+
+/// A holder that stops reading its lease link: grants (one per registration) queue up to the
+/// bound and are then refused at once, naming the queue; none waits on the socket, so a
+/// registration is never held up by a peer (before, each grant wrote the socket itself, and
+/// once its buffers were full every grant waited out the 5 s write timeout).
+#[test]
+fn grants_to_a_holder_that_stopped_reading_never_block() {
+    let listener = OobListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let silent = std::thread::spawn(move || {
+        let o = Oob::connect(addr, T).unwrap();
+        o.send(&serde_json::json!({"hello": {"gid": vec![9u8; 16], "name": "silent"}}))
+            .unwrap();
+        // Never reads again, until the test is over.
+        let _ = stop_rx.recv();
+        drop(o);
+    });
+    let fabric = Fabric::with_topology(builtin::testbed());
+    let net = SimNetwork::new(&fabric);
+    let owner = host(&net, "mem1", "nic1");
+    let link = LeaseLink::open(&owner.dev, listener.accept(T).unwrap(), T).unwrap();
+    let mem = HostMemory::new(&fabric, owner.mem, "buf", 4096).unwrap();
+    let mr = import(&owner, &mem);
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut refused = None;
+            // Far more than the socket buffers hold.
+            for _ in 0..200_000 {
+                if let Err(e) = link.grant(&mr) {
+                    refused = Some(e);
+                    break;
+                }
+            }
+            let _ = done_tx.send(refused);
+        });
+        // Generous: the grants take milliseconds; a grant that waited on the socket would
+        // take 5 s each, from the first one the socket did not take.
+        let refused = done_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("grants to a holder that stopped reading blocked");
+        let e = refused.expect("a full queue was never refused");
+        assert!(e.to_string().contains("lease control"), "{e}");
+        let _ = stop_tx.send(());
+    });
+    silent.join().unwrap();
+}
