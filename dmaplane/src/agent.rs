@@ -19,6 +19,7 @@ use crate::memory::Memory;
 use crate::metadata::Metadata;
 use crate::notify::Notification;
 use crate::peer::Peer;
+use crate::publish::Publish;
 use crate::region::Region;
 use crate::stats::AgentStats;
 use crate::sync::lock;
@@ -186,7 +187,36 @@ impl Agent {
     /// # Ok(()) }
     /// ```
     pub fn register_range(&self, memory: &Memory, offset: u64, len: u64) -> Result<Region> {
-        self.shared.register_range(memory, offset, len)
+        self.shared
+            .register_range(memory, offset, len, Publish::all())
+    }
+
+    /// Register `[offset, offset + len)` of `memory` for the peers and the access `publish`
+    /// says: only those peers are told of it and granted leases on it, and a read-only
+    /// registration's MRs carry no remote-write right (the NIC refuses a peer's WRITE). Not
+    /// served from the registration cache unless published to all, read and write.
+    ///
+    /// ```
+    /// use dmaplane::{Agent, Publish, Testbed};
+    /// # fn main() -> dmaplane::Result<()> {
+    /// let testbed = Testbed::builtin()?;
+    /// let agent = Agent::builder("a").testbed(testbed).nics(["nic0"]).build()?;
+    /// let weights = agent.alloc_host("weights", 1 << 20)?;
+    /// let r = agent.register_with(&weights, 0, 1 << 20, Publish::all().read_only().to(["trainer-1"])?)?;
+    /// assert!(r.publish().is_read_only() && r.publish().allows("trainer-1"));
+    /// assert!(!r.publish().allows("trainer-2"));
+    /// // Only what is published to every peer is in the metadata anyone may get.
+    /// assert!(agent.metadata().region(r.id()).is_none());
+    /// # Ok(()) }
+    /// ```
+    pub fn register_with(
+        &self,
+        memory: &Memory,
+        offset: u64,
+        len: u64,
+        publish: Publish,
+    ) -> Result<Region> {
+        self.shared.register_range(memory, offset, len, publish)
     }
 
     /// Let peers reach a file region: a host buffer of its length near the agent's first NIC,

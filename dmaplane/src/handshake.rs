@@ -203,7 +203,7 @@ fn accept(s: &Arc<AgentInner>, oob: Oob, hello: Hello) -> Result<()> {
     if s.peers.connected(&peer) {
         return refuse(format!("an agent called {peer} is connected already"));
     }
-    let mine = s.metadata();
+    let mine = s.metadata_for(Some(&peer));
     oob.send(&Wire::Welcome {
         metadata: mine.clone(),
         proof: auth
@@ -446,7 +446,12 @@ fn finish(s: &Arc<AgentInner>, oob: Oob, theirs: Metadata, paths: Vec<Path>) -> 
     // registered while the handshake ran (after its metadata was sent) is not missed, and one
     // registered from now on is announced by the registration itself (grants are
     // deduplicated).
-    for e in &s.registry.live() {
+    for e in s
+        .registry
+        .live()
+        .iter()
+        .filter(|e| e.publish.allows(&peer.name))
+    {
         peer.announce(e, &s.region_info(e));
     }
     // An agent dropped while this handshake ran closes what it just connected.

@@ -74,7 +74,33 @@ impl PeerHost for AgentInner {
             tracing::warn!(agent = %self.name, peer = %from, limit = crate::notify::NOTIFY_PER_PEER, "notification refused: the peer has as many queued as it may");
         }
     }
-    fn serve_peer_stage(&self, ranges: &[StageRange], land: bool) -> Option<StageFailure> {
+    fn serve_peer_stage(
+        &self,
+        peer: &str,
+        ranges: &[StageRange],
+        land: bool,
+    ) -> Option<StageFailure> {
+        // A peer stages or lands only what is published to it, and lands nothing in what is
+        // published read-only.
+        for &(region, _, _) in ranges {
+            let Some(e) = self.entry(region) else {
+                continue;
+            };
+            let why = if !e.publish.allows(peer) {
+                "it is not published to this peer"
+            } else if land && e.publish.is_read_only() {
+                "it is published read-only"
+            } else {
+                continue;
+            };
+            self.peers.count_refusal();
+            return Some(StageFailure {
+                region,
+                name: e.memory.name().to_string(),
+                epoch: None,
+                why: format!("agent {} refused: {why}", self.name),
+            });
+        }
         self.serve_stage(ranges, land)
     }
     fn staged(&self, transfer: u64, failure: Option<StageFailure>, peer: &Arc<PeerShared>) {
@@ -343,7 +369,21 @@ impl AgentInner {
 
     /// This agent's metadata: every live registration.
     pub(crate) fn metadata(&self) -> Metadata {
-        let entries = self.registry.live();
+        self.metadata_for(None)
+    }
+
+    /// This agent's metadata as `peer` may see it: the registrations published to it (`None`:
+    /// to every peer).
+    pub(crate) fn metadata_for(&self, peer: Option<&str>) -> Metadata {
+        let entries: Vec<Arc<MemoryEntry>> = self
+            .registry
+            .live()
+            .into_iter()
+            .filter(|e| match peer {
+                Some(p) => e.publish.allows(p),
+                None => e.publish.is_open(),
+            })
+            .collect();
         Metadata {
             version: VERSION,
             agent: self.name.clone(),

@@ -211,7 +211,12 @@ pub(crate) trait PeerHost: Send + Sync {
     fn notified(&self, n: Notification);
     /// The peer asks the agent to land (after its WRITE) or stage (before its READ) ranges of
     /// the agent's staged registrations; the failure, if any, goes back to it.
-    fn serve_peer_stage(&self, ranges: &[StageRange], land: bool) -> Option<StageFailure>;
+    fn serve_peer_stage(
+        &self,
+        peer: &str,
+        ranges: &[StageRange],
+        land: bool,
+    ) -> Option<StageFailure>;
     /// The peer answered the staging request of the agent's transfer `transfer`.
     fn staged(&self, transfer: u64, failure: Option<StageFailure>, peer: &Arc<PeerShared>);
     /// The agent is stopping.
@@ -491,7 +496,7 @@ fn read_until_lost(p: &Arc<PeerShared>, oob: &Oob) {
                 ranges,
             }) => {
                 let Some(a) = agent.upgrade() else { return };
-                let failure = a.serve_peer_stage(&ranges, land);
+                let failure = a.serve_peer_stage(&p.name, &ranges, land);
                 if let Some(f) = &failure {
                     tracing::warn!(peer = %p.name, transfer, region = f.region, why = %f.why, "staging for the peer failed");
                 }

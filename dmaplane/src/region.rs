@@ -13,6 +13,7 @@ use crate::memory::{Backing, Memory, Tied};
 use crate::nics::Nic;
 use crate::nics::Nics;
 use crate::platform::Platform;
+use crate::publish::Publish;
 use crate::stage::{Stage, staging};
 
 /// How one NIC reaches a region.
@@ -104,6 +105,8 @@ pub struct MemoryEntry {
     pub(crate) file: Option<(Arc<crate::file::FileEntry>, u64)>,
     /// [`crate::Agent::deregister`] ran (its MRs are revoked for that reason, not a free).
     pub(crate) deregistered: std::sync::atomic::AtomicBool,
+    /// Who it is published to, and how.
+    pub(crate) publish: Publish,
 }
 
 /// What registering memory needs of the agent: its NICs, its platform, whether to stage even
@@ -123,12 +126,13 @@ impl MemoryEntry {
         memory: &Memory,
         base: u64,
         len: u64,
+        publish: Publish,
     ) -> Result<MemoryEntry> {
         let mut mrs = Vec::with_capacity(cx.nics.len());
         let mut paths = Vec::with_capacity(cx.nics.len());
         let mut stage: Option<Arc<Stage>> = None;
         for nic in cx.nics {
-            let (mr, path) = match register_on(cx, nic, memory, base, len)? {
+            let (mr, path) = match register_on(cx, nic, memory, base, len, publish.access())? {
                 Reach::Registered(mr, path) => (Some(mr), path),
                 Reach::Unreachable(path) => (None, path),
                 Reach::Refused(why) => {
@@ -140,7 +144,7 @@ impl MemoryEntry {
                         Error::setup(cx.agent, format!("{} is not on the fabric", nic.name()))
                     })?;
                     let opts = ImportOptions {
-                        access: MrAccess::ALL,
+                        access: publish.access(),
                         ..ImportOptions::default()
                     };
                     let mr = nic
@@ -191,6 +195,7 @@ impl MemoryEntry {
             stage,
             file: None,
             deregistered: std::sync::atomic::AtomicBool::new(false),
+            publish,
         })
     }
 
@@ -256,6 +261,7 @@ fn register_on(
     memory: &Memory,
     base: u64,
     len: u64,
+    access: MrAccess,
 ) -> Result<Reach> {
     // On the testbed the topology says whether a P2P path exists; a real device's exporter
     // (the kernel's dma-buf) decides for itself.
@@ -268,7 +274,7 @@ fn register_on(
         None => None,
     };
     let opts = ImportOptions {
-        access: MrAccess::ALL,
+        access,
         range: (base != 0 || len != memory.len()).then_some((base, len)),
         ..ImportOptions::default()
     };
@@ -382,6 +388,11 @@ impl Handle<MemoryEntry> {
     /// The memory it registers.
     pub fn memory(&self) -> &Memory {
         &self.entry.memory
+    }
+
+    /// Who it is published to, and how.
+    pub fn publish(&self) -> &Publish {
+        &self.entry.publish
     }
 
     /// How each NIC of the agent reaches it.

@@ -10,12 +10,20 @@ use crate::error::{Error, Result};
 use crate::file::FileRegion;
 use crate::inner::AgentInner;
 use crate::memory::Memory;
+use crate::publish::Publish;
 use crate::region::{MemoryEntry, Region};
 
 impl AgentInner {
-    /// [`crate::Agent::register_range`]: a cache hit, or the range registered on every NIC
-    /// that reaches it and announced.
-    pub(crate) fn register_range(&self, memory: &Memory, offset: u64, len: u64) -> Result<Region> {
+    /// [`crate::Agent::register_with`]: a cache hit (published to all, read and write only:
+    /// the cache holds no other), or the range registered on every NIC that reaches it and
+    /// announced to the peers it is published to.
+    pub(crate) fn register_range(
+        &self,
+        memory: &Memory,
+        offset: u64,
+        len: u64,
+        publish: Publish,
+    ) -> Result<Region> {
         let s = self;
         if !memory.owned_by(s) {
             return Err(Error::invalid(
@@ -44,7 +52,8 @@ impl AgentInner {
                 "it was freed",
             ));
         }
-        if let Some(e) = s.cache.lookup(memory.id(), offset, len) {
+        let cached = publish == Publish::all();
+        if cached && let Some(e) = s.cache.lookup(memory.id(), offset, len) {
             let at = offset - e.base;
             return Ok(Region {
                 entry: e,
@@ -64,6 +73,7 @@ impl AgentInner {
             memory,
             base,
             (end - base).min(memory.len() - base),
+            publish,
         )?);
         Ok(self.announce(entry, offset - base, len))
     }
@@ -74,13 +84,21 @@ impl AgentInner {
         let s = self;
         let memory = &entry.memory;
         s.registry.insert(&entry);
-        s.cache.insert(
-            memory.id(),
-            entry.clone(),
-            entry.mrs.iter().flatten().count(),
-        );
+        // The cache serves later registrations of the memory: only what any of them may get.
+        if entry.publish == Publish::all() {
+            s.cache.insert(
+                memory.id(),
+                entry.clone(),
+                entry.mrs.iter().flatten().count(),
+            );
+        }
         let info = s.region_info(&entry);
-        for p in &s.peers.list() {
+        for p in s
+            .peers
+            .list()
+            .iter()
+            .filter(|p| entry.publish.allows(&p.name))
+        {
             p.announce(&entry, &info);
         }
         Region { entry, offset, len }
@@ -120,7 +138,8 @@ impl AgentInner {
     pub(crate) fn publish_file(&self, file: &FileRegion, mem: &Memory) -> Result<Region> {
         let s = self;
         let id = s.registry.next_id();
-        let mut entry = MemoryEntry::register(&s.register_cx(), id, mem, 0, mem.len())?;
+        let mut entry =
+            MemoryEntry::register(&s.register_cx(), id, mem, 0, mem.len(), Publish::all())?;
         entry.file = Some((file.entry.clone(), file.offset));
         Ok(self.announce(Arc::new(entry), 0, file.len()))
     }

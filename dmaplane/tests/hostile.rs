@@ -295,3 +295,88 @@ fn a_peer_that_floods_notifications_is_bounded_and_the_others_still_get_through(
     send(&flood, &fl, 1);
     assert_eq!(b.next_notification(T).map(|n| n.from), Some("flood".into()));
 }
+
+#[test]
+fn a_read_only_registration_refuses_a_peers_write_at_the_nic_and_serves_its_read() {
+    use dmaplane::Publish;
+    let tb = Testbed::builtin().unwrap();
+    let a = agent(&tb, "a", "nic0", None);
+    let b = agent(&tb, "b", "nic1", None);
+    let weights = b.alloc_host("weights", 64 << 10).unwrap();
+    weights.write(0, &[4u8; 4096]).unwrap();
+    let rb = b
+        .register_with(&weights, 0, 64 << 10, Publish::all().read_only())
+        .unwrap();
+    let buf = a.alloc_host("buf", 64 << 10).unwrap();
+    buf.write(0, &[9u8; 4096]).unwrap();
+    let ra = a.register(&buf).unwrap();
+    let peer = a.connect(&b.metadata_blob().unwrap()).unwrap();
+    let remote = peer.desc(rb.id(), 0, 4096).unwrap();
+    // A READ of it is served.
+    a.read(&peer, &[ra.desc(4096, 4096).unwrap()], &[remote])
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    let mut got = [0u8; 4096];
+    buf.read(4096, &mut got).unwrap();
+    assert_eq!(got, [4u8; 4096]);
+    // A WRITE into it is refused by b's NIC: nothing lands.
+    let e = a
+        .write(&peer, &[ra.desc(0, 4096).unwrap()], &[remote], None)
+        .unwrap()
+        .wait(T)
+        .unwrap_err();
+    assert!(e.to_string().contains("needs remote-write"), "{e}");
+    weights.read(0, &mut got).unwrap();
+    assert_eq!(got, [4u8; 4096], "the WRITE landed in read-only memory");
+}
+
+#[test]
+fn a_registration_published_to_named_peers_is_unknown_to_the_others() {
+    use dmaplane::Publish;
+    let tb = Testbed::builtin().unwrap();
+    let owner = agent(&tb, "owner", "nic0", None);
+    let kv = owner.alloc_host("kv", 64 << 10).unwrap();
+    let open = owner.register(&kv).unwrap();
+    let mine = owner.alloc_host("for-trainer", 64 << 10).unwrap();
+    let named = owner
+        .register_with(&mine, 0, 64 << 10, Publish::all().to(["trainer"]).unwrap())
+        .unwrap();
+    // Not in what anyone may get.
+    assert!(owner.metadata().region(named.id()).is_none());
+    assert!(owner.metadata().region(open.id()).is_some());
+    let other = agent(&tb, "other", "nic1", None);
+    let trainer = agent(&tb, "trainer", "nic2", None);
+    let addr = owner.listen_addr().to_string();
+    let po = other.connect_to(&addr).unwrap();
+    let pt = trainer.connect_to(&addr).unwrap();
+    // Announcements trail the welcome, in order on each peer's control connection: once a
+    // marker registered after the others has arrived, everything before it has too.
+    let marker = owner
+        .register(&owner.alloc_host("marker", 4096).unwrap())
+        .unwrap();
+    let seen = |p: &dmaplane::Peer, id: u32| {
+        let due = std::time::Instant::now() + T;
+        while p.region(id).is_none() && std::time::Instant::now() < due {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        p.region(id).is_some()
+    };
+    assert!(seen(&po, marker.id()) && seen(&pt, marker.id()));
+    assert!(po.region(open.id()).is_some());
+    assert!(
+        po.region(named.id()).is_none(),
+        "announced to a peer it is not published to"
+    );
+    assert!(pt.region(named.id()).is_some());
+    // Registered after both connected: announced to the named peer only.
+    let later = owner
+        .register_with(&mine, 0, 4096, Publish::all().to(["trainer"]).unwrap())
+        .unwrap();
+    let marker = owner
+        .register(&owner.alloc_host("marker2", 4096).unwrap())
+        .unwrap();
+    assert!(seen(&po, marker.id()) && seen(&pt, marker.id()));
+    assert!(pt.region(later.id()).is_some());
+    assert!(po.region(later.id()).is_none());
+}
