@@ -188,7 +188,7 @@ impl Agent {
     /// ```
     pub fn register_range(&self, memory: &Memory, offset: u64, len: u64) -> Result<Region> {
         self.shared
-            .register_range(memory, offset, len, Publish::all())
+            .register_with(memory, offset, len, Publish::all())
     }
 
     /// Register `[offset, offset + len)` of `memory` for the peers and the access `publish`
@@ -216,7 +216,7 @@ impl Agent {
         len: u64,
         publish: Publish,
     ) -> Result<Region> {
-        self.shared.register_range(memory, offset, len, publish)
+        self.shared.register_with(memory, offset, len, publish)
     }
 
     /// Let peers reach a file region: a host buffer of its length near the agent's first NIC,

@@ -305,7 +305,6 @@ impl AgentInner {
     /// The owner's side: copy `ranges` of its staged registrations into device memory (`land`)
     /// or out of it into their staging buffers.
     pub(crate) fn serve_stage(&self, ranges: &[StageRange], land: bool) -> Option<StageFailure> {
-        let s = self;
         for &(region, off, len) in ranges {
             let fail = |name: &str, epoch: Option<u64>, why: String| StageFailure {
                 region,
@@ -313,13 +312,13 @@ impl AgentInner {
                 epoch,
                 why,
             };
-            let Some(e) = s.entry(region) else {
+            let Some(e) = self.entry(region) else {
                 return Some(fail(
                     "",
                     None,
                     format!(
                         "agent {} has no registration {region} (deregistered or freed)",
-                        s.name
+                        self.name
                     ),
                 ));
             };
@@ -328,7 +327,7 @@ impl AgentInner {
                 return Some(fail(name, Some(epoch), e.gone_why().to_string()));
             }
             if let Some((file, at)) = &e.file {
-                if let Err(err) = s.serve_file(&e, (file, *at), (off, len), land) {
+                if let Err(err) = self.serve_file(&e, (file, *at), (off, len), land) {
                     return Some(fail(name, e.revoked_at(), format!("file I/O: {err}")));
                 }
                 continue;

@@ -17,17 +17,16 @@ impl AgentInner {
     /// [`crate::Agent::register_with`]: a cache hit (published to all, read and write only:
     /// the cache holds no other), or the range registered on every NIC that reaches it and
     /// announced to the peers it is published to.
-    pub(crate) fn register_range(
+    pub(crate) fn register_with(
         &self,
         memory: &Memory,
         offset: u64,
         len: u64,
         publish: Publish,
     ) -> Result<Region> {
-        let s = self;
-        if !memory.owned_by(s) {
+        if !memory.owned_by(self) {
             return Err(Error::invalid(
-                format!("agent {}", s.name),
+                format!("agent {}", self.name),
                 "memory",
                 memory.name(),
                 "allocated by another agent",
@@ -53,7 +52,7 @@ impl AgentInner {
             ));
         }
         let cached = publish == Publish::all();
-        if cached && let Some(e) = s.cache.lookup(memory.id(), offset, len) {
+        if cached && let Some(e) = self.cache.lookup(memory.id(), offset, len) {
             let at = offset - e.base;
             return Ok(Region {
                 entry: e,
@@ -66,9 +65,9 @@ impl AgentInner {
         let base = offset / g * g;
         let end = (offset + len).div_ceil(g) * g;
         let end = end.min(memory.len().div_ceil(g) * g);
-        let id = s.registry.next_id();
+        let id = self.registry.next_id();
         let entry = Arc::new(MemoryEntry::register(
-            &s.register_cx(),
+            &self.register_cx(),
             id,
             memory,
             base,
@@ -81,19 +80,18 @@ impl AgentInner {
     /// A new registration: listed, into the cache, and peers connected already learn of it
     /// now.
     fn announce(&self, entry: Arc<MemoryEntry>, offset: u64, len: u64) -> Region {
-        let s = self;
         let memory = &entry.memory;
-        s.registry.insert(&entry);
+        self.registry.insert(&entry);
         // The cache serves later registrations of the memory: only what any of them may get.
         if entry.publish == Publish::all() {
-            s.cache.insert(
+            self.cache.insert(
                 memory.id(),
                 entry.clone(),
                 entry.mrs.iter().flatten().count(),
             );
         }
-        let info = s.region_info(&entry);
-        for p in s
+        let info = self.region_info(&entry);
+        for p in self
             .peers
             .list()
             .iter()
@@ -136,10 +134,9 @@ impl AgentInner {
     /// [`crate::Agent::publish_file`]: `mem` (a host buffer of the file region's length)
     /// registered as the file region's staged registration, and announced.
     pub(crate) fn publish_file(&self, file: &FileRegion, mem: &Memory) -> Result<Region> {
-        let s = self;
-        let id = s.registry.next_id();
+        let id = self.registry.next_id();
         let mut entry =
-            MemoryEntry::register(&s.register_cx(), id, mem, 0, mem.len(), Publish::all())?;
+            MemoryEntry::register(&self.register_cx(), id, mem, 0, mem.len(), Publish::all())?;
         entry.file = Some((file.entry.clone(), file.offset));
         Ok(self.announce(Arc::new(entry), 0, file.len()))
     }

@@ -24,7 +24,8 @@ pub struct AgentStats {
     pub bytes_moved: u64,
     /// Notifications queued to peers when their WRITE ended done.
     pub notifications_sent: u64,
-    /// Notifications received from peers (oversized ones are dropped and not counted).
+    /// Notifications received from peers and queued (oversized ones, and those beyond a
+    /// peer's share of the queue, are refused and not counted).
     pub notifications_received: u64,
     /// Peers' lease holders this agent's NICs cut off because they never acknowledged a
     /// revoke (see [`crate::Event::LeaseCutOff`]).

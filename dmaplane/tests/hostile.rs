@@ -26,19 +26,23 @@ fn say_hello(to: &Agent, hello: &Value) -> Option<Value> {
     oob.recv::<Value>(T).ok()
 }
 
+fn secret(byte: u8) -> Secret {
+    Secret::new(vec![byte; 32]).unwrap()
+}
+
+fn agent(tb: &std::sync::Arc<Testbed>, name: &str, nic: &str, s: Option<Secret>) -> Agent {
+    let mut b = Agent::builder(name).testbed(tb.clone()).nics([nic]);
+    if let Some(s) = s {
+        b = b.secret(s);
+    }
+    b.build().unwrap()
+}
+
 #[test]
 fn names_with_control_characters_are_refused_by_field_and_the_listener_keeps_serving() {
     let tb = Testbed::builtin().unwrap();
-    let a = Agent::builder("a")
-        .testbed(tb.clone())
-        .nics(["nic0"])
-        .build()
-        .unwrap();
-    let liar = Agent::builder("liar")
-        .testbed(tb.clone())
-        .nics(["nic2"])
-        .build()
-        .unwrap();
+    let a = agent(&tb, "a", "nic0", None);
+    let liar = agent(&tb, "liar", "nic2", None);
     // More hellos than the listener serves at once: each must be answered and released (a
     // thread that panicked on the name used to keep its slot, and 64 of them shut the listener).
     for (i, bad) in ["evil\0peer", "tab\tname", "", &"x".repeat(256)]
@@ -55,11 +59,7 @@ fn names_with_control_characters_are_refused_by_field_and_the_listener_keeps_ser
     }
     // Nobody was listed, and an honest peer still gets in.
     assert!(a.peers().is_empty(), "{:?}", a.peers());
-    let b = Agent::builder("b")
-        .testbed(tb)
-        .nics(["nic1"])
-        .build()
-        .unwrap();
+    let b = agent(&tb, "b", "nic1", None);
     let peer = b.connect_to(&a.listen_addr().to_string()).unwrap();
     assert_eq!(peer.name(), "a");
     assert!(a.stats().peers_refused >= 70, "{:?}", a.stats());
@@ -74,16 +74,8 @@ fn names_with_control_characters_are_refused_by_field_and_the_listener_keeps_ser
 #[test]
 fn a_listener_that_names_itself_with_a_nul_gets_an_error_not_a_panic() {
     let tb = Testbed::builtin().unwrap();
-    let b = Agent::builder("b")
-        .testbed(tb.clone())
-        .nics(["nic1"])
-        .build()
-        .unwrap();
-    let other = Agent::builder("other")
-        .testbed(tb)
-        .nics(["nic0"])
-        .build()
-        .unwrap();
+    let b = agent(&tb, "b", "nic1", None);
+    let other = agent(&tb, "other", "nic0", None);
     let listener = OobListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr();
     let mut metadata = serde_json::to_value(other.metadata()).unwrap();
@@ -102,18 +94,6 @@ fn a_listener_that_names_itself_with_a_nul_gets_an_error_not_a_panic() {
     assert!(matches!(&e, Error::Invalid(i) if i.field == "agent"), "{e}");
     fake.join().unwrap();
     assert!(b.peers().is_empty());
-}
-
-fn secret(byte: u8) -> Secret {
-    Secret::new(vec![byte; 32]).unwrap()
-}
-
-fn agent(tb: &std::sync::Arc<Testbed>, name: &str, nic: &str, s: Option<Secret>) -> Agent {
-    let mut b = Agent::builder(name).testbed(tb.clone()).nics([nic]);
-    if let Some(s) = s {
-        b = b.secret(s);
-    }
-    b.build().unwrap()
 }
 
 #[test]
