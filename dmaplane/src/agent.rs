@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::config::Config;
 use crate::desc::Desc;
 use crate::drive::FileTransfer;
 use crate::error::Result;
@@ -75,6 +76,11 @@ impl Agent {
     /// The agent's name, as given to [`Agent::builder`] (what peers know it by).
     pub fn name(&self) -> &str {
         &self.shared.name
+    }
+
+    /// The tunables and limits the agent was built with.
+    pub fn config(&self) -> &Config {
+        &self.shared.cfg
     }
 
     /// The NICs this agent uses.
@@ -347,7 +353,7 @@ impl Agent {
         let mut s = self.shared.engine.stats();
         s.cache = self.shared.cache.stats().merge(self.shared.files.stats());
         s.holders_cut_off = self.shared.holders_cut_off();
-        s.peers_refused = self.shared.peers.refused();
+        s.refused = self.shared.peers.refused();
         s.handshakes_under_way = self.shared.peers.serving() as u64;
         s
     }

@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::event::Events;
 use crate::inner::AgentInner;
+use crate::limits::Limits;
 use crate::nics::Nics;
 use crate::notify::Inbox;
 use crate::peers::Peers;
@@ -190,6 +191,30 @@ impl AgentBuilder {
         self
     }
 
+    /// Bound what peers may make the agent hold: connections, paths, registrations,
+    /// notifications, staging, timeouts ([`crate::limits`]; checked at
+    /// [`AgentBuilder::build`], naming the field out of range).
+    ///
+    /// ```
+    /// use dmaplane::{Agent, Limits, Testbed};
+    /// # fn main() -> dmaplane::Result<()> {
+    /// let testbed = Testbed::builtin()?;
+    /// let a = Agent::builder("a")
+    ///     .testbed(testbed.clone())
+    ///     .nics(["nic0"])
+    ///     .limits(Limits { peers: 8, notifications: 64, ..Limits::default() })
+    ///     .build()?;
+    /// assert_eq!(a.config().limits.peers, 8);
+    /// let zero = Limits { regions: 0, ..Limits::default() };
+    /// let e = Agent::builder("b").testbed(testbed).nics(["nic1"]).limits(zero).build();
+    /// assert!(e.unwrap_err().to_string().contains("limits.regions"));
+    /// # Ok(()) }
+    /// ```
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.cfg.limits = limits;
+        self
+    }
+
     /// Check the settings, claim the NICs, open a protection domain and a completion queue
     /// on each, bind the handshake listener and start the agent's threads.
     ///
@@ -226,6 +251,7 @@ impl AgentBuilder {
                 "1 to 4096",
             ));
         }
+        c.limits.check(&format!("agent {name}"))?;
         if c.stall_timeout.is_zero() {
             return Err(Error::invalid(
                 format!("agent {name}"),
@@ -301,9 +327,9 @@ impl AgentBuilder {
                 cfg: self.cfg.clone(),
                 cache: Cache::default(),
                 registry: Registry::default(),
-                peers: Peers::default(),
+                peers: Peers::new(c.limits.handshakes),
                 engine: engine.clone(),
-                inbox: Inbox::new(),
+                inbox: Inbox::new(c.limits.notifications),
                 events: Events::new(&name),
                 addr,
                 stop: AtomicBool::new(false),

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::auth::Secret;
+use crate::limits::Limits;
 
 /// Tunables, with the defaults [`crate::AgentBuilder`] starts from.
 #[derive(Debug, Clone)]
@@ -42,6 +43,8 @@ pub struct Config {
     /// Listen on a routable address without a secret: every host that reaches it may connect
     /// as any name. Off by default.
     pub insecure: bool,
+    /// Bounds on what peers may make the agent hold ([`crate::limits`]).
+    pub limits: Limits,
 }
 
 impl Default for Config {
@@ -60,6 +63,7 @@ impl Default for Config {
             io_uring: false,
             secret: None,
             insecure: false,
+            limits: Limits::default(),
         }
     }
 }

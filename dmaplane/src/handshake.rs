@@ -18,12 +18,76 @@ use dmaplane_rdma::oob::{Oob, OobListener};
 use dmaplane_rdma::{LeaseLink, Mtu, Qp, QpCaps, RdmaError};
 
 use crate::auth::{PROOF, Session};
+use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::inner::AgentInner;
+use crate::limits::Refusal;
 use crate::metadata::{Metadata, VERSION};
-use crate::peer::{Lane, POLL, Path, Peer, PeerHost, PeerShared};
-use crate::peers::MAX_HANDSHAKES;
+use crate::peer::{Known, Lane, POLL, Path, Peer, PeerHost, PeerShared};
 use crate::wire::Wire;
+
+/// One handshake's time: each step waits at most [`Config::setup_timeout`], and all of them
+/// together at most [`crate::Limits::handshake_time`] — a peer that answers every step just in
+/// time still cannot hold a handshake (a thread and a slot) longer.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    end: Instant,
+    step: Duration,
+    total: Duration,
+}
+
+impl Clock {
+    fn start(cfg: &Config) -> Clock {
+        let total = cfg.limits.handshake_time;
+        Clock {
+            end: Instant::now() + total,
+            step: cfg.setup_timeout,
+            total,
+        }
+    }
+
+    /// How long the next step may wait; an error naming the limit once the time is up.
+    fn step(&self, peer: &str) -> Result<Duration> {
+        let left = self.end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(self.late(peer));
+        }
+        Ok(left.min(self.step))
+    }
+
+    fn late(&self, peer: &str) -> Error {
+        handshake_err(
+            peer,
+            format!(
+                "the handshake took longer than limits.handshake_time ({} ms)",
+                self.total.as_millis()
+            ),
+        )
+    }
+
+    /// The peer's next message, within the step's time; a wait cut by the handshake's end
+    /// names the limit.
+    fn recv(&self, oob: &Oob, peer: &str) -> Result<Wire> {
+        match oob.recv::<Wire>(self.step(peer)?) {
+            Err(RdmaError::Timeout { .. }) if self.expired() => Err(self.late(peer)),
+            r => Ok(r?),
+        }
+    }
+
+    fn expired(&self) -> bool {
+        Instant::now() >= self.end
+    }
+}
+
+/// What a refusal that comes from a receive was for: a message over the length bound, a
+/// handshake out of time, or something else the peer got wrong.
+fn refusal_of(e: &Error, clock: &Clock) -> Refusal {
+    match e {
+        Error::Rdma(RdmaError::MessageTooLong { .. }) => Refusal::MessageBytes,
+        _ if clock.expired() => Refusal::HandshakeTime,
+        _ => Refusal::Check,
+    }
+}
 
 /// Accept peers until the agent stops.
 pub(crate) fn spawn_listener(
@@ -38,7 +102,7 @@ pub(crate) fn spawn_listener(
                 match listener.accept(POLL) {
                     Ok(oob) => {
                         let Some(admission) = s.peers.admit() else {
-                            tracing::warn!(agent = %s.name, peer = %oob.peer_addr(), "too many handshakes at once ({MAX_HANDSHAKES}): connection refused");
+                            tracing::warn!(agent = %s.name, peer = %oob.peer_addr(), limit = s.cfg.limits.handshakes, "connection refused: as many handshakes under way as limits.handshakes allows");
                             continue;
                         };
                         let s2 = s.clone();
@@ -68,7 +132,9 @@ pub(crate) fn spawn_listener(
 /// What a new connection is: a peer's hello, or a lease link for a handshake under way.
 fn first_message(s: &Arc<AgentInner>, oob: Oob) {
     let peer = oob.peer_addr();
-    match oob.recv::<Wire>(s.cfg.setup_timeout) {
+    let clock = Clock::start(&s.cfg);
+    oob.set_max_message(s.cfg.limits.message_bytes);
+    match clock.recv(&oob, &peer.to_string()) {
         Ok(Wire::Hello {
             version,
             metadata,
@@ -83,7 +149,7 @@ fn first_message(s: &Arc<AgentInner>, oob: Oob) {
                 nonce,
                 challenge,
             };
-            if let Err(e) = accept(s, oob, hello) {
+            if let Err(e) = accept(s, oob, hello, clock) {
                 tracing::warn!(agent = %s.name, %peer, error = %e, "handshake refused or failed");
             }
         }
@@ -97,20 +163,49 @@ fn first_message(s: &Arc<AgentInner>, oob: Oob) {
                 tracing::warn!(agent = %s.name, %peer, nonce, path, why, "lease link refused");
             }
         }
-        Ok(other) => tracing::warn!(agent = %s.name, %peer, ?other, "unexpected first message"),
-        Err(e) => tracing::debug!(agent = %s.name, %peer, error = %e, "connection without a hello"),
+        Ok(other) => {
+            s.peers.count_refusal(Refusal::Check);
+            tracing::warn!(agent = %s.name, %peer, kind = other.kind(), "unexpected first message");
+        }
+        Err(e) => {
+            // A connection that closed or said nothing in time holds nothing any more; one
+            // that sent more than a message may take is refused, naming the limit.
+            match refusal_of(&e, &clock) {
+                Refusal::Check => {
+                    tracing::debug!(agent = %s.name, %peer, error = %e, "connection without a hello");
+                }
+                kind => {
+                    s.peers.count_refusal(kind);
+                    tracing::warn!(agent = %s.name, %peer, error = %e, "connection refused before its hello");
+                }
+            }
+        }
     }
 }
 
-/// Both sides take every (connecting NIC, listening NIC) pair, in this order.
-fn paths(connecting: &Metadata, listening: &Metadata) -> Vec<(String, String)> {
+/// Both sides take every (connecting NIC, listening NIC) pair, in this order: at most `limit`
+/// ([`crate::Limits::paths`]) of them, or the reason why not.
+fn paths(
+    connecting: &Metadata,
+    listening: &Metadata,
+    limit: usize,
+) -> std::result::Result<Vec<(String, String)>, String> {
+    let n = connecting.nics.len() * listening.nics.len();
+    if n > limit {
+        return Err(format!(
+            "{n} paths ({} NICs of the connecting side times {} of the listening side), more \
+             than limits.paths ({limit})",
+            connecting.nics.len(),
+            listening.nics.len(),
+        ));
+    }
     let mut v = Vec::new();
     for a in &connecting.nics {
         for b in &listening.nics {
             v.push((a.name.clone(), b.name.clone()));
         }
     }
-    v
+    Ok(v)
 }
 
 fn handshake_err(peer: &str, why: impl Into<String>) -> Error {
@@ -130,7 +225,7 @@ struct Hello {
 }
 
 /// The listening side of a handshake.
-fn accept(s: &Arc<AgentInner>, oob: Oob, hello: Hello) -> Result<()> {
+fn accept(s: &Arc<AgentInner>, oob: Oob, hello: Hello, clock: Clock) -> Result<()> {
     let Hello {
         version,
         theirs,
@@ -145,31 +240,37 @@ fn accept(s: &Arc<AgentInner>, oob: Oob, hello: Hello) -> Result<()> {
         Ok(()) => theirs.agent.clone(),
         Err(_) => format!("{:?}", theirs.agent.chars().take(64).collect::<String>()),
     };
-    let refuse = |why: String| -> Result<()> {
-        s.peers.count_refusal();
+    let limits = &s.cfg.limits;
+    let refuse = |kind: Refusal, why: String| -> Result<()> {
+        s.peers.count_refusal(kind);
         let _ = oob.send(&Wire::Refuse { why: why.clone() });
         Err(handshake_err(&peer, why))
     };
     if let Err(e) = checked {
-        return refuse(format!("its hello: {e}"));
+        return refuse(Refusal::Check, format!("its hello: {e}"));
     }
     if version != VERSION {
-        return refuse(format!(
-            "version {version}; this agent speaks version {VERSION}"
-        ));
+        return refuse(
+            Refusal::Check,
+            format!("version {version}; this agent speaks version {VERSION}"),
+        );
     }
-    if qps == 0 || qps > 64 {
-        return refuse(format!(
-            "{qps} queue pairs per path asked; 1 to 64 accepted"
-        ));
+    if qps == 0 || qps > limits.qps_per_path {
+        return refuse(
+            Refusal::QpsPerPath,
+            format!(
+                "{qps} queue pairs per path asked; 1 to {} accepted (limits.qps_per_path)",
+                limits.qps_per_path
+            ),
+        );
     }
-    let t = s.cfg.setup_timeout;
     // With a secret, the connector proves it before it learns anything of this agent (its
     // metadata lists every registration).
     let auth = match (&s.cfg.secret, challenge) {
         (None, _) => None,
         (Some(_), None) => {
             return refuse(
+                Refusal::Auth,
                 "this agent accepts only peers that prove its secret, and the hello \
                  carries no challenge (the peer has no secret)"
                     .into(),
@@ -185,36 +286,72 @@ fn accept(s: &Arc<AgentInner>, oob: Oob, hello: Hello) -> Result<()> {
                 challenge: session.l,
                 proof: session.proof(secret, "listener", &theirs),
             })?;
-            match oob.recv::<Wire>(t)? {
-                Wire::Proof { proof } if session.check(secret, "connector", &theirs, &proof) => {}
-                Wire::Proof { .. } => {
-                    return refuse(format!(
-                        "the proof from {peer} does not match: it does not hold this agent's \
-                         secret, or it is not the {peer} with the NICs it declared"
-                    ));
+            match clock.recv(&oob, &peer) {
+                Ok(Wire::Proof { proof })
+                    if session.check(secret, "connector", &theirs, &proof) => {}
+                Ok(Wire::Proof { .. }) => {
+                    return refuse(
+                        Refusal::Auth,
+                        format!(
+                            "the proof from {peer} does not match: it does not hold this \
+                             agent's secret, or it is not the {peer} with the NICs it declared"
+                        ),
+                    );
                 }
-                other => {
-                    return refuse(format!("expected a proof, got {}", other.kind()));
+                Ok(other) => {
+                    return refuse(
+                        Refusal::Auth,
+                        format!("expected a proof, got {}", other.kind()),
+                    );
                 }
+                Err(e) => return refuse(refusal_of(&e, &clock), format!("no proof: {e}")),
             }
             Some((session, secret.clone()))
         }
     };
     if s.peers.connected(&peer) {
-        return refuse(format!("an agent called {peer} is connected already"));
+        return refuse(
+            Refusal::Check,
+            format!("an agent called {peer} is connected already"),
+        );
     }
+    if s.peers.len() >= limits.peers {
+        return refuse(
+            Refusal::Peers,
+            format!(
+                "this agent has as many peers as limits.peers allows ({})",
+                limits.peers
+            ),
+        );
+    }
+    let known = match Known::from_metadata(&theirs.regions, limits) {
+        Ok(k) => k,
+        Err((kind, why)) => return refuse(kind, format!("its metadata: {why}")),
+    };
     let mine = s.metadata_for(Some(&peer));
+    let pairs = match paths(&theirs, &mine, limits.paths) {
+        Ok(p) => p,
+        Err(why) => return refuse(Refusal::Paths, why),
+    };
     oob.send(&Wire::Welcome {
         metadata: mine.clone(),
         proof: auth
             .as_ref()
             .map(|(session, secret)| session.proof(secret, "welcome", &mine)),
     })?;
-    let pairs = paths(&theirs, &mine);
     s.peers.begin(nonce, pairs.len(), auth);
-    let r = accept_paths(s, &oob, &peer, &pairs, qps, nonce, &theirs, t);
+    let r = accept_paths(s, &oob, &peer, &pairs, qps, nonce, &theirs, clock);
     s.peers.end(nonce);
-    finish(s, oob, theirs, r?);
+    let built = match r {
+        Ok(b) => b,
+        Err(e) => {
+            if clock.expired() {
+                s.peers.count_refusal(Refusal::HandshakeTime);
+            }
+            return Err(e);
+        }
+    };
+    finish(s, oob, theirs, known, built);
     Ok(())
 }
 
@@ -228,14 +365,15 @@ fn accept_paths(
     qps: usize,
     nonce: u64,
     theirs: &Metadata,
-    t: Duration,
+    clock: Clock,
 ) -> Result<Vec<Path>> {
     let mut built = Vec::with_capacity(pairs.len());
     for (i, (their_nic, my_nic)) in pairs.iter().enumerate() {
         let local = nic_index(s, my_nic, peer)?;
         let mtu = path_mtu(s, local, theirs, their_nic);
-        let lanes = lanes(s, local, qps, mtu, oob, t)?;
+        let lanes = lanes(s, local, qps, mtu, oob, clock.step(peer)?)?;
         // The connecting side opens this path's lease link next.
+        let t = clock.step(peer)?;
         let deadline = Instant::now() + t;
         let link_oob = loop {
             if let Some(o) = s.peers.take_link(nonce, i) {
@@ -244,13 +382,17 @@ fn accept_paths(
             if Instant::now() > deadline {
                 return Err(handshake_err(
                     peer,
-                    format!("no lease link for path {i} within {t:?}"),
+                    format!("no lease link for path {i} within {} ms", t.as_millis()),
                 ));
             }
             std::thread::sleep(Duration::from_millis(1));
         };
-        let link = LeaseLink::open(s.nics[local].dev(), link_oob, t)?;
-        link_gid_matches(&link, theirs, their_nic, peer)?;
+        link_oob.set_max_message(s.cfg.limits.message_bytes);
+        let link = LeaseLink::open(s.nics[local].dev(), link_oob, clock.step(peer)?)?;
+        if let Err(e) = link_gid_matches(&link, theirs, their_nic, peer) {
+            s.peers.count_refusal(Refusal::Auth);
+            return Err(e);
+        }
         built.push(Path::new(local, their_nic, lanes, link));
     }
     Ok(built)
@@ -258,8 +400,18 @@ fn accept_paths(
 
 /// The connecting side of a handshake.
 pub(crate) fn connect(s: &Arc<AgentInner>, addr: &str) -> Result<Peer> {
-    let t = s.cfg.setup_timeout;
-    let oob = Oob::connect(addr, t)?;
+    let clock = Clock::start(&s.cfg);
+    let limits = &s.cfg.limits;
+    if s.peers.len() >= limits.peers {
+        return Err(Error::invalid(
+            format!("agent {}", s.name),
+            "limits.peers",
+            limits.peers,
+            "as many peers connected as it allows: no more connections",
+        ));
+    }
+    let oob = Oob::connect(addr, clock.step(addr)?)?;
+    oob.set_max_message(limits.message_bytes);
     let nonce = nonce();
     let mine = s.metadata();
     let secret = s.cfg.secret.as_ref();
@@ -273,7 +425,7 @@ pub(crate) fn connect(s: &Arc<AgentInner>, addr: &str) -> Result<Peer> {
     })?;
     let refused = |why: String| Err(handshake_err(addr, format!("refused: {}", shown(&why))));
     let mut session = None;
-    let mut msg = oob.recv::<Wire>(t)?;
+    let mut msg = clock.recv(&oob, addr)?;
     if let (Some(secret), Some(c)) = (secret, c) {
         // The listener proves the secret first, over this agent's identity; then this agent.
         match msg {
@@ -294,7 +446,7 @@ pub(crate) fn connect(s: &Arc<AgentInner>, addr: &str) -> Result<Peer> {
                     proof: ses.proof(secret, "connector", &mine),
                 })?;
                 session = Some(ses);
-                msg = oob.recv::<Wire>(t)?;
+                msg = clock.recv(&oob, addr)?;
             }
             Wire::Refuse { why } => return refused(why),
             other => {
@@ -342,13 +494,16 @@ pub(crate) fn connect(s: &Arc<AgentInner>, addr: &str) -> Result<Peer> {
         }
     };
     let peer = theirs.agent.clone();
-    let pairs = paths(&mine, &theirs);
+    let pairs = paths(&mine, &theirs, limits.paths).map_err(|why| handshake_err(&peer, why))?;
+    let known = Known::from_metadata(&theirs.regions, limits)
+        .map_err(|(_, why)| handshake_err(&peer, format!("its metadata: {why}")))?;
     let mut built = Vec::with_capacity(pairs.len());
     for (i, (my_nic, their_nic)) in pairs.iter().enumerate() {
         let local = nic_index(s, my_nic, &peer)?;
         let mtu = path_mtu(s, local, &theirs, their_nic);
-        let lanes = lanes(s, local, s.cfg.qps_per_path, mtu, &oob, t)?;
-        let link_oob = Oob::connect(addr, t)?;
+        let lanes = lanes(s, local, s.cfg.qps_per_path, mtu, &oob, clock.step(&peer)?)?;
+        let link_oob = Oob::connect(addr, clock.step(&peer)?)?;
+        link_oob.set_max_message(limits.message_bytes);
         link_oob.send(&Wire::Link {
             nonce,
             path: i,
@@ -357,12 +512,12 @@ pub(crate) fn connect(s: &Arc<AgentInner>, addr: &str) -> Result<Peer> {
                 _ => None,
             },
         })?;
-        let link = LeaseLink::open(s.nics[local].dev(), link_oob, t)?;
+        let link = LeaseLink::open(s.nics[local].dev(), link_oob, clock.step(&peer)?)?;
         link_gid_matches(&link, &theirs, their_nic, &peer)?;
         built.push(Path::new(local, their_nic, lanes, link));
     }
     Ok(Peer {
-        shared: finish(s, oob, theirs, built),
+        shared: finish(s, oob, theirs, known, built),
     })
 }
 
@@ -434,9 +589,15 @@ fn nonce() -> u64 {
 
 /// Both sides: the peer is connected — list it, start its control threads, and grant it
 /// leases on every registration.
-fn finish(s: &Arc<AgentInner>, oob: Oob, theirs: Metadata, paths: Vec<Path>) -> Arc<PeerShared> {
+fn finish(
+    s: &Arc<AgentInner>,
+    oob: Oob,
+    theirs: Metadata,
+    known: Known,
+    paths: Vec<Path>,
+) -> Arc<PeerShared> {
     let host: Weak<dyn PeerHost> = Arc::downgrade(s) as Weak<dyn PeerHost>;
-    let (peer, rx) = PeerShared::new(theirs.agent.clone(), host, &theirs.regions, paths, oob);
+    let (peer, rx) = PeerShared::new(theirs.agent.clone(), host, s.cfg.limits, known, paths, oob);
     // Listed before its reader starts: a reader that finds the peer gone at once retires it
     // from the list, which it cannot do before the peer is in it (a peer that left during the
     // handshake stayed listed for good when the push came after the reader's retire).

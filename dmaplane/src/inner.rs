@@ -13,6 +13,7 @@ use crate::drive::Pair;
 use crate::error::{Error, Result, Side};
 use crate::event::{Event, Events};
 use crate::file::FileEntry;
+use crate::limits::Refusal;
 use crate::metadata::{Metadata, NicInfo, RegionInfo, RegionKey, VERSION};
 use crate::nics::Nics;
 use crate::notify::{Inbox, Notification};
@@ -70,8 +71,8 @@ impl PeerHost for AgentInner {
         if self.inbox.push(n) {
             self.engine.count_notification_received();
         } else {
-            self.peers.count_refusal();
-            tracing::warn!(agent = %self.name, peer = %from, limit = crate::notify::NOTIFY_PER_PEER, "notification refused: the peer has as many queued as it may");
+            self.peers.count_refusal(Refusal::Notifications);
+            tracing::warn!(agent = %self.name, peer = %from, limit = self.cfg.limits.notifications, "notification refused: the peer has as many queued as limits.notifications allows");
         }
     }
     fn serve_peer_stage(
@@ -80,6 +81,41 @@ impl PeerHost for AgentInner {
         ranges: &[StageRange],
         land: bool,
     ) -> Option<StageFailure> {
+        // Served inline by the peer's control reader: bounded in ranges and bytes.
+        let limits = &self.cfg.limits;
+        let bytes = ranges
+            .iter()
+            .fold(0u64, |sum, &(_, _, len)| sum.saturating_add(len));
+        let over = if ranges.len() > limits.stage_ranges {
+            Some((
+                Refusal::StageRanges,
+                format!(
+                    "{} ranges in one request, more than limits.stage_ranges ({})",
+                    ranges.len(),
+                    limits.stage_ranges
+                ),
+            ))
+        } else if bytes > limits.stage_bytes {
+            Some((
+                Refusal::StageBytes,
+                format!(
+                    "{bytes} bytes in one request, more than limits.stage_bytes ({})",
+                    limits.stage_bytes
+                ),
+            ))
+        } else {
+            None
+        };
+        if let Some((kind, why)) = over {
+            self.peers.count_refusal(kind);
+            let region = ranges.first().map_or(0, |r| r.0);
+            return Some(StageFailure {
+                region,
+                name: String::new(),
+                epoch: None,
+                why: format!("agent {} refused: {why}", self.name),
+            });
+        }
         // A peer stages or lands only what is published to it, and lands nothing in what is
         // published read-only.
         for &(region, _, _) in ranges {
@@ -93,7 +129,7 @@ impl PeerHost for AgentInner {
             } else {
                 continue;
             };
-            self.peers.count_refusal();
+            self.peers.count_refusal(Refusal::Check);
             return Some(StageFailure {
                 region,
                 name: e.memory.name().to_string(),
@@ -112,8 +148,8 @@ impl PeerHost for AgentInner {
     fn retire(&self, peer: &Arc<PeerShared>) {
         self.peers.remove(peer);
     }
-    fn count_refusal(&self) {
-        self.peers.count_refusal();
+    fn count_refusal(&self, why: Refusal) {
+        self.peers.count_refusal(why);
     }
 }
 

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::memory::Location;
 
 /// The version this build writes and reads.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// The largest blob accepted.
 pub const MAX_BLOB: usize = 16 << 20;
 /// The longest name (of an agent, a NIC, a region) a peer may send, in bytes.
@@ -217,6 +217,20 @@ impl Metadata {
 }
 
 impl RegionInfo {
+    /// The memory this description takes when kept (what [`crate::Limits::region_bytes`]
+    /// bounds): the struct, its strings and its keys.
+    pub fn footprint(&self) -> usize {
+        std::mem::size_of::<RegionInfo>()
+            + self.name.len()
+            + self.location.device().len()
+            + self.file.as_ref().map_or(0, String::len)
+            + self
+                .keys
+                .iter()
+                .map(|k| std::mem::size_of::<RegionKey>() + k.nic.len())
+                .sum::<usize>()
+    }
+
     /// Check a region a peer (`agent`) announced: its name and its location's device as
     /// [`check_name`] says, at most
     /// [`MAX_NICS`] keys each naming a NIC, a file path of at most [`MAX_PATH`] bytes without

@@ -16,10 +16,6 @@ pub const NOTIFY_QUEUE: usize = 4096;
 /// The largest notification accepted.
 pub const MAX_NOTIFY: usize = 64 << 10;
 
-/// Notifications of one peer kept until read: more from it are refused (and counted), so one
-/// peer that floods cannot push the others' out of the queue.
-pub const NOTIFY_PER_PEER: usize = NOTIFY_QUEUE / 8;
-
 /// One notification.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Notification {
@@ -38,27 +34,33 @@ pub(crate) struct Inbox {
     queue: Bounded<Notification>,
     /// Queued notifications per sender.
     per_peer: Mutex<HashMap<String, usize>>,
+    /// Notifications of one sender kept until read ([`crate::Limits::notifications`]): more
+    /// from it are refused (and counted), so one peer that floods cannot push the others'
+    /// out of the queue.
+    limit: usize,
     lock: Mutex<()>,
     arrived: Condvar,
 }
 
 impl Inbox {
-    pub(crate) fn new() -> Inbox {
+    /// An empty inbox keeping at most `per_peer` notifications of each sender.
+    pub(crate) fn new(per_peer: usize) -> Inbox {
         Inbox {
             queue: Bounded::new(NOTIFY_QUEUE),
             per_peer: Mutex::new(HashMap::new()),
+            limit: per_peer,
             lock: Mutex::new(()),
             arrived: Condvar::new(),
         }
     }
 
-    /// Queue one (the oldest goes when full) and wake a waiting reader.
-    /// Queue `n`, unless its sender has [`NOTIFY_PER_PEER`] queued already (then `false`).
+    /// Queue `n` (the oldest goes when full) and wake a waiting reader, unless its sender has
+    /// as many queued as it may already (then `false`).
     pub(crate) fn push(&self, n: Notification) -> bool {
         {
             let mut per = lock(&self.per_peer);
             let queued = per.entry(n.from.clone()).or_default();
-            if *queued >= NOTIFY_PER_PEER {
+            if *queued >= self.limit {
                 return false;
             }
             *queued += 1;

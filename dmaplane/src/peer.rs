@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU32;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -15,15 +15,13 @@ use dmaplane_rdma::{LeaseLink, Qp, RdmaError, RemoteMr};
 
 use crate::desc::Desc;
 use crate::error::{Error, Result};
+use crate::limits::{Limits, Refusal};
 use crate::metadata::RegionInfo;
-use crate::notify::{MAX_NOTIFY, Notification};
+use crate::notify::Notification;
 use crate::region::MemoryEntry;
 use crate::stage::{StageFailure, StageRange};
 use crate::sync::lock;
 use crate::wire::Wire;
-
-/// Registrations of one peer this agent keeps track of (what its announcements may fill).
-const MAX_PEER_REGIONS: usize = 1 << 20;
 
 /// Control messages queued for a peer before sends are refused.
 const CONTROL_QUEUE: usize = 4096;
@@ -96,10 +94,66 @@ impl Path {
     }
 }
 
+/// The registrations a peer told this agent of, bounded in count and in the memory their
+/// descriptions take ([`Limits::regions`], [`Limits::region_bytes`]).
+#[derive(Debug, Default)]
+pub(crate) struct Known {
+    map: HashMap<u32, RegionInfo>,
+    bytes: usize,
+}
+
+impl Known {
+    /// What a peer's metadata lists, refused whole (naming the limit) when it is over one.
+    pub(crate) fn from_metadata(
+        regions: &[RegionInfo],
+        limits: &Limits,
+    ) -> std::result::Result<Known, (Refusal, String)> {
+        let mut k = Known::default();
+        for r in regions {
+            k.insert(r.clone(), limits)?;
+        }
+        Ok(k)
+    }
+
+    /// Keep `info` (replacing an earlier description of the same id), unless that takes the
+    /// peer past a limit.
+    pub(crate) fn insert(
+        &mut self,
+        info: RegionInfo,
+        limits: &Limits,
+    ) -> std::result::Result<(), (Refusal, String)> {
+        let old = self.map.get(&info.id).map_or(0, RegionInfo::footprint);
+        if old == 0 && self.map.len() >= limits.regions {
+            return Err((
+                Refusal::Regions,
+                format!(
+                    "more than limits.regions ({}) registrations announced",
+                    limits.regions
+                ),
+            ));
+        }
+        let bytes = self.bytes - old + info.footprint();
+        if bytes > limits.region_bytes {
+            return Err((
+                Refusal::RegionBytes,
+                format!(
+                    "the registrations announced would take {bytes} bytes, more than \
+                     limits.region_bytes ({})",
+                    limits.region_bytes
+                ),
+            ));
+        }
+        self.bytes = bytes;
+        self.map.insert(info.id, info);
+        Ok(())
+    }
+}
+
 pub(crate) struct PeerShared {
     pub(crate) name: String,
     agent: Weak<dyn PeerHost>,
-    regions: Mutex<HashMap<u32, RegionInfo>>,
+    limits: Limits,
+    regions: Mutex<Known>,
     pub(crate) paths: Vec<Path>,
     lost: Mutex<Option<String>>,
     ctrl: Arc<Oob>,
@@ -131,12 +185,13 @@ impl Peer {
 
     /// The peer's registration `id`, as its metadata (and later announcements) describe it.
     pub fn region(&self, id: u32) -> Option<RegionInfo> {
-        lock(&self.shared.regions).get(&id).cloned()
+        lock(&self.shared.regions).map.get(&id).cloned()
     }
 
     /// The peer's most recent registration of a memory called `name`.
     pub fn region_named(&self, name: &str) -> Option<RegionInfo> {
         lock(&self.shared.regions)
+            .map
             .values()
             .filter(|r| r.name == name)
             .max_by_key(|r| r.id)
@@ -145,7 +200,7 @@ impl Peer {
 
     /// Every registration of the peer this agent knows of.
     pub fn regions(&self) -> Vec<RegionInfo> {
-        let mut v: Vec<RegionInfo> = lock(&self.shared.regions).values().cloned().collect();
+        let mut v: Vec<RegionInfo> = lock(&self.shared.regions).map.values().cloned().collect();
         v.sort_by_key(|r| r.id);
         v
     }
@@ -224,16 +279,18 @@ pub(crate) trait PeerHost: Send + Sync {
     /// The peer is gone: the agent stops listing it.
     fn retire(&self, peer: &Arc<PeerShared>);
     /// Something the peer sent was refused (it failed its checks or a bound).
-    fn count_refusal(&self);
+    fn count_refusal(&self, why: Refusal);
 }
 
 impl PeerShared {
     /// A peer called `name`, connected over `paths`, with `ctrl` as its control connection and
-    /// the registrations its metadata listed. Its threads start with [`PeerShared::start`].
+    /// the registrations its metadata listed (checked against `limits` already). Its threads
+    /// start with [`PeerShared::start`].
     pub(crate) fn new(
         name: String,
         agent: Weak<dyn PeerHost>,
-        regions: &[RegionInfo],
+        limits: Limits,
+        regions: Known,
         paths: Vec<Path>,
         ctrl: Oob,
     ) -> (Arc<PeerShared>, Receiver<Wire>) {
@@ -241,7 +298,8 @@ impl PeerShared {
         let peer = Arc::new(PeerShared {
             name,
             agent,
-            regions: Mutex::new(regions.iter().map(|r| (r.id, r.clone())).collect()),
+            limits,
+            regions: Mutex::new(regions),
             paths,
             lost: Mutex::new(None),
             ctrl: Arc::new(ctrl),
@@ -285,7 +343,7 @@ impl PeerShared {
     }
 
     pub(crate) fn region(&self, id: u32) -> Option<RegionInfo> {
-        lock(&self.regions).get(&id).cloned()
+        lock(&self.regions).map.get(&id).cloned()
     }
 
     pub(crate) fn mark_lost(&self, why: String) {
@@ -438,8 +496,15 @@ impl PeerShared {
     }
 }
 
+/// Send what is queued; on an otherwise idle connection a ping every [`Limits::keepalive`],
+/// so the peer's idle timeout does not take this agent for gone.
 fn write_loop(p: &PeerShared, oob: &Oob, rx: Receiver<Wire>) {
-    for w in rx {
+    loop {
+        let w = match rx.recv_timeout(p.limits.keepalive) {
+            Ok(w) => w,
+            Err(RecvTimeoutError::Timeout) => Wire::Ping,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
         if let Err(e) = oob.send(&w) {
             p.mark_lost(format!("sending on the control connection: {e}"));
             return;
@@ -454,34 +519,39 @@ fn read_loop(p: &Arc<PeerShared>, oob: &Oob) {
 
 fn read_until_lost(p: &Arc<PeerShared>, oob: &Oob) {
     let agent = &p.agent;
+    let refused = |why: Refusal| {
+        if let Some(a) = agent.upgrade() {
+            a.count_refusal(why);
+        }
+    };
+    let mut heard = Instant::now();
     loop {
         if p.lost().is_some() {
             return;
         }
-        match oob.recv::<Wire>(POLL) {
+        let got = oob.recv::<Wire>(POLL);
+        if got.is_ok() {
+            heard = Instant::now();
+        }
+        match got {
             Ok(Wire::Region { info }) => {
                 if let Err(e) = info.check(&p.name) {
                     tracing::warn!(peer = %p.name, error = %e, "announcement refused");
-                    if let Some(a) = agent.upgrade() {
-                        a.count_refusal();
-                    }
+                    refused(Refusal::Check);
                     continue;
                 }
-                let mut r = lock(&p.regions);
-                if r.len() >= MAX_PEER_REGIONS && !r.contains_key(&info.id) {
-                    tracing::warn!(peer = %p.name, region = info.id, "the peer announced more than {MAX_PEER_REGIONS} registrations: ignored");
-                    drop(r);
-                    if let Some(a) = agent.upgrade() {
-                        a.count_refusal();
-                    }
-                    continue;
+                let id = info.id;
+                let kept = lock(&p.regions).insert(info, &p.limits);
+                if let Err((limit, why)) = kept {
+                    tracing::warn!(peer = %p.name, region = id, %why, "announcement refused");
+                    refused(limit);
                 }
-                r.insert(info.id, info);
             }
             Ok(Wire::Notify { transfer, bytes }) => {
                 let Some(a) = agent.upgrade() else { return };
-                if bytes.len() > MAX_NOTIFY {
-                    tracing::warn!(peer = %p.name, len = bytes.len(), "oversized notification dropped");
+                if bytes.len() > p.limits.notification_bytes {
+                    tracing::warn!(peer = %p.name, len = bytes.len(), limit = p.limits.notification_bytes, "notification refused: longer than limits.notification_bytes");
+                    a.count_refusal(Refusal::NotificationBytes);
                     continue;
                 }
                 a.notified(Notification {
@@ -512,6 +582,7 @@ fn read_until_lost(p: &Arc<PeerShared>, oob: &Oob) {
                 p.mark_lost("it said bye".into());
                 return;
             }
+            Ok(Wire::Ping) => {}
             Ok(other) => tracing::warn!(peer = %p.name, ?other, "unexpected control message"),
             Err(RdmaError::Timeout { .. }) => {
                 // This agent went away (or is stopping): the connection goes with it, so
@@ -521,8 +592,23 @@ fn read_until_lost(p: &Arc<PeerShared>, oob: &Oob) {
                     let _ = oob.shutdown();
                     return;
                 }
+                // An honest peer pings every keepalive: silence this long is a peer gone
+                // (its host, or its process, hung) or one holding the connection idle.
+                let idle = p.limits.idle;
+                if heard.elapsed() > idle {
+                    refused(Refusal::Idle);
+                    p.mark_lost(format!(
+                        "nothing heard from it for {} ms (limits.idle)",
+                        idle.as_millis()
+                    ));
+                    let _ = oob.shutdown();
+                    return;
+                }
             }
             Err(e) => {
+                if let RdmaError::MessageTooLong { .. } = e {
+                    refused(Refusal::MessageBytes);
+                }
                 p.mark_lost(format!("the control connection ended: {e}"));
                 return;
             }

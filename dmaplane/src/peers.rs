@@ -7,21 +7,17 @@ use std::sync::{Arc, Mutex};
 
 use dmaplane_rdma::oob::Oob;
 
-use dmaplane_core::counter::Counter;
-
 use crate::auth::{Secret, Session};
+use crate::limits::{Refusal, RefusalCounters, Refusals};
 use crate::peer::PeerShared;
 use crate::sync::lock;
-
-/// Handshakes (and connections not yet past their first message) served at once.
-pub(crate) const MAX_HANDSHAKES: usize = 64;
 
 /// What a lease link of an authenticated handshake must prove: the handshake's session, and
 /// the secret.
 pub(crate) type LinkAuth = (Session, Secret);
 
 /// The connected peers and the handshakes under way.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Peers {
     list: Mutex<Vec<Arc<PeerShared>>>,
     /// Handshakes under way on the listening side: nonce → number of paths, and with a
@@ -31,9 +27,10 @@ pub(crate) struct Peers {
     links: Mutex<HashMap<(u64, usize), Oob>>,
     /// Connections being served by the listener.
     serving: Arc<AtomicUsize>,
-    /// Connections and messages refused: handshakes (a bad hello, too many at once, a name
-    /// taken), lease links for no handshake, announcements that failed their checks.
-    refused: Counter,
+    /// Handshakes (and connections not yet past their first message) served at once.
+    max_handshakes: usize,
+    /// What peers sent that was refused, by what for.
+    refused: RefusalCounters,
 }
 
 /// One connection the listener serves; its slot is given back when this goes, however the
@@ -48,6 +45,23 @@ impl Drop for Admission {
 }
 
 impl Peers {
+    /// No peers yet; the listener serves at most `max_handshakes` connections at once.
+    pub(crate) fn new(max_handshakes: usize) -> Peers {
+        Peers {
+            list: Mutex::default(),
+            handshakes: Mutex::default(),
+            links: Mutex::default(),
+            serving: Arc::default(),
+            max_handshakes,
+            refused: RefusalCounters::default(),
+        }
+    }
+
+    /// Peers listed now.
+    pub(crate) fn len(&self) -> usize {
+        lock(&self.list).len()
+    }
+
     /// Every peer listed now.
     pub(crate) fn list(&self) -> Vec<Arc<PeerShared>> {
         lock(&self.list).clone()
@@ -80,12 +94,12 @@ impl Peers {
         lock(&self.list).drain(..).collect()
     }
 
-    /// Serve one more connection on the listener, unless [`MAX_HANDSHAKES`] are served
-    /// already (counted as refused); the slot is held until the [`Admission`] goes.
+    /// Serve one more connection on the listener, unless the limit of handshakes at once is
+    /// reached (counted as refused); the slot is held until the [`Admission`] goes.
     pub(crate) fn admit(&self) -> Option<Admission> {
-        if self.serving.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
+        if self.serving.fetch_add(1, Ordering::AcqRel) >= self.max_handshakes {
             self.serving.fetch_sub(1, Ordering::AcqRel);
-            self.refused.inc();
+            self.refused.count(Refusal::Handshakes);
             return None;
         }
         Some(Admission(self.serving.clone()))
@@ -96,14 +110,14 @@ impl Peers {
         self.serving.load(Ordering::Acquire)
     }
 
-    /// Count a refusal (a handshake, a lease link, an announcement).
-    pub(crate) fn count_refusal(&self) {
-        self.refused.inc();
+    /// Count a refusal (a handshake, a lease link, an announcement, ...), by what it was for.
+    pub(crate) fn count_refusal(&self, why: Refusal) {
+        self.refused.count(why);
     }
 
     /// Refusals so far.
-    pub(crate) fn refused(&self) -> u64 {
-        self.refused.get()
+    pub(crate) fn refused(&self) -> Refusals {
+        self.refused.snapshot()
     }
 
     /// A handshake with `paths` paths starts on the listening side: lease links for it are
@@ -128,20 +142,23 @@ impl Peers {
         proof: Option<&[u8]>,
         oob: Oob,
     ) -> Result<(), &'static str> {
-        let why = match lock(&self.handshakes).get(&nonce) {
-            Some((paths, _)) if path >= *paths => "no such path",
+        let (why, kind) = match lock(&self.handshakes).get(&nonce) {
+            Some((paths, _)) if path >= *paths => ("no such path", Refusal::Check),
             Some((_, Some((session, secret))))
                 if !proof.is_some_and(|p| session.check_link(secret, path, p)) =>
             {
-                "its proof does not match the handshake's secret"
+                (
+                    "its proof does not match the handshake's secret",
+                    Refusal::Auth,
+                )
             }
             Some(_) => {
                 lock(&self.links).insert((nonce, path), oob);
                 return Ok(());
             }
-            None => "no handshake under way",
+            None => ("no handshake under way", Refusal::Check),
         };
-        self.refused.inc();
+        self.refused.count(kind);
         Err(why)
     }
 
@@ -157,10 +174,10 @@ mod tests {
 
     #[test]
     fn a_handshake_slot_is_given_back_however_the_handshake_ends() {
-        let p = Peers::default();
-        let held: Vec<Admission> = (0..MAX_HANDSHAKES).map(|_| p.admit().unwrap()).collect();
-        assert!(p.admit().is_none(), "more than {MAX_HANDSHAKES} at once");
-        assert_eq!(p.refused(), 1);
+        let p = Peers::new(8);
+        let held: Vec<Admission> = (0..8).map(|_| p.admit().unwrap()).collect();
+        assert!(p.admit().is_none(), "more than 8 at once");
+        assert_eq!(p.refused().handshakes, 1);
         // A handshake thread that panics still gives its slot back.
         let one = p.admit();
         assert!(one.is_none());

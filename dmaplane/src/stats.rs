@@ -1,6 +1,7 @@
 //! An agent's counters, as [`crate::Agent::stats`] reports them.
 
 use crate::cache::CacheStats;
+use crate::limits::Refusals;
 
 /// Counters of an agent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -30,11 +31,11 @@ pub struct AgentStats {
     /// Peers' lease holders this agent's NICs cut off because they never acknowledged a
     /// revoke (see [`crate::Event::LeaseCutOff`]).
     pub holders_cut_off: u64,
-    /// What peers sent that was refused: handshakes (a hello that failed its checks, a name
-    /// already connected, more at once than the listener serves), lease links for no
-    /// handshake under way, announcements that failed their checks or a bound.
-    pub peers_refused: u64,
-    /// Connections the handshake listener is serving now (at most 64): each slot is given
-    /// back when its handshake ends, however it ends.
+    /// What peers sent that was refused, by the check it failed or the limit it would have
+    /// gone past ([`crate::limits`]); [`Refusals::total`] sums them.
+    pub refused: Refusals,
+    /// Connections the handshake listener is serving now (at most
+    /// [`crate::Limits::handshakes`]): each slot is given back when its handshake ends,
+    /// however it ends.
     pub handshakes_under_way: u64,
 }

@@ -65,6 +65,9 @@ pub(crate) enum Wire {
         transfer: u64,
         failure: Option<StageFailure>,
     },
+    /// Nothing to say: sent on an otherwise idle control connection every
+    /// [`crate::Limits::keepalive`], so the peer does not take this agent for gone.
+    Ping,
     Bye,
 }
 
@@ -82,6 +85,7 @@ impl Wire {
             Wire::Notify { .. } => "notify",
             Wire::Stage { .. } => "stage",
             Wire::Staged { .. } => "staged",
+            Wire::Ping => "ping",
             Wire::Bye => "bye",
         }
     }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use dmaplane::auth::Secret;
-use dmaplane::{Agent, Error, Testbed};
+use dmaplane::{Agent, Error, Limits, Testbed};
 use dmaplane_rdma::oob::{Oob, OobListener};
 use serde_json::{Value, json};
 
@@ -62,7 +62,7 @@ fn names_with_control_characters_are_refused_by_field_and_the_listener_keeps_ser
     let b = agent(&tb, "b", "nic1", None);
     let peer = b.connect_to(&a.listen_addr().to_string()).unwrap();
     assert_eq!(peer.name(), "a");
-    assert!(a.stats().peers_refused >= 70, "{:?}", a.stats());
+    assert!(a.stats().refused.check >= 70, "{:?}", a.stats());
     // Every handshake's slot is given back (the honest one's as its thread ends).
     let due = std::time::Instant::now() + T;
     while a.stats().handshakes_under_way > 0 && std::time::Instant::now() < due {
@@ -149,7 +149,7 @@ fn a_peer_without_the_secret_or_with_another_is_refused_saying_why_and_learns_no
     assert!(!answer.to_string().contains("weights"), "{answer}");
     assert!(!answer.to_string().contains("rkey"), "{answer}");
     assert!(a.peers().is_empty() && none.peers().is_empty());
-    assert!(a.stats().peers_refused >= 2, "{:?}", a.stats());
+    assert!(a.stats().refused.auth >= 2, "{:?}", a.stats());
 }
 
 #[test]
@@ -172,15 +172,15 @@ fn a_client_that_answers_the_challenge_with_a_forged_proof_is_refused() {
         "{answer}"
     );
     // A lease link for no handshake under way is refused and counted too.
-    let before = a.stats().peers_refused;
+    let before = a.stats().refused.check;
     let link = Oob::connect(a.listen_addr(), T).unwrap();
     link.send(&json!({"msg": "link", "nonce": 5, "path": 0, "proof": vec![1u8; 32]}))
         .unwrap();
     let due = std::time::Instant::now() + T;
-    while a.stats().peers_refused == before && std::time::Instant::now() < due {
+    while a.stats().refused.check == before && std::time::Instant::now() < due {
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert_eq!(a.stats().peers_refused, before + 1);
+    assert_eq!(a.stats().refused.check, before + 1);
     assert!(a.peers().is_empty());
 }
 
@@ -228,10 +228,18 @@ fn routable_ip() -> Option<std::net::IpAddr> {
 
 #[test]
 fn a_peer_that_floods_notifications_is_bounded_and_the_others_still_get_through() {
-    use dmaplane::notify::NOTIFY_PER_PEER;
     let tb = Testbed::builtin().unwrap();
     let flood = agent(&tb, "flood", "nic0", None);
-    let b = agent(&tb, "b", "nic1", None);
+    let per_peer = 64;
+    let b = Agent::builder("b")
+        .testbed(tb.clone())
+        .nics(["nic1"])
+        .limits(Limits {
+            notifications: per_peer,
+            ..Limits::default()
+        })
+        .build()
+        .unwrap();
     let honest = agent(&tb, "honest", "nic2", None);
     let dst = b.alloc_host("dst", 64 << 10).unwrap();
     let rb = b.register(&dst).unwrap();
@@ -257,20 +265,26 @@ fn a_peer_that_floods_notifications_is_bounded_and_the_others_still_get_through(
         }
     };
     let extra = 100;
-    send(&flood, &fl, NOTIFY_PER_PEER + extra);
+    send(&flood, &fl, per_peer + extra);
     send(&honest, &hl, 1);
     // Every notification was sent; the flooder's beyond its share were refused and counted.
     let due = std::time::Instant::now() + T;
-    while b.stats().notifications_received < NOTIFY_PER_PEER as u64 + 1
+    while (b.stats().notifications_received < per_peer as u64 + 1
+        || b.stats().refused.notifications < extra as u64)
         && std::time::Instant::now() < due
     {
         std::thread::sleep(Duration::from_millis(5));
     }
     let got = b.notifications();
     let from = |who: &str| got.iter().filter(|n| n.from == who).count();
-    assert_eq!(from("flood"), NOTIFY_PER_PEER, "{:?}", b.stats());
+    assert_eq!(from("flood"), per_peer, "{:?}", b.stats());
     assert_eq!(from("honest"), 1);
-    assert!(b.stats().peers_refused >= extra as u64, "{:?}", b.stats());
+    assert_eq!(
+        b.stats().refused.notifications,
+        extra as u64,
+        "{:?}",
+        b.stats()
+    );
     // Read, the flooder's share is free again.
     send(&flood, &fl, 1);
     assert_eq!(b.next_notification(T).map(|n| n.from), Some("flood".into()));
@@ -359,4 +373,274 @@ fn a_registration_published_to_named_peers_is_unknown_to_the_others() {
     assert!(seen(&po, marker.id()) && seen(&pt, marker.id()));
     assert!(pt.region(later.id()).is_some());
     assert!(po.region(later.id()).is_none());
+}
+
+/// An agent on `nic` with `limits`.
+fn limited(tb: &std::sync::Arc<Testbed>, name: &str, nic: &str, limits: Limits) -> Agent {
+    Agent::builder(name)
+        .testbed(tb.clone())
+        .nics([nic])
+        .limits(limits)
+        .build()
+        .unwrap()
+}
+
+/// Wait until `done` holds (or fail after [`T`], showing `what`).
+fn until(what: &str, done: impl Fn() -> bool) {
+    let due = std::time::Instant::now() + T;
+    while !done() {
+        assert!(std::time::Instant::now() < due, "never: {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn hellos_over_the_peer_path_queue_pair_and_region_limits_are_refused_naming_each() {
+    let tb = Testbed::builtin().unwrap();
+    let a = limited(
+        &tb,
+        "a",
+        "nic0",
+        Limits {
+            paths: 2,
+            qps_per_path: 4,
+            regions: 3,
+            ..Limits::default()
+        },
+    );
+    let liar = agent(&tb, "liar", "nic2", None);
+    let m = liar.alloc_host("m", 1 << 20).unwrap();
+    let refused = |h: &Value| {
+        let answer = say_hello(&a, h).unwrap();
+        assert_eq!(answer["msg"], "refuse", "{answer}");
+        answer["why"].as_str().unwrap().to_string()
+    };
+    // Queue pairs: more per path than the limit.
+    let mut h = hello(&liar, "liar");
+    h["qps"] = json!(5);
+    assert!(refused(&h).contains("limits.qps_per_path"));
+    // Paths: three NICs declared times one here.
+    let mut h = hello(&liar, "liar");
+    let nic = h["metadata"]["nics"][0].clone();
+    h["metadata"]["nics"] = json!([nic.clone(), nic.clone(), nic]);
+    assert!(refused(&h).contains("limits.paths"));
+    // Regions: four registrations listed in the hello's metadata.
+    for i in 0..4 {
+        liar.register_range(&m, i * 4096, 4096).unwrap();
+    }
+    assert!(refused(&hello(&liar, "liar")).contains("limits.regions"));
+    let r = a.stats().refused;
+    assert_eq!((r.qps_per_path, r.paths, r.regions), (1, 1, 1), "{r:?}");
+    assert!(a.peers().is_empty());
+}
+
+#[test]
+fn a_peer_over_the_peer_limit_is_refused_and_the_first_keeps_working() {
+    let tb = Testbed::builtin().unwrap();
+    let a = limited(
+        &tb,
+        "a",
+        "nic0",
+        Limits {
+            peers: 1,
+            ..Limits::default()
+        },
+    );
+    let b = agent(&tb, "b", "nic1", None);
+    let c = agent(&tb, "c", "nic2", None);
+    let src = b.alloc_host("src", 4096).unwrap();
+    let rb = b.register(&src).unwrap();
+    let dst = a.alloc_host("dst", 4096).unwrap();
+    let ra = a.register(&dst).unwrap();
+    let peer = b.connect_to(&a.listen_addr().to_string()).unwrap();
+    let e = c
+        .connect_to(&a.listen_addr().to_string())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("limits.peers"), "{e}");
+    assert_eq!(a.stats().refused.peers, 1);
+    // The honest peer is still served.
+    b.write(
+        &peer,
+        &[rb.desc(0, 4096).unwrap()],
+        &[peer.desc(ra.id(), 0, 4096).unwrap()],
+        None,
+    )
+    .unwrap()
+    .wait(T)
+    .unwrap();
+}
+
+#[test]
+fn announcements_beyond_a_peers_region_limits_are_refused_and_counted() {
+    let tb = Testbed::builtin().unwrap();
+    let a = limited(
+        &tb,
+        "a",
+        "nic0",
+        Limits {
+            regions: 2,
+            ..Limits::default()
+        },
+    );
+    let b = agent(&tb, "b", "nic1", None);
+    let peer = a.connect_to(&b.listen_addr().to_string()).unwrap();
+    let m = b.alloc_host("m", 1 << 20).unwrap();
+    for i in 0..5 {
+        b.register_range(&m, i * 4096, 4096).unwrap();
+    }
+    until("three announcements refused", || {
+        a.stats().refused.regions == 3
+    });
+    assert_eq!(peer.regions().len(), 2);
+    // Bytes: a peer whose descriptions would take more than the bound.
+    let tight = limited(
+        &tb,
+        "tight",
+        "nic2",
+        Limits {
+            region_bytes: 300,
+            ..Limits::default()
+        },
+    );
+    let peer = tight.connect_to(&b.listen_addr().to_string());
+    let e = peer.unwrap_err().to_string();
+    assert!(e.contains("limits.region_bytes"), "{e}");
+}
+
+#[test]
+fn a_message_longer_than_the_limit_is_refused_and_its_bytes_let_go() {
+    let tb = Testbed::builtin().unwrap();
+    let a = limited(
+        &tb,
+        "a",
+        "nic0",
+        Limits {
+            message_bytes: 64 << 10,
+            ..Limits::default()
+        },
+    );
+    let oob = std::net::TcpStream::connect(a.listen_addr()).unwrap();
+    use std::io::Write;
+    // No newline: the agent must stop reading once past the limit, not buffer it all.
+    let _ = (&oob).write_all(&vec![b'x'; 1 << 20]);
+    until("the long message refused", || {
+        a.stats().refused.message_bytes == 1
+    });
+    until("its slot given back", || {
+        a.stats().handshakes_under_way == 0
+    });
+}
+
+#[test]
+fn a_handshake_held_slow_is_cut_at_the_handshake_time_limit() {
+    let tb = Testbed::builtin().unwrap();
+    let a = Agent::builder("a")
+        .testbed(tb.clone())
+        .nics(["nic0"])
+        .secret(secret(1))
+        .limits(Limits {
+            handshake_time: Duration::from_millis(300),
+            ..Limits::default()
+        })
+        .build()
+        .unwrap();
+    let liar = agent(&tb, "liar", "nic1", None);
+    // One says nothing at all; one says hello, takes the challenge and never proves.
+    let silent = Oob::connect(a.listen_addr(), T).unwrap();
+    let mut h = hello(&liar, "liar");
+    h["challenge"] = json!(vec![3u8; 32]);
+    let slow = Oob::connect(a.listen_addr(), T).unwrap();
+    slow.send(&h).unwrap();
+    let challenge: Value = slow.recv(T).unwrap();
+    assert_eq!(challenge["msg"], "challenge", "{challenge}");
+    let start = std::time::Instant::now();
+    until("both handshakes cut", || {
+        a.stats().refused.handshake_time == 2 && a.stats().handshakes_under_way == 0
+    });
+    // Well before the 30 s a step may take.
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    let answer: Value = slow.recv(T).unwrap();
+    assert!(
+        answer["why"]
+            .as_str()
+            .unwrap()
+            .contains("limits.handshake_time"),
+        "{answer}"
+    );
+    drop(silent);
+}
+
+#[test]
+fn a_peer_that_falls_silent_is_lost_at_the_idle_limit_and_keepalives_keep_honest_ones() {
+    let tb = Testbed::builtin().unwrap();
+    let quick = Limits {
+        idle: Duration::from_millis(400),
+        keepalive: Duration::from_millis(100),
+        ..Limits::default()
+    };
+    let a = limited(&tb, "a", "nic0", quick);
+    // b pings every 100 ms: kept. c pings every 30 s: silent longer than a waits.
+    let b = limited(&tb, "b", "nic1", quick);
+    let c = agent(&tb, "c", "nic2", None);
+    let pb = b.connect_to(&a.listen_addr().to_string()).unwrap();
+    let pc = c.connect_to(&a.listen_addr().to_string()).unwrap();
+    until("the silent peer lost", || a.stats().refused.idle == 1);
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(a.stats().refused.idle, 1, "{:?}", a.stats());
+    let names: Vec<String> = a
+        .peers()
+        .iter()
+        .filter(|p| p.lost().is_none())
+        .map(|p| p.name().to_string())
+        .collect();
+    assert_eq!(names, ["b"]);
+    assert!(pb.lost().is_none());
+    until("c sees the connection end", || pc.lost().is_some());
+}
+
+#[test]
+fn a_stage_request_over_the_range_limit_is_refused_naming_it() {
+    let tb = Testbed::builtin().unwrap();
+    let a = agent(&tb, "a", "nic0", None);
+    // gpu0 is on the other socket from nic1: b's registration of it is staged, and a WRITE
+    // into it asks b to land the ranges.
+    let b = limited(
+        &tb,
+        "b",
+        "nic1",
+        Limits {
+            stage_ranges: 2,
+            ..Limits::default()
+        },
+    );
+    let src = a.alloc_host("src", 1 << 20).unwrap();
+    let dst = b.alloc_gpu("dst", "gpu0", 1 << 20).unwrap();
+    let (ra, rb) = (a.register(&src).unwrap(), b.register(&dst).unwrap());
+    let peer = a.connect_to(&b.listen_addr().to_string()).unwrap();
+    let pieces = |n: u64| -> (Vec<dmaplane::Desc>, Vec<dmaplane::Desc>) {
+        (0..n)
+            .map(|i| {
+                (
+                    ra.desc(i * 8192, 4096).unwrap(),
+                    peer.desc(rb.id(), i * 8192, 4096).unwrap(),
+                )
+            })
+            .unzip()
+    };
+    let (l, r) = pieces(2);
+    a.write(&peer, &l, &r, None).unwrap().wait(T).unwrap();
+    let (l, r) = pieces(3);
+    let e = a
+        .write(&peer, &l, &r, None)
+        .unwrap()
+        .wait(T)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("limits.stage_ranges"), "{e}");
+    assert_eq!(b.stats().refused.stage_ranges, 1);
 }

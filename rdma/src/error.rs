@@ -141,6 +141,8 @@ pub enum RdmaError {
     AsyncEvent { device: String, event: String },
     #[error("timed out after {ms} ms waiting for {what}")]
     Timeout { what: String, ms: u64 },
+    #[error("{what}: longer than the {limit} bytes a message may take (no newline within them)")]
+    MessageTooLong { what: String, limit: usize },
 }
 
 impl RdmaError {

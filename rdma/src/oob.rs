@@ -151,8 +151,18 @@ pub struct Oob {
     stream: TcpStream,
     peer: SocketAddr,
     /// Bytes read but not yet consumed (a partial line, or lines after the one returned).
-    rx: Mutex<Vec<u8>>,
+    rx: Mutex<RxBuf>,
     tx: Mutex<()>,
+    /// The longest line accepted ([`Oob::set_max_message`]).
+    max: std::sync::atomic::AtomicUsize,
+}
+
+/// What was read and not yet returned, and how much of it is known to hold no newline (so a
+/// long partial line is scanned once, not again at every poll).
+#[derive(Debug, Default)]
+struct RxBuf {
+    bytes: Vec<u8>,
+    scanned: usize,
 }
 
 fn millis(d: Duration) -> u64 {
@@ -217,13 +227,22 @@ impl Oob {
         Ok(Oob {
             stream,
             peer,
-            rx: Mutex::new(Vec::new()),
+            rx: Mutex::new(RxBuf::default()),
             tx: Mutex::new(()),
+            max: std::sync::atomic::AtomicUsize::new(MAX_MESSAGE),
         })
     }
 
     pub fn peer_addr(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// Accept messages of at most `bytes` (default and most [`MAX_MESSAGE`]): a longer one
+    /// fails the receive with [`RdmaError::MessageTooLong`] once that many bytes came
+    /// without a newline, so a peer cannot make this side buffer more.
+    pub fn set_max_message(&self, bytes: usize) {
+        self.max
+            .store(bytes.min(MAX_MESSAGE), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Close both directions now, even while other owners of this connection still hold it:
@@ -297,19 +316,21 @@ impl Oob {
     /// One line (without its newline), or `None` when the deadline passed first.
     fn recv_until(&self, deadline: Instant) -> Result<Option<Vec<u8>>> {
         let mut rx = lock(&self.rx);
-        let mut scanned = 0;
+        let max = self.max.load(std::sync::atomic::Ordering::Relaxed);
         loop {
-            if let Some(pos) = rx[scanned..].iter().position(|&b| b == b'\n') {
-                let end = scanned + pos;
-                let line = rx[..end].to_vec();
-                rx.drain(..=end);
+            let RxBuf { bytes, scanned } = &mut *rx;
+            if let Some(pos) = bytes[*scanned..].iter().position(|&b| b == b'\n') {
+                let end = *scanned + pos;
+                let line = bytes[..end].to_vec();
+                bytes.drain(..=end);
+                *scanned = 0;
                 return Ok(Some(line));
             }
-            scanned = rx.len();
-            if rx.len() > MAX_MESSAGE {
-                return Err(RdmaError::Connection {
+            *scanned = bytes.len();
+            if bytes.len() > max {
+                return Err(RdmaError::MessageTooLong {
                     what: format!("message from {}", self.peer),
-                    why: format!("longer than {MAX_MESSAGE} bytes without a newline"),
+                    limit: max,
                 });
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -319,7 +340,7 @@ impl Oob {
             self.stream
                 .set_read_timeout(Some(left))
                 .map_err(|e| RdmaError::io(format!("control connection with {}", self.peer), e))?;
-            let mut buf = [0u8; 4096];
+            let mut buf = [0u8; 64 << 10];
             match (&self.stream).read(&mut buf) {
                 Ok(0) => {
                     return Err(RdmaError::Connection {
@@ -327,7 +348,7 @@ impl Oob {
                         why: "closed by the peer".into(),
                     });
                 }
-                Ok(n) => rx.extend_from_slice(&buf[..n]),
+                Ok(n) => rx.bytes.extend_from_slice(&buf[..n]),
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -432,6 +453,32 @@ mod tests {
         (&c.stream).write_all(b"{not json\n").expect("write");
         let e = s.recv::<ConnInfo>(Duration::from_secs(5)).unwrap_err();
         assert!(e.to_string().contains("cannot decode"), "{e}");
+    }
+
+    #[test]
+    fn a_line_longer_than_the_bound_is_refused_naming_it_and_pieces_of_one_add_up() {
+        let (s, c) = pair();
+        s.set_max_message(1000);
+        // A line sent in pieces, each arriving after the receiver's poll gave up: the partial
+        // line is kept (and not rescanned) until its newline.
+        let msg = serde_json::to_vec(&info(9)).unwrap();
+        let (a, b) = msg.split_at(msg.len() / 2);
+        (&c.stream).write_all(a).unwrap();
+        assert!(matches!(
+            s.recv::<ConnInfo>(Duration::from_millis(20)),
+            Err(RdmaError::Timeout { .. })
+        ));
+        (&c.stream).write_all(b).unwrap();
+        (&c.stream).write_all(b"\n").unwrap();
+        assert_eq!(s.recv::<ConnInfo>(Duration::from_secs(5)).unwrap(), info(9));
+        // 2000 bytes and no newline: refused once past 1000, naming the bound.
+        (&c.stream).write_all(&[b'x'; 2000]).unwrap();
+        let e = s.recv::<ConnInfo>(Duration::from_secs(5)).unwrap_err();
+        assert!(
+            matches!(e, RdmaError::MessageTooLong { limit: 1000, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("1000 bytes"), "{e}");
     }
 
     #[test]
