@@ -120,6 +120,59 @@ pub struct AgentReport {
     pub depth: u32,
     pub rows: Vec<AgentRow>,
     pub cache: Option<CacheRow>,
+    pub handshake: Option<HandshakeRow>,
+}
+
+/// What authenticating a peer costs: `Agent::connect_to` (the whole handshake, both sides'
+/// queue pairs and lease links) with a shared secret against without one, measured in pairs,
+/// the order swapped every pair.
+#[derive(Debug, Clone, Serialize)]
+pub struct HandshakeRow {
+    pub handshakes: usize,
+    /// Microseconds per handshake without a secret: median, lowest, highest.
+    pub plain_us: Spread,
+    /// The same with a secret.
+    pub secret_us: Spread,
+    /// Median with the secret over median without.
+    pub ratio: f64,
+}
+
+/// `n` handshakes each way between two fresh agents (built outside the timing) on `tb`.
+fn handshakes(tb: &std::sync::Arc<Testbed>, n: usize) -> Result<HandshakeRow, AgentBenchError> {
+    let secret = dmaplane::auth::Secret::new(b"dmaplane bench handshake secret".to_vec())?;
+    let once = |with: bool| -> Result<f64, AgentBenchError> {
+        let build = |name: &str, nic: &str| {
+            let b = Agent::builder(name).testbed(tb.clone()).nics([nic]);
+            if with { b.secret(secret.clone()) } else { b }.build()
+        };
+        let (a, b) = (build("hs-a", "nic0")?, build("hs-b", "nic1")?);
+        let addr = b.listen_addr().to_string();
+        let t = Instant::now();
+        let peer = a.connect_to(&addr)?;
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        drop((peer, a, b));
+        Ok(us)
+    };
+    let (mut plain, mut with) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n {
+        if reference_first(i as u32) {
+            plain.push(once(false)?);
+            with.push(once(true)?);
+        } else {
+            with.push(once(true)?);
+            plain.push(once(false)?);
+        }
+    }
+    let spread =
+        |v: &[f64]| Spread::of(v).ok_or_else(|| AgentBenchError::Bad("no handshakes".into()));
+    let (plain_us, secret_us) = (spread(&plain)?, spread(&with)?);
+    let ratio = secret_us.median / plain_us.median;
+    Ok(HandshakeRow {
+        handshakes: n,
+        plain_us,
+        secret_us,
+        ratio,
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -135,6 +188,8 @@ pub struct AgentBenchConfig {
     pub depth: u32,
     /// The cache passes: (region bytes, sub-ranges); `None` skips them.
     pub cache: Option<(u64, usize)>,
+    /// Handshakes each way (with a secret and without) on the simulated testbed; 0 skips.
+    pub handshakes: usize,
     /// Run on this RDMA device through verbs (`Some("")`: the first) instead of the simulated
     /// testbed. Feature `verbs`.
     pub verbs: Option<String>,
@@ -159,6 +214,7 @@ impl Default for AgentBenchConfig {
             qps: 2,
             depth: 128,
             cache: Some((4 << 30, 2000)),
+            handshakes: 20,
             placement: dmaplane_core::cpu::Placement::auto(),
             verbs: None,
             working_set: 256 << 20,
@@ -329,6 +385,13 @@ pub fn run(
         }
         None => None,
     };
+    let handshake = match cfg.handshakes {
+        0 => None,
+        n => {
+            progress.step(&format!("{n} handshakes with a secret and without"));
+            Some(handshakes(&tb, n)?)
+        }
+    };
     Ok(AgentReport {
         placement: dmaplane_core::cpu::placement_note(cfg.placement.as_ref()),
         backend: if cfg.verbs.is_some() {
@@ -341,6 +404,7 @@ pub fn run(
         depth: cfg.depth,
         rows,
         cache,
+        handshake,
     })
 }
 

@@ -53,6 +53,10 @@ pub enum BenchCmd {
         /// Skip the registration cache passes (2000 sub-ranges of a 4 GiB region, twice).
         #[arg(long)]
         no_cache: bool,
+        /// Handshakes each way, with a shared secret and without, to show what
+        /// authenticating a peer costs (0 skips; simulated testbed only).
+        #[arg(long, default_value_t = 20)]
+        handshakes: usize,
         /// Leave every thread to the scheduler (see `bench rdma --no-pin`); by default the
         /// simulated NICs' engines get a core of their own for both the raw layer and the
         /// agents.
@@ -151,6 +155,7 @@ pub fn run(cmd: &BenchCmd, json: bool) -> Result<()> {
             seconds,
             rounds,
             no_cache,
+            handshakes,
             no_pin,
         } => agent(
             backend,
@@ -158,7 +163,7 @@ pub fn run(cmd: &BenchCmd, json: bool) -> Result<()> {
             blocks,
             batches,
             (*seconds, *rounds),
-            (*no_cache, *no_pin),
+            (*no_cache, *no_pin, *handshakes),
             json,
         ),
         BenchCmd::Rdma {
@@ -336,7 +341,7 @@ fn agent(
     blocks: &[u64],
     batches: &[usize],
     (seconds, rounds): (f64, u32),
-    (no_cache, no_pin): (bool, bool),
+    (no_cache, no_pin, handshakes): (bool, bool, usize),
     json: bool,
 ) -> Result<()> {
     let verbs = match backend {
@@ -364,6 +369,10 @@ fn agent(
     if no_cache {
         cfg.cache = None;
     }
+    if handshakes > 1000 {
+        bail!("--handshakes {handshakes}: 0 to 1000");
+    }
+    cfg.handshakes = handshakes;
     if no_pin {
         cfg.placement = None;
     }
@@ -371,6 +380,7 @@ fn agent(
         // A real NIC's processors are its own: nothing to keep off the host's cores.
         cfg.placement = None;
         cfg.cache = None;
+        cfg.handshakes = 0;
         cfg.working_set = 16 << 20;
         cfg.verbs = verbs;
     }
@@ -443,6 +453,20 @@ fn agent(
             c.second_pass_ms,
             c.hits,
             c.ratio * 100.0
+        );
+    }
+    if let Some(h) = &r.handshake {
+        say!(
+            "\nhandshake (connect_to, paired, {} each way): without a secret {:.0} µs median \
+             [{:.0}-{:.0}], with a secret {:.0} µs median [{:.0}-{:.0}]: {:.0}% of the time without",
+            h.handshakes,
+            h.plain_us.median,
+            h.plain_us.low,
+            h.plain_us.high,
+            h.secret_us.median,
+            h.secret_us.low,
+            h.secret_us.high,
+            h.ratio * 100.0
         );
     }
     Ok(())
