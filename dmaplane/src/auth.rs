@@ -51,20 +51,56 @@ impl Secret {
         Ok(Secret(std::sync::Arc::new(b)))
     }
 
-    /// The secret in a file: its bytes, without a trailing newline.
+    /// The secret in a file: its bytes, without a trailing newline. The file must be readable
+    /// by its owner only (as ssh asks of a private key): one that its group or others may
+    /// read is refused, naming its mode.
     pub fn from_file(path: &std::path::Path) -> Result<Secret> {
-        let mut b = std::fs::read(path).map_err(|e| {
-            Error::invalid(
-                "agent",
-                "secret_file",
-                path.display(),
-                format!("cannot read it: {e}"),
-            )
-        })?;
+        let bad = |why: String| Error::invalid("agent", "secret_file", path.display(), why);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let meta = std::fs::metadata(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(bad(format!(
+                    "its mode is {mode:03o}: its group or others may read it; make it the \
+                     owner's only (chmod 600)"
+                )));
+            }
+        }
+        let mut b = std::fs::read(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
         while b.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
             b.pop();
         }
         Secret::new(b)
+    }
+
+    /// A new random secret (32 bytes from the operating system), written as 64 hexadecimal
+    /// characters and a newline to `path`, a new file readable by its owner only; the secret
+    /// is what [`Secret::from_file`] reads back. An existing file is not overwritten.
+    pub fn create_file(path: &std::path::Path) -> Result<Secret> {
+        let mut raw = [0u8; 32];
+        getrandom::fill(&mut raw)
+            .map_err(|e| Error::setup("agent", format!("no random bytes for a secret: {e}")))?;
+        let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let mut o = std::fs::OpenOptions::new();
+        o.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+        let written = o.open(path).and_then(|mut f| {
+            use std::io::Write;
+            f.write_all(hex.as_bytes())?;
+            f.write_all(b"\n")
+        });
+        written.map_err(|e| {
+            Error::invalid(
+                "agent",
+                "secret_file",
+                path.display(),
+                format!("cannot create it: {e}"),
+            )
+        })?;
+        Secret::new(hex.into_bytes())
     }
 
     fn mac(&self, role: &str) -> HmacSha256 {
@@ -150,6 +186,33 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_file_is_created_for_its_owner_only_and_read_back_and_others_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("dmaplane-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("secret");
+        let _ = std::fs::remove_file(&path);
+        let made = Secret::create_file(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(Secret::from_file(&path).unwrap(), made);
+        // Not overwritten.
+        let e = Secret::create_file(&path).unwrap_err().to_string();
+        assert!(e.contains("cannot create"), "{e}");
+        // Readable by others: refused, naming the mode.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Secret::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains("644") && e.contains("chmod 600"), "{e}");
+        // Too short: refused, naming the length.
+        let short = dir.join("short");
+        std::fs::write(&short, "abc\n").unwrap();
+        std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = Secret::from_file(&short).unwrap_err().to_string();
+        assert!(e.contains("3 bytes"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn who(name: &str, gid: u8) -> Metadata {
         Metadata {

@@ -281,6 +281,10 @@ impl AgentBuilder {
         };
         let built = (|| -> Result<Agent> {
             let nics = Nics::open(opened, self.fault)?;
+            // A peer grants a lease per registration and path: no more than it may announce.
+            for n in nics.iter() {
+                n.dev().limit_leases(c.limits.regions);
+            }
             let listener = OobListener::bind(c.listen.as_str())?;
             let addr = listener.local_addr();
             if addr.ip().is_unspecified() && c.advertise.is_none() {

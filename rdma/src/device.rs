@@ -104,6 +104,7 @@ impl Device {
                 name: self.tracker.name.clone(),
             }),
         });
+        // In one process both sides are this program's: no bound to enforce.
         holder.tracker.add_remote(remote.clone());
         lock(&mr.shared.holders).push(Holder {
             gid: holder.tracker.gid,
@@ -605,8 +606,25 @@ impl Device {
             revoked: AtomicU64::new(0),
             link,
         });
-        self.tracker.add_remote(remote.clone());
+        if !self.tracker.add_remote(remote.clone()) {
+            return Err(crate::RdmaError::InvalidRegistration {
+                field: "leases",
+                value: format!("rkey {:#x}", info.rkey),
+                why: format!(
+                    "{owner_name} already granted this device as many leases as one owner may \
+                     (Device::limit_leases)"
+                ),
+            });
+        }
         Ok(remote)
+    }
+
+    /// Accept at most `n` leases from any one owner ([`Device::hold`] refuses more; default
+    /// [`crate::MAX_LEASES_PER_OWNER`]): what a peer grants is recorded for good
+    /// (a revoked lease stays marked), so a peer must not be able to grow the record without
+    /// bound.
+    pub fn limit_leases(&self, n: usize) {
+        self.tracker.limit_leases(n);
     }
 
     /// Hand a control message that arrived from a peer to this device (what a link's receiver

@@ -43,6 +43,17 @@ enum Wire {
     Control(ControlMsg),
 }
 
+impl Wire {
+    /// The message's kind (for errors: never the peer's contents).
+    fn kind(&self) -> &'static str {
+        match self {
+            Wire::Hello { .. } => "hello",
+            Wire::Grant { .. } => "grant",
+            Wire::Control(_) => "control message",
+        }
+    }
+}
+
 /// Grants received and not yet taken ([`LeaseLink::next_grant`]) that a link keeps; beyond it
 /// the oldest go (a peer must not grow this side's memory without bound).
 pub const GRANT_QUEUE: usize = 65536;
@@ -172,11 +183,25 @@ impl LeaseLink {
             name: dev.name().to_string(),
         })?;
         let (peer_gid, peer_name) = match oob.recv::<Wire>(timeout)? {
+            // The name comes from the peer and goes into logs and errors: 1 to 255 bytes, no
+            // control characters.
+            Wire::Hello { name, .. }
+                if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) =>
+            {
+                return Err(RdmaError::Connection {
+                    what: format!("lease link with {addr}"),
+                    why: format!(
+                        "its hello names the device {:?}: a name is 1 to 255 bytes without \
+                         control characters",
+                        name.chars().take(64).collect::<String>()
+                    ),
+                });
+            }
             Wire::Hello { gid, name } => (gid, name),
             other => {
                 return Err(RdmaError::Connection {
                     what: format!("lease link with {addr}"),
-                    why: format!("expected a hello first, got {other:?}"),
+                    why: format!("expected a hello first, got {}", other.kind()),
                 });
             }
         };
@@ -396,6 +421,28 @@ fn receive(
 mod tests {
     use super::*;
     use crate::oob::OobListener;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any line a peer sends on a lease link decodes to a lease message or fails, never a
+        /// panic; a grant's access bits are accepted only when every bit is one this build
+        /// knows.
+        #[test]
+        fn any_bytes_are_refused_or_decoded_never_a_panic(
+            line in prop::collection::vec(any::<u8>(), 0..1024),
+            addr in any::<u64>(), len in any::<u64>(), rkey in any::<u32>(), access in any::<u32>(),
+        ) {
+            let _ = serde_json::from_slice::<Wire>(&line);
+            let g = serde_json::to_vec(&Wire::Grant { mr: RemoteMrInfo { addr, len, rkey }, access })
+                .unwrap_or_default();
+            if let Ok(Wire::Grant { access: a, .. }) = serde_json::from_slice::<Wire>(&g)
+                && let Some(bits) = MrAccess::from_bits(a)
+            {
+                prop_assert_eq!(bits.bits(), a);
+                prop_assert!(MrAccess::ALL.contains(bits));
+            }
+        }
+    }
 
     /// A peer that stopped reading: sends queue up to the bound, then fail at once, naming the
     /// queue — they never wait for the socket (a revoke calls them from `invalidate`).

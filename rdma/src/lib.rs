@@ -40,5 +40,6 @@ pub use lease_tcp::{LeaseLink, TcpLink};
 pub use policy::{ImportOptions, QuiescePolicy, QuiesceStats};
 pub use qp::{Mtu, QpAttr, QpCaps, QpState, RemoteQp};
 pub use sim::{SimNetwork, SimNic};
+pub use tracker::MAX_LEASES_PER_OWNER;
 pub use wc::{Completion, WcOpcode, WcStatus};
 pub use wr::{MAX_SGE, RecvWr, RemoteAddr, SendOp, SendWr, SgList, Sge};

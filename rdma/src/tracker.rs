@@ -264,6 +264,9 @@ pub(crate) struct LeaseWait {
     pub(crate) latch: Arc<Pending>,
 }
 
+/// Leases one owner may grant a device by default ([`crate::Device::limit_leases`]).
+pub const MAX_LEASES_PER_OWNER: usize = 1 << 16;
+
 /// Leases this device holds, by (owner GID, rkey).
 type Leases = HashMap<([u8; 16], u32), Arc<RemoteMr>>;
 
@@ -274,6 +277,10 @@ pub(crate) struct Tracker {
     pub(crate) mrs: RwLock<MrMap>,
     pub(crate) qps: RwLock<HashMap<u32, Weak<QpShared>>>,
     pub(crate) remotes: RwLock<Leases>,
+    /// Leases held per owner (what `remotes` holds of each), and the most one owner may grant
+    /// this device ([`crate::Device::limit_leases`]).
+    per_owner: Mutex<HashMap<[u8; 16], usize>>,
+    max_per_owner: AtomicUsize,
     pub(crate) seq_waits: Mutex<Vec<SeqWait>>,
     pub(crate) n_seq_waits: AtomicUsize,
     pub(crate) lease_waits: Mutex<HashMap<(u32, u64), LeaseWait>>,
@@ -307,6 +314,8 @@ impl Tracker {
             mrs: RwLock::new(HashMap::new()),
             qps: RwLock::new(HashMap::new()),
             remotes: RwLock::new(HashMap::new()),
+            per_owner: Mutex::new(HashMap::new()),
+            max_per_owner: AtomicUsize::new(MAX_LEASES_PER_OWNER),
             seq_waits: Mutex::new(Vec::new()),
             n_seq_waits: AtomicUsize::new(0),
             lease_waits: Mutex::new(HashMap::new()),
@@ -356,8 +365,26 @@ impl Tracker {
         m.insert(key, Arc::downgrade(mr));
     }
 
-    pub(crate) fn add_remote(&self, r: Arc<RemoteMr>) {
-        let old = write(&self.remotes).insert((r.owner, r.rkey), r.clone());
+    /// The most leases one owner may grant this device.
+    pub(crate) fn limit_leases(&self, n: usize) {
+        self.max_per_owner.store(n, Ordering::Relaxed);
+    }
+
+    /// Record a lease, unless its owner already granted as many other keys as one owner may
+    /// (then `false`: a peer cannot grow this map without bound; entries stay once granted, so
+    /// a post racing with a revoke still finds the mark).
+    pub(crate) fn add_remote(&self, r: Arc<RemoteMr>) -> bool {
+        let mut remotes = write(&self.remotes);
+        if !remotes.contains_key(&(r.owner, r.rkey)) {
+            let mut per = lock(&self.per_owner);
+            let n = per.entry(r.owner).or_default();
+            if *n >= self.max_per_owner.load(Ordering::Relaxed) {
+                return false;
+            }
+            *n += 1;
+        }
+        let old = remotes.insert((r.owner, r.rkey), r.clone());
+        drop(remotes);
         // A post that checked the lease being replaced must fail its re-check, not slip past
         // a revoke that only marks the new one.
         if let Some(old) = old
@@ -367,6 +394,7 @@ impl Tracker {
                 .revoked
                 .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst);
         }
+        true
     }
 
     /// Post-time check of a local scatter/gather element.

@@ -366,3 +366,64 @@ fn grants_to_a_holder_that_stopped_reading_never_block() {
     });
     silent.join().unwrap();
 }
+
+/// A peer that grants without end: this device records at most `limit_leases` of its keys
+/// (each refused one is named), a key granted again replaces its lease, and a hello naming
+/// the device with control characters is refused.
+#[test]
+fn a_peer_cannot_grow_the_leases_held_past_the_limit() {
+    let listener = OobListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr();
+    let peer = std::thread::spawn(move || {
+        let o = Oob::connect(addr, T).unwrap();
+        o.send(&serde_json::json!({"hello": {"gid": vec![9u8; 16], "name": "greedy"}}))
+            .unwrap();
+        let _hello: serde_json::Value = o.recv(T).unwrap();
+        let grant = |rkey: u32| serde_json::json!({"grant": {"mr": {"addr": 0x1000, "len": 4096, "rkey": rkey}, "access": 7}});
+        // Keys 1, 2, 3, then 1 again.
+        for rkey in [1, 2, 3, 1] {
+            o.send(&grant(rkey)).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    });
+    let fabric = Fabric::with_topology(builtin::testbed());
+    let net = SimNetwork::new(&fabric);
+    let h = host(&net, "mem0", "nic0");
+    h.dev.limit_leases(2);
+    let link = LeaseLink::open(&h.dev, listener.accept(T).unwrap(), T).unwrap();
+    let mut got = Vec::new();
+    while let Ok(r) = link.next_grant(Duration::from_millis(500)) {
+        got.push(r.rkey());
+    }
+    assert_eq!(
+        got,
+        [1, 2, 1],
+        "key 3 is past the limit; key 1 again replaces its lease"
+    );
+    peer.join().unwrap();
+    // The direct call names why.
+    let info = oob::RemoteMrInfo {
+        addr: 0x1000,
+        len: 4096,
+        rkey: 4,
+    };
+    let e = h
+        .dev
+        .hold([9; 16], "greedy", info, MrAccess::ALL, link.control_link())
+        .unwrap_err();
+    assert!(e.to_string().contains("limit_leases"), "{e}");
+
+    // A device name with a control character in the lease hello.
+    let listener = OobListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr();
+    let liar = std::thread::spawn(move || {
+        let o = Oob::connect(addr, T).unwrap();
+        o.send(&serde_json::json!({"hello": {"gid": vec![9u8; 16], "name": "nic\u{1b}[2J"}}))
+            .unwrap();
+        let _ = o.recv::<serde_json::Value>(Duration::from_millis(500));
+    });
+    let h2 = host(&net, "mem1", "nic1");
+    let e = LeaseLink::open(&h2.dev, listener.accept(T).unwrap(), T).unwrap_err();
+    assert!(e.to_string().contains("control characters"), "{e}");
+    liar.join().unwrap();
+}

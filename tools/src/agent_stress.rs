@@ -28,6 +28,9 @@ pub struct HolderArgs {
     size: u32,
     #[arg(long, value_parser = clap::value_parser!(dmaplane::stress::Inject))]
     inject: Option<dmaplane::stress::Inject>,
+    /// The secret the owner made for this run (both prove it on the handshake).
+    #[arg(long)]
+    secret_file: Option<std::path::PathBuf>,
 }
 
 /// Without the `verbs` feature: the same one-line refusal as the raw verbs stress.
@@ -120,10 +123,50 @@ mod imp {
         }
     }
 
-    fn spawn_holder(cfg: &StressConfig, device: Option<&str>, addr: &str) -> Result<Child> {
+    /// A directory of the owner's only, holding this run's secret; removed with the run.
+    struct SecretDir(std::path::PathBuf);
+
+    impl SecretDir {
+        fn new() -> Result<(SecretDir, dmaplane::auth::Secret)> {
+            use std::os::unix::fs::DirBuilderExt;
+            let dir = std::env::temp_dir().join(format!(
+                "dmaplane-stress-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos())
+            ));
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&dir)
+                .with_context(|| format!("a directory for the run's secret: {}", dir.display()))?;
+            let d = SecretDir(dir);
+            let secret = dmaplane::auth::Secret::create_file(&d.file())?;
+            Ok((d, secret))
+        }
+
+        fn file(&self) -> std::path::PathBuf {
+            self.0.join("secret")
+        }
+    }
+
+    impl Drop for SecretDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn spawn_holder(
+        cfg: &StressConfig,
+        device: Option<&str>,
+        addr: &str,
+        secret: &std::path::Path,
+    ) -> Result<Child> {
         let exe = std::env::current_exe().context("this program's path, to start the holder")?;
         let mut c = Command::new(exe);
         c.args(["stress", "revoke-holder", "--connect", addr])
+            .arg("--secret-file")
+            .arg(secret)
             .args(["--slots", &cfg.qps.to_string()])
             .args(["--size", &cfg.size.to_string()])
             .stdout(Stdio::piped())
@@ -144,16 +187,23 @@ mod imp {
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<StressReport> {
         let (owner_fault, _) = agent_faults(cfg.inject).map_err(|why| anyhow!(why))?;
+        // Two processes of this program: only the holder it starts may connect.
+        let (dir, secret) = SecretDir::new()?;
         let mut b = Agent::builder("stress-owner")
             .verbs()
             .inject(owner_fault)
+            .secret(secret)
             .stall_timeout(Duration::from_secs(60));
         if let Some(d) = device {
             b = b.nics([d]);
         }
         let owner = b.build().context("the owner's agent")?;
-        let mut holder =
-            ProcessHolder(spawn_holder(cfg, device, &owner.listen_addr().to_string())?);
+        let mut holder = ProcessHolder(spawn_holder(
+            cfg,
+            device,
+            &owner.listen_addr().to_string(),
+            &dir.file(),
+        )?);
         let alloc = |a: &Agent, name: &str, len: u64| a.alloc_cuda(name, 0, len);
         Ok(own(
             owner,
@@ -173,6 +223,9 @@ mod imp {
             .verbs()
             .inject(fault)
             .stall_timeout(HOLDER_STALL);
+        if let Some(f) = &a.secret_file {
+            b = b.secret(dmaplane::auth::Secret::from_file(f)?);
+        }
         if let Some(d) = &a.device {
             b = b.nics([d.as_str()]);
         }

@@ -41,6 +41,10 @@ pub struct LoadArgs {
     /// with a typed revoke, nothing lost, the oracle clean, nothing written after the ack.
     #[arg(long)]
     free_at: Option<usize>,
+    /// Both agents prove this secret to each other on their handshake (a file readable by
+    /// its owner only; `dmaplane secret new FILE` makes one).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
 }
 
 const T: Duration = Duration::from_secs(60);
@@ -144,15 +148,21 @@ fn go(args: &LoadArgs, shards: Vec<(PathBuf, u64)>, json: bool) -> Result<()> {
     let total: u64 = shards.iter().map(|s| s.1).sum();
     let biggest = shards.iter().map(|s| s.1).max().unwrap_or(0);
     let tb = Testbed::builtin()?;
-    let mut a = Agent::builder("loader").testbed(tb.clone()).nics(["nic0"]);
+    let secret = args
+        .secret_file
+        .as_deref()
+        .map(dmaplane::auth::Secret::from_file)
+        .transpose()?;
+    let with_secret = |b: dmaplane::AgentBuilder| match &secret {
+        Some(s) => b.secret(s.clone()),
+        None => b,
+    };
+    let mut a = with_secret(Agent::builder("loader").testbed(tb.clone()).nics(["nic0"]));
     if let Some(r) = args.drive_rate {
         a = a.drive_rate(r);
     }
     let a = a.build()?;
-    let b = Agent::builder("trainer")
-        .testbed(tb.clone())
-        .nics(["nic1"])
-        .build()?;
+    let b = with_secret(Agent::builder("trainer").testbed(tb.clone()).nics(["nic1"])).build()?;
     let slots = a.register(&a.alloc_gpu("slots", &args.src_gpu, 2 * biggest)?)?;
     let files = shards
         .iter()

@@ -8,6 +8,7 @@ mod doctor;
 mod gpu_doctor;
 mod load;
 mod report;
+mod secret;
 mod storage_doctor;
 mod stress;
 mod topo;
@@ -57,6 +58,11 @@ enum Cmd {
     Load(load::LoadArgs),
     /// What this machine offers the data path (RDMA, dma-buf exporters, io_uring), and what to fix.
     Doctor,
+    /// The shared secret agents prove to each other on their handshake.
+    Secret {
+        #[command(subcommand)]
+        which: secret::SecretCmd,
+    },
 }
 
 fn main() {
@@ -83,6 +89,7 @@ fn main() {
         Cmd::Stress { which } => stress::run(which, cli.json),
         Cmd::Load(args) => load::run(args, cli.json),
         Cmd::Doctor => doctor::run(cli.json),
+        Cmd::Secret { which } => secret::run(which, cli.json),
     };
     if let Err(e) = res {
         eprintln!("dmaplane: {e:#}");
