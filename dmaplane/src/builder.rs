@@ -324,7 +324,8 @@ impl AgentBuilder {
                 c.depth,
                 c.stall_timeout,
             ));
-            let shared = Arc::new(AgentInner {
+            let shared = Arc::new_cyclic(|me| AgentInner {
+                me: me.clone(),
                 name: name.clone(),
                 platform: Platform::new(backend.clone(), self.fault),
                 nics,

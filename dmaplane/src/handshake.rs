@@ -627,7 +627,7 @@ fn finish(
         .iter()
         .filter(|e| e.publish.allows(&peer.name))
     {
-        peer.announce(e, &s.region_info(e));
+        s.announce_to(&peer, e);
     }
     // An agent dropped while this handshake ran closes what it just connected.
     if s.stop.load(Ordering::Acquire) {

@@ -21,7 +21,7 @@ use crate::peer::{PeerHost, PeerShared};
 use crate::peers::Peers;
 use crate::platform::Platform;
 use crate::progress::ProgressEngine;
-use crate::region::MemoryEntry;
+use crate::region::{MemoryEntry, PeerStage};
 use crate::registry::Registry;
 use crate::stage::{StageFailure, StageRange};
 
@@ -44,6 +44,8 @@ pub(crate) struct AgentInner {
     /// File registrations and the drive they go through.
     pub(crate) files: crate::files::Files,
     pub(crate) next_memory: AtomicU64,
+    /// Itself, for the memory it allocates (whose owner it is) where only `&self` is at hand.
+    pub(crate) me: Weak<AgentInner>,
 }
 
 impl crate::memory::Owner for AgentInner {
@@ -137,7 +139,7 @@ impl PeerHost for AgentInner {
                 why: format!("agent {} refused: {why}", self.name),
             });
         }
-        self.serve_stage(ranges, land)
+        self.serve_stage(peer, ranges, land)
     }
     fn staged(&self, transfer: u64, failure: Option<StageFailure>, peer: &Arc<PeerShared>) {
         self.engine.staged(transfer, failure, peer);
@@ -147,6 +149,10 @@ impl PeerHost for AgentInner {
     }
     fn retire(&self, peer: &Arc<PeerShared>) {
         self.peers.remove(peer);
+        // Its staging buffers go with it (another peer may take its name later).
+        for e in self.registry.live() {
+            e.drop_peer_stage(&peer.name);
+        }
     }
     fn count_refusal(&self, why: Refusal) {
         self.peers.count_refusal(why);
@@ -155,13 +161,13 @@ impl PeerHost for AgentInner {
 
 impl AgentInner {
     /// Where this agent's memory comes from.
-    pub(crate) fn allocator(self: &Arc<Self>) -> crate::alloc::Allocator<'_> {
+    pub(crate) fn allocator(&self) -> crate::alloc::Allocator<'_> {
         crate::alloc::Allocator {
             agent: &self.name,
             platform: &self.platform,
             nics: &self.nics,
             next: &self.next_memory,
-            owner: Arc::downgrade(self) as Weak<dyn crate::memory::Owner>,
+            owner: self.me.clone() as Weak<dyn crate::memory::Owner>,
         }
     }
 
@@ -339,8 +345,13 @@ impl AgentInner {
     }
 
     /// The owner's side: copy `ranges` of its staged registrations into device memory (`land`)
-    /// or out of it into their staging buffers.
-    pub(crate) fn serve_stage(&self, ranges: &[StageRange], land: bool) -> Option<StageFailure> {
+    /// or out of it, from or into `peer`'s own staging buffers.
+    pub(crate) fn serve_stage(
+        &self,
+        peer: &str,
+        ranges: &[StageRange],
+        land: bool,
+    ) -> Option<StageFailure> {
         for &(region, off, len) in ranges {
             let fail = |name: &str, epoch: Option<u64>, why: String| StageFailure {
                 region,
@@ -363,16 +374,36 @@ impl AgentInner {
                 return Some(fail(name, Some(epoch), e.gone_why().to_string()));
             }
             if let Some((file, at)) = &e.file {
-                if let Err(err) = self.serve_file(&e, (file, *at), (off, len), land) {
+                // Through the asking peer's own buffer.
+                let own = match e.existing_peer_stage(peer).as_deref() {
+                    Some(PeerStage::File(own)) => own.clone(),
+                    _ => {
+                        return Some(fail(
+                            name,
+                            None,
+                            format!(
+                                "it holds no staging buffer for {peer} (never announced to it)"
+                            ),
+                        ));
+                    }
+                };
+                if let Err(err) = self.serve_file(&own, (file, *at), (off, len), land) {
                     return Some(fail(name, e.revoked_at(), format!("file I/O: {err}")));
                 }
                 continue;
             }
-            let Some(st) = &e.stage else {
+            if e.stage.is_none() {
                 return Some(fail(
                     name,
                     None,
                     "it is not staged: no NIC of this agent stages it".into(),
+                ));
+            }
+            let Some(ps) = e.existing_peer_stage(peer) else {
+                return Some(fail(
+                    name,
+                    None,
+                    format!("it holds no staging buffer for {peer} (never announced to it)"),
                 ));
             };
             if off.checked_add(len).is_none_or(|end| end > e.len) || len == 0 {
@@ -382,7 +413,7 @@ impl AgentInner {
                     format!("range [{off:#x}, +{len:#x}) outside its {} bytes", e.len),
                 ));
             }
-            if let Err(err) = st.copy(&e.memory, e.base, off, len, !land) {
+            if let Err(err) = e.peer_stage_copy(&ps, off, len, !land) {
                 return Some(fail(
                     name,
                     e.revoked_at(),
@@ -439,11 +470,26 @@ impl AgentInner {
                     mtu: n.mtu().bytes(),
                 })
                 .collect(),
-            regions: entries.iter().map(|e| self.region_info(e)).collect(),
+            regions: entries
+                .iter()
+                .map(|e| {
+                    // A peer's view carries its own staging keys (made now if need be).
+                    let ps = peer.and_then(|p| {
+                        self.peer_stage(e, p).unwrap_or_else(|err| {
+                            tracing::warn!(agent = %self.name, %p, region = e.id, error = %err, "no staging buffer for the peer");
+                            None
+                        })
+                    });
+                    self.region_info(e, ps.as_deref())
+                })
+                .collect(),
         }
     }
 
-    pub(crate) fn region_info(&self, e: &MemoryEntry) -> RegionInfo {
+    /// How `e` is described to a peer: its keys on every NIC that serves it — on a staged
+    /// path, the keys of the peer's own staging buffer `ps` (none without one: the
+    /// registration's own staging buffer is not for peers).
+    pub(crate) fn region_info(&self, e: &MemoryEntry, ps: Option<&PeerStage>) -> RegionInfo {
         RegionInfo {
             id: e.id,
             name: e.memory.name().to_string(),
@@ -451,13 +497,13 @@ impl AgentInner {
             location: e.memory.location().clone(),
             file: e.file.as_ref().map(|(f, _)| f.path.display().to_string()),
             epoch: e.epoch,
-            keys: e
-                .mrs
+            keys: self
+                .nics
                 .iter()
-                .zip(self.nics.iter())
                 .zip(&e.paths)
-                .filter_map(|((mr, nic), path)| {
-                    mr.as_ref().map(|mr| RegionKey {
+                .enumerate()
+                .filter_map(|(i, (nic, path))| {
+                    e.mr_for(i, ps).map(|mr| RegionKey {
                         nic: nic.name().to_string(),
                         rkey: mr.rkey(),
                         addr: mr.iova(),

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::limits::{Limits, Refusal};
 use crate::metadata::RegionInfo;
 use crate::notify::Notification;
-use crate::region::MemoryEntry;
+use crate::region::{MemoryEntry, PeerStage};
 use crate::stage::{StageFailure, StageRange};
 use crate::sync::lock;
 use crate::wire::Wire;
@@ -408,16 +408,18 @@ impl PeerShared {
 
     /// Tell the peer of a new registration and grant it leases on every path whose NIC
     /// serves it.
-    pub(crate) fn announce(&self, entry: &MemoryEntry, info: &RegionInfo) {
-        self.grant(entry);
+    pub(crate) fn announce(&self, entry: &MemoryEntry, ps: Option<&PeerStage>, info: &RegionInfo) {
+        self.grant(entry, ps);
         if let Err(e) = self.send(Wire::Region { info: info.clone() }) {
             tracing::warn!(peer = %self.name, error = %e, "registration not announced");
         }
     }
 
-    fn grant(&self, entry: &MemoryEntry) {
+    /// Leases on `entry` on every path whose NIC serves it: on a staged path, on the peer's
+    /// own staging buffer (`ps`).
+    fn grant(&self, entry: &MemoryEntry, ps: Option<&PeerStage>) {
         for p in &self.paths {
-            let Some(mr) = &entry.mrs[p.local] else {
+            let Some(mr) = entry.mr_for(p.local, ps) else {
                 continue;
             };
             if !lock(&p.granted).insert(entry.id) {

@@ -1,7 +1,8 @@
 //! Registrations: a [`Region`] is a range of a [`Memory`] that the agent's NICs can reach, with
 //! one memory region (MR) per NIC that serves it zero-copy and the path each NIC takes.
 
-use std::sync::{Arc, Weak};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 
 use dmaplane_core::Route;
 use dmaplane_gpu::DmaClient;
@@ -107,6 +108,21 @@ pub struct MemoryEntry {
     pub(crate) deregistered: std::sync::atomic::AtomicBool,
     /// Who it is published to, and how.
     pub(crate) publish: Publish,
+    /// The staging buffer of each peer it was announced to, when it is staged.
+    per_peer: Mutex<HashMap<String, Arc<PeerStage>>>,
+}
+
+/// A peer's own staging buffer of a staged registration.
+pub(crate) enum PeerStage {
+    /// GPU memory some NIC cannot reach: a host buffer the GPU's copy engine imports, and
+    /// its MRs on the staged NICs (field order is drop order: the MRs before the buffer).
+    Gpu {
+        mrs: Vec<Option<Mr>>,
+        stage: Arc<Stage>,
+    },
+    /// A published file region: a host buffer of its own, registered like the region's,
+    /// that the file is read into and written from.
+    File(Arc<MemoryEntry>),
 }
 
 /// What registering memory needs of the agent: its NICs, its platform, whether to stage even
@@ -138,18 +154,11 @@ impl MemoryEntry {
                 Reach::Refused(why) => {
                     let st = match &stage {
                         Some(st) => st.clone(),
-                        None => stage.insert(staging(cx.platform, memory, len)?).clone(),
+                        None => stage
+                            .insert(staging(cx.platform, memory, len, None)?)
+                            .clone(),
                     };
-                    let id = nic.id().ok_or_else(|| {
-                        Error::setup(cx.agent, format!("{} is not on the fabric", nic.name()))
-                    })?;
-                    let opts = ImportOptions {
-                        access: publish.access(),
-                        ..ImportOptions::default()
-                    };
-                    let mr = nic
-                        .pd()
-                        .import(&st.name, opts, None, |i, a| st.host.attach(i, Some(id), a))?;
+                    let mr = import_stage(cx, nic, &st, publish.access())?;
                     let path = NicPath::Staged {
                         nic: nic.name().to_string(),
                         through: st.through.clone(),
@@ -196,7 +205,88 @@ impl MemoryEntry {
             file: None,
             deregistered: std::sync::atomic::AtomicBool::new(false),
             publish,
+            per_peer: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Whether peers reach it through a staging buffer of their own: GPU memory some NIC
+    /// stages, or a published file region.
+    pub(crate) fn staged_for_peers(&self) -> bool {
+        self.stage.is_some() || self.file.is_some()
+    }
+
+    /// `peer`'s own staging buffer, made by `make` on first use (`None` when peers reach the
+    /// registration directly).
+    pub(crate) fn peer_stage(
+        &self,
+        peer: &str,
+        make: impl FnOnce() -> Result<PeerStage>,
+    ) -> Result<Option<Arc<PeerStage>>> {
+        if !self.staged_for_peers() {
+            return Ok(None);
+        }
+        let mut per = crate::sync::lock(&self.per_peer);
+        if let Some(ps) = per.get(peer) {
+            return Ok(Some(ps.clone()));
+        }
+        let ps = Arc::new(make()?);
+        per.insert(peer.to_string(), ps.clone());
+        Ok(Some(ps))
+    }
+
+    /// A GPU staging buffer of `peer`'s own and its MRs on the staged NICs. Tied to the
+    /// memory: freeing it revokes the buffer, so the NICs quiesce and the peer's leases on it
+    /// are withdrawn.
+    pub(crate) fn gpu_peer_stage(&self, cx: &RegisterCx<'_>, peer: &str) -> Result<PeerStage> {
+        let stage = staging(cx.platform, &self.memory, self.len, Some(peer))?;
+        let mut mrs = Vec::with_capacity(self.paths.len());
+        for (nic, path) in cx.nics.iter().zip(&self.paths) {
+            mrs.push(match path {
+                NicPath::Staged { .. } => {
+                    Some(import_stage(cx, nic, &stage, self.publish.access())?)
+                }
+                _ => None,
+            });
+        }
+        self.memory.tie(Arc::downgrade(&stage) as Weak<dyn Tied>);
+        Ok(PeerStage::Gpu { mrs, stage })
+    }
+
+    /// `peer`'s staging buffer, if it has one.
+    pub(crate) fn existing_peer_stage(&self, peer: &str) -> Option<Arc<PeerStage>> {
+        crate::sync::lock(&self.per_peer).get(peer).cloned()
+    }
+
+    /// `peer` is gone: its staging buffer goes (its MRs first).
+    pub(crate) fn drop_peer_stage(&self, peer: &str) {
+        crate::sync::lock(&self.per_peer).remove(peer);
+    }
+
+    /// Every peer's staging MRs, with the NIC index each is on (for a deregistration).
+    pub(crate) fn peer_mrs(&self) -> Vec<(usize, Mr)> {
+        crate::sync::lock(&self.per_peer)
+            .values()
+            .flat_map(|ps| {
+                ps.mrs()
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, m)| m.clone().map(|m| (i, m)))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// The MR a peer reaches through NIC `nic`: on a staged path, or for a published file,
+    /// its own staging buffer's (`None` without one: the registration's own buffer is the
+    /// owner's alone); else the registration's.
+    pub(crate) fn mr_for<'a>(&'a self, nic: usize, ps: Option<&'a PeerStage>) -> Option<&'a Mr> {
+        let staged =
+            self.file.is_some() || matches!(self.paths.get(nic), Some(NicPath::Staged { .. }));
+        if staged {
+            ps.and_then(|ps| ps.mrs().get(nic)?.as_ref())
+        } else {
+            self.mrs.get(nic)?.as_ref()
+        }
     }
 
     /// Why it cannot be used: deregistered, or its memory revoked or freed.
@@ -240,9 +330,51 @@ impl MemoryEntry {
             })
     }
 
+    /// Copy between the memory and `peer`'s GPU staging buffer (`to_stage`: before the peer
+    /// READs; else after it WROTE): the owner's side of a peer's stage or land.
+    pub(crate) fn peer_stage_copy(
+        &self,
+        ps: &PeerStage,
+        off: u64,
+        len: u64,
+        to_stage: bool,
+    ) -> Result<()> {
+        match ps {
+            PeerStage::Gpu { stage, .. } => stage.copy(&self.memory, self.base, off, len, to_stage),
+            PeerStage::File(_) => Err(Error::setup(
+                self.memory.name(),
+                "a file region's staging buffer is served by file I/O, not a copy",
+            )),
+        }
+    }
+
     pub(crate) fn covers(&self, offset: u64, len: u64) -> bool {
         offset >= self.base && offset + len <= self.base + self.len
     }
+}
+
+impl PeerStage {
+    /// Its MRs, per agent NIC (same order).
+    fn mrs(&self) -> &[Option<Mr>] {
+        match self {
+            PeerStage::Gpu { mrs, .. } => mrs,
+            PeerStage::File(e) => &e.mrs,
+        }
+    }
+}
+
+/// An MR of `nic` on staging buffer `st`.
+fn import_stage(cx: &RegisterCx<'_>, nic: &Nic, st: &Stage, access: MrAccess) -> Result<Mr> {
+    let id = nic
+        .id()
+        .ok_or_else(|| Error::setup(cx.agent, format!("{} is not on the fabric", nic.name())))?;
+    let opts = ImportOptions {
+        access,
+        ..ImportOptions::default()
+    };
+    Ok(nic
+        .pd()
+        .import(&st.name, opts, None, |i, a| st.host.attach(i, Some(id), a))?)
 }
 
 /// How one NIC takes a registration.

@@ -10,8 +10,9 @@ use crate::error::{Error, Result};
 use crate::file::FileRegion;
 use crate::inner::AgentInner;
 use crate::memory::Memory;
+use crate::peer::PeerShared;
 use crate::publish::Publish;
-use crate::region::{MemoryEntry, Region};
+use crate::region::{MemoryEntry, PeerStage, Region};
 
 impl AgentInner {
     /// [`crate::Agent::register_with`]: a cache hit (published to all, read and write only:
@@ -90,16 +91,26 @@ impl AgentInner {
                 entry.mrs.iter().flatten().count(),
             );
         }
-        let info = self.region_info(&entry);
         for p in self
             .peers
             .list()
             .iter()
             .filter(|p| entry.publish.allows(&p.name))
         {
-            p.announce(&entry, &info);
+            self.announce_to(p, &entry);
         }
         Region { entry, offset, len }
+    }
+
+    /// Tell `peer` of registration `e` and grant it leases: on a staged path, on a staging
+    /// buffer of its own (made now, if it has none yet).
+    pub(crate) fn announce_to(&self, peer: &PeerShared, e: &MemoryEntry) {
+        let ps = self.peer_stage(e, &peer.name).unwrap_or_else(|err| {
+            tracing::warn!(agent = %self.name, peer = %peer.name, region = e.id, error = %err, "no staging buffer for the peer: it is told of the registration without staged keys");
+            None
+        });
+        let info = self.region_info(e, ps.as_deref());
+        peer.announce(e, ps.as_deref(), &info);
     }
 
     /// [`crate::Agent::deregister`]: unlisted, out of the cache, and every NIC's MR
@@ -125,10 +136,45 @@ impl AgentInner {
                 first_err.get_or_insert(err);
             }
         }
+        // The peers' own staging buffers' MRs too: their leases are withdrawn the same way.
+        for (nic, mr) in e.peer_mrs() {
+            if let Some(n) = self.nics.iter().nth(nic)
+                && let Err(err) = mr.deregister(n.pd(), deadline)
+            {
+                first_err.get_or_insert(err);
+            }
+        }
         match first_err {
             Some(err) => Err(err.into()),
             None => Ok(()),
         }
+    }
+
+    /// `peer`'s own staging buffer of `e` (made on first use; `None` where peers reach `e`
+    /// directly): for GPU memory a host buffer its copy engine imports, for a published file
+    /// a host buffer like the region's own, on the same host memory, registered the same way.
+    pub(crate) fn peer_stage(&self, e: &MemoryEntry, peer: &str) -> Result<Option<Arc<PeerStage>>> {
+        e.peer_stage(peer, || {
+            if e.file.is_none() {
+                return e.gpu_peer_stage(&self.register_cx(), peer);
+            }
+            let name = format!("{} for {peer}", e.memory.name());
+            let mem = self.allocator().alloc_host_on(
+                &name,
+                e.memory.location().device(),
+                e.memory.len(),
+            )?;
+            let mut own = MemoryEntry::register(
+                &self.register_cx(),
+                e.id,
+                &mem,
+                0,
+                mem.len(),
+                e.publish.clone(),
+            )?;
+            own.file = e.file.clone();
+            Ok(PeerStage::File(Arc::new(own)))
+        })
     }
 
     /// [`crate::Agent::publish_file`]: `mem` (a host buffer of the file region's length)
@@ -139,5 +185,129 @@ impl AgentInner {
             MemoryEntry::register(&self.register_cx(), id, mem, 0, mem.len(), Publish::all())?;
         entry.file = Some((file.entry.clone(), file.offset));
         Ok(self.announce(Arc::new(entry), 0, file.len()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::{Agent, Testbed};
+
+    const T: Duration = Duration::from_secs(10);
+    const LEN: u64 = 64 << 10;
+
+    /// a on nic0, b on nic1, c on nic2.
+    fn three() -> (Agent, Agent, Agent) {
+        let tb = Testbed::builtin().unwrap();
+        let agent = |name: &str, nic: &str| {
+            Agent::builder(name)
+                .testbed(tb.clone())
+                .nics([nic])
+                .build()
+                .unwrap()
+        };
+        (agent("a", "nic0"), agent("b", "nic1"), agent("c", "nic2"))
+    }
+
+    /// a and c connect to b; each is told its own staged key of `region`.
+    fn both_meet(a: &Agent, b: &Agent, c: &Agent, region: u32) -> (crate::Peer, crate::Peer) {
+        let pa = a.connect_to(&b.listen_addr().to_string()).unwrap();
+        let pc = c.connect_to(&b.listen_addr().to_string()).unwrap();
+        let (ka, kc) = (pa.region(region).unwrap(), pc.region(region).unwrap());
+        assert!(ka.keys[0].staged && kc.keys[0].staged);
+        assert_ne!(
+            ka.keys[0].rkey, kc.keys[0].rkey,
+            "one staging buffer for both peers"
+        );
+        (pa, pc)
+    }
+
+    /// `a` WRITEs LEN bytes of 0xaa into `region` of `peer` (landed by it when staged).
+    fn write_aa(a: &Agent, peer: &crate::Peer, region: u32) {
+        let src = a.alloc_host("src", LEN).unwrap();
+        src.write(0, &vec![0xaa; LEN as usize]).unwrap();
+        let ra = a.register(&src).unwrap();
+        a.write(
+            peer,
+            &[ra.desc(0, LEN).unwrap()],
+            &[peer.desc(region, 0, LEN).unwrap()],
+            None,
+        )
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    }
+
+    /// Two peers of one staged registration: each is told keys of a staging buffer of its
+    /// own, the memory's metadata for anyone lists none, and a peer's land copies only its
+    /// own buffer — so a peer that asks to land a range another peer wrote lands nothing of
+    /// the other's bytes (with one shared buffer it landed them).
+    #[test]
+    fn each_peer_of_a_staged_registration_stages_through_its_own_buffer() {
+        let (a, b, c) = three();
+        // gpu0 sits on the other socket from nic1: b stages it.
+        let dst = b.alloc_gpu("dst", "gpu0", LEN).unwrap();
+        dst.write(0, &vec![0; LEN as usize]).unwrap();
+        let rb = b.register(&dst).unwrap();
+        assert!(rb.paths()[0].is_staged());
+        let (pa, pc) = both_meet(&a, &b, &c, rb.id());
+        let blob = crate::metadata::Metadata::from_blob(&b.metadata_blob().unwrap()).unwrap();
+        let open = blob.regions.iter().find(|r| r.id == rb.id()).unwrap();
+        assert!(open.keys.is_empty(), "staged keys for anyone: {open:?}");
+
+        // a writes its bytes (WRITE into its staging buffer, then b lands them).
+        write_aa(&a, &pa, rb.id());
+        let mut got = vec![0; LEN as usize];
+        dst.read(0, &mut got).unwrap();
+        assert!(got.iter().all(|&x| x == 0xaa));
+        // b's application clears it; c asks b to land the same range, which it never wrote.
+        dst.write(0, &vec![0; LEN as usize]).unwrap();
+        let failure = b.shared.serve_stage("c", &[(rb.id(), 0, LEN)], true);
+        assert_eq!(failure, None);
+        dst.read(0, &mut got).unwrap();
+        assert!(
+            got.iter().all(|&x| x == 0),
+            "c's land put a's bytes into b's memory"
+        );
+        // A peer that was never told of it has no buffer to land from.
+        let f = b.shared.serve_stage("nobody", &[(rb.id(), 0, LEN)], true);
+        assert!(f.unwrap().why.contains("no staging buffer for nobody"));
+        // A lost peer's buffer goes.
+        drop(pc);
+        drop(c);
+        let e = b.shared.entry(rb.id()).unwrap();
+        let due = std::time::Instant::now() + T;
+        while e.existing_peer_stage("c").is_some() {
+            assert!(std::time::Instant::now() < due, "c's staging buffer kept");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(e.existing_peer_stage("a").is_some());
+    }
+
+    /// The same for a published file region: each peer's WRITE lands from, and its READ is
+    /// staged into, a buffer of its own.
+    #[test]
+    fn each_peer_of_a_published_file_goes_through_its_own_buffer() {
+        let (a, b, c) = three();
+        let dir = std::env::temp_dir().join(format!("dmaplane-peer-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("shared.bin");
+        std::fs::write(&path, vec![0u8; LEN as usize]).unwrap();
+        let spec = crate::FileSpec::new(&path).writable();
+        let rb = b.publish_file(&b.register_file(&spec).unwrap()).unwrap();
+        let (pa, pc) = both_meet(&a, &b, &c, rb.id());
+        write_aa(&a, &pa, rb.id());
+        assert!(std::fs::read(&path).unwrap().iter().all(|&x| x == 0xaa));
+        // The file is cleared; c asks b to land the range a wrote: its own (empty) buffer
+        // goes to the file, not a's bytes.
+        std::fs::write(&path, vec![0u8; LEN as usize]).unwrap();
+        assert_eq!(b.shared.serve_stage("c", &[(rb.id(), 0, LEN)], true), None);
+        assert!(
+            !std::fs::read(&path).unwrap().contains(&0xaa),
+            "c's land wrote a's bytes to the file"
+        );
+        drop((pa, pc));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

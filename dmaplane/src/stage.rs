@@ -15,6 +15,12 @@
 //! - **Files.** A published file region ([`crate::Agent::publish_file`]) is served the same
 //!   way: its keys are staged, to *stage* a range is to read it from the file into the buffer,
 //!   to *land* one is to write it from the buffer to the file, through the owner's drive.
+//! - **One buffer per peer.** Each peer a staged registration is announced to gets a staging
+//!   buffer of its own ([`crate::region::PeerStage`]), with its own keys, told to that peer
+//!   only and leased to it only: one peer can neither read what was staged for another nor
+//!   overwrite what another is about to land, and a peer's land copies only its own buffer.
+//!   The owner's own transfers use the registration's buffer. The memory's metadata for
+//!   anyone (the blob) lists no staged key. A peer's buffers go when it is lost.
 //! - **Revoke.** The staging buffer lives and dies with the registration; freeing the memory
 //!   revokes the staging buffer first (the NICs that use it quiesce, peers' leases on it are
 //!   withdrawn, the copy engine's view is zapped), then the memory itself. A copy that meets
@@ -128,7 +134,14 @@ impl Stage {
 
 /// A staging buffer for `len` bytes of GPU `memory`: host memory on the GPU's NUMA node,
 /// resident, imported by the GPU's copy engine.
-pub(crate) fn staging(platform: &Platform, memory: &Memory, len: u64) -> Result<Arc<Stage>> {
+/// `peer`: the peer it stages for (its own buffer, [`crate::region::PeerStage`]); `None`: the
+/// owner's own transfers.
+pub(crate) fn staging(
+    platform: &Platform,
+    memory: &Memory,
+    len: u64,
+    peer: Option<&str>,
+) -> Result<Arc<Stage>> {
     let gpu_name = memory.location().device();
     let what = || format!("staging for {}", memory.name());
     let Some(tb) = platform.testbed() else {
@@ -148,7 +161,10 @@ pub(crate) fn staging(platform: &Platform, memory: &Memory, len: u64) -> Result<
         ));
     };
     let through = dev.id.clone();
-    let name = format!("{}-staging", memory.name());
+    let name = match peer {
+        Some(p) => format!("{}-staging-{p}", memory.name()),
+        None => format!("{}-staging", memory.name()),
+    };
     let host = HostMemory::new(tb.fabric(), tb.device(&through)?, &name, len)
         .map_err(|e| Error::setup(&what(), e.to_string()))?;
     // Staging buffers are pinned host memory: resident before a transfer needs them.

@@ -458,7 +458,7 @@ impl Drive {
         let stage = if memory.location().device().starts_with("cuda:") {
             cuda_bounce(platform, memory, len)?
         } else {
-            staging(platform, memory, len)?
+            staging(platform, memory, len, None)?
         };
         memory.tie(Arc::downgrade(&stage) as Weak<dyn Tied>);
         let (st, dev) = (stage.clone(), self.dev);
