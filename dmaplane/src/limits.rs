@@ -15,7 +15,7 @@
 //! | `peers` | peers connected at once | the handshake |
 //! | `paths` | (local NIC, peer NIC) paths to one peer (each with its queue pairs and a lease link) | the handshake |
 //! | `qps_per_path` | queue pairs a peer may ask for on each path | the handshake |
-//! | `regions` | registrations of one peer this agent keeps track of | metadata and announcements |
+//! | `regions` | registrations of one peer this agent keeps track of, and the leases it may grant each NIC | metadata and announcements; the NICs ([`dmaplane_rdma::Device::limit_leases`]) |
 //! | `region_bytes` | the memory those descriptions take | metadata and announcements |
 //! | `notifications` | notifications of one peer queued until read | the inbox |
 //! | `notification_bytes` | one notification | the control reader |
@@ -44,7 +44,8 @@ pub struct Limits {
     pub paths: usize,
     /// Queue pairs a peer may ask for on each path.
     pub qps_per_path: usize,
-    /// Registrations of one peer this agent keeps track of.
+    /// Registrations of one peer this agent keeps track of, and leases one peer may grant
+    /// each of its NICs.
     pub regions: usize,
     /// The memory the descriptions of one peer's registrations may take, in bytes.
     pub region_bytes: usize,
@@ -221,6 +222,9 @@ pub struct Refusals {
     pub stage_bytes: u64,
     /// Peers lost after [`Limits::idle`] of silence.
     pub idle: u64,
+    /// Leases a peer granted this agent's NICs beyond [`Limits::regions`] (counted by the
+    /// NICs).
+    pub leases: u64,
 }
 
 impl Refusals {
@@ -242,6 +246,7 @@ impl Refusals {
             self.stage_ranges,
             self.stage_bytes,
             self.idle,
+            self.leases,
         ]
         .iter()
         .sum()
@@ -275,6 +280,7 @@ impl RefusalCounters {
             stage_ranges: g(Refusal::StageRanges),
             stage_bytes: g(Refusal::StageBytes),
             idle: g(Refusal::Idle),
+            leases: 0,
         }
     }
 }

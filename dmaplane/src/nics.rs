@@ -225,6 +225,11 @@ impl Nics {
             .map(|n| n.dev.stats().holders_cut_off)
             .sum()
     }
+
+    /// Leases peers granted the NICs beyond their limit ([`crate::Limits::regions`]), refused.
+    pub(crate) fn leases_refused(&self) -> u64 {
+        self.list.iter().map(|n| n.dev.stats().leases_refused).sum()
+    }
 }
 
 impl std::ops::Index<usize> for Nics {

@@ -94,4 +94,6 @@ pub struct QuiesceStats {
     pub leases_revoked: u64,
     pub lease_acks: u64,
     pub holders_cut_off: u64,
+    /// Leases a peer granted beyond [`crate::Device::limit_leases`], refused.
+    pub leases_refused: u64,
 }

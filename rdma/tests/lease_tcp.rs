@@ -412,6 +412,7 @@ fn a_peer_cannot_grow_the_leases_held_past_the_limit() {
         .hold([9; 16], "greedy", info, MrAccess::ALL, link.control_link())
         .unwrap_err();
     assert!(e.to_string().contains("limit_leases"), "{e}");
+    assert_eq!(h.dev.stats().leases_refused, 2, "key 3, then key 4");
 
     // A device name with a control character in the lease hello.
     let listener = OobListener::bind("127.0.0.1:0").unwrap();
