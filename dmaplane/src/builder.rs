@@ -326,6 +326,7 @@ impl AgentBuilder {
             ));
             let shared = Arc::new_cyclic(|me| AgentInner {
                 me: me.clone(),
+                staging: crate::limits::Budget::new(c.limits.staging_bytes),
                 name: name.clone(),
                 platform: Platform::new(backend.clone(), self.fault),
                 nics,

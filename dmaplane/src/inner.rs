@@ -44,6 +44,8 @@ pub(crate) struct AgentInner {
     /// File registrations and the drive they go through.
     pub(crate) files: crate::files::Files,
     pub(crate) next_memory: AtomicU64,
+    /// The staging buffers held for peers ([`crate::Limits::staging_bytes`]).
+    pub(crate) staging: Arc<crate::limits::Budget>,
     /// Itself, for the memory it allocates (whose owner it is) where only `&self` is at hand.
     pub(crate) me: Weak<AgentInner>,
 }

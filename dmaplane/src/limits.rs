@@ -21,6 +21,7 @@
 //! | `notification_bytes` | one notification | the control reader |
 //! | `stage_ranges` | ranges one stage or land request names (served inline, one after another) | staging |
 //! | `stage_bytes` | bytes one stage or land request moves | staging |
+//! | `staging_bytes` | the staging buffers this agent holds for its peers, all together (one per peer and staged registration) | announcing a staged registration to a peer |
 //! | `idle` | silence on a peer's control connection before the peer is lost | the control reader |
 //! | `keepalive` | how often this agent speaks on an otherwise idle control connection | the control writer |
 
@@ -57,6 +58,10 @@ pub struct Limits {
     pub stage_ranges: usize,
     /// Bytes one stage or land request may move.
     pub stage_bytes: u64,
+    /// Bytes of staging buffers held for peers, all together: each peer a staged registration
+    /// is announced to gets a buffer of its size. Past it, a peer is told of the registration
+    /// without staged keys (it cannot reach it through a staged path).
+    pub staging_bytes: u64,
     /// Silence on a peer's control connection after which the peer is lost.
     pub idle: Duration,
     /// How often an otherwise idle control connection carries a keepalive (less than `idle`).
@@ -78,6 +83,7 @@ impl Default for Limits {
             notification_bytes: crate::notify::MAX_NOTIFY,
             stage_ranges: 1 << 16,
             stage_bytes: 1 << 40,
+            staging_bytes: 64 << 30,
             idle: Duration::from_secs(60),
             keepalive: Duration::from_secs(10),
         }
@@ -104,13 +110,13 @@ impl Limits {
                 return Err(Error::invalid(what, field, 0, "must be at least 1"));
             }
         }
-        if self.stage_bytes == 0 {
-            return Err(Error::invalid(
-                what,
-                "limits.stage_bytes",
-                0,
-                "must be at least 1",
-            ));
+        for (field, v) in [
+            ("limits.stage_bytes", self.stage_bytes),
+            ("limits.staging_bytes", self.staging_bytes),
+        ] {
+            if v == 0 {
+                return Err(Error::invalid(what, field, 0, "must be at least 1"));
+            }
         }
         if self.notification_bytes > crate::notify::MAX_NOTIFY {
             return Err(Error::invalid(
@@ -176,9 +182,10 @@ pub(crate) enum Refusal {
     StageRanges,
     StageBytes,
     Idle,
+    StagingBytes,
 }
 
-const KINDS: usize = 15;
+const KINDS: usize = 16;
 
 impl Refusal {
     fn index(self) -> usize {
@@ -225,6 +232,8 @@ pub struct Refusals {
     /// Leases a peer granted this agent's NICs beyond [`Limits::regions`] (counted by the
     /// NICs).
     pub leases: u64,
+    /// Staging buffers not made for a peer because [`Limits::staging_bytes`] were held.
+    pub staging_bytes: u64,
 }
 
 impl Refusals {
@@ -247,9 +256,68 @@ impl Refusals {
             self.stage_bytes,
             self.idle,
             self.leases,
+            self.staging_bytes,
         ]
         .iter()
         .sum()
+    }
+}
+
+/// Bytes held against a bound, by reservations that give them back when they go.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    held: AtomicU64,
+    max: u64,
+}
+
+/// Bytes of a [`Budget`], held until this goes.
+#[derive(Debug)]
+pub(crate) struct Reservation {
+    budget: std::sync::Arc<Budget>,
+    bytes: u64,
+}
+
+impl Budget {
+    pub(crate) fn new(max: u64) -> std::sync::Arc<Budget> {
+        std::sync::Arc::new(Budget {
+            held: AtomicU64::new(0),
+            max,
+        })
+    }
+
+    /// Hold `bytes` more, unless that goes past the bound (then `None`).
+    pub(crate) fn reserve(self: &std::sync::Arc<Self>, bytes: u64) -> Option<Reservation> {
+        let mut held = self.held.load(Ordering::Acquire);
+        loop {
+            let next = held.checked_add(bytes).filter(|&n| n <= self.max)?;
+            match self
+                .held
+                .compare_exchange(held, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    return Some(Reservation {
+                        budget: self.clone(),
+                        bytes,
+                    });
+                }
+                Err(now) => held = now,
+            }
+        }
+    }
+
+    /// Bytes held now.
+    pub(crate) fn held(&self) -> u64 {
+        self.held.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn max(&self) -> u64 {
+        self.max
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.held.fetch_sub(self.bytes, Ordering::AcqRel);
     }
 }
 
@@ -281,6 +349,7 @@ impl RefusalCounters {
             stage_bytes: g(Refusal::StageBytes),
             idle: g(Refusal::Idle),
             leases: 0,
+            staging_bytes: g(Refusal::StagingBytes),
         }
     }
 }
@@ -308,6 +377,7 @@ mod tests {
             Refusal::StageRanges,
             Refusal::StageBytes,
             Refusal::Idle,
+            Refusal::StagingBytes,
         ];
         assert_eq!(all.len(), KINDS);
         for (i, r) in all.iter().enumerate() {
@@ -332,10 +402,25 @@ mod tests {
             s.stage_ranges,
             s.stage_bytes,
             s.idle,
+            s.staging_bytes,
         ];
         let want: Vec<u64> = (1..=KINDS as u64).collect();
         assert_eq!(got.to_vec(), want);
         assert_eq!(s.total(), want.iter().sum::<u64>());
+    }
+
+    #[test]
+    fn a_budget_holds_up_to_its_bound_and_gets_back_what_goes() {
+        let b = Budget::new(100);
+        let r1 = b.reserve(60).unwrap();
+        assert!(b.reserve(41).is_none());
+        let r2 = b.reserve(40).unwrap();
+        assert_eq!(b.held(), 100);
+        drop(r1);
+        assert_eq!(b.held(), 40);
+        assert!(b.reserve(u64::MAX).is_none());
+        drop(r2);
+        assert_eq!(b.held(), 0);
     }
 
     #[test]

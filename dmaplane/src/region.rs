@@ -10,6 +10,7 @@ use dmaplane_rdma::{ImportOptions, Mr, MrAccess};
 
 use crate::error::{Error, Result};
 use crate::handle::{Handle, Registration, debug_entry, sealed};
+use crate::limits::Reservation;
 use crate::memory::{Backing, Memory, Tied};
 use crate::nics::Nic;
 use crate::nics::Nics;
@@ -108,8 +109,9 @@ pub struct MemoryEntry {
     pub(crate) deregistered: std::sync::atomic::AtomicBool,
     /// Who it is published to, and how.
     pub(crate) publish: Publish,
-    /// The staging buffer of each peer it was announced to, when it is staged.
-    per_peer: Mutex<HashMap<String, Arc<PeerStage>>>,
+    /// The staging buffer of each peer it was announced to, when it is staged, with the
+    /// bytes it holds of the agent's budget for them.
+    per_peer: Mutex<HashMap<String, (Arc<PeerStage>, Reservation)>>,
 }
 
 /// A peer's own staging buffer of a staged registration.
@@ -215,22 +217,23 @@ impl MemoryEntry {
         self.stage.is_some() || self.file.is_some()
     }
 
-    /// `peer`'s own staging buffer, made by `make` on first use (`None` when peers reach the
-    /// registration directly).
+    /// `peer`'s own staging buffer, made by `make` on first use with the bytes it holds
+    /// (`None` when peers reach the registration directly).
     pub(crate) fn peer_stage(
         &self,
         peer: &str,
-        make: impl FnOnce() -> Result<PeerStage>,
+        make: impl FnOnce() -> Result<(PeerStage, Reservation)>,
     ) -> Result<Option<Arc<PeerStage>>> {
         if !self.staged_for_peers() {
             return Ok(None);
         }
         let mut per = crate::sync::lock(&self.per_peer);
-        if let Some(ps) = per.get(peer) {
+        if let Some((ps, _)) = per.get(peer) {
             return Ok(Some(ps.clone()));
         }
-        let ps = Arc::new(make()?);
-        per.insert(peer.to_string(), ps.clone());
+        let (ps, held) = make()?;
+        let ps = Arc::new(ps);
+        per.insert(peer.to_string(), (ps.clone(), held));
         Ok(Some(ps))
     }
 
@@ -254,7 +257,9 @@ impl MemoryEntry {
 
     /// `peer`'s staging buffer, if it has one.
     pub(crate) fn existing_peer_stage(&self, peer: &str) -> Option<Arc<PeerStage>> {
-        crate::sync::lock(&self.per_peer).get(peer).cloned()
+        crate::sync::lock(&self.per_peer)
+            .get(peer)
+            .map(|(ps, _)| ps.clone())
     }
 
     /// `peer` is gone: its staging buffer goes (its MRs first).
@@ -266,7 +271,7 @@ impl MemoryEntry {
     pub(crate) fn peer_mrs(&self) -> Vec<(usize, Mr)> {
         crate::sync::lock(&self.per_peer)
             .values()
-            .flat_map(|ps| {
+            .flat_map(|(ps, _)| {
                 ps.mrs()
                     .iter()
                     .enumerate()

@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::file::FileRegion;
 use crate::inner::AgentInner;
+use crate::limits::Refusal;
 use crate::memory::Memory;
 use crate::peer::PeerShared;
 use crate::publish::Publish;
@@ -106,6 +107,10 @@ impl AgentInner {
     /// buffer of its own (made now, if it has none yet).
     pub(crate) fn announce_to(&self, peer: &PeerShared, e: &MemoryEntry) {
         let ps = self.peer_stage(e, &peer.name).unwrap_or_else(|err| {
+            // Counted here, once per announcement (the welcome's metadata tried it first).
+            if matches!(&err, Error::Invalid(i) if i.field == "limits.staging_bytes") {
+                self.peers.count_refusal(Refusal::StagingBytes);
+            }
             tracing::warn!(agent = %self.name, peer = %peer.name, region = e.id, error = %err, "no staging buffer for the peer: it is told of the registration without staged keys");
             None
         });
@@ -155,8 +160,22 @@ impl AgentInner {
     /// a host buffer like the region's own, on the same host memory, registered the same way.
     pub(crate) fn peer_stage(&self, e: &MemoryEntry, peer: &str) -> Result<Option<Arc<PeerStage>>> {
         e.peer_stage(peer, || {
+            let Some(held) = self.staging.reserve(e.len) else {
+                return Err(Error::invalid(
+                    format!("agent {}", self.name),
+                    "limits.staging_bytes",
+                    self.staging.max(),
+                    format!(
+                        "{} bytes of staging buffers held for peers already; {peer}'s for \
+                         registration {} ({} bytes) would go past it",
+                        self.staging.held(),
+                        e.id,
+                        e.len
+                    ),
+                ));
+            };
             if e.file.is_none() {
-                return e.gpu_peer_stage(&self.register_cx(), peer);
+                return Ok((e.gpu_peer_stage(&self.register_cx(), peer)?, held));
             }
             let name = format!("{} for {peer}", e.memory.name());
             let mem = self.allocator().alloc_host_on(
@@ -173,7 +192,7 @@ impl AgentInner {
                 e.publish.clone(),
             )?;
             own.file = e.file.clone();
-            Ok(PeerStage::File(Arc::new(own)))
+            Ok((PeerStage::File(Arc::new(own)), held))
         })
     }
 

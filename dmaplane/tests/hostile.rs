@@ -674,3 +674,42 @@ fn a_peer_declaring_a_connected_peers_gid_or_name_or_the_agents_own_gid_is_refus
     let peer = liar.connect_to(&a.listen_addr().to_string()).unwrap();
     assert_eq!(peer.name(), "a");
 }
+
+#[test]
+fn staging_buffers_for_peers_stop_at_the_limit_and_come_back_when_a_peer_goes() {
+    const LEN: u64 = 64 << 10;
+    let tb = Testbed::builtin().unwrap();
+    // gpu0 sits on the other socket from nic1: b stages it, one buffer per peer.
+    let b = limited(
+        &tb,
+        "b",
+        "nic1",
+        Limits {
+            staging_bytes: LEN,
+            ..Limits::default()
+        },
+    );
+    let dst = b.alloc_gpu("dst", "gpu0", LEN).unwrap();
+    let rb = b.register(&dst).unwrap();
+    let a = agent(&tb, "a", "nic0", None);
+    let c = agent(&tb, "c", "nic2", None);
+    let pa = a.connect_to(&b.listen_addr().to_string()).unwrap();
+    assert_eq!(pa.region(rb.id()).unwrap().keys.len(), 1);
+    // The budget is a's buffer: c is told of the registration, without a key to reach it.
+    let pc = c.connect_to(&b.listen_addr().to_string()).unwrap();
+    assert!(pc.region(rb.id()).unwrap().keys.is_empty());
+    until("c's buffer refused", || {
+        b.stats().refused.staging_bytes == 1
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(b.stats().refused.staging_bytes, 1, "{:?}", b.stats());
+    // a goes: its buffer is given back, and the next peer gets one.
+    drop(pa);
+    drop(a);
+    drop(pc);
+    drop(c);
+    until("a's buffer given back", || b.peers().is_empty());
+    let d = agent(&tb, "d", "nic0", None);
+    let pd = d.connect_to(&b.listen_addr().to_string()).unwrap();
+    assert_eq!(pd.region(rb.id()).unwrap().keys.len(), 1);
+}
