@@ -315,9 +315,6 @@ fn accept(s: &Arc<AgentInner>, oob: Oob, hello: Hello, clock: Clock) -> Result<(
             format!("an agent called {peer} is connected already"),
         );
     }
-    if let Some(why) = gid_taken(s, &theirs) {
-        return refuse(Refusal::Auth, why);
-    }
     if s.peers.len() >= limits.peers {
         return refuse(
             Refusal::Peers,
@@ -350,6 +347,13 @@ fn accept(s: &Arc<AgentInner>, oob: Oob, hello: Hello, clock: Clock) -> Result<(
         Err(e) => {
             if clock.expired() {
                 s.peers.count_refusal(Refusal::HandshakeTime);
+            }
+            // The staging buffers its welcome made for it go: a peer that fails its
+            // handshakes under new names must not fill limits.staging_bytes.
+            if !s.peers.connected(&peer) {
+                for entry in s.registry.live() {
+                    entry.drop_peer_stage(&peer);
+                }
             }
             return Err(e);
         }
@@ -497,9 +501,6 @@ pub(crate) fn connect(s: &Arc<AgentInner>, addr: &str) -> Result<Peer> {
         }
     };
     let peer = theirs.agent.clone();
-    if let Some(why) = gid_taken(s, &theirs) {
-        return Err(handshake_err(&peer, why));
-    }
     let pairs = paths(&mine, &theirs, limits.paths).map_err(|why| handshake_err(&peer, why))?;
     let known = Known::from_metadata(&theirs.regions, limits)
         .map_err(|(_, why)| handshake_err(&peer, format!("its metadata: {why}")))?;
@@ -603,15 +604,7 @@ fn finish(
     paths: Vec<Path>,
 ) -> Arc<PeerShared> {
     let host: Weak<dyn PeerHost> = Arc::downgrade(s) as Weak<dyn PeerHost>;
-    let gids = theirs.nics.iter().map(|n| n.gid).collect();
-    let (peer, rx) = PeerShared::new(
-        (theirs.agent.clone(), gids),
-        host,
-        s.cfg.limits,
-        known,
-        paths,
-        oob,
-    );
+    let (peer, rx) = PeerShared::new(theirs.agent.clone(), host, s.cfg.limits, known, paths, oob);
     // Listed before its reader starts: a reader that finds the peer gone at once retires it
     // from the list, which it cannot do before the peer is in it (a peer that left during the
     // handshake stayed listed for good when the push came after the reader's retire).
@@ -635,29 +628,6 @@ fn finish(
     }
     tracing::info!(agent = %s.name, peer = %peer.name, paths = peer.paths.len(), "peer connected");
     peer
-}
-
-/// Why `theirs` may not connect under the GIDs it declares, if it may not: a GID of one of
-/// this agent's NICs, or one a connected peer declared (leases are keyed by GID, so a second
-/// holder of one could revoke or ack the first's).
-fn gid_taken(s: &AgentInner, theirs: &Metadata) -> Option<String> {
-    for n in &theirs.nics {
-        if let Some(mine) = s.nics.iter().find(|m| m.dev().gid() == n.gid) {
-            return Some(format!(
-                "it declares GID {:02x?} for {}, the GID of this agent's {}",
-                n.gid,
-                n.name,
-                mine.name()
-            ));
-        }
-        if let Some(other) = s.peers.declaring(n.gid) {
-            return Some(format!(
-                "it declares GID {:02x?} for {}, which connected peer {other} declared",
-                n.gid, n.name
-            ));
-        }
-    }
-    None
 }
 
 /// A peer's text as a log line may show it: at most 256 characters, control characters escaped.

@@ -151,9 +151,12 @@ impl PeerHost for AgentInner {
     }
     fn retire(&self, peer: &Arc<PeerShared>) {
         self.peers.remove(peer);
-        // Its staging buffers go with it (another peer may take its name later).
-        for e in self.registry.live() {
-            e.drop_peer_stage(&peer.name);
+        // Its staging buffers go with it — unless a peer of its name connected again already
+        // (its buffers are that peer's now).
+        if !self.peers.connected(&peer.name) {
+            for e in self.registry.live() {
+                e.drop_peer_stage(&peer.name);
+            }
         }
     }
     fn count_refusal(&self, why: Refusal) {

@@ -151,10 +151,6 @@ impl Known {
 
 pub(crate) struct PeerShared {
     pub(crate) name: String,
-    /// The GIDs of the NICs it declared (and proved, with a secret) on its handshake: the
-    /// identities its leases are keyed by, which no other peer may declare while it is
-    /// connected.
-    pub(crate) gids: Vec<[u8; 16]>,
     agent: Weak<dyn PeerHost>,
     limits: Limits,
     regions: Mutex<Known>,
@@ -291,7 +287,7 @@ impl PeerShared {
     /// the registrations its metadata listed (checked against `limits` already). Its threads
     /// start with [`PeerShared::start`].
     pub(crate) fn new(
-        (name, gids): (String, Vec<[u8; 16]>),
+        name: String,
         agent: Weak<dyn PeerHost>,
         limits: Limits,
         regions: Known,
@@ -301,7 +297,6 @@ impl PeerShared {
         let (tx, rx) = sync_channel::<Wire>(CONTROL_QUEUE);
         let peer = Arc::new(PeerShared {
             name,
-            gids,
             agent,
             limits,
             regions: Mutex::new(regions),

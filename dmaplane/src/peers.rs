@@ -79,14 +79,6 @@ impl Peers {
             .any(|p| p.name == name && p.lost().is_none())
     }
 
-    /// The connected peer (not lost) that declared `gid`, if any.
-    pub(crate) fn declaring(&self, gid: [u8; 16]) -> Option<String> {
-        lock(&self.list)
-            .iter()
-            .find(|p| p.lost().is_none() && p.gids.contains(&gid))
-            .map(|p| p.name.clone())
-    }
-
     /// List a peer.
     pub(crate) fn add(&self, peer: Arc<PeerShared>) {
         lock(&self.list).push(peer);
