@@ -631,6 +631,14 @@ impl Device {
     /// does): `LeaseRevoke` quiesces what targets the lease and acks; `LeaseAck` settles a
     /// revoke in progress. Unknown leases and stale epochs are ignored.
     pub fn deliver(&self, msg: ControlMsg) {
-        self.tracker.on_control(msg);
+        self.tracker.on_control(msg, None);
+    }
+
+    /// [`Device::deliver`] for a message that came over `link`: it revokes only a lease
+    /// granted over that link, and settles only a holder registered with it — a peer speaks
+    /// for its own leases, whatever GID it names (processes on one NIC share one).
+    pub fn deliver_via(&self, msg: ControlMsg, link: &Arc<dyn ControlLink>) {
+        self.tracker
+            .on_control(msg, Some(crate::tracker::link_id(link)));
     }
 }

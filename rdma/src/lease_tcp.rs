@@ -373,7 +373,7 @@ fn receive(
                     ControlMsg::LeaseAck { holder, .. } => holder,
                 };
                 if from == owner_gid {
-                    dev.deliver(msg);
+                    dev.deliver_via(msg, &(link.clone() as Arc<dyn ControlLink>));
                 } else {
                     tracing::warn!(peer = %link.peer, ?msg, "control message naming another device ignored");
                 }

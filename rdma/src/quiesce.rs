@@ -49,7 +49,9 @@ use crate::policy::{ImportOptions, QuiescePolicy};
 use crate::qp::QpAttr;
 use crate::qp_state::QpState;
 use crate::sync::{lock, read, try_lock};
-use crate::tracker::{LeaseWait, MrShared, Pending, QpLedger, QpShared, SeqWait, Tracker};
+use crate::tracker::{
+    LeaseWait, LinkId, MrShared, Pending, QpLedger, QpShared, SeqWait, Tracker, link_id,
+};
 
 /// The first look at a polled boundary stop ([`QpBackend::sq_draining`]), and the longest
 /// wait between two looks.
@@ -167,7 +169,7 @@ impl Tracker {
             lock(&self.lease_waits).insert(
                 (rkey, inv.epoch),
                 LeaseWait {
-                    waiting: holders.iter().map(|h| h.gid).collect(),
+                    waiting: holders.iter().map(|h| (h.gid, link_id(&h.link))).collect(),
                     latch: latch.clone(),
                 },
             );
@@ -191,7 +193,7 @@ impl Tracker {
                     // It will never ack: cut off now rather than at the deadline.
                     self.counters.holders_cut_off.add(1);
                     tracing::warn!(device = %self.name, peer = %h.link.peer(), error = %e, "lease revoke not delivered: holder cut off");
-                    self.settle_lease(rkey, inv.epoch, h.gid);
+                    self.settle_lease(rkey, inv.epoch, h.gid, Some(link_id(&h.link)));
                 }
             }
         }
@@ -420,8 +422,10 @@ impl Tracker {
         });
     }
 
-    /// The holder side of `LeaseRevoke`, and the owner side of `LeaseAck`.
-    pub(crate) fn on_control(&self, msg: ControlMsg) {
+    /// The holder side of `LeaseRevoke`, and the owner side of `LeaseAck`. `via`: the link it
+    /// came over (`None` in one process, where both sides are this program's): then it may
+    /// only revoke a lease granted over that link, or settle a holder registered with it.
+    pub(crate) fn on_control(&self, msg: ControlMsg, via: Option<LinkId>) {
         match msg {
             ControlMsg::LeaseRevoke {
                 owner,
@@ -436,6 +440,12 @@ impl Tracker {
                     tracing::debug!(device = %self.name, rkey, "revoke of a lease we do not hold");
                     return;
                 };
+                if let Some(v) = via
+                    && link_id(&remote.link) != v
+                {
+                    tracing::warn!(device = %self.name, rkey, owner = %remote.owner_name, "revoke of a lease granted over another link ignored");
+                    return;
+                }
                 if self.injected.is(Fault::IgnoreLeaseRevoke) {
                     return;
                 }
@@ -496,18 +506,22 @@ impl Tracker {
                 epoch,
             } => {
                 self.counters.lease_acks.add(1);
-                self.settle_lease(rkey, epoch, holder);
+                self.settle_lease(rkey, epoch, holder, via);
             }
         }
     }
 
-    fn settle_lease(&self, rkey: u32, epoch: u64, holder: [u8; 16]) {
+    fn settle_lease(&self, rkey: u32, epoch: u64, holder: [u8; 16], via: Option<LinkId>) {
         let latch = {
             let mut w = lock(&self.lease_waits);
             let Some(lw) = w.get_mut(&(rkey, epoch)) else {
                 return;
             };
-            let Some(i) = lw.waiting.iter().position(|g| *g == holder) else {
+            let Some(i) = lw
+                .waiting
+                .iter()
+                .position(|(g, l)| *g == holder && via.is_none_or(|v| v == *l))
+            else {
                 return;
             };
             lw.waiting.swap_remove(i);
@@ -525,7 +539,7 @@ impl Tracker {
         let Some(lw) = lock(&self.lease_waits).remove(&(rkey, epoch)) else {
             return;
         };
-        for g in &lw.waiting {
+        for (g, _) in &lw.waiting {
             self.counters.holders_cut_off.add(1);
             tracing::warn!(device = %self.name, rkey, holder = ?g, "lease holder did not acknowledge: cut off");
             lw.latch.done_one();
@@ -545,7 +559,7 @@ impl ControlLink for LocalLink {
     fn send(&self, msg: ControlMsg) -> Result<()> {
         match self.peer.upgrade() {
             Some(t) => {
-                t.on_control(msg);
+                t.on_control(msg, None);
                 Ok(())
             }
             None => Err(crate::RdmaError::Connection {

@@ -261,8 +261,20 @@ pub(crate) struct SeqWait {
 }
 
 pub(crate) struct LeaseWait {
-    pub(crate) waiting: Vec<[u8; 16]>,
+    /// The holders that have not acknowledged: each GID with the link it was granted over
+    /// (two holders may share a GID: processes on one NIC).
+    pub(crate) waiting: Vec<([u8; 16], LinkId)>,
     pub(crate) latch: Arc<Pending>,
+}
+
+/// Which link a lease was granted over, or a control message arrived on: the address of the
+/// link object (one per connection). A control message may only touch the leases of its own
+/// link — a GID alone names no peer (processes on one NIC share it, and a peer may declare
+/// any).
+pub(crate) type LinkId = usize;
+
+pub(crate) fn link_id(link: &Arc<dyn crate::lease::ControlLink>) -> LinkId {
+    Arc::as_ptr(link) as *const () as usize
 }
 
 /// Leases one owner may grant a device by default ([`crate::Device::limit_leases`]).

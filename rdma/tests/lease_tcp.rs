@@ -428,3 +428,96 @@ fn a_peer_cannot_grow_the_leases_held_past_the_limit() {
     assert!(e.to_string().contains("control characters"), "{e}");
     liar.join().unwrap();
 }
+
+/// Two holders that share a GID (two processes on one NIC, or one that declares the other's):
+/// an ack speaks only for the link it came over. A liar that acks twice for the GID settles
+/// its own hold, never the other holder's: the hung holder is still cut off at the deadline's
+/// three quarters (before, the second ack let the revoke finish as if it had acknowledged).
+#[test]
+fn an_ack_settles_only_the_holder_of_its_own_link() {
+    let mut s = setup();
+    let dst_mem = HostMemory::new(&s.fabric, s.owner.mem, "dst", 1 << 16).unwrap();
+    let dst = import(&s.owner, &dst_mem);
+    // The liar declares the honest holder's GID.
+    let gid = s.holder.dev.gid();
+    let listener = OobListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr();
+    let liar = std::thread::spawn(move || {
+        let o = Oob::connect(addr, T).unwrap();
+        o.send(&serde_json::json!({"hello": {"gid": gid, "name": "liar"}}))
+            .unwrap();
+        let _hello: serde_json::Value = o.recv(T).unwrap();
+        // Its grant, then the revoke: answered with two acks in the honest holder's name.
+        loop {
+            let m: serde_json::Value = o.recv(T).unwrap();
+            if let Some(r) = m["control"].get("LeaseRevoke") {
+                let ack = serde_json::json!({"control": {"LeaseAck": {
+                    "holder": gid, "rkey": r["rkey"], "epoch": r["epoch"]
+                }}});
+                o.send(&ack).unwrap();
+                o.send(&ack).unwrap();
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(600));
+    });
+    let liar_link = LeaseLink::open(&s.owner.dev, listener.accept(T).unwrap(), T).unwrap();
+    s.olink.grant(&dst).unwrap();
+    liar_link.grant(&dst).unwrap();
+    let _remote = s.hlink.next_grant(T).unwrap();
+    // The honest holder hangs: it will never ack.
+    s.hlink.stop_receiving();
+
+    let deadline = Duration::from_millis(400);
+    let report = dst_mem.revoke(deadline);
+    let o = s.owner.dev.stats();
+    assert_eq!(o.leases_revoked, 2, "{report}");
+    assert_eq!(
+        o.holders_cut_off, 1,
+        "the liar's second ack settled the hung holder: {report}"
+    );
+    let took = Duration::from_micros(report.elapsed_us);
+    assert!(
+        took >= deadline * 3 / 4 - Duration::from_millis(5),
+        "{report}"
+    );
+    liar.join().unwrap();
+}
+
+/// The holder side: a revoke speaks only for the leases granted over its link. A liar that
+/// declares the owner's GID on a link of its own cannot withdraw the owner's lease.
+#[test]
+fn a_revoke_over_another_link_leaves_the_lease_alone() {
+    let s = setup();
+    let dst_mem = HostMemory::new(&s.fabric, s.owner.mem, "dst", 1 << 16).unwrap();
+    let dst = import(&s.owner, &dst_mem);
+    s.olink.grant(&dst).unwrap();
+    let remote = s.hlink.next_grant(T).unwrap();
+    let owner_gid = s.owner.dev.gid();
+    let listener = OobListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr();
+    let rkey = remote.rkey();
+    let liar = std::thread::spawn(move || {
+        let o = Oob::connect(addr, T).unwrap();
+        o.send(&serde_json::json!({"hello": {"gid": owner_gid, "name": "liar"}}))
+            .unwrap();
+        let _hello: serde_json::Value = o.recv(T).unwrap();
+        let revoke = ControlMsg::LeaseRevoke {
+            owner: owner_gid,
+            rkey,
+            epoch: 0,
+            policy: QuiescePolicy::default(),
+        };
+        o.send(&serde_json::json!({ "control": revoke })).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    });
+    let _liar_link = LeaseLink::open(&s.holder.dev, listener.accept(T).unwrap(), T).unwrap();
+    liar.join().unwrap();
+    assert!(
+        !remote.is_revoked(),
+        "a revoke over the liar's link withdrew the owner's lease"
+    );
+    // The owner's own revoke still does.
+    dst_mem.revoke(Duration::from_millis(400));
+    assert!(remote.is_revoked());
+}
