@@ -354,7 +354,7 @@ impl Agent {
         s.cache = self.shared.cache.stats().merge(self.shared.files.stats());
         s.holders_cut_off = self.shared.holders_cut_off();
         s.refused = self.shared.peers.refused();
-        s.refused.leases = self.shared.nics.leases_refused();
+        s.refused.leases = self.shared.nics.lease_messages_refused();
         s.handshakes_under_way = self.shared.peers.serving() as u64;
         s
     }

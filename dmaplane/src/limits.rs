@@ -229,8 +229,9 @@ pub struct Refusals {
     pub stage_bytes: u64,
     /// Peers lost after [`Limits::idle`] of silence.
     pub idle: u64,
-    /// Leases a peer granted this agent's NICs beyond [`Limits::regions`] (counted by the
-    /// NICs).
+    /// Lease messages refused by this agent's NICs (counted by them): grants beyond
+    /// [`Limits::regions`], with unknown access or a range that wraps; revokes or acks that
+    /// name another device, or a lease granted over another link.
     pub leases: u64,
     /// Staging buffers not made for a peer because [`Limits::staging_bytes`] were held.
     pub staging_bytes: u64,

@@ -226,9 +226,13 @@ impl Nics {
             .sum()
     }
 
-    /// Leases peers granted the NICs beyond their limit ([`crate::Limits::regions`]), refused.
-    pub(crate) fn leases_refused(&self) -> u64 {
-        self.list.iter().map(|n| n.dev.stats().leases_refused).sum()
+    /// Lease messages from peers the NICs refused (a grant past [`crate::Limits::regions`], a
+    /// revoke of another link's lease, ...).
+    pub(crate) fn lease_messages_refused(&self) -> u64 {
+        self.list
+            .iter()
+            .map(|n| n.dev.stats().lease_messages_refused)
+            .sum()
     }
 }
 

@@ -641,4 +641,10 @@ impl Device {
         self.tracker
             .on_control(msg, Some(crate::tracker::link_id(link)));
     }
+
+    /// A lease message from a peer was refused (counted in
+    /// [`QuiesceStats::lease_messages_refused`]).
+    pub(crate) fn count_lease_refusal(&self) {
+        self.tracker.counters.lease_messages_refused.add(1);
+    }
 }

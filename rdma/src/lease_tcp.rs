@@ -375,11 +375,13 @@ fn receive(
                 if from == owner_gid {
                     dev.deliver_via(msg, &(link.clone() as Arc<dyn ControlLink>));
                 } else {
+                    dev.count_lease_refusal();
                     tracing::warn!(peer = %link.peer, ?msg, "control message naming another device ignored");
                 }
             }
             Ok(Wire::Grant { mr, access }) => {
                 let Some(access) = MrAccess::from_bits(access) else {
+                    dev.count_lease_refusal();
                     tracing::warn!(peer = %link.peer, access, rkey = mr.rkey, "grant with unknown access bits ignored");
                     continue;
                 };
@@ -395,7 +397,10 @@ fn receive(
                         drop(st);
                         rx.changed.notify_all();
                     }
-                    Err(e) => tracing::warn!(peer = %link.peer, error = %e, "grant ignored"),
+                    Err(e) => {
+                        dev.count_lease_refusal();
+                        tracing::warn!(peer = %link.peer, error = %e, "grant ignored");
+                    }
                 }
             }
             Ok(Wire::Hello { .. }) => {

@@ -94,6 +94,8 @@ pub struct QuiesceStats {
     pub leases_revoked: u64,
     pub lease_acks: u64,
     pub holders_cut_off: u64,
-    /// Leases a peer granted beyond [`crate::Device::limit_leases`], refused.
-    pub leases_refused: u64,
+    /// Lease messages from peers refused: a grant past [`crate::Device::limit_leases`], with
+    /// unknown access bits or a range that wraps; a control message naming another device, or
+    /// revoking a lease granted over another link.
+    pub lease_messages_refused: u64,
 }

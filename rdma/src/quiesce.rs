@@ -443,6 +443,7 @@ impl Tracker {
                 if let Some(v) = via
                     && link_id(&remote.link) != v
                 {
+                    self.counters.lease_messages_refused.add(1);
                     tracing::warn!(device = %self.name, rkey, owner = %remote.owner_name, "revoke of a lease granted over another link ignored");
                     return;
                 }

@@ -223,7 +223,7 @@ pub(crate) struct Counters {
     pub(crate) leases_revoked: Counter,
     pub(crate) lease_acks: Counter,
     pub(crate) holders_cut_off: Counter,
-    pub(crate) leases_refused: Counter,
+    pub(crate) lease_messages_refused: Counter,
 }
 
 /// A countdown: runs its finish once every registered condition is met. Starts with one token
@@ -369,7 +369,7 @@ impl Tracker {
             leases_revoked: c.leases_revoked.get(),
             lease_acks: c.lease_acks.get(),
             holders_cut_off: c.holders_cut_off.get(),
-            leases_refused: c.leases_refused.get(),
+            lease_messages_refused: c.lease_messages_refused.get(),
         }
     }
 
@@ -393,7 +393,6 @@ impl Tracker {
             let mut per = lock(&self.per_owner);
             let n = per.entry(r.owner).or_default();
             if *n >= self.max_per_owner.load(Ordering::Relaxed) {
-                self.counters.leases_refused.add(1);
                 return false;
             }
             *n += 1;
