@@ -328,38 +328,44 @@ fn accept(s: &Arc<AgentInner>, oob: Oob, hello: Hello, clock: Clock) -> Result<(
         Ok(k) => k,
         Err((kind, why)) => return refuse(kind, format!("its metadata: {why}")),
     };
-    let mine = s.metadata_for(Some(&peer));
-    let pairs = match paths(&theirs, &mine, limits.paths) {
+    // Checked before the welcome is made: it makes staging buffers for this connection.
+    let pairs = match paths(&theirs, &s.metadata(), limits.paths) {
         Ok(p) => p,
         Err(why) => return refuse(Refusal::Paths, why),
     };
-    oob.send(&Wire::Welcome {
+    let mine = s.metadata_for(Some((&peer, nonce)));
+    let welcomed = oob.send(&Wire::Welcome {
         metadata: mine.clone(),
         proof: auth
             .as_ref()
             .map(|(session, secret)| session.proof(secret, "welcome", &mine)),
-    })?;
-    s.peers.begin(nonce, pairs.len(), auth);
-    let r = accept_paths(s, &oob, &peer, &pairs, qps, nonce, &theirs, clock);
-    s.peers.end(nonce);
-    let built = match r {
-        Ok(b) => b,
+    });
+    let r = match welcomed {
+        Ok(()) => {
+            s.peers.begin(nonce, pairs.len(), auth);
+            let r = accept_paths(s, &oob, &peer, &pairs, qps, nonce, &theirs, clock);
+            s.peers.end(nonce);
+            r
+        }
+        Err(e) => Err(e.into()),
+    };
+    match r {
+        Ok(built) => {
+            finish(s, oob, (theirs, nonce), known, built);
+            Ok(())
+        }
         Err(e) => {
             if clock.expired() {
                 s.peers.count_refusal(Refusal::HandshakeTime);
             }
-            // The staging buffers its welcome made for it go: a peer that fails its
-            // handshakes under new names must not fill limits.staging_bytes.
-            if !s.peers.connected(&peer) {
-                for entry in s.registry.live() {
-                    entry.drop_peer_stage(&peer);
-                }
+            // The staging buffers its welcome made for this connection go: a peer that
+            // fails its handshakes must not fill limits.staging_bytes.
+            for entry in s.registry.live() {
+                entry.drop_peer_stage((&peer, nonce));
             }
-            return Err(e);
+            Err(e)
         }
-    };
-    finish(s, oob, theirs, known, built);
-    Ok(())
+    }
 }
 
 /// The listening side's paths: queue pairs, then the lease link the other side opens.
@@ -524,7 +530,7 @@ pub(crate) fn connect(s: &Arc<AgentInner>, addr: &str) -> Result<Peer> {
         built.push(Path::new(local, their_nic, lanes, link));
     }
     Ok(Peer {
-        shared: finish(s, oob, theirs, known, built),
+        shared: finish(s, oob, (theirs, nonce), known, built),
     })
 }
 
@@ -594,17 +600,24 @@ fn nonce() -> u64 {
     h.finish()
 }
 
-/// Both sides: the peer is connected — list it, start its control threads, and grant it
-/// leases on every registration.
+/// Both sides: the peer is connected (by the handshake of nonce `session`) — list it, start
+/// its control threads, and grant it leases on every registration.
 fn finish(
     s: &Arc<AgentInner>,
     oob: Oob,
-    theirs: Metadata,
+    (theirs, session): (Metadata, u64),
     known: Known,
     paths: Vec<Path>,
 ) -> Arc<PeerShared> {
     let host: Weak<dyn PeerHost> = Arc::downgrade(s) as Weak<dyn PeerHost>;
-    let (peer, rx) = PeerShared::new(theirs.agent.clone(), host, s.cfg.limits, known, paths, oob);
+    let (peer, rx) = PeerShared::new(
+        (theirs.agent.clone(), session),
+        host,
+        s.cfg.limits,
+        known,
+        paths,
+        oob,
+    );
     // Listed before its reader starts: a reader that finds the peer gone at once retires it
     // from the list, which it cannot do before the peer is in it (a peer that left during the
     // handshake stayed listed for good when the push came after the reader's retire).

@@ -21,7 +21,7 @@ use crate::peer::{PeerHost, PeerShared};
 use crate::peers::Peers;
 use crate::platform::Platform;
 use crate::progress::ProgressEngine;
-use crate::region::{MemoryEntry, PeerStage};
+use crate::region::{MemoryEntry, PeerKey, PeerStage};
 use crate::registry::Registry;
 use crate::stage::{StageFailure, StageRange};
 
@@ -81,10 +81,11 @@ impl PeerHost for AgentInner {
     }
     fn serve_peer_stage(
         &self,
-        peer: &str,
+        key: PeerKey<'_>,
         ranges: &[StageRange],
         land: bool,
     ) -> Option<StageFailure> {
+        let peer = key.0;
         // Served inline by the peer's control reader: bounded in ranges and bytes.
         let limits = &self.cfg.limits;
         let bytes = ranges
@@ -141,7 +142,7 @@ impl PeerHost for AgentInner {
                 why: format!("agent {} refused: {why}", self.name),
             });
         }
-        self.serve_stage(peer, ranges, land)
+        self.serve_stage(key, ranges, land)
     }
     fn staged(&self, transfer: u64, failure: Option<StageFailure>, peer: &Arc<PeerShared>) {
         self.engine.staged(transfer, failure, peer);
@@ -151,12 +152,10 @@ impl PeerHost for AgentInner {
     }
     fn retire(&self, peer: &Arc<PeerShared>) {
         self.peers.remove(peer);
-        // Its staging buffers go with it — unless a peer of its name connected again already
-        // (its buffers are that peer's now).
-        if !self.peers.connected(&peer.name) {
-            for e in self.registry.live() {
-                e.drop_peer_stage(&peer.name);
-            }
+        // Its staging buffers go with it (those of this connection only: a peer of its name
+        // that connected again has its own).
+        for e in self.registry.live() {
+            e.drop_peer_stage((&peer.name, peer.session));
         }
     }
     fn count_refusal(&self, why: Refusal) {
@@ -353,10 +352,11 @@ impl AgentInner {
     /// or out of it, from or into `peer`'s own staging buffers.
     pub(crate) fn serve_stage(
         &self,
-        peer: &str,
+        key: PeerKey<'_>,
         ranges: &[StageRange],
         land: bool,
     ) -> Option<StageFailure> {
+        let peer = key.0;
         for &(region, off, len) in ranges {
             let fail = |name: &str, epoch: Option<u64>, why: String| StageFailure {
                 region,
@@ -380,7 +380,7 @@ impl AgentInner {
             }
             if let Some((file, at)) = &e.file {
                 // Through the asking peer's own buffer.
-                let own = match e.existing_peer_stage(peer).as_deref() {
+                let own = match e.existing_peer_stage(key).as_deref() {
                     Some(PeerStage::File(own)) => own.clone(),
                     _ => {
                         return Some(fail(
@@ -404,7 +404,7 @@ impl AgentInner {
                     "it is not staged: no NIC of this agent stages it".into(),
                 ));
             }
-            let Some(ps) = e.existing_peer_stage(peer) else {
+            let Some(ps) = e.existing_peer_stage(key) else {
                 return Some(fail(
                     name,
                     None,
@@ -443,15 +443,16 @@ impl AgentInner {
         self.metadata_for(None)
     }
 
-    /// This agent's metadata as `peer` may see it: the registrations published to it (`None`:
-    /// to every peer).
-    pub(crate) fn metadata_for(&self, peer: Option<&str>) -> Metadata {
+    /// This agent's metadata as `peer` (name, session) may see it: the registrations
+    /// published to it, with its own staging keys (`None`: published to every peer, no
+    /// staged key).
+    pub(crate) fn metadata_for(&self, peer: Option<PeerKey<'_>>) -> Metadata {
         let entries: Vec<Arc<MemoryEntry>> = self
             .registry
             .live()
             .into_iter()
             .filter(|e| match peer {
-                Some(p) => e.publish.allows(p),
+                Some((p, _)) => e.publish.allows(p),
                 None => e.publish.is_open(),
             })
             .collect();
@@ -481,7 +482,7 @@ impl AgentInner {
                     // A peer's view carries its own staging keys (made now if need be).
                     let ps = peer.and_then(|p| {
                         self.peer_stage(e, p).unwrap_or_else(|err| {
-                            tracing::warn!(agent = %self.name, %p, region = e.id, error = %err, "no staging buffer for the peer");
+                            tracing::warn!(agent = %self.name, peer = %p.0, region = e.id, error = %err, "no staging buffer for the peer");
                             None
                         })
                     });

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::limits::{Limits, Refusal};
 use crate::metadata::RegionInfo;
 use crate::notify::Notification;
-use crate::region::{MemoryEntry, PeerStage};
+use crate::region::{MemoryEntry, PeerKey, PeerStage};
 use crate::stage::{StageFailure, StageRange};
 use crate::sync::lock;
 use crate::wire::Wire;
@@ -151,6 +151,9 @@ impl Known {
 
 pub(crate) struct PeerShared {
     pub(crate) name: String,
+    /// The nonce of the handshake it connected with: with the name, the key of what the
+    /// agent holds for this connection alone (its staging buffers).
+    pub(crate) session: u64,
     agent: Weak<dyn PeerHost>,
     limits: Limits,
     regions: Mutex<Known>,
@@ -268,7 +271,7 @@ pub(crate) trait PeerHost: Send + Sync {
     /// the agent's staged registrations; the failure, if any, goes back to it.
     fn serve_peer_stage(
         &self,
-        peer: &str,
+        peer: PeerKey<'_>,
         ranges: &[StageRange],
         land: bool,
     ) -> Option<StageFailure>;
@@ -287,7 +290,7 @@ impl PeerShared {
     /// the registrations its metadata listed (checked against `limits` already). Its threads
     /// start with [`PeerShared::start`].
     pub(crate) fn new(
-        name: String,
+        (name, session): (String, u64),
         agent: Weak<dyn PeerHost>,
         limits: Limits,
         regions: Known,
@@ -297,6 +300,7 @@ impl PeerShared {
         let (tx, rx) = sync_channel::<Wire>(CONTROL_QUEUE);
         let peer = Arc::new(PeerShared {
             name,
+            session,
             agent,
             limits,
             regions: Mutex::new(regions),
@@ -568,7 +572,7 @@ fn read_until_lost(p: &Arc<PeerShared>, oob: &Oob) {
                 ranges,
             }) => {
                 let Some(a) = agent.upgrade() else { return };
-                let failure = a.serve_peer_stage(&p.name, &ranges, land);
+                let failure = a.serve_peer_stage((&p.name, p.session), &ranges, land);
                 if let Some(f) = &failure {
                     tracing::warn!(peer = %p.name, transfer, region = f.region, why = %f.why, "staging for the peer failed");
                 }

@@ -111,8 +111,16 @@ pub struct MemoryEntry {
     pub(crate) publish: Publish,
     /// The staging buffer of each peer it was announced to, when it is staged, with the
     /// bytes it holds of the agent's budget for them.
-    per_peer: Mutex<HashMap<String, (Arc<PeerStage>, Reservation)>>,
+    per_peer: Mutex<PeerStages>,
 }
+
+/// Whose staging buffer: a peer's name and its session (the nonce of the handshake it connected
+/// with), so a buffer made for one connection is never handed to, or dropped under, another
+/// of the same name.
+pub(crate) type PeerKey<'a> = (&'a str, u64);
+
+/// Each peer's staging buffer, by (name, session), with the bytes it holds of the budget.
+type PeerStages = HashMap<(String, u64), (Arc<PeerStage>, Reservation)>;
 
 /// A peer's own staging buffer of a staged registration.
 pub(crate) enum PeerStage {
@@ -218,22 +226,34 @@ impl MemoryEntry {
     }
 
     /// `peer`'s own staging buffer, made by `make` on first use with the bytes it holds
-    /// (`None` when peers reach the registration directly).
+    /// (`None` when peers reach the registration directly, or it was deregistered). Made
+    /// outside the lock (it allocates and registers): a second one made meanwhile is dropped.
     pub(crate) fn peer_stage(
         &self,
-        peer: &str,
+        (peer, session): PeerKey<'_>,
         make: impl FnOnce() -> Result<(PeerStage, Reservation)>,
     ) -> Result<Option<Arc<PeerStage>>> {
-        if !self.staged_for_peers() {
+        let gone = || self.deregistered.load(std::sync::atomic::Ordering::Acquire);
+        if !self.staged_for_peers() || gone() {
             return Ok(None);
         }
-        let mut per = crate::sync::lock(&self.per_peer);
-        if let Some((ps, _)) = per.get(peer) {
+        let key = (peer.to_string(), session);
+        if let Some((ps, _)) = crate::sync::lock(&self.per_peer).get(&key) {
             return Ok(Some(ps.clone()));
         }
         let (ps, held) = make()?;
         let ps = Arc::new(ps);
-        per.insert(peer.to_string(), (ps.clone(), held));
+        let mut per = crate::sync::lock(&self.per_peer);
+        // A deregistration that ran meanwhile took the MRs it found: this one would never
+        // be deregistered.
+        if gone() {
+            drop(per);
+            return Ok(None);
+        }
+        if let Some((theirs, _)) = per.get(&key) {
+            return Ok(Some(theirs.clone()));
+        }
+        per.insert(key, (ps.clone(), held));
         Ok(Some(ps))
     }
 
@@ -256,18 +276,23 @@ impl MemoryEntry {
     }
 
     /// `peer`'s staging buffer, if it has one.
-    pub(crate) fn existing_peer_stage(&self, peer: &str) -> Option<Arc<PeerStage>> {
+    pub(crate) fn existing_peer_stage(
+        &self,
+        (peer, session): PeerKey<'_>,
+    ) -> Option<Arc<PeerStage>> {
         crate::sync::lock(&self.per_peer)
-            .get(peer)
+            .get(&(peer.to_string(), session))
             .map(|(ps, _)| ps.clone())
     }
 
-    /// `peer` is gone: its staging buffer goes (its MRs first).
-    pub(crate) fn drop_peer_stage(&self, peer: &str) {
-        crate::sync::lock(&self.per_peer).remove(peer);
+    /// `peer` is gone: its staging buffer goes (its MRs first), outside the lock.
+    pub(crate) fn drop_peer_stage(&self, (peer, session): PeerKey<'_>) {
+        let gone = crate::sync::lock(&self.per_peer).remove(&(peer.to_string(), session));
+        drop(gone);
     }
 
-    /// Every peer's staging MRs, with the NIC index each is on (for a deregistration).
+    /// Every peer's staging MRs, with the NIC index each is on (for a deregistration, after
+    /// the flag is set: no more are made).
     pub(crate) fn peer_mrs(&self) -> Vec<(usize, Mr)> {
         crate::sync::lock(&self.per_peer)
             .values()

@@ -13,7 +13,7 @@ use crate::limits::Refusal;
 use crate::memory::Memory;
 use crate::peer::PeerShared;
 use crate::publish::Publish;
-use crate::region::{MemoryEntry, PeerStage, Region};
+use crate::region::{MemoryEntry, PeerKey, PeerStage, Region};
 
 impl AgentInner {
     /// [`crate::Agent::register_with`]: a cache hit (published to all, read and write only:
@@ -106,7 +106,13 @@ impl AgentInner {
     /// Tell `peer` of registration `e` and grant it leases: on a staged path, on a staging
     /// buffer of its own (made now, if it has none yet).
     pub(crate) fn announce_to(&self, peer: &PeerShared, e: &MemoryEntry) {
-        let ps = self.peer_stage(e, &peer.name).unwrap_or_else(|err| {
+        // A peer retired meanwhile (this announcement iterates an older list) gets nothing:
+        // a buffer made for it now would outlive it.
+        if peer.lost().is_some() {
+            return;
+        }
+        let key = (peer.name.as_str(), peer.session);
+        let ps = self.peer_stage(e, key).unwrap_or_else(|err| {
             // Counted here, once per announcement (the welcome's metadata tried it first).
             if matches!(&err, Error::Invalid(i) if i.field == "limits.staging_bytes") {
                 self.peers.count_refusal(Refusal::StagingBytes);
@@ -114,6 +120,11 @@ impl AgentInner {
             tracing::warn!(agent = %self.name, peer = %peer.name, region = e.id, error = %err, "no staging buffer for the peer: it is told of the registration without staged keys");
             None
         });
+        // Lost between the look and the buffer: its retire may have run already.
+        if ps.is_some() && peer.lost().is_some() {
+            e.drop_peer_stage(key);
+            return;
+        }
         let info = self.region_info(e, ps.as_deref());
         peer.announce(e, ps.as_deref(), &info);
     }
@@ -158,8 +169,13 @@ impl AgentInner {
     /// `peer`'s own staging buffer of `e` (made on first use; `None` where peers reach `e`
     /// directly): for GPU memory a host buffer its copy engine imports, for a published file
     /// a host buffer like the region's own, on the same host memory, registered the same way.
-    pub(crate) fn peer_stage(&self, e: &MemoryEntry, peer: &str) -> Result<Option<Arc<PeerStage>>> {
-        e.peer_stage(peer, || {
+    pub(crate) fn peer_stage(
+        &self,
+        e: &MemoryEntry,
+        key: PeerKey<'_>,
+    ) -> Result<Option<Arc<PeerStage>>> {
+        let peer = key.0;
+        e.peer_stage(key, || {
             let Some(held) = self.staging.reserve(e.len) else {
                 return Err(Error::invalid(
                     format!("agent {}", self.name),
@@ -282,7 +298,9 @@ mod tests {
         assert!(got.iter().all(|&x| x == 0xaa));
         // b's application clears it; c asks b to land the same range, which it never wrote.
         dst.write(0, &vec![0; LEN as usize]).unwrap();
-        let failure = b.shared.serve_stage("c", &[(rb.id(), 0, LEN)], true);
+        let session = |name: &str| b.shared.peers.named(name).unwrap().session;
+        let (sa, sc) = (session("a"), session("c"));
+        let failure = b.shared.serve_stage(("c", sc), &[(rb.id(), 0, LEN)], true);
         assert_eq!(failure, None);
         dst.read(0, &mut got).unwrap();
         assert!(
@@ -290,18 +308,20 @@ mod tests {
             "c's land put a's bytes into b's memory"
         );
         // A peer that was never told of it has no buffer to land from.
-        let f = b.shared.serve_stage("nobody", &[(rb.id(), 0, LEN)], true);
+        let f = b
+            .shared
+            .serve_stage(("nobody", 0), &[(rb.id(), 0, LEN)], true);
         assert!(f.unwrap().why.contains("no staging buffer for nobody"));
         // A lost peer's buffer goes.
         drop(pc);
         drop(c);
         let e = b.shared.entry(rb.id()).unwrap();
         let due = std::time::Instant::now() + T;
-        while e.existing_peer_stage("c").is_some() {
+        while e.existing_peer_stage(("c", sc)).is_some() {
             assert!(std::time::Instant::now() < due, "c's staging buffer kept");
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert!(e.existing_peer_stage("a").is_some());
+        assert!(e.existing_peer_stage(("a", sa)).is_some());
     }
 
     /// The same for a published file region: each peer's WRITE lands from, and its READ is
@@ -321,7 +341,11 @@ mod tests {
         // The file is cleared; c asks b to land the range a wrote: its own (empty) buffer
         // goes to the file, not a's bytes.
         std::fs::write(&path, vec![0u8; LEN as usize]).unwrap();
-        assert_eq!(b.shared.serve_stage("c", &[(rb.id(), 0, LEN)], true), None);
+        let sc = b.shared.peers.named("c").unwrap().session;
+        assert_eq!(
+            b.shared.serve_stage(("c", sc), &[(rb.id(), 0, LEN)], true),
+            None
+        );
         assert!(
             !std::fs::read(&path).unwrap().contains(&0xaa),
             "c's land wrote a's bytes to the file"

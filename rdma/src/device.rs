@@ -105,7 +105,7 @@ impl Device {
             }),
         });
         // In one process both sides are this program's: no bound to enforce.
-        holder.tracker.add_remote(remote.clone());
+        holder.tracker.add_remote(remote.clone(), false);
         lock(&mr.shared.holders).push(Holder {
             gid: holder.tracker.gid,
             link: Arc::new(LocalLink {
@@ -562,10 +562,15 @@ impl Mr {
         });
     }
 
-    /// Owner side: undo the latest [`add_holder`](Self::add_holder) for `holder_gid`.
-    pub fn remove_holder(&self, holder_gid: [u8; 16]) {
+    /// Owner side: undo the latest [`add_holder`](Self::add_holder) for `holder_gid` over
+    /// `link` (another holder may share the GID: processes on one NIC).
+    pub fn remove_holder(&self, holder_gid: [u8; 16], link: &Arc<dyn ControlLink>) {
+        let id = crate::tracker::link_id(link);
         let mut h = crate::sync::lock(&self.shared.holders);
-        if let Some(i) = h.iter().rposition(|x| x.gid == holder_gid) {
+        if let Some(i) = h
+            .iter()
+            .rposition(|x| x.gid == holder_gid && crate::tracker::link_id(&x.link) == id)
+        {
             h.remove(i);
         }
     }
@@ -606,13 +611,13 @@ impl Device {
             revoked: AtomicU64::new(0),
             link,
         });
-        if !self.tracker.add_remote(remote.clone()) {
+        if !self.tracker.add_remote(remote.clone(), true) {
             return Err(crate::RdmaError::InvalidRegistration {
                 field: "leases",
                 value: format!("rkey {:#x}", info.rkey),
                 why: format!(
                     "{owner_name} already granted this device as many leases as one owner may \
-                     (Device::limit_leases)"
+                     (Device::limit_leases), or the key's lease is another open link's"
                 ),
             });
         }

@@ -39,6 +39,10 @@ pub trait ControlLink: Send + Sync + std::fmt::Debug {
     fn send(&self, msg: ControlMsg) -> Result<()>;
     /// The peer, for reports.
     fn peer(&self) -> String;
+    /// Whether messages may still go over it (a closed connection: no).
+    fn is_open(&self) -> bool {
+        true
+    }
 }
 
 /// The holder's side of a lease: what it may access, and whether it still may.

@@ -144,6 +144,9 @@ impl ControlLink for TcpLink {
     fn peer(&self) -> String {
         self.peer.clone()
     }
+    fn is_open(&self) -> bool {
+        lock(&self.queue).is_some()
+    }
 }
 
 /// What the receiver thread shares with the link.
@@ -265,7 +268,7 @@ impl LeaseLink {
         // A revoke between the first look and the registration did not see this holder: do
         // not grant what is about to be zapped.
         if let Some(epoch) = mr.revoked_at() {
-            mr.remove_holder(self.peer_gid);
+            mr.remove_holder(self.peer_gid, &(self.link.clone() as Arc<dyn ControlLink>));
             return Err(RdmaError::Revoked {
                 what: format!("lease on MR {:#x} for {}", mr.rkey(), self.link.peer),
                 epoch,
@@ -278,7 +281,7 @@ impl LeaseLink {
             mr: info,
             access: mr.access().bits(),
         }) {
-            mr.remove_holder(self.peer_gid);
+            mr.remove_holder(self.peer_gid, &(self.link.clone() as Arc<dyn ControlLink>));
             return Err(e);
         }
         Ok(info)

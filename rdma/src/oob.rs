@@ -321,6 +321,13 @@ impl Oob {
             let RxBuf { bytes, scanned } = &mut *rx;
             if let Some(pos) = bytes[*scanned..].iter().position(|&b| b == b'\n') {
                 let end = *scanned + pos;
+                // A whole line that came in one read is held to the bound too.
+                if end > max {
+                    return Err(RdmaError::MessageTooLong {
+                        what: format!("message from {}", self.peer),
+                        limit: max,
+                    });
+                }
                 let line = bytes[..end].to_vec();
                 bytes.drain(..=end);
                 *scanned = 0;

@@ -169,7 +169,7 @@ impl Tracker {
             lock(&self.lease_waits).insert(
                 (rkey, inv.epoch),
                 LeaseWait {
-                    waiting: holders.iter().map(|h| (h.gid, link_id(&h.link))).collect(),
+                    waiting: holders.iter().map(|h| (h.gid, h.link.clone())).collect(),
                     latch: latch.clone(),
                 },
             );
@@ -521,7 +521,7 @@ impl Tracker {
             let Some(i) = lw
                 .waiting
                 .iter()
-                .position(|(g, l)| *g == holder && via.is_none_or(|v| v == *l))
+                .position(|(g, l)| *g == holder && via.is_none_or(|v| v == link_id(l)))
             else {
                 return;
             };

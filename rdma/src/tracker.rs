@@ -262,8 +262,9 @@ pub(crate) struct SeqWait {
 
 pub(crate) struct LeaseWait {
     /// The holders that have not acknowledged: each GID with the link it was granted over
-    /// (two holders may share a GID: processes on one NIC).
-    pub(crate) waiting: Vec<([u8; 16], LinkId)>,
+    /// (two holders may share a GID: processes on one NIC). The link is held, so its address
+    /// (its [`LinkId`]) cannot be reused by another while the revoke waits.
+    pub(crate) waiting: Vec<([u8; 16], Arc<dyn crate::lease::ControlLink>)>,
     pub(crate) latch: Arc<Pending>,
 }
 
@@ -384,18 +385,39 @@ impl Tracker {
         self.max_per_owner.store(n, Ordering::Relaxed);
     }
 
-    /// Record a lease, unless its owner already granted as many other keys as one owner may
-    /// (then `false`: a peer cannot grow this map without bound; entries stay once granted, so
-    /// a post racing with a revoke still finds the mark).
-    pub(crate) fn add_remote(&self, r: Arc<RemoteMr>) -> bool {
+    /// Record a lease. Over a link (`bounded`), refused (`false`) when the key's lease is
+    /// another link's that is still open (a GID names no peer: a peer declaring another's
+    /// must not replace its leases), or when the owner already granted as many other keys as
+    /// one owner may — first letting go of the entries of its links that closed (entries stay
+    /// otherwise, so a post racing with a revoke still finds the mark).
+    pub(crate) fn add_remote(&self, r: Arc<RemoteMr>, bounded: bool) -> bool {
         let mut remotes = write(&self.remotes);
-        if !remotes.contains_key(&(r.owner, r.rkey)) {
-            let mut per = lock(&self.per_owner);
-            let n = per.entry(r.owner).or_default();
-            if *n >= self.max_per_owner.load(Ordering::Relaxed) {
+        match remotes.get(&(r.owner, r.rkey)) {
+            Some(old)
+                if bounded && old.link.is_open() && link_id(&old.link) != link_id(&r.link) =>
+            {
                 return false;
             }
-            *n += 1;
+            Some(_) => {}
+            None if !bounded => {}
+            None => {
+                let mut per = lock(&self.per_owner);
+                let max = self.max_per_owner.load(Ordering::Relaxed);
+                if per.get(&r.owner).copied().unwrap_or(0) >= max {
+                    // Leases over closed links are of no use to anyone: let them go.
+                    let before = remotes.len();
+                    remotes.retain(|(o, _), l| *o != r.owner || l.link.is_open());
+                    let gone = before - remotes.len();
+                    if let Some(n) = per.get_mut(&r.owner) {
+                        *n = n.saturating_sub(gone);
+                    }
+                }
+                let n = per.entry(r.owner).or_default();
+                if *n >= max {
+                    return false;
+                }
+                *n += 1;
+            }
         }
         let old = remotes.insert((r.owner, r.rkey), r.clone());
         drop(remotes);

@@ -485,8 +485,9 @@ fn an_ack_settles_only_the_holder_of_its_own_link() {
     liar.join().unwrap();
 }
 
-/// The holder side: a revoke speaks only for the leases granted over its link. A liar that
-/// declares the owner's GID on a link of its own cannot withdraw the owner's lease.
+/// The holder side: a revoke speaks only for the leases granted over its link, and a grant
+/// cannot replace a lease of another open link. A liar that declares the owner's GID on a link
+/// of its own can neither withdraw nor replace the owner's lease.
 #[test]
 fn a_revoke_over_another_link_leaves_the_lease_alone() {
     let s = setup();
@@ -503,6 +504,9 @@ fn a_revoke_over_another_link_leaves_the_lease_alone() {
         o.send(&serde_json::json!({"hello": {"gid": owner_gid, "name": "liar"}}))
             .unwrap();
         let _hello: serde_json::Value = o.recv(T).unwrap();
+        // The owner's key, granted again by the liar (replacing the lease marks it revoked).
+        o.send(&serde_json::json!({"grant": {"mr": {"addr": 0, "len": 4096, "rkey": rkey}, "access": 7}}))
+            .unwrap();
         let revoke = ControlMsg::LeaseRevoke {
             owner: owner_gid,
             rkey,
@@ -516,9 +520,9 @@ fn a_revoke_over_another_link_leaves_the_lease_alone() {
     liar.join().unwrap();
     assert!(
         !remote.is_revoked(),
-        "a revoke over the liar's link withdrew the owner's lease"
+        "the liar's grant or revoke withdrew the owner's lease"
     );
-    assert_eq!(s.holder.dev.stats().lease_messages_refused, 1);
+    assert_eq!(s.holder.dev.stats().lease_messages_refused, 2);
     // The owner's own revoke still does.
     dst_mem.revoke(Duration::from_millis(400));
     assert!(remote.is_revoked());
