@@ -393,7 +393,8 @@ impl AgentInner {
                     }
                 };
                 if let Err(err) = self.serve_file(&own, (file, *at), (off, len), land) {
-                    return Some(fail(name, e.revoked_at(), format!("file I/O: {err}")));
+                    let epoch = e.revoked_at().or_else(|| own.revoked_at());
+                    return Some(fail(name, epoch, format!("file I/O: {err}")));
                 }
                 continue;
             }
@@ -418,12 +419,14 @@ impl AgentInner {
                     format!("range [{off:#x}, +{len:#x}) outside its {} bytes", e.len),
                 ));
             }
+            // The free revokes the peer's buffer and the registration's own in no particular
+            // order: either one revoked is a revoke.
+            if let Some(epoch) = ps.revoked_at() {
+                return Some(fail(name, Some(epoch), e.gone_why().to_string()));
+            }
             if let Err(err) = e.peer_stage_copy(&ps, off, len, !land) {
-                return Some(fail(
-                    name,
-                    e.revoked_at(),
-                    format!("the copy engine failed: {err}"),
-                ));
+                let epoch = e.revoked_at().or_else(|| ps.revoked_at());
+                return Some(fail(name, epoch, format!("the copy engine failed: {err}")));
             }
         }
         None

@@ -384,6 +384,12 @@ impl MemoryEntry {
 }
 
 impl PeerStage {
+    /// The epoch at which any of its MRs was revoked (the memory's free revokes every peer's
+    /// buffer, in no particular order with the registration's own).
+    pub(crate) fn revoked_at(&self) -> Option<u64> {
+        self.mrs().iter().flatten().find_map(Mr::revoked_at)
+    }
+
     /// Its MRs, per agent NIC (same order).
     fn mrs(&self) -> &[Option<Mr>] {
         match self {
