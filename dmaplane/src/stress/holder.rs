@@ -65,7 +65,8 @@ pub fn hold(
         "holder source registration: {:?}",
         rs.paths().first()
     ));
-    let mut inflight: Vec<Option<Transfer>> = (0..slots).map(|_| None).collect();
+    // Each slot's WRITE in flight, with the owner's allocation it targets (region id, epoch).
+    let mut inflight: Vec<Option<(Transfer, (u32, u64))>> = (0..slots).map(|_| None).collect();
     let mut seq = 0u64;
     // The owner's allocation in use: (region id, epoch), and the newest epoch known revoked.
     let mut current: Option<(u32, u64)> = None;
@@ -95,7 +96,7 @@ pub fn hold(
             }
         }
         for (slot, t) in inflight.iter_mut().enumerate() {
-            if let Some(x) = t {
+            if let Some((x, target)) = t {
                 match x.status() {
                     Status::InProgress { .. } => continue,
                     Status::Done => r.done += 1,
@@ -106,12 +107,16 @@ pub fn hold(
                             if access {
                                 r.failures.push(format!("slot {slot}: {e}"));
                             }
-                            if let Some((id, ep)) = current
-                                && (region == Some(id) || access)
-                            {
-                                dead = Some(ep);
-                                current = None;
-                                waiting_since = Instant::now();
+                            // The allocation this WRITE targeted is gone (a remote access
+                            // error names no region: it is the target's) — not a newer one
+                            // the holder moved to while this one was still in flight.
+                            let (tid, tep) = *target;
+                            if region == Some(tid) || access {
+                                dead = dead.max(Some(tep));
+                                if current.is_some_and(|(_, ep)| ep <= tep) {
+                                    current = None;
+                                    waiting_since = Instant::now();
+                                }
                             }
                         }
                         End::Lost => {
@@ -149,7 +154,7 @@ pub fn hold(
             ) {
                 Ok(x) => {
                     r.started += 1;
-                    *t = Some(x);
+                    *t = Some((x, (id, epoch)));
                 }
                 Err(Error::Revoked { .. }) => {
                     r.refused += 1;
@@ -177,7 +182,7 @@ pub fn hold(
     // Whatever is still under way ends now (the owner is gone): each exactly once, all within
     // one deadline (the stall timeout bounds each; they run at once).
     let due = Instant::now() + stall * 2;
-    let mut left: Vec<Transfer> = inflight.into_iter().flatten().collect();
+    let mut left: Vec<Transfer> = inflight.into_iter().flatten().map(|(t, _)| t).collect();
     while !left.is_empty() && Instant::now() < due {
         left.retain(|t| {
             let e = match t.status() {
