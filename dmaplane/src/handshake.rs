@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::inner::AgentInner;
 use crate::limits::Refusal;
-use crate::metadata::{Metadata, VERSION};
+use crate::metadata::{Metadata, NicInfo, VERSION};
 use crate::peer::{Known, Lane, POLL, Path, Peer, PeerHost, PeerShared};
 use crate::wire::Wire;
 
@@ -186,22 +186,22 @@ fn first_message(s: &Arc<AgentInner>, oob: Oob) {
 /// Both sides take every (connecting NIC, listening NIC) pair, in this order: at most `limit`
 /// ([`crate::Limits::paths`]) of them, or the reason why not.
 fn paths(
-    connecting: &Metadata,
-    listening: &Metadata,
+    connecting: &[NicInfo],
+    listening: &[NicInfo],
     limit: usize,
 ) -> std::result::Result<Vec<(String, String)>, String> {
-    let n = connecting.nics.len() * listening.nics.len();
+    let n = connecting.len() * listening.len();
     if n > limit {
         return Err(format!(
             "{n} paths ({} NICs of the connecting side times {} of the listening side), more \
              than limits.paths ({limit})",
-            connecting.nics.len(),
-            listening.nics.len(),
+            connecting.len(),
+            listening.len(),
         ));
     }
     let mut v = Vec::new();
-    for a in &connecting.nics {
-        for b in &listening.nics {
+    for a in connecting {
+        for b in listening {
             v.push((a.name.clone(), b.name.clone()));
         }
     }
@@ -329,7 +329,7 @@ fn accept(s: &Arc<AgentInner>, oob: Oob, hello: Hello, clock: Clock) -> Result<(
         Err((kind, why)) => return refuse(kind, format!("its metadata: {why}")),
     };
     // Checked before the welcome is made: it makes staging buffers for this connection.
-    let pairs = match paths(&theirs, &s.metadata(), limits.paths) {
+    let pairs = match paths(&theirs.nics, &s.nic_infos(), limits.paths) {
         Ok(p) => p,
         Err(why) => return refuse(Refusal::Paths, why),
     };
@@ -507,7 +507,8 @@ pub(crate) fn connect(s: &Arc<AgentInner>, addr: &str) -> Result<Peer> {
         }
     };
     let peer = theirs.agent.clone();
-    let pairs = paths(&mine, &theirs, limits.paths).map_err(|why| handshake_err(&peer, why))?;
+    let pairs =
+        paths(&mine.nics, &theirs.nics, limits.paths).map_err(|why| handshake_err(&peer, why))?;
     let known = Known::from_metadata(&theirs.regions, limits)
         .map_err(|(_, why)| handshake_err(&peer, format!("its metadata: {why}")))?;
     let mut built = Vec::with_capacity(pairs.len());

@@ -441,6 +441,19 @@ impl AgentInner {
         self.registry.get(id)
     }
 
+    /// This agent's NICs as its metadata describes them.
+    pub(crate) fn nic_infos(&self) -> Vec<NicInfo> {
+        self.nics
+            .iter()
+            .map(|n| NicInfo {
+                name: n.name().to_string(),
+                gid: n.dev().gid(),
+                numa: n.numa(),
+                mtu: n.mtu().bytes(),
+            })
+            .collect()
+    }
+
     /// This agent's metadata: every live registration.
     pub(crate) fn metadata(&self) -> Metadata {
         self.metadata_for(None)
@@ -469,16 +482,7 @@ impl AgentInner {
                 None => self.addr.to_string(),
             },
             backend: self.platform.kind().into(),
-            nics: self
-                .nics
-                .iter()
-                .map(|n| NicInfo {
-                    name: n.name().to_string(),
-                    gid: n.dev().gid(),
-                    numa: n.numa(),
-                    mtu: n.mtu().bytes(),
-                })
-                .collect(),
+            nics: self.nic_infos(),
             regions: entries
                 .iter()
                 .map(|e| {

@@ -478,6 +478,17 @@ mod tests {
         (&c.stream).write_all(b).unwrap();
         (&c.stream).write_all(b"\n").unwrap();
         assert_eq!(s.recv::<ConnInfo>(Duration::from_secs(5)).unwrap(), info(9));
+        // A whole line past the bound, newline and all in one read: refused too.
+        let (s2, c2) = pair();
+        s2.set_max_message(1000);
+        let mut long = vec![b'x'; 1500];
+        long.push(b'\n');
+        (&c2.stream).write_all(&long).unwrap();
+        let e = s2.recv::<ConnInfo>(Duration::from_secs(5)).unwrap_err();
+        assert!(
+            matches!(e, RdmaError::MessageTooLong { limit: 1000, .. }),
+            "{e}"
+        );
         // 2000 bytes and no newline: refused once past 1000, naming the bound.
         (&c.stream).write_all(&[b'x'; 2000]).unwrap();
         let e = s.recv::<ConnInfo>(Duration::from_secs(5)).unwrap_err();
