@@ -27,6 +27,8 @@ use crate::wr::{RecvWr, SendWr};
 pub enum BackendKind {
     Sim,
     Verbs,
+    /// A software RC NIC over TCP ([`crate::tcp`]).
+    Tcp,
 }
 
 /// Whether the provider registers dma-buf MRs.

@@ -4,6 +4,7 @@
 //! - [`backend`]: the raw objects a backend provides.
 //! - `sim`: the simulated RC NIC on the core fabric (always built).
 //! - `verbs`: real libibverbs through sideway (feature `verbs`).
+//! - [`tcp`]: a software RC NIC whose wire is TCP, for hosts without RDMA.
 //! - [`lease`], [`lease_tcp`], [`oob`]: remote leases, in-process and over the out-of-band TCP
 //!   connection.
 
@@ -11,6 +12,7 @@ pub mod access;
 pub mod backend;
 pub mod device;
 pub mod error;
+mod event_queue;
 pub mod import;
 pub mod inject;
 pub mod lease;
@@ -21,6 +23,8 @@ pub mod qp;
 pub mod qp_state;
 pub mod quiesce;
 pub mod sim;
+mod soft_cq;
+pub mod tcp;
 use dmaplane_core::sync;
 mod timer;
 mod tracker;
@@ -38,8 +42,9 @@ pub use inject::Fault;
 pub use lease::{ControlLink, ControlMsg, RemoteMr};
 pub use lease_tcp::{LeaseLink, TcpLink};
 pub use policy::{ImportOptions, QuiescePolicy, QuiesceStats};
-pub use qp::{Mtu, QpAttr, QpCaps, QpState, RemoteQp};
+pub use qp::{Mtu, QpAttr, QpCaps, QpState, RemoteQp, SOFT_MAX_QP_WR};
 pub use sim::{SimNetwork, SimNic};
+pub use tcp::{TcpNic, TcpStats};
 pub use tracker::MAX_LEASES_PER_OWNER;
 pub use wc::{Completion, WcOpcode, WcStatus};
 pub use wr::{MAX_SGE, RecvWr, RemoteAddr, SendOp, SendWr, SgList, Sge};

@@ -59,6 +59,11 @@ pub struct ConnInfo {
     pub psn: u32,
     pub gid: [u8; 16],
     pub lid: u16,
+    /// The TCP backend's data port and connection token ([`RemoteQp::port`], [`RemoteQp::token`]).
+    #[serde(default)]
+    pub port: u16,
+    #[serde(default)]
+    pub token: [u8; 16],
     pub mrs: Vec<RemoteMrInfo>,
 }
 
@@ -70,6 +75,8 @@ impl ConnInfo {
             psn: endpoint.psn,
             gid: endpoint.gid,
             lid: endpoint.lid,
+            port: endpoint.port,
+            token: endpoint.token,
             mrs,
         }
     }
@@ -77,10 +84,9 @@ impl ConnInfo {
     /// The peer as `INIT → RTR` needs it.
     pub fn remote_qp(&self) -> RemoteQp {
         RemoteQp {
-            qpn: self.qpn,
-            gid: self.gid,
-            lid: self.lid,
-            psn: self.psn,
+            port: self.port,
+            token: self.token,
+            ..RemoteQp::verbs(self.qpn, self.gid, self.lid, self.psn)
         }
     }
 }
@@ -388,6 +394,8 @@ mod tests {
             psn: 0x12_3456,
             gid: [7; 16],
             lid: 3,
+            port: 4791,
+            token: [9; 16],
             mrs: vec![RemoteMrInfo {
                 addr: 0x1000,
                 len: 4096,

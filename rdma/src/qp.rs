@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::access::MrAccess;
 use crate::error::RdmaError;
 pub use crate::qp_state::QpState;
+use crate::wr::{Queue, RecvWr, SendWr, check_post};
 
 /// The remote end of a connected QP: what `INIT → RTR` needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,6 +21,29 @@ pub struct RemoteQp {
     pub lid: u16,
     /// The remote's first receive PSN (our `rq_psn` is the remote's `sq_psn`).
     pub psn: u32,
+    /// The TCP backend's data port at that GID (0 on IB/RoCE and the simulator, where the GID
+    /// alone reaches the port).
+    #[serde(default)]
+    pub port: u16,
+    /// The TCP backend's connection token of that QP: a requester proves it holds it before
+    /// the responder takes a frame from it (zeros elsewhere). Told only over the agents'
+    /// authenticated control connection.
+    #[serde(default)]
+    pub token: [u8; 16],
+}
+
+impl RemoteQp {
+    /// An endpoint without a data port or token (IB/RoCE, the simulator).
+    pub const fn verbs(qpn: u32, gid: [u8; 16], lid: u16, psn: u32) -> RemoteQp {
+        RemoteQp {
+            qpn,
+            gid,
+            lid,
+            psn,
+            port: 0,
+            token: [0; 16],
+        }
+    }
 }
 
 /// Path MTU (`enum ibv_mtu`).
@@ -212,6 +236,101 @@ pub struct QpCaps {
     pub max_recv_sge: u32,
 }
 
+/// Most work requests per queue of a software NIC (the simulator, the TCP backend).
+pub const SOFT_MAX_QP_WR: u32 = 1 << 15;
+
+impl QpCaps {
+    /// Check the capabilities asked of a software NIC's queue pair.
+    pub(crate) fn check_soft(&self, qpn: u32) -> Result<(), RdmaError> {
+        let bad = |attr: &'static str, value: u32, why: &'static str| RdmaError::InvalidAttr {
+            qpn,
+            attr,
+            value: value.to_string(),
+            why,
+        };
+        if self.max_send_wr == 0 || self.max_send_wr > SOFT_MAX_QP_WR {
+            return Err(bad("max_send_wr", self.max_send_wr, "must be 1..=32768"));
+        }
+        if self.max_recv_wr > SOFT_MAX_QP_WR {
+            return Err(bad(
+                "max_recv_wr",
+                self.max_recv_wr,
+                "must be at most 32768",
+            ));
+        }
+        for (n, v) in [
+            ("max_send_sge", self.max_send_sge),
+            ("max_recv_sge", self.max_recv_sge),
+        ] {
+            if v as usize > crate::wr::MAX_SGE {
+                return Err(bad(n, v, "more scatter/gather entries than the device has"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Room for one more request on `queue` holding `len`.
+    pub(crate) fn check_room(&self, qpn: u32, len: usize, queue: Queue) -> Result<(), RdmaError> {
+        let depth = match queue {
+            Queue::Send => self.max_send_wr,
+            Queue::Recv => self.max_recv_wr,
+        };
+        if len >= depth as usize {
+            return Err(RdmaError::QueueFull {
+                qpn,
+                queue: queue.name(),
+                depth,
+            });
+        }
+        Ok(())
+    }
+
+    /// One send request as a software provider checks it when it takes it from the chain: the
+    /// state, its elements, its length, and room beside the `queued` ones.
+    pub(crate) fn check_send(
+        &self,
+        qpn: u32,
+        state: QpState,
+        queued: usize,
+        wr: &SendWr,
+    ) -> Result<(), RdmaError> {
+        check_post(
+            qpn,
+            state,
+            Queue::Send,
+            self.max_send_sge,
+            [(wr.wr_id, &wr.sg)],
+        )?;
+        if wr.sg.total() > u64::from(u32::MAX) {
+            return Err(RdmaError::BadWorkRequest {
+                qpn,
+                wr_id: wr.wr_id,
+                op: wr.op.name(),
+                what: format!("a length of at most 4 GiB - 1 (got {})", wr.sg.total()),
+            });
+        }
+        self.check_room(qpn, queued, Queue::Send)
+    }
+
+    /// One receive request, likewise.
+    pub(crate) fn check_recv(
+        &self,
+        qpn: u32,
+        state: QpState,
+        queued: usize,
+        wr: &RecvWr,
+    ) -> Result<(), RdmaError> {
+        check_post(
+            qpn,
+            state,
+            Queue::Recv,
+            self.max_recv_sge,
+            [(wr.wr_id, &wr.sg)],
+        )?;
+        self.check_room(qpn, queued, Queue::Recv)
+    }
+}
+
 impl Default for QpCaps {
     fn default() -> Self {
         QpCaps {
@@ -232,15 +351,7 @@ mod tests {
 
     fn full(to: QpState) -> QpAttr {
         let mut a = QpAttr::init(1, MrAccess::ALL);
-        let r = QpAttr::rtr(
-            RemoteQp {
-                qpn: 9,
-                gid: [0; 16],
-                lid: 0,
-                psn: 1,
-            },
-            Mtu::Mtu4096,
-        );
+        let r = QpAttr::rtr(RemoteQp::verbs(9, [0; 16], 0, 1), Mtu::Mtu4096);
         let s = QpAttr::rts(5);
         a.path_mtu = r.path_mtu;
         a.dest = r.dest;
@@ -286,15 +397,7 @@ mod tests {
 
     #[test]
     fn missing_attribute_is_named() {
-        let mut a = QpAttr::rtr(
-            RemoteQp {
-                qpn: 1,
-                gid: [0; 16],
-                lid: 0,
-                psn: 0,
-            },
-            Mtu::Mtu1024,
-        );
+        let mut a = QpAttr::rtr(RemoteQp::verbs(1, [0; 16], 0, 0), Mtu::Mtu1024);
         a.dest = None;
         let e = check_modify(3, Init, &a).unwrap_err();
         assert_eq!(

@@ -117,6 +117,26 @@ pub struct Completion {
 }
 
 impl Completion {
+    /// A completion of `qpn`'s request `wr_id` (no vendor syndrome).
+    pub const fn new(
+        qpn: u32,
+        wr_id: u64,
+        status: WcStatus,
+        opcode: WcOpcode,
+        byte_len: u32,
+        imm: Option<u32>,
+    ) -> Completion {
+        Completion {
+            wr_id,
+            status,
+            opcode,
+            byte_len,
+            imm,
+            qp_num: qpn,
+            vendor_err: 0,
+        }
+    }
+
     pub fn is_send(&self) -> bool {
         !matches!(self.opcode, WcOpcode::Recv | WcOpcode::RecvRdmaWithImm)
     }

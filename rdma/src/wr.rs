@@ -131,6 +131,16 @@ impl SendOp {
         matches!(self, SendOp::RdmaRead)
     }
 
+    /// The opcode its completion carries.
+    pub const fn wc_opcode(self) -> crate::wc::WcOpcode {
+        use crate::wc::WcOpcode;
+        match self {
+            SendOp::Send | SendOp::SendWithImm(_) => WcOpcode::Send,
+            SendOp::RdmaWrite | SendOp::RdmaWriteWithImm(_) => WcOpcode::RdmaWrite,
+            SendOp::RdmaRead => WcOpcode::RdmaRead,
+        }
+    }
+
     pub const fn name(self) -> &'static str {
         match self {
             SendOp::Send => "SEND",

@@ -13,7 +13,7 @@
 
 use std::ffi::c_void;
 
-use super::atomic_bytes;
+use super::{atomic_bytes, pinned};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 
@@ -98,12 +98,7 @@ impl Mapping {
                 0,
             )
         }?;
-        Ok(Mapping {
-            ptr: nonnull(ptr),
-            len,
-            fd: None,
-            heap: None,
-        })
+        Ok(Mapping::entered(nonnull(ptr), len, None))
     }
 
     /// Device memory behind a BAR: anonymous, not reserved up front.
@@ -125,12 +120,7 @@ impl Mapping {
             size,
             source: e.into(),
         })?;
-        Ok(Mapping {
-            ptr: nonnull(ptr),
-            len,
-            fd: None,
-            heap: None,
-        })
+        Ok(Mapping::entered(nonnull(ptr), len, None))
     }
 
     /// A caller's buffer, zero-copy: its allocation becomes this memory (no bytes move), and
@@ -138,25 +128,44 @@ impl Mapping {
     pub fn from_vec(buf: Vec<u8>) -> Result<Mapping, MappingError> {
         checked_len(buf.len() as u64, "caller's buffer")?;
         let mut buf = std::mem::ManuallyDrop::new(buf);
-        Ok(Mapping {
-            ptr: nonnull(buf.as_mut_ptr().cast::<c_void>()),
-            len: buf.len(),
-            fd: None,
-            heap: Some(buf.capacity()),
-        })
+        Ok(Mapping::entered(
+            nonnull(buf.as_mut_ptr().cast::<c_void>()),
+            buf.len(),
+            Some(buf.capacity()),
+        ))
     }
 
-    /// The caller's buffer back (`Err(self)` for memory that is not one).
+    /// Made memory, entered where software engines may pin it ([`super::pinned`]).
+    fn entered(ptr: NonNull<u8>, len: usize, heap: Option<usize>) -> Mapping {
+        pinned::enter(ptr.as_ptr().expose_provenance(), len);
+        Mapping {
+            ptr,
+            len,
+            fd: None,
+            heap,
+        }
+    }
+
+    /// The caller's buffer back (`Err(self)` for memory that is not one, or that a software
+    /// engine still has pinned: see [`super::Pinned`]).
     pub fn into_vec(self) -> Result<Vec<u8>, Mapping> {
         let Some(cap) = self.heap else {
             return Err(self);
         };
+        if pinned::is_pinned(self.start()) || !pinned::leave(self.start()) {
+            return Err(self);
+        }
         let me = std::mem::ManuallyDrop::new(self);
         // SAFETY: `ptr`, `len` and `cap` are the parts of the `Vec<u8>` taken apart in
         // `from_vec`, never freed (`me` is not dropped); `self` was the only owner, and it is
         // consumed, so no access through it can follow. (`fd` is `None` for heap memory: nothing
         // is leaked by not dropping it.)
         Ok(unsafe { Vec::from_raw_parts(me.ptr.as_ptr(), me.len, cap) })
+    }
+
+    /// Its start, as entered in the pin registry.
+    fn start(&self) -> usize {
+        self.ptr.as_ptr().expose_provenance()
     }
 
     /// Whether this is a caller's buffer ([`from_vec`](Self::from_vec)).
@@ -230,6 +239,14 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
+        if !pinned::leave(self.start()) {
+            tracing::error!(
+                va = format_args!("{:#x}", self.process_va()),
+                len = self.len,
+                "memory dropped while a software engine has it pinned: leaked, not freed"
+            );
+            return;
+        }
         if let Some(cap) = self.heap {
             // SAFETY: the parts of the caller's `Vec<u8>` (see `into_vec`); this is the last
             // owner, and no pointer into the buffer outlives it.

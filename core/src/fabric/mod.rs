@@ -20,6 +20,7 @@ mod fault;
 mod host;
 mod memory;
 mod oracle;
+mod pinned;
 mod pool;
 
 use std::collections::BTreeMap;
@@ -31,6 +32,7 @@ pub use fault::{FaultKind, Faults};
 pub use host::HostMemory;
 pub use memory::{Mapping, MappingError};
 pub use oracle::{Event, Oracle, RECENT, Verdict, WindowId};
+pub use pinned::{PinError, Pinned};
 
 use crate::fence::FenceObserver;
 use crate::hints::{Access, Route};

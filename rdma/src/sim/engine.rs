@@ -30,7 +30,7 @@ use crate::wc::{Completion, WcOpcode, WcStatus};
 use crate::wr::{SendOp, SendWr, Sge};
 
 use super::mr::{MrFault, SimMr};
-use super::qp::{QpInner, SimQp, opcode_of};
+use super::qp::{QpInner, SimQp};
 use super::{NicShared, lock};
 
 /// The most bytes copied between two looks at the QP and at who waits for the memory.
@@ -182,7 +182,7 @@ fn process(qp: &Arc<SimQp>, s: &mut Scratch) -> bool {
         ran = i + 1;
         if wr.signaled || !status.is_ok() {
             s.wcs
-                .push(qp.wc(wr.wr_id, status, opcode_of(wr.op), byte_len, None));
+                .push(qp.wc(wr.wr_id, status, wr.op.wc_opcode(), byte_len, None));
         }
         if !status.is_ok() {
             tracing::debug!(nic = %qp.nic.name, qpn = qp.qpn, wr_id = wr.wr_id, %status, "request failed: QP to ERR");
@@ -199,7 +199,7 @@ fn process(qp: &Arc<SimQp>, s: &mut Scratch) -> bool {
         // Taken but not started: flushed, in order, before anything still queued.
         for wr in &s.wrs[ran..] {
             s.wcs
-                .push(qp.wc(wr.wr_id, WcStatus::WrFlushErr, opcode_of(wr.op), 0, None));
+                .push(qp.wc(wr.wr_id, WcStatus::WrFlushErr, wr.op.wc_opcode(), 0, None));
         }
     } else if inner.state == QpState::Sqd && ran < s.wrs.len() {
         // Stopped at a boundary: not started, so back to the head of the queue, in order.

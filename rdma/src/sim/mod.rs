@@ -2,14 +2,13 @@
 //! real bytes with fabric DMA (bus addresses, so a NIC can target a GPU BAR window), and the
 //! hardware's checks — keys, bounds, access rights, PD, QP state — with verbs status codes.
 
-mod cq;
 mod engine;
 mod mr;
 mod qp;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, RwLock, Weak};
 
 use dmaplane_core::fabric::{DeviceId, Fabric};
 use dmaplane_core::pgsz::MLX5_PGSZ_BITMAP;
@@ -22,14 +21,11 @@ use crate::backend::{
 use crate::error::{RdmaError, Result};
 use crate::qp::QpCaps;
 
-pub(crate) use cq::SimCq;
+pub(crate) use crate::soft_cq::SoftCq;
 pub(crate) use mr::SimMr;
 pub(crate) use qp::SimQp;
 
 pub(crate) use crate::sync::{lock, read, write};
-
-/// Most work requests per queue.
-pub const SIM_MAX_QP_WR: u32 = 1 << 15;
 
 /// The wire between simulated NICs: finds a NIC by GID for `INIT → RTR`.
 #[derive(Debug, Clone)]
@@ -85,8 +81,7 @@ impl SimNetwork {
             next_pd: AtomicU32::new(1),
             mrs: RwLock::new(HashMap::new()),
             qps: RwLock::new(HashMap::new()),
-            events: Mutex::new(VecDeque::new()),
-            events_dropped: AtomicU64::new(0),
+            events: crate::event_queue::EventQueue::default(),
             engine: engine::NicEngine::default(),
             engine_cpus: self.engine_cpus.clone(),
             call_latency: Arc::default(),
@@ -101,9 +96,6 @@ impl SimNetwork {
     }
 }
 
-/// How many asynchronous events a simulated NIC keeps until they are read.
-const EVENT_QUEUE: usize = 4096;
-
 #[derive(Debug)]
 pub(crate) struct NicShared {
     pub(crate) fabric: Fabric,
@@ -117,9 +109,7 @@ pub(crate) struct NicShared {
     /// lkey = rkey; keys are never reused while the NIC lives.
     pub(crate) mrs: RwLock<HashMap<u32, Weak<SimMr>>>,
     pub(crate) qps: RwLock<HashMap<u32, Weak<SimQp>>>,
-    events: Mutex<VecDeque<AsyncEvent>>,
-    /// Events that found the queue full ([`EVENT_QUEUE`]).
-    events_dropped: AtomicU64,
+    events: crate::event_queue::EventQueue,
     pub(crate) engine: engine::NicEngine,
     engine_cpus: Vec<usize>,
     /// How long every QP modify and MR zap takes, in nanoseconds ([`SimNic::set_call_latency`]).
@@ -137,18 +127,7 @@ impl NicShared {
     }
 
     pub(crate) fn event(&self, kind: &str, qpn: Option<u32>, detail: String) {
-        tracing::debug!(nic = %self.name, kind, ?qpn, %detail, "async event");
-        let mut q = lock(&self.events);
-        if q.len() >= EVENT_QUEUE {
-            // A NIC's event queue is bounded too: count what did not fit, report it once read.
-            self.events_dropped.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        q.push_back(AsyncEvent {
-            kind: kind.into(),
-            qpn,
-            detail,
-        });
+        self.events.push(&self.name, kind, qpn, detail);
     }
 
     pub(crate) fn mr(&self, key: u32) -> Option<Arc<SimMr>> {
@@ -201,7 +180,7 @@ impl DeviceBackend for SimNic {
             lid: 0,
             max_mr_size: u64::MAX,
             page_size_cap: MLX5_PGSZ_BITMAP,
-            max_qp_wr: SIM_MAX_QP_WR,
+            max_qp_wr: crate::qp::SOFT_MAX_QP_WR,
             max_sge: crate::wr::MAX_SGE as u32,
             dmabuf_mr: DmaBufMr::Unsupported {
                 why: "the simulator registers fabric bus addresses, not dma-buf fds".into(),
@@ -224,27 +203,11 @@ impl DeviceBackend for SimNic {
     }
 
     fn create_cq(&self, depth: u32) -> Result<Arc<dyn CqBackend>> {
-        if depth == 0 || depth > 1 << 22 {
-            return Err(RdmaError::InvalidAttr {
-                qpn: 0,
-                attr: "cq depth",
-                value: depth.to_string(),
-                why: "must be 1..=4194304",
-            });
-        }
-        Ok(Arc::new(SimCq::new(depth)))
+        SoftCq::create(depth)
     }
 
     fn poll_async_event(&self) -> Option<AsyncEvent> {
-        if let Some(e) = lock(&self.shared.events).pop_front() {
-            return Some(e);
-        }
-        let dropped = self.shared.events_dropped.swap(0, Ordering::Relaxed);
-        (dropped > 0).then(|| AsyncEvent {
-            kind: "EVENTS_DROPPED".into(),
-            qpn: None,
-            detail: format!("{dropped} asynchronous event(s) found the queue full ({EVENT_QUEUE})"),
-        })
+        self.shared.events.pop()
     }
 
     fn fabric_device(&self) -> Option<DeviceId> {
@@ -285,44 +248,11 @@ impl PdBackend for SimPd {
             self.nic.clone(),
             self.pdn,
             qpn,
-            as_sim(send_cq, "send_cq")?,
-            as_sim(recv_cq, "recv_cq")?,
+            crate::soft_cq::as_soft(send_cq, "send_cq")?,
+            crate::soft_cq::as_soft(recv_cq, "recv_cq")?,
             caps,
         )?;
         write(&self.nic.qps).insert(qpn, Arc::downgrade(&qp));
         Ok(Arc::new(qp))
-    }
-}
-
-fn as_sim(cq: &Arc<dyn CqBackend>, what: &'static str) -> Result<Arc<SimCq>> {
-    // Backends do not mix: a simulated QP needs simulated CQs.
-    let any: Arc<dyn std::any::Any + Send + Sync> = cq.clone();
-    any.downcast::<SimCq>().map_err(|_| RdmaError::InvalidAttr {
-        qpn: 0,
-        attr: what,
-        value: "a CQ of another backend".into(),
-        why: "a simulated QP needs simulated CQs",
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use dmaplane_core::topology::builtin;
-
-    /// The event queue is bounded: what does not fit is counted and reported once.
-    #[test]
-    fn the_event_queue_is_bounded_and_reports_what_it_dropped() {
-        let fabric = Fabric::with_topology(builtin::testbed());
-        let nic = SimNetwork::new(&fabric).nic("nic0").unwrap();
-        for i in 0..EVENT_QUEUE + 4 {
-            nic.shared.event("QP_FATAL", Some(1), format!("event {i}"));
-        }
-        let got: Vec<AsyncEvent> = std::iter::from_fn(|| nic.poll_async_event()).collect();
-        assert_eq!(got.len(), EVENT_QUEUE + 1);
-        let last = got.last().unwrap();
-        assert_eq!(last.kind, "EVENTS_DROPPED");
-        assert!(last.detail.starts_with("4 asynchronous"), "{}", last.detail);
-        assert!(nic.poll_async_event().is_none());
     }
 }

@@ -11,12 +11,12 @@ use std::sync::{Arc, Mutex, Weak};
 
 use crate::access::MrAccess;
 use crate::backend::QpBackend;
-use crate::error::{RdmaError, Result};
+use crate::error::Result;
 use crate::qp::{QpAttr, QpCaps, QpState, RemoteQp, check_modify};
 use crate::wc::{Completion, WcOpcode, WcStatus};
-use crate::wr::{Queue, RecvWr, SendOp, SendWr, check_post};
+use crate::wr::{RecvWr, SendWr};
 
-use super::{NicShared, SimCq, lock};
+use super::{NicShared, SoftCq, lock};
 
 pub(crate) struct QpInner {
     pub(crate) state: QpState,
@@ -73,8 +73,8 @@ pub(crate) struct SimQp {
     pub(crate) qpn: u32,
     pub(crate) nic: Arc<NicShared>,
     pub(crate) pd: u32,
-    pub(crate) send_cq: Arc<SimCq>,
-    pub(crate) recv_cq: Arc<SimCq>,
+    pub(crate) send_cq: Arc<SoftCq>,
+    pub(crate) recv_cq: Arc<SoftCq>,
     caps: QpCaps,
     sq_psn: u32,
     state: AtomicU8,
@@ -88,47 +88,16 @@ pub(crate) struct SimQp {
     pub(crate) inner: Mutex<QpInner>,
 }
 
-pub(crate) fn opcode_of(op: SendOp) -> WcOpcode {
-    match op {
-        SendOp::Send | SendOp::SendWithImm(_) => WcOpcode::Send,
-        SendOp::RdmaWrite | SendOp::RdmaWriteWithImm(_) => WcOpcode::RdmaWrite,
-        SendOp::RdmaRead => WcOpcode::RdmaRead,
-    }
-}
-
 impl SimQp {
     pub(crate) fn new(
         nic: Arc<NicShared>,
         pd: u32,
         qpn: u32,
-        send_cq: Arc<SimCq>,
-        recv_cq: Arc<SimCq>,
+        send_cq: Arc<SoftCq>,
+        recv_cq: Arc<SoftCq>,
         caps: QpCaps,
     ) -> Result<Arc<SimQp>> {
-        let bad = |attr: &'static str, value: u32, why: &'static str| RdmaError::InvalidAttr {
-            qpn,
-            attr,
-            value: value.to_string(),
-            why,
-        };
-        if caps.max_send_wr == 0 || caps.max_send_wr > super::SIM_MAX_QP_WR {
-            return Err(bad("max_send_wr", caps.max_send_wr, "must be 1..=32768"));
-        }
-        if caps.max_recv_wr > super::SIM_MAX_QP_WR {
-            return Err(bad(
-                "max_recv_wr",
-                caps.max_recv_wr,
-                "must be at most 32768",
-            ));
-        }
-        for (n, v) in [
-            ("max_send_sge", caps.max_send_sge),
-            ("max_recv_sge", caps.max_recv_sge),
-        ] {
-            if v as usize > crate::wr::MAX_SGE {
-                return Err(bad(n, v, "more scatter/gather entries than the device has"));
-            }
-        }
+        caps.check_soft(qpn)?;
         Ok(Arc::new(SimQp {
             qpn,
             pd,
@@ -174,49 +143,12 @@ impl SimQp {
         }
     }
 
-    /// Complete everything queued as flushed, sends then receives, each in order.
-    /// One send request as the provider checks it when it takes it from the chain.
-    fn check_send(&self, inner: &QpInner, wr: &SendWr) -> Result<()> {
-        check_post(
-            self.qpn,
-            inner.state,
-            Queue::Send,
-            self.caps.max_send_sge,
-            [(wr.wr_id, &wr.sg)],
-        )?;
-        if wr.sg.total() > u64::from(u32::MAX) {
-            return Err(RdmaError::BadWorkRequest {
-                qpn: self.qpn,
-                wr_id: wr.wr_id,
-                op: wr.op.name(),
-                what: format!("a length of at most 4 GiB - 1 (got {})", wr.sg.total()),
-            });
-        }
-        self.check_room(inner.sq.len(), Queue::Send)
-    }
-
-    /// Room for one more request on a queue holding `len`.
-    fn check_room(&self, len: usize, queue: Queue) -> Result<()> {
-        let depth = match queue {
-            Queue::Send => self.caps.max_send_wr,
-            Queue::Recv => self.caps.max_recv_wr,
-        };
-        if len >= depth as usize {
-            return Err(RdmaError::QueueFull {
-                qpn: self.qpn,
-                queue: queue.name(),
-                depth,
-            });
-        }
-        Ok(())
-    }
-
     pub(crate) fn flush(&self, inner: &mut QpInner) {
         if !inner.sq.is_empty() {
             let wcs: Vec<Completion> = inner
                 .sq
                 .drain(..)
-                .map(|wr| self.wc(wr.wr_id, WcStatus::WrFlushErr, opcode_of(wr.op), 0, None))
+                .map(|wr| self.wc(wr.wr_id, WcStatus::WrFlushErr, wr.op.wc_opcode(), 0, None))
                 .collect();
             self.send_cq.push(&wcs);
         }
@@ -238,15 +170,7 @@ impl SimQp {
         byte_len: u32,
         imm: Option<u32>,
     ) -> Completion {
-        Completion {
-            wr_id,
-            status,
-            opcode,
-            byte_len,
-            imm,
-            qp_num: self.qpn,
-            vendor_err: 0,
-        }
+        Completion::new(self.qpn, wr_id, status, opcode, byte_len, imm)
     }
 
     fn doorbell(self: &Arc<Self>, inner: &mut QpInner) {
@@ -346,12 +270,7 @@ impl QpBackend for Arc<SimQp> {
     }
 
     fn endpoint(&self) -> RemoteQp {
-        RemoteQp {
-            qpn: self.qpn,
-            gid: self.nic.gid,
-            lid: 0,
-            psn: self.sq_psn,
-        }
+        RemoteQp::verbs(self.qpn, self.nic.gid, 0, self.sq_psn)
     }
 
     fn modify(&self, attr: &QpAttr) -> Result<()> {
@@ -372,7 +291,9 @@ impl QpBackend for Arc<SimQp> {
         let mut taken = 0;
         let mut r = Ok(());
         for wr in wrs {
-            r = self.check_send(&inner, wr);
+            r = self
+                .caps
+                .check_send(self.qpn, inner.state, inner.sq.len(), wr);
             if r.is_err() {
                 break;
             }
@@ -396,14 +317,9 @@ impl QpBackend for Arc<SimQp> {
         let mut taken = 0;
         let mut r = Ok(());
         for wr in wrs {
-            r = check_post(
-                self.qpn,
-                inner.state,
-                Queue::Recv,
-                self.caps.max_recv_sge,
-                [(wr.wr_id, &wr.sg)],
-            )
-            .and_then(|()| self.check_room(inner.rq.len(), Queue::Recv));
+            r = self
+                .caps
+                .check_recv(self.qpn, inner.state, inner.rq.len(), wr);
             if r.is_err() {
                 break;
             }

@@ -479,12 +479,7 @@ impl QpBackend for VerbsQp {
     }
 
     fn endpoint(&self) -> RemoteQp {
-        RemoteQp {
-            qpn: self.qpn,
-            gid: self.dev.gid,
-            lid: self.dev.lid,
-            psn: self.psn,
-        }
+        RemoteQp::verbs(self.qpn, self.dev.gid, self.dev.lid, self.psn)
     }
 
     fn next_psns(&self) -> Result<Option<(u32, u32)>> {

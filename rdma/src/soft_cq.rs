@@ -1,4 +1,5 @@
-//! Simulated completion queue: a bounded ring with polling and blocking waits.
+//! The completion queue of a software NIC (the simulator, the TCP backend): a bounded ring
+//! with polling and blocking waits.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -9,10 +10,10 @@ use crate::backend::CqBackend;
 use crate::error::Result;
 use crate::wc::Completion;
 
-use super::lock;
+use crate::sync::lock;
 
 #[derive(Debug)]
-pub(crate) struct SimCq {
+pub(crate) struct SoftCq {
     pub(crate) depth: u32,
     ring: Mutex<VecDeque<Completion>>,
     cv: Condvar,
@@ -24,9 +25,9 @@ pub(crate) struct SimCq {
     overrun: AtomicBool,
 }
 
-impl SimCq {
-    pub(crate) fn new(depth: u32) -> SimCq {
-        SimCq {
+impl SoftCq {
+    pub(crate) fn new(depth: u32) -> SoftCq {
+        SoftCq {
             depth,
             ring: Mutex::new(VecDeque::with_capacity(depth as usize)),
             cv: Condvar::new(),
@@ -34,6 +35,19 @@ impl SimCq {
             len: AtomicUsize::new(0),
             overrun: AtomicBool::new(false),
         }
+    }
+
+    /// A CQ of `depth` entries, as a software NIC's `create_cq` makes it.
+    pub(crate) fn create(depth: u32) -> Result<std::sync::Arc<dyn CqBackend>> {
+        if depth == 0 || depth > 1 << 22 {
+            return Err(crate::error::RdmaError::InvalidAttr {
+                qpn: 0,
+                attr: "cq depth",
+                value: depth.to_string(),
+                why: "must be 1..=4194304",
+            });
+        }
+        Ok(std::sync::Arc::new(SoftCq::new(depth)))
     }
 
     /// Push completions in order. Overrun is recorded, never silent.
@@ -59,7 +73,7 @@ impl SimCq {
     }
 }
 
-impl CqBackend for SimCq {
+impl CqBackend for SoftCq {
     fn poll(&self, out: &mut Vec<Completion>, max: usize) -> Result<usize> {
         if self.len.load(Ordering::Acquire) == 0 {
             return Ok(0);
@@ -85,4 +99,20 @@ impl CqBackend for SimCq {
         self.waiters.fetch_sub(1, Ordering::SeqCst);
         Ok(!ring.is_empty())
     }
+}
+
+/// A software NIC's queue pair needs its own kind of CQ: `cq` as a [`SoftCq`], or an error
+/// naming `what` (`send_cq`, `recv_cq`) for a CQ of another backend.
+pub(crate) fn as_soft(
+    cq: &std::sync::Arc<dyn CqBackend>,
+    what: &'static str,
+) -> Result<std::sync::Arc<SoftCq>> {
+    let any: std::sync::Arc<dyn std::any::Any + Send + Sync> = cq.clone();
+    any.downcast::<SoftCq>()
+        .map_err(|_| crate::error::RdmaError::InvalidAttr {
+            qpn: 0,
+            attr: what,
+            value: "a CQ of another backend".into(),
+            why: "a software NIC's queue pair needs that NIC's kind of CQ",
+        })
 }

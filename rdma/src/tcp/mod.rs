@@ -1,0 +1,393 @@
+//! The TCP backend: a software RC NIC whose wire is TCP, as Soft-RoCE is one whose wire is UDP.
+//!
+//! It has what verbs has — protection domains, memory regions with lkey/rkey, RC queue pairs
+//! with the verbs state machine ([`crate::qp::check_modify`]), completion queues, `ERR` flushing
+//! every outstanding request, SQD, partial posts — so the quiesce layer, leases and revoke run
+//! on it unchanged. Its memory regions are this process's memory (`mr.rs`); one-sided WRITEs and
+//! READs are executed by the target's engine, which checks key, bounds, access and the region's
+//! state as a NIC does, and moves bytes straight between the socket and the registered memory.
+//!
+//! # Connections
+//!
+//! Each queue pair's requests travel on a TCP connection of its own, which the requester opens
+//! to the data port of the responder's NIC when it first has work (`requester.rs`); the
+//! responder's engine serves it (`responder.rs`). The connection is proven before a frame is
+//! taken: the responder sends a nonce, and the requester answers with an HMAC-SHA256, keyed by
+//! the responder QP's token, over the nonce and both QP numbers and the requester's GID. The
+//! token is random per queue pair and told only in the endpoint ([`crate::RemoteQp::token`]),
+//! which the agents exchange over their authenticated control connection: an rkey alone opens
+//! nothing, and neither does a QP number.
+//!
+//! # Messages, frames and the revoke
+//!
+//! A message moves in frames of at most [`frame::MAX_PAYLOAD`] bytes ([`frame`]). Between two
+//! frames the requester looks at its QP: once it is in ERR the rest of the message is not sent
+//! (the message is cut and completes flushed), and once it stops at a boundary (SQD, the default
+//! policy) no new message starts. The responder answers each message once it is in memory
+//! (`ack`), and the requester completes requests in order as the answers come. A QP that goes
+//! to ERR sends `flush`: the responder answers `flush-ack` once everything before it is done and
+//! takes nothing after it. A QP is quiescent — [`crate::backend::QpBackend::quiesce`] calls back
+//! — only once every message it started has been answered (or the peer closed the connection):
+//! so after a holder's ack no frame of its is still on its way to land.
+//!
+//! A zap ([`crate::backend::MrBackend::zap`]) waits for the one system call under way on the
+//! region; from its return on, frames for it are refused with a remote access error (`nak`),
+//! and the requester's QP goes to ERR, as on RC.
+
+pub mod frame;
+mod io;
+mod mr;
+mod qp;
+mod requester;
+mod responder;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::thread::JoinHandle;
+
+use dmaplane_core::{Accept, Access, SpaceKind};
+
+use crate::backend::{
+    AsyncEvent, BackendKind, CqBackend, DeviceBackend, DeviceInfo, DmaBufMr, MrBackend, MrRequest,
+    PdBackend, QpBackend,
+};
+use crate::error::{RdmaError, Result};
+use crate::qp::QpCaps;
+use crate::soft_cq::SoftCq;
+use crate::sync::{lock, read, write};
+
+pub use frame::{FrameError, MAX_PAYLOAD};
+pub(crate) use mr::TcpMr;
+pub(crate) use qp::TcpQp;
+
+/// How many connections may be waiting for their hello at once; more are closed at once.
+pub const MAX_UNPROVEN: usize = 64;
+/// What a TCP NIC counts of its peers' connections (an observer outside the engine's data path:
+/// every refusal is counted where it is decided).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TcpStats {
+    /// Connections proven and served.
+    pub connections: u64,
+    /// Hellos refused: wrong proof, unknown QP, a QP connected to another, a wrong version.
+    pub hellos_refused: u64,
+    /// Connections closed before a hello came (too many waiting, too slow, not a frame).
+    pub unproven_closed: u64,
+    /// Frames refused after the hello (bad header, out of order, key/bounds/access).
+    pub frames_refused: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    connections: AtomicU64,
+    hellos_refused: AtomicU64,
+    unproven_closed: AtomicU64,
+    frames_refused: AtomicU64,
+}
+
+#[derive(Debug)]
+pub(crate) struct NicShared {
+    pub(crate) name: String,
+    pub(crate) gid: [u8; 16],
+    pub(crate) port: u16,
+    next_key: AtomicU32,
+    next_qpn: AtomicU32,
+    next_pd: AtomicU32,
+    pub(crate) mrs: RwLock<HashMap<u32, Weak<TcpMr>>>,
+    pub(crate) qps: RwLock<HashMap<u32, Weak<TcpQp>>>,
+    events: crate::event_queue::EventQueue,
+    pub(crate) stopping: AtomicBool,
+    /// Connections accepted that have not proven themselves yet.
+    pub(crate) unproven: AtomicUsize,
+    counters: Counters,
+    acceptor: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl NicShared {
+    pub(crate) fn event(&self, kind: &str, qpn: Option<u32>, detail: String) {
+        self.events.push(&self.name, kind, qpn, detail);
+    }
+
+    pub(crate) fn mr(&self, key: u32) -> Option<Arc<TcpMr>> {
+        read(&self.mrs).get(&key).and_then(Weak::upgrade)
+    }
+
+    pub(crate) fn qp(&self, qpn: u32) -> Option<Arc<TcpQp>> {
+        read(&self.qps).get(&qpn).and_then(Weak::upgrade)
+    }
+
+    pub(crate) fn alive(&self) -> bool {
+        !self.stopping.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_connection(&self) {
+        self.counters.connections.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn count_hello_refused(&self) {
+        self.counters.hellos_refused.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn count_unproven_closed(&self) {
+        self.counters
+            .unproven_closed
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn count_frame_refused(&self) {
+        self.counters.frames_refused.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+type Hmac = hmac::Hmac<sha2::Sha256>;
+
+fn mac(token: &[u8; 16], nonce: &[u8], responder: u32, requester: u32, gid: &[u8; 16]) -> Hmac {
+    use hmac::Mac;
+    let mut m = <Hmac as Mac>::new_from_slice(token).expect("HMAC takes keys of any length");
+    m.update(b"dmaplane-tcp-hello-v1");
+    m.update(nonce);
+    m.update(&responder.to_le_bytes());
+    m.update(&requester.to_le_bytes());
+    m.update(gid);
+    m
+}
+
+/// What a requester sends to prove it holds the responder QP's token: HMAC-SHA256 over the
+/// responder's nonce, both QP numbers and the requester's GID.
+pub(crate) fn proof(
+    token: &[u8; 16],
+    nonce: &[u8],
+    responder: u32,
+    requester: u32,
+    gid: &[u8; 16],
+) -> [u8; 32] {
+    use hmac::Mac;
+    mac(token, nonce, responder, requester, gid)
+        .finalize()
+        .into_bytes()
+        .into()
+}
+
+/// Check a requester's proof, in constant time.
+pub(crate) fn verify(
+    token: &[u8; 16],
+    nonce: &[u8],
+    responder: u32,
+    requester: u32,
+    gid: &[u8; 16],
+    got: &[u8],
+) -> bool {
+    use hmac::Mac;
+    mac(token, nonce, responder, requester, gid)
+        .verify_slice(got)
+        .is_ok()
+}
+
+/// A GID for an IP address, as RoCEv2 forms them: IPv4 mapped into IPv6.
+pub fn gid_of(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The IP address a GID names.
+pub fn ip_of(gid: &[u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(*gid);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// A software RC NIC whose wire is TCP; implements [`DeviceBackend`]. See the module docs.
+#[derive(Debug)]
+pub struct TcpNic {
+    shared: Arc<NicShared>,
+}
+
+impl TcpNic {
+    /// A NIC named `name` listening for its peers' data connections on `listen` (port 0 picks
+    /// one). Its GID is the listening address; a wildcard address is refused unless
+    /// `advertise` names the address peers reach it at.
+    pub fn bind(name: &str, listen: SocketAddr, advertise: Option<IpAddr>) -> Result<TcpNic> {
+        let ip = match (advertise, listen.ip()) {
+            (Some(a), _) => a,
+            (None, ip) if ip.is_unspecified() => {
+                return Err(RdmaError::InvalidAttr {
+                    qpn: 0,
+                    attr: "listen",
+                    value: listen.to_string(),
+                    why: "a wildcard address is no address a peer can reach: give the address to \
+                          advertise",
+                });
+            }
+            (None, ip) => ip,
+        };
+        let listener = TcpListener::bind(listen).map_err(|e| RdmaError::Connection {
+            what: format!("TCP NIC {name}: listen on {listen}"),
+            why: e.to_string(),
+        })?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| RdmaError::io(format!("TCP NIC {name}: local address"), e))?
+            .port();
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| RdmaError::io(format!("TCP NIC {name}: non-blocking listener"), e))?;
+        let shared = Arc::new(NicShared {
+            name: name.to_string(),
+            gid: gid_of(ip),
+            port,
+            next_key: AtomicU32::new(0x100 | (random_u32() & 0xfff0_0000)),
+            next_qpn: AtomicU32::new(0x11),
+            next_pd: AtomicU32::new(1),
+            mrs: RwLock::new(HashMap::new()),
+            qps: RwLock::new(HashMap::new()),
+            events: crate::event_queue::EventQueue::default(),
+            stopping: AtomicBool::new(false),
+            unproven: AtomicUsize::new(0),
+            counters: Counters::default(),
+            acceptor: Mutex::new(None),
+        });
+        let handle = responder::start_acceptor(&shared, listener)?;
+        *lock(&shared.acceptor) = Some(handle);
+        tracing::info!(nic = name, %ip, port, "TCP NIC listening");
+        Ok(TcpNic { shared })
+    }
+
+    /// On loopback, a free port: for tests and one-host runs.
+    pub fn loopback(name: &str) -> Result<TcpNic> {
+        TcpNic::bind(name, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), None)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Where peers reach its data port.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(ip_of(&self.shared.gid), self.shared.port)
+    }
+
+    /// What it counted of its peers' connections.
+    pub fn stats(&self) -> TcpStats {
+        let c = &self.shared.counters;
+        TcpStats {
+            connections: c.connections.load(Ordering::Relaxed),
+            hellos_refused: c.hellos_refused.load(Ordering::Relaxed),
+            unproven_closed: c.unproven_closed.load(Ordering::Relaxed),
+            frames_refused: c.frames_refused.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for TcpNic {
+    fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        if let Some(t) = lock(&self.shared.acceptor).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A random word (keys' high bits, so a restarted NIC does not hand out the keys it had).
+fn random_u32() -> u32 {
+    let mut b = [0u8; 4];
+    if getrandom::fill(&mut b).is_err() {
+        tracing::warn!("no random bytes for the TCP NIC's keys: starting from 0");
+    }
+    u32::from_le_bytes(b)
+}
+
+/// Random bytes for tokens and nonces. `None` when the system has none to give: then no
+/// connection is made (a guessable token would be no token).
+pub(crate) fn random<const N: usize>() -> Option<[u8; N]> {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b).ok().map(|()| b)
+}
+
+impl DeviceBackend for TcpNic {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            name: self.shared.name.clone(),
+            kind: BackendKind::Tcp,
+            description: format!("software RC NIC over TCP at {}", self.addr()),
+            port: 1,
+            port_state: if self.shared.alive() {
+                "ACTIVE".into()
+            } else {
+                "DOWN".into()
+            },
+            gid: self.shared.gid,
+            lid: 0,
+            max_mr_size: u64::MAX,
+            page_size_cap: 1 << 12,
+            max_qp_wr: crate::qp::SOFT_MAX_QP_WR,
+            max_sge: crate::wr::MAX_SGE as u32,
+            dmabuf_mr: DmaBufMr::Unsupported {
+                why: "the TCP backend registers this process's memory by address".into(),
+            },
+        }
+    }
+
+    fn accepts(&self) -> Vec<Accept> {
+        vec![Accept::new(SpaceKind::ProcessVa, Access::READ_WRITE)]
+    }
+
+    fn alloc_pd(&self) -> Result<Arc<dyn PdBackend>> {
+        Ok(Arc::new(TcpPd {
+            nic: self.shared.clone(),
+            pdn: self.shared.next_pd.fetch_add(1, Ordering::Relaxed),
+        }))
+    }
+
+    fn create_cq(&self, depth: u32) -> Result<Arc<dyn CqBackend>> {
+        SoftCq::create(depth)
+    }
+
+    fn poll_async_event(&self) -> Option<AsyncEvent> {
+        self.shared.events.pop()
+    }
+}
+
+#[derive(Debug)]
+struct TcpPd {
+    nic: Arc<NicShared>,
+    pdn: u32,
+}
+
+impl PdBackend for TcpPd {
+    fn reg_mr(&self, req: &MrRequest<'_>) -> Result<Arc<dyn MrBackend>> {
+        let key = self.nic.next_key.fetch_add(1, Ordering::Relaxed);
+        let mr = Arc::new(TcpMr::new(key, self.pdn, req.list, req.iova, req.access)?);
+        let mut mrs = write(&self.nic.mrs);
+        // Forget dropped regions now and then (amortised: when the map doubles).
+        if mrs.len().is_power_of_two() {
+            mrs.retain(|_, m| m.strong_count() > 0);
+        }
+        mrs.insert(key, Arc::downgrade(&mr));
+        Ok(mr)
+    }
+
+    fn create_qp(
+        &self,
+        send_cq: &Arc<dyn CqBackend>,
+        recv_cq: &Arc<dyn CqBackend>,
+        caps: QpCaps,
+    ) -> Result<Arc<dyn QpBackend>> {
+        let qpn = self.nic.next_qpn.fetch_add(1, Ordering::Relaxed) & 0xff_ffff;
+        let qp = TcpQp::new(
+            self.nic.clone(),
+            self.pdn,
+            qpn,
+            crate::soft_cq::as_soft(send_cq, "send_cq")?,
+            crate::soft_cq::as_soft(recv_cq, "recv_cq")?,
+            caps,
+        )?;
+        let mut qps = write(&self.nic.qps);
+        if qps.len().is_power_of_two() {
+            qps.retain(|_, q| q.strong_count() > 0);
+        }
+        qps.insert(qpn, Arc::downgrade(&qp));
+        Ok(Arc::new(qp))
+    }
+}

@@ -1,0 +1,178 @@
+//! The TCP backend's memory regions: ranges of this process's memory (`ProcessVa`), each held
+//! by a [`Pinned`] so the engine can move bytes between it and a socket, keyed by lkey/rkey and
+//! checked on every access.
+//!
+//! Every access holds the region's translation for reading during one system call, never
+//! longer (never while it waits for a peer): so [`MrBackend::zap`] waits for at most one
+//! `recv` or `send` in progress, and from its return on every access fails. A zap drops the
+//! pins: the exporter may then free or move the memory.
+
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use dmaplane_core::fabric::Pinned;
+use dmaplane_core::{AddrList, AddrSpace};
+
+use crate::access::MrAccess;
+use crate::backend::{MrBackend, MrKeys, Translation};
+use crate::error::{RdmaError, Result};
+use crate::sync::{read, write};
+
+/// Why an access through an MR failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MrFault {
+    /// No region of this protection domain has the key.
+    Key,
+    Zapped,
+    OutOfBounds,
+    Access,
+}
+
+/// One pinned range and where it starts in the region's iova space.
+#[derive(Debug)]
+struct Piece {
+    iova: u64,
+    pin: Pinned,
+}
+
+#[derive(Debug)]
+pub(crate) struct TcpMr {
+    keys: MrKeys,
+    pub(crate) pd: u32,
+    /// `None` once zapped.
+    pieces: RwLock<Option<Vec<Piece>>>,
+    zapping: AtomicBool,
+}
+
+impl TcpMr {
+    pub(crate) fn new(
+        key: u32,
+        pd: u32,
+        list: &AddrList,
+        iova: u64,
+        access: MrAccess,
+    ) -> Result<TcpMr> {
+        let bad = |field: &'static str, value: String, why: String| {
+            RdmaError::InvalidRegistration { field, value, why }
+        };
+        access
+            .validate()
+            .map_err(|why| bad("access", access.to_string(), why.into()))?;
+        if list.space() != AddrSpace::ProcessVa {
+            return Err(bad(
+                "list.space",
+                format!("{:?}", list.space()),
+                "the TCP backend's engine moves this process's memory: ProcessVa only".into(),
+            ));
+        }
+        let len = list.total_len();
+        if iova.checked_add(len).is_none() {
+            return Err(bad(
+                "iova",
+                format!("{iova:#x}"),
+                format!("iova + length {len:#x} overflows"),
+            ));
+        }
+        let mut pieces = Vec::with_capacity(list.ranges().len());
+        let mut at = iova;
+        for r in list.ranges() {
+            let pin = Pinned::new(r.addr, r.len).map_err(|e| {
+                bad(
+                    "list",
+                    format!("[{:#x}, +{:#x})", r.addr, r.len),
+                    e.to_string(),
+                )
+            })?;
+            pieces.push(Piece { iova: at, pin });
+            at += r.len;
+        }
+        Ok(TcpMr {
+            keys: MrKeys {
+                lkey: key,
+                rkey: key,
+                iova,
+                len,
+                access,
+            },
+            pd,
+            pieces: RwLock::new(Some(pieces)),
+            zapping: AtomicBool::new(false),
+        })
+    }
+
+    /// Check `[addr, +len)` against the bounds and `need`, and that the region is live.
+    pub(crate) fn check(
+        &self,
+        addr: u64,
+        len: u64,
+        need: MrAccess,
+    ) -> std::result::Result<(), MrFault> {
+        if !self.keys.access.contains(need) {
+            return Err(MrFault::Access);
+        }
+        let end = self.keys.iova + self.keys.len;
+        if addr < self.keys.iova || addr.checked_add(len).is_none_or(|e| e > end) {
+            return Err(MrFault::OutOfBounds);
+        }
+        if read(&self.pieces).is_none() {
+            return Err(MrFault::Zapped);
+        }
+        Ok(())
+    }
+
+    /// Run one access on the piece holding `addr`: `f(pin, offset in the pin, bytes)` with at
+    /// most `len` bytes, fewer where the piece ends. The translation is held for reading while
+    /// `f` runs (one system call). Bounds and access are checked first.
+    pub(crate) fn access<R>(
+        &self,
+        addr: u64,
+        len: u64,
+        need: MrAccess,
+        f: impl FnOnce(&Pinned, u64, usize) -> R,
+    ) -> std::result::Result<R, MrFault> {
+        if !self.keys.access.contains(need) {
+            return Err(MrFault::Access);
+        }
+        let end = self.keys.iova + self.keys.len;
+        if addr < self.keys.iova || addr.checked_add(len).is_none_or(|e| e > end) {
+            return Err(MrFault::OutOfBounds);
+        }
+        let guard = read(&self.pieces);
+        let pieces = guard.as_ref().ok_or(MrFault::Zapped)?;
+        let i = pieces.partition_point(|p| p.iova <= addr).saturating_sub(1);
+        let p = pieces.get(i).ok_or(MrFault::OutOfBounds)?;
+        let off = addr - p.iova;
+        let room = (p.pin.len() as u64).saturating_sub(off);
+        let n = usize::try_from(len.min(room)).unwrap_or(usize::MAX);
+        Ok(f(&p.pin, off, n))
+    }
+
+    /// A zap waits for the translation (or is done with it): a message under way stops at its
+    /// next frame.
+    pub(crate) fn zapping(&self) -> bool {
+        self.zapping.load(Ordering::SeqCst)
+    }
+}
+
+impl MrBackend for TcpMr {
+    fn keys(&self) -> MrKeys {
+        self.keys
+    }
+
+    fn translation(&self) -> Translation {
+        // The engine addresses bytes, not pages: one entry per pinned range, at page granule.
+        let entries = read(&self.pieces).as_ref().map_or(0, |p| p.len() as u64);
+        Translation {
+            page_size: 4096,
+            entries,
+        }
+    }
+
+    fn zap(&self) -> Result<()> {
+        self.zapping.store(true, Ordering::SeqCst);
+        // Waits for the one system call under way, if any; the pins go with the pieces.
+        let pieces = write(&self.pieces).take();
+        drop(pieces);
+        Ok(())
+    }
+}
