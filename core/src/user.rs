@@ -76,6 +76,25 @@ impl UserBuffer {
         })
     }
 
+    /// `len` bytes of memfd-backed shared memory as such an exporter: host memory an agent
+    /// allocates where NICs register by address (the TCP backend), and whose pages can be handed
+    /// to another process by its fd. [`UserBuffer::into_vec`] refuses it.
+    pub fn memfd(name: &str, len: u64) -> Result<UserBuffer, MappingError> {
+        let mem = Mapping::memfd(name, len)?;
+        Ok(UserBuffer {
+            export: Export::new(name),
+            len: mem.len() as u64,
+            mem: Some(mem),
+            unacked: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether it is a caller's buffer ([`UserBuffer::new`]), which
+    /// [`UserBuffer::into_vec`] hands back.
+    pub fn is_adopted(&self) -> bool {
+        self.mem().is_some_and(Mapping::is_heap)
+    }
+
     /// The export's name (in revoke reports and errors).
     pub fn name(&self) -> &str {
         self.export.name()

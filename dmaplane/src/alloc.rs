@@ -27,6 +27,9 @@ pub(crate) struct Allocator<'a> {
 impl Allocator<'_> {
     /// See [`Agent::alloc_host`](crate::Agent::alloc_host).
     pub(crate) fn alloc_host(&self, name: &str, len: u64) -> Result<Memory> {
+        if self.platform.is_tcp() {
+            return self.alloc_shared(name, len);
+        }
         let Some(tb) = self.platform.testbed() else {
             return self.alloc_udmabuf(name, len);
         };
@@ -49,8 +52,15 @@ impl Allocator<'_> {
         Ok(self.memory(name, len, Location::Host(dev), Backing::Host(host)))
     }
 
-    /// A caller's buffer on verbs: registered by its process VA.
-    #[cfg(feature = "verbs")]
+    /// Host memory on TCP NICs: memfd-backed, registered by its process VA.
+    fn alloc_shared(&self, name: &str, len: u64) -> Result<Memory> {
+        check_alloc(name, len)?;
+        let u = dmaplane_core::user::UserBuffer::memfd(name, len)
+            .map_err(|e| Error::setup(self.agent, format!("host memory {name}: {e}")))?;
+        Ok(self.memory(name, len, Location::Host("memfd".into()), Backing::User(u)))
+    }
+
+    /// A caller's buffer on verbs or TCP: registered by its process VA.
     fn adopt_user(&self, name: &str, buf: Vec<u8>) -> Result<Memory> {
         let len = buf.len() as u64;
         let u = dmaplane_core::user::UserBuffer::new(name, buf)
@@ -61,11 +71,6 @@ impl Allocator<'_> {
             Location::Host("process".into()),
             Backing::User(u),
         ))
-    }
-
-    #[cfg(not(feature = "verbs"))]
-    fn adopt_user(&self, name: &str, _buf: Vec<u8>) -> Result<Memory> {
-        Err(self.no_backend(&format!("buffer {name}")))
     }
 
     /// Memory asked of an agent that has neither a testbed nor the verbs backend.

@@ -48,7 +48,7 @@ impl Agent {
         AgentBuilder {
             name: name.into(),
             testbed: None,
-            verbs: false,
+            nics_from: NicsFrom::Testbed,
             nics: None,
             cfg: Config::default(),
             fault: None,
@@ -56,12 +56,20 @@ impl Agent {
     }
 }
 
+/// Where an agent's NICs come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NicsFrom {
+    Testbed,
+    Verbs,
+    Tcp,
+}
+
 /// Builds an [`Agent`]: `Agent::builder("name")...build()`.
 #[derive(Debug, Clone)]
 pub struct AgentBuilder {
     name: String,
     testbed: Option<Arc<Testbed>>,
-    verbs: bool,
+    nics_from: NicsFrom,
     nics: Option<Vec<String>>,
     cfg: Config,
     fault: Option<dmaplane_rdma::Fault>,
@@ -80,7 +88,18 @@ impl AgentBuilder {
     /// Needs feature `verbs`.
     #[cfg(feature = "verbs")]
     pub fn verbs(mut self) -> Self {
-        self.verbs = true;
+        self.nics_from = NicsFrom::Verbs;
+        self
+    }
+
+    /// Run on software RC NICs whose wire is TCP ([`dmaplane_rdma::tcp`]): for hosts, containers
+    /// and laptops without RDMA. Each NIC (default one, `tcp0`; [`AgentBuilder::nics`] names
+    /// more) listens for its peers' data connections on the handshake listener's address, port
+    /// chosen by the system (the advertised address where the listener binds a wildcard). Host
+    /// memory is this process's memory, registered by address; every guarantee of the revoke
+    /// holds as on verbs.
+    pub fn tcp(mut self) -> Self {
+        self.nics_from = NicsFrom::Tcp;
         self
     }
 
@@ -260,10 +279,20 @@ impl AgentBuilder {
                 "must be positive",
             ));
         }
-        let (backend, opened) = if self.verbs {
+        let (backend, opened) = if self.nics_from == NicsFrom::Verbs {
             (
                 Backend::Verbs,
                 crate::nics::open_verbs(&name, self.nics.as_deref())?,
+            )
+        } else if self.nics_from == NicsFrom::Tcp {
+            (
+                Backend::Tcp,
+                crate::nics::open_tcp(
+                    &name,
+                    self.nics.as_deref(),
+                    &c.listen,
+                    c.advertise.as_deref(),
+                )?,
             )
         } else {
             let testbed = match self.testbed {

@@ -255,6 +255,16 @@ fn accept(s: &Arc<AgentInner>, oob: Oob, hello: Hello, clock: Clock) -> Result<(
             format!("version {version}; this agent speaks version {VERSION}"),
         );
     }
+    if theirs.backend != s.platform.kind() {
+        return refuse(
+            Refusal::Check,
+            format!(
+                "its NICs are {} NICs and this agent's are {}: they cannot reach each other",
+                theirs.backend,
+                s.platform.kind()
+            ),
+        );
+    }
     if qps == 0 || qps > limits.qps_per_path {
         return refuse(
             Refusal::QpsPerPath,

@@ -48,8 +48,8 @@ pub(crate) enum Backing {
     /// A real dma-buf (udmabuf) on the verbs backend.
     #[cfg(feature = "verbs")]
     DmaBuf(dmaplane_core::dmabuf::DmaBufMemory),
-    /// A caller's buffer on the verbs backend, registered by its process VA.
-    #[cfg(feature = "verbs")]
+    /// Memory registered by its process VA: a caller's buffer on verbs or TCP, or host memory
+    /// the agent allocated on TCP.
     User(dmaplane_core::user::UserBuffer),
 }
 
@@ -66,7 +66,6 @@ impl Backing {
             Backing::Gpu(g) => g.len(),
             #[cfg(feature = "verbs")]
             Backing::DmaBuf(m) => m.len(),
-            #[cfg(feature = "verbs")]
             Backing::User(u) => u.len(),
         }
     }
@@ -75,8 +74,7 @@ impl Backing {
     fn is_adopted(&self) -> bool {
         match self {
             Backing::Host(h) => h.window().memory().is_heap(),
-            #[cfg(feature = "verbs")]
-            Backing::User(_) => true,
+            Backing::User(u) => u.is_adopted(),
             _ => false,
         }
     }
@@ -88,7 +86,6 @@ impl Backing {
             Backing::Gpu(g) => g.epoch(),
             #[cfg(feature = "verbs")]
             Backing::DmaBuf(m) => m.epoch(),
-            #[cfg(feature = "verbs")]
             Backing::User(u) => u.epoch(),
         }
     }
@@ -113,9 +110,7 @@ impl Backing {
             }
             .map(|()| true)
             .map_err(|e| Error::setup(name, e.to_string()))?,
-            #[cfg(feature = "verbs")]
             (Backing::User(u), Io::Read(b)) => u.read(offset, b),
-            #[cfg(feature = "verbs")]
             (Backing::User(u), Io::Write(b)) => u.write(offset, b),
         })
     }
@@ -126,7 +121,6 @@ impl Backing {
             Backing::Host(h) => h.revoke(deadline),
             #[cfg(feature = "verbs")]
             Backing::DmaBuf(m) => m.revoke(deadline),
-            #[cfg(feature = "verbs")]
             Backing::User(u) => u.revoke(deadline),
             Backing::Gpu(g) => g.revoke(deadline),
         }
@@ -308,7 +302,6 @@ impl Memory {
         };
         let buf = match backing {
             Backing::Host(h) => h.into_vec(deadline).map_err(|e| gone(&e)),
-            #[cfg(feature = "verbs")]
             Backing::User(u) => u.into_vec(deadline).map_err(|e| gone(&e)),
             _ => Err(gone(&"not a caller's buffer")),
         };

@@ -81,7 +81,7 @@ pub struct Metadata {
     pub agent: String,
     /// Where the agent's handshake listener is (`host:port`).
     pub handshake: String,
-    /// The backend (`sim` or `verbs`).
+    /// The backend (`sim`, `verbs` or `tcp`).
     pub backend: String,
     /// The NICs the agent uses, in its order.
     pub nics: Vec<NicInfo>,

@@ -57,6 +57,54 @@ pub(crate) fn open_verbs(agent: &str, _want: Option<&[String]>) -> Result<Vec<Op
     ))
 }
 
+/// Open TCP NICs (`tcp0`, or the names given) for `agent`, listening for data connections on
+/// the IP address of `listen` (the handshake listener's), port chosen by the system, and known
+/// to peers by the address of `advertise` where `listen` is a wildcard.
+pub(crate) fn open_tcp(
+    agent: &str,
+    want: Option<&[String]>,
+    listen: &str,
+    advertise: Option<&str>,
+) -> Result<Vec<OpenedNic>> {
+    use std::net::{SocketAddr, ToSocketAddrs};
+    let resolve = |field: &'static str, a: &str| -> Result<SocketAddr> {
+        a.to_socket_addrs()
+            .map_err(|e| Error::invalid(format!("agent {agent}"), field, a, e.to_string()))?
+            .next()
+            .ok_or_else(|| {
+                Error::invalid(format!("agent {agent}"), field, a, "resolves to no address")
+            })
+    };
+    let bind = resolve("listen", listen)?;
+    let shown = advertise.map(|a| resolve("advertise", a)).transpose()?;
+    let names = want.map_or_else(|| vec!["tcp0".to_string()], <[String]>::to_vec);
+    if names.is_empty() {
+        return Err(Error::invalid(
+            format!("agent {agent}"),
+            "nics",
+            "[]",
+            "at least one NIC",
+        ));
+    }
+    names
+        .into_iter()
+        .map(|n| {
+            let nic = dmaplane_rdma::TcpNic::bind(
+                &n,
+                SocketAddr::new(bind.ip(), 0),
+                shown.map(|a| a.ip()),
+            )?;
+            Ok(OpenedNic {
+                name: n,
+                id: None,
+                numa: 0,
+                mtu: Mtu::Mtu4096,
+                dev: Device::new(std::sync::Arc::new(nic)),
+            })
+        })
+        .collect()
+}
+
 /// A device found for the agent, before it is opened: (name, its fabric device on the sim,
 /// NUMA node, active path MTU, the device).
 #[derive(Debug)]

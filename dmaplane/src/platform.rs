@@ -1,4 +1,4 @@
-//! What an agent runs on: the simulated testbed or real devices through verbs, the fault
+//! What an agent runs on: the simulated testbed, real devices through verbs or TCP NICs, the fault
 //! injected on its devices on purpose, and the CUDA GPUs it has opened.
 
 use std::collections::HashMap;
@@ -18,6 +18,8 @@ pub(crate) enum Backend {
     Sim(Arc<Testbed>),
     /// Real RDMA devices through libibverbs.
     Verbs,
+    /// Software RC NICs whose wire is TCP ([`dmaplane_rdma::tcp`]): hosts without RDMA.
+    Tcp,
 }
 
 /// An agent's platform (see the module).
@@ -43,8 +45,13 @@ impl Platform {
     pub(crate) fn testbed(&self) -> Option<&Arc<Testbed>> {
         match &self.backend {
             Backend::Sim(t) => Some(t),
-            Backend::Verbs => None,
+            Backend::Verbs | Backend::Tcp => None,
         }
+    }
+
+    /// Whether the agent runs on TCP NICs.
+    pub(crate) fn is_tcp(&self) -> bool {
+        matches!(self.backend, Backend::Tcp)
     }
 
     /// `sim` or `verbs`, as the metadata says it.
@@ -52,6 +59,7 @@ impl Platform {
         match self.backend {
             Backend::Sim(_) => "sim",
             Backend::Verbs => "verbs",
+            Backend::Tcp => "tcp",
         }
     }
 

@@ -508,7 +508,6 @@ fn register_on(
             Backing::DmaBuf(m) => nic
                 .pd()
                 .import(&name, opts, Some(m.fd()), |i, a| m.attach(i, a))?,
-            #[cfg(feature = "verbs")]
             Backing::User(u) => nic.pd().import(&name, opts, None, |i, a| u.attach(i, a))?,
         })
     })?;

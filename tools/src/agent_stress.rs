@@ -1,16 +1,41 @@
-//! `stress revoke --backend verbs --exporter cuda`: the agent-level stress
-//! ([`dmaplane::stress::own`], [`dmaplane::stress::hold`]) on a real RDMA device, with CUDA
-//! memory. What a user runs on a machine with an RDMA NIC and a GPU.
+//! `stress revoke --layer agent` across two processes: `--backend verbs --exporter cuda` (the
+//! agent-level stress, [`dmaplane::stress::own`] and [`dmaplane::stress::hold`], on a real RDMA
+//! device with CUDA memory) and `--backend tcp` (on TCP NICs, with host memory or CUDA memory).
+//! What a user runs on a machine with an RDMA NIC and a GPU, or on any host.
 //!
-//! The *owner* (this process) allocates CUDA device memory on GPU 0, which its NIC registers as
-//! a dma-buf (`ibv_reg_dmabuf_mr`) or, where the driver or the NIC refuses that, by device VA
-//! through a peer-memory client — the negotiation picks and the run reports which. The
-//! *holder* is a second process (this binary again, `stress revoke-holder`) that meets the
-//! owner over the built-in TCP handshake and prints its report as JSON when the owner goes.
-//! This file is only that plumbing: the run and its checks are the library's, the same as
-//! `stress revoke --layer agent` on the simulated testbed.
+//! The *owner* (this process) allocates the memory; on verbs its NIC registers CUDA memory as a
+//! dma-buf (`ibv_reg_dmabuf_mr`) or, where the driver or the NIC refuses that, by device VA
+//! through a peer-memory client — the negotiation picks and the run reports which; on TCP host
+//! memory is registered by address and CUDA memory is staged. The *holder* is a second process
+//! (this binary again, `stress revoke-holder`) that meets the owner over the built-in TCP
+//! handshake and prints its report as JSON when the owner goes. This file is only that
+//! plumbing: the run and its checks are the library's, the same as `stress revoke --layer
+//! agent` on the simulated testbed.
 
-use clap::Args;
+use clap::{Args, ValueEnum};
+
+/// The NICs both agents of the run use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Nics {
+    Verbs,
+    Tcp,
+}
+
+impl Nics {
+    fn name(self) -> &'static str {
+        match self {
+            Nics::Verbs => "verbs",
+            Nics::Tcp => "tcp",
+        }
+    }
+}
+
+/// What the owner exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Memory {
+    Host,
+    Cuda,
+}
 
 /// The holder, as the owner starts it (hidden from `--help`).
 #[derive(Debug, Args)]
@@ -18,6 +43,8 @@ pub struct HolderArgs {
     /// The owner's handshake address.
     #[arg(long)]
     connect: String,
+    #[arg(long, value_enum, default_value = "verbs")]
+    nics: Nics,
     #[arg(long)]
     device: Option<String>,
     /// Transfers in flight.
@@ -33,21 +60,10 @@ pub struct HolderArgs {
     secret_file: Option<std::path::PathBuf>,
 }
 
-/// Without the `verbs` feature: the same one-line refusal as the raw verbs stress.
-#[cfg(not(feature = "verbs"))]
-pub use crate::verbs_stress::run;
-
-#[cfg(not(feature = "verbs"))]
-pub fn holder(_a: &HolderArgs) -> anyhow::Result<()> {
-    anyhow::bail!("the stress holder needs the `verbs` feature")
-}
-
-#[cfg(feature = "verbs")]
 pub use imp::{holder, run};
 
-#[cfg(feature = "verbs")]
 mod imp {
-    use super::HolderArgs;
+    use super::{HolderArgs, Memory, Nics};
     use std::io::{Read, Write};
     use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
@@ -156,8 +172,25 @@ mod imp {
         }
     }
 
+    /// An agent on `nics` (the device named, on verbs).
+    fn builder(name: &str, nics: Nics, device: Option<&str>) -> Result<dmaplane::AgentBuilder> {
+        let b = Agent::builder(name);
+        let b = match nics {
+            Nics::Tcp => b.tcp(),
+            #[cfg(feature = "verbs")]
+            Nics::Verbs => b.verbs(),
+            #[cfg(not(feature = "verbs"))]
+            Nics::Verbs => anyhow::bail!("the verbs backend needs the `verbs` feature"),
+        };
+        Ok(match device {
+            Some(d) => b.nics([d]),
+            None => b,
+        })
+    }
+
     fn spawn_holder(
         cfg: &StressConfig,
+        nics: Nics,
         device: Option<&str>,
         addr: &str,
         secret: &std::path::Path,
@@ -165,6 +198,7 @@ mod imp {
         let exe = std::env::current_exe().context("this program's path, to start the holder")?;
         let mut c = Command::new(exe);
         c.args(["stress", "revoke-holder", "--connect", addr])
+            .args(["--nics", nics.name()])
             .arg("--secret-file")
             .arg(secret)
             .args(["--slots", &cfg.qps.to_string()])
@@ -183,51 +217,49 @@ mod imp {
     /// The owner's side: the whole run.
     pub fn run(
         cfg: &StressConfig,
+        nics: Nics,
+        memory: Memory,
         device: Option<&str>,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<StressReport> {
         let (owner_fault, _) = agent_faults(cfg.inject).map_err(|why| anyhow!(why))?;
         // Two processes of this program: only the holder it starts may connect.
         let (dir, secret) = SecretDir::new()?;
-        let mut b = Agent::builder("stress-owner")
-            .verbs()
+        let owner = builder("stress-owner", nics, device)?
             .inject(owner_fault)
             .secret(secret)
-            .stall_timeout(Duration::from_secs(60));
-        if let Some(d) = device {
-            b = b.nics([d]);
-        }
-        let owner = b.build().context("the owner's agent")?;
+            .stall_timeout(Duration::from_secs(60))
+            .build()
+            .context("the owner's agent")?;
         let mut holder = ProcessHolder(spawn_holder(
             cfg,
+            nics,
             device,
             &owner.listen_addr().to_string(),
             &dir.file(),
         )?);
-        let alloc = |a: &Agent, name: &str, len: u64| a.alloc_cuda(name, 0, len);
-        Ok(own(
-            owner,
-            cfg,
-            "verbs (agents)",
-            &alloc,
-            &mut holder,
-            progress,
-        )?)
+        let alloc = move |a: &Agent, name: &str, len: u64| match memory {
+            Memory::Cuda => a.alloc_cuda(name, 0, len),
+            Memory::Host => a.alloc_host(name, len),
+        };
+        let what = match (nics, memory) {
+            (Nics::Verbs, Memory::Cuda) => "verbs (agents)",
+            (Nics::Verbs, Memory::Host) => "verbs (agents, host memory)",
+            (Nics::Tcp, Memory::Host) => "tcp (agents, host memory)",
+            (Nics::Tcp, Memory::Cuda) => "tcp (agents, CUDA memory, staged)",
+        };
+        Ok(own(owner, cfg, what, &alloc, &mut holder, progress)?)
     }
 
     /// The holder process: WRITE traffic into the owner's newest allocation until the owner
     /// goes, then its report on stdout.
     pub fn holder(a: &HolderArgs) -> Result<()> {
         let (_, fault) = agent_faults(a.inject).map_err(|why| anyhow!(why))?;
-        let mut b = Agent::builder("stress-holder")
-            .verbs()
+        let mut b = builder("stress-holder", a.nics, a.device.as_deref())?
             .inject(fault)
             .stall_timeout(HOLDER_STALL);
         if let Some(f) = &a.secret_file {
             b = b.secret(dmaplane::auth::Secret::from_file(f)?);
-        }
-        if let Some(d) = &a.device {
-            b = b.nics([d.as_str()]);
         }
         let agent = b.build().context("the holder's agent")?;
         let peer = agent

@@ -72,6 +72,7 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_thread_names(true)
         .init();
     let cli = Cli::parse();
     let res = match &cli.cmd {

@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub enum StressCmd {
     /// RDMA WRITE traffic while the exporter revokes and re-exports its memory.
     Revoke(RevokeArgs),
-    /// The holder process of `revoke --backend verbs --exporter cuda` (started by it).
+    /// The holder process of `revoke --layer agent` on verbs or TCP (started by it).
     #[command(hide = true)]
     RevokeHolder(crate::agent_stress::HolderArgs),
 }
@@ -22,6 +22,8 @@ pub enum StressCmd {
 pub enum Backend {
     Sim,
     Verbs,
+    /// TCP NICs (a software RC NIC over TCP), the holder in a second process (`--layer agent`).
+    Tcp,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -67,7 +69,7 @@ pub struct RevokeArgs {
     exporter: Exporter,
     /// Which layer the traffic goes through: the raw RDMA layer, or two Agents (`--qps`
     /// transfers in flight, one WRITE each; `--depth` does not apply; on verbs with
-    /// `--exporter cuda` only).
+    /// `--exporter cuda` only). `--backend tcp` always runs the agents, in two processes.
     #[arg(long, value_enum, default_value = "raw")]
     layer: Layer,
     /// Queue pairs.
@@ -185,12 +187,33 @@ pub fn run(cmd: &StressCmd, json: bool) -> Result<()> {
         bar.finish_and_clear();
         bail!("this run does not fit: {why}");
     }
+    if a.backend == Backend::Tcp && a.exporter == Exporter::Gpu {
+        bail!(
+            "--exporter gpu --backend tcp: TCP agents export host memory (--exporter host) or \
+             CUDA memory (--exporter cuda); the simulated GPUs are --backend sim"
+        );
+    }
     let report = match a.backend {
         Backend::Sim if a.layer == Layer::Agent => run_agents(&cfg, &|n| bar.set_position(n))?,
         Backend::Sim => run_sim(&cfg, &|n| bar.set_position(n))?,
-        Backend::Verbs if a.layer == Layer::Agent => {
-            crate::agent_stress::run(&cfg, a.device.as_deref(), &|n| bar.set_position(n))?
-        }
+        Backend::Verbs if a.layer == Layer::Agent => crate::agent_stress::run(
+            &cfg,
+            crate::agent_stress::Nics::Verbs,
+            crate::agent_stress::Memory::Cuda,
+            a.device.as_deref(),
+            &|n| bar.set_position(n),
+        )?,
+        Backend::Tcp => crate::agent_stress::run(
+            &cfg,
+            crate::agent_stress::Nics::Tcp,
+            if a.exporter == Exporter::Cuda {
+                crate::agent_stress::Memory::Cuda
+            } else {
+                crate::agent_stress::Memory::Host
+            },
+            None,
+            &|n| bar.set_position(n),
+        )?,
         Backend::Verbs => {
             crate::verbs_stress::run(&cfg, a.device.as_deref(), &|n| bar.set_position(n))?
         }
@@ -254,7 +277,9 @@ fn print(r: &StressReport, json: bool) -> Result<()> {
                 o.fences, o.acks
             );
         }
-        None => println!("  oracle             none on this backend (the kernel does the DMA)"),
+        None => println!(
+            "  oracle             none on this backend (the NIC does the DMA; judged by the poison at each ack)"
+        ),
     }
     println!("  holders_cut_off    {}", r.holders_cut_off);
     println!(

@@ -143,7 +143,6 @@ pub(super) fn attach_backing(
         (Backing::Gpu(g), Some(dev)) => g.attach(i, DmaClient::Fabric(dev), a),
         #[cfg(feature = "verbs")]
         (Backing::DmaBuf(m), _) => m.attach(i, a),
-        #[cfg(feature = "verbs")]
         (Backing::User(u), _) => u.attach(i, a),
         #[allow(unreachable_patterns)]
         _ => refuse("this memory does not reach the drive"),

@@ -1,11 +1,18 @@
 //! The TCP backend's RC queue pair: the state machine, the queues, what is on the wire, and
 //! flushing.
 //!
-//! Ordering rule: send completions are pushed in order, under the QP lock, by [`TcpQp::settle`]
-//! only — from the front of `inflight` (messages started, in order), then, once the QP is in ERR
-//! and nothing is in flight, everything still queued as flushed. Whoever learns an outcome
-//! (the requester's sender for a local failure, its receiver for the responder's answer)
-//! records it on the message and settles.
+//! Ordering rule: send completions are made in order, under the QP lock, by `settle` only —
+//! from the front of `inflight` (messages started, in order), then, once the QP is in ERR and
+//! nothing is in flight, everything still queued as flushed. Whoever learns an outcome (the
+//! requester's sender for a local failure, its receiver for the responder's answer) records it
+//! on the message and calls [`TcpQp::finish`].
+//!
+//! `finish` runs the quiesce callbacks (outside the lock) **before** the completions that made
+//! the QP quiescent are pushed to the CQ: the quiesce layer's callback moves a stopped QP to
+//! ERR, and its recovery starts once every completion is reaped. Were the completions visible
+//! first, recovery could bring the QP back to RTS and the callback then flush it for good.
+//! Completions wait in an outbox, in order, and are pushed by whoever finishes next — the
+//! callback's own modify included — so no completion overtakes another.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -40,8 +47,6 @@ pub(crate) struct QpInner {
     pub(crate) sq: VecDeque<SendWr>,
     pub(crate) inflight: VecDeque<Sent>,
     pub(crate) rq: VecDeque<RecvWr>,
-    /// The sender is between taking a message and having sent all of it.
-    pub(crate) sending: bool,
     /// In SQD: requests posted before the drain that may still start.
     pub(crate) sqd_budget: usize,
     /// In SQD: stop at the next message boundary (start nothing) rather than drain.
@@ -59,6 +64,10 @@ pub(crate) struct QpInner {
     /// As a responder: a message was cut in the middle; the next request breaks the connection.
     pub(crate) partial: bool,
     pub(crate) quiesce_waiters: Vec<Box<dyn FnOnce() + Send>>,
+    /// Completions made and not yet pushed (see the module docs): send CQ, receive CQ.
+    pub(crate) outbox: (Vec<Completion>, Vec<Completion>),
+    /// Batches of quiesce callbacks running now (the outbox waits for them).
+    pub(crate) calling: u32,
 }
 
 impl std::fmt::Debug for QpInner {
@@ -68,16 +77,17 @@ impl std::fmt::Debug for QpInner {
             .field("sq", &self.sq.len())
             .field("inflight", &self.inflight.len())
             .field("rq", &self.rq.len())
-            .field("sending", &self.sending)
             .finish_non_exhaustive()
     }
 }
 
 impl QpInner {
-    /// Nothing executes and nothing can start.
+    /// Nothing executes and nothing can start: every message started has been answered (or
+    /// its connection ended, which the responder does only once it takes no more frames). A
+    /// sender still writing the tail of a message that was answered already (failed) writes
+    /// into a connection that is shut: nothing of it lands.
     pub(crate) fn quiesced(&self) -> bool {
-        !self.sending
-            && self.inflight.is_empty()
+        self.inflight.is_empty()
             && match self.state {
                 QpState::Err | QpState::Reset => true,
                 QpState::Sqd => self.stop || self.sqd_budget == 0,
@@ -144,7 +154,6 @@ impl TcpQp {
                 sq: VecDeque::new(),
                 inflight: VecDeque::new(),
                 rq: VecDeque::new(),
-                sending: false,
                 sqd_budget: 0,
                 stop: false,
                 generation: 0,
@@ -154,6 +163,8 @@ impl TcpQp {
                 responder: 0,
                 partial: false,
                 quiesce_waiters: Vec::new(),
+                outbox: (Vec::new(), Vec::new()),
+                calling: 0,
             }),
             cv: Condvar::new(),
             nic,
@@ -183,13 +194,9 @@ impl TcpQp {
     }
 
     /// Record `outcome` for message `seq` of the current connection (a failure moves the QP to
-    /// ERR), then settle. Unknown sequence numbers are ignored: the message was settled already.
-    pub(crate) fn resolve(
-        &self,
-        inner: &mut QpInner,
-        seq: u32,
-        outcome: (WcStatus, u32),
-    ) -> Vec<Box<dyn FnOnce() + Send>> {
+    /// ERR); [`TcpQp::finish`] then completes it. Unknown sequence numbers are ignored: the
+    /// message was settled already.
+    pub(crate) fn resolve(&self, inner: &mut QpInner, seq: u32, outcome: (WcStatus, u32)) {
         if let Some(s) = inner.inflight.iter_mut().find(|s| s.seq == seq)
             && s.outcome.is_none()
         {
@@ -199,16 +206,12 @@ impl TcpQp {
             tracing::debug!(nic = %self.nic.name, qpn = self.qpn, seq, status = %outcome.0, "request failed: QP to ERR");
             self.set_state(inner, QpState::Err);
         }
-        self.settle(inner)
     }
 
     /// The connection ended: the first message still unanswered gets `status`, those after it
-    /// are flushed (the QP is in ERR from the first failure on), then settle.
-    pub(crate) fn resolve_all(
-        &self,
-        inner: &mut QpInner,
-        status: WcStatus,
-    ) -> Vec<Box<dyn FnOnce() + Send>> {
+    /// are flushed (the QP is in ERR from the first failure on); [`TcpQp::finish`] completes
+    /// them.
+    pub(crate) fn resolve_all(&self, inner: &mut QpInner, status: WcStatus) {
         let mut failed = false;
         for s in inner.inflight.iter_mut().filter(|s| s.outcome.is_none()) {
             let st = if failed { WcStatus::WrFlushErr } else { status };
@@ -218,48 +221,71 @@ impl TcpQp {
         if failed && inner.state != QpState::Err {
             self.set_state(inner, QpState::Err);
         }
-        self.settle(inner)
     }
 
-    /// Push the completions that are due, in order (see the module docs); returns the quiesce
-    /// waiters to call once the lock is released.
-    pub(crate) fn settle(&self, inner: &mut QpInner) -> Vec<Box<dyn FnOnce() + Send>> {
-        let mut wcs = Vec::new();
+    /// Make the completions that are due, in order, into the outbox (see the module docs);
+    /// returns the quiesce callbacks due.
+    fn settle(&self, inner: &mut QpInner) -> Vec<Box<dyn FnOnce() + Send>> {
         while let Some(s) = inner.inflight.front() {
             let Some((status, n)) = s.outcome else { break };
             if s.wr.signaled || !status.is_ok() {
-                wcs.push(self.wc(s.wr.wr_id, status, s.wr.op.wc_opcode(), n, None));
+                let wc = self.wc(s.wr.wr_id, status, s.wr.op.wc_opcode(), n, None);
+                inner.outbox.0.push(wc);
             }
             inner.inflight.pop_front();
         }
-        if inner.state == QpState::Err && inner.inflight.is_empty() && !inner.sending {
-            wcs.extend(
-                inner
-                    .sq
-                    .drain(..)
-                    .map(|wr| self.wc(wr.wr_id, WcStatus::WrFlushErr, wr.op.wc_opcode(), 0, None)),
-            );
-            self.send_cq.push(&wcs);
-            wcs.clear();
-            wcs.extend(
-                inner
-                    .rq
-                    .drain(..)
-                    .map(|wr| self.wc(wr.wr_id, WcStatus::WrFlushErr, WcOpcode::Recv, 0, None)),
-            );
-            self.recv_cq.push(&wcs);
-        } else {
-            self.send_cq.push(&wcs);
+        if inner.state == QpState::Err && inner.inflight.is_empty() {
+            let flushed = inner
+                .sq
+                .drain(..)
+                .map(|wr| self.wc(wr.wr_id, WcStatus::WrFlushErr, wr.op.wc_opcode(), 0, None))
+                .collect::<Vec<_>>();
+            inner.outbox.0.extend(flushed);
+            let flushed = inner
+                .rq
+                .drain(..)
+                .map(|wr| self.wc(wr.wr_id, WcStatus::WrFlushErr, WcOpcode::Recv, 0, None))
+                .collect::<Vec<_>>();
+            inner.outbox.1.extend(flushed);
         }
-        if inner.state == QpState::Sqd && inner.quiesced() && !inner.quiesce_waiters.is_empty() {
+        if !inner.quiesced() || inner.quiesce_waiters.is_empty() {
+            return Vec::new();
+        }
+        if inner.state == QpState::Sqd {
             self.nic
                 .event("SQ_DRAINED", Some(self.qpn), "send queue drained".into());
         }
-        if inner.quiesced() {
-            std::mem::take(&mut inner.quiesce_waiters)
-        } else {
-            Vec::new()
+        std::mem::take(&mut inner.quiesce_waiters)
+    }
+
+    /// Settle (under `inner`, which it releases), run the quiesce callbacks due, then push the
+    /// outbox's completions, in order.
+    pub(crate) fn finish<'a>(&'a self, mut inner: std::sync::MutexGuard<'a, QpInner>) {
+        let waiters = self.settle(&mut inner);
+        if !waiters.is_empty() {
+            // Until every callback of the batch has run, nothing is pushed — not even by a
+            // callback's own modify, or by another thread: a completion made visible would let
+            // recovery start while a later callback still moves the QP to ERR.
+            inner.calling += 1;
+            drop(inner);
+            waiters.into_iter().for_each(|f| f());
+            inner = lock(&self.inner);
+            inner.calling -= 1;
         }
+        if inner.calling > 0 {
+            return;
+        }
+        let (send, recv) = std::mem::take(&mut inner.outbox);
+        self.send_cq.push(&send);
+        self.recv_cq.push(&recv);
+        drop(inner);
+    }
+
+    /// As a responder: a receive is done (behind any completion still in the outbox).
+    pub(crate) fn complete_recv(&self, wc: Completion) {
+        let mut inner = lock(&self.inner);
+        inner.outbox.1.push(wc);
+        self.finish(inner);
     }
 
     /// As a responder: move to ERR because a peer's request broke a rule (the requester is told
@@ -270,9 +296,7 @@ impl TcpQp {
         if inner.state != QpState::Err {
             self.set_state(&mut inner, QpState::Err);
         }
-        let waiters = self.settle(&mut inner);
-        drop(inner);
-        waiters.into_iter().for_each(|f| f());
+        self.finish(inner);
     }
 
     /// Start the requester connection for this generation unless one runs.
@@ -302,7 +326,8 @@ impl TcpQp {
             QpState::Reset => {
                 // What an ERR still owed is completed; then RESET discards the queues without
                 // completions, as verbs does, and ends the connections.
-                let _ = self.settle(inner);
+                let owed = self.settle(inner);
+                inner.quiesce_waiters.extend(owed);
                 inner.sq.clear();
                 inner.rq.clear();
                 inner.inflight.clear();
@@ -324,12 +349,6 @@ impl TcpQp {
         tracing::trace!(nic = %self.nic.name, qpn = self.qpn, %from, %to, "modify");
         self.kick(inner);
         Ok(())
-    }
-
-    fn finish(&self, mut inner: std::sync::MutexGuard<'_, QpInner>) {
-        let waiters = self.settle(&mut inner);
-        drop(inner);
-        waiters.into_iter().for_each(|f| f());
     }
 }
 

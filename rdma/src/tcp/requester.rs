@@ -65,9 +65,7 @@ fn fail_to_connect(qp: &TcpQp, generation: u64, why: String) {
     if inner.state != QpState::Err {
         qp.set_state(&mut inner, QpState::Err);
     }
-    let waiters = qp.settle(&mut inner);
-    drop(inner);
-    waiters.into_iter().for_each(|f| f());
+    qp.finish(inner);
 }
 
 fn run(qp: &Arc<TcpQp>, generation: u64) {
@@ -206,9 +204,10 @@ fn next(qp: &TcpQp, generation: u64, seq: u32, s: &TcpStream) -> Option<SendWr> 
                 let mut h = Header::new(Kind::Flush);
                 h.seq = seq;
                 let alive = || wanted(qp, generation);
-                if io::write_all(s, &h.encode(), &alive).is_err() {
-                    let _ = s.shutdown(std::net::Shutdown::Write);
-                }
+                // Nothing follows the flush: the end of this direction goes with it, so a
+                // responder that stopped taking frames (after a nak) sees it and closes.
+                let _ = io::write_all(s, &h.encode(), &alive);
+                let _ = s.shutdown(std::net::Shutdown::Write);
             }
             return None;
         }
@@ -224,7 +223,6 @@ fn next(qp: &TcpQp, generation: u64, seq: u32, s: &TcpStream) -> Option<SendWr> 
                 outcome: None,
                 got: 0,
             });
-            inner.sending = true;
             return Some(wr);
         }
         inner = wait_timeout(&qp.cv, inner, IDLE).0;
@@ -243,18 +241,15 @@ fn send_loop(qp: &Arc<TcpQp>, generation: u64, s: &TcpStream) {
         if inner.generation != generation {
             return;
         }
-        inner.sending = false;
         // Sent into a connection whose receiver has ended: no answer can come, as when RC's
         // retries run out.
         let done = inner.receiver_done;
         let outcome = outcome.or(done.then_some((WcStatus::RetryExcErr, 0)));
-        let waiters = match outcome {
-            Some(o) => qp.resolve(&mut inner, seq, o),
-            None => qp.settle(&mut inner),
-        };
+        if let Some(o) = outcome {
+            qp.resolve(&mut inner, seq, o);
+        }
         qp.cv.notify_all();
-        drop(inner);
-        waiters.into_iter().for_each(|f| f());
+        qp.finish(inner);
         if broken || done {
             // Only this direction: the receiver still reads the responder's last answers.
             let _ = s.shutdown(std::net::Shutdown::Write);
@@ -401,9 +396,8 @@ fn receive(qp: &TcpQp, generation: u64, s: &TcpStream) {
             qp.nic.event("CONNECTION_LOST", Some(qp.qpn), why);
             status_if_live
         };
-        let waiters = qp.resolve_all(&mut inner, status);
-        drop(inner);
-        waiters.into_iter().for_each(|f| f());
+        qp.resolve_all(&mut inner, status);
+        qp.finish(inner);
     };
     loop {
         if let Err(e) = io::read_exact(s, &mut hdr, &alive) {
@@ -428,9 +422,16 @@ fn receive(qp: &TcpQp, generation: u64, s: &TcpStream) {
                     (WcStatus::Success, n)
                 })
             }),
-            Kind::Nak => answer(qp, generation, h.seq, |_| {
-                Some((frame::nak_status(h.arg), 0))
-            }),
+            Kind::Nak => {
+                // The responder takes nothing after a nak: what followed never ran.
+                let r = answer(qp, generation, h.seq, |_| {
+                    Some((frame::nak_status(h.arg), 0))
+                });
+                if r.is_ok() {
+                    return end(WcStatus::WrFlushErr, "refused by the responder".into());
+                }
+                r
+            }
             Kind::ReadResp => land(qp, generation, &h, s, &alive),
             Kind::FlushAck => return end(WcStatus::WrFlushErr, "flushed".into()),
             other => Err(format!(
@@ -462,9 +463,8 @@ fn answer(
         ));
     };
     let outcome = f(&sent).ok_or_else(|| format!("an answer that does not fit message {seq}"))?;
-    let waiters = qp.resolve(&mut inner, seq, outcome);
-    drop(inner);
-    waiters.into_iter().for_each(|f| f());
+    qp.resolve(&mut inner, seq, outcome);
+    qp.finish(inner);
     Ok(())
 }
 
@@ -532,11 +532,9 @@ fn land(
         }
         None => None,
     };
-    let waiters = match outcome {
-        Some(o) => qp.resolve(&mut inner, h.seq, o),
-        None => Vec::new(),
-    };
-    drop(inner);
-    waiters.into_iter().for_each(|f| f());
+    if let Some(o) = outcome {
+        qp.resolve(&mut inner, h.seq, o);
+    }
+    qp.finish(inner);
     Ok(())
 }

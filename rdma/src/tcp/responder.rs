@@ -416,8 +416,7 @@ impl Conn<'_> {
                 u32::try_from(bytes).unwrap_or(u32::MAX),
                 Some(v),
             );
-            let _inner = lock(&self.qp.inner);
-            self.qp.recv_cq.push(&[wc]);
+            self.qp.complete_recv(wc);
         }
         self.ack(h.seq)
     }
@@ -447,7 +446,7 @@ impl Conn<'_> {
         };
         let fail = |c: &mut Self, st: WcStatus, nak: WcStatus, why: String| {
             let wc = c.qp.wc(rwr.wr_id, st, WcOpcode::Recv, 0, None);
-            c.qp.recv_cq.push(&[wc]);
+            c.qp.complete_recv(wc);
             c.qp.responder_error("QP_REQ_ERR", why.clone());
             c.nak(h.seq, nak, &why)
         };
@@ -492,8 +491,7 @@ impl Conn<'_> {
             h.imm(),
         );
         {
-            let _inner = lock(&self.qp.inner);
-            self.qp.recv_cq.push(&[wc]);
+            self.qp.complete_recv(wc);
         }
         self.ack(h.seq)
     }
