@@ -152,27 +152,6 @@ impl Workload {
     }
 }
 
-/// A size in fio's words: bytes, or a number with `k`, `m`, `g` or `t` (powers of 1024, as fio
-/// counts by default; `kib`, `KiB`, `kb` are taken alike).
-pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
-    let t = text.trim();
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(digits);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{text:?}: a size is a whole number, optionally with k, m, g or t"))?;
-    let shift = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        _ => return Err(format!("{text:?}: unit {unit:?} is not one of k, m, g, t")),
-    };
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("{text:?}: too large"))
-}
-
 #[derive(Debug, Clone)]
 pub struct StorageBenchConfig {
     /// Where the test file goes (its file system must take O_DIRECT).
@@ -601,12 +580,7 @@ mod tests {
 
     #[test]
     fn any_shape_in_fios_words_and_bad_ones_named() {
-        use super::{Rw, Workload, parse_size};
-        assert_eq!(parse_size("16k"), Ok(16 << 10));
-        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("16q").unwrap_err().contains("unit \"q\""));
-        assert!(parse_size("k").unwrap_err().contains("whole number"));
+        use super::{Rw, Workload};
         assert_eq!("randwrite".parse::<Rw>(), Ok(Rw::RandWrite));
         assert!("randrw".parse::<Rw>().unwrap_err().contains("randread"));
         let w = Workload::new(Rw::RandWrite, 16 << 10, 32).unwrap();

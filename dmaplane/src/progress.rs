@@ -28,6 +28,16 @@ fn retry_limit(t: &TransferState) -> u64 {
     2 * t.chunks.len() as u64 + 16
 }
 
+/// How long a transfer whose request went unanswered (retries exceeded) waits for its peer's
+/// control connection to say whether the peer is gone, before it fails with the completion's
+/// status.
+const LOSS_GRACE: Duration = Duration::from_millis(500);
+
+/// Whether `e` is a request the peer never answered: a transport failure, not a refusal.
+fn unanswered(e: &Error) -> bool {
+    matches!(e, Error::Failed { status, .. } if status.contains("RetryExcErr"))
+}
+
 /// Polls of an idle engine before the thread sleeps.
 const SPIN: u32 = 200;
 /// Sleep of an idle engine with transfers under way, and with none.
@@ -556,7 +566,9 @@ impl ProgressEngine {
         let stall = self.stall;
         let mut over = Vec::new();
         for (&tid, a) in g.active.iter_mut() {
-            if a.error.is_none()
+            // A request the peer never answered (its NIC's retries ran out) is the peer gone
+            // more often than not: once its control connection says so, that is the error.
+            if (a.error.is_none() || a.error.as_ref().is_some_and(unanswered))
                 && let Some(why) = a.t.peer.lost()
             {
                 a.error = Some(Error::PeerLost {
@@ -602,7 +614,12 @@ impl ProgressEngine {
                 a.reported = true;
                 self.failed.inc();
             }
+            // An unanswered request waits a little for the control connection's verdict (the
+            // data connections of a peer that died see it first).
+            let deciding = a.error.as_ref().is_some_and(unanswered)
+                && now.saturating_duration_since(a.last) < LOSS_GRACE.min(stall);
             if a.outstanding == 0
+                && !deciding
                 && (a.error.is_some() || (a.pending.is_empty() && a.remote == Remote::Ready))
             {
                 over.push(tid);

@@ -192,7 +192,12 @@ impl Tracker {
                 if let Err(e) = h.link.send(msg) {
                     // It will never ack: cut off now rather than at the deadline.
                     self.counters.holders_cut_off.add(1);
-                    tracing::warn!(device = %self.name, peer = %h.link.peer(), error = %e, "lease revoke not delivered: holder cut off");
+                    if h.link.is_open() {
+                        tracing::warn!(device = %self.name, peer = %h.link.peer(), error = %e, "lease revoke not delivered: holder cut off");
+                    } else {
+                        // The usual end of a peer that left: said, not shouted.
+                        tracing::info!(device = %self.name, peer = %h.link.peer(), "lease revoke for a holder whose link is closed (it left): cut off");
+                    }
                     self.settle_lease(rkey, inv.epoch, h.gid, Some(link_id(&h.link)));
                 }
             }

@@ -1,5 +1,6 @@
 //! `dmaplane`: peer-to-peer, zero-copy data movement — inspect, benchmark, stress.
 
+mod agent;
 mod agent_stress;
 mod bench;
 mod check;
@@ -58,6 +59,12 @@ enum Cmd {
     Load(load::LoadArgs),
     /// What this machine offers the data path (RDMA, dma-buf exporters, io_uring), and what to fix.
     Doctor,
+    /// An agent other processes reach over TCP or RDMA (`serve`), and its clients (`write`,
+    /// `read`, `bench`).
+    Agent {
+        #[command(subcommand)]
+        which: agent::AgentCmd,
+    },
     /// The shared secret agents prove to each other on their handshake.
     Secret {
         #[command(subcommand)]
@@ -91,6 +98,7 @@ fn main() {
         Cmd::Load(args) => load::run(args, cli.json),
         Cmd::Doctor => doctor::run(cli.json),
         Cmd::Secret { which } => secret::run(which, cli.json),
+        Cmd::Agent { which } => agent::run(which, cli.json),
     };
     if let Err(e) = res {
         eprintln!("dmaplane: {e:#}");

@@ -218,6 +218,45 @@ impl Pinned {
         let n = unsafe { libc::send(fd.as_raw_fd(), p.cast::<libc::c_void>(), len, flags) };
         usize::try_from(n).map_err(|_| io::Error::last_os_error())
     }
+
+    /// Send `head` (bytes of the caller's) and then up to `len` bytes of the memory at `off`, in
+    /// one system call (`sendmsg` of two pieces), without blocking and without `SIGPIPE`; `more`
+    /// as in [`Pinned::send`]. Returns how many bytes of the two together the kernel took.
+    pub fn send_after(
+        &self,
+        fd: BorrowedFd<'_>,
+        head: &[u8],
+        off: u64,
+        len: usize,
+        more: bool,
+    ) -> io::Result<usize> {
+        let p = self
+            .at(off, len)
+            .ok_or_else(|| out_of_range(off, len, self.len))?;
+        let iov = [
+            libc::iovec {
+                iov_base: head.as_ptr().cast_mut().cast::<libc::c_void>(),
+                iov_len: head.len(),
+            },
+            libc::iovec {
+                iov_base: p.cast::<libc::c_void>(),
+                iov_len: len,
+            },
+        ];
+        // SAFETY: an all-zero msghdr is a valid empty one (no name, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_ptr().cast_mut();
+        msg.msg_iovlen = iov.len();
+        let mut flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+        if more {
+            flags |= libc::MSG_MORE;
+        }
+        // SAFETY: `sendmsg` only reads the two pieces: `head`, borrowed for the call, and `len`
+        // bytes at `p`, in bounds of a mapping this pin keeps live; `msg` and `iov` outlive the
+        // call; `fd` is a borrowed, open descriptor.
+        let n = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, flags) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
 }
 
 fn out_of_range(off: u64, len: usize, have: usize) -> io::Error {

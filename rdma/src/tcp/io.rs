@@ -117,25 +117,35 @@ fn pump(
     alive: Alive<'_>,
 ) -> Result<(), Moved> {
     let mut done = 0;
+    let readable = matches!(dir, Dir::Recv);
     while done < len {
         let left = len - done;
-        let r = mr
-            .access(addr + done, left, need, |pin, off, n| match dir {
-                Dir::Recv => pin.recv(s.as_fd(), off, n),
-                Dir::Send { more } => pin.send(s.as_fd(), off, n, more || (n as u64) < left),
+        let (asked, r) = mr
+            .access(addr + done, left, need, |pin, off, n| {
+                let r = match dir {
+                    Dir::Recv => pin.recv(s.as_fd(), off, n),
+                    Dir::Send { more } => pin.send(s.as_fd(), off, n, more || (n as u64) < left),
+                };
+                (n, r)
             })
             .map_err(|fault| Moved::Mr { fault, done })?;
-        match r {
+        let wait_first = match r {
             Ok(0) => return Err(Moved::Io(io::ErrorKind::UnexpectedEof.into())),
-            Ok(n) => done += n as u64,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if !alive() {
-                    return Err(Moved::Io(stopped()));
-                }
-                wait(s, matches!(dir, Dir::Recv)).map_err(Moved::Io)?;
+            Ok(n) => {
+                done += n as u64;
+                // A short move found the socket empty (or full): the next call would only
+                // say so. Wait for it instead (one system call saved per piece).
+                n < asked
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => false,
             Err(e) => return Err(Moved::Io(e)),
+        };
+        if wait_first && done < len {
+            if !alive() {
+                return Err(Moved::Io(stopped()));
+            }
+            wait(s, readable).map_err(Moved::Io)?;
         }
     }
     Ok(())
@@ -164,6 +174,64 @@ pub(crate) fn send_from(
     alive: Alive<'_>,
 ) -> Result<(), Moved> {
     pump(s, mr, (addr, len), need, Dir::Send { more }, alive)
+}
+
+/// Send a frame: `head`, then `len` bytes of `mr` at `addr`, the header and the first piece in
+/// one system call. `Ok(false)`: the region refused before anything was sent (nothing of the
+/// frame went); a refusal after the header went is `Moved::Mr`, with the payload bytes sent.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn send_frame(
+    s: &TcpStream,
+    head: &[u8],
+    mr: &TcpMr,
+    addr: u64,
+    len: u64,
+    need: MrAccess,
+    more: bool,
+    alive: Alive<'_>,
+) -> Result<bool, Moved> {
+    let Ok(r) = mr.access(addr, len, need, |pin, off, n| {
+        pin.send_after(s.as_fd(), head, off, n, more || (n as u64) < len)
+    }) else {
+        return Ok(false);
+    };
+    let sent = match r {
+        Ok(n) => n,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            0
+        }
+        Err(e) => return Err(Moved::Io(e)),
+    };
+    let head_sent = sent.min(head.len());
+    write_all(s, &head[head_sent..], alive).map_err(Moved::Io)?;
+    let body_sent = (sent - head_sent) as u64;
+    if body_sent < len {
+        send_from(s, mr, addr + body_sent, len - body_sent, need, more, alive).map_err(
+            |e| match e {
+                Moved::Mr { fault, done } => Moved::Mr {
+                    fault,
+                    done: done + body_sent,
+                },
+                io => io,
+            },
+        )?;
+    }
+    Ok(true)
+}
+
+/// Whether the peer's bytes are waiting to be read now (without waiting).
+pub(crate) fn has_input(s: &TcpStream) -> bool {
+    let mut fds = [PollFd::new(s, PollFlags::IN)];
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    rustix::event::poll(&mut fds, Some(&zero)).is_ok_and(|n| n > 0)
 }
 
 /// Walk `[at, at + n)` of a request's elements: `f(element, offset in it, bytes)` for each

@@ -330,13 +330,27 @@ fn send_message(
         h.payload = u32::try_from(n).unwrap_or(frame::MAX_PAYLOAD);
         h.rkey = wr.remote.rkey;
         h.addr = wr.remote.addr.wrapping_add(sent);
-        if io::write_all(s, &h.encode(), alive).is_err() {
-            return (None, true);
-        }
-        if n > 0 {
+        let head = h.encode();
+        if n == 0 {
+            if io::write_all(s, &head, alive).is_err() {
+                return (None, true);
+            }
+        } else {
             let sge = sges[i];
-            match io::send_from(s, &mrs[i], sge.addr + off, n, MrAccess::NONE, !last, alive) {
-                Ok(()) => {}
+            match io::send_frame(
+                s,
+                &head,
+                &mrs[i],
+                sge.addr + off,
+                n,
+                MrAccess::NONE,
+                !last,
+                alive,
+            ) {
+                Ok(true) => {}
+                // Zapped before this frame went: the message stops at a frame boundary (cut, if
+                // frames went before; the flush that follows the QP's ERR ends it).
+                Ok(false) => return (Some((WcStatus::LocProtErr, 0)), false),
                 Err(Moved::Mr { done, .. }) => {
                     // The source was zapped mid-frame: the frame is promised whole, so the rest
                     // goes as zeros and the message fails (a failed request leaves its target
@@ -416,12 +430,7 @@ fn receive(qp: &TcpQp, generation: u64, s: &TcpStream) {
             }
         };
         let r = match h.kind {
-            Kind::Ack => answer(qp, generation, h.seq, |sent| {
-                (!matches!(sent.wr.op, SendOp::RdmaRead)).then(|| {
-                    let n = u32::try_from(sent.wr.sg.total()).unwrap_or(u32::MAX);
-                    (WcStatus::Success, n)
-                })
-            }),
+            Kind::Ack => ack_through(qp, generation, h.seq),
             Kind::Nak => {
                 // The responder takes nothing after a nak: what followed never ran.
                 let r = answer(qp, generation, h.seq, |_| {
@@ -443,6 +452,36 @@ fn receive(qp: &TcpQp, generation: u64, s: &TcpStream) {
             return end(WcStatus::RetryExcErr, why);
         }
     }
+}
+
+/// A cumulative ack: every message up to `seq` is done. A READ among them not answered yet, or
+/// an ack for no message in flight, is a protocol error.
+fn ack_through(qp: &TcpQp, generation: u64, seq: u32) -> Result<(), String> {
+    let mut inner = lock(&qp.inner);
+    if inner.generation != generation {
+        return Ok(());
+    }
+    // Sequence numbers wrap: `a` is at or before `seq` when it is less than half the space
+    // behind it.
+    let upto = |a: u32| seq.wrapping_sub(a) < 1 << 31;
+    if !inner.inflight.iter().any(|s| s.seq == seq) {
+        return Err(format!("an ack for message {seq}, which is not in flight"));
+    }
+    for s in inner.inflight.iter_mut().filter(|s| upto(s.seq)) {
+        if s.outcome.is_some() {
+            continue;
+        }
+        if matches!(s.wr.op, SendOp::RdmaRead) {
+            return Err(format!(
+                "an ack through message {seq} before READ {} was answered",
+                s.seq
+            ));
+        }
+        let n = u32::try_from(s.wr.sg.total()).unwrap_or(u32::MAX);
+        s.outcome = Some((WcStatus::Success, n));
+    }
+    qp.finish(inner);
+    Ok(())
 }
 
 /// Resolve message `seq` with what `f` makes of it; an answer for no message in flight, or one

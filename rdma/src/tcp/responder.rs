@@ -109,6 +109,7 @@ fn serve(nic: &NicShared, s: &TcpStream) {
         s,
         expected: 0,
         msg: None,
+        unacked: None,
         alive: &alive,
     };
     if let Err(why) = c.run() {
@@ -228,6 +229,9 @@ struct Conn<'a> {
     /// The sequence number the next message must have.
     expected: u32,
     msg: Option<Msg>,
+    /// The last message done and not yet acknowledged: acks are cumulative (one for message n
+    /// answers every message up to n, as RC's do), sent once no more frames wait to be read.
+    unacked: Option<u32>,
     alive: io::Alive<'a>,
 }
 
@@ -235,6 +239,9 @@ impl Conn<'_> {
     fn run(&mut self) -> std::result::Result<(), String> {
         let mut hdr = [0u8; HEADER];
         loop {
+            if self.unacked.is_some() && !io::has_input(self.s) {
+                self.send_ack()?;
+            }
             io::read_exact(self.s, &mut hdr, self.alive).map_err(|e| e.to_string())?;
             let h = Header::decode(&hdr, true).map_err(|e| self.refused(e.to_string()))?;
             match h.kind {
@@ -246,6 +253,7 @@ impl Conn<'_> {
                             "the requester flushed in the middle of a message".into(),
                         );
                     }
+                    self.send_ack()?;
                     let mut a = Header::new(Kind::FlushAck);
                     a.seq = h.seq;
                     io::write_all(self.s, &a.encode(), self.alive).map_err(|e| e.to_string())?;
@@ -299,6 +307,7 @@ impl Conn<'_> {
 
     /// Answer `seq` with a failure; the connection ends.
     fn nak(&mut self, seq: u32, status: WcStatus, why: &str) -> std::result::Result<(), String> {
+        self.send_ack()?;
         let mut n = Header::new(Kind::Nak);
         n.seq = seq;
         n.arg = status.ibv();
@@ -306,11 +315,21 @@ impl Conn<'_> {
         Err(format!("message {seq}: {why} ({status})"))
     }
 
+    /// Message `seq` is done: acknowledged with the next ack sent.
     fn ack(&mut self, seq: u32) -> std::result::Result<(), String> {
-        let mut a = Header::new(Kind::Ack);
-        a.seq = seq;
         self.msg = None;
         self.expected = self.expected.wrapping_add(1);
+        self.unacked = Some(seq);
+        Ok(())
+    }
+
+    /// Send the cumulative ack owed, if any.
+    fn send_ack(&mut self) -> std::result::Result<(), String> {
+        let Some(seq) = self.unacked.take() else {
+            return Ok(());
+        };
+        let mut a = Header::new(Kind::Ack);
+        a.seq = seq;
         io::write_all(self.s, &a.encode(), self.alive).map_err(|e| e.to_string())
     }
 
@@ -497,6 +516,7 @@ impl Conn<'_> {
     }
 
     fn read(&mut self, h: &Header) -> std::result::Result<(), String> {
+        self.send_ack()?;
         let total = u64::from(h.arg);
         let mr = if total > 0 {
             match self.remote_mr(h.rkey, h.addr, total, MrAccess::REMOTE_READ) {

@@ -86,7 +86,7 @@ pub enum BenchCmd {
     Storage {
         /// The test file's size (created, filled and removed by the run): bytes, or with k, m,
         /// g as fio takes it.
-        #[arg(long, default_value = "1g", value_parser = dmaplane_bench::storage::parse_size)]
+        #[arg(long, default_value = "1g", value_parser = crate::units::parse_size)]
         size: u64,
         /// fio's --rw: read, write, randread or randwrite. With --rw, --bs or --depth one
         /// workload of that shape runs (fio's defaults for what is not given: read, 4k, 1);
@@ -94,7 +94,7 @@ pub enum BenchCmd {
         #[arg(long)]
         rw: Option<dmaplane_bench::storage::Rw>,
         /// fio's --bs: the block size (bytes, or with k, m as fio takes it).
-        #[arg(long, value_parser = dmaplane_bench::storage::parse_size)]
+        #[arg(long, value_parser = crate::units::parse_size)]
         bs: Option<u64>,
         /// fio's --iodepth: requests kept in flight.
         #[arg(long)]
