@@ -540,12 +540,11 @@ impl Conn<'_> {
             r.seq = h.seq;
             r.payload = u32::try_from(n).unwrap_or(frame::MAX_PAYLOAD);
             r.flags = if last { LAST } else { 0 };
-            io::write_all(self.s, &r.encode(), self.alive).map_err(|e| e.to_string())?;
-            if let Some(mr) = &mr
-                && n > 0
-            {
-                match io::send_from(
+            let head = r.encode();
+            match &mr {
+                Some(mr) if n > 0 => match io::send_frame(
                     self.s,
+                    &head,
                     mr,
                     h.addr + off,
                     n,
@@ -553,7 +552,14 @@ impl Conn<'_> {
                     !last,
                     self.alive,
                 ) {
-                    Ok(()) => {}
+                    Ok(true) => {}
+                    // Zapped before this frame went: nothing of it is on the wire.
+                    Ok(false) => {
+                        return self.access_error(
+                            h.seq,
+                            format!("rkey {:#x} zapped during a READ", h.rkey),
+                        );
+                    }
                     Err(Moved::Mr { done, fault }) => {
                         io::pad(self.s, n - done, self.alive).map_err(|e| e.to_string())?;
                         return self.access_error(
@@ -562,7 +568,8 @@ impl Conn<'_> {
                         );
                     }
                     Err(Moved::Io(e)) => return Err(e.to_string()),
-                }
+                },
+                _ => io::write_all(self.s, &head, self.alive).map_err(|e| e.to_string())?,
             }
             off += n;
             if last {

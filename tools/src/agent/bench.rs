@@ -116,7 +116,33 @@ struct Report {
     plain_write: Large,
     plain_read: Large,
     plain_small_write: Small,
+    /// What became of NIXL: measured, not installed, or failed (and why).
     nixl: String,
+    /// NIXL's Python agent with UCX over TCP only (`UCX_TLS=tcp`), and with UCX's default
+    /// transports (shared memory on one host), when it is installed.
+    nixl_tcp: Option<Nixl>,
+    nixl_default: Option<Nixl>,
+}
+
+/// What the NIXL script measured (`nixl_bench.py`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+struct Nixl {
+    write: LargeIn,
+    read: LargeIn,
+    small_write: SmallIn,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+struct LargeIn {
+    median_gbps: f64,
+    best_gbps: f64,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+struct SmallIn {
+    rate: f64,
+    p50_us: f64,
+    p99_us: f64,
 }
 
 /// A child process of this program, stopped (Ctrl-C, then killed) when dropped.
@@ -282,7 +308,7 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
     let mut pst = Vec::new();
     let t0 = Instant::now();
     while t0.elapsed() < span || pst.len() < 100 {
-        pst.push(plain.batch(a.small * a.batch)?);
+        pst.push(plain.batch(a.small * a.batch, a.small)?);
     }
     let report = Report {
         backend: a.opts.backend.name(),
@@ -298,8 +324,13 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         plain_write: Large::of(pw),
         plain_read: Large::of(pr),
         plain_small_write: Small::of(pst, a.batch, a.small),
-        nixl: nixl_status(),
+        nixl: String::new(),
+        nixl_tcp: None,
+        nixl_default: None,
     };
+    let mut report = report;
+    drop(c);
+    nixl(a, &mut report);
     drop(helpers);
     print(&report, &addr, json)
 }
@@ -325,8 +356,10 @@ impl Plain {
         })
     }
 
-    /// Move `total` bytes split over the connections; returns the seconds it took.
-    fn run(&self, op: u8, total: u64) -> Result<f64> {
+    /// Move `total` bytes split over the connections, each connection's share in pieces of
+    /// `each` bytes (0: one piece), each written and read on its own; returns the seconds it
+    /// took.
+    fn run(&self, op: u8, total: u64, each: u64) -> Result<f64> {
         let n = self.conns.len() as u64;
         let share = total.div_ceil(n);
         let mut bufs = std::mem::take(&mut *self.buf.lock().map_err(|_| anyhow!("poisoned"))?);
@@ -343,12 +376,16 @@ impl Plain {
                 .map(|(c, b)| {
                     s.spawn(move || -> Result<()> {
                         let mut c = c;
-                        let mut req = [0u8; 9];
+                        let mut req = [0u8; 17];
                         req[0] = op;
-                        req[1..].copy_from_slice(&(b.len() as u64).to_le_bytes());
+                        req[1..9].copy_from_slice(&(b.len() as u64).to_le_bytes());
+                        req[9..].copy_from_slice(&each.to_le_bytes());
                         c.write_all(&req)?;
                         if op == OP_WRITE {
-                            c.write_all(b)?;
+                            let piece = if each == 0 { b.len() } else { each as usize };
+                            for p in b.chunks(piece.max(1)) {
+                                c.write_all(p)?;
+                            }
                             let mut ack = [0u8; 1];
                             c.read_exact(&mut ack)?;
                         } else {
@@ -370,27 +407,79 @@ impl Plain {
     }
 
     fn large(&self, op: u8, total: u64) -> Result<f64> {
-        Ok(total as f64 / self.run(op, total)? / 1e9)
+        Ok(total as f64 / self.run(op, total, 0)? / 1e9)
     }
 
-    fn batch(&self, total: u64) -> Result<Duration> {
-        Ok(Duration::from_secs_f64(self.run(OP_WRITE, total)?))
+    /// A batch: `total` bytes in messages of `each`, one write and one read per message.
+    fn batch(&self, total: u64, each: u64) -> Result<Duration> {
+        Ok(Duration::from_secs_f64(self.run(OP_WRITE, total, each)?))
     }
 }
 
-/// Whether NIXL's Python agent is here to compare with.
-fn nixl_status() -> String {
-    let ok = Command::new("python3")
-        .args(["-c", "import nixl"])
+/// The NIXL driver (run by the Python that `DMAPLANE_PYTHON` names, default `python3`).
+const NIXL_SCRIPT: &str = include_str!("nixl_bench.py");
+
+/// Measure NIXL's Python agent in the same run, when it is installed: once with UCX over TCP
+/// only, once with UCX's default transports.
+fn nixl(a: &BenchArgs, r: &mut Report) {
+    let python = std::env::var("DMAPLANE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = "import importlib.util as u, sys; \
+                 sys.exit(not (u.find_spec('nixl_cu12') or u.find_spec('nixl')))";
+    let found = Command::new(&python)
+        .args(["-c", probe])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if ok {
-        "installed, not driven by this build: run its agent by hand to compare".into()
-    } else {
-        "not installed (pip install --no-deps nixl-cu12==1.5.1 to compare in the same run)".into()
+    if !found {
+        r.nixl = format!(
+            "not installed for {python} (pip install --no-deps nixl-cu12==1.5.1 numpy; \
+             DMAPLANE_PYTHON names another interpreter)"
+        );
+        return;
     }
+    let script = std::env::temp_dir().join(format!("dmaplane-nixl-{}.py", std::process::id()));
+    if let Err(e) = std::fs::write(&script, NIXL_SCRIPT) {
+        r.nixl = format!("could not write its driver to {}: {e}", script.display());
+        return;
+    }
+    let run = |tls: Option<&str>| -> Result<Nixl> {
+        let mut c = Command::new(&python);
+        c.arg(&script).args([
+            a.size.to_string(),
+            a.block.to_string(),
+            a.small.to_string(),
+            a.batch.to_string(),
+            a.rounds.to_string(),
+            a.seconds.to_string(),
+        ]);
+        if let Some(t) = tls {
+            c.env("UCX_TLS", t);
+        }
+        let out = c.stderr(Stdio::piped()).output()?;
+        if !out.status.success() {
+            bail!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
+            );
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().last().unwrap_or_default();
+        serde_json::from_str(line).with_context(|| format!("its output {line:?}"))
+    };
+    let tcp = run(Some("tcp"));
+    let default = run(None);
+    let _ = std::fs::remove_file(&script);
+    r.nixl = match (&tcp, &default) {
+        (Ok(_), Ok(_)) => format!("nixl 1.5 ({python}), two processes, host memory"),
+        (Err(e), _) | (_, Err(e)) => format!("failed: {e}"),
+    };
+    r.nixl_tcp = tcp.ok();
+    r.nixl_default = default.ok();
 }
 
 fn print(r: &Report, addr: &str, json: bool) -> Result<()> {
@@ -453,8 +542,28 @@ fn print(r: &Report, addr: &str, json: bool) -> Result<()> {
         )
     );
     println!(
-        "  (median (best) of the rounds; the plain stream answers each connection's share with one byte)"
+        "  (median (best) of the rounds; the plain stream answers each connection's share with one \
+         byte, and sends and receives a batch's messages one by one)"
     );
     println!("  NIXL: {}", r.nixl);
+    for (name, n) in [
+        ("UCX_TLS=tcp", &r.nixl_tcp),
+        ("UCX default transports", &r.nixl_default),
+    ] {
+        let Some(n) = n else { continue };
+        println!(
+            "    {name:<24} WRITE {:.2} ({:.2}) GB/s, READ {:.2} ({:.2}) GB/s, {:.0} req/s in \
+             batches (p99 {}): dmaplane's WRITE {:.0}%, READ {:.0}%, batches {:.0}% of it",
+            n.write.median_gbps,
+            n.write.best_gbps,
+            n.read.median_gbps,
+            n.read.best_gbps,
+            n.small_write.rate,
+            ns((n.small_write.p99_us * 1e3) as u64),
+            pct(r.write.median_gbps, n.write.median_gbps),
+            pct(r.read.median_gbps, n.read.median_gbps),
+            pct(r.small_write.rate, n.small_write.rate),
+        );
+    }
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! The plain TCP peer `agent bench` measures its reference against: on each connection, a
-//! request `[op u8][len u64 LE]` — op 1: `len` bytes follow, received into memory, answered with
-//! one byte once all are in; op 2: `len` bytes of memory sent back. The same bytes the agents
-//! move, with nothing of theirs: no keys, no frames, no completions.
+//! request `[op u8][len u64 LE][each u64 LE]` — op 1: `len` bytes follow, sent as pieces of
+//! `each` bytes (0: one piece), each received into memory on its own, answered with one byte
+//! once all are in; op 2: `len` bytes of memory sent back. The same bytes the agents move, with
+//! nothing of theirs: no keys, no frames, no completions.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -44,7 +45,7 @@ pub fn run(a: &SinkArgs) -> Result<()> {
 fn serve(mut s: TcpStream, size: usize) -> Result<()> {
     s.set_nodelay(true)?;
     let mut mem = vec![0u8; size.max(1)];
-    let mut req = [0u8; 9];
+    let mut req = [0u8; 17];
     loop {
         if let Err(e) = s.read_exact(&mut req) {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -53,10 +54,14 @@ fn serve(mut s: TcpStream, size: usize) -> Result<()> {
             return Err(e.into());
         }
         let mut len = u64::from_le_bytes(req[1..9].try_into()?) as usize;
+        let each = match u64::from_le_bytes(req[9..17].try_into()?) as usize {
+            0 => mem.len(),
+            e => e.min(mem.len()),
+        };
         match req[0] {
             OP_WRITE => {
                 while len > 0 {
-                    let n = len.min(mem.len());
+                    let n = len.min(each);
                     s.read_exact(&mut mem[..n])?;
                     len -= n;
                 }
