@@ -5,7 +5,7 @@
 //!   file — until Ctrl-C, which deregisters everything and leaves cleanly.
 //! - `write` and `read` ([`client`]): connect to a served agent by address and move bytes,
 //!   with a progress bar, `--json`, verification, and Ctrl-C that deregisters and leaves.
-//! - `bench` ([`bench`]): the same, measured against a plain TCP stream of the same bytes over
+//! - `bench` ([`mod@bench`]): the same, measured against a plain TCP stream of the same bytes over
 //!   as many connections, in the same run.
 
 mod bench;
