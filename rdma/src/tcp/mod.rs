@@ -151,8 +151,9 @@ fn mac(token: &[u8; 16], nonce: &[u8], responder: u32, requester: u32, gid: &[u8
 }
 
 /// What a requester sends to prove it holds the responder QP's token: HMAC-SHA256 over the
-/// responder's nonce, both QP numbers and the requester's GID.
-pub(crate) fn proof(
+/// responder's nonce, both QP numbers and the requester's GID. (Public so a test can play a
+/// peer that knows the token and breaks every other rule.)
+pub fn proof(
     token: &[u8; 16],
     nonce: &[u8],
     responder: u32,

@@ -1,0 +1,275 @@
+//! A peer on the TCP backend's data port that breaks the rules on purpose: it holds a valid token
+//! (so it passes the hello) and then sends frames it should not, or stalls in the middle of one.
+//! The NIC refuses, counts, and never lets such a peer hold up a revoke; strangers that never
+//! say hello are bounded and counted.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dmaplane_core::user::UserBuffer;
+use dmaplane_rdma::tcp::frame::{self, FIRST, HEADER, Header, Kind, LAST};
+use dmaplane_rdma::tcp::{MAX_UNPROVEN, gid_of, proof};
+use dmaplane_rdma::*;
+
+const T: Duration = Duration::from_secs(10);
+
+struct Target {
+    nic: Arc<TcpNic>,
+    _dev: Device,
+    pd: Pd,
+    /// The responder QP the hostile peer talks to, and the QP it claims to be.
+    qp: Qp,
+    peer_qpn: u32,
+}
+
+/// A responder QP connected to a (never used) QP of another NIC, whose number the hostile peer
+/// claims.
+fn target() -> (Target, Qp) {
+    let nic = Arc::new(TcpNic::loopback("target").unwrap());
+    let dev = Device::new(nic.clone());
+    let pd = dev.alloc_pd().unwrap();
+    let cq = dev.create_cq(256).unwrap();
+    let qp = pd.create_qp(&cq, &cq, QpCaps::default()).unwrap();
+    let other = Arc::new(TcpNic::loopback("other").unwrap());
+    let odev = Device::new(other);
+    let opd = odev.alloc_pd().unwrap();
+    let ocq = odev.create_cq(256).unwrap();
+    let oqp = opd.create_qp(&ocq, &ocq, QpCaps::default()).unwrap();
+    qp.connect(oqp.endpoint(), MrAccess::ALL).unwrap();
+    let peer_qpn = oqp.qpn();
+    (
+        Target {
+            nic,
+            _dev: dev,
+            pd,
+            qp,
+            peer_qpn,
+        },
+        oqp,
+    )
+}
+
+fn read_header(s: &mut TcpStream) -> Header {
+    let mut b = [0u8; HEADER];
+    s.read_exact(&mut b).unwrap();
+    Header::decode(&b, false).unwrap()
+}
+
+/// Connect to the target's data port and pass the hello with the real token.
+fn hello(t: &Target) -> TcpStream {
+    let mut s = TcpStream::connect(t.nic.addr()).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let c = read_header(&mut s);
+    assert_eq!(c.kind, Kind::Challenge);
+    let mut nonce = [0u8; 32];
+    s.read_exact(&mut nonce).unwrap();
+    let ep = t.qp.endpoint();
+    let gid = gid_of("127.0.0.1".parse().unwrap());
+    let mut h = Header::new(Kind::Hello);
+    h.rkey = ep.qpn;
+    h.arg = t.peer_qpn;
+    h.addr = u64::from(frame::VERSION);
+    h.payload = frame::HELLO_PAYLOAD;
+    let mut out = h.encode().to_vec();
+    out.extend_from_slice(&gid);
+    out.extend_from_slice(&proof(&ep.token, &nonce, ep.qpn, t.peer_qpn, &gid));
+    s.write_all(&out).unwrap();
+    assert_eq!(read_header(&mut s).kind, Kind::Welcome);
+    s
+}
+
+fn write_frame(seq: u32, rkey: u32, addr: u64, payload: u32) -> [u8; HEADER] {
+    let mut h = Header::new(Kind::Write);
+    h.seq = seq;
+    h.flags = FIRST | LAST;
+    h.rkey = rkey;
+    h.addr = addr;
+    h.payload = payload;
+    h.encode()
+}
+
+/// The peer sends a frame's header and half its payload, then stalls. A revoke must not wait
+/// for it: the zap waits for one system call, never for a peer. After the revoke's ack the rest
+/// of the frame lands nowhere.
+#[test]
+fn a_peer_stalled_in_the_middle_of_a_frame_does_not_hold_up_a_revoke() {
+    let (t, _other) = target();
+    const LEN: u64 = 1 << 20;
+    let ub = UserBuffer::anonymous("target", LEN).unwrap();
+    let mr =
+        t.pd.import("target", ImportOptions::default(), None, |i, a| {
+            ub.attach(i, a)
+        })
+        .unwrap();
+    let mut s = hello(&t);
+    s.write_all(&write_frame(0, mr.rkey(), mr.iova(), frame::MAX_PAYLOAD))
+        .unwrap();
+    s.write_all(&vec![0xab; (frame::MAX_PAYLOAD / 2) as usize])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let ub = Arc::new(ub);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let u = ub.clone();
+    std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let report = u.revoke(T);
+        let _ = tx.send((report, t0.elapsed()));
+    });
+    let Ok((report, took)) = rx.recv_timeout(Duration::from_secs(2)) else {
+        panic!("the revoke is still waiting for a peer stalled in the middle of a frame");
+    };
+    assert!(report.is_clean(), "{report}");
+    assert!(
+        took < Duration::from_secs(1),
+        "the revoke waited {took:?} for a stalled peer"
+    );
+    assert!(ub.write(0, &vec![0x5a; LEN as usize]));
+    // The rest of the frame, and another: nothing lands.
+    s.write_all(&vec![0xcd; (frame::MAX_PAYLOAD / 2) as usize])
+        .unwrap();
+    let _ = s.write_all(&write_frame(1, mr.rkey(), mr.iova(), 4096));
+    let _ = s.write_all(&[0xee; 4096]);
+    let h = read_header(&mut s);
+    assert_eq!((h.kind, h.seq), (Kind::Nak, 0), "{h:?}");
+    assert_eq!(frame::nak_status(h.arg), WcStatus::RemAccessErr);
+    std::thread::sleep(Duration::from_millis(50));
+    let mut got = vec![0u8; LEN as usize];
+    assert!(ub.read(0, &mut got));
+    assert!(
+        got.iter().all(|&b| b == 0x5a),
+        "bytes landed after the revoke's ack"
+    );
+    assert!(t.nic.stats().frames_refused >= 1);
+}
+
+/// Frames that break the rules end the connection, counted: a frame past the region's end, an
+/// unknown key, one out of sequence, a second hello, a header that is not one.
+#[test]
+fn frames_that_break_the_rules_are_refused_counted_and_land_nothing() {
+    let (t, _other) = target();
+    let mem = dmaplane_core::fabric::Mapping::memfd("dst", 1 << 20).unwrap();
+    let list = dmaplane_core::AddrList::single(
+        dmaplane_core::AddrSpace::ProcessVa,
+        dmaplane_core::Hints::HOST_MEMORY,
+        1,
+        dmaplane_core::DmaRange::new(mem.process_va(), 1 << 20),
+    )
+    .unwrap();
+    let mr = t.pd.reg_mr(&list, MrAccess::ALL).unwrap();
+    let end = mr.iova() + (1 << 20);
+    let cases: Vec<(&str, Vec<u8>, Option<WcStatus>)> = vec![
+        (
+            "past the region's end",
+            [
+                write_frame(0, mr.rkey(), end - 100, 4096).to_vec(),
+                vec![1; 4096],
+            ]
+            .concat(),
+            Some(WcStatus::RemAccessErr),
+        ),
+        (
+            "an unknown key",
+            [
+                write_frame(0, mr.rkey() ^ 0xff, mr.iova(), 64).to_vec(),
+                vec![1; 64],
+            ]
+            .concat(),
+            Some(WcStatus::RemAccessErr),
+        ),
+        (
+            "out of sequence",
+            [
+                write_frame(7, mr.rkey(), mr.iova(), 64).to_vec(),
+                vec![1; 64],
+            ]
+            .concat(),
+            None,
+        ),
+        (
+            "a second hello",
+            {
+                let mut h = Header::new(Kind::Hello);
+                h.payload = frame::HELLO_PAYLOAD;
+                [h.encode().to_vec(), vec![0; frame::HELLO_PAYLOAD as usize]].concat()
+            },
+            None,
+        ),
+        ("not a header", vec![0xff; HEADER], None),
+    ];
+    for (i, (what, bytes, nak)) in cases.into_iter().enumerate() {
+        // Each case on a fresh pairing: a refused connection may leave the QP in ERR.
+        if t.qp.state() != QpState::Rts {
+            t.qp.modify(&QpAttr::to(QpState::Reset)).unwrap();
+        }
+        let before = t.nic.stats().frames_refused;
+        if t.qp.state() == QpState::Reset {
+            let dest = RemoteQp {
+                port: 1,
+                ..RemoteQp::verbs(t.peer_qpn, gid_of("127.0.0.1".parse().unwrap()), 0, 0)
+            };
+            t.qp.connect(dest, MrAccess::ALL).unwrap();
+        }
+        let mut s = hello(&t);
+        s.write_all(&bytes).unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        match nak {
+            Some(st) => {
+                assert!(rest.len() >= HEADER, "case {i} ({what}): no answer");
+                let h = Header::decode(rest[..HEADER].try_into().unwrap(), false).unwrap();
+                assert_eq!(
+                    (h.kind, frame::nak_status(h.arg)),
+                    (Kind::Nak, st),
+                    "case {i} ({what})"
+                );
+            }
+            None => assert!(
+                rest.is_empty(),
+                "case {i} ({what}): expected the connection to end unanswered, got {} bytes",
+                rest.len()
+            ),
+        }
+        assert_eq!(
+            t.nic.stats().frames_refused,
+            before + 1,
+            "case {i} ({what}) was not counted"
+        );
+    }
+    let mut got = vec![0u8; 1 << 20];
+    assert!(mem.read(0, &mut got));
+    assert!(got.iter().all(|&b| b == 0), "a refused frame landed bytes");
+}
+
+/// Strangers that connect and never say hello: at most MAX_UNPROVEN wait at once, the rest are
+/// closed at once and counted; the NIC still serves a proper peer afterwards.
+#[test]
+fn connections_that_never_say_hello_are_bounded_and_counted() {
+    let (t, _other) = target();
+    let strangers: Vec<TcpStream> = (0..MAX_UNPROVEN + 20)
+        .map(|_| TcpStream::connect(t.nic.addr()).unwrap())
+        .collect();
+    let due = Instant::now() + T;
+    while t.nic.stats().unproven_closed < 20 && Instant::now() < due {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(t.nic.stats().unproven_closed >= 20, "{:?}", t.nic.stats());
+    drop(strangers);
+    // Their slots come back: a proper peer is served.
+    let due = Instant::now() + T;
+    loop {
+        let mut s = TcpStream::connect(t.nic.addr()).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut b = [0u8; HEADER];
+        if s.read_exact(&mut b).is_ok() {
+            drop(s);
+            break;
+        }
+        assert!(Instant::now() < due, "no slot came back");
+    }
+    let _s = hello(&t);
+    assert!(t.nic.stats().connections >= 1);
+}
