@@ -20,6 +20,7 @@ struct Target {
     nic: Arc<TcpNic>,
     _dev: Device,
     pd: Pd,
+    cq: Cq,
     /// The responder QP the hostile peer talks to, and the QP it claims to be.
     qp: Qp,
     peer_qpn: u32,
@@ -45,6 +46,7 @@ fn target() -> (Target, Qp) {
             nic,
             _dev: dev,
             pd,
+            cq,
             qp,
             peer_qpn,
         },
@@ -272,4 +274,59 @@ fn connections_that_never_say_hello_are_bounded_and_counted() {
     }
     let _s = hello(&t);
     assert!(t.nic.stats().connections >= 1);
+}
+
+/// A SEND under way into the first posted receive, its peer stalled, when the QP goes to ERR:
+/// the responder stops serving at once, and every receive completes exactly once and in order —
+/// the one under way first, never reported flushed while bytes may still land in it.
+#[test]
+fn receives_complete_once_and_in_order_when_a_send_under_way_meets_a_flush() {
+    let (t, _other) = target();
+    let mem = dmaplane_core::fabric::Mapping::memfd("rq", 3 * 4096).unwrap();
+    let list = dmaplane_core::AddrList::single(
+        dmaplane_core::AddrSpace::ProcessVa,
+        dmaplane_core::Hints::HOST_MEMORY,
+        1,
+        dmaplane_core::DmaRange::new(mem.process_va(), 3 * 4096),
+    )
+    .unwrap();
+    let mr = t.pd.reg_mr(&list, MrAccess::ALL).unwrap();
+    let recvs: Vec<RecvWr> = (0..3)
+        .map(|i| RecvWr::new(i + 1, mr.sge(i * 4096, 4096)))
+        .collect();
+    t.qp.post_recv(&recvs).unwrap();
+    let mut s = hello(&t);
+    let mut h = Header::new(Kind::Send);
+    h.flags = FIRST | LAST;
+    h.payload = 4096;
+    s.write_all(&h.encode()).unwrap();
+    s.write_all(&[7; 1000]).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    // The flush waits for the receive under way — and the responder, its QP in ERR, stops
+    // waiting for the stalled peer: no peer can hold a flush (and a revoke behind it) for long.
+    let flushed_at = Instant::now();
+    t.qp.modify(&QpAttr::to(QpState::Err)).unwrap();
+    let mut wcs = Vec::new();
+    let due = Instant::now() + T;
+    while wcs.len() < 3 && Instant::now() < due {
+        t.cq.poll(&mut wcs, 16).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let took = flushed_at.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "the flush waited {took:?} for the stalled peer: {wcs:?}"
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    t.cq.poll(&mut wcs, 16).unwrap();
+    drop(s);
+    let got: Vec<(u64, WcStatus)> = wcs.iter().map(|w| (w.wr_id, w.status)).collect();
+    assert_eq!(
+        got,
+        [
+            (1, WcStatus::WrFlushErr),
+            (2, WcStatus::WrFlushErr),
+            (3, WcStatus::WrFlushErr)
+        ]
+    );
 }

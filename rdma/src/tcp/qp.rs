@@ -63,6 +63,10 @@ pub(crate) struct QpInner {
     pub(crate) responder: u64,
     /// As a responder: a message was cut in the middle; the next request breaks the connection.
     pub(crate) partial: bool,
+    /// As a responder: the receive at the front of `rq` is being filled (a SEND, or a WRITE's
+    /// immediate, under way). It stays queued until `complete_recv`; a flush waits for it, so
+    /// receives complete in order and none is reported flushed while bytes still land in it.
+    pub(crate) receiving: bool,
     pub(crate) quiesce_waiters: Vec<Box<dyn FnOnce() + Send>>,
     /// Completions made and not yet pushed (see the module docs): send CQ, receive CQ.
     pub(crate) outbox: (Vec<Completion>, Vec<Completion>),
@@ -162,6 +166,7 @@ impl TcpQp {
                 receiver_done: false,
                 responder: 0,
                 partial: false,
+                receiving: false,
                 quiesce_waiters: Vec::new(),
                 outbox: (Vec::new(), Vec::new()),
                 calling: 0,
@@ -241,12 +246,14 @@ impl TcpQp {
                 .map(|wr| self.wc(wr.wr_id, WcStatus::WrFlushErr, wr.op.wc_opcode(), 0, None))
                 .collect::<Vec<_>>();
             inner.outbox.0.extend(flushed);
-            let flushed = inner
-                .rq
-                .drain(..)
-                .map(|wr| self.wc(wr.wr_id, WcStatus::WrFlushErr, WcOpcode::Recv, 0, None))
-                .collect::<Vec<_>>();
-            inner.outbox.1.extend(flushed);
+            if !inner.receiving {
+                let flushed = inner
+                    .rq
+                    .drain(..)
+                    .map(|wr| self.wc(wr.wr_id, WcStatus::WrFlushErr, WcOpcode::Recv, 0, None))
+                    .collect::<Vec<_>>();
+                inner.outbox.1.extend(flushed);
+            }
         }
         if !inner.quiesced() || inner.quiesce_waiters.is_empty() {
             return Vec::new();
@@ -281,10 +288,25 @@ impl TcpQp {
         drop(inner);
     }
 
-    /// As a responder: a receive is done (behind any completion still in the outbox).
+    /// As a responder: take the receive at the front of the queue for the message under way
+    /// (see `receiving`); `None` when none is posted.
+    pub(crate) fn begin_recv(&self) -> Option<RecvWr> {
+        let mut inner = lock(&self.inner);
+        let r = inner.rq.front().copied();
+        inner.receiving = r.is_some();
+        r
+    }
+
+    /// As a responder: the receive `begin_recv` took is done, with `wc` (behind any completion
+    /// still in the outbox); a flush that waited for it goes on. Nothing when a RESET discarded
+    /// it meanwhile.
     pub(crate) fn complete_recv(&self, wc: Completion) {
         let mut inner = lock(&self.inner);
-        inner.outbox.1.push(wc);
+        if inner.receiving {
+            inner.rq.pop_front();
+            inner.receiving = false;
+            inner.outbox.1.push(wc);
+        }
         self.finish(inner);
     }
 
@@ -336,6 +358,7 @@ impl TcpQp {
                 inner.worker = false;
                 inner.responder += 1;
                 inner.partial = false;
+                inner.receiving = false;
                 self.set_state(inner, to);
             }
             QpState::Sqd => {

@@ -103,24 +103,38 @@ fn serve(nic: &NicShared, s: &TcpStream) {
     };
     drop(slot);
     nic.count_connection();
-    let alive = || nic.alive() && lock(&qp.inner).responder == id;
+    // The connection is served while the NIC runs, no newer connection replaced it, and the QP
+    // can respond (a QP moved to ERR or reset stops responding, as on RC: a receive under way is
+    // then flushed, not left waiting for a peer).
+    let alive = || {
+        nic.alive()
+            && lock(&qp.inner).responder == id
+            && matches!(qp.fast_state(), QpState::Rtr | QpState::Rts | QpState::Sqd)
+    };
     let mut c = Conn {
         qp: &qp,
         s,
         expected: 0,
         msg: None,
         unacked: None,
+        begun: None,
         alive: &alive,
     };
     if let Err(why) = c.run() {
         tracing::debug!(nic = %nic.name, qpn = qp.qpn, %why, "responder connection ended");
     }
+    if let Some(r) = c.begun.take() {
+        // The message it was for was cut: its receive is flushed, and the queue's flush goes on.
+        qp.complete_recv(qp.wc(r.wr_id, WcStatus::WrFlushErr, WcOpcode::Recv, 0, None));
+    }
     // Close gently: the last answer (a nak, a flush-ack) must reach the requester, and closing
     // with its frames unread would reset the connection and drop that answer on the way. So
     // send the end of this side, then read and drop what still comes, for a bounded time.
     let _ = s.shutdown(std::net::Shutdown::Write);
+    // A connection a newer one replaced ends at once: a peer opening connection after
+    // connection holds no thread for long.
     let until = Instant::now() + LINGER;
-    let _ = io::drain(s, &|| nic.alive() && Instant::now() < until);
+    let _ = io::drain(s, &|| alive() && Instant::now() < until);
     let _ = s.shutdown(std::net::Shutdown::Both);
 }
 
@@ -229,6 +243,9 @@ struct Conn<'a> {
     /// The sequence number the next message must have.
     expected: u32,
     msg: Option<Msg>,
+    /// The receive this connection took for a message under way (`TcpQp::begin_recv`), until it
+    /// completes it: ended as flushed if the connection ends first.
+    begun: Option<RecvWr>,
     /// The last message done and not yet acknowledged: acks are cumulative (one for message n
     /// answers every message up to n, as RC's do), sent once no more frames wait to be read.
     unacked: Option<u32>,
@@ -315,6 +332,17 @@ impl Conn<'_> {
         Err(format!("message {seq}: {why} ({status})"))
     }
 
+    fn begin_recv(&mut self) -> Option<RecvWr> {
+        let r = self.qp.begin_recv();
+        self.begun = r;
+        r
+    }
+
+    fn complete_recv(&mut self, wc: crate::wc::Completion) {
+        self.begun = None;
+        self.qp.complete_recv(wc);
+    }
+
     /// Message `seq` is done: acknowledged with the next ack sent.
     fn ack(&mut self, seq: u32) -> std::result::Result<(), String> {
         self.msg = None;
@@ -385,7 +413,7 @@ impl Conn<'_> {
         }
         let imm = h.imm().filter(|_| h.last());
         let recv = if imm.is_some() {
-            match lock(&self.qp.inner).rq.pop_front() {
+            match self.begin_recv() {
                 Some(r) => Some(r),
                 None => {
                     io::discard(self.s, n, self.alive).map_err(|e| e.to_string())?;
@@ -435,7 +463,7 @@ impl Conn<'_> {
                 u32::try_from(bytes).unwrap_or(u32::MAX),
                 Some(v),
             );
-            self.qp.complete_recv(wc);
+            self.complete_recv(wc);
         }
         self.ack(h.seq)
     }
@@ -443,7 +471,7 @@ impl Conn<'_> {
     fn send(&mut self, h: &Header) -> std::result::Result<(), String> {
         let n = u64::from(h.payload);
         if self.msg.is_none() {
-            let Some(rwr) = lock(&self.qp.inner).rq.pop_front() else {
+            let Some(rwr) = self.begin_recv() else {
                 io::discard(self.s, n, self.alive).map_err(|e| e.to_string())?;
                 return self.nak(h.seq, WcStatus::RnrRetryExcErr, "no receive posted");
             };
@@ -465,7 +493,7 @@ impl Conn<'_> {
         };
         let fail = |c: &mut Self, st: WcStatus, nak: WcStatus, why: String| {
             let wc = c.qp.wc(rwr.wr_id, st, WcOpcode::Recv, 0, None);
-            c.qp.complete_recv(wc);
+            c.complete_recv(wc);
             c.qp.responder_error("QP_REQ_ERR", why.clone());
             c.nak(h.seq, nak, &why)
         };
@@ -510,7 +538,7 @@ impl Conn<'_> {
             h.imm(),
         );
         {
-            self.qp.complete_recv(wc);
+            self.complete_recv(wc);
         }
         self.ack(h.seq)
     }
