@@ -194,11 +194,17 @@ impl AgentInner {
                 return Ok((e.gpu_peer_stage(&self.register_cx(), peer)?, held));
             }
             let name = format!("{} for {peer}", e.memory.name());
-            let mem = self.allocator().alloc_host_on(
-                &name,
-                e.memory.location().device(),
-                e.memory.len(),
-            )?;
+            // Beside the published buffer on the testbed; this process's host memory on real
+            // NICs (memfd on TCP, udmabuf on verbs).
+            let mem = if self.platform.testbed().is_some() {
+                self.allocator().alloc_host_on(
+                    &name,
+                    e.memory.location().device(),
+                    e.memory.len(),
+                )?
+            } else {
+                self.allocator().alloc_host(&name, e.memory.len())?
+            };
             let mut own = MemoryEntry::register(
                 &self.register_cx(),
                 e.id,

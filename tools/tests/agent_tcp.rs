@@ -148,3 +148,33 @@ fn a_server_killed_during_a_transfer_fails_the_client_with_the_peer_lost_and_not
     );
     eprintln!("client ended {after:?} after the kill: {last}");
 }
+
+/// A published file: its bytes READ by a client in another process are the file's; a WRITE into
+/// it (published read-only) is refused, saying so.
+#[test]
+fn a_published_file_is_read_by_another_process_and_not_written() {
+    let dir = std::env::temp_dir().join(format!("dmaplane-agent-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("shard");
+    let data: Vec<u8> = (0..(1u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&file, &data).unwrap();
+    let mut s = serve(&["--file", file.to_str().unwrap()]);
+    let out = dir.join("read-back");
+    let (ok, _, err, _) = client(&["read", "--connect", &s.addr, "--out", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(
+        std::fs::read(&out).unwrap() == data,
+        "the file's bytes differ"
+    );
+    let (ok, _, err, _) = client(&["write", "--connect", &s.addr, "--size", "4096"]);
+    assert!(!ok, "a WRITE into a read-only published file succeeded");
+    eprintln!(
+        "the WRITE was refused: {}",
+        err.lines().last().unwrap_or_default()
+    );
+    interrupt(&s.child);
+    assert!(s.child.wait().unwrap().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

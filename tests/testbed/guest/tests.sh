@@ -194,6 +194,9 @@ step stress-revoke-cuda-agent env LD_LIBRARY_PATH=/testbed/bin dmaplane stress r
 step stress-revoke-cuda-agent-inject expect_caught_cuda_agent ack-then-write
 step stress-revoke-cuda-agent-inject-ignore expect_caught_cuda_agent ignore-lease-revoke
 step bench-agent-verbs dmaplane bench agent --backend verbs --device rxe0 --seconds 0.05 --blocks 4096,65536 --batches 1,16
+# dmaplane agent serve and its clients as separate processes: on the rxe device, and on TCP NICs.
+step agent-bench-verbs dmaplane agent bench --backend verbs --device rxe0 --size 8m --block 1m --rounds 2 --seconds 0.1
+step agent-bench-tcp dmaplane agent bench --size 8m --block 1m --rounds 2 --seconds 0.1
 step dmaplane-doctor dmaplane doctor
 # Real ENOSPC (a 4 MiB tmpfs filled by WRITE_FIXED and by the Agent's drive) and real EIO (a
 # scsi_debug disk with its medium errors switched on: sectors 0x1234.. fail their reads).

@@ -231,6 +231,10 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
                 args.push("--secret-file".into());
                 args.push(f.display().to_string());
             }
+            if let Some(d) = &a.opts.device {
+                args.push("--device".into());
+                args.push(d.clone());
+            }
             let (h, addr) = Helper::start(&args)?;
             helpers.push(h);
             addr
@@ -254,6 +258,7 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         notify: None,
         no_verify: true,
         verify: false,
+        out: None,
         name: "bench-client".into(),
     };
     let c = connect(&client, "bench-client")?;

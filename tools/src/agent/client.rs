@@ -38,6 +38,9 @@ pub struct ClientArgs {
     /// read: compare with the pattern `agent serve --fill` wrote.
     #[arg(long)]
     pub(super) verify: bool,
+    /// read: write the bytes read to this file.
+    #[arg(long, value_name = "FILE")]
+    pub(super) out: Option<std::path::PathBuf>,
     /// This agent's name.
     #[arg(long, default_value = "client")]
     pub(super) name: String,
@@ -201,6 +204,11 @@ pub fn run(a: &ClientArgs, op: Op, json: bool) -> Result<()> {
         Op::Read => {
             let t = c.agent.read(&c.peer, &[local.all()], &[remote(&c)?])?;
             follow(&c, &t, &local, &stop, "read", json)?;
+            if let Some(path) = &a.out {
+                let mut buf = vec![0u8; c.len as usize];
+                mem.read(0, &mut buf)?;
+                std::fs::write(path, &buf).with_context(|| format!("--out {}", path.display()))?;
+            }
         }
     }
     let seconds = started.elapsed().as_secs_f64();
