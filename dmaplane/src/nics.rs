@@ -77,6 +77,15 @@ pub(crate) fn open_tcp(
     };
     let bind = resolve("listen", listen)?;
     let shown = advertise.map(|a| resolve("advertise", a)).transpose()?;
+    if bind.ip().is_unspecified() && shown.is_none() {
+        return Err(Error::invalid(
+            format!("agent {agent}"),
+            "listen",
+            listen,
+            "a wildcard address is no address a peer can dial: also set advertise (the \
+             host:port peers should connect to)",
+        ));
+    }
     let names = want.map_or_else(|| vec!["tcp0".to_string()], <[String]>::to_vec);
     if names.is_empty() {
         return Err(Error::invalid(

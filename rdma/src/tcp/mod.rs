@@ -213,12 +213,11 @@ impl TcpNic {
         let ip = match (advertise, listen.ip()) {
             (Some(a), _) => a,
             (None, ip) if ip.is_unspecified() => {
-                return Err(RdmaError::InvalidAttr {
-                    qpn: 0,
-                    attr: "listen",
-                    value: listen.to_string(),
-                    why: "a wildcard address is no address a peer can reach: give the address to \
-                          advertise",
+                return Err(RdmaError::Connection {
+                    what: format!("TCP NIC {name}: listen on {listen}"),
+                    why: "a wildcard address is no address a peer can reach: give the address \
+                          to advertise"
+                        .into(),
                 });
             }
             (None, ip) => ip,

@@ -102,7 +102,6 @@ fn serve(nic: &NicShared, s: &TcpStream) {
         return;
     };
     drop(slot);
-    nic.count_connection();
     // The connection is served while the NIC runs, no newer connection replaced it, and the QP
     // can respond (a QP moved to ERR or reset stops responding, as on RC: a receive under way is
     // then flushed, not left waiting for a peer).
@@ -219,6 +218,8 @@ fn hello(nic: &NicShared, s: &TcpStream) -> Option<(Arc<TcpQp>, u64)> {
         inner.responder += 1;
         inner.responder
     };
+    // Counted before the peer can know it was served.
+    nic.count_connection();
     let w = Header::new(Kind::Welcome);
     io::write_all(s, &w.encode(), &in_time).ok()?;
     Some((qp, id))

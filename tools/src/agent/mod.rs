@@ -81,20 +81,24 @@ pub struct AgentOpts {
     /// How long a transfer may see no completion before it fails.
     #[arg(long, default_value_t = 10.0)]
     stall_s: f64,
+    /// How long each step of connecting to a peer may wait for it (a server that is not up yet
+    /// is tried again until then).
+    #[arg(long, default_value_t = 5.0)]
+    connect_s: f64,
 }
 
 impl AgentOpts {
     fn builder(&self, name: &str) -> Result<AgentBuilder> {
-        if !(self.stall_s.is_finite() && self.stall_s > 0.0) {
-            anyhow::bail!(
-                "--stall-s must be a positive number of seconds, got {}",
-                self.stall_s
-            );
+        for (flag, v) in [("--stall-s", self.stall_s), ("--connect-s", self.connect_s)] {
+            if !(v.is_finite() && v > 0.0) {
+                anyhow::bail!("{flag} must be a positive number of seconds, got {v}");
+            }
         }
         let b = Agent::builder(name)
             .qps_per_path(usize::from(self.qps))
             .chunk(self.chunk)
-            .stall_timeout(std::time::Duration::from_secs_f64(self.stall_s));
+            .stall_timeout(std::time::Duration::from_secs_f64(self.stall_s))
+            .setup_timeout(std::time::Duration::from_secs_f64(self.connect_s));
         let b = match self.backend {
             Backend::Tcp => b.tcp(),
             #[cfg(feature = "verbs")]
