@@ -65,6 +65,21 @@ impl Queue {
     }
 }
 
+/// Take a batch as a provider takes a chain: `take` checks and queues one request; the first it
+/// refuses stops the batch, and what came before it stays posted. Returns how many were taken
+/// and the refusal (see [`crate::backend::QpBackend::post_send`]).
+pub(crate) fn take_prefix<T>(
+    wrs: &[T],
+    mut take: impl FnMut(&T) -> Result<(), crate::RdmaError>,
+) -> (usize, Result<(), crate::RdmaError>) {
+    for (i, wr) in wrs.iter().enumerate() {
+        if let Err(e) = take(wr) {
+            return (i, Err(e));
+        }
+    }
+    (wrs.len(), Ok(()))
+}
+
 /// What every backend's post path checks first, in this order: the QP's state accepts posts to
 /// `queue`, then no request in `reqs` (`(wr_id, its list)`) has more elements than the QP was
 /// created for (`max_sge`).

@@ -288,18 +288,12 @@ impl QpBackend for Arc<SimQp> {
     /// is posted.
     fn post_send(&self, wrs: &[SendWr]) -> (usize, Result<()>) {
         let mut inner = lock(&self.inner);
-        let mut taken = 0;
-        let mut r = Ok(());
-        for wr in wrs {
-            r = self
-                .caps
-                .check_send(self.qpn, inner.state, inner.sq.len(), wr);
-            if r.is_err() {
-                break;
-            }
+        let (taken, r) = crate::wr::take_prefix(wrs, |wr| {
+            self.caps
+                .check_send(self.qpn, inner.state, inner.sq.len(), wr)?;
             inner.sq.push_back(*wr);
-            taken += 1;
-        }
+            Ok(())
+        });
         if taken > 0 {
             if inner.state == QpState::Err {
                 if !inner.busy {
@@ -314,18 +308,12 @@ impl QpBackend for Arc<SimQp> {
 
     fn post_recv(&self, wrs: &[RecvWr]) -> (usize, Result<()>) {
         let mut inner = lock(&self.inner);
-        let mut taken = 0;
-        let mut r = Ok(());
-        for wr in wrs {
-            r = self
-                .caps
-                .check_recv(self.qpn, inner.state, inner.rq.len(), wr);
-            if r.is_err() {
-                break;
-            }
+        let (taken, r) = crate::wr::take_prefix(wrs, |wr| {
+            self.caps
+                .check_recv(self.qpn, inner.state, inner.rq.len(), wr)?;
             inner.rq.push_back(*wr);
-            taken += 1;
-        }
+            Ok(())
+        });
         if taken > 0 && inner.state == QpState::Err && !inner.busy {
             self.flush(&mut inner);
         }

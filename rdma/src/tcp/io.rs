@@ -48,44 +48,75 @@ fn wait(s: &TcpStream, readable: bool) -> io::Result<()> {
     }
 }
 
-/// Fill `buf` from `s`; `UnexpectedEof` when the peer closes first.
-pub(crate) fn read_exact(s: &TcpStream, buf: &mut [u8], alive: Alive<'_>) -> io::Result<()> {
-    let mut got = 0;
-    while got < buf.len() {
-        match (&*s).read(&mut buf[got..]) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => got += n,
+/// Call `op` (one non-blocking read or write of `s`) until `done` says so: a would-block
+/// waits for the socket (readable or writable) in slices, asking `alive` between them.
+fn retry(
+    s: &TcpStream,
+    readable: bool,
+    alive: Alive<'_>,
+    mut op: impl FnMut() -> io::Result<usize>,
+    mut done: impl FnMut(usize) -> io::Result<bool>,
+) -> io::Result<()> {
+    loop {
+        match op() {
+            Ok(n) => {
+                if done(n)? {
+                    return Ok(());
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if !alive() {
                     return Err(stopped());
                 }
-                wait(s, true)?;
+                wait(s, readable)?;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+}
+
+/// Fill `buf` from `s`; `UnexpectedEof` when the peer closes first.
+pub(crate) fn read_exact(s: &TcpStream, buf: &mut [u8], alive: Alive<'_>) -> io::Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let len = buf.len();
+    let got = std::cell::Cell::new(0);
+    retry(
+        s,
+        true,
+        alive,
+        || (&*s).read(&mut buf[got.get()..]),
+        |n| match n {
+            0 => Err(io::ErrorKind::UnexpectedEof.into()),
+            n => {
+                got.set(got.get() + n);
+                Ok(got.get() == len)
+            }
+        },
+    )
 }
 
 /// Write all of `buf` to `s`.
 pub(crate) fn write_all(s: &TcpStream, buf: &[u8], alive: Alive<'_>) -> io::Result<()> {
-    let mut put = 0;
-    while put < buf.len() {
-        match (&*s).write(&buf[put..]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => put += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if !alive() {
-                    return Err(stopped());
-                }
-                wait(s, false)?;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+    if buf.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let put = std::cell::Cell::new(0);
+    retry(
+        s,
+        false,
+        alive,
+        || (&*s).write(&buf[put.get()..]),
+        |n| match n {
+            0 => Err(io::ErrorKind::WriteZero.into()),
+            n => {
+                put.set(put.get() + n);
+                Ok(put.get() == buf.len())
+            }
+        },
+    )
 }
 
 /// Why a move between a socket and a region stopped.
@@ -310,20 +341,7 @@ pub(crate) fn discard(s: &TcpStream, len: u64, alive: Alive<'_>) -> io::Result<(
 /// stop).
 pub(crate) fn drain(s: &TcpStream, alive: Alive<'_>) -> io::Result<()> {
     let mut buf = vec![0u8; DISCARD];
-    loop {
-        match (&*s).read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if !alive() {
-                    return Err(stopped());
-                }
-                wait(s, true)?;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
+    retry(s, true, alive, || (&*s).read(&mut buf), |n| Ok(n == 0))
 }
 
 /// Write `len` zero bytes (the rest of a frame whose source was zapped mid-frame: the message

@@ -102,6 +102,9 @@ pub(crate) struct NicShared {
     pub(crate) unproven: AtomicUsize,
     counters: Counters,
     acceptor: Mutex<Option<JoinHandle<()>>>,
+    /// Starts a QP's requester connection (`requester::start`): handed to the QP rather than
+    /// imported by it, so the QP and its requester do not import each other.
+    pub(crate) start_requester: fn(Arc<TcpQp>, u64),
 }
 
 impl NicShared {
@@ -247,6 +250,7 @@ impl TcpNic {
             unproven: AtomicUsize::new(0),
             counters: Counters::default(),
             acceptor: Mutex::new(None),
+            start_requester: requester::start,
         });
         let handle = responder::start_acceptor(&shared, listener)?;
         *lock(&shared.acceptor) = Some(handle);
@@ -349,6 +353,15 @@ impl DeviceBackend for TcpNic {
     }
 }
 
+/// Enter `v` under `key`, forgetting dropped entries now and then (amortised: when the map
+/// doubles).
+fn insert_pruned<T>(map: &mut HashMap<u32, Weak<T>>, key: u32, v: &Arc<T>) {
+    if map.len().is_power_of_two() {
+        map.retain(|_, w| w.strong_count() > 0);
+    }
+    map.insert(key, Arc::downgrade(v));
+}
+
 #[derive(Debug)]
 struct TcpPd {
     nic: Arc<NicShared>,
@@ -359,12 +372,7 @@ impl PdBackend for TcpPd {
     fn reg_mr(&self, req: &MrRequest<'_>) -> Result<Arc<dyn MrBackend>> {
         let key = self.nic.next_key.fetch_add(1, Ordering::Relaxed);
         let mr = Arc::new(TcpMr::new(key, self.pdn, req.list, req.iova, req.access)?);
-        let mut mrs = write(&self.nic.mrs);
-        // Forget dropped regions now and then (amortised: when the map doubles).
-        if mrs.len().is_power_of_two() {
-            mrs.retain(|_, m| m.strong_count() > 0);
-        }
-        mrs.insert(key, Arc::downgrade(&mr));
+        insert_pruned(&mut write(&self.nic.mrs), key, &mr);
         Ok(mr)
     }
 
@@ -383,11 +391,7 @@ impl PdBackend for TcpPd {
             crate::soft_cq::as_soft(recv_cq, "recv_cq")?,
             caps,
         )?;
-        let mut qps = write(&self.nic.qps);
-        if qps.len().is_power_of_two() {
-            qps.retain(|_, q| q.strong_count() > 0);
-        }
-        qps.insert(qpn, Arc::downgrade(&qp));
+        insert_pruned(&mut write(&self.nic.qps), qpn, &qp);
         Ok(Arc::new(qp))
     }
 }

@@ -327,7 +327,7 @@ impl TcpQp {
             inner.worker = true;
             inner.flush_sent = false;
             inner.receiver_done = false;
-            super::requester::start(self.clone(), inner.generation);
+            (self.nic.start_requester)(self.clone(), inner.generation);
         }
         self.cv.notify_all();
     }
@@ -401,21 +401,16 @@ impl QpBackend for Arc<TcpQp> {
 
     fn post_send(&self, wrs: &[SendWr]) -> (usize, Result<()>) {
         let mut inner = lock(&self.inner);
-        let mut taken = 0;
-        let mut r = Ok(());
-        for wr in wrs {
-            r = self.caps.check_send(
+        let (taken, r) = crate::wr::take_prefix(wrs, |wr| {
+            self.caps.check_send(
                 self.qpn,
                 inner.state,
                 inner.sq.len() + inner.inflight.len(),
                 wr,
-            );
-            if r.is_err() {
-                break;
-            }
+            )?;
             inner.sq.push_back(*wr);
-            taken += 1;
-        }
+            Ok(())
+        });
         if taken > 0 {
             self.kick(&mut inner);
         }
@@ -425,18 +420,12 @@ impl QpBackend for Arc<TcpQp> {
 
     fn post_recv(&self, wrs: &[RecvWr]) -> (usize, Result<()>) {
         let mut inner = lock(&self.inner);
-        let mut taken = 0;
-        let mut r = Ok(());
-        for wr in wrs {
-            r = self
-                .caps
-                .check_recv(self.qpn, inner.state, inner.rq.len(), wr);
-            if r.is_err() {
-                break;
-            }
+        let (taken, r) = crate::wr::take_prefix(wrs, |wr| {
+            self.caps
+                .check_recv(self.qpn, inner.state, inner.rq.len(), wr)?;
             inner.rq.push_back(*wr);
-            taken += 1;
-        }
+            Ok(())
+        });
         self.finish(inner);
         (taken, r)
     }
