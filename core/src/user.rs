@@ -114,6 +114,12 @@ impl UserBuffer {
         self.mem.as_ref()
     }
 
+    /// The identity of its memfd ([`UserBuffer::memfd`] only): how another process's memory
+    /// map names a view of it.
+    pub fn file_id(&self) -> Option<crate::fabric::FileId> {
+        self.mem()?.file_id()
+    }
+
     /// The buffer's address in this process: what the `ProcessVa` offer lists.
     pub fn process_va(&self) -> u64 {
         self.mem().map_or(0, Mapping::process_va)

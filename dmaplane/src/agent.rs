@@ -92,6 +92,16 @@ impl Agent {
             .collect()
     }
 
+    /// What each of its TCP NICs counted — connections, refusals, and the shared-memory path's
+    /// lanes, views and messages (empty on other backends).
+    pub fn tcp_stats(&self) -> Vec<(String, dmaplane_rdma::TcpStats)> {
+        self.shared
+            .nics
+            .iter()
+            .filter_map(|n| Some((n.name().to_string(), n.tcp_stats()?)))
+            .collect()
+    }
+
     /// The simulated testbed the agent runs on (`None` on verbs).
     pub fn testbed(&self) -> Option<&Arc<Testbed>> {
         self.shared.platform.testbed()

@@ -52,6 +52,7 @@ impl Agent {
             nics: None,
             cfg: Config::default(),
             fault: None,
+            tcp_shm: true,
         }
     }
 }
@@ -73,6 +74,8 @@ pub struct AgentBuilder {
     nics: Option<Vec<String>>,
     cfg: Config,
     fault: Option<dmaplane_rdma::Fault>,
+    /// TCP NICs: offer and use the shared-memory path to peers on this host.
+    tcp_shm: bool,
 }
 
 impl AgentBuilder {
@@ -100,6 +103,15 @@ impl AgentBuilder {
     /// holds as on verbs.
     pub fn tcp(mut self) -> Self {
         self.nics_from = NicsFrom::Tcp;
+        self
+    }
+
+    /// On TCP NICs, whether peers on this host move bytes through shared memory (default on):
+    /// the owner hands a proven peer of the same user its memfd over a Unix socket, and WRITEs
+    /// and READs are one copy between the two processes' memory, revoked as on the socket path
+    /// ([`dmaplane_rdma::tcp`]). Off, every byte takes the socket.
+    pub fn tcp_shm(mut self, on: bool) -> Self {
+        self.tcp_shm = on;
         self
     }
 
@@ -292,6 +304,7 @@ impl AgentBuilder {
                     self.nics.as_deref(),
                     &c.listen,
                     c.advertise.as_deref(),
+                    self.tcp_shm,
                 )?,
             )
         } else {

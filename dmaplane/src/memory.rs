@@ -456,6 +456,15 @@ impl Quarantine {
         self.backing.as_ref().map_or(0, Backing::len)
     }
 
+    /// The identity of the memory file behind it, when it is one another process on this host
+    /// may have mapped (host memory of a TCP agent): how that process's memory map names it.
+    pub fn file_id(&self) -> Option<dmaplane_core::fabric::FileId> {
+        match &self.backing {
+            Some(Backing::User(u)) => u.file_id(),
+            _ => None,
+        }
+    }
+
     fn io(&self, offset: u64, io: Io<'_>) -> Result<()> {
         match &self.backing {
             Some(b) if b.io(&self.name, offset, io, true)? => Ok(()),

@@ -44,6 +44,7 @@ pub(crate) fn open_verbs(agent: &str, want: Option<&[String]>) -> Result<Vec<Ope
                 numa,
                 mtu,
                 dev: Device::new(v),
+                tcp: None,
             })
         })
         .collect()
@@ -59,12 +60,14 @@ pub(crate) fn open_verbs(agent: &str, _want: Option<&[String]>) -> Result<Vec<Op
 
 /// Open TCP NICs (`tcp0`, or the names given) for `agent`, listening for data connections on
 /// the IP address of `listen` (the handshake listener's), port chosen by the system, and known
-/// to peers by the address of `advertise` where `listen` is a wildcard.
+/// to peers by the address of `advertise` where `listen` is a wildcard; `shm`: peers on this
+/// host use the shared-memory path.
 pub(crate) fn open_tcp(
     agent: &str,
     want: Option<&[String]>,
     listen: &str,
     advertise: Option<&str>,
+    shm: bool,
 ) -> Result<Vec<OpenedNic>> {
     use std::net::{SocketAddr, ToSocketAddrs};
     let resolve = |field: &'static str, a: &str| -> Result<SocketAddr> {
@@ -103,12 +106,15 @@ pub(crate) fn open_tcp(
                 SocketAddr::new(bind.ip(), 0),
                 shown.map(|a| a.ip()),
             )?;
+            nic.set_shm(shm);
+            let nic = std::sync::Arc::new(nic);
             Ok(OpenedNic {
                 name: n,
                 id: None,
                 numa: 0,
                 mtu: Mtu::Mtu4096,
-                dev: Device::new(std::sync::Arc::new(nic)),
+                dev: Device::new(nic.clone()),
+                tcp: Some(nic),
             })
         })
         .collect()
@@ -123,6 +129,8 @@ pub(crate) struct OpenedNic {
     pub(crate) numa: u32,
     pub(crate) mtu: Mtu,
     pub(crate) dev: Device,
+    /// The TCP NIC behind `dev` (its counters), on the TCP backend.
+    pub(crate) tcp: Option<std::sync::Arc<dmaplane_rdma::TcpNic>>,
 }
 
 /// Claim the testbed's NICs named (or every one no other agent uses) for `agent`.
@@ -144,6 +152,7 @@ pub(crate) fn claim_sim(
                 numa,
                 mtu: Mtu::Mtu4096,
                 dev: Device::new(sim),
+                tcp: None,
             }
         })
         .collect())
@@ -159,6 +168,7 @@ pub(crate) struct Nic {
     /// The port's active path MTU (queue pairs use the smaller of both ends').
     mtu: Mtu,
     dev: Device,
+    tcp: Option<std::sync::Arc<dmaplane_rdma::TcpNic>>,
     pd: Pd,
     cq: Cq,
     /// Entries of its CQ: the engine never has more requests outstanding on it.
@@ -186,6 +196,10 @@ impl Nic {
     }
     pub(crate) fn dev(&self) -> &Device {
         &self.dev
+    }
+    /// What its TCP NIC counted (`None` on other backends).
+    pub(crate) fn tcp_stats(&self) -> Option<dmaplane_rdma::TcpStats> {
+        self.tcp.as_ref().map(|t| t.stats())
     }
     pub(crate) fn pd(&self) -> &Pd {
         &self.pd
@@ -237,6 +251,9 @@ impl Nics {
         let mut list = Vec::with_capacity(opened.len());
         for o in opened {
             o.dev.inject(fault);
+            if let Some(t) = &o.tcp {
+                t.inject_keep_views(fault == Some(Fault::KeepViews));
+            }
             let pd = o.dev.alloc_pd()?;
             // rxe caps CQs at 32767 entries; a NIC's real limit is higher, the engine
             // bounds what it keeps outstanding by what it got.
@@ -252,6 +269,7 @@ impl Nics {
                 numa: o.numa,
                 mtu: o.mtu,
                 dev: o.dev,
+                tcp: o.tcp,
                 pd,
                 cq,
                 cq_depth,

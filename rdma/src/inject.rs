@@ -27,15 +27,19 @@ pub enum Fault {
     IgnoreLeaseRevoke,
     /// Lease holder: acknowledge the revoke at once, then keep writing to the region.
     AckThenWrite,
+    /// Lease holder on TCP NICs with its peer on the same host: answer the owner's `unmap` and
+    /// keep the view of the revoked memory (and keep copying through it).
+    KeepViews,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 5] = [
+    pub const ALL: [Fault; 6] = [
         Fault::EarlyFence,
         Fault::NoZap,
         Fault::NoQpQuiesce,
         Fault::IgnoreLeaseRevoke,
         Fault::AckThenWrite,
+        Fault::KeepViews,
     ];
 
     pub fn name(self) -> &'static str {
@@ -45,6 +49,7 @@ impl Fault {
             Fault::NoQpQuiesce => "no-qp-quiesce",
             Fault::IgnoreLeaseRevoke => "ignore-lease-revoke",
             Fault::AckThenWrite => "ack-then-write",
+            Fault::KeepViews => "keep-views",
         }
     }
 

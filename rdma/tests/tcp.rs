@@ -23,8 +23,10 @@ struct Side {
     cq: Cq,
 }
 
-fn side(name: &str) -> Side {
+/// A NIC on loopback; `shm`: peers on this host use the shared-memory path (else the socket).
+fn side(name: &str, shm: bool) -> Side {
     let nic = Arc::new(TcpNic::loopback(name).unwrap());
+    nic.set_shm(shm);
     let dev = Device::new(nic.clone());
     Side {
         pd: dev.alloc_pd().unwrap(),
@@ -88,9 +90,8 @@ fn remote(b: &Buf, off: u64) -> RemoteAddr {
     }
 }
 
-#[test]
-fn write_read_and_send_move_verified_bytes_both_ways() {
-    let (a, b) = (side("a"), side("b"));
+fn write_read_and_send_move_verified_bytes_both_ways(shm: bool) {
+    let (a, b) = (side("a", shm), side("b", shm));
     let (qa, qb) = connected(&a, &b);
     const LEN: u64 = 4 << 20;
     let (src, dst, back) = (buf(&a, LEN), buf(&b, LEN), buf(&a, LEN));
@@ -116,6 +117,14 @@ fn write_read_and_send_move_verified_bytes_both_ways() {
     );
     assert!(back.mem.read(0, &mut got));
     assert!(got == data, "the READ brought back different bytes");
+    // The path taken is the one asked for: views on one host, the socket otherwise.
+    let st = a.nic.stats();
+    assert_eq!(
+        st.shm_messages,
+        if shm { 2 } else { 0 },
+        "messages through views: {st:?}"
+    );
+    assert_eq!(b.nic.stats().views_shared, u64::from(shm));
     // The other way: b writes into a, with an immediate a receives.
     let data2 = pattern(100_000, 3);
     assert!(dst.mem.write(0, &data2));
@@ -159,9 +168,8 @@ fn write_read_and_send_move_verified_bytes_both_ways() {
     assert_eq!(a.nic.stats().connections + b.nic.stats().connections, 2);
 }
 
-#[test]
-fn a_bad_rkey_fails_remotely_flushes_the_rest_and_reset_repairs_the_pair() {
-    let (a, b) = (side("a"), side("b"));
+fn a_bad_rkey_fails_remotely_flushes_the_rest_and_reset_repairs_the_pair(shm: bool) {
+    let (a, b) = (side("a", shm), side("b", shm));
     let (qa, qb) = connected(&a, &b);
     let (src, dst) = (buf(&a, 1 << 20), buf(&b, 1 << 20));
     let bad = RemoteAddr {
@@ -200,9 +208,8 @@ fn a_bad_rkey_fails_remotely_flushes_the_rest_and_reset_repairs_the_pair() {
 
 /// The rkey alone opens nothing: a requester told a wrong token is refused at the hello,
 /// counted, and its request fails without a byte landing.
-#[test]
-fn a_requester_without_the_token_is_refused_and_writes_nothing() {
-    let (a, b) = (side("a"), side("b"));
+fn a_requester_without_the_token_is_refused_and_writes_nothing(shm: bool) {
+    let (a, b) = (side("a", shm), side("b", shm));
     let (qa, qb) = (qp(&a), qp(&b));
     let mut forged = qb.endpoint();
     forged.token[0] ^= 1;
@@ -236,8 +243,7 @@ fn a_requester_without_the_token_is_refused_and_writes_nothing() {
 /// Stopping at a boundary (the default revoke policy) and flushing call back only once every
 /// message the QP started has been answered: after the callback, nothing more lands. (Through
 /// the raw backend objects: the quiesce layer calls these.)
-#[test]
-fn nothing_lands_after_a_stop_or_a_flush_calls_back() {
+fn nothing_lands_after_a_stop_or_a_flush_calls_back(shm: bool) {
     use dmaplane_rdma::backend::{DeviceBackend, MrRequest};
     // Three rounds each: the window a broken quiesce leaves is a race, not a certainty.
     for flush in [false, false, false, true, true, true] {
@@ -245,6 +251,8 @@ fn nothing_lands_after_a_stop_or_a_flush_calls_back() {
             TcpNic::loopback("a").unwrap(),
             TcpNic::loopback("b").unwrap(),
         );
+        na.set_shm(shm);
+        nb.set_shm(shm);
         let (pa, pb) = (na.alloc_pd().unwrap(), nb.alloc_pd().unwrap());
         let (ca, cb) = (na.create_cq(4096).unwrap(), nb.create_cq(4096).unwrap());
         let qa = pa.create_qp(&ca, &ca, QpCaps::default()).unwrap();
@@ -342,16 +350,61 @@ fn nothing_lands_after_a_stop_or_a_flush_calls_back() {
     }
 }
 
+/// How many mappings of the memfd named `name` this process has (its memory map, read from
+/// outside the engine).
+fn mappings_of(name: &str) -> usize {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let want = format!("/memfd:{name} ");
+    maps.lines().filter(|l| l.contains(&want)).count()
+}
+
 /// A zap under a stream of WRITEs: from its return on, nothing lands (poison at the zap, read
-/// the memory from outside), and the writer's QP fails with a remote access error.
+/// the memory from outside), and the writer's QP fails with a remote access error. On the
+/// shared-memory path, the writer's view is gone at the ack too (this process's memory map).
+fn nothing_lands_after_a_zap_returns(shm: bool) {
+    let z = zap_under_writes(shm, false);
+    assert_eq!(z.late, 0, "{} bytes landed after the revoke's ack", z.late);
+    assert!(
+        z.statuses.contains(&WcStatus::RemAccessErr),
+        "the writer was never refused: {:?}",
+        z.statuses
+    );
+    if shm {
+        assert_eq!(z.mappings_at_ack, 1, "a view outlived the revoke's ack");
+    }
+}
+
+/// The same zap with the writer's lane broken on purpose (it says it dropped its view and
+/// keeps it): the memory map shows the view past the ack, and the poison is overwritten.
 #[test]
-fn nothing_lands_after_a_zap_returns() {
-    let (a, b) = (side("a"), side("b"));
+fn a_view_kept_past_the_ack_is_caught_from_outside() {
+    let z = zap_under_writes(true, true);
+    assert_eq!(z.mappings_at_ack, 2, "the kept view was not seen");
+    assert!(z.late > 0, "no write landed through the kept view");
+}
+
+struct Zapped {
+    late: usize,
+    statuses: Vec<WcStatus>,
+    mappings_at_ack: usize,
+}
+
+fn zap_under_writes(shm: bool, keep_views: bool) -> Zapped {
+    let (a, b) = (side("a", shm), side("b", shm));
+    a.nic.inject_keep_views(keep_views);
     let (qa, _qb) = connected(&a, &b);
     const LEN: u64 = 1 << 20;
     let src = buf(&a, LEN);
     assert!(src.mem.write(0, &pattern(LEN as usize, 9)));
-    let ub = UserBuffer::anonymous("target", LEN).unwrap();
+    // On the shared-memory path the target is a memfd (what a peer can map); its views are
+    // counted from outside the engine, in this process's memory map.
+    let name = format!("zap-{shm}-{keep_views}");
+    let ub = if shm {
+        UserBuffer::memfd(&name, LEN).unwrap()
+    } else {
+        UserBuffer::anonymous(&name, LEN).unwrap()
+    };
+    let memfd = format!("dmaplane:{name}");
     let dst =
         b.pd.import("target", ImportOptions::default(), None, |i, acc| {
             ub.attach(i, acc)
@@ -366,9 +419,21 @@ fn nothing_lands_after_a_zap_returns() {
         .collect();
     qa.post_send(&wrs).unwrap();
     std::thread::sleep(Duration::from_millis(10));
+    if shm {
+        let due = Instant::now() + T;
+        while mappings_of(&memfd) < 2 && Instant::now() < due {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            mappings_of(&memfd),
+            2,
+            "the owner's mapping and the writer's view"
+        );
+    }
     // The exporter revokes: the importer quiesces and zaps before it acknowledges.
     let report = ub.revoke(T);
     assert!(report.is_clean(), "{report}");
+    let mappings_at_ack = mappings_of(&memfd);
     assert!(ub.write(0, &vec![0x5a; LEN as usize]));
     let mut statuses = Vec::new();
     loop {
@@ -381,20 +446,18 @@ fn nothing_lands_after_a_zap_returns() {
     std::thread::sleep(Duration::from_millis(50));
     let mut got = vec![0u8; LEN as usize];
     assert!(ub.read(0, &mut got));
-    let late = got.iter().filter(|&&x| x != 0x5a).count();
-    assert_eq!(late, 0, "{late} bytes landed after the revoke's ack");
-    assert!(
-        statuses.contains(&WcStatus::RemAccessErr),
-        "the writer was never refused: {statuses:?}"
-    );
+    Zapped {
+        late: got.iter().filter(|&&x| x != 0x5a).count(),
+        statuses,
+        mappings_at_ack,
+    }
 }
 
 /// A responder that goes away (its NIC stopped) fails what is in flight as retry-exceeded, and
 /// nothing hangs.
-#[test]
-fn a_peer_that_goes_away_fails_the_transfer_and_nothing_hangs() {
-    let a = side("a");
-    let b = side("b");
+fn a_peer_that_goes_away_fails_the_transfer_and_nothing_hangs(shm: bool) {
+    let a = side("a", shm);
+    let b = side("b", shm);
     let (qa, qb) = connected(&a, &b);
     let (src, dst) = (buf(&a, 1 << 20), buf(&b, 1 << 20));
     qa.post_send(&[SendWr::write(1, src.mr.sge(0, 4096), remote(&dst, 0))])
@@ -424,3 +487,30 @@ fn a_peer_that_goes_away_fails_the_transfer_and_nothing_hangs() {
     }
     assert!(started.elapsed() < T);
 }
+
+/// Every scenario on both paths: the socket, and views between peers on one host.
+macro_rules! on_both_paths {
+    ($($t:ident),* $(,)?) => {
+        mod socket {
+            $(#[test]
+            fn $t() {
+                super::$t(false)
+            })*
+        }
+        mod shm {
+            $(#[test]
+            fn $t() {
+                super::$t(true)
+            })*
+        }
+    };
+}
+
+on_both_paths!(
+    write_read_and_send_move_verified_bytes_both_ways,
+    a_bad_rkey_fails_remotely_flushes_the_rest_and_reset_repairs_the_pair,
+    a_requester_without_the_token_is_refused_and_writes_nothing,
+    nothing_lands_after_a_stop_or_a_flush_calls_back,
+    nothing_lands_after_a_zap_returns,
+    a_peer_that_goes_away_fails_the_transfer_and_nothing_hangs,
+);

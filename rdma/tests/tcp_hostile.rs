@@ -1,7 +1,9 @@
 //! A peer on the TCP backend's data port that breaks the rules on purpose: it holds a valid token
 //! (so it passes the hello) and then sends frames it should not, or stalls in the middle of one.
 //! The NIC refuses, counts, and never lets such a peer hold up a revoke; strangers that never
-//! say hello are bounded and counted.
+//! say hello are bounded and counted. The same of the shared-memory lanes: a lane without the
+//! token, one asking for keys it was not granted, one that never drops its view, one that sends
+//! garbage.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{Read, Write};
@@ -62,6 +64,11 @@ fn read_header(s: &mut TcpStream) -> Header {
 
 /// Connect to the target's data port and pass the hello with the real token.
 fn hello(t: &Target) -> TcpStream {
+    hello_and_lane(t).0
+}
+
+/// [`hello`], and the lane listener the welcome names.
+fn hello_and_lane(t: &Target) -> (TcpStream, u64) {
     let mut s = TcpStream::connect(t.nic.addr()).unwrap();
     s.set_read_timeout(Some(T)).unwrap();
     let c = read_header(&mut s);
@@ -79,8 +86,9 @@ fn hello(t: &Target) -> TcpStream {
     out.extend_from_slice(&gid);
     out.extend_from_slice(&proof(&ep.token, &nonce, ep.qpn, t.peer_qpn, &gid));
     s.write_all(&out).unwrap();
-    assert_eq!(read_header(&mut s).kind, Kind::Welcome);
-    s
+    let w = read_header(&mut s);
+    assert_eq!(w.kind, Kind::Welcome);
+    (s, w.addr)
 }
 
 fn write_frame(seq: u32, rkey: u32, addr: u64, payload: u32) -> [u8; HEADER] {
@@ -329,4 +337,192 @@ fn receives_complete_once_and_in_order_when_a_send_under_way_meets_a_flush() {
             (3, WcStatus::WrFlushErr)
         ]
     );
+}
+
+mod lanes {
+    use super::*;
+    use dmaplane_rdma::tcp::shm::{self, Got, Kind as L, MapRefusal, Msg, Refusal};
+    use std::os::fd::{AsFd, OwnedFd};
+
+    /// A lane to the target's listener `id`, its hello answered with the token when `token`
+    /// (else with a wrong proof). Returns the lane and the owner's answer.
+    fn lane(t: &Target, id: u64, token: bool) -> (OwnedFd, Msg) {
+        use rustix::net::{AddressFamily, SocketFlags, SocketType};
+        let sock = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        rustix::net::connect(&sock, &shm::address(id).unwrap()).unwrap();
+        shm::set_timeout(sock.as_fd(), T).unwrap();
+        let Got::Msg(c, None) = shm::recv(sock.as_fd()).unwrap() else {
+            panic!("no challenge");
+        };
+        if c.kind == L::Refuse {
+            return (sock, c);
+        }
+        assert_eq!(c.kind, L::Challenge);
+        let ep = t.qp.endpoint();
+        let gid = gid_of("127.0.0.1".parse().unwrap());
+        let key = if token { ep.token } else { [7u8; 16] };
+        let mut h = Msg::with(L::Hello, ep.qpn);
+        h.b = t.peer_qpn;
+        h.gid = gid;
+        h.blob = proof(&key, &shm::lane_nonce(&c.blob), ep.qpn, t.peer_qpn, &gid);
+        shm::send(sock.as_fd(), &h, None).unwrap();
+        let Got::Msg(a, None) = shm::recv(sock.as_fd()).unwrap() else {
+            panic!("no answer to the hello");
+        };
+        (sock, a)
+    }
+
+    /// The next message (a file with it, if any).
+    fn next(sock: &OwnedFd) -> (Msg, Option<OwnedFd>) {
+        match shm::recv(sock.as_fd()).unwrap() {
+            Got::Msg(m, f) => (m, f),
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    fn memfd_mr(t: &Target, len: u64, access: MrAccess) -> (dmaplane_core::fabric::Mapping, Mr) {
+        let mem = dmaplane_core::fabric::Mapping::memfd("lane-dst", len).unwrap();
+        let list = dmaplane_core::AddrList::single(
+            dmaplane_core::AddrSpace::ProcessVa,
+            dmaplane_core::Hints::HOST_MEMORY,
+            1,
+            dmaplane_core::DmaRange::new(mem.process_va(), len),
+        )
+        .unwrap();
+        let mr = t.pd.reg_mr(&list, access).unwrap();
+        (mem, mr)
+    }
+
+    #[test]
+    fn a_lane_without_the_token_is_refused_and_counted() {
+        let (t, _other) = target();
+        let (_s, id) = hello_and_lane(&t);
+        assert_ne!(id, 0, "the welcome names no lane listener");
+        let before = t.nic.stats();
+        let (_l, a) = lane(&t, id, false);
+        assert_eq!((a.kind, a.code), (L::Refuse, Refusal::Denied as u8));
+        let after = t.nic.stats();
+        assert_eq!(after.hellos_refused, before.hellos_refused + 1);
+        assert_eq!(after.lanes, before.lanes);
+        let (_l, a) = lane(&t, id, true);
+        assert_eq!(a.kind, L::Welcome, "the token opens it");
+        assert_eq!(t.nic.stats().lanes, before.lanes + 1);
+        // A NIC with the path off refuses every lane.
+        t.nic.set_shm(false);
+        let (_l, a) = lane(&t, id, true);
+        assert_eq!((a.kind, a.code), (L::Refuse, Refusal::Off as u8));
+    }
+
+    /// A proven lane gets views of what its QP may reach and nothing else: a key of another
+    /// protection domain is refused (and the QP goes to ERR, as a nak does); a region it may
+    /// only read comes as a file it cannot map for writing.
+    #[test]
+    fn a_lane_gets_only_what_was_granted() {
+        let (t, _other) = target();
+        let (_s, id) = hello_and_lane(&t);
+        let (l, a) = lane(&t, id, true);
+        assert_eq!(a.kind, L::Welcome);
+        let (_ro_mem, ro) = memfd_mr(&t, 1 << 16, MrAccess::LOCAL_WRITE | MrAccess::REMOTE_READ);
+        shm::send(l.as_fd(), &Msg::with(L::Map, ro.rkey()), None).unwrap();
+        let (m, f) = next(&l);
+        assert_eq!((m.kind, m.a), (L::Mapped, ro.rkey()));
+        let f = f.expect("a view comes with its file");
+        // SAFETY: a fresh mapping the kernel places; never touched, unmapped at once.
+        let rw = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                1 << 16,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::SHARED,
+                &f,
+                0,
+            )
+        };
+        assert_eq!(
+            rw.err(),
+            Some(rustix::io::Errno::ACCESS),
+            "a read-only region came writable"
+        );
+        // Another protection domain's region: refused, counted, and the QP is in ERR.
+        let other_pd = Device::new(t.nic.clone()).alloc_pd().unwrap();
+        let mem = dmaplane_core::fabric::Mapping::memfd("other-pd", 4096).unwrap();
+        let list = dmaplane_core::AddrList::single(
+            dmaplane_core::AddrSpace::ProcessVa,
+            dmaplane_core::Hints::HOST_MEMORY,
+            1,
+            dmaplane_core::DmaRange::new(mem.process_va(), 4096),
+        )
+        .unwrap();
+        let foreign = other_pd.reg_mr(&list, MrAccess::ALL).unwrap();
+        let before = t.nic.stats();
+        shm::send(l.as_fd(), &Msg::with(L::Map, foreign.rkey()), None).unwrap();
+        let (m, f) = next(&l);
+        assert_eq!(
+            (m.kind, m.a, m.code, f.is_none()),
+            (
+                L::MapRefused,
+                foreign.rkey(),
+                MapRefusal::Denied as u8,
+                true
+            )
+        );
+        let after = t.nic.stats();
+        assert_eq!(after.frames_refused, before.frames_refused + 1);
+        assert_eq!(after.views_shared, before.views_shared);
+        assert_eq!(
+            t.qp.state(),
+            QpState::Err,
+            "a refused key moves the QP to ERR"
+        );
+    }
+
+    /// A lane that never answers `unmap`: the zap fails after UNMAP_WAIT, naming it, and the
+    /// revoke reports the importer late — it is never acknowledged as clean.
+    #[test]
+    fn a_lane_that_keeps_its_view_makes_the_revoke_fail_not_lie() {
+        let (t, _other) = target();
+        let (_s, id) = hello_and_lane(&t);
+        let (l, a) = lane(&t, id, true);
+        assert_eq!(a.kind, L::Welcome);
+        let ub = UserBuffer::memfd("kept", 1 << 16).unwrap();
+        let mr =
+            t.pd.import("kept", ImportOptions::default(), None, |i, acc| {
+                ub.attach(i, acc)
+            })
+            .unwrap();
+        shm::send(l.as_fd(), &Msg::with(L::Map, mr.rkey()), None).unwrap();
+        assert_eq!(next(&l).0.kind, L::Mapped);
+        let t0 = Instant::now();
+        let report = ub.revoke(dmaplane_rdma::tcp::UNMAP_WAIT + Duration::from_secs(2));
+        let took = t0.elapsed();
+        assert!(
+            !report.is_clean(),
+            "the revoke was acknowledged clean: {report}"
+        );
+        assert!(took >= dmaplane_rdma::tcp::UNMAP_WAIT, "{took:?}");
+        assert!(took < T, "the revoke took {took:?}");
+        let (m, _) = next(&l);
+        assert_eq!(
+            (m.kind, m.a),
+            (L::Unmap, mr.rkey()),
+            "the lane was told to unmap"
+        );
+    }
+
+    /// Garbage on a proven lane closes it.
+    #[test]
+    fn garbage_on_a_lane_closes_it() {
+        let (t, _other) = target();
+        let (_s, id) = hello_and_lane(&t);
+        let (l, a) = lane(&t, id, true);
+        assert_eq!(a.kind, L::Welcome);
+        rustix::net::send(&l, &[0xffu8; shm::LEN], rustix::net::SendFlags::empty()).unwrap();
+        assert!(matches!(shm::recv(l.as_fd()).unwrap(), Got::End));
+    }
 }

@@ -55,6 +55,9 @@ pub struct HolderArgs {
     size: u32,
     #[arg(long, value_parser = clap::value_parser!(dmaplane::stress::Inject))]
     inject: Option<dmaplane::stress::Inject>,
+    /// TCP: the socket path only.
+    #[arg(long)]
+    no_shm: bool,
     /// The secret the owner made for this run (both prove it on the handshake).
     #[arg(long)]
     secret_file: Option<std::path::PathBuf>,
@@ -90,6 +93,19 @@ mod imp {
     impl Holder for ProcessHolder {
         fn describe(&self) -> String {
             format!("a second process (pid {})", self.0.id())
+        }
+
+        /// Its memory map, read by this process (the same user's): no help from the holder.
+        fn mappings_of(
+            &mut self,
+            file: dmaplane_core::fabric::FileId,
+        ) -> Option<std::result::Result<usize, String>> {
+            let path = format!("/proc/{}/maps", self.0.id());
+            Some(
+                std::fs::read_to_string(&path)
+                    .map(|maps| file.mappings_in(&maps))
+                    .map_err(|e| format!("{path}: {e}")),
+            )
         }
 
         fn gone(&mut self) -> Option<std::result::Result<HolderReport, String>> {
@@ -172,11 +188,17 @@ mod imp {
         }
     }
 
-    /// An agent on `nics` (the device named, on verbs).
-    fn builder(name: &str, nics: Nics, device: Option<&str>) -> Result<dmaplane::AgentBuilder> {
+    /// An agent on `nics` (the device named, on verbs); `shm`: TCP NICs use the shared-memory
+    /// path with a peer on this host.
+    fn builder(
+        name: &str,
+        nics: Nics,
+        device: Option<&str>,
+        shm: bool,
+    ) -> Result<dmaplane::AgentBuilder> {
         let b = Agent::builder(name);
         let b = match nics {
-            Nics::Tcp => b.tcp(),
+            Nics::Tcp => b.tcp().tcp_shm(shm),
             #[cfg(feature = "verbs")]
             Nics::Verbs => b.verbs(),
             #[cfg(not(feature = "verbs"))]
@@ -192,6 +214,7 @@ mod imp {
         cfg: &StressConfig,
         nics: Nics,
         device: Option<&str>,
+        shm: bool,
         addr: &str,
         secret: &std::path::Path,
     ) -> Result<Child> {
@@ -199,6 +222,7 @@ mod imp {
         let mut c = Command::new(exe);
         c.args(["stress", "revoke-holder", "--connect", addr])
             .args(["--nics", nics.name()])
+            .args(if shm { None } else { Some("--no-shm") })
             .arg("--secret-file")
             .arg(secret)
             .args(["--slots", &cfg.qps.to_string()])
@@ -220,12 +244,14 @@ mod imp {
         nics: Nics,
         memory: Memory,
         device: Option<&str>,
+        shm: bool,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<StressReport> {
-        let (owner_fault, _) = agent_faults(cfg.inject).map_err(|why| anyhow!(why))?;
+        let views = shm && matches!((nics, memory), (Nics::Tcp, Memory::Host));
+        let (owner_fault, _) = agent_faults(cfg.inject, views).map_err(|why| anyhow!(why))?;
         // Two processes of this program: only the holder it starts may connect.
         let (dir, secret) = SecretDir::new()?;
-        let owner = builder("stress-owner", nics, device)?
+        let owner = builder("stress-owner", nics, device, shm)?
             .inject(owner_fault)
             .secret(secret)
             .stall_timeout(Duration::from_secs(60))
@@ -235,6 +261,7 @@ mod imp {
             cfg,
             nics,
             device,
+            shm,
             &owner.listen_addr().to_string(),
             &dir.file(),
         )?);
@@ -254,8 +281,9 @@ mod imp {
     /// The holder process: WRITE traffic into the owner's newest allocation until the owner
     /// goes, then its report on stdout.
     pub fn holder(a: &HolderArgs) -> Result<()> {
-        let (_, fault) = agent_faults(a.inject).map_err(|why| anyhow!(why))?;
-        let mut b = builder("stress-holder", a.nics, a.device.as_deref())?
+        let (_, fault) =
+            agent_faults(a.inject, a.nics == Nics::Tcp && !a.no_shm).map_err(|why| anyhow!(why))?;
+        let mut b = builder("stress-holder", a.nics, a.device.as_deref(), !a.no_shm)?
             .inject(fault)
             .stall_timeout(HOLDER_STALL);
         if let Some(f) = &a.secret_file {

@@ -104,10 +104,15 @@ pub struct RevokeArgs {
     /// the rest, and the data path (the load) runs at the lowest priority.
     #[arg(long)]
     no_pin: bool,
+    /// TCP backend: the holder's bytes take the socket even though both agents run on this
+    /// host (by default they move through shared memory, and the holder's memory map is read
+    /// at every ack).
+    #[arg(long)]
+    no_shm: bool,
     /// Break the protocol on purpose — early-fence, no-zap, ignore-lease-revoke, ack-then-write,
     /// free-before-ack, no-backstop, no-qp-quiesce (the writer's NIC leaves its queue pairs
-    /// running when the source memory they read moves). The run must then exit non-zero,
-    /// naming the violation.
+    /// running when the source memory they read moves), keep-views (TCP: the holder keeps its
+    /// view of freed memory). The run must then exit non-zero, naming the violation.
     #[arg(long, value_parser = clap::value_parser!(Inject))]
     inject: Option<Inject>,
 }
@@ -201,6 +206,7 @@ pub fn run(cmd: &StressCmd, json: bool) -> Result<()> {
             crate::agent_stress::Nics::Verbs,
             crate::agent_stress::Memory::Cuda,
             a.device.as_deref(),
+            false,
             &|n| bar.set_position(n),
         )?,
         Backend::Tcp => crate::agent_stress::run(
@@ -212,6 +218,7 @@ pub fn run(cmd: &StressCmd, json: bool) -> Result<()> {
                 crate::agent_stress::Memory::Host
             },
             None,
+            !a.no_shm,
             &|n| bar.set_position(n),
         )?,
         Backend::Verbs => {
@@ -282,6 +289,7 @@ fn print(r: &StressReport, json: bool) -> Result<()> {
         ),
     }
     println!("  holders_cut_off    {}", r.holders_cut_off);
+    println!("  views_after_ack    {}", r.views_after_ack);
     println!(
         "  bytes_verified     {}",
         crate::units::bytes(r.bytes_verified)

@@ -114,29 +114,74 @@ fn write_and_read_between_two_processes_are_verified_and_ctrl_c_leaves_cleanly()
     );
 }
 
+/// A server killed (`kill -9`) during a READ of 1 GiB, on the socket path: the client reports
+/// the peer lost within its stall timeout.
 #[test]
 fn a_server_killed_during_a_transfer_fails_the_client_with_the_peer_lost_and_nothing_hangs() {
+    killed_during_a_read(false);
+}
+
+/// The same through shared memory: the server is killed once the client maps its memory (the
+/// READ has begun), and the client still reports the peer lost — its views go with the lane,
+/// and what is left of the READ meets the dead socket.
+#[test]
+fn a_server_killed_during_a_read_through_shared_memory_is_the_peer_lost_too() {
+    killed_during_a_read(true);
+}
+
+fn killed_during_a_read(shm: bool) {
     let mut s = serve(&["--mem", "pool=1g"]);
-    let addr = s.addr.clone();
-    let c = std::thread::spawn(move || {
-        client(&[
-            "read",
-            "--connect",
-            &addr,
-            "--stall-s",
-            "5",
-            "--chunk",
-            "1m",
-        ])
-    });
-    // Let the READ start, then kill the server outright.
-    std::thread::sleep(Duration::from_millis(400));
+    let mut args = vec![
+        "--json",
+        "agent",
+        "read",
+        "--connect",
+        &s.addr,
+        "--stall-s",
+        "5",
+        "--chunk",
+        "1m",
+    ];
+    if !shm {
+        args.push("--no-shm");
+    }
+    let c = Command::new(env!("CARGO_BIN_EXE_dmaplane"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if shm {
+        // The READ has begun once the client maps the server's memory (its view).
+        let maps = format!("/proc/{}/maps", c.id());
+        let due = Instant::now() + Duration::from_secs(20);
+        while !std::fs::read_to_string(&maps)
+            .unwrap_or_default()
+            .contains("/memfd:dmaplane:pool ")
+        {
+            assert!(
+                Instant::now() < due,
+                "the client never mapped the server's memory"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    } else {
+        // Let the READ start.
+        std::thread::sleep(Duration::from_millis(400));
+    }
     s.child.kill().unwrap();
     let killed = Instant::now();
     s.child.wait().unwrap();
-    let (ok, out, err, _) = c.join().unwrap();
+    let out = c.wait_with_output().unwrap();
     let after = killed.elapsed();
-    assert!(!ok, "the READ of 1 GiB finished before the kill: {out}");
+    let (stdout, err) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        !out.status.success(),
+        "the READ of 1 GiB finished before the kill: {stdout}"
+    );
     let last = err.lines().last().unwrap_or_default();
     assert!(
         last.contains("peer serve was lost"),

@@ -20,6 +20,29 @@ use std::ptr::NonNull;
 use rustix::fs::{MemfdFlags, SealFlags};
 use rustix::mm::{MapFlags, ProtFlags};
 
+/// A memory file's identity: its device and inode, as `/proc/PID/maps` shows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    pub major: u32,
+    pub minor: u32,
+    pub ino: u64,
+}
+
+impl FileId {
+    /// How many mappings of this file the memory map `maps` (the text of `/proc/PID/maps`)
+    /// lists.
+    pub fn mappings_in(&self, maps: &str) -> usize {
+        let dev = format!("{:02x}:{:02x}", self.major, self.minor);
+        let ino = self.ino.to_string();
+        maps.lines()
+            .filter(|l| {
+                let mut f = l.split_whitespace().skip(3);
+                f.next() == Some(dev.as_str()) && f.next() == Some(ino.as_str())
+            })
+            .count()
+    }
+}
+
 /// A mapping of `len` bytes that lives as long as this value.
 #[derive(Debug)]
 pub struct Mapping {
@@ -72,6 +95,12 @@ impl Mapping {
         rustix::fs::ftruncate(&fd, size).map_err(|e| os("ftruncate", e))?;
         rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK).map_err(|e| os("F_ADD_SEALS", e))?;
         let mut mem = Mapping::map_shared(fd.as_fd(), len).map_err(|e| os("mmap", e))?;
+        // The registry keeps a descriptor of its own, so a pinned range can name its file (a
+        // peer on this host maps the same pages); without one, the memory is reached by copies.
+        match fd.try_clone() {
+            Ok(dup) => pinned::set_file(mem.start(), dup),
+            Err(e) => tracing::debug!(error = %e, "no second descriptor for a memfd arena"),
+        }
         mem.fd = Some(fd);
         Ok(mem)
     }
@@ -189,6 +218,17 @@ impl Mapping {
     /// The memfd behind a host arena.
     pub fn fd(&self) -> Option<BorrowedFd<'_>> {
         self.fd.as_ref().map(|f| f.as_fd())
+    }
+
+    /// The identity of the memfd behind a host arena: how another process's memory map names
+    /// a mapping of the same pages (`/proc/PID/maps`).
+    pub fn file_id(&self) -> Option<FileId> {
+        let st = rustix::fs::fstat(self.fd()?).ok()?;
+        Some(FileId {
+            major: rustix::fs::major(st.st_dev),
+            minor: rustix::fs::minor(st.st_dev),
+            ino: st.st_ino,
+        })
     }
 
     fn check(&self, off: u64, len: usize) -> Option<usize> {

@@ -22,6 +22,7 @@ mod memory;
 mod oracle;
 mod pinned;
 mod pool;
+mod view;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -30,9 +31,10 @@ pub use bar::DeviceBar;
 pub use export::FABRIC_GRANULE;
 pub use fault::{FaultKind, Faults};
 pub use host::HostMemory;
-pub use memory::{Mapping, MappingError};
+pub use memory::{FileId, Mapping, MappingError};
 pub use oracle::{Event, Oracle, RECENT, Verdict, WindowId};
 pub use pinned::{PinError, Pinned};
+pub use view::{View, ViewError};
 
 use crate::fence::FenceObserver;
 use crate::hints::{Access, Route};

@@ -27,8 +27,8 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::Mutex;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex};
 
 use super::atomic_bytes;
 use crate::sync::lock;
@@ -39,6 +39,9 @@ struct Live {
     pins: u64,
     /// Its owner dropped it while pinned: it is leaked, and no new pin is given.
     dropped: bool,
+    /// The memory file it maps from offset 0 (a memfd host arena), which another process on
+    /// this host may map too ([`Pinned::file`]).
+    file: Option<Arc<OwnedFd>>,
 }
 
 /// Every live mapping, by start address (its exposed provenance).
@@ -52,8 +55,16 @@ pub(super) fn enter(start: usize, len: usize) {
             len,
             pins: 0,
             dropped: false,
+            file: None,
         },
     );
+}
+
+/// The mapping entered at `start` maps `file` from offset 0.
+pub(super) fn set_file(start: usize, file: OwnedFd) {
+    if let Some(l) = lock(&LIVE).get_mut(&start) {
+        l.file = Some(Arc::new(file));
+    }
 }
 
 /// The mapping at `start` is about to be unmapped or freed: true when it may be (no pin), false
@@ -141,8 +152,17 @@ impl Pinned {
         self.len == 0
     }
 
+    /// The memory file behind the pinned range and the range's offset in it, when the mapping
+    /// is one of a memfd (a host arena): what a peer on this host maps to reach the same pages
+    /// (the TCP backend's shared-memory path). `None` for any other memory.
+    pub fn file(&self) -> Option<(Arc<OwnedFd>, u64)> {
+        let live = lock(&LIVE);
+        let f = live.get(&self.base)?.file.clone()?;
+        Some((f, (self.start - self.base) as u64))
+    }
+
     /// A pointer to `off` for `n` bytes, or `None` when that leaves the pinned range.
-    fn at(&self, off: u64, n: usize) -> Option<*mut u8> {
+    pub(super) fn at(&self, off: u64, n: usize) -> Option<*mut u8> {
         let off = usize::try_from(off).ok()?;
         (off.checked_add(n)? <= self.len)
             .then(|| std::ptr::with_exposed_provenance_mut::<u8>(self.start + off))

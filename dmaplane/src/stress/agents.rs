@@ -22,10 +22,12 @@ pub const HOLDER_STALL: Duration = Duration::from_secs(10);
 
 /// The faults the agent-level stress injects, on (the owner's NIC, the holder's NIC): the
 /// owner's fences early (`early-fence`); the holder ignores the lease revoke
-/// (`ignore-lease-revoke`) or acknowledges it and writes on (`ack-then-write`). The others
-/// break what only the raw stress drives; the refusal says so.
+/// (`ignore-lease-revoke`) or acknowledges it and writes on (`ack-then-write`); with `views`
+/// (TCP NICs, the holder on the same host) the holder also keeps its view of revoked memory
+/// (`keep-views`). The others break what only the raw stress drives; the refusal says so.
 pub fn agent_faults(
     inject: Option<Inject>,
+    views: bool,
 ) -> std::result::Result<(Option<Fault>, Option<Fault>), String> {
     match inject {
         None => Ok((None, None)),
@@ -33,6 +35,12 @@ pub fn agent_faults(
         Some(Inject::Rdma(f @ (Fault::IgnoreLeaseRevoke | Fault::AckThenWrite))) => {
             Ok((None, Some(f)))
         }
+        Some(Inject::Rdma(f @ Fault::KeepViews)) if views => Ok((None, Some(f))),
+        Some(Inject::Rdma(Fault::KeepViews)) => Err(
+            "--inject keep-views breaks the TCP backend's shared-memory path: run it with \
+             `stress revoke --backend tcp` (host memory)"
+                .into(),
+        ),
         Some(i) => Err(format!(
             "--inject {i} on the agents: this stress runs early-fence (the owner's NIC), \
              ignore-lease-revoke and ack-then-write (the holder's); the raw stress runs every \
@@ -97,7 +105,7 @@ impl Holder for ThreadHolder {
 /// Run the agent-level stress on a simulated testbed of its own: the owner on `nic0` exports
 /// `gpu0`'s memory ([`ExporterKind::Gpu`]) or host memory, the holder on `nic1` writes into it.
 pub fn run_agents(cfg: &StressConfig, progress: &(dyn Fn(u64) + Sync)) -> Result<StressReport> {
-    let (owner_fault, holder_fault) = agent_faults(cfg.inject).map_err(|why| {
+    let (owner_fault, holder_fault) = agent_faults(cfg.inject, false).map_err(|why| {
         Error::invalid(
             "stress revoke on the agents",
             "inject",

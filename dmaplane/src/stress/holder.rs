@@ -223,6 +223,14 @@ pub fn hold(
         ));
     }
     r.failures.truncate(20);
+    // Which path its bytes took, on TCP NICs (the NIC's own count: a note, not a check).
+    for (nic, st) in agent.tcp_stats() {
+        r.notes.push(format!(
+            "holder NIC {nic}: {} requests through views of the owner's memory ({} B), the \
+             rest on the socket",
+            st.shm_messages, st.shm_bytes
+        ));
+    }
     Ok(r)
 }
 

@@ -16,6 +16,7 @@ use super::holder::HolderReport;
 use super::report::{Latency, StressReport};
 use crate::error::Error;
 use crate::{Agent, Memory, Quarantine, Result};
+use dmaplane_core::fabric::FileId;
 
 /// What every freed block is filled with at the ack.
 const POISON: u8 = 0xee;
@@ -36,6 +37,11 @@ pub trait Holder {
     /// Its report, once the owner is gone: waited for up to `limit`; a holder that does not end
     /// by then is a failure in the report, not a hang of the run.
     fn report(&mut self, limit: Duration) -> HolderReport;
+    /// How many mappings of the memory file `file` it has now, read from outside it (its
+    /// process's memory map); `None` where that cannot be seen (a holder in this process).
+    fn mappings_of(&mut self, _file: FileId) -> Option<std::result::Result<usize, String>> {
+        None
+    }
 }
 
 /// The owner's whole run, on `owner` (dropped at the end: that ends the holder's traffic).
@@ -74,6 +80,9 @@ pub fn own(
     let (mut latencies, mut timed_out, mut revokes) = (Vec::new(), 0u64, 0u64);
     let mut kept: Vec<Quarantine> = Vec::new();
     let mut stalled = 0u64;
+    // Acks after which the holder's memory map was read, and those where it still mapped the
+    // freed memory.
+    let (mut maps_checked, mut views_after_ack) = (0u64, 0u64);
     // The holder's report when it stopped before the owner went, and why.
     let (mut early, mut stopped_early): (Option<HolderReport>, Option<String>) = (None, None);
     let check_poison = |q: &Quarantine, failures: &mut Vec<String>| -> u64 {
@@ -163,6 +172,26 @@ pub fn own(
             Ok((report, q)) => {
                 latencies.push(report.elapsed_us as f64);
                 revokes += 1;
+                // At the ack, no other process maps the memory any more (the shared-memory
+                // path's views are dropped before it): seen from outside the holder.
+                if let Some(file) = q.file_id() {
+                    match holder.mappings_of(file) {
+                        Some(Ok(0)) => maps_checked += 1,
+                        Some(Ok(n)) => {
+                            maps_checked += 1;
+                            views_after_ack += 1;
+                            failures.push(format!(
+                                "epoch {epoch}: the holder still mapped {} ({n} mapping(s) \
+                                 of its memfd) after the free's ack: a view outlived the revoke",
+                                q.name()
+                            ));
+                        }
+                        Some(Err(why)) => failures.push(format!(
+                            "epoch {epoch}: the holder's memory map could not be read: {why}"
+                        )),
+                        None => {}
+                    }
+                }
                 // Every block whole and at least as new as its last notification.
                 let mut buf = vec![0u8; size];
                 for (slot, &want) in last.iter().enumerate() {
@@ -205,6 +234,12 @@ pub fn own(
     drop(kept);
     failures.extend(h.failures.iter().cloned());
     notes.extend(h.notes.iter().cloned());
+    if maps_checked > 0 {
+        notes.push(format!(
+            "the holder's memory map read at {maps_checked} acks: {views_after_ack} still \
+             mapped the freed memory"
+        ));
+    }
     let ended = h.done + h.revoked + h.failed + h.ended_at_exit;
     notes.push(format!(
         "holder transfers: {} started, {} done, {} ended by a revoke, {} refused at the start \
@@ -233,6 +268,7 @@ pub fn own(
         posts_refused: h.refused,
         revokes_asked: cfg.revokes,
         holders_cut_off: cut_off,
+        views_after_ack,
         oracle: None,
         inject: cfg.inject,
         seconds: start.elapsed().as_secs_f64(),

@@ -89,6 +89,9 @@ pub struct StressReport {
     pub revokes_asked: u64,
     /// Lease holders the owner had to cut off (they never acknowledged).
     pub holders_cut_off: u64,
+    /// Frees after whose ack the holder's process still mapped the freed memory (a view of
+    /// the shared-memory path that outlived the revoke), read from its memory map.
+    pub views_after_ack: u64,
     /// The fabric's oracle (sim only: on verbs the kernel does the DMA and no fabric sees it).
     pub oracle: Option<Verdict>,
     /// The fault injected on purpose, if any.
@@ -139,6 +142,7 @@ impl StressReport {
             posts_refused: counts.refused,
             revokes_asked: cfg.revokes,
             holders_cut_off: 0,
+            views_after_ack: 0,
             oracle: None,
             inject: cfg.inject,
             seconds: start.elapsed().as_secs_f64(),
@@ -183,6 +187,11 @@ impl StressReport {
             "holders_cut_off",
             self.holders_cut_off,
             "lease holders that never acknowledged a revoke",
+        );
+        count(
+            "views_after_ack",
+            self.views_after_ack,
+            "frees after whose ack the holder's process still mapped the memory",
         );
         if let Some(o) = &self.oracle {
             let culprits = o

@@ -176,6 +176,15 @@ pub fn run_sim(
     cfg: &StressConfig,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<StressReport, crate::Error> {
+    if cfg.inject == Some(Inject::Rdma(Fault::KeepViews)) {
+        return Err(crate::Error::invalid(
+            "stress revoke",
+            "inject",
+            Fault::KeepViews,
+            "keep-views breaks the TCP backend's shared-memory path, which the simulated NICs \
+             do not have: run it with `stress revoke --backend tcp`",
+        ));
+    }
     let slots = cfg.qps * cfg.depth;
     let region = slots as u64 * u64::from(cfg.size);
     let region = region.next_multiple_of(4096).max(4096);

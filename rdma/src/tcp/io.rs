@@ -31,12 +31,18 @@ fn stopped() -> io::Error {
 
 /// Wait until `s` is readable (or writable) for at most one slice.
 fn wait(s: &TcpStream, readable: bool) -> io::Result<()> {
+    wait_for(s, readable)
+}
+
+/// Wait until `fd` is readable (a listener: a connection waits) or writable, for at most one
+/// slice: the loops that call it look whether they are still wanted in between.
+pub(crate) fn wait_for(fd: impl AsFd, readable: bool) -> io::Result<()> {
     let flags = if readable {
         PollFlags::IN
     } else {
         PollFlags::OUT
     };
-    let mut fds = [PollFd::new(s, flags)];
+    let mut fds = [PollFd::new(&fd, flags)];
     let t = Timespec {
         tv_sec: 0,
         tv_nsec: i64::try_from(SLICE.as_nanos()).unwrap_or(50_000_000),

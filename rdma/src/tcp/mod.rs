@@ -40,6 +40,7 @@ mod mr;
 mod qp;
 mod requester;
 mod responder;
+pub mod shm;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
@@ -61,6 +62,7 @@ use crate::sync::{lock, read, write};
 pub use frame::{FrameError, MAX_PAYLOAD};
 pub(crate) use mr::TcpMr;
 pub(crate) use qp::TcpQp;
+pub use shm::UNMAP_WAIT;
 
 /// How many connections may be waiting for their hello at once; more are closed at once.
 pub const MAX_UNPROVEN: usize = 64;
@@ -74,8 +76,18 @@ pub struct TcpStats {
     pub hellos_refused: u64,
     /// Connections closed before a hello came (too many waiting, too slow, not a frame).
     pub unproven_closed: u64,
-    /// Frames refused after the hello (bad header, out of order, key/bounds/access).
+    /// Frames refused after the hello (bad header, out of order, key/bounds/access), and
+    /// requests through views refused the same way.
     pub frames_refused: u64,
+    /// Lanes to peers on this host proven and served (the shared-memory path, as the owner).
+    pub lanes: u64,
+    /// Views of its regions handed to peers on this host.
+    pub views_shared: u64,
+    /// Views peers said they dropped when told to.
+    pub views_dropped: u64,
+    /// Messages this NIC's requesters executed through views, and their bytes.
+    pub shm_messages: u64,
+    pub shm_bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -84,6 +96,11 @@ struct Counters {
     hellos_refused: AtomicU64,
     unproven_closed: AtomicU64,
     frames_refused: AtomicU64,
+    lanes: AtomicU64,
+    views_shared: AtomicU64,
+    views_dropped: AtomicU64,
+    shm_messages: AtomicU64,
+    shm_bytes: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -102,6 +119,14 @@ pub(crate) struct NicShared {
     pub(crate) unproven: AtomicUsize,
     counters: Counters,
     acceptor: Mutex<Option<JoinHandle<()>>>,
+    /// The lane listener's id (0: none), told to proven requesters in the welcome.
+    pub(crate) shm_id: u64,
+    /// Whether it offers and uses the shared-memory path.
+    pub(crate) shm: AtomicBool,
+    shm_acceptor: Mutex<Option<JoinHandle<()>>>,
+    /// Fault injection: its lanes say they dropped a view and keep it (see
+    /// [`TcpNic::inject_keep_views`]).
+    pub(crate) keep_views: AtomicBool,
     /// Starts a QP's requester connection (`requester::start`): handed to the QP rather than
     /// imported by it, so the QP and its requester do not import each other.
     pub(crate) start_requester: fn(Arc<TcpQp>, u64),
@@ -137,6 +162,28 @@ impl NicShared {
     }
     pub(crate) fn count_frame_refused(&self) {
         self.counters.frames_refused.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn count_lane(&self) {
+        self.counters.lanes.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn count_view_shared(&self) {
+        self.counters.views_shared.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn count_view_dropped(&self) {
+        self.counters.views_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn count_shm_message(&self, bytes: u64) {
+        self.counters.shm_messages.fetch_add(1, Ordering::Relaxed);
+        self.counters.shm_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// The lane id to tell a requester in the welcome: 0 when the path is off.
+    pub(crate) fn offered_lane(&self) -> u64 {
+        if self.shm.load(Ordering::Relaxed) {
+            self.shm_id
+        } else {
+            0
+        }
     }
 }
 
@@ -236,6 +283,18 @@ impl TcpNic {
         listener
             .set_nonblocking(true)
             .map_err(|e| RdmaError::io(format!("TCP NIC {name}: non-blocking listener"), e))?;
+        // The lane listener for peers on this host: without one, the socket path only.
+        let lanes = random::<8>()
+            .map(|b| u64::from_le_bytes(b) | 1)
+            .ok_or_else(|| "no random bytes for its name".to_string())
+            .and_then(|id| shm::owner::listen(id).map(|l| (id, l)));
+        let (shm_id, lane_listener) = match lanes {
+            Ok((id, l)) => (id, Some(l)),
+            Err(why) => {
+                tracing::warn!(nic = name, %why, "no shared-memory lanes: the socket path only");
+                (0, None)
+            }
+        };
         let shared = Arc::new(NicShared {
             name: name.to_string(),
             gid: gid_of(ip),
@@ -250,10 +309,19 @@ impl TcpNic {
             unproven: AtomicUsize::new(0),
             counters: Counters::default(),
             acceptor: Mutex::new(None),
+            shm_id,
+            shm: AtomicBool::new(shm_id != 0),
+            shm_acceptor: Mutex::new(None),
+            keep_views: AtomicBool::new(false),
             start_requester: requester::start,
         });
         let handle = responder::start_acceptor(&shared, listener)?;
         *lock(&shared.acceptor) = Some(handle);
+        if let Some(l) = lane_listener {
+            let h = shm::owner::start(&shared, l)
+                .map_err(|e| RdmaError::io(format!("TCP NIC {name}: lane acceptor thread"), e))?;
+            *lock(&shared.shm_acceptor) = Some(h);
+        }
         tracing::info!(nic = name, %ip, port, "TCP NIC listening");
         Ok(TcpNic { shared })
     }
@@ -275,20 +343,52 @@ impl TcpNic {
     /// What it counted of its peers' connections.
     pub fn stats(&self) -> TcpStats {
         let c = &self.shared.counters;
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
         TcpStats {
-            connections: c.connections.load(Ordering::Relaxed),
-            hellos_refused: c.hellos_refused.load(Ordering::Relaxed),
-            unproven_closed: c.unproven_closed.load(Ordering::Relaxed),
-            frames_refused: c.frames_refused.load(Ordering::Relaxed),
+            connections: n(&c.connections),
+            hellos_refused: n(&c.hellos_refused),
+            unproven_closed: n(&c.unproven_closed),
+            frames_refused: n(&c.frames_refused),
+            lanes: n(&c.lanes),
+            views_shared: n(&c.views_shared),
+            views_dropped: n(&c.views_dropped),
+            shm_messages: n(&c.shm_messages),
+            shm_bytes: n(&c.shm_bytes),
         }
+    }
+
+    /// Offer and use the shared-memory path to peers on this host (on by default, when the
+    /// lane listener could be made): off, every byte takes the socket. It applies to
+    /// connections made from now on.
+    pub fn set_shm(&self, on: bool) {
+        self.shared
+            .shm
+            .store(on && self.shared.shm_id != 0, Ordering::Relaxed);
+    }
+
+    /// Break the shared-memory path's revoke on purpose, so the checks that judge it can be
+    /// watched failing: this NIC's lanes answer `unmapped` and keep their views (and keep
+    /// copying through them). Never on outside tests and `stress revoke --inject keep-views`.
+    pub fn inject_keep_views(&self, on: bool) {
+        if on {
+            tracing::warn!(nic = %self.shared.name, "fault injected: lanes keep their views past a zap");
+        }
+        self.shared.keep_views.store(on, Ordering::SeqCst);
+    }
+
+    /// Whether it offers and uses the shared-memory path.
+    pub fn shm(&self) -> bool {
+        self.shared.shm.load(Ordering::Relaxed)
     }
 }
 
 impl Drop for TcpNic {
     fn drop(&mut self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
-        if let Some(t) = lock(&self.shared.acceptor).take() {
-            let _ = t.join();
+        for a in [&self.shared.acceptor, &self.shared.shm_acceptor] {
+            if let Some(t) = lock(a).take() {
+                let _ = t.join();
+            }
         }
     }
 }

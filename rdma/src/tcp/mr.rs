@@ -6,9 +6,14 @@
 //! longer (never while it waits for a peer): so [`MrBackend::zap`] waits for at most one
 //! `recv` or `send` in progress, and from its return on every access fails. A zap drops the
 //! pins: the exporter may then free or move the memory.
+//!
+//! A region may also be shared with a peer on this host ([`TcpMr::share`], the shared-memory
+//! path: `shm/`): then its zap also waits until every peer it was shared with has dropped its
+//! view, and fails, naming them, for a peer that does not answer.
 
-use std::sync::RwLock;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use dmaplane_core::fabric::Pinned;
 use dmaplane_core::{AddrList, AddrSpace};
@@ -16,7 +21,35 @@ use dmaplane_core::{AddrList, AddrSpace};
 use crate::access::MrAccess;
 use crate::backend::{MrBackend, MrKeys, Translation};
 use crate::error::{RdmaError, Result};
-use crate::sync::{read, write};
+use crate::sync::{lock, read, write};
+
+/// Someone a region's memory file was shared with (a lane's owner side), who must drop its view
+/// of the region before its zap returns.
+pub(crate) trait Sharer: Send + Sync + std::fmt::Debug {
+    /// Tell the peer to drop its view of `rkey` and wait until it has; `Err` says why it did
+    /// not answer.
+    fn unmap(&self, rkey: u32) -> std::result::Result<(), String>;
+}
+
+/// What a peer on this host is given to map a region: its memory file, where the region starts
+/// in it, and the region's keys.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) file: Arc<OwnedFd>,
+    pub(crate) offset: u64,
+    pub(crate) iova: u64,
+    pub(crate) len: u64,
+    pub(crate) access: MrAccess,
+}
+
+/// Why a region is not shared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NotShared {
+    /// Zapped, or it grants no remote access: a request fails as a remote access error.
+    Denied,
+    /// Not one range of a memory file: requests take the socket path.
+    NoFile,
+}
 
 /// Why an access through an MR failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +75,8 @@ pub(crate) struct TcpMr {
     /// `None` once zapped.
     pieces: RwLock<Option<Vec<Piece>>>,
     zapping: AtomicBool,
+    /// The peers it was shared with.
+    sharers: Mutex<Vec<Weak<dyn Sharer>>>,
 }
 
 impl TcpMr {
@@ -97,6 +132,7 @@ impl TcpMr {
             pd,
             pieces: RwLock::new(Some(pieces)),
             zapping: AtomicBool::new(false),
+            sharers: Mutex::new(Vec::new()),
         })
     }
 
@@ -147,6 +183,33 @@ impl TcpMr {
         Ok(f(&p.pin, off, n))
     }
 
+    /// Share the region with `to` (see the module docs): refused once zapped, for a region that
+    /// grants no remote access, and for one that is not a single range of a memory file.
+    pub(crate) fn share(&self, to: Weak<dyn Sharer>) -> std::result::Result<Shared, NotShared> {
+        let access = self.keys.access;
+        if !access.intersects(MrAccess::REMOTE_READ | MrAccess::REMOTE_WRITE) {
+            return Err(NotShared::Denied);
+        }
+        // Entered under the translation's read lock: a zap (which takes it for writing) either
+        // sees this sharer or came first, and then nothing is shared.
+        let guard = read(&self.pieces);
+        let pieces = guard.as_ref().ok_or(NotShared::Denied)?;
+        let [piece] = pieces.as_slice() else {
+            return Err(NotShared::NoFile);
+        };
+        let (file, offset) = piece.pin.file().ok_or(NotShared::NoFile)?;
+        let mut sharers = lock(&self.sharers);
+        sharers.retain(|s| s.strong_count() > 0);
+        sharers.push(to);
+        Ok(Shared {
+            file,
+            offset,
+            iova: self.keys.iova,
+            len: self.keys.len,
+            access,
+        })
+    }
+
     /// A zap waits for the translation (or is done with it): a message under way stops at its
     /// next frame.
     pub(crate) fn zapping(&self) -> bool {
@@ -173,6 +236,25 @@ impl MrBackend for TcpMr {
         // Waits for the one system call under way, if any; the pins go with the pieces.
         let pieces = write(&self.pieces).take();
         drop(pieces);
-        Ok(())
+        // Then every peer it was shared with drops its view (outside the lock: the peer's
+        // engine may be finishing a copy it started before).
+        let sharers = std::mem::take(&mut *lock(&self.sharers));
+        let failed: Vec<String> = sharers
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter_map(|s| s.unmap(self.keys.rkey).err())
+            .collect();
+        if failed.is_empty() {
+            return Ok(());
+        }
+        Err(RdmaError::Backend {
+            device: "tcp".into(),
+            op: "zap",
+            why: format!(
+                "rkey {:#x}: a peer on this host may still map the memory: {}",
+                self.keys.rkey,
+                failed.join("; ")
+            ),
+        })
     }
 }

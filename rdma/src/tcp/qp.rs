@@ -25,9 +25,10 @@ use crate::qp::{QpAttr, QpCaps, QpState, RemoteQp, check_modify};
 use crate::soft_cq::SoftCq;
 use crate::sync::lock;
 use crate::wc::{Completion, WcOpcode, WcStatus};
-use crate::wr::{RecvWr, SendWr};
+use crate::wr::{RecvWr, SendWr, Sge};
 
 use super::NicShared;
+use super::mr::TcpMr;
 
 /// A message started on the wire, waiting for its answer.
 #[derive(Debug, Clone, Copy)]
@@ -198,6 +199,17 @@ impl TcpQp {
         Completion::new(self.qpn, wr_id, status, opcode, byte_len, imm)
     }
 
+    /// The local regions of `sges`, checked for `need` (`None`: a local protection error).
+    pub(crate) fn local_mrs(&self, sges: &[Sge], need: MrAccess) -> Option<Vec<Arc<TcpMr>>> {
+        sges.iter()
+            .map(|sge| {
+                let mr = self.nic.mr(sge.lkey).filter(|m| m.pd == self.pd)?;
+                mr.check(sge.addr, u64::from(sge.length), need).ok()?;
+                Some(mr)
+            })
+            .collect()
+    }
+
     /// Record `outcome` for message `seq` of the current connection (a failure moves the QP to
     /// ERR); [`TcpQp::finish`] then completes it. Unknown sequence numbers are ignored: the
     /// message was settled already.
@@ -238,6 +250,8 @@ impl TcpQp {
                 inner.outbox.0.push(wc);
             }
             inner.inflight.pop_front();
+            // A sender waiting for the messages before its own to be answered looks again.
+            self.cv.notify_all();
         }
         if inner.state == QpState::Err && inner.inflight.is_empty() {
             let flushed = inner

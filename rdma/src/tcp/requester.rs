@@ -11,12 +11,12 @@ use crate::access::MrAccess;
 use crate::qp::QpState;
 use crate::sync::{lock, wait_timeout};
 use crate::wc::WcStatus;
-use crate::wr::{SendOp, SendWr, Sge};
+use crate::wr::{SendOp, SendWr};
 
 use super::frame::{self, CHALLENGE_PAYLOAD, FIRST, HEADER, Header, IMM, Kind, LAST, Refusal};
 use super::io::{self, Moved};
-use super::mr::TcpMr;
 use super::qp::{Sent, TcpQp};
+use super::shm::lane::{self, Lane};
 use super::{ip_of, proof};
 
 /// How long a requester keeps trying to reach a responder that is not ready (RC's retry count
@@ -70,10 +70,12 @@ fn fail_to_connect(qp: &TcpQp, generation: u64, why: String) {
 
 fn run(qp: &Arc<TcpQp>, generation: u64) {
     let alive = || wanted(qp, generation);
-    let stream = match dial(qp, &alive) {
+    let (stream, lane_id) = match dial(qp, &alive) {
         Ok(s) => s,
         Err(why) => return fail_to_connect(qp, generation, why),
     };
+    // A responder on this host offers a lane: WRITEs and READs then go through views.
+    let lane = open_lane(qp, lane_id);
     let rx = match stream.try_clone() {
         Ok(s) => s,
         Err(e) => return fail_to_connect(qp, generation, format!("socket clone: {e}")),
@@ -84,9 +86,33 @@ fn run(qp: &Arc<TcpQp>, generation: u64) {
         .name(name)
         .spawn(move || receive(&q, generation, &rx))
     {
+        if let Some(l) = &lane {
+            l.end();
+        }
         return fail_to_connect(qp, generation, format!("no receiver thread: {e}"));
     }
-    send_loop(qp, generation, &stream);
+    send_loop(qp, generation, &stream, lane.as_deref());
+    if let Some(l) = lane {
+        l.end();
+    }
+}
+
+/// Open a lane to listener `id` (0: none offered), when this NIC uses the path.
+fn open_lane(qp: &TcpQp, id: u64) -> Option<Arc<Lane>> {
+    if id == 0 || !qp.nic.shm.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
+    let dest = lock(&qp.inner).dest?;
+    match lane::open(qp, &dest, id) {
+        Ok(l) => {
+            tracing::debug!(nic = %qp.nic.name, qpn = qp.qpn, "lane open: the shared-memory path");
+            Some(l)
+        }
+        Err(why) => {
+            tracing::debug!(nic = %qp.nic.name, qpn = qp.qpn, %why, "no lane: the socket path");
+            None
+        }
+    }
 }
 
 /// Why a dial attempt failed: worth another try within [`CONNECT_TIME`], or not.
@@ -95,7 +121,8 @@ enum DialError {
     Fatal(String),
 }
 
-fn dial(qp: &TcpQp, alive: &dyn Fn() -> bool) -> Result<TcpStream, String> {
+/// Dial and prove; returns the connection and the lane listener its welcome named.
+fn dial(qp: &TcpQp, alive: &dyn Fn() -> bool) -> Result<(TcpStream, u64), String> {
     let dest = lock(&qp.inner)
         .dest
         .ok_or_else(|| "the QP has no destination".to_string())?;
@@ -137,7 +164,7 @@ fn dial_once(
     dest: &crate::qp::RemoteQp,
     deadline: Instant,
     alive: &dyn Fn() -> bool,
-) -> Result<TcpStream, DialError> {
+) -> Result<(TcpStream, u64), DialError> {
     use DialError::{Fatal, Retry};
     let s = TcpStream::connect_timeout(&addr, DIAL_TIMEOUT)
         .map_err(|e| Retry(format!("connect: {e}")))?;
@@ -169,7 +196,7 @@ fn dial_once(
     io::read_exact(&s, &mut hdr, &in_time).map_err(|e| Retry(format!("welcome: {e}")))?;
     let h = Header::decode(&hdr, false).map_err(|e| Fatal(format!("welcome: {e}")))?;
     match h.kind {
-        Kind::Welcome => Ok(s),
+        Kind::Welcome => Ok((s, h.addr)),
         Kind::Refuse => match Refusal::from_code(h.arg) {
             Some(Refusal::NotReady) => Err(Retry("its QP is not ready".into())),
             Some(Refusal::Denied) => Err(Fatal(
@@ -229,10 +256,26 @@ fn next(qp: &TcpQp, generation: u64, seq: u32, s: &TcpStream) -> Option<SendWr> 
     }
 }
 
-fn send_loop(qp: &Arc<TcpQp>, generation: u64, s: &TcpStream) {
+fn send_loop(qp: &Arc<TcpQp>, generation: u64, s: &TcpStream, lane: Option<&Lane>) {
     let alive = || wanted(qp, generation);
     let mut seq = 0u32;
     while let Some(wr) = next(qp, generation, seq, s) {
+        // Through a view, once every earlier message is answered: it takes no sequence number
+        // on the wire (it completes before the next message starts).
+        if let Some(l) = lane
+            && matches!(wr.op, SendOp::RdmaWrite | SendOp::RdmaRead)
+            && first_unanswered(qp, generation, seq)
+            && let Some(o) = l.execute(qp, &wr)
+        {
+            let mut inner = lock(&qp.inner);
+            if inner.generation != generation {
+                return;
+            }
+            qp.resolve(&mut inner, seq, o);
+            qp.cv.notify_all();
+            qp.finish(inner);
+            continue;
+        }
         let (outcome, broken) = match wr.op {
             SendOp::RdmaRead => request_read(qp, &wr, seq, s, &alive),
             _ => send_message(qp, &wr, seq, s, &alive),
@@ -259,15 +302,29 @@ fn send_loop(qp: &Arc<TcpQp>, generation: u64, s: &TcpStream) {
     }
 }
 
-/// The local regions of `sges`, checked for `need` (a local protection error otherwise).
-fn local_mrs(qp: &TcpQp, sges: &[Sge], need: MrAccess) -> Option<Vec<Arc<TcpMr>>> {
-    sges.iter()
-        .map(|sge| {
-            let mr = qp.nic.mr(sge.lkey).filter(|m| m.pd == qp.pd)?;
-            mr.check(sge.addr, u64::from(sge.length), need).ok()?;
-            Some(mr)
-        })
-        .collect()
+/// Wait until message `seq` is the first unanswered one of this connection: true then, false
+/// when it was answered meanwhile (a connection that ended settles everything) or the
+/// connection is no longer wanted.
+fn first_unanswered(qp: &TcpQp, generation: u64, seq: u32) -> bool {
+    let mut inner = lock(&qp.inner);
+    loop {
+        if inner.generation != generation || !qp.nic.alive() {
+            return false;
+        }
+        match inner.inflight.front() {
+            Some(f) if f.seq == seq => return f.outcome.is_none(),
+            None => return false,
+            Some(_) => {}
+        }
+        if inner
+            .inflight
+            .iter()
+            .any(|x| x.seq == seq && x.outcome.is_some())
+        {
+            return false;
+        }
+        inner = wait_timeout(&qp.cv, inner, IDLE).0;
+    }
 }
 
 /// Send a WRITE or SEND as frames. Returns its outcome when it is known here (a local failure,
@@ -288,7 +345,7 @@ fn send_message(
         SendOp::RdmaRead => return (Some((WcStatus::LocQpOpErr, 0)), false),
     };
     let sges = wr.sg.as_slice();
-    let Some(mrs) = local_mrs(qp, sges, MrAccess::NONE) else {
+    let Some(mrs) = qp.local_mrs(sges, MrAccess::NONE) else {
         return (Some((WcStatus::LocProtErr, 0)), false);
     };
     let total = wr.sg.total();
@@ -377,7 +434,10 @@ fn request_read(
     s: &TcpStream,
     alive: io::Alive<'_>,
 ) -> (Option<(WcStatus, u32)>, bool) {
-    if local_mrs(qp, wr.sg.as_slice(), MrAccess::LOCAL_WRITE).is_none() {
+    if qp
+        .local_mrs(wr.sg.as_slice(), MrAccess::LOCAL_WRITE)
+        .is_none()
+    {
         return (Some((WcStatus::LocProtErr, 0)), false);
     }
     if qp.fast_state() == QpState::Err {

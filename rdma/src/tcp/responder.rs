@@ -13,7 +13,6 @@ use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rustix::event::{PollFd, PollFlags, Timespec};
 
 use crate::access::MrAccess;
 use crate::error::{RdmaError, Result};
@@ -66,12 +65,7 @@ fn accept_loop(nic: &Arc<NicShared>, listener: &TcpListener) {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let mut fds = [PollFd::new(listener, PollFlags::IN)];
-                let t = Timespec {
-                    tv_sec: 0,
-                    tv_nsec: 50_000_000,
-                };
-                let _ = rustix::event::poll(&mut fds, Some(&t));
+                let _ = io::wait_for(listener, true);
             }
             Err(e) => {
                 tracing::warn!(nic = %nic.name, error = %e, "accept failed");
@@ -220,7 +214,9 @@ fn hello(nic: &NicShared, s: &TcpStream) -> Option<(Arc<TcpQp>, u64)> {
     };
     // Counted before the peer can know it was served.
     nic.count_connection();
-    let w = Header::new(Kind::Welcome);
+    // The welcome names the lane listener for a requester on this host (0: none offered).
+    let mut w = Header::new(Kind::Welcome);
+    w.addr = nic.offered_lane();
     io::write_all(s, &w.encode(), &in_time).ok()?;
     Some((qp, id))
 }

@@ -116,6 +116,11 @@ struct Report {
     plain_write: Large,
     plain_read: Large,
     plain_small_write: Small,
+    /// The same with the client's TCP NICs using the shared-memory path, when they did (the
+    /// rows above are the socket path, `--no-shm`).
+    shm: Option<Run>,
+    /// Whether the shared-memory path was measured, and how much went through it.
+    shm_note: String,
     /// What became of NIXL: measured, not installed, or failed (and why).
     nixl: String,
     /// NIXL's Python agent with UCX over TCP only (`UCX_TLS=tcp`), and with UCX's default
@@ -249,19 +254,102 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
             addr
         }
     };
-    let client = ClientArgs {
-        opts,
-        connect: addr.clone(),
-        region: None,
-        size: Some(a.size),
-        offset: 0,
-        notify: None,
-        no_verify: true,
-        verify: false,
-        out: None,
-        name: "bench-client".into(),
+    let client = |no_shm: bool| {
+        let mut opts = opts.clone();
+        opts.no_shm = no_shm;
+        ClientArgs {
+            opts,
+            connect: addr.clone(),
+            region: None,
+            size: Some(a.size),
+            offset: 0,
+            notify: None,
+            no_verify: true,
+            verify: false,
+            out: None,
+            name: "bench-client".into(),
+        }
     };
-    let c = connect(&client, "bench-client")?;
+    // The socket path, against the plain stream in the same rounds; then, on TCP, the same
+    // against the same server through shared memory (one copy between the processes).
+    let sock = measure(a, &client(true), &stop, Some(&sink))?;
+    let plain = sock
+        .plain
+        .clone()
+        .context("the plain stream was measured")?;
+    let (shm, shm_note) = if a.opts.backend != super::Backend::Tcp {
+        (None, "not a TCP run".to_string())
+    } else if a.opts.no_shm {
+        (None, "off (--no-shm)".to_string())
+    } else {
+        let m = measure(a, &client(false), &stop, None)?;
+        if m.shm_messages == 0 {
+            (
+                None,
+                "not used: the server is not on this host (or refused the lane)".to_string(),
+            )
+        } else {
+            let note = format!(
+                "{} of the client's requests through views ({})",
+                m.shm_messages,
+                bytes(m.shm_bytes)
+            );
+            (Some(m.run), note)
+        }
+    };
+    let report = Report {
+        backend: a.opts.backend.name(),
+        connections: sock.conns,
+        size: a.size,
+        block: a.block,
+        small: a.small,
+        batch: a.batch,
+        rounds: a.rounds,
+        write: sock.run.write,
+        read: sock.run.read,
+        small_write: sock.run.small_write,
+        plain_write: plain.write,
+        plain_read: plain.read,
+        plain_small_write: plain.small_write,
+        shm,
+        shm_note,
+        nixl: String::new(),
+        nixl_tcp: None,
+        nixl_default: None,
+    };
+    let mut report = report;
+    nixl(a, &mut report);
+    drop(helpers);
+    print(&report, &addr, json)
+}
+
+/// One path's numbers: large WRITEs and READs, and small batches.
+#[derive(Debug, Clone, Serialize)]
+struct Run {
+    write: Large,
+    read: Large,
+    small_write: Small,
+}
+
+/// What [`measure`] got: dmaplane's run, the plain stream's (when asked), the connections, and
+/// what the client's NICs counted through views.
+struct Measured {
+    run: Run,
+    plain: Option<Run>,
+    conns: usize,
+    shm_messages: u64,
+    shm_bytes: u64,
+}
+
+/// Measure dmaplane with a client agent of `client` (and the plain stream to `sink` in the same
+/// rounds, when given).
+fn measure(
+    a: &BenchArgs,
+    client: &ClientArgs,
+    stop: &Interrupt,
+    sink: Option<&str>,
+) -> Result<Measured> {
+    let c = connect(client, "bench-client")?;
     let mem = c.agent.alloc_host("bench-src", a.size)?;
     let local = c.agent.register(&mem)?;
     let remote = c.peer.desc(c.region, 0, a.size)?;
@@ -276,22 +364,24 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
         t.wait(Duration::from_secs(120))?;
         Ok(a.size as f64 / t0.elapsed().as_secs_f64() / 1e9)
     };
-    let plain = Plain::connect(&sink, conns)?;
-    let mut w = Vec::new();
-    let mut r = Vec::new();
-    let mut pw = Vec::new();
-    let mut pr = Vec::new();
-    // Warm both paths up (connections dialled, pages touched) before the first round counts.
+    let plain = sink.map(|s| Plain::connect(s, conns)).transpose()?;
+    let (mut w, mut r, mut pw, mut pr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // Warm both paths up (connections dialled, views mapped, pages touched) before the first
+    // round counts.
     timed(true)?;
-    plain.large(OP_WRITE, a.size)?;
+    if let Some(p) = &plain {
+        p.large(OP_WRITE, a.size)?;
+    }
     for _ in 0..a.rounds {
         if stop.raised() {
             bail!("interrupted");
         }
         w.push(timed(true)?);
-        pw.push(plain.large(OP_WRITE, a.size)?);
         r.push(timed(false)?);
-        pr.push(plain.large(OP_READ, a.size)?);
+        if let Some(p) = &plain {
+            pw.push(p.large(OP_WRITE, a.size)?);
+            pr.push(p.large(OP_READ, a.size)?);
+        }
     }
     // Small batches: `batch` requests of `small` bytes, one transfer each batch.
     let locals: Vec<_> = (0..a.batch)
@@ -310,34 +400,33 @@ pub fn run(a: &BenchArgs, json: bool) -> Result<()> {
             .wait(Duration::from_secs(30))?;
         st.push(b0.elapsed());
     }
-    let mut pst = Vec::new();
-    let t0 = Instant::now();
-    while t0.elapsed() < span || pst.len() < 100 {
-        pst.push(plain.batch(a.small * a.batch, a.small)?);
-    }
-    let report = Report {
-        backend: a.opts.backend.name(),
-        connections: conns,
-        size: a.size,
-        block: a.block,
-        small: a.small,
-        batch: a.batch,
-        rounds: a.rounds,
-        write: Large::of(w),
-        read: Large::of(r),
-        small_write: Small::of(st, a.batch, a.small),
-        plain_write: Large::of(pw),
-        plain_read: Large::of(pr),
-        plain_small_write: Small::of(pst, a.batch, a.small),
-        nixl: String::new(),
-        nixl_tcp: None,
-        nixl_default: None,
+    let plain = match &plain {
+        Some(p) => {
+            let mut pst = Vec::new();
+            let t0 = Instant::now();
+            while t0.elapsed() < span || pst.len() < 100 {
+                pst.push(p.batch(a.small * a.batch, a.small)?);
+            }
+            Some(Run {
+                write: Large::of(pw),
+                read: Large::of(pr),
+                small_write: Small::of(pst, a.batch, a.small),
+            })
+        }
+        None => None,
     };
-    let mut report = report;
-    drop(c);
-    nixl(a, &mut report);
-    drop(helpers);
-    print(&report, &addr, json)
+    let stats = c.agent.tcp_stats();
+    Ok(Measured {
+        run: Run {
+            write: Large::of(w),
+            read: Large::of(r),
+            small_write: Small::of(st, a.batch, a.small),
+        },
+        plain,
+        conns,
+        shm_messages: stats.iter().map(|(_, s)| s.shm_messages).sum(),
+        shm_bytes: stats.iter().map(|(_, s)| s.shm_bytes).sum(),
+    })
 }
 
 /// The plain TCP reference: `n` connections to the sink.
@@ -493,6 +582,7 @@ fn print(r: &Report, addr: &str, json: bool) -> Result<()> {
         return Ok(());
     }
     let pct = |a: f64, b: f64| if b > 0.0 { a / b * 100.0 } else { 0.0 };
+    let large = |what: &str| format!("{} {what}, {} requests", bytes(r.size), bytes(r.block));
     println!(
         "agent bench ({}): agent at {addr}, {} connection(s); {} rounds; plain TCP over as many \
          connections in the same run",
@@ -503,16 +593,8 @@ fn print(r: &Report, addr: &str, json: bool) -> Result<()> {
         "", "dmaplane", "plain TCP", "ratio"
     );
     for (name, d, p) in [
-        (
-            format!("{} WRITE, {} requests", bytes(r.size), bytes(r.block)),
-            &r.write,
-            &r.plain_write,
-        ),
-        (
-            format!("{} READ, {} requests", bytes(r.size), bytes(r.block)),
-            &r.read,
-            &r.plain_read,
-        ),
+        (large("WRITE"), &r.write, &r.plain_write),
+        (large("READ"), &r.read, &r.plain_read),
     ] {
         println!(
             "  {:<28} {:>9.2} ({:>5.2}) GB/s {:>9.2} ({:>5.2}) GB/s {:>7.0}%",
@@ -550,24 +632,64 @@ fn print(r: &Report, addr: &str, json: bool) -> Result<()> {
         "  (median (best) of the rounds; the plain stream answers each connection's share with one \
          byte, and sends and receives a batch's messages one by one)"
     );
+    match &r.shm {
+        Some(m) => {
+            println!("  shared memory, both agents on this host: {}", r.shm_note);
+            for (name, d, sock) in [
+                (large("WRITE"), &m.write, &r.write),
+                (large("READ"), &m.read, &r.read),
+            ] {
+                println!(
+                    "  {:<28} {:>9.2} ({:>5.2}) GB/s   ({:.1}× the socket path)",
+                    name,
+                    d.median_gbps,
+                    d.best_gbps,
+                    d.median_gbps / sock.median_gbps.max(1e-9)
+                );
+            }
+            println!(
+                "  {:<28} {:>13.0} req/s   (p50 / p99 {} / {})",
+                format!("{} × {} WRITE batches", bytes(r.small), r.batch),
+                m.small_write.rate,
+                ns((m.small_write.p50_us * 1e3) as u64),
+                ns((m.small_write.p99_us * 1e3) as u64),
+            );
+        }
+        None => println!("  shared memory: {}", r.shm_note),
+    }
     println!("  NIXL: {}", r.nixl);
-    for (name, n) in [
-        ("UCX_TLS=tcp", &r.nixl_tcp),
-        ("UCX default transports", &r.nixl_default),
+    // NIXL over TCP against dmaplane's socket path; NIXL's default transports (shared memory
+    // on one host) against dmaplane's shared-memory path where it ran.
+    let ours = |shm: bool| match (&r.shm, shm) {
+        (Some(m), true) => (m.clone(), "shared-memory"),
+        _ => (
+            Run {
+                write: r.write.clone(),
+                read: r.read.clone(),
+                small_write: r.small_write.clone(),
+            },
+            "socket",
+        ),
+    };
+    for (name, n, shm) in [
+        ("UCX_TLS=tcp", &r.nixl_tcp, false),
+        ("UCX default transports", &r.nixl_default, true),
     ] {
         let Some(n) = n else { continue };
+        let (d, path) = ours(shm);
         println!(
             "    {name:<24} WRITE {:.2} ({:.2}) GB/s, READ {:.2} ({:.2}) GB/s, {:.0} req/s in \
-             batches (p99 {}): dmaplane's WRITE {:.0}%, READ {:.0}%, batches {:.0}% of it",
+             batches (p99 {}): dmaplane's {path} path WRITE {:.0}%, READ {:.0}%, batches \
+             {:.0}% of it",
             n.write.median_gbps,
             n.write.best_gbps,
             n.read.median_gbps,
             n.read.best_gbps,
             n.small_write.rate,
             ns((n.small_write.p99_us * 1e3) as u64),
-            pct(r.write.median_gbps, n.write.median_gbps),
-            pct(r.read.median_gbps, n.read.median_gbps),
-            pct(r.small_write.rate, n.small_write.rate),
+            pct(d.write.median_gbps, n.write.median_gbps),
+            pct(d.read.median_gbps, n.read.median_gbps),
+            pct(d.small_write.rate, n.small_write.rate),
         );
     }
     Ok(())

@@ -85,6 +85,11 @@ pub struct AgentOpts {
     /// is tried again until then).
     #[arg(long, default_value_t = 5.0)]
     connect_s: f64,
+    /// TCP: never move bytes through shared memory, even with a peer on this host (by default
+    /// a proven peer of the same user maps the registered memory and copies once; every other
+    /// peer takes the socket).
+    #[arg(long)]
+    no_shm: bool,
 }
 
 impl AgentOpts {
@@ -100,7 +105,7 @@ impl AgentOpts {
             .stall_timeout(std::time::Duration::from_secs_f64(self.stall_s))
             .setup_timeout(std::time::Duration::from_secs_f64(self.connect_s));
         let b = match self.backend {
-            Backend::Tcp => b.tcp(),
+            Backend::Tcp => b.tcp().tcp_shm(!self.no_shm),
             #[cfg(feature = "verbs")]
             Backend::Verbs => b.verbs(),
             #[cfg(not(feature = "verbs"))]
