@@ -55,6 +55,7 @@ impl crate::memory::Owner for AgentInner {
         self.nics.holders_cut_off()
     }
     fn forget(&self, id: u64) {
+        self.registry.bury_memory(id);
         self.cache.forget_memory(id);
     }
     fn event(&self, e: Event) {
@@ -365,6 +366,10 @@ impl AgentInner {
                 why,
             };
             let Some(e) = self.entry(region) else {
+                // Freed under the peer's transfer: typed as the revoke it was.
+                if let Some(epoch) = self.registry.buried(region) {
+                    return Some(fail("", Some(epoch), "its memory was freed".to_string()));
+                }
                 return Some(fail(
                     "",
                     None,

@@ -573,7 +573,12 @@ fn read_until_lost(p: &Arc<PeerShared>, oob: &Oob) {
             }) => {
                 let Some(a) = agent.upgrade() else { return };
                 let failure = a.serve_peer_stage((&p.name, p.session), &ranges, land);
-                if let Some(f) = &failure {
+                if let Some(f) = &failure
+                    && f.epoch.is_some()
+                {
+                    // A revoke under the peer's transfer: expected, and typed for the peer.
+                    tracing::debug!(peer = %p.name, transfer, region = f.region, why = %f.why, "staging for the peer met a revoke");
+                } else if let Some(f) = &failure {
                     tracing::warn!(peer = %p.name, transfer, region = f.region, why = %f.why, "staging for the peer failed");
                 }
                 if let Err(e) = p.send(Wire::Staged { transfer, failure }) {

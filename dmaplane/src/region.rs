@@ -16,7 +16,7 @@ use crate::nics::Nic;
 use crate::nics::Nics;
 use crate::platform::Platform;
 use crate::publish::Publish;
-use crate::stage::{Stage, staging};
+use crate::stage::{Stage, StageHost, staging};
 
 /// How one NIC reaches a region.
 ///
@@ -401,16 +401,23 @@ impl PeerStage {
 
 /// An MR of `nic` on staging buffer `st`.
 fn import_stage(cx: &RegisterCx<'_>, nic: &Nic, st: &Stage, access: MrAccess) -> Result<Mr> {
-    let id = nic
-        .id()
-        .ok_or_else(|| Error::setup(cx.agent, format!("{} is not on the fabric", nic.name())))?;
+    // Fabric host memory by the NIC's bus address; this process's memory by its address.
+    let id = match (&st.host, nic.id()) {
+        (StageHost::Fabric(_), None) => {
+            return Err(Error::setup(
+                cx.agent,
+                format!("{} is not on the fabric", nic.name()),
+            ));
+        }
+        (_, id) => id,
+    };
     let opts = ImportOptions {
         access,
         ..ImportOptions::default()
     };
     Ok(nic
         .pd()
-        .import(&st.name, opts, None, |i, a| st.host.attach(i, Some(id), a))?)
+        .import(&st.name, opts, None, |i, a| st.host.attach(i, id, a))?)
 }
 
 /// How one NIC takes a registration.
@@ -454,6 +461,20 @@ fn register_on(
     // the NIC accepts) means staging, and says why.
     let refused = memory.with_backing(|b| {
         Ok(match b {
+            // A software NIC (TCP) reaches only this process's memory: GPU memory is staged
+            // unless it offers some.
+            Backing::Gpu(g)
+                if nic.id().is_none()
+                    && nic.dev().backend().info().kind == dmaplane_rdma::BackendKind::Tcp =>
+            {
+                g.would_negotiate(
+                    DmaClient::External,
+                    nic.name(),
+                    &nic.dev().backend().accepts(),
+                )
+                .err()
+                .map(|e| e.to_string())
+            }
             // A real device: the driver's dma-buf export and the kernel decide at import.
             Backing::Gpu(_) if nic.id().is_none() => None,
             Backing::Gpu(g) => g

@@ -2,7 +2,7 @@
 //! Entries are held weakly: a registration lives while a handle or the cache holds it, and its
 //! id is never given out again (file registrations draw from the same ids).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -13,13 +13,20 @@ use crate::sync::lock;
 #[derive(Debug)]
 pub(crate) struct Registry {
     entries: Mutex<HashMap<u32, Weak<MemoryEntry>>>,
+    /// Registrations whose memory was freed, with the epoch of the revoke that freed it (the
+    /// newest [`BURIED`]): a peer's late request to one is told it was revoked, typed.
+    buried: Mutex<BTreeMap<u32, u64>>,
     next: AtomicU32,
 }
+
+/// How many freed registrations the registry remembers.
+const BURIED: usize = 4096;
 
 impl Default for Registry {
     fn default() -> Registry {
         Registry {
             entries: Mutex::new(HashMap::new()),
+            buried: Mutex::new(BTreeMap::new()),
             next: AtomicU32::new(1),
         }
     }
@@ -39,6 +46,28 @@ impl Registry {
     /// Stop listing registration `id`.
     pub(crate) fn remove(&self, id: u32) {
         lock(&self.entries).remove(&id);
+    }
+
+    /// Memory `memory` is being freed: remember each of its registrations with the epoch it
+    /// was revoked at.
+    pub(crate) fn bury_memory(&self, memory: u64) {
+        let gone: Vec<(u32, u64)> = lock(&self.entries)
+            .values()
+            .filter_map(Weak::upgrade)
+            .filter(|e| e.memory.id() == memory)
+            .filter_map(|e| Some((e.id, e.revoked_at()?)))
+            .collect();
+        let mut b = lock(&self.buried);
+        b.extend(gone);
+        while b.len() > BURIED {
+            b.pop_first();
+        }
+    }
+
+    /// The epoch registration `id` was revoked at when its memory was freed, if it was (and is
+    /// among the newest remembered).
+    pub(crate) fn buried(&self, id: u32) -> Option<u64> {
+        lock(&self.buried).get(&id).copied()
     }
 
     /// Registration `id`, while anything holds it.

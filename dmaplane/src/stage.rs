@@ -144,11 +144,17 @@ pub(crate) fn staging(
 ) -> Result<Arc<Stage>> {
     let gpu_name = memory.location().device();
     let what = || format!("staging for {}", memory.name());
+    let name = match peer {
+        Some(p) => format!("{}-staging-{p}", memory.name()),
+        None => format!("{}-staging", memory.name()),
+    };
     let Some(tb) = platform.testbed() else {
-        return Err(Error::setup(
-            &what(),
-            "staging needs the simulated testbed's GPUs",
-        ));
+        // A real GPU (CUDA): memfd host memory of this process, which NICs register by address
+        // (and peers on this host may map: the TCP backend's shared-memory path), registered
+        // with the GPU's copy engine (`cuMemHostRegister`).
+        let user = dmaplane_core::user::UserBuffer::memfd(&name, len)
+            .map_err(|e| Error::setup(&what(), e.to_string()))?;
+        return cuda_stage(platform, memory, StageHost::User(user), name);
     };
     let topo = tb.topology();
     let numa = topo
@@ -161,10 +167,6 @@ pub(crate) fn staging(
         ));
     };
     let through = dev.id.clone();
-    let name = match peer {
-        Some(p) => format!("{}-staging-{p}", memory.name()),
-        None => format!("{}-staging", memory.name()),
-    };
     let host = HostMemory::new(tb.fabric(), tb.device(&through)?, &name, len)
         .map_err(|e| Error::setup(&what(), e.to_string()))?;
     // Staging buffers are pinned host memory: resident before a transfer needs them.
@@ -185,26 +187,45 @@ pub(crate) fn staging(
 /// this process, registered with the GPU's copy engine (`cuMemHostRegister`), which the
 /// kernel's `O_DIRECT` reads fill and writes drain.
 pub(crate) fn cuda_bounce(platform: &Platform, memory: &Memory, len: u64) -> Result<Arc<Stage>> {
+    let name = format!("{}-bounce", memory.name());
+    let user = dmaplane_core::user::UserBuffer::anonymous(&name, len).map_err(|e| {
+        Error::setup(
+            &format!("bounce buffer for {}", memory.name()),
+            e.to_string(),
+        )
+    })?;
+    cuda_stage(platform, memory, StageHost::User(user), name)
+}
+
+/// `host` (this process's memory) as a stage of CUDA `memory` (on `cuda:N`): registered with the
+/// copy engine of the GPU handle that allocated the memory, which knows both sides.
+fn cuda_stage(
+    platform: &Platform,
+    memory: &Memory,
+    host: StageHost,
+    name: String,
+) -> Result<Arc<Stage>> {
     let device = memory.location().device();
-    let what = || format!("bounce buffer for {}", memory.name());
     let Some(ordinal) = device
         .strip_prefix("cuda:")
         .and_then(|n| n.parse::<u32>().ok())
     else {
         return Err(Error::setup(
-            &what(),
-            format!("{device} is not a CUDA GPU (cuda:N)"),
+            &name,
+            format!("{device} is not a CUDA GPU (cuda:N): no copy engine to stage it with"),
         ));
     };
-    // The handle that allocated the memory: its copy engine knows both sides.
     let gpu = platform.cuda_gpu(ordinal)?;
-    let name = format!("{}-bounce", memory.name());
-    let user = dmaplane_core::user::UserBuffer::anonymous(&name, len)
-        .map_err(|e| Error::setup(&what(), e.to_string()))?;
+    let StageHost::User(user) = &host else {
+        return Err(Error::setup(
+            &name,
+            "a CUDA stage is host memory of this process",
+        ));
+    };
     let view = gpu.import(&name, ImporterKind::Pinned, |i, a| user.attach(i, a))?;
     Ok(Arc::new(Stage {
         view,
-        host: StageHost::User(user),
+        host,
         gpu,
         through: "host memory (cuMemHostRegister)".into(),
         name,

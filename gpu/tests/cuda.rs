@@ -128,25 +128,7 @@ fn fake_driver_runs_every_gpu_test() {
         return;
     }
     let dir = std::env::temp_dir().join(format!("dmaplane-fake-libcuda-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let src = dir.join("fake_libcuda.c");
-    std::fs::write(&src, include_str!("../src/cuda/fake_libcuda.c")).unwrap();
-    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-    let built = Command::new(&cc)
-        .args(["-shared", "-fPIC", "-O1", "-pthread", "-o"])
-        .arg(dir.join("libcuda.so.1"))
-        .arg(&src)
-        .output();
-    let why = match built {
-        Err(e) => Some(format!(
-            "no C compiler to build the fake driver ({cc}: {e})"
-        )),
-        Ok(o) if !o.status.success() => Some(format!(
-            "{cc} could not build the fake driver: {}",
-            String::from_utf8_lossy(&o.stderr)
-        )),
-        Ok(_) => None,
-    };
+    let why = dmaplane_tests::build_fake_libcuda(&dir).err();
     if let Some(why) = why {
         // In CI a missing fake driver would drop every CUDA test silently: fail instead.
         assert!(std::env::var_os("CI").is_none(), "CI is set and {why}");

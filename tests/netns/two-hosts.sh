@@ -46,6 +46,9 @@ grep -q '^LISTEN 10.77.0.1:7474' "$dir/serve.out" || { cat "$dir/serve.out" "$di
 
 ip netns exec "$b" "$bin" --json agent read --connect 10.77.0.1:7474 --secret-file "$dir/secret" --verify | tee "$dir/read.json"
 grep -q '"verified":true' "$dir/read.json"
+# Two network namespaces are two hosts to the shared-memory path: the lane cannot be reached, and
+# every byte takes the socket.
+grep -q '"path":"socket"' "$dir/read.json" || { echo "FAIL: across namespaces the bytes did not take the socket"; exit 1; }
 ip netns exec "$b" "$bin" --json agent write --connect 10.77.0.1:7474 --secret-file "$dir/secret" --notify across | tee "$dir/write.json"
 grep -q '"verified":true' "$dir/write.json"
 # A peer without the secret is refused at the handshake.

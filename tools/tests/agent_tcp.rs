@@ -66,6 +66,25 @@ fn write_and_read_between_two_processes_are_verified_and_ctrl_c_leaves_cleanly()
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["verified"], true, "{out}");
     assert_eq!(v["bytes"], 8 << 20);
+    // Both on this host: every request through views of the server's memory.
+    assert_eq!(v["path"], "shared-memory", "{out}");
+    // The same over the socket when the client asks for it.
+    let (ok, out, err, _) = client(&[
+        "read",
+        "--connect",
+        &s.addr,
+        "--region",
+        "pool",
+        "--verify",
+        "--no-shm",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (v["verified"].clone(), v["path"].clone()),
+        (true.into(), "socket".into()),
+        "{out}"
+    );
     // A WRITE with a notification, read back and compared by the client.
     let (ok, out, err, _) = client(&[
         "write",
@@ -222,4 +241,57 @@ fn a_published_file_is_read_by_another_process_and_not_written() {
     interrupt(&s.child);
     assert!(s.child.wait().unwrap().success());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// CUDA memory on TCP agents: the NIC reaches only this process's memory, so the owner stages it
+/// through host memory; freed under a second process's WRITEs (the stress), every block whole,
+/// nothing after the ack. Runs against the fake driver built from `gpu/src/cuda/fake_libcuda.c`
+/// with the system C compiler (skipped without one, except under CI).
+#[test]
+fn cuda_memory_on_tcp_agents_is_staged_and_freed_cleanly_under_writes() {
+    let dir = std::env::temp_dir().join(format!("dmaplane-tcp-fakecuda-{}", std::process::id()));
+    if let Err(why) = dmaplane_tests::build_fake_libcuda(&dir) {
+        assert!(std::env::var_os("CI").is_none(), "CI is set and {why}");
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_dmaplane"))
+        .env("LD_LIBRARY_PATH", &dir)
+        .args([
+            "--json",
+            "stress",
+            "revoke",
+            "--backend",
+            "tcp",
+            "--exporter",
+            "cuda",
+        ])
+        .args(["--qps", "4", "--size", "65536", "--revokes", "20"])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(
+        (
+            v["lost"].clone(),
+            v["corrupt"].clone(),
+            v["post_ack_accesses"].clone()
+        ),
+        (0.into(), 0.into(), 0.into()),
+        "{stdout}"
+    );
+    assert_eq!(v["revokes"], 20, "{stdout}");
+    assert!(
+        v["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap_or_default().contains("Staged")),
+        "the owner's registration was not staged: {stdout}"
+    );
 }

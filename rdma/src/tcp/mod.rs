@@ -33,6 +33,13 @@
 //! A zap ([`crate::backend::MrBackend::zap`]) waits for the one system call under way on the
 //! region; from its return on, frames for it are refused with a remote access error (`nak`),
 //! and the requester's QP goes to ERR, as on RC.
+//!
+//! # Peers on one host
+//!
+//! A requester on the responder's host (and network namespace) moves the bytes of its WRITEs
+//! and READs through shared memory instead — one copy between its region and a view of the
+//! responder's, with the same keys, bounds and revoke — and the socket path stays for everything
+//! else: see [`shm`].
 
 pub mod frame;
 mod io;

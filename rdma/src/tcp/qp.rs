@@ -73,6 +73,9 @@ pub(crate) struct QpInner {
     pub(crate) outbox: (Vec<Completion>, Vec<Completion>),
     /// Batches of quiesce callbacks running now (the outbox waits for them).
     pub(crate) calling: u32,
+    /// The sender waits for the messages before its next one to be answered (the
+    /// shared-memory path): `settle` wakes it.
+    pub(crate) awaiting_answers: bool,
 }
 
 impl std::fmt::Debug for QpInner {
@@ -171,6 +174,7 @@ impl TcpQp {
                 quiesce_waiters: Vec::new(),
                 outbox: (Vec::new(), Vec::new()),
                 calling: 0,
+                awaiting_answers: false,
             }),
             cv: Condvar::new(),
             nic,
@@ -251,7 +255,9 @@ impl TcpQp {
             }
             inner.inflight.pop_front();
             // A sender waiting for the messages before its own to be answered looks again.
-            self.cv.notify_all();
+            if inner.awaiting_answers {
+                self.cv.notify_all();
+            }
         }
         if inner.state == QpState::Err && inner.inflight.is_empty() {
             let flushed = inner

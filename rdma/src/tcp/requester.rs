@@ -307,13 +307,13 @@ fn send_loop(qp: &Arc<TcpQp>, generation: u64, s: &TcpStream, lane: Option<&Lane
 /// connection is no longer wanted.
 fn first_unanswered(qp: &TcpQp, generation: u64, seq: u32) -> bool {
     let mut inner = lock(&qp.inner);
-    loop {
+    let first = loop {
         if inner.generation != generation || !qp.nic.alive() {
-            return false;
+            break false;
         }
         match inner.inflight.front() {
-            Some(f) if f.seq == seq => return f.outcome.is_none(),
-            None => return false,
+            Some(f) if f.seq == seq => break f.outcome.is_none(),
+            None => break false,
             Some(_) => {}
         }
         if inner
@@ -321,10 +321,13 @@ fn first_unanswered(qp: &TcpQp, generation: u64, seq: u32) -> bool {
             .iter()
             .any(|x| x.seq == seq && x.outcome.is_some())
         {
-            return false;
+            break false;
         }
+        inner.awaiting_answers = true;
         inner = wait_timeout(&qp.cv, inner, IDLE).0;
-    }
+    };
+    inner.awaiting_answers = false;
+    first
 }
 
 /// Send a WRITE or SEND as frames. Returns its outcome when it is known here (a local failure,

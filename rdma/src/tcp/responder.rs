@@ -13,7 +13,6 @@ use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-
 use crate::access::MrAccess;
 use crate::error::{RdmaError, Result};
 use crate::qp::QpState;

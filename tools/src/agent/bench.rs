@@ -376,10 +376,13 @@ fn measure(
         if stop.raised() {
             bail!("interrupted");
         }
+        // Interleaved with the plain stream, so both see the same moments of the machine.
         w.push(timed(true)?);
-        r.push(timed(false)?);
         if let Some(p) = &plain {
             pw.push(p.large(OP_WRITE, a.size)?);
+        }
+        r.push(timed(false)?);
+        if let Some(p) = &plain {
             pr.push(p.large(OP_READ, a.size)?);
         }
     }

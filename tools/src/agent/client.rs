@@ -63,6 +63,9 @@ struct Outcome {
     gbps: f64,
     /// `None` when not checked.
     verified: Option<bool>,
+    /// How the bytes moved, on TCP NICs: `shared-memory` (the peer on this host: every
+    /// request through views of its memory), `socket`, or `both`; `None` on other backends.
+    path: Option<&'static str>,
 }
 
 /// The client's agent, connected to `args.connect`, and the remote range it addresses.
@@ -240,6 +243,17 @@ pub fn run(a: &ClientArgs, op: Op, json: bool) -> Result<()> {
             );
         }
     }
+    // The client NICs' own count of requests through views (which path carried the bytes).
+    let tcp = c.agent.tcp_stats();
+    let path = (!tcp.is_empty()).then(|| {
+        let views: u64 = tcp.iter().map(|(_, s)| s.shm_messages).sum();
+        let posted = c.agent.stats().requests_posted;
+        match views {
+            0 => "socket",
+            v if v >= posted => "shared-memory",
+            _ => "both",
+        }
+    });
     let o = Outcome {
         op: if op == Op::Write { "write" } else { "read" },
         peer: c.peer.name().to_string(),
@@ -248,12 +262,13 @@ pub fn run(a: &ClientArgs, op: Op, json: bool) -> Result<()> {
         seconds,
         gbps: c.len as f64 / seconds / 1e9,
         verified,
+        path,
     };
     if json {
         println!("{}", serde_json::to_string(&o)?);
     } else {
         println!(
-            "{} {} {} region {} in {:.3} s: {:.2} GB/s{}",
+            "{} {} {} region {} in {:.3} s: {:.2} GB/s{}{}",
             o.op,
             bytes(o.bytes),
             if op == Op::Write { "to" } else { "from" },
@@ -264,7 +279,8 @@ pub fn run(a: &ClientArgs, op: Op, json: bool) -> Result<()> {
                 Some(true) => ", every byte verified",
                 Some(false) => ", bytes differ",
                 None => "",
-            }
+            },
+            o.path.map(|p| format!(" ({p})")).unwrap_or_default()
         );
     }
     Ok(())
