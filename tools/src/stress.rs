@@ -290,6 +290,7 @@ fn print(r: &StressReport, json: bool) -> Result<()> {
     }
     println!("  holders_cut_off    {}", r.holders_cut_off);
     println!("  views_after_ack    {}", r.views_after_ack);
+    println!("  dropped_while_pinned {}", r.dropped_while_pinned);
     println!(
         "  bytes_verified     {}",
         crate::units::bytes(r.bytes_verified)

@@ -33,7 +33,7 @@ pub use fault::{FaultKind, Faults};
 pub use host::HostMemory;
 pub use memory::{FileId, Mapping, MappingError};
 pub use oracle::{Event, Oracle, RECENT, Verdict, WindowId};
-pub use pinned::{PinError, Pinned};
+pub use pinned::{PinError, Pinned, dropped_while_pinned};
 pub use view::{View, ViewError};
 
 use crate::fence::FenceObserver;

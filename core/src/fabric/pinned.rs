@@ -28,6 +28,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::atomic_bytes;
@@ -46,6 +47,17 @@ struct Live {
 
 /// Every live mapping, by start address (its exposed provenance).
 static LIVE: Mutex<BTreeMap<usize, Live>> = Mutex::new(BTreeMap::new());
+
+/// Mappings dropped while pinned, in this process so far.
+static DROPPED_PINNED: AtomicU64 = AtomicU64::new(0);
+
+/// How many mappings this process dropped while a software engine still had them pinned (and
+/// so leaked): each one an importer that let its exporter go on — a fence signalled, a revoke
+/// acknowledged — before it let go of the memory. An observer outside every engine: the
+/// registry counts it where the mapping is dropped.
+pub fn dropped_while_pinned() -> u64 {
+    DROPPED_PINNED.load(Ordering::Relaxed)
+}
 
 /// Enter a new mapping at `start` (an address whose provenance was exposed) of `len` bytes.
 pub(super) fn enter(start: usize, len: usize) {
@@ -74,6 +86,9 @@ pub(super) fn leave(start: usize) -> bool {
     let mut live = lock(&LIVE);
     match live.get_mut(&start) {
         Some(l) if l.pins > 0 => {
+            if !l.dropped {
+                DROPPED_PINNED.fetch_add(1, Ordering::Relaxed);
+            }
             l.dropped = true;
             false
         }
@@ -342,11 +357,13 @@ mod tests {
         let va = m.process_va();
         let p = Pinned::new(va, 4096).unwrap();
         assert!(is_pinned(va as usize));
+        let dropped = dropped_while_pinned();
         let m = match m.into_vec() {
             Ok(_) => panic!("a pinned buffer was given back"),
             Err(m) => m,
         };
         drop(m);
+        assert!(dropped_while_pinned() > dropped, "the leak was not counted");
         assert!(p.write(0, b"still mapped"));
         let mut got = [0u8; 4];
         assert!(p.read(0, &mut got));

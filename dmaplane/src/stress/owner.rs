@@ -63,6 +63,9 @@ pub fn own(
         ));
     }
     let start = Instant::now();
+    // The pin registry's count of memory dropped while a software NIC held it: read around the
+    // run (the owner's process frees; nothing else of it frees pinned memory).
+    let pinned_drops_before = dmaplane_core::fabric::dropped_while_pinned();
     let size = cfg.size as usize;
     let slots = cfg.qps;
     let region = (slots as u64 * u64::from(cfg.size)).next_multiple_of(4096);
@@ -232,6 +235,8 @@ pub fn own(
         post_ack += check_poison(q, &mut failures);
     }
     drop(kept);
+    let dropped_while_pinned =
+        dmaplane_core::fabric::dropped_while_pinned().saturating_sub(pinned_drops_before);
     failures.extend(h.failures.iter().cloned());
     notes.extend(h.notes.iter().cloned());
     if maps_checked > 0 {
@@ -269,6 +274,7 @@ pub fn own(
         revokes_asked: cfg.revokes,
         holders_cut_off: cut_off,
         views_after_ack,
+        dropped_while_pinned,
         oracle: None,
         inject: cfg.inject,
         seconds: start.elapsed().as_secs_f64(),

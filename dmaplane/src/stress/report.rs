@@ -92,6 +92,9 @@ pub struct StressReport {
     /// Frees after whose ack the holder's process still mapped the freed memory (a view of
     /// the shared-memory path that outlived the revoke), read from its memory map.
     pub views_after_ack: u64,
+    /// Memory the owner's process freed while one of its software NICs still had it pinned
+    /// (leaked instead): an importer fenced before it let go. Counted by the pin registry.
+    pub dropped_while_pinned: u64,
     /// The fabric's oracle (sim only: on verbs the kernel does the DMA and no fabric sees it).
     pub oracle: Option<Verdict>,
     /// The fault injected on purpose, if any.
@@ -143,6 +146,7 @@ impl StressReport {
             revokes_asked: cfg.revokes,
             holders_cut_off: 0,
             views_after_ack: 0,
+            dropped_while_pinned: 0,
             oracle: None,
             inject: cfg.inject,
             seconds: start.elapsed().as_secs_f64(),
@@ -187,6 +191,11 @@ impl StressReport {
             "holders_cut_off",
             self.holders_cut_off,
             "lease holders that never acknowledged a revoke",
+        );
+        count(
+            "dropped_while_pinned",
+            self.dropped_while_pinned,
+            "memory freed while a software NIC still had it pinned (an importer fenced before it let go; leaked, not freed)",
         );
         count(
             "views_after_ack",

@@ -199,9 +199,10 @@ impl Lane {
     }
 
     /// Drop the view of `rkey` (waiting for the one copy under way); requests to it fail from
-    /// now on.
+    /// now on: one under way meets no view, and a later one asks the owner again, who refuses a
+    /// zapped key. The entry goes too, so a long-lived lane keeps nothing of regions gone.
     fn drop_view(&self, rkey: u32) {
-        let r = read(&self.remotes).get(&rkey).cloned();
+        let r = write(&self.remotes).remove(&rkey);
         if let Some(r) = r {
             let view = write(&r.view).take();
             drop(view);
