@@ -515,6 +515,60 @@ mod lanes {
         );
     }
 
+    /// A region dropped without a revoke (a caller's `Mr` let go) asks its views back before it
+    /// lets go of the memory: the drop waits for the peer's answer.
+    #[test]
+    fn a_region_dropped_without_a_revoke_asks_its_views_back() {
+        let (t, _other) = target();
+        let (_s, id) = hello_and_lane(&t);
+        let (l, a) = lane(&t, id, true);
+        assert_eq!(a.kind, L::Welcome);
+        let (_mem, mr) = memfd_mr(&t, 1 << 16, MrAccess::ALL);
+        let rkey = mr.rkey();
+        shm::send(l.as_fd(), &Msg::with(L::Map, rkey), None).unwrap();
+        assert_eq!(next(&l).0.kind, L::Mapped);
+        // The peer's engine: answers the unmap once it comes.
+        let peer = std::thread::spawn(move || {
+            let (m, _) = next(&l);
+            assert_eq!(
+                (m.kind, m.a),
+                (L::Unmap, rkey),
+                "the view was not asked back"
+            );
+            shm::send(l.as_fd(), &Msg::with(L::Unmapped, rkey), None).unwrap();
+            l
+        });
+        let before = t.nic.stats().views_dropped;
+        drop(mr);
+        let _l = peer.join().unwrap();
+        assert_eq!(t.nic.stats().views_dropped, before + 1);
+    }
+
+    /// A QP that stops taking requests (ERR) winds its lane up: every view is asked back.
+    #[test]
+    fn a_qp_that_stops_responding_asks_its_views_back() {
+        let (t, _other) = target();
+        let (_s, id) = hello_and_lane(&t);
+        let (l, a) = lane(&t, id, true);
+        assert_eq!(a.kind, L::Welcome);
+        let (_mem, mr) = memfd_mr(&t, 1 << 16, MrAccess::ALL);
+        shm::send(l.as_fd(), &Msg::with(L::Map, mr.rkey()), None).unwrap();
+        assert_eq!(next(&l).0.kind, L::Mapped);
+        t.qp.modify(&QpAttr::to(QpState::Err)).unwrap();
+        let (m, _) = next(&l);
+        assert_eq!((m.kind, m.a), (L::Unmap, mr.rkey()));
+        shm::send(l.as_fd(), &Msg::with(L::Unmapped, mr.rkey()), None).unwrap();
+        // All dropped: the lane is closed.
+        let due = Instant::now() + T;
+        loop {
+            match shm::recv(l.as_fd()).unwrap() {
+                Got::End => break,
+                Got::Nothing if Instant::now() < due => {}
+                other => panic!("expected the lane's end, got {other:?}"),
+            }
+        }
+    }
+
     /// Garbage on a proven lane closes it.
     #[test]
     fn garbage_on_a_lane_closes_it() {

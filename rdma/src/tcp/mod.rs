@@ -458,6 +458,12 @@ impl DeviceBackend for TcpNic {
     fn poll_async_event(&self) -> Option<AsyncEvent> {
         self.shared.events.pop()
     }
+
+    /// A zap of a region shared with a peer on this host waits for that peer (up to
+    /// [`UNMAP_WAIT`]): the quiesce layer makes it from its worker thread.
+    fn calls_block(&self) -> bool {
+        true
+    }
 }
 
 /// Enter `v` under `key`, forgetting dropped entries now and then (amortised: when the map

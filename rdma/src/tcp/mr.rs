@@ -9,11 +9,14 @@
 //!
 //! A region may also be shared with a peer on this host ([`TcpMr::share`], the shared-memory
 //! path: `shm/`): then its zap also waits until every peer it was shared with has dropped its
-//! view, and fails, naming them, for a peer that does not answer.
+//! view, and fails, naming them, for a peer that does not answer. Until every such peer has
+//! answered, the region keeps its pins (the memory cannot be freed, only leaked, and the pin
+//! registry counts that) and the peers that did not answer stay its sharers: a later zap asks
+//! them again. Dropping a region that was never zapped tells its sharers too.
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock};
 
 use dmaplane_core::fabric::Pinned;
 use dmaplane_core::{AddrList, AddrSpace};
@@ -75,8 +78,11 @@ pub(crate) struct TcpMr {
     /// `None` once zapped.
     pieces: RwLock<Option<Vec<Piece>>>,
     zapping: AtomicBool,
-    /// The peers it was shared with.
-    sharers: Mutex<Vec<Weak<dyn Sharer>>>,
+    /// The peers it was shared with (held strongly: a lane that ended still answers for its
+    /// views, see `shm::owner`).
+    sharers: Mutex<Vec<Arc<dyn Sharer>>>,
+    /// Pins taken out by a zap whose peers did not all answer: kept until they do (or for good).
+    held: Mutex<Vec<Piece>>,
 }
 
 impl TcpMr {
@@ -133,6 +139,7 @@ impl TcpMr {
             pieces: RwLock::new(Some(pieces)),
             zapping: AtomicBool::new(false),
             sharers: Mutex::new(Vec::new()),
+            held: Mutex::new(Vec::new()),
         })
     }
 
@@ -185,7 +192,7 @@ impl TcpMr {
 
     /// Share the region with `to` (see the module docs): refused once zapped, for a region that
     /// grants no remote access, and for one that is not a single range of a memory file.
-    pub(crate) fn share(&self, to: Weak<dyn Sharer>) -> std::result::Result<Shared, NotShared> {
+    pub(crate) fn share(&self, to: &Arc<dyn Sharer>) -> std::result::Result<Shared, NotShared> {
         let access = self.keys.access;
         if !access.intersects(MrAccess::REMOTE_READ | MrAccess::REMOTE_WRITE) {
             return Err(NotShared::Denied);
@@ -199,8 +206,9 @@ impl TcpMr {
         };
         let (file, offset) = piece.pin.file().ok_or(NotShared::NoFile)?;
         let mut sharers = lock(&self.sharers);
-        sharers.retain(|s| s.strong_count() > 0);
-        sharers.push(to);
+        if !sharers.iter().any(|s| Arc::ptr_eq(s, to)) {
+            sharers.push(to.clone());
+        }
         Ok(Shared {
             file,
             offset,
@@ -214,6 +222,41 @@ impl TcpMr {
     /// next frame.
     pub(crate) fn zapping(&self) -> bool {
         self.zapping.load(Ordering::SeqCst)
+    }
+}
+
+impl TcpMr {
+    /// Tell every sharer to drop its view and wait; those that did not answer stay sharers.
+    /// Returns why each of those did not.
+    fn unshare(&self) -> Vec<String> {
+        let sharers = std::mem::take(&mut *lock(&self.sharers));
+        let mut failed = Vec::new();
+        let mut kept = Vec::new();
+        for s in sharers {
+            if let Err(why) = s.unmap(self.keys.rkey) {
+                failed.push(why);
+                kept.push(s);
+            }
+        }
+        lock(&self.sharers).extend(kept);
+        failed
+    }
+}
+
+impl Drop for TcpMr {
+    fn drop(&mut self) {
+        // Deregistered without a zap (a caller's `Mr` dropped): its peers still drop their
+        // views first, or the pins stay (leaked with the memory, counted by the registry).
+        if lock(&self.sharers).is_empty() {
+            return;
+        }
+        let failed = self.unshare();
+        if !failed.is_empty() {
+            tracing::error!(rkey = self.keys.rkey, why = %failed.join("; "), "a region dropped while a peer may still map it: its memory is leaked");
+            let pieces = write(&self.pieces).take().unwrap_or_default();
+            std::mem::forget(pieces);
+            std::mem::forget(std::mem::take(&mut *lock(&self.held)));
+        }
     }
 }
 
@@ -233,20 +276,20 @@ impl MrBackend for TcpMr {
 
     fn zap(&self) -> Result<()> {
         self.zapping.store(true, Ordering::SeqCst);
-        // Waits for the one system call under way, if any; the pins go with the pieces.
+        // Waits for the one system call under way, if any: from here on this engine reaches
+        // nothing of the region.
         let pieces = write(&self.pieces).take();
-        drop(pieces);
         // Then every peer it was shared with drops its view (outside the lock: the peer's
         // engine may be finishing a copy it started before).
-        let sharers = std::mem::take(&mut *lock(&self.sharers));
-        let failed: Vec<String> = sharers
-            .iter()
-            .filter_map(Weak::upgrade)
-            .filter_map(|s| s.unmap(self.keys.rkey).err())
-            .collect();
+        let failed = self.unshare();
         if failed.is_empty() {
+            // Nobody reaches the memory any more: the pins go.
+            drop(pieces);
+            lock(&self.held).clear();
             return Ok(());
         }
+        // Someone may still map it: the pins stay, so the memory is leaked, never reused.
+        lock(&self.held).extend(pieces.unwrap_or_default());
         Err(RdmaError::Backend {
             device: "tcp".into(),
             op: "zap",

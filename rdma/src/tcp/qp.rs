@@ -76,6 +76,9 @@ pub(crate) struct QpInner {
     /// The sender waits for the messages before its next one to be answered (the
     /// shared-memory path): `settle` wakes it.
     pub(crate) awaiting_answers: bool,
+    /// The sender is copying a message through a view (the shared-memory path): the QP is
+    /// not quiescent until it stops, whatever was recorded of the message meanwhile.
+    pub(crate) copying: bool,
 }
 
 impl std::fmt::Debug for QpInner {
@@ -96,6 +99,7 @@ impl QpInner {
     /// into a connection that is shut: nothing of it lands.
     pub(crate) fn quiesced(&self) -> bool {
         self.inflight.is_empty()
+            && !self.copying
             && match self.state {
                 QpState::Err | QpState::Reset => true,
                 QpState::Sqd => self.stop || self.sqd_budget == 0,
@@ -175,6 +179,7 @@ impl TcpQp {
                 outbox: (Vec::new(), Vec::new()),
                 calling: 0,
                 awaiting_answers: false,
+                copying: false,
             }),
             cv: Condvar::new(),
             nic,

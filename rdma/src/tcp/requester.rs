@@ -78,7 +78,12 @@ fn run(qp: &Arc<TcpQp>, generation: u64) {
     let lane = open_lane(qp, lane_id);
     let rx = match stream.try_clone() {
         Ok(s) => s,
-        Err(e) => return fail_to_connect(qp, generation, format!("socket clone: {e}")),
+        Err(e) => {
+            if let Some(l) = &lane {
+                l.end();
+            }
+            return fail_to_connect(qp, generation, format!("socket clone: {e}"));
+        }
     };
     let q = qp.clone();
     let name = format!("tcp-qp-{:x}-rx", qp.qpn);
@@ -265,16 +270,23 @@ fn send_loop(qp: &Arc<TcpQp>, generation: u64, s: &TcpStream, lane: Option<&Lane
         if let Some(l) = lane
             && matches!(wr.op, SendOp::RdmaWrite | SendOp::RdmaRead)
             && first_unanswered(qp, generation, seq)
-            && let Some(o) = l.execute(qp, &wr)
         {
+            lock(&qp.inner).copying = true;
+            let o = l.execute(qp, generation, &wr);
             let mut inner = lock(&qp.inner);
+            inner.copying = false;
             if inner.generation != generation {
+                qp.finish(inner);
                 return;
             }
-            qp.resolve(&mut inner, seq, o);
-            qp.cv.notify_all();
+            if let Some(o) = o {
+                qp.resolve(&mut inner, seq, o);
+                qp.cv.notify_all();
+                qp.finish(inner);
+                continue;
+            }
+            // Not through a view after all: the socket path below.
             qp.finish(inner);
-            continue;
         }
         let (outcome, broken) = match wr.op {
             SendOp::RdmaRead => request_read(qp, &wr, seq, s, &alive),

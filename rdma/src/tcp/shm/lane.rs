@@ -23,6 +23,8 @@ use super::{Got, Kind, LANE_TIME, MapRefusal, Msg, Refusal, TICK};
 /// How many bytes one copy moves at most: between two, the QP's state is looked at, and a
 /// view's drop or a region's zap waits for at most one.
 const CHUNK: usize = 1 << 20;
+/// How many socket-only rkeys a lane remembers (then it forgets them all and asks again).
+const SOCKET_ONLY: usize = 4096;
 
 /// A region of the owner's, as the owner described it, and the view of it (`None` once the
 /// owner had it dropped: requests to it then fail as a remote access error).
@@ -50,6 +52,9 @@ pub(crate) struct Lane {
     qpn: u32,
     sock: OwnedFd,
     remotes: RwLock<HashMap<u32, Arc<Remote>>>,
+    /// Rkeys the owner said are not shared (or whose view could not be made): the socket path
+    /// at once, without asking again (at most [`SOCKET_ONLY`] remembered).
+    socket_only: Mutex<std::collections::HashSet<u32>>,
     answer: Mutex<Option<(u32, Answer)>>,
     cv: Condvar,
     ended: AtomicBool,
@@ -99,6 +104,7 @@ pub(crate) fn open(qp: &TcpQp, dest: &RemoteQp, id: u64) -> Result<Arc<Lane>, St
         qpn: qp.qpn,
         sock,
         remotes: RwLock::new(HashMap::new()),
+        socket_only: Mutex::new(std::collections::HashSet::new()),
         answer: Mutex::new(None),
         cv: Condvar::new(),
         ended: AtomicBool::new(false),
@@ -154,6 +160,12 @@ impl Lane {
             (Kind::Mapped, Some(f)) => {
                 let access = MrAccess::from_bits(m.b)
                     .ok_or_else(|| format!("access {:#x} for rkey {:#x}", m.b, m.a))?;
+                if m.x.checked_add(m.y).is_none() {
+                    return Err(format!(
+                        "rkey {:#x}: iova {:#x} + {:#x} bytes overflows",
+                        m.a, m.x, m.y
+                    ));
+                }
                 let answer =
                     match View::map(f.as_fd(), m.z, m.y, access.contains(MrAccess::REMOTE_WRITE)) {
                         Ok(view) => {
@@ -228,7 +240,7 @@ impl Lane {
         if let Some(r) = read(&self.remotes).get(&rkey) {
             return Ok(r.clone());
         }
-        if self.ended.load(Ordering::SeqCst) {
+        if self.ended.load(Ordering::SeqCst) || lock(&self.socket_only).contains(&rkey) {
             return Err(Outcome::Socket);
         }
         *lock(&self.answer) = None;
@@ -255,10 +267,25 @@ impl Lane {
                 .get(&rkey)
                 .cloned()
                 .ok_or(Outcome::Done(WcStatus::RemAccessErr, 0)),
-            Answer::Refused(c) if c == MapRefusal::NotShared as u8 => Err(Outcome::Socket),
+            Answer::Refused(c) if c == MapRefusal::NotShared as u8 => {
+                self.socket_only(rkey);
+                Err(Outcome::Socket)
+            }
             Answer::Refused(_) => Err(Outcome::Done(WcStatus::RemAccessErr, 0)),
-            Answer::Unusable => Err(Outcome::Socket),
+            Answer::Unusable => {
+                self.socket_only(rkey);
+                Err(Outcome::Socket)
+            }
         }
+    }
+
+    /// Requests to `rkey` take the socket from now on.
+    fn socket_only(&self, rkey: u32) {
+        let mut s = lock(&self.socket_only);
+        if s.len() >= SOCKET_ONLY {
+            s.clear();
+        }
+        s.insert(rkey);
     }
 
     /// `wr` broke its region's rules (or its view was dropped): the owner is told (its QP goes
@@ -276,7 +303,12 @@ impl Lane {
     /// Execute `wr` (a WRITE without immediate, or a READ) through a view, when its region can
     /// be reached so: `None` sends it on the socket instead. Every earlier message of the QP has
     /// been answered (the caller waited).
-    pub(crate) fn execute(&self, qp: &TcpQp, wr: &SendWr) -> Option<(WcStatus, u32)> {
+    pub(crate) fn execute(
+        &self,
+        qp: &TcpQp,
+        generation: u64,
+        wr: &SendWr,
+    ) -> Option<(WcStatus, u32)> {
         if self.ended.load(Ordering::SeqCst) {
             return None;
         }
@@ -291,7 +323,7 @@ impl Lane {
             Err(Outcome::Done(st, n)) => return Some((st, n)),
         };
         let total = wr.sg.total();
-        let end = remote.iova + remote.len;
+        let end = remote.iova.saturating_add(remote.len);
         let in_bounds = wr.remote.addr >= remote.iova
             && wr.remote.addr.checked_add(total).is_some_and(|e| e <= end);
         if !remote.access.contains(need) || !in_bounds {
@@ -311,7 +343,12 @@ impl Lane {
             let len = u64::from(sge.length);
             let mut off = 0u64;
             while off < len {
-                if qp.fast_state() == QpState::Err {
+                // ERR cuts the message between two chunks; a RESET (a new generation) ends it.
+                let state = qp.fast_state();
+                if state == QpState::Err
+                    || !matches!(state, QpState::Rts | QpState::Sqd)
+                    || lock(&qp.inner).generation != generation
+                {
                     if done > 0 {
                         qp.nic.event(
                             "MESSAGE_CUT",

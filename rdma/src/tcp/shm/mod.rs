@@ -16,9 +16,10 @@
 //! # Views: keys, bounds and the revoke
 //!
 //! On the lane the requester asks for an rkey; the owner's engine checks it as a NIC checks a
-//! request (a region of the QP's protection domain, live, granting remote access) and answers
-//! with the region's memory file (`SCM_RIGHTS`: the memfd of a host arena — read-only when the
-//! region grants no remote write), its offset, bounds and access. The requester maps a
+//! request (a QP that takes requests, a region of its protection domain, live, the remote
+//! access both grant — a refused key moves the QP to ERR, as a nak does) and answers with the
+//! region's memory file (`SCM_RIGHTS`: the memfd of a host arena — read-only when no remote
+//! write is granted), its offset, bounds and that access. The requester maps a
 //! [`View`](dmaplane_core::fabric::View) of exactly that range and then executes its WRITEs and
 //! READs to the rkey itself: checks bounds and access per message, as the owner's engine does
 //! for frames, and copies between its local region and the view a chunk at a time — the QP's
@@ -28,8 +29,14 @@
 //! it was shared on and waits until each answers `unmapped` — which the requester sends only
 //! once the view is dropped (munmapped: it waits for the one chunk under way). So when the zap
 //! returns, and before any revoke is acknowledged, no other process maps the memory; a peer that
-//! does not answer within [`UNMAP_WAIT`] fails the zap, named. A lane's end drops all its views
-//! first (a killed process's mappings go with it).
+//! does not answer within [`UNMAP_WAIT`] fails the zap, named (the region then keeps its pins,
+//! so its memory is leaked rather than reused, and the peer stays its sharer: a later zap asks
+//! again). A zap therefore waits for a peer, so the quiesce layer makes it from its worker
+//! thread ([`crate::backend::DeviceBackend::calls_block`]). A lane's end drops all its views
+//! first (a killed process's mappings go with it); a lane the owner closes answers for its
+//! views as not dropped. When the owner's QP stops taking requests (ERR, RESET), its lane is
+//! wound up: every view asked back, then the lane closed. Every send on a lane gives up after
+//! [`UNMAP_WAIT`], so a peer that stops reading fails a zap instead of holding it.
 //!
 //! # Order
 //!
@@ -294,7 +301,12 @@ pub fn recv(sock: BorrowedFd<'_>) -> Result<Got, String> {
         }
     }
     if got.bytes == 0 {
-        return Ok(Got::End);
+        // The end of the lane — or an empty message, which no peer of this protocol sends.
+        return if hung_up(sock) {
+            Ok(Got::End)
+        } else {
+            Err("an empty lane message".into())
+        };
     }
     if got
         .flags
@@ -311,10 +323,28 @@ pub fn recv(sock: BorrowedFd<'_>) -> Result<Got, String> {
     Ok(Got::Msg(m, file))
 }
 
-/// Wait up to `t` for each receive on `sock`.
+/// Wait up to `t` for each receive on `sock`; a send waits up to [`UNMAP_WAIT`] (a peer that
+/// stopped reading fails the send, not the sender forever).
 pub fn set_timeout(sock: BorrowedFd<'_>, t: Duration) -> Result<(), String> {
-    rustix::net::sockopt::set_socket_timeout(sock, rustix::net::sockopt::Timeout::Recv, Some(t))
-        .map_err(|e| format!("receive timeout: {e}"))
+    use rustix::net::sockopt::{Timeout, set_socket_timeout};
+    set_socket_timeout(sock, Timeout::Recv, Some(t))
+        .map_err(|e| format!("receive timeout: {e}"))?;
+    set_socket_timeout(sock, Timeout::Send, Some(UNMAP_WAIT))
+        .map_err(|e| format!("send timeout: {e}"))
+}
+
+/// Whether the other end of `sock` closed it.
+fn hung_up(sock: BorrowedFd<'_>) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(&sock, PollFlags::IN | PollFlags::RDHUP)];
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    rustix::event::poll(&mut fds, Some(&zero)).is_ok()
+        && fds[0]
+            .revents()
+            .intersects(PollFlags::HUP | PollFlags::RDHUP)
 }
 
 /// Whether the process at the other end of `sock` runs as this process's user.

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -74,15 +74,16 @@ fn accept_loop(nic: &Arc<NicShared>, listener: &OwnedFd) {
 
 #[derive(Debug, Default)]
 struct PeerState {
-    /// Rkeys whose view the peer said it dropped (since it was last shared).
-    unmapped: HashSet<u32>,
+    /// Rkeys whose view the peer holds (or is about to: `mapped` sent), until it says it
+    /// dropped it.
+    shared: HashSet<u32>,
     /// The lane ended; `by_peer`: the peer closed it (having dropped its views first).
     ended: bool,
     by_peer: bool,
 }
 
 /// A proven lane: a requester QP's peer on this host (the [`Sharer`] its regions are shared
-/// with).
+/// with; they hold it as long as they live, so a lane that ended still answers for its views).
 #[derive(Debug)]
 struct Peer {
     nic: String,
@@ -101,58 +102,70 @@ impl Peer {
         let mut st = lock(&self.state);
         st.ended = true;
         st.by_peer = by_peer;
+        if by_peer {
+            // The peer drops every view before it closes its end.
+            st.shared.clear();
+        }
         self.cv.notify_all();
         drop(st);
         let _ = rustix::net::shutdown(&self.sock, rustix::net::Shutdown::Both);
+    }
+
+    fn who(&self) -> String {
+        format!("the lane of QP {:#x} (process {})", self.qpn, self.pid)
+    }
+
+    /// Send `unmap` for `rkey` unless the peer holds no view of it: `None` when it holds none,
+    /// else whether the send failed and why (a peer that closed its end fails it; the lane's
+    /// thread sees that end next, and it answers for the view).
+    fn ask_unmap(&self, rkey: u32) -> Result<Option<Option<String>>, String> {
+        let _sending = lock(&self.sending);
+        let st = lock(&self.state);
+        if !st.shared.contains(&rkey) {
+            return Ok(None);
+        }
+        if st.ended {
+            return Err(format!(
+                "{} was closed by this side before the peer said it dropped its view",
+                self.who()
+            ));
+        }
+        drop(st);
+        Ok(Some(
+            super::send(self.sock.as_fd(), &Msg::with(Kind::Unmap, rkey), None).err(),
+        ))
     }
 }
 
 impl Sharer for Peer {
     fn unmap(&self, rkey: u32) -> Result<(), String> {
-        let who = || format!("the lane of QP {:#x} (process {})", self.qpn, self.pid);
-        let ended = |st: &PeerState| {
-            if st.by_peer {
-                Ok(())
-            } else {
-                Err(format!(
-                    "{} was closed by this side before it answered",
-                    who()
-                ))
-            }
+        let Some(unsent) = self.ask_unmap(rkey)? else {
+            return Ok(());
         };
-        let sending = lock(&self.sending);
-        {
-            let mut st = lock(&self.state);
-            if st.ended {
-                return ended(&st);
-            }
-            st.unmapped.remove(&rkey);
-        }
-        let sent = super::send(self.sock.as_fd(), &Msg::with(Kind::Unmap, rkey), None);
-        drop(sending);
-        // A send that failed because the peer closed the lane: its end (which the lane's
-        // thread sees next) is the answer.
-        let unsent = sent.err();
         let deadline = Instant::now() + UNMAP_WAIT;
         let mut st = lock(&self.state);
         loop {
-            if st.unmapped.contains(&rkey) {
+            if !st.shared.contains(&rkey) {
                 tracing::debug!(nic = %self.nic, qpn = self.qpn, rkey, "peer dropped its view");
                 return Ok(());
             }
             if st.ended {
-                return ended(&st);
+                return Err(format!(
+                    "{} was closed by this side before the peer said it dropped its view",
+                    self.who()
+                ));
             }
             let now = Instant::now();
             if now >= deadline {
                 return Err(match &unsent {
                     Some(why) => format!(
-                        "{}: unmap not sent ({why}), and the lane did not end",
-                        who()
+                        "{}: unmap not sent ({why}), and the lane did not end within {} s",
+                        self.who(),
+                        UNMAP_WAIT.as_secs()
                     ),
                     None => format!(
                         "{} did not say it dropped its view within {} s",
-                        who(),
+                        self.who(),
                         UNMAP_WAIT.as_secs()
                     ),
                 });
@@ -179,7 +192,27 @@ fn serve(nic: &Arc<NicShared>, sock: OwnedFd) {
     drop(slot);
     let peer: Arc<Peer> = Arc::new(peer);
     let mut by_peer = false;
+    // Once the QP stops responding (ERR, RESET), the lane is wound up: every view is asked
+    // back, and it ends when all are dropped (or when UNMAP_WAIT runs out).
+    let mut winding: Option<Instant> = None;
     while nic.alive() {
+        if winding.is_none() && !responding(&qp) {
+            let rkeys: Vec<u32> = lock(&peer.state).shared.iter().copied().collect();
+            for rkey in rkeys {
+                match peer.ask_unmap(rkey) {
+                    Ok(Some(Some(why))) | Err(why) => {
+                        tracing::debug!(nic = %nic.name, qpn = peer.qpn, %why, "lane wound up");
+                    }
+                    Ok(_) => {}
+                }
+            }
+            winding = Some(Instant::now() + UNMAP_WAIT);
+        }
+        if let Some(due) = winding
+            && (lock(&peer.state).shared.is_empty() || Instant::now() >= due)
+        {
+            break;
+        }
         let m = match super::recv(peer.sock.as_fd()) {
             Ok(Got::Msg(m, None)) => m,
             Ok(Got::Msg(_, Some(_))) => {
@@ -198,6 +231,14 @@ fn serve(nic: &Arc<NicShared>, sock: OwnedFd) {
         };
         let r = match m.kind {
             Kind::Map => map(nic, &peer, &qp, m.a),
+            Kind::Unmapped => {
+                let mut st = lock(&peer.state);
+                if st.shared.remove(&m.a) {
+                    nic.count_view_dropped();
+                }
+                peer.cv.notify_all();
+                Ok(())
+            }
             Kind::Violation => {
                 let why = format!(
                     "a request through a view of rkey {:#x} at {:#x} of {} bytes was refused \
@@ -208,13 +249,6 @@ fn serve(nic: &Arc<NicShared>, sock: OwnedFd) {
                 qp.responder_error("QP_ACCESS_ERR", why);
                 Ok(())
             }
-            Kind::Unmapped => {
-                let mut st = lock(&peer.state);
-                st.unmapped.insert(m.a);
-                peer.cv.notify_all();
-                nic.count_view_dropped();
-                Ok(())
-            }
             other => Err(format!("a {other:?} message from a requester")),
         };
         if let Err(why) = r {
@@ -223,6 +257,11 @@ fn serve(nic: &Arc<NicShared>, sock: OwnedFd) {
         }
     }
     peer.end(by_peer);
+}
+
+/// Whether the QP takes requests (as the socket path's responder does only then).
+fn responding(qp: &TcpQp) -> bool {
+    matches!(qp.fast_state(), QpState::Rtr | QpState::Rts | QpState::Sqd)
 }
 
 /// The hello: the peer's user, the challenge, the proof. Returns the proven peer and its QP's
@@ -335,36 +374,54 @@ fn hello(nic: &NicShared, sock: OwnedFd) -> Option<(Peer, Arc<TcpQp>)> {
     ))
 }
 
-/// Answer a request for a view of `rkey`: checked as a NIC checks a request.
-/// A refused key moves the QP to ERR, as a nak does.
+/// Answer a request for a view of `rkey`: checked as a NIC checks a request — a QP that takes
+/// requests, a live region of its protection domain, the access both grant. A refused key
+/// moves the QP to ERR, as a nak does.
 fn map(nic: &NicShared, peer: &Arc<Peer>, qp: &TcpQp, rkey: u32) -> Result<(), String> {
     let refuse = |r: MapRefusal| {
-        if r == MapRefusal::Denied {
-            nic.count_frame_refused();
-            qp.responder_error(
-                "QP_ACCESS_ERR",
-                format!("a view of rkey {rkey:#x} refused: no live region of the QP's protection domain grants remote access by it"),
-            );
-        }
         let mut m = Msg::with(Kind::MapRefused, rkey);
         m.code = r as u8;
         super::send(peer.sock.as_fd(), &m, None)
     };
-    let Some(mr) = nic.mr(rkey).filter(|m| m.pd == qp.pd) else {
-        return refuse(MapRefusal::Denied);
+    let denied = |why: String| {
+        nic.count_frame_refused();
+        // Not under `sending`: the QP's ERR may run a quiesce whose zap sends on this lane.
+        qp.responder_error("QP_ACCESS_ERR", why);
+        refuse(MapRefusal::Denied)
     };
-    let me: Weak<dyn Sharer> = Arc::downgrade(peer) as Weak<dyn Sharer>;
-    let _sending = lock(&peer.sending);
-    let shared = match mr.share(me) {
+    if !responding(qp) {
+        return refuse(MapRefusal::Denied);
+    }
+    let qp_access = lock(&qp.inner).access;
+    let Some(mr) = nic.mr(rkey).filter(|m| m.pd == qp.pd) else {
+        return denied(format!(
+            "a view of rkey {rkey:#x} refused: no region of the QP's protection domain has it"
+        ));
+    };
+    let me: Arc<dyn Sharer> = peer.clone();
+    let sending = lock(&peer.sending);
+    let shared = match mr.share(&me) {
         Ok(s) => s,
-        Err(NotShared::Denied) => return refuse(MapRefusal::Denied),
+        Err(NotShared::Denied) => {
+            drop(sending);
+            return denied(format!(
+                "a view of rkey {rkey:#x} refused: the region is zapped or grants no remote access"
+            ));
+        }
         Err(NotShared::NoFile) => return refuse(MapRefusal::NotShared),
     };
-    lock(&peer.state).unmapped.remove(&rkey);
+    // What the peer may do through the view: what the region and the QP both grant.
+    let access = shared.access & (qp_access | MrAccess::LOCAL_WRITE);
+    if !access.intersects(MrAccess::REMOTE_READ | MrAccess::REMOTE_WRITE) {
+        drop(sending);
+        return denied(format!(
+            "a view of rkey {rkey:#x} refused: the QP grants no remote access ({qp_access})"
+        ));
+    }
     // A region the peer may only read is handed over as a read-only file: the peer cannot map
     // it for writing.
     let ro;
-    let file = if shared.access.contains(MrAccess::REMOTE_WRITE) {
+    let file = if access.contains(MrAccess::REMOTE_WRITE) {
         shared.file.as_fd()
     } else {
         let path = format!("/proc/self/fd/{}", shared.file.as_raw_fd());
@@ -384,10 +441,12 @@ fn map(nic: &NicShared, peer: &Arc<Peer>, qp: &TcpQp, rkey: u32) -> Result<(), S
         }
     };
     let mut m = Msg::with(Kind::Mapped, rkey);
-    m.b = shared.access.bits();
+    m.b = access.bits();
     m.x = shared.iova;
     m.y = shared.len;
     m.z = shared.offset;
+    // Shared from now on: a zap's unmap (which waits for `sending`) follows this `mapped`.
+    lock(&peer.state).shared.insert(rkey);
     super::send(peer.sock.as_fd(), &m, Some(file))?;
     nic.count_view_shared();
     Ok(())
