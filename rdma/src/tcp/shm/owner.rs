@@ -446,8 +446,8 @@ fn map(nic: &NicShared, peer: &Arc<Peer>, qp: &TcpQp, rkey: u32) -> Result<(), S
     m.y = shared.len;
     m.z = shared.offset;
     // Shared from now on: a zap's unmap (which waits for `sending`) follows this `mapped`.
+    // Counted before the peer can know it was shared.
     lock(&peer.state).shared.insert(rkey);
-    super::send(peer.sock.as_fd(), &m, Some(file))?;
     nic.count_view_shared();
-    Ok(())
+    super::send(peer.sock.as_fd(), &m, Some(file))
 }
