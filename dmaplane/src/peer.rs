@@ -358,6 +358,17 @@ impl PeerShared {
         tracing::info!(peer = %self.name, %why, "peer lost");
         *l = Some(why.clone());
         drop(l);
+        // Its queue pairs are dead (never reconnected): flush them now, so a request still
+        // waiting on one (its connection being dialled, say) ends at once as the peer lost,
+        // not when its retries run out.
+        for lane in self.paths.iter().flat_map(|p| &p.lanes) {
+            if let Err(e) = lane
+                .qp
+                .modify(&dmaplane_rdma::QpAttr::to(dmaplane_rdma::QpState::Err))
+            {
+                tracing::debug!(peer = %self.name, qpn = lane.qp.qpn(), error = %e, "queue pair of a lost peer not flushed");
+            }
+        }
         if let Some(a) = self.agent.upgrade() {
             a.peer_lost(&self.name, why);
         }
