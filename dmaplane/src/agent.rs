@@ -94,7 +94,7 @@ impl Agent {
 
     /// What each of its TCP NICs counted — connections, refusals, and the shared-memory path's
     /// lanes, views and messages (empty on other backends).
-    pub fn tcp_stats(&self) -> Vec<(String, dmaplane_rdma::TcpStats)> {
+    pub fn tcp_stats(&self) -> Vec<(String, crate::TcpStats)> {
         self.shared
             .nics
             .iter()

@@ -78,8 +78,13 @@ pub use cache::CacheStats;
 pub use config::Config;
 pub use desc::Desc;
 pub use dmaplane_core::Invalid;
+/// What a revoke or a free reports ([`Memory::free`], [`Memory::free_quarantined`]).
+pub use dmaplane_core::RevokeReport;
 /// Faults [`AgentBuilder::inject`] can break the protocol with, on purpose (stress runs).
 pub use dmaplane_rdma::Fault;
+/// What a TCP NIC counted ([`Agent::tcp_stats`]): connections, refusals, and the
+/// shared-memory path's lanes, views and messages.
+pub use dmaplane_rdma::TcpStats;
 pub use drive::FileTransfer;
 pub use error::{Error, Result, Side};
 pub use event::Event;
