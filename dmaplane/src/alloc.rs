@@ -211,6 +211,7 @@ impl Allocator<'_> {
                 backing: Mutex::new(Some(b)),
                 owner: self.owner.clone(),
                 tied: Mutex::new(Vec::new()),
+                freed_at: std::sync::OnceLock::new(),
             }),
         }
     }

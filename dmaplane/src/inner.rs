@@ -430,16 +430,13 @@ impl AgentInner {
                 return Some(fail(name, Some(epoch), e.gone_why().to_string()));
             }
             if let Err(err) = e.peer_stage_copy(&ps, off, len, !land) {
-                let revoked = || e.revoked_at().or_else(|| ps.revoked_at());
-                // A free takes the memory first and then revokes its staging buffers: a copy
-                // can meet the memory gone a moment before the revoke's epoch is set. That is
-                // the revoke, typed: wait for its epoch (bounded).
-                let mut epoch = revoked();
-                let due = std::time::Instant::now() + std::time::Duration::from_secs(2);
-                while epoch.is_none() && e.memory.is_freed() && std::time::Instant::now() < due {
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                    epoch = revoked();
-                }
+                // A free takes the memory before it revokes its staging buffers: a copy can
+                // meet the memory gone before any MR's revoke is recorded. The free named its
+                // epoch first; that is the revoke, typed.
+                let epoch = e
+                    .revoked_at()
+                    .or_else(|| ps.revoked_at())
+                    .or_else(|| e.memory.freed_at());
                 return Some(fail(name, epoch, format!("the copy engine failed: {err}")));
             }
         }

@@ -138,6 +138,9 @@ pub(crate) struct MemoryInner {
     pub(crate) owner: Weak<dyn Owner>,
     /// What is revoked with it, first: the staging buffers of its registrations.
     pub(crate) tied: Mutex<Vec<Weak<dyn Tied>>>,
+    /// The export's epoch when its free began: set before the backing goes, so whoever meets
+    /// it gone can name the revoke.
+    pub(crate) freed_at: std::sync::OnceLock<u64>,
 }
 
 /// What a memory needs of the agent that allocated it when it is freed.
@@ -191,6 +194,11 @@ impl Memory {
     /// Where it lives: the host-memory device or the GPU.
     pub fn location(&self) -> &Location {
         &self.inner.location
+    }
+
+    /// The epoch its free revoked, once a free began (before its backing went).
+    pub(crate) fn freed_at(&self) -> Option<u64> {
+        self.inner.freed_at.get().copied()
     }
 
     /// Whether [`Memory::free`] ran.
@@ -357,7 +365,14 @@ impl Memory {
     /// The first half of a free: every importer of the memory and of its staging buffers
     /// revoked, its registrations forgotten; the backing handed over for release.
     fn revoke_for_good(&self, deadline: Duration) -> Result<(RevokeReport, Backing)> {
-        let Some(backing) = lock(&self.inner.backing).take() else {
+        let backing = {
+            let mut b = lock(&self.inner.backing);
+            if let Some(epoch) = b.as_ref().map(Backing::epoch) {
+                let _ = self.inner.freed_at.set(epoch);
+            }
+            b.take()
+        };
+        let Some(backing) = backing else {
             return Err(self.freed());
         };
         // Staging buffers first: the NICs that reach this memory through one stop touching
