@@ -15,7 +15,7 @@
 
 use std::time::{Duration, Instant};
 
-use dmaplane::{Agent, Desc, Testbed};
+use dmaplane::{Agent, Desc, RemoteDesc, Testbed};
 use dmaplane_rdma::{Completion, ImportOptions, QpCaps, SendWr};
 use serde::Serialize;
 
@@ -121,6 +121,7 @@ pub struct AgentReport {
     pub rows: Vec<AgentRow>,
     pub cache: Option<CacheRow>,
     pub handshake: Option<HandshakeRow>,
+    pub block_lists: Option<crate::blocks::PostRow>,
 }
 
 /// What authenticating a peer costs: `Agent::connect_to` (the whole handshake, both sides'
@@ -190,6 +191,9 @@ pub struct AgentBenchConfig {
     pub cache: Option<(u64, usize)>,
     /// Handshakes each way (with a secret and without) on the simulated testbed; 0 skips.
     pub handshakes: usize,
+    /// Rounds of posting a 64-block READ three ways — hand-built descriptors, by index into
+    /// prepared lists, a prepared transfer again ([`crate::blocks`]); 0 skips.
+    pub block_lists: usize,
     /// Run on this RDMA device through verbs (`Some("")`: the first) instead of the simulated
     /// testbed. Feature `verbs`.
     pub verbs: Option<String>,
@@ -215,6 +219,7 @@ impl Default for AgentBenchConfig {
             depth: 128,
             cache: Some((4 << 30, 2000)),
             handshakes: 20,
+            block_lists: 1000,
             placement: dmaplane_core::cpu::Placement::auto(),
             verbs: None,
             working_set: 256 << 20,
@@ -228,6 +233,8 @@ pub enum AgentBenchError {
     Agent(#[from] dmaplane::Error),
     #[error(transparent)]
     Rdma(#[from] dmaplane_rdma::RdmaError),
+    #[error(transparent)]
+    Blocks(#[from] crate::blocks::BlocksError),
     #[error("{0}")]
     Bad(String),
 }
@@ -293,9 +300,9 @@ pub fn run(
             let local: Vec<Desc> = (0..batch)
                 .map(|k| ra.desc(offset(set, block, k), block))
                 .collect::<Result<_, _>>()?;
-            let remote: Vec<Desc> = (0..batch)
-                .map(|k| Desc::new(rb.id(), offset(set, block, k), block))
-                .collect();
+            let remote: Vec<RemoteDesc> = (0..batch)
+                .map(|k| peer.desc(rb.id(), offset(set, block, k), block))
+                .collect::<Result<_, _>>()?;
             let t1 = Instant::now();
             let t = a.write(&peer, &local, &remote, None)?;
             let t2 = Instant::now();
@@ -392,7 +399,17 @@ pub fn run(
             Some(handshakes(&tb, n)?)
         }
     };
+    let block_lists = match cfg.block_lists {
+        0 => None,
+        n => {
+            progress.step(&format!(
+                "{n} rounds of a 64-block READ posted three ways (hand-built, by index, prepared)"
+            ));
+            Some(crate::blocks::post_by_index(&tb, 4 << 10, n)?)
+        }
+    };
     Ok(AgentReport {
+        block_lists,
         placement: dmaplane_core::cpu::placement_note(cfg.placement.as_ref()),
         backend: if cfg.verbs.is_some() {
             "verbs".into()

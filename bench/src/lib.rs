@@ -2,6 +2,7 @@
 //! measure exactly the same work.
 
 pub mod agent;
+pub mod blocks;
 pub mod p2p;
 pub mod rdma;
 pub mod rounds;

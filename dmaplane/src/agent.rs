@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::blocks::{LocalBlocks, RemoteBlocks};
 use crate::config::Config;
-use crate::desc::Desc;
+use crate::desc::{Desc, RemoteDesc};
 use crate::drive::FileTransfer;
 use crate::error::Result;
 use crate::event::Event;
@@ -18,14 +19,14 @@ use crate::file::{FileRegion, FileSpec, StoragePath};
 use crate::inner::AgentInner;
 use crate::memory::Memory;
 use crate::metadata::Metadata;
-use crate::notify::Notification;
+use crate::notify::{NextNotification, Notification, Notify, NotifyFilter};
 use crate::peer::Peer;
 use crate::publish::Publish;
 use crate::region::Region;
 use crate::stats::AgentStats;
 use crate::sync::lock;
 use crate::testbed::Testbed;
-use crate::transfer::{Op, Transfer};
+use crate::transfer::{Op, Prepared, Transfer, TransferHold};
 
 /// The agent's threads and NIC claims: shut down exactly once, when the last [`Agent`] clone
 /// lets go of them.
@@ -259,7 +260,7 @@ impl Agent {
     /// # while peer.region(shard.id()).is_none() { std::thread::sleep(Duration::from_millis(1)); }
     /// let gpu = me.alloc_gpu("weights", "gpu0", 1 << 20)?;
     /// let g = me.register(&gpu)?;
-    /// me.read(&peer, &[g.all()], &[peer.desc(shard.id(), 0, 1 << 20)?])?.wait(Duration::from_secs(10))?;
+    /// me.read(&peer, &[g.all()], &[peer.desc(shard.id(), 0, 1 << 20)?], None)?.wait(Duration::from_secs(10))?;
     /// let mut got = [0u8; 8];
     /// gpu.read(0, &mut got)?;
     /// assert_eq!(got, [5u8; 8]);
@@ -320,20 +321,168 @@ impl Agent {
     }
 
     /// WRITE `local` into the peer's `remote`, pairwise (equal lengths), in one batch. With a
-    /// notification, the peer receives it after every byte has landed.
+    /// notification, the peer receives it after every byte has landed in its memory.
     pub fn write(
         &self,
         peer: &Peer,
         local: &[Desc],
-        remote: &[Desc],
-        notify: Option<&[u8]>,
+        remote: &[RemoteDesc],
+        notify: Option<Notify>,
     ) -> Result<Transfer> {
         crate::transfer::route::start(&self.shared, &peer.shared, Op::Write, local, remote, notify)
     }
 
-    /// READ the peer's `remote` into `local`, pairwise, in one batch.
-    pub fn read(&self, peer: &Peer, local: &[Desc], remote: &[Desc]) -> Result<Transfer> {
-        crate::transfer::route::start(&self.shared, &peer.shared, Op::Read, local, remote, None)
+    /// READ the peer's `remote` into `local`, pairwise (equal lengths), in one batch. With a
+    /// notification, the peer receives it after every byte was read out of its memory (so it
+    /// may reuse the blocks once it has it).
+    pub fn read(
+        &self,
+        peer: &Peer,
+        local: &[Desc],
+        remote: &[RemoteDesc],
+        notify: Option<Notify>,
+    ) -> Result<Transfer> {
+        crate::transfer::route::start(&self.shared, &peer.shared, Op::Read, local, remote, notify)
+    }
+
+    /// READ blocks `remote_idx` of the peer's prepared list into blocks `local_idx` of this
+    /// agent's, pairwise: [`Agent::read`] by index.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use dmaplane::{Agent, Notify, NotifyFilter, Testbed};
+    /// # fn main() -> dmaplane::Result<()> {
+    /// const BLOCK: u64 = 4096;
+    /// let testbed = Testbed::builtin()?;
+    /// let prefill = Agent::builder("prefill").testbed(testbed.clone()).nics(["nic0"]).build()?;
+    /// let decode = Agent::builder("decode").testbed(testbed).nics(["nic1"]).build()?;
+    /// let kv = prefill.alloc_gpu("kv", "gpu0", 64 * BLOCK)?;
+    /// kv.write(5 * BLOCK, &[5u8; BLOCK as usize])?;
+    /// let _pool = prefill.register(&kv)?;
+    /// // decode: the prefill pool by name, both pools split into blocks once.
+    /// let peer = decode.connect(&prefill.metadata_blob()?)?;
+    /// let theirs = peer.blocks(peer.wait_region("kv", Duration::from_secs(5))?.id, BLOCK)?;
+    /// let mine = decode.register(&decode.alloc_gpu("kv", "gpu1", 80 * BLOCK)?)?.blocks(BLOCK)?;
+    /// let t = decode.read_blocks(&peer, &mine, &[70], &theirs, &[5], Some(Notify::tag_only("req-9")))?;
+    /// t.wait(Duration::from_secs(10))?;
+    /// let note = prefill
+    ///     .next_notification_matching(&NotifyFilter::any().from("decode").tag("req-9"), Duration::from_secs(5))
+    ///     .expect("decode said it is done");
+    /// assert_eq!(note.transfer, Some(t.id()));
+    /// # Ok(()) }
+    /// ```
+    pub fn read_blocks(
+        &self,
+        peer: &Peer,
+        local: &LocalBlocks,
+        local_idx: &[usize],
+        remote: &RemoteBlocks,
+        remote_idx: &[usize],
+        notify: Option<Notify>,
+    ) -> Result<Transfer> {
+        self.read(
+            peer,
+            &local.pick(local_idx)?,
+            &remote.pick(remote_idx)?,
+            notify,
+        )
+    }
+
+    /// WRITE blocks `local_idx` of this agent's prepared list into blocks `remote_idx` of the
+    /// peer's, pairwise: [`Agent::write`] by index.
+    pub fn write_blocks(
+        &self,
+        peer: &Peer,
+        local: &LocalBlocks,
+        local_idx: &[usize],
+        remote: &RemoteBlocks,
+        remote_idx: &[usize],
+        notify: Option<Notify>,
+    ) -> Result<Transfer> {
+        self.write(
+            peer,
+            &local.pick(local_idx)?,
+            &remote.pick(remote_idx)?,
+            notify,
+        )
+    }
+
+    /// A READ of blocks `remote_idx` into blocks `local_idx`, checked, routed and split into
+    /// requests once, to [`Prepared::post`] as often as wanted.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use dmaplane::{Agent, Testbed};
+    /// # fn main() -> dmaplane::Result<()> {
+    /// let testbed = Testbed::builtin()?;
+    /// let a = Agent::builder("a").testbed(testbed.clone()).nics(["nic0"]).build()?;
+    /// let b = Agent::builder("b").testbed(testbed).nics(["nic1"]).build()?;
+    /// let rb = b.register(&b.alloc_host("src", 16 * 4096)?)?;
+    /// let peer = a.connect(&b.metadata_blob()?)?;
+    /// let mine = a.register(&a.alloc_host("dst", 16 * 4096)?)?.blocks(4096)?;
+    /// let theirs = peer.blocks(rb.id(), 4096)?;
+    /// let again = a.prepare_read(&peer, &mine, &[0, 1, 2, 3], &theirs, &[12, 13, 14, 15])?;
+    /// for _ in 0..3 {
+    ///     again.post(None)?.wait(Duration::from_secs(10))?;
+    /// }
+    /// assert_eq!(again.bytes(), 4 * 4096);
+    /// # Ok(()) }
+    /// ```
+    pub fn prepare_read(
+        &self,
+        peer: &Peer,
+        local: &LocalBlocks,
+        local_idx: &[usize],
+        remote: &RemoteBlocks,
+        remote_idx: &[usize],
+    ) -> Result<Prepared> {
+        self.prepare(
+            Op::Read,
+            peer,
+            &local.pick(local_idx)?,
+            &remote.pick(remote_idx)?,
+        )
+    }
+
+    /// [`Agent::prepare_read`] for a WRITE of blocks `local_idx` into blocks `remote_idx`.
+    pub fn prepare_write(
+        &self,
+        peer: &Peer,
+        local: &LocalBlocks,
+        local_idx: &[usize],
+        remote: &RemoteBlocks,
+        remote_idx: &[usize],
+    ) -> Result<Prepared> {
+        self.prepare(
+            Op::Write,
+            peer,
+            &local.pick(local_idx)?,
+            &remote.pick(remote_idx)?,
+        )
+    }
+
+    fn prepare(
+        &self,
+        op: Op,
+        peer: &Peer,
+        local: &[Desc],
+        remote: &[RemoteDesc],
+    ) -> Result<Prepared> {
+        let plan = crate::transfer::route::plan(&self.shared, &peer.shared, op, local, remote)?;
+        Ok(Prepared {
+            agent: Arc::downgrade(&self.shared),
+            plan,
+        })
+    }
+
+    /// Send `notify` to `peer` on its own — no transfer — after every notification this agent
+    /// queued for it before (transfers' included: one connection, in order).
+    pub fn notify(&self, peer: &Peer, notify: Notify) -> Result<()> {
+        notify.check(|| format!("notification to {}", peer.name()))?;
+        let (tag, bytes) = notify.into_parts();
+        peer.shared.notify(None, tag, bytes)?;
+        self.shared.engine.count_notification_sent();
+        Ok(())
     }
 
     /// Notifications received so far (and taken from the queue).
@@ -348,9 +497,68 @@ impl Agent {
         v
     }
 
-    /// Wait up to `timeout` for the next notification.
+    /// Wait up to `timeout` for the next notification, from any peer.
     pub fn next_notification(&self, timeout: Duration) -> Option<Notification> {
-        self.shared.inbox.next(timeout)
+        self.next_notification_matching(&NotifyFilter::any(), timeout)
+    }
+
+    /// Wait up to `timeout` for the next notification from the agent called `peer` (others
+    /// stay queued for other readers).
+    pub fn next_notification_from(&self, peer: &str, timeout: Duration) -> Option<Notification> {
+        self.next_notification_matching(&NotifyFilter::any().from(peer), timeout)
+    }
+
+    /// Wait up to `timeout` for the next notification `filter` takes (by sender, tag or tag
+    /// prefix); the others stay queued, in order.
+    pub fn next_notification_matching(
+        &self,
+        filter: &NotifyFilter,
+        timeout: Duration,
+    ) -> Option<Notification> {
+        self.shared.inbox.next(filter, timeout)
+    }
+
+    /// The next notification `filter` takes, as a `Future` (no runtime needed; bound it with
+    /// the runtime's timeout).
+    pub fn notification(&self, filter: NotifyFilter) -> NextNotification {
+        NextNotification {
+            inbox: self.shared.inbox.clone(),
+            filter,
+        }
+    }
+
+    /// Hold every transfer of this agent after its first `after` requests, until the returned
+    /// hold is dropped — a test's way to have a free or deregistration (its own, or the peer's)
+    /// meet a transfer half done, every time: post, [`TransferHold::wait_held`], free, then
+    /// look at how the transfer ended. A held transfer whose memory is revoked meanwhile ends
+    /// with [`Error::Revoked`](crate::Error::Revoked) as one in flight would; one whose memory
+    /// stays goes on at the release. Not for production: nothing moves while it is held.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use dmaplane::{Agent, Error, Event, Side, Testbed};
+    /// # fn main() -> dmaplane::Result<()> {
+    /// let testbed = Testbed::builtin()?;
+    /// let a = Agent::builder("a").testbed(testbed.clone()).nics(["nic0"]).chunk(4096).build()?;
+    /// let b = Agent::builder("b").testbed(testbed).nics(["nic1"]).build()?;
+    /// let theirs = b.alloc_host("src", 1 << 20)?;
+    /// let rb = b.register(&theirs)?;
+    /// let peer = a.connect(&b.metadata_blob()?)?;
+    /// let dst = a.register(&a.alloc_host("dst", 1 << 20)?)?;
+    /// let hold = a.hold_transfers(4);
+    /// let t = a.read(&peer, &[dst.all()], &[peer.desc(rb.id(), 0, 1 << 20)?], None)?;
+    /// hold.wait_held(&t, Duration::from_secs(5))?; // 4 of 256 requests done, the rest held
+    /// theirs.free(Duration::from_secs(5))?;
+    /// let err = t.wait(Duration::from_secs(5)).unwrap_err();
+    /// assert!(matches!(err, Error::Revoked { side: Side::Remote, .. }), "{err}");
+    /// # Ok(()) }
+    /// ```
+    pub fn hold_transfers(&self, after: u64) -> TransferHold {
+        self.shared.engine.set_hold(after);
+        TransferHold {
+            engine: Arc::downgrade(&self.shared.engine),
+            after,
+        }
     }
 
     /// Events since the last call (frees, lost peers, drops).

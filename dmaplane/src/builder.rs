@@ -52,6 +52,7 @@ impl Agent {
             nics: None,
             cfg: Config::default(),
             fault: None,
+            notify_early: false,
             tcp_shm: true,
         }
     }
@@ -74,6 +75,7 @@ pub struct AgentBuilder {
     nics: Option<Vec<String>>,
     cfg: Config,
     fault: Option<dmaplane_rdma::Fault>,
+    notify_early: bool,
     /// TCP NICs: offer and use the shared-memory path to peers on this host.
     tcp_shm: bool,
 }
@@ -175,6 +177,15 @@ impl AgentBuilder {
     /// production.
     pub fn inject(mut self, fault: Option<dmaplane_rdma::Fault>) -> Self {
         self.fault = fault;
+        self
+    }
+
+    /// Break the notification ordering on purpose: send a transfer's notification when it is
+    /// posted, not once its data moved — so a test can show that its ordering check fails.
+    /// Never in production.
+    #[doc(hidden)]
+    pub fn inject_early_notify(mut self, on: bool) -> Self {
+        self.notify_early = on;
         self
     }
 
@@ -368,6 +379,7 @@ impl AgentBuilder {
             ));
             let shared = Arc::new_cyclic(|me| AgentInner {
                 me: me.clone(),
+                notify_early: self.notify_early,
                 staging: crate::limits::Budget::new(c.limits.staging_bytes),
                 name: name.clone(),
                 platform: Platform::new(backend.clone(), self.fault),
@@ -377,7 +389,7 @@ impl AgentBuilder {
                 registry: Registry::default(),
                 peers: Peers::new(c.limits.handshakes),
                 engine: engine.clone(),
-                inbox: Inbox::new(c.limits.notifications),
+                inbox: Arc::new(Inbox::new(c.limits.notifications)),
                 events: Events::new(&name),
                 addr,
                 stop: AtomicBool::new(false),

@@ -31,6 +31,21 @@ pub enum Event {
         /// How many holders were cut off.
         holders: u64,
     },
+    /// A registration of a peer is gone — the peer freed or revoked its memory, or
+    /// deregistered it: descriptors of it are refused from now on, and a transfer that was
+    /// using it ends with [`crate::Error::Revoked`] on the remote side.
+    PeerRegionGone {
+        /// The peer agent's name.
+        peer: String,
+        /// The peer's registration id ([`crate::RegionInfo::id`]).
+        region: u32,
+        /// The name of the memory it registered.
+        name: String,
+        /// The export epoch its revoke invalidated.
+        epoch: u64,
+        /// What the peer did.
+        why: GoneWhy,
+    },
     /// A peer's control connection ended.
     PeerLost {
         /// The peer agent's name.
@@ -45,6 +60,25 @@ pub enum Event {
         /// How many were dropped since the last read of that queue.
         count: u64,
     },
+}
+
+/// What became of a registration that is gone ([`Event::PeerRegionGone`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GoneWhy {
+    /// Its memory was freed ([`crate::Memory::free`], [`crate::Memory::reclaim`]).
+    Freed,
+    /// It was deregistered ([`crate::Agent::deregister`]).
+    Deregistered,
+}
+
+impl std::fmt::Display for GoneWhy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GoneWhy::Freed => "freed its memory",
+            GoneWhy::Deregistered => "deregistered it",
+        })
+    }
 }
 
 /// A bounded queue that counts what it had to drop.
@@ -94,8 +128,11 @@ impl<T> Bounded<T> {
         (g.0.drain(..).collect(), dropped)
     }
 
-    pub(crate) fn pop(&self) -> Option<T> {
-        lock(&self.q).0.pop_front()
+    /// Take the oldest that `pred` accepts (the rest keep their order).
+    pub(crate) fn take_first(&self, pred: impl Fn(&T) -> bool) -> Option<T> {
+        let mut g = lock(&self.q);
+        let i = g.0.iter().position(pred)?;
+        g.0.remove(i)
     }
 }
 

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::{Agent, Desc, Error as AgentError, Memory, NicPath, Side, Status, Testbed};
+use crate::{Agent, Error as AgentError, Memory, NicPath, Side, Status, Testbed};
 use dmaplane_core::Route;
 use dmaplane_core::cpu::Placement;
 use dmaplane_core::fabric::Verdict;
@@ -304,11 +304,12 @@ pub fn path(tb: &Arc<Testbed>, gpu: &str, nic: &str) -> Result<SidePath> {
 }
 
 /// A registered memory's view on the peer, once the peer's announcement reached `sender`.
-fn peer_desc(peer: &crate::Peer, region: u32, len: u64) -> Result<Desc> {
+fn peer_desc(peer: &crate::Peer, region: u32, len: u64) -> Result<crate::RemoteDesc> {
     let due = Instant::now() + Duration::from_secs(5);
     loop {
         match peer.desc(region, 0, len) {
             Ok(d) => return Ok(d),
+            Err(e @ AgentError::Revoked { .. }) => return Err(e.into()),
             Err(e) if Instant::now() > due => return Err(e.into()),
             Err(_) => std::thread::sleep(Duration::from_millis(1)),
         }
@@ -349,7 +350,12 @@ pub fn run_flow(tb: &Arc<Testbed>, flow: &Flow, o: &FlowOptions) -> Result<FlowR
     // The whole source to the receiver's registration `id`, notified.
     let send = |id: u32| -> Result<crate::Transfer> {
         let remote = peer_desc(&peer, id, o.size)?;
-        Ok(sender.write(&peer, &[ra.all()], &[remote], Some(b"flow"))?)
+        Ok(sender.write(
+            &peer,
+            &[ra.all()],
+            &[remote],
+            Some(crate::Notify::new("flow", b"flow".to_vec())),
+        )?)
     };
     let start = Instant::now();
     let mut t = send(rb.id())?;
@@ -402,18 +408,20 @@ pub fn run_flow(tb: &Arc<Testbed>, flow: &Flow, o: &FlowOptions) -> Result<FlowR
             attempts += 1;
             t = send(rb.id())?;
         };
-        let post_after_free =
-            match sender.write(&peer, &[ra.all()], &[Desc::new(rb.id(), 0, o.size)], None) {
+        let post_after_free = match peer
+            .desc(rb.id(), 0, o.size)
+            .and_then(|d| sender.write(&peer, &[ra.all()], &[d], None))
+        {
+            Err(e) => e.to_string(),
+            Ok(t2) => match t2.wait(WAIT) {
                 Err(e) => e.to_string(),
-                Ok(t2) => match t2.wait(WAIT) {
-                    Err(e) => e.to_string(),
-                    Ok(()) => {
-                        return fail(format!(
-                            "{flow}: a WRITE to the freed registration completed"
-                        ));
-                    }
-                },
-            };
+                Ok(()) => {
+                    return fail(format!(
+                        "{flow}: a WRITE to the freed registration completed"
+                    ));
+                }
+            },
+        };
         // Everything again, into new memory.
         dst = receiver.alloc_gpu(&format!("{tag}-dst-realloc"), &flow.dst_gpu, o.size)?;
         rb = receiver.register(&dst)?;
@@ -436,7 +444,7 @@ pub fn run_flow(tb: &Arc<Testbed>, flow: &Flow, o: &FlowOptions) -> Result<FlowR
     loop {
         let left = due.saturating_duration_since(Instant::now());
         match receiver.next_notification(left) {
-            Some(n) if n.transfer == t.id() => break,
+            Some(n) if n.transfer == Some(t.id()) => break,
             Some(_) => {}
             None => {
                 return fail(format!(

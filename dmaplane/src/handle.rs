@@ -82,6 +82,39 @@ impl<R: Registration> Handle<R> {
         )
     }
 
+    /// The handle split into blocks of `size` bytes, once — block `i` at `i * size` — for
+    /// transfers by index ([`crate::Agent::read_blocks`], [`crate::Agent::prepare_read`]).
+    /// Refused unless `size` divides the handle's length.
+    ///
+    /// ```
+    /// use dmaplane::{Agent, Testbed};
+    /// # fn main() -> dmaplane::Result<()> {
+    /// let agent = Agent::builder("a").testbed(Testbed::builtin()?).nics(["nic0"]).build()?;
+    /// let pool = agent.register(&agent.alloc_gpu("kv", "gpu0", 64 * 4096)?)?;
+    /// let blocks = pool.blocks(4096)?;
+    /// assert_eq!(blocks.len(), 64);
+    /// assert_eq!(blocks.pick(&[3])?[0], pool.desc(3 * 4096, 4096)?);
+    /// assert!(blocks.pick(&[64]).unwrap_err().to_string().contains("indices[0] = 64"));
+    /// assert!(pool.blocks(5000).is_err());
+    /// # Ok(()) }
+    /// ```
+    pub fn blocks(&self, size: u64) -> Result<crate::LocalBlocks> {
+        let ranges = crate::blocks::split(self.len, size, || {
+            format!("{} {} ({})", R::KIND, self.entry.id(), self.entry.subject())
+        })?;
+        self.blocks_of(&ranges)
+    }
+
+    /// The handle split into the given `(offset, len)` ranges, block `i` being `ranges[i]`;
+    /// each is checked as [`Handle::desc`] checks it.
+    pub fn blocks_of(&self, ranges: &[(u64, u64)]) -> Result<crate::LocalBlocks> {
+        let descs = ranges
+            .iter()
+            .map(|&(o, l)| self.desc(o, l))
+            .collect::<Result<Vec<Desc>>>()?;
+        Ok(crate::LocalBlocks::new(descs))
+    }
+
     /// The whole handle as one descriptor.
     pub fn all(&self) -> Desc {
         Desc {

@@ -21,9 +21,10 @@ use crate::auth::{PROOF, Session};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::inner::AgentInner;
+use crate::known::Known;
 use crate::limits::Refusal;
 use crate::metadata::{Metadata, NicInfo, VERSION};
-use crate::peer::{Known, Lane, POLL, Path, Peer, PeerHost, PeerShared};
+use crate::peer::{Lane, POLL, Path, Peer, PeerHost, PeerShared};
 use crate::wire::Wire;
 
 /// One handshake's time: each step waits at most [`Config::setup_timeout`], and all of them
@@ -361,7 +362,7 @@ fn accept(s: &Arc<AgentInner>, oob: Oob, hello: Hello, clock: Clock) -> Result<(
     };
     match r {
         Ok(built) => {
-            finish(s, oob, (theirs, nonce), known, built);
+            finish(s, oob, (theirs, nonce), known, built, &mine);
             Ok(())
         }
         Err(e) => {
@@ -541,7 +542,7 @@ pub(crate) fn connect(s: &Arc<AgentInner>, addr: &str) -> Result<Peer> {
         built.push(Path::new(local, their_nic, lanes, link));
     }
     Ok(Peer {
-        shared: finish(s, oob, (theirs, nonce), known, built),
+        shared: finish(s, oob, (theirs, nonce), known, built, &mine),
     })
 }
 
@@ -612,13 +613,15 @@ fn nonce() -> u64 {
 }
 
 /// Both sides: the peer is connected (by the handshake of nonce `session`) — list it, start
-/// its control threads, and grant it leases on every registration.
+/// its control threads, and grant it leases on every registration; `mine` is the metadata this
+/// side sent it.
 fn finish(
     s: &Arc<AgentInner>,
     oob: Oob,
     (theirs, session): (Metadata, u64),
     known: Known,
     paths: Vec<Path>,
+    mine: &Metadata,
 ) -> Arc<PeerShared> {
     let host: Weak<dyn PeerHost> = Arc::downgrade(s) as Weak<dyn PeerHost>;
     let (peer, rx) = PeerShared::new(
@@ -645,6 +648,28 @@ fn finish(
         .filter(|e| e.publish.allows(&peer.name))
     {
         s.announce_to(&peer, e);
+    }
+    // One the metadata listed and that went while the handshake ran (before the peer was
+    // listed, so its going told the others only): the peer is told now.
+    for r in &mine.regions {
+        match s.registry.get(r.id) {
+            Some(e) if e.revoked_at().is_none() && !e.deregistered.load(Ordering::Acquire) => {}
+            Some(e) => {
+                let why = if e.deregistered.load(Ordering::Acquire) {
+                    crate::event::GoneWhy::Deregistered
+                } else {
+                    crate::event::GoneWhy::Freed
+                };
+                s.tell_gone_to(&peer, e.id, e.revoked_at().unwrap_or(e.epoch), why);
+            }
+            None => {
+                let (epoch, why) = match s.registry.buried(r.id) {
+                    Some(epoch) => (epoch, crate::event::GoneWhy::Freed),
+                    None => (r.epoch, crate::event::GoneWhy::Deregistered),
+                };
+                s.tell_gone_to(&peer, r.id, epoch, why);
+            }
+        }
     }
     // An agent dropped while this handshake ran closes what it just connected.
     if s.stop.load(Ordering::Acquire) {

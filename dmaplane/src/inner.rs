@@ -10,8 +10,8 @@ use crate::cache::Cache;
 use crate::config::Config;
 use crate::desc::Desc;
 use crate::drive::Pair;
-use crate::error::{Error, Result, Side};
-use crate::event::{Event, Events};
+use crate::error::{Error, Result};
+use crate::event::{Event, Events, GoneWhy};
 use crate::file::FileEntry;
 use crate::limits::Refusal;
 use crate::metadata::{Metadata, NicInfo, RegionInfo, RegionKey, VERSION};
@@ -37,7 +37,7 @@ pub(crate) struct AgentInner {
     /// Connected peers and the handshakes under way.
     pub(crate) peers: Peers,
     pub(crate) engine: Arc<ProgressEngine>,
-    pub(crate) inbox: Inbox,
+    pub(crate) inbox: Arc<Inbox>,
     pub(crate) events: Events,
     pub(crate) addr: SocketAddr,
     pub(crate) stop: AtomicBool,
@@ -46,6 +46,8 @@ pub(crate) struct AgentInner {
     pub(crate) next_memory: AtomicU64,
     /// The staging buffers held for peers ([`crate::Limits::staging_bytes`]).
     pub(crate) staging: Arc<crate::limits::Budget>,
+    /// Send notifications when transfers are posted ([`crate::AgentBuilder::inject_early_notify`]).
+    pub(crate) notify_early: bool,
     /// Itself, for the memory it allocates (whose owner it is) where only `&self` is at hand.
     pub(crate) me: Weak<AgentInner>,
 }
@@ -55,7 +57,9 @@ impl crate::memory::Owner for AgentInner {
         self.nics.holders_cut_off()
     }
     fn forget(&self, id: u64) {
-        self.registry.bury_memory(id);
+        for (e, epoch) in self.registry.bury_memory(id) {
+            self.tell_gone(&e, epoch, GoneWhy::Freed);
+        }
         self.cache.forget_memory(id);
     }
     fn event(&self, e: Event) {
@@ -71,11 +75,16 @@ impl PeerHost for AgentInner {
         });
         self.engine.wake();
     }
+    fn peer_region_gone(&self, e: Event) {
+        self.events.push(e);
+    }
     fn notified(&self, n: Notification) {
         let from = n.from.clone();
-        if self.inbox.push(n) {
-            self.engine.count_notification_received();
-        } else {
+        // Counted before a reader can wake: what it took is in the count.
+        if !self
+            .inbox
+            .push(n, || self.engine.count_notification_received())
+        {
             self.peers.count_refusal(Refusal::Notifications);
             tracing::warn!(agent = %self.name, peer = %from, limit = self.cfg.limits.notifications, "notification refused: the peer has as many queued as limits.notifications allows");
         }
@@ -165,6 +174,26 @@ impl PeerHost for AgentInner {
 }
 
 impl AgentInner {
+    /// Tell every peer that was told of registration `e` that it is gone (revoked at `epoch`):
+    /// they forget it, refuse descriptors of it and raise [`Event::PeerRegionGone`].
+    pub(crate) fn tell_gone(&self, e: &MemoryEntry, epoch: u64, why: GoneWhy) {
+        for p in self
+            .peers
+            .list()
+            .iter()
+            .filter(|p| e.publish.allows(&p.name))
+        {
+            self.tell_gone_to(p, e.id, epoch, why);
+        }
+    }
+
+    /// Tell `peer` that registration `region` is gone.
+    pub(crate) fn tell_gone_to(&self, peer: &PeerShared, region: u32, epoch: u64, why: GoneWhy) {
+        if let Err(err) = peer.send(crate::wire::Wire::Gone { region, epoch, why }) {
+            tracing::debug!(agent = %self.name, peer = %peer.name, region, error = %err, "not told the registration is gone");
+        }
+    }
+
     /// Where this agent's memory comes from.
     pub(crate) fn allocator(&self) -> crate::alloc::Allocator<'_> {
         crate::alloc::Allocator {
@@ -264,15 +293,7 @@ impl AgentInner {
                     format!("pair {i}: no such memory registration"),
                 ));
             };
-            if let Some(epoch) = me.revoked_at() {
-                return Err(Error::Revoked {
-                    side: Side::Local,
-                    region: me.id,
-                    name: me.memory.name().to_string(),
-                    epoch,
-                    why: format!("{} before the file transfer started", me.gone_why()),
-                });
-            }
+            me.check_usable("file transfer")?;
             if f.len != m.len || f.len == 0 {
                 return Err(Error::invalid(
                     what(),

@@ -45,7 +45,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::agent::Agent;
-use crate::desc::Desc;
+use crate::desc::{Desc, RemoteDesc};
 use crate::drive::FileTransfer;
 use crate::error::{Error, Result};
 use crate::peer::Peer;
@@ -53,12 +53,12 @@ use crate::transfer::Transfer;
 
 /// One shard: a file descriptor of this agent and the peer's memory it goes to (equal
 /// lengths).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shard {
     /// The bytes of a registered file ([`crate::FileRegion::desc`]).
     pub file: Desc,
     /// Where they go in the peer's memory ([`crate::Peer::desc`]).
-    pub remote: Desc,
+    pub remote: RemoteDesc,
 }
 
 /// What the load is doing, told to its callback as it happens.
@@ -124,7 +124,12 @@ pub fn load(
             r.wait(timeout)?;
             reads.pop_front();
             step(n, Step::ReadDone);
-            sends.push_back(agent.write(peer, &[slot(n)], &[shards[n].remote], None)?);
+            sends.push_back(agent.write(
+                peer,
+                &[slot(n)],
+                std::slice::from_ref(&shards[n].remote),
+                None,
+            )?);
             step(n, Step::SendStarted);
             // Free the slot the next read needs; the read already started runs meanwhile.
             while next_read < shards.len() && next_read >= sends_done + s {
@@ -201,11 +206,15 @@ fn check(shards: &[Shard], slots: &[Desc]) -> Result<()> {
         }
     }
     for (i, sh) in shards.iter().enumerate() {
-        if sh.file.len != sh.remote.len {
+        if sh.file.len != sh.remote.len() {
             return Err(Error::invalid(
                 "load",
                 "shards",
-                format!("shard {i}: file {} / remote {}", sh.file.len, sh.remote.len),
+                format!(
+                    "shard {i}: file {} / remote {}",
+                    sh.file.len,
+                    sh.remote.len()
+                ),
                 "a shard's file and remote descriptors must be the same length",
             ));
         }

@@ -6,15 +6,17 @@
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU32;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dmaplane_rdma::oob::Oob;
 use dmaplane_rdma::{LeaseLink, Qp, RdmaError, RemoteMr};
 
-use crate::desc::Desc;
-use crate::error::{Error, Result};
+use crate::desc::{PeerTag, RemoteDesc};
+use crate::error::{Error, Result, Side};
+use crate::event::Event;
+use crate::known::{Gone, Known};
 use crate::limits::{Limits, Refusal};
 use crate::metadata::RegionInfo;
 use crate::notify::Notification;
@@ -94,69 +96,18 @@ impl Path {
     }
 }
 
-/// The registrations a peer told this agent of, bounded in count and in the memory their
-/// descriptions take ([`Limits::regions`], [`Limits::region_bytes`]).
-#[derive(Debug, Default)]
-pub(crate) struct Known {
-    map: HashMap<u32, RegionInfo>,
-    bytes: usize,
-}
-
-impl Known {
-    /// What a peer's metadata lists, refused whole (naming the limit) when it is over one.
-    pub(crate) fn from_metadata(
-        regions: &[RegionInfo],
-        limits: &Limits,
-    ) -> std::result::Result<Known, (Refusal, String)> {
-        let mut k = Known::default();
-        for r in regions {
-            k.insert(r.clone(), limits)?;
-        }
-        Ok(k)
-    }
-
-    /// Keep `info` (replacing an earlier description of the same id), unless that takes the
-    /// peer past a limit.
-    pub(crate) fn insert(
-        &mut self,
-        info: RegionInfo,
-        limits: &Limits,
-    ) -> std::result::Result<(), (Refusal, String)> {
-        let old = self.map.get(&info.id).map_or(0, RegionInfo::footprint);
-        if old == 0 && self.map.len() >= limits.regions {
-            return Err((
-                Refusal::Regions,
-                format!(
-                    "more than limits.regions ({}) registrations announced",
-                    limits.regions
-                ),
-            ));
-        }
-        let bytes = self.bytes - old + info.footprint();
-        if bytes > limits.region_bytes {
-            return Err((
-                Refusal::RegionBytes,
-                format!(
-                    "the registrations announced would take {bytes} bytes, more than \
-                     limits.region_bytes ({})",
-                    limits.region_bytes
-                ),
-            ));
-        }
-        self.bytes = bytes;
-        self.map.insert(info.id, info);
-        Ok(())
-    }
-}
-
 pub(crate) struct PeerShared {
     pub(crate) name: String,
+    /// This connection, as its [`RemoteDesc`]s name it.
+    pub(crate) tag: PeerTag,
     /// The nonce of the handshake it connected with: with the name, the key of what the
     /// agent holds for this connection alone (its staging buffers).
     pub(crate) session: u64,
     agent: Weak<dyn PeerHost>,
     limits: Limits,
     regions: Mutex<Known>,
+    /// Woken when the peer announces a registration or goes ([`Peer::wait_region`]).
+    announced: Condvar,
     pub(crate) paths: Vec<Path>,
     lost: Mutex<Option<String>>,
     ctrl: Arc<Oob>,
@@ -208,13 +159,77 @@ impl Peer {
         v
     }
 
-    /// A descriptor into the peer's registration `region`, checked against its length.
-    ///
-    /// Fails with [`Error::Invalid`] when this agent knows no such registration of the peer,
-    /// or the range is empty or runs past the registration's end.
+    /// Wait up to `timeout` for the peer to announce a registration of a memory called `name`
+    /// (the newest, if there are several) — for a region the peer registers after the
+    /// handshake. Fails naming the peer, the name and the regions it has announced when none
+    /// comes in time, or at once when the peer is lost.
     ///
     /// ```
-    /// use dmaplane::{Agent, Desc, Testbed};
+    /// use std::time::Duration;
+    /// use dmaplane::{Agent, Testbed};
+    /// # fn main() -> dmaplane::Result<()> {
+    /// let testbed = Testbed::builtin()?;
+    /// let prefill = Agent::builder("prefill").testbed(testbed.clone()).nics(["nic0"]).build()?;
+    /// let decode = Agent::builder("decode").testbed(testbed).nics(["nic1"]).build()?;
+    /// let peer = decode.connect(&prefill.metadata_blob()?)?;
+    /// let kv = prefill.alloc_gpu("kv", "gpu0", 1 << 20)?;
+    /// let _r = prefill.register(&kv)?; // after the handshake: announced on the way
+    /// let info = peer.wait_region("kv", Duration::from_secs(5))?;
+    /// assert_eq!(info.len, 1 << 20);
+    /// let err = peer.wait_region("nope", Duration::from_millis(10)).unwrap_err();
+    /// assert!(err.to_string().contains("\"nope\""), "{err}");
+    /// # Ok(()) }
+    /// ```
+    pub fn wait_region(&self, name: &str, timeout: Duration) -> Result<RegionInfo> {
+        let deadline = Instant::now() + timeout;
+        let p = &self.shared;
+        let mut k = lock(&p.regions);
+        loop {
+            if let Some(r) = k
+                .map
+                .values()
+                .filter(|r| r.name == name)
+                .max_by_key(|r| r.id)
+            {
+                return Ok(r.clone());
+            }
+            if let Some(why) = p.lost() {
+                return Err(Error::PeerLost {
+                    peer: p.name.clone(),
+                    why,
+                });
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let mut have: Vec<&str> = k.map.values().map(|r| r.name.as_str()).collect();
+                have.sort_unstable();
+                return Err(Error::invalid(
+                    format!("peer {}", p.name),
+                    "region name",
+                    format!("{name:?}"),
+                    format!(
+                        "not announced within {timeout:?} (it has announced: {})",
+                        if have.is_empty() {
+                            "nothing".into()
+                        } else {
+                            have.join(", ")
+                        }
+                    ),
+                ));
+            }
+            k = crate::sync::wait_timeout(&p.announced, k, left.min(POLL)).0;
+        }
+    }
+
+    /// A descriptor into the peer's registration `region`, checked against its length: the
+    /// remote side of a transfer to this peer (and to no other).
+    ///
+    /// Fails with [`Error::Invalid`] when this agent knows no such registration of the peer,
+    /// or the range is empty or runs past the registration's end, and with [`Error::Revoked`]
+    /// when the peer said the registration is gone ([`Event::PeerRegionGone`]).
+    ///
+    /// ```
+    /// use dmaplane::{Agent, Testbed};
     /// # fn main() -> dmaplane::Result<()> {
     /// let testbed = Testbed::builtin()?;
     /// let a = Agent::builder("a").testbed(testbed.clone()).nics(["nic0"]).build()?;
@@ -223,22 +238,21 @@ impl Peer {
     /// let rb = b.register(&dst)?;
     /// let peer = a.connect(&b.metadata_blob()?)?;
     /// assert_eq!(peer.name(), "b");
-    /// assert_eq!(peer.desc(rb.id(), 4096, 512)?, Desc::new(rb.id(), 4096, 512));
+    /// let d = peer.desc(rb.id(), 4096, 512)?;
+    /// assert_eq!((d.peer(), d.region(), d.offset(), d.len()), ("b", rb.id(), 4096, 512));
     /// assert!(peer.desc(rb.id(), 0, (1 << 20) + 1).is_err());
     /// assert!(peer.desc(rb.id() + 1, 0, 512).is_err());
     /// # Ok(()) }
     /// ```
-    pub fn desc(&self, region: u32, offset: u64, len: u64) -> Result<Desc> {
-        let Some(r) = self.region(region) else {
-            return Err(Error::invalid(
-                format!("peer {}", self.shared.name),
-                "region",
-                region,
-                "the peer has no such registration",
-            ));
-        };
+    pub fn desc(&self, region: u32, offset: u64, len: u64) -> Result<RemoteDesc> {
+        let r = self.shared.region_or_gone(region, "descriptor")?;
         match offset.checked_add(len) {
-            Some(end) if end <= r.len && len > 0 => Ok(Desc::new(region, offset, len)),
+            Some(end) if end <= r.len && len > 0 => Ok(RemoteDesc {
+                peer: self.shared.tag.clone(),
+                region,
+                offset,
+                len,
+            }),
             _ => Err(Error::invalid(
                 format!("peer {} region {region} ({})", self.shared.name, r.name),
                 "desc",
@@ -246,6 +260,28 @@ impl Peer {
                 format!("outside its {} bytes (or empty)", r.len),
             )),
         }
+    }
+
+    /// The peer's registration `region` split into blocks of `size` bytes, once — block `i`
+    /// at `i * size` — for transfers by index to this peer ([`crate::Agent::read_blocks`],
+    /// [`crate::Agent::prepare_read`]). Refused as [`Peer::desc`] refuses, and unless `size`
+    /// divides the registration's length.
+    pub fn blocks(&self, region: u32, size: u64) -> Result<crate::RemoteBlocks> {
+        let r = self.shared.region_or_gone(region, "block list")?;
+        let ranges = crate::blocks::split(r.len, size, || {
+            format!("peer {} region {region} ({})", self.shared.name, r.name)
+        })?;
+        self.blocks_of(region, &ranges)
+    }
+
+    /// The peer's registration `region` split into the given `(offset, len)` ranges, block `i`
+    /// being `ranges[i]`; each is checked as [`Peer::desc`] checks it.
+    pub fn blocks_of(&self, region: u32, ranges: &[(u64, u64)]) -> Result<crate::RemoteBlocks> {
+        let descs = ranges
+            .iter()
+            .map(|&(o, l)| self.desc(region, o, l))
+            .collect::<Result<Vec<RemoteDesc>>>()?;
+        Ok(crate::RemoteBlocks::new(descs))
     }
 
     /// Why the peer was lost, if it was.
@@ -267,6 +303,8 @@ pub(crate) trait PeerHost: Send + Sync {
     fn peer_lost(&self, peer: &str, why: String);
     /// A notification arrived from the peer.
     fn notified(&self, n: Notification);
+    /// The peer said one of its registrations is gone.
+    fn peer_region_gone(&self, e: Event);
     /// The peer asks the agent to land (after its WRITE) or stage (before its READ) ranges of
     /// the agent's staged registrations; the failure, if any, goes back to it.
     fn serve_peer_stage(
@@ -299,11 +337,13 @@ impl PeerShared {
     ) -> (Arc<PeerShared>, Receiver<Wire>) {
         let (tx, rx) = sync_channel::<Wire>(CONTROL_QUEUE);
         let peer = Arc::new(PeerShared {
+            tag: PeerTag::new(&name),
             name,
             session,
             agent,
             limits,
             regions: Mutex::new(regions),
+            announced: Condvar::new(),
             paths,
             lost: Mutex::new(None),
             ctrl: Arc::new(ctrl),
@@ -350,6 +390,34 @@ impl PeerShared {
         lock(&self.regions).map.get(&id).cloned()
     }
 
+    /// What the peer said of its registration `id` when it said it is gone, if it did.
+    pub(crate) fn gone(&self, id: u32) -> Option<Gone> {
+        lock(&self.regions).gone.get(&id).cloned()
+    }
+
+    /// Registration `id` of the peer; refused typed when the peer said it is gone, invalid
+    /// when it never told of one (`what` is being made of it).
+    pub(crate) fn region_or_gone(&self, id: u32, what: &str) -> Result<RegionInfo> {
+        if let Some(r) = self.region(id) {
+            return Ok(r);
+        }
+        if let Some(g) = self.gone(id) {
+            return Err(Error::Revoked {
+                side: Side::Remote,
+                region: id,
+                name: g.name,
+                epoch: g.epoch,
+                why: format!("peer {} {} (a {what} of it is refused)", self.name, g.why),
+            });
+        }
+        Err(Error::invalid(
+            format!("peer {}", self.name),
+            "region",
+            id,
+            "the peer has no such registration",
+        ))
+    }
+
     pub(crate) fn mark_lost(&self, why: String) {
         let mut l = lock(&self.lost);
         if l.is_some() {
@@ -358,6 +426,7 @@ impl PeerShared {
         tracing::info!(peer = %self.name, %why, "peer lost");
         *l = Some(why.clone());
         drop(l);
+        self.announced.notify_all();
         // Its queue pairs are dead (never reconnected): flush them now, so a request still
         // waiting on one (its connection being dialled, say) ends at once as the peer lost,
         // not when its retries run out.
@@ -403,8 +472,12 @@ impl PeerShared {
         })
     }
 
-    pub(crate) fn notify(&self, transfer: u64, bytes: Vec<u8>) -> Result<()> {
-        self.send(Wire::Notify { transfer, bytes })
+    pub(crate) fn notify(&self, transfer: Option<u64>, tag: String, bytes: Vec<u8>) -> Result<()> {
+        self.send(Wire::Notify {
+            transfer,
+            tag,
+            bytes,
+        })
     }
 
     /// Ask the peer to land (or stage) ranges of its staged registrations for `transfer`.
@@ -559,22 +632,50 @@ fn read_until_lost(p: &Arc<PeerShared>, oob: &Oob) {
                 }
                 let id = info.id;
                 let kept = lock(&p.regions).insert(info, &p.limits);
+                p.announced.notify_all();
                 if let Err((limit, why)) = kept {
                     tracing::warn!(peer = %p.name, region = id, %why, "announcement refused");
                     refused(limit);
                 }
             }
-            Ok(Wire::Notify { transfer, bytes }) => {
+            Ok(Wire::Gone { region, epoch, why }) => {
+                let Some(a) = agent.upgrade() else { return };
+                let forgot = lock(&p.regions).forget(region, epoch, why);
+                p.announced.notify_all();
+                match forgot {
+                    Some(g) => a.peer_region_gone(Event::PeerRegionGone {
+                        peer: p.name.clone(),
+                        region,
+                        name: g.name,
+                        epoch,
+                        why,
+                    }),
+                    None => {
+                        tracing::debug!(peer = %p.name, region, "gone: a registration this agent was not told of")
+                    }
+                }
+            }
+            Ok(Wire::Notify {
+                transfer,
+                tag,
+                bytes,
+            }) => {
                 let Some(a) = agent.upgrade() else { return };
                 if bytes.len() > p.limits.notification_bytes {
                     tracing::warn!(peer = %p.name, len = bytes.len(), limit = p.limits.notification_bytes, "notification refused: longer than limits.notification_bytes");
                     a.count_refusal(Refusal::NotificationBytes);
                     continue;
                 }
+                if let Err(why) = crate::notify::check_tag(&tag) {
+                    tracing::warn!(peer = %p.name, %why, "notification refused: its tag");
+                    a.count_refusal(Refusal::Check);
+                    continue;
+                }
                 a.notified(Notification {
                     from: p.name.clone(),
-                    transfer,
+                    tag,
                     bytes,
+                    transfer,
                 });
             }
             Ok(Wire::Stage {

@@ -143,6 +143,9 @@ pub(crate) struct ProgressEngine {
     /// [`ProgressEngine::wake`] end the sleep (the flag says one did).
     handed: Mutex<bool>,
     drive_cv: Condvar,
+    /// Requests each transfer may post before it waits ([`crate::Agent::hold_transfers`]);
+    /// `u64::MAX` when nothing is held.
+    hold: AtomicU64,
 }
 
 /// Nanoseconds since the first call in this process: a clock atomics can hold.
@@ -199,6 +202,7 @@ impl ProgressEngine {
             last_drive: AtomicU64::new(0),
             handed: Mutex::new(false),
             drive_cv: Condvar::new(),
+            hold: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -239,6 +243,12 @@ impl ProgressEngine {
                 < DRIVEN_GRACE_NS
     }
 
+    /// Let each transfer post at most `requests` requests, then wait (`u64::MAX`: no hold).
+    pub(crate) fn set_hold(&self, requests: u64) {
+        self.hold.store(requests, Ordering::Release);
+        self.wake();
+    }
+
     pub(crate) fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -256,6 +266,10 @@ impl ProgressEngine {
             notifications_received: self.notes_received.get(),
             ..AgentStats::default()
         }
+    }
+
+    pub(crate) fn count_notification_sent(&self) {
+        self.notes_sent.inc();
     }
 
     pub(crate) fn count_notification_received(&self) {
@@ -288,7 +302,7 @@ impl ProgressEngine {
         if let Some(f) = failure
             && a.error.is_none()
         {
-            a.error = Some(stage_error(&a.t, f, !fetched));
+            a.error = Some(a.t.stage_error(f, !fetched));
             a.pending.clear();
         }
         if fetched && a.error.is_none() {
@@ -456,7 +470,24 @@ impl ProgressEngine {
             // Requests this round adds to each NIC's completion queue, over all its lanes.
             let mut nic_queued = vec![0u32; self.nics.len()];
             let mut blocked = VecDeque::new();
-            while let Some(ci) = a.pending.pop_front() {
+            // Held: it posts up to the hold's count and waits, ending only when memory it
+            // uses is revoked (or the peer is lost) meanwhile.
+            let hold = self.hold.load(Ordering::Acquire);
+            let started = (a.t.chunks.len() - a.pending.len()) as u64;
+            let mut room_held = hold.saturating_sub(started);
+            if room_held == 0 && !a.pending.is_empty() {
+                match a.t.revoked_while_held(&a.pending) {
+                    Some(e) => {
+                        a.error = Some(e);
+                        a.pending.clear();
+                        continue;
+                    }
+                    None => a.last = Instant::now(),
+                }
+            }
+            while room_held > 0
+                && let Some(ci) = a.pending.pop_front()
+            {
                 let c = &a.t.chunks[ci as usize];
                 let li = usize::from(c.lane);
                 let lane = &a.t.lanes[li];
@@ -473,6 +504,7 @@ impl ProgressEngine {
                 }
                 batches[li].push(ci);
                 nic_queued[lane.nic] += 1;
+                room_held -= 1;
             }
             // What could not go now goes first next time.
             while let Some(ci) = blocked.pop_back() {
@@ -640,15 +672,19 @@ impl ProgressEngine {
                 }
                 None => {
                     // A READ into staged memory: the bytes go to device memory now.
-                    if let Err(e) = stage_in(&a.t) {
+                    if let Err(e) = a.t.copy_staged_in() {
                         self.failed.inc();
                         a.t.finish(Status::Failed(e));
                         continue;
                     }
                     let sent = match &a.t.notify {
-                        Some(b) => a.t.peer.notify(tid, b.clone()).map(|()| {
-                            self.notes_sent.inc();
-                        }),
+                        Some((tag, b)) => {
+                            a.t.peer
+                                .notify(Some(tid), tag.clone(), b.clone())
+                                .map(|()| {
+                                    self.notes_sent.inc();
+                                })
+                        }
                         None => Ok(()),
                     };
                     match sent {
@@ -701,37 +737,6 @@ impl ProgressEngine {
 
     fn busy(&self) -> bool {
         !lock(&self.inner).active.is_empty()
-    }
-}
-
-/// Copy what a READ landed in local staging buffers into device memory.
-fn stage_in(t: &TransferState) -> Result<()> {
-    for &(ei, off, len) in &t.stage_in {
-        t.entries[usize::from(ei)].stage_copy(off, len, false)?;
-    }
-    Ok(())
-}
-
-/// The typed error for a staging request the peer could not serve.
-fn stage_error(t: &TransferState, f: StageFailure, land: bool) -> Error {
-    let what = if land { "land" } else { "stage" };
-    match f.epoch {
-        Some(epoch) => Error::Revoked {
-            side: Side::Remote,
-            region: f.region,
-            name: f.name,
-            epoch,
-            why: format!("the peer could not {what} it: {}", f.why),
-        },
-        None => Error::Failed {
-            transfer: t.id,
-            peer: t.peer.name.clone(),
-            chunk: 0,
-            status: format!(
-                "the peer could not {what} region {} ({}): {}",
-                f.region, f.name, f.why
-            ),
-        },
     }
 }
 

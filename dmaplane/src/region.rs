@@ -333,6 +333,21 @@ impl MemoryEntry {
         self.mrs.iter().flatten().find_map(Mr::revoked_at)
     }
 
+    /// Refused, typed, once it was revoked: the `what` (a transfer) that would use it has not
+    /// started.
+    pub(crate) fn check_usable(&self, what: &str) -> Result<()> {
+        match self.revoked_at() {
+            None => Ok(()),
+            Some(epoch) => Err(Error::Revoked {
+                side: crate::error::Side::Local,
+                region: self.id,
+                name: self.memory.name().to_string(),
+                epoch,
+                why: format!("{} before the {what} started", self.gone_why()),
+            }),
+        }
+    }
+
     /// Copy `len` bytes at `off` between the memory and its staging buffer (`to_stage`: before
     /// a NIC sends them; else after a NIC landed them). A copy that meets a revoke is
     /// [`Error::Revoked`] naming this registration.

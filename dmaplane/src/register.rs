@@ -160,6 +160,9 @@ impl AgentInner {
                 first_err.get_or_insert(err);
             }
         }
+        // Its MRs are quiesced, not revoked: the epoch is the one it was registered at.
+        let epoch = e.revoked_at().unwrap_or(e.epoch);
+        self.tell_gone(e, epoch, crate::event::GoneWhy::Deregistered);
         match first_err {
             Some(err) => Err(err.into()),
             None => Ok(()),

@@ -49,19 +49,23 @@ impl Registry {
     }
 
     /// Memory `memory` is being freed: remember each of its registrations with the epoch it
-    /// was revoked at.
-    pub(crate) fn bury_memory(&self, memory: u64) {
-        let gone: Vec<(u32, u64)> = lock(&self.entries)
+    /// was revoked at. Returns them, with that epoch.
+    pub(crate) fn bury_memory(&self, memory: u64) -> Vec<(Arc<MemoryEntry>, u64)> {
+        let gone: Vec<(Arc<MemoryEntry>, u64)> = lock(&self.entries)
             .values()
             .filter_map(Weak::upgrade)
             .filter(|e| e.memory.id() == memory)
-            .filter_map(|e| Some((e.id, e.revoked_at()?)))
+            .filter_map(|e| {
+                let epoch = e.revoked_at()?;
+                Some((e, epoch))
+            })
             .collect();
         let mut b = lock(&self.buried);
-        b.extend(gone);
+        b.extend(gone.iter().map(|(e, epoch)| (e.id, *epoch)));
         while b.len() > BURIED {
             b.pop_first();
         }
+        gone
     }
 
     /// The epoch registration `id` was revoked at when its memory was freed, if it was (and is

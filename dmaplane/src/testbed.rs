@@ -32,8 +32,47 @@ impl std::fmt::Debug for Testbed {
 }
 
 impl Testbed {
-    /// The built-in testbed topology (`topologies/testbed.toml`: two sockets, three NICs, three
-    /// GPUs, one NVMe drive).
+    /// The built-in testbed (`topologies/testbed.toml`): one two-socket machine on which every
+    /// peer-to-peer route occurs.
+    ///
+    /// ```text
+    /// hb0 (NUMA 0)                               hb1 (NUMA 1)
+    /// |- mem0 host memory                        |- mem1 host memory
+    /// |- rp0 - sw0 -+- gpu0                      |- rp3 - sw1 -+- sw2 - gpu2
+    /// |             +- nic0                      |             +- sw3 - nic1
+    /// |- rp1 - gpu1                              |- rp4 - nic2
+    /// |- rp2 - nvme0
+    /// ```
+    ///
+    /// | pair | route | what a transfer does |
+    /// |---|---|---|
+    /// | gpu0 ↔ nic0 | same switch (sw0) | peer to peer, by bus address |
+    /// | gpu2 ↔ nic1 | same upstream switch (sw1) | peer to peer, by bus address |
+    /// | gpu1 ↔ nic0 | through host bridge hb0 (allow-listed) | peer to peer, through the host bridge |
+    /// | gpu0 ↔ nvme0 | through host bridge hb0 | direct file I/O into the GPU |
+    /// | a GPU ↔ a NIC on the other socket (gpu0 ↔ nic1, gpu2 ↔ nic0, any GPU ↔ nic2 …) | not supported | staged through host memory ([`crate::NicPath::Staged`]) |
+    /// | mem0 / mem1 ↔ any NIC | host memory | direct; the NIC on the memory's NUMA node preferred |
+    ///
+    /// So for a GPU-to-GPU READ without staging on either side, put one agent on `nic0` with
+    /// its memory on `gpu0` (or `gpu1`), the other on `nic1` with its memory on `gpu2`. Each NIC
+    /// is claimed by one agent at a time ([`crate::AgentBuilder::nics`]); the GPUs' memory is
+    /// shared by every agent of the process. Every DMA is checked by the testbed's oracle
+    /// ([`Testbed::fabric`]).
+    ///
+    /// ```
+    /// use dmaplane::{Agent, Testbed};
+    /// # fn main() -> dmaplane::Result<()> {
+    /// let tb = Testbed::builtin()?;
+    /// let on_nic0 = Agent::builder("a").testbed(tb.clone()).nics(["nic0"]).build()?;
+    /// let on_nic1 = Agent::builder("b").testbed(tb).nics(["nic1"]).build()?;
+    /// let staged = |a: &Agent, gpu: &str| -> dmaplane::Result<bool> {
+    ///     Ok(a.register(&a.alloc_gpu("probe", gpu, 4096)?)?.paths()[0].is_staged())
+    /// };
+    /// assert!(!staged(&on_nic0, "gpu0")? && !staged(&on_nic0, "gpu1")?);
+    /// assert!(!staged(&on_nic1, "gpu2")?);
+    /// assert!(staged(&on_nic1, "gpu0")? && staged(&on_nic0, "gpu2")?);
+    /// # Ok(()) }
+    /// ```
     pub fn builtin() -> Result<Arc<Testbed>> {
         Testbed::with_topology(builtin::testbed())
     }

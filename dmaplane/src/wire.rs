@@ -49,9 +49,20 @@ pub(crate) enum Wire {
     Region {
         info: RegionInfo,
     },
+    /// A notification: with the sender's transfer id when it came with one.
     Notify {
-        transfer: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        transfer: Option<u64>,
+        #[serde(default)]
+        tag: String,
         bytes: Vec<u8>,
+    },
+    /// The sender's registration `region` is gone (revoked at `epoch`): the receiver forgets
+    /// it, refuses descriptors of it and tells its application ([`crate::Event::PeerRegionGone`]).
+    Gone {
+        region: u32,
+        epoch: u64,
+        why: crate::event::GoneWhy,
     },
     /// Copy these ranges of the receiver's staged registrations into device memory (`land`,
     /// after a WRITE) or out of it into their staging buffers (before a READ); answered by
@@ -83,6 +94,7 @@ impl Wire {
             Wire::Link { .. } => "link",
             Wire::Region { .. } => "region",
             Wire::Notify { .. } => "notify",
+            Wire::Gone { .. } => "gone",
             Wire::Stage { .. } => "stage",
             Wire::Staged { .. } => "staged",
             Wire::Ping => "ping",

@@ -27,7 +27,8 @@ fn write_all(
     dst: &dmaplane::Region,
 ) -> dmaplane::Transfer {
     let remote = peer.desc(dst.id(), 0, src.len()).unwrap();
-    a.write(peer, &[src.all()], &[remote], None).unwrap()
+    a.write(peer, &[src.all()], std::slice::from_ref(&remote), None)
+        .unwrap()
 }
 
 #[test]
@@ -52,7 +53,7 @@ fn a_callers_buffers_are_written_and_read_in_place_and_handed_back() {
         .unwrap()
         .wait(T)
         .unwrap();
-    a.read(&peer, &[rback.all()], &remote)
+    a.read(&peer, &[rback.all()], &remote, None)
         .unwrap()
         .wait(T)
         .unwrap();
@@ -152,7 +153,10 @@ fn memory_the_agent_allocated_is_not_reclaimed_and_a_buffer_whose_nic_missed_the
         let peer = a.connect(&b.metadata_blob().unwrap()).unwrap();
         let remote = peer.desc(rd.id(), 0, LEN).unwrap();
         let (kept, outcome) = meet_under_way(
-            || a.write(&peer, &[rs.all()], &[remote], None).unwrap(),
+            || {
+                a.write(&peer, &[rs.all()], std::slice::from_ref(&remote), None)
+                    .unwrap()
+            },
             |_| dst.reclaim(Duration::ZERO).map(|v| v.len()),
         );
         match kept {

@@ -99,7 +99,10 @@ fn write_and_read_move_every_byte_striped_over_queue_pairs() {
     let remote: Vec<_> = (0..8)
         .map(|k| peer.desc(rb.id(), (7 - k) * (1 << 20), 4096).unwrap())
         .collect();
-    a.read(&peer, &local, &remote).unwrap().wait(T).unwrap();
+    a.read(&peer, &local, &remote, None)
+        .unwrap()
+        .wait(T)
+        .unwrap();
     for k in 0..8u64 {
         let mut g = vec![0u8; 4096];
         back.read(k * (1 << 20), &mut g).unwrap();
@@ -129,7 +132,7 @@ fn a_notification_arrives_after_the_data_and_a_future_resolves() {
             &peer,
             &[ra.all()],
             &[peer.desc(rb.id(), 0, 1 << 20).unwrap()],
-            Some(b"kv-ready"),
+            Some(dmaplane::Notify::new("", b"kv-ready".to_vec())),
         )
         .unwrap();
     block_on(t).unwrap();
@@ -295,7 +298,7 @@ fn a_peer_that_goes_away_ends_transfers_within_the_stall_timeout() {
         peer.lost().is_some(),
         "the peer's departure was never noticed"
     );
-    let e = match a.write(&peer, &[ra.all()], &[remote], None) {
+    let e = match a.write(&peer, &[ra.all()], std::slice::from_ref(&remote), None) {
         Err(e) => e,
         Ok(t) => t.wait(T).unwrap_err(),
     };
@@ -597,7 +600,9 @@ fn deregistering_under_a_transfer_is_a_typed_error_and_the_memory_lives_on() {
         std::thread::sleep(Duration::from_millis(1));
     }
     let remote = peer.desc(rb2.id(), 0, LEN).unwrap();
-    let t = a.write(&peer, &[ra.all()], &[remote], None).unwrap();
+    let t = a
+        .write(&peer, &[ra.all()], std::slice::from_ref(&remote), None)
+        .unwrap();
     until_done(&t, quarter);
     a.deregister(&ra, Duration::from_secs(2)).unwrap();
     match t.wait(T) {
@@ -612,7 +617,9 @@ fn deregistering_under_a_transfer_is_a_typed_error_and_the_memory_lives_on() {
         }
         other => panic!("expected a local revoke, got {other:?}"),
     }
-    let e = a.write(&peer, &[ra.all()], &[remote], None).unwrap_err();
+    let e = a
+        .write(&peer, &[ra.all()], std::slice::from_ref(&remote), None)
+        .unwrap_err();
     assert!(
         matches!(e, Error::Invalid(_) | Error::Revoked { .. }),
         "{e}"
@@ -620,7 +627,7 @@ fn deregistering_under_a_transfer_is_a_typed_error_and_the_memory_lives_on() {
 
     // Both memories live on.
     let ra2 = a.register(&src).unwrap();
-    a.write(&peer, &[ra2.all()], &[remote], None)
+    a.write(&peer, &[ra2.all()], std::slice::from_ref(&remote), None)
         .unwrap()
         .wait(T)
         .unwrap();
@@ -902,7 +909,8 @@ fn a_holder_that_writes_after_its_ack_is_refused_at_the_zapped_region() {
         let ((report, q), r) = meet_under_way(
             || {
                 let remote = peer.desc(rb.id(), 0, LEN).unwrap();
-                a.write(&peer, &[ra.all()], &[remote], None).unwrap()
+                a.write(&peer, &[ra.all()], std::slice::from_ref(&remote), None)
+                    .unwrap()
             },
             |_| {
                 let (report, q) = dst.free_quarantined(Duration::from_secs(2)).unwrap();
@@ -939,7 +947,12 @@ fn a_holder_that_writes_after_its_ack_is_refused_at_the_zapped_region() {
         }
         let remote = peer.desc(rf.id(), 0, 1 << 20).unwrap();
         let start = Instant::now();
-        match a.write(&peer, &[ra.desc(0, 1 << 20).unwrap()], &[remote], None) {
+        match a.write(
+            &peer,
+            &[ra.desc(0, 1 << 20).unwrap()],
+            std::slice::from_ref(&remote),
+            None,
+        ) {
             Ok(t) => t.wait(T).unwrap(),
             Err(Error::Invalid(i)) if lying && i.why.contains("broken") => {}
             Err(e) => panic!("lying = {lying}: {e}"),

@@ -408,6 +408,7 @@ fn a_peers_published_file_is_read_straight_into_my_gpu_and_written_back() {
                 peer.desc(ro.id(), 0, 5 * MIB).unwrap(),
                 peer.desc(ro.id(), 5 * MIB, 3 * MIB).unwrap(),
             ],
+            None,
         )
         .unwrap();
     t.wait(T).unwrap();

@@ -258,7 +258,10 @@ fn a_peer_that_floods_notifications_is_bounded_and_the_others_still_get_through(
                     peer,
                     &[ra.desc(0, 64).unwrap()],
                     &[peer.desc(rb.id(), 0, 64).unwrap()],
-                    Some(format!("{i}").as_bytes()),
+                    Some(dmaplane::Notify::new(
+                        "",
+                        format!("{i}").as_bytes().to_vec(),
+                    )),
                 )
                 .unwrap();
             t.wait(T).unwrap();
@@ -307,16 +310,26 @@ fn a_read_only_registration_refuses_a_peers_write_at_the_nic_and_serves_its_read
     let peer = a.connect(&b.metadata_blob().unwrap()).unwrap();
     let remote = peer.desc(rb.id(), 0, 4096).unwrap();
     // A READ of it is served.
-    a.read(&peer, &[ra.desc(4096, 4096).unwrap()], &[remote])
-        .unwrap()
-        .wait(T)
-        .unwrap();
+    a.read(
+        &peer,
+        &[ra.desc(4096, 4096).unwrap()],
+        std::slice::from_ref(&remote),
+        None,
+    )
+    .unwrap()
+    .wait(T)
+    .unwrap();
     let mut got = [0u8; 4096];
     buf.read(4096, &mut got).unwrap();
     assert_eq!(got, [4u8; 4096]);
     // A WRITE into it is refused by b's NIC: nothing lands.
     let e = a
-        .write(&peer, &[ra.desc(0, 4096).unwrap()], &[remote], None)
+        .write(
+            &peer,
+            &[ra.desc(0, 4096).unwrap()],
+            std::slice::from_ref(&remote),
+            None,
+        )
         .unwrap()
         .wait(T)
         .unwrap_err();
@@ -622,7 +635,7 @@ fn a_stage_request_over_the_range_limit_is_refused_naming_it() {
     let dst = b.alloc_gpu("dst", "gpu0", 1 << 20).unwrap();
     let (ra, rb) = (a.register(&src).unwrap(), b.register(&dst).unwrap());
     let peer = a.connect_to(&b.listen_addr().to_string()).unwrap();
-    let pieces = |n: u64| -> (Vec<dmaplane::Desc>, Vec<dmaplane::Desc>) {
+    let pieces = |n: u64| -> (Vec<dmaplane::Desc>, Vec<dmaplane::RemoteDesc>) {
         (0..n)
             .map(|i| {
                 (

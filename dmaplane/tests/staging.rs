@@ -64,7 +64,14 @@ fn gpu_memory_no_nic_reaches_is_staged_on_both_sides_and_every_byte_moves() {
         .iter()
         .map(|&i| peer.desc(rb.id(), ((i + 3) % 8) * PIECE, PIECE).unwrap())
         .collect();
-    let t = a.write(&peer, &local, &remote, Some(b"landed")).unwrap();
+    let t = a
+        .write(
+            &peer,
+            &local,
+            &remote,
+            Some(dmaplane::Notify::new("", b"landed".to_vec())),
+        )
+        .unwrap();
     t.wait(T).unwrap();
     let note = b.next_notification(T).expect("notified");
     assert_eq!(note.bytes, b"landed");
@@ -87,6 +94,7 @@ fn gpu_memory_no_nic_reaches_is_staged_on_both_sides_and_every_byte_moves() {
             &peer,
             &[rback.all()],
             &[peer.desc(rb.id(), 0, LEN).unwrap()],
+            None,
         )
         .unwrap();
     t.wait(T).unwrap();
@@ -155,7 +163,8 @@ fn freeing_staged_gpu_memory_mid_transfer_is_a_typed_revoke() {
         let (report, r) = meet_under_way(
             || {
                 let remote = peer.desc(rb.id(), 0, LEN).unwrap();
-                a.write(&peer, &[ra.all()], &[remote], None).unwrap()
+                a.write(&peer, &[ra.all()], std::slice::from_ref(&remote), None)
+                    .unwrap()
             },
             |_| victim.free(Duration::from_secs(2)).unwrap(),
         );

@@ -36,10 +36,15 @@ fn two_agents_write_and_read_verified_bytes_over_tcp_nics() {
     let rd = b.register(&dst).unwrap();
     let peer = a.connect_to(&b.listen_addr().to_string()).unwrap();
     let remote = peer.desc(rd.id(), 0, LEN).unwrap();
-    a.write(&peer, &[rs.all()], &[remote], Some(b"done"))
-        .unwrap()
-        .wait(T)
-        .unwrap();
+    a.write(
+        &peer,
+        &[rs.all()],
+        std::slice::from_ref(&remote),
+        Some(dmaplane::Notify::new("", b"done".to_vec())),
+    )
+    .unwrap()
+    .wait(T)
+    .unwrap();
     let n = b.next_notification(T).expect("the notification");
     assert_eq!(n.bytes, b"done");
     let mut got = vec![0u8; LEN as usize];
@@ -48,7 +53,7 @@ fn two_agents_write_and_read_verified_bytes_over_tcp_nics() {
     // The other way round: b's bytes, READ by a into its own memory.
     let data2 = pattern(LEN, 2);
     dst.write(0, &data2).unwrap();
-    a.read(&peer, &[rback.all()], &[remote])
+    a.read(&peer, &[rback.all()], std::slice::from_ref(&remote), None)
         .unwrap()
         .wait(T)
         .unwrap();
@@ -72,7 +77,9 @@ fn a_free_under_a_transfer_is_a_typed_error_and_the_pair_lives_on() {
     let (rd, rspare) = (b.register(&dst).unwrap(), b.register(&spare).unwrap());
     let peer = a.connect_to(&b.listen_addr().to_string()).unwrap();
     let remote = peer.desc(rd.id(), 0, LEN).unwrap();
-    let t = a.write(&peer, &[rs.all()], &[remote], None).unwrap();
+    let t = a
+        .write(&peer, &[rs.all()], std::slice::from_ref(&remote), None)
+        .unwrap();
     std::thread::sleep(Duration::from_millis(5));
     dst.free(Duration::from_secs(30)).unwrap();
     match t.wait(T) {

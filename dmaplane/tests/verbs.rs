@@ -123,10 +123,15 @@ fn two_agents_in_two_processes() {
 
     // 64 MiB WRITE, the notification after it, verified by the peer.
     let start = Instant::now();
-    a.write(&peer, &[ra.all()], &[remote], Some(b"written"))
-        .unwrap()
-        .wait(T)
-        .unwrap();
+    a.write(
+        &peer,
+        &[ra.all()],
+        std::slice::from_ref(&remote),
+        Some(dmaplane::Notify::new("", b"written".to_vec())),
+    )
+    .unwrap()
+    .wait(T)
+    .unwrap();
     eprintln!("64 MiB WRITE in {:?}", start.elapsed());
     assert_eq!(next("VERIFIED"), "ok");
 
@@ -137,7 +142,7 @@ fn two_agents_in_two_processes() {
     let rback = a.register(&back).unwrap();
     eprintln!("caller's buffer: {:?}", rback.paths());
     let start = Instant::now();
-    a.read(&peer, &[rback.all()], &[remote])
+    a.read(&peer, &[rback.all()], std::slice::from_ref(&remote), None)
         .unwrap()
         .wait(T)
         .unwrap();
@@ -147,7 +152,9 @@ fn two_agents_in_two_processes() {
     assert!(got == data, "the READ differs");
 
     // Deregister the source a quarter into a second WRITE: a typed error.
-    let t = a.write(&peer, &[ra.all()], &[remote], None).unwrap();
+    let t = a
+        .write(&peer, &[ra.all()], std::slice::from_ref(&remote), None)
+        .unwrap();
     let quarter = t.requests() as u64 / 4;
     while matches!(t.status(), Status::InProgress { done, .. } if done < quarter) {
         std::thread::sleep(Duration::from_micros(200));
@@ -170,6 +177,7 @@ fn two_agents_in_two_processes() {
         &peer,
         &[rback.desc(0, 1 << 20).unwrap()],
         &[peer.desc(region, 0, 1 << 20).unwrap()],
+        None,
     )
     .unwrap()
     .wait(T)
@@ -183,7 +191,7 @@ fn two_agents_in_two_processes() {
         &peer,
         &[rback.desc(0, 4096).unwrap()],
         &[peer.desc(region, 0, 4096).unwrap()],
-        Some(b"bye"),
+        Some(dmaplane::Notify::new("", b"bye".to_vec())),
     )
     .unwrap()
     .wait(T)

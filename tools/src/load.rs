@@ -382,7 +382,12 @@ impl LoadSetup {
         let t = Instant::now();
         for s in plan {
             self.a
-                .write(&self.peer, &[self.slot0(s.remote.len)?], &[s.remote], None)?
+                .write(
+                    &self.peer,
+                    &[self.slot0(s.remote.len())?],
+                    std::slice::from_ref(&s.remote),
+                    None,
+                )?
                 .wait(T)?;
         }
         Ok(t.elapsed().as_secs_f64())

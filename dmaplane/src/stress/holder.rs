@@ -145,13 +145,16 @@ pub fn hold(
             seq += 1;
             let off = (slot * size) as u64;
             src.write(off, &block(epoch, slot as u32, seq, size))?;
-            let remote = peer.desc(id, off, size as u64)?;
-            match agent.write(
-                peer,
-                &[rs.desc(off, size as u64)?],
-                &[remote],
-                Some(&note(epoch, slot as u32, seq)),
-            ) {
+            // A registration the owner said is gone is refused here already, typed.
+            let started = peer.desc(id, off, size as u64).and_then(|remote| {
+                agent.write(
+                    peer,
+                    &[rs.desc(off, size as u64)?],
+                    &[remote],
+                    Some(crate::Notify::new("stress", note(epoch, slot as u32, seq))),
+                )
+            });
+            match started {
                 Ok(x) => {
                     r.started += 1;
                     *t = Some((x, (id, epoch)));

@@ -7,8 +7,13 @@
 //! [`Transfer::wait`] blocks, [`Transfer::status`] looks, and `Transfer` is a `Future` (its own
 //! waker, no runtime needed).
 
+mod hold;
+mod prepared;
 pub(crate) mod route;
 pub(crate) mod state;
+
+pub use hold::TransferHold;
+pub use prepared::Prepared;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -45,7 +50,7 @@ impl std::fmt::Debug for Transfer {
 
 impl Transfer {
     /// The transfer's id: unique within its agent, and what the peer's
-    /// [`crate::Notification::transfer`] carries.
+    /// [`crate::Notification::transfer`] carries when it came with a notification.
     pub fn id(&self) -> u64 {
         self.state.id
     }

@@ -1,5 +1,6 @@
 //! A transfer's start: its descriptors checked, each (local, remote) pair routed to the best
-//! paths' queue pairs, split into requests, and handed to the engine.
+//! paths' queue pairs and split into requests (a [`Plan`], made once for a prepared transfer),
+//! then handed to the engine (each post of the plan).
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -9,10 +10,10 @@ use dmaplane_rdma::RemoteMr;
 
 use super::Transfer;
 use super::state::{CHUNK_BITS, Chunk, Op, Status, TransferEnd, TransferState};
-use crate::desc::Desc;
-use crate::error::{Error, Result, Side};
+use crate::desc::{Desc, RemoteDesc};
+use crate::error::{Error, Result};
 use crate::inner::AgentInner;
-use crate::notify::MAX_NOTIFY;
+use crate::notify::Notify;
 use crate::peer::{Lane, PeerShared};
 use crate::region::MemoryEntry;
 use crate::stage::StageRange;
@@ -51,9 +52,112 @@ pub(crate) fn start(
     peer: &Arc<PeerShared>,
     op: Op,
     local: &[Desc],
-    remote: &[Desc],
-    notify: Option<&[u8]>,
+    remote: &[RemoteDesc],
+    notify: Option<Notify>,
 ) -> Result<Transfer> {
+    let plan = plan(s, peer, op, local, remote)?;
+    submit(s, &plan, notify)
+}
+
+/// A batch checked, routed and split into requests: what each post of it hands the engine.
+pub(crate) struct Plan {
+    op: Op,
+    pub(crate) peer: Arc<PeerShared>,
+    chunks: Vec<Chunk>,
+    lanes: Vec<Arc<Lane>>,
+    leases: Vec<Arc<RemoteMr>>,
+    entries: Vec<Arc<MemoryEntry>>,
+    /// Local staged ranges a WRITE copies into their staging buffers before its requests.
+    stage_out: Vec<(u16, u64, u64)>,
+    stage_in: Vec<(u16, u64, u64)>,
+    remote_stage: Vec<StageRange>,
+    /// The peer's registrations it names.
+    remote_regions: Vec<u32>,
+    bytes: u64,
+}
+
+impl Plan {
+    /// Requests each post makes.
+    pub(crate) fn requests(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Bytes each post moves.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+/// Hand a plan to the engine as a new transfer: refused, typed, when its peer was lost or
+/// memory on either side is gone since it was made.
+pub(crate) fn submit(s: &Arc<AgentInner>, plan: &Plan, notify: Option<Notify>) -> Result<Transfer> {
+    let peer = &plan.peer;
+    let what = || format!("transfer to {}", peer.name);
+    if let Some(why) = peer.lost() {
+        return Err(Error::PeerLost {
+            peer: peer.name.clone(),
+            why,
+        });
+    }
+    if let Some(n) = &notify {
+        n.check(what)?;
+    }
+    for e in &plan.entries {
+        e.check_usable("transfer")?;
+    }
+    for &r in &plan.remote_regions {
+        peer.region_or_gone(r, "transfer")?;
+    }
+    // A WRITE from staged memory: its bytes go to the staging buffer before any request.
+    for &(ei, off, len) in &plan.stage_out {
+        let e = &plan.entries[usize::from(ei)];
+        e.stage_copy(off, len, true)?;
+    }
+    let total = plan.chunks.len() as u64;
+    let id = s.engine.next_id();
+    let mut notify = notify.map(Notify::into_parts);
+    if s.notify_early
+        && let Some((tag, bytes)) = notify.take()
+    {
+        // The injected fault: before any of its data moved.
+        peer.notify(Some(id), tag, bytes)?;
+    }
+    let state = Arc::new(TransferState {
+        id,
+        agent: s.name.clone(),
+        done: std::sync::atomic::AtomicU64::new(0),
+        op: plan.op,
+        peer: peer.clone(),
+        chunks: plan.chunks.clone(),
+        lanes: plan.lanes.clone(),
+        leases: plan.leases.clone(),
+        entries: plan.entries.clone(),
+        notify,
+        stage_in: plan.stage_in.clone(),
+        remote_stage: plan.remote_stage.clone(),
+        bytes: plan.bytes,
+        outcome: Mutex::new(TransferEnd {
+            status: Status::InProgress { done: 0, total },
+            waker: None,
+            sleepers: 0,
+        }),
+        cv: Condvar::new(),
+    });
+    s.engine.submit(state.clone());
+    Ok(Transfer {
+        state,
+        engine: Arc::downgrade(&s.engine),
+    })
+}
+
+/// Check the batch, route each pair and split it into requests.
+pub(crate) fn plan(
+    s: &Arc<AgentInner>,
+    peer: &Arc<PeerShared>,
+    op: Op,
+    local: &[Desc],
+    remote: &[RemoteDesc],
+) -> Result<Plan> {
     let what = || format!("transfer to {}", peer.name);
     if let Some(why) = peer.lost() {
         return Err(Error::PeerLost {
@@ -69,14 +173,21 @@ pub(crate) fn start(
             "both lists must be non-empty and of the same length",
         ));
     }
-    if let Some(n) = notify
-        && n.len() > MAX_NOTIFY
-    {
+    if let Some((i, r)) = remote.iter().enumerate().find(|(_, r)| r.peer != peer.tag) {
+        let whose = if r.peer.name == peer.tag.name {
+            format!("an earlier connection to {}", r.peer.name)
+        } else {
+            format!("peer {}", r.peer.name)
+        };
         return Err(Error::invalid(
             what(),
-            "notify",
-            format!("{} bytes", n.len()),
-            format!("at most {MAX_NOTIFY}"),
+            "remote desc",
+            format!("pair {i}: region {} of {whose}", r.region),
+            format!(
+                "a descriptor of {whose}'s memory cannot be used in a transfer to peer {}: \
+                 make it with {}'s Peer::desc",
+                peer.name, peer.name
+            ),
         ));
     }
     let mut entries: Vec<Arc<MemoryEntry>> = Vec::new();
@@ -192,36 +303,22 @@ pub(crate) fn start(
             ),
         ));
     }
-    // A WRITE from staged memory: its bytes go to the staging buffer before any request.
-    for &(ei, off, len) in &stage_out {
-        let e = &entries[usize::from(ei)];
-        e.stage_copy(off, len, true)?;
-    }
     crate::stage::merge(&mut remote_stage);
-    let state = Arc::new(TransferState {
-        id: s.engine.next_id(),
-        done: std::sync::atomic::AtomicU64::new(0),
+    let mut remote_regions: Vec<u32> = memo.iter().map(|m| m.key.1).collect();
+    remote_regions.sort_unstable();
+    remote_regions.dedup();
+    Ok(Plan {
         op,
         peer: peer.clone(),
         chunks,
         lanes: t_lanes,
         leases: t_leases,
         entries,
-        notify: notify.map(<[u8]>::to_vec),
+        stage_out,
         stage_in,
         remote_stage,
+        remote_regions,
         bytes,
-        outcome: Mutex::new(TransferEnd {
-            status: Status::InProgress { done: 0, total },
-            waker: None,
-            sleepers: 0,
-        }),
-        cv: Condvar::new(),
-    });
-    s.engine.submit(state.clone());
-    Ok(Transfer {
-        state,
-        engine: Arc::downgrade(&s.engine),
     })
 }
 
@@ -267,22 +364,18 @@ fn route(
             format!("pair {i}: agent {} has no such registration", s.name),
         ));
     };
-    if let Some(epoch) = e.revoked_at() {
-        return Err(Error::Revoked {
-            side: Side::Local,
-            region: e.id,
-            name: e.memory.name().to_string(),
-            epoch,
-            why: format!("{} before the transfer started", e.gone_why()),
-        });
-    }
-    let Some(info) = peer.region(remote) else {
-        return Err(Error::invalid(
-            what(),
-            "remote region",
-            remote,
-            format!("pair {i}: peer {} has no such registration", peer.name),
-        ));
+    e.check_usable("transfer")?;
+    let info = match peer.region_or_gone(remote, "transfer") {
+        Ok(info) => info,
+        Err(Error::Invalid(_)) => {
+            return Err(Error::invalid(
+                what(),
+                "remote region",
+                remote,
+                format!("pair {i}: peer {} has no such registration", peer.name),
+            ));
+        }
+        Err(e) => return Err(e),
     };
     // The paths that serve both ends, best ranked for the local memory.
     let mut usable: Vec<(u32, usize, Arc<RemoteMr>, bool, bool)> = Vec::new();

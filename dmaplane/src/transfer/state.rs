@@ -65,6 +65,8 @@ pub(crate) struct TransferEnd {
 /// What the engine and the handles share.
 pub(crate) struct TransferState {
     pub(crate) id: u64,
+    /// The agent it belongs to, for messages.
+    pub(crate) agent: String,
     /// Requests completed successfully (the engine counts, `status` reads).
     pub(crate) done: AtomicU64,
     pub(crate) op: Op,
@@ -76,7 +78,8 @@ pub(crate) struct TransferState {
     /// Local registrations it uses: held until every request has completed, so nothing is
     /// unregistered under the NIC.
     pub(crate) entries: Vec<Arc<MemoryEntry>>,
-    pub(crate) notify: Option<Vec<u8>>,
+    /// The notification's tag and bytes, sent once it is done.
+    pub(crate) notify: Option<(String, Vec<u8>)>,
     /// Local staged ranges a READ copies into device memory once its requests completed:
     /// `(entry index, offset, bytes)`.
     pub(crate) stage_in: Vec<(u16, u64, u64)>,
@@ -88,6 +91,37 @@ pub(crate) struct TransferState {
 }
 
 impl TransferState {
+    /// Copy what a READ landed in local staging buffers into device memory.
+    pub(crate) fn copy_staged_in(&self) -> crate::error::Result<()> {
+        for &(ei, off, len) in &self.stage_in {
+            self.entries[usize::from(ei)].stage_copy(off, len, false)?;
+        }
+        Ok(())
+    }
+
+    /// The typed error for a staging request the peer could not serve.
+    pub(crate) fn stage_error(&self, f: crate::stage::StageFailure, land: bool) -> Error {
+        let what = if land { "land" } else { "stage" };
+        match f.epoch {
+            Some(epoch) => Error::Revoked {
+                side: Side::Remote,
+                region: f.region,
+                name: f.name,
+                epoch,
+                why: format!("the peer could not {what} it: {}", f.why),
+            },
+            None => Error::Failed {
+                transfer: self.id,
+                peer: self.peer.name.clone(),
+                chunk: 0,
+                status: format!(
+                    "the peer could not {what} region {} ({}): {}",
+                    f.region, f.name, f.why
+                ),
+            },
+        }
+    }
+
     pub(crate) fn finish(&self, status: Status) {
         let mut o = lock(&self.outcome);
         if !matches!(o.status, Status::InProgress { .. }) {
@@ -133,6 +167,26 @@ impl TransferState {
         }
     }
 
+    /// A revoke of either side's memory, or the peer's loss, met by a transfer held with
+    /// requests still to post ([`crate::Agent::hold_transfers`]).
+    pub(crate) fn revoked_while_held(
+        &self,
+        pending: &std::collections::VecDeque<u32>,
+    ) -> Option<Error> {
+        pending.iter().find_map(|&ci| {
+            let c = &self.chunks[ci as usize];
+            let gone = self.entries[usize::from(c.local_entry)]
+                .revoked_at()
+                .is_some()
+                || self.leases[usize::from(c.lease)].revoked_at().is_some();
+            if gone {
+                self.revoked_or_lost(c, "held")
+            } else {
+                None
+            }
+        })
+    }
+
     /// A revoke of either side's memory, or the peer's loss, if that is why a request failed.
     pub(crate) fn revoked_or_lost(&self, chunk: &Chunk, status: &str) -> Option<Error> {
         let e = &self.entries[usize::from(chunk.local_entry)];
@@ -142,22 +196,36 @@ impl TransferState {
                 region: e.id,
                 name: e.memory.name().to_string(),
                 epoch,
-                why: format!("a request completed with {status}: {}", e.gone_why()),
+                why: format!(
+                    "{} under transfer {} to {}, and {}",
+                    e.gone_why(),
+                    self.id,
+                    self.peer.name,
+                    in_words(status)
+                ),
             });
         }
         if let Some(epoch) = self.leases[usize::from(chunk.lease)].revoked_at() {
-            let name = self
-                .peer
-                .region(chunk.remote_region)
-                .map_or_else(String::new, |r| r.name);
+            let gone = self.peer.gone(chunk.remote_region);
+            let name = match (&gone, self.peer.region(chunk.remote_region)) {
+                (Some(g), _) => g.name.clone(),
+                (None, Some(r)) => r.name,
+                (None, None) => String::new(),
+            };
+            let did = gone.map_or_else(|| "revoked it".to_string(), |g| g.why.to_string());
             return Some(Error::Revoked {
                 side: Side::Remote,
                 region: chunk.remote_region,
                 name,
                 epoch,
                 why: format!(
-                    "the peer revoked it (a request completed with {status}); {} holds no lease on it any more",
-                    self.peer.name
+                    "peer {} {did} while transfer {} of agent {} was using it: {}'s lease on \
+                     it was withdrawn, and {}",
+                    self.peer.name,
+                    self.id,
+                    self.agent,
+                    self.agent,
+                    in_words(status)
                 ),
             });
         }
@@ -165,5 +233,18 @@ impl TransferState {
             peer: self.peer.name.clone(),
             why,
         })
+    }
+}
+
+/// What happened to a request, in words (the completion status as a detail).
+pub(crate) fn in_words(status: &str) -> String {
+    match status {
+        "WrFlushErr" => "a request under way was stopped (flushed, WrFlushErr)".into(),
+        "RemAccessErr" => "the peer's NIC refused a request (RemAccessErr)".into(),
+        "a refused post" => "a request could not be posted any more".into(),
+        "held" => "the requests it had not posted yet never were (it was held: \
+                   Agent::hold_transfers)"
+            .into(),
+        other => format!("a request ended with {other}"),
     }
 }

@@ -357,9 +357,11 @@ fn measure(
     let timed = |write: bool| -> Result<f64> {
         let t0 = Instant::now();
         let t = if write {
-            c.agent.write(&c.peer, &[local.all()], &[remote], None)?
+            c.agent
+                .write(&c.peer, &[local.all()], std::slice::from_ref(&remote), None)?
         } else {
-            c.agent.read(&c.peer, &[local.all()], &[remote])?
+            c.agent
+                .read(&c.peer, &[local.all()], std::slice::from_ref(&remote), None)?
         };
         t.wait(Duration::from_secs(120))?;
         Ok(a.size as f64 / t0.elapsed().as_secs_f64() / 1e9)

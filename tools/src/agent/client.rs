@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
-use dmaplane::{Agent, Desc, Peer, Region, Status, Transfer};
+use dmaplane::{Agent, Peer, Region, Status, Transfer};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -180,7 +180,7 @@ pub(super) fn follow(
         .map_err(|e| anyhow!("{what}: {e}"))
 }
 
-fn remote(c: &Connected) -> Result<Desc> {
+fn remote(c: &Connected) -> Result<dmaplane::RemoteDesc> {
     Ok(c.peer.desc(c.region, c.offset, c.len)?)
 }
 
@@ -200,12 +200,16 @@ pub fn run(a: &ClientArgs, op: Op, json: bool) -> Result<()> {
                 &c.peer,
                 &[local.all()],
                 &[remote(&c)?],
-                a.notify.as_deref().map(str::as_bytes),
+                a.notify
+                    .as_deref()
+                    .map(|n| dmaplane::Notify::new("cli", n.as_bytes().to_vec())),
             )?;
             follow(&c, &t, &local, &stop, "write", json)?;
         }
         Op::Read => {
-            let t = c.agent.read(&c.peer, &[local.all()], &[remote(&c)?])?;
+            let t = c
+                .agent
+                .read(&c.peer, &[local.all()], &[remote(&c)?], None)?;
             follow(&c, &t, &local, &stop, "read", json)?;
             if let Some(path) = &a.out {
                 let mut buf = vec![0u8; c.len as usize];
@@ -219,7 +223,7 @@ pub fn run(a: &ClientArgs, op: Op, json: bool) -> Result<()> {
         Op::Write if !a.no_verify => {
             let back = c.agent.alloc_host("client-back", c.len)?;
             let rb = c.agent.register(&back)?;
-            let t = c.agent.read(&c.peer, &[rb.all()], &[remote(&c)?])?;
+            let t = c.agent.read(&c.peer, &[rb.all()], &[remote(&c)?], None)?;
             follow(&c, &t, &rb, &stop, "read back", json)?;
             Some((back, 1))
         }

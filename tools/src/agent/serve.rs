@@ -165,9 +165,10 @@ pub fn run(a: &ServeArgs, json: bool) -> Result<()> {
             && !a.quiet
         {
             println!(
-                "notification from {} (transfer {}): {}",
+                "notification from {} (tag {:?}, transfer {}): {}",
                 n.from,
-                n.transfer,
+                n.tag,
+                n.transfer.map_or_else(|| "none".into(), |t| t.to_string()),
                 String::from_utf8_lossy(&n.bytes)
             );
         }
