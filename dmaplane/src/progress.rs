@@ -565,7 +565,12 @@ impl ProgressEngine {
                                     region: local.id,
                                     name: local.memory.name().to_string(),
                                     epoch,
-                                    why: format!("posting refused ({}): {what}", local.gone_why()),
+                                    why: format!(
+                                        "{} under transfer {tid} to {}: a request could not be \
+                                         posted any more ({what})",
+                                        local.gone_why(),
+                                        a.t.peer.name
+                                    ),
                                 }
                             } else {
                                 a.t.classify(c, "a refused post")

@@ -110,3 +110,89 @@ fn agents_of_different_backends_are_refused_at_the_handshake_saying_why() {
     let e = e.to_string();
     assert!(e.contains("sim NICs") && e.contains("tcp"), "{e}");
 }
+
+/// A READ's notification, a notification on its own, and a peer's free told to the reader,
+/// over TCP NICs (on the socket path and on shared memory).
+#[test]
+fn a_reads_notification_and_a_peers_free_reach_the_other_side_over_tcp() {
+    for shm in [false, true] {
+        let build = |name: &str| {
+            Agent::builder(name)
+                .tcp()
+                .tcp_shm(shm)
+                .stall_timeout(Duration::from_secs(20))
+                .build()
+                .unwrap()
+        };
+        let (decode, prefill) = (build("decode"), build("prefill"));
+        const BLOCK: u64 = 64 << 10;
+        let kv = prefill.alloc_host("kv", 16 * BLOCK).unwrap();
+        let data = pattern(16 * BLOCK, 5);
+        kv.write(0, &data).unwrap();
+        let _pool = prefill.register(&kv).unwrap();
+        let peer = decode.connect(&prefill.metadata_blob().unwrap()).unwrap();
+        let info = peer.wait_region("kv", T).unwrap();
+        let theirs = peer.blocks(info.id, BLOCK).unwrap();
+        let mine_mem = decode.alloc_host("mine", 4 * BLOCK).unwrap();
+        let mine = decode.register(&mine_mem).unwrap().blocks(BLOCK).unwrap();
+        let t = decode
+            .read_blocks(
+                &peer,
+                &mine,
+                &[0, 1, 2, 3],
+                &theirs,
+                &[9, 2, 15, 4],
+                Some(dmaplane::Notify::new("done:1", b"read".to_vec())),
+            )
+            .unwrap();
+        t.wait(T).unwrap();
+        let n = prefill
+            .next_notification_matching(&dmaplane::NotifyFilter::any().from("decode"), T)
+            .unwrap();
+        assert_eq!((n.tag.as_str(), n.transfer), ("done:1", Some(t.id())));
+        for (slot, id) in [9u64, 2, 15, 4].into_iter().enumerate() {
+            let mut got = vec![0u8; BLOCK as usize];
+            mine_mem.read(slot as u64 * BLOCK, &mut got).unwrap();
+            let at = (id * BLOCK) as usize;
+            assert_eq!(got, data[at..at + BLOCK as usize], "shm {shm}: block {id}");
+        }
+        let p = prefill.peer("decode").unwrap();
+        prefill
+            .notify(&p, dmaplane::Notify::tag_only("on its own"))
+            .unwrap();
+        assert_eq!(decode.next_notification(T).unwrap().tag, "on its own");
+        kv.free(T).unwrap();
+        let due = std::time::Instant::now() + T;
+        let gone = loop {
+            if let Some(e) = decode
+                .events()
+                .into_iter()
+                .find(|e| matches!(e, dmaplane::Event::PeerRegionGone { .. }))
+            {
+                break e;
+            }
+            assert!(
+                std::time::Instant::now() < due,
+                "shm {shm}: decode was not told"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        assert!(
+            matches!(&gone, dmaplane::Event::PeerRegionGone { peer, region, .. } if peer == "prefill" && *region == info.id),
+            "{gone:?}"
+        );
+        let e = decode
+            .read_blocks(&peer, &mine, &[0], &theirs, &[0], None)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Revoked {
+                    side: Side::Remote,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
+}
