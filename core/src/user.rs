@@ -63,6 +63,21 @@ impl UserBuffer {
         })
     }
 
+    /// Another owner's memory as such an exporter, zero-copy, for as long as this lives
+    /// ([`crate::fabric::Lent`]). An empty one is refused.
+    pub fn lent(
+        name: &str,
+        lent: Box<dyn crate::fabric::Lent>,
+    ) -> Result<UserBuffer, MappingError> {
+        let mem = Mapping::lent(lent)?;
+        Ok(UserBuffer {
+            export: Export::new(name),
+            len: mem.len() as u64,
+            mem: Some(mem),
+            unacked: AtomicBool::new(false),
+        })
+    }
+
     /// `len` bytes of page-aligned anonymous memory as such an exporter: for bounce buffers
     /// that `O_DIRECT` and `cuMemHostRegister` need aligned (a `Vec`'s allocation is not).
     /// [`UserBuffer::into_vec`] refuses it.

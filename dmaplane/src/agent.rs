@@ -142,6 +142,21 @@ impl Agent {
         self.shared.allocator().adopt(name, buf)
     }
 
+    /// Another owner's memory as memory the agent registers, zero-copy, for as long as the
+    /// returned [`Memory`] (and any registration of it) lives: what the Python package lends a
+    /// NumPy array or a `bytearray` through, holding the object's buffer export so it cannot be
+    /// freed or resized under a NIC. [`Lent`](crate::Lent) is an `unsafe` trait: its
+    /// implementor promises the bytes stay valid and in place until it is dropped. Memory lent
+    /// read-only ([`Lent::read_only`](crate::Lent::read_only)) is registered without remote
+    /// write access and refused as a READ's target. Freeing it revokes every importer, then
+    /// drops the lender.
+    ///
+    /// On the testbed it is host memory on the NUMA node of the agent's first NIC; on verbs and
+    /// TCP it is registered by its process VA.
+    pub fn lend(&self, name: &str, lent: Box<dyn crate::Lent>) -> Result<Memory> {
+        self.shared.allocator().lend(name, lent)
+    }
+
     /// A dma-buf fd from elsewhere (another driver's export, a dma-heap or udmabuf buffer
     /// made by other code, one received over a socket) as memory the agent registers: its NICs
     /// take it as the dma-buf (`ibv_reg_dmabuf_mr`) where the provider has dma-buf MRs, else by

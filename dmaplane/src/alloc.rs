@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use dmaplane_core::fabric::HostMemory;
+use dmaplane_core::fabric::{HostMemory, Lent};
 
 use crate::error::{Error, Result};
 use crate::memory::{Backing, Location, Memory, MemoryInner, Owner};
@@ -50,6 +50,37 @@ impl Allocator<'_> {
             Error::invalid(format!("host memory {name}"), "device", &dev, e.to_string())
         })?;
         Ok(self.memory(name, len, Location::Host(dev), Backing::Host(host)))
+    }
+
+    /// See [`Agent::lend`](crate::Agent::lend).
+    pub(crate) fn lend(&self, name: &str, lent: Box<dyn Lent>) -> Result<Memory> {
+        let len = lent.len() as u64;
+        check_alloc(name, len)?;
+        let read_only = lent.read_only();
+        let mem = match self.platform.testbed() {
+            Some(tb) => {
+                let dev = self.host_device(tb)?;
+                let id = tb.device(&dev)?;
+                let host = HostMemory::lent(tb.fabric(), id, name, lent).map_err(|e| {
+                    Error::invalid(format!("host memory {name}"), "device", &dev, e.to_string())
+                })?;
+                self.memory(name, len, Location::Host(dev), Backing::Host(host))
+            }
+            None => {
+                let u = dmaplane_core::user::UserBuffer::lent(name, lent)
+                    .map_err(|e| Error::setup(self.agent, format!("buffer {name}: {e}")))?;
+                self.memory(
+                    name,
+                    len,
+                    Location::Host("process".into()),
+                    Backing::User(u),
+                )
+            }
+        };
+        if read_only {
+            mem.inner.read_only.store(true, Ordering::Relaxed);
+        }
+        Ok(mem)
     }
 
     /// Host memory on TCP NICs: memfd-backed, registered by its process VA.
@@ -212,6 +243,7 @@ impl Allocator<'_> {
                 owner: self.owner.clone(),
                 tied: Mutex::new(Vec::new()),
                 freed_at: std::sync::OnceLock::new(),
+                read_only: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }

@@ -82,7 +82,9 @@ pub struct RemoteBlocks {
 }
 
 impl RemoteBlocks {
-    pub(crate) fn new(descs: Vec<RemoteDesc>) -> RemoteBlocks {
+    /// Blocks from a peer's descriptors, in index order (each carries its peer: a transfer
+    /// with a block of another peer is refused, naming both).
+    pub fn new(descs: Vec<RemoteDesc>) -> RemoteBlocks {
         RemoteBlocks { descs }
     }
 

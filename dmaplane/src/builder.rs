@@ -174,7 +174,9 @@ impl AgentBuilder {
     /// Break the protocol on purpose on every device of the agent (see
     /// [`dmaplane_rdma::Fault`]; [`Fault::EarlyFence`](dmaplane_rdma::Fault::EarlyFence) breaks
     /// the drive's importers too): for stress runs that must show their checks fail. Never in
-    /// production.
+    /// production. With [`Fault::AckThenWrite`](dmaplane_rdma::Fault::AckThenWrite) the agent
+    /// also ignores its peers' gone notices, so it keeps writing a registration it acked (the
+    /// owner's notice would otherwise stop it before its NIC could show the fault).
     pub fn inject(mut self, fault: Option<dmaplane_rdma::Fault>) -> Self {
         self.fault = fault;
         self
@@ -380,6 +382,7 @@ impl AgentBuilder {
             let shared = Arc::new_cyclic(|me| AgentInner {
                 me: me.clone(),
                 notify_early: self.notify_early,
+                ignore_gone: self.fault == Some(dmaplane_rdma::Fault::AckThenWrite),
                 staging: crate::limits::Budget::new(c.limits.staging_bytes),
                 name: name.clone(),
                 platform: Platform::new(backend.clone(), self.fault),

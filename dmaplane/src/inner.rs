@@ -48,6 +48,10 @@ pub(crate) struct AgentInner {
     pub(crate) staging: Arc<crate::limits::Budget>,
     /// Send notifications when transfers are posted ([`crate::AgentBuilder::inject_early_notify`]).
     pub(crate) notify_early: bool,
+    /// Its peers' gone notices are ignored: the injected `ack-then-write` holder keeps writing
+    /// the registration it acked, as a NIC that breaks the protocol would, instead of being
+    /// stopped politely by the owner's notice ([`crate::AgentBuilder::inject`]).
+    pub(crate) ignore_gone: bool,
     /// Itself, for the memory it allocates (whose owner it is) where only `&self` is at hand.
     pub(crate) me: Weak<AgentInner>,
 }
@@ -77,6 +81,9 @@ impl PeerHost for AgentInner {
     }
     fn peer_region_gone(&self, e: Event) {
         self.events.push(e);
+    }
+    fn ignores_gone(&self) -> bool {
+        self.ignore_gone
     }
     fn notified(&self, n: Notification) {
         let from = n.from.clone();

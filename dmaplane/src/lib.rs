@@ -121,6 +121,8 @@ pub use desc::{Desc, RemoteDesc};
 pub use dmaplane_core::Invalid;
 /// What a revoke or a free reports ([`Memory::free`], [`Memory::free_quarantined`]).
 pub use dmaplane_core::RevokeReport;
+/// Memory another owner lends ([`Agent::lend`]): the promise its implementor makes.
+pub use dmaplane_core::fabric::Lent;
 /// Faults [`AgentBuilder::inject`] can break the protocol with, on purpose (stress runs).
 pub use dmaplane_rdma::Fault;
 /// What a TCP NIC counted ([`Agent::tcp_stats`]): connections, refusals, and the

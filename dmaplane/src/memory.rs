@@ -141,6 +141,9 @@ pub(crate) struct MemoryInner {
     /// The export's epoch when its free began: set before the backing goes, so whoever meets
     /// it gone can name the revoke.
     pub(crate) freed_at: std::sync::OnceLock<u64>,
+    /// Lent by an owner that forbids writes ([`crate::Agent::lend`]): registered read-only,
+    /// never a READ's target.
+    pub(crate) read_only: std::sync::atomic::AtomicBool,
 }
 
 /// What a memory needs of the agent that allocated it when it is freed.
@@ -199,6 +202,14 @@ impl Memory {
     /// The epoch its free revoked, once a free began (before its backing went).
     pub(crate) fn freed_at(&self) -> Option<u64> {
         self.inner.freed_at.get().copied()
+    }
+
+    /// Whether its owner forbids writes ([`crate::Agent::lend`] of read-only memory): it is
+    /// registered read-only for peers and refused as a READ's target.
+    pub fn is_read_only(&self) -> bool {
+        self.inner
+            .read_only
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether [`Memory::free`] ran.

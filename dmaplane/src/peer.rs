@@ -305,6 +305,8 @@ pub(crate) trait PeerHost: Send + Sync {
     fn notified(&self, n: Notification);
     /// The peer said one of its registrations is gone.
     fn peer_region_gone(&self, e: Event);
+    /// Whether the peers' gone notices are ignored (the injected `ack-then-write` holder).
+    fn ignores_gone(&self) -> bool;
     /// The peer asks the agent to land (after its WRITE) or stage (before its READ) ranges of
     /// the agent's staged registrations; the failure, if any, goes back to it.
     fn serve_peer_stage(
@@ -640,6 +642,10 @@ fn read_until_lost(p: &Arc<PeerShared>, oob: &Oob) {
             }
             Ok(Wire::Gone { region, epoch, why }) => {
                 let Some(a) = agent.upgrade() else { return };
+                if a.ignores_gone() {
+                    tracing::debug!(peer = %p.name, region, "gone ignored: injected fault ack-then-write");
+                    continue;
+                }
                 let forgot = lock(&p.regions).forget(region, epoch, why);
                 p.announced.notify_all();
                 match forgot {

@@ -45,6 +45,12 @@ impl AgentInner {
                 ));
             }
         }
+        // Memory its owner lent read-only: no peer may write into it.
+        let publish = if memory.is_read_only() {
+            publish.read_only()
+        } else {
+            publish
+        };
         if memory.is_freed() {
             return Err(Error::invalid(
                 format!("registration of {}", memory.name()),

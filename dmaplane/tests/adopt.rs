@@ -198,3 +198,134 @@ fn the_testbed_has_no_kernel_dma_bufs_to_import() {
     let err = a.import_dmabuf("x", fd).map(|m| m.len()).unwrap_err();
     assert!(err.to_string().contains("no kernel dma-bufs"), "{err}");
 }
+
+/// Memory lent by another owner ([`dmaplane::Lent`]): a boxed slice that records when it is
+/// given back.
+struct Lender {
+    bytes: Box<[u8]>,
+    read_only: bool,
+    returned: Arc<std::sync::atomic::AtomicBool>,
+}
+
+// SAFETY: the box is one allocation that neither moves nor is freed until the lender drops,
+// and no code touches it through references meanwhile (the test reads it only through the
+// agent's `Memory::read`).
+unsafe impl dmaplane::Lent for Lender {
+    fn ptr(&self) -> std::ptr::NonNull<u8> {
+        std::ptr::NonNull::from(&self.bytes[0])
+    }
+    fn len(&self) -> usize {
+        self.bytes.len()
+    }
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+}
+
+impl Drop for Lender {
+    fn drop(&mut self) {
+        self.returned
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn lender(
+    bytes: Vec<u8>,
+    read_only: bool,
+) -> (Box<dyn dmaplane::Lent>, Arc<std::sync::atomic::AtomicBool>) {
+    let returned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let l = Lender {
+        bytes: bytes.into_boxed_slice(),
+        read_only,
+        returned: returned.clone(),
+    };
+    (Box::new(l), returned)
+}
+
+#[test]
+fn lent_memory_is_moved_in_place_and_given_back_only_at_the_free() {
+    let tb = Testbed::builtin().unwrap();
+    let (a, b) = (agent(&tb, "a", "nic0", None), agent(&tb, "b", "nic1", None));
+    const LEN: usize = 1 << 20;
+    let (l, returned) = lender(vec![0u8; LEN], false);
+    let mine = a.lend("lent", l).unwrap();
+    let ra = a.register(&mine).unwrap();
+    let theirs = b.alloc_host("theirs", LEN as u64).unwrap();
+    let data = pattern(4, LEN);
+    theirs.write(0, &data).unwrap();
+    let rb = b.register(&theirs).unwrap();
+    let peer = a.connect(&b.metadata_blob().unwrap()).unwrap();
+    let remote = peer.desc(rb.id(), 0, LEN as u64).unwrap();
+    a.read(&peer, &[ra.all()], std::slice::from_ref(&remote), None)
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    let mut got = vec![0u8; LEN];
+    mine.read(0, &mut got).unwrap();
+    assert_eq!(got, data, "the READ landed in the lent bytes");
+    drop(ra);
+    assert!(!returned.load(std::sync::atomic::Ordering::SeqCst));
+    mine.free(T).unwrap();
+    // Given back once the last reference of the revoked memory goes (the engine's and the
+    // NICs' go right after the free).
+    let due = std::time::Instant::now() + T;
+    while !returned.load(std::sync::atomic::Ordering::SeqCst) && std::time::Instant::now() < due {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert!(
+        returned.load(std::sync::atomic::Ordering::SeqCst),
+        "the lender is dropped after the free"
+    );
+}
+
+#[test]
+fn read_only_lent_memory_is_a_source_never_a_target() {
+    let tb = Testbed::builtin().unwrap();
+    let (a, b) = (agent(&tb, "a", "nic0", None), agent(&tb, "b", "nic1", None));
+    const LEN: usize = 64 << 10;
+    let data = pattern(6, LEN);
+    let (l, _) = lender(data.clone(), true);
+    let weights = a.lend("weights", l).unwrap();
+    assert!(weights.is_read_only());
+    let ra = a.register(&weights).unwrap();
+    assert!(ra.publish().is_read_only(), "peers get no write right");
+    let dst = b.alloc_host("dst", LEN as u64).unwrap();
+    let rb = b.register(&dst).unwrap();
+    let peer = a.connect(&b.metadata_blob().unwrap()).unwrap();
+    let remote = peer.desc(rb.id(), 0, LEN as u64).unwrap();
+    // A source: written to the peer.
+    a.write(&peer, &[ra.all()], std::slice::from_ref(&remote), None)
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    let mut got = vec![0u8; LEN];
+    dst.read(0, &mut got).unwrap();
+    assert_eq!(got, data);
+    // Never a target: a READ into it is refused naming why, and so is a local write.
+    let e = a
+        .read(&peer, &[ra.all()], std::slice::from_ref(&remote), None)
+        .unwrap_err();
+    assert!(e.to_string().contains("read-only"), "{e}");
+    assert!(weights.write(0, b"x").is_err());
+    // The peer's WRITE into it is refused by the NIC (no remote write right), bytes unchanged.
+    // The connection a made serves b too (a second one is refused).
+    let due = std::time::Instant::now() + T;
+    let mut back = b.peer("a");
+    while back.is_none() && std::time::Instant::now() < due {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        back = b.peer("a");
+    }
+    let back = back.expect("a connected to b");
+    let mut into = back.desc(ra.id(), 0, LEN as u64);
+    while into.is_err() && std::time::Instant::now() < due {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        into = back.desc(ra.id(), 0, LEN as u64);
+    }
+    let into = into.unwrap();
+    let e = b
+        .write(&back, &[rb.all()], std::slice::from_ref(&into), None)
+        .and_then(|t| t.wait(T));
+    assert!(e.is_err(), "a peer wrote into read-only lent memory");
+    weights.read(0, &mut got).unwrap();
+    assert_eq!(got, data);
+}

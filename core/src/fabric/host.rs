@@ -49,6 +49,24 @@ impl HostMemory {
         })
     }
 
+    /// Another owner's memory as host memory owned by `owner`, zero-copy, for as long as this
+    /// lives ([`super::Lent`]): DMA lands in it (never in read-only lent memory: the fabric
+    /// refuses those writes).
+    pub fn lent(
+        fabric: &Fabric,
+        owner: DeviceId,
+        name: &str,
+        lent: Box<dyn super::Lent>,
+    ) -> Result<HostMemory, FabricError> {
+        let mem = super::Mapping::lent(lent).map_err(|e| FabricError::Mapping {
+            owner: name.to_string(),
+            source: Arc::new(e),
+        })?;
+        Ok(HostMemory {
+            inner: WindowExport::over(fabric, owner, name, mem)?,
+        })
+    }
+
     /// The adopted buffer back, with what DMA wrote into it. Every importer is revoked first
     /// (here, if the caller did not revoke) and the window unmapped, so the fabric refuses any
     /// later access to its addresses; the buffer comes back only when nothing else holds the

@@ -43,14 +43,59 @@ impl FileId {
     }
 }
 
+/// Memory another owner allocated and lends for as long as this value lives: a Python
+/// object's buffer held by its buffer export, a tensor held by its DLPack capsule.
+///
+/// # Safety
+///
+/// An implementor promises that, from the moment it is made until it is dropped:
+/// - `[ptr(), ptr() + len())` is one allocation of this process, valid for reads and — unless
+///   [`Lent::read_only`] — for writes, and it is neither freed nor moved;
+/// - `ptr()` and `len()` return the same values every time;
+/// - it is sound to drop on any thread.
+///
+/// The fabric then touches the bytes only through its bounds-checked, byte-wise atomic copies
+/// (and writes them only if they are not read-only), as it does its own memory. The owner's
+/// code may race with DMA on the values, as it may on hardware, never a data race in Rust.
+pub unsafe trait Lent: Send + Sync + 'static {
+    /// The first byte.
+    fn ptr(&self) -> NonNull<u8>;
+    /// How many bytes.
+    fn len(&self) -> usize;
+    /// Whether it lends no bytes (lent memory is refused when empty).
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Whether the owner forbids writes (an immutable `bytes`, a read-only array).
+    fn read_only(&self) -> bool;
+}
+
+/// Who owns the bytes of a [`Mapping`] beside the mapping itself.
+enum Owner {
+    /// Mapped here (`mmap`): unmapped on drop; with the memfd behind a host arena.
+    Mapped(Option<OwnedFd>),
+    /// A caller's `Vec<u8>` taken apart: its capacity.
+    Heap(usize),
+    /// Another owner's memory, lent while this lives.
+    Lent(Box<dyn Lent>),
+}
+
+impl std::fmt::Debug for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Owner::Mapped(fd) => write!(f, "Mapped({fd:?})"),
+            Owner::Heap(cap) => write!(f, "Heap({cap})"),
+            Owner::Lent(l) => write!(f, "Lent(read_only: {})", l.read_only()),
+        }
+    }
+}
+
 /// A mapping of `len` bytes that lives as long as this value.
 #[derive(Debug)]
 pub struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
-    fd: Option<OwnedFd>,
-    /// `Some(capacity)`: the bytes are a caller's `Vec<u8>` taken apart, not a mapping.
-    heap: Option<usize>,
+    owner: Owner,
 }
 
 // SAFETY: `Mapping` owns its mapping; the raw pointer is only dereferenced through the
@@ -101,7 +146,7 @@ impl Mapping {
             Ok(dup) => pinned::set_file(mem.start(), dup),
             Err(e) => tracing::debug!(error = %e, "no second descriptor for a memfd arena"),
         }
-        mem.fd = Some(fd);
+        mem.owner = Owner::Mapped(Some(fd));
         Ok(mem)
     }
 
@@ -127,7 +172,7 @@ impl Mapping {
                 0,
             )
         }?;
-        Ok(Mapping::entered(nonnull(ptr), len, None))
+        Ok(Mapping::entered(nonnull(ptr), len, Owner::Mapped(None)))
     }
 
     /// Device memory behind a BAR: anonymous, not reserved up front.
@@ -149,7 +194,7 @@ impl Mapping {
             size,
             source: e.into(),
         })?;
-        Ok(Mapping::entered(nonnull(ptr), len, None))
+        Ok(Mapping::entered(nonnull(ptr), len, Owner::Mapped(None)))
     }
 
     /// A caller's buffer, zero-copy: its allocation becomes this memory (no bytes move), and
@@ -157,28 +202,36 @@ impl Mapping {
     pub fn from_vec(buf: Vec<u8>) -> Result<Mapping, MappingError> {
         checked_len(buf.len() as u64, "caller's buffer")?;
         let mut buf = std::mem::ManuallyDrop::new(buf);
+        let cap = buf.capacity();
         Ok(Mapping::entered(
             nonnull(buf.as_mut_ptr().cast::<c_void>()),
             buf.len(),
-            Some(buf.capacity()),
+            Owner::Heap(cap),
         ))
     }
 
+    /// Another owner's memory, zero-copy, for as long as this mapping lives (`lent` is dropped
+    /// with it). An empty one is refused.
+    pub fn lent(lent: Box<dyn Lent>) -> Result<Mapping, MappingError> {
+        let len = checked_len(lent.len() as u64, "lent buffer")?;
+        Ok(Mapping::entered(lent.ptr(), len, Owner::Lent(lent)))
+    }
+
     /// Made memory, entered where software engines may pin it ([`super::pinned`]).
-    fn entered(ptr: NonNull<u8>, len: usize, heap: Option<usize>) -> Mapping {
+    fn entered(ptr: NonNull<u8>, len: usize, owner: Owner) -> Mapping {
         pinned::enter(ptr.as_ptr().expose_provenance(), len);
-        Mapping {
-            ptr,
-            len,
-            fd: None,
-            heap,
-        }
+        Mapping { ptr, len, owner }
+    }
+
+    /// Whether its owner forbids writes ([`Lent::read_only`]).
+    pub fn is_read_only(&self) -> bool {
+        matches!(&self.owner, Owner::Lent(l) if l.read_only())
     }
 
     /// The caller's buffer back (`Err(self)` for memory that is not one, or that a software
     /// engine still has pinned: see [`super::Pinned`]).
     pub fn into_vec(self) -> Result<Vec<u8>, Mapping> {
-        let Some(cap) = self.heap else {
+        let Owner::Heap(cap) = self.owner else {
             return Err(self);
         };
         if pinned::is_pinned(self.start()) || !pinned::leave(self.start()) {
@@ -199,7 +252,7 @@ impl Mapping {
 
     /// Whether this is a caller's buffer ([`from_vec`](Self::from_vec)).
     pub fn is_heap(&self) -> bool {
-        self.heap.is_some()
+        matches!(self.owner, Owner::Heap(_))
     }
 
     pub fn len(&self) -> usize {
@@ -217,7 +270,10 @@ impl Mapping {
 
     /// The memfd behind a host arena.
     pub fn fd(&self) -> Option<BorrowedFd<'_>> {
-        self.fd.as_ref().map(|f| f.as_fd())
+        match &self.owner {
+            Owner::Mapped(fd) => fd.as_ref().map(|f| f.as_fd()),
+            _ => None,
+        }
     }
 
     /// The identity of the memfd behind a host arena: how another process's memory map names
@@ -236,11 +292,15 @@ impl Mapping {
         (off.checked_add(len)? <= self.len).then_some(off)
     }
 
-    /// Copy `src` into the memory at `off`; false when out of bounds (nothing written).
+    /// Copy `src` into the memory at `off`; false when out of bounds or read-only (nothing
+    /// written).
     pub fn write(&self, off: u64, src: &[u8]) -> bool {
         let Some(off) = self.check(off, src.len()) else {
             return false;
         };
+        if self.is_read_only() {
+            return false;
+        }
         // SAFETY: `off + src.len() <= self.len` was checked, the mapping is live for `self`'s
         // lifetime, it is only accessed atomically, and `src` cannot alias it (no references
         // into it exist).
@@ -258,8 +318,11 @@ impl Mapping {
         true
     }
 
-    /// Set every byte to `byte`.
+    /// Set every byte to `byte` (not in read-only lent memory: nothing written).
     pub fn fill(&self, byte: u8) {
+        if self.is_read_only() {
+            return;
+        }
         // SAFETY: exactly the live mapping of `self.len` bytes; no references into it exist.
         unsafe { atomic_bytes::fill(self.ptr.as_ptr(), byte, self.len) };
     }
@@ -270,6 +333,9 @@ impl Mapping {
         let (Some(d), Some(s)) = (self.check(dst_off, len), src.check(src_off, len)) else {
             return false;
         };
+        if self.is_read_only() {
+            return false;
+        }
         // SAFETY: both ranges are in bounds of live mappings; `atomic_bytes::copy` tolerates
         // overlap.
         unsafe { atomic_bytes::copy(self.ptr.as_ptr().add(d), src.ptr.as_ptr().add(s), len) };
@@ -287,11 +353,16 @@ impl Drop for Mapping {
             );
             return;
         }
-        if let Some(cap) = self.heap {
-            // SAFETY: the parts of the caller's `Vec<u8>` (see `into_vec`); this is the last
-            // owner, and no pointer into the buffer outlives it.
-            drop(unsafe { Vec::from_raw_parts(self.ptr.as_ptr(), self.len, cap) });
-            return;
+        match self.owner {
+            Owner::Heap(cap) => {
+                // SAFETY: the parts of the caller's `Vec<u8>` (see `into_vec`); this is the
+                // last owner, and no pointer into the buffer outlives it.
+                drop(unsafe { Vec::from_raw_parts(self.ptr.as_ptr(), self.len, cap) });
+                return;
+            }
+            // The lender's own drop gives its memory back (the field drops after this).
+            Owner::Lent(_) => return,
+            Owner::Mapped(_) => {}
         }
         // SAFETY: `ptr`/`len` are exactly the mapping created in the constructor, and no pointer
         // into it outlives `self` (the fabric holds windows by `Arc<Mapping>`).

@@ -31,7 +31,7 @@ pub use bar::DeviceBar;
 pub use export::FABRIC_GRANULE;
 pub use fault::{FaultKind, Faults};
 pub use host::HostMemory;
-pub use memory::{FileId, Mapping, MappingError};
+pub use memory::{FileId, Lent, Mapping, MappingError};
 pub use oracle::{Event, Oracle, RECENT, Verdict, WindowId};
 pub use pinned::{PinError, Pinned, dropped_while_pinned};
 pub use view::{View, ViewError};

@@ -55,6 +55,11 @@ impl Transfer {
         self.state.id
     }
 
+    /// The peer it moves data with.
+    pub fn peer(&self) -> &str {
+        &self.state.peer.name
+    }
+
     /// Requests the transfer was split into.
     pub fn requests(&self) -> usize {
         self.state.chunks.len()

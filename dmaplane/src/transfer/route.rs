@@ -214,7 +214,7 @@ pub(crate) fn plan(
             None => {
                 memo.push(route(
                     s,
-                    peer,
+                    (peer, op),
                     (l.region, r.region),
                     i,
                     &mut entries,
@@ -348,7 +348,7 @@ const REMOTE_STAGED: u32 = 16;
 
 fn route(
     s: &AgentInner,
-    peer: &PeerShared,
+    (peer, op): (&PeerShared, Op),
     (local, remote): (u32, u32),
     i: usize,
     entries: &mut Vec<Arc<MemoryEntry>>,
@@ -365,6 +365,18 @@ fn route(
         ));
     };
     e.check_usable("transfer")?;
+    if op == Op::Read && e.memory.is_read_only() {
+        return Err(Error::invalid(
+            what(),
+            "local region",
+            local,
+            format!(
+                "pair {i}: {} is read-only (lent so by its owner): a READ would write into \
+                 it; READ into a writable buffer, or use it as a WRITE's source",
+                e.memory.name()
+            ),
+        ));
+    }
     let info = match peer.region_or_gone(remote, "transfer") {
         Ok(info) => info,
         Err(Error::Invalid(_)) => {

@@ -1,0 +1,169 @@
+"""The Python package's cost over the Rust library, measured side by side in one run on the
+built-in simulated testbed (reference loops run in Rust on the same agents, in the same
+process: `dmaplane._dmaplane.rust_transfer_loop` / `rust_prepared_loop`).
+
+    python python/bench.py [--n 20000] [--rounds 5]
+
+Reports, each as the median of `--rounds` alternating runs:
+- small transfers (64 B WRITE, posted and waited for in turn): µs per transfer from Python
+  and from Rust, and the difference (target: at most 2 µs);
+- 64 MiB WRITEs: GB/s from Python and from Rust, and the ratio (target: at least 98 %);
+- NIXL's loop (make_prepped_xfer + transfer + check_xfer_state until DONE) through
+  dmaplane.nixl, against the same loop on the native API (prepare_read + post + status) and
+  in Rust (target: at most 3 µs over the native one).
+"""
+
+import os
+import sys
+
+# python/ holds the package's sources (without its native module): use the installed package.
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+
+import dmaplane
+from dmaplane import _dmaplane as native
+from dmaplane.nixl._api import nixl_agent, nixl_agent_config
+
+BLOCK = 4096
+
+
+def median_of(rounds, fn):
+    return statistics.median(fn() for _ in range(rounds))
+
+
+def small(a, peer, rs, remote, n, rounds):
+    local, rem = rs[0:64], remote[0:64]
+
+    def py_loop():
+        t0 = time.perf_counter()
+        for _ in range(n):
+            a.write(peer, local, rem).wait()
+        return (time.perf_counter() - t0) / n * 1e6
+
+    def rust_loop():
+        return native.rust_transfer_loop(a, peer, local, rem, n) / n * 1e6
+
+    py_loop(), rust_loop()  # warm
+    py_us, rust_us = [], []
+    for _ in range(rounds):
+        py_us.append(py_loop())
+        rust_us.append(rust_loop())
+    return statistics.median(py_us), statistics.median(rust_us)
+
+
+def big(a, peer, rs, remote, size, reps, rounds):
+    local, rem = rs[0:size], remote[0:size]
+
+    def py_loop():
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a.write(peer, local, rem).wait()
+        return size * reps / (time.perf_counter() - t0) / 1e9
+
+    def rust_loop():
+        return size * reps / native.rust_transfer_loop(a, peer, local, rem, reps) / 1e9
+
+    py_loop(), rust_loop()
+    py_g, rust_g = [], []
+    for _ in range(rounds):
+        py_g.append(py_loop())
+        rust_g.append(rust_loop())
+    return statistics.median(py_g), statistics.median(rust_g)
+
+
+def nixl_loop(n, rounds):
+    tb = dmaplane.Testbed.builtin()
+    conf = lambda nic: nixl_agent_config(dmaplane_backend="sim", testbed=tb, nics=[nic])
+    reader, owner = nixl_agent("nixl-reader", conf("nic0")), nixl_agent("nixl-owner", conf("nic1"))
+    src = np.ones(64 * BLOCK, dtype=np.uint8)
+    dst = np.zeros(64 * BLOCK, dtype=np.uint8)
+    owner.register_memory([src])
+    reader.register_memory([dst])
+    name = reader.add_remote_agent(owner.get_agent_metadata())
+    sb, db = src.__array_interface__["data"][0], dst.__array_interface__["data"][0]
+    local = reader.prep_xfer_dlist("NIXL_INIT_AGENT", [(db + i * BLOCK, BLOCK, 0) for i in range(64)], "DRAM")
+    remote = reader.prep_xfer_dlist(name, [(sb + i * BLOCK, BLOCK, 0) for i in range(64)], "DRAM")
+    ids = np.array([3], dtype=np.int64)
+
+    def facade():
+        t0 = time.perf_counter()
+        for _ in range(n):
+            h = reader.make_prepped_xfer("READ", local, ids, remote, ids)
+            reader.transfer(h)
+            while reader.check_xfer_state(h) != "DONE":
+                pass
+        return (time.perf_counter() - t0) / n * 1e6
+
+    peer = reader.native.peer("nixl-owner")
+    lb, rb = local._blocks, remote._blocks
+
+    def native_py():
+        t0 = time.perf_counter()
+        for _ in range(n):
+            t = reader.native.prepare_read(peer, lb, ids, rb, ids).post()
+            while t.status != "done":
+                pass
+        return (time.perf_counter() - t0) / n * 1e6
+
+    prepared = reader.native.prepare_read(peer, lb, ids, rb, ids)
+
+    def rust():
+        return native.rust_prepared_loop(prepared, n) / n * 1e6
+
+    facade(), native_py(), rust()
+    f, p, r = [], [], []
+    for _ in range(rounds):
+        f.append(facade())
+        p.append(native_py())
+        r.append(rust())
+    reader.native.close()
+    owner.native.close()
+    return statistics.median(f), statistics.median(p), statistics.median(r)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=20000, help="small transfers per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--big-mib", type=int, default=64)
+    ap.add_argument("--big-reps", type=int, default=8)
+    ap.add_argument("--json", action="store_true", help="print the results as JSON too")
+    args = ap.parse_args()
+    size = args.big_mib << 20
+    tb = dmaplane.Testbed.builtin()
+    with dmaplane.Agent("bench-a", nics=["nic0"], testbed=tb) as a, dmaplane.Agent(
+        "bench-b", nics=["nic1"], testbed=tb
+    ) as b:
+        src = np.ones(size, dtype=np.uint8)
+        dst = np.zeros(size, dtype=np.uint8)
+        rs = a.register(src)
+        b.register(dst, name="dst")
+        peer = a.connect(b.metadata())
+        remote = peer.region("dst")
+        py_us, rust_us = small(a, peer, rs, remote, args.n, args.rounds)
+        py_g, rust_g = big(a, peer, rs, remote, size, args.big_reps, args.rounds)
+    f_us, n_us, r_us = nixl_loop(args.n // 2, args.rounds)
+    res = {
+        "small_write_64B": {"python_us": py_us, "rust_us": rust_us, "extra_us": py_us - rust_us},
+        f"write_{args.big_mib}MiB": {"python_gbps": py_g, "rust_gbps": rust_g, "ratio": py_g / rust_g},
+        "nixl_prepped_loop": {
+            "facade_us": f_us, "native_python_us": n_us, "rust_us": r_us,
+            "facade_over_native_us": f_us - n_us,
+        },
+    }
+    print(f"small 64 B WRITE+wait: Python {py_us:.2f} µs, Rust {rust_us:.2f} µs: +{py_us - rust_us:.2f} µs per transfer (target ≤ 2)")
+    print(f"{args.big_mib} MiB WRITE: Python {py_g:.2f} GB/s, Rust {rust_g:.2f} GB/s: {py_g / rust_g * 100:.1f} % (target ≥ 98 %)")
+    print(f"NIXL loop (1 block READ): dmaplane.nixl {f_us:.2f} µs, native Python {n_us:.2f} µs, Rust {r_us:.2f} µs: facade +{f_us - n_us:.2f} µs over native (target ≤ 3)")
+    if args.json:
+        print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
