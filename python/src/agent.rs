@@ -16,8 +16,17 @@ use crate::transfer::Transfer;
 /// One agent: its NICs, its registrations, its peers. A context manager: leaving the `with`
 /// block (or `close()`) stops it.
 ///
-/// `backend`: `"sim"` (the built-in simulated testbed, or `testbed`), `"tcp"` (software RC
-/// NICs over TCP, any host) or `"verbs"` (RDMA NICs, when the package was built with verbs).
+/// - `name`: what peers know it by.
+/// - `backend`: `"sim"` (the built-in simulated testbed, or `testbed`), `"tcp"` (software RC
+///   NICs over TCP, any host) or `"verbs"` (RDMA NICs, when the package was built with verbs).
+/// - `nics`: the NICs it uses (testbed NICs such as `["nic0"]`; on TCP, names for its sockets).
+/// - `listen`: `host:port` its handshake listener binds (loopback, any port, by default).
+/// - `secret`: bytes every agent that may connect shares (each side proves it holds them);
+///   without one the agent listens on loopback only.
+/// - `chunk`: bytes per request a transfer is split into; `stall_timeout`: seconds without a
+///   completion before a transfer fails with `StalledError`.
+///
+/// Waits release the GIL; the agent's threads make progress without Python.
 #[pyclass(module = "dmaplane._dmaplane", frozen)]
 pub(crate) struct Agent {
     inner: Mutex<Option<dmaplane::Agent>>,
@@ -97,12 +106,23 @@ impl Agent {
                 b.testbed(tb)
             }
             "tcp" => b.tcp(),
+            #[cfg(feature = "verbs")]
+            "verbs" => b.verbs(),
+            #[cfg(not(feature = "verbs"))]
+            "verbs" => {
+                return Err(invalid(
+                    "backend",
+                    "verbs",
+                    "this build has no RDMA: MATURIN_PEP517_ARGS=\"--features verbs\" pip install \
+                     ./python (needs cmake and libclang-dev), or use \"tcp\"",
+                ));
+            }
             other => {
                 return Err(invalid(
                     "backend",
                     other,
-                    "\"sim\" (the simulated testbed) or \"tcp\" (any host); \"verbs\" needs a \
-                     build with RDMA",
+                    "\"sim\" (the simulated testbed), \"tcp\" (any host) or \"verbs\" (RDMA \
+                     devices)",
                 ));
             }
         };

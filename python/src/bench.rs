@@ -42,8 +42,8 @@ pub(crate) fn rust_transfer_loop(
     .map_err(to_py)
 }
 
-/// `n` posts of a prepared transfer, each waited for in turn (polling its status, as a NIXL
-/// caller polls), through the Rust API with the GIL released: seconds taken.
+/// `n` posts of a prepared transfer, each waited for in turn (polling it, which drives the
+/// engine, as a NIXL caller polls), through the Rust API with the GIL released: seconds taken.
 #[pyfunction]
 pub(crate) fn rust_prepared_loop(
     py: Python<'_>,
@@ -56,7 +56,7 @@ pub(crate) fn rust_prepared_loop(
         for _ in 0..n {
             let t = p.post(None)?;
             loop {
-                match t.status() {
+                match t.poll() {
                     dmaplane::Status::InProgress { .. } => std::hint::spin_loop(),
                     dmaplane::Status::Done => break,
                     dmaplane::Status::Failed(e) => return Err(e),

@@ -129,10 +129,15 @@ fn index(i: isize, len: usize, what: &str) -> PyResult<usize> {
 
 /// Block indices from a list or a NumPy integer array (int32 or int64): each at least 0.
 pub(crate) fn indices(obj: &Bound<'_, PyAny>, field: &str) -> PyResult<Vec<usize>> {
-    // A NumPy array (or anything with tolist) becomes a list of Python ints in one C call.
-    let list = match obj.getattr("tolist") {
-        Ok(f) if !obj.is_instance_of::<pyo3::types::PyList>() => f.call0()?,
-        _ => obj.clone(),
+    // A list as it is (no attribute lookup: a failed one costs an exception); a NumPy array
+    // (anything with `tolist`) becomes a list of Python ints in one C call.
+    let list = if obj.is_instance_of::<pyo3::types::PyList>() {
+        obj.clone()
+    } else {
+        match obj.getattr(pyo3::intern!(obj.py(), "tolist")) {
+            Ok(f) => f.call0()?,
+            Err(_) => obj.clone(),
+        }
     };
     let raw: Vec<i64> = list.extract().map_err(|_| {
         invalid(

@@ -61,15 +61,18 @@ impl Transfer {
         }
     }
 
-    /// Whether it ended (done or failed), without blocking.
+    /// Whether it ended (done or failed), without blocking. Each look also drives the
+    /// agent's engine once, so a loop polling a short transfer ends it without a thread
+    /// hand-off (as polling drives UCX).
     fn done(&self) -> bool {
-        !matches!(self.inner.status(), dmaplane::Status::InProgress { .. })
+        !matches!(self.inner.poll(), dmaplane::Status::InProgress { .. })
     }
 
-    /// `"in-progress"`, `"done"` or `"failed"` (then `error()` is the exception).
+    /// `"in-progress"`, `"done"` or `"failed"` (then `error()` is the exception); a look drives
+    /// the engine once, as `done()` does.
     #[getter]
     fn status(&self) -> &'static str {
-        match self.inner.status() {
+        match self.inner.poll() {
             dmaplane::Status::InProgress { .. } => "in-progress",
             dmaplane::Status::Done => "done",
             dmaplane::Status::Failed(_) => "failed",

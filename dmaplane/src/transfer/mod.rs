@@ -140,6 +140,46 @@ impl Transfer {
         self.sleep_until(deadline, timeout)
     }
 
+    /// Its status after driving the engine once from this thread, as a poller does (NIXL's
+    /// `check_xfer_state`, UCX's progress call): a short transfer polled in a loop ends without
+    /// waiting for the progress thread, which still completes it when nobody polls.
+    ///
+    /// ```
+    /// use dmaplane::{Agent, Status, Testbed};
+    /// # fn main() -> dmaplane::Result<()> {
+    /// let testbed = Testbed::builtin()?;
+    /// let a = Agent::builder("a").testbed(testbed.clone()).nics(["nic0"]).build()?;
+    /// let b = Agent::builder("b").testbed(testbed).nics(["nic1"]).build()?;
+    /// let (src, dst) = (a.alloc_host("src", 4096)?, b.alloc_host("dst", 4096)?);
+    /// src.write(0, &[7u8; 4096])?;
+    /// let (ra, rb) = (a.register(&src)?, b.register(&dst)?);
+    /// let peer = a.connect(&b.metadata_blob()?)?;
+    /// let t = a.write(&peer, &[ra.all()], &[peer.desc(rb.id(), 0, 4096)?], None)?;
+    /// let status = loop {
+    ///     match t.poll() {
+    ///         Status::InProgress { .. } => std::hint::spin_loop(),
+    ///         ended => break ended,
+    ///     }
+    /// };
+    /// assert!(matches!(status, Status::Done));
+    /// let mut got = [0u8; 4096];
+    /// dst.read(0, &mut got)?;
+    /// assert_eq!(got, [7u8; 4096]);
+    /// # Ok(()) }
+    /// ```
+    pub fn poll(&self) -> Status {
+        let s = self.status();
+        if !matches!(s, Status::InProgress { .. }) {
+            return s;
+        }
+        if let Some(e) = self.engine.upgrade() {
+            let _driving = e.driving();
+            let mut wcs = Vec::new();
+            e.try_step(&mut wcs);
+        }
+        self.status()
+    }
+
     /// [`Transfer::wait`] without driving the engine first: the thread sleeps at once and the
     /// progress thread completes the transfer. For waits known to be long (a pipeline stage of
     /// many megabytes), where a spinning waiter would take a core from the devices.

@@ -154,12 +154,13 @@ class nixl_agent_config:
 class nixl_prepped_dlist_handle:
     """A prepared descriptor list (``prep_xfer_dlist``): dmaplane blocks, local or a peer's."""
 
-    __slots__ = ("_agent", "_blocks", "_peer", "_count", "_released")
+    __slots__ = ("_agent", "_blocks", "_peer", "_name", "_count", "_released")
 
     def __init__(self, agent, blocks, peer, count):
         self._agent = agent
         self._blocks = blocks
         self._peer = peer  # None: local
+        self._name = None if peer is None else peer.name
         self._count = count
         self._released = False
 
@@ -182,6 +183,7 @@ class nixl_xfer_handle:
     # Class defaults: a request is made per transfer on a serving engine's hot path, so its
     # construction sets only what it must.
     _transfer = None
+    _ended = False
     _start = 0.0
     _post_us = 0
     _done_us = None
@@ -494,7 +496,7 @@ class nixl_agent:
             or remote_xfer_side._released
             or peer is None
             or local_xfer_side._peer is not None
-            or self._peers.get(peer.name) is not peer
+            or self._peers.get(remote_xfer_side._name) is not peer
         ):
             self._refuse_sides(local_xfer_side, remote_xfer_side)
         try:
@@ -555,7 +557,7 @@ class nixl_agent:
         if prepared is None:
             raise nixlInvalidParamError("transfer: the handle was released")
         t = handle._transfer
-        if t is not None and not t.done():
+        if t is not None and not handle._ended and not t.done():
             raise nixlRepostActiveError(
                 "transfer: the request's last post is still in progress; wait for DONE first"
             )
@@ -567,6 +569,7 @@ class nixl_agent:
         except dmaplane.Error as e:
             _reraise(e)
         handle._transfer = t
+        handle._ended = False
         if self._telemetry:
             handle._start = start
             handle._post_us = int((time.perf_counter() - start) * 1e6)
@@ -577,12 +580,16 @@ class nixl_agent:
         """``"PROC"`` while it moves, ``"DONE"`` once every byte landed. A revoke or a lost
         peer raises the NIXL exception with dmaplane's chained."""
         t = handle._transfer
-        if t is None:
-            raise nixlBind.nixlNotPostedError("check_xfer_state: the request was not posted")
-        s = t.status
+        try:
+            s = t.status
+        except AttributeError:
+            raise nixlBind.nixlNotPostedError(
+                "check_xfer_state: the request was not posted"
+            ) from None
         if s == "in-progress":
             return "PROC"
         if s == "done":
+            handle._ended = True
             if self._telemetry and handle._done_us is None:
                 handle._done_us = int((time.perf_counter() - handle._start) * 1e6)
             return "DONE"
