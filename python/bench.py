@@ -4,13 +4,15 @@ process: `dmaplane._dmaplane.rust_transfer_loop` / `rust_prepared_loop`).
 
     python python/bench.py [--n 20000] [--rounds 5]
 
-Reports, each as the median of `--rounds` alternating runs:
+Reports, each as a median of alternating runs:
 - small transfers (64 B WRITE, posted and waited for in turn): µs per transfer from Python
-  and from Rust, and the difference (target: at most 2 µs);
-- 64 MiB WRITEs: GB/s from Python and from Rust, and the ratio (target: at least 98 %);
+  and from Rust, and the difference (target: at most 2 µs), `--rounds` runs of `--n`;
+- 64 MiB WRITEs: GB/s from Python and from Rust, and the ratio (target: at least 98 %),
+  `--big-reps` × `--rounds` pairs of one transfer each;
 - NIXL's loop (make_prepped_xfer + transfer + check_xfer_state until DONE) through
   dmaplane.nixl, against the same loop on the native API (prepare_read + post + status) and
-  in Rust (target: at most 3 µs over the native one).
+  in Rust (target: at most 3 µs over the native one), 8 × `--rounds` short blocks of each in
+  turn.
 """
 
 import os
@@ -59,23 +61,31 @@ def small(a, peer, rs, remote, n, rounds):
 
 
 def big(a, peer, rs, remote, size, reps, rounds):
+    """Throughput of one transfer of `size` from Python and from Rust, taken in pairs (one
+    each, back to back) so that both see the same machine; the medians of reps × rounds
+    pairs. A 2-core machine's scheduling noise is milliseconds: pairing keeps it out of the
+    ratio."""
     local, rem = rs[0:size], remote[0:size]
 
-    def py_loop():
+    def py_once():
         t0 = time.perf_counter()
-        for _ in range(reps):
-            a.write(peer, local, rem).wait()
-        return size * reps / (time.perf_counter() - t0) / 1e9
+        a.write(peer, local, rem).wait()
+        return time.perf_counter() - t0
 
-    def rust_loop():
-        return size * reps / native.rust_transfer_loop(a, peer, local, rem, reps) / 1e9
+    def rust_once():
+        return native.rust_transfer_loop(a, peer, local, rem, 1)
 
-    py_loop(), rust_loop()
-    py_g, rust_g = [], []
-    for _ in range(rounds):
-        py_g.append(py_loop())
-        rust_g.append(rust_loop())
-    return statistics.median(py_g), statistics.median(rust_g)
+    py_once(), rust_once()
+    py_s, rust_s = [], []
+    for i in range(reps * rounds):
+        # Alternate which goes first, so neither always follows the other.
+        if i % 2:
+            rust_s.append(rust_once())
+            py_s.append(py_once())
+        else:
+            py_s.append(py_once())
+            rust_s.append(rust_once())
+    return size / statistics.median(py_s) / 1e9, size / statistics.median(rust_s) / 1e9
 
 
 def nixl_loop(n, rounds):
@@ -92,37 +102,40 @@ def nixl_loop(n, rounds):
     remote = reader.prep_xfer_dlist(name, [(sb + i * BLOCK, BLOCK, 0) for i in range(64)], "DRAM")
     ids = np.array([3], dtype=np.int64)
 
-    def facade():
+    def facade(k):
         t0 = time.perf_counter()
-        for _ in range(n):
+        for _ in range(k):
             h = reader.make_prepped_xfer("READ", local, ids, remote, ids)
             reader.transfer(h)
             while reader.check_xfer_state(h) != "DONE":
                 pass
-        return (time.perf_counter() - t0) / n * 1e6
+        return (time.perf_counter() - t0) / k * 1e6
 
     peer = reader.native.peer("nixl-owner")
     lb, rb = local._blocks, remote._blocks
 
-    def native_py():
+    def native_py(k):
         t0 = time.perf_counter()
-        for _ in range(n):
+        for _ in range(k):
             t = reader.native.prepare_read(peer, lb, ids, rb, ids).post()
             while t.status != "done":
                 pass
-        return (time.perf_counter() - t0) / n * 1e6
+        return (time.perf_counter() - t0) / k * 1e6
 
     prepared = reader.native.prepare_read(peer, lb, ids, rb, ids)
 
-    def rust():
-        return native.rust_prepared_loop(prepared, n) / n * 1e6
+    def rust(k):
+        return native.rust_prepared_loop(prepared, k) / k * 1e6
 
-    facade(), native_py(), rust()
+    # Short blocks of each, in turn and in alternating order, so that all three see the same
+    # machine (a 2-core machine's scheduling drifts over a long block); medians of the blocks.
+    k = max(1, n // 8)
+    facade(k), native_py(k), rust(k)
     f, p, r = [], [], []
-    for _ in range(rounds):
-        f.append(facade())
-        p.append(native_py())
-        r.append(rust())
+    for i in range(rounds * 8):
+        loops = [(facade, f), (native_py, p), (rust, r)]
+        for fn, out in loops if i % 2 == 0 else loops[::-1]:
+            out.append(fn(k))
     reader.native.close()
     owner.native.close()
     return statistics.median(f), statistics.median(p), statistics.median(r)

@@ -13,7 +13,7 @@ use crate::cache::Cache;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::event::Events;
-use crate::inner::AgentInner;
+use crate::inner::{AgentInner, Injected};
 use crate::limits::Limits;
 use crate::nics::Nics;
 use crate::notify::Inbox;
@@ -51,8 +51,7 @@ impl Agent {
             nics_from: NicsFrom::Testbed,
             nics: None,
             cfg: Config::default(),
-            fault: None,
-            notify_early: false,
+            injected: Injected::default(),
             tcp_shm: true,
         }
     }
@@ -74,8 +73,7 @@ pub struct AgentBuilder {
     nics_from: NicsFrom,
     nics: Option<Vec<String>>,
     cfg: Config,
-    fault: Option<dmaplane_rdma::Fault>,
-    notify_early: bool,
+    injected: Injected,
     /// TCP NICs: offer and use the shared-memory path to peers on this host.
     tcp_shm: bool,
 }
@@ -178,7 +176,7 @@ impl AgentBuilder {
     /// also ignores its peers' gone notices, so it keeps writing a registration it acked (the
     /// owner's notice would otherwise stop it before its NIC could show the fault).
     pub fn inject(mut self, fault: Option<dmaplane_rdma::Fault>) -> Self {
-        self.fault = fault;
+        self.injected.fault = fault;
         self
     }
 
@@ -187,7 +185,7 @@ impl AgentBuilder {
     /// Never in production.
     #[doc(hidden)]
     pub fn inject_early_notify(mut self, on: bool) -> Self {
-        self.notify_early = on;
+        self.injected.early_notify = on;
         self
     }
 
@@ -335,7 +333,7 @@ impl AgentBuilder {
             }
         };
         let built = (|| -> Result<Agent> {
-            let nics = Nics::open(opened, self.fault)?;
+            let nics = Nics::open(opened, self.injected.fault)?;
             // A peer grants a lease per registration and path: no more than it may announce.
             for n in nics.iter() {
                 n.dev().limit_leases(c.limits.regions);
@@ -381,11 +379,10 @@ impl AgentBuilder {
             ));
             let shared = Arc::new_cyclic(|me| AgentInner {
                 me: me.clone(),
-                notify_early: self.notify_early,
-                ignore_gone: self.fault == Some(dmaplane_rdma::Fault::AckThenWrite),
+                injected: self.injected,
                 staging: crate::limits::Budget::new(c.limits.staging_bytes),
                 name: name.clone(),
-                platform: Platform::new(backend.clone(), self.fault),
+                platform: Platform::new(backend.clone(), self.injected.fault),
                 nics,
                 cfg: self.cfg.clone(),
                 cache: Cache::default(),

@@ -46,14 +46,35 @@ pub(crate) struct AgentInner {
     pub(crate) next_memory: AtomicU64,
     /// The staging buffers held for peers ([`crate::Limits::staging_bytes`]).
     pub(crate) staging: Arc<crate::limits::Budget>,
-    /// Send notifications when transfers are posted ([`crate::AgentBuilder::inject_early_notify`]).
-    pub(crate) notify_early: bool,
-    /// Its peers' gone notices are ignored: the injected `ack-then-write` holder keeps writing
-    /// the registration it acked, as a NIC that breaks the protocol would, instead of being
-    /// stopped politely by the owner's notice ([`crate::AgentBuilder::inject`]).
-    pub(crate) ignore_gone: bool,
+    /// The faults injected on purpose (none in production).
+    pub(crate) injected: Injected,
     /// Itself, for the memory it allocates (whose owner it is) where only `&self` is at hand.
     pub(crate) me: Weak<AgentInner>,
+}
+
+/// The faults injected into an agent on purpose, for tests that must show their checks fail —
+/// one value, so what an agent breaks is read in one place. None in production.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Injected {
+    /// The NICs' and importers' fault ([`crate::AgentBuilder::inject`]).
+    pub(crate) fault: Option<dmaplane_rdma::Fault>,
+    /// Notifications sent when transfers are posted, not once their data moved
+    /// ([`crate::AgentBuilder::inject_early_notify`]).
+    pub(crate) early_notify: bool,
+}
+
+impl Injected {
+    /// Whether a transfer's notification goes out when it is posted.
+    pub(crate) fn notifies_early(&self) -> bool {
+        self.early_notify
+    }
+
+    /// Whether its peers' gone notices are ignored: the `ack-then-write` holder keeps writing
+    /// the registration it acked, as a NIC that breaks the protocol would, instead of being
+    /// stopped politely by the owner's notice.
+    pub(crate) fn ignores_gone(&self) -> bool {
+        self.fault == Some(dmaplane_rdma::Fault::AckThenWrite)
+    }
 }
 
 impl crate::memory::Owner for AgentInner {
@@ -83,7 +104,7 @@ impl PeerHost for AgentInner {
         self.events.push(e);
     }
     fn ignores_gone(&self) -> bool {
-        self.ignore_gone
+        self.injected.ignores_gone()
     }
     fn notified(&self, n: Notification) {
         let from = n.from.clone();

@@ -108,6 +108,8 @@ struct Inner {
     /// The progress thread is asleep on `cv` ([`ProgressEngine::nap`]): only then is it notified (a
     /// notify is a system call whether anyone waits or not).
     napping: bool,
+    /// Completions of one round, kept between rounds (a poller's look allocates nothing).
+    scratch: Vec<Completion>,
 }
 
 pub(crate) struct ProgressEngine {
@@ -362,20 +364,27 @@ impl ProgressEngine {
     }
 
     /// One round: reap, post, end. Returns whether anything happened.
-    pub(crate) fn step(&self, wcs: &mut Vec<Completion>) -> bool {
+    pub(crate) fn step(&self) -> bool {
         let mut g = lock(&self.inner);
-        self.round(&mut g, wcs)
+        self.round(&mut g)
     }
 
     /// [`ProgressEngine::step`] unless another thread is at it (a waiter driving its transfer).
-    pub(crate) fn try_step(&self, wcs: &mut Vec<Completion>) -> bool {
+    pub(crate) fn try_step(&self) -> bool {
         match try_lock(&self.inner) {
-            Some(mut g) => self.round(&mut g, wcs),
+            Some(mut g) => self.round(&mut g),
             None => false,
         }
     }
 
-    fn round(&self, g: &mut Inner, wcs: &mut Vec<Completion>) -> bool {
+    fn round(&self, g: &mut Inner) -> bool {
+        let mut wcs = std::mem::take(&mut g.scratch);
+        let did = self.reap_and_post(g, &mut wcs);
+        g.scratch = wcs;
+        did
+    }
+
+    fn reap_and_post(&self, g: &mut Inner, wcs: &mut Vec<Completion>) -> bool {
         let mut did = false;
         let now = Instant::now();
         for nic in self.nics.iter() {
@@ -752,7 +761,6 @@ pub(crate) fn spawn(engine: &Arc<ProgressEngine>) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("dmaplane-progress {}", engine.name))
         .spawn(move || {
-            let mut wcs = Vec::with_capacity(256);
             let mut idle = 0u32;
             loop {
                 let Some(e) = w.upgrade() else { return };
@@ -767,7 +775,7 @@ pub(crate) fn spawn(engine: &Arc<ProgressEngine>) -> Result<JoinHandle<()>> {
                     e.nap_driven();
                     continue;
                 }
-                if e.step(&mut wcs) {
+                if e.step() {
                     idle = 0;
                     continue;
                 }

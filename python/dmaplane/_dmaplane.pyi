@@ -68,6 +68,30 @@ class Prepared:
     @property
     def peer(self) -> str: ...
 
+class NixlRequest:
+    """NIXL's transfer request (`dmaplane.nixl`'s `nixl_xfer_handle`): a prepared transfer
+    posted by `nixl_agent.transfer`, one post at a time."""
+
+    TAG: str
+    def __init__(
+        self,
+        agent: Agent,
+        operation: str,
+        peer: Peer,
+        local: LocalBlocks,
+        local_idx: _Indices,
+        remote: RemoteBlocks,
+        remote_idx: _Indices,
+        notif_msg: bytes | str | None = None,
+        telemetry: bool = False,
+    ) -> None: ...
+    def _post(self, notif_msg: bytes | str | None = None) -> str | None: ...
+    def _state(self) -> str | None: ...
+    def _telemetry(self) -> tuple[int, int, int, int, int] | None: ...
+    def release(self) -> None: ...
+    @property
+    def released(self) -> bool: ...
+
 class Transfer(Awaitable[None]):
     """A transfer under way; `await transfer` in asyncio."""
 

@@ -6,9 +6,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
 use crate::blocks::{LocalBlocks, Prepared, RemoteBlocks, indices};
-use crate::desc::{Desc, RemoteDesc, range};
+use crate::desc::{Desc, LOCAL, REMOTE, RemoteDesc, descs, local_descs, range};
 use crate::errors::{invalid, registration, to_py};
-use crate::files::{FileRegion, FileSpec, FileTransfer, local_descs};
+use crate::files::{FileRegion, FileSpec, FileTransfer};
 use crate::notify::{Notification, notify_arg};
 use crate::peer::Peer;
 use crate::transfer::Transfer;
@@ -41,42 +41,6 @@ impl Agent {
             .clone()
             .ok_or_else(|| invalid("agent", &self.name, "closed: make a new Agent"))
     }
-}
-
-/// Descriptors of one class (`Desc` or `RemoteDesc`): one, or a list of them; refused naming
-/// the side when a descriptor of the other class (or anything else) is given.
-fn descs<T: pyo3::PyClass<Frozen = pyo3::pyclass::boolean_struct::True> + Sync + Clone>(
-    obj: &Bound<'_, PyAny>,
-    what: &str,
-) -> PyResult<Vec<T>> {
-    if let Ok(one) = obj.cast::<T>() {
-        return Ok(vec![one.get().clone()]);
-    }
-    let refuse = |item: &Bound<'_, PyAny>| {
-        invalid(
-            what,
-            item.get_type()
-                .name()
-                .map_or_else(|_| "?".into(), |n| n.to_string()),
-            if what == "local" {
-                "a local descriptor (region[a:b] of this agent's Region) — a peer's \
-                 RemoteDesc goes in `remote`"
-            } else {
-                "a peer's descriptor (peer.region(name)[a:b]) — this agent's Desc goes in \
-                 `local`"
-            },
-        )
-    };
-    let Ok(list) = obj.try_iter() else {
-        return Err(refuse(obj));
-    };
-    list.map(|item| {
-        let item = item?;
-        item.cast::<T>()
-            .map(|d| d.get().clone())
-            .map_err(|_| refuse(&item))
-    })
-    .collect()
 }
 
 #[pymethods]
@@ -567,7 +531,7 @@ impl Agent {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn by_index(
+    pub(crate) fn by_index(
         &self,
         py: Python<'_>,
         peer: &Peer,
@@ -600,8 +564,8 @@ impl Agent {
         write: bool,
     ) -> PyResult<Transfer> {
         let agent = self.agent()?;
-        let l: Vec<Desc> = descs(local, "local")?;
-        let r: Vec<RemoteDesc> = descs(remote, "remote")?;
+        let l: Vec<Desc> = descs(local, "local", LOCAL)?;
+        let r: Vec<RemoteDesc> = descs(remote, "remote", REMOTE)?;
         let l: Vec<dmaplane::Desc> = l.into_iter().map(|d| d.inner).collect();
         let r: Vec<dmaplane::RemoteDesc> = r.into_iter().map(|d| d.inner).collect();
         let n = notify_arg(notify)?;

@@ -101,3 +101,53 @@ pub(crate) fn range(key: &Bound<'_, PyAny>, len: u64) -> PyResult<(u64, u64)> {
         "index a region with a slice of bytes: region[offset:offset + n]",
     ))
 }
+
+/// What `descs` wants in `local` of a transfer.
+pub(crate) const LOCAL: &str = "a local descriptor (region[a:b] of this agent's Region) — a peer's RemoteDesc goes in `remote`";
+/// What `descs` wants in `remote` of a transfer.
+pub(crate) const REMOTE: &str =
+    "a peer's descriptor (peer.region(name)[a:b]) — this agent's Desc goes in `local`";
+/// What `local_descs` wants: this agent's file or memory descriptors.
+const FILE_OR_MEMORY: &str =
+    "a descriptor of this agent (region[a:b], file_region[a:b]) or a list of them";
+
+/// Descriptors of one class (`Desc` or `RemoteDesc`): one, or a list of them; anything else
+/// (a descriptor of the other class too) is refused naming `field`, the type given and `want`.
+pub(crate) fn descs<
+    T: pyo3::PyClass<Frozen = pyo3::pyclass::boolean_struct::True> + Sync + Clone,
+>(
+    obj: &Bound<'_, PyAny>,
+    field: &str,
+    want: &str,
+) -> PyResult<Vec<T>> {
+    if let Ok(one) = obj.cast::<T>() {
+        return Ok(vec![one.get().clone()]);
+    }
+    let refuse = |item: &Bound<'_, PyAny>| {
+        crate::errors::invalid(
+            field,
+            item.get_type()
+                .name()
+                .map_or_else(|_| "?".into(), |n| n.to_string()),
+            want,
+        )
+    };
+    let Ok(list) = obj.try_iter() else {
+        return Err(refuse(obj));
+    };
+    list.map(|item| {
+        let item = item?;
+        item.cast::<T>()
+            .map(|d| d.get().clone())
+            .map_err(|_| refuse(&item))
+    })
+    .collect()
+}
+
+/// This agent's descriptors (file or memory) for files and `load`: one, or a list of them.
+pub(crate) fn local_descs(obj: &Bound<'_, PyAny>, field: &str) -> PyResult<Vec<dmaplane::Desc>> {
+    Ok(descs::<Desc>(obj, field, FILE_OR_MEMORY)?
+        .into_iter()
+        .map(|d| d.inner)
+        .collect())
+}

@@ -169,20 +169,17 @@ impl FileTransfer {
     /// moved, or the error it ended with; `TimeoutError` when `timeout` passed first.
     #[pyo3(signature = (timeout = None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<u64> {
-        let deadline = crate::deadline(timeout)?;
         let t = self.inner.clone();
-        let got = crate::wait_releasing(py, deadline, |slice| match t.wait(slice) {
-            Err(dmaplane::Error::WaitTimeout { .. }) => None,
-            other => Some(other),
-        })?;
-        match got {
-            Some(r) => r.map_err(to_py),
-            None => Err(to_py(dmaplane::Error::WaitTimeout {
+        crate::wait_for(
+            py,
+            timeout,
+            |slice| t.wait(slice),
+            |waited| dmaplane::Error::WaitTimeout {
                 transfer: 0,
                 peer: "the agent's drive".into(),
-                waited: Duration::from_secs_f64(timeout.unwrap_or(0.0)),
-            })),
-        }
+                waited,
+            },
+        )
     }
     fn __repr__(&self) -> String {
         format!(
@@ -191,28 +188,6 @@ impl FileTransfer {
             self.inner.is_done()
         )
     }
-}
-
-/// Descriptors from one or a list of `Desc` (file or memory descriptors of this agent).
-pub(crate) fn local_descs(obj: &Bound<'_, PyAny>, field: &str) -> PyResult<Vec<dmaplane::Desc>> {
-    if let Ok(one) = obj.extract::<PyRef<'_, Desc>>() {
-        return Ok(vec![one.inner]);
-    }
-    let err = || {
-        invalid(
-            field,
-            obj.repr().map_or_else(|_| "?".into(), |r| r.to_string()),
-            "a descriptor of this agent (region[a:b], file_region[a:b]) or a list of them",
-        )
-    };
-    let list = obj.try_iter().map_err(|_| err())?;
-    list.map(|item| {
-        item?
-            .extract::<PyRef<'_, Desc>>()
-            .map(|d| d.inner)
-            .map_err(|_| err())
-    })
-    .collect()
 }
 
 /// `Agent.load`: shards `(file_desc, remote_desc)` into the peer's memory through `slots`,

@@ -14,6 +14,7 @@ mod desc;
 mod dlpack;
 mod errors;
 mod files;
+mod nixl;
 mod notify;
 mod peer;
 mod raw;
@@ -93,6 +94,7 @@ fn _dmaplane(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<files::FileSpec>()?;
     m.add_class::<files::FileRegion>()?;
     m.add_class::<files::FileTransfer>()?;
+    m.add_class::<nixl::NixlRequest>()?;
     m.add_function(wrap_pyfunction!(dlpack::address_of, m)?)?;
     m.add_function(wrap_pyfunction!(bench::rust_transfer_loop, m)?)?;
     m.add_function(wrap_pyfunction!(bench::rust_prepared_loop, m)?)?;
@@ -119,6 +121,27 @@ pub(crate) fn wait_releasing<T: Send>(
             return Ok(None);
         }
         py.check_signals()?;
+    }
+}
+
+/// Wait on `f` — a wait of the library, a slice at a time, `Err(WaitTimeout)` while it goes
+/// on — for `timeout` seconds at most (`None`: as long as it takes) with the GIL released;
+/// `timed_out(waited)` is the error when the timeout passes first.
+pub(crate) fn wait_for<T: Send>(
+    py: Python<'_>,
+    timeout: Option<f64>,
+    mut f: impl FnMut(std::time::Duration) -> dmaplane::Result<T> + Send,
+    timed_out: impl FnOnce(std::time::Duration) -> dmaplane::Error,
+) -> PyResult<T> {
+    let got = wait_releasing(py, deadline(timeout)?, |slice| match f(slice) {
+        Err(dmaplane::Error::WaitTimeout { .. }) => None,
+        other => Some(other),
+    })?;
+    match got {
+        Some(r) => r.map_err(errors::to_py),
+        None => Err(errors::to_py(timed_out(
+            std::time::Duration::from_secs_f64(timeout.unwrap_or(0.0)),
+        ))),
     }
 }
 

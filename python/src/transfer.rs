@@ -34,31 +34,27 @@ impl Transfer {
     /// `TimeoutError` when `timeout` passed first (the transfer goes on).
     #[pyo3(signature = (timeout = None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
-        let deadline = crate::deadline(timeout)?;
         let t = self.inner.clone();
         // The first slice drives the engine from this thread as a poller would (a short
         // transfer ends without a thread hand-off, as `Transfer::wait` does in Rust); later
         // slices sleep and leave it to the progress thread.
         let mut first = true;
-        let got = crate::wait_releasing(py, deadline, |slice| {
-            let r = if std::mem::take(&mut first) {
-                t.wait(slice)
-            } else {
-                t.wait_sleeping(slice)
-            };
-            match r {
-                Err(dmaplane::Error::WaitTimeout { .. }) => None,
-                other => Some(other),
-            }
-        })?;
-        match got {
-            Some(r) => r.map_err(to_py),
-            None => Err(to_py(dmaplane::Error::WaitTimeout {
+        crate::wait_for(
+            py,
+            timeout,
+            |slice| {
+                if std::mem::take(&mut first) {
+                    t.wait(slice)
+                } else {
+                    t.wait_sleeping(slice)
+                }
+            },
+            |waited| dmaplane::Error::WaitTimeout {
                 transfer: self.inner.id(),
                 peer: self.inner.peer().to_string(),
-                waited: std::time::Duration::from_secs_f64(timeout.unwrap_or(0.0)),
-            })),
-        }
+                waited,
+            },
+        )
     }
 
     /// Whether it ended (done or failed), without blocking. Each look also drives the

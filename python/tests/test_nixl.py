@@ -181,3 +181,65 @@ def test_nixl_config_arguments_are_nixls():
     assert conf.backends == ["UCX"] and conf.capture_telemetry
     with pytest.raises(TypeError):
         nixl_agent_config(sync_mode="strict")
+
+
+def test_a_request_posts_one_at_a_time_and_says_what_is_wrong():
+    tb = dmaplane.Testbed.builtin()
+    conf = lambda nic: nixl_agent_config(
+        capture_telemetry=True, dmaplane_backend="sim", testbed=tb, nics=[nic]
+    )
+    a, b = nixl_agent("reader", conf("nic0")), nixl_agent("owner", conf("nic1"))
+    try:
+        size = 64 << 20
+        src = np.full(size, 5, dtype=np.uint8)
+        dst = np.zeros(size, dtype=np.uint8)
+        b.register_memory([src])
+        a.register_memory([dst])
+        name = a.add_remote_agent(b.get_agent_metadata())
+        sb, db = src.__array_interface__["data"][0], dst.__array_interface__["data"][0]
+        local = a.prep_xfer_dlist("NIXL_INIT_AGENT", [(db, size, 0)], "DRAM")
+        remote = a.prep_xfer_dlist(name, [(sb, size, 0)], "DRAM")
+        with pytest.raises(_bindings.nixlInvalidParamError, match="operation"):
+            a.make_prepped_xfer("COPY", local, [0], remote, [0])
+        ids = np.array([0], dtype=np.int32)
+        # The message as str: the owner gets its bytes.
+        h = a.make_prepped_xfer("READ", local, ids, remote, ids, "req-1")
+        with pytest.raises(_bindings.nixlNotPostedError):
+            a.check_xfer_state(h)
+        with pytest.raises(_bindings.nixlNotPostedError):
+            a.get_xfer_telemetry(h)
+        # A second post while the first moves is refused (a 64 MiB READ takes milliseconds;
+        # should one end before the second call, try again).
+        refused = False
+        for _ in range(5):
+            before = time.time()
+            assert a.transfer(h) in ("PROC", "DONE")
+            try:
+                a.transfer(h)
+            except _bindings.nixlRepostActiveError:
+                refused = True
+            while a.check_xfer_state(h) != "DONE":
+                pass
+            if refused:
+                break
+        assert refused
+        assert (dst == 5).all()
+        tel = a.get_xfer_telemetry(h)
+        assert tel.totalBytes == size and tel.descCount == 1
+        assert 0 <= tel.postDuration <= tel.xferDuration and tel.xferDuration > 0
+        assert before * 1e6 - 1e6 <= tel.startTime <= time.time() * 1e6
+        deadline = time.time() + 5
+        while not b.check_remote_xfer_done("reader", b"req-1"):
+            assert time.time() < deadline
+        # Posted again once DONE; released, it is refused.
+        a.transfer(h, b"req-2")
+        while a.check_xfer_state(h) != "DONE":
+            pass
+        a.release_xfer_handle(h)
+        with pytest.raises(_bindings.nixlInvalidParamError, match="released"):
+            a.transfer(h)
+        with pytest.raises(_bindings.nixlInvalidParamError, match="notif_msg"):
+            a.transfer(a.make_prepped_xfer("READ", local, ids, remote, ids), 42)
+    finally:
+        a.native.close()
+        b.native.close()

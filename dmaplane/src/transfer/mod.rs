@@ -112,7 +112,6 @@ impl Transfer {
         // First drive the engine from this thread, as a poller would: a short transfer ends
         // without a thread hand-off. Then sleep and leave it to the progress thread.
         let spin_until = start + WAIT_SPIN.min(timeout);
-        let mut wcs = Vec::new();
         if let Some(e) = self.engine.upgrade() {
             let driving = e.driving();
             let mut idle = 0u32;
@@ -120,7 +119,7 @@ impl Transfer {
                 if let Some(r) = self.outcome() {
                     return r;
                 }
-                if e.try_step(&mut wcs) {
+                if e.try_step() {
                     idle = 0;
                 } else {
                     // Spin as a poller does; now and then let the NIC (a simulated one is a
@@ -174,8 +173,7 @@ impl Transfer {
         }
         if let Some(e) = self.engine.upgrade() {
             let _driving = e.driving();
-            let mut wcs = Vec::new();
-            e.try_step(&mut wcs);
+            e.try_step();
         }
         self.status()
     }

@@ -116,7 +116,7 @@ pub(crate) fn submit(s: &Arc<AgentInner>, plan: &Plan, notify: Option<Notify>) -
     let total = plan.chunks.len() as u64;
     let id = s.engine.next_id();
     let mut notify = notify.map(Notify::into_parts);
-    if s.notify_early
+    if s.injected.notifies_early()
         && let Some((tag, bytes)) = notify.take()
     {
         // The injected fault: before any of its data moved.

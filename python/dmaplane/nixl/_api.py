@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import bisect
 import threading
-import time
 from enum import Enum
 from typing import Dict, List, Optional, Tuple
 
@@ -67,8 +66,8 @@ from ._bindings import (
 # (TCP or the simulated testbed); storage ones are not offered here.
 _TRANSFER_BACKENDS = ("UCX", "UCCL", "LIBFABRIC", "MOONCAKE", "GPUNETIO", "UCX_MO", "DMAPLANE")
 _STORAGE_BACKENDS = ("GDS", "GDS_MT", "POSIX", "OBJ", "HF3FS", "GUSLI")
-# The tag dmaplane notifications carry for NIXL messages.
-_TAG = "nixl"
+# The tag dmaplane notifications carry for NIXL messages (the native request's).
+_TAG = _native.NixlRequest.TAG
 
 
 def _name(agent) -> str:
@@ -176,33 +175,11 @@ class nixl_prepped_dlist_handle:
         return f"nixl_prepped_dlist_handle({side}, {self._count} descs)"
 
 
-class nixl_xfer_handle:
-    """A transfer request (``make_prepped_xfer``, ``initialize_xfer``): a dmaplane prepared
-    transfer, posted by ``transfer`` as often as wanted."""
-
-    # Class defaults: a request is made per transfer on a serving engine's hot path, so its
-    # construction sets only what it must.
-    _transfer = None
-    _ended = False
-    _start = 0.0
-    _post_us = 0
-    _done_us = None
-    _released = False
-
-    def __init__(self, agent, prepared, notif, descs, peer):
-        self._agent = agent
-        self._prepared = prepared
-        self._notif = notif
-        self._descs = descs
-        self._peer = peer
-
-    def release(self):
-        self._released = True
-        self._prepared = None
-
-    def __repr__(self):
-        b = self._prepared.bytes if self._prepared is not None else 0
-        return f"nixl_xfer_handle({self._descs} descs, {b} bytes)"
+# A transfer request (``make_prepped_xfer``, ``initialize_xfer``): a dmaplane prepared transfer,
+# posted by ``transfer`` as often as wanted, one post at a time. It is native (Rust): a serving
+# engine makes one per request and polls it in a loop, so none of that loop runs in Python but
+# the facade's own calls.
+nixl_xfer_handle = _native.NixlRequest
 
 
 class nixl_agent:
@@ -500,24 +477,12 @@ class nixl_agent:
         ):
             self._refuse_sides(local_xfer_side, remote_xfer_side)
         try:
-            if operation == "READ":
-                prepared = self.native.prepare_read(
-                    peer, local_xfer_side._blocks, local_indices, remote_xfer_side._blocks,
-                    remote_indices,
-                )
-            elif operation == "WRITE":
-                prepared = self.native.prepare_write(
-                    peer, local_xfer_side._blocks, local_indices, remote_xfer_side._blocks,
-                    remote_indices,
-                )
-            else:
-                raise nixlInvalidParamError(
-                    f"operation = {operation!r}: \"READ\" or \"WRITE\""
-                )
+            return nixl_xfer_handle(
+                self.native, operation, peer, local_xfer_side._blocks, local_indices,
+                remote_xfer_side._blocks, remote_indices, notif_msg, self._telemetry,
+            )
         except dmaplane.Error as e:
             _reraise(e)
-        msg = notif_msg if type(notif_msg) is bytes else _msg(notif_msg)
-        return nixl_xfer_handle(self, prepared, msg, len(local_indices), peer)
 
     def _refuse_sides(self, local, remote):
         if local._released or remote._released:
@@ -553,62 +518,42 @@ class nixl_agent:
     def transfer(self, handle: nixl_xfer_handle, notif_msg: bytes = b"") -> str:
         """Post the request (again, once its last post ended): ``"PROC"``, or ``"DONE"`` when
         it already completed. The peer gets ``notif_msg`` (or the request's) after the data."""
-        prepared = handle._prepared
-        if prepared is None:
-            raise nixlInvalidParamError("transfer: the handle was released")
-        t = handle._transfer
-        if t is not None and not handle._ended and not t.done():
+        try:
+            s = handle._post(notif_msg)
+        except dmaplane.Error as e:
+            _reraise(e)
+        if s is None:
             raise nixlRepostActiveError(
                 "transfer: the request's last post is still in progress; wait for DONE first"
             )
-        msg = (notif_msg if type(notif_msg) is bytes else _msg(notif_msg)) or handle._notif
-        if self._telemetry:
-            start = time.perf_counter()
-        try:
-            t = prepared.post((_TAG, msg) if msg else None)
-        except dmaplane.Error as e:
-            _reraise(e)
-        handle._transfer = t
-        handle._ended = False
-        if self._telemetry:
-            handle._start = start
-            handle._post_us = int((time.perf_counter() - start) * 1e6)
-            handle._done_us = None
-        return "DONE" if t.status == "done" else "PROC"
+        return s
 
     def check_xfer_state(self, handle: nixl_xfer_handle) -> str:
         """``"PROC"`` while it moves, ``"DONE"`` once every byte landed. A revoke or a lost
         peer raises the NIXL exception with dmaplane's chained."""
-        t = handle._transfer
         try:
-            s = t.status
-        except AttributeError:
-            raise nixlBind.nixlNotPostedError(
-                "check_xfer_state: the request was not posted"
-            ) from None
-        if s == "in-progress":
-            return "PROC"
-        if s == "done":
-            handle._ended = True
-            if self._telemetry and handle._done_us is None:
-                handle._done_us = int((time.perf_counter() - handle._start) * 1e6)
-            return "DONE"
-        _reraise(t.error())
+            s = handle._state()
+        except dmaplane.Error as e:
+            _reraise(e)
+        if s is None:
+            raise nixlBind.nixlNotPostedError("check_xfer_state: the request was not posted")
+        return s
 
     def get_xfer_telemetry(self, handle: nixl_xfer_handle) -> nixlXferTelemetry:
         if not self._telemetry:
             raise nixlNoTelemetryError(
                 "get_xfer_telemetry: telemetry is off; nixl_agent_config(capture_telemetry=True)"
             )
-        if handle._transfer is None:
+        t = handle._telemetry()
+        if t is None:
             raise nixlBind.nixlNotPostedError("get_xfer_telemetry: the request was not posted")
-        wall = time.time() - (time.perf_counter() - handle._start)
+        start, post_us, xfer_us, total, descs = t
         return nixlXferTelemetry(
-            startTime=int(wall * 1e6),
-            postDuration=handle._post_us,
-            xferDuration=handle._done_us or 0,
-            totalBytes=handle._prepared.bytes if handle._prepared is not None else 0,
-            descCount=handle._descs,
+            startTime=start,
+            postDuration=post_us,
+            xferDuration=xfer_us,
+            totalBytes=total,
+            descCount=descs,
         )
 
     def query_xfer_backend(self, handle: nixl_xfer_handle) -> str:

@@ -166,7 +166,7 @@ step dmaplane-topo dmaplane topo
 # policy stops each QP at a message boundary (SQD, `sq_draining` polled), so 64 KiB WRITEs
 # (64 packets at rxe0's path MTU of 1024) are never cut; flushing needs one-packet WRITEs;
 # draining takes any size. The deadline is generous: rxe under emulation is slow.
-step stress-revoke-verbs dmaplane stress revoke --backend verbs --qps 4 --depth 16 --size 65536 --revokes 20 --seconds 0 --deadline-ms 5000
+step stress-revoke-verbs dmaplane stress revoke --backend verbs --qps 4 --depth 16 --size 65536 --revokes 10 --seconds 0 --deadline-ms 5000
 step stress-revoke-verbs-flush dmaplane stress revoke --backend verbs --quiesce flush --qps 4 --depth 16 --size 1024 --revokes 20 --seconds 0
 step stress-revoke-verbs-drain dmaplane stress revoke --backend verbs --quiesce drain --deadline-ms 5000 --qps 4 --depth 16 --size 4096 --revokes 20 --seconds 0
 # A lying lease holder on rxe0 must make the stress fail, naming the fault.
@@ -183,7 +183,7 @@ step agent-verbs-cuda-files env LD_LIBRARY_PATH=/testbed/bin DMAPLANE_REQUIRE_CU
 # The raw stress with CUDA memory (the fake driver, registered by device VA as below) as the
 # export: the same harness as udmabuf's and the simulated testbed's; revoked under WRITE
 # traffic and kept as a quarantine for the poison check.
-step stress-revoke-cuda env LD_LIBRARY_PATH=/testbed/bin dmaplane stress revoke --backend verbs --exporter cuda --device rxe0 --qps 4 --depth 16 --size 65536 --revokes 20 --seconds 0 --deadline-ms 5000
+step stress-revoke-cuda env LD_LIBRARY_PATH=/testbed/bin dmaplane stress revoke --backend verbs --exporter cuda --device rxe0 --qps 4 --depth 16 --size 65536 --revokes 10 --seconds 0 --deadline-ms 5000
 step stress-revoke-cuda-inject expect_caught_cuda ack-then-write
 step stress-revoke-cuda-inject-ignore expect_caught_cuda ignore-lease-revoke
 # The lab stress on the application library: CUDA memory (the fake driver built from
