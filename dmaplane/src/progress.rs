@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use dmaplane_rdma::{Completion, RdmaError, SendWr, WcStatus};
+use dmaplane_rdma::{Completion, QpState, RdmaError, SendWr, WcStatus};
 
 use crate::error::{Error, Result, Side};
 use crate::nics::Nics;
@@ -528,6 +528,14 @@ impl ProgressEngine {
                     a.error = Some(a.t.broken_lane(&lane));
                     a.pending.clear();
                     break;
+                }
+                // After a flush not about it, post again only once the QP is back in RTS (a
+                // request posted while it recovers is flushed at once, using up retries).
+                if a.retries > 0 && lane.qp.state() != QpState::Rts {
+                    for &ci in idx.iter().rev() {
+                        a.pending.push_front(ci);
+                    }
+                    continue;
                 }
                 let wrs: Vec<SendWr> = idx
                     .iter()

@@ -201,6 +201,18 @@ pub trait QpBackend: Send + Sync + fmt::Debug {
         self.quiesce(Some(QpState::Sqd), f)
     }
 
+    /// Flush a QP stopped at a boundary ([`QpBackend::stop_at_boundary`]): SQD → ERR, only
+    /// while it is still in SQD — checked and moved under one lock where the backend has one.
+    /// A QP that left SQD meanwhile (brought back to RTS once everything it had completed) has
+    /// nothing queued to flush: it is left as it is and `Ok(false)` says so. Flushing it there
+    /// anyway would leave a QP in ERR that nobody recovers. The default checks, then moves.
+    fn flush_stopped(&self) -> Result<bool> {
+        if self.state() != QpState::Sqd {
+            return Ok(false);
+        }
+        self.modify(&QpAttr::to(QpState::Err)).map(|()| true)
+    }
+
     /// Whether the send queue is still draining: `Some(true)` while a QP in SQD still has a
     /// message under way (started before the stop, not yet acknowledged), `Some(false)` once
     /// none is (or the QP is not in SQD), `None` when the backend cannot tell. A backend whose

@@ -273,6 +273,13 @@ impl Qp {
         self.shared.backend.modify(attr)
     }
 
+    /// SQD → ERR only while the QP is still in SQD (what a boundary stop's end does; see
+    /// [`QpBackend::flush_stopped`](crate::backend::QpBackend::flush_stopped)): `Ok(false)`
+    /// when it left SQD meanwhile and was left as it is.
+    pub fn flush_stopped(&self) -> Result<bool> {
+        self.shared.backend.flush_stopped()
+    }
+
     /// RESET → INIT → RTR → RTS towards `dest`, remembering the attributes for recovery.
     pub fn connect(&self, dest: RemoteQp, access: MrAccess) -> Result<()> {
         self.connect_mtu(dest, access, Mtu::Mtu4096)

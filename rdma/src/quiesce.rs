@@ -312,9 +312,11 @@ impl Tracker {
         let weak = Arc::downgrade(qp);
         let (r, tells) = qp.backend.stop_at_boundary(Box::new(move || {
             // Nothing executes and nothing can start: the fence may go, and what stayed
-            // queued (it would touch the revoked memory) completes flushed.
+            // queued (it would touch the revoked memory) completes flushed — unless the QP
+            // already went back to RTS (everything it had completed and was reaped first):
+            // then nothing stayed queued, and a flush would leave it in ERR for good.
             if let Some(q) = weak.upgrade()
-                && let Err(e) = q.backend.modify(&QpAttr::to(QpState::Err))
+                && let Err(e) = q.backend.flush_stopped()
             {
                 tracing::debug!(qpn = q.qpn, error = %e, "flush after the boundary");
             }

@@ -168,6 +168,19 @@ impl QpShared {
         b.modify(&QpAttr::rts(sq_psn))
     }
 
+    /// ERR → RESET → RTS on the same connection, resuming its PSNs (read before the reset,
+    /// which forgets them; without them the peer would drop what follows as duplicates: then
+    /// it stays in ERR). A QP never connected stays as it is.
+    fn out_of_err(&self, t: &QpLedger) -> Result<()> {
+        match t.conn {
+            Some(c) => {
+                let psns = self.backend.next_psns()?;
+                self.bring_up_at(&c, psns)
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Back to RTS after a flush once every outstanding completion is reaped.
     pub(crate) fn try_recover(&self, t: &mut QpLedger) {
         if !t.recover_pending || t.send.outstanding() != 0 {
@@ -195,14 +208,20 @@ impl QpShared {
         if state != QpState::Sqd && t.recv.outstanding() != 0 {
             return;
         }
-        let r = match (state, t.conn) {
-            // Read before the reset, which forgets them.
-            // Without them the peer would drop what follows as duplicates: stay in ERR.
-            (QpState::Err, Some(c)) => match self.backend.next_psns() {
-                Ok(psns) => self.bring_up_at(&c, psns),
-                Err(e) => Err(e),
+        let r = match state {
+            QpState::Err => self.out_of_err(t),
+            QpState::Sqd => match self.backend.modify(&QpAttr::to(QpState::Rts)) {
+                // A boundary stop's flush came in between (its call back runs on the NIC's
+                // side, outside this lock): recover from ERR instead, once the flushed
+                // receives are reaped.
+                Err(_) if self.backend.state() == QpState::Err => {
+                    if t.recv.outstanding() != 0 {
+                        return;
+                    }
+                    self.out_of_err(t)
+                }
+                other => other,
             },
-            (QpState::Sqd, _) => self.backend.modify(&QpAttr::to(QpState::Rts)),
             _ => Ok(()),
         };
         t.recover_pending = false;

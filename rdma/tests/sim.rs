@@ -306,6 +306,21 @@ fn revoke_flushes_in_flight_work_and_fails_new_posts() {
 }
 
 #[test]
+fn a_boundary_stops_flush_leaves_a_qp_back_in_rts_alone() {
+    // A boundary stop ends with a flush of what stayed queued; when the QP already went back
+    // to RTS (everything it had completed and was reaped before the stop's call back ran),
+    // that flush must not happen: nobody would bring the QP out of ERR again, and every
+    // later request on it would be flushed (seen as a transfer failing with WrFlushErr after
+    // a free had met an earlier one).
+    let (_fabric, _a, _b, qa, _qb) = setup();
+    assert!(!qa.flush_stopped().unwrap());
+    assert_eq!(qa.state(), QpState::Rts);
+    qa.modify(&QpAttr::to(QpState::Sqd)).unwrap();
+    assert!(qa.flush_stopped().unwrap());
+    assert_eq!(qa.state(), QpState::Err);
+}
+
+#[test]
 fn a_drained_qp_goes_back_to_rts_even_without_recover() {
     let (fabric, a, _b, qa, _qb) = setup();
     let ma = HostMemory::new(&fabric, a.mem, "a", 1 << 20).unwrap();

@@ -331,6 +331,19 @@ impl QpBackend for Arc<SimQp> {
         (r, true)
     }
 
+    fn flush_stopped(&self) -> Result<bool> {
+        NicShared::driver_call(&self.nic.call_latency);
+        let mut inner = lock(&self.inner);
+        if inner.state != QpState::Sqd {
+            return Ok(false);
+        }
+        let r = self.modify_locked(&mut inner, &QpAttr::to(QpState::Err));
+        let waiters = inner.take_waiters();
+        drop(inner);
+        waiters.into_iter().for_each(|f| f());
+        r.map(|()| true)
+    }
+
     fn stop_at_boundary(&self, f: Box<dyn FnOnce() + Send>) -> (Result<()>, bool) {
         NicShared::driver_call(&self.nic.call_latency);
         let mut inner = lock(&self.inner);

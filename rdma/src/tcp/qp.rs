@@ -463,6 +463,16 @@ impl QpBackend for Arc<TcpQp> {
         (r, true)
     }
 
+    fn flush_stopped(&self) -> Result<bool> {
+        let mut inner = lock(&self.inner);
+        if inner.state != QpState::Sqd {
+            return Ok(false);
+        }
+        let r = self.modify_locked(&mut inner, &QpAttr::to(QpState::Err));
+        self.finish(inner);
+        r.map(|()| true)
+    }
+
     fn stop_at_boundary(&self, f: Box<dyn FnOnce() + Send>) -> (Result<()>, bool) {
         let mut inner = lock(&self.inner);
         let r = if inner.state == QpState::Rts {
