@@ -189,6 +189,30 @@ impl Agent {
         self.shared.allocator().alloc_cuda(name, ordinal, len)
     }
 
+    /// `len` bytes of CUDA device memory at `addr` that the caller allocated (a PyTorch
+    /// tensor's, a CuPy array's), as memory the agent registers without a copy — the way
+    /// [`Agent::alloc_cuda`]'s memory is: a dma-buf where the driver exports one over the
+    /// tensor's host pages inside its allocation, else its device VAs, else staged through
+    /// host memory (TCP NICs). The device is the one the driver says holds `addr`. Freeing the
+    /// memory revokes every importer first; only then is `keeper` dropped (a registration
+    /// holding a tensor gives it back). Refused, naming the field, unless `[addr, addr + len)`
+    /// is device memory inside one allocation; [`Error::Gpu`](crate::Error::Gpu) without a
+    /// driver.
+    ///
+    /// # Safety
+    /// The memory must stay allocated while `keeper` lives (whatever frees it waits for the
+    /// keeper's drop), and nothing else may free it meanwhile.
+    pub unsafe fn lend_cuda(
+        &self,
+        name: &str,
+        addr: u64,
+        len: u64,
+        keeper: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Result<Memory> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.shared.allocator().lend_cuda(name, addr, len, keeper) }
+    }
+
     /// Register all of `memory` on every NIC of the agent that reaches it.
     pub fn register(&self, memory: &Memory) -> Result<Region> {
         self.register_range(memory, 0, memory.len())

@@ -223,6 +223,37 @@ impl Allocator<'_> {
         ))
     }
 
+    /// See [`Agent::lend_cuda`](crate::Agent::lend_cuda).
+    ///
+    /// # Safety
+    /// As [`Agent::lend_cuda`](crate::Agent::lend_cuda).
+    pub(crate) unsafe fn lend_cuda(
+        &self,
+        name: &str,
+        addr: u64,
+        len: u64,
+        keeper: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Result<Memory> {
+        check_alloc(name, len)?;
+        let Some(ordinal) = dmaplane_gpu::cuda::pointer_ordinal(addr)? else {
+            return Err(Error::invalid(
+                format!("CUDA memory {name}"),
+                "address",
+                format!("{addr:#x}"),
+                "not CUDA device memory (host memory is lent with Agent::lend)",
+            ));
+        };
+        let gpu = self.platform.cuda_gpu(ordinal)?;
+        // SAFETY: the caller keeps the memory allocated while `keeper` lives.
+        let mem = unsafe { gpu.lend(name, addr, len, keeper) }?;
+        Ok(self.memory(
+            name,
+            len,
+            Location::Gpu(format!("cuda:{ordinal}")),
+            Backing::Gpu(mem),
+        ))
+    }
+
     fn sim_only(&self, what: &str) -> Result<&Arc<Testbed>> {
         self.platform.testbed().ok_or_else(|| {
             Error::setup(

@@ -75,6 +75,25 @@ pub trait GpuBackend: Send + Sync + fmt::Debug {
     /// What the copy engine can DMA to and from, best first.
     fn accepts(&self) -> Vec<Accept>;
     fn alloc(&self, name: &str, size: u64) -> Result<Arc<dyn AllocBackend>>;
+    /// Device memory at `addr` that the caller allocated, lent while `keeper` lives (see
+    /// [`Gpu::lend`](crate::Gpu::lend)). Backends that cannot take memory they did not
+    /// allocate refuse.
+    fn lend(
+        &self,
+        name: &str,
+        addr: u64,
+        len: u64,
+        keeper: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Result<Arc<dyn AllocBackend>> {
+        drop(keeper);
+        Err(crate::GpuError::Unsupported {
+            op: "lending device memory allocated elsewhere",
+            backend: self.info().backend.to_string(),
+            why: format!(
+                "{name} at {addr:#x}+{len:#x}: this backend allocates its own memory only"
+            ),
+        })
+    }
     /// Make a negotiated peer list reachable by the copy engine (the sim checks the address
     /// space; CUDA registers host memory with `cuMemHostRegister`). Undone on drop.
     fn register(&self, name: &str, list: &AddrList) -> Result<Box<dyn CopyRegistration>>;

@@ -74,6 +74,34 @@ impl Gpu {
         })
     }
 
+    /// `len` bytes of device memory at `addr` that the caller allocated (a framework's tensor):
+    /// registered as it is, no copy, and given back — `keeper` dropped — only once every
+    /// importer quiesced after a free. Refused unless it is device memory of this GPU inside
+    /// one allocation, or where the backend allocates its own memory only.
+    ///
+    /// # Safety
+    /// The memory must stay allocated while `keeper` lives: whatever frees it must wait for
+    /// the keeper's drop (a registration holding a tensor does).
+    pub unsafe fn lend(
+        &self,
+        name: &str,
+        addr: u64,
+        len: u64,
+        keeper: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Result<DeviceMemory> {
+        if len == 0 {
+            return Err(GpuError::invalid(
+                "len",
+                "0",
+                "lent memory has at least one byte",
+            ));
+        }
+        Ok(DeviceMemory {
+            backend: self.backend.lend(name, addr, len, keeper)?,
+            gpu: self.name.clone(),
+        })
+    }
+
     /// Import peer memory for the copy engine: `attach` is called with the engine's importer and
     /// its accepts (e.g. `|i, a| host.attach(i, gpu_device, a)`).
     pub fn import<F>(&self, name: &str, kind: ImporterKind, attach: F) -> Result<PeerMemory>

@@ -867,3 +867,121 @@ fn gpu_host_copy_bandwidth_is_positive() {
         "{e}"
     );
 }
+
+/// Device memory this test allocates itself, as a framework would (`cuMemAlloc` in the primary
+/// context), and gives back when dropped: the keeper of lent memory. `dropped` says when.
+struct RawAlloc {
+    ctx: usize,
+    base: u64,
+    dropped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl RawAlloc {
+    fn new(len: usize) -> RawAlloc {
+        use cudarc::driver::result;
+        result::init().unwrap();
+        let dev = result::device::get(0).unwrap();
+        // SAFETY: the primary context of device 0, retained for the life of the process.
+        let ctx = unsafe { result::primary_ctx::retain(dev) }.unwrap();
+        // SAFETY: `ctx` is live; the allocation is freed once, by `drop`.
+        let base = unsafe {
+            result::ctx::set_current(ctx).unwrap();
+            result::malloc_sync(len)
+        }
+        .unwrap();
+        RawAlloc {
+            ctx: ctx as usize,
+            base,
+            dropped: Arc::default(),
+        }
+    }
+
+    fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        // SAFETY: the context is live; `[addr, addr + len)` lies in this allocation.
+        unsafe {
+            cudarc::driver::result::ctx::set_current(self.ctx as cudarc::driver::sys::CUcontext)
+                .unwrap();
+            cudarc::driver::result::memcpy_dtoh_sync(&mut out, addr).unwrap();
+        }
+        out
+    }
+}
+
+impl Drop for RawAlloc {
+    fn drop(&mut self) {
+        // SAFETY: the context is live and `base` came from cuMemAlloc, freed once (here).
+        unsafe {
+            cudarc::driver::result::ctx::set_current(self.ctx as cudarc::driver::sys::CUcontext)
+                .unwrap();
+            cudarc::driver::result::free_sync(self.base).unwrap();
+        }
+        self.dropped.store(true, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn gpu_lent_memory_is_used_in_place_and_given_back_only_after_its_free() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let raw = RawAlloc::new(1 << 20);
+    let dropped = raw.dropped.clone();
+    // A tensor inside the allocation, not page aligned (as a caching allocator hands them out).
+    let at = raw.base + 8192 + 512;
+    let len = 64 << 10;
+    assert_eq!(cuda::pointer_ordinal(at).unwrap(), Some(0));
+    let host = vec![0u8; 4096];
+    assert_eq!(cuda::pointer_ordinal(host.as_ptr() as u64).unwrap(), None);
+    let base = raw.base;
+    let data = pattern(len, 11);
+    // SAFETY: the allocation lives until `raw` drops, which only the last free does.
+    let mem = unsafe { gpu.lend("lent", at, len as u64, Box::new(())) }.unwrap();
+    mem.write(0, &data).unwrap();
+    let back = raw.read(at, len);
+    // Written in place: the bytes are at the lent address, not in a copy.
+    assert_eq!(first_mismatch(&back, &data), None);
+    // A dma-buf over its host pages (inside the allocation) is offered, then the device VA.
+    let offers = mem.offers(DmaClient::External);
+    assert!(
+        matches!(
+            offers.first().map(|o| o.space),
+            Some(AddrSpace::DmaBuf { .. })
+        ) || mem.export_note().contains("no dma-buf"),
+        "{offers:?}: {}",
+        mem.export_note()
+    );
+    let report = mem.free(SECOND).unwrap();
+    assert!(report.is_clean(), "{report}");
+    // Refusals name the field: past the allocation's end, host memory.
+    // SAFETY: the allocation lives until `raw` drops, which only the last free does.
+    let e = unsafe { gpu.lend("too-long", base, (1 << 20) + 1, Box::new(())) }.unwrap_err();
+    assert!(
+        matches!(&e, GpuError::Invalid(Invalid { field: "len", .. })),
+        "{e}"
+    );
+    // SAFETY: the allocation lives until `raw` drops, which only the last free does.
+    let e = unsafe { gpu.lend("host", host.as_ptr() as u64, 4096, Box::new(())) }.unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            GpuError::Invalid(Invalid {
+                field: "address",
+                ..
+            })
+        ),
+        "{e}"
+    );
+    // The keeper: held until the free, dropped by it — and the memory is not freed by dmaplane
+    // (the fake driver aborts on a cuMemFree of what is not an allocation's start, or twice).
+    // SAFETY: the allocation lives until `raw` drops, which only the last free does.
+    let mem = unsafe { gpu.lend("held", at, len as u64, Box::new(raw)) }.unwrap();
+    assert!(
+        !dropped.load(Ordering::SeqCst),
+        "the keeper went before the free"
+    );
+    let report = mem.free(SECOND).unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "the keeper was not given back by the free"
+    );
+}

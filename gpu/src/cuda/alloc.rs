@@ -1,5 +1,7 @@
 //! One allocation of CUDA device memory and its export: a dma-buf (made lazily, kept) and the
-//! device VA, under the core's revoke protocol.
+//! device VA, under the core's revoke protocol. The memory is allocated here (`cuMemAlloc`), or
+//! lent by the caller ([`CudaAlloc::lend`]: a PyTorch tensor's, a CuPy array's), who gets it
+//! back — its keeper dropped — only once every importer quiesced.
 //!
 //! Free is revoke then release. Release gives the memory back (`cuMemFree`) only when every
 //! importer quiesced: NVIDIA's exporter keeps memory alive while an importer holds its dma-buf,
@@ -53,17 +55,36 @@ enum Phase {
     Leaked,
 }
 
+/// Who gives the memory back once it is released.
+enum Owner {
+    /// Allocated here: `cuMemFree` of what `cuMemAlloc` returned.
+    Driver { base: u64 },
+    /// Lent by the caller: what keeps it allocated (dropped on release; kept for good when an
+    /// importer did not quiesce).
+    Lender(Mutex<Option<Box<dyn std::any::Any + Send + Sync>>>),
+}
+
+impl std::fmt::Debug for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Owner::Driver { base } => write!(f, "Driver {{ base: {base:#x} }}"),
+            Owner::Lender(_) => f.write_str("Lender"),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct CudaAlloc {
     name: String,
-    /// Bytes asked for: what the lists cover and reads and writes are checked against.
+    /// Bytes asked for (or lent): what the lists cover and reads and writes are checked against.
     len: u64,
-    /// What `cuMemAlloc` returned (given to `cuMemFree`).
-    base: u64,
-    /// Byte 0: the first GPU page at or after `base`.
+    owner: Owner,
+    /// Byte 0: the first GPU page at or after `cuMemAlloc`'s pointer, or the lent address.
     dptr: u64,
-    /// `len` rounded up to whole GPU pages: what the dma-buf covers.
-    span: u64,
+    /// What a dma-buf covers, `(start, bytes)`: `len` rounded up to whole GPU pages from
+    /// `dptr`; for lent memory the host pages around it, when they stay inside its allocation
+    /// (else why there can be no dma-buf).
+    window: std::result::Result<(u64, u64), String>,
     export: Export,
     /// The allocation's range in the copy engine's table while live.
     range: RangeKey,
@@ -118,9 +139,9 @@ impl CudaAlloc {
         Ok(CudaAlloc {
             name: name.to_string(),
             len: size,
-            base,
+            owner: Owner::Driver { base },
             dptr,
-            span,
+            window: Ok((dptr, span)),
             export: Export::new(name),
             range,
             phase: RwLock::new(Phase::Live),
@@ -128,6 +149,106 @@ impl CudaAlloc {
             dmabuf: OnceLock::new(),
             gpu,
         })
+    }
+
+    /// `len` bytes of device memory at `dptr` that the caller allocated and keeps allocated
+    /// while `keeper` lives: registered here as it is (no copy), `keeper` dropped once the
+    /// memory is released after every importer quiesced. Refused unless `[dptr, dptr + len)`
+    /// is device memory of this GPU inside one allocation.
+    pub(super) fn lend(
+        gpu: Arc<GpuShared>,
+        name: &str,
+        dptr: u64,
+        len: u64,
+        keeper: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Result<CudaAlloc> {
+        let bound = gpu.ctx.bind()?;
+        let refuse = |field: &'static str, value: String, why: String| {
+            GpuError::invalid(field, value, format!("{name}: {why}"))
+        };
+        match driver::pointer_device(dptr) {
+            Ok(Some(o)) if u32::try_from(o) == Ok(gpu.ctx.ordinal) => {}
+            Ok(Some(o)) => {
+                return Err(refuse(
+                    "address",
+                    format!("{dptr:#x}"),
+                    format!("device memory of cuda:{o}, not of {}", gpu.label()),
+                ));
+            }
+            Ok(None) => {
+                return Err(refuse(
+                    "address",
+                    format!("{dptr:#x}"),
+                    "not device memory (host or managed memory goes through the host path)".into(),
+                ));
+            }
+            Err(e) => {
+                return Err(refuse(
+                    "address",
+                    format!("{dptr:#x}"),
+                    format!("the driver does not know it: {}", driver::describe(e)),
+                ));
+            }
+        }
+        let (abase, asize) = driver::address_range(dptr).map_err(|e| {
+            gpu.ctx
+                .err_with("cuMemGetAddressRange", name.to_string(), e)
+        })?;
+        let aend = abase.saturating_add(asize as u64);
+        match dptr.checked_add(len) {
+            Some(end) if len > 0 && end <= aend => {}
+            _ => {
+                return Err(refuse(
+                    "len",
+                    len.to_string(),
+                    format!(
+                        "[{dptr:#x}, +{len:#x}) must be inside its allocation                          [{abase:#x}, {aend:#x})"
+                    ),
+                ));
+            }
+        }
+        driver::set_sync_memops(dptr).map_err(|e| {
+            gpu.ctx
+                .err_with("cuPointerSetAttribute", format!("SYNC_MEMOPS on {name}"), e)
+        })?;
+        let range = gpu.ranges.add(dptr, len).ok_or_else(|| {
+            refuse(
+                "len",
+                len.to_string(),
+                "wraps around the address space".into(),
+            )
+        })?;
+        // The dma-buf covers whole host pages, which must stay inside the allocation.
+        let page = rustix::param::page_size() as u64;
+        let start = dptr - dptr % page;
+        let end = (dptr + len).next_multiple_of(page);
+        let window = if start >= abase && end <= aend {
+            Ok((start, end - start))
+        } else {
+            Err(format!(
+                "its host pages [{start:#x}, {end:#x}) leave its allocation                  [{abase:#x}, {aend:#x}): NICs take it by device VA or through host memory"
+            ))
+        };
+        drop(bound);
+        tracing::debug!(gpu = %gpu.label(), alloc = name, len, dptr = format_args!("{dptr:#x}"), "lent");
+        Ok(CudaAlloc {
+            name: name.to_string(),
+            len,
+            owner: Owner::Lender(Mutex::new(Some(keeper))),
+            dptr,
+            window,
+            export: Export::new(name),
+            range,
+            phase: RwLock::new(Phase::Live),
+            unquiesced: Mutex::new(Vec::new()),
+            dmabuf: OnceLock::new(),
+            gpu,
+        })
+    }
+
+    /// Bytes the dma-buf covers (0 without one).
+    fn span(&self) -> u64 {
+        self.window.as_ref().map_or(0, |w| w.1)
     }
 
     fn phase(&self) -> std::sync::RwLockReadGuard<'_, Phase> {
@@ -161,19 +282,20 @@ impl CudaAlloc {
         if *phase != Phase::Live {
             return Err("the allocation is freed".into());
         }
+        let (start, span) = self.window.clone()?;
         let _bound = self.gpu.ctx.bind().map_err(|e| e.to_string())?;
-        let span = usize::try_from(self.span).map_err(|e| e.to_string())?;
+        let span = usize::try_from(span).map_err(|e| e.to_string())?;
         let failed = |e: DriverError| {
             format!(
                 "cuMemGetHandleForAddressRange failed: {}",
                 driver::describe(e)
             )
         };
-        let (fd, pcie) = match driver::dmabuf_fd(self.dptr, span, DMABUF_FLAG_PCIE) {
+        let (fd, pcie) = match driver::dmabuf_fd(start, span, DMABUF_FLAG_PCIE) {
             Ok(fd) => (fd, Ok(())),
             Err(e) => {
                 let refused = failed(e);
-                let fd = driver::dmabuf_fd(self.dptr, span, 0)
+                let fd = driver::dmabuf_fd(start, span, 0)
                     .map_err(|e| format!("{}; with the PCIe mapping flag: {refused}", failed(e)))?;
                 (fd, Err(refused))
             }
@@ -183,7 +305,9 @@ impl CudaAlloc {
             dev: st.st_dev,
             ino: st.st_ino,
         };
-        self.gpu.bar1_mapped.fetch_add(self.span, Ordering::Relaxed);
+        self.gpu
+            .bar1_mapped
+            .fetch_add(self.span(), Ordering::Relaxed);
         tracing::debug!(gpu = %self.gpu.label(), alloc = %self.name, fd = fd.as_raw_fd(), dev = id.dev, ino = id.ino, pcie = pcie.is_ok(), "dma-buf exported");
         drop(phase);
         Ok(DmaBuf { fd, id, pcie })
@@ -208,7 +332,9 @@ impl CudaAlloc {
     /// The list for a negotiated offer: offsets `[0, len)` of the dma-buf, or the device VAs.
     fn list(&self, offer: &Offer) -> std::result::Result<AddrList, AttachError> {
         let start = match offer.space {
-            AddrSpace::DmaBuf { id } if self.dmabuf().is_ok_and(|d| d.id == id) => 0,
+            AddrSpace::DmaBuf { id } if self.dmabuf().is_ok_and(|d| d.id == id) => {
+                self.dptr - self.window.as_ref().map_or(self.dptr, |w| w.0)
+            }
             AddrSpace::DeviceVa { device } if device == self.gpu.ctx.ordinal => self.dptr,
             other => {
                 return Err(AttachError::Exporter {
@@ -417,11 +543,15 @@ impl AllocBackend for CudaAlloc {
                 gpu = %self.gpu.label(),
                 alloc = %self.name,
                 importers = %late.join(", "),
-                bytes = self.span,
+                bytes = self.len,
                 "importers did not quiesce: the memory stays allocated (leaked) so that they can \
                  never write into a reuse"
             );
             *phase = Phase::Leaked;
+            if let Owner::Lender(k) = &self.owner {
+                // The lender's memory stays allocated for good too.
+                std::mem::forget(lock(k).take());
+            }
             // Releasing the last retain of the primary context would free every allocation in
             // it, this one included: keep the context for the life of the process.
             std::mem::forget(self.gpu.clone());
@@ -430,13 +560,24 @@ impl AllocBackend for CudaAlloc {
         let _bound = self.gpu.ctx.bind()?;
         *phase = Phase::Freed;
         if self.dmabuf.get().is_some_and(|d| d.is_ok()) {
-            self.gpu.bar1_mapped.fetch_sub(self.span, Ordering::Relaxed);
+            self.gpu
+                .bar1_mapped
+                .fetch_sub(self.span(), Ordering::Relaxed);
         }
+        let base = match &self.owner {
+            Owner::Driver { base } => *base,
+            Owner::Lender(k) => {
+                // Given back: nothing of this allocation executes or can start any more.
+                drop(lock(k).take());
+                tracing::debug!(gpu = %self.gpu.label(), alloc = %self.name, %report, "given back to its lender");
+                return Ok(true);
+            }
+        };
         // SAFETY: `base` came from cuMemAlloc and is freed once (the phase moved off Live under
         // the write lock); host accesses hold the read lock and copies left with the range, and
         // every importer quiesced. The dma-buf fd, if any, stays open until this value drops
         // (a `BorrowedFd` handed out may outlive this call); the driver keeps the pages until then.
-        unsafe { result::free_sync(self.base) }.map_err(|e| {
+        unsafe { result::free_sync(base) }.map_err(|e| {
             self.gpu
                 .ctx
                 .err_with("cuMemFree", format!("freeing {}", self.name), e)

@@ -174,6 +174,16 @@ pub fn devices() -> Result<Vec<Gpu>> {
     Ok(CudaGpu::all()?.into_iter().map(CudaGpu::into_gpu).collect())
 }
 
+/// The ordinal of the CUDA device whose memory `addr` is; `None` when it is not device memory
+/// (host, managed or unknown to the driver). [`GpuError::CudaUnavailable`] without the driver.
+pub fn pointer_ordinal(addr: u64) -> Result<Option<u32>> {
+    driver::ready()?;
+    Ok(match driver::pointer_device(addr) {
+        Ok(Some(o)) => u32::try_from(o).ok(),
+        Ok(None) | Err(_) => None,
+    })
+}
+
 /// The number of devices, or why there are none.
 fn count() -> Result<u32> {
     driver::ready()?;
@@ -365,6 +375,22 @@ impl GpuBackend for CudaGpu {
 
     fn alloc(&self, name: &str, size: u64) -> Result<Arc<dyn AllocBackend>> {
         Ok(Arc::new(CudaAlloc::new(self.shared.clone(), name, size)?))
+    }
+
+    fn lend(
+        &self,
+        name: &str,
+        addr: u64,
+        len: u64,
+        keeper: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Result<Arc<dyn AllocBackend>> {
+        Ok(Arc::new(CudaAlloc::lend(
+            self.shared.clone(),
+            name,
+            addr,
+            len,
+            keeper,
+        )?))
     }
 
     fn register(&self, name: &str, list: &AddrList) -> Result<Box<dyn CopyRegistration>> {

@@ -35,6 +35,8 @@ const REQUIRED: &[&str] = &[
     "cuCtxPushCurrent_v2",
     "cuCtxPopCurrent_v2",
     "cuPointerSetAttribute",
+    "cuPointerGetAttribute",
+    "cuMemGetAddressRange_v2",
     "cuMemAlloc_v2",
     "cuMemFree_v2",
     "cuMemGetInfo_v2",
@@ -364,6 +366,45 @@ pub(super) fn ctx_pop() -> Result<(), DriverError> {
     // SAFETY: the driver writes one handle through a pointer to a live local; with nothing
     // pushed it fails rather than misbehaves.
     unsafe { sys::cuCtxPopCurrent_v2(&mut popped) }.result()
+}
+
+/// `cuMemGetAddressRange`: the allocation (base, bytes) holding device address `dptr`.
+pub(super) fn address_range(dptr: u64) -> Result<(u64, usize), DriverError> {
+    let (mut base, mut size): (sys::CUdeviceptr, usize) = (0, 0);
+    // SAFETY: the driver writes one address and one size through pointers to live locals; it
+    // fails on an address that is not in any allocation.
+    unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, dptr) }.result()?;
+    Ok((base, size))
+}
+
+/// The ordinal of the device whose memory `dptr` is, or `None` when it is not device memory
+/// (`cuPointerGetAttribute`: `CU_POINTER_ATTRIBUTE_MEMORY_TYPE`, then `DEVICE_ORDINAL`).
+pub(super) fn pointer_device(dptr: u64) -> Result<Option<i32>, DriverError> {
+    let mut kind: u32 = 0;
+    // SAFETY: the attribute is an unsigned int written through a pointer to a live local; the
+    // driver fails on an address it does not know.
+    unsafe {
+        sys::cuPointerGetAttribute(
+            (&mut kind as *mut u32).cast::<c_void>(),
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+            dptr,
+        )
+    }
+    .result()?;
+    if kind != sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32 {
+        return Ok(None);
+    }
+    let mut ordinal: c_int = -1;
+    // SAFETY: as above; the ordinal is an int.
+    unsafe {
+        sys::cuPointerGetAttribute(
+            (&mut ordinal as *mut c_int).cast::<c_void>(),
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+            dptr,
+        )
+    }
+    .result()?;
+    Ok(Some(ordinal))
 }
 
 /// `cuPointerSetAttribute(1, CU_POINTER_ATTRIBUTE_SYNC_MEMOPS, dptr)`: every synchronous memory

@@ -218,6 +218,32 @@ CUresult cuPointerSetAttribute(const void *value, int attr, CUdeviceptr p) {
   return i < 0 ? INVALID_VALUE : OK;
 }
 
+// MEMORY_TYPE (2): DEVICE (2) inside a live allocation; DEVICE_ORDINAL (9): 0 there.
+CUresult cuPointerGetAttribute(void *data, int attr, CUdeviceptr p) {
+  if (!inited) die("driver call before cuInit");
+  if (attr != 2 && attr != 9) die("cuPointerGetAttribute of an attribute other than MEMORY_TYPE or DEVICE_ORDINAL");
+  pthread_mutex_lock(&mu);
+  int i = find_alloc(p, 1);
+  pthread_mutex_unlock(&mu);
+  if (i < 0) return INVALID_VALUE;
+  if (attr == 2) *(unsigned *)data = 2;
+  else *(int *)data = 0;
+  return OK;
+}
+
+CUresult cuMemGetAddressRange_v2(CUdeviceptr *base, size_t *size, CUdeviceptr p) {
+  CUresult r = need_ctx();
+  if (r) return r;
+  pthread_mutex_lock(&mu);
+  int i = find_alloc(p, 1);
+  if (i >= 0) {
+    *base = allocs[i].ptr;
+    *size = allocs[i].len;
+  }
+  pthread_mutex_unlock(&mu);
+  return i < 0 ? INVALID_VALUE : OK;
+}
+
 CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t n) {
   CUresult r = need_ctx();
   if (r) return r;

@@ -37,7 +37,7 @@ mod ranges;
 mod register;
 
 pub use bandwidth::host_copy_bandwidth;
-pub use device::{Bound, CudaGpu, devices};
+pub use device::{Bound, CudaGpu, devices, pointer_ordinal};
 pub use probe::{CudaProbe, InitOutcome, probe};
 
 /// The GPU page: the unit nvidia-peermem pins and the alignment and size unit of every
