@@ -135,12 +135,14 @@ impl Agent {
     }
 
     /// Register `obj`'s memory, zero-copy: anything that exports a contiguous buffer (a NumPy
-    /// array, a `bytearray`, a `memoryview`) or a DLPack tensor on the CPU (`__dlpack__`: a
-    /// torch CPU tensor, a JAX or CuPy host array). The registration holds `obj` (its buffer
-    /// export, or its DLPack capsule) so the memory cannot be freed or resized until
-    /// `Region.deregister()`. A read-only buffer is registered read-only: a WRITE's source,
-    /// never a READ's target, and peers may not write it. A non-contiguous one is refused
-    /// saying what to call; so is a CUDA tensor (this build lends host memory).
+    /// array, a `bytearray`, a `memoryview`), a DLPack tensor on the CPU (`__dlpack__`: a
+    /// torch CPU tensor, a JAX or CuPy host array), or CUDA memory (`__cuda_array_interface__`:
+    /// a torch CUDA tensor, a CuPy array; DLPack on a CUDA device). The registration holds
+    /// `obj` (its buffer export, its DLPack capsule, or the object) so the memory cannot be
+    /// freed or resized until `Region.deregister()`. A read-only buffer is registered
+    /// read-only: a WRITE's source, never a READ's target, and peers may not write it
+    /// (read-only CUDA memory is refused). A non-contiguous one is refused saying what to
+    /// call. CUDA streams are not synchronised: finish the kernels writing a tensor first.
     #[pyo3(signature = (obj, name = None))]
     fn register(
         &self,
@@ -148,25 +150,29 @@ impl Agent {
         obj: &Bound<'_, PyAny>,
         name: Option<String>,
     ) -> PyResult<Region> {
-        let lent = crate::dlpack::lend(obj)?;
+        let lending = crate::dlpack::lend(obj)?;
         let name = name.unwrap_or_else(|| {
             format!(
                 "py:{}@{:#x}",
                 obj.get_type()
                     .name()
                     .map_or_else(|_| "object".into(), |n| n.to_string()),
-                lent.address()
+                lending.address()
             )
         });
-        self.lend(py, name, lent)
+        match lending {
+            crate::dlpack::Lending::Host(h) => self.lend(py, name, h),
+            crate::dlpack::Lending::Cuda(c) => self.lend_cuda(py, name, c),
+        }
     }
 
     /// Register `length` bytes at `addr` of this process — memory the caller owns and keeps
     /// alive and in place until the registration is deregistered (NIXL's contract for raw
     /// addresses: nothing holds it). `owner_keeps_alive=True` says so; without it the call is
     /// refused. The range must be mapped in this process; it is registered read-only where a
-    /// mapping is not writable. Prefer `register(obj)`, which holds the object.
-    #[pyo3(signature = (addr, length, name = None, *, owner_keeps_alive = false))]
+    /// mapping is not writable. With `cuda=True` the range is CUDA device memory (NIXL's
+    /// `"VRAM"`), checked with the driver. Prefer `register(obj)`, which holds the object.
+    #[pyo3(signature = (addr, length, name = None, *, owner_keeps_alive = false, cuda = false))]
     fn register_address(
         &self,
         py: Python<'_>,
@@ -174,6 +180,7 @@ impl Agent {
         length: u64,
         name: Option<String>,
         owner_keeps_alive: bool,
+        cuda: bool,
     ) -> PyResult<Region> {
         if !owner_keeps_alive {
             return Err(invalid(
@@ -183,8 +190,16 @@ impl Agent {
                  alive until deregistered: pass owner_keeps_alive=True, or register the object",
             ));
         }
-        let raw = crate::raw::RawRange::new(addr, length)?;
         let name = name.unwrap_or_else(|| format!("addr:{addr:#x}+{length:#x}"));
+        if cuda {
+            let lent = crate::cuda::Lent {
+                addr,
+                len: length,
+                keeper: crate::cuda::Keeper::new(None, None),
+            };
+            return self.lend_cuda(py, name, lent);
+        }
+        let raw = crate::raw::RawRange::new(addr, length)?;
         self.lend(py, name, crate::dlpack::Held::new(Box::new(raw)))
     }
 
@@ -511,13 +526,39 @@ impl Agent {
 }
 
 impl Agent {
+    /// CUDA memory, registered in place; the producer held until the memory is freed.
+    fn lend_cuda(&self, py: Python<'_>, name: String, lent: crate::cuda::Lent) -> PyResult<Region> {
+        let crate::cuda::Lent { addr, len, keeper } = lent;
+        let released = keeper.released();
+        self.registered(py, addr as usize, released, move |agent| {
+            // SAFETY: the keeper holds the producer (and its DLPack tensor), which keeps the
+            // memory allocated until the keeper drops — done by the memory's free, after
+            // every importer quiesced.
+            unsafe { agent.lend_cuda(&name, addr, len, Box::new(keeper)) }
+        })
+    }
+
+    /// Host memory, registered in place; the object held until the memory is freed.
     fn lend(&self, py: Python<'_>, name: String, lent: crate::dlpack::Held) -> PyResult<Region> {
+        let (address, released) = (lent.address(), lent.released());
+        self.registered(py, address, released, move |agent| {
+            agent.lend(&name, lent.boxed())
+        })
+    }
+
+    /// The memory `make` lends the agent, registered (with the GIL released), as a `Region`
+    /// whose deregistration waits for `released`.
+    fn registered(
+        &self,
+        py: Python<'_>,
+        address: usize,
+        released: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        make: impl FnOnce(&dmaplane::Agent) -> dmaplane::Result<dmaplane::Memory> + Send,
+    ) -> PyResult<Region> {
         let agent = self.agent()?;
-        let address = lent.address();
-        let released = lent.released();
         let (memory, region) = py
             .detach(|| {
-                let memory = agent.lend(&name, lent.boxed())?;
+                let memory = make(&agent)?;
                 let region = agent.register(&memory)?;
                 Ok::<_, dmaplane::Error>((memory, region))
             })

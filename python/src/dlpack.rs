@@ -5,8 +5,9 @@
 //! A DLPack producer (a torch tensor, a JAX or CuPy array, a NumPy array) is asked for its
 //! capsule (`__dlpack__`, versioned where the producer supports it); the consumed capsule's
 //! managed tensor is held, and with it the producer object, until the memory goes — then the
-//! producer's deleter runs, with the GIL. Only host memory is lent (`kDLCPU`,
-//! `kDLCUDAHost`): a CUDA tensor is refused saying so.
+//! producer's deleter runs, with the GIL. Host memory (`kDLCPU`, `kDLCUDAHost`) is lent as
+//! host memory; CUDA memory (`__cuda_array_interface__`, `kDLCUDA`) as CUDA memory
+//! ([`crate::cuda`]); other devices are refused saying so.
 
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -74,21 +75,42 @@ unsafe impl dmaplane::Lent for Tracked {
     }
 }
 
-/// Hold `obj`'s memory: its buffer export, else its DLPack tensor; refused, saying why and
-/// what to do, when it has neither, is not contiguous, is empty or is not host memory.
-pub(crate) fn lend(obj: &Bound<'_, PyAny>) -> PyResult<Held> {
-    if obj.hasattr("__cuda_array_interface__")? && !obj.hasattr("__array_interface__")? {
-        return Err(not_host(obj, "CUDA (__cuda_array_interface__)"));
-    }
-    match Exported::get(obj)? {
-        Ok(e) => Ok(Held::new(Box::new(e))),
-        Err(_) if obj.hasattr("__dlpack__")? => Ok(Held::new(Box::new(Tensor::new(obj)?))),
-        Err(_) => Exported::new(obj).map(|e| Held::new(Box::new(e))),
+/// What an object lends the agent.
+pub(crate) enum Lending {
+    /// Host memory.
+    Host(Held),
+    /// CUDA device memory.
+    Cuda(crate::cuda::Lent),
+}
+
+impl Lending {
+    /// Where the bytes are (a host address, or a CUDA device address).
+    pub(crate) fn address(&self) -> usize {
+        match self {
+            Lending::Host(h) => h.address(),
+            Lending::Cuda(c) => c.addr as usize,
+        }
     }
 }
 
-/// The address of `obj`'s buffer (`dmaplane._dmaplane.address_of`): for code that must name
-/// memory by address (NIXL's descriptors).
+/// Hold `obj`'s memory: its CUDA array interface, its buffer export, else its DLPack tensor;
+/// refused, saying why and what to do, when it has none, is not contiguous, is empty or is on
+/// a device other than the host or a CUDA GPU.
+pub(crate) fn lend(obj: &Bound<'_, PyAny>) -> PyResult<Lending> {
+    if !obj.hasattr("__array_interface__")?
+        && let Ok(cai) = obj.getattr("__cuda_array_interface__")
+    {
+        return crate::cuda::from_interface(obj, &cai).map(Lending::Cuda);
+    }
+    match Exported::get(obj)? {
+        Ok(e) => Ok(Lending::Host(Held::new(Box::new(e)))),
+        Err(_) if obj.hasattr("__dlpack__")? => Tensor::lend(obj),
+        Err(_) => Exported::new(obj).map(|e| Lending::Host(Held::new(Box::new(e)))),
+    }
+}
+
+/// The address of `obj`'s memory (`dmaplane._dmaplane.address_of`; a CUDA device address for
+/// CUDA memory): for code that must name memory by address (NIXL's descriptors).
 #[pyfunction]
 pub(crate) fn address_of(obj: &Bound<'_, PyAny>) -> PyResult<usize> {
     Ok(lend(obj)?.address())
@@ -116,13 +138,15 @@ unsafe impl Send for Tensor {}
 unsafe impl Sync for Tensor {}
 
 impl Tensor {
-    fn new(obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
+    /// `obj`'s DLPack tensor: host memory as a [`Tensor`], CUDA memory as [`crate::cuda::Lent`].
+    fn lend(obj: &Bound<'_, PyAny>) -> PyResult<Lending> {
         let py = obj.py();
         let name = type_name(obj);
         // Where it lives, before asking for the capsule (no capsule is made for a refusal).
         if let Ok(dev) = obj.call_method0("__dlpack_device__")
             && let Ok((kind, index)) = dev.extract::<(i64, i64)>()
             && kind != 1
+            && kind != 2
             && kind != 3
         {
             return Err(not_host(obj, &device_name(kind, index)));
@@ -167,7 +191,7 @@ impl Tensor {
             Managed::Legacy(t) => (Facts::of(t), false),
             Managed::Versioned(t) => (Facts::of(t), t.read_only()),
         };
-        if facts.kind != 1 && facts.kind != 3 {
+        if facts.kind != 1 && facts.kind != 2 && facts.kind != 3 {
             return Err(not_host(obj, &device_name(facts.kind, facts.index)));
         }
         if !facts.contiguous {
@@ -189,13 +213,31 @@ impl Tensor {
                 ));
             }
         };
-        Ok(Tensor {
+        if facts.kind == 2 {
+            if read_only {
+                return Err(invalid(
+                    "obj",
+                    &name,
+                    "its DLPack tensor is read-only: read-only CUDA memory is not lent (a peer \
+                     could READ into it); register a writable tensor",
+                ));
+            }
+            return Ok(Lending::Cuda(crate::cuda::Lent {
+                addr: ptr.as_ptr() as u64,
+                len: len as u64,
+                keeper: crate::cuda::Keeper::new(
+                    Some(obj.clone().unbind()),
+                    Some(Box::new(managed)),
+                ),
+            }));
+        }
+        Ok(Lending::Host(Held::new(Box::new(Tensor {
             managed: Some(managed),
             _producer: obj.clone().unbind(),
             ptr,
             len,
             read_only,
-        })
+        }))))
     }
 }
 
@@ -250,9 +292,8 @@ fn not_host(obj: &Bound<'_, PyAny>, device: &str) -> PyErr {
         "obj",
         type_name(obj),
         &format!(
-            "its memory is on {device}: this build of dmaplane lends host memory only \
-             (register a CPU tensor or array; GPU memory moves through the sim or CUDA \
-             backends of the Rust library)"
+            "its memory is on {device}: dmaplane lends host memory and CUDA memory \
+             (register a CPU or CUDA tensor or array)"
         ),
     )
 }

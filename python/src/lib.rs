@@ -10,6 +10,7 @@ mod agent;
 mod bench;
 mod blocks;
 mod buffer;
+mod cuda;
 mod desc;
 mod dlpack;
 mod errors;

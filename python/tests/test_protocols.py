@@ -52,8 +52,8 @@ def test_dlpack_refusals_say_why(pair):
         a.register(DLPackOnly(arr[:, ::2]))
     assert "contiguous" in str(e.value)
     with pytest.raises(dmaplane.InvalidArgument) as e:
-        a.register(DLPackOnly(arr, device=(2, 0)))
-    assert "cuda:0" in str(e.value) and "host memory" in str(e.value)
+        a.register(DLPackOnly(arr, device=(10, 0)))
+    assert "rocm:0" in str(e.value) and "CUDA memory" in str(e.value)
 
 
 def test_torch_tensors_register_where_torch_is_installed(pair):
@@ -91,12 +91,31 @@ def test_a_raw_address_is_registered_only_on_the_owners_word(pair):
     assert e.value.field == "addr" and "not mapped" in str(e.value)
 
 
-def test_cuda_array_interface_objects_are_refused_saying_so(pair):
+def test_cuda_array_interface_objects_are_checked_before_any_driver_call(pair):
+    # (test_cuda.py registers and moves CUDA memory, on the fake driver.)
     a, _, _ = pair
 
-    class FakeCuda:
-        __cuda_array_interface__ = {"shape": (16,), "typestr": "<f4", "data": (0x1000, False)}
+    class NoData:
+        __cuda_array_interface__ = {"shape": (16,), "typestr": "<f4", "version": 3}
 
     with pytest.raises(dmaplane.InvalidArgument) as e:
-        a.register(FakeCuda())
+        a.register(NoData())
+    assert e.value.field == '__cuda_array_interface__["data"]', e.value.field
+
+    class Strided:
+        __cuda_array_interface__ = {
+            "shape": (4, 4), "typestr": "<f4", "data": (0x1000, False), "strides": (4, 16),
+            "version": 3,
+        }
+
+    with pytest.raises(dmaplane.InvalidArgument) as e:
+        a.register(Strided())
+    assert "contiguous" in str(e.value)
+
+    class Device:
+        __cuda_array_interface__ = {"shape": (16,), "typestr": "<f4", "data": (0x1000, False)}
+
+    # Well formed: the driver decides (here there is none, or it does not know the address).
+    with pytest.raises(dmaplane.Error) as e:
+        a.register(Device())
     assert "CUDA" in str(e.value)

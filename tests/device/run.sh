@@ -26,6 +26,7 @@ step doctor "$dev/dmaplane" doctor
 # The GPU tests must find a device here: a skip would be a pass that checked nothing. The fake
 # driver run is skipped: it needs a C compiler, and CI runs it.
 step gpu-cuda-tests env DMAPLANE_CUDA_TESTS_REQUIRE_GPU=1 "$dev/gpu-cuda-tests" --test-threads=1 --nocapture --skip fake_driver_runs_every_gpu_test
+step lend-cuda env DMAPLANE_REQUIRE_CUDA=1 "$dev/lend-cuda-tests" --exact lent_cuda_memory_is_used_in_place_and_given_back_after_its_free --nocapture
 step bench-p2p "$dev/dmaplane" bench p2p
 grep -E "^test result|skipping" "$out/gpu-cuda-tests.log" | tee -a "$out/summary.txt"
 exit $fail

@@ -37,7 +37,6 @@ from dmaplane import _dmaplane as _native
 
 from . import _bindings as nixlBind
 from ._descs import (
-    _buffer_of,
     _mem_name,
     _obj_desc,
     _obj_mem,
@@ -305,14 +304,14 @@ class nixl_agent:
         try:
             if reg.objects:
                 for o, (addr, length, dev, _) in zip(reg.objects, reg.descs):
-                    r = self.native.register(_buffer_of(o), name=_reg_name(reg.mem_type, dev, addr, length))
+                    r = self.native.register(o, name=_reg_name(reg.mem_type, dev, addr, length))
                     made.append((addr, length, dev, r))
             else:
-                if reg.mem_type != nixlBind.DRAM_SEG:
+                if reg.mem_type not in (nixlBind.DRAM_SEG, nixlBind.VRAM_SEG):
                     raise nixlNotSupportedError(
                         f"register_memory: mem_type {_mem_name(reg.mem_type)} by raw address: "
-                        "this build lends host (DRAM) memory by address only; register the "
-                        "object (a tensor or an array) instead"
+                        "dmaplane lends host (DRAM) and CUDA (VRAM) memory by address; use "
+                        "dmaplane's register_file for files"
                     )
                 for addr, length, dev, _ in reg.descs:
                     r = self.native.register_address(
@@ -320,6 +319,7 @@ class nixl_agent:
                         length,
                         name=_reg_name(reg.mem_type, dev, addr, length),
                         owner_keeps_alive=True,
+                        cuda=reg.mem_type == nixlBind.VRAM_SEG,
                     )
                     made.append((addr, length, dev, r))
         except dmaplane.Error as e:

@@ -10,12 +10,23 @@ from typing import Tuple
 from dmaplane import _dmaplane as _native
 
 from . import _bindings as nixlBind
-from ._bindings import MEM_TYPES, nixlInvalidParamError, nixlNotSupportedError
+from ._bindings import MEM_TYPES, nixlInvalidParamError
 
 
 def _is_torch_tensor(obj) -> bool:
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(obj, torch.Tensor)
+
+
+def _cuda_interface(obj):
+    """``obj.__cuda_array_interface__`` for CUDA memory that is not also host memory, else
+    None (a torch CPU tensor raises AttributeError for it)."""
+    if hasattr(obj, "__array_interface__"):
+        return None
+    try:
+        return obj.__cuda_array_interface__
+    except AttributeError:
+        return None
 
 
 def _reg_name(mem_type, dev, addr, length) -> str:
@@ -52,7 +63,7 @@ def _objects(descs):
 
 
 def _is_obj(o) -> bool:
-    if _is_torch_tensor(o):
+    if _is_torch_tensor(o) or _cuda_interface(o) is not None:
         return True
     if isinstance(o, (bytearray, memoryview)):
         return True
@@ -86,31 +97,28 @@ def _obj_desc(o) -> Tuple[int, int, int]:
     if isinstance(o, (bytearray, memoryview)):
         mv = memoryview(o)
         return _native.address_of(mv), mv.nbytes, 0
+    cai = _cuda_interface(o)
+    if cai is not None:
+        n = int(cai["typestr"][2:])
+        for d in cai["shape"]:
+            n *= d
+        return cai["data"][0], n, 0
     ai = o.__array_interface__
     return ai["data"][0], o.nbytes, 0
 
 
 def _obj_mem(objs) -> int:
-    kinds = {
-        nixlBind.VRAM_SEG if _is_torch_tensor(o) and o.get_device() >= 0 else nixlBind.DRAM_SEG
-        for o in objs
-    }
+    kinds = {nixlBind.VRAM_SEG if _is_cuda(o) else nixlBind.DRAM_SEG for o in objs}
     if len(kinds) > 1:
         raise nixlInvalidParamError("a list of tensors on more than one device type")
     return kinds.pop()
 
 
-def _buffer_of(o):
-    """What dmaplane.Agent.register takes for the object: itself, or for a torch tensor its
-    DLPack/NumPy view (held with the tensor)."""
+def _is_cuda(o) -> bool:
+    """CUDA memory: a torch tensor on a GPU, or an object with the CUDA array interface."""
     if _is_torch_tensor(o):
-        if o.get_device() >= 0:
-            raise nixlNotSupportedError(
-                "register_memory: CUDA tensors need a dmaplane build that lends CUDA memory; "
-                "this one lends host memory"
-            )
-        return o
-    return o
+        return o.get_device() >= 0
+    return _cuda_interface(o) is not None
 
 
 def _table(descs, widths, what) -> list:
