@@ -6,7 +6,8 @@ process: `dmaplane._dmaplane.rust_transfer_loop` / `rust_prepared_loop`).
 
 Reports, each as a median of alternating runs:
 - small transfers (64 B WRITE, posted and waited for in turn): µs per transfer from Python
-  and from Rust, and the difference (target: at most 2 µs), `--rounds` runs of `--n`;
+  and from Rust, and the difference (target: at most 2 µs), 8 × `--rounds` blocks of
+  `--n` / 8 in turn;
 - 64 MiB WRITEs: GB/s from Python and from Rust, and the ratio (target: at least 98 %),
   `--big-reps` × `--rounds` pairs of one transfer each;
 - NIXL's loop (make_prepped_xfer + transfer + check_xfer_state until DONE) through
@@ -41,22 +42,26 @@ def median_of(rounds, fn):
 
 
 def small(a, peer, rs, remote, n, rounds):
+    """µs per 64 B WRITE posted and waited for, from Python and from Rust: 8 × `rounds` short
+    blocks of each (n / 8 transfers), in turn and in alternating order; the medians."""
     local, rem = rs[0:64], remote[0:64]
 
-    def py_loop():
+    def py_loop(k):
         t0 = time.perf_counter()
-        for _ in range(n):
+        for _ in range(k):
             a.write(peer, local, rem).wait()
-        return (time.perf_counter() - t0) / n * 1e6
+        return (time.perf_counter() - t0) / k * 1e6
 
-    def rust_loop():
-        return native.rust_transfer_loop(a, peer, local, rem, n) / n * 1e6
+    def rust_loop(k):
+        return native.rust_transfer_loop(a, peer, local, rem, k) / k * 1e6
 
-    py_loop(), rust_loop()  # warm
+    k = max(1, n // 8)
+    py_loop(k), rust_loop(k)  # warm
     py_us, rust_us = [], []
-    for _ in range(rounds):
-        py_us.append(py_loop())
-        rust_us.append(rust_loop())
+    for i in range(rounds * 8):
+        loops = [(py_loop, py_us), (rust_loop, rust_us)]
+        for fn, out in loops if i % 2 == 0 else loops[::-1]:
+            out.append(fn(k))
     return statistics.median(py_us), statistics.median(rust_us)
 
 
@@ -146,7 +151,7 @@ def main():
     ap.add_argument("--n", type=int, default=20000, help="small transfers per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--big-mib", type=int, default=64)
-    ap.add_argument("--big-reps", type=int, default=8)
+    ap.add_argument("--big-reps", type=int, default=16)
     ap.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = ap.parse_args()
     size = args.big_mib << 20

@@ -4,13 +4,16 @@ import (``from dmaplane.nixl._api import nixl_agent, nixl_agent_config``).
 
 Where it differs from NIXL, and why:
 
-- Memory given as an object (a NumPy array, a ``bytearray``, a torch CPU tensor, anything with
-  the buffer protocol or ``__dlpack__``) is held by the registration until
-  ``deregister_memory``: dropping the object while it is registered cannot free it under a NIC.
-  NIXL keeps no reference.
+- Memory given as an object (a NumPy array, a ``bytearray``, a torch tensor on the CPU or a
+  GPU, a CuPy array, anything with the buffer protocol, ``__dlpack__`` or
+  ``__cuda_array_interface__``) is held by the registration until ``deregister_memory``:
+  dropping the object while it is registered cannot free it under a NIC. NIXL keeps no
+  reference.
 - Raw ``(addr, len, dev_id, label)`` tuples and N×3 arrays register memory the caller owns and
-  keeps alive until ``deregister_memory``, as NIXL requires; the facade checks that every range
-  is mapped in this process (``/proc/self/maps``) and refuses one that is not, naming it.
+  keeps alive until ``deregister_memory``, as NIXL requires; the facade checks that every
+  ``"DRAM"`` range is mapped in this process (``/proc/self/maps``), and with the CUDA driver
+  that every ``"VRAM"`` range is device memory inside one allocation, and refuses one that is
+  not, naming it. dmaplane does not synchronise CUDA streams (nor does NIXL).
 - A revoke (memory deregistered or freed under a transfer) and a lost peer are raised as the
   NIXL exception for that status (``nixlBackendError``, ``nixlRemoteDisconnectError``) with
   dmaplane's exception chained (``e.__cause__``: ``RevokedError`` names the side, the region and
