@@ -12,17 +12,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cudarc::driver::{result, sys};
-use dmaplane::{Agent, Error, Side};
+use dmaplane::{Error, Side};
 
-const T: Duration = Duration::from_secs(60);
+mod common;
+use common::{T, pattern, tcp_agent as agent};
 /// Set for the run of this binary against the fake driver.
 const CHILD: &str = "DMAPLANE_LEND_CUDA_CHILD";
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    (0..len as u64)
-        .map(|i| ((i ^ seed).wrapping_mul(2654435761) >> 11) as u8)
-        .collect()
-}
 
 /// Device memory allocated as a framework would (`cuMemAlloc` in the primary context), freed
 /// when dropped; `dropped` says when.
@@ -83,14 +78,6 @@ impl Drop for Tensor {
     }
 }
 
-fn agent(name: &str) -> Agent {
-    Agent::builder(name)
-        .tcp()
-        .stall_timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
-}
-
 #[test]
 fn lent_cuda_memory_on_the_fake_driver() {
     use std::process::Command;
@@ -142,7 +129,7 @@ fn lent_cuda_memory_is_used_in_place_and_given_back_after_its_free() {
     // Inside the allocation and not page aligned, as a caching allocator hands tensors out.
     let at = tensor.base + 8192 + 512;
     let (a, b) = (agent("a"), agent("b"));
-    let data = pattern(LEN, 5);
+    let data = pattern(5, LEN);
     tensor.write(at, &data);
     // Host memory and ranges past the allocation are refused, naming the field.
     let host = vec![0u8; 4096];
@@ -173,7 +160,7 @@ fn lent_cuda_memory_is_used_in_place_and_given_back_after_its_free() {
     );
     assert_eq!(&data[..16], &probe[..]);
     // READ into it: the peer's bytes land at the caller's pointer.
-    let data2 = pattern(LEN, 9);
+    let data2 = pattern(9, LEN);
     dst.write(0, &data2).unwrap();
     a.read(&peer, &[rl.all()], std::slice::from_ref(&remote), None)
         .unwrap()

@@ -15,13 +15,8 @@ fn pattern(len: u64, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-fn agent(name: &str) -> Agent {
-    Agent::builder(name)
-        .tcp()
-        .stall_timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
-}
+mod common;
+use common::tcp_agent as agent;
 
 #[test]
 fn two_agents_write_and_read_verified_bytes_over_tcp_nics() {

@@ -6,6 +6,15 @@ use std::time::Duration;
 /// How long any one wait in a test may take.
 pub const T: Duration = Duration::from_secs(20);
 
+/// An agent on TCP NICs (loopback), stalled transfers ended after 20 s.
+pub fn tcp_agent(name: &str) -> dmaplane::Agent {
+    dmaplane::Agent::builder(name)
+        .tcp()
+        .stall_timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
 /// Position- and seed-dependent bytes, so a misplaced or stale chunk shows.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     (0..len as u64)

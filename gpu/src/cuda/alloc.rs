@@ -136,19 +136,39 @@ impl CudaAlloc {
         };
         drop(bound);
         tracing::debug!(gpu = %gpu.label(), alloc = name, size, span, dptr = format_args!("{dptr:#x}"), "allocated");
-        Ok(CudaAlloc {
+        Ok(CudaAlloc::live(
+            gpu,
+            name,
+            (dptr, size),
+            Owner::Driver { base },
+            Ok((dptr, span)),
+            range,
+        ))
+    }
+
+    /// A live allocation of `len` bytes at `dptr`, given back by `owner`, its dma-buf
+    /// covering `window`, its range admitted to the copy engine.
+    fn live(
+        gpu: Arc<GpuShared>,
+        name: &str,
+        (dptr, len): (u64, u64),
+        owner: Owner,
+        window: std::result::Result<(u64, u64), String>,
+        range: RangeKey,
+    ) -> CudaAlloc {
+        CudaAlloc {
             name: name.to_string(),
-            len: size,
-            owner: Owner::Driver { base },
+            len,
+            owner,
             dptr,
-            window: Ok((dptr, span)),
+            window,
             export: Export::new(name),
             range,
             phase: RwLock::new(Phase::Live),
             unquiesced: Mutex::new(Vec::new()),
             dmabuf: OnceLock::new(),
             gpu,
-        })
+        }
     }
 
     /// `len` bytes of device memory at `dptr` that the caller allocated and keeps allocated
@@ -231,19 +251,14 @@ impl CudaAlloc {
         };
         drop(bound);
         tracing::debug!(gpu = %gpu.label(), alloc = name, len, dptr = format_args!("{dptr:#x}"), "lent");
-        Ok(CudaAlloc {
-            name: name.to_string(),
-            len,
-            owner: Owner::Lender(Mutex::new(Some(keeper))),
-            dptr,
-            window,
-            export: Export::new(name),
-            range,
-            phase: RwLock::new(Phase::Live),
-            unquiesced: Mutex::new(Vec::new()),
-            dmabuf: OnceLock::new(),
+        Ok(CudaAlloc::live(
             gpu,
-        })
+            name,
+            (dptr, len),
+            Owner::Lender(Mutex::new(Some(keeper))),
+            window,
+            range,
+        ))
     }
 
     /// Bytes the dma-buf covers (0 without one).
